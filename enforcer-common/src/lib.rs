@@ -1,0 +1,123 @@
+//! Types shared by the kernel programs (`enforcer-ebpf`) and the node agent
+//! (`enforcer-user`). Every type here is `#[repr(C)]` plain data: its layout is
+//! the contract between the two sides. Changing any layout means bumping
+//! [`LAYOUT_VERSION`], which is part of the bpffs pin path, so a new agent never
+//! reuses maps pinned by an older one with a different schema.
+#![no_std]
+
+/// Version of the map layouts below; part of the pin path (`enforcer/v1/...`).
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Address family values as the kernel reports them.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Number of 64-bit words in the port bitmap (65536 ports / 64).
+pub const PORT_WORDS: u32 = 1024;
+
+/// Maximum number of captured sockets tracked at once (LRU maps).
+pub const MAX_TRACKED: u32 = 65536;
+
+/// Maximum number of CIDR rules per family.
+pub const MAX_CIDRS: u32 = 1024;
+
+/// Names of the maps, as declared in the kernel object and pinned on bpffs.
+pub mod maps {
+    pub const CONFIG: &str = "ENF_CONFIG";
+    pub const PORTS: &str = "ENF_PORTS";
+    pub const CIDR4: &str = "ENF_CIDR4";
+    pub const CIDR6: &str = "ENF_CIDR6";
+    pub const BY_COOKIE: &str = "ENF_BY_COOKIE";
+    pub const BY_TUPLE: &str = "ENF_BY_TUPLE";
+    pub const ALL: [&str; 6] = [CONFIG, PORTS, CIDR4, CIDR6, BY_COOKIE, BY_TUPLE];
+}
+
+/// Names of the kernel programs (function names; never the ELF section names).
+pub mod programs {
+    pub const CONNECT4: &str = "enf_connect4";
+    pub const CONNECT6: &str = "enf_connect6";
+    pub const GETPEERNAME4: &str = "enf_getpeername4";
+    pub const GETPEERNAME6: &str = "enf_getpeername6";
+    pub const SOCK_OPS: &str = "enf_sock_ops";
+}
+
+/// Values of a CIDR rule (LPM trie value). The longest matching prefix wins, so
+/// an `EXCLUDE` rule inside a `CAPTURE` range carves a hole in it.
+pub const CIDR_EXCLUDE: u8 = 0;
+pub const CIDR_CAPTURE: u8 = 1;
+
+/// Global capture configuration, the single entry of the `ENF_CONFIG` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CaptureConfig {
+    /// 1 once userspace has filled the rule maps; 0 = capture nothing.
+    pub enabled: u32,
+    /// Thread-group id of the agent: its own connects are never captured.
+    pub agent_tgid: u32,
+    /// Outbound listener port on the loopback address, host byte order.
+    pub outbound_port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// The original destination of a captured connect and the facts the kernel
+/// vouches for about the process that made it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    /// [`AF_INET`] or [`AF_INET6`] — the family of `addr` (a v4 destination
+    /// reached through a dual-stack IPv6 socket is recorded as [`AF_INET`]).
+    pub family: u16,
+    /// Original destination port, host byte order.
+    pub port: u16,
+    /// Process id (kernel tid) and thread-group id (userspace pid).
+    pub pid: u32,
+    pub tgid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub _pad: u32,
+    /// Original destination address in network byte order; IPv4 uses the first 4 bytes.
+    pub addr: [u8; 16],
+    /// cgroup v2 id of the process (the inode number of its cgroup directory).
+    pub cgroup_id: u64,
+    /// Network namespace cookie of the socket.
+    pub netns_cookie: u64,
+    /// Socket cookie of the workload's socket.
+    pub socket_cookie: u64,
+    /// `comm` of the calling thread, NUL padded.
+    pub comm: [u8; 16],
+}
+
+/// 4-tuple of the workload's socket as seen from the workload: `src` is the
+/// workload's local address, `dst` is the agent's outbound listener.
+/// Addresses in network byte order (IPv4 in the first 4 bytes), ports host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockTuple {
+    pub family: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all types are `#[repr(C)]`, `Copy`, contain no pointers and no
+    // implicit padding (explicit `_pad` fields), so any bit pattern is valid.
+    unsafe impl aya::Pod for super::CaptureConfig {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::SockTuple {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<CaptureConfig>(), 4 + 4 + 2 + 6);
+        assert_eq!(size_of::<OrigDst>(), 2 + 2 + 4 * 5 + 16 + 8 * 3 + 16);
+        assert_eq!(size_of::<SockTuple>(), 4 + 2 + 2 + 16 + 16);
+    }
+}

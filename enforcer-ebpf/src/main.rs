@@ -1,0 +1,309 @@
+//! Kernel side of enforcer: small and dumb. It rewrites captured TCP connects to
+//! the agent's loopback listener and records what the kernel knows about them;
+//! every decision beyond "does this destination match the capture rules" is
+//! made in userspace.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_SOCK_OPS_STATE_CB_FLAG, bpf_sock_addr},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_uid_gid,
+        generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    },
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{Array, LpmTrie, LruHashMap, lpm_trie::Key},
+    programs::{SockAddrContext, SockOpsContext},
+};
+use enforcer_common::{
+    AF_INET, AF_INET6, CIDR_CAPTURE, CaptureConfig, MAX_CIDRS, MAX_TRACKED, OrigDst, PORT_WORDS,
+    SockTuple,
+};
+
+const SOCK_STREAM: u32 = 1;
+/// Allow the syscall (cgroup sock_addr programs: 1 = proceed).
+const PROCEED: i32 = 1;
+
+const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
+const BPF_SOCK_OPS_STATE_CB: u32 = 10;
+const BPF_TCP_CLOSE: u32 = 7;
+
+#[map(name = "ENF_CONFIG")]
+static ENF_CONFIG: Array<CaptureConfig> = Array::with_max_entries(1, 0);
+
+/// Bitmap of captured destination ports (bit set = capture).
+#[map(name = "ENF_PORTS")]
+static ENF_PORTS: Array<u64> = Array::with_max_entries(PORT_WORDS, 0);
+
+#[map(name = "ENF_CIDR4")]
+static ENF_CIDR4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
+
+#[map(name = "ENF_CIDR6")]
+static ENF_CIDR6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
+
+/// Workload socket cookie -> original destination (for getpeername and sock_ops).
+#[map(name = "ENF_BY_COOKIE")]
+static ENF_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(MAX_TRACKED, 0);
+
+/// Workload socket 4-tuple -> original destination (read by the agent on accept).
+#[map(name = "ENF_BY_TUPLE")]
+static ENF_BY_TUPLE: LruHashMap<SockTuple, OrigDst> = LruHashMap::with_max_entries(MAX_TRACKED, 0);
+
+#[inline(always)]
+fn config() -> Option<CaptureConfig> {
+    let cfg = ENF_CONFIG.get(0)?;
+    if cfg.enabled == 0 {
+        return None;
+    }
+    Some(*cfg)
+}
+
+#[inline(always)]
+fn port_captured(port: u16) -> bool {
+    match ENF_PORTS.get(u32::from(port) >> 6) {
+        Some(word) => (*word >> (port & 63)) & 1 == 1,
+        None => false,
+    }
+}
+
+/// Facts about the calling process, common to both families.
+#[inline(always)]
+fn record(ctx: &SockAddrContext, family: u16, port: u16, addr: [u8; 16]) -> OrigDst {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
+    // SAFETY: helpers allowed for cgroup sock_addr programs; ctx is the program's context.
+    let (netns_cookie, socket_cookie) = unsafe {
+        (
+            bpf_get_netns_cookie(ctx.as_ptr()),
+            bpf_get_socket_cookie(ctx.as_ptr()),
+        )
+    };
+    OrigDst {
+        family,
+        port,
+        pid: pid_tgid as u32,
+        tgid: (pid_tgid >> 32) as u32,
+        uid: uid_gid as u32,
+        gid: (uid_gid >> 32) as u32,
+        _pad: 0,
+        addr,
+        // SAFETY: plain helper call without arguments.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        netns_cookie,
+        socket_cookie,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    }
+}
+
+/// Common checks: TCP, capture enabled, not the agent itself, port captured.
+#[inline(always)]
+fn eligible(sa: &bpf_sock_addr, port: u16) -> Option<CaptureConfig> {
+    if sa.type_ != SOCK_STREAM {
+        return None;
+    }
+    let cfg = config()?;
+    if (bpf_get_current_pid_tgid() >> 32) as u32 == cfg.agent_tgid {
+        return None;
+    }
+    if !port_captured(port) {
+        return None;
+    }
+    Some(cfg)
+}
+
+#[inline(always)]
+fn v4_captured(addr: [u8; 4]) -> bool {
+    if addr[0] == 127 {
+        return false; // loopback is never captured: the listener itself lives there
+    }
+    matches!(ENF_CIDR4.get(Key::new(32, addr)), Some(v) if *v == CIDR_CAPTURE)
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn enf_connect4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the context pointer is valid for the duration of the program.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let port = u16::from_be(sa.user_port as u16);
+    let Some(cfg) = eligible(sa, port) else {
+        return PROCEED;
+    };
+    let ip = sa.user_ip4.to_ne_bytes(); // user_ip4 is in network byte order
+    if !v4_captured(ip) {
+        return PROCEED;
+    }
+    let mut addr = [0u8; 16];
+    addr[..4].copy_from_slice(&ip);
+    let rec = record(&ctx, AF_INET, port, addr);
+    if ENF_BY_COOKIE.insert(&rec.socket_cookie, &rec, 0).is_err() {
+        return PROCEED_REFUSED;
+    }
+    sa.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
+    sa.user_port = u32::from(cfg.outbound_port.to_be());
+    PROCEED
+}
+
+/// Verdict that makes connect() fail with EPERM: used when the record cannot be
+/// stored, so a connect we should capture never goes around the agent.
+const PROCEED_REFUSED: i32 = 0;
+
+#[cgroup_sock_addr(connect6)]
+pub fn enf_connect6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the context pointer is valid for the duration of the program.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let port = u16::from_be(sa.user_port as u16);
+    let Some(cfg) = eligible(sa, port) else {
+        return PROCEED;
+    };
+    let w = sa.user_ip6;
+    let mut ip = [0u8; 16];
+    ip[0..4].copy_from_slice(&w[0].to_ne_bytes());
+    ip[4..8].copy_from_slice(&w[1].to_ne_bytes());
+    ip[8..12].copy_from_slice(&w[2].to_ne_bytes());
+    ip[12..16].copy_from_slice(&w[3].to_ne_bytes());
+
+    let v4_mapped = w[0] == 0 && w[1] == 0 && w[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+    let rec = if v4_mapped {
+        let v4 = [ip[12], ip[13], ip[14], ip[15]];
+        if !v4_captured(v4) {
+            return PROCEED;
+        }
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&v4);
+        record(&ctx, AF_INET, port, addr)
+    } else {
+        if ip == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1] {
+            return PROCEED; // ::1 is never captured
+        }
+        if !matches!(ENF_CIDR6.get(Key::new(128, ip)), Some(v) if *v == CIDR_CAPTURE) {
+            return PROCEED;
+        }
+        record(&ctx, AF_INET6, port, ip)
+    };
+    if ENF_BY_COOKIE.insert(&rec.socket_cookie, &rec, 0).is_err() {
+        return PROCEED_REFUSED;
+    }
+    if v4_mapped {
+        sa.user_ip6 = [0, 0, w[2], u32::from_ne_bytes([127, 0, 0, 1])];
+    } else {
+        sa.user_ip6 = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+    }
+    sa.user_port = u32::from(cfg.outbound_port.to_be());
+    PROCEED
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn enf_getpeername4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: as above.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    // SAFETY: helper allowed for sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: LRU entries are read by value right away.
+    if let Some(rec) = unsafe { ENF_BY_COOKIE.get(&cookie) } {
+        if rec.family == AF_INET {
+            sa.user_ip4 = u32::from_ne_bytes([rec.addr[0], rec.addr[1], rec.addr[2], rec.addr[3]]);
+            sa.user_port = u32::from(rec.port.to_be());
+        }
+    }
+    PROCEED
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn enf_getpeername6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: as above.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    // SAFETY: helper allowed for sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: LRU entries are read by value right away.
+    if let Some(rec) = unsafe { ENF_BY_COOKIE.get(&cookie) } {
+        let a = rec.addr;
+        if rec.family == AF_INET {
+            sa.user_ip6 = [
+                0,
+                0,
+                u32::from_ne_bytes([0, 0, 0xff, 0xff]),
+                u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+            ];
+        } else {
+            sa.user_ip6 = [
+                u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+                u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+                u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+                u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+            ];
+        }
+        sa.user_port = u32::from(rec.port.to_be());
+    }
+    PROCEED
+}
+
+/// `bpf_sock_ops.remote_port` holds the network-order port in the upper 16 bits
+/// on little-endian hosts (the kernel shifts it there) and the lower 16 bits on
+/// big-endian ones.
+#[inline(always)]
+fn remote_port(raw: u32) -> u16 {
+    if cfg!(target_endian = "little") {
+        u16::from_be((raw >> 16) as u16)
+    } else {
+        raw as u16
+    }
+}
+
+/// Publishes the record under the socket's 4-tuple once the captured connect is
+/// established (the agent finds it from the accepted socket), and forgets it when
+/// the socket closes.
+#[sock_ops]
+pub fn enf_sock_ops(ctx: SockOpsContext) -> u32 {
+    // SAFETY: helper allowed for sock_ops programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            // SAFETY: the record is copied out immediately.
+            let Some(rec) = (unsafe { ENF_BY_COOKIE.get(&cookie) }) else {
+                return 1;
+            };
+            let rec = *rec;
+            let family = ctx.family();
+            let mut key = SockTuple {
+                family,
+                src_port: ctx.local_port() as u16,
+                dst_port: remote_port(ctx.remote_port()),
+                src: [0; 16],
+                dst: [0; 16],
+            };
+            if family == u32::from(AF_INET) {
+                key.src[..4].copy_from_slice(&ctx.local_ip4().to_ne_bytes());
+                key.dst[..4].copy_from_slice(&ctx.remote_ip4().to_ne_bytes());
+            } else {
+                let l = ctx.local_ip6();
+                let r = ctx.remote_ip6();
+                let mut i = 0;
+                while i < 4 {
+                    key.src[i * 4..i * 4 + 4].copy_from_slice(&l[i].to_ne_bytes());
+                    key.dst[i * 4..i * 4 + 4].copy_from_slice(&r[i].to_ne_bytes());
+                    i += 1;
+                }
+            }
+            let _ = ENF_BY_TUPLE.insert(&key, &rec, 0);
+            let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+        }
+        BPF_SOCK_OPS_STATE_CB => {
+            if ctx.arg(1) == BPF_TCP_CLOSE {
+                let _ = ENF_BY_COOKIE.remove(&cookie);
+            }
+        }
+        _ => {}
+    }
+    1
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

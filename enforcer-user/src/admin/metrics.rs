@@ -1,0 +1,93 @@
+//! Prometheus metrics. Every metric is listed in `docs/metrics.md`.
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Direction {
+    outbound,
+    inbound,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: Direction,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClosedLabels {
+    pub direction: Direction,
+    pub outcome: &'static str,
+}
+
+/// `flow`: `sent` = from the workload to its peer, `received` = back.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    pub direction: Direction,
+    pub flow: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabels {
+    pub map: &'static str,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub connections_opened: Family<DirectionLabels, Counter>,
+    pub connections_closed: Family<ClosedLabels, Counter>,
+    pub bytes: Family<BytesLabels, Counter>,
+    pub active: Family<DirectionLabels, Gauge>,
+    pub capture_map_entries: Family<MapLabels, Gauge>,
+}
+
+impl Metrics {
+    pub fn new(node: &str) -> Self {
+        let mut root = Registry::with_prefix("enforcer");
+        let registry = root.sub_registry_with_label(("node".into(), node.to_owned().into()));
+        let connections_opened = Family::<DirectionLabels, Counter>::default();
+        registry.register(
+            "connections_opened",
+            "Connections accepted by the agent",
+            connections_opened.clone(),
+        );
+        let connections_closed = Family::<ClosedLabels, Counter>::default();
+        registry.register(
+            "connections_closed",
+            "Connections finished, by outcome",
+            connections_closed.clone(),
+        );
+        let bytes = Family::<BytesLabels, Counter>::default();
+        registry.register(
+            "bytes",
+            "Payload bytes proxied (sent = workload to peer, received = peer to workload)",
+            bytes.clone(),
+        );
+        let active = Family::<DirectionLabels, Gauge>::default();
+        registry.register("active_connections", "Connections open now", active.clone());
+        let capture_map_entries = Family::<MapLabels, Gauge>::default();
+        registry.register(
+            "capture_map_entries",
+            "Entries in the kernel capture maps (sampled at scrape)",
+            capture_map_entries.clone(),
+        );
+        Self {
+            registry: root,
+            connections_opened,
+            connections_closed,
+            bytes,
+            active,
+            capture_map_entries,
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,108 @@
+//! Admin plane: the Prometheus `/metrics` endpoint and the `/healthz` and
+//! `/readyz` probes, served on `admin.metrics_addr` (loopback by default).
+//! Kept apart from the data plane: a slow scrape never delays a connection.
+pub mod metrics;
+
+use std::{
+    convert::Infallible,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tracing::{debug, warn};
+
+use crate::capture::Capture;
+pub use metrics::Metrics;
+
+/// Shared state the admin endpoints read.
+pub struct AdminState {
+    pub metrics: Metrics,
+    pub ready: AtomicBool,
+    pub capture: std::sync::OnceLock<Arc<Capture>>,
+}
+
+impl AdminState {
+    pub fn new(node: &str) -> Self {
+        Self {
+            metrics: Metrics::new(node),
+            ready: AtomicBool::new(false),
+            capture: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn render_metrics(&self) -> String {
+        if let Some(capture) = self.capture.get() {
+            let (by_cookie, by_tuple) = capture.entries();
+            let g = &self.metrics.capture_map_entries;
+            g.get_or_create(&metrics::MapLabels { map: "by_cookie" })
+                .set(by_cookie as i64);
+            g.get_or_create(&metrics::MapLabels { map: "by_tuple" })
+                .set(by_tuple as i64);
+        }
+        self.metrics.encode()
+    }
+}
+
+fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let (status, ctype, body) = match req.uri().path() {
+        "/metrics" => (
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            state.render_metrics(),
+        ),
+        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        "/readyz" if state.ready.load(Ordering::Acquire) => {
+            (StatusCode::OK, "text/plain", "ready\n".to_owned())
+        }
+        "/readyz" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready\n".to_owned(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_owned(),
+        ),
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(ctype) {
+        resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    resp
+}
+
+/// Serves the admin endpoints until the task is dropped.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(respond(&state, &req)) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
+                debug!(%peer, error = %e, "admin connection ended with an error");
+            }
+        });
+    }
+}

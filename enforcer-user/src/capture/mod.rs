@@ -1,0 +1,612 @@
+//! Kernel capture: loads the eBPF object, fills the rule maps, attaches the
+//! programs to the configured cgroup subtree and pins programs, links and maps
+//! under `<bpffs>/enforcer/v<LAYOUT_VERSION>/<node_name>/`.
+//!
+//! Links stay pinned when the agent exits, on purpose: a captured connect then
+//! keeps being redirected to the (now closed) loopback listener and fails with
+//! ECONNREFUSED instead of silently bypassing the agent. `enforcer detach`
+//! removes the pins, which detaches the programs.
+use std::{
+    fs::File,
+    net::{IpAddr, SocketAddr},
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, lpm_trie::Key},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SockOps,
+        links::{FdLink, PinnedLink},
+    },
+};
+use enforcer_common::{
+    AF_INET, AF_INET6, CIDR_CAPTURE, CIDR_EXCLUDE, CaptureConfig, LAYOUT_VERSION, OrigDst,
+    SockTuple, maps, programs,
+};
+use ipnet::IpNet;
+use tracing::{debug, info, warn};
+
+use crate::config::CaptureRules;
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+/// The kernel object built by `build.rs`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer-ebpf"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("capture.cgroup {path}: {message}")]
+    Cgroup { path: PathBuf, message: String },
+    #[error("bpffs {path}: {message}")]
+    Bpffs { path: PathBuf, message: String },
+    #[error("loading the kernel programs failed: {0}")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("kernel program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("kernel program {name}: link: {message}")]
+    Link { name: &'static str, message: String },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    #[error("pinning {path}: {message}")]
+    Pin { path: PathBuf, message: String },
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> CaptureError {
+    move |e| CaptureError::Map {
+        name,
+        source: Box::new(e),
+    }
+}
+
+fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> CaptureError {
+    move |e| CaptureError::Program {
+        name,
+        source: Box::new(e),
+    }
+}
+
+/// A cgroup v2 directory that may be captured: exists, is on a cgroup2 mount,
+/// and is not the root of the hierarchy (that would capture the whole machine).
+#[derive(Debug, Clone)]
+pub struct CaptureCgroup {
+    pub path: PathBuf,
+    /// The cgroup2 mount point the path lives on.
+    pub mount: PathBuf,
+}
+
+impl CaptureCgroup {
+    pub fn check(path: &Path) -> Result<Self, CaptureError> {
+        let err = |message: String| CaptureError::Cgroup {
+            path: path.to_owned(),
+            message,
+        };
+        let meta = std::fs::metadata(path).map_err(|e| err(format!("{e}")))?;
+        if !meta.is_dir() {
+            return Err(err("is not a directory".into()));
+        }
+        let st = nix::sys::statfs::statfs(path).map_err(|e| err(format!("statfs: {e}")))?;
+        if st.filesystem_type().0 != CGROUP2_SUPER_MAGIC {
+            return Err(err(
+                "is not on a cgroup v2 filesystem (try the unified hierarchy, e.g. /sys/fs/cgroup or /sys/fs/cgroup/unified)"
+                    .into(),
+            ));
+        }
+        let mount =
+            cgroup2_mount_of(path).ok_or_else(|| err("cannot find its cgroup2 mount".into()))?;
+        let canon = path.canonicalize().map_err(|e| err(format!("{e}")))?;
+        if canon == mount {
+            return Err(err(format!(
+                "is the root of the cgroup2 hierarchy ({}); refusing to capture every process on the machine — name a subtree",
+                mount.display()
+            )));
+        }
+        Ok(Self { path: canon, mount })
+    }
+}
+
+/// The cgroup2 mount point that contains `path` (longest matching mount).
+fn cgroup2_mount_of(path: &Path) -> Option<PathBuf> {
+    let canon = path.canonicalize().ok()?;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            if !post.starts_with("cgroup2 ") {
+                return None;
+            }
+            pre.split(' ').nth(4).map(PathBuf::from)
+        })
+        .filter(|m| canon.starts_with(m))
+        .max_by_key(|m| m.as_os_str().len())
+}
+
+/// Makes sure `dir` is a bpffs mount, mounting one if it is not.
+fn ensure_bpffs(dir: &Path) -> Result<(), CaptureError> {
+    let err = |message: String| CaptureError::Bpffs {
+        path: dir.to_owned(),
+        message,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| err(format!("create: {e}")))?;
+    let st = nix::sys::statfs::statfs(dir).map_err(|e| err(format!("statfs: {e}")))?;
+    if st.filesystem_type().0 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    info!(path = %dir.display(), "mounting bpffs");
+    nix::mount::mount(
+        Some("bpf"),
+        dir,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| err(format!("not a bpffs and mounting one failed: {e}")))
+}
+
+/// The pin directory of one agent instance.
+pub fn pin_dir(bpffs: &Path, node_name: &str) -> PathBuf {
+    bpffs
+        .join("enforcer")
+        .join(format!("v{LAYOUT_VERSION}"))
+        .join(node_name)
+}
+
+const ATTACHMENTS: [(&str, Attach); 5] = [
+    (programs::CONNECT4, Attach::SockAddr),
+    (programs::CONNECT6, Attach::SockAddr),
+    (programs::GETPEERNAME4, Attach::SockAddr),
+    (programs::GETPEERNAME6, Attach::SockAddr),
+    (programs::SOCK_OPS, Attach::SockOps),
+];
+
+#[derive(Clone, Copy)]
+enum Attach {
+    SockAddr,
+    SockOps,
+}
+
+/// The loaded and attached kernel side. Owns the eBPF object and the maps the
+/// proxy reads; dropping it leaves the pinned links in place (fail closed).
+pub struct Capture {
+    _ebpf: Ebpf,
+    by_tuple: std::sync::Mutex<HashMap<MapData, SockTuple, OrigDst>>,
+    by_cookie: std::sync::Mutex<HashMap<MapData, u64, OrigDst>>,
+    pub cgroup: CaptureCgroup,
+    pub pin_dir: PathBuf,
+}
+
+impl Capture {
+    /// Loads, configures, attaches and pins. Replaces the pins of a previous run
+    /// of the same instance only after the new programs are attached, so there is
+    /// no moment in which captured connects are let through.
+    pub fn attach(
+        cgroup: CaptureCgroup,
+        bpffs: &Path,
+        node_name: &str,
+        rules: &CaptureRules,
+        outbound_port: u16,
+    ) -> Result<Self, CaptureError> {
+        ensure_bpffs(bpffs)?;
+        let pin_dir = pin_dir(bpffs, node_name);
+        let mut ebpf = EbpfLoader::new()
+            .load(EBPF_OBJECT)
+            .map_err(|e| CaptureError::Load(Box::new(e)))?;
+
+        fill_rules(&mut ebpf, rules, outbound_port)?;
+
+        let cgroup_file = File::open(&cgroup.path).map_err(|e| CaptureError::Cgroup {
+            path: cgroup.path.clone(),
+            message: format!("open: {e}"),
+        })?;
+        let mut links = Vec::new();
+        // BPF links (kernel >= 5.7) always coexist with other programs on the
+        // cgroup, so `Single` (flags 0) is the mode link_create accepts.
+        for (name, kind) in ATTACHMENTS {
+            let prog = ebpf
+                .program_mut(name)
+                .ok_or_else(|| prog_err(name)(aya::programs::ProgramError::NotLoaded))?;
+            let link: FdLink = match kind {
+                Attach::SockAddr => {
+                    let p: &mut CgroupSockAddr = prog.try_into().map_err(prog_err(name))?;
+                    p.load().map_err(prog_err(name))?;
+                    let id = p
+                        .attach(&cgroup_file, CgroupAttachMode::Single)
+                        .map_err(prog_err(name))?;
+                    p.take_link(id)
+                        .map_err(prog_err(name))?
+                        .try_into()
+                        .map_err(|e: aya::programs::links::LinkError| CaptureError::Link {
+                            name,
+                            message: e.to_string(),
+                        })?
+                }
+                Attach::SockOps => {
+                    let p: &mut SockOps = prog.try_into().map_err(prog_err(name))?;
+                    p.load().map_err(prog_err(name))?;
+                    let id = p
+                        .attach(&cgroup_file, CgroupAttachMode::Single)
+                        .map_err(prog_err(name))?;
+                    p.take_link(id)
+                        .map_err(prog_err(name))?
+                        .try_into()
+                        .map_err(|e: aya::programs::links::LinkError| CaptureError::Link {
+                            name,
+                            message: e.to_string(),
+                        })?
+                }
+            };
+            links.push((name, link));
+        }
+        info!(cgroup = %cgroup.path.display(), "kernel programs attached");
+
+        // New programs are live; now retire the previous instance's pins.
+        remove_pins(&pin_dir);
+        for sub in ["links", "programs", "maps"] {
+            let d = pin_dir.join(sub);
+            std::fs::create_dir_all(&d).map_err(|e| CaptureError::Pin {
+                path: d.clone(),
+                message: e.to_string(),
+            })?;
+        }
+        for (name, link) in links {
+            let path = pin_dir.join("links").join(name);
+            let pinned: PinnedLink = link.pin(&path).map_err(|e| CaptureError::Pin {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            // Dropping the PinnedLink handle keeps the pin (and the attachment).
+            drop(pinned);
+        }
+        for (name, _) in ATTACHMENTS {
+            let path = pin_dir.join("programs").join(name);
+            if let Some(prog) = ebpf.program_mut(name) {
+                prog.pin(&path).map_err(|e| CaptureError::Pin {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+            }
+        }
+        for name in maps::ALL {
+            let path = pin_dir.join("maps").join(name);
+            if let Some(map) = ebpf.map(name) {
+                map.pin(&path).map_err(|e| CaptureError::Pin {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+            }
+        }
+
+        let by_tuple = take_hash(&mut ebpf, maps::BY_TUPLE)?;
+        let by_cookie = take_hash(&mut ebpf, maps::BY_COOKIE)?;
+        Ok(Self {
+            _ebpf: ebpf,
+            by_tuple: std::sync::Mutex::new(by_tuple),
+            by_cookie: std::sync::Mutex::new(by_cookie),
+            cgroup,
+            pin_dir,
+        })
+    }
+
+    /// Finds and consumes the record of the workload socket whose 4-tuple is
+    /// (`peer` → `local`) as seen from the accepted side. The kernel publishes it
+    /// before the handshake completes; a short retry covers scheduling delays.
+    pub async fn take_original(&self, peer: SocketAddr, local: SocketAddr) -> Option<OrigDst> {
+        let key = tuple_key(peer, local);
+        for attempt in 0..10u32 {
+            let found = {
+                let mut map = match self.by_tuple.lock() {
+                    Ok(m) => m,
+                    Err(poisoned) => poisoned.into_inner(),
+                };
+                match map.get(&key, 0) {
+                    Ok(rec) => {
+                        if let Err(e) = map.remove(&key) {
+                            debug!(error = %e, "removing consumed tuple entry");
+                        }
+                        Some(Some(rec))
+                    }
+                    Err(aya::maps::MapError::KeyNotFound) => None,
+                    Err(e) => {
+                        warn!(error = %e, "reading the capture map failed");
+                        Some(None)
+                    }
+                }
+            };
+            match found {
+                Some(result) => return result,
+                None => tokio::time::sleep(Duration::from_millis(1 << attempt.min(5))).await,
+            }
+        }
+        None
+    }
+
+    /// Entries currently in the tracking maps: (by socket cookie, by 4-tuple).
+    pub fn entries(&self) -> (u64, u64) {
+        let by_cookie = match self.by_cookie.lock() {
+            Ok(m) => m.keys().filter(|k| k.is_ok()).count() as u64,
+            Err(p) => p.into_inner().keys().filter(|k| k.is_ok()).count() as u64,
+        };
+        let by_tuple = match self.by_tuple.lock() {
+            Ok(m) => m.keys().filter(|k| k.is_ok()).count() as u64,
+            Err(p) => p.into_inner().keys().filter(|k| k.is_ok()).count() as u64,
+        };
+        (by_cookie, by_tuple)
+    }
+}
+
+fn take_hash<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>, CaptureError> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| map_err(name)(aya::maps::MapError::InvalidName { name: name.into() }))?;
+    HashMap::try_from(map).map_err(map_err(name))
+}
+
+fn fill_rules(
+    ebpf: &mut Ebpf,
+    rules: &CaptureRules,
+    outbound_port: u16,
+) -> Result<(), CaptureError> {
+    {
+        let map = ebpf.map_mut(maps::PORTS).ok_or_else(|| {
+            map_err(maps::PORTS)(aya::maps::MapError::InvalidName {
+                name: maps::PORTS.into(),
+            })
+        })?;
+        let mut ports: Array<_, u64> = Array::try_from(map).map_err(map_err(maps::PORTS))?;
+        for (i, word) in rules.ports.iter().enumerate() {
+            if *word != 0 {
+                ports.set(i as u32, word, 0).map_err(map_err(maps::PORTS))?;
+            }
+        }
+    }
+    {
+        let map = ebpf.map_mut(maps::CIDR4).ok_or_else(|| {
+            map_err(maps::CIDR4)(aya::maps::MapError::InvalidName {
+                name: maps::CIDR4.into(),
+            })
+        })?;
+        let mut trie: LpmTrie<_, [u8; 4], u8> =
+            LpmTrie::try_from(map).map_err(map_err(maps::CIDR4))?;
+        for (net, v) in cidr_entries(rules) {
+            if let IpNet::V4(n) = net {
+                trie.insert(
+                    &Key::new(u32::from(n.prefix_len()), n.network().octets()),
+                    v,
+                    0,
+                )
+                .map_err(map_err(maps::CIDR4))?;
+            }
+        }
+    }
+    {
+        let map = ebpf.map_mut(maps::CIDR6).ok_or_else(|| {
+            map_err(maps::CIDR6)(aya::maps::MapError::InvalidName {
+                name: maps::CIDR6.into(),
+            })
+        })?;
+        let mut trie: LpmTrie<_, [u8; 16], u8> =
+            LpmTrie::try_from(map).map_err(map_err(maps::CIDR6))?;
+        for (net, v) in cidr_entries(rules) {
+            if let IpNet::V6(n) = net {
+                trie.insert(
+                    &Key::new(u32::from(n.prefix_len()), n.network().octets()),
+                    v,
+                    0,
+                )
+                .map_err(map_err(maps::CIDR6))?;
+            }
+        }
+    }
+    let map = ebpf.map_mut(maps::CONFIG).ok_or_else(|| {
+        map_err(maps::CONFIG)(aya::maps::MapError::InvalidName {
+            name: maps::CONFIG.into(),
+        })
+    })?;
+    let mut cfg: Array<_, CaptureConfig> = Array::try_from(map).map_err(map_err(maps::CONFIG))?;
+    let value = CaptureConfig {
+        enabled: 1,
+        agent_tgid: std::process::id(),
+        outbound_port,
+        _pad: [0; 6],
+    };
+    cfg.set(0, value, 0).map_err(map_err(maps::CONFIG))
+}
+
+/// Capture and exclusion entries; exclusions are written last so that an
+/// exclusion equal to a capture prefix wins.
+fn cidr_entries(rules: &CaptureRules) -> impl Iterator<Item = (IpNet, u8)> + '_ {
+    rules
+        .capture
+        .iter()
+        .map(|n| (n.trunc(), CIDR_CAPTURE))
+        .chain(rules.exclude.iter().map(|n| (n.trunc(), CIDR_EXCLUDE)))
+}
+
+/// The kernel's key for a workload socket (`src` = workload, `dst` = listener).
+pub fn tuple_key(workload: SocketAddr, listener: SocketAddr) -> SockTuple {
+    let mut key = SockTuple {
+        family: 0,
+        src_port: workload.port(),
+        dst_port: listener.port(),
+        src: [0; 16],
+        dst: [0; 16],
+    };
+    let put = |ip: IpAddr, out: &mut [u8; 16]| -> u16 {
+        match ip {
+            IpAddr::V4(v4) => {
+                out[..4].copy_from_slice(&v4.octets());
+                AF_INET
+            }
+            IpAddr::V6(v6) => {
+                out.copy_from_slice(&v6.octets());
+                AF_INET6
+            }
+        }
+    };
+    key.family = u32::from(put(workload.ip(), &mut key.src));
+    put(listener.ip(), &mut key.dst);
+    key
+}
+
+/// The original destination of a record as a socket address.
+pub fn original_destination(rec: &OrigDst) -> Option<SocketAddr> {
+    let ip = match rec.family {
+        AF_INET => IpAddr::from([rec.addr[0], rec.addr[1], rec.addr[2], rec.addr[3]]),
+        AF_INET6 => IpAddr::from(rec.addr),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, rec.port))
+}
+
+/// Removes every pin of an instance: links (which detaches the programs),
+/// programs and maps. Missing files are fine.
+pub fn remove_pins(dir: &Path) {
+    for sub in ["links", "programs", "maps"] {
+        let d = dir.join(sub);
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if let Err(e) = std::fs::remove_file(entry.path()) {
+                warn!(path = %entry.path().display(), error = %e, "removing pin");
+            }
+        }
+        let _ = std::fs::remove_dir(&d);
+    }
+}
+
+/// `enforcer detach`: removes the pins of an instance and its directory.
+pub fn detach(bpffs: &Path, node_name: &str) -> Result<bool, CaptureError> {
+    let dir = pin_dir(bpffs, node_name);
+    if !dir.exists() {
+        return Ok(false);
+    }
+    remove_pins(&dir);
+    std::fs::remove_dir(&dir).map_err(|e| CaptureError::Pin {
+        path: dir.clone(),
+        message: format!("remove: {e}"),
+    })?;
+    Ok(true)
+}
+
+/// Resolves cgroup ids (kernel facts) to paths relative to the cgroup2 mount,
+/// by walking the captured subtree: on cgroup v2 a cgroup's id is the inode
+/// number of its directory.
+pub struct CgroupResolver {
+    root: PathBuf,
+    mount: PathBuf,
+    cache: std::collections::HashMap<u64, String>,
+}
+
+impl CgroupResolver {
+    pub fn new(cgroup: &CaptureCgroup) -> Self {
+        Self {
+            root: cgroup.path.clone(),
+            mount: cgroup.mount.clone(),
+            cache: Default::default(),
+        }
+    }
+
+    pub fn path_of(&mut self, id: u64) -> Option<String> {
+        if let Some(p) = self.cache.get(&id) {
+            return Some(p.clone());
+        }
+        self.rescan();
+        self.cache.get(&id).cloned()
+    }
+
+    fn rescan(&mut self) {
+        let mut stack = vec![self.root.clone()];
+        while let Some(dir) = stack.pop() {
+            let Ok(meta) = std::fs::metadata(&dir) else {
+                continue;
+            };
+            let rel = dir
+                .strip_prefix(&self.mount)
+                .map(|r| format!("/{}", r.display()));
+            if let Ok(rel) = rel {
+                self.cache.insert(meta.ino(), rel);
+            }
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                stack.extend(
+                    entries
+                        .flatten()
+                        .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+                        .map(|e| e.path()),
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tuple_key_matches_kernel_layout() {
+        let k = tuple_key(
+            "127.0.0.1:40000".parse().unwrap(),
+            "127.0.0.1:15001".parse().unwrap(),
+        );
+        assert_eq!(k.family, 2);
+        assert_eq!(k.src_port, 40000);
+        assert_eq!(k.dst_port, 15001);
+        assert_eq!(&k.src[..4], &[127, 0, 0, 1]);
+        assert_eq!(&k.src[4..], &[0; 12]);
+        let k6 = tuple_key("[::1]:1".parse().unwrap(), "[::1]:15001".parse().unwrap());
+        assert_eq!(k6.family, 10);
+        assert_eq!(k6.dst[15], 1);
+    }
+
+    #[test]
+    fn original_destination_decodes_both_families() {
+        let mut rec = OrigDst {
+            family: AF_INET,
+            port: 8080,
+            ..Default::default()
+        };
+        rec.addr[..4].copy_from_slice(&[10, 0, 0, 2]);
+        assert_eq!(
+            original_destination(&rec),
+            Some("10.0.0.2:8080".parse().unwrap())
+        );
+        rec.family = AF_INET6;
+        rec.addr = "fd00::2".parse::<std::net::Ipv6Addr>().unwrap().octets();
+        assert_eq!(
+            original_destination(&rec),
+            Some("[fd00::2]:8080".parse().unwrap())
+        );
+        rec.family = 99;
+        assert_eq!(original_destination(&rec), None);
+    }
+
+    #[test]
+    fn root_cgroup_is_refused() {
+        if let Some(mount) = cgroup2_mount_of(Path::new("/sys/fs/cgroup/unified"))
+            .or_else(|| cgroup2_mount_of(Path::new("/sys/fs/cgroup")))
+        {
+            let err = CaptureCgroup::check(&mount).unwrap_err().to_string();
+            assert!(err.contains("root of the cgroup2 hierarchy"), "{err}");
+        } else {
+            panic!(
+                "no cgroup2 mount found: this test needs cgroup v2 (mount -t cgroup2 none /sys/fs/cgroup)"
+            );
+        }
+    }
+}

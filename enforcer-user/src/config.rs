@@ -1,0 +1,368 @@
+//! The agent's configuration file (TOML). Every key is documented in
+//! `docs/config.md`; unknown keys are errors, never silently ignored.
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// What went wrong with a configuration file, naming the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config file {path}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Name of this node; reported in logs and metrics, and names the bpffs pin
+    /// directory, so two agents on one host need two names.
+    #[serde(default = "default_node_name")]
+    pub node_name: String,
+    pub capture: CaptureConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureConfig {
+    /// cgroup v2 directory whose subtree is captured (absolute path on the
+    /// cgroup2 mount). Never the root of the hierarchy.
+    pub cgroup: PathBuf,
+    /// Destination ranges to capture.
+    #[serde(default = "default_cidrs")]
+    pub cidrs: Vec<String>,
+    /// Destination ranges carved out of `cidrs` (longest prefix wins).
+    #[serde(default)]
+    pub exclude_cidrs: Vec<String>,
+    /// Destination ports to capture: "N" or "LO-HI".
+    #[serde(default = "default_ports")]
+    pub ports: Vec<String>,
+    /// Destination ports never captured.
+    #[serde(default = "default_exclude_ports")]
+    pub exclude_ports: Vec<u16>,
+    /// Loopback port of the outbound listener (127.0.0.1 and ::1).
+    #[serde(default = "default_outbound_port")]
+    pub outbound_port: u16,
+    /// bpffs mount point; mounted if it is not one yet.
+    #[serde(default = "default_bpffs")]
+    pub bpffs: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of `/metrics`, `/healthz`, `/readyz`.
+    #[serde(default = "default_metrics_addr")]
+    pub metrics_addr: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            metrics_addr: default_metrics_addr(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `json` (one JSON object per line) or `text`.
+    #[serde(default = "default_log_format")]
+    pub format: LogFormat,
+    /// A `tracing` filter directive, e.g. `info` or `enforcer=debug`.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: default_log_format(),
+            level: default_log_level(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+fn default_node_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "node".to_owned())
+}
+fn default_cidrs() -> Vec<String> {
+    vec!["0.0.0.0/0".into(), "::/0".into()]
+}
+fn default_ports() -> Vec<String> {
+    vec!["1-65535".into()]
+}
+fn default_exclude_ports() -> Vec<u16> {
+    vec![22, 15008]
+}
+fn default_outbound_port() -> u16 {
+    15001
+}
+fn default_bpffs() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf")
+}
+fn default_metrics_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 15020))
+}
+fn default_log_format() -> LogFormat {
+    LogFormat::Json
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+
+/// Capture rules in the form the kernel maps take them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptureRules {
+    pub capture: Vec<IpNet>,
+    pub exclude: Vec<IpNet>,
+    /// Bit per port: set = capture.
+    pub ports: Box<[u64; 1024]>,
+}
+
+impl CaptureRules {
+    pub fn port_captured(&self, port: u16) -> bool {
+        (self.ports[usize::from(port >> 6)] >> (port & 63)) & 1 == 1
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            message,
+        };
+        if self.node_name.is_empty()
+            || !self
+                .node_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+            || self.node_name.starts_with('.')
+        {
+            return Err(invalid(
+                "node_name",
+                format!(
+                    "{:?} must be non-empty ASCII letters, digits, '-', '_' or '.'",
+                    self.node_name
+                ),
+            ));
+        }
+        if !self.capture.cgroup.is_absolute() {
+            return Err(invalid(
+                "capture.cgroup",
+                format!("{} is not an absolute path", self.capture.cgroup.display()),
+            ));
+        }
+        if self.capture.outbound_port == 0 {
+            return Err(invalid("capture.outbound_port", "must not be 0".into()));
+        }
+        if self
+            .log
+            .level
+            .parse::<tracing_subscriber::EnvFilter>()
+            .is_err()
+        {
+            return Err(invalid(
+                "log.level",
+                format!("{:?} is not a valid filter directive", self.log.level),
+            ));
+        }
+        self.capture_rules(path)?;
+        Ok(())
+    }
+
+    /// Parses the capture section into kernel-ready rules.
+    pub fn capture_rules(&self, path: &Path) -> Result<CaptureRules, ConfigError> {
+        let invalid = |key, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            message,
+        };
+        let parse_nets = |key, list: &[String]| -> Result<Vec<IpNet>, ConfigError> {
+            list.iter()
+                .map(|s| {
+                    s.parse::<IpNet>()
+                        .map_err(|e| invalid(key, format!("{s:?} is not a CIDR ({e})")))
+                })
+                .collect()
+        };
+        let capture = parse_nets("capture.cidrs", &self.capture.cidrs)?;
+        let exclude = parse_nets("capture.exclude_cidrs", &self.capture.exclude_cidrs)?;
+        let limit = enforcer_common::MAX_CIDRS as usize;
+        for fam in [true, false] {
+            let n = capture
+                .iter()
+                .chain(exclude.iter())
+                .filter(|n| matches!(n, IpNet::V4(_)) == fam)
+                .count();
+            if n > limit {
+                return Err(invalid(
+                    "capture.cidrs",
+                    format!("more than {limit} rules for one address family"),
+                ));
+            }
+        }
+        let mut ports = Box::new([0u64; 1024]);
+        for spec in &self.capture.ports {
+            let (lo, hi) = parse_port_range(spec).map_err(|m| invalid("capture.ports", m))?;
+            for p in lo..=hi {
+                ports[usize::from(p >> 6)] |= 1 << (p & 63);
+            }
+        }
+        for &p in &self.capture.exclude_ports {
+            ports[usize::from(p >> 6)] &= !(1 << (p & 63));
+        }
+        Ok(CaptureRules {
+            capture,
+            exclude,
+            ports,
+        })
+    }
+}
+
+fn parse_port_range(spec: &str) -> Result<(u16, u16), String> {
+    let port = |s: &str| -> Result<u16, String> {
+        match s.trim().parse::<u16>() {
+            Ok(0) | Err(_) => Err(format!(
+                "{spec:?} is not a port or LO-HI range of 1..=65535"
+            )),
+            Ok(p) => Ok(p),
+        }
+    };
+    let (lo, hi) = match spec.split_once('-') {
+        Some((lo, hi)) => (port(lo)?, port(hi)?),
+        None => {
+            let p = port(spec)?;
+            (p, p)
+        }
+    };
+    if lo > hi {
+        return Err(format!("{spec:?}: range start is above its end"));
+    }
+    Ok((lo, hi))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("test.toml"), text)
+    }
+
+    const MIN: &str = "[capture]\ncgroup = \"/sys/fs/cgroup/x\"\n";
+
+    #[test]
+    fn minimal_config_gets_safe_defaults() {
+        let cfg = parse(MIN).expect("valid");
+        assert_eq!(cfg.capture.outbound_port, 15001);
+        assert_eq!(cfg.admin.metrics_addr.to_string(), "127.0.0.1:15020");
+        let rules = cfg.capture_rules(Path::new("t")).expect("rules");
+        assert!(rules.port_captured(80));
+        assert!(!rules.port_captured(22), "ssh is excluded by default");
+        assert!(
+            !rules.port_captured(15008),
+            "HBONE port is excluded by default"
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = parse(&format!("{MIN}bogus = 1\n")).unwrap_err().to_string();
+        assert!(err.contains("bogus"), "{err}");
+        let err = parse(&format!("{MIN}capture_typo = 1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("capture_typo"), "{err}");
+    }
+
+    #[test]
+    fn bad_cidr_is_named() {
+        let err = parse("[capture]\ncgroup = \"/x\"\ncidrs = [\"10.0.0.0/33\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("capture.cidrs") && err.contains("10.0.0.0/33"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_port_ranges_are_rejected() {
+        for bad in ["0", "70000", "9-3", "x"] {
+            let err = parse(&format!(
+                "[capture]\ncgroup = \"/x\"\nports = [\"{bad}\"]\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("capture.ports"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn relative_cgroup_is_rejected() {
+        let err = parse("[capture]\ncgroup = \"x/y\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("capture.cgroup"), "{err}");
+    }
+
+    #[test]
+    fn port_bitmap_honours_ranges_and_exclusions() {
+        let cfg = parse(
+            "[capture]\ncgroup = \"/x\"\nports = [\"8000-8100\", \"443\"]\nexclude_ports = [8050]\n",
+        )
+        .expect("valid");
+        let r = cfg.capture_rules(Path::new("t")).expect("rules");
+        assert!(r.port_captured(8000) && r.port_captured(8100) && r.port_captured(443));
+        assert!(!r.port_captured(8050) && !r.port_captured(7999) && !r.port_captured(80));
+    }
+}

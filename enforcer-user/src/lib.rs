@@ -1,0 +1,8 @@
+//! enforcer node agent: captures workload connections in the kernel, attests
+//! the workloads and proxies their traffic. See `docs/ARCHITECTURE.md`.
+pub mod admin;
+pub mod agent;
+pub mod attest;
+pub mod capture;
+pub mod config;
+pub mod proxy;

@@ -1,0 +1,238 @@
+//! Outbound: accepts the connections the kernel redirected to the loopback
+//! listener, recovers their original destination and the kernel facts about
+//! the workload, and forwards the bytes.
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{Instrument as _, info, info_span, warn};
+
+use super::{Outcome, next_conn_id};
+use crate::{
+    admin::{
+        AdminState,
+        metrics::{BytesLabels, ClosedLabels, Direction, DirectionLabels},
+    },
+    attest::WorkloadFacts,
+    capture::{Capture, CgroupResolver, original_destination},
+};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything an outbound connection handler needs.
+pub struct Outbound {
+    pub capture: Arc<Capture>,
+    pub cgroups: Mutex<CgroupResolver>,
+    pub admin: Arc<AdminState>,
+}
+
+impl Outbound {
+    /// Accepts on `listener` forever.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    let this = self.clone();
+                    let id = next_conn_id();
+                    let span = info_span!("conn", id, direction = "outbound", src = %peer);
+                    tokio::spawn(
+                        async move { this.handle(id, stream, peer).await }.instrument(span),
+                    );
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "outbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn handle(&self, id: u64, client: TcpStream, peer: SocketAddr) {
+        let started = Instant::now();
+        let m = &self.admin.metrics;
+        let dir = DirectionLabels {
+            direction: Direction::outbound,
+        };
+        m.connections_opened.get_or_create(&dir).inc();
+        m.active.get_or_create(&dir).inc();
+
+        let local = match client.local_addr() {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "accepted socket has no local address");
+                return self.finish(id, None, None, Outcome::Error, (0, 0), started);
+            }
+        };
+        let Some(rec) = self.capture.take_original(peer, local).await else {
+            warn!(
+                conn_id = id,
+                "no capture record for this connection; refusing (only captured connects may use the outbound listener)"
+            );
+            reset(client);
+            return self.finish(
+                id,
+                None,
+                None,
+                Outcome::NoOriginalDestination,
+                (0, 0),
+                started,
+            );
+        };
+        let cgroup = match self.cgroups.lock() {
+            Ok(mut r) => r.path_of(rec.cgroup_id),
+            Err(p) => p.into_inner().path_of(rec.cgroup_id),
+        };
+        let facts = WorkloadFacts::from_record(&rec, cgroup);
+        let Some(dst) = original_destination(&rec) else {
+            warn!(
+                family = rec.family,
+                "capture record has an unknown address family"
+            );
+            reset(client);
+            return self.finish(
+                id,
+                Some(&facts),
+                None,
+                Outcome::NoOriginalDestination,
+                (0, 0),
+                started,
+            );
+        };
+        tracing::Span::current().record("dst", tracing::field::display(dst));
+
+        let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dst)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                warn!(conn_id = id, orig_dst = %dst, error = %e, "connecting to the original destination failed");
+                reset(client);
+                return self.finish(
+                    id,
+                    Some(&facts),
+                    Some(dst),
+                    Outcome::ConnectFailed,
+                    (0, 0),
+                    started,
+                );
+            }
+            Err(_) => {
+                warn!(conn_id = id, orig_dst = %dst, "connecting to the original destination timed out");
+                reset(client);
+                return self.finish(
+                    id,
+                    Some(&facts),
+                    Some(dst),
+                    Outcome::ConnectFailed,
+                    (0, 0),
+                    started,
+                );
+            }
+        };
+        let _ = client.set_nodelay(true);
+        let _ = upstream.set_nodelay(true);
+        let (outcome, bytes) = splice(client, upstream).await;
+        self.finish(id, Some(&facts), Some(dst), outcome, bytes, started);
+    }
+
+    /// Emits the connection's one summary log line and updates the metrics.
+    fn finish(
+        &self,
+        id: u64,
+        facts: Option<&WorkloadFacts>,
+        dst: Option<SocketAddr>,
+        outcome: Outcome,
+        (sent, received): (u64, u64),
+        started: Instant,
+    ) {
+        let m = &self.admin.metrics;
+        m.active
+            .get_or_create(&DirectionLabels {
+                direction: Direction::outbound,
+            })
+            .dec();
+        m.connections_closed
+            .get_or_create(&ClosedLabels {
+                direction: Direction::outbound,
+                outcome: outcome.as_str(),
+            })
+            .inc();
+        for (flow, n) in [("sent", sent), ("received", received)] {
+            m.bytes
+                .get_or_create(&BytesLabels {
+                    direction: Direction::outbound,
+                    flow,
+                })
+                .inc_by(n);
+        }
+        let unknown = String::new();
+        info!(
+            conn_id = id,
+            pid = facts.map(|f| f.pid),
+            uid = facts.map(|f| f.uid),
+            gid = facts.map(|f| f.gid),
+            comm = facts.map(|f| f.comm.as_str()),
+            cgroup = facts
+                .and_then(|f| f.cgroup_path.as_deref())
+                .unwrap_or(&unknown),
+            cgroup_id = facts.map(|f| f.cgroup_id),
+            orig_dst = dst.map(tracing::field::display),
+            bytes_sent = sent,
+            bytes_received = received,
+            duration_ms = started.elapsed().as_millis() as u64,
+            outcome = outcome.as_str(),
+            "connection closed"
+        );
+    }
+}
+
+/// Copies both ways until both sides are done. Returns the outcome and the
+/// bytes (workload → destination, destination → workload), counted even when
+/// one side breaks.
+async fn splice(client: TcpStream, upstream: TcpStream) -> (Outcome, (u64, u64)) {
+    let (cr, cw) = client.into_split();
+    let (ur, uw) = upstream.into_split();
+    let (up, down) = tokio::join!(pump(cr, uw), pump(ur, cw));
+    let outcome = if up.1.is_ok() && down.1.is_ok() {
+        Outcome::Ok
+    } else {
+        if let Err(e) = &up.1 {
+            tracing::debug!(error = %e, "workload -> destination ended with an error");
+        }
+        if let Err(e) = &down.1 {
+            tracing::debug!(error = %e, "destination -> workload ended with an error");
+        }
+        Outcome::Error
+    };
+    (outcome, (up.0, down.0))
+}
+
+/// One direction: copies until EOF, then half-closes the writer.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+) -> (u64, std::io::Result<()>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) => return (total, Err(e)),
+        };
+        if let Err(e) = to.write_all(&buf[..n]).await {
+            return (total, Err(e));
+        }
+        total += n as u64;
+    }
+    (total, to.shutdown().await)
+}
+
+/// Closes with RST so the workload sees an error rather than a clean EOF.
+fn reset(stream: TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+}
