@@ -1,1 +1,591 @@
+//! The testbed of DESIGN §6: a *node* is a network namespace plus a cgroup v2
+//! subtree; nodes are joined by veth pairs; each node can run a real `enforcer`
+//! process attached to its own subtree only, and workloads run as real programs
+//! in child cgroups of it. Everything a testbed creates (namespaces, cgroups,
+//! bpffs pins, processes) is removed when it is dropped, also when a test fails.
+//!
+//! A missing prerequisite (root, cgroup v2, a tool) is a test failure whose
+//! message says what to install, never a skip.
+use std::{
+    fs,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
 
+use anyhow::{Context as _, anyhow, bail};
+use serde_json::Value;
+
+pub use anyhow::Result;
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Fails (panics) with an actionable message unless the machine can host a testbed.
+pub fn require_prerequisites() {
+    if !nix::unistd::geteuid().is_root() {
+        panic!(
+            "the integration tests build network namespaces, cgroups and load eBPF programs: \
+             run them as root (e.g. `sudo -E cargo xtask test`)"
+        );
+    }
+    for (tool, package) in [
+        ("ip", "iproute2"),
+        ("nsenter", "util-linux"),
+        ("curl", "curl"),
+        ("python3", "python3"),
+    ] {
+        if which(tool).is_none() {
+            panic!(
+                "`{tool}` is missing: install the Debian package {package} (`cargo xtask setup` does)"
+            );
+        }
+    }
+    if cgroup2_mount().is_none() {
+        panic!(
+            "no cgroup v2 hierarchy is mounted: mount one (`mount -t cgroup2 none /sys/fs/cgroup/unified`)"
+        );
+    }
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(tool))
+            .find(|p| p.is_file())
+    })
+}
+
+/// The cgroup2 mount point (`/sys/fs/cgroup` or `/sys/fs/cgroup/unified` on hybrid hosts).
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mounts.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        post.starts_with("cgroup2 ")
+            .then(|| pre.split(' ').nth(4).map(PathBuf::from))
+            .flatten()
+    })
+}
+
+/// The `enforcer` binary under test.
+pub fn enforcer_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("ENFORCER_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let bin = target.join("debug/enforcer");
+    if !bin.is_file() {
+        panic!(
+            "{} does not exist: build it first (`cargo build -p enforcer-user`; `cargo xtask test` does) or set ENFORCER_BIN",
+            bin.display()
+        );
+    }
+    bin
+}
+
+fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    run(Command::new("ip").args(args)).map(|_| ())
+}
+
+/// A set of nodes for one test. Dropping it tears everything down.
+pub struct Testbed {
+    pub id: String,
+    pub cgroup_root: PathBuf,
+    pub dir: PathBuf,
+    netns: Vec<String>,
+    procs: Vec<(String, Child)>,
+    enforcer_configs: Vec<PathBuf>,
+}
+
+/// One node: a network namespace and a cgroup subtree, with its addresses.
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub name: String,
+    pub netns: String,
+    pub cgroup: PathBuf,
+    pub ipv4: String,
+    pub ipv6: String,
+}
+
+impl Testbed {
+    /// A testbed named after the test; unique per process and call.
+    pub fn new(test: &str) -> Result<Self> {
+        require_prerequisites();
+        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}-{}-{seq}", short(test), std::process::id());
+        let mount = cgroup2_mount().ok_or_else(|| anyhow!("no cgroup2 mount"))?;
+        let cgroup_root = mount.join(format!("enforcer-test-{id}"));
+        fs::create_dir_all(&cgroup_root)
+            .with_context(|| format!("creating cgroup {}", cgroup_root.display()))?;
+        let dir = std::env::temp_dir().join(format!("enforcer-test-{id}"));
+        fs::create_dir_all(&dir)?;
+        Ok(Self {
+            id,
+            cgroup_root,
+            dir,
+            netns: vec![],
+            procs: vec![],
+            enforcer_configs: vec![],
+        })
+    }
+
+    /// Adds node number `n` (1-based): netns, cgroup subtree, loopback up.
+    /// Its addresses are 10.10.0.n/24 and fd10::n/64 on the veth links that
+    /// [`Testbed::link`] creates.
+    pub fn node(&mut self, name: &str, n: u8) -> Result<Node> {
+        let netns = format!("enft-{}-{name}", self.id);
+        ip(&["netns", "add", &netns])?;
+        self.netns.push(netns.clone());
+        ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+        let cgroup = self.cgroup_root.join(name);
+        fs::create_dir_all(&cgroup)?;
+        Ok(Node {
+            name: name.to_owned(),
+            netns,
+            cgroup,
+            ipv4: format!("10.10.0.{n}"),
+            ipv6: format!("fd10::{n}"),
+        })
+    }
+
+    /// Joins two nodes with a veth pair and gives both their addresses.
+    pub fn link(&mut self, a: &Node, b: &Node) -> Result<()> {
+        let (ia, ib) = (format!("to-{}", b.name), format!("to-{}", a.name));
+        ip(&[
+            "link", "add", &ia, "netns", &a.netns, "type", "veth", "peer", "name", &ib, "netns",
+            &b.netns,
+        ])?;
+        for (node, ifname) in [(a, &ia), (b, &ib)] {
+            ip(&[
+                "-n",
+                &node.netns,
+                "addr",
+                "add",
+                &format!("{}/24", node.ipv4),
+                "dev",
+                ifname,
+            ])?;
+            ip(&[
+                "-n",
+                &node.netns,
+                "addr",
+                "add",
+                &format!("{}/64", node.ipv6),
+                "dev",
+                ifname,
+                "nodad",
+            ])?;
+            ip(&["-n", &node.netns, "link", "set", ifname, "up"])?;
+        }
+        Ok(())
+    }
+
+    /// Writes an enforcer config for `node` (the caller's TOML is appended
+    /// under the generated keys) and returns its path.
+    pub fn enforcer_config(&mut self, node: &Node, extra_capture: &str) -> Result<PathBuf> {
+        let path = self.dir.join(format!("{}.toml", node.name));
+        let text = format!(
+            "node_name = \"{}\"\n\n[capture]\ncgroup = \"{}\"\n{extra_capture}\n\n[log]\nformat = \"json\"\nlevel = \"info\"\n",
+            self.node_instance(node),
+            node.cgroup.display()
+        );
+        fs::write(&path, text)?;
+        self.enforcer_configs.push(path.clone());
+        Ok(path)
+    }
+
+    /// The enforcer instance name of a node (names its bpffs pin directory).
+    pub fn node_instance(&self, node: &Node) -> String {
+        format!("{}-{}", self.id, node.name)
+    }
+
+    /// Starts `enforcer run` in the node's netns and waits until `/readyz` says ready.
+    pub fn start_enforcer(&mut self, node: &Node, config: &Path) -> Result<Enforcer> {
+        self.start_enforcer_in(node, config, None)
+    }
+
+    /// Like [`Testbed::start_enforcer`]; with `in_cgroup`, the enforcer process
+    /// itself runs in that child cgroup of the captured subtree.
+    pub fn start_enforcer_in(
+        &mut self,
+        node: &Node,
+        config: &Path,
+        in_cgroup: Option<&str>,
+    ) -> Result<Enforcer> {
+        let log = self.dir.join(format!("{}-enforcer.log", node.name));
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", node.netns))
+            .arg("--");
+        if let Some(unit) = in_cgroup {
+            let cg = node.workload_cgroup(unit)?;
+            cmd.args(["sh", "-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""])
+                .arg(cg);
+        }
+        let child = cmd
+            .arg(enforcer_bin())
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(
+                self.dir.join(format!("{}-enforcer.stdout", node.name)),
+            )?)
+            .stderr(fs::File::create(&log)?)
+            .spawn()
+            .context("starting enforcer")?;
+        let pid = child.id();
+        self.procs
+            .push((format!("enforcer on {}", node.name), child));
+        let enforcer = Enforcer {
+            node: node.clone(),
+            pid,
+            log,
+            metrics_addr: "127.0.0.1:15020".parse()?,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok((200, _)) = node.http_get(enforcer.metrics_addr, "/readyz") {
+                return Ok(enforcer);
+            }
+            if let Some((_, c)) = self.procs.iter_mut().find(|(_, c)| c.id() == pid)
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                bail!(
+                    "enforcer on {} exited ({status}) before it was ready:\n{}",
+                    node.name,
+                    fs::read_to_string(&enforcer.log).unwrap_or_default()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "enforcer on {} not ready after 20 s:\n{}",
+                    node.name,
+                    fs::read_to_string(&enforcer.log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops a process this testbed started (SIGTERM, then SIGKILL) and waits for it.
+    pub fn stop(&mut self, pid: u32) -> Result<()> {
+        let idx = self
+            .procs
+            .iter()
+            .position(|(_, c)| c.id() == pid)
+            .ok_or_else(|| anyhow!("pid {pid} was not started by this testbed"))?;
+        let (_, mut child) = self.procs.remove(idx);
+        terminate(&mut child);
+        Ok(())
+    }
+
+    /// Starts a long-running server in `node`'s netns, outside any captured
+    /// cgroup, and waits until it accepts on `port`.
+    pub fn start_server(
+        &mut self,
+        node: &Node,
+        name: &str,
+        cmd: &[&str],
+        port: u16,
+    ) -> Result<u32> {
+        let log = self.dir.join(format!("{}-{name}.log", node.name));
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", node.netns))
+            .arg("--")
+            .args(cmd)
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&log)?)
+            .stderr(Stdio::from(fs::File::options().append(true).open(&log)?))
+            .spawn()
+            .with_context(|| format!("starting {cmd:?}"))?;
+        let pid = child.id();
+        self.procs.push((format!("{name} on {}", node.name), child));
+        let addr: SocketAddr = format!("{}:{port}", node.ipv4).parse()?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while node
+            .in_netns(move || {
+                TcpStream::connect_timeout(&addr, Duration::from_millis(200)).map(|_| ())
+            })?
+            .is_err()
+        {
+            if Instant::now() > deadline {
+                bail!(
+                    "{name} on {} did not listen on {addr}: {}",
+                    node.name,
+                    fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(pid)
+    }
+
+    /// Waits (up to 5 s) until a server's log contains `needle`.
+    pub fn wait_server_log(&self, node: &Node, name: &str, needle: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if self.server_log(node, name).contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// The log file of a server started with [`Testbed::start_server`].
+    pub fn server_log(&self, node: &Node, name: &str) -> String {
+        fs::read_to_string(self.dir.join(format!("{}-{name}.log", node.name))).unwrap_or_default()
+    }
+}
+
+/// Terminates a child: SIGTERM, up to 5 s grace, then SIGKILL; always reaped.
+fn terminate(child: &mut Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    if matches!(child.try_wait(), Ok(None)) {
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        for (_, child) in self.procs.iter_mut() {
+            terminate(child);
+        }
+        for cfg in &self.enforcer_configs {
+            let _ = Command::new(enforcer_bin())
+                .args(["detach", "--config"])
+                .arg(cfg)
+                .output();
+        }
+        for ns in &self.netns {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+        remove_cgroup_tree(&self.cgroup_root);
+        if std::env::var_os("ENFORCER_KEEP_TEST_DIR").is_none() && !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("testbed files kept in {}", self.dir.display());
+        }
+    }
+}
+
+/// Removes a cgroup subtree that this testbed created, killing any process
+/// still in it (only processes the test started can be there).
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    for _ in 0..50 {
+        let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        if fs::remove_dir(dir).is_ok() || !dir.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn short(test: &str) -> String {
+    test.chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(10)
+        .collect()
+}
+
+impl Node {
+    /// Runs `f` on a thread that has joined this node's network namespace.
+    pub fn in_netns<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let path = format!("/run/netns/{}", self.netns);
+        std::thread::spawn(move || -> Result<T> {
+            let ns = fs::File::open(&path).with_context(|| format!("open {path}"))?;
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                .with_context(|| format!("setns {path}"))?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow!("netns thread panicked"))?
+    }
+
+    /// A minimal HTTP/1.0 GET from inside the node: (status, body).
+    pub fn http_get(&self, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+        let req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+        self.in_netns(move || -> Result<(u16, String)> {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(req.as_bytes())?;
+            let mut resp = String::new();
+            s.read_to_string(&mut resp)?;
+            let status = resp
+                .split(' ')
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .ok_or_else(|| anyhow!("bad HTTP response: {resp:?}"))?;
+            let body = resp
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_owned())
+                .unwrap_or_default();
+            Ok((status, body))
+        })?
+    }
+
+    /// A child cgroup of this node for one workload (e.g. `client.service`).
+    pub fn workload_cgroup(&self, unit: &str) -> Result<PathBuf> {
+        let dir = self.cgroup.join(unit);
+        fs::create_dir_all(&dir)?;
+        Ok(dir)
+    }
+
+    /// Runs a program to completion in this node's netns. With `unit`, inside
+    /// that child cgroup of the node (captured); with `None`, outside the
+    /// node's subtree (not captured). Killed after 30 s. Returns its pid too.
+    pub fn exec(&self, unit: Option<&str>, cmd: &[&str]) -> Result<(u32, Output)> {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.netns)).arg("--");
+        if let Some(unit) = unit {
+            let cg = self.workload_cgroup(unit)?;
+            // The shell moves itself into the cgroup, then becomes the workload (same pid).
+            c.args(["sh", "-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""])
+                .arg(cg);
+        }
+        c.args(cmd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().with_context(|| format!("spawning {cmd:?}"))?;
+        let pid = child.id();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while matches!(child.try_wait(), Ok(None)) {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok((pid, child.wait_with_output()?))
+    }
+}
+
+/// A running enforcer in the testbed.
+#[derive(Clone, Debug)]
+pub struct Enforcer {
+    pub node: Node,
+    pub pid: u32,
+    pub log: PathBuf,
+    pub metrics_addr: SocketAddr,
+}
+
+impl Enforcer {
+    /// Every JSON log line the enforcer wrote so far.
+    pub fn log_lines(&self) -> Vec<Value> {
+        fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The "connection closed" summary lines.
+    pub fn closed_connections(&self) -> Vec<Value> {
+        self.log_lines()
+            .into_iter()
+            .filter(|v| v["message"] == "connection closed")
+            .collect()
+    }
+
+    /// Waits (up to 5 s) for a "connection closed" line that satisfies `pred`.
+    pub fn wait_for_connection(&self, pred: impl Fn(&Value) -> bool) -> Option<Value> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(v) = self.closed_connections().into_iter().find(|v| pred(v)) {
+                return Some(v);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The `/metrics` text.
+    pub fn metrics(&self) -> Result<String> {
+        let (status, body) = self.node.http_get(self.metrics_addr, "/metrics")?;
+        if status != 200 {
+            bail!("/metrics answered {status}");
+        }
+        Ok(body)
+    }
+
+    /// The value of one sample (`name{labels}`), labels given as a substring
+    /// that must appear in the label set; sums all matching series.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
+        let text = self.metrics()?;
+        Ok(sum_metric(&text, name, labels))
+    }
+}
+
+/// Sums the samples of `name` whose labels include all of `labels`.
+pub fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            if n != name {
+                return None;
+            }
+            labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sum_metric_matches_name_and_labels() {
+        let text = "# HELP x\nfoo_total{node=\"a\",direction=\"outbound\"} 3\nfoo_total{node=\"a\",direction=\"inbound\"} 4\nfoo_bar 9\n";
+        assert_eq!(super::sum_metric(text, "foo_total", &[]), 7.0);
+        assert_eq!(
+            super::sum_metric(text, "foo_total", &[("direction", "outbound")]),
+            3.0
+        );
+        assert_eq!(super::sum_metric(text, "foo_bar", &[]), 9.0);
+        assert_eq!(super::sum_metric(text, "nope", &[]), 0.0);
+    }
+}

@@ -1,0 +1,434 @@
+//! Kernel capture and the transparent outbound path, end to end: real netns,
+//! real cgroups, real enforcer processes, unmodified clients and servers.
+use enforcer_tests::{Enforcer, Node, Testbed};
+use serde_json::Value;
+
+/// Two linked nodes, a Python HTTP server on b:8080 (dual stack), and the
+/// enforcer running on a.
+fn two_nodes(test: &str) -> (Testbed, Node, Node, Enforcer) {
+    let mut tb = Testbed::new(test).expect("testbed");
+    let a = tb.node("a", 1).expect("node a");
+    let b = tb.node("b", 2).expect("node b");
+    tb.link(&a, &b).expect("link");
+    tb.start_server(
+        &b,
+        "http",
+        &["python3", "-u", "-m", "http.server", "8080", "--bind", "::"],
+        8080,
+    )
+    .expect("http server on b");
+    let cfg = tb.enforcer_config(&a, "").expect("config");
+    let enf = tb.start_enforcer(&a, &cfg).expect("enforcer on a");
+    (tb, a, b, enf)
+}
+
+/// Prints the socket's peer name, sends a request and prints the status line.
+const PY_CLIENT: &str = r#"
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+fam = socket.AF_INET6 if ':' in host else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_STREAM)
+s.connect((host, port))
+print("PEER", s.getpeername()[0], s.getpeername()[1])
+s.sendall(b"GET /?py-client HTTP/1.0\r\n\r\n")
+data = b""
+while True:
+    d = s.recv(65536)
+    if not d:
+        break
+    data += d
+print("STATUS", data.split(b"\r\n")[0].decode())
+"#;
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn assert_captured(enf: &Enforcer, pid: u32, unit: &str, dst: &str) -> Value {
+    let line = enf
+        .wait_for_connection(|v| v["pid"] == pid)
+        .unwrap_or_else(|| {
+            panic!(
+                "no connection from pid {pid} in the enforcer log:\n{}",
+                std::fs::read_to_string(&enf.log).unwrap_or_default()
+            )
+        });
+    assert_eq!(line["orig_dst"], dst, "{line}");
+    assert_eq!(line["outcome"], "ok", "{line}");
+    let cgroup = line["cgroup"].as_str().unwrap_or_default();
+    assert!(
+        cgroup.ends_with(&format!("/a/{unit}")),
+        "cgroup {cgroup:?} should name the workload's cgroup ({line})"
+    );
+    assert!(line["bytes_sent"].as_u64().unwrap_or(0) > 0, "{line}");
+    assert!(line["bytes_received"].as_u64().unwrap_or(0) > 0, "{line}");
+    assert!(line["conn_id"].as_u64().is_some(), "{line}");
+    assert!(line["uid"].as_u64().is_some(), "{line}");
+    assert!(line["duration_ms"].as_u64().is_some(), "{line}");
+    line
+}
+
+fn check_client_reaches_server(ipv6: bool) {
+    let (tb, a, b, enf) = two_nodes(if ipv6 { "cap6" } else { "cap4" });
+    let host = if ipv6 { b.ipv6.clone() } else { b.ipv4.clone() };
+    let url_host = if ipv6 {
+        format!("[{host}]")
+    } else {
+        host.clone()
+    };
+
+    // curl, unmodified, in its own cgroup under node a's captured subtree.
+    let url = format!("http://{url_host}:8080/?curl-client");
+    let (pid, out) = a
+        .exec(
+            Some("curl-client.service"),
+            &[
+                "curl",
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code} %{remote_ip}",
+                &url,
+            ],
+        )
+        .expect("curl");
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout(&out),
+        format!("200 {host}"),
+        "curl should see the original peer"
+    );
+    assert_captured(
+        &enf,
+        pid,
+        "curl-client.service",
+        &format!("{url_host}:8080"),
+    );
+
+    // A Python socket client: getpeername() must return the original address.
+    let (pid, out) = a
+        .exec(
+            Some("py-client.service"),
+            &["python3", "-c", PY_CLIENT, &host, "8080"],
+        )
+        .expect("python client");
+    assert!(
+        out.status.success(),
+        "python client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!("PEER {host} 8080")),
+        "getpeername() must return the original peer: {text}"
+    );
+    assert!(text.contains("STATUS HTTP/1.0 200 OK"), "{text}");
+    assert_captured(&enf, pid, "py-client.service", &format!("{url_host}:8080"));
+
+    // The server saw both requests, from node a's address (forwarded by the agent).
+    for needle in ["/?curl-client", "/?py-client"] {
+        assert!(
+            tb.wait_server_log(&b, "http", needle),
+            "server never saw {needle}: {}",
+            tb.server_log(&b, "http")
+        );
+    }
+    let a_addr = if ipv6 { &a.ipv6 } else { &a.ipv4 };
+    assert!(
+        tb.server_log(&b, "http").contains(a_addr.as_str()),
+        "the server sees node a's address"
+    );
+
+    // Metrics record both connections and their bytes.
+    let opened = enf
+        .metric(
+            "enforcer_connections_opened_total",
+            &[("direction", "outbound")],
+        )
+        .expect("metrics");
+    let ok = enf
+        .metric(
+            "enforcer_connections_closed_total",
+            &[("direction", "outbound"), ("outcome", "ok")],
+        )
+        .expect("metrics");
+    let sent = enf
+        .metric(
+            "enforcer_bytes_total",
+            &[("direction", "outbound"), ("flow", "sent")],
+        )
+        .expect("metrics");
+    let received = enf
+        .metric(
+            "enforcer_bytes_total",
+            &[("direction", "outbound"), ("flow", "received")],
+        )
+        .expect("metrics");
+    assert_eq!(opened, 2.0);
+    assert_eq!(ok, 2.0);
+    assert!(
+        sent > 0.0 && received > sent,
+        "sent {sent} received {received}"
+    );
+    assert_eq!(
+        enf.metric("enforcer_active_connections", &[("direction", "outbound")])
+            .expect("metrics"),
+        0.0
+    );
+    drop(tb);
+}
+
+#[test]
+fn ipv4_client_reaches_server_through_enforcer() {
+    check_client_reaches_server(false);
+}
+
+#[test]
+fn ipv6_client_reaches_server_through_enforcer() {
+    check_client_reaches_server(true);
+}
+
+#[test]
+fn process_outside_captured_subtree_is_not_captured() {
+    let (_tb, a, b, enf) = two_nodes("outside");
+    let url = format!("http://{}:8080/?outside", b.ipv4);
+    let (_, out) = a
+        .exec(
+            None,
+            &["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", &url],
+        )
+        .expect("curl");
+    assert_eq!(
+        stdout(&out),
+        "200",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A captured one afterwards proves the enforcer was up and logging.
+    let (pid, out) = a
+        .exec(
+            Some("inside.service"),
+            &["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", &url],
+        )
+        .expect("curl");
+    assert_eq!(stdout(&out), "200");
+    assert_captured(&enf, pid, "inside.service", &format!("{}:8080", b.ipv4));
+    assert_eq!(
+        enf.closed_connections().len(),
+        1,
+        "only the captured connection may be logged"
+    );
+    assert_eq!(
+        enf.metric("enforcer_connections_opened_total", &[])
+            .expect("metrics"),
+        1.0
+    );
+}
+
+#[test]
+fn uncaptured_ports_and_loopback_go_direct() {
+    let mut tb = Testbed::new("ports").expect("testbed");
+    let a = tb.node("a", 1).expect("node a");
+    let b = tb.node("b", 2).expect("node b");
+    tb.link(&a, &b).expect("link");
+    tb.start_server(
+        &b,
+        "http",
+        &["python3", "-m", "http.server", "8080", "--bind", "::"],
+        8080,
+    )
+    .expect("server");
+    tb.start_server(
+        &b,
+        "http2",
+        &["python3", "-m", "http.server", "9090", "--bind", "::"],
+        9090,
+    )
+    .expect("server");
+    let cfg = tb
+        .enforcer_config(
+            &a,
+            "ports = [\"9000-9999\"]\nexclude_cidrs = [\"10.10.0.3/32\"]",
+        )
+        .expect("config");
+    let enf = tb.start_enforcer(&a, &cfg).expect("enforcer");
+    for (port, captured) in [(8080, false), (9090, true)] {
+        let url = format!("http://{}:{port}/", b.ipv4);
+        let (pid, out) = a
+            .exec(
+                Some("w.service"),
+                &["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", &url],
+            )
+            .expect("curl");
+        assert_eq!(stdout(&out), "200", "port {port}");
+        let logged = enf.wait_for_connection(|v| v["pid"] == pid).is_some();
+        assert_eq!(logged, captured, "port {port} captured={captured}");
+    }
+    // The metrics endpoint on loopback is reachable from a captured workload: loopback is never captured.
+    let (_, out) = a
+        .exec(
+            Some("w.service"),
+            &[
+                "curl",
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "http://127.0.0.1:15020/healthz",
+            ],
+        )
+        .expect("curl");
+    assert_eq!(stdout(&out), "200");
+}
+
+#[test]
+fn stopped_enforcer_refuses_captured_connects() {
+    let (mut tb, a, b, enf) = two_nodes("stopped");
+    tb.stop(enf.pid).expect("stop enforcer");
+    let url = format!("http://{}:8080/?must-not-arrive", b.ipv4);
+    let (_, out) = a
+        .exec(
+            Some("client.service"),
+            &["curl", "-sS", "-o", "/dev/null", &url],
+        )
+        .expect("curl");
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "curl must fail to connect (exit 7): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, out) = a
+        .exec(
+            Some("client.service"),
+            &["python3", "-c", PY_CLIENT, &b.ipv6, "8080"],
+        )
+        .expect("py");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("ConnectionRefusedError"),
+        "{out:?}"
+    );
+    assert!(
+        !tb.server_log(&b, "http").contains("/must-not-arrive"),
+        "nothing may bypass the stopped agent"
+    );
+}
+
+#[test]
+fn enforcer_restart_takes_over_capture() {
+    let (mut tb, a, b, enf) = two_nodes("restart");
+    tb.stop(enf.pid).expect("stop");
+    let cfg = tb.dir.join("a.toml");
+    let enf2 = tb.start_enforcer(&a, &cfg).expect("restart");
+    let url = format!("http://{}:8080/", b.ipv4);
+    let (pid, out) = a
+        .exec(
+            Some("client.service"),
+            &["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", &url],
+        )
+        .expect("curl");
+    assert_eq!(
+        stdout(&out),
+        "200",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_captured(&enf2, pid, "client.service", &format!("{}:8080", b.ipv4));
+    let links = std::fs::read_dir(format!(
+        "/sys/fs/bpf/enforcer/v1/{}/links",
+        tb.node_instance(&a)
+    ))
+    .expect("pinned links")
+    .count();
+    assert_eq!(links, 5, "exactly one set of pinned links after a restart");
+}
+
+#[test]
+fn enforcer_inside_captured_subtree_does_not_capture_itself() {
+    let mut tb = Testbed::new("self").expect("testbed");
+    let a = tb.node("a", 1).expect("node a");
+    let b = tb.node("b", 2).expect("node b");
+    tb.link(&a, &b).expect("link");
+    tb.start_server(
+        &b,
+        "http",
+        &["python3", "-m", "http.server", "8080", "--bind", "::"],
+        8080,
+    )
+    .expect("server");
+    let cfg = tb.enforcer_config(&a, "").expect("config");
+    let enf = tb
+        .start_enforcer_in(&a, &cfg, Some("enforcer.service"))
+        .expect("enforcer");
+    let url = format!("http://{}:8080/", b.ipv4);
+    let (pid, out) = a
+        .exec(
+            Some("client.service"),
+            &["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", &url],
+        )
+        .expect("curl");
+    assert_eq!(
+        stdout(&out),
+        "200",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_captured(&enf, pid, "client.service", &format!("{}:8080", b.ipv4));
+    assert_eq!(
+        enf.closed_connections().len(),
+        1,
+        "the agent's own upstream connect must not loop back into it"
+    );
+}
+
+#[test]
+fn direct_connection_to_outbound_listener_is_refused() {
+    let (_tb, a, _b, enf) = two_nodes("direct");
+    // Not captured (outside the subtree): garbage straight to the listener.
+    let (_, out) = a
+        .exec(None, &["python3", "-c", "import socket; s=socket.create_connection(('127.0.0.1',15001)); s.sendall(b'\\x00garbage'*100); print(s.recv(10))"])
+        .expect("python");
+    assert!(
+        !out.status.success() || stdout(&out).contains("b''"),
+        "{out:?}"
+    );
+    let line = enf
+        .wait_for_connection(|v| v["outcome"] == "no_original_destination")
+        .expect("refusal logged");
+    assert_eq!(line["bytes_sent"], 0);
+    assert_eq!(
+        enf.metric(
+            "enforcer_connections_closed_total",
+            &[("outcome", "no_original_destination")]
+        )
+        .expect("metrics"),
+        1.0
+    );
+}
+
+#[test]
+fn readyz_and_capture_map_metrics() {
+    let (_tb, a, _b, enf) = two_nodes("ready");
+    assert_eq!(
+        a.http_get(enf.metrics_addr, "/readyz").expect("readyz").0,
+        200
+    );
+    assert_eq!(
+        a.http_get(enf.metrics_addr, "/healthz").expect("healthz").0,
+        200
+    );
+    assert_eq!(a.http_get(enf.metrics_addr, "/nope").expect("404").0, 404);
+    let m = enf.metrics().expect("metrics");
+    for name in [
+        "enforcer_capture_map_entries{",
+        "enforcer_active_connections",
+    ] {
+        assert!(m.contains(name), "{name} missing from:\n{m}");
+    }
+}

@@ -1,0 +1,158 @@
+//! Bad configuration: the agent exits non-zero with a message that names the
+//! problem, and leaves nothing attached behind.
+use std::{net::TcpListener, process::Command};
+
+use enforcer_tests::{Testbed, enforcer_bin};
+
+fn run_enforcer(netns: Option<&str>, config: &std::path::Path) -> (i32, String) {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{ns}"))
+                .arg("--")
+                .arg(enforcer_bin());
+            c
+        }
+        None => Command::new(enforcer_bin()),
+    };
+    let out = cmd
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("run enforcer");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_configs_exit_nonzero_naming_the_problem() {
+    let mut tb = Testbed::new("badcfg").expect("testbed");
+    let a = tb.node("a", 1).expect("node");
+    let cg = a.cgroup.display().to_string();
+    let cases: Vec<(&str, String, Vec<&str>)> = vec![
+        (
+            "unknown key",
+            format!("[capture]\ncgroup = \"{cg}\"\ncaptur_ports = [1]\n"),
+            vec!["captur_ports"],
+        ),
+        (
+            "unknown section",
+            format!("[capture]\ncgroup = \"{cg}\"\n[admn]\n"),
+            vec!["admn"],
+        ),
+        (
+            "bad CIDR",
+            format!("[capture]\ncgroup = \"{cg}\"\ncidrs = [\"10.0.0.300/8\"]\n"),
+            vec!["capture.cidrs", "10.0.0.300/8"],
+        ),
+        (
+            "bad port range",
+            format!("[capture]\ncgroup = \"{cg}\"\nports = [\"80-70\"]\n"),
+            vec!["capture.ports", "80-70"],
+        ),
+        (
+            "missing cgroup",
+            "[capture]\ncgroup = \"/sys/fs/cgroup/does/not/exist\"\n".into(),
+            vec!["capture.cgroup", "/sys/fs/cgroup/does/not/exist"],
+        ),
+        (
+            "not a cgroup",
+            "[capture]\ncgroup = \"/tmp\"\n".into(),
+            vec!["capture.cgroup", "/tmp", "cgroup v2"],
+        ),
+        (
+            "root cgroup",
+            format!(
+                "[capture]\ncgroup = \"{}\"\n",
+                enforcer_tests::cgroup2_mount().expect("cgroup2").display()
+            ),
+            vec!["root of the cgroup2 hierarchy"],
+        ),
+        (
+            "malformed TOML",
+            "[capture\ncgroup = 1".into(),
+            vec!["invalid config file"],
+        ),
+        (
+            "missing capture section",
+            "node_name = \"x\"\n".into(),
+            vec!["capture"],
+        ),
+    ];
+    for (what, text, needles) in cases {
+        let path = tb.dir.join("bad.toml");
+        std::fs::write(&path, text).expect("write");
+        let (code, stderr) = run_enforcer(Some(&a.netns), &path);
+        assert_ne!(code, 0, "{what}: must exit non-zero");
+        for n in needles {
+            assert!(
+                stderr.contains(n),
+                "{what}: message should name {n:?}: {stderr}"
+            );
+        }
+        assert!(
+            !stderr.contains("panicked"),
+            "{what}: must not panic: {stderr}"
+        );
+    }
+    let (code, stderr) = run_enforcer(None, &tb.dir.join("does-not-exist.toml"));
+    assert_ne!(code, 0);
+    assert!(stderr.contains("does-not-exist.toml"), "{stderr}");
+}
+
+#[test]
+fn port_in_use_exits_nonzero_and_attaches_nothing() {
+    let mut tb = Testbed::new("portuse").expect("testbed");
+    let a = tb.node("a", 1).expect("node");
+    let cfg = tb.enforcer_config(&a, "").expect("config");
+    for (port, key) in [
+        (15001u16, "capture.outbound_port"),
+        (15020, "admin.metrics_addr"),
+    ] {
+        // Hold the port inside the node's netns while the enforcer starts.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let holder = {
+            let a = a.clone();
+            std::thread::spawn(move || {
+                a.in_netns(move || {
+                    let l = TcpListener::bind(("127.0.0.1", port)).expect("bind holder");
+                    tx.send(()).expect("signal");
+                    let _ = done_rx.recv();
+                    drop(l);
+                })
+            })
+        };
+        rx.recv().expect("holder bound");
+        let (code, stderr) = run_enforcer(Some(&a.netns), &cfg);
+        done_tx.send(()).expect("release");
+        holder.join().expect("holder").expect("netns");
+        assert_ne!(code, 0, "port {port} in use must fail");
+        assert!(
+            stderr.contains(&format!("127.0.0.1:{port}")) && stderr.contains(key),
+            "{stderr}"
+        );
+        let pins = format!("/sys/fs/bpf/enforcer/v1/{}", tb.node_instance(&a));
+        assert!(
+            !std::path::Path::new(&pins).exists(),
+            "nothing may be attached when startup fails"
+        );
+    }
+}
+
+#[test]
+fn check_subcommand_validates_without_running() {
+    let mut tb = Testbed::new("check").expect("testbed");
+    let a = tb.node("a", 1).expect("node");
+    let cfg = tb.enforcer_config(&a, "").expect("config");
+    let out = Command::new(enforcer_bin())
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("check");
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
+}
