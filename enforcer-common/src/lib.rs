@@ -18,6 +18,9 @@ pub const PORT_WORDS: u32 = 1024;
 /// Maximum number of captured sockets tracked at once (LRU maps).
 pub const MAX_TRACKED: u32 = 65536;
 
+/// Maximum number of network namespaces the agent serves listeners in.
+pub const MAX_NETNS: u32 = 1024;
+
 /// Maximum number of CIDR rules per family.
 pub const MAX_CIDRS: u32 = 1024;
 
@@ -29,7 +32,8 @@ pub mod maps {
     pub const CIDR6: &str = "ENF_CIDR6";
     pub const BY_COOKIE: &str = "ENF_BY_COOKIE";
     pub const BY_TUPLE: &str = "ENF_BY_TUPLE";
-    pub const ALL: [&str; 6] = [CONFIG, PORTS, CIDR4, CIDR6, BY_COOKIE, BY_TUPLE];
+    pub const NETNS: &str = "ENF_NETNS";
+    pub const ALL: [&str; 7] = [CONFIG, PORTS, CIDR4, CIDR6, BY_COOKIE, BY_TUPLE, NETNS];
 }
 
 /// Names of the kernel programs (function names; never the ELF section names).

@@ -18,8 +18,8 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext},
 };
 use enforcer_common::{
-    AF_INET, AF_INET6, CIDR_CAPTURE, CaptureConfig, MAX_CIDRS, MAX_TRACKED, OrigDst, PORT_WORDS,
-    SockTuple,
+    AF_INET, AF_INET6, CIDR_CAPTURE, CaptureConfig, MAX_CIDRS, MAX_NETNS, MAX_TRACKED, OrigDst,
+    PORT_WORDS, SockTuple,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -42,6 +42,12 @@ static ENF_CIDR4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(MAX_CIDRS, 0)
 
 #[map(name = "ENF_CIDR6")]
 static ENF_CIDR6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
+
+/// Network namespaces (by cookie) in which the agent has an outbound listener.
+/// A socket in any other netns is never redirected: there would be nothing to
+/// accept it.
+#[map(name = "ENF_NETNS")]
+static ENF_NETNS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(MAX_NETNS, 0);
 
 /// Workload socket cookie -> original destination (for getpeername and sock_ops).
 #[map(name = "ENF_BY_COOKIE")]
@@ -97,9 +103,10 @@ fn record(ctx: &SockAddrContext, family: u16, port: u16, addr: [u8; 16]) -> Orig
     }
 }
 
-/// Common checks: TCP, capture enabled, not the agent itself, port captured.
+/// Common checks: TCP, capture enabled, not the agent itself, port captured,
+/// netns served by the agent.
 #[inline(always)]
-fn eligible(sa: &bpf_sock_addr, port: u16) -> Option<CaptureConfig> {
+fn eligible(ctx: &SockAddrContext, sa: &bpf_sock_addr, port: u16) -> Option<CaptureConfig> {
     if sa.type_ != SOCK_STREAM {
         return None;
     }
@@ -110,6 +117,10 @@ fn eligible(sa: &bpf_sock_addr, port: u16) -> Option<CaptureConfig> {
     if !port_captured(port) {
         return None;
     }
+    // SAFETY: helper allowed for sock_addr programs; ctx is the program's context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: only tests for presence.
+    unsafe { ENF_NETNS.get(&netns) }?;
     Some(cfg)
 }
 
@@ -126,7 +137,7 @@ pub fn enf_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the duration of the program.
     let sa = unsafe { &mut *ctx.sock_addr };
     let port = u16::from_be(sa.user_port as u16);
-    let Some(cfg) = eligible(sa, port) else {
+    let Some(cfg) = eligible(&ctx, sa, port) else {
         return PROCEED;
     };
     let ip = sa.user_ip4.to_ne_bytes(); // user_ip4 is in network byte order
@@ -153,7 +164,7 @@ pub fn enf_connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the duration of the program.
     let sa = unsafe { &mut *ctx.sock_addr };
     let port = u16::from_be(sa.user_port as u16);
-    let Some(cfg) = eligible(sa, port) else {
+    let Some(cfg) = eligible(&ctx, sa, port) else {
         return PROCEED;
     };
     let w = sa.user_ip6;

@@ -432,3 +432,38 @@ fn readyz_and_capture_map_metrics() {
         assert!(m.contains(name), "{name} missing from:\n{m}");
     }
 }
+
+#[test]
+fn captured_cgroup_in_another_netns_is_not_redirected() {
+    // A process of a's captured subtree that lives in another network namespace
+    // (a container with its own netns): the agent has no listener there, so the
+    // kernel must leave it alone instead of redirecting it into nothing.
+    let (_tb, a, b, enf) = two_nodes("othernetns");
+    let foreign = Node {
+        netns: b.netns.clone(),
+        ..a.clone()
+    };
+    let url = format!("http://{}:8080/", b.ipv4);
+    let (pid, out) = foreign
+        .exec(
+            Some("container.service"),
+            &["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", &url],
+        )
+        .expect("curl");
+    assert_eq!(
+        stdout(&out),
+        "200",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(enf.closed_connections().iter().all(|v| v["pid"] != pid));
+    // While the same cgroup in the agent's netns is captured.
+    let (pid, out) = a
+        .exec(
+            Some("container.service"),
+            &["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", &url],
+        )
+        .expect("curl");
+    assert_eq!(stdout(&out), "200");
+    assert_captured(&enf, pid, "container.service", &format!("{}:8080", b.ipv4));
+}

@@ -59,6 +59,8 @@ pub enum CaptureError {
         #[source]
         source: Box<aya::maps::MapError>,
     },
+    #[error("reading this network namespace's cookie: {0}")]
+    Netns(String),
     #[error("pinning {path}: {message}")]
     Pin { path: PathBuf, message: String },
 }
@@ -356,75 +358,84 @@ fn take_hash<K: aya::Pod, V: aya::Pod>(
     HashMap::try_from(map).map_err(map_err(name))
 }
 
+fn map_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut aya::maps::Map, CaptureError> {
+    ebpf.map_mut(name)
+        .ok_or_else(|| map_err(name)(aya::maps::MapError::InvalidName { name: name.into() }))
+}
+
 fn fill_rules(
     ebpf: &mut Ebpf,
     rules: &CaptureRules,
     outbound_port: u16,
 ) -> Result<(), CaptureError> {
-    {
-        let map = ebpf.map_mut(maps::PORTS).ok_or_else(|| {
-            map_err(maps::PORTS)(aya::maps::MapError::InvalidName {
-                name: maps::PORTS.into(),
-            })
-        })?;
-        let mut ports: Array<_, u64> = Array::try_from(map).map_err(map_err(maps::PORTS))?;
-        for (i, word) in rules.ports.iter().enumerate() {
-            if *word != 0 {
-                ports.set(i as u32, word, 0).map_err(map_err(maps::PORTS))?;
-            }
+    use maps::{CIDR4, CIDR6, CONFIG, NETNS, PORTS};
+    let mut ports: Array<_, u64> =
+        Array::try_from(map_mut(ebpf, PORTS)?).map_err(map_err(PORTS))?;
+    for (i, word) in rules.ports.iter().enumerate() {
+        if *word != 0 {
+            ports.set(i as u32, word, 0).map_err(map_err(PORTS))?;
         }
     }
-    {
-        let map = ebpf.map_mut(maps::CIDR4).ok_or_else(|| {
-            map_err(maps::CIDR4)(aya::maps::MapError::InvalidName {
-                name: maps::CIDR4.into(),
-            })
-        })?;
-        let mut trie: LpmTrie<_, [u8; 4], u8> =
-            LpmTrie::try_from(map).map_err(map_err(maps::CIDR4))?;
-        for (net, v) in cidr_entries(rules) {
-            if let IpNet::V4(n) = net {
-                trie.insert(
-                    &Key::new(u32::from(n.prefix_len()), n.network().octets()),
-                    v,
-                    0,
-                )
-                .map_err(map_err(maps::CIDR4))?;
-            }
+    let mut trie4: LpmTrie<_, [u8; 4], u8> =
+        LpmTrie::try_from(map_mut(ebpf, CIDR4)?).map_err(map_err(CIDR4))?;
+    for (net, v) in cidr_entries(rules) {
+        if let IpNet::V4(n) = net {
+            let key = Key::new(u32::from(n.prefix_len()), n.network().octets());
+            trie4.insert(&key, v, 0).map_err(map_err(CIDR4))?;
         }
     }
-    {
-        let map = ebpf.map_mut(maps::CIDR6).ok_or_else(|| {
-            map_err(maps::CIDR6)(aya::maps::MapError::InvalidName {
-                name: maps::CIDR6.into(),
-            })
-        })?;
-        let mut trie: LpmTrie<_, [u8; 16], u8> =
-            LpmTrie::try_from(map).map_err(map_err(maps::CIDR6))?;
-        for (net, v) in cidr_entries(rules) {
-            if let IpNet::V6(n) = net {
-                trie.insert(
-                    &Key::new(u32::from(n.prefix_len()), n.network().octets()),
-                    v,
-                    0,
-                )
-                .map_err(map_err(maps::CIDR6))?;
-            }
+    let mut trie6: LpmTrie<_, [u8; 16], u8> =
+        LpmTrie::try_from(map_mut(ebpf, CIDR6)?).map_err(map_err(CIDR6))?;
+    for (net, v) in cidr_entries(rules) {
+        if let IpNet::V6(n) = net {
+            let key = Key::new(u32::from(n.prefix_len()), n.network().octets());
+            trie6.insert(&key, v, 0).map_err(map_err(CIDR6))?;
         }
     }
-    let map = ebpf.map_mut(maps::CONFIG).ok_or_else(|| {
-        map_err(maps::CONFIG)(aya::maps::MapError::InvalidName {
-            name: maps::CONFIG.into(),
-        })
-    })?;
-    let mut cfg: Array<_, CaptureConfig> = Array::try_from(map).map_err(map_err(maps::CONFIG))?;
+    let mut netns: HashMap<_, u64, u8> =
+        HashMap::try_from(map_mut(ebpf, NETNS)?).map_err(map_err(NETNS))?;
+    netns
+        .insert(own_netns_cookie()?, 1, 0)
+        .map_err(map_err(NETNS))?;
+    // Last: the programs capture nothing until `enabled` is set.
+    let mut cfg: Array<_, CaptureConfig> =
+        Array::try_from(map_mut(ebpf, CONFIG)?).map_err(map_err(CONFIG))?;
     let value = CaptureConfig {
         enabled: 1,
         agent_tgid: std::process::id(),
         outbound_port,
         _pad: [0; 6],
     };
-    cfg.set(0, value, 0).map_err(map_err(maps::CONFIG))
+    cfg.set(0, value, 0).map_err(map_err(CONFIG))
+}
+
+/// The cookie of the network namespace this process runs in (SO_NETNS_COOKIE).
+fn own_netns_cookie() -> Result<u64, CaptureError> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let sock =
+        std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| CaptureError::Netns(e.to_string()))?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, out-pointer and length for an 8-byte option.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(CaptureError::Netns(format!(
+            "getsockopt(SO_NETNS_COOKIE): {} (needs Linux >= 5.14)",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(cookie)
 }
 
 /// Capture and exclusion entries; exclusions are written last so that an

@@ -1,0 +1,164 @@
+//! `cargo xtask setup`: installs what a fresh machine lacks, from the package
+//! registries, and does nothing (in about a second) when all is there.
+use std::process::{Command, Stdio};
+
+use anyhow::{Context as _, bail};
+
+use crate::step;
+
+/// Debian packages: the kernel-side toolchain (LLVM 22 for bpf-linker), the
+/// testbed (iproute2, util-linux's nsenter, curl, python3), and the tools the
+/// scenarios and benchmarks use.
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "zlib1g-dev",
+    "libzstd-dev",
+    "iproute2",
+    "util-linux",
+    "curl",
+    "python3",
+    "iperf3",
+    "sockperf",
+    "stunnel4",
+    "tshark",
+    "tcpdump",
+];
+
+/// Python packages the AI scenarios run (the official clients and servers).
+const PIP_PACKAGES: &[(&str, &str)] = &[("mcp", "mcp"), ("openai", "openai")];
+
+const BPF_LINKER_VERSION: &str = "0.13";
+
+fn quiet_ok(cmd: &mut Command) -> bool {
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn output(cmd: &mut Command) -> String {
+    cmd.stderr(Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+pub fn run() -> anyhow::Result<()> {
+    rust_src()?;
+    apt()?;
+    bpf_linker()?;
+    python()?;
+    eprintln!("==> setup: everything is installed");
+    Ok(())
+}
+
+fn rust_src() -> anyhow::Result<()> {
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]));
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        return Ok(());
+    }
+    if !installed.lines().any(|l| l.starts_with("rustc")) {
+        step(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))
+        .context("the kernel programs need a nightly toolchain with rust-src")?;
+        return Ok(());
+    }
+    step(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+        .context("the kernel programs need the nightly rust-src component")
+}
+
+fn apt() -> anyhow::Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .contains("install ok installed")
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing Debian packages {missing:?}: run `sudo cargo xtask setup` (or apt-get install them)"
+        );
+    }
+    step(Command::new("apt-get").args(["update", "-qq"]))?;
+    step(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    let version = output(Command::new("bpf-linker").arg("--version"));
+    if version.contains(&format!("bpf-linker {BPF_LINKER_VERSION}")) {
+        return Ok(());
+    }
+    let path = format!(
+        "/usr/lib/llvm-22/bin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    );
+    step(
+        Command::new(env!("CARGO"))
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--version",
+                &format!("^{BPF_LINKER_VERSION}"),
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("PATH", path),
+    )
+    .context("installing bpf-linker (links the kernel programs)")
+}
+
+fn python() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PIP_PACKAGES
+        .iter()
+        .filter(|(_, module)| {
+            !quiet_ok(Command::new("python3").args(["-c", &format!("import {module}")]))
+        })
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    step(
+        Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(&missing),
+    )
+    .context("installing Python packages")
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).trim() == "0"
+}
