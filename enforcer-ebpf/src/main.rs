@@ -120,7 +120,7 @@ fn eligible(ctx: &SockAddrContext, sa: &bpf_sock_addr, port: u16) -> Option<Capt
     // SAFETY: helper allowed for sock_addr programs; ctx is the program's context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: only tests for presence.
-    unsafe { ENF_NETNS.get(&netns) }?;
+    unsafe { ENF_NETNS.get(netns) }?;
     Some(cfg)
 }
 
@@ -147,7 +147,7 @@ pub fn enf_connect4(ctx: SockAddrContext) -> i32 {
     let mut addr = [0u8; 16];
     addr[..4].copy_from_slice(&ip);
     let rec = record(&ctx, AF_INET, port, addr);
-    if ENF_BY_COOKIE.insert(&rec.socket_cookie, &rec, 0).is_err() {
+    if ENF_BY_COOKIE.insert(rec.socket_cookie, rec, 0).is_err() {
         return PROCEED_REFUSED;
     }
     sa.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
@@ -192,7 +192,7 @@ pub fn enf_connect6(ctx: SockAddrContext) -> i32 {
         }
         record(&ctx, AF_INET6, port, ip)
     };
-    if ENF_BY_COOKIE.insert(&rec.socket_cookie, &rec, 0).is_err() {
+    if ENF_BY_COOKIE.insert(rec.socket_cookie, rec, 0).is_err() {
         return PROCEED_REFUSED;
     }
     if v4_mapped {
@@ -211,11 +211,11 @@ pub fn enf_getpeername4(ctx: SockAddrContext) -> i32 {
     // SAFETY: helper allowed for sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: LRU entries are read by value right away.
-    if let Some(rec) = unsafe { ENF_BY_COOKIE.get(&cookie) } {
-        if rec.family == AF_INET {
-            sa.user_ip4 = u32::from_ne_bytes([rec.addr[0], rec.addr[1], rec.addr[2], rec.addr[3]]);
-            sa.user_port = u32::from(rec.port.to_be());
-        }
+    if let Some(rec) = unsafe { ENF_BY_COOKIE.get(cookie) }
+        && rec.family == AF_INET
+    {
+        sa.user_ip4 = u32::from_ne_bytes([rec.addr[0], rec.addr[1], rec.addr[2], rec.addr[3]]);
+        sa.user_port = u32::from(rec.port.to_be());
     }
     PROCEED
 }
@@ -227,7 +227,7 @@ pub fn enf_getpeername6(ctx: SockAddrContext) -> i32 {
     // SAFETY: helper allowed for sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: LRU entries are read by value right away.
-    if let Some(rec) = unsafe { ENF_BY_COOKIE.get(&cookie) } {
+    if let Some(rec) = unsafe { ENF_BY_COOKIE.get(cookie) } {
         let a = rec.addr;
         if rec.family == AF_INET {
             sa.user_ip6 = [
@@ -266,47 +266,61 @@ fn remote_port(raw: u32) -> u16 {
 /// the socket closes.
 #[sock_ops]
 pub fn enf_sock_ops(ctx: SockOpsContext) -> u32 {
+    // Every context field is read once, up front and unconditionally: the
+    // verifier only accepts context loads at a constant offset from the context
+    // pointer, and reads under branches let LLVM share a computed address.
+    let op = ctx.op();
+    let family = ctx.family();
+    let local4 = ctx.local_ip4();
+    let remote4 = ctx.remote_ip4();
+    let local6 = ctx.local_ip6();
+    let remote6 = ctx.remote_ip6();
+    let local_port = ctx.local_port();
+    let remote_port_raw = ctx.remote_port();
+    let new_state = ctx.arg(1);
     // SAFETY: helper allowed for sock_ops programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    match ctx.op() {
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
-            // SAFETY: the record is copied out immediately.
-            let Some(rec) = (unsafe { ENF_BY_COOKIE.get(&cookie) }) else {
-                return 1;
-            };
-            let rec = *rec;
-            let family = ctx.family();
-            let mut key = SockTuple {
-                family,
-                src_port: ctx.local_port() as u16,
-                dst_port: remote_port(ctx.remote_port()),
-                src: [0; 16],
-                dst: [0; 16],
-            };
-            if family == u32::from(AF_INET) {
-                key.src[..4].copy_from_slice(&ctx.local_ip4().to_ne_bytes());
-                key.dst[..4].copy_from_slice(&ctx.remote_ip4().to_ne_bytes());
-            } else {
-                let l = ctx.local_ip6();
-                let r = ctx.remote_ip6();
-                let mut i = 0;
-                while i < 4 {
-                    key.src[i * 4..i * 4 + 4].copy_from_slice(&l[i].to_ne_bytes());
-                    key.dst[i * 4..i * 4 + 4].copy_from_slice(&r[i].to_ne_bytes());
-                    i += 1;
-                }
-            }
-            let _ = ENF_BY_TUPLE.insert(&key, &rec, 0);
-            let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        // SAFETY: the record is copied out immediately.
+        let Some(rec) = (unsafe { ENF_BY_COOKIE.get(cookie) }) else {
+            return 1;
+        };
+        let rec = *rec;
+        let mut key = SockTuple {
+            family,
+            src_port: local_port as u16,
+            dst_port: remote_port(remote_port_raw),
+            src: [0; 16],
+            dst: [0; 16],
+        };
+        if family == u32::from(AF_INET) {
+            key.src[..4].copy_from_slice(&local4.to_ne_bytes());
+            key.dst[..4].copy_from_slice(&remote4.to_ne_bytes());
+        } else {
+            key.src = words_to_bytes(local6);
+            key.dst = words_to_bytes(remote6);
         }
-        BPF_SOCK_OPS_STATE_CB => {
-            if ctx.arg(1) == BPF_TCP_CLOSE {
-                let _ = ENF_BY_COOKIE.remove(&cookie);
-            }
-        }
-        _ => {}
+        let _ = ENF_BY_TUPLE.insert(key, rec, 0);
+        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    } else if op == BPF_SOCK_OPS_STATE_CB && new_state == BPF_TCP_CLOSE {
+        let _ = ENF_BY_COOKIE.remove(cookie);
     }
     1
+}
+
+#[inline(always)]
+fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
+    let (a, b, c, d) = (
+        w[0].to_ne_bytes(),
+        w[1].to_ne_bytes(),
+        w[2].to_ne_bytes(),
+        w[3].to_ne_bytes(),
+    );
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
 }
 
 #[cfg(not(test))]

@@ -85,7 +85,36 @@ pub fn enforcer_bin() -> PathBuf {
             bin.display()
         );
     }
+    let built = fs::metadata(&bin).and_then(|m| m.modified()).ok();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for dir in [
+        "enforcer-user/src",
+        "enforcer-ebpf/src",
+        "enforcer-common/src",
+    ] {
+        if let (Some(built), Some(newest)) = (built, newest_mtime(&root.join(dir)))
+            && newest > built
+        {
+            panic!(
+                "{} is older than the sources in {dir}: rebuild it (`cargo build -p enforcer-user`; `cargo xtask test` does)",
+                bin.display()
+            );
+        }
+    }
     bin
+}
+
+fn newest_mtime(dir: &Path) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    for entry in fs::read_dir(dir).ok()?.flatten() {
+        let t = if entry.file_type().ok()?.is_dir() {
+            newest_mtime(&entry.path())
+        } else {
+            entry.metadata().and_then(|m| m.modified()).ok()
+        };
+        newest = newest.max(t);
+    }
+    newest
 }
 
 fn run(cmd: &mut Command) -> Result<Output> {
