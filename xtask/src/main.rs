@@ -103,5 +103,52 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     build()?;
     let mut args = vec!["test", "--workspace", "--exclude", "enforcer-ebpf"];
     args.extend(extra.iter().map(String::as_str));
-    cargo(&args)
+    // Forward the output live and tally every "test result:" line, so the run
+    // ends with one summary of all test binaries (cargo's own last line is
+    // often an empty doc-test run).
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(&args).stdout(std::process::Stdio::piped());
+    eprintln!("==> {}", display(&cmd));
+    let mut child = cmd.spawn().context("spawning cargo test")?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line.context("reading cargo test output")?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            passed += count(rest, " passed");
+            failed += count(rest, " failed");
+        }
+    }
+    let status = child.wait()?;
+    println!("summary: {passed} passed, {failed} failed");
+    if !status.success() || failed > 0 {
+        bail!("tests failed ({status})");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
+/// The number before `what` in a "test result:" line (e.g. "3 passed").
+fn count(line: &str, what: &str) -> u64 {
+    line.split(';')
+        .find_map(|part| part.trim().strip_suffix(what.trim_start()))
+        .and_then(|n| n.trim().rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counts_are_read_from_cargo_test_result_lines() {
+        let l = "ok. 10 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 6.97s";
+        assert_eq!(super::count(l, " passed"), 10);
+        assert_eq!(super::count(l, " failed"), 2);
+        assert_eq!(
+            super::count("FAILED. 0 passed; 9 failed; 0 ignored", " failed"),
+            9
+        );
+    }
 }
