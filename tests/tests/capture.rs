@@ -6,6 +6,16 @@ use serde_json::Value;
 /// Two linked nodes, a Python HTTP server on b:8080 (dual stack), and the
 /// enforcer running on a.
 fn two_nodes(test: &str) -> (Testbed, Node, Node, Enforcer) {
+    two_nodes_with(test, "", None)
+}
+
+/// Like [`two_nodes`], with extra `[capture]` keys and, optionally, the
+/// enforcer itself started inside a child cgroup of the captured subtree.
+fn two_nodes_with(
+    test: &str,
+    capture: &str,
+    enforcer_cgroup: Option<&str>,
+) -> (Testbed, Node, Node, Enforcer) {
     let mut tb = Testbed::new(test).expect("testbed");
     let a = tb.node("a", 1).expect("node a");
     let b = tb.node("b", 2).expect("node b");
@@ -17,8 +27,10 @@ fn two_nodes(test: &str) -> (Testbed, Node, Node, Enforcer) {
         8080,
     )
     .expect("http server on b");
-    let cfg = tb.enforcer_config(&a, "").expect("config");
-    let enf = tb.start_enforcer(&a, &cfg).expect("enforcer on a");
+    let cfg = tb.enforcer_config(&a, capture).expect("config");
+    let enf = tb
+        .start_enforcer_in(&a, &cfg, enforcer_cgroup)
+        .expect("enforcer on a");
     (tb, a, b, enf)
 }
 
@@ -232,17 +244,7 @@ fn process_outside_captured_subtree_is_not_captured() {
 
 #[test]
 fn uncaptured_ports_and_loopback_go_direct() {
-    let mut tb = Testbed::new("ports").expect("testbed");
-    let a = tb.node("a", 1).expect("node a");
-    let b = tb.node("b", 2).expect("node b");
-    tb.link(&a, &b).expect("link");
-    tb.start_server(
-        &b,
-        "http",
-        &["python3", "-m", "http.server", "8080", "--bind", "::"],
-        8080,
-    )
-    .expect("server");
+    let (mut tb, a, b, enf) = two_nodes_with("ports", "ports = [\"9000-9999\"]", None);
     tb.start_server(
         &b,
         "http2",
@@ -250,13 +252,6 @@ fn uncaptured_ports_and_loopback_go_direct() {
         9090,
     )
     .expect("server");
-    let cfg = tb
-        .enforcer_config(
-            &a,
-            "ports = [\"9000-9999\"]\nexclude_cidrs = [\"10.10.0.3/32\"]",
-        )
-        .expect("config");
-    let enf = tb.start_enforcer(&a, &cfg).expect("enforcer");
     for (port, captured) in [(8080, false), (9090, true)] {
         let url = format!("http://{}:{port}/", b.ipv4);
         let (pid, out) = a
@@ -351,21 +346,7 @@ fn enforcer_restart_takes_over_capture() {
 
 #[test]
 fn enforcer_inside_captured_subtree_does_not_capture_itself() {
-    let mut tb = Testbed::new("self").expect("testbed");
-    let a = tb.node("a", 1).expect("node a");
-    let b = tb.node("b", 2).expect("node b");
-    tb.link(&a, &b).expect("link");
-    tb.start_server(
-        &b,
-        "http",
-        &["python3", "-m", "http.server", "8080", "--bind", "::"],
-        8080,
-    )
-    .expect("server");
-    let cfg = tb.enforcer_config(&a, "").expect("config");
-    let enf = tb
-        .start_enforcer_in(&a, &cfg, Some("enforcer.service"))
-        .expect("enforcer");
+    let (_tb, a, b, enf) = two_nodes_with("self", "", Some("enforcer.service"));
     let url = format!("http://{}:8080/", b.ipv4);
     let (pid, out) = a
         .exec(
@@ -466,4 +447,50 @@ fn captured_cgroup_in_another_netns_is_not_redirected() {
         .expect("curl");
     assert_eq!(stdout(&out), "200");
     assert_captured(&enf, pid, "container.service", &format!("{}:8080", b.ipv4));
+}
+
+#[test]
+fn excluded_cidr_inside_captured_range_goes_direct() {
+    let (_tb, a, b, enf) = two_nodes_with(
+        "exclcidr",
+        "cidrs = [\"10.10.0.0/24\", \"fd10::/64\"]\nexclude_cidrs = [\"10.10.0.2/32\"]",
+        None,
+    );
+    let url4 = format!("http://{}:8080/", b.ipv4);
+    let (pid4, out) = a
+        .exec(
+            Some("w.service"),
+            &[
+                "curl",
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &url4,
+            ],
+        )
+        .expect("curl");
+    assert_eq!(stdout(&out), "200");
+    let url6 = format!("http://[{}]:8080/", b.ipv6);
+    let (pid6, out) = a
+        .exec(
+            Some("w.service"),
+            &[
+                "curl",
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &url6,
+            ],
+        )
+        .expect("curl");
+    assert_eq!(stdout(&out), "200");
+    assert_captured(&enf, pid6, "w.service", &format!("[{}]:8080", b.ipv6));
+    assert!(
+        enf.closed_connections().iter().all(|v| v["pid"] != pid4),
+        "10.10.0.2 is excluded and must not be captured"
+    );
 }

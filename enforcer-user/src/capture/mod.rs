@@ -219,35 +219,28 @@ impl Capture {
             let prog = ebpf
                 .program_mut(name)
                 .ok_or_else(|| prog_err(name)(aya::programs::ProgramError::NotLoaded))?;
-            let link: FdLink = match kind {
-                Attach::SockAddr => {
-                    let p: &mut CgroupSockAddr = prog.try_into().map_err(prog_err(name))?;
+            // Same steps for both program types; a macro because they share no trait.
+            macro_rules! load_attach {
+                ($ty:ty) => {{
+                    let p: &mut $ty = prog.try_into().map_err(prog_err(name))?;
                     p.load().map_err(prog_err(name))?;
                     let id = p
                         .attach(&cgroup_file, CgroupAttachMode::Single)
                         .map_err(prog_err(name))?;
-                    p.take_link(id)
+                    let link: FdLink = p
+                        .take_link(id)
                         .map_err(prog_err(name))?
                         .try_into()
                         .map_err(|e: aya::programs::links::LinkError| CaptureError::Link {
                             name,
                             message: e.to_string(),
-                        })?
-                }
-                Attach::SockOps => {
-                    let p: &mut SockOps = prog.try_into().map_err(prog_err(name))?;
-                    p.load().map_err(prog_err(name))?;
-                    let id = p
-                        .attach(&cgroup_file, CgroupAttachMode::Single)
-                        .map_err(prog_err(name))?;
-                    p.take_link(id)
-                        .map_err(prog_err(name))?
-                        .try_into()
-                        .map_err(|e: aya::programs::links::LinkError| CaptureError::Link {
-                            name,
-                            message: e.to_string(),
-                        })?
-                }
+                        })?;
+                    link
+                }};
+            }
+            let link = match kind {
+                Attach::SockAddr => load_attach!(CgroupSockAddr),
+                Attach::SockOps => load_attach!(SockOps),
             };
             links.push((name, link));
         }

@@ -106,29 +106,15 @@ impl Outbound {
 
         let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dst)).await {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                warn!(conn_id = id, orig_dst = %dst, error = %e, "connecting to the original destination failed");
+            failed => {
+                let error = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("timed out after {CONNECT_TIMEOUT:?}"),
+                };
+                warn!(conn_id = id, orig_dst = %dst, %error, "connecting to the original destination failed");
                 reset(client);
-                return self.finish(
-                    id,
-                    Some(&facts),
-                    Some(dst),
-                    Outcome::ConnectFailed,
-                    (0, 0),
-                    started,
-                );
-            }
-            Err(_) => {
-                warn!(conn_id = id, orig_dst = %dst, "connecting to the original destination timed out");
-                reset(client);
-                return self.finish(
-                    id,
-                    Some(&facts),
-                    Some(dst),
-                    Outcome::ConnectFailed,
-                    (0, 0),
-                    started,
-                );
+                let outcome = Outcome::ConnectFailed;
+                return self.finish(id, Some(&facts), Some(dst), outcome, (0, 0), started);
             }
         };
         let _ = client.set_nodelay(true);
