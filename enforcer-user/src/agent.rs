@@ -1,19 +1,28 @@
 //! Wires the stages together for `enforcer run`.
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
-    path::Path,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex, atomic::Ordering},
+    time::{Duration, SystemTime},
 };
 
 use anyhow::Context as _;
+use spiffe::TrustDomain;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use crate::{
     admin::{self, AdminState},
+    attest::{Attestor, Entries, local::LocalAttestor},
     capture::{Capture, CaptureCgroup, CgroupResolver},
     config::Config,
-    proxy::outbound::Outbound,
+    identity::{Bundles, Ca, IdentityManager},
+    proxy::{
+        inbound::{DestinationResolver, Inbound},
+        outbound::Outbound,
+    },
+    tls,
+    tunnel::HboneClient,
 };
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
@@ -22,11 +31,33 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen on {addr} ({what})"))
 }
 
+/// The CA and trust bundles a config names.
+pub fn load_identity(config: &Config) -> anyhow::Result<(Ca, Bundles)> {
+    let id = &config.identity;
+    let td = TrustDomain::new(&id.trust_domain)
+        .with_context(|| format!("identity.trust_domain {:?}", id.trust_domain))?;
+    let ca = match (&id.ca_cert, &id.ca_key) {
+        (Some(cert), Some(key)) => Ca::load(&td, cert, key)?,
+        _ => Ca::load_or_create(&td, &id.state_dir)?,
+    };
+    let mut bundles = Bundles::default();
+    bundles.insert(&td, vec![ca.cert_der().clone()])?;
+    for f in &id.federation {
+        let ftd = TrustDomain::new(&f.trust_domain)
+            .with_context(|| format!("identity.federation trust_domain {:?}", f.trust_domain))?;
+        bundles.insert_pem_file(&ftd, &f.bundle)?;
+    }
+    Ok((ca, bundles))
+}
+
 /// Runs the agent until SIGTERM or SIGINT. Pinned kernel programs stay
 /// attached afterwards (fail closed); `enforcer detach` removes them.
 pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     let cgroup = CaptureCgroup::check(&config.capture.cgroup)?;
     let rules = config.capture_rules(config_path)?;
+    let mesh = config.mesh_cidrs(config_path)?;
+    let entries = Entries::parse(&config.identity.entries, &config.identity.trust_domain)?;
+    let (ca, bundles) = load_identity(&config)?;
 
     // Bind everything before touching the kernel: a port in use fails cleanly.
     let port = config.capture.outbound_port;
@@ -46,10 +77,24 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot listen on [::1]:{port} (capture.outbound_port)"));
         }
     };
+    let inbound_listener = match config.inbound_addr(config_path)? {
+        Some(addr) => Some(bind(addr, "mesh.inbound_addr").await?),
+        None => None,
+    };
     let admin_listener = bind(config.admin.metrics_addr, "admin.metrics_addr").await?;
 
     let state = Arc::new(AdminState::new(&config.node_name));
     tokio::spawn(admin::serve(admin_listener, state.clone()));
+
+    let provider = tls::provider();
+    let identity = Arc::new(IdentityManager::new(
+        ca,
+        Duration::from_secs(config.identity.svid_ttl_secs),
+        bundles.clone(),
+        provider.clone(),
+    ));
+    let attestor = Arc::new(Attestor::new(entries));
+    let local = Arc::new(LocalAttestor::default());
 
     let capture = Arc::new(Capture::attach(
         cgroup.clone(),
@@ -64,16 +109,44 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         capture: capture.clone(),
         cgroups: Mutex::new(CgroupResolver::new(&cgroup)),
         admin: state.clone(),
+        attestor: attestor.clone(),
+        hbone: Arc::new(HboneClient::new(identity.clone(), config.mesh.hbone_port)),
+        mesh,
     });
     tokio::spawn(outbound.clone().serve(out4));
     if let Some(l) = out6 {
         tokio::spawn(outbound.serve(l));
     }
+    if let Some(listener) = inbound_listener {
+        let resolver = Arc::new(DestinationResolver {
+            identity: identity.clone(),
+            attestor: attestor.clone(),
+            local: local.clone(),
+        });
+        let server = tls::server_config(bundles, provider, resolver)
+            .context("building the HBONE TLS configuration")?;
+        let inbound = Arc::new(Inbound {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+            attestor: attestor.clone(),
+            local,
+            admin: state.clone(),
+        });
+        tokio::spawn(inbound.serve(listener));
+    }
+    tokio::spawn(renew_svids(identity.clone()));
+    tokio::spawn(reload_entries(
+        config_path.to_owned(),
+        attestor,
+        config.identity.trust_domain.clone(),
+    ));
+
     state.ready.store(true, Ordering::Release);
     info!(
         node = %config.node_name,
         cgroup = %cgroup.path.display(),
         outbound_port = port,
+        hbone = %config.mesh.inbound_addr,
+        trust_domain = %identity.trust_domain(),
         metrics = %config.admin.metrics_addr,
         pins = %capture.pin_dir.display(),
         "enforcer ready"
@@ -86,4 +159,51 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => info!("SIGINT received; stopping (captured connects are refused until the agent is back)"),
     }
     Ok(())
+}
+
+/// Renews SVIDs in use at half-life, so a workload always holds a fresh one.
+async fn renew_svids(identity: Arc<IdentityManager>) {
+    let period = (identity.ttl() / 10).clamp(Duration::from_millis(200), Duration::from_secs(30));
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tick.tick().await;
+        identity.renew_due();
+    }
+}
+
+fn mtime(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// Reloads the registration entries when the config file changes. An invalid
+/// file is rejected with an error and the entries in force stay.
+async fn reload_entries(path: PathBuf, attestor: Arc<Attestor>, trust_domain: String) {
+    let mut seen = mtime(&path);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let now = mtime(&path);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let result = Config::load(&path).map_err(anyhow::Error::from).and_then(|c| {
+            if c.identity.trust_domain != trust_domain {
+                warn!("identity.trust_domain changed; that takes a restart and is ignored until then");
+            }
+            Entries::parse(&c.identity.entries, &trust_domain).map_err(anyhow::Error::from)
+        });
+        match result {
+            Ok(entries) => {
+                let n = entries.len();
+                if *attestor.entries() != entries {
+                    attestor.set_entries(entries);
+                    info!(entries = n, path = %path.display(), "registration entries reloaded");
+                }
+            }
+            Err(e) => {
+                warn!(path = %path.display(), error = %format!("{e:#}"), "config change rejected; the previous registration entries stay in force")
+            }
+        }
+    }
 }

@@ -35,6 +35,10 @@ pub struct Config {
     pub node_name: String,
     pub capture: CaptureConfig,
     #[serde(default)]
+    pub identity: IdentityConfig,
+    #[serde(default)]
+    pub mesh: MeshConfig,
+    #[serde(default)]
     pub admin: AdminConfig,
     #[serde(default)]
     pub log: LogConfig,
@@ -64,6 +68,77 @@ pub struct CaptureConfig {
     /// bpffs mount point; mounted if it is not one yet.
     #[serde(default = "default_bpffs")]
     pub bpffs: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// Trust domain of this node's workloads.
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    /// Where the embedded CA lives when `ca_cert`/`ca_key` are not given.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Load the CA from these PEM files (to share one trust root across nodes).
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub ca_key: Option<PathBuf>,
+    /// Lifetime of issued SVIDs; renewed at half-life.
+    #[serde(default = "default_svid_ttl")]
+    pub svid_ttl_secs: u64,
+    /// Registration entries; reloaded when the file changes.
+    #[serde(default)]
+    pub entries: Vec<crate::attest::EntryConfig>,
+    /// Other trust domains whose workloads this node accepts, with their bundles.
+    #[serde(default)]
+    pub federation: Vec<FederationConfig>,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            trust_domain: default_trust_domain(),
+            state_dir: default_state_dir(),
+            ca_cert: None,
+            ca_key: None,
+            svid_ttl_secs: default_svid_ttl(),
+            entries: vec![],
+            federation: vec![],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationConfig {
+    pub trust_domain: String,
+    /// PEM file with the CA certificate(s) of that trust domain.
+    pub bundle: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshConfig {
+    /// Destinations served by peer agents: reached over HBONE (mutual TLS).
+    #[serde(default)]
+    pub cidrs: Vec<String>,
+    /// HBONE port of peer agents.
+    #[serde(default = "default_hbone_port")]
+    pub hbone_port: u16,
+    /// Where this agent accepts HBONE; `""` disables the inbound listener.
+    #[serde(default = "default_inbound_addr")]
+    pub inbound_addr: String,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self {
+            cidrs: vec![],
+            hbone_port: default_hbone_port(),
+            inbound_addr: default_inbound_addr(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -114,6 +189,21 @@ fn default_node_name() -> String {
         .ok()
         .and_then(|h| h.into_string().ok())
         .unwrap_or_else(|| "node".to_owned())
+}
+fn default_trust_domain() -> String {
+    "enforcer.local".into()
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/enforcer")
+}
+fn default_svid_ttl() -> u64 {
+    3600
+}
+fn default_hbone_port() -> u16 {
+    15008
+}
+fn default_inbound_addr() -> String {
+    "[::]:15008".into()
 }
 fn default_cidrs() -> Vec<String> {
     vec!["0.0.0.0/0".into(), "::/0".into()]
@@ -216,7 +306,71 @@ impl Config {
             ));
         }
         self.capture_rules(path)?;
+        self.mesh_cidrs(path)?;
+        self.inbound_addr(path)?;
+        let td = spiffe::TrustDomain::new(&self.identity.trust_domain).map_err(|e| {
+            invalid(
+                "identity.trust_domain",
+                format!("{:?}: {e}", self.identity.trust_domain),
+            )
+        })?;
+        crate::attest::Entries::parse(&self.identity.entries, td.as_ref())
+            .map_err(|e| invalid("identity.entries", e.to_string()))?;
+        if self.identity.ca_cert.is_some() != self.identity.ca_key.is_some() {
+            return Err(invalid(
+                "identity.ca_cert",
+                "ca_cert and ca_key must be given together".into(),
+            ));
+        }
+        if self.identity.svid_ttl_secs < 2 {
+            return Err(invalid(
+                "identity.svid_ttl_secs",
+                "must be at least 2 seconds".into(),
+            ));
+        }
+        for f in &self.identity.federation {
+            let ftd = spiffe::TrustDomain::new(&f.trust_domain).map_err(|e| {
+                invalid("identity.federation", format!("{:?}: {e}", f.trust_domain))
+            })?;
+            if ftd == td {
+                return Err(invalid(
+                    "identity.federation",
+                    format!("{ftd} is this node's own trust domain"),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The CIDRs reached over HBONE.
+    pub fn mesh_cidrs(&self, path: &Path) -> Result<Vec<IpNet>, ConfigError> {
+        self.mesh
+            .cidrs
+            .iter()
+            .map(|s| {
+                s.parse::<IpNet>().map_err(|e| ConfigError::Invalid {
+                    path: path.to_owned(),
+                    key: "mesh.cidrs",
+                    message: format!("{s:?} is not a CIDR ({e})"),
+                })
+            })
+            .collect()
+    }
+
+    /// The HBONE listen address, `None` when disabled.
+    pub fn inbound_addr(&self, path: &Path) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.mesh.inbound_addr.is_empty() {
+            return Ok(None);
+        }
+        self.mesh
+            .inbound_addr
+            .parse()
+            .map(Some)
+            .map_err(|e| ConfigError::Invalid {
+                path: path.to_owned(),
+                key: "mesh.inbound_addr",
+                message: format!("{:?} is not ip:port ({e})", self.mesh.inbound_addr),
+            })
     }
 
     /// Parses the capture section into kernel-ready rules.

@@ -5,4 +5,7 @@ pub mod agent;
 pub mod attest;
 pub mod capture;
 pub mod config;
+pub mod identity;
 pub mod proxy;
+pub mod tls;
+pub mod tunnel;

@@ -24,12 +24,56 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Manage the embedded CA.
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Detach the kernel programs of the instance a config names and remove its
     /// bpffs pins. Captured connects then go direct again: use it to uninstall.
     Detach {
         #[arg(long, short)]
         config: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a CA (ca.pem, ca.key with mode 0600) in DIR, to share one trust
+    /// root across nodes (identity.ca_cert / identity.ca_key).
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        trust_domain: String,
+    },
+    /// Print the trust bundle (CA certificate, PEM) of the CA a config uses,
+    /// for other nodes' identity.federation.
+    ExportBundle {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn ca(cmd: CaCommand) -> anyhow::Result<()> {
+    match cmd {
+        CaCommand::Init { dir, trust_domain } => {
+            let td = spiffe::TrustDomain::new(&trust_domain)
+                .with_context(|| format!("--trust-domain {trust_domain:?}"))?;
+            let ca = enforcer::identity::Ca::generate(&td)?;
+            ca.write(&dir.join("ca.pem"), &dir.join("ca.key"))?;
+            println!(
+                "created CA for trust domain {td}: {} and {} (0600)",
+                dir.join("ca.pem").display(),
+                dir.join("ca.key").display()
+            );
+            Ok(())
+        }
+        CaCommand::ExportBundle { config } => {
+            let cfg = Config::load(&config)?;
+            let (ca, _) = enforcer::agent::load_identity(&cfg)?;
+            print!("{}", ca.cert_pem());
+            Ok(())
+        }
+    }
 }
 
 fn init_logging(cfg: &Config) {
@@ -57,6 +101,7 @@ fn main() -> anyhow::Result<()> {
             println!("{}: ok", config.display());
             Ok(())
         }
+        Command::Ca(cmd) => ca(cmd),
         Command::Detach { config } => {
             let cfg = Config::load(&config)?;
             let dir = enforcer::capture::pin_dir(&cfg.capture.bpffs, &cfg.node_name);

@@ -141,6 +141,7 @@ pub struct Testbed {
     netns: Vec<String>,
     procs: Vec<(String, Child)>,
     enforcer_configs: Vec<PathBuf>,
+    bin: PathBuf,
 }
 
 /// One node: a network namespace and a cgroup subtree, with its addresses.
@@ -157,6 +158,7 @@ impl Testbed {
     /// A testbed named after the test; unique per process and call.
     pub fn new(test: &str) -> Result<Self> {
         require_prerequisites();
+        let bin = enforcer_bin();
         let seq = SEQ.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}-{}-{seq}", short(test), std::process::id());
         let mount = cgroup2_mount().ok_or_else(|| anyhow!("no cgroup2 mount"))?;
@@ -172,6 +174,7 @@ impl Testbed {
             netns: vec![],
             procs: vec![],
             enforcer_configs: vec![],
+            bin,
         })
     }
 
@@ -229,15 +232,45 @@ impl Testbed {
     /// Writes an enforcer config for `node` (the caller's TOML is appended
     /// under the generated keys) and returns its path.
     pub fn enforcer_config(&mut self, node: &Node, extra_capture: &str) -> Result<PathBuf> {
+        self.enforcer_config_with(node, extra_capture, "", "")
+    }
+
+    /// Like [`Testbed::enforcer_config`], with extra keys for the
+    /// `[identity]` table and raw TOML appended at the end (entries, `[mesh]`).
+    /// The node's CA state lives in the testbed's directory.
+    pub fn enforcer_config_with(
+        &mut self,
+        node: &Node,
+        extra_capture: &str,
+        extra_identity: &str,
+        tail: &str,
+    ) -> Result<PathBuf> {
         let path = self.dir.join(format!("{}.toml", node.name));
         let text = format!(
-            "node_name = \"{}\"\n\n[capture]\ncgroup = \"{}\"\n{extra_capture}\n\n[log]\nformat = \"json\"\nlevel = \"info\"\n",
+            "node_name = \"{}\"\n\n[capture]\ncgroup = \"{}\"\n{extra_capture}\n\n[identity]\nstate_dir = \"{}\"\n{extra_identity}\n\n[log]\nformat = \"json\"\nlevel = \"info\"\n\n{tail}\n",
             self.node_instance(node),
-            node.cgroup.display()
+            node.cgroup.display(),
+            self.dir.join(format!("{}-state", node.name)).display(),
         );
         fs::write(&path, text)?;
-        self.enforcer_configs.push(path.clone());
+        if !self.enforcer_configs.contains(&path) {
+            self.enforcer_configs.push(path.clone());
+        }
         Ok(path)
+    }
+
+    /// Creates a CA shared by nodes (`enforcer ca init`) under the testbed
+    /// directory and returns the `[identity]` lines that load it.
+    pub fn shared_ca(&self, name: &str, trust_domain: &str) -> Result<String> {
+        let dir = self.dir.join(format!("ca-{name}"));
+        run(Command::new(&self.bin)
+            .args(["ca", "init", "--trust-domain", trust_domain, "--dir"])
+            .arg(&dir))?;
+        Ok(format!(
+            "trust_domain = \"{trust_domain}\"\nca_cert = \"{}\"\nca_key = \"{}\"\n",
+            dir.join("ca.pem").display(),
+            dir.join("ca.key").display()
+        ))
     }
 
     /// The enforcer instance name of a node (names its bpffs pin directory).
@@ -268,7 +301,7 @@ impl Testbed {
                 .arg(cg);
         }
         let child = cmd
-            .arg(enforcer_bin())
+            .arg(&self.bin)
             .args(["run", "--config"])
             .arg(config)
             .env("RUST_BACKTRACE", "0")
@@ -405,7 +438,7 @@ impl Drop for Testbed {
             terminate(child);
         }
         for cfg in &self.enforcer_configs {
-            let _ = Command::new(enforcer_bin())
+            let _ = Command::new(&self.bin)
                 .args(["detach", "--config"])
                 .arg(cfg)
                 .output();

@@ -35,6 +35,11 @@ pub struct MapLabels {
     pub map: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectLabels {
+    pub reason: &'static str,
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub connections_opened: Family<DirectionLabels, Counter>,
@@ -42,6 +47,7 @@ pub struct Metrics {
     pub bytes: Family<BytesLabels, Counter>,
     pub active: Family<DirectionLabels, Gauge>,
     pub capture_map_entries: Family<MapLabels, Gauge>,
+    pub hbone_rejected: Family<RejectLabels, Counter>,
 }
 
 impl Metrics {
@@ -74,7 +80,14 @@ impl Metrics {
             "Entries in the kernel capture maps (sampled at scrape)",
             capture_map_entries.clone(),
         );
+        let hbone_rejected = Family::<RejectLabels, Counter>::default();
+        registry.register(
+            "hbone_rejected",
+            "Inbound HBONE connections refused before any stream, by reason",
+            hbone_rejected.clone(),
+        );
         Self {
+            hbone_rejected,
             registry: root,
             connections_opened,
             connections_closed,

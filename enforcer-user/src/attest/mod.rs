@@ -1,7 +1,15 @@
-//! Attestation: turns the facts the kernel recorded for a captured connect into
-//! a description of the workload. The issue on workload identity extends this
-//! with selectors and registration entries.
+//! Attestation: kernel facts → selectors → SPIFFE ID (DESIGN §1 step 2).
+pub mod entries;
+pub mod local;
+pub mod selectors;
+
+use std::sync::{Arc, RwLock};
+
 use enforcer_common::OrigDst;
+use spiffe::SpiffeId;
+
+pub use entries::{Entries, EntryConfig, EntryError};
+use selectors::DigestCache;
 
 /// What the kernel vouches for about the process behind a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +41,55 @@ impl WorkloadFacts {
             cgroup_path,
             comm: String::from_utf8_lossy(&rec.comm[..end]).into_owned(),
             netns_cookie: rec.netns_cookie,
+        }
+    }
+}
+
+/// The result of attesting a workload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attestation {
+    pub facts: WorkloadFacts,
+    pub selectors: Vec<String>,
+    /// `None`: no registration entry matched; the workload has no identity.
+    pub spiffe_id: Option<SpiffeId>,
+}
+
+/// Attests workloads against the registration entries in force; the entries
+/// can be replaced at run time (config reload).
+pub struct Attestor {
+    entries: RwLock<Arc<Entries>>,
+    digests: DigestCache,
+}
+
+impl Attestor {
+    pub fn new(entries: Entries) -> Self {
+        Self {
+            entries: RwLock::new(Arc::new(entries)),
+            digests: DigestCache::default(),
+        }
+    }
+
+    pub fn set_entries(&self, entries: Entries) {
+        match self.entries.write() {
+            Ok(mut e) => *e = Arc::new(entries),
+            Err(p) => *p.into_inner() = Arc::new(entries),
+        }
+    }
+
+    pub fn entries(&self) -> Arc<Entries> {
+        match self.entries.read() {
+            Ok(e) => e.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub fn attest(&self, facts: WorkloadFacts) -> Attestation {
+        let selectors = selectors::selectors(&facts, &self.digests);
+        let spiffe_id = self.entries().identify(&selectors).cloned();
+        Attestation {
+            facts,
+            selectors,
+            spiffe_id,
         }
     }
 }

@@ -1,4 +1,5 @@
 //! The data plane: listeners and per-connection forwarding.
+pub mod inbound;
 pub mod outbound;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +23,12 @@ pub enum Outcome {
     ConnectFailed,
     /// The connection broke while proxying.
     Error,
+    /// The workload has no SPIFFE identity (no registration entry matches).
+    NoIdentity,
+    /// The HBONE tunnel to the peer agent could not be opened.
+    TunnelFailed,
+    /// The request on the tunnel was malformed or named another destination.
+    BadRequest,
 }
 
 impl Outcome {
@@ -31,6 +38,9 @@ impl Outcome {
             Outcome::NoOriginalDestination => "no_original_destination",
             Outcome::ConnectFailed => "connect_failed",
             Outcome::Error => "error",
+            Outcome::NoIdentity => "no_identity",
+            Outcome::TunnelFailed => "tunnel_failed",
+            Outcome::BadRequest => "bad_request",
         }
     }
 }

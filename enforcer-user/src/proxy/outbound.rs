@@ -16,8 +16,9 @@ use crate::{
         AdminState,
         metrics::{BytesLabels, ClosedLabels, Direction, DirectionLabels},
     },
-    attest::WorkloadFacts,
+    attest::{Attestation, Attestor, WorkloadFacts},
     capture::{Capture, CgroupResolver, original_destination},
+    tunnel::{self, HboneClient},
 };
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -27,6 +28,18 @@ pub struct Outbound {
     pub capture: Arc<Capture>,
     pub cgroups: Mutex<CgroupResolver>,
     pub admin: Arc<AdminState>,
+    pub attestor: Arc<Attestor>,
+    pub hbone: Arc<HboneClient>,
+    /// Destinations served by peer agents (reached over HBONE).
+    pub mesh: Vec<ipnet::IpNet>,
+}
+
+/// Identities of both ends, for the summary line.
+#[derive(Default)]
+struct Ids {
+    src: Option<String>,
+    dst: Option<String>,
+    mtls: bool,
 }
 
 impl Outbound {
@@ -64,7 +77,8 @@ impl Outbound {
             Ok(a) => a,
             Err(e) => {
                 warn!(error = %e, "accepted socket has no local address");
-                return self.finish(id, None, None, Outcome::Error, (0, 0), started);
+                let o = Outcome::Error;
+                return self.finish(id, None, None, &Ids::default(), o, (0, 0), started);
             }
         };
         let Some(rec) = self.capture.take_original(peer, local).await else {
@@ -73,36 +87,61 @@ impl Outbound {
                 "no capture record for this connection; refusing (only captured connects may use the outbound listener)"
             );
             reset(client);
-            return self.finish(
-                id,
-                None,
-                None,
-                Outcome::NoOriginalDestination,
-                (0, 0),
-                started,
-            );
+            let o = Outcome::NoOriginalDestination;
+            return self.finish(id, None, None, &Ids::default(), o, (0, 0), started);
         };
         let cgroup = match self.cgroups.lock() {
             Ok(mut r) => r.path_of(rec.cgroup_id),
             Err(p) => p.into_inner().path_of(rec.cgroup_id),
         };
-        let facts = WorkloadFacts::from_record(&rec, cgroup);
+        let att = self
+            .attestor
+            .attest(WorkloadFacts::from_record(&rec, cgroup));
+        let mut ids = Ids {
+            src: att.spiffe_id.as_ref().map(ToString::to_string),
+            ..Ids::default()
+        };
         let Some(dst) = original_destination(&rec) else {
             warn!(
                 family = rec.family,
                 "capture record has an unknown address family"
             );
             reset(client);
-            return self.finish(
-                id,
-                Some(&facts),
-                None,
-                Outcome::NoOriginalDestination,
-                (0, 0),
-                started,
-            );
+            let o = Outcome::NoOriginalDestination;
+            return self.finish(id, Some(&att), None, &ids, o, (0, 0), started);
         };
         tracing::Span::current().record("dst", tracing::field::display(dst));
+
+        if self.mesh.iter().any(|n| n.contains(&dst.ip())) {
+            ids.mtls = true;
+            let Some(src_id) = att.spiffe_id.clone() else {
+                warn!(conn_id = id, orig_dst = %dst, selectors = ?att.selectors,
+                    "workload has no SPIFFE identity (no registration entry matches); refusing a mesh destination");
+                reset(client);
+                let o = Outcome::NoIdentity;
+                return self.finish(id, Some(&att), Some(dst), &ids, o, (0, 0), started);
+            };
+            let tunnel = match self.hbone.connect(&src_id, dst).await {
+                Ok(t) => t,
+                Err(e) => {
+                    warn!(conn_id = id, orig_dst = %dst, reason = e.code(), error = %e, "HBONE tunnel failed");
+                    reset(client);
+                    let o = Outcome::TunnelFailed;
+                    return self.finish(id, Some(&att), Some(dst), &ids, o, (0, 0), started);
+                }
+            };
+            ids.dst = Some(tunnel.peer_id.to_string());
+            let _ = client.set_nodelay(true);
+            let (bytes, result) = tunnel::splice(client, tunnel.send, tunnel.recv).await;
+            let outcome = match result {
+                Ok(()) => Outcome::Ok,
+                Err(e) => {
+                    tracing::debug!(error = %e, "tunnel ended with an error");
+                    Outcome::Error
+                }
+            };
+            return self.finish(id, Some(&att), Some(dst), &ids, outcome, bytes, started);
+        }
 
         let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dst)).await {
             Ok(Ok(s)) => s,
@@ -113,22 +152,24 @@ impl Outbound {
                 };
                 warn!(conn_id = id, orig_dst = %dst, %error, "connecting to the original destination failed");
                 reset(client);
-                let outcome = Outcome::ConnectFailed;
-                return self.finish(id, Some(&facts), Some(dst), outcome, (0, 0), started);
+                let o = Outcome::ConnectFailed;
+                return self.finish(id, Some(&att), Some(dst), &ids, o, (0, 0), started);
             }
         };
         let _ = client.set_nodelay(true);
         let _ = upstream.set_nodelay(true);
         let (outcome, bytes) = splice(client, upstream).await;
-        self.finish(id, Some(&facts), Some(dst), outcome, bytes, started);
+        self.finish(id, Some(&att), Some(dst), &ids, outcome, bytes, started);
     }
 
     /// Emits the connection's one summary log line and updates the metrics.
+    #[allow(clippy::too_many_arguments)]
     fn finish(
         &self,
         id: u64,
-        facts: Option<&WorkloadFacts>,
+        att: Option<&Attestation>,
         dst: Option<SocketAddr>,
+        ids: &Ids,
         outcome: Outcome,
         (sent, received): (u64, u64),
         started: Instant,
@@ -153,6 +194,7 @@ impl Outbound {
                 })
                 .inc_by(n);
         }
+        let facts = att.map(|a| &a.facts);
         let unknown = String::new();
         info!(
             conn_id = id,
@@ -165,6 +207,9 @@ impl Outbound {
                 .unwrap_or(&unknown),
             cgroup_id = facts.map(|f| f.cgroup_id),
             orig_dst = dst.map(tracing::field::display),
+            src_spiffe_id = ids.src.as_deref(),
+            dst_spiffe_id = ids.dst.as_deref(),
+            mtls = ids.mtls,
             bytes_sent = sent,
             bytes_received = received,
             duration_ms = started.elapsed().as_millis() as u64,

@@ -1,0 +1,273 @@
+//! Kernel facts → selectors (`unix:uid:1000`, `systemd:unit:x.service`, …).
+//!
+//! Selectors come from what the kernel recorded at connect time (uid, gid,
+//! cgroup) and from `/proc/<pid>` (executable path and digest), the latter only
+//! after checking that the process still lives in the cgroup the kernel
+//! recorded, so a recycled pid cannot lend its executable to another workload.
+use std::{
+    collections::HashMap,
+    io::Read as _,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use sha2::{Digest as _, Sha256};
+
+use super::WorkloadFacts;
+
+/// Parses the container runtime facts out of a cgroup path: Kubernetes pod
+/// UID and container id for containerd, CRI-O and Docker, with the systemd and
+/// the cgroupfs cgroup drivers.
+pub fn container_selectors(cgroup_path: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for comp in cgroup_path.split('/') {
+        // systemd driver: kubepods-burstable-pod<uid with _>.slice
+        if let Some(rest) = comp.strip_suffix(".slice")
+            && let Some(idx) = rest.rfind("-pod")
+            && rest.starts_with("kubepods")
+        {
+            let uid = rest[idx + 4..].replace('_', "-");
+            if is_uid(&uid) {
+                out.push(format!("k8s:pod-uid:{uid}"));
+            }
+        }
+        // cgroupfs driver: /kubepods/burstable/pod<uid>/<container id>
+        if let Some(uid) = comp.strip_prefix("pod")
+            && is_uid(uid)
+            && cgroup_path.contains("kubepods")
+        {
+            out.push(format!("k8s:pod-uid:{uid}"));
+        }
+        // systemd driver: cri-containerd-<id>.scope, crio-<id>.scope, docker-<id>.scope
+        if let Some(rest) = comp.strip_suffix(".scope") {
+            for prefix in ["cri-containerd-", "crio-", "docker-", "containerd-"] {
+                if let Some(id) = rest.strip_prefix(prefix)
+                    && is_container_id(id)
+                {
+                    out.push(format!("container:id:{id}"));
+                }
+            }
+        }
+        // cgroupfs driver and plain Docker (/docker/<id>): a bare 64-hex component.
+        if is_container_id(comp) {
+            out.push(format!("container:id:{comp}"));
+        }
+    }
+    out.dedup();
+    out
+}
+
+fn is_uid(s: &str) -> bool {
+    s.len() == 36
+        && s.chars().enumerate().all(|(i, c)| {
+            if [8, 13, 18, 23].contains(&i) {
+                c == '-'
+            } else {
+                c.is_ascii_hexdigit()
+            }
+        })
+}
+
+fn is_container_id(s: &str) -> bool {
+    s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit())
+}
+
+/// The systemd unit a cgroup path belongs to: the innermost `.service` or
+/// `.scope` component (`/system.slice/llm.service` → `llm.service`).
+pub fn systemd_unit(cgroup_path: &str) -> Option<&str> {
+    cgroup_path
+        .split('/')
+        .rev()
+        .find(|c| c.ends_with(".service") || c.ends_with(".scope"))
+}
+
+/// Names from `/etc/passwd` and `/etc/group` (files only; no NSS modules).
+fn name_of(file: &str, id: u32) -> Option<String> {
+    let text = std::fs::read_to_string(file).ok()?;
+    text.lines().find_map(|l| {
+        let mut f = l.split(':');
+        let name = f.next()?;
+        let _pw = f.next()?;
+        (f.next()?.parse::<u32>().ok()? == id).then(|| name.to_owned())
+    })
+}
+
+/// Digests of executables, keyed by (device, inode, mtime, size) so a
+/// replaced binary is hashed again.
+#[derive(Default)]
+pub struct DigestCache(Mutex<HashMap<(u64, u64, i64, u64), String>>);
+
+impl DigestCache {
+    fn sha256_of(&self, exe: &Path) -> Option<String> {
+        let meta = std::fs::metadata(exe).ok()?;
+        let key = (meta.dev(), meta.ino(), meta.mtime(), meta.size());
+        if let Some(d) = self.0.lock().ok()?.get(&key) {
+            return Some(d.clone());
+        }
+        let mut f = std::fs::File::open(exe).ok()?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = f.read(&mut buf).ok()?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        let digest = hex::encode(h.finalize());
+        self.0.lock().ok()?.insert(key, digest.clone());
+        Some(digest)
+    }
+}
+
+/// The cgroup v2 path of a live process, from `/proc/<pid>/cgroup` (`0::/path`).
+pub fn proc_cgroup(pid: u32) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_owned)
+}
+
+/// Selectors for a workload. `exe` facts are included only when `/proc/<pid>`
+/// still belongs to the recorded cgroup.
+pub fn selectors(facts: &WorkloadFacts, digests: &DigestCache) -> Vec<String> {
+    let mut out = vec![
+        format!("unix:uid:{}", facts.uid),
+        format!("unix:gid:{}", facts.gid),
+    ];
+    if let Some(user) = name_of("/etc/passwd", facts.uid) {
+        out.push(format!("unix:user:{user}"));
+    }
+    if let Some(group) = name_of("/etc/group", facts.gid) {
+        out.push(format!("unix:group:{group}"));
+    }
+    if let Some(cg) = &facts.cgroup_path {
+        out.push(format!("cgroup:path:{cg}"));
+        if let Some(unit) = systemd_unit(cg) {
+            out.push(format!("systemd:unit:{unit}"));
+        }
+        out.extend(container_selectors(cg));
+        if proc_cgroup(facts.pid).as_deref() == Some(cg.as_str())
+            && let Ok(exe) = std::fs::read_link(format!("/proc/{}/exe", facts.pid))
+        {
+            out.push(format!("unix:path:{}", exe.display()));
+            // Hash through /proc/<pid>/exe: the very file the process runs,
+            // even when the path was replaced since.
+            let live: PathBuf = format!("/proc/{}/exe", facts.pid).into();
+            if let Some(d) = digests.sha256_of(&live) {
+                out.push(format!("unix:sha256:{d}"));
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POD: &str = "0f5e1c2a-1b2c-4d5e-8f90-123456789abc";
+    const CID: &str = "4a5b6c7d8e9f00112233445566778899aabbccddeeff00112233445566778899";
+
+    #[test]
+    fn containerd_systemd_driver() {
+        let p = format!(
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{CID}.scope",
+            POD.replace('-', "_")
+        );
+        let s = container_selectors(&p);
+        assert_eq!(
+            s,
+            vec![format!("k8s:pod-uid:{POD}"), format!("container:id:{CID}")]
+        );
+    }
+
+    #[test]
+    fn crio_systemd_driver() {
+        let p = format!(
+            "/kubepods.slice/kubepods-pod{}.slice/crio-{CID}.scope",
+            POD.replace('-', "_")
+        );
+        assert_eq!(
+            container_selectors(&p),
+            vec![format!("k8s:pod-uid:{POD}"), format!("container:id:{CID}")]
+        );
+    }
+
+    #[test]
+    fn cgroupfs_driver() {
+        let p = format!("/kubepods/besteffort/pod{POD}/{CID}");
+        assert_eq!(
+            container_selectors(&p),
+            vec![format!("k8s:pod-uid:{POD}"), format!("container:id:{CID}")]
+        );
+    }
+
+    #[test]
+    fn docker_standalone() {
+        assert_eq!(
+            container_selectors(&format!("/system.slice/docker-{CID}.scope")),
+            vec![format!("container:id:{CID}")]
+        );
+        assert_eq!(
+            container_selectors(&format!("/docker/{CID}")),
+            vec![format!("container:id:{CID}")]
+        );
+    }
+
+    #[test]
+    fn plain_paths_have_no_container_selectors() {
+        assert!(container_selectors("/system.slice/llm.service").is_empty());
+        assert!(container_selectors("/kubepods/burstable/podnot-a-uid/x").is_empty());
+    }
+
+    #[test]
+    fn systemd_unit_is_the_innermost_unit() {
+        assert_eq!(
+            systemd_unit("/system.slice/llm.service"),
+            Some("llm.service")
+        );
+        assert_eq!(
+            systemd_unit("/user.slice/user-1000.slice/session-2.scope"),
+            Some("session-2.scope")
+        );
+        assert_eq!(systemd_unit("/enforced.slice"), None);
+    }
+
+    #[test]
+    fn own_process_gets_exe_and_digest() {
+        let pid = std::process::id();
+        let cg = proc_cgroup(pid);
+        let facts = WorkloadFacts {
+            pid,
+            tid: pid,
+            uid: nix::unistd::getuid().as_raw(),
+            gid: nix::unistd::getgid().as_raw(),
+            cgroup_id: 0,
+            cgroup_path: cg.clone(),
+            comm: String::new(),
+            netns_cookie: 0,
+        };
+        let s = selectors(&facts, &DigestCache::default());
+        assert!(s.contains(&format!("unix:uid:{}", facts.uid)), "{s:?}");
+        if cg.is_some() {
+            let exe = std::fs::read_link("/proc/self/exe").expect("exe");
+            assert!(s.contains(&format!("unix:path:{}", exe.display())), "{s:?}");
+            assert!(
+                s.iter()
+                    .any(|x| x.starts_with("unix:sha256:") && x.len() == 12 + 64),
+                "{s:?}"
+            );
+        }
+        // A recorded cgroup that is not the process's: no exe facts.
+        let wrong = WorkloadFacts {
+            cgroup_path: Some("/elsewhere".into()),
+            ..facts
+        };
+        let s = selectors(&wrong, &DigestCache::default());
+        assert!(!s.iter().any(|x| x.starts_with("unix:path:")), "{s:?}");
+    }
+}

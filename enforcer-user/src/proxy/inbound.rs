@@ -1,0 +1,309 @@
+//! Inbound HBONE (DESIGN §1 step 5): accepts mutual TLS on port 15008,
+//! presents the destination workload's SVID (chosen by the port in the server
+//! name), verifies the client SVID, then serves HTTP/2 CONNECT streams to the
+//! local workload.
+use std::{
+    fmt,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use rustls::{server::ClientHello, sign::CertifiedKey};
+use spiffe::SpiffeId;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{Instrument as _, info, info_span, warn};
+
+use super::{Outcome, next_conn_id};
+use crate::{
+    admin::{
+        AdminState,
+        metrics::{BytesLabels, ClosedLabels, Direction, DirectionLabels, RejectLabels},
+    },
+    attest::{Attestor, local::LocalAttestor},
+    identity::IdentityManager,
+    tls,
+    tunnel::{self, CONNECTION_WINDOW, STREAM_WINDOW},
+};
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Chooses the server certificate: the SVID of the local workload listening
+/// on the port named in the client's server name. No identity, no certificate:
+/// the handshake fails.
+pub struct DestinationResolver {
+    pub identity: Arc<IdentityManager>,
+    pub attestor: Arc<Attestor>,
+    pub local: Arc<LocalAttestor>,
+}
+
+impl fmt::Debug for DestinationResolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DestinationResolver")
+            .finish_non_exhaustive()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for DestinationResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let Some(port) = hello.server_name().and_then(tunnel::port_from_server_name) else {
+            warn!(server_name = ?hello.server_name(), "HBONE client named no destination port; no certificate");
+            return None;
+        };
+        let Some(att) = self.local.attest_port(&self.attestor, port) else {
+            warn!(
+                port,
+                "no local workload listens on the requested port; no certificate"
+            );
+            return None;
+        };
+        let Some(id) = att.spiffe_id else {
+            warn!(port, pid = att.facts.pid, selectors = ?att.selectors, "local workload has no identity (no registration entry matches); no certificate");
+            return None;
+        };
+        match self.identity.svid(&id) {
+            Ok(s) => Some(s.certified.clone()),
+            Err(e) => {
+                warn!(spiffe_id = %id, error = %e, "cannot issue the destination's SVID");
+                None
+            }
+        }
+    }
+}
+
+pub struct Inbound {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    pub attestor: Arc<Attestor>,
+    pub local: Arc<LocalAttestor>,
+    pub admin: Arc<AdminState>,
+}
+
+impl Inbound {
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    let this = self.clone();
+                    tokio::spawn(async move { this.connection(stream, peer).await });
+                }
+                Err(e) => {
+                    warn!(error = %e, "HBONE accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn rejected(&self, peer: SocketAddr, reason: &'static str, detail: &str) {
+        warn!(%peer, reason, detail, "HBONE connection rejected");
+        self.admin
+            .metrics
+            .hbone_rejected
+            .get_or_create(&RejectLabels { reason })
+            .inc();
+    }
+
+    async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
+        let local = match tcp.local_addr() {
+            Ok(a) => a,
+            Err(e) => return self.rejected(peer, "io_error", &e.to_string()),
+        };
+        let _ = tcp.set_nodelay(true);
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(tcp)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return self.rejected(peer, tls::handshake_failure_code(&e), &e.to_string());
+            }
+            Err(_) => {
+                return self.rejected(peer, "handshake_timeout", "no TLS handshake within 10 s");
+            }
+        };
+        let (_, conn) = tls.get_ref();
+        let Some(port) = conn.server_name().and_then(tunnel::port_from_server_name) else {
+            return self.rejected(peer, "no_destination", "server name names no port");
+        };
+        // The verifier already checked chain and URI SAN; read the ID again.
+        let src_id = match conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(tls::spiffe_id_of)
+        {
+            Some(Ok(id)) => id,
+            Some(Err(r)) => return self.rejected(peer, r.code(), &r.to_string()),
+            None => return self.rejected(peer, "no_client_certificate", "no client certificate"),
+        };
+        let mut h2 = match h2::server::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .handshake::<_, Bytes>(tls)
+            .await
+        {
+            Ok(h) => h,
+            Err(e) => return self.rejected(peer, "h2_error", &e.to_string()),
+        };
+        let dst_ip = local.ip().to_canonical();
+        while let Some(next) = h2.accept().await {
+            let (req, respond) = match next {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "HBONE connection ended");
+                    break;
+                }
+            };
+            let this = self.clone();
+            let src_id = src_id.clone();
+            let id = next_conn_id();
+            let span = info_span!("conn", id, direction = "inbound", src = %peer, dst = tracing::field::Empty);
+            tokio::spawn(
+                async move {
+                    this.stream(id, peer, src_id, dst_ip, port, req, respond)
+                        .await
+                }
+                .instrument(span),
+            );
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn stream(
+        &self,
+        id: u64,
+        peer: SocketAddr,
+        src_id: SpiffeId,
+        dst_ip: std::net::IpAddr,
+        sni_port: u16,
+        req: http::Request<h2::RecvStream>,
+        mut respond: SendResponse<Bytes>,
+    ) {
+        let started = Instant::now();
+        let m = &self.admin.metrics;
+        let dir = DirectionLabels {
+            direction: Direction::inbound,
+        };
+        m.connections_opened.get_or_create(&dir).inc();
+        m.active.get_or_create(&dir).inc();
+        let mut summary = Summary {
+            id,
+            peer,
+            src_id: &src_id,
+            dst: None,
+            dst_id: None,
+            started,
+        };
+
+        let dst = req
+            .uri()
+            .authority()
+            .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
+        let dst = match dst {
+            Some(d) if req.method() == http::Method::CONNECT => d,
+            _ => {
+                warn!(method = %req.method(), uri = %req.uri(), "not a CONNECT to ip:port");
+                refuse(&mut respond, http::StatusCode::BAD_REQUEST);
+                return self.finish(&summary, Outcome::BadRequest, (0, 0));
+            }
+        };
+        summary.dst = Some(dst);
+        tracing::Span::current().record("dst", tracing::field::display(dst));
+        // The stream must go to the workload whose SVID this connection presented.
+        if dst.port() != sni_port || dst.ip().to_canonical() != dst_ip {
+            warn!(%dst, sni_port, local_ip = %dst_ip, "CONNECT target differs from the workload this connection was opened for");
+            refuse(&mut respond, http::StatusCode::FORBIDDEN);
+            return self.finish(&summary, Outcome::BadRequest, (0, 0));
+        }
+        let dst_att = self.local.attest_port(&self.attestor, dst.port());
+        summary.dst_id = dst_att.as_ref().and_then(|a| a.spiffe_id.clone());
+        if summary.dst_id.is_none() {
+            refuse(&mut respond, http::StatusCode::SERVICE_UNAVAILABLE);
+            return self.finish(&summary, Outcome::NoIdentity, (0, 0));
+        }
+        let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dst)).await {
+            Ok(Ok(s)) => s,
+            other => {
+                let error = match other {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "timed out".into(),
+                };
+                warn!(%dst, %error, "connecting to the local workload failed");
+                refuse(&mut respond, http::StatusCode::SERVICE_UNAVAILABLE);
+                return self.finish(&summary, Outcome::ConnectFailed, (0, 0));
+            }
+        };
+        let _ = upstream.set_nodelay(true);
+        let send = match respond.send_response(http::Response::new(()), false) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "answering CONNECT failed");
+                return self.finish(&summary, Outcome::Error, (0, 0));
+            }
+        };
+        let recv = req.into_body();
+        // From the workload's point of view: received = from the peer, sent = to it.
+        let ((to_peer, from_peer), result) = tunnel::splice(upstream, send, recv).await;
+        let outcome = if result.is_ok() {
+            Outcome::Ok
+        } else {
+            Outcome::Error
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "inbound stream ended with an error");
+        }
+        self.finish(&summary, outcome, (from_peer, to_peer));
+    }
+
+    fn finish(&self, s: &Summary<'_>, outcome: Outcome, (received, sent): (u64, u64)) {
+        let m = &self.admin.metrics;
+        m.active
+            .get_or_create(&DirectionLabels {
+                direction: Direction::inbound,
+            })
+            .dec();
+        m.connections_closed
+            .get_or_create(&ClosedLabels {
+                direction: Direction::inbound,
+                outcome: outcome.as_str(),
+            })
+            .inc();
+        for (flow, n) in [("sent", sent), ("received", received)] {
+            m.bytes
+                .get_or_create(&BytesLabels {
+                    direction: Direction::inbound,
+                    flow,
+                })
+                .inc_by(n);
+        }
+        info!(
+            conn_id = s.id,
+            direction = "inbound",
+            src = %s.peer,
+            src_spiffe_id = %s.src_id,
+            authenticated = true,
+            dst = s.dst.map(tracing::field::display),
+            dst_spiffe_id = s.dst_id.as_ref().map(tracing::field::display),
+            mtls = true,
+            bytes_sent = sent,
+            bytes_received = received,
+            duration_ms = s.started.elapsed().as_millis() as u64,
+            outcome = outcome.as_str(),
+            "connection closed"
+        );
+    }
+}
+
+struct Summary<'a> {
+    id: u64,
+    peer: SocketAddr,
+    src_id: &'a SpiffeId,
+    dst: Option<SocketAddr>,
+    dst_id: Option<SpiffeId>,
+    started: Instant,
+}
+
+fn refuse(respond: &mut SendResponse<Bytes>, status: http::StatusCode) {
+    let mut resp = http::Response::new(());
+    *resp.status_mut() = status;
+    let _ = respond.send_response(resp, true);
+}

@@ -1,0 +1,372 @@
+//! HBONE (DESIGN §1 step 4): HTTP/2 CONNECT over TLS 1.3 mutual TLS to the
+//! destination node's port 15008. The client presents the source workload's
+//! SVID; connections are pooled per (source identity, destination node,
+//! destination port) and multiplexed, and a renewed SVID opens new connections
+//! while streams on the old ones run to completion.
+use std::{
+    collections::HashMap,
+    future::poll_fn,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::{Bytes, BytesMut};
+use h2::{RecvStream, SendStream, client::SendRequest};
+use rustls_pki_types::ServerName;
+use spiffe::SpiffeId;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+};
+use tracing::debug;
+
+use crate::{
+    identity::{IdentityError, IdentityManager},
+    tls,
+};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 flow-control windows: large enough that one stream can fill a
+/// fast link (the 64 KiB default caps throughput at window/RTT).
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("connecting to peer agent {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS with peer agent {addr} failed ({code}): {message}")]
+    Tls {
+        addr: SocketAddr,
+        code: &'static str,
+        message: String,
+    },
+    #[error("HTTP/2 with peer agent {addr}: {source}")]
+    H2 { addr: SocketAddr, source: h2::Error },
+    #[error("peer agent {addr} refused CONNECT {dst}: HTTP {status}")]
+    Refused {
+        addr: SocketAddr,
+        dst: SocketAddr,
+        status: u16,
+    },
+    #[error("building CONNECT for {dst}: {message}")]
+    Request { dst: SocketAddr, message: String },
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+impl TunnelError {
+    /// Short reason code for logs and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            TunnelError::Identity(_) => "svid_unavailable",
+            TunnelError::Connect { .. } => "peer_unreachable",
+            TunnelError::Tls { code, .. } => code,
+            TunnelError::H2 { .. } => "h2_error",
+            TunnelError::Refused { status: 403, .. } => "peer_denied",
+            TunnelError::Refused { status: 503, .. } => "destination_unreachable",
+            TunnelError::Refused { .. } => "peer_refused",
+            TunnelError::Config(_) => "tls_config",
+            TunnelError::Request { .. } => "bad_destination",
+        }
+    }
+}
+
+/// One HBONE stream: the tunnel to `dst` and the destination's verified identity.
+pub struct Tunnel {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+    pub peer_id: SpiffeId,
+    pub reused: bool,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    src: String,
+    node: IpAddr,
+    port: u16,
+}
+
+#[derive(Clone)]
+struct Pooled {
+    sender: SendRequest<Bytes>,
+    generation: u64,
+    peer_id: SpiffeId,
+}
+
+/// The server name that tells the peer agent which local workload (by port)
+/// the connection is for, so it can present that workload's SVID.
+pub fn server_name_for_port(port: u16) -> String {
+    format!("{port}.port.enforcer")
+}
+
+/// The destination port encoded in an HBONE server name.
+pub fn port_from_server_name(name: &str) -> Option<u16> {
+    name.strip_suffix(".port.enforcer")?.parse().ok()
+}
+
+pub struct HboneClient {
+    identity: Arc<IdentityManager>,
+    hbone_port: u16,
+    pool: Mutex<HashMap<PoolKey, Pooled>>,
+}
+
+impl HboneClient {
+    pub fn new(identity: Arc<IdentityManager>, hbone_port: u16) -> Self {
+        Self {
+            identity,
+            hbone_port,
+            pool: Mutex::default(),
+        }
+    }
+
+    /// Opens a tunnel from `src` to `dst` (a workload behind a peer agent).
+    pub async fn connect(&self, src: &SpiffeId, dst: SocketAddr) -> Result<Tunnel, TunnelError> {
+        let svid = self.identity.svid(src)?;
+        let key = PoolKey {
+            src: src.to_string(),
+            node: dst.ip(),
+            port: dst.port(),
+        };
+        let node = SocketAddr::new(dst.ip(), self.hbone_port);
+        let pooled = self
+            .pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .filter(|p| p.generation == svid.generation)
+            .cloned();
+        let (sender, peer_id, reused) = match pooled {
+            Some(p) => match p.sender.clone().ready().await {
+                Ok(s) => (s, p.peer_id, true),
+                Err(e) => {
+                    debug!(error = %e, "pooled HBONE connection is gone; dialing a new one");
+                    let p = self.dial(&svid, node, dst, &key).await?;
+                    (p.sender, p.peer_id, false)
+                }
+            },
+            None => {
+                let p = self.dial(&svid, node, dst, &key).await?;
+                (p.sender, p.peer_id, false)
+            }
+        };
+        let mut sender = sender
+            .ready()
+            .await
+            .map_err(|source| TunnelError::H2 { addr: node, source })?;
+        let req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(dst.to_string())
+            .body(())
+            .map_err(|e| TunnelError::Request {
+                dst,
+                message: e.to_string(),
+            })?;
+        let (resp, send) = sender
+            .send_request(req, false)
+            .map_err(|source| TunnelError::H2 { addr: node, source })?;
+        let resp = resp
+            .await
+            .map_err(|source| TunnelError::H2 { addr: node, source })?;
+        if resp.status() != http::StatusCode::OK {
+            return Err(TunnelError::Refused {
+                addr: node,
+                dst,
+                status: resp.status().as_u16(),
+            });
+        }
+        Ok(Tunnel {
+            send,
+            recv: resp.into_body(),
+            peer_id,
+            reused,
+        })
+    }
+
+    async fn dial(
+        &self,
+        svid: &crate::identity::IssuedSvid,
+        node: SocketAddr,
+        dst: SocketAddr,
+        key: &PoolKey,
+    ) -> Result<Pooled, TunnelError> {
+        let cfg = tls::client_config(
+            self.identity.bundles().clone(),
+            self.identity.provider().clone(),
+            &svid.svid,
+        )?;
+        let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(node)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(source)) => return Err(TunnelError::Connect { addr: node, source }),
+            Err(_) => {
+                return Err(TunnelError::Connect {
+                    addr: node,
+                    source: std::io::ErrorKind::TimedOut.into(),
+                });
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let name = ServerName::try_from(server_name_for_port(dst.port())).map_err(|e| {
+            TunnelError::Tls {
+                addr: node,
+                code: "tls_config",
+                message: e.to_string(),
+            }
+        })?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| TunnelError::Tls {
+                addr: node,
+                code: tls::handshake_failure_code(&e),
+                message: e.to_string(),
+            })?;
+        let peer_id = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .ok_or_else(|| TunnelError::Tls {
+                addr: node,
+                code: "no_server_identity",
+                message: "peer presented no certificate".into(),
+            })
+            .and_then(|c| {
+                tls::spiffe_id_of(c).map_err(|r| TunnelError::Tls {
+                    addr: node,
+                    code: r.code(),
+                    message: r.to_string(),
+                })
+            })?;
+        let (sender, conn) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|source| TunnelError::H2 { addr: node, source })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(peer = %node, error = %e, "HBONE connection ended");
+            }
+        });
+        let pooled = Pooled {
+            sender,
+            generation: svid.generation,
+            peer_id,
+        };
+        self.pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), pooled.clone());
+        Ok(pooled)
+    }
+}
+
+/// Copies a TCP read half into an HTTP/2 stream, honouring flow control, and
+/// ends the stream at EOF. Returns the bytes copied and how it ended.
+pub async fn tcp_to_h2(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: SendStream<Bytes>,
+) -> (u64, std::io::Result<()>) {
+    let mut total = 0u64;
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    loop {
+        buf.reserve(64 * 1024);
+        let n = match from.read_buf(&mut buf).await {
+            Ok(n) => n,
+            Err(e) => {
+                to.send_reset(h2::Reason::CANCEL);
+                return (total, Err(e));
+            }
+        };
+        if n == 0 {
+            let r = to
+                .send_data(Bytes::new(), true)
+                .map_err(std::io::Error::other);
+            return (total, r);
+        }
+        let mut chunk = buf.split().freeze();
+        while !chunk.is_empty() {
+            to.reserve_capacity(chunk.len());
+            let cap = match poll_fn(|cx| to.poll_capacity(cx)).await {
+                Some(Ok(0)) => continue,
+                Some(Ok(c)) => c,
+                Some(Err(e)) => return (total, Err(std::io::Error::other(e))),
+                None => {
+                    return (
+                        total,
+                        Err(std::io::Error::new(
+                            std::io::ErrorKind::BrokenPipe,
+                            "HBONE stream closed by peer",
+                        )),
+                    );
+                }
+            };
+            let part = chunk.split_to(cap.min(chunk.len()));
+            let len = part.len() as u64;
+            if let Err(e) = to.send_data(part, false) {
+                return (total, Err(std::io::Error::other(e)));
+            }
+            total += len;
+        }
+    }
+}
+
+/// Copies an HTTP/2 stream into a TCP write half, releasing flow-control
+/// capacity as data is written, and half-closes the socket at end of stream.
+pub async fn h2_to_tcp(
+    mut from: RecvStream,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+) -> (u64, std::io::Result<()>) {
+    let mut total = 0u64;
+    while let Some(data) = from.data().await {
+        let data = match data {
+            Ok(d) => d,
+            Err(e) => return (total, Err(std::io::Error::other(e))),
+        };
+        if let Err(e) = to.write_all(&data).await {
+            return (total, Err(e));
+        }
+        total += data.len() as u64;
+        let _ = from.flow_control().release_capacity(data.len());
+    }
+    (total, to.shutdown().await)
+}
+
+/// Both directions between a TCP connection and an HBONE stream. Returns
+/// (TCP → stream bytes, stream → TCP bytes) and whether both ended cleanly.
+pub async fn splice(
+    tcp: TcpStream,
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+) -> ((u64, u64), Result<(), String>) {
+    let (r, w) = tcp.into_split();
+    let (up, down) = tokio::join!(tcp_to_h2(r, send), h2_to_tcp(recv, w));
+    let result = match (up.1, down.1) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(e), _) | (_, Err(e)) => Err(e.to_string()),
+    };
+    ((up.0, down.0), result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_name_round_trips_the_port() {
+        assert_eq!(
+            port_from_server_name(&server_name_for_port(8080)),
+            Some(8080)
+        );
+        assert_eq!(port_from_server_name("8080.example.org"), None);
+        assert_eq!(port_from_server_name("99999.port.enforcer"), None);
+        assert!(ServerName::try_from(server_name_for_port(1)).is_ok());
+    }
+}
