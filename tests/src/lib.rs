@@ -367,19 +367,21 @@ impl Testbed {
         cmd: &[&str],
         port: u16,
     ) -> Result<u32> {
+        self.start_server_in(node, None, name, cmd, port)
+    }
+
+    /// Like [`Testbed::start_server`]; with `unit`, in that child cgroup of the
+    /// node's subtree (so the node's agent can attest it).
+    pub fn start_server_in(
+        &mut self,
+        node: &Node,
+        unit: Option<&str>,
+        name: &str,
+        cmd: &[&str],
+        port: u16,
+    ) -> Result<u32> {
+        let pid = self.spawn(node, unit, name, cmd)?;
         let log = self.dir.join(format!("{}-{name}.log", node.name));
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", node.netns))
-            .arg("--")
-            .args(cmd)
-            .current_dir(&self.dir)
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(&log)?)
-            .stderr(Stdio::from(fs::File::options().append(true).open(&log)?))
-            .spawn()
-            .with_context(|| format!("starting {cmd:?}"))?;
-        let pid = child.id();
-        self.procs.push((format!("{name} on {}", node.name), child));
         let addr: SocketAddr = format!("{}:{port}", node.ipv4).parse()?;
         let deadline = Instant::now() + Duration::from_secs(15);
         while node
@@ -397,6 +399,36 @@ impl Testbed {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        Ok(pid)
+    }
+
+    /// Starts a background process in `node`'s netns (optionally in a child
+    /// cgroup); stdout and stderr go to `<node>-<name>.log`. Stopped on drop.
+    pub fn spawn(
+        &mut self,
+        node: &Node,
+        unit: Option<&str>,
+        name: &str,
+        cmd: &[&str],
+    ) -> Result<u32> {
+        let log = self.dir.join(format!("{}-{name}.log", node.name));
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", node.netns)).arg("--");
+        if let Some(unit) = unit {
+            let cg = node.workload_cgroup(unit)?;
+            c.args(["sh", "-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""])
+                .arg(cg);
+        }
+        let child = c
+            .args(cmd)
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&log)?)
+            .stderr(Stdio::from(fs::File::options().append(true).open(&log)?))
+            .spawn()
+            .with_context(|| format!("starting {cmd:?}"))?;
+        let pid = child.id();
+        self.procs.push((format!("{name} on {}", node.name), child));
         Ok(pid)
     }
 

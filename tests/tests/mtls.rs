@@ -1,0 +1,431 @@
+//! Workload identity and SPIFFE mutual TLS between nodes (HBONE), end to end:
+//! two real agents, real workloads in their own cgroups, real TLS on the veth.
+use std::time::{Duration, Instant};
+
+use enforcer_tests::{Enforcer, Node, Testbed};
+use serde_json::Value;
+
+const TD: &str = "ai.example.org";
+const AGENT_ID: &str = "spiffe://ai.example.org/agent/support";
+const LLM_ID: &str = "spiffe://ai.example.org/llm";
+const MESH: &str = "[mesh]\ncidrs = [\"10.10.0.0/24\", \"fd10::/64\"]\n";
+
+fn entry(id: &str, selector: &str) -> String {
+    format!("[[identity.entries]]\nspiffe_id = \"{id}\"\nselectors = [\"{selector}\"]\n")
+}
+
+struct Mesh {
+    tb: Testbed,
+    a: Node,
+    b: Node,
+    ea: Enforcer,
+    eb: Enforcer,
+}
+
+/// Nodes a and b sharing one CA; an HTTP server registered as the LLM on b
+/// (port 8080, in b/llm.service); the support agent's unit registered on a.
+fn mesh(test: &str, extra_identity_a: &str) -> Mesh {
+    let mut tb = Testbed::new(test).expect("testbed");
+    let a = tb.node("a", 1).expect("node a");
+    let b = tb.node("b", 2).expect("node b");
+    tb.link(&a, &b).expect("link");
+    let ca = tb.shared_ca("shared", TD).expect("shared CA");
+    tb.start_server_in(
+        &b,
+        Some("llm.service"),
+        "llm",
+        &["python3", "-u", "-m", "http.server", "8080", "--bind", "::"],
+        8080,
+    )
+    .expect("server on b");
+    let cfg_b = tb
+        .enforcer_config_with(
+            &b,
+            "",
+            &ca,
+            &format!("{}\n{MESH}", entry(LLM_ID, "systemd:unit:llm.service")),
+        )
+        .expect("config b");
+    let eb = tb.start_enforcer(&b, &cfg_b).expect("enforcer b");
+    let cfg_a = tb
+        .enforcer_config_with(
+            &a,
+            "",
+            &format!("{ca}{extra_identity_a}"),
+            &format!(
+                "{}\n{MESH}",
+                entry(AGENT_ID, "systemd:unit:support-agent.service")
+            ),
+        )
+        .expect("config a");
+    let ea = tb.start_enforcer(&a, &cfg_a).expect("enforcer a");
+    Mesh { tb, a, b, ea, eb }
+}
+
+fn curl(node: &Node, unit: &str, url: &str) -> (u32, std::process::Output) {
+    node.exec(
+        Some(unit),
+        &["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", url],
+    )
+    .expect("curl")
+}
+
+fn line_with(enf: &Enforcer, pred: impl Fn(&Value) -> bool) -> Value {
+    enf.wait_for_connection(pred).unwrap_or_else(|| {
+        panic!(
+            "no matching line in {}:\n{}",
+            enf.log.display(),
+            std::fs::read_to_string(&enf.log).unwrap_or_default()
+        )
+    })
+}
+
+#[test]
+fn a_to_b_is_mutual_tls_between_workload_identities() {
+    let mut m = mesh("mtls", "");
+    let marker = "ENFORCER-PLAINTEXT-MARKER-7f3a";
+    // Watch the wire between the nodes.
+    let pcap = m.tb.dir.join("veth.pcap");
+    let pcap_s = pcap.display().to_string();
+    let tcpdump =
+        m.tb.spawn(
+            &m.a,
+            None,
+            "tcpdump",
+            &[
+                "tcpdump", "-i", "to-b", "-U", "-s", "0", "-w", &pcap_s, "tcp",
+            ],
+        )
+        .expect("tcpdump (install: apt-get install tcpdump)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !m.tb.server_log(&m.a, "tcpdump").contains("listening on") {
+        assert!(
+            Instant::now() < deadline,
+            "tcpdump did not start: {}",
+            m.tb.server_log(&m.a, "tcpdump")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    for url in [
+        format!("http://{}:8080/?{marker}", m.b.ipv4),
+        format!("http://[{}]:8080/?{marker}-v6", m.b.ipv6),
+    ] {
+        let (pid, out) = curl(&m.a, "support-agent.service", &url);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "200",
+            "{url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let a_line = line_with(&m.ea, |v| v["pid"] == pid);
+        assert_eq!(a_line["src_spiffe_id"], AGENT_ID, "{a_line}");
+        assert_eq!(a_line["dst_spiffe_id"], LLM_ID, "{a_line}");
+        assert_eq!(a_line["mtls"], true, "{a_line}");
+        assert_eq!(a_line["outcome"], "ok", "{a_line}");
+    }
+    assert!(
+        m.tb.wait_server_log(&m.b, "llm", marker),
+        "the server must get the request"
+    );
+
+    // b's agent logs the client's verified SPIFFE ID.
+    let b_line = line_with(&m.eb, |v| {
+        v["direction"] == "inbound" && v["outcome"] == "ok"
+    });
+    assert_eq!(b_line["src_spiffe_id"], AGENT_ID, "{b_line}");
+    assert_eq!(b_line["authenticated"], true, "{b_line}");
+    assert_eq!(b_line["dst_spiffe_id"], LLM_ID, "{b_line}");
+    assert!(
+        b_line["bytes_received"].as_u64().unwrap_or(0) > 0,
+        "{b_line}"
+    );
+
+    // The bytes on the veth are TLS: the marker never appears, port 15008 does.
+    m.tb.stop(tcpdump).expect("stop tcpdump");
+    let wire = std::fs::read(&pcap).expect("pcap");
+    assert!(
+        wire.len() > 1000,
+        "capture too small ({} bytes): nothing crossed the veth?",
+        wire.len()
+    );
+    assert!(
+        !wire.windows(marker.len()).any(|w| w == marker.as_bytes()),
+        "plaintext marker seen on the wire between the nodes"
+    );
+    let port = 15008u16.to_be_bytes();
+    assert!(
+        wire.windows(2).any(|w| w == port),
+        "no traffic to port 15008 captured"
+    );
+}
+
+#[test]
+fn workload_without_identity_is_refused_for_mesh_destinations() {
+    let m = mesh("noid", "");
+    let (pid, out) = curl(
+        &m.a,
+        "unregistered.service",
+        &format!("http://{}:8080/?no-identity", m.b.ipv4),
+    );
+    assert_ne!(String::from_utf8_lossy(&out.stdout), "200");
+    let line = line_with(&m.ea, |v| v["pid"] == pid);
+    assert_eq!(line["outcome"], "no_identity", "{line}");
+    assert!(line["src_spiffe_id"].is_null(), "{line}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !m.tb.server_log(&m.b, "llm").contains("no-identity"),
+        "nothing may reach the server"
+    );
+}
+
+#[test]
+fn bad_clients_on_the_hbone_port_are_rejected_with_a_reason() {
+    let m = mesh("reject", "");
+    let ca_dir = m.tb.dir.join("ca-shared");
+    let (cert, key) = (ca_dir.join("ca.pem"), ca_dir.join("ca.key"));
+    let probe = concat!(env!("CARGO_MANIFEST_DIR"), "/helpers/hbone_probe.py");
+    let run = |mode: &str| -> String {
+        let (_, out) =
+            m.a.exec(
+                None,
+                &[
+                    "python3",
+                    probe,
+                    mode,
+                    &m.b.ipv4,
+                    "15008",
+                    &cert.display().to_string(),
+                    &key.display().to_string(),
+                ],
+            )
+            .expect("probe");
+        assert!(
+            out.status.success(),
+            "probe {mode} crashed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    // Control: a valid SVID from the shared CA completes the handshake.
+    assert_eq!(run("valid"), "handshake ok");
+    for (mode, reason) in [
+        ("other-ca", "unknown_ca"),
+        ("expired", "expired"),
+        ("foreign-td", "untrusted_trust_domain"),
+        ("two-sans", "multiple_uri_sans"),
+        ("no-cert", "no_client_certificate"),
+        ("plain-http", "not_tls"),
+        ("random", "not_tls"),
+    ] {
+        let before =
+            m.eb.metric("enforcer_hbone_rejected_total", &[("reason", reason)])
+                .expect("metrics");
+        let result = run(mode);
+        assert!(
+            !result.starts_with("handshake ok"),
+            "{mode} must be rejected, got: {result}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let after =
+                m.eb.metric("enforcer_hbone_rejected_total", &[("reason", reason)])
+                    .expect("metrics");
+            if after == before + 1.0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{mode}: rejection with reason {reason} not counted:\n{}",
+                std::fs::read_to_string(&m.eb.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(
+            m.eb.log_lines()
+                .iter()
+                .any(|v| v["message"] == "HBONE connection rejected" && v["reason"] == reason),
+            "{mode}: no log line with reason {reason}"
+        );
+    }
+}
+
+#[test]
+fn svid_renewal_mid_transfer_loses_no_byte() {
+    // 4 s SVIDs, renewed every 2 s, during a ~6 s paced transfer of 6 MiB.
+    let mut m = mesh("renew", "svid_ttl_secs = 4\n");
+    let server = r#"
+import hashlib, socket, sys, time
+srv = socket.socket(socket.AF_INET6); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("::", 9000)); srv.listen(1)
+while True:
+    c, _ = srv.accept()
+    h = hashlib.sha256()
+    try:
+        for i in range(96):
+            chunk = hashlib.sha256(str(i).encode()).digest() * 2048  # 64 KiB
+            h.update(chunk); c.sendall(chunk); time.sleep(0.06)
+        print("SENT", h.hexdigest(), flush=True)
+    except OSError:
+        pass  # the testbed's readiness probe connects and leaves
+    c.close()
+"#;
+    m.tb.start_server_in(
+        &m.b,
+        Some("llm.service"),
+        "bulk",
+        &["python3", "-c", server],
+        9000,
+    )
+    .expect("bulk server");
+    let client = r#"
+import hashlib, socket, sys
+s = socket.create_connection((sys.argv[1], 9000)); h = hashlib.sha256(); n = 0
+while True:
+    d = s.recv(1 << 16)
+    if not d: break
+    h.update(d); n += len(d)
+print(n, h.hexdigest())
+"#;
+    let (_, out) =
+        m.a.exec(
+            Some("support-agent.service"),
+            &["python3", "-c", client, &m.b.ipv4],
+        )
+        .expect("client");
+    let got = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(
+        m.tb.wait_server_log(&m.b, "bulk", "SENT"),
+        "server never finished"
+    );
+    let sent = m.tb.server_log(&m.b, "bulk");
+    let sent_hash = sent
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("SENT "))
+        .expect("hash")
+        .to_owned();
+    assert_eq!(
+        got,
+        format!("{} {sent_hash}", 96 * 65536),
+        "bytes lost or altered across SVID renewal"
+    );
+    let renewals =
+        m.ea.log_lines()
+            .into_iter()
+            .filter(|v| v["message"] == "SVID renewed" && v["spiffe_id"] == AGENT_ID)
+            .count();
+    assert!(
+        renewals >= 1,
+        "the source SVID was not renewed during the transfer"
+    );
+    // A new connection after renewal works on a fresh HBONE connection.
+    let (_, out) = curl(
+        &m.a,
+        "support-agent.service",
+        &format!("http://{}:8080/", m.b.ipv4),
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+}
+
+#[test]
+fn federated_trust_domain_is_accepted_only_when_configured() {
+    let mut tb = Testbed::new("fed").expect("testbed");
+    let a = tb.node("a", 1).expect("a");
+    let b = tb.node("b", 2).expect("b");
+    tb.link(&a, &b).expect("link");
+    let ca_a = tb.shared_ca("a", "a.example.org").expect("ca a");
+    let ca_b = tb.shared_ca("b", "b.example.org").expect("ca b");
+    let dir = tb.dir.clone();
+    let bundle = |n: &str| dir.join(format!("ca-{n}/ca.pem")).display().to_string();
+    let fed = |td: &str, path: String| {
+        format!("[[identity.federation]]\ntrust_domain = \"{td}\"\nbundle = \"{path}\"\n")
+    };
+    tb.start_server_in(
+        &b,
+        Some("llm.service"),
+        "llm",
+        &["python3", "-m", "http.server", "8080", "--bind", "::"],
+        8080,
+    )
+    .expect("server");
+    let url = format!("http://{}:8080/", b.ipv4);
+
+    // First without federation on b: b does not know a.example.org.
+    let cfg_b = tb
+        .enforcer_config_with(
+            &b,
+            "",
+            &ca_b,
+            &format!(
+                "{}{MESH}",
+                entry("spiffe://b.example.org/llm", "systemd:unit:llm.service")
+            ),
+        )
+        .expect("cfg b");
+    let eb = tb.start_enforcer(&b, &cfg_b).expect("enforcer b");
+    let cfg_a = tb
+        .enforcer_config_with(
+            &a,
+            "",
+            &ca_a,
+            &format!(
+                "{}{}{MESH}",
+                fed("b.example.org", bundle("b")),
+                entry(
+                    "spiffe://a.example.org/agent",
+                    "systemd:unit:support-agent.service"
+                )
+            ),
+        )
+        .expect("cfg a");
+    let ea = tb.start_enforcer(&a, &cfg_a).expect("enforcer a");
+    let (pid, out) = curl(&a, "support-agent.service", &url);
+    assert_ne!(
+        String::from_utf8_lossy(&out.stdout),
+        "200",
+        "b must refuse an unlisted trust domain"
+    );
+    let line = line_with(&ea, |v| v["pid"] == pid);
+    assert_eq!(line["outcome"], "tunnel_failed", "{line}");
+    assert!(
+        eb.log_lines()
+            .iter()
+            .any(|v| v["message"] == "HBONE connection rejected"
+                && v["reason"] == "untrusted_trust_domain"),
+        "b must log the untrusted trust domain"
+    );
+
+    // Then b federates with a.example.org: accepted, with a's ID verified.
+    tb.stop(eb.pid).expect("stop b");
+    let cfg_b = tb
+        .enforcer_config_with(
+            &b,
+            "",
+            &ca_b,
+            &format!(
+                "{}{}{MESH}",
+                fed("a.example.org", bundle("a")),
+                entry("spiffe://b.example.org/llm", "systemd:unit:llm.service")
+            ),
+        )
+        .expect("cfg b");
+    let eb = tb.start_enforcer(&b, &cfg_b).expect("enforcer b again");
+    let (pid, out) = curl(&a, "support-agent.service", &url);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "200",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = line_with(&ea, |v| v["pid"] == pid);
+    assert_eq!(
+        line["dst_spiffe_id"], "spiffe://b.example.org/llm",
+        "{line}"
+    );
+    let inbound = line_with(&eb, |v| v["direction"] == "inbound" && v["outcome"] == "ok");
+    assert_eq!(
+        inbound["src_spiffe_id"], "spiffe://a.example.org/agent",
+        "{inbound}"
+    );
+}
