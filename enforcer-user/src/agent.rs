@@ -112,6 +112,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         attestor: attestor.clone(),
         hbone: Arc::new(HboneClient::new(identity.clone(), config.mesh.hbone_port)),
         mesh,
+        local: local.clone(),
     });
     tokio::spawn(outbound.clone().serve(out4));
     if let Some(l) = out6 {

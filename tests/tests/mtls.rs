@@ -429,3 +429,55 @@ fn federated_trust_domain_is_accepted_only_when_configured() {
         "{inbound}"
     );
 }
+
+#[test]
+fn same_node_connection_carries_both_identities_and_stays_local() {
+    let mut tb = Testbed::new("samenode").expect("testbed");
+    let a = tb.node("a", 1).expect("a");
+    let b = tb.node("b", 2).expect("b");
+    tb.link(&a, &b).expect("link");
+    let ca = tb.shared_ca("shared", TD).expect("ca");
+    tb.start_server_in(
+        &a,
+        Some("llm.service"),
+        "llm",
+        &["python3", "-m", "http.server", "8081", "--bind", "::"],
+        8081,
+    )
+    .expect("server on a");
+    let entries = format!(
+        "{}{}{MESH}",
+        entry(AGENT_ID, "systemd:unit:support-agent.service"),
+        entry(LLM_ID, "systemd:unit:llm.service")
+    );
+    let cfg = tb.enforcer_config_with(&a, "", &ca, &entries).expect("cfg");
+    let ea = tb.start_enforcer(&a, &cfg).expect("enforcer a");
+    let url = format!("http://{}:8081/", a.ipv4);
+    let (pid, out) = curl(&a, "support-agent.service", &url);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "200",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = line_with(&ea, |v| v["pid"] == pid);
+    assert_eq!(line["same_node"], true, "{line}");
+    assert_eq!(line["mtls"], false, "{line}");
+    assert_eq!(line["src_spiffe_id"], AGENT_ID, "{line}");
+    assert_eq!(line["dst_spiffe_id"], LLM_ID, "{line}");
+    assert_eq!(line["outcome"], "ok", "{line}");
+    assert_eq!(
+        ea.metric(
+            "enforcer_connections_opened_total",
+            &[("direction", "inbound")]
+        )
+        .expect("metrics"),
+        0.0,
+        "a same-node connection must not loop through the agent's HBONE listener"
+    );
+    // A workload without identity may not reach one that has one.
+    let (pid, out) = curl(&a, "stranger.service", &url);
+    assert_ne!(String::from_utf8_lossy(&out.stdout), "200");
+    let line = line_with(&ea, |v| v["pid"] == pid);
+    assert_eq!(line["outcome"], "no_identity", "{line}");
+}

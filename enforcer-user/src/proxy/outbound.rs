@@ -16,7 +16,7 @@ use crate::{
         AdminState,
         metrics::{BytesLabels, ClosedLabels, Direction, DirectionLabels},
     },
-    attest::{Attestation, Attestor, WorkloadFacts},
+    attest::{Attestation, Attestor, WorkloadFacts, local::LocalAttestor},
     capture::{Capture, CgroupResolver, original_destination},
     tunnel::{self, HboneClient},
 };
@@ -32,6 +32,23 @@ pub struct Outbound {
     pub hbone: Arc<HboneClient>,
     /// Destinations served by peer agents (reached over HBONE).
     pub mesh: Vec<ipnet::IpNet>,
+    /// Destinations on this node: attested locally, connected directly.
+    pub local: Arc<LocalAttestor>,
+}
+
+/// Whether `ip` is an address of this network namespace (the node itself).
+fn is_local_address(ip: std::net::IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    nix::ifaddrs::getifaddrs()
+        .map(|addrs| {
+            addrs.into_iter().any(|a| {
+                a.address.as_ref().is_some_and(|s| {
+                    s.as_sockaddr_in().map(|v4| std::net::IpAddr::V4(v4.ip())) == Some(ip)
+                        || s.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip())) == Some(ip)
+                })
+            })
+        })
+        .unwrap_or(false)
 }
 
 /// Identities of both ends, for the summary line.
@@ -40,6 +57,7 @@ struct Ids {
     src: Option<String>,
     dst: Option<String>,
     mtls: bool,
+    same_node: bool,
 }
 
 impl Outbound {
@@ -112,7 +130,19 @@ impl Outbound {
         };
         tracing::Span::current().record("dst", tracing::field::display(dst));
 
-        if self.mesh.iter().any(|n| n.contains(&dst.ip())) {
+        if is_local_address(dst.ip()) {
+            // Same node: both ends attested here; the bytes never leave the host.
+            ids.same_node = true;
+            let dst_att = self.local.attest_port(&self.attestor, dst.port());
+            ids.dst = dst_att.and_then(|a| a.spiffe_id).map(|i| i.to_string());
+            if ids.dst.is_some() && ids.src.is_none() {
+                warn!(conn_id = id, orig_dst = %dst, selectors = ?att.selectors,
+                    "workload has no SPIFFE identity; refusing a destination that has one");
+                reset(client);
+                let o = Outcome::NoIdentity;
+                return self.finish(id, Some(&att), Some(dst), &ids, o, (0, 0), started);
+            }
+        } else if self.mesh.iter().any(|n| n.contains(&dst.ip())) {
             ids.mtls = true;
             let Some(src_id) = att.spiffe_id.clone() else {
                 warn!(conn_id = id, orig_dst = %dst, selectors = ?att.selectors,
@@ -210,6 +240,7 @@ impl Outbound {
             src_spiffe_id = ids.src.as_deref(),
             dst_spiffe_id = ids.dst.as_deref(),
             mtls = ids.mtls,
+            same_node = ids.same_node,
             bytes_sent = sent,
             bytes_received = received,
             duration_ms = started.elapsed().as_millis() as u64,
