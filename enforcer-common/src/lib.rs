@@ -33,7 +33,19 @@ pub mod maps {
     pub const BY_COOKIE: &str = "ENF_BY_COOKIE";
     pub const BY_TUPLE: &str = "ENF_BY_TUPLE";
     pub const NETNS: &str = "ENF_NETNS";
-    pub const ALL: [&str; 7] = [CONFIG, PORTS, CIDR4, CIDR6, BY_COOKIE, BY_TUPLE, NETNS];
+    pub const INBOUND: &str = "ENF_INBOUND";
+    pub const PLAINTEXT_LISTENERS: &str = "ENF_PLAINTEXT_LISTENERS";
+    pub const ALL: [&str; 9] = [
+        CONFIG,
+        PORTS,
+        CIDR4,
+        CIDR6,
+        BY_COOKIE,
+        BY_TUPLE,
+        NETNS,
+        INBOUND,
+        PLAINTEXT_LISTENERS,
+    ];
 }
 
 /// Names of the kernel programs (function names; never the ELF section names).
@@ -43,7 +55,21 @@ pub mod programs {
     pub const GETPEERNAME4: &str = "enf_getpeername4";
     pub const GETPEERNAME6: &str = "enf_getpeername6";
     pub const SOCK_OPS: &str = "enf_sock_ops";
+    pub const SK_LOOKUP: &str = "enf_sk_lookup";
 }
+
+/// Inbound plaintext handling of a protected local port (`ENF_INBOUND` value).
+/// `strict`: refused by the agent, dropped by the kernel when the agent is down.
+/// `permissive`: forwarded by the agent and audited as unauthenticated.
+pub const INBOUND_STRICT: u8 = 1;
+pub const INBOUND_PERMISSIVE: u8 = 2;
+
+/// Indexes of the agent's plaintext listeners in `ENF_PLAINTEXT_LISTENERS`.
+pub const LISTENER_V4: u32 = 0;
+pub const LISTENER_V6: u32 = 1;
+
+/// Maximum number of protected inbound ports.
+pub const MAX_INBOUND_PORTS: u32 = 4096;
 
 /// Values of a CIDR rule (LPM trie value). The longest matching prefix wins, so
 /// an `EXCLUDE` rule inside a `CAPTURE` range carves a hole in it.

@@ -13,13 +13,13 @@ use aya_ebpf::{
         bpf_get_current_uid_gid,
         generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{Array, LpmTrie, LruHashMap, lpm_trie::Key},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, SockMap, lpm_trie::Key},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use enforcer_common::{
-    AF_INET, AF_INET6, CIDR_CAPTURE, CaptureConfig, MAX_CIDRS, MAX_NETNS, MAX_TRACKED, OrigDst,
-    PORT_WORDS, SockTuple,
+    AF_INET, AF_INET6, CIDR_CAPTURE, CaptureConfig, INBOUND_STRICT, LISTENER_V4, LISTENER_V6,
+    MAX_CIDRS, MAX_INBOUND_PORTS, MAX_NETNS, MAX_TRACKED, OrigDst, PORT_WORDS, SockTuple,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -321,6 +321,66 @@ fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
         a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
         d[3],
     ]
+}
+
+/// Protected local ports (host order) -> INBOUND_STRICT | INBOUND_PERMISSIVE.
+#[map(name = "ENF_INBOUND")]
+static ENF_INBOUND: HashMap<u16, u8> = HashMap::with_max_entries(MAX_INBOUND_PORTS, 0);
+
+/// The agent's plaintext listeners (index LISTENER_V4, LISTENER_V6).
+#[map(name = "ENF_PLAINTEXT_LISTENERS")]
+static ENF_PLAINTEXT_LISTENERS: SockMap = SockMap::with_max_entries(2, 0);
+
+const IPPROTO_TCP: u32 = 6;
+const LOOPBACK_IFINDEX: u32 = 1;
+const SK_DROP: u32 = 0;
+const SK_PASS: u32 = 1;
+
+/// Steers new inbound TCP connections to protected ports, arriving from
+/// outside the node, to the agent's plaintext listener. Connections that come
+/// over loopback (the agent's own forwards, local clients) are left alone.
+#[sk_lookup]
+pub fn enf_sk_lookup(ctx: SkLookupContext) -> u32 {
+    // SAFETY: the context pointer is valid for the duration of the program.
+    let (protocol, family, port, ifindex, remote4, remote6) = unsafe {
+        let l = &*ctx.lookup;
+        (
+            l.protocol,
+            l.family,
+            l.local_port,
+            l.ingress_ifindex,
+            l.remote_ip4,
+            l.remote_ip6,
+        )
+    };
+    if protocol != IPPROTO_TCP || ifindex == LOOPBACK_IFINDEX {
+        return SK_PASS;
+    }
+    // A loopback source is local: the agent's own forwards to the workload
+    // (it connects from 127.0.0.1 / ::1) and local clients.
+    let loopback = if family == u32::from(AF_INET) {
+        remote4.to_ne_bytes()[0] == 127
+    } else {
+        remote6 == [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]
+    };
+    if loopback {
+        return SK_PASS;
+    }
+    // SAFETY: read by value.
+    let Some(mode) = (unsafe { ENF_INBOUND.get(port as u16) }).copied() else {
+        return SK_PASS;
+    };
+    let index = if family == u32::from(AF_INET) {
+        LISTENER_V4
+    } else {
+        LISTENER_V6
+    };
+    match ENF_PLAINTEXT_LISTENERS.redirect_sk_lookup(&ctx, index, 0) {
+        Ok(()) => SK_PASS,
+        // The agent is not listening: a strict port fails closed.
+        Err(_) if mode == INBOUND_STRICT => SK_DROP,
+        Err(_) => SK_PASS,
+    }
 }
 
 #[cfg(not(test))]

@@ -14,12 +14,15 @@ use tracing::{info, warn};
 use crate::{
     admin::{self, AdminState},
     attest::{Attestor, Entries, local::LocalAttestor},
+    capture::InboundSteering,
     capture::{Capture, CaptureCgroup, CgroupResolver},
     config::Config,
+    config::PlaintextMode,
     identity::{Bundles, Ca, IdentityManager},
     proxy::{
         inbound::{DestinationResolver, Inbound},
         outbound::Outbound,
+        plaintext::Plaintext,
     },
     tls,
     tunnel::HboneClient,
@@ -81,6 +84,12 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         Some(addr) => Some(bind(addr, "mesh.inbound_addr").await?),
         None => None,
     };
+    let inbound_ports = config.inbound_ports(config_path)?;
+    let plaintext = if inbound_ports.is_empty() {
+        None
+    } else {
+        Some(plaintext_listeners(config.mesh.plaintext_port)?)
+    };
     let admin_listener = bind(config.admin.metrics_addr, "admin.metrics_addr").await?;
 
     let state = Arc::new(AdminState::new(&config.node_name));
@@ -96,13 +105,40 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     let attestor = Arc::new(Attestor::new(entries));
     let local = Arc::new(LocalAttestor::default());
 
+    let steering = InboundSteering {
+        ports: inbound_ports
+            .iter()
+            .map(|(p, m)| {
+                let mode = match m {
+                    PlaintextMode::Strict => enforcer_common::INBOUND_STRICT,
+                    PlaintextMode::Permissive => enforcer_common::INBOUND_PERMISSIVE,
+                };
+                (*p, mode)
+            })
+            .collect(),
+        listener_v4: plaintext.as_ref().map(|(v4, _)| v4),
+        listener_v6: plaintext.as_ref().and_then(|(_, v6)| v6.as_ref()),
+    };
     let capture = Arc::new(Capture::attach(
         cgroup.clone(),
         &config.capture.bpffs,
         &config.node_name,
         &rules,
         port,
+        &steering,
     )?);
+    if let Some((v4, v6)) = plaintext {
+        let handler = Arc::new(Plaintext {
+            modes: inbound_ports.iter().copied().collect(),
+            attestor: attestor.clone(),
+            local: local.clone(),
+            admin: state.clone(),
+        });
+        for l in std::iter::once(v4).chain(v6) {
+            let l = TcpListener::from_std(l).context("plaintext listener")?;
+            tokio::spawn(handler.clone().serve(l));
+        }
+    }
     let _ = state.capture.set(capture.clone());
 
     let outbound = Arc::new(Outbound {
@@ -160,6 +196,43 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => info!("SIGINT received; stopping (captured connects are refused until the agent is back)"),
     }
     Ok(())
+}
+
+/// The plaintext listeners (0.0.0.0 and, when IPv6 is available, [::] with
+/// IPV6_V6ONLY) that the kernel steers protected ports to.
+fn plaintext_listeners(
+    port: u16,
+) -> anyhow::Result<(std::net::TcpListener, Option<std::net::TcpListener>)> {
+    use socket2::{Domain, Socket, Type};
+    let make = |addr: SocketAddr| -> std::io::Result<std::net::TcpListener> {
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        if addr.is_ipv6() {
+            s.set_only_v6(true)?;
+        }
+        s.set_reuse_address(true)?;
+        s.set_nonblocking(true)?;
+        s.bind(&addr.into())?;
+        s.listen(1024)?;
+        Ok(s.into())
+    };
+    let v4_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+    let v4 = make(v4_addr)
+        .with_context(|| format!("cannot listen on {v4_addr} (mesh.plaintext_port)"))?;
+    let v6_addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+    let v6 = match make(v6_addr) {
+        Ok(l) => Some(l),
+        Err(e)
+            if e.raw_os_error() == Some(libc::EAFNOSUPPORT)
+                || e.raw_os_error() == Some(libc::EADDRNOTAVAIL) =>
+        {
+            None
+        }
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("cannot listen on {v6_addr} (mesh.plaintext_port)"));
+        }
+    };
+    Ok((v4, v6))
 }
 
 /// Renews SVIDs in use at half-life, so a workload always holds a fresh one.

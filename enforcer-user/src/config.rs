@@ -129,6 +129,30 @@ pub struct MeshConfig {
     /// Where this agent accepts HBONE; `""` disables the inbound listener.
     #[serde(default = "default_inbound_addr")]
     pub inbound_addr: String,
+    /// Port of the listener that receives plaintext arriving from outside the
+    /// mesh for protected ports (`mesh.inbound`).
+    #[serde(default = "default_plaintext_port")]
+    pub plaintext_port: u16,
+    /// Local ports protected against plaintext from outside the mesh.
+    #[serde(default)]
+    pub inbound: Vec<InboundRule>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundRule {
+    pub ports: Vec<u16>,
+    pub mode: PlaintextMode,
+}
+
+/// What happens to plaintext from outside the mesh that reaches a protected port.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PlaintextMode {
+    /// Refused (and dropped in the kernel while the agent is down).
+    Strict,
+    /// Forwarded, and audited as unauthenticated.
+    Permissive,
 }
 
 impl Default for MeshConfig {
@@ -137,6 +161,8 @@ impl Default for MeshConfig {
             cidrs: vec![],
             hbone_port: default_hbone_port(),
             inbound_addr: default_inbound_addr(),
+            plaintext_port: default_plaintext_port(),
+            inbound: vec![],
         }
     }
 }
@@ -201,6 +227,9 @@ fn default_svid_ttl() -> u64 {
 }
 fn default_hbone_port() -> u16 {
     15008
+}
+fn default_plaintext_port() -> u16 {
+    15006
 }
 fn default_inbound_addr() -> String {
     "[::]:15008".into()
@@ -307,6 +336,7 @@ impl Config {
         }
         self.capture_rules(path)?;
         self.mesh_cidrs(path)?;
+        self.inbound_ports(path)?;
         self.inbound_addr(path)?;
         let td = spiffe::TrustDomain::new(&self.identity.trust_domain).map_err(|e| {
             invalid(
@@ -355,6 +385,35 @@ impl Config {
                 })
             })
             .collect()
+    }
+
+    /// Protected local ports and their plaintext mode.
+    pub fn inbound_ports(&self, path: &Path) -> Result<Vec<(u16, PlaintextMode)>, ConfigError> {
+        let mut out: Vec<(u16, PlaintextMode)> = Vec::new();
+        for rule in &self.mesh.inbound {
+            for &p in &rule.ports {
+                let invalid = |message: String| ConfigError::Invalid {
+                    path: path.to_owned(),
+                    key: "mesh.inbound",
+                    message,
+                };
+                if p == 0 || p == self.mesh.plaintext_port || p == self.mesh.hbone_port {
+                    return Err(invalid(format!("port {p} cannot be protected")));
+                }
+                if out.iter().any(|(q, _)| *q == p) {
+                    return Err(invalid(format!("port {p} is listed twice")));
+                }
+                out.push((p, rule.mode));
+            }
+        }
+        if out.len() > enforcer_common::MAX_INBOUND_PORTS as usize {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                key: "mesh.inbound",
+                message: format!("more than {} ports", enforcer_common::MAX_INBOUND_PORTS),
+            });
+        }
+        Ok(out)
     }
 
     /// The HBONE listen address, `None` when disabled.

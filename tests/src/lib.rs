@@ -382,17 +382,13 @@ impl Testbed {
     ) -> Result<u32> {
         let pid = self.spawn(node, unit, name, cmd)?;
         let log = self.dir.join(format!("{}-{name}.log", node.name));
-        let addr: SocketAddr = format!("{}:{port}", node.ipv4).parse()?;
+        // Wait for the listening socket itself: a connect could be answered by
+        // an agent that intercepts the port before the server is up.
         let deadline = Instant::now() + Duration::from_secs(15);
-        while node
-            .in_netns(move || {
-                TcpStream::connect_timeout(&addr, Duration::from_millis(200)).map(|_| ())
-            })?
-            .is_err()
-        {
+        while !node.in_netns(move || is_listening(port))? {
             if Instant::now() > deadline {
                 bail!(
-                    "{name} on {} did not listen on {addr}: {}",
+                    "{name} on {} did not listen on port {port}: {}",
                     node.name,
                     fs::read_to_string(&log).unwrap_or_default()
                 );
@@ -448,6 +444,25 @@ impl Testbed {
     pub fn server_log(&self, node: &Node, name: &str) -> String {
         fs::read_to_string(self.dir.join(format!("{}-{name}.log", node.name))).unwrap_or_default()
     }
+}
+
+/// Whether a TCP socket listens on `port` in the calling thread's netns.
+fn is_listening(port: u16) -> bool {
+    ["tcp", "tcp6"].iter().any(|f| {
+        fs::read_to_string(format!("/proc/thread-self/net/{f}"))
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .any(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                cols.len() > 3
+                    && cols[3] == "0A"
+                    && cols[1]
+                        .rsplit_once(':')
+                        .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+                        == Some(port)
+            })
+    })
 }
 
 /// Terminates a child: SIGTERM, up to 5 s grace, then SIGKILL; always reaped.

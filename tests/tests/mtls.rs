@@ -25,6 +25,11 @@ struct Mesh {
 /// Nodes a and b sharing one CA; an HTTP server registered as the LLM on b
 /// (port 8080, in b/llm.service); the support agent's unit registered on a.
 fn mesh(test: &str, extra_identity_a: &str) -> Mesh {
+    mesh_with(test, extra_identity_a, "")
+}
+
+/// Like [`mesh`], with raw TOML appended to b's config (after its `[mesh]`).
+fn mesh_with(test: &str, extra_identity_a: &str, tail_b: &str) -> Mesh {
     let mut tb = Testbed::new(test).expect("testbed");
     let a = tb.node("a", 1).expect("node a");
     let b = tb.node("b", 2).expect("node b");
@@ -43,7 +48,10 @@ fn mesh(test: &str, extra_identity_a: &str) -> Mesh {
             &b,
             "",
             &ca,
-            &format!("{}\n{MESH}", entry(LLM_ID, "systemd:unit:llm.service")),
+            &format!(
+                "{}\n{MESH}{tail_b}",
+                entry(LLM_ID, "systemd:unit:llm.service")
+            ),
         )
         .expect("config b");
     let eb = tb.start_enforcer(&b, &cfg_b).expect("enforcer b");
@@ -480,4 +488,88 @@ fn same_node_connection_carries_both_identities_and_stays_local() {
     assert_ne!(String::from_utf8_lossy(&out.stdout), "200");
     let line = line_with(&ea, |v| v["pid"] == pid);
     assert_eq!(line["outcome"], "no_identity", "{line}");
+}
+
+#[test]
+fn plaintext_from_outside_the_mesh_strict_refused_permissive_audited() {
+    let tail = "[[mesh.inbound]]\nports = [8080]\nmode = \"strict\"\n\n[[mesh.inbound]]\nports = [8082]\nmode = \"permissive\"\n";
+    let mut m = mesh_with("plaintext", "", tail);
+    m.tb.start_server_in(
+        &m.b,
+        Some("llm.service"),
+        "open",
+        &["python3", "-u", "-m", "http.server", "8082", "--bind", "::"],
+        8082,
+    )
+    .expect("permissive server");
+    let get = |url: &str| {
+        // Outside a's captured subtree: plain TCP from another node, no mesh.
+        m.a.exec(
+            None,
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "3",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                url,
+            ],
+        )
+        .expect("curl")
+        .1
+    };
+    // strict: refused, audited
+    let out = get(&format!("http://{}:8080/?plaintext-strict", m.b.ipv4));
+    assert_ne!(
+        String::from_utf8_lossy(&out.stdout),
+        "200",
+        "strict port must refuse plaintext"
+    );
+    let line = line_with(&m.eb, |v| v["outcome"] == "plaintext_refused");
+    assert_eq!(line["authenticated"], false, "{line}");
+    assert_eq!(line["plaintext_mode"], "strict", "{line}");
+    assert_eq!(line["dst_spiffe_id"], LLM_ID, "{line}");
+    assert!(!m.tb.server_log(&m.b, "llm").contains("plaintext-strict"));
+    // permissive: forwarded, audited as unauthenticated (IPv4 and IPv6)
+    for url in [
+        format!("http://{}:8082/?plain-ok", m.b.ipv4),
+        format!("http://[{}]:8082/?plain-ok6", m.b.ipv6),
+    ] {
+        let out = get(&url);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "200",
+            "{url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let line = line_with(&m.eb, |v| {
+        v["plaintext_mode"] == "permissive" && v["outcome"] == "ok"
+    });
+    assert_eq!(line["authenticated"], false, "{line}");
+    assert!(line["src_spiffe_id"].is_null(), "{line}");
+    assert!(line["bytes_received"].as_u64().unwrap_or(0) > 0, "{line}");
+    // The mesh path to the strict port still works.
+    let (_, out) = curl(
+        &m.a,
+        "support-agent.service",
+        &format!("http://{}:8080/?via-mesh", m.b.ipv4),
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "200",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // With b's agent down, the strict port stays closed to plaintext (kernel drop).
+    m.tb.stop(m.eb.pid).expect("stop b");
+    let out = get(&format!("http://{}:8080/?agent-down", m.b.ipv4));
+    assert_ne!(String::from_utf8_lossy(&out.stdout), "200");
+    assert!(
+        !m.tb.server_log(&m.b, "llm").contains("agent-down"),
+        "strict port reached while the agent was down"
+    );
 }

@@ -18,7 +18,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SockOps,
+        CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
@@ -199,6 +199,7 @@ impl Capture {
         node_name: &str,
         rules: &CaptureRules,
         outbound_port: u16,
+        inbound: &InboundSteering<'_>,
     ) -> Result<Self, CaptureError> {
         ensure_bpffs(bpffs)?;
         let pin_dir = pin_dir(bpffs, node_name);
@@ -244,6 +245,24 @@ impl Capture {
             };
             links.push((name, link));
         }
+        if !inbound.ports.is_empty() {
+            fill_inbound(&mut ebpf, inbound)?;
+            let name = programs::SK_LOOKUP;
+            let prog = ebpf
+                .program_mut(name)
+                .ok_or_else(|| prog_err(name)(aya::programs::ProgramError::NotLoaded))?;
+            let netns =
+                File::open("/proc/self/ns/net").map_err(|e| CaptureError::Netns(e.to_string()))?;
+            let p: &mut SkLookup = prog.try_into().map_err(prog_err(name))?;
+            p.load().map_err(prog_err(name))?;
+            let id = p.attach(&netns).map_err(prog_err(name))?;
+            let link: FdLink = p.take_link(id).map_err(prog_err(name))?.into();
+            links.push((name, link));
+            info!(
+                ports = inbound.ports.len(),
+                "inbound plaintext steering attached to this network namespace"
+            );
+        }
         info!(cgroup = %cgroup.path.display(), "kernel programs attached");
 
         // New programs are live; now retire the previous instance's pins.
@@ -264,9 +283,13 @@ impl Capture {
             // Dropping the PinnedLink handle keeps the pin (and the attachment).
             drop(pinned);
         }
-        for (name, _) in ATTACHMENTS {
+        for name in ATTACHMENTS
+            .iter()
+            .map(|(n, _)| *n)
+            .chain([programs::SK_LOOKUP])
+        {
             let path = pin_dir.join("programs").join(name);
-            if let Some(prog) = ebpf.program_mut(name) {
+            if let Some(prog) = ebpf.program_mut(name).filter(|p| p.fd().is_ok()) {
                 prog.pin(&path).map_err(|e| CaptureError::Pin {
                     path: path.clone(),
                     message: e.to_string(),
@@ -357,6 +380,36 @@ fn map_mut<'a>(
 ) -> Result<&'a mut aya::maps::Map, CaptureError> {
     ebpf.map_mut(name)
         .ok_or_else(|| map_err(name)(aya::maps::MapError::InvalidName { name: name.into() }))
+}
+
+/// Inbound plaintext steering: protected ports and the agent's listeners.
+pub struct InboundSteering<'a> {
+    pub ports: Vec<(u16, u8)>,
+    pub listener_v4: Option<&'a std::net::TcpListener>,
+    pub listener_v6: Option<&'a std::net::TcpListener>,
+}
+
+fn fill_inbound(ebpf: &mut Ebpf, inbound: &InboundSteering<'_>) -> Result<(), CaptureError> {
+    use maps::{INBOUND, PLAINTEXT_LISTENERS};
+    let mut listeners: aya::maps::SockMap<_> =
+        aya::maps::SockMap::try_from(map_mut(ebpf, PLAINTEXT_LISTENERS)?)
+            .map_err(map_err(PLAINTEXT_LISTENERS))?;
+    for (index, l) in [
+        (enforcer_common::LISTENER_V4, inbound.listener_v4),
+        (enforcer_common::LISTENER_V6, inbound.listener_v6),
+    ] {
+        if let Some(l) = l {
+            listeners
+                .set(index, l, 0)
+                .map_err(map_err(PLAINTEXT_LISTENERS))?;
+        }
+    }
+    let mut ports: HashMap<_, u16, u8> =
+        HashMap::try_from(map_mut(ebpf, INBOUND)?).map_err(map_err(INBOUND))?;
+    for (port, mode) in &inbound.ports {
+        ports.insert(port, mode, 0).map_err(map_err(INBOUND))?;
+    }
+    Ok(())
 }
 
 fn fill_rules(

@@ -220,7 +220,8 @@ impl Inbound {
             refuse(&mut respond, http::StatusCode::SERVICE_UNAVAILABLE);
             return self.finish(&summary, Outcome::NoIdentity, (0, 0));
         }
-        let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dst)).await {
+        let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, super::connect_local(dst)).await
+        {
             Ok(Ok(s)) => s,
             other => {
                 let error = match other {

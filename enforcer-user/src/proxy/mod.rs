@@ -1,6 +1,33 @@
 //! The data plane: listeners and per-connection forwarding.
 pub mod inbound;
 pub mod outbound;
+pub mod plaintext;
+
+/// Connects to a workload on this node from a loopback source address, so
+/// the kernel's inbound steering recognises the agent's own forwards.
+pub async fn connect_local(dst: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    let (socket, src) = if dst.is_ipv4() {
+        (
+            tokio::net::TcpSocket::new_v4()?,
+            std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        )
+    } else {
+        (
+            tokio::net::TcpSocket::new_v6()?,
+            std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0)),
+        )
+    };
+    socket.bind(src)?;
+    let stream = socket.connect(dst).await?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// Closes with RST so the peer sees an error rather than a clean EOF.
+pub fn reset(stream: tokio::net::TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+    drop(stream);
+}
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -29,6 +56,8 @@ pub enum Outcome {
     TunnelFailed,
     /// The request on the tunnel was malformed or named another destination.
     BadRequest,
+    /// Plaintext from outside the mesh to a `strict` port.
+    PlaintextRefused,
 }
 
 impl Outcome {
@@ -41,6 +70,7 @@ impl Outcome {
             Outcome::NoIdentity => "no_identity",
             Outcome::TunnelFailed => "tunnel_failed",
             Outcome::BadRequest => "bad_request",
+            Outcome::PlaintextRefused => "plaintext_refused",
         }
     }
 }

@@ -10,7 +10,7 @@ use std::{
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument as _, info, info_span, warn};
 
-use super::{Outcome, next_conn_id};
+use super::{Outcome, next_conn_id, reset};
 use crate::{
     admin::{
         AdminState,
@@ -188,7 +188,7 @@ impl Outbound {
         };
         let _ = client.set_nodelay(true);
         let _ = upstream.set_nodelay(true);
-        let (outcome, bytes) = splice(client, upstream).await;
+        let (outcome, bytes) = splice_tcp(client, upstream).await;
         self.finish(id, Some(&att), Some(dst), &ids, outcome, bytes, started);
     }
 
@@ -253,7 +253,7 @@ impl Outbound {
 /// Copies both ways until both sides are done. Returns the outcome and the
 /// bytes (workload → destination, destination → workload), counted even when
 /// one side breaks.
-async fn splice(client: TcpStream, upstream: TcpStream) -> (Outcome, (u64, u64)) {
+pub async fn splice_tcp(client: TcpStream, upstream: TcpStream) -> (Outcome, (u64, u64)) {
     let (cr, cw) = client.into_split();
     let (ur, uw) = upstream.into_split();
     let (up, down) = tokio::join!(pump(cr, uw), pump(ur, cw));
@@ -291,10 +291,4 @@ async fn pump(
         total += n as u64;
     }
     (total, to.shutdown().await)
-}
-
-/// Closes with RST so the workload sees an error rather than a clean EOF.
-fn reset(stream: TcpStream) {
-    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
-    drop(stream);
 }

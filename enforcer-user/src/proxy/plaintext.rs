@@ -1,0 +1,162 @@
+//! Plaintext that reaches a protected local port from outside the mesh
+//! (steered here by the kernel's sk_lookup program, addresses unchanged):
+//! `strict` refuses it, `permissive` forwards it to the workload and audits it
+//! as unauthenticated.
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{Instrument as _, info, info_span, warn};
+
+use super::{Outcome, next_conn_id, outbound::splice_tcp, reset};
+use crate::{
+    admin::{
+        AdminState,
+        metrics::{BytesLabels, ClosedLabels, Direction, DirectionLabels},
+    },
+    attest::{Attestor, local::LocalAttestor},
+    config::PlaintextMode,
+};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Plaintext {
+    pub modes: HashMap<u16, PlaintextMode>,
+    pub attestor: Arc<Attestor>,
+    pub local: Arc<LocalAttestor>,
+    pub admin: Arc<AdminState>,
+}
+
+impl Plaintext {
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    let this = self.clone();
+                    let id = next_conn_id();
+                    let span = info_span!("conn", id, direction = "inbound", src = %peer, dst = tracing::field::Empty);
+                    tokio::spawn(
+                        async move { this.handle(id, stream, peer).await }.instrument(span),
+                    );
+                }
+                Err(e) => {
+                    warn!(error = %e, "plaintext accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn handle(&self, id: u64, client: TcpStream, peer: SocketAddr) {
+        let started = Instant::now();
+        let m = &self.admin.metrics;
+        let dir = DirectionLabels {
+            direction: Direction::inbound,
+        };
+        m.connections_opened.get_or_create(&dir).inc();
+        m.active.get_or_create(&dir).inc();
+        // sk_lookup keeps the addresses: our local address is the original destination.
+        let dst = match client.local_addr() {
+            Ok(a) => SocketAddr::new(a.ip().to_canonical(), a.port()),
+            Err(e) => {
+                warn!(error = %e, "accepted socket has no local address");
+                return self.finish(id, peer, None, None, None, Outcome::Error, (0, 0), started);
+            }
+        };
+        tracing::Span::current().record("dst", tracing::field::display(dst));
+        let mode = self.modes.get(&dst.port()).copied();
+        let dst_id = self
+            .local
+            .attest_port(&self.attestor, dst.port())
+            .and_then(|a| a.spiffe_id)
+            .map(|i| i.to_string());
+        if mode != Some(PlaintextMode::Permissive) {
+            warn!(%peer, %dst, "plaintext from outside the mesh to a strict port; refused");
+            reset(client);
+            let o = Outcome::PlaintextRefused;
+            return self.finish(id, peer, Some(dst), dst_id, mode, o, (0, 0), started);
+        }
+        let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, super::connect_local(dst)).await
+        {
+            Ok(Ok(s)) => s,
+            other => {
+                let error = match other {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "timed out".into(),
+                };
+                warn!(%dst, %error, "connecting to the local workload failed");
+                reset(client);
+                let o = Outcome::ConnectFailed;
+                return self.finish(id, peer, Some(dst), dst_id, mode, o, (0, 0), started);
+            }
+        };
+        // sent/received from the destination workload's point of view
+        let (outcome, (from_peer, to_peer)) = splice_tcp(client, upstream).await;
+        self.finish(
+            id,
+            peer,
+            Some(dst),
+            dst_id,
+            mode,
+            outcome,
+            (to_peer, from_peer),
+            started,
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &self,
+        id: u64,
+        peer: SocketAddr,
+        dst: Option<SocketAddr>,
+        dst_id: Option<String>,
+        mode: Option<PlaintextMode>,
+        outcome: Outcome,
+        (sent, received): (u64, u64),
+        started: Instant,
+    ) {
+        let m = &self.admin.metrics;
+        m.active
+            .get_or_create(&DirectionLabels {
+                direction: Direction::inbound,
+            })
+            .dec();
+        m.connections_closed
+            .get_or_create(&ClosedLabels {
+                direction: Direction::inbound,
+                outcome: outcome.as_str(),
+            })
+            .inc();
+        for (flow, n) in [("sent", sent), ("received", received)] {
+            m.bytes
+                .get_or_create(&BytesLabels {
+                    direction: Direction::inbound,
+                    flow,
+                })
+                .inc_by(n);
+        }
+        info!(
+            conn_id = id,
+            direction = "inbound",
+            src = %peer,
+            authenticated = false,
+            plaintext_mode = mode.map(|m| match m {
+                PlaintextMode::Strict => "strict",
+                PlaintextMode::Permissive => "permissive",
+            }),
+            dst = dst.map(tracing::field::display),
+            dst_spiffe_id = dst_id.as_deref(),
+            mtls = false,
+            bytes_sent = sent,
+            bytes_received = received,
+            duration_ms = started.elapsed().as_millis() as u64,
+            outcome = outcome.as_str(),
+            "connection closed"
+        );
+    }
+}
