@@ -18,12 +18,8 @@ use crate::{
     capture::{Capture, CaptureCgroup, CgroupResolver},
     config::Config,
     config::PlaintextMode,
-    identity::{Bundles, Ca, IdentityManager},
-    proxy::{
-        inbound::{DestinationResolver, Inbound},
-        outbound::Outbound,
-        plaintext::Plaintext,
-    },
+    identity::{Bundles, Ca, IdentityManager, Source, TrustStore},
+    proxy::{inbound::Inbound, outbound::Outbound, plaintext::Plaintext},
     tls,
     tunnel::HboneClient,
 };
@@ -96,10 +92,13 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     tokio::spawn(admin::serve(admin_listener, state.clone()));
 
     let provider = tls::provider();
+    let td = ca.trust_domain().clone();
+    let trust = Arc::new(TrustStore::new(bundles));
     let identity = Arc::new(IdentityManager::new(
-        ca,
+        Source::Embedded(Box::new(ca)),
+        td,
         Duration::from_secs(config.identity.svid_ttl_secs),
-        bundles.clone(),
+        trust,
         provider.clone(),
     ));
     let attestor = Arc::new(Attestor::new(entries));
@@ -146,6 +145,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         cgroups: Mutex::new(CgroupResolver::new(&cgroup)),
         admin: state.clone(),
         attestor: attestor.clone(),
+        identity: identity.clone(),
         hbone: Arc::new(HboneClient::new(identity.clone(), config.mesh.hbone_port)),
         mesh,
         local: local.clone(),
@@ -155,15 +155,8 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         tokio::spawn(outbound.serve(l));
     }
     if let Some(listener) = inbound_listener {
-        let resolver = Arc::new(DestinationResolver {
-            identity: identity.clone(),
-            attestor: attestor.clone(),
-            local: local.clone(),
-        });
-        let server = tls::server_config(bundles, provider, resolver)
-            .context("building the HBONE TLS configuration")?;
         let inbound = Arc::new(Inbound {
-            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+            identity: identity.clone(),
             attestor: attestor.clone(),
             local,
             admin: state.clone(),

@@ -1,6 +1,7 @@
 //! Workload identity (DESIGN §1 step 3): X.509-SVIDs per SPIFFE ID from the
 //! configured provider, renewed at half-life, and trust bundles per trust domain.
 pub mod ca;
+pub mod spire;
 
 use std::{
     collections::HashMap,
@@ -105,34 +106,91 @@ impl Bundles {
     }
 }
 
+/// The trust bundles in force; replaced as a whole when they change (SPIRE
+/// streams them), read per handshake.
+#[derive(Default)]
+pub struct TrustStore(std::sync::RwLock<Arc<Bundles>>);
+
+impl TrustStore {
+    pub fn new(bundles: Bundles) -> Self {
+        Self(std::sync::RwLock::new(Arc::new(bundles)))
+    }
+
+    pub fn current(&self) -> Arc<Bundles> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn replace(&self, bundles: Bundles) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(bundles);
+    }
+}
+
+/// Where SVIDs come from.
+pub enum Source {
+    /// The embedded CA; identities come from the registration entries.
+    Embedded(Box<Ca>),
+    /// SPIRE Agent's Delegated Identity API; SPIRE matches the selectors.
+    Spire(Arc<spire::SpireSource>),
+}
+
 /// Issues and caches SVIDs for the workloads of this node.
 pub struct IdentityManager {
-    ca: Ca,
+    source: Source,
+    trust_domain: TrustDomain,
     ttl: Duration,
     provider: Arc<CryptoProvider>,
     svids: Mutex<HashMap<SpiffeId, Arc<IssuedSvid>>>,
     next_generation: std::sync::atomic::AtomicU64,
-    bundles: Bundles,
+    trust: Arc<TrustStore>,
 }
 
 impl IdentityManager {
-    pub fn new(ca: Ca, ttl: Duration, bundles: Bundles, provider: Arc<CryptoProvider>) -> Self {
+    pub fn new(
+        source: Source,
+        trust_domain: TrustDomain,
+        ttl: Duration,
+        trust: Arc<TrustStore>,
+        provider: Arc<CryptoProvider>,
+    ) -> Self {
         Self {
-            ca,
+            source,
+            trust_domain,
             ttl,
             provider,
             svids: Mutex::default(),
             next_generation: 1.into(),
-            bundles,
+            trust,
         }
     }
 
     pub fn trust_domain(&self) -> &TrustDomain {
-        self.ca.trust_domain()
+        &self.trust_domain
     }
 
-    pub fn bundles(&self) -> &Bundles {
-        &self.bundles
+    pub fn trust(&self) -> &Arc<TrustStore> {
+        &self.trust
+    }
+
+    /// The SVID a workload is entitled to, `None` when it has no identity.
+    /// Embedded: the registration entries decided (`att.spiffe_id`); SPIRE:
+    /// SPIRE decides from the workload's selectors.
+    pub async fn identify(
+        &self,
+        att: &crate::attest::Attestation,
+    ) -> Result<Option<Arc<IssuedSvid>>, IdentityError> {
+        match &self.source {
+            Source::Embedded(_) => match &att.spiffe_id {
+                Some(id) => self.svid(id).map(Some),
+                None => Ok(None),
+            },
+            Source::Spire(spire) => Ok(spire.svid_for(&att.selectors).await),
+        }
+    }
+
+    /// A new generation number for a freshly obtained SVID.
+    pub fn next_generation(&self) -> u64 {
+        self.next_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn provider(&self) -> &Arc<CryptoProvider> {
@@ -141,6 +199,12 @@ impl IdentityManager {
 
     /// The current SVID of `id`, issuing or renewing it when due.
     pub fn svid(&self, id: &SpiffeId) -> Result<Arc<IssuedSvid>, IdentityError> {
+        let Source::Embedded(ca) = &self.source else {
+            return Err(IdentityError::Key {
+                id: id.to_string(),
+                message: "SVIDs come from SPIRE; none is held for this ID".into(),
+            });
+        };
         let now = SystemTime::now();
         let previous = {
             let svids = self.svids.lock().unwrap_or_else(|p| p.into_inner());
@@ -149,16 +213,14 @@ impl IdentityManager {
                 other => other.map(|s| s.generation),
             }
         };
-        let svid = self.ca.issue(id, self.ttl)?;
+        let svid = ca.issue(id, self.ttl)?;
         let certified =
             CertifiedKey::from_der(svid.chain.clone(), svid.key.clone_key(), &self.provider)
                 .map_err(|e| IdentityError::Key {
                     id: id.to_string(),
                     message: e.to_string(),
                 })?;
-        let generation = self
-            .next_generation
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let generation = self.next_generation();
         let issued = Arc::new(IssuedSvid {
             svid,
             certified: Arc::new(certified),

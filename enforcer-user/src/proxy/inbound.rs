@@ -3,7 +3,6 @@
 //! name), verifies the client SVID, then serves HTTP/2 CONNECT streams to the
 //! local workload.
 use std::{
-    fmt,
     net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
@@ -11,7 +10,7 @@ use std::{
 
 use bytes::Bytes;
 use h2::server::SendResponse;
-use rustls::{server::ClientHello, sign::CertifiedKey};
+use rustls::sign::CertifiedKey;
 use spiffe::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument as _, info, info_span, warn};
@@ -31,51 +30,8 @@ use crate::{
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Chooses the server certificate: the SVID of the local workload listening
-/// on the port named in the client's server name. No identity, no certificate:
-/// the handshake fails.
-pub struct DestinationResolver {
-    pub identity: Arc<IdentityManager>,
-    pub attestor: Arc<Attestor>,
-    pub local: Arc<LocalAttestor>,
-}
-
-impl fmt::Debug for DestinationResolver {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DestinationResolver")
-            .finish_non_exhaustive()
-    }
-}
-
-impl rustls::server::ResolvesServerCert for DestinationResolver {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let Some(port) = hello.server_name().and_then(tunnel::port_from_server_name) else {
-            warn!(server_name = ?hello.server_name(), "HBONE client named no destination port; no certificate");
-            return None;
-        };
-        let Some(att) = self.local.attest_port(&self.attestor, port) else {
-            warn!(
-                port,
-                "no local workload listens on the requested port; no certificate"
-            );
-            return None;
-        };
-        let Some(id) = att.spiffe_id else {
-            warn!(port, pid = att.facts.pid, selectors = ?att.selectors, "local workload has no identity (no registration entry matches); no certificate");
-            return None;
-        };
-        match self.identity.svid(&id) {
-            Ok(s) => Some(s.certified.clone()),
-            Err(e) => {
-                warn!(spiffe_id = %id, error = %e, "cannot issue the destination's SVID");
-                None
-            }
-        }
-    }
-}
-
 pub struct Inbound {
-    pub acceptor: tokio_rustls::TlsAcceptor,
+    pub identity: Arc<IdentityManager>,
     pub attestor: Arc<Attestor>,
     pub local: Arc<LocalAttestor>,
     pub admin: Arc<AdminState>,
@@ -97,6 +53,23 @@ impl Inbound {
         }
     }
 
+    /// The SVID of the local workload listening on `port`.
+    async fn destination_svid(&self, port: u16) -> Result<Arc<CertifiedKey>, String> {
+        let (attestor, local) = (self.attestor.clone(), self.local.clone());
+        let att = tokio::task::spawn_blocking(move || local.attest_port(&attestor, port))
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("no local workload listens on port {port}"))?;
+        match self.identity.identify(&att).await {
+            Ok(Some(svid)) => Ok(svid.certified.clone()),
+            Ok(None) => Err(format!(
+                "the workload on port {port} (pid {}) has no identity; selectors {:?}",
+                att.facts.pid, att.selectors
+            )),
+            Err(e) => Err(format!("the workload on port {port}: {e}")),
+        }
+    }
+
     fn rejected(&self, peer: SocketAddr, reason: &'static str, detail: &str) {
         warn!(%peer, reason, detail, "HBONE connection rejected");
         self.admin
@@ -112,7 +85,44 @@ impl Inbound {
             Err(e) => return self.rejected(peer, "io_error", &e.to_string()),
         };
         let _ = tcp.set_nodelay(true);
-        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(tcp)).await {
+        // Read the ClientHello first: its server name says which local
+        // workload the client wants, and so which SVID to present.
+        let acceptor =
+            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
+        let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+        let start = match tokio::time::timeout_at(deadline, acceptor).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return self.rejected(peer, tls::handshake_failure_code(&e), &e.to_string());
+            }
+            Err(_) => {
+                return self.rejected(peer, "handshake_timeout", "no TLS handshake within 10 s");
+            }
+        };
+        let Some(port) = start
+            .client_hello()
+            .server_name()
+            .and_then(tunnel::port_from_server_name)
+        else {
+            return self.rejected(
+                peer,
+                "no_destination",
+                "the server name names no destination port",
+            );
+        };
+        let certified = match self.destination_svid(port).await {
+            Ok(c) => c,
+            Err(detail) => return self.rejected(peer, "no_server_identity", &detail),
+        };
+        let config = match tls::server_config(
+            self.identity.trust().clone(),
+            self.identity.provider().clone(),
+            certified,
+        ) {
+            Ok(c) => Arc::new(c),
+            Err(e) => return self.rejected(peer, "tls_config", &e.to_string()),
+        };
+        let tls = match tokio::time::timeout_at(deadline, start.into_stream(config)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 return self.rejected(peer, tls::handshake_failure_code(&e), &e.to_string());
@@ -122,9 +132,6 @@ impl Inbound {
             }
         };
         let (_, conn) = tls.get_ref();
-        let Some(port) = conn.server_name().and_then(tunnel::port_from_server_name) else {
-            return self.rejected(peer, "no_destination", "server name names no port");
-        };
         // The verifier already checked chain and URI SAN; read the ID again.
         let src_id = match conn
             .peer_certificates()
@@ -215,7 +222,16 @@ impl Inbound {
             return self.finish(&summary, Outcome::BadRequest, (0, 0));
         }
         let dst_att = self.local.attest_port(&self.attestor, dst.port());
-        summary.dst_id = dst_att.as_ref().and_then(|a| a.spiffe_id.clone());
+        summary.dst_id = match dst_att {
+            Some(a) => self
+                .identity
+                .identify(&a)
+                .await
+                .ok()
+                .flatten()
+                .map(|s| s.svid.spiffe_id.clone()),
+            None => None,
+        };
         if summary.dst_id.is_none() {
             refuse(&mut respond, http::StatusCode::SERVICE_UNAVAILABLE);
             return self.finish(&summary, Outcome::NoIdentity, (0, 0));

@@ -30,6 +30,7 @@ pub struct Outbound {
     pub admin: Arc<AdminState>,
     pub attestor: Arc<Attestor>,
     pub hbone: Arc<HboneClient>,
+    pub identity: Arc<crate::identity::IdentityManager>,
     /// Destinations served by peer agents (reached over HBONE).
     pub mesh: Vec<ipnet::IpNet>,
     /// Destinations on this node: attested locally, connected directly.
@@ -115,8 +116,15 @@ impl Outbound {
         let att = self
             .attestor
             .attest(WorkloadFacts::from_record(&rec, cgroup));
+        let src_svid = match self.identity.identify(&att).await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(conn_id = id, error = %e, "obtaining the source workload's SVID failed");
+                None
+            }
+        };
         let mut ids = Ids {
-            src: att.spiffe_id.as_ref().map(ToString::to_string),
+            src: src_svid.as_ref().map(|s| s.svid.spiffe_id.to_string()),
             ..Ids::default()
         };
         let Some(dst) = original_destination(&rec) else {
@@ -144,14 +152,14 @@ impl Outbound {
             }
         } else if self.mesh.iter().any(|n| n.contains(&dst.ip())) {
             ids.mtls = true;
-            let Some(src_id) = att.spiffe_id.clone() else {
+            let Some(src_svid) = src_svid else {
                 warn!(conn_id = id, orig_dst = %dst, selectors = ?att.selectors,
                     "workload has no SPIFFE identity (no registration entry matches); refusing a mesh destination");
                 reset(client);
                 let o = Outcome::NoIdentity;
                 return self.finish(id, Some(&att), Some(dst), &ids, o, (0, 0), started);
             };
-            let tunnel = match self.hbone.connect(&src_id, dst).await {
+            let tunnel = match self.hbone.connect(&src_svid, dst).await {
                 Ok(t) => t,
                 Err(e) => {
                     warn!(conn_id = id, orig_dst = %dst, reason = e.code(), error = %e, "HBONE tunnel failed");

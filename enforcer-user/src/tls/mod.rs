@@ -15,7 +15,7 @@ use rustls::{
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use spiffe::SpiffeId;
 
-use crate::identity::Bundles;
+use crate::identity::TrustStore;
 
 /// ALPN of HBONE (HTTP/2).
 pub const ALPN_H2: &[u8] = b"h2";
@@ -115,10 +115,10 @@ pub fn handshake_failure_code(err: &std::io::Error) -> &'static str {
     }
 }
 
-/// Verifies client SVIDs (server side of HBONE).
+/// Verifies client SVIDs (server side of HBONE) against the trust bundles in
+/// force at handshake time.
 pub struct SpiffeClientVerifier {
-    bundles: Bundles,
-    per_domain: std::collections::HashMap<String, Arc<dyn ClientCertVerifier>>,
+    trust: Arc<TrustStore>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -130,22 +130,8 @@ impl fmt::Debug for SpiffeClientVerifier {
 }
 
 impl SpiffeClientVerifier {
-    pub fn new(bundles: Bundles, provider: Arc<CryptoProvider>) -> Result<Self, Error> {
-        let mut per_domain = std::collections::HashMap::new();
-        for td in bundles.trust_domains() {
-            let roots = bundles
-                .roots(td)
-                .ok_or_else(|| Error::General(format!("no roots for {td}")))?;
-            let v = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
-                .build()
-                .map_err(|e| Error::General(format!("trust domain {td}: {e}")))?;
-            per_domain.insert(td.to_owned(), v);
-        }
-        Ok(Self {
-            bundles,
-            per_domain,
-            provider,
-        })
+    pub fn new(trust: Arc<TrustStore>, provider: Arc<CryptoProvider>) -> Self {
+        Self { trust, provider }
     }
 }
 
@@ -162,11 +148,14 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     ) -> Result<ClientCertVerified, Error> {
         let id = spiffe_id_of(end_entity).map_err(reject)?;
         let td = id.trust_domain_name();
-        let verifier = self
-            .per_domain
-            .get(td)
-            .filter(|_| self.bundles.roots(td).is_some())
+        let roots = self
+            .trust
+            .current()
+            .roots(td)
             .ok_or_else(|| reject(Reject::UntrustedTrustDomain(td.to_owned())))?;
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots, self.provider.clone())
+            .build()
+            .map_err(|e| Error::General(format!("trust domain {td}: {e}")))?;
         verifier.verify_client_cert(end_entity, intermediates, now)
     }
 
@@ -205,7 +194,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 /// Verifies server SVIDs (client side of HBONE): chain against the bundle of
 /// the server ID's trust domain; the DNS name is not used (SVIDs carry none).
 pub struct SpiffeServerVerifier {
-    bundles: Bundles,
+    trust: Arc<TrustStore>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -217,8 +206,8 @@ impl fmt::Debug for SpiffeServerVerifier {
 }
 
 impl SpiffeServerVerifier {
-    pub fn new(bundles: Bundles, provider: Arc<CryptoProvider>) -> Self {
-        Self { bundles, provider }
+    pub fn new(trust: Arc<TrustStore>, provider: Arc<CryptoProvider>) -> Self {
+        Self { trust, provider }
     }
 }
 
@@ -233,7 +222,8 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     ) -> Result<ServerCertVerified, Error> {
         let id = spiffe_id_of(end_entity).map_err(reject)?;
         let roots = self
-            .bundles
+            .trust
+            .current()
             .roots(id.trust_domain_name())
             .ok_or_else(|| reject(Reject::UntrustedTrustDomain(id.trust_domain_name().into())))?;
         let parsed = ParsedCertificate::try_from(end_entity)?;
@@ -284,29 +274,42 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-/// Server configuration for the HBONE listener: TLS 1.3, client SVID required,
-/// server certificate chosen per connection by `resolver`.
+/// Always presents one certificate.
+#[derive(Debug)]
+struct Presents(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for Presents {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// Server configuration for one HBONE connection: TLS 1.3, client SVID
+/// required, presenting the destination workload's SVID.
 pub fn server_config(
-    bundles: Bundles,
+    trust: Arc<TrustStore>,
     provider: Arc<CryptoProvider>,
-    resolver: Arc<dyn rustls::server::ResolvesServerCert>,
+    svid: Arc<rustls::sign::CertifiedKey>,
 ) -> Result<rustls::ServerConfig, Error> {
-    let verifier = Arc::new(SpiffeClientVerifier::new(bundles, provider.clone())?);
+    let verifier = Arc::new(SpiffeClientVerifier::new(trust, provider.clone()));
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_cert_resolver(resolver);
+        .with_cert_resolver(Arc::new(Presents(svid)));
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(cfg)
 }
 
 /// Client configuration for one source workload: presents its SVID.
 pub fn client_config(
-    bundles: Bundles,
+    trust: Arc<TrustStore>,
     provider: Arc<CryptoProvider>,
     svid: &crate::identity::Svid,
 ) -> Result<rustls::ClientConfig, Error> {
-    let verifier = Arc::new(SpiffeServerVerifier::new(bundles, provider.clone()));
+    let verifier = Arc::new(SpiffeServerVerifier::new(trust, provider.clone()));
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()

@@ -22,7 +22,7 @@ use tokio::{
 use tracing::debug;
 
 use crate::{
-    identity::{IdentityError, IdentityManager},
+    identity::{IdentityError, IdentityManager, IssuedSvid},
     tls,
 };
 
@@ -127,10 +127,13 @@ impl HboneClient {
     }
 
     /// Opens a tunnel from `src` to `dst` (a workload behind a peer agent).
-    pub async fn connect(&self, src: &SpiffeId, dst: SocketAddr) -> Result<Tunnel, TunnelError> {
-        let svid = self.identity.svid(src)?;
+    pub async fn connect(
+        &self,
+        svid: &Arc<IssuedSvid>,
+        dst: SocketAddr,
+    ) -> Result<Tunnel, TunnelError> {
         let key = PoolKey {
-            src: src.to_string(),
+            src: svid.svid.spiffe_id.to_string(),
             node: dst.ip(),
             port: dst.port(),
         };
@@ -147,12 +150,12 @@ impl HboneClient {
                 Ok(s) => (s, p.peer_id, true),
                 Err(e) => {
                     debug!(error = %e, "pooled HBONE connection is gone; dialing a new one");
-                    let p = self.dial(&svid, node, dst, &key).await?;
+                    let p = self.dial(svid, node, dst, &key).await?;
                     (p.sender, p.peer_id, false)
                 }
             },
             None => {
-                let p = self.dial(&svid, node, dst, &key).await?;
+                let p = self.dial(svid, node, dst, &key).await?;
                 (p.sender, p.peer_id, false)
             }
         };
@@ -191,13 +194,13 @@ impl HboneClient {
 
     async fn dial(
         &self,
-        svid: &crate::identity::IssuedSvid,
+        svid: &IssuedSvid,
         node: SocketAddr,
         dst: SocketAddr,
         key: &PoolKey,
     ) -> Result<Pooled, TunnelError> {
         let cfg = tls::client_config(
-            self.identity.bundles().clone(),
+            self.identity.trust().clone(),
             self.identity.provider().clone(),
             &svid.svid,
         )?;
