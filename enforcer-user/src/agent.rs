@@ -18,7 +18,8 @@ use crate::{
     capture::{Capture, CaptureCgroup, CgroupResolver},
     config::Config,
     config::PlaintextMode,
-    identity::{Bundles, Ca, IdentityManager, Source, TrustStore},
+    config::ProviderKind,
+    identity::{Bundles, Ca, IdentityManager, Source, TrustStore, spire::SpireSource},
     proxy::{inbound::Inbound, outbound::Outbound, plaintext::Plaintext},
     tls,
     tunnel::HboneClient,
@@ -39,14 +40,61 @@ pub fn load_identity(config: &Config) -> anyhow::Result<(Ca, Bundles)> {
         (Some(cert), Some(key)) => Ca::load(&td, cert, key)?,
         _ => Ca::load_or_create(&td, &id.state_dir)?,
     };
-    let mut bundles = Bundles::default();
+    let mut bundles = federation_bundles(config)?;
     bundles.insert(&td, vec![ca.cert_der().clone()])?;
-    for f in &id.federation {
+    Ok((ca, bundles))
+}
+
+/// The trust bundles the config adds by hand (federation).
+fn federation_bundles(config: &Config) -> anyhow::Result<Bundles> {
+    let mut bundles = Bundles::default();
+    for f in &config.identity.federation {
         let ftd = TrustDomain::new(&f.trust_domain)
             .with_context(|| format!("identity.federation trust_domain {:?}", f.trust_domain))?;
         bundles.insert_pem_file(&ftd, &f.bundle)?;
     }
-    Ok((ca, bundles))
+    Ok(bundles)
+}
+
+/// The identity manager of the configured provider.
+async fn identity_manager(
+    config: &Config,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> anyhow::Result<IdentityManager> {
+    let ttl = Duration::from_secs(config.identity.svid_ttl_secs);
+    let td = TrustDomain::new(&config.identity.trust_domain)
+        .with_context(|| format!("identity.trust_domain {:?}", config.identity.trust_domain))?;
+    match config.identity.provider {
+        ProviderKind::Embedded => {
+            let (ca, bundles) = load_identity(config)?;
+            let trust = Arc::new(TrustStore::new(bundles));
+            Ok(IdentityManager::new(
+                Source::Embedded(Box::new(ca)),
+                td,
+                ttl,
+                trust,
+                provider,
+            ))
+        }
+        ProviderKind::Spire => {
+            let spire = Arc::new(
+                SpireSource::connect(&config.identity.spire_socket, provider.clone()).await?,
+            );
+            let extra = federation_bundles(config)?;
+            let mut bundles = spire.fetch_bundles().await?;
+            bundles.merge(&extra);
+            info!(socket = %config.identity.spire_socket.display(), trust_domains = ?bundles.trust_domains().collect::<Vec<_>>(), "identities from SPIRE");
+            let trust = Arc::new(TrustStore::new(bundles));
+            tokio::spawn(spire.clone().follow_bundles(trust.clone(), extra));
+            Ok(IdentityManager::new(
+                Source::Spire(spire),
+                td,
+                ttl,
+                trust,
+                provider,
+            ))
+        }
+    }
 }
 
 /// Runs the agent until SIGTERM or SIGINT. Pinned kernel programs stay
@@ -56,7 +104,6 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     let rules = config.capture_rules(config_path)?;
     let mesh = config.mesh_cidrs(config_path)?;
     let entries = Entries::parse(&config.identity.entries, &config.identity.trust_domain)?;
-    let (ca, bundles) = load_identity(&config)?;
 
     // Bind everything before touching the kernel: a port in use fails cleanly.
     let port = config.capture.outbound_port;
@@ -92,15 +139,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     tokio::spawn(admin::serve(admin_listener, state.clone()));
 
     let provider = tls::provider();
-    let td = ca.trust_domain().clone();
-    let trust = Arc::new(TrustStore::new(bundles));
-    let identity = Arc::new(IdentityManager::new(
-        Source::Embedded(Box::new(ca)),
-        td,
-        Duration::from_secs(config.identity.svid_ttl_secs),
-        trust,
-        provider.clone(),
-    ));
+    let identity = Arc::new(identity_manager(&config, provider.clone()).await?);
     let attestor = Arc::new(Attestor::new(entries));
     let local = Arc::new(LocalAttestor::default());
 

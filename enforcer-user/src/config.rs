@@ -73,6 +73,12 @@ pub struct CaptureConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityConfig {
+    /// Where SVIDs come from.
+    #[serde(default)]
+    pub provider: ProviderKind,
+    /// SPIRE Agent admin socket (provider = "spire").
+    #[serde(default = "default_spire_socket")]
+    pub spire_socket: PathBuf,
     /// Trust domain of this node's workloads.
     #[serde(default = "default_trust_domain")]
     pub trust_domain: String,
@@ -95,9 +101,21 @@ pub struct IdentityConfig {
     pub federation: Vec<FederationConfig>,
 }
 
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// The embedded CA (default): works with no other service.
+    #[default]
+    Embedded,
+    /// SPIRE Agent's Delegated Identity API.
+    Spire,
+}
+
 impl Default for IdentityConfig {
     fn default() -> Self {
         Self {
+            provider: ProviderKind::default(),
+            spire_socket: default_spire_socket(),
             trust_domain: default_trust_domain(),
             state_dir: default_state_dir(),
             ca_cert: None,
@@ -218,6 +236,9 @@ fn default_node_name() -> String {
 }
 fn default_trust_domain() -> String {
     "enforcer.local".into()
+}
+fn default_spire_socket() -> PathBuf {
+    PathBuf::from("/run/spire/sockets/admin.sock")
 }
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/enforcer")

@@ -573,3 +573,131 @@ fn plaintext_from_outside_the_mesh_strict_refused_permissive_audited() {
         "strict port reached while the agent was down"
     );
 }
+
+#[test]
+fn spire_provider_issues_per_workload_svids_that_the_peer_accepts() {
+    // SPIRE itself cannot be installed here: node a gets its identities from
+    // the in-test Delegated Identity server (tests/helpers/spire), which signs
+    // with the CA that node b trusts.
+    let mut tb = Testbed::new("spire").expect("testbed");
+    let a = tb.node("a", 1).expect("a");
+    let b = tb.node("b", 2).expect("b");
+    tb.link(&a, &b).expect("link");
+    let ca = tb.shared_ca("shared", TD).expect("ca");
+    let ca_dir = tb.dir.join("ca-shared");
+    let entries = tb.dir.join("spire-entries.json");
+    std::fs::write(
+        &entries,
+        format!("[{{\"spiffe_id\": \"{AGENT_ID}\", \"selectors\": [\"systemd:unit:support-agent.service\", \"unix:uid:0\"]}}]"),
+    )
+    .expect("entries");
+    let socket = tb.dir.join("spire-admin.sock");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/helpers/spire/fake_spire_agent.py"
+    );
+    let paths = [
+        &socket,
+        &ca_dir.join("ca.pem"),
+        &ca_dir.join("ca.key"),
+        &entries,
+    ]
+    .map(|p| p.display().to_string());
+    tb.spawn(
+        &a,
+        None,
+        "spire",
+        &[
+            "python3", "-u", script, &paths[0], &paths[1], &paths[2], &paths[3], "2",
+        ],
+    )
+    .expect("fake SPIRE agent (needs: pip install grpcio grpcio-tools cryptography)");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !tb.server_log(&a, "spire").contains("LISTENING") {
+        assert!(
+            Instant::now() < deadline,
+            "fake SPIRE agent did not start: {}",
+            tb.server_log(&a, "spire")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    tb.start_server_in(
+        &b,
+        Some("llm.service"),
+        "llm",
+        &["python3", "-m", "http.server", "8080", "--bind", "::"],
+        8080,
+    )
+    .expect("server");
+    let cfg_b = tb
+        .enforcer_config_with(
+            &b,
+            "",
+            &ca,
+            &format!("{}{MESH}", entry(LLM_ID, "systemd:unit:llm.service")),
+        )
+        .expect("cfg b");
+    let eb = tb.start_enforcer(&b, &cfg_b).expect("enforcer b");
+    let spire_identity = format!(
+        "provider = \"spire\"\nspire_socket = \"{}\"\ntrust_domain = \"{TD}\"\n",
+        socket.display()
+    );
+    let cfg_a = tb
+        .enforcer_config_with(&a, "", &spire_identity, MESH)
+        .expect("cfg a");
+    let ea = tb
+        .start_enforcer(&a, &cfg_a)
+        .expect("enforcer a (spire provider)");
+    let url = format!("http://{}:8080/", b.ipv4);
+
+    let (pid, out) = curl(&a, "support-agent.service", &url);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "200",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = line_with(&ea, |v| v["pid"] == pid);
+    assert_eq!(line["src_spiffe_id"], AGENT_ID, "{line}");
+    assert_eq!(line["dst_spiffe_id"], LLM_ID, "{line}");
+    let inbound = line_with(&eb, |v| v["direction"] == "inbound" && v["outcome"] == "ok");
+    assert_eq!(
+        inbound["src_spiffe_id"], AGENT_ID,
+        "b verified the SPIRE-issued SVID: {inbound}"
+    );
+    let spire_log = tb.server_log(&a, "spire");
+    assert!(
+        spire_log.lines().any(|l| l.starts_with("SUBSCRIBE")
+            && l.contains("systemd:unit:support-agent.service")
+            && l.contains("unix:uid:0")),
+        "the agent must ask SPIRE with the workload's attested selectors:\n{spire_log}"
+    );
+
+    // SPIRE has no entry for this workload: no identity, refused.
+    let (pid, out) = curl(&a, "stranger.service", &url);
+    assert_ne!(String::from_utf8_lossy(&out.stdout), "200");
+    assert_eq!(
+        line_with(&ea, |v| v["pid"] == pid)["outcome"],
+        "no_identity"
+    );
+    assert!(tb.server_log(&a, "spire").contains("DENIED"));
+
+    // Streamed updates: the server rotates every 2 s; the agent takes them and keeps working.
+    std::thread::sleep(Duration::from_millis(2500));
+    let received = ea
+        .log_lines()
+        .iter()
+        .filter(|v| v["message"] == "SVID received from SPIRE" && v["spiffe_id"] == AGENT_ID)
+        .count();
+    assert!(
+        received >= 2,
+        "rotated SVIDs must be streamed to the agent (got {received})"
+    );
+    let (_, out) = curl(&a, "support-agent.service", &url);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "200",
+        "after rotation: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -25,8 +25,16 @@ const APT_PACKAGES: &[&str] = &[
     "tcpdump",
 ];
 
-/// Python packages the AI scenarios run (the official clients and servers).
-const PIP_PACKAGES: &[(&str, &str)] = &[("mcp", "mcp"), ("openai", "openai")];
+/// Python packages (package, module): the AI scenarios' official clients and
+/// servers; `cryptography` to craft bad certificates in tests; grpcio for the
+/// in-test SPIRE Delegated Identity server.
+const PIP_PACKAGES: &[(&str, &str)] = &[
+    ("mcp", "mcp"),
+    ("openai", "openai"),
+    ("cryptography", "cryptography"),
+    ("grpcio", "grpc"),
+    ("grpcio-tools", "grpc_tools"),
+];
 
 const BPF_LINKER_VERSION: &str = "0.13";
 

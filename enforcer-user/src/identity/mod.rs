@@ -52,6 +52,8 @@ pub enum IdentityError {
     Key { id: String, message: String },
     #[error("trust bundle {path}: {message}")]
     Bundle { path: String, message: String },
+    #[error("SPIRE agent admin socket {socket}: {message}")]
+    Spire { socket: String, message: String },
 }
 
 /// Trust bundles: the CA certificates trusted for each trust domain.
@@ -95,6 +97,13 @@ impl Bundles {
             return Err(err("contains no certificate".into()));
         }
         self.insert(trust_domain, certs)
+    }
+
+    /// Adds the bundles of `other` (other wins on a clash).
+    pub fn merge(&mut self, other: &Bundles) {
+        for (td, roots) in &other.roots {
+            self.roots.insert(td.clone(), roots.clone());
+        }
     }
 
     pub fn roots(&self, trust_domain: &str) -> Option<Arc<RootCertStore>> {
