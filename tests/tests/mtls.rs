@@ -404,6 +404,18 @@ fn federated_trust_domain_is_accepted_only_when_configured() {
         "b must log the untrusted trust domain"
     );
 
+    // `enforcer ca export-bundle` hands out exactly the CA certificate b uses.
+    let exported = std::process::Command::new(enforcer_tests::enforcer_bin())
+        .args(["ca", "export-bundle", "--config"])
+        .arg(&cfg_b)
+        .output()
+        .expect("export-bundle");
+    assert!(exported.status.success(), "{exported:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&exported.stdout),
+        std::fs::read_to_string(bundle("b")).expect("ca-b")
+    );
+
     // Then b federates with a.example.org: accepted, with a's ID verified.
     tb.stop(eb.pid).expect("stop b");
     let cfg_b = tb
@@ -700,4 +712,107 @@ fn spire_provider_issues_per_workload_svids_that_the_peer_accepts() {
         "after rotation: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn hbone_connections_are_pooled_per_source_and_destination() {
+    let m = mesh("pool", "");
+    let url = format!("http://{}:8080/", m.b.ipv4);
+    let mut reused = vec![];
+    for _ in 0..3 {
+        let (pid, out) = curl(&m.a, "support-agent.service", &url);
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+        reused.push(line_with(&m.ea, |v| v["pid"] == pid)["hbone_reused"].clone());
+    }
+    assert_eq!(
+        reused,
+        vec![Value::Bool(false), Value::Bool(true), Value::Bool(true)],
+        "one TLS connection, three streams"
+    );
+    // Another destination port is another workload, so another connection:
+    // nothing listens on b:8081, so b has no certificate to present.
+    let (pid, _) = curl(
+        &m.a,
+        "support-agent.service",
+        &format!("http://{}:8081/", m.b.ipv4),
+    );
+    assert_eq!(
+        line_with(&m.ea, |v| v["pid"] == pid)["outcome"],
+        "tunnel_failed"
+    );
+}
+
+#[test]
+fn registration_entries_reload_without_restart_and_bad_edits_are_rejected() {
+    let mut m = mesh("reload", "");
+    let url = format!("http://{}:8080/", m.b.ipv4);
+    let (pid, _) = curl(&m.a, "late-agent.service", &url);
+    assert_eq!(
+        line_with(&m.ea, |v| v["pid"] == pid)["outcome"],
+        "no_identity"
+    );
+
+    let cfg = m.tb.dir.join("a.toml");
+    let original = std::fs::read_to_string(&cfg).expect("config");
+    // A broken edit is rejected; the entries in force stay.
+    std::fs::write(&cfg, format!("{original}\n[[identity.entries]]\nspiffe_id = \"not a spiffe id\"\nselectors = [\"unix:uid:0\"]\n")).expect("write");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !m.ea.log_lines().iter().any(|v| {
+        v["message"] == "config change rejected; the previous registration entries stay in force"
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "a broken config must be rejected with a log line"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (pid, out) = curl(&m.a, "support-agent.service", &url);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "200",
+        "existing entries keep working"
+    );
+    assert_eq!(
+        line_with(&m.ea, |v| v["pid"] == pid)["src_spiffe_id"],
+        AGENT_ID
+    );
+
+    // A valid edit applies within 2 s, no restart.
+    std::fs::write(
+        &cfg,
+        format!(
+            "{original}\n{}",
+            entry(
+                "spiffe://ai.example.org/agent/late",
+                "systemd:unit:late-agent.service"
+            )
+        ),
+    )
+    .expect("write");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !m
+        .ea
+        .log_lines()
+        .iter()
+        .any(|v| v["message"] == "registration entries reloaded")
+    {
+        assert!(Instant::now() < deadline, "entries not reloaded within 2 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (pid, out) = curl(&m.a, "late-agent.service", &url);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "200",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        line_with(&m.ea, |v| v["pid"] == pid)["src_spiffe_id"],
+        "spiffe://ai.example.org/agent/late"
+    );
+    let inbound = line_with(&m.eb, |v| {
+        v["src_spiffe_id"] == "spiffe://ai.example.org/agent/late"
+    });
+    assert_eq!(inbound["outcome"], "ok");
+    m.tb.stop(m.ea.pid).expect("stop");
 }

@@ -59,6 +59,8 @@ struct Ids {
     dst: Option<String>,
     mtls: bool,
     same_node: bool,
+    /// The HBONE stream rode on a pooled connection (no new TLS handshake).
+    reused: Option<bool>,
 }
 
 impl Outbound {
@@ -169,6 +171,7 @@ impl Outbound {
                 }
             };
             ids.dst = Some(tunnel.peer_id.to_string());
+            ids.reused = Some(tunnel.reused);
             let _ = client.set_nodelay(true);
             let (bytes, result) = tunnel::splice(client, tunnel.send, tunnel.recv).await;
             let outcome = match result {
@@ -249,6 +252,7 @@ impl Outbound {
             dst_spiffe_id = ids.dst.as_deref(),
             mtls = ids.mtls,
             same_node = ids.same_node,
+            hbone_reused = ids.reused,
             bytes_sent = sent,
             bytes_received = received,
             duration_ms = started.elapsed().as_millis() as u64,
