@@ -188,6 +188,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         hbone: Arc::new(HboneClient::new(identity.clone(), config.mesh.hbone_port)),
         mesh,
         local: local.clone(),
+        local_addrs: Default::default(),
     });
     tokio::spawn(outbound.clone().serve(out4));
     if let Some(l) = out6 {

@@ -104,3 +104,36 @@ impl Metrics {
         out
     }
 }
+
+impl Metrics {
+    /// A connection was accepted.
+    pub fn opened(&self, direction: Direction) {
+        let d = DirectionLabels { direction };
+        self.connections_opened.get_or_create(&d).inc();
+        self.active.get_or_create(&d).inc();
+    }
+
+    /// A connection ended: its outcome and payload bytes (sent = towards the
+    /// peer, received = from it, from the local workload's point of view).
+    pub fn closed(&self, direction: Direction, outcome: &'static str, sent: u64, received: u64) {
+        self.active
+            .get_or_create(&DirectionLabels {
+                direction: direction.clone(),
+            })
+            .dec();
+        self.connections_closed
+            .get_or_create(&ClosedLabels {
+                direction: direction.clone(),
+                outcome,
+            })
+            .inc();
+        for (flow, n) in [("sent", sent), ("received", received)] {
+            self.bytes
+                .get_or_create(&BytesLabels {
+                    direction: direction.clone(),
+                    flow,
+                })
+                .inc_by(n);
+        }
+    }
+}

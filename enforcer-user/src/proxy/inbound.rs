@@ -19,7 +19,7 @@ use super::{Outcome, next_conn_id};
 use crate::{
     admin::{
         AdminState,
-        metrics::{BytesLabels, ClosedLabels, Direction, DirectionLabels, RejectLabels},
+        metrics::{Direction, RejectLabels},
     },
     attest::{Attestor, local::LocalAttestor},
     identity::IdentityManager,
@@ -186,12 +186,7 @@ impl Inbound {
         mut respond: SendResponse<Bytes>,
     ) {
         let started = Instant::now();
-        let m = &self.admin.metrics;
-        let dir = DirectionLabels {
-            direction: Direction::inbound,
-        };
-        m.connections_opened.get_or_create(&dir).inc();
-        m.active.get_or_create(&dir).inc();
+        self.admin.metrics.opened(Direction::inbound);
         let mut summary = Summary {
             id,
             peer,
@@ -272,26 +267,9 @@ impl Inbound {
     }
 
     fn finish(&self, s: &Summary<'_>, outcome: Outcome, (received, sent): (u64, u64)) {
-        let m = &self.admin.metrics;
-        m.active
-            .get_or_create(&DirectionLabels {
-                direction: Direction::inbound,
-            })
-            .dec();
-        m.connections_closed
-            .get_or_create(&ClosedLabels {
-                direction: Direction::inbound,
-                outcome: outcome.as_str(),
-            })
-            .inc();
-        for (flow, n) in [("sent", sent), ("received", received)] {
-            m.bytes
-                .get_or_create(&BytesLabels {
-                    direction: Direction::inbound,
-                    flow,
-                })
-                .inc_by(n);
-        }
+        self.admin
+            .metrics
+            .closed(Direction::inbound, outcome.as_str(), sent, received);
         info!(
             conn_id = s.id,
             direction = "inbound",

@@ -12,10 +12,7 @@ use tracing::{Instrument as _, info, info_span, warn};
 
 use super::{Outcome, next_conn_id, reset};
 use crate::{
-    admin::{
-        AdminState,
-        metrics::{BytesLabels, ClosedLabels, Direction, DirectionLabels},
-    },
+    admin::{AdminState, metrics::Direction},
     attest::{Attestation, Attestor, WorkloadFacts, local::LocalAttestor},
     capture::{Capture, CgroupResolver, original_destination},
     tunnel::{self, HboneClient},
@@ -35,21 +32,37 @@ pub struct Outbound {
     pub mesh: Vec<ipnet::IpNet>,
     /// Destinations on this node: attested locally, connected directly.
     pub local: Arc<LocalAttestor>,
+    pub local_addrs: LocalAddrs,
 }
 
-/// Whether `ip` is an address of this network namespace (the node itself).
-fn is_local_address(ip: std::net::IpAddr) -> bool {
-    let ip = ip.to_canonical();
-    nix::ifaddrs::getifaddrs()
-        .map(|addrs| {
-            addrs.into_iter().any(|a| {
-                a.address.as_ref().is_some_and(|s| {
-                    s.as_sockaddr_in().map(|v4| std::net::IpAddr::V4(v4.ip())) == Some(ip)
-                        || s.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip())) == Some(ip)
+/// The addresses of this network namespace (the node itself), re-read at
+/// most once a second rather than per connection.
+#[derive(Default)]
+pub struct LocalAddrs(Mutex<Option<(Instant, Vec<std::net::IpAddr>)>>);
+
+impl LocalAddrs {
+    fn contains(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        let mut cached = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if cached
+            .as_ref()
+            .is_none_or(|(at, _)| at.elapsed() > Duration::from_secs(1))
+        {
+            let addrs = nix::ifaddrs::getifaddrs()
+                .map(|it| {
+                    it.filter_map(|a| {
+                        let s = a.address?;
+                        s.as_sockaddr_in()
+                            .map(|v4| std::net::IpAddr::V4(v4.ip()))
+                            .or_else(|| s.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip())))
+                    })
+                    .collect()
                 })
-            })
-        })
-        .unwrap_or(false)
+                .unwrap_or_default();
+            *cached = Some((Instant::now(), addrs));
+        }
+        cached.as_ref().is_some_and(|(_, a)| a.contains(&ip))
+    }
 }
 
 /// Identities of both ends, for the summary line.
@@ -87,12 +100,7 @@ impl Outbound {
 
     async fn handle(&self, id: u64, client: TcpStream, peer: SocketAddr) {
         let started = Instant::now();
-        let m = &self.admin.metrics;
-        let dir = DirectionLabels {
-            direction: Direction::outbound,
-        };
-        m.connections_opened.get_or_create(&dir).inc();
-        m.active.get_or_create(&dir).inc();
+        self.admin.metrics.opened(Direction::outbound);
 
         let local = match client.local_addr() {
             Ok(a) => a,
@@ -140,7 +148,7 @@ impl Outbound {
         };
         tracing::Span::current().record("dst", tracing::field::display(dst));
 
-        if is_local_address(dst.ip()) {
+        if self.local_addrs.contains(dst.ip()) {
             // Same node: both ends attested here; the bytes never leave the host.
             ids.same_node = true;
             let dst_att = self.local.attest_port(&self.attestor, dst.port());
@@ -215,26 +223,9 @@ impl Outbound {
         (sent, received): (u64, u64),
         started: Instant,
     ) {
-        let m = &self.admin.metrics;
-        m.active
-            .get_or_create(&DirectionLabels {
-                direction: Direction::outbound,
-            })
-            .dec();
-        m.connections_closed
-            .get_or_create(&ClosedLabels {
-                direction: Direction::outbound,
-                outcome: outcome.as_str(),
-            })
-            .inc();
-        for (flow, n) in [("sent", sent), ("received", received)] {
-            m.bytes
-                .get_or_create(&BytesLabels {
-                    direction: Direction::outbound,
-                    flow,
-                })
-                .inc_by(n);
-        }
+        self.admin
+            .metrics
+            .closed(Direction::outbound, outcome.as_str(), sent, received);
         let facts = att.map(|a| &a.facts);
         let unknown = String::new();
         info!(

@@ -14,10 +14,7 @@ use tracing::{Instrument as _, info, info_span, warn};
 
 use super::{Outcome, next_conn_id, outbound::splice_tcp, reset};
 use crate::{
-    admin::{
-        AdminState,
-        metrics::{BytesLabels, ClosedLabels, Direction, DirectionLabels},
-    },
+    admin::{AdminState, metrics::Direction},
     attest::{Attestor, local::LocalAttestor},
     config::PlaintextMode,
 };
@@ -53,12 +50,7 @@ impl Plaintext {
 
     async fn handle(&self, id: u64, client: TcpStream, peer: SocketAddr) {
         let started = Instant::now();
-        let m = &self.admin.metrics;
-        let dir = DirectionLabels {
-            direction: Direction::inbound,
-        };
-        m.connections_opened.get_or_create(&dir).inc();
-        m.active.get_or_create(&dir).inc();
+        self.admin.metrics.opened(Direction::inbound);
         // sk_lookup keeps the addresses: our local address is the original destination.
         let dst = match client.local_addr() {
             Ok(a) => SocketAddr::new(a.ip().to_canonical(), a.port()),
@@ -120,26 +112,9 @@ impl Plaintext {
         (sent, received): (u64, u64),
         started: Instant,
     ) {
-        let m = &self.admin.metrics;
-        m.active
-            .get_or_create(&DirectionLabels {
-                direction: Direction::inbound,
-            })
-            .dec();
-        m.connections_closed
-            .get_or_create(&ClosedLabels {
-                direction: Direction::inbound,
-                outcome: outcome.as_str(),
-            })
-            .inc();
-        for (flow, n) in [("sent", sent), ("received", received)] {
-            m.bytes
-                .get_or_create(&BytesLabels {
-                    direction: Direction::inbound,
-                    flow,
-                })
-                .inc_by(n);
-        }
+        self.admin
+            .metrics
+            .closed(Direction::inbound, outcome.as_str(), sent, received);
         info!(
             conn_id = id,
             direction = "inbound",
