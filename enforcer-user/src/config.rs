@@ -39,6 +39,8 @@ pub struct Config {
     #[serde(default)]
     pub mesh: MeshConfig,
     #[serde(default)]
+    pub policy: PolicyConfig,
+    #[serde(default)]
     pub admin: AdminConfig,
     #[serde(default)]
     pub log: LogConfig,
@@ -183,6 +185,45 @@ impl Default for MeshConfig {
             inbound: vec![],
         }
     }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// A directory of .rego and data.json files, an OPA bundle (.tar.gz), or
+    /// an http:// URL serving a bundle. `""`: no policy, everything is denied.
+    #[serde(default = "default_policy_source")]
+    pub source: String,
+    /// `enforce` or `dry-run` (log "would deny", allow).
+    #[serde(default)]
+    pub mode: crate::policy::Mode,
+    /// How often the source is checked for changes.
+    #[serde(default = "default_poll_ms")]
+    pub poll_ms: u64,
+    /// Decision log: a file path (appended), or `-` for standard output.
+    #[serde(default = "default_audit_log")]
+    pub audit_log: PathBuf,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            source: default_policy_source(),
+            mode: crate::policy::Mode::default(),
+            poll_ms: default_poll_ms(),
+            audit_log: default_audit_log(),
+        }
+    }
+}
+
+fn default_policy_source() -> String {
+    "/etc/enforcer/policies".into()
+}
+fn default_poll_ms() -> u64 {
+    1000
+}
+fn default_audit_log() -> PathBuf {
+    PathBuf::from("/var/log/enforcer/audit.jsonl")
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -358,6 +399,16 @@ impl Config {
         self.capture_rules(path)?;
         self.mesh_cidrs(path)?;
         self.inbound_ports(path)?;
+        if !self.policy.source.is_empty() {
+            crate::policy::source::PolicySource::parse(&self.policy.source)
+                .map_err(|m| invalid("policy.source", m))?;
+        }
+        if !(100..=3_600_000).contains(&self.policy.poll_ms) {
+            return Err(invalid(
+                "policy.poll_ms",
+                "must be between 100 and 3600000".into(),
+            ));
+        }
         self.inbound_addr(path)?;
         let td = spiffe::TrustDomain::new(&self.identity.trust_domain).map_err(|e| {
             invalid(

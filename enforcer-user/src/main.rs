@@ -24,6 +24,9 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Evaluate or test policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Manage the embedded CA.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -33,6 +36,95 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Print the decision of a policy for an input document (DESIGN §3).
+    Eval {
+        /// JSON input document.
+        #[arg(long)]
+        input: PathBuf,
+        /// Policy directory or bundle (.tar.gz); default: policy.source of --config.
+        #[arg(long)]
+        policy: Option<String>,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Run the test_* rules of a policy directory or bundle, like `opa test`.
+    Test {
+        #[arg(long, default_value = "policies")]
+        policy: String,
+    },
+}
+
+fn policy_cmd(cmd: PolicyCommand) -> anyhow::Result<()> {
+    use enforcer::policy::{load, source::PolicySource, testing};
+    match cmd {
+        PolicyCommand::Eval {
+            input,
+            policy,
+            config,
+        } => {
+            let src = match (policy, config) {
+                (Some(p), _) => p,
+                (None, Some(c)) => Config::load(&c)?.policy.source,
+                (None, None) => anyhow::bail!("name the policy with --policy DIR or --config FILE"),
+            };
+            let src = PolicySource::parse(&src).map_err(anyhow::Error::msg)?;
+            let loaded = enforcer::policy::source::load_local(&src)?;
+            let text = std::fs::read_to_string(&input)
+                .with_context(|| format!("reading {}", input.display()))?;
+            serde_json::from_str::<serde_json::Value>(&text)
+                .with_context(|| format!("{} is not JSON", input.display()))?;
+            let d = loaded.evaluate(&text);
+            let out = serde_json::json!({
+                "allow": d.allow,
+                "reason": d.reason,
+                "error": d.error,
+                "revision": loaded.revision,
+            });
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(())
+        }
+        PolicyCommand::Test { policy } => {
+            let src = PolicySource::parse(&policy).map_err(anyhow::Error::msg)?;
+            let files = match &src {
+                PolicySource::Dir(d) => load::read_dir(d)?,
+                PolicySource::BundleFile(f) => load::read_bundle(
+                    &f.display().to_string(),
+                    &std::fs::read(f).with_context(|| format!("reading {}", f.display()))?,
+                )?,
+                PolicySource::Url(_) => {
+                    anyhow::bail!("policy test takes a directory or a bundle file")
+                }
+            };
+            let results = testing::run(&src.describe(), &files)?;
+            let failed = results.iter().filter(|r| !r.passed).count();
+            for r in &results {
+                match &r.detail {
+                    None => println!("PASS: {}", r.name),
+                    Some(d) => println!("FAIL: {} ({d})", r.name),
+                }
+            }
+            println!(
+                "--------------------------------------------------------------------------------"
+            );
+            if results.is_empty() {
+                anyhow::bail!("no test_* rules found in {}", src.describe());
+            }
+            println!(
+                "{}: {}/{}",
+                if failed == 0 { "PASS" } else { "FAIL" },
+                results.len() - failed,
+                results.len()
+            );
+            if failed > 0 {
+                anyhow::bail!("{failed} policy test(s) failed");
+            }
+            Ok(())
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -102,6 +194,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Ca(cmd) => ca(cmd),
+        Command::Policy(cmd) => policy_cmd(cmd),
         Command::Detach { config } => {
             let cfg = Config::load(&config)?;
             let dir = enforcer::capture::pin_dir(&cfg.capture.bpffs, &cfg.node_name);

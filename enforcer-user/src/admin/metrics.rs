@@ -1,9 +1,32 @@
 //! Prometheus metrics. Every metric is listed in `docs/metrics.md`.
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue},
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
     registry::Registry,
 };
+
+/// At most this many distinct SPIFFE IDs become label values of the decision
+/// metric; later ones are counted under `other`, so a flood of identities
+/// cannot blow up the metric's cardinality.
+pub const MAX_ID_LABELS: usize = 64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub direction: &'static str,
+    pub result: &'static str,
+    pub source: String,
+    pub destination: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
@@ -48,6 +71,10 @@ pub struct Metrics {
     pub active: Family<DirectionLabels, Gauge>,
     pub capture_map_entries: Family<MapLabels, Gauge>,
     pub hbone_rejected: Family<RejectLabels, Counter>,
+    pub policy_decisions: Family<DecisionLabels, Counter>,
+    pub policy_eval_seconds: Histogram,
+    pub policy_reloads: Family<ResultLabels, Counter>,
+    id_labels: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Metrics {
@@ -86,7 +113,29 @@ impl Metrics {
             "Inbound HBONE connections refused before any stream, by reason",
             hbone_rejected.clone(),
         );
+        let policy_decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "policy_decisions",
+            "Policy decisions by direction, result and SPIFFE IDs (bounded)",
+            policy_decisions.clone(),
+        );
+        let policy_eval_seconds = Histogram::new(exponential_buckets(1e-6, 2.0, 20));
+        registry.register(
+            "policy_evaluation_seconds",
+            "Time to evaluate the policy (cache misses only)",
+            policy_eval_seconds.clone(),
+        );
+        let policy_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "policy_reloads",
+            "Policy reloads: ok, or rejected (did not compile; the previous stays)",
+            policy_reloads.clone(),
+        );
         Self {
+            policy_decisions,
+            policy_eval_seconds,
+            policy_reloads,
+            id_labels: Default::default(),
             hbone_rejected,
             registry: root,
             connections_opened,
@@ -135,5 +184,46 @@ impl Metrics {
                 })
                 .inc_by(n);
         }
+    }
+}
+
+impl Metrics {
+    /// A label value for a SPIFFE ID: the ID itself for the first
+    /// [`MAX_ID_LABELS`] distinct IDs, `other` after that, `none` when absent.
+    fn id_label(&self, id: Option<&str>) -> String {
+        let Some(id) = id else {
+            return "none".into();
+        };
+        let mut seen = self.id_labels.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.contains(id) {
+            return id.to_owned();
+        }
+        if seen.len() < MAX_ID_LABELS {
+            seen.insert(id.to_owned());
+            return id.to_owned();
+        }
+        "other".into()
+    }
+
+    pub fn policy_decision(
+        &self,
+        direction: &'static str,
+        result: &'static str,
+        src: Option<&str>,
+        dst: Option<&str>,
+    ) {
+        let labels = DecisionLabels {
+            direction,
+            result,
+            source: self.id_label(src),
+            destination: self.id_label(dst),
+        };
+        self.policy_decisions.get_or_create(&labels).inc();
+    }
+
+    pub fn policy_reload(&self, result: &'static str) {
+        self.policy_reloads
+            .get_or_create(&ResultLabels { result })
+            .inc();
     }
 }

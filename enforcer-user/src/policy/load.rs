@@ -1,0 +1,148 @@
+//! Loading a policy set: a directory of `.rego` and `data.json` files, or an
+//! OPA bundle (`.tar.gz` with the same layout, as OPA bundle servers serve).
+//! A `data.json` in directory `a/b` is placed at `data.a.b`, as OPA does.
+use std::{
+    io::Read as _,
+    path::{Path, PathBuf},
+};
+
+use regorus::{Engine, Value};
+
+/// What went wrong loading a policy set, naming the file.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+    #[error("{path}: does not compile: {message}")]
+    Compile { path: String, message: String },
+    #[error("{0}: contains no .rego file")]
+    Empty(String),
+    #[error("policy check failed: {0}")]
+    Check(String),
+}
+
+/// One file of a policy set.
+pub struct PolicyFile {
+    /// Path relative to the set's root, `/`-separated.
+    pub path: String,
+    pub contents: Vec<u8>,
+}
+
+/// All `.rego` and `data.json` files under `dir`, in a stable order.
+pub fn read_dir(dir: &Path) -> Result<Vec<PolicyFile>, LoadError> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::from(dir)];
+    while let Some(d) = stack.pop() {
+        let entries = std::fs::read_dir(&d).map_err(|e| LoadError::File {
+            path: d.display().to_string(),
+            message: e.to_string(),
+        })?;
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "rego")
+                || p.file_name().is_some_and(|n| n == "data.json")
+            {
+                let contents = std::fs::read(&p).map_err(|e| LoadError::File {
+                    path: p.display().to_string(),
+                    message: e.to_string(),
+                })?;
+                let rel = p
+                    .strip_prefix(dir)
+                    .unwrap_or(&p)
+                    .to_string_lossy()
+                    .into_owned();
+                out.push(PolicyFile {
+                    path: rel,
+                    contents,
+                });
+            }
+        }
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(out)
+}
+
+/// The `.rego` and `data.json` files of an OPA bundle (gzip'd tar).
+pub fn read_bundle(name: &str, bytes: &[u8]) -> Result<Vec<PolicyFile>, LoadError> {
+    let err = |message: String| LoadError::File {
+        path: name.to_owned(),
+        message,
+    };
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(bytes));
+    let mut out = Vec::new();
+    for entry in archive
+        .entries()
+        .map_err(|e| err(format!("not a .tar.gz bundle: {e}")))?
+    {
+        let mut entry = entry.map_err(|e| err(format!("corrupt bundle: {e}")))?;
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let path = entry
+            .path()
+            .map_err(|e| err(e.to_string()))?
+            .to_string_lossy()
+            .trim_start_matches("./")
+            .trim_start_matches('/')
+            .to_owned();
+        if path.split('/').any(|c| c == "..") {
+            return Err(err(format!("entry {path:?} escapes the bundle")));
+        }
+        if path.ends_with(".rego") || path == "data.json" || path.ends_with("/data.json") {
+            let mut contents = Vec::new();
+            entry
+                .read_to_end(&mut contents)
+                .map_err(|e| err(format!("{path}: {e}")))?;
+            out.push(PolicyFile { path, contents });
+        }
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(out)
+}
+
+/// Compiles a policy set into an engine. `origin` names the set in errors.
+pub fn compile(origin: &str, files: &[PolicyFile]) -> Result<Engine, LoadError> {
+    let mut engine = Engine::new();
+    let mut regos = 0;
+    for f in files {
+        let shown = format!("{origin}/{}", f.path);
+        let text = String::from_utf8(f.contents.clone()).map_err(|_| LoadError::File {
+            path: shown.clone(),
+            message: "not UTF-8".into(),
+        })?;
+        if f.path.ends_with(".rego") {
+            engine
+                .add_policy(shown.clone(), text)
+                .map_err(|e| LoadError::Compile {
+                    path: shown.clone(),
+                    message: e.to_string(),
+                })?;
+            regos += 1;
+        } else {
+            let value = Value::from_json_str(&text).map_err(|e| LoadError::File {
+                path: shown.clone(),
+                message: format!("not JSON: {e}"),
+            })?;
+            // data.json in a/b/ lives at data.a.b
+            let mut wrapped = value;
+            let dir = f.path.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+            for comp in dir.split('/').filter(|c| !c.is_empty()).rev() {
+                let mut obj = Value::new_object();
+                if let Ok(map) = obj.as_object_mut() {
+                    map.insert(Value::from(comp), wrapped);
+                }
+                wrapped = obj;
+            }
+            engine.add_data(wrapped).map_err(|e| LoadError::File {
+                path: shown.clone(),
+                message: format!("cannot merge into data: {e}"),
+            })?;
+        }
+    }
+    if regos == 0 {
+        return Err(LoadError::Empty(origin.to_owned()));
+    }
+    Ok(engine)
+}
