@@ -20,6 +20,11 @@ use crate::{
     config::PlaintextMode,
     config::ProviderKind,
     identity::{Bundles, Ca, IdentityManager, Source, TrustStore, spire::SpireSource},
+    policy::{
+        Policy,
+        audit::AuditLog,
+        source::{self, PolicySource},
+    },
     proxy::{inbound::Inbound, outbound::Outbound, plaintext::Plaintext},
     tls,
     tunnel::HboneClient,
@@ -43,6 +48,30 @@ pub fn load_identity(config: &Config) -> anyhow::Result<(Ca, Bundles)> {
     let mut bundles = federation_bundles(config)?;
     bundles.insert(&td, vec![ca.cert_der().clone()])?;
     Ok((ca, bundles))
+}
+
+/// The policy engine: the audit log opened, the first policy loaded (a local
+/// source that does not compile stops startup), the source watched.
+async fn policy_engine(
+    config: &Config,
+    metrics: Arc<crate::admin::Metrics>,
+) -> anyhow::Result<Policy> {
+    let audit = AuditLog::open(&config.policy.audit_log).with_context(|| {
+        format!(
+            "opening policy.audit_log {}",
+            config.policy.audit_log.display()
+        )
+    })?;
+    let policy = Policy::new(config.policy.mode, audit, metrics);
+    if config.policy.source.is_empty() {
+        warn!("policy.source is empty: no policy, every connection is denied");
+        return Ok(policy);
+    }
+    let src = PolicySource::parse(&config.policy.source).map_err(anyhow::Error::msg)?;
+    source::initial(&src, &policy)
+        .await
+        .with_context(|| format!("loading policy.source {}", src.describe()))?;
+    Ok(policy)
 }
 
 /// The trust bundles the config adds by hand (federation).
@@ -136,6 +165,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     let admin_listener = bind(config.admin.metrics_addr, "admin.metrics_addr").await?;
 
     let state = Arc::new(AdminState::new(&config.node_name));
+    let policy = Arc::new(policy_engine(&config, state.metrics.clone()).await?);
     tokio::spawn(admin::serve(admin_listener, state.clone()));
 
     let provider = tls::provider();
@@ -168,6 +198,8 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     if let Some((v4, v6)) = plaintext {
         let handler = Arc::new(Plaintext {
             modes: inbound_ports.iter().copied().collect(),
+            identity: identity.clone(),
+            policy: policy.clone(),
             attestor: attestor.clone(),
             local: local.clone(),
             admin: state.clone(),
@@ -185,6 +217,8 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         admin: state.clone(),
         attestor: attestor.clone(),
         identity: identity.clone(),
+        policy: policy.clone(),
+        node: config.node_name.clone(),
         hbone: Arc::new(HboneClient::new(identity.clone(), config.mesh.hbone_port)),
         mesh,
         local: local.clone(),
@@ -197,6 +231,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     if let Some(listener) = inbound_listener {
         let inbound = Arc::new(Inbound {
             identity: identity.clone(),
+            policy: policy.clone(),
             attestor: attestor.clone(),
             local,
             admin: state.clone(),
@@ -204,10 +239,20 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         tokio::spawn(inbound.serve(listener));
     }
     tokio::spawn(renew_svids(identity.clone()));
+    if let Ok(src) = PolicySource::parse(&config.policy.source)
+        && !config.policy.source.is_empty()
+    {
+        tokio::spawn(source::watch(
+            src,
+            policy.clone(),
+            Duration::from_millis(config.policy.poll_ms),
+        ));
+    }
     tokio::spawn(reload_entries(
         config_path.to_owned(),
         attestor,
         config.identity.trust_domain.clone(),
+        policy.clone(),
     ));
 
     state.ready.store(true, Ordering::Release);
@@ -217,6 +262,9 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         outbound_port = port,
         hbone = %config.mesh.inbound_addr,
         trust_domain = %identity.trust_domain(),
+        policy = %config.policy.source,
+        policy_mode = ?config.policy.mode,
+        audit_log = %config.policy.audit_log.display(),
         metrics = %config.admin.metrics_addr,
         pins = %capture.pin_dir.display(),
         "enforcer ready"
@@ -284,7 +332,12 @@ fn mtime(path: &Path) -> Option<SystemTime> {
 
 /// Reloads the registration entries when the config file changes. An invalid
 /// file is rejected with an error and the entries in force stay.
-async fn reload_entries(path: PathBuf, attestor: Arc<Attestor>, trust_domain: String) {
+async fn reload_entries(
+    path: PathBuf,
+    attestor: Arc<Attestor>,
+    trust_domain: String,
+    policy: Arc<Policy>,
+) {
     let mut seen = mtime(&path);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -305,6 +358,8 @@ async fn reload_entries(path: PathBuf, attestor: Arc<Attestor>, trust_domain: St
                 let n = entries.len();
                 if *attestor.entries() != entries {
                     attestor.set_entries(entries);
+                    // Identities may have changed: cached decisions go.
+                    policy.invalidate();
                     info!(entries = n, path = %path.display(), "registration entries reloaded");
                 }
             }

@@ -246,8 +246,15 @@ impl Testbed {
         tail: &str,
     ) -> Result<PathBuf> {
         let path = self.dir.join(format!("{}.toml", node.name));
+        // With no policy everything is denied: tests that are not about policy
+        // run under an explicit allow-all policy.
+        let policy = if tail.contains("[policy]") {
+            String::new()
+        } else {
+            self.policy_section(node, &self.allow_all_policy()?.display().to_string())
+        };
         let text = format!(
-            "node_name = \"{}\"\n\n[capture]\ncgroup = \"{}\"\n{extra_capture}\n\n[identity]\nstate_dir = \"{}\"\n{extra_identity}\n\n[log]\nformat = \"json\"\nlevel = \"info\"\n\n{tail}\n",
+            "node_name = \"{}\"\n\n[capture]\ncgroup = \"{}\"\n{extra_capture}\n\n[identity]\nstate_dir = \"{}\"\n{extra_identity}\n\n{policy}\n[log]\nformat = \"json\"\nlevel = \"info\"\n\n{tail}\n",
             self.node_instance(node),
             node.cgroup.display(),
             self.dir.join(format!("{}-state", node.name)).display(),
@@ -257,6 +264,31 @@ impl Testbed {
             self.enforcer_configs.push(path.clone());
         }
         Ok(path)
+    }
+
+    /// A `[policy]` section for `node` with `source`, the node's audit log in
+    /// the testbed directory and a fast reload poll.
+    pub fn policy_section(&self, node: &Node, source: &str) -> String {
+        format!(
+            "[policy]\nsource = \"{source}\"\naudit_log = \"{}\"\npoll_ms = 200\n",
+            self.audit_log(node).display()
+        )
+    }
+
+    /// The audit log of a node's enforcer.
+    pub fn audit_log(&self, node: &Node) -> PathBuf {
+        self.dir.join(format!("{}-audit.jsonl", node.name))
+    }
+
+    /// A policy directory that allows everything.
+    pub fn allow_all_policy(&self) -> Result<PathBuf> {
+        let dir = self.dir.join("policy-allow-all");
+        fs::create_dir_all(&dir)?;
+        fs::write(
+            dir.join("allow.rego"),
+            "package enforcer.authz\n\nimport rego.v1\n\ndefault allow := true\n\nreason := \"test policy: allow all\"\n",
+        )?;
+        Ok(dir)
     }
 
     /// Creates a CA shared by nodes (`enforcer ca init`) under the testbed

@@ -23,7 +23,7 @@ pub use metrics::Metrics;
 
 /// Shared state the admin endpoints read.
 pub struct AdminState {
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     pub ready: AtomicBool,
     pub capture: std::sync::OnceLock<Arc<Capture>>,
 }
@@ -31,7 +31,7 @@ pub struct AdminState {
 impl AdminState {
     pub fn new(node: &str) -> Self {
         Self {
-            metrics: Metrics::new(node),
+            metrics: Arc::new(Metrics::new(node)),
             ready: AtomicBool::new(false),
             capture: std::sync::OnceLock::new(),
         }

@@ -32,6 +32,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Inbound {
     pub identity: Arc<IdentityManager>,
+    pub policy: Arc<crate::policy::Policy>,
     pub attestor: Arc<Attestor>,
     pub local: Arc<LocalAttestor>,
     pub admin: Arc<AdminState>,
@@ -194,6 +195,8 @@ impl Inbound {
             dst: None,
             dst_id: None,
             started,
+            decision_id: None,
+            policy_reason: None,
         };
 
         let dst = req
@@ -217,16 +220,31 @@ impl Inbound {
             return self.finish(&summary, Outcome::BadRequest, (0, 0));
         }
         let dst_att = self.local.attest_port(&self.attestor, dst.port());
-        summary.dst_id = match dst_att {
-            Some(a) => self
-                .identity
-                .identify(&a)
-                .await
-                .ok()
-                .flatten()
-                .map(|s| s.svid.spiffe_id.clone()),
-            None => None,
+        let (dst_svid, dst_selectors) = match dst_att {
+            Some(a) => (self.identity.identify(&a).await.ok().flatten(), a.selectors),
+            None => (None, vec![]),
         };
+        summary.dst_id = dst_svid.as_ref().map(|s| s.svid.spiffe_id.clone());
+        // Authoritative decision: verified source identity, attested destination.
+        let input = crate::policy::Input {
+            direction: "inbound",
+            source: crate::policy::Peer {
+                authenticated: Some(true),
+                address: Some(peer.ip().to_canonical().to_string()),
+                ..Default::default()
+            }
+            .with_id(Some(&src_id)),
+            destination: super::peer(dst_svid.as_deref(), &dst_selectors, Some(dst)),
+            protocol: "tcp",
+        };
+        let verdict = self.policy.decide(&input, id);
+        summary.decision_id = Some(verdict.decision_id.clone());
+        summary.policy_reason = verdict.decision.reason.clone();
+        if !verdict.allowed {
+            warn!(reason = ?verdict.decision.reason, "denied by policy");
+            refuse(&mut respond, http::StatusCode::FORBIDDEN);
+            return self.finish(&summary, Outcome::Denied, (0, 0));
+        }
         if summary.dst_id.is_none() {
             refuse(&mut respond, http::StatusCode::SERVICE_UNAVAILABLE);
             return self.finish(&summary, Outcome::NoIdentity, (0, 0));
@@ -283,6 +301,8 @@ impl Inbound {
             bytes_received = received,
             duration_ms = s.started.elapsed().as_millis() as u64,
             outcome = outcome.as_str(),
+            decision_ids = s.decision_id.as_deref(),
+            policy_reason = s.policy_reason.as_deref(),
             "connection closed"
         );
     }
@@ -295,6 +315,8 @@ struct Summary<'a> {
     dst: Option<SocketAddr>,
     dst_id: Option<SpiffeId>,
     started: Instant,
+    decision_id: Option<String>,
+    policy_reason: Option<String>,
 }
 
 fn refuse(respond: &mut SendResponse<Bytes>, status: http::StatusCode) {

@@ -3,6 +3,22 @@ pub mod inbound;
 pub mod outbound;
 pub mod plaintext;
 
+/// The policy's view of a workload: its identity, selectors and address.
+pub fn peer(
+    svid: Option<&crate::identity::IssuedSvid>,
+    selectors: &[String],
+    addr: Option<std::net::SocketAddr>,
+) -> crate::policy::Peer {
+    crate::policy::Peer {
+        authenticated: Some(svid.is_some()),
+        selectors: selectors.to_vec(),
+        address: addr.map(|a| a.ip().to_canonical().to_string()),
+        port: addr.map(|a| a.port()),
+        ..Default::default()
+    }
+    .with_id(svid.map(|s| &s.svid.spiffe_id))
+}
+
 /// Connects to a workload on this node from a loopback source address, so
 /// the kernel's inbound steering recognises the agent's own forwards.
 pub async fn connect_local(dst: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
@@ -58,6 +74,8 @@ pub enum Outcome {
     BadRequest,
     /// Plaintext from outside the mesh to a `strict` port.
     PlaintextRefused,
+    /// Policy denied the connection.
+    Denied,
 }
 
 impl Outcome {
@@ -71,6 +89,7 @@ impl Outcome {
             Outcome::TunnelFailed => "tunnel_failed",
             Outcome::BadRequest => "bad_request",
             Outcome::PlaintextRefused => "plaintext_refused",
+            Outcome::Denied => "denied",
         }
     }
 }

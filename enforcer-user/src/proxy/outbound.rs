@@ -28,6 +28,8 @@ pub struct Outbound {
     pub attestor: Arc<Attestor>,
     pub hbone: Arc<HboneClient>,
     pub identity: Arc<crate::identity::IdentityManager>,
+    pub policy: Arc<crate::policy::Policy>,
+    pub node: String,
     /// Destinations served by peer agents (reached over HBONE).
     pub mesh: Vec<ipnet::IpNet>,
     /// Destinations on this node: attested locally, connected directly.
@@ -74,6 +76,9 @@ struct Ids {
     same_node: bool,
     /// The HBONE stream rode on a pooled connection (no new TLS handshake).
     reused: Option<bool>,
+    /// Audit-log ids of the policy decisions taken for this connection.
+    decision_ids: Vec<String>,
+    policy_reason: Option<String>,
 }
 
 impl Outbound {
@@ -148,11 +153,27 @@ impl Outbound {
         };
         tracing::Span::current().record("dst", tracing::field::display(dst));
 
+        let mut src_peer = super::peer(src_svid.as_deref(), &att.selectors, None);
+        src_peer.node = Some(self.node.clone());
+
         if self.local_addrs.contains(dst.ip()) {
             // Same node: both ends attested here; the bytes never leave the host.
             ids.same_node = true;
-            let dst_att = self.local.attest_port(&self.attestor, dst.port());
-            ids.dst = dst_att.and_then(|a| a.spiffe_id).map(|i| i.to_string());
+            let (dst_svid, dst_selectors) = match self.local.attest_port(&self.attestor, dst.port())
+            {
+                Some(a) => (self.identity.identify(&a).await.ok().flatten(), a.selectors),
+                None => (None, vec![]),
+            };
+            ids.dst = dst_svid.as_ref().map(|s| s.svid.spiffe_id.to_string());
+            let dst_peer = super::peer(dst_svid.as_deref(), &dst_selectors, Some(dst));
+            // The source's rule and the destination's (authoritative) rule.
+            for direction in ["outbound", "inbound"] {
+                if !self.allowed(direction, &src_peer, &dst_peer, id, &mut ids) {
+                    reset(client);
+                    let o = Outcome::Denied;
+                    return self.finish(id, Some(&att), Some(dst), &ids, o, (0, 0), started);
+                }
+            }
             if ids.dst.is_some() && ids.src.is_none() {
                 warn!(conn_id = id, orig_dst = %dst, selectors = ?att.selectors,
                     "workload has no SPIFFE identity; refusing a destination that has one");
@@ -160,16 +181,32 @@ impl Outbound {
                 let o = Outcome::NoIdentity;
                 return self.finish(id, Some(&att), Some(dst), &ids, o, (0, 0), started);
             }
-        } else if self.mesh.iter().any(|n| n.contains(&dst.ip())) {
+            let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, super::connect_local(dst))
+                .await
+            {
+                Ok(Ok(s)) => s,
+                failed => return self.connect_failed(id, client, &att, dst, &ids, failed, started),
+            };
+            let (outcome, bytes) = splice_tcp(client, upstream).await;
+            return self.finish(id, Some(&att), Some(dst), &ids, outcome, bytes, started);
+        }
+
+        if self.mesh.iter().any(|n| n.contains(&dst.ip())) {
             ids.mtls = true;
             let Some(src_svid) = src_svid else {
-                warn!(conn_id = id, orig_dst = %dst, selectors = ?att.selectors,
-                    "workload has no SPIFFE identity (no registration entry matches); refusing a mesh destination");
+                // Decided and audited all the same: policy may name unidentified workloads.
+                let dst_peer = super::peer(None, &[], Some(dst));
+                let outcome = if self.allowed("outbound", &src_peer, &dst_peer, id, &mut ids) {
+                    warn!(conn_id = id, orig_dst = %dst, selectors = ?att.selectors,
+                        "workload has no SPIFFE identity (no registration entry matches); refusing a mesh destination");
+                    Outcome::NoIdentity
+                } else {
+                    Outcome::Denied
+                };
                 reset(client);
-                let o = Outcome::NoIdentity;
-                return self.finish(id, Some(&att), Some(dst), &ids, o, (0, 0), started);
+                return self.finish(id, Some(&att), Some(dst), &ids, outcome, (0, 0), started);
             };
-            let tunnel = match self.hbone.connect(&src_svid, dst).await {
+            let mut tunnel = match self.hbone.connect(&src_svid, dst).await {
                 Ok(t) => t,
                 Err(e) => {
                     warn!(conn_id = id, orig_dst = %dst, reason = e.code(), error = %e, "HBONE tunnel failed");
@@ -180,6 +217,20 @@ impl Outbound {
             };
             ids.dst = Some(tunnel.peer_id.to_string());
             ids.reused = Some(tunnel.reused);
+            // The destination's identity is verified now; no byte has flowed yet.
+            let dst_peer = crate::policy::Peer {
+                authenticated: Some(true),
+                address: Some(dst.ip().to_canonical().to_string()),
+                port: Some(dst.port()),
+                ..Default::default()
+            }
+            .with_id(Some(&tunnel.peer_id));
+            if !self.allowed("outbound", &src_peer, &dst_peer, id, &mut ids) {
+                tunnel.send.send_reset(h2::Reason::REFUSED_STREAM);
+                reset(client);
+                let o = Outcome::Denied;
+                return self.finish(id, Some(&att), Some(dst), &ids, o, (0, 0), started);
+            }
             let _ = client.set_nodelay(true);
             let (bytes, result) = tunnel::splice(client, tunnel.send, tunnel.recv).await;
             let outcome = match result {
@@ -192,23 +243,66 @@ impl Outbound {
             return self.finish(id, Some(&att), Some(dst), &ids, outcome, bytes, started);
         }
 
+        // Outside the mesh: plain TCP, still decided by policy.
+        let dst_peer = super::peer(None, &[], Some(dst));
+        if !self.allowed("outbound", &src_peer, &dst_peer, id, &mut ids) {
+            reset(client);
+            let o = Outcome::Denied;
+            return self.finish(id, Some(&att), Some(dst), &ids, o, (0, 0), started);
+        }
         let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dst)).await {
             Ok(Ok(s)) => s,
-            failed => {
-                let error = match failed {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => format!("timed out after {CONNECT_TIMEOUT:?}"),
-                };
-                warn!(conn_id = id, orig_dst = %dst, %error, "connecting to the original destination failed");
-                reset(client);
-                let o = Outcome::ConnectFailed;
-                return self.finish(id, Some(&att), Some(dst), &ids, o, (0, 0), started);
-            }
+            failed => return self.connect_failed(id, client, &att, dst, &ids, failed, started),
         };
         let _ = client.set_nodelay(true);
         let _ = upstream.set_nodelay(true);
         let (outcome, bytes) = splice_tcp(client, upstream).await;
         self.finish(id, Some(&att), Some(dst), &ids, outcome, bytes, started);
+    }
+
+    /// Decides one direction; records the decision in `ids`.
+    fn allowed(
+        &self,
+        direction: &'static str,
+        src: &crate::policy::Peer,
+        dst: &crate::policy::Peer,
+        id: u64,
+        ids: &mut Ids,
+    ) -> bool {
+        let input = crate::policy::Input {
+            direction,
+            source: src.clone(),
+            destination: dst.clone(),
+            protocol: "tcp",
+        };
+        let v = self.policy.decide(&input, id);
+        ids.decision_ids.push(v.decision_id);
+        if !v.allowed {
+            warn!(conn_id = id, direction, reason = ?v.decision.reason, "denied by policy");
+        }
+        ids.policy_reason = v.decision.reason;
+        v.allowed
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn connect_failed(
+        &self,
+        id: u64,
+        client: TcpStream,
+        att: &Attestation,
+        dst: SocketAddr,
+        ids: &Ids,
+        failed: Result<std::io::Result<TcpStream>, tokio::time::error::Elapsed>,
+        started: Instant,
+    ) {
+        let error = match failed {
+            Ok(Err(e)) => e.to_string(),
+            _ => format!("timed out after {CONNECT_TIMEOUT:?}"),
+        };
+        warn!(conn_id = id, orig_dst = %dst, %error, "connecting to the original destination failed");
+        reset(client);
+        let o = Outcome::ConnectFailed;
+        self.finish(id, Some(att), Some(dst), ids, o, (0, 0), started)
     }
 
     /// Emits the connection's one summary log line and updates the metrics.
@@ -244,6 +338,8 @@ impl Outbound {
             mtls = ids.mtls,
             same_node = ids.same_node,
             hbone_reused = ids.reused,
+            decision_ids = %ids.decision_ids.join(","),
+            policy_reason = ids.policy_reason.as_deref(),
             bytes_sent = sent,
             bytes_received = received,
             duration_ms = started.elapsed().as_millis() as u64,

@@ -23,6 +23,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Plaintext {
     pub modes: HashMap<u16, PlaintextMode>,
+    pub identity: Arc<crate::identity::IdentityManager>,
+    pub policy: Arc<crate::policy::Policy>,
     pub attestor: Arc<Attestor>,
     pub local: Arc<LocalAttestor>,
     pub admin: Arc<AdminState>,
@@ -61,15 +63,33 @@ impl Plaintext {
         };
         tracing::Span::current().record("dst", tracing::field::display(dst));
         let mode = self.modes.get(&dst.port()).copied();
-        let dst_id = self
-            .local
-            .attest_port(&self.attestor, dst.port())
-            .and_then(|a| a.spiffe_id)
-            .map(|i| i.to_string());
+        let (dst_svid, dst_selectors) = match self.local.attest_port(&self.attestor, dst.port()) {
+            Some(a) => (self.identity.identify(&a).await.ok().flatten(), a.selectors),
+            None => (None, vec![]),
+        };
+        let dst_id = dst_svid.as_ref().map(|s| s.svid.spiffe_id.to_string());
         if mode != Some(PlaintextMode::Permissive) {
             warn!(%peer, %dst, "plaintext from outside the mesh to a strict port; refused");
             reset(client);
             let o = Outcome::PlaintextRefused;
+            return self.finish(id, peer, Some(dst), dst_id, mode, o, (0, 0), started);
+        }
+        // Permissive: forwarded only if policy allows an unauthenticated source.
+        let input = crate::policy::Input {
+            direction: "inbound",
+            source: crate::policy::Peer {
+                authenticated: Some(false),
+                address: Some(peer.ip().to_canonical().to_string()),
+                ..Default::default()
+            },
+            destination: super::peer(dst_svid.as_deref(), &dst_selectors, Some(dst)),
+            protocol: "tcp",
+        };
+        let verdict = self.policy.decide(&input, id);
+        if !verdict.allowed {
+            warn!(%peer, %dst, reason = ?verdict.decision.reason, "unauthenticated plaintext denied by policy");
+            reset(client);
+            let o = Outcome::Denied;
             return self.finish(id, peer, Some(dst), dst_id, mode, o, (0, 0), started);
         }
         let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, super::connect_local(dst)).await
