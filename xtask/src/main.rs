@@ -101,6 +101,8 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
             .env("CARGO_TARGET_DIR", "target/ebpf-clippy"),
     )?;
     build()?;
+    // The shipped Rego policies' own tests, like `opa test`.
+    step(Command::new("target/debug/enforcer").args(["policy", "test", "--policy", "policies"]))?;
     let mut args = vec!["test", "--workspace", "--exclude", "enforcer-ebpf"];
     args.extend(extra.iter().map(String::as_str));
     // Forward the output live and tally every "test result:" line, so the run

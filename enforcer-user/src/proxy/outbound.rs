@@ -206,7 +206,7 @@ impl Outbound {
                 reset(client);
                 return self.finish(id, Some(&att), Some(dst), &ids, outcome, (0, 0), started);
             };
-            let mut tunnel = match self.hbone.connect(&src_svid, dst).await {
+            let prepared = match self.hbone.prepare(&src_svid, dst).await {
                 Ok(t) => t,
                 Err(e) => {
                     warn!(conn_id = id, orig_dst = %dst, reason = e.code(), error = %e, "HBONE tunnel failed");
@@ -215,22 +215,30 @@ impl Outbound {
                     return self.finish(id, Some(&att), Some(dst), &ids, o, (0, 0), started);
                 }
             };
-            ids.dst = Some(tunnel.peer_id.to_string());
-            ids.reused = Some(tunnel.reused);
-            // The destination's identity is verified now; no byte has flowed yet.
+            ids.dst = Some(prepared.peer_id.to_string());
+            ids.reused = Some(prepared.reused);
+            // The destination's identity is verified now; nothing is requested yet.
             let dst_peer = crate::policy::Peer {
                 authenticated: Some(true),
                 address: Some(dst.ip().to_canonical().to_string()),
                 port: Some(dst.port()),
                 ..Default::default()
             }
-            .with_id(Some(&tunnel.peer_id));
+            .with_id(Some(&prepared.peer_id));
             if !self.allowed("outbound", &src_peer, &dst_peer, id, &mut ids) {
-                tunnel.send.send_reset(h2::Reason::REFUSED_STREAM);
                 reset(client);
                 let o = Outcome::Denied;
                 return self.finish(id, Some(&att), Some(dst), &ids, o, (0, 0), started);
             }
+            let tunnel = match prepared.open().await {
+                Ok(t) => t,
+                Err(e) => {
+                    warn!(conn_id = id, orig_dst = %dst, reason = e.code(), error = %e, "HBONE tunnel failed");
+                    reset(client);
+                    let o = Outcome::TunnelFailed;
+                    return self.finish(id, Some(&att), Some(dst), &ids, o, (0, 0), started);
+                }
+            };
             let _ = client.set_nodelay(true);
             let (bytes, result) = tunnel::splice(client, tunnel.send, tunnel.recv).await;
             let outcome = match result {

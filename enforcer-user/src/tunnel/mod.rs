@@ -78,6 +78,60 @@ impl TunnelError {
     }
 }
 
+/// A connection ready to carry a stream to `dst`, whose serving workload's
+/// identity is verified.
+pub struct Prepared {
+    sender: SendRequest<Bytes>,
+    pub peer_id: SpiffeId,
+    pub reused: bool,
+    node: SocketAddr,
+    dst: SocketAddr,
+}
+
+impl Prepared {
+    /// Sends `CONNECT dst` and waits for the peer agent's answer.
+    pub async fn open(self) -> Result<Tunnel, TunnelError> {
+        let Prepared {
+            sender,
+            peer_id,
+            reused,
+            node,
+            dst,
+        } = self;
+        let mut sender = sender
+            .ready()
+            .await
+            .map_err(|source| TunnelError::H2 { addr: node, source })?;
+        let req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(dst.to_string())
+            .body(())
+            .map_err(|e| TunnelError::Request {
+                dst,
+                message: e.to_string(),
+            })?;
+        let (resp, send) = sender
+            .send_request(req, false)
+            .map_err(|source| TunnelError::H2 { addr: node, source })?;
+        let resp = resp
+            .await
+            .map_err(|source| TunnelError::H2 { addr: node, source })?;
+        if resp.status() != http::StatusCode::OK {
+            return Err(TunnelError::Refused {
+                addr: node,
+                dst,
+                status: resp.status().as_u16(),
+            });
+        }
+        Ok(Tunnel {
+            send,
+            recv: resp.into_body(),
+            peer_id,
+            reused,
+        })
+    }
+}
+
 /// One HBONE stream: the tunnel to `dst` and the destination's verified identity.
 pub struct Tunnel {
     pub send: SendStream<Bytes>,
@@ -126,12 +180,14 @@ impl HboneClient {
         }
     }
 
-    /// Opens a tunnel from `src` to `dst` (a workload behind a peer agent).
-    pub async fn connect(
+    /// Gets a (pooled or new) mutual-TLS connection from the source workload
+    /// to the node serving `dst`, with the destination's verified identity.
+    /// No request is sent yet: the caller decides policy first.
+    pub async fn prepare(
         &self,
         svid: &Arc<IssuedSvid>,
         dst: SocketAddr,
-    ) -> Result<Tunnel, TunnelError> {
+    ) -> Result<Prepared, TunnelError> {
         let key = PoolKey {
             src: svid.svid.spiffe_id.to_string(),
             node: dst.ip(),
@@ -159,36 +215,12 @@ impl HboneClient {
                 (p.sender, p.peer_id, false)
             }
         };
-        let mut sender = sender
-            .ready()
-            .await
-            .map_err(|source| TunnelError::H2 { addr: node, source })?;
-        let req = http::Request::builder()
-            .method(http::Method::CONNECT)
-            .uri(dst.to_string())
-            .body(())
-            .map_err(|e| TunnelError::Request {
-                dst,
-                message: e.to_string(),
-            })?;
-        let (resp, send) = sender
-            .send_request(req, false)
-            .map_err(|source| TunnelError::H2 { addr: node, source })?;
-        let resp = resp
-            .await
-            .map_err(|source| TunnelError::H2 { addr: node, source })?;
-        if resp.status() != http::StatusCode::OK {
-            return Err(TunnelError::Refused {
-                addr: node,
-                dst,
-                status: resp.status().as_u16(),
-            });
-        }
-        Ok(Tunnel {
-            send,
-            recv: resp.into_body(),
+        Ok(Prepared {
+            sender,
             peer_id,
             reused,
+            node,
+            dst,
         })
     }
 

@@ -1,0 +1,565 @@
+//! OPA/Rego policy on every connection: the shipped policy, reload, dry-run,
+//! fail-closed errors, bundles, the audit log and the CLI.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use enforcer_tests::{Enforcer, Node, Testbed, enforcer_bin};
+use serde_json::Value;
+
+const TD: &str = "ai.example.org";
+const AGENT: &str = "spiffe://ai.example.org/agent/support";
+const RESEARCH: &str = "spiffe://ai.example.org/sandbox/research-agent";
+const LLM: &str = "spiffe://ai.example.org/llm";
+const MESH: &str = "[mesh]\ncidrs = [\"10.10.0.0/24\", \"fd10::/64\"]\n";
+
+fn shipped_policies() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies")
+}
+
+fn entry(id: &str, selector: &str) -> String {
+    format!("[[identity.entries]]\nspiffe_id = \"{id}\"\nselectors = [\"{selector}\"]\n")
+}
+
+struct Pair {
+    tb: Testbed,
+    a: Node,
+    b: Node,
+    ea: Enforcer,
+    eb: Enforcer,
+}
+
+/// a (two agents) -> b (the LLM on 8080), both under `policy` (a [policy]
+/// section body, given the node) and a shared CA.
+fn pair(test: &str, policy: impl Fn(&Testbed, &Node) -> String) -> Pair {
+    let mut tb = Testbed::new(test).expect("testbed");
+    let a = tb.node("a", 1).expect("a");
+    let b = tb.node("b", 2).expect("b");
+    tb.link(&a, &b).expect("link");
+    let ca = tb.shared_ca("shared", TD).expect("ca");
+    tb.start_server_in(
+        &b,
+        Some("llm.service"),
+        "llm",
+        &["python3", "-u", "-m", "http.server", "8080", "--bind", "::"],
+        8080,
+    )
+    .expect("server");
+    let pb = policy(&tb, &b);
+    let cfg_b = tb
+        .enforcer_config_with(
+            &b,
+            "",
+            &ca,
+            &format!("{pb}\n{}{MESH}", entry(LLM, "systemd:unit:llm.service")),
+        )
+        .expect("cfg b");
+    let eb = tb.start_enforcer(&b, &cfg_b).expect("enforcer b");
+    let pa = policy(&tb, &a);
+    let cfg_a = tb
+        .enforcer_config_with(
+            &a,
+            "",
+            &ca,
+            &format!(
+                "{pa}\n{}{}{MESH}",
+                entry(AGENT, "systemd:unit:support-agent.service"),
+                entry(RESEARCH, "systemd:unit:research-agent.service")
+            ),
+        )
+        .expect("cfg a");
+    let ea = tb.start_enforcer(&a, &cfg_a).expect("enforcer a");
+    Pair { tb, a, b, ea, eb }
+}
+
+fn shipped(tb: &Testbed, n: &Node) -> String {
+    tb.policy_section(n, &shipped_policies().display().to_string())
+}
+
+fn curl(node: &Node, unit: &str, url: &str) -> (u32, String) {
+    let (pid, out) = node
+        .exec(
+            Some(unit),
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                url,
+            ],
+        )
+        .expect("curl");
+    (pid, String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn audit(tb: &Testbed, n: &Node) -> Vec<Value> {
+    std::fs::read_to_string(tb.audit_log(n))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l}"))
+        })
+        .collect()
+}
+
+fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn line(enf: &Enforcer, pred: impl Fn(&Value) -> bool) -> Value {
+    enf.wait_for_connection(pred).unwrap_or_else(|| {
+        panic!(
+            "no matching line in {}:\n{}",
+            enf.log.display(),
+            std::fs::read_to_string(&enf.log).unwrap_or_default()
+        )
+    })
+}
+
+#[test]
+fn shipped_policy_allows_the_agent_and_denies_another_identity_with_an_audit_trail() {
+    let p = pair("polship", shipped);
+    let url = format!("http://{}:8080/?from-agent", p.b.ipv4);
+    let (pid, code) = curl(&p.a, "support-agent.service", &url);
+    assert_eq!(code, "200");
+    let l = line(&p.ea, |v| v["pid"] == pid);
+    assert_eq!(l["policy_reason"], "allowed: agent -> LLM", "{l}");
+
+    let (pid, code) = curl(
+        &p.a,
+        "research-agent.service",
+        &format!("http://{}:8080/?from-research", p.b.ipv4),
+    );
+    assert_ne!(code, "200");
+    let l = line(&p.ea, |v| v["pid"] == pid);
+    assert_eq!(l["outcome"], "denied", "{l}");
+    assert!(!p.tb.server_log(&p.b, "llm").contains("from-research"));
+
+    // a's audit: OPA decision-log shape, the verified destination identity.
+    let a_audit = audit(&p.tb, &p.a);
+    let denied = a_audit
+        .iter()
+        .find(|r| r["input"]["source"]["spiffe_id"] == RESEARCH)
+        .expect("a audited the research agent's decision");
+    for key in [
+        "decision_id",
+        "timestamp",
+        "path",
+        "input",
+        "result",
+        "conn_id",
+    ] {
+        assert!(!denied[key].is_null(), "audit line lacks {key}: {denied}");
+    }
+    assert_eq!(denied["path"], "enforcer/authz/allow");
+    assert_eq!(denied["result"]["allow"], false);
+    assert_eq!(denied["input"]["direction"], "outbound");
+    assert_eq!(
+        denied["input"]["destination"]["spiffe_id"], LLM,
+        "verified destination identity: {denied}"
+    );
+    assert_eq!(denied["input"]["destination"]["port"], 8080);
+    assert_eq!(denied["input"]["protocol"], "tcp");
+    assert!(
+        denied["input"]["source"]["selectors"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|x| x == "systemd:unit:research-agent.service"))
+    );
+    // b's audit: the authoritative inbound decision for the allowed agent.
+    wait_until("b audits the agent", 5, || {
+        audit(&p.tb, &p.b)
+            .iter()
+            .any(|r| r["input"]["source"]["spiffe_id"] == AGENT)
+    });
+    let b_audit = audit(&p.tb, &p.b);
+    let allowed = b_audit
+        .iter()
+        .find(|r| r["input"]["source"]["spiffe_id"] == AGENT)
+        .expect("b audit");
+    assert_eq!(allowed["input"]["direction"], "inbound");
+    assert_eq!(allowed["input"]["source"]["authenticated"], true);
+    assert_eq!(allowed["input"]["destination"]["spiffe_id"], LLM);
+    assert_eq!(allowed["result"]["allow"], true);
+
+    // Metrics by result and identity.
+    let m = p.ea.metrics().expect("metrics");
+    assert_eq!(
+        enforcer_tests::sum_metric(
+            &m,
+            "enforcer_policy_decisions_total",
+            &[
+                ("result", "deny"),
+                ("source", RESEARCH),
+                ("destination", LLM)
+            ]
+        ),
+        1.0,
+        "{m}"
+    );
+    assert!(
+        enforcer_tests::sum_metric(&m, "enforcer_policy_evaluation_seconds_count", &[]) >= 2.0,
+        "{m}"
+    );
+}
+
+#[test]
+fn inbound_side_is_authoritative_even_when_the_source_allows() {
+    // a allows everything; b runs the shipped policy and refuses the research agent.
+    let p = pair("polinb", |tb, n| {
+        if n.name == "a" {
+            tb.policy_section(
+                n,
+                &tb.allow_all_policy()
+                    .expect("allow-all")
+                    .display()
+                    .to_string(),
+            )
+        } else {
+            shipped(tb, n)
+        }
+    });
+    let (pid, code) = curl(
+        &p.a,
+        "research-agent.service",
+        &format!("http://{}:8080/?sneak", p.b.ipv4),
+    );
+    assert_ne!(code, "200");
+    let l = line(&p.ea, |v| v["pid"] == pid);
+    assert_eq!(l["outcome"], "tunnel_failed", "{l}");
+    let inbound = line(&p.eb, |v| {
+        v["direction"] == "inbound" && v["outcome"] == "denied"
+    });
+    assert_eq!(inbound["src_spiffe_id"], RESEARCH, "{inbound}");
+    assert!(!p.tb.server_log(&p.b, "llm").contains("sneak"));
+}
+
+fn write_policy(dir: &Path, rego: &str) {
+    std::fs::create_dir_all(dir).expect("dir");
+    std::fs::write(dir.join("authz.rego"), rego).expect("write");
+}
+
+#[test]
+fn policy_reload_applies_within_two_seconds_and_a_broken_policy_is_rejected() {
+    let p = pair("polreload", |tb, n| {
+        let dir = tb.dir.join(format!("policy-{}", n.name));
+        write_policy(
+            &dir,
+            "package enforcer.authz\nimport rego.v1\ndefault allow := false\n",
+        );
+        tb.policy_section(n, &dir.display().to_string())
+    });
+    let url = format!("http://{}:8080/", p.b.ipv4);
+    assert_ne!(
+        curl(&p.a, "support-agent.service", &url).1,
+        "200",
+        "deny-all to start with"
+    );
+
+    let allow = "package enforcer.authz\nimport rego.v1\ndefault allow := false\nallow if input.source.spiffe_id == \"spiffe://ai.example.org/agent/support\"\n";
+    for n in [&p.a, &p.b] {
+        write_policy(&p.tb.dir.join(format!("policy-{}", n.name)), allow);
+    }
+    let changed = Instant::now();
+    wait_until("the new policy applies", 2, || {
+        curl(&p.a, "support-agent.service", &url).1 == "200"
+    });
+    assert!(changed.elapsed() < Duration::from_secs(2));
+
+    // A policy that does not compile: rejected, counted, the previous stays.
+    write_policy(
+        &p.tb.dir.join("policy-a"),
+        "package enforcer.authz\nallow if {{{ broken\n",
+    );
+    wait_until("rejection counted", 5, || {
+        p.ea.metric("enforcer_policy_reloads_total", &[("result", "rejected")])
+            .unwrap_or(0.0)
+            == 1.0
+    });
+    assert!(p.ea.log_lines().iter().any(|v| {
+        v["message"] == "policy rejected; the previous policy stays in force"
+            && v["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("authz.rego"))
+    }));
+    assert_eq!(
+        curl(&p.a, "support-agent.service", &url).1,
+        "200",
+        "the previous policy is still in force"
+    );
+}
+
+#[test]
+fn dry_run_allows_and_logs_would_deny() {
+    let p = pair("poldry", |tb, n| {
+        let dir = tb.dir.join(format!("policy-{}", n.name));
+        write_policy(
+            &dir,
+            "package enforcer.authz\nimport rego.v1\ndefault allow := false\nreason := \"nothing is allowed\"\n",
+        );
+        format!(
+            "{}mode = \"dry-run\"\n",
+            tb.policy_section(n, &dir.display().to_string())
+        )
+    });
+    let (pid, code) = curl(
+        &p.a,
+        "support-agent.service",
+        &format!("http://{}:8080/", p.b.ipv4),
+    );
+    assert_eq!(code, "200", "dry-run lets the connection through");
+    assert_eq!(line(&p.ea, |v| v["pid"] == pid)["outcome"], "ok");
+    assert!(
+        p.ea.log_lines()
+            .iter()
+            .any(|v| v["message"] == "would deny (dry-run): allowing")
+    );
+    let rec = audit(&p.tb, &p.a).into_iter().next().expect("audit");
+    assert_eq!(rec["result"]["allow"], false);
+    assert_eq!(rec["result"]["reason"], "nothing is allowed");
+    assert_eq!(rec["enforced"], false);
+    assert_eq!(
+        p.ea.metric(
+            "enforcer_policy_decisions_total",
+            &[("result", "would_deny")]
+        )
+        .expect("m"),
+        1.0
+    );
+}
+
+#[test]
+fn evaluation_error_and_missing_policy_deny() {
+    // `allow` gets two different values: an evaluation error, which must deny.
+    let p = pair("polerr", |tb, n| {
+        if n.name == "a" {
+            let dir = tb.dir.join("policy-conflict");
+            write_policy(
+                &dir,
+                "package enforcer.authz\nimport rego.v1\nallow := true if input.protocol == \"tcp\"\nallow := false if input.direction == \"outbound\"\n",
+            );
+            tb.policy_section(n, &dir.display().to_string())
+        } else {
+            tb.policy_section(
+                n,
+                &tb.allow_all_policy().expect("allow").display().to_string(),
+            )
+        }
+    });
+    let (pid, code) = curl(
+        &p.a,
+        "support-agent.service",
+        &format!("http://{}:8080/", p.b.ipv4),
+    );
+    assert_ne!(code, "200");
+    assert_eq!(line(&p.ea, |v| v["pid"] == pid)["outcome"], "denied");
+    assert!(
+        p.ea.log_lines()
+            .iter()
+            .any(|v| v["message"] == "policy evaluation failed; denying")
+    );
+    assert_eq!(
+        p.ea.metric("enforcer_policy_decisions_total", &[("result", "error")])
+            .expect("m"),
+        1.0
+    );
+
+    // No policy at all (policy.source = ""): everything is denied.
+    let mut tb = p.tb;
+    let c = tb.shared_ca("nopol", TD).expect("ca");
+    let cfg = tb
+        .enforcer_config_with(
+            &p.a,
+            "",
+            &c,
+            &format!(
+                "[policy]\nsource = \"\"\naudit_log = \"{}\"\n{}",
+                tb.audit_log(&p.a).display(),
+                entry(AGENT, "systemd:unit:support-agent.service")
+            ),
+        )
+        .expect("cfg");
+    tb.stop(p.ea.pid).expect("stop a");
+    let ea = tb
+        .start_enforcer(&p.a, &cfg)
+        .expect("restart a without policy");
+    let (pid, code) = curl(
+        &p.a,
+        "support-agent.service",
+        &format!("http://{}:8080/", p.b.ipv4),
+    );
+    assert_ne!(code, "200");
+    let l = line(&ea, |v| v["pid"] == pid);
+    assert_eq!(l["outcome"], "denied");
+    assert_eq!(l["policy_reason"], "no policy loaded");
+}
+
+#[test]
+fn repeated_decisions_come_from_the_cache() {
+    let p = pair("polcache", shipped);
+    let url = format!("http://{}:8080/", p.b.ipv4);
+    for _ in 0..3 {
+        assert_eq!(curl(&p.a, "support-agent.service", &url).1, "200");
+    }
+    let recs: Vec<Value> = audit(&p.tb, &p.a)
+        .into_iter()
+        .filter(|r| r["input"]["source"]["spiffe_id"] == AGENT)
+        .collect();
+    assert_eq!(recs.len(), 3, "every decision is audited, cached or not");
+    assert_eq!(recs.iter().filter(|r| r["cached"] == true).count(), 2);
+    assert_eq!(
+        p.ea.metric("enforcer_policy_evaluation_seconds_count", &[])
+            .expect("m"),
+        1.0,
+        "only the first decision was evaluated"
+    );
+}
+
+/// Writes `files` as a gzip'd tar (an OPA bundle) with Python's tarfile.
+fn make_bundle(out: &Path, root: &Path) {
+    let st = Command::new("python3")
+        .args(["-c", "import sys,tarfile\nwith tarfile.open(sys.argv[1],'w:gz') as t: t.add(sys.argv[2], arcname='.')", &out.display().to_string(), &root.display().to_string()])
+        .status()
+        .expect("python3");
+    assert!(st.success());
+}
+
+const ETAG_SERVER: &str = r#"
+import hashlib, http.server, sys
+path = sys.argv[1]
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = open(path, "rb").read()
+        tag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
+        if self.headers.get("If-None-Match") == tag:
+            self.send_response(304); self.end_headers(); print("304", flush=True); return
+        self.send_response(200); self.send_header("ETag", tag); self.send_header("Content-Length", str(len(body)))
+        self.end_headers(); self.wfile.write(body); print("200", flush=True)
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", 8181), H).serve_forever()
+"#;
+
+#[test]
+fn opa_bundles_from_a_file_and_from_http_with_etag() {
+    let p = pair("polbundle", |tb, n| {
+        let root = tb.dir.join("bundle-src");
+        std::fs::create_dir_all(&root).expect("dir");
+        std::fs::create_dir_all(root.join("enforcer")).expect("dir");
+        for f in ["authz.rego", "data.json"] {
+            std::fs::copy(
+                shipped_policies().join("enforcer").join(f),
+                root.join("enforcer").join(f),
+            )
+            .expect("copy");
+        }
+        let bundle = tb.dir.join("bundle.tar.gz");
+        make_bundle(&bundle, &root);
+        if n.name == "a" {
+            tb.policy_section(n, "http://127.0.0.1:8181/bundles/enforcer.tar.gz")
+        } else {
+            tb.policy_section(n, &bundle.display().to_string())
+        }
+    });
+    // a fetches its bundle over HTTP (from inside its netns).
+    let bundle = p.tb.dir.join("bundle.tar.gz").display().to_string();
+    let mut tb = p.tb;
+    tb.spawn(
+        &p.a,
+        None,
+        "bundle-server",
+        &["python3", "-u", "-c", ETAG_SERVER, &bundle],
+    )
+    .expect("bundle server");
+    wait_until("a loads the bundle from the URL", 10, || {
+        p.ea.log_lines()
+            .iter()
+            .any(|v| v["message"] == "policy reloaded")
+    });
+    let url = format!("http://{}:8080/", p.b.ipv4);
+    assert_eq!(curl(&p.a, "support-agent.service", &url).1, "200");
+    assert_ne!(curl(&p.a, "research-agent.service", &url).1, "200");
+    // Polls after the first use If-None-Match and get 304s.
+    std::thread::sleep(Duration::from_millis(800));
+    let log = tb.server_log(&p.a, "bundle-server");
+    assert_eq!(log.lines().filter(|l| *l == "200").count(), 1, "{log}");
+    assert!(log.lines().filter(|l| *l == "304").count() >= 2, "{log}");
+    // b loaded the same bundle from a file.
+    assert!(
+        audit(&tb, &p.b)
+            .iter()
+            .any(|r| r["result"]["allow"] == true && r["input"]["source"]["spiffe_id"] == AGENT)
+    );
+}
+
+#[test]
+fn policy_cli_eval_and_test() {
+    let dir = std::env::temp_dir().join(format!("enforcer-policy-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let input = dir.join("input.json");
+    std::fs::write(&input, format!("{{\"direction\":\"inbound\",\"source\":{{\"spiffe_id\":\"{RESEARCH}\",\"authenticated\":true}},\"destination\":{{\"spiffe_id\":\"{LLM}\",\"port\":8000}},\"protocol\":\"tcp\"}}")).expect("input");
+    let out = Command::new(enforcer_bin())
+        .args(["policy", "eval", "--policy"])
+        .arg(shipped_policies())
+        .arg("--input")
+        .arg(&input)
+        .output()
+        .expect("eval");
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON decision");
+    assert_eq!(v["allow"], false);
+    assert_eq!(
+        v["reason"],
+        "denied: only identities under the agent prefix may call the LLM"
+    );
+
+    let out = Command::new(enforcer_bin())
+        .args(["policy", "test", "--policy"])
+        .arg(shipped_policies())
+        .output()
+        .expect("test");
+    assert!(
+        out.status.success(),
+        "shipped policy tests: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("PASS: 10/10"));
+
+    // A failing test fails the command.
+    let bad = dir.join("bad");
+    write_policy(
+        &bad,
+        "package enforcer.authz\nimport rego.v1\ndefault allow := false\ntest_allows if { allow with input as {} }\n",
+    );
+    let out = Command::new(enforcer_bin())
+        .args(["policy", "test", "--policy"])
+        .arg(&bad)
+        .output()
+        .expect("test");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("FAIL: data.enforcer.authz.test_allows"));
+    // A policy that does not compile: a clear error naming the file.
+    write_policy(&bad, "package enforcer.authz\nallow if {{\n");
+    let out = Command::new(enforcer_bin())
+        .args(["policy", "eval", "--policy"])
+        .arg(&bad)
+        .arg("--input")
+        .arg(&input)
+        .output()
+        .expect("eval");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("authz.rego"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
