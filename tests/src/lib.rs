@@ -22,6 +22,8 @@ use serde_json::Value;
 
 pub use anyhow::Result;
 
+pub mod scenario;
+
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// Fails (panics) with an actionable message unless the machine can host a testbed.
@@ -225,6 +227,56 @@ impl Testbed {
                 "nodad",
             ])?;
             ip(&["-n", &node.netns, "link", "set", ifname, "up"])?;
+        }
+        Ok(())
+    }
+
+    /// Joins nodes on one LAN: a bridge in a switch namespace of the testbed's
+    /// own, one veth per node (`eth0`, with the node's addresses).
+    pub fn lan(&mut self, nodes: &[&Node]) -> Result<()> {
+        let sw = format!("enft-{}-sw", self.id);
+        ip(&["netns", "add", &sw])?;
+        self.netns.push(sw.clone());
+        ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &sw, "link", "set", "br0", "up"])?;
+        for node in nodes {
+            let port = format!("p-{}", node.name);
+            ip(&[
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                &node.netns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &port,
+                "netns",
+                &sw,
+            ])?;
+            ip(&["-n", &sw, "link", "set", &port, "master", "br0"])?;
+            ip(&["-n", &sw, "link", "set", &port, "up"])?;
+            ip(&[
+                "-n",
+                &node.netns,
+                "addr",
+                "add",
+                &format!("{}/24", node.ipv4),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&[
+                "-n",
+                &node.netns,
+                "addr",
+                "add",
+                &format!("{}/64", node.ipv6),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            ip(&["-n", &node.netns, "link", "set", "eth0", "up"])?;
         }
         Ok(())
     }

@@ -1,0 +1,226 @@
+//! The AI-agent scenario (used by `cargo xtask demo` and by the tests): three
+//! nodes on one LAN, every workload real and unchanged —
+//! - node a "agents": the support agent and a research agent (Python, the
+//!   official `mcp` and `openai` clients);
+//! - node b "tools": the MCP server (`mcp` SDK, streamable HTTP, port 8001)
+//!   and the OpenAI-compatible LLM endpoint (port 8000);
+//! - node c "data": Chroma's server (`chromadb` package, port 8101 — its
+//!   read-write API, hence an admin/ingest port in the shipped policy).
+//!
+//! All three agents share one CA and run the shipped policy (`policies/`).
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+
+use crate::{Enforcer, Node, Result, Testbed};
+
+pub const TD: &str = "ai.example.org";
+pub const SUPPORT_AGENT: &str = "spiffe://ai.example.org/agent/support";
+pub const RESEARCH_AGENT: &str = "spiffe://ai.example.org/sandbox/research-agent";
+pub const LLM: &str = "spiffe://ai.example.org/llm";
+pub const MCP: &str = "spiffe://ai.example.org/mcp/docs";
+pub const VECTORDB: &str = "spiffe://ai.example.org/vectordb";
+pub const LLM_PORT: u16 = 8000;
+pub const MCP_PORT: u16 = 8001;
+pub const CHROMA_PORT: u16 = 8101;
+
+pub fn scripts() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scenario")
+}
+
+pub fn shipped_policies() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies")
+}
+
+pub struct Scenario {
+    pub tb: Testbed,
+    pub agents: Node,
+    pub tools: Node,
+    pub data: Node,
+    pub e_agents: Enforcer,
+    pub e_tools: Enforcer,
+    pub e_data: Enforcer,
+}
+
+fn entries(list: &[(&str, &str)]) -> String {
+    list.iter()
+        .map(|(id, unit)| {
+            format!("[[identity.entries]]\nspiffe_id = \"{id}\"\nselectors = [\"systemd:unit:{unit}\"]\n")
+        })
+        .collect()
+}
+
+const MESH: &str = "[mesh]\ncidrs = [\"10.10.0.0/24\", \"fd10::/64\"]\n";
+
+impl Scenario {
+    pub fn start(name: &str) -> Result<Self> {
+        for (module, package) in [
+            ("mcp", "mcp"),
+            ("openai", "openai"),
+            ("chromadb", "chromadb"),
+        ] {
+            let ok = std::process::Command::new("python3")
+                .args(["-c", &format!("import {module}")])
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if !ok {
+                bail!(
+                    "the Python package {package} is missing: run `cargo xtask setup` (pip install {package})"
+                );
+            }
+        }
+        let mut tb = Testbed::new(name)?;
+        let agents = tb.node("a", 1)?;
+        let tools = tb.node("b", 2)?;
+        let data = tb.node("c", 3)?;
+        tb.lan(&[&agents, &tools, &data])?;
+        let ca = tb.shared_ca("ai", TD)?;
+        let policy = shipped_policies().display().to_string();
+
+        let start = |tb: &mut Testbed, node: &Node, list: &[(&str, &str)]| -> Result<Enforcer> {
+            let tail = format!(
+                "{}\n{}{MESH}",
+                tb.policy_section(node, &policy),
+                entries(list)
+            );
+            let cfg = tb.enforcer_config_with(node, "", &ca, &tail)?;
+            tb.start_enforcer(node, &cfg)
+        };
+        let e_data = start(&mut tb, &data, &[(VECTORDB, "chroma.service")])?;
+        let e_tools = start(
+            &mut tb,
+            &tools,
+            &[(LLM, "llm.service"), (MCP, "mcp-docs.service")],
+        )?;
+        let e_agents = start(
+            &mut tb,
+            &agents,
+            &[
+                (SUPPORT_AGENT, "support-agent.service"),
+                (RESEARCH_AGENT, "research-agent.service"),
+            ],
+        )?;
+
+        let db = tb.dir.join("chroma-db").display().to_string();
+        tb.start_server_in(
+            &data,
+            Some("chroma.service"),
+            "chroma",
+            &[
+                "env",
+                "ANONYMIZED_TELEMETRY=False",
+                "chroma",
+                "run",
+                "--host",
+                "0.0.0.0",
+                "--port",
+                &CHROMA_PORT.to_string(),
+                "--path",
+                &db,
+            ],
+            CHROMA_PORT,
+        )
+        .context("starting Chroma (pip install chromadb)")?;
+        let llm = scripts().join("llm_server.py").display().to_string();
+        tb.start_server_in(
+            &tools,
+            Some("llm.service"),
+            "llm",
+            &["python3", "-u", &llm, &LLM_PORT.to_string()],
+            LLM_PORT,
+        )?;
+        let mcp = scripts().join("mcp_server.py").display().to_string();
+        tb.start_server_in(
+            &tools,
+            Some("mcp-docs.service"),
+            "mcp",
+            &[
+                "python3",
+                "-u",
+                &mcp,
+                &MCP_PORT.to_string(),
+                &data.ipv4,
+                &CHROMA_PORT.to_string(),
+            ],
+            MCP_PORT,
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !tb.server_log(&tools, "mcp").contains("INGESTED") {
+            if Instant::now() > deadline {
+                bail!(
+                    "the MCP server did not ingest into Chroma: {}",
+                    tb.server_log(&tools, "mcp")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(Self {
+            tb,
+            agents,
+            tools,
+            data,
+            e_agents,
+            e_tools,
+            e_data,
+        })
+    }
+
+    /// Runs the agent script in `unit` on the agents node: (pid, JSON output, success).
+    pub fn run_agent(&self, unit: &str, question: &str) -> Result<(u32, Value, bool)> {
+        let agent = scripts().join("agent.py").display().to_string();
+        let mcp_url = format!("http://{}:{MCP_PORT}/mcp", self.tools.ipv4);
+        let llm_url = format!("http://{}:{LLM_PORT}/v1", self.tools.ipv4);
+        let (pid, out) = self.agents.exec(
+            Some(unit),
+            &["python3", &agent, &mcp_url, &llm_url, question],
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let json = text
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str::<Value>(l).ok())
+            .with_context(|| {
+                format!(
+                    "agent printed no JSON: {text}\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })?;
+        Ok((pid, json, out.status.success()))
+    }
+
+    /// The agent tries the vector DB directly.
+    pub fn probe_vectordb(&self, unit: &str) -> Result<(u32, Value)> {
+        let agent = scripts().join("agent.py").display().to_string();
+        let (pid, out) = self.agents.exec(
+            Some(unit),
+            &[
+                "python3",
+                &agent,
+                "--probe-vectordb",
+                &self.data.ipv4,
+                &CHROMA_PORT.to_string(),
+            ],
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let json = text
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str::<Value>(l).ok())
+            .with_context(|| format!("probe printed no JSON: {text}"))?;
+        Ok((pid, json))
+    }
+
+    /// Every decision in a node's audit log.
+    pub fn audit(&self, node: &Node) -> Vec<Value> {
+        std::fs::read_to_string(self.tb.audit_log(node))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}

@@ -1,0 +1,124 @@
+//! The AI-agent scenario end to end, with real software nobody changed: the
+//! official `mcp` and `openai` clients, an `mcp` SDK server, Chroma's server.
+use enforcer_tests::scenario::*;
+use serde_json::Value;
+
+fn outbound_line(s: &Scenario, pid: u32, port: u16) -> Value {
+    s.e_agents
+        .wait_for_connection(|v| {
+            v["pid"] == pid
+                && v["orig_dst"]
+                    .as_str()
+                    .is_some_and(|d| d.ends_with(&format!(":{port}")))
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no line for pid {pid} port {port}:\n{}",
+                std::fs::read_to_string(&s.e_agents.log).unwrap_or_default()
+            )
+        })
+}
+
+#[test]
+fn ai_agents_mcp_llm_and_vector_db_under_identity_and_policy() {
+    let s = Scenario::start("ai").expect("scenario");
+
+    // 1. The support agent lists and calls the docs tool, then asks the LLM.
+    let (pid, out, ok) = s
+        .run_agent("support-agent.service", "how do I reset my password")
+        .expect("agent");
+    assert!(ok, "support agent failed: {out}");
+    assert_eq!(out["tools"], serde_json::json!(["search_docs"]), "{out}");
+    let docs = out["documents"][0].as_str().unwrap_or_default();
+    assert!(
+        docs.contains("reset a password"),
+        "the vector search must find the password doc: {out}"
+    );
+    assert!(
+        out["answer"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("Based on the documentation")),
+        "{out}"
+    );
+    assert!(
+        out["usage"]["prompt_tokens"].as_u64().unwrap_or(0) > 0,
+        "{out}"
+    );
+    for (port, dst) in [(MCP_PORT, MCP), (LLM_PORT, LLM)] {
+        let l = outbound_line(&s, pid, port);
+        assert_eq!(l["outcome"], "ok", "{l}");
+        assert_eq!(l["mtls"], true, "every hop is mutual TLS: {l}");
+        assert_eq!(l["src_spiffe_id"], SUPPORT_AGENT, "{l}");
+        assert_eq!(l["dst_spiffe_id"], dst, "{l}");
+    }
+    // The MCP server's hop to Chroma is mutual TLS too (its client keeps the
+    // connection open, so look at the decisions, taken when it opened).
+    let b = s.audit(&s.tools);
+    let hop = b
+        .iter()
+        .find(|r| {
+            r["input"]["source"]["spiffe_id"] == MCP
+                && r["input"]["destination"]["spiffe_id"] == VECTORDB
+        })
+        .expect("tools node decided MCP -> vector DB with the verified destination identity");
+    assert_eq!(hop["input"]["destination"]["authenticated"], true, "{hop}");
+    assert_eq!(hop["result"]["allow"], true, "{hop}");
+    let at_db = s.audit(&s.data);
+    let inbound = at_db
+        .iter()
+        .find(|r| r["input"]["direction"] == "inbound" && r["input"]["source"]["spiffe_id"] == MCP)
+        .expect("the vector DB's agent decided on the MCP server's verified identity");
+    assert_eq!(
+        inbound["input"]["source"]["authenticated"], true,
+        "{inbound}"
+    );
+    assert_eq!(inbound["result"]["allow"], true, "{inbound}");
+
+    // 2. A second agent identity is refused by policy at the LLM and the MCP server.
+    let (pid, out, ok) = s
+        .run_agent("research-agent.service", "list all invoices")
+        .expect("agent");
+    assert!(!ok, "the research agent must be refused: {out}");
+    assert!(
+        out["mcp_error"].is_string() && out["llm_error"].is_string(),
+        "{out}"
+    );
+    for port in [MCP_PORT, LLM_PORT] {
+        let l = outbound_line(&s, pid, port);
+        assert_eq!(l["outcome"], "denied", "{l}");
+        assert_eq!(l["src_spiffe_id"], RESEARCH_AGENT, "{l}");
+    }
+    assert!(
+        !s.tb
+            .server_log(&s.tools, "llm")
+            .contains("list all invoices")
+    );
+
+    // 3. The agent cannot reach the vector DB itself.
+    let (pid, out) = s.probe_vectordb("support-agent.service").expect("probe");
+    assert_eq!(out["vectordb"], "refused", "{out}");
+    let l = outbound_line(&s, pid, CHROMA_PORT);
+    assert_eq!(l["outcome"], "denied", "{l}");
+    assert_eq!(
+        l["policy_reason"], "denied: agents may not reach the vector DB admin/ingest port",
+        "{l}"
+    );
+
+    // 4. The audit logs name the verified identities of allowed and denied connections.
+    let a = s.audit(&s.agents);
+    let find = |src: &str, dst: &str, allow: bool| {
+        a.iter().any(|r| {
+            r["input"]["source"]["spiffe_id"] == src
+                && r["input"]["destination"]["spiffe_id"] == dst
+                && r["result"]["allow"] == allow
+        })
+    };
+    assert!(find(SUPPORT_AGENT, LLM, true) && find(SUPPORT_AGENT, MCP, true));
+    assert!(find(RESEARCH_AGENT, LLM, false) && find(RESEARCH_AGENT, MCP, false));
+    assert!(find(SUPPORT_AGENT, VECTORDB, false));
+    let c = s.audit(&s.data);
+    assert!(c.iter().any(|r| r["input"]["direction"] == "inbound"
+        && r["input"]["source"]["spiffe_id"] == MCP
+        && r["input"]["source"]["authenticated"] == true
+        && r["result"]["allow"] == true));
+}
