@@ -99,3 +99,9 @@ reason := "denied: only identities under the agent prefix may call the LLM" if {
 	not is_mcp_server
 	to_llm
 }
+
+reason := "denied: only identities under the agent prefix may call MCP servers" if {
+	input.source.spiffe_id
+	not is_agent
+	to_mcp
+}

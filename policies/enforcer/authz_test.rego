@@ -37,6 +37,7 @@ test_non_agent_identity_denied_at_llm if {
 
 test_non_agent_identity_denied_at_mcp if {
 	not authz.allow with input as conn(other, mcp, 8001)
+	authz.reason == "denied: only identities under the agent prefix may call MCP servers" with input as conn(other, mcp, 8001)
 }
 
 test_mcp_server_reaches_vectordb_including_admin if {

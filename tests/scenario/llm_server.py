@@ -42,7 +42,9 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(400, {"error": {"message": "bad request: %s" % e}})
         prompt = " ".join(m.get("content", "") for m in messages if isinstance(m.get("content"), str))
         context = [m["content"] for m in messages if m.get("role") == "system"]
-        answer = "Based on the documentation: " + (context[0].splitlines()[-1] if context else "I have no context.")
+        # The system message is a header line followed by the passages, best first.
+        passages = context[0].splitlines()[1:] if context else []
+        answer = "Based on the documentation: " + (passages[0] if passages else "I have no context.")
         prompt_tokens, completion_tokens = len(prompt.split()), len(answer.split())
         print("CHAT model=%s prompt_tokens=%d" % (req.get("model"), prompt_tokens), flush=True)
         self._send(200, {

@@ -1,149 +1,144 @@
-//! `cargo xtask demo`: two nodes on this machine (network namespaces joined by
-//! a veth pair), the enforcer on node a, an HTTP server on node b, unmodified
-//! clients on node a. Prints what was captured and a metrics excerpt, then
-//! removes everything it created.
-use anyhow::{Context as _, bail};
-use enforcer_tests::{Node, Testbed};
+//! `cargo xtask demo`: the AI-agent scenario on three nodes of this machine
+//! (network namespaces on one bridge), real software nobody changed, under
+//! SPIFFE identities, mutual TLS and the shipped policy. Prints what was
+//! allowed, denied and why, and where to look; removes everything it made.
+use anyhow::Context as _;
+use enforcer_tests::scenario::*;
+use serde_json::Value;
 
-fn exec(node: &Node, unit: Option<&str>, cmd: &[&str]) -> anyhow::Result<(u32, String, bool)> {
-    let (pid, out) = node.exec(unit, cmd)?;
-    let text = if out.status.success() {
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    } else {
-        String::from_utf8_lossy(&out.stderr).trim().to_owned()
-    };
-    Ok((pid, text, out.status.success()))
+fn short(id: &str) -> &str {
+    id.strip_prefix("spiffe://ai.example.org").unwrap_or(id)
 }
 
 pub fn run() -> anyhow::Result<()> {
-    let mut tb = Testbed::new("demo").context("building the demo testbed (needs root)")?;
-    let a = tb.node("a", 1)?;
-    let b = tb.node("b", 2)?;
-    tb.link(&a, &b)?;
-    tb.start_server(
-        &b,
-        "http",
-        &["python3", "-m", "http.server", "8080", "--bind", "::"],
-        8080,
-    )?;
-    let cfg = tb.enforcer_config(&a, "")?;
-    let enf = tb.start_enforcer(&a, &cfg)?;
-
-    println!();
-    println!("enforcer demo: two nodes on this machine; no traffic leaves it");
     println!(
-        "  node a {} / {}  <── veth ──>  node b {} / {}",
-        a.ipv4, a.ipv6, b.ipv4, b.ipv6
+        "Starting three nodes (network namespaces on one bridge; no traffic leaves this machine)..."
+    );
+    let s = Scenario::start("demo").context("building the demo scenario (needs root)")?;
+    println!();
+    println!(
+        "  node a {:<10} support agent ({})",
+        s.agents.ipv4,
+        short(SUPPORT_AGENT)
+    );
+    println!("  {:<17} research agent ({})", "", short(RESEARCH_AGENT));
+    println!(
+        "  node b {:<10} MCP server :{MCP_PORT} ({}), LLM endpoint :{LLM_PORT} ({})",
+        s.tools.ipv4,
+        short(MCP),
+        short(LLM)
     );
     println!(
-        "  enforcer (pid {}) on node a captures the cgroup subtree {}",
-        enf.pid,
-        a.cgroup.display()
+        "  node c {:<10} Chroma vector DB :{CHROMA_PORT} ({})",
+        s.data.ipv4,
+        short(VECTORDB)
     );
-    println!("  python3 http.server on node b, port 8080");
+    println!(
+        "  every node: enforcer with the embedded CA (one trust domain, {TD}) and the shipped policy (policies/)"
+    );
     println!();
 
-    let url4 = format!("http://{}:8080/", b.ipv4);
-    let (_, r, ok) = exec(
-        &a,
-        Some("support-agent.service"),
-        &[
-            "curl",
-            "-sS",
-            "-o",
-            "/dev/null",
-            "-w",
-            "HTTP %{http_code}, peer %{remote_ip}",
-            &url4,
-        ],
-    )?;
-    println!("1. curl in a/support-agent.service     -> {url4:<22} {r}");
-    if !ok {
-        bail!("the captured curl failed: {r}");
-    }
-    let py = "import socket,sys; s=socket.create_connection((sys.argv[1],8080)); p=s.getpeername()[:2]; s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); r=s.recv(64).split(b'\\r\\n')[0].decode(); print(r+', getpeername() =', p)";
-    let (_, r, _) = exec(
-        &a,
-        Some("py-client.service"),
-        &["python3", "-c", py, &b.ipv6],
-    )?;
+    let q = "how do I reset my password";
+    let (_, out, ok) = s.run_agent("support-agent.service", q)?;
+    println!("1. support agent: \"{q}\"");
+    println!("   MCP tools/list -> {}", out["tools"]);
     println!(
-        "2. python3 in a/py-client.service      -> [{}]:8080     {r}",
-        b.ipv6
+        "   MCP tools/call search_docs -> {}",
+        out["documents"][0]
+            .as_str()
+            .unwrap_or("(none)")
+            .lines()
+            .next()
+            .unwrap_or("")
     );
-    let (_, r, _) = exec(
-        &a,
-        None,
-        &[
-            "curl",
-            "-sS",
-            "-o",
-            "/dev/null",
-            "-w",
-            "HTTP %{http_code}",
-            &url4,
-        ],
-    )?;
-    println!("3. curl outside the captured subtree   -> {url4:<22} {r} (not captured)");
-    println!();
-
-    println!("Captured connections (one JSON log line each in the enforcer's log):");
-    let wanted = 2;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while enf.closed_connections().len() < wanted && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    for c in enf.closed_connections() {
-        println!(
-            "  conn {:<3} pid {:<7} uid {:<5} {:<8} cgroup {}\n           -> {:<18} sent {} B, received {} B, {} ms, outcome {}",
-            c["conn_id"],
-            c["pid"],
-            c["uid"],
-            c["comm"].as_str().unwrap_or("?"),
-            c["cgroup"].as_str().unwrap_or("?"),
-            c["orig_dst"].as_str().unwrap_or("?"),
-            c["bytes_sent"],
-            c["bytes_received"],
-            c["duration_ms"],
-            c["outcome"].as_str().unwrap_or("?"),
-        );
-    }
-    println!();
     println!(
-        "Metrics excerpt (GET http://{}/metrics inside node a):",
-        enf.metrics_addr
+        "   LLM chat.completions -> {:?} (usage {})",
+        out["answer"].as_str().unwrap_or("(none)"),
+        out["usage"]
     );
-    for line in enf
-        .metrics()?
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-    {
-        println!("  {line}");
-    }
-    println!();
-
-    tb.stop(enf.pid)?;
-    let (_, r, ok) = exec(
-        &a,
-        Some("support-agent.service"),
-        &["curl", "-sS", "-o", "/dev/null", &url4],
-    )?;
     println!(
-        "4. enforcer stopped: captured curl     -> {url4:<22} {}",
+        "   {}",
         if ok {
-            "CONNECTED (unexpected!)".to_owned()
+            "=> allowed, every hop mutual TLS between SPIFFE identities"
         } else {
-            format!("refused: {r}")
+            "=> FAILED (unexpected)"
         }
     );
+    println!();
+    let (_, out, ok) = s.run_agent("research-agent.service", "list all invoices")?;
     println!(
-        "   (programs stay pinned, so captured connects fail closed; `enforcer detach --config FILE` removes them)"
+        "2. research agent: MCP -> {}, LLM -> {}",
+        out["mcp_error"], out["llm_error"]
     );
-    if ok {
-        bail!("a captured connect got through while the enforcer was stopped");
+    println!(
+        "   {}",
+        if ok {
+            "=> reached them (unexpected!)"
+        } else {
+            "=> denied by policy at the MCP server and the LLM"
+        }
+    );
+    println!();
+    let (_, out) = s.probe_vectordb("support-agent.service")?;
+    println!(
+        "3. support agent straight to the vector DB -> {}",
+        out["vectordb"]
+    );
+    println!("   => agents reach documents only through the MCP server's tool");
+    println!();
+
+    println!("Decisions (audit log of each node, OPA decision-log shape):");
+    for (name, node) in [("a", &s.agents), ("b", &s.tools), ("c", &s.data)] {
+        for r in s.audit(node) {
+            let src = r["input"]["source"]["spiffe_id"]
+                .as_str()
+                .map(short)
+                .unwrap_or("(no identity)");
+            let dst = r["input"]["destination"]["spiffe_id"]
+                .as_str()
+                .map(short)
+                .unwrap_or("(outside mesh)");
+            let port = &r["input"]["destination"]["port"];
+            let verdict = if r["result"]["allow"] == Value::Bool(true) {
+                "ALLOW"
+            } else {
+                "DENY "
+            };
+            println!(
+                "  node {name} {:<8} {verdict} {src:<26} -> {dst}:{port:<5} {}{}",
+                r["input"]["direction"].as_str().unwrap_or("?"),
+                r["result"]["reason"].as_str().unwrap_or(""),
+                if r["cached"] == Value::Bool(true) {
+                    " (cached)"
+                } else {
+                    ""
+                }
+            );
+        }
     }
     println!();
-    println!("Cleaning up namespaces, cgroups and pins.");
-    drop(tb);
+    println!(
+        "Where to look (in production: policy.audit_log, the agent's stderr, admin.metrics_addr):"
+    );
+    println!("  audit logs   {}", s.tb.audit_log(&s.agents).display());
+    println!(
+        "  agent logs   {} (one JSON line per connection)",
+        s.e_agents.log.display()
+    );
+    println!(
+        "  metrics      GET http://{}/metrics inside each node, e.g.:",
+        s.e_agents.metrics_addr
+    );
+    for l in s.e_agents.metrics()?.lines().filter(|l| {
+        l.starts_with("enforcer_policy_decisions_total")
+            || l.starts_with("enforcer_connections_closed_total")
+    }) {
+        println!("    {l}");
+    }
+    println!();
+    println!(
+        "(the demo's files are removed when it ends; set ENFORCER_KEEP_TEST_DIR=1 to keep them)"
+    );
+    drop(s);
     Ok(())
 }

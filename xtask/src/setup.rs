@@ -29,8 +29,9 @@ const APT_PACKAGES: &[&str] = &[
 /// servers; `cryptography` to craft bad certificates in tests; grpcio for the
 /// in-test SPIRE Delegated Identity server.
 const PIP_PACKAGES: &[(&str, &str)] = &[
-    ("mcp", "mcp"),
+    ("mcp>=2,<3", "mcp.server.mcpserver"),
     ("openai", "openai"),
+    ("chromadb", "chromadb"),
     ("cryptography", "cryptography"),
     ("grpcio", "grpc"),
     ("grpcio-tools", "grpc_tools"),
