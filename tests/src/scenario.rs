@@ -179,18 +179,7 @@ impl Scenario {
             Some(unit),
             &["python3", &agent, &mcp_url, &llm_url, question],
         )?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let json = text
-            .lines()
-            .rev()
-            .find_map(|l| serde_json::from_str::<Value>(l).ok())
-            .with_context(|| {
-                format!(
-                    "agent printed no JSON: {text}\n{}",
-                    String::from_utf8_lossy(&out.stderr)
-                )
-            })?;
-        Ok((pid, json, out.status.success()))
+        Ok((pid, last_json(&out)?, out.status.success()))
     }
 
     /// The agent tries the vector DB directly.
@@ -206,13 +195,7 @@ impl Scenario {
                 &CHROMA_PORT.to_string(),
             ],
         )?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let json = text
-            .lines()
-            .rev()
-            .find_map(|l| serde_json::from_str::<Value>(l).ok())
-            .with_context(|| format!("probe printed no JSON: {text}"))?;
-        Ok((pid, json))
+        Ok((pid, last_json(&out)?))
     }
 
     /// Every decision in a node's audit log.
@@ -223,4 +206,18 @@ impl Scenario {
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
     }
+}
+
+/// The last JSON line a scenario program printed.
+fn last_json(out: &std::process::Output) -> Result<Value> {
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<Value>(l).ok())
+        .with_context(|| {
+            format!(
+                "printed no JSON: {text}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
 }
