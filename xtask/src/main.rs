@@ -4,7 +4,9 @@ use std::process::Command;
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod demo;
+mod load;
 mod setup;
 
 #[derive(Parser)]
@@ -26,8 +28,25 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Benchmarks (DESIGN §7).
+    /// Benchmarks (DESIGN §7): direct vs enforcer vs stunnel, side by side.
     Bench,
+    /// (used by bench) echo server on [::]:PORT
+    #[command(hide = true)]
+    BenchEcho { port: u16 },
+    /// (used by bench) new connections per second against ADDR
+    #[command(hide = true)]
+    BenchLoad {
+        addr: std::net::SocketAddr,
+        secs: u64,
+        workers: usize,
+    },
+    /// (used by bench) hold COUNT idle connections to ADDR for SECS
+    #[command(hide = true)]
+    BenchHold {
+        addr: std::net::SocketAddr,
+        count: usize,
+        secs: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,9 +61,17 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             test(&args)
         }
-        Task::Bench => bail!(
-            "`cargo xtask bench` is not implemented yet (the benchmark harness is its own issue); nothing was measured"
-        ),
+        Task::Bench => {
+            setup::run()?;
+            bench::run()
+        }
+        Task::BenchEcho { port } => load::echo(port),
+        Task::BenchLoad {
+            addr,
+            secs,
+            workers,
+        } => load::connect_rate(addr, secs.min(60), workers.min(256)),
+        Task::BenchHold { addr, count, secs } => load::hold(addr, count.min(20_000), secs.min(120)),
     }
 }
 

@@ -1,0 +1,511 @@
+//! `cargo xtask bench` (DESIGN §7): on the two-node testbed, side by side in
+//! one run — direct plaintext, through enforcer (mutual TLS across nodes,
+//! policy on), and stunnel4 with mutual TLS as the peer to beat. Writes
+//! `bench/results/<date>.json` and prints a Markdown table with each figure's
+//! ratio to direct and to stunnel. Bounded: every step has a fixed duration.
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use enforcer_tests::{Node, Testbed};
+use serde_json::{Value, json};
+
+const TD: &str = "bench.local";
+const IPERF: u16 = 5201;
+const SOCKPERF: u16 = 11111;
+const ECHO: u16 = 7000;
+/// stunnel server ports on b (TLS) and client ports on a (plain, loopback).
+const TLS_OFFSET: u16 = 1;
+const CLIENT_OFFSET: u16 = 10000;
+const SECS: u64 = 5;
+const HOLD: usize = 10_000;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Path_ {
+    Direct,
+    Enforcer,
+    Stunnel,
+}
+
+impl Path_ {
+    fn name(self) -> &'static str {
+        match self {
+            Path_::Direct => "direct",
+            Path_::Enforcer => "enforcer",
+            Path_::Stunnel => "stunnel",
+        }
+    }
+}
+
+struct Bench {
+    tb: Testbed,
+    a: Node,
+    b: Node,
+    exe: PathBuf,
+}
+
+impl Bench {
+    /// (cgroup unit, host, port) a client on node a uses for `path` to reach `port` on b.
+    fn target(&self, path: Path_, port: u16) -> (Option<&'static str>, String, u16) {
+        match path {
+            Path_::Direct => (None, self.b.ipv4.clone(), port),
+            Path_::Enforcer => (Some("bench-client.service"), self.b.ipv4.clone(), port),
+            Path_::Stunnel => (None, "127.0.0.1".into(), port + CLIENT_OFFSET),
+        }
+    }
+
+    fn run(&self, unit: Option<&str>, cmd: &[&str]) -> anyhow::Result<String> {
+        let (_, out) = self.a.exec(unit, cmd)?;
+        if !out.status.success() {
+            bail!(
+                "{cmd:?} failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// iperf3 throughput in Gbit/s.
+    fn iperf(&self, path: Path_, streams: u32) -> anyhow::Result<f64> {
+        let (unit, host, port) = self.target(path, IPERF);
+        let out = self.run(
+            unit,
+            &[
+                "iperf3",
+                "-c",
+                &host,
+                "-p",
+                &port.to_string(),
+                "-t",
+                &SECS.to_string(),
+                "-P",
+                &streams.to_string(),
+                "-J",
+            ],
+        )?;
+        let v: Value = serde_json::from_str(&out).context("iperf3 JSON")?;
+        v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .map(|b| b / 1e9)
+            .with_context(|| format!("no throughput in iperf3 output: {out}"))
+    }
+
+    /// sockperf ping-pong round-trip latency (p50, p99) in microseconds.
+    fn sockperf(&self, path: Path_) -> anyhow::Result<(f64, f64)> {
+        let (unit, host, port) = self.target(path, SOCKPERF);
+        let out = self.run(
+            unit,
+            &[
+                "sockperf",
+                "ping-pong",
+                "--tcp",
+                "-i",
+                &host,
+                "-p",
+                &port.to_string(),
+                "-t",
+                &SECS.to_string(),
+            ],
+        )?;
+        let pct = |p: &str| -> anyhow::Result<f64> {
+            out.lines()
+                .find(|l| l.contains(&format!("percentile {p} =")))
+                .and_then(|l| l.rsplit('=').next())
+                .and_then(|v| v.trim().parse().ok())
+                .with_context(|| format!("no p{p} in sockperf output: {out}"))
+        };
+        Ok((pct("50.000")?, pct("99.000")?))
+    }
+
+    /// New connections per second (connect, one request/response, close).
+    fn connect_rate(&self, path: Path_) -> anyhow::Result<(f64, u64)> {
+        let (unit, host, port) = self.target(path, ECHO);
+        let exe = self.exe.display().to_string();
+        let out = self.run(
+            unit,
+            &[
+                &exe,
+                "bench-load",
+                &format!("{host}:{port}"),
+                &SECS.to_string(),
+                "32",
+            ],
+        )?;
+        let v: Value = serde_json::from_str(out.trim()).context("bench-load JSON")?;
+        let n = v["connections"].as_f64().unwrap_or(0.0);
+        let secs = v["secs"].as_f64().unwrap_or(1.0);
+        Ok((n / secs, v["errors"].as_u64().unwrap_or(0)))
+    }
+}
+
+fn rss_kb(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("no VmRSS for pid {pid}"))
+}
+
+fn openssl(args: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .output()
+        .context("openssl")?;
+    if !out.status.success() {
+        bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// A CA and two P-256 certificates for stunnel's mutual TLS.
+fn stunnel_pki(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let p = |f: &str| dir.join(f).display().to_string();
+    openssl(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        &p("ca.key"),
+    ])?;
+    openssl(&[
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        &p("ca.key"),
+        "-subj",
+        "/CN=bench-ca",
+        "-days",
+        "1",
+        "-out",
+        &p("ca.pem"),
+    ])?;
+    for who in ["server", "client"] {
+        openssl(&[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            &p(&format!("{who}.key")),
+        ])?;
+        openssl(&[
+            "req",
+            "-new",
+            "-key",
+            &p(&format!("{who}.key")),
+            "-subj",
+            &format!("/CN={who}"),
+            "-out",
+            &p(&format!("{who}.csr")),
+        ])?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &p(&format!("{who}.csr")),
+            "-CA",
+            &p("ca.pem"),
+            "-CAkey",
+            &p("ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-out",
+            &p(&format!("{who}.pem")),
+        ])?;
+    }
+    Ok(())
+}
+
+fn stunnel_conf(dir: &Path, who: &str, client: bool, peer: &str) -> anyhow::Result<PathBuf> {
+    let p = |f: &str| dir.join(f).display().to_string();
+    let mut conf = format!(
+        "foreground = yes\npid =\nsocket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\ncert = {}\nkey = {}\nCAfile = {}\nverifyChain = yes\nsslVersionMin = TLSv1.3\n",
+        p(&format!("{who}.pem")),
+        p(&format!("{who}.key")),
+        p("ca.pem")
+    );
+    if client {
+        conf.push_str("client = yes\n");
+    }
+    for (name, port) in [("iperf", IPERF), ("sockperf", SOCKPERF), ("echo", ECHO)] {
+        if client {
+            let _ = write!(
+                conf,
+                "[{name}]\naccept = 127.0.0.1:{}\nconnect = {peer}:{}\n",
+                port + CLIENT_OFFSET,
+                port + TLS_OFFSET
+            );
+        } else {
+            let _ = write!(
+                conf,
+                "[{name}]\naccept = 0.0.0.0:{}\nconnect = 127.0.0.1:{port}\n",
+                port + TLS_OFFSET
+            );
+        }
+    }
+    let path = dir.join(format!("{who}.conf"));
+    std::fs::write(&path, conf)?;
+    Ok(path)
+}
+
+fn raise_nofile() {
+    let _ = nix::sys::resource::setrlimit(
+        nix::sys::resource::Resource::RLIMIT_NOFILE,
+        1 << 17,
+        1 << 17,
+    );
+}
+
+pub fn run() -> anyhow::Result<()> {
+    let started = Instant::now();
+    raise_nofile();
+    crate::cargo(&["build", "--release", "--package", "enforcer-user"])?;
+    let root = std::env::current_dir()?;
+    // SAFETY: single-threaded here; the testbed reads it when spawning.
+    unsafe { std::env::set_var("ENFORCER_BIN", root.join("target/release/enforcer")) };
+    let exe = std::env::current_exe().context("xtask binary")?;
+
+    let mut tb = Testbed::new("bench")?;
+    let a = tb.node("a", 1)?;
+    let b = tb.node("b", 2)?;
+    tb.link(&a, &b)?;
+    let ca = tb.shared_ca("bench", TD)?;
+    let policy = tb.dir.join("bench-policy");
+    std::fs::create_dir_all(&policy)?;
+    std::fs::write(
+        policy.join("authz.rego"),
+        "package enforcer.authz\nimport rego.v1\ndefault allow := false\nallow if {\n\tinput.source.spiffe_id == \"spiffe://bench.local/client\"\n\tinput.destination.spiffe_id == \"spiffe://bench.local/server\"\n}\n",
+    )?;
+    let mesh = "[mesh]\ncidrs = [\"10.10.0.0/24\"]\n";
+    let entry = |id: &str, unit: &str| {
+        format!(
+            "[[identity.entries]]\nspiffe_id = \"spiffe://{TD}/{id}\"\nselectors = [\"systemd:unit:{unit}\"]\n"
+        )
+    };
+    let cfg_b = tb.enforcer_config_with(
+        &b,
+        "",
+        &ca,
+        &format!(
+            "{}\n{}{mesh}",
+            tb.policy_section(&b, &policy.display().to_string()),
+            entry("server", "bench-server.service")
+        ),
+    )?;
+    let eb = tb.start_enforcer(&b, &cfg_b)?;
+    let cfg_a = tb.enforcer_config_with(
+        &a,
+        "",
+        &ca,
+        &format!(
+            "{}\n{}{mesh}",
+            tb.policy_section(&a, &policy.display().to_string()),
+            entry("client", "bench-client.service")
+        ),
+    )?;
+    let ea = tb.start_enforcer(&a, &cfg_a)?;
+
+    let srv = Some("bench-server.service");
+    tb.start_server_in(
+        &b,
+        srv,
+        "iperf3",
+        &["iperf3", "-s", "-p", &IPERF.to_string()],
+        IPERF,
+    )?;
+    tb.start_server_in(
+        &b,
+        srv,
+        "sockperf",
+        &["sockperf", "server", "--tcp", "-p", &SOCKPERF.to_string()],
+        SOCKPERF,
+    )?;
+    let exe_s = exe.display().to_string();
+    tb.start_server_in(
+        &b,
+        srv,
+        "echo",
+        &[&exe_s, "bench-echo", &ECHO.to_string()],
+        ECHO,
+    )?;
+
+    let pki = tb.dir.join("stunnel");
+    stunnel_pki(&pki)?;
+    let sconf = stunnel_conf(&pki, "server", false, "")?
+        .display()
+        .to_string();
+    tb.start_server(
+        &b,
+        "stunnel-server",
+        &["stunnel4", &sconf],
+        ECHO + TLS_OFFSET,
+    )?;
+    let cconf = stunnel_conf(&pki, "client", true, &b.ipv4)?
+        .display()
+        .to_string();
+    tb.spawn(&a, None, "stunnel-client", &["stunnel4", &cconf])?;
+    std::thread::sleep(Duration::from_millis(500));
+
+    let bench = Bench { tb, a, b, exe };
+    let paths = [Path_::Direct, Path_::Enforcer, Path_::Stunnel];
+    let mut results = serde_json::Map::new();
+    let mut record = |metric: &str, unit: &str, higher_is_better: bool, values: [f64; 3]| {
+        results.insert(
+            metric.to_owned(),
+            json!({"unit": unit, "higher_is_better": higher_is_better,
+                   "direct": values[0], "enforcer": values[1], "stunnel": values[2]}),
+        );
+    };
+
+    let rss_idle = rss_kb(ea.pid)?;
+    for streams in [1u32, 8] {
+        let mut v = [0.0; 3];
+        for (i, p) in paths.iter().enumerate() {
+            v[i] = bench
+                .iperf(*p, streams)
+                .with_context(|| format!("iperf3 {streams} stream(s), {}", p.name()))?;
+            eprintln!(
+                "  throughput {streams} stream(s) {:<8} {:.2} Gbit/s",
+                p.name(),
+                v[i]
+            );
+        }
+        record(&format!("throughput_{streams}_stream"), "Gbit/s", true, v);
+    }
+    let (mut p50, mut p99) = ([0.0; 3], [0.0; 3]);
+    for (i, p) in paths.iter().enumerate() {
+        (p50[i], p99[i]) = bench
+            .sockperf(*p)
+            .with_context(|| format!("sockperf {}", p.name()))?;
+        eprintln!(
+            "  latency {:<8} p50 {:.1} us  p99 {:.1} us",
+            p.name(),
+            p50[i],
+            p99[i]
+        );
+    }
+    record("latency_p50", "us", false, p50);
+    record("latency_p99", "us", false, p99);
+    let mut cps = [0.0; 3];
+    for (i, p) in paths.iter().enumerate() {
+        let (rate, errors) = bench
+            .connect_rate(*p)
+            .with_context(|| format!("connect rate {}", p.name()))?;
+        cps[i] = rate;
+        eprintln!(
+            "  new connections {:<8} {:.0}/s ({errors} errors)",
+            p.name(),
+            rate
+        );
+    }
+    record("new_connections_per_sec", "1/s", true, cps);
+
+    // Memory with HOLD idle connections through the enforcer.
+    let mut tb = bench.tb;
+    let target = format!("{}:{ECHO}", bench.b.ipv4);
+    let holder = tb.spawn(
+        &bench.a,
+        Some("bench-client.service"),
+        "hold",
+        &[&exe_s, "bench-hold", &target, &HOLD.to_string(), "30"],
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let held = loop {
+        if let Some(n) = tb
+            .server_log(&bench.a, "hold")
+            .lines()
+            .find_map(|l| l.strip_prefix("HELD "))
+            .and_then(|n| n.trim().parse::<usize>().ok())
+        {
+            break n;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the connection holder did not report: {}",
+                tb.server_log(&bench.a, "hold")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_held = rss_kb(ea.pid)?;
+    let rss_b = rss_kb(eb.pid)?;
+    tb.stop(holder)?;
+    let per_conn = (rss_held.saturating_sub(rss_idle)) as f64 * 1024.0 / held.max(1) as f64;
+    eprintln!(
+        "  RSS idle {rss_idle} KiB; with {held} connections {rss_held} KiB ({per_conn:.0} B/connection); peer agent {rss_b} KiB"
+    );
+
+    let now = time::OffsetDateTime::now_utc();
+    let date = format!(
+        "{:04}-{:02}-{:02}",
+        now.year(),
+        u8::from(now.month()),
+        now.day()
+    );
+    let doc = json!({
+        "date": date,
+        "host": {"kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(), "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)},
+        "seconds_per_measurement": SECS,
+        "results": results,
+        "memory": {"rss_idle_kib": rss_idle, "connections_held": held, "rss_held_kib": rss_held,
+                   "bytes_per_connection": per_conn, "peer_rss_held_kib": rss_b},
+        "duration_secs": started.elapsed().as_secs(),
+    });
+    let out_dir = root.join("bench/results");
+    std::fs::create_dir_all(&out_dir)?;
+    let out = out_dir.join(format!("{date}.json"));
+    std::fs::write(&out, serde_json::to_string_pretty(&doc)?)?;
+    println!("{}", table(&doc));
+    println!(
+        "written: {} ({} s)",
+        out.display(),
+        started.elapsed().as_secs()
+    );
+    drop(tb);
+    Ok(())
+}
+
+/// The Markdown table of a results document.
+pub fn table(doc: &Value) -> String {
+    let mut t = String::from(
+        "| metric | direct | enforcer | stunnel | enforcer / direct | enforcer / stunnel |\n|---|---|---|---|---|---|\n",
+    );
+    if let Some(results) = doc["results"].as_object() {
+        for (name, r) in results {
+            let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+            let unit = r["unit"].as_str().unwrap_or("");
+            let _ = writeln!(
+                t,
+                "| {name} ({unit}) | {:.2} | {:.2} | {:.2} | {:.2}× | {:.2}× |",
+                f("direct"),
+                f("enforcer"),
+                f("stunnel"),
+                f("enforcer") / f("direct"),
+                f("enforcer") / f("stunnel")
+            );
+        }
+    }
+    let m = &doc["memory"];
+    let _ = writeln!(
+        t,
+        "\nenforcer RSS: {} KiB idle; {} KiB with {} open idle connections ({:.0} bytes each); peer agent {} KiB",
+        m["rss_idle_kib"],
+        m["rss_held_kib"],
+        m["connections_held"],
+        m["bytes_per_connection"].as_f64().unwrap_or(0.0),
+        m["peer_rss_held_kib"]
+    );
+    t
+}
