@@ -24,7 +24,7 @@ use crate::{
     attest::{Attestor, local::LocalAttestor},
     identity::IdentityManager,
     tls,
-    tunnel::{self, CONNECTION_WINDOW, STREAM_WINDOW},
+    tunnel::{self, CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW},
 };
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -146,6 +146,7 @@ impl Inbound {
         let mut h2 = match h2::server::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
             .handshake::<_, Bytes>(tls)
             .await
         {

@@ -31,6 +31,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// fast link (the 64 KiB default caps throughput at window/RTT).
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// Largest HTTP/2 frame we accept: fewer frames (and wakeups) per MiB.
+pub const MAX_FRAME: u32 = 256 * 1024;
+/// Read size of the TCP side of a tunnel.
+const READ_CHUNK: usize = 256 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -282,6 +286,7 @@ impl HboneClient {
         let (sender, conn) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
             .handshake::<_, Bytes>(tls)
             .await
             .map_err(|source| TunnelError::H2 { addr: node, source })?;
@@ -310,9 +315,9 @@ pub async fn tcp_to_h2(
     mut to: SendStream<Bytes>,
 ) -> (u64, std::io::Result<()>) {
     let mut total = 0u64;
-    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
     loop {
-        buf.reserve(64 * 1024);
+        buf.reserve(READ_CHUNK);
         let n = match from.read_buf(&mut buf).await {
             Ok(n) => n,
             Err(e) => {
