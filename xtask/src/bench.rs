@@ -447,6 +447,9 @@ pub fn run() -> anyhow::Result<()> {
         "  RSS idle {rss_idle} KiB; with {held} connections {rss_held} KiB ({per_conn:.0} B/connection); peer agent {rss_b} KiB"
     );
 
+    drop(tb);
+    let micro = criterion()?;
+
     let now = time::OffsetDateTime::now_utc();
     let date = format!(
         "{:04}-{:02}-{:02}",
@@ -461,6 +464,7 @@ pub fn run() -> anyhow::Result<()> {
         "results": results,
         "memory": {"rss_idle_kib": rss_idle, "connections_held": held, "rss_held_kib": rss_held,
                    "bytes_per_connection": per_conn, "peer_rss_held_kib": rss_b},
+        "micro": micro,
         "duration_secs": started.elapsed().as_secs(),
     });
     let out_dir = root.join("bench/results");
@@ -473,8 +477,54 @@ pub fn run() -> anyhow::Result<()> {
         out.display(),
         started.elapsed().as_secs()
     );
-    drop(tb);
     Ok(())
+}
+
+/// Runs the criterion benchmarks and reads mean and p99 per operation (ns)
+/// from criterion's samples.
+fn criterion() -> anyhow::Result<Value> {
+    crate::cargo(&[
+        "bench",
+        "--package",
+        "enforcer-user",
+        "--bench",
+        "core",
+        "--",
+        "--warm-up-time",
+        "1",
+        "--measurement-time",
+        "3",
+    ])?;
+    let mut out = serde_json::Map::new();
+    for name in [
+        "policy_decision_cached",
+        "policy_decision_uncached",
+        "svid_issuance",
+    ] {
+        let path = PathBuf::from("target/criterion")
+            .join(name)
+            .join("new/sample.json");
+        let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+        let v: Value = serde_json::from_str(&text)?;
+        let (Some(iters), Some(times)) = (v["iters"].as_array(), v["times"].as_array()) else {
+            bail!("{}: no samples", path.display());
+        };
+        let mut per: Vec<f64> = iters
+            .iter()
+            .zip(times)
+            .filter_map(|(i, t)| Some(t.as_f64()? / i.as_f64()?))
+            .collect();
+        per.sort_by(f64::total_cmp);
+        let total_t: f64 = times.iter().filter_map(Value::as_f64).sum();
+        let total_i: f64 = iters.iter().filter_map(Value::as_f64).sum();
+        let idx = ((per.len() as f64 * 0.99) as usize).min(per.len().saturating_sub(1));
+        let p99 = per.get(idx).copied().unwrap_or(f64::NAN);
+        out.insert(
+            name.to_owned(),
+            json!({"mean_ns": total_t / total_i, "p99_ns": p99}),
+        );
+    }
+    Ok(Value::Object(out))
 }
 
 /// The Markdown table of a results document.
@@ -494,6 +544,17 @@ pub fn table(doc: &Value) -> String {
                 f("stunnel"),
                 f("enforcer") / f("direct"),
                 f("enforcer") / f("stunnel")
+            );
+        }
+    }
+    if let Some(micro) = doc["micro"].as_object() {
+        t.push_str("\n| operation (criterion) | mean | p99 of samples |\n|---|---|---|\n");
+        for (name, r) in micro {
+            let _ = writeln!(
+                t,
+                "| {name} | {:.2} µs | {:.2} µs |",
+                r["mean_ns"].as_f64().unwrap_or(f64::NAN) / 1e3,
+                r["p99_ns"].as_f64().unwrap_or(f64::NAN) / 1e3
             );
         }
     }

@@ -203,12 +203,16 @@ impl Policy {
 
     /// Decides one connection, audits the decision and counts it.
     pub fn decide(&self, input: &Input, conn_id: u64) -> Verdict {
+        let (d, evaluated) = self.evaluate(input);
+        self.finish(input, conn_id, d, evaluated)
+    }
+
+    /// The decision alone (cache, then policy), without audit or metrics;
+    /// for an evaluation, also its duration and the policy revision.
+    pub fn evaluate(&self, input: &Input) -> (Decision, Option<(std::time::Duration, String)>) {
         let input_json = match serde_json::to_string(input) {
             Ok(j) => j,
-            Err(e) => {
-                let d = Decision::deny("invalid input", Some(e.to_string()));
-                return self.finish(input, conn_id, d, None);
-            }
+            Err(e) => return (Decision::deny("invalid input", Some(e.to_string())), None),
         };
         if let Some(d) = self
             .cache
@@ -218,7 +222,7 @@ impl Policy {
         {
             let mut d = d.clone();
             d.cached = true;
-            return self.finish(input, conn_id, d, None);
+            return (d, None);
         }
         let loaded = self
             .current
@@ -226,8 +230,7 @@ impl Policy {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let Some(loaded) = loaded else {
-            let d = Decision::deny("no policy loaded", None);
-            return self.finish(input, conn_id, d, None);
+            return (Decision::deny("no policy loaded", None), None);
         };
         let started = Instant::now();
         let d = loaded.evaluate(&input_json);
@@ -239,7 +242,7 @@ impl Policy {
             }
             cache.insert(input_json, d.clone());
         }
-        self.finish(input, conn_id, d, Some((elapsed, loaded.revision.clone())))
+        (d, Some((elapsed, loaded.revision.clone())))
     }
 
     fn finish(
