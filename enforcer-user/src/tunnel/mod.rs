@@ -317,7 +317,12 @@ pub async fn tcp_to_h2(
     let mut total = 0u64;
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     loop {
-        buf.reserve(READ_CHUNK);
+        // Refill only when little room is left: reserving a full chunk on
+        // every read would allocate 256 KiB (an mmap) per small message once
+        // the previous chunk is handed to HTTP/2.
+        if buf.capacity() < READ_CHUNK / 16 {
+            buf.reserve(READ_CHUNK);
+        }
         let n = match from.read_buf(&mut buf).await {
             Ok(n) => n,
             Err(e) => {
