@@ -376,15 +376,8 @@ impl Testbed {
         in_cgroup: Option<&str>,
     ) -> Result<Enforcer> {
         let log = self.dir.join(format!("{}-enforcer.log", node.name));
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/run/netns/{}", node.netns))
-            .arg("--");
-        if let Some(unit) = in_cgroup {
-            let cg = node.workload_cgroup(unit)?;
-            cmd.args(["sh", "-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""])
-                .arg(cg);
-        }
-        let child = cmd
+        let child = node
+            .command(in_cgroup)?
             .arg(&self.bin)
             .args(["run", "--config"])
             .arg(config)
@@ -492,14 +485,8 @@ impl Testbed {
         cmd: &[&str],
     ) -> Result<u32> {
         let log = self.dir.join(format!("{}-{name}.log", node.name));
-        let mut c = Command::new("nsenter");
-        c.arg(format!("--net=/run/netns/{}", node.netns)).arg("--");
-        if let Some(unit) = unit {
-            let cg = node.workload_cgroup(unit)?;
-            c.args(["sh", "-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""])
-                .arg(cg);
-        }
-        let child = c
+        let child = node
+            .command(unit)?
             .args(cmd)
             .current_dir(&self.dir)
             .stdin(Stdio::null())
@@ -661,18 +648,26 @@ impl Node {
         Ok(dir)
     }
 
-    /// Runs a program to completion in this node's netns. With `unit`, inside
-    /// that child cgroup of the node (captured); with `None`, outside the
-    /// node's subtree (not captured). Killed after 30 s. Returns its pid too.
-    pub fn exec(&self, unit: Option<&str>, cmd: &[&str]) -> Result<(u32, Output)> {
+    /// A command prefix that enters this node's netns and, with `unit`, moves
+    /// into that child cgroup of the node before exec'ing the program: append
+    /// the program and its arguments. The program keeps the pid of the
+    /// returned command (nsenter and the shell both exec).
+    pub fn command(&self, unit: Option<&str>) -> Result<Command> {
         let mut c = Command::new("nsenter");
         c.arg(format!("--net=/run/netns/{}", self.netns)).arg("--");
         if let Some(unit) = unit {
             let cg = self.workload_cgroup(unit)?;
-            // The shell moves itself into the cgroup, then becomes the workload (same pid).
             c.args(["sh", "-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""])
                 .arg(cg);
         }
+        Ok(c)
+    }
+
+    /// Runs a program to completion in this node's netns. With `unit`, inside
+    /// that child cgroup of the node (captured); with `None`, outside the
+    /// node's subtree (not captured). Killed after 30 s. Returns its pid too.
+    pub fn exec(&self, unit: Option<&str>, cmd: &[&str]) -> Result<(u32, Output)> {
+        let mut c = self.command(unit)?;
         c.args(cmd)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

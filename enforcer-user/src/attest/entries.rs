@@ -111,10 +111,6 @@ impl Entries {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
-
-    pub fn iter(&self) -> impl Iterator<Item = &Entry> {
-        self.0.iter()
-    }
 }
 
 #[cfg(test)]

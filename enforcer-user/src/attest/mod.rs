@@ -9,7 +9,7 @@ use enforcer_common::OrigDst;
 use spiffe::SpiffeId;
 
 pub use entries::{Entries, EntryConfig, EntryError};
-use selectors::DigestCache;
+use selectors::SelectorCache;
 
 /// What the kernel vouches for about the process behind a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,14 +58,14 @@ pub struct Attestation {
 /// can be replaced at run time (config reload).
 pub struct Attestor {
     entries: RwLock<Arc<Entries>>,
-    digests: DigestCache,
+    cache: SelectorCache,
 }
 
 impl Attestor {
     pub fn new(entries: Entries) -> Self {
         Self {
             entries: RwLock::new(Arc::new(entries)),
-            digests: DigestCache::default(),
+            cache: SelectorCache::default(),
         }
     }
 
@@ -84,7 +84,7 @@ impl Attestor {
     }
 
     pub fn attest(&self, facts: WorkloadFacts) -> Attestation {
-        let selectors = selectors::selectors(&facts, &self.digests);
+        let selectors = selectors::selectors(&facts, &self.cache);
         let spiffe_id = self.entries().identify(&selectors).cloned();
         Attestation {
             facts,

@@ -82,15 +82,58 @@ pub fn systemd_unit(cgroup_path: &str) -> Option<&str> {
         .find(|c| c.ends_with(".service") || c.ends_with(".scope"))
 }
 
-/// Names from `/etc/passwd` and `/etc/group` (files only; no NSS modules).
-fn name_of(file: &str, id: u32) -> Option<String> {
-    let text = std::fs::read_to_string(file).ok()?;
-    text.lines().find_map(|l| {
-        let mut f = l.split(':');
-        let name = f.next()?;
-        let _pw = f.next()?;
-        (f.next()?.parse::<u32>().ok()? == id).then(|| name.to_owned())
-    })
+/// Names from an `/etc/passwd`-style file (files only; no NSS modules),
+/// parsed once and parsed again only when the file's mtime changes.
+pub struct IdNames {
+    file: &'static str,
+    table: Mutex<Option<(std::time::SystemTime, HashMap<u32, String>)>>,
+}
+
+impl IdNames {
+    pub const fn new(file: &'static str) -> Self {
+        Self {
+            file,
+            table: Mutex::new(None),
+        }
+    }
+
+    fn lookup(&self, id: u32) -> Option<String> {
+        let mtime = std::fs::metadata(self.file)
+            .and_then(|m| m.modified())
+            .ok()?;
+        let mut table = self.table.lock().ok()?;
+        if table.as_ref().is_none_or(|(at, _)| *at != mtime) {
+            let text = std::fs::read_to_string(self.file).ok()?;
+            let names = text
+                .lines()
+                .filter_map(|l| {
+                    let mut f = l.split(':');
+                    let name = f.next()?;
+                    let _pw = f.next()?;
+                    Some((f.next()?.parse::<u32>().ok()?, name.to_owned()))
+                })
+                .collect();
+            *table = Some((mtime, names));
+        }
+        table.as_ref()?.1.get(&id).cloned()
+    }
+}
+
+/// What selector derivation keeps between connections.
+pub struct SelectorCache {
+    digests: DigestCache,
+    users: IdNames,
+    groups: IdNames,
+}
+
+impl Default for SelectorCache {
+    fn default() -> Self {
+        Self {
+            digests: DigestCache::default(),
+            users: IdNames::new("/etc/passwd"),
+            groups: IdNames::new("/etc/group"),
+        }
+    }
 }
 
 /// Digests of executables, keyed by (device, inode, mtime, size) so a
@@ -131,15 +174,15 @@ pub fn proc_cgroup(pid: u32) -> Option<String> {
 
 /// Selectors for a workload. `exe` facts are included only when `/proc/<pid>`
 /// still belongs to the recorded cgroup.
-pub fn selectors(facts: &WorkloadFacts, digests: &DigestCache) -> Vec<String> {
+pub fn selectors(facts: &WorkloadFacts, cache: &SelectorCache) -> Vec<String> {
     let mut out = vec![
         format!("unix:uid:{}", facts.uid),
         format!("unix:gid:{}", facts.gid),
     ];
-    if let Some(user) = name_of("/etc/passwd", facts.uid) {
+    if let Some(user) = cache.users.lookup(facts.uid) {
         out.push(format!("unix:user:{user}"));
     }
-    if let Some(group) = name_of("/etc/group", facts.gid) {
+    if let Some(group) = cache.groups.lookup(facts.gid) {
         out.push(format!("unix:group:{group}"));
     }
     if let Some(cg) = &facts.cgroup_path {
@@ -155,7 +198,7 @@ pub fn selectors(facts: &WorkloadFacts, digests: &DigestCache) -> Vec<String> {
             // Hash through /proc/<pid>/exe: the very file the process runs,
             // even when the path was replaced since.
             let live: PathBuf = format!("/proc/{}/exe", facts.pid).into();
-            if let Some(d) = digests.sha256_of(&live) {
+            if let Some(d) = cache.digests.sha256_of(&live) {
                 out.push(format!("unix:sha256:{d}"));
             }
         }
@@ -225,6 +268,22 @@ mod tests {
     }
 
     #[test]
+    fn user_and_group_names_come_from_the_files() {
+        let users = IdNames::new("/etc/passwd");
+        assert_eq!(users.lookup(0).as_deref(), Some("root"));
+        assert_eq!(
+            users.lookup(0).as_deref(),
+            Some("root"),
+            "served from the parsed table"
+        );
+        assert_eq!(
+            IdNames::new("/etc/group").lookup(0).as_deref(),
+            Some("root")
+        );
+        assert_eq!(users.lookup(4_000_000_000), None);
+    }
+
+    #[test]
     fn systemd_unit_is_the_innermost_unit() {
         assert_eq!(
             systemd_unit("/system.slice/llm.service"),
@@ -251,7 +310,7 @@ mod tests {
             comm: String::new(),
             netns_cookie: 0,
         };
-        let s = selectors(&facts, &DigestCache::default());
+        let s = selectors(&facts, &SelectorCache::default());
         assert!(s.contains(&format!("unix:uid:{}", facts.uid)), "{s:?}");
         if cg.is_some() {
             let exe = std::fs::read_link("/proc/self/exe").expect("exe");
@@ -267,7 +326,7 @@ mod tests {
             cgroup_path: Some("/elsewhere".into()),
             ..facts
         };
-        let s = selectors(&wrong, &DigestCache::default());
+        let s = selectors(&wrong, &SelectorCache::default());
         assert!(!s.iter().any(|x| x.starts_with("unix:path:")), "{s:?}");
     }
 }

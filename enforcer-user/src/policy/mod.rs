@@ -97,7 +97,6 @@ impl Decision {
 /// A compiled policy set and where it came from.
 pub struct Loaded {
     engine: Mutex<Engine>,
-    pub origin: String,
     pub revision: String,
 }
 
@@ -117,7 +116,6 @@ impl Loaded {
             .map_err(|e| LoadError::Check(format!("{origin}: evaluating {ALLOW_RULE}: {e}")))?;
         Ok(Self {
             engine: Mutex::new(engine),
-            origin: origin.to_owned(),
             revision,
         })
     }

@@ -40,18 +40,11 @@ pub struct Inbound {
 
 impl Inbound {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            match listener.accept().await {
-                Ok((stream, peer)) => {
-                    let this = self.clone();
-                    tokio::spawn(async move { this.connection(stream, peer).await });
-                }
-                Err(e) => {
-                    warn!(error = %e, "HBONE accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
+        super::accept_loop(listener, "hbone", |stream, peer| {
+            let this = self.clone();
+            tokio::spawn(async move { this.connection(stream, peer).await });
+        })
+        .await
     }
 
     /// The SVID of the local workload listening on `port`.

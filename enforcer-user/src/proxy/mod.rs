@@ -3,6 +3,24 @@ pub mod inbound;
 pub mod outbound;
 pub mod plaintext;
 
+/// Accepts on `listener` forever, handing each connection to `on_accept`.
+/// Accept errors (EMFILE and friends) back off instead of spinning.
+pub async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    what: &'static str,
+    mut on_accept: impl FnMut(tokio::net::TcpStream, std::net::SocketAddr),
+) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => on_accept(stream, peer),
+            Err(e) => {
+                tracing::warn!(listener = what, error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// The policy's view of a workload: its identity, selectors and address.
 pub fn peer(
     svid: Option<&crate::identity::IssuedSvid>,

@@ -84,23 +84,13 @@ struct Ids {
 impl Outbound {
     /// Accepts on `listener` forever.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            match listener.accept().await {
-                Ok((stream, peer)) => {
-                    let this = self.clone();
-                    let id = next_conn_id();
-                    let span = info_span!("conn", id, direction = "outbound", src = %peer);
-                    tokio::spawn(
-                        async move { this.handle(id, stream, peer).await }.instrument(span),
-                    );
-                }
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    warn!(error = %e, "outbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
+        super::accept_loop(listener, "outbound", |stream, peer| {
+            let this = self.clone();
+            let id = next_conn_id();
+            let span = info_span!("conn", id, direction = "outbound", src = %peer);
+            tokio::spawn(async move { this.handle(id, stream, peer).await }.instrument(span));
+        })
+        .await
     }
 
     async fn handle(&self, id: u64, client: TcpStream, peer: SocketAddr) {

@@ -32,22 +32,13 @@ pub struct Plaintext {
 
 impl Plaintext {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            match listener.accept().await {
-                Ok((stream, peer)) => {
-                    let this = self.clone();
-                    let id = next_conn_id();
-                    let span = info_span!("conn", id, direction = "inbound", src = %peer, dst = tracing::field::Empty);
-                    tokio::spawn(
-                        async move { this.handle(id, stream, peer).await }.instrument(span),
-                    );
-                }
-                Err(e) => {
-                    warn!(error = %e, "plaintext accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
+        super::accept_loop(listener, "plaintext", |stream, peer| {
+            let this = self.clone();
+            let id = next_conn_id();
+            let span = info_span!("conn", id, direction = "inbound", src = %peer, dst = tracing::field::Empty);
+            tokio::spawn(async move { this.handle(id, stream, peer).await }.instrument(span));
+        })
+        .await
     }
 
     async fn handle(&self, id: u64, client: TcpStream, peer: SocketAddr) {

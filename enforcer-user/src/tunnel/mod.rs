@@ -96,11 +96,7 @@ impl Prepared {
     /// Sends `CONNECT dst` and waits for the peer agent's answer.
     pub async fn open(self) -> Result<Tunnel, TunnelError> {
         let Prepared {
-            sender,
-            peer_id,
-            reused,
-            node,
-            dst,
+            sender, node, dst, ..
         } = self;
         let mut sender = sender
             .ready()
@@ -130,18 +126,14 @@ impl Prepared {
         Ok(Tunnel {
             send,
             recv: resp.into_body(),
-            peer_id,
-            reused,
         })
     }
 }
 
-/// One HBONE stream: the tunnel to `dst` and the destination's verified identity.
+/// One open HBONE stream to `dst` (the peer's identity is on [`Prepared`]).
 pub struct Tunnel {
     pub send: SendStream<Bytes>,
     pub recv: RecvStream,
-    pub peer_id: SpiffeId,
-    pub reused: bool,
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
