@@ -62,7 +62,7 @@ async fn policy_engine(
             config.policy.audit_log.display()
         )
     })?;
-    let policy = Policy::new(config.policy.mode, audit, metrics);
+    let policy = Policy::new(config.policy.mode, config.policy.engine, audit, metrics);
     if config.policy.source.is_empty() {
         warn!("policy.source is empty: no policy, every connection is denied");
         return Ok(policy);

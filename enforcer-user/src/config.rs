@@ -197,6 +197,10 @@ pub struct PolicyConfig {
     /// `enforce` or `dry-run` (log "would deny", allow).
     #[serde(default)]
     pub mode: crate::policy::Mode,
+    /// `vm` (regorus VM bytecode; a policy it cannot compile falls back to
+    /// the interpreter, logged) or `interpreter`.
+    #[serde(default)]
+    pub engine: crate::policy::EngineKind,
     /// How often the source is checked for changes.
     #[serde(default = "default_poll_ms")]
     pub poll_ms: u64,
@@ -210,6 +214,7 @@ impl Default for PolicyConfig {
         Self {
             source: default_policy_source(),
             mode: crate::policy::Mode::default(),
+            engine: crate::policy::EngineKind::default(),
             poll_ms: default_poll_ms(),
             audit_log: default_audit_log(),
         }

@@ -50,12 +50,23 @@ enum PolicyCommand {
         policy: Option<String>,
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// `vm` or `interpreter`; default: policy.engine of --config, else `vm`.
+        #[arg(long, value_parser = parse_engine)]
+        engine: Option<enforcer::policy::EngineKind>,
     },
     /// Run the test_* rules of a policy directory or bundle, like `opa test`.
     Test {
         #[arg(long, default_value = "policies")]
         policy: String,
     },
+}
+
+fn parse_engine(s: &str) -> Result<enforcer::policy::EngineKind, String> {
+    match s {
+        "vm" => Ok(enforcer::policy::EngineKind::Vm),
+        "interpreter" => Ok(enforcer::policy::EngineKind::Interpreter),
+        _ => Err(format!("{s:?}: expected `vm` or `interpreter`")),
+    }
 }
 
 fn policy_cmd(cmd: PolicyCommand) -> anyhow::Result<()> {
@@ -65,24 +76,30 @@ fn policy_cmd(cmd: PolicyCommand) -> anyhow::Result<()> {
             input,
             policy,
             config,
+            engine,
         } => {
-            let src = match (policy, config) {
+            let from_config = config.map(|c| Config::load(&c)).transpose()?;
+            let src = match (policy, &from_config) {
                 (Some(p), _) => p,
-                (None, Some(c)) => Config::load(&c)?.policy.source,
+                (None, Some(c)) => c.policy.source.clone(),
                 (None, None) => anyhow::bail!("name the policy with --policy DIR or --config FILE"),
             };
+            let engine = engine
+                .or(from_config.map(|c| c.policy.engine))
+                .unwrap_or_default();
             let src = PolicySource::parse(&src).map_err(anyhow::Error::msg)?;
-            let loaded = enforcer::policy::source::load_local(&src)?;
+            let loaded = enforcer::policy::source::load_local(&src, engine)?;
             let text = std::fs::read_to_string(&input)
                 .with_context(|| format!("reading {}", input.display()))?;
-            serde_json::from_str::<serde_json::Value>(&text)
+            let value = regorus::Value::from_json_str(&text)
                 .with_context(|| format!("{} is not JSON", input.display()))?;
-            let d = loaded.evaluate(&text);
+            let d = loaded.evaluate(value);
             let out = serde_json::json!({
                 "allow": d.allow,
                 "reason": d.reason,
                 "error": d.error,
                 "revision": loaded.revision,
+                "engine": loaded.engine(),
             });
             println!("{}", serde_json::to_string_pretty(&out)?);
             Ok(())

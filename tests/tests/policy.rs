@@ -129,6 +129,15 @@ fn line(enf: &Enforcer, pred: impl Fn(&Value) -> bool) -> Value {
 #[test]
 fn shipped_policy_allows_the_agent_and_denies_another_identity_with_an_audit_trail() {
     let p = pair("polship", shipped);
+    // The shipped policy is decided by the regorus VM, on both agents.
+    for e in [&p.ea, &p.eb] {
+        assert!(
+            e.log_lines()
+                .iter()
+                .any(|v| v["message"] == "policy loaded" && v["engine"] == "vm"),
+            "no `policy loaded` line with engine vm"
+        );
+    }
     let url = format!("http://{}:8080/?from-agent", p.b.ipv4);
     let (pid, code) = curl(&p.a, "support-agent.service", &url);
     assert_eq!(code, "200");
@@ -519,6 +528,35 @@ fn policy_cli_eval_and_test() {
     assert_eq!(
         v["reason"],
         "denied: only identities under the agent prefix may call the LLM"
+    );
+    assert_eq!(
+        v["engine"], "vm",
+        "the shipped policy runs on the regorus VM"
+    );
+    // The interpreter decides the same.
+    let out = Command::new(enforcer_bin())
+        .args(["policy", "eval", "--engine", "interpreter", "--policy"])
+        .arg(shipped_policies())
+        .arg("--input")
+        .arg(&input)
+        .output()
+        .expect("eval");
+    assert!(out.status.success(), "{out:?}");
+    let w: Value = serde_json::from_slice(&out.stdout).expect("JSON decision");
+    assert_eq!(w["engine"], "interpreter");
+    assert_eq!((&w["allow"], &w["reason"]), (&v["allow"], &v["reason"]));
+    let out = Command::new(enforcer_bin())
+        .args(["policy", "eval", "--engine", "jit", "--policy"])
+        .arg(shipped_policies())
+        .arg("--input")
+        .arg(&input)
+        .output()
+        .expect("eval");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("expected `vm` or `interpreter`"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 
     let out = Command::new(enforcer_bin())

@@ -533,8 +533,21 @@ fn criterion() -> anyhow::Result<Value> {
         let p99 = per.get(idx).copied().unwrap_or(f64::NAN);
         out.insert(
             name.to_owned(),
-            json!({"mean_ns": total_t / total_i, "p99_ns": p99}),
+            json!({"mean_ns": total_t / total_i, "p99_of_samples_ns": p99}),
         );
+    }
+    // Single decisions timed one by one (benches/core.rs `per_op`).
+    let path = PathBuf::from("target/criterion/per_op.json");
+    let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+    let per_op: Value = serde_json::from_str(&text)?;
+    if let Some(ops) = per_op.as_object() {
+        for (name, v) in ops {
+            if let Some(Value::Object(o)) = out.get_mut(name) {
+                for k in ["p50_ns", "p99_ns", "p999_ns"] {
+                    o.insert(k.into(), v[k].clone());
+                }
+            }
+        }
     }
     Ok(Value::Object(out))
 }
@@ -560,13 +573,19 @@ pub fn table(doc: &Value) -> String {
         }
     }
     if let Some(micro) = doc["micro"].as_object() {
-        t.push_str("\n| operation (criterion) | mean | p99 of samples |\n|---|---|---|\n");
+        t.push_str("\n| operation | mean (criterion) | p50 | p99 | p99.9 (each timed alone) |\n|---|---|---|---|---|\n");
         for (name, r) in micro {
+            let us = |k: &str| {
+                r[k].as_f64()
+                    .map_or("–".into(), |v| format!("{:.2} µs", v / 1e3))
+            };
             let _ = writeln!(
                 t,
-                "| {name} | {:.2} µs | {:.2} µs |",
-                r["mean_ns"].as_f64().unwrap_or(f64::NAN) / 1e3,
-                r["p99_ns"].as_f64().unwrap_or(f64::NAN) / 1e3
+                "| {name} | {} | {} | {} | {} |",
+                us("mean_ns"),
+                us("p50_ns"),
+                us("p99_ns"),
+                us("p999_ns")
             );
         }
     }

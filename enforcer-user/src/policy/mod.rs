@@ -13,7 +13,11 @@ use std::{
     time::Instant,
 };
 
-use regorus::{Engine, Value};
+use regorus::{
+    Engine, Value,
+    languages::rego::compiler::Compiler,
+    rvm::{Program, RegoVM},
+};
 use serde::Serialize;
 
 pub use load::LoadError;
@@ -32,6 +36,21 @@ pub struct Input {
     pub source: Peer,
     pub destination: Peer,
     pub protocol: &'static str,
+}
+
+impl Input {
+    /// The input as a regorus value: the same document as its JSON
+    /// serialization (a unit test checks), built without a text round trip.
+    pub fn to_value(&self) -> Value {
+        let mut v = Value::new_object();
+        if let Ok(m) = v.as_object_mut() {
+            m.insert("direction".into(), self.direction.into());
+            m.insert("source".into(), self.source.to_value());
+            m.insert("destination".into(), self.destination.to_value());
+            m.insert("protocol".into(), self.protocol.into());
+        }
+        v
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
@@ -53,6 +72,38 @@ pub struct Peer {
 }
 
 impl Peer {
+    fn to_value(&self) -> Value {
+        let mut v = Value::new_object();
+        if let Ok(m) = v.as_object_mut() {
+            let mut put = |k: &str, x: Option<Value>| {
+                if let Some(x) = x {
+                    m.insert(k.into(), x);
+                }
+            };
+            put("spiffe_id", self.spiffe_id.as_deref().map(Value::from));
+            put(
+                "trust_domain",
+                self.trust_domain.as_deref().map(Value::from),
+            );
+            put("authenticated", self.authenticated.map(Value::from));
+            put(
+                "selectors",
+                (!self.selectors.is_empty()).then(|| {
+                    Value::from(
+                        self.selectors
+                            .iter()
+                            .map(|s| Value::from(s.as_str()))
+                            .collect::<Vec<_>>(),
+                    )
+                }),
+            );
+            put("address", self.address.as_deref().map(Value::from));
+            put("port", self.port.map(|p| Value::from(u64::from(p))));
+            put("node", self.node.as_deref().map(Value::from));
+        }
+        v
+    }
+
     /// Sets the SPIFFE ID and its trust domain.
     pub fn with_id(mut self, id: Option<&spiffe::SpiffeId>) -> Self {
         if let Some(id) = id {
@@ -94,9 +145,36 @@ impl Decision {
     }
 }
 
+/// Which regorus evaluator runs the policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum EngineKind {
+    /// The policy compiled to regorus VM (RVM) bytecode; a policy the VM
+    /// compiler cannot take runs on the interpreter instead (logged).
+    #[default]
+    Vm,
+    /// The regorus tree-walking interpreter (what `enforcer policy test` uses).
+    Interpreter,
+}
+
+/// Upper bound on VM instructions for one rule evaluation; beyond it the
+/// evaluation fails and the connection is denied.
+const VM_MAX_INSTRUCTIONS: usize = 10_000_000;
+
+enum Evaluator {
+    /// Compiled bytecode and the data document; a fresh VM per evaluation,
+    /// so evaluations on different threads do not wait for each other.
+    Vm {
+        program: Arc<Program>,
+        data: Value,
+        has_reason: bool,
+    },
+    Interpreter(Box<Mutex<Engine>>),
+}
+
 /// A compiled policy set and where it came from.
 pub struct Loaded {
-    engine: Mutex<Engine>,
+    evaluator: Evaluator,
     pub revision: String,
 }
 
@@ -106,48 +184,199 @@ impl Loaded {
         origin: &str,
         revision: String,
         files: &[load::PolicyFile],
+        kind: EngineKind,
     ) -> Result<Self, LoadError> {
         let mut engine = load::compile(origin, files)?;
         // Evaluating once prepares the engine and surfaces errors that only
         // show when rules are resolved.
         engine.set_input(Value::new_object());
-        engine
+        let empty = engine
             .eval_rule(ALLOW_RULE.to_owned())
             .map_err(|e| LoadError::Check(format!("{origin}: evaluating {ALLOW_RULE}: {e}")))?;
+        let has_reason = engine.eval_rule(REASON_RULE.to_owned()).is_ok();
+        let evaluator = match kind {
+            EngineKind::Interpreter => Evaluator::Interpreter(Box::new(Mutex::new(engine))),
+            EngineKind::Vm => match vm_program(&mut engine, has_reason) {
+                Ok(program) => {
+                    let vm = Evaluator::Vm {
+                        program,
+                        data: engine.get_data(),
+                        has_reason,
+                    };
+                    // The two evaluators must agree on the empty input.
+                    let check = vm.eval(Value::new_object());
+                    if matches!(&check, Ok((allow, _)) if *allow == empty) {
+                        vm
+                    } else {
+                        tracing::warn!(origin, vm = ?check, interpreter = %empty,
+                            "the regorus VM and the interpreter disagree on the empty input; using the interpreter");
+                        Evaluator::Interpreter(Box::new(Mutex::new(engine)))
+                    }
+                }
+                Err(why) => {
+                    tracing::info!(origin, why = %why,
+                        "the policy runs on the regorus interpreter, not the VM");
+                    Evaluator::Interpreter(Box::new(Mutex::new(engine)))
+                }
+            },
+        };
         Ok(Self {
-            engine: Mutex::new(engine),
+            evaluator,
             revision,
         })
     }
 
-    /// Evaluates `allow` and `reason` for one input.
-    pub fn evaluate(&self, input_json: &str) -> Decision {
-        let mut engine = self.engine.lock().unwrap_or_else(|p| p.into_inner());
-        let input = match Value::from_json_str(input_json) {
-            Ok(v) => v,
-            Err(e) => return Decision::deny("invalid input", Some(e.to_string())),
+    /// `vm` or `interpreter`: what evaluates this policy.
+    pub fn engine(&self) -> &'static str {
+        match self.evaluator {
+            Evaluator::Vm { .. } => "vm",
+            Evaluator::Interpreter(_) => "interpreter",
+        }
+    }
+
+    /// Evaluates `allow` and `reason` for one input document.
+    pub fn evaluate(&self, input: Value) -> Decision {
+        let (allow, reason) = match self.evaluator.eval(input) {
+            Ok(r) => r,
+            Err(e) => return Decision::deny("policy error", Some(e)),
         };
-        engine.set_input(input);
-        let allow = match engine.eval_rule(ALLOW_RULE.to_owned()) {
-            Ok(Value::Bool(b)) => b,
-            Ok(Value::Undefined) => false,
-            Ok(other) => {
+        let allow = match allow {
+            Value::Bool(b) => b,
+            Value::Undefined => false,
+            other => {
                 return Decision::deny(
                     "policy error",
                     Some(format!("{ALLOW_RULE} is not a boolean: {other}")),
                 );
             }
-            Err(e) => return Decision::deny("policy error", Some(e.to_string())),
-        };
-        let reason = match engine.eval_rule(REASON_RULE.to_owned()) {
-            Ok(Value::String(s)) => Some(s.to_string()),
-            _ => None,
         };
         Decision {
             allow,
-            reason,
+            reason: match reason {
+                Value::String(s) => Some(s.to_string()),
+                _ => None,
+            },
             error: None,
             cached: false,
+        }
+    }
+}
+
+/// Compiles the entry points to regorus VM bytecode, if the VM decides
+/// `allow` exactly as the interpreter (OPA semantics) does; else says why not.
+fn vm_program(engine: &mut Engine, has_reason: bool) -> Result<Arc<Program>, String> {
+    let entry: regorus::Rc<str> = ALLOW_RULE.into();
+    let compiled = engine
+        .compile_with_entrypoint(&entry)
+        .map_err(|e| e.to_string())?;
+    // The rules `allow` depends on, alone: the ones that must not diverge.
+    let allow_only =
+        Compiler::compile_from_policy(&compiled, &[ALLOW_RULE]).map_err(|e| e.to_string())?;
+    if let Some(why) = vm_divergence(&allow_only) {
+        return Err(why);
+    }
+    if !has_reason {
+        return Ok(allow_only);
+    }
+    Compiler::compile_from_policy(&compiled, &[ALLOW_RULE, REASON_RULE]).map_err(|e| e.to_string())
+}
+
+/// Where the VM could decide differently from OPA. OPA (and the regorus
+/// interpreter) fail an evaluation when a complete rule or function yields
+/// two different values, and enforcer denies; the VM instead treats the rule
+/// as undefined, and under `not` that would allow. So the VM is used only
+/// when no rule in `program` can yield two values: every complete rule and
+/// function has one definition, or definitions that all give the same
+/// constant, and takes no non-constant value inside an iteration; no partial
+/// object rule (duplicate keys); no dynamic `data[x]` rule lookup.
+fn vm_divergence(program: &Program) -> Option<String> {
+    use regorus::rvm::{Instruction as I, program::RuleType};
+    for rule in &program.rule_infos {
+        let name = &rule.name;
+        match rule.rule_type {
+            RuleType::PartialSet => continue,
+            RuleType::PartialObject => {
+                return Some(format!("{name} is a partial object rule"));
+            }
+            RuleType::Complete if rule.early_exit_on_first_success => continue,
+            RuleType::Complete => {}
+        }
+        if rule.definitions.len() > 1 {
+            return Some(format!(
+                "{name} has {} definitions that can give different values",
+                rule.definitions.len()
+            ));
+        }
+        for &entry in rule.definitions.iter().flatten() {
+            let mut loops = 0u32;
+            let mut comprehensions = 0u32;
+            let mut previous: Option<I> = None;
+            for &ins in program.instructions.iter().skip(entry as usize) {
+                match ins {
+                    I::RuleReturn {} => break,
+                    I::ComprehensionBegin { .. } => comprehensions += 1,
+                    I::ComprehensionEnd {} => comprehensions = comprehensions.saturating_sub(1),
+                    I::LoopStart { .. } if comprehensions == 0 => loops += 1,
+                    I::LoopNext { .. } if comprehensions == 0 => loops = loops.saturating_sub(1),
+                    I::Move { dest, src } if dest == rule.result_reg && loops > 0 => {
+                        let constant = matches!(previous,
+                            Some(I::Load { dest: d, .. } | I::LoadBool { dest: d, .. }
+                                | I::LoadTrue { dest: d } | I::LoadFalse { dest: d }
+                                | I::LoadNull { dest: d }) if d == src);
+                        if !constant {
+                            return Some(format!("{name} takes its value inside an iteration"));
+                        }
+                    }
+                    _ => {}
+                }
+                previous = Some(ins);
+            }
+        }
+    }
+    program
+        .instructions
+        .iter()
+        .any(|i| matches!(i, I::VirtualDataDocumentLookup { .. }))
+        .then(|| "the policy looks up rules by a computed path".to_owned())
+}
+
+impl Evaluator {
+    /// `allow` and `reason` (`Undefined` when absent); `Err` when `allow`
+    /// cannot be evaluated.
+    fn eval(&self, input: Value) -> Result<(Value, Value), String> {
+        match self {
+            Self::Vm {
+                program,
+                data,
+                has_reason,
+            } => {
+                let mut vm = RegoVM::new();
+                vm.load_program(program.clone());
+                vm.set_max_instructions(VM_MAX_INSTRUCTIONS);
+                vm.set_data(data.clone()).map_err(|e| e.to_string())?;
+                vm.set_input(input);
+                let allow = vm
+                    .execute_entry_point_by_name(ALLOW_RULE)
+                    .map_err(|e| e.to_string())?;
+                let reason = if *has_reason {
+                    vm.execute_entry_point_by_name(REASON_RULE)
+                        .unwrap_or(Value::Undefined)
+                } else {
+                    Value::Undefined
+                };
+                Ok((allow, reason))
+            }
+            Self::Interpreter(engine) => {
+                let mut engine = engine.lock().unwrap_or_else(|p| p.into_inner());
+                engine.set_input(input);
+                let allow = engine
+                    .eval_rule(ALLOW_RULE.to_owned())
+                    .map_err(|e| e.to_string())?;
+                let reason = engine
+                    .eval_rule(REASON_RULE.to_owned())
+                    .unwrap_or(Value::Undefined);
+                Ok((allow, reason))
+            }
         }
     }
 }
@@ -156,6 +385,8 @@ impl Loaded {
 pub struct Policy {
     current: RwLock<Option<Arc<Loaded>>>,
     pub mode: Mode,
+    /// The evaluator new policy sets are compiled for.
+    pub engine: EngineKind,
     cache: Mutex<HashMap<String, Decision>>,
     pub audit: audit::AuditLog,
     pub metrics: Arc<crate::admin::Metrics>,
@@ -170,10 +401,16 @@ pub struct Verdict {
 }
 
 impl Policy {
-    pub fn new(mode: Mode, audit: audit::AuditLog, metrics: Arc<crate::admin::Metrics>) -> Self {
+    pub fn new(
+        mode: Mode,
+        engine: EngineKind,
+        audit: audit::AuditLog,
+        metrics: Arc<crate::admin::Metrics>,
+    ) -> Self {
         Self {
             current: RwLock::new(None),
             mode,
+            engine,
             cache: Mutex::default(),
             audit,
             metrics,
@@ -231,7 +468,7 @@ impl Policy {
             return (Decision::deny("no policy loaded", None), None);
         };
         let started = Instant::now();
-        let d = loaded.evaluate(&input_json);
+        let d = loaded.evaluate(input.to_value());
         let elapsed = started.elapsed();
         if d.error.is_none() {
             let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
@@ -291,5 +528,192 @@ impl Policy {
             decision,
             decision_id,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(rego: &str, data: Option<&str>) -> Vec<load::PolicyFile> {
+        let mut f = vec![load::PolicyFile {
+            path: "p/policy.rego".into(),
+            contents: rego.as_bytes().to_vec(),
+        }];
+        if let Some(d) = data {
+            f.push(load::PolicyFile {
+                path: "data.json".into(),
+                contents: d.as_bytes().to_vec(),
+            });
+        }
+        f
+    }
+
+    fn both(f: &[load::PolicyFile]) -> (Loaded, Loaded) {
+        let vm = Loaded::compile("t", "r".into(), f, EngineKind::Vm).expect("compiles");
+        let it = Loaded::compile("t", "r".into(), f, EngineKind::Interpreter).expect("compiles");
+        (vm, it)
+    }
+
+    fn shipped() -> Vec<load::PolicyFile> {
+        load::read_dir(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies"))
+            .expect("shipped policy")
+    }
+
+    fn peer(id: Option<&str>, port: Option<u16>) -> Peer {
+        Peer {
+            port,
+            selectors: vec!["unix:uid:0".into()],
+            address: Some("10.0.0.1".into()),
+            ..Peer::default().with_id(id.and_then(|i| spiffe::SpiffeId::new(i).ok()).as_ref())
+        }
+    }
+
+    #[test]
+    fn input_value_is_the_json_document() {
+        let input = Input {
+            direction: "outbound",
+            source: Peer {
+                authenticated: Some(true),
+                node: Some("n1".into()),
+                ..peer(Some("spiffe://td/a"), None)
+            },
+            destination: peer(None, Some(8101)),
+            protocol: "tcp",
+        };
+        let json = serde_json::to_string(&input).expect("json");
+        assert_eq!(
+            input.to_value(),
+            Value::from_json_str(&json).expect("parse")
+        );
+    }
+
+    /// The VM decides every input of a grid exactly as the interpreter does
+    /// (allow and reason), on the shipped policy.
+    #[test]
+    fn vm_agrees_with_the_interpreter_on_the_shipped_policy() {
+        let (vm, it) = both(&shipped());
+        assert_eq!(vm.engine(), "vm");
+        assert_eq!(it.engine(), "interpreter");
+        let ids = [
+            None,
+            Some("spiffe://ai.example.org/agent/support"),
+            Some("spiffe://ai.example.org/agent"),
+            Some("spiffe://ai.example.org/mcp/docs"),
+            Some("spiffe://ai.example.org/llm"),
+            Some("spiffe://ai.example.org/vectordb"),
+            Some("spiffe://other.example.org/agent/x"),
+        ];
+        let mut n = 0;
+        let mut allowed = 0;
+        for dir in ["outbound", "inbound"] {
+            for s in ids {
+                for d in ids {
+                    for port in [None, Some(8000), Some(8101)] {
+                        let input = Input {
+                            direction: dir,
+                            source: peer(s, None),
+                            destination: peer(d, port),
+                            protocol: "tcp",
+                        };
+                        let a = vm.evaluate(input.to_value());
+                        let b = it.evaluate(input.to_value());
+                        assert_eq!(a, b, "{input:?}");
+                        assert!(a.error.is_none(), "{input:?}: {a:?}");
+                        n += 1;
+                        allowed += usize::from(a.allow);
+                    }
+                }
+            }
+        }
+        assert!(allowed > 0 && allowed < n, "{allowed} of {n} allowed");
+    }
+
+    /// Policies where the VM would treat a rule that yields two values as
+    /// undefined (OPA: an error) run on the interpreter, and deny with an
+    /// error. Under `not`, the VM's reading would have allowed.
+    #[test]
+    fn rules_that_can_yield_two_values_run_on_the_interpreter_and_deny() {
+        let head = "package enforcer.authz\nimport rego.v1\n";
+        let cases = [
+            "allow := true if input.x\nallow := false if input.y\n",
+            "b := true if input.x\nb := false if input.y\nallow if not b\n",
+            "f(a) := 1 if a == 1\nf(a) := 2 if a > 0\nallow if not f(input.a)\n",
+            "x := v if { some v in input.vals }\nallow if not x\n",
+            "o[k] := v if { some v in input.vals; k := \"a\" }\nallow if not o.a\n",
+        ];
+        let input =
+            Value::from_json_str(r#"{"vals":[false,true],"x":true,"y":true,"a":1}"#).expect("json");
+        for c in cases {
+            let (vm, it) = both(&files(&format!("{head}{c}"), None));
+            assert_eq!(vm.engine(), "interpreter", "{c}");
+            for d in [vm.evaluate(input.clone()), it.evaluate(input.clone())] {
+                assert!(!d.allow, "{c}: {d:?}");
+                assert!(d.error.is_some(), "{c}: {d:?}");
+            }
+        }
+    }
+
+    /// Iterations that cannot give a rule two values stay on the VM, and a
+    /// non-boolean or undefined `allow` and a missing `reason` are read the
+    /// same way by both evaluators.
+    #[test]
+    fn vm_and_interpreter_agree_on_safe_iterations_and_odd_results() {
+        let head = "package enforcer.authz\nimport rego.v1\n";
+        let cases = [
+            (
+                "y if { some v in input.vals; v }\nz := count([v | some v in input.vals])\nallow if { y; z == 2 }\n",
+                Some(true),
+            ),
+            ("allow := \"yes\"\n", None),
+            ("allow if input.protocol == \"udp\"\n", Some(false)),
+        ];
+        let input =
+            Value::from_json_str(r#"{"vals":[false,true],"protocol":"tcp"}"#).expect("json");
+        for (c, allow) in cases {
+            let (vm, it) = both(&files(&format!("{head}{c}"), None));
+            assert_eq!(vm.engine(), "vm", "{c}");
+            let a = vm.evaluate(input.clone());
+            assert_eq!(a, it.evaluate(input.clone()), "{c}");
+            match allow {
+                Some(allow) => {
+                    assert_eq!((a.allow, &a.error, &a.reason), (allow, &None, &None), "{c}")
+                }
+                None => assert!(!a.allow && a.error.is_some(), "{c}: {a:?}"),
+            }
+        }
+    }
+
+    /// A policy the VM compiler does not take (`with`) still loads, on the
+    /// interpreter, and decides the same.
+    #[test]
+    fn policy_the_vm_cannot_compile_runs_on_the_interpreter() {
+        let rego = "package enforcer.authz\nimport rego.v1\ntcp if input.protocol == \"tcp\"\nallow if tcp with input.protocol as \"tcp\"\nreason := \"with\"\n";
+        let (vm, it) = both(&files(rego, None));
+        assert_eq!(vm.engine(), "interpreter");
+        let input = Input {
+            protocol: "udp",
+            ..Default::default()
+        };
+        let d = vm.evaluate(input.to_value());
+        assert_eq!(d, it.evaluate(input.to_value()));
+        assert!(d.allow);
+        assert_eq!(d.reason.as_deref(), Some("with"));
+    }
+
+    /// The VM stops a runaway evaluation and the connection is denied.
+    #[test]
+    fn vm_instruction_limit_denies() {
+        let rego = "package enforcer.authz\nimport rego.v1\nallow if {\ninput.protocol == \"tcp\"\ncount([x | some i in numbers.range(1, 3000); some j in numbers.range(1, 3000); x := i * j]) > 0\n}\n";
+        let vm =
+            Loaded::compile("t", "r".into(), &files(rego, None), EngineKind::Vm).expect("compiles");
+        assert_eq!(vm.engine(), "vm");
+        let input = Input {
+            protocol: "tcp",
+            ..Default::default()
+        };
+        let d = vm.evaluate(input.to_value());
+        assert!(!d.allow, "{d:?}");
+        assert!(d.error.is_some(), "{d:?}");
     }
 }

@@ -9,7 +9,7 @@ use http_body_util::{BodyExt as _, Empty};
 use sha2::{Digest as _, Sha256};
 use tracing::{info, warn};
 
-use super::{LoadError, Loaded, Policy, load};
+use super::{EngineKind, LoadError, Loaded, Policy, load};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PolicySource {
@@ -59,9 +59,9 @@ fn revision_of(files: &[load::PolicyFile]) -> String {
 }
 
 /// Reads and compiles a local source (directory or bundle file).
-pub fn load_local(src: &PolicySource) -> Result<Loaded, LoadError> {
+pub fn load_local(src: &PolicySource, engine: EngineKind) -> Result<Loaded, LoadError> {
     let files = read_local(src)?;
-    Loaded::compile(&src.describe(), revision_of(&files), &files)
+    Loaded::compile(&src.describe(), revision_of(&files), &files, engine)
 }
 
 fn read_local(src: &PolicySource) -> Result<Vec<load::PolicyFile>, LoadError> {
@@ -126,8 +126,8 @@ pub async fn initial(src: &PolicySource, policy: &Policy) -> Result<(), LoadErro
     match src {
         PolicySource::Url(_) => Ok(()),
         _ => {
-            let loaded = load_local(src)?;
-            info!(source = %src.describe(), revision = %loaded.revision, "policy loaded");
+            let loaded = load_local(src, policy.engine)?;
+            info!(source = %src.describe(), revision = %loaded.revision, engine = loaded.engine(), "policy loaded");
             policy.install(loaded);
             Ok(())
         }
@@ -175,9 +175,9 @@ pub async fn watch(src: PolicySource, policy: Arc<Policy>, every: Duration) {
         {
             continue;
         }
-        match Loaded::compile(&src.describe(), revision.clone(), &files) {
+        match Loaded::compile(&src.describe(), revision.clone(), &files, policy.engine) {
             Ok(loaded) => {
-                info!(source = %src.describe(), %revision, "policy reloaded");
+                info!(source = %src.describe(), %revision, engine = loaded.engine(), "policy reloaded");
                 policy.metrics.policy_reload("ok");
                 policy.install(loaded);
                 rejected = None;
