@@ -269,7 +269,7 @@ fn raise_nofile() {
     );
 }
 
-pub fn run() -> anyhow::Result<()> {
+pub fn run(profile: bool) -> anyhow::Result<()> {
     let started = Instant::now();
     raise_nofile();
     crate::cargo(&["build", "--release", "--package", "enforcer-user"])?;
@@ -370,6 +370,9 @@ pub fn run() -> anyhow::Result<()> {
         );
     };
 
+    if profile {
+        return profiles(&bench, &root, ea.pid, eb.pid);
+    }
     let rss_idle = rss_kb(ea.pid)?;
     // Each figure is the median of ROUNDS rounds; within a round the three
     // paths run back to back, so machine-wide drift hits them alike.
@@ -461,13 +464,7 @@ pub fn run() -> anyhow::Result<()> {
     drop(tb);
     let micro = criterion()?;
 
-    let now = time::OffsetDateTime::now_utc();
-    let date = format!(
-        "{:04}-{:02}-{:02}",
-        now.year(),
-        u8::from(now.month()),
-        now.day()
-    );
+    let date = today();
     let doc = json!({
         "date": date,
         "host": {"kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(), "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)},
@@ -489,6 +486,119 @@ pub fn run() -> anyhow::Result<()> {
         out.display(),
         started.elapsed().as_secs()
     );
+    Ok(())
+}
+
+fn today() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    format!(
+        "{:04}-{:02}-{:02}",
+        now.year(),
+        u8::from(now.month()),
+        now.day()
+    )
+}
+
+/// `--profile`: a system-wide CPU profile (perf, cpu-clock, 999 Hz, both
+/// cores) of each workload on each path, summarised by process and by
+/// function, into `bench/results/<date>-profile.md`.
+fn profiles(bench: &Bench, root: &Path, agent_a: u32, agent_b: u32) -> anyhow::Result<()> {
+    let dir = bench.tb.dir.join("perf");
+    std::fs::create_dir_all(&dir)?;
+    let mut md = format!(
+        "# Where the time goes\n\n`cargo xtask bench --profile` on {} (2 cores). System-wide \
+         `perf record -e cpu-clock -F 999 -a` while the workload runs for {SECS} s; \
+         agent a (client side) is pid {agent_a}, agent b (server side) pid {agent_b}; \
+         `swapper` is idle time. Percentages are of all samples on both cores.\n",
+        today()
+    );
+    type Load<'a> = (
+        &'a str,
+        Path_,
+        Box<dyn Fn(&Bench) -> anyhow::Result<String> + 'a>,
+    );
+    let loads: Vec<Load> = vec![
+        (
+            "iperf3, 1 stream",
+            Path_::Direct,
+            Box::new(|b: &Bench| Ok(format!("{:.2} Gbit/s", b.iperf(Path_::Direct, 1)?))),
+        ),
+        (
+            "iperf3, 1 stream",
+            Path_::Enforcer,
+            Box::new(|b: &Bench| Ok(format!("{:.2} Gbit/s", b.iperf(Path_::Enforcer, 1)?))),
+        ),
+        (
+            "iperf3, 1 stream",
+            Path_::Stunnel,
+            Box::new(|b: &Bench| Ok(format!("{:.2} Gbit/s", b.iperf(Path_::Stunnel, 1)?))),
+        ),
+        (
+            "sockperf ping-pong",
+            Path_::Enforcer,
+            Box::new(|b: &Bench| {
+                let (p50, p99) = b.sockperf(Path_::Enforcer)?;
+                Ok(format!("p50 {p50:.1} µs, p99 {p99:.1} µs"))
+            }),
+        ),
+    ];
+    for (i, (what, path, load)) in loads.iter().enumerate() {
+        let data = dir.join(format!("{i}.data"));
+        let rec = std::process::Command::new("perf")
+            .args(["record", "-q", "-e", "cpu-clock", "-F", "999", "-a", "-o"])
+            .arg(&data)
+            .args(["--", "sleep", &(SECS + 1).to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("perf record (apt install linux-perf)")?;
+        std::thread::sleep(Duration::from_millis(300));
+        let result = load(bench).with_context(|| format!("{what} {}", path.name()))?;
+        let out = rec.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "perf record failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        eprintln!("  profiled {what} {}: {result}", path.name());
+        let report = |sort: &str, lines: usize| -> anyhow::Result<String> {
+            let out = std::process::Command::new("perf")
+                .args([
+                    "report",
+                    "--stdio",
+                    "--no-children",
+                    "-g",
+                    "none",
+                    "--percent-limit",
+                    "0.7",
+                    "--sort",
+                    sort,
+                    "-i",
+                ])
+                .arg(&data)
+                .output()
+                .context("perf report")?;
+            Ok(String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+                .take(lines)
+                .collect::<Vec<_>>()
+                .join("\n"))
+        };
+        let _ = write!(
+            md,
+            "\n## {what}, {} ({result})\n\nBy process:\n\n```\n{}\n```\n\nBy process and function:\n\n```\n{}\n```\n",
+            path.name(),
+            report("comm,pid", 12)?,
+            report("comm,sym", 40)?
+        );
+    }
+    let out_dir = root.join("bench/results");
+    std::fs::create_dir_all(&out_dir)?;
+    let out = out_dir.join(format!("{}-profile.md", today()));
+    std::fs::write(&out, md)?;
+    println!("written: {}", out.display());
     Ok(())
 }
 

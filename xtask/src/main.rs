@@ -29,7 +29,13 @@ enum Task {
         args: Vec<String>,
     },
     /// Benchmarks (DESIGN §7): direct vs enforcer vs stunnel, side by side.
-    Bench,
+    Bench {
+        /// Instead of measuring: record system-wide CPU profiles (perf,
+        /// cpu-clock) of iperf3 and sockperf on each path and write where the
+        /// time goes to bench/results/<date>-profile.md.
+        #[arg(long)]
+        profile: bool,
+    },
     /// (used by bench) echo server on [::]:PORT
     #[command(hide = true)]
     BenchEcho { port: u16 },
@@ -61,9 +67,9 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             test(&args)
         }
-        Task::Bench => {
+        Task::Bench { profile } => {
             setup::run()?;
-            bench::run()
+            bench::run(profile)
         }
         Task::BenchEcho { port } => load::echo(port),
         Task::BenchLoad {

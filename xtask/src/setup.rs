@@ -23,6 +23,7 @@ const APT_PACKAGES: &[&str] = &[
     "stunnel4",
     "tshark",
     "tcpdump",
+    "linux-perf",
 ];
 
 /// Python packages (package, module): the AI scenarios' official clients and
