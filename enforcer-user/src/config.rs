@@ -44,6 +44,17 @@ pub struct Config {
     pub admin: AdminConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+}
+
+/// The async runtime that runs the data plane.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Worker threads; 0 (default): one per CPU the agent may run on.
+    #[serde(default)]
+    pub worker_threads: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -412,6 +423,12 @@ impl Config {
             return Err(invalid(
                 "policy.poll_ms",
                 "must be between 100 and 3600000".into(),
+            ));
+        }
+        if self.runtime.worker_threads > 1024 {
+            return Err(invalid(
+                "runtime.worker_threads",
+                "must be between 0 (one per CPU) and 1024".into(),
             ));
         }
         self.inbound_addr(path)?;

@@ -225,7 +225,11 @@ fn main() -> anyhow::Result<()> {
         Command::Run { config } => {
             let cfg = Config::load(&config)?;
             init_logging(&cfg);
-            let rt = tokio::runtime::Builder::new_multi_thread()
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            if cfg.runtime.worker_threads > 0 {
+                runtime.worker_threads(cfg.runtime.worker_threads);
+            }
+            let rt = runtime
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;

@@ -72,6 +72,11 @@ fn bad_configs_exit_nonzero_naming_the_problem() {
             vec!["root of the cgroup2 hierarchy"],
         ),
         (
+            "too many worker threads",
+            format!("[capture]\ncgroup = \"{cg}\"\n[runtime]\nworker_threads = 5000\n"),
+            vec!["runtime.worker_threads"],
+        ),
+        (
             "malformed TOML",
             "[capture\ncgroup = 1".into(),
             vec!["invalid config file"],

@@ -289,7 +289,18 @@ pub fn run(profile: bool) -> anyhow::Result<()> {
         policy.join("authz.rego"),
         "package enforcer.authz\nimport rego.v1\ndefault allow := false\nallow if {\n\tinput.source.spiffe_id == \"spiffe://bench.local/client\"\n\tinput.destination.spiffe_id == \"spiffe://bench.local/server\"\n}\n",
     )?;
-    let mesh = "[mesh]\ncidrs = [\"10.10.0.0/24\"]\n";
+    // Two nodes share this machine's cores: each agent gets its node's share
+    // (one thread on 2 cores) instead of one thread per core each, which
+    // oversubscribes the CPUs (bench/README.md step 6).
+    let mesh = format!(
+        "[mesh]\ncidrs = [\"10.10.0.0/24\"]\n[runtime]\nworker_threads = {}\n",
+        std::env::var("ENFORCER_BENCH_WORKERS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or_else(
+                || (std::thread::available_parallelism().map_or(2, |n| n.get()) / 2).max(1)
+            )
+    );
     let entry = |id: &str, unit: &str| {
         format!(
             "[[identity.entries]]\nspiffe_id = \"spiffe://{TD}/{id}\"\nselectors = [\"systemd:unit:{unit}\"]\n"
