@@ -368,7 +368,9 @@ impl Testbed {
     }
 
     /// Like [`Testbed::start_enforcer`]; with `in_cgroup`, the enforcer process
-    /// itself runs in that child cgroup of the captured subtree.
+    /// itself runs in that child cgroup of the captured subtree. Without, in
+    /// its own cgroup `<node>-agent` beside the node's captured subtree (as a
+    /// systemd service or a DaemonSet pod has one).
     pub fn start_enforcer_in(
         &mut self,
         node: &Node,
@@ -376,8 +378,16 @@ impl Testbed {
         in_cgroup: Option<&str>,
     ) -> Result<Enforcer> {
         let log = self.dir.join(format!("{}-enforcer.log", node.name));
+        let cg = match in_cgroup {
+            Some(unit) => node.workload_cgroup(unit)?,
+            None => {
+                let cg = self.cgroup_root.join(format!("{}-agent", node.name));
+                fs::create_dir_all(&cg)?;
+                cg
+            }
+        };
         let child = node
-            .command(in_cgroup)?
+            .command_in(Some(&cg))
             .arg(&self.bin)
             .args(["run", "--config"])
             .arg(config)
@@ -653,14 +663,19 @@ impl Node {
     /// the program and its arguments. The program keeps the pid of the
     /// returned command (nsenter and the shell both exec).
     pub fn command(&self, unit: Option<&str>) -> Result<Command> {
+        let cg = unit.map(|u| self.workload_cgroup(u)).transpose()?;
+        Ok(self.command_in(cg.as_deref()))
+    }
+
+    /// A command in this node's netns and, if given, in cgroup `cg`.
+    pub fn command_in(&self, cg: Option<&Path>) -> Command {
         let mut c = Command::new("nsenter");
         c.arg(format!("--net=/run/netns/{}", self.netns)).arg("--");
-        if let Some(unit) = unit {
-            let cg = self.workload_cgroup(unit)?;
+        if let Some(cg) = cg {
             c.args(["sh", "-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""])
                 .arg(cg);
         }
-        Ok(c)
+        c
     }
 
     /// Runs a program to completion in this node's netns. With `unit`, inside
