@@ -272,10 +272,18 @@ fn raise_nofile() {
 pub fn run(profile: bool) -> anyhow::Result<()> {
     let started = Instant::now();
     raise_nofile();
-    crate::cargo(&["build", "--release", "--package", "enforcer-user"])?;
     let root = std::env::current_dir()?;
+    // ENFORCER_BENCH_BIN: measure that build instead (A/B of two builds in
+    // the same machine state); otherwise build and measure this tree.
+    let bin = match std::env::var_os("ENFORCER_BENCH_BIN") {
+        Some(b) => PathBuf::from(b),
+        None => {
+            crate::cargo(&["build", "--release", "--package", "enforcer-user"])?;
+            root.join("target/release/enforcer")
+        }
+    };
     // SAFETY: single-threaded here; the testbed reads it when spawning.
-    unsafe { std::env::set_var("ENFORCER_BIN", root.join("target/release/enforcer")) };
+    unsafe { std::env::set_var("ENFORCER_BIN", &bin) };
     let exe = std::env::current_exe().context("xtask binary")?;
 
     let mut tb = Testbed::new("bench")?;
