@@ -509,19 +509,26 @@ fn opa_bundles_from_a_file_and_from_http_with_etag() {
     );
 }
 
+/// `enforcer policy eval` with `extra` arguments, on `policy` and `input`.
+fn eval(extra: &[&str], policy: &Path, input: &Path) -> std::process::Output {
+    Command::new(enforcer_bin())
+        .args(["policy", "eval"])
+        .args(extra)
+        .arg("--policy")
+        .arg(policy)
+        .arg("--input")
+        .arg(input)
+        .output()
+        .expect("eval")
+}
+
 #[test]
 fn policy_cli_eval_and_test() {
     let dir = std::env::temp_dir().join(format!("enforcer-policy-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let input = dir.join("input.json");
     std::fs::write(&input, format!("{{\"direction\":\"inbound\",\"source\":{{\"spiffe_id\":\"{RESEARCH}\",\"authenticated\":true}},\"destination\":{{\"spiffe_id\":\"{LLM}\",\"port\":8000}},\"protocol\":\"tcp\"}}")).expect("input");
-    let out = Command::new(enforcer_bin())
-        .args(["policy", "eval", "--policy"])
-        .arg(shipped_policies())
-        .arg("--input")
-        .arg(&input)
-        .output()
-        .expect("eval");
+    let out = eval(&[], &shipped_policies(), &input);
     assert!(out.status.success(), "{out:?}");
     let v: Value = serde_json::from_slice(&out.stdout).expect("JSON decision");
     assert_eq!(v["allow"], false);
@@ -534,24 +541,12 @@ fn policy_cli_eval_and_test() {
         "the shipped policy runs on the regorus VM"
     );
     // The interpreter decides the same.
-    let out = Command::new(enforcer_bin())
-        .args(["policy", "eval", "--engine", "interpreter", "--policy"])
-        .arg(shipped_policies())
-        .arg("--input")
-        .arg(&input)
-        .output()
-        .expect("eval");
+    let out = eval(&["--engine", "interpreter"], &shipped_policies(), &input);
     assert!(out.status.success(), "{out:?}");
     let w: Value = serde_json::from_slice(&out.stdout).expect("JSON decision");
     assert_eq!(w["engine"], "interpreter");
     assert_eq!((&w["allow"], &w["reason"]), (&v["allow"], &v["reason"]));
-    let out = Command::new(enforcer_bin())
-        .args(["policy", "eval", "--engine", "jit", "--policy"])
-        .arg(shipped_policies())
-        .arg("--input")
-        .arg(&input)
-        .output()
-        .expect("eval");
+    let out = eval(&["--engine", "jit"], &shipped_policies(), &input);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("expected `vm` or `interpreter`"),
@@ -586,13 +581,7 @@ fn policy_cli_eval_and_test() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("FAIL: data.enforcer.authz.test_allows"));
     // A policy that does not compile: a clear error naming the file.
     write_policy(&bad, "package enforcer.authz\nallow if {{\n");
-    let out = Command::new(enforcer_bin())
-        .args(["policy", "eval", "--policy"])
-        .arg(&bad)
-        .arg("--input")
-        .arg(&input)
-        .output()
-        .expect("eval");
+    let out = eval(&[], &bad, &input);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("authz.rego"),
