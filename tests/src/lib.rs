@@ -742,6 +742,18 @@ impl Enforcer {
         }
     }
 
+    /// Like [`Enforcer::wait_for_connection`]; panics with the whole log when
+    /// no line matches (for tests).
+    pub fn connection_line(&self, pred: impl Fn(&Value) -> bool) -> Value {
+        self.wait_for_connection(pred).unwrap_or_else(|| {
+            panic!(
+                "no matching line in {}:\n{}",
+                self.log.display(),
+                fs::read_to_string(&self.log).unwrap_or_default()
+            )
+        })
+    }
+
     /// The `/metrics` text.
     pub fn metrics(&self) -> Result<String> {
         let (status, body) = self.node.http_get(self.metrics_addr, "/metrics")?;

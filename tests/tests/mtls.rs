@@ -78,16 +78,6 @@ fn curl(node: &Node, unit: &str, url: &str) -> (u32, std::process::Output) {
     .expect("curl")
 }
 
-fn line_with(enf: &Enforcer, pred: impl Fn(&Value) -> bool) -> Value {
-    enf.wait_for_connection(pred).unwrap_or_else(|| {
-        panic!(
-            "no matching line in {}:\n{}",
-            enf.log.display(),
-            std::fs::read_to_string(&enf.log).unwrap_or_default()
-        )
-    })
-}
-
 #[test]
 fn a_to_b_is_mutual_tls_between_workload_identities() {
     let mut m = mesh("mtls", "");
@@ -126,7 +116,7 @@ fn a_to_b_is_mutual_tls_between_workload_identities() {
             "{url}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let a_line = line_with(&m.ea, |v| v["pid"] == pid);
+        let a_line = m.ea.connection_line(|v| v["pid"] == pid);
         assert_eq!(a_line["src_spiffe_id"], AGENT_ID, "{a_line}");
         assert_eq!(a_line["dst_spiffe_id"], LLM_ID, "{a_line}");
         assert_eq!(a_line["mtls"], true, "{a_line}");
@@ -138,9 +128,8 @@ fn a_to_b_is_mutual_tls_between_workload_identities() {
     );
 
     // b's agent logs the client's verified SPIFFE ID.
-    let b_line = line_with(&m.eb, |v| {
-        v["direction"] == "inbound" && v["outcome"] == "ok"
-    });
+    let b_line =
+        m.eb.connection_line(|v| v["direction"] == "inbound" && v["outcome"] == "ok");
     assert_eq!(b_line["src_spiffe_id"], AGENT_ID, "{b_line}");
     assert_eq!(b_line["authenticated"], true, "{b_line}");
     assert_eq!(b_line["dst_spiffe_id"], LLM_ID, "{b_line}");
@@ -177,7 +166,7 @@ fn workload_without_identity_is_refused_for_mesh_destinations() {
         &format!("http://{}:8080/?no-identity", m.b.ipv4),
     );
     assert_ne!(String::from_utf8_lossy(&out.stdout), "200");
-    let line = line_with(&m.ea, |v| v["pid"] == pid);
+    let line = m.ea.connection_line(|v| v["pid"] == pid);
     assert_eq!(line["outcome"], "no_identity", "{line}");
     assert!(line["src_spiffe_id"].is_null(), "{line}");
     std::thread::sleep(Duration::from_millis(300));
@@ -394,7 +383,7 @@ fn federated_trust_domain_is_accepted_only_when_configured() {
         "200",
         "b must refuse an unlisted trust domain"
     );
-    let line = line_with(&ea, |v| v["pid"] == pid);
+    let line = ea.connection_line(|v| v["pid"] == pid);
     assert_eq!(line["outcome"], "tunnel_failed", "{line}");
     assert!(
         eb.log_lines()
@@ -438,12 +427,12 @@ fn federated_trust_domain_is_accepted_only_when_configured() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let line = line_with(&ea, |v| v["pid"] == pid);
+    let line = ea.connection_line(|v| v["pid"] == pid);
     assert_eq!(
         line["dst_spiffe_id"], "spiffe://b.example.org/llm",
         "{line}"
     );
-    let inbound = line_with(&eb, |v| v["direction"] == "inbound" && v["outcome"] == "ok");
+    let inbound = eb.connection_line(|v| v["direction"] == "inbound" && v["outcome"] == "ok");
     assert_eq!(
         inbound["src_spiffe_id"], "spiffe://a.example.org/agent",
         "{inbound}"
@@ -480,7 +469,7 @@ fn same_node_connection_carries_both_identities_and_stays_local() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let line = line_with(&ea, |v| v["pid"] == pid);
+    let line = ea.connection_line(|v| v["pid"] == pid);
     assert_eq!(line["same_node"], true, "{line}");
     assert_eq!(line["mtls"], false, "{line}");
     assert_eq!(line["src_spiffe_id"], AGENT_ID, "{line}");
@@ -498,7 +487,7 @@ fn same_node_connection_carries_both_identities_and_stays_local() {
     // A workload without identity may not reach one that has one.
     let (pid, out) = curl(&a, "stranger.service", &url);
     assert_ne!(String::from_utf8_lossy(&out.stdout), "200");
-    let line = line_with(&ea, |v| v["pid"] == pid);
+    let line = ea.connection_line(|v| v["pid"] == pid);
     assert_eq!(line["outcome"], "no_identity", "{line}");
 }
 
@@ -540,7 +529,8 @@ fn plaintext_from_outside_the_mesh_strict_refused_permissive_audited() {
         "200",
         "strict port must refuse plaintext"
     );
-    let line = line_with(&m.eb, |v| v["outcome"] == "plaintext_refused");
+    let line =
+        m.eb.connection_line(|v| v["outcome"] == "plaintext_refused");
     assert_eq!(line["authenticated"], false, "{line}");
     assert_eq!(line["plaintext_mode"], "strict", "{line}");
     assert_eq!(line["dst_spiffe_id"], LLM_ID, "{line}");
@@ -558,9 +548,8 @@ fn plaintext_from_outside_the_mesh_strict_refused_permissive_audited() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let line = line_with(&m.eb, |v| {
-        v["plaintext_mode"] == "permissive" && v["outcome"] == "ok"
-    });
+    let line =
+        m.eb.connection_line(|v| v["plaintext_mode"] == "permissive" && v["outcome"] == "ok");
     assert_eq!(line["authenticated"], false, "{line}");
     assert!(line["src_spiffe_id"].is_null(), "{line}");
     assert!(line["bytes_received"].as_u64().unwrap_or(0) > 0, "{line}");
@@ -669,10 +658,10 @@ fn spire_provider_issues_per_workload_svids_that_the_peer_accepts() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let line = line_with(&ea, |v| v["pid"] == pid);
+    let line = ea.connection_line(|v| v["pid"] == pid);
     assert_eq!(line["src_spiffe_id"], AGENT_ID, "{line}");
     assert_eq!(line["dst_spiffe_id"], LLM_ID, "{line}");
-    let inbound = line_with(&eb, |v| v["direction"] == "inbound" && v["outcome"] == "ok");
+    let inbound = eb.connection_line(|v| v["direction"] == "inbound" && v["outcome"] == "ok");
     assert_eq!(
         inbound["src_spiffe_id"], AGENT_ID,
         "b verified the SPIRE-issued SVID: {inbound}"
@@ -689,7 +678,7 @@ fn spire_provider_issues_per_workload_svids_that_the_peer_accepts() {
     let (pid, out) = curl(&a, "stranger.service", &url);
     assert_ne!(String::from_utf8_lossy(&out.stdout), "200");
     assert_eq!(
-        line_with(&ea, |v| v["pid"] == pid)["outcome"],
+        ea.connection_line(|v| v["pid"] == pid)["outcome"],
         "no_identity"
     );
     assert!(tb.server_log(&a, "spire").contains("DENIED"));
@@ -722,7 +711,7 @@ fn hbone_connections_are_pooled_per_source_and_destination() {
     for _ in 0..3 {
         let (pid, out) = curl(&m.a, "support-agent.service", &url);
         assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
-        reused.push(line_with(&m.ea, |v| v["pid"] == pid)["hbone_reused"].clone());
+        reused.push(m.ea.connection_line(|v| v["pid"] == pid)["hbone_reused"].clone());
     }
     assert_eq!(
         reused,
@@ -737,7 +726,7 @@ fn hbone_connections_are_pooled_per_source_and_destination() {
         &format!("http://{}:8081/", m.b.ipv4),
     );
     assert_eq!(
-        line_with(&m.ea, |v| v["pid"] == pid)["outcome"],
+        m.ea.connection_line(|v| v["pid"] == pid)["outcome"],
         "tunnel_failed"
     );
 }
@@ -748,7 +737,7 @@ fn registration_entries_reload_without_restart_and_bad_edits_are_rejected() {
     let url = format!("http://{}:8080/", m.b.ipv4);
     let (pid, _) = curl(&m.a, "late-agent.service", &url);
     assert_eq!(
-        line_with(&m.ea, |v| v["pid"] == pid)["outcome"],
+        m.ea.connection_line(|v| v["pid"] == pid)["outcome"],
         "no_identity"
     );
 
@@ -773,7 +762,7 @@ fn registration_entries_reload_without_restart_and_bad_edits_are_rejected() {
         "existing entries keep working"
     );
     assert_eq!(
-        line_with(&m.ea, |v| v["pid"] == pid)["src_spiffe_id"],
+        m.ea.connection_line(|v| v["pid"] == pid)["src_spiffe_id"],
         AGENT_ID
     );
 
@@ -807,12 +796,11 @@ fn registration_entries_reload_without_restart_and_bad_edits_are_rejected() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(
-        line_with(&m.ea, |v| v["pid"] == pid)["src_spiffe_id"],
+        m.ea.connection_line(|v| v["pid"] == pid)["src_spiffe_id"],
         "spiffe://ai.example.org/agent/late"
     );
-    let inbound = line_with(&m.eb, |v| {
-        v["src_spiffe_id"] == "spiffe://ai.example.org/agent/late"
-    });
+    let inbound =
+        m.eb.connection_line(|v| v["src_spiffe_id"] == "spiffe://ai.example.org/agent/late");
     assert_eq!(inbound["outcome"], "ok");
     m.tb.stop(m.ea.pid).expect("stop");
 }

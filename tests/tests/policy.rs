@@ -116,16 +116,6 @@ fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn line(enf: &Enforcer, pred: impl Fn(&Value) -> bool) -> Value {
-    enf.wait_for_connection(pred).unwrap_or_else(|| {
-        panic!(
-            "no matching line in {}:\n{}",
-            enf.log.display(),
-            std::fs::read_to_string(&enf.log).unwrap_or_default()
-        )
-    })
-}
-
 #[test]
 fn shipped_policy_allows_the_agent_and_denies_another_identity_with_an_audit_trail() {
     let p = pair("polship", shipped);
@@ -141,7 +131,7 @@ fn shipped_policy_allows_the_agent_and_denies_another_identity_with_an_audit_tra
     let url = format!("http://{}:8080/?from-agent", p.b.ipv4);
     let (pid, code) = curl(&p.a, "support-agent.service", &url);
     assert_eq!(code, "200");
-    let l = line(&p.ea, |v| v["pid"] == pid);
+    let l = p.ea.connection_line(|v| v["pid"] == pid);
     assert_eq!(l["policy_reason"], "allowed: agent -> LLM", "{l}");
 
     let (pid, code) = curl(
@@ -150,7 +140,7 @@ fn shipped_policy_allows_the_agent_and_denies_another_identity_with_an_audit_tra
         &format!("http://{}:8080/?from-research", p.b.ipv4),
     );
     assert_ne!(code, "200");
-    let l = line(&p.ea, |v| v["pid"] == pid);
+    let l = p.ea.connection_line(|v| v["pid"] == pid);
     assert_eq!(l["outcome"], "denied", "{l}");
     assert!(!p.tb.server_log(&p.b, "llm").contains("from-research"));
 
@@ -243,11 +233,10 @@ fn inbound_side_is_authoritative_even_when_the_source_allows() {
         &format!("http://{}:8080/?sneak", p.b.ipv4),
     );
     assert_ne!(code, "200");
-    let l = line(&p.ea, |v| v["pid"] == pid);
+    let l = p.ea.connection_line(|v| v["pid"] == pid);
     assert_eq!(l["outcome"], "tunnel_failed", "{l}");
-    let inbound = line(&p.eb, |v| {
-        v["direction"] == "inbound" && v["outcome"] == "denied"
-    });
+    let inbound =
+        p.eb.connection_line(|v| v["direction"] == "inbound" && v["outcome"] == "denied");
     assert_eq!(inbound["src_spiffe_id"], RESEARCH, "{inbound}");
     assert!(!p.tb.server_log(&p.b, "llm").contains("sneak"));
 }
@@ -326,7 +315,7 @@ fn dry_run_allows_and_logs_would_deny() {
         &format!("http://{}:8080/", p.b.ipv4),
     );
     assert_eq!(code, "200", "dry-run lets the connection through");
-    assert_eq!(line(&p.ea, |v| v["pid"] == pid)["outcome"], "ok");
+    assert_eq!(p.ea.connection_line(|v| v["pid"] == pid)["outcome"], "ok");
     assert!(
         p.ea.log_lines()
             .iter()
@@ -370,7 +359,10 @@ fn evaluation_error_and_missing_policy_deny() {
         &format!("http://{}:8080/", p.b.ipv4),
     );
     assert_ne!(code, "200");
-    assert_eq!(line(&p.ea, |v| v["pid"] == pid)["outcome"], "denied");
+    assert_eq!(
+        p.ea.connection_line(|v| v["pid"] == pid)["outcome"],
+        "denied"
+    );
     assert!(
         p.ea.log_lines()
             .iter()
@@ -407,7 +399,7 @@ fn evaluation_error_and_missing_policy_deny() {
         &format!("http://{}:8080/", p.b.ipv4),
     );
     assert_ne!(code, "200");
-    let l = line(&ea, |v| v["pid"] == pid);
+    let l = ea.connection_line(|v| v["pid"] == pid);
     assert_eq!(l["outcome"], "denied");
     assert_eq!(l["policy_reason"], "no policy loaded");
 }
