@@ -193,11 +193,10 @@ impl Loaded {
         let empty = engine
             .eval_rule(ALLOW_RULE.to_owned())
             .map_err(|e| LoadError::Check(format!("{origin}: evaluating {ALLOW_RULE}: {e}")))?;
-        let has_reason = engine.eval_rule(REASON_RULE.to_owned()).is_ok();
         let evaluator = match kind {
             EngineKind::Interpreter => Evaluator::Interpreter(Box::new(Mutex::new(engine))),
-            EngineKind::Vm => match vm_program(&mut engine, has_reason) {
-                Ok(program) => {
+            EngineKind::Vm => match vm_program(&mut engine) {
+                Ok((program, has_reason)) => {
                     let vm = Evaluator::Vm {
                         program,
                         data: engine.get_data(),
@@ -264,7 +263,8 @@ impl Loaded {
 
 /// Compiles the entry points to regorus VM bytecode, if the VM decides
 /// `allow` exactly as the interpreter (OPA semantics) does; else says why not.
-fn vm_program(engine: &mut Engine, has_reason: bool) -> Result<Arc<Program>, String> {
+/// Also says whether the policy declares `reason`.
+fn vm_program(engine: &mut Engine) -> Result<(Arc<Program>, bool), String> {
     let entry: regorus::Rc<str> = ALLOW_RULE.into();
     let compiled = engine
         .compile_with_entrypoint(&entry)
@@ -275,10 +275,13 @@ fn vm_program(engine: &mut Engine, has_reason: bool) -> Result<Arc<Program>, Str
     if let Some(why) = vm_divergence(&allow_only) {
         return Err(why);
     }
-    if !has_reason {
-        return Ok(allow_only);
+    // `reason` is optional: compiled in when the policy declares it.
+    if !compiled.get_rules().contains_key(REASON_RULE) {
+        return Ok((allow_only, false));
     }
-    Compiler::compile_from_policy(&compiled, &[ALLOW_RULE, REASON_RULE]).map_err(|e| e.to_string())
+    let both = Compiler::compile_from_policy(&compiled, &[ALLOW_RULE, REASON_RULE])
+        .map_err(|e| e.to_string())?;
+    Ok((both, true))
 }
 
 /// Where the VM could decide differently from OPA. OPA (and the regorus
