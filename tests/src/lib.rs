@@ -207,26 +207,7 @@ impl Testbed {
             &b.netns,
         ])?;
         for (node, ifname) in [(a, &ia), (b, &ib)] {
-            ip(&[
-                "-n",
-                &node.netns,
-                "addr",
-                "add",
-                &format!("{}/24", node.ipv4),
-                "dev",
-                ifname,
-            ])?;
-            ip(&[
-                "-n",
-                &node.netns,
-                "addr",
-                "add",
-                &format!("{}/64", node.ipv6),
-                "dev",
-                ifname,
-                "nodad",
-            ])?;
-            ip(&["-n", &node.netns, "link", "set", ifname, "up"])?;
+            node.bring_up(ifname)?;
         }
         Ok(())
     }
@@ -257,26 +238,7 @@ impl Testbed {
             ])?;
             ip(&["-n", &sw, "link", "set", &port, "master", "br0"])?;
             ip(&["-n", &sw, "link", "set", &port, "up"])?;
-            ip(&[
-                "-n",
-                &node.netns,
-                "addr",
-                "add",
-                &format!("{}/24", node.ipv4),
-                "dev",
-                "eth0",
-            ])?;
-            ip(&[
-                "-n",
-                &node.netns,
-                "addr",
-                "add",
-                &format!("{}/64", node.ipv6),
-                "dev",
-                "eth0",
-                "nodad",
-            ])?;
-            ip(&["-n", &node.netns, "link", "set", "eth0", "up"])?;
+            node.bring_up("eth0")?;
         }
         Ok(())
     }
@@ -616,6 +578,32 @@ fn short(test: &str) -> String {
 }
 
 impl Node {
+    /// Gives interface `ifname` in this node's netns the node's IPv4 and
+    /// IPv6 addresses and sets it up.
+    fn bring_up(&self, ifname: &str) -> Result<()> {
+        let n = &self.netns;
+        ip(&[
+            "-n",
+            n,
+            "addr",
+            "add",
+            &format!("{}/24", self.ipv4),
+            "dev",
+            ifname,
+        ])?;
+        ip(&[
+            "-n",
+            n,
+            "addr",
+            "add",
+            &format!("{}/64", self.ipv6),
+            "dev",
+            ifname,
+            "nodad",
+        ])?;
+        ip(&["-n", n, "link", "set", ifname, "up"])
+    }
+
     /// Runs `f` on a thread that has joined this node's network namespace.
     pub fn in_netns<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
         let path = format!("/run/netns/{}", self.netns);
@@ -769,6 +757,55 @@ impl Enforcer {
         let text = self.metrics()?;
         Ok(sum_metric(&text, name, labels))
     }
+}
+
+/// The `[mesh]` section the tests use: the testbed's IPv4 and IPv6 subnets.
+pub const MESH: &str = "[mesh]\ncidrs = [\"10.10.0.0/24\", \"fd10::/64\"]\n";
+
+/// A registration entry (`[[identity.entries]]`) with one selector.
+pub fn entry(id: &str, selector: &str) -> String {
+    format!("[[identity.entries]]\nspiffe_id = \"{id}\"\nselectors = [\"{selector}\"]\n")
+}
+
+/// Two linked nodes with their agents running.
+pub struct Pair {
+    pub tb: Testbed,
+    pub a: Node,
+    pub b: Node,
+    pub ea: Enforcer,
+    pub eb: Enforcer,
+}
+
+/// Nodes a (10.10.0.1) and b (10.10.0.2) on one link, sharing one CA of trust
+/// domain `td`, with an HTTP server on b port 8080 in b's `llm.service`
+/// cgroup. `config(tb, node)` gives each agent's extra `[identity]` keys
+/// (after the CA's) and the rest of its config (entries, `[mesh]`,
+/// `[policy]`, …). b's agent starts first.
+pub fn llm_pair(
+    test: &str,
+    td: &str,
+    config: impl Fn(&Testbed, &Node) -> (String, String),
+) -> Result<Pair> {
+    let mut tb = Testbed::new(test)?;
+    let a = tb.node("a", 1)?;
+    let b = tb.node("b", 2)?;
+    tb.link(&a, &b)?;
+    let ca = tb.shared_ca("shared", td)?;
+    tb.start_server_in(
+        &b,
+        Some("llm.service"),
+        "llm",
+        &["python3", "-u", "-m", "http.server", "8080", "--bind", "::"],
+        8080,
+    )?;
+    let start = |tb: &mut Testbed, node: &Node| -> Result<Enforcer> {
+        let (identity, rest) = config(tb, node);
+        let cfg = tb.enforcer_config_with(node, "", &format!("{ca}{identity}"), &rest)?;
+        tb.start_enforcer(node, &cfg)
+    };
+    let eb = start(&mut tb, &b)?;
+    let ea = start(&mut tb, &a)?;
+    Ok(Pair { tb, a, b, ea, eb })
 }
 
 /// Sums the samples of `name` whose labels include all of `labels`.

@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
-use crate::{Enforcer, Node, Result, Testbed};
+use crate::{Enforcer, MESH, Node, Result, Testbed};
 
 pub const TD: &str = "ai.example.org";
 pub const SUPPORT_AGENT: &str = "spiffe://ai.example.org/agent/support";
@@ -48,13 +48,9 @@ pub struct Scenario {
 
 fn entries(list: &[(&str, &str)]) -> String {
     list.iter()
-        .map(|(id, unit)| {
-            format!("[[identity.entries]]\nspiffe_id = \"{id}\"\nselectors = [\"systemd:unit:{unit}\"]\n")
-        })
+        .map(|(id, unit)| crate::entry(id, &format!("systemd:unit:{unit}")))
         .collect()
 }
-
-const MESH: &str = "[mesh]\ncidrs = [\"10.10.0.0/24\", \"fd10::/64\"]\n";
 
 impl Scenario {
     pub fn start(name: &str) -> Result<Self> {

@@ -2,72 +2,40 @@
 //! two real agents, real workloads in their own cgroups, real TLS on the veth.
 use std::time::{Duration, Instant};
 
-use enforcer_tests::{Enforcer, Node, Testbed};
+use enforcer_tests::{MESH, Node, Pair, Testbed, entry, llm_pair};
 use serde_json::Value;
 
 const TD: &str = "ai.example.org";
 const AGENT_ID: &str = "spiffe://ai.example.org/agent/support";
 const LLM_ID: &str = "spiffe://ai.example.org/llm";
-const MESH: &str = "[mesh]\ncidrs = [\"10.10.0.0/24\", \"fd10::/64\"]\n";
-
-fn entry(id: &str, selector: &str) -> String {
-    format!("[[identity.entries]]\nspiffe_id = \"{id}\"\nselectors = [\"{selector}\"]\n")
-}
-
-struct Mesh {
-    tb: Testbed,
-    a: Node,
-    b: Node,
-    ea: Enforcer,
-    eb: Enforcer,
-}
-
 /// Nodes a and b sharing one CA; an HTTP server registered as the LLM on b
 /// (port 8080, in b/llm.service); the support agent's unit registered on a.
-fn mesh(test: &str, extra_identity_a: &str) -> Mesh {
+fn mesh(test: &str, extra_identity_a: &str) -> Pair {
     mesh_with(test, extra_identity_a, "")
 }
 
 /// Like [`mesh`], with raw TOML appended to b's config (after its `[mesh]`).
-fn mesh_with(test: &str, extra_identity_a: &str, tail_b: &str) -> Mesh {
-    let mut tb = Testbed::new(test).expect("testbed");
-    let a = tb.node("a", 1).expect("node a");
-    let b = tb.node("b", 2).expect("node b");
-    tb.link(&a, &b).expect("link");
-    let ca = tb.shared_ca("shared", TD).expect("shared CA");
-    tb.start_server_in(
-        &b,
-        Some("llm.service"),
-        "llm",
-        &["python3", "-u", "-m", "http.server", "8080", "--bind", "::"],
-        8080,
-    )
-    .expect("server on b");
-    let cfg_b = tb
-        .enforcer_config_with(
-            &b,
-            "",
-            &ca,
-            &format!(
-                "{}\n{MESH}{tail_b}",
-                entry(LLM_ID, "systemd:unit:llm.service")
-            ),
-        )
-        .expect("config b");
-    let eb = tb.start_enforcer(&b, &cfg_b).expect("enforcer b");
-    let cfg_a = tb
-        .enforcer_config_with(
-            &a,
-            "",
-            &format!("{ca}{extra_identity_a}"),
-            &format!(
-                "{}\n{MESH}",
-                entry(AGENT_ID, "systemd:unit:support-agent.service")
-            ),
-        )
-        .expect("config a");
-    let ea = tb.start_enforcer(&a, &cfg_a).expect("enforcer a");
-    Mesh { tb, a, b, ea, eb }
+fn mesh_with(test: &str, extra_identity_a: &str, tail_b: &str) -> Pair {
+    llm_pair(test, TD, |_, n| {
+        if n.name == "a" {
+            (
+                extra_identity_a.to_owned(),
+                format!(
+                    "{}\n{MESH}",
+                    entry(AGENT_ID, "systemd:unit:support-agent.service")
+                ),
+            )
+        } else {
+            (
+                String::new(),
+                format!(
+                    "{}\n{MESH}{tail_b}",
+                    entry(LLM_ID, "systemd:unit:llm.service")
+                ),
+            )
+        }
+    })
+    .expect("two nodes")
 }
 
 fn curl(node: &Node, unit: &str, url: &str) -> (u32, std::process::Output) {

@@ -6,72 +6,31 @@ use std::{
     time::{Duration, Instant},
 };
 
-use enforcer_tests::{Enforcer, Node, Testbed, enforcer_bin};
+use enforcer_tests::{MESH, Node, Pair, Testbed, enforcer_bin, entry, llm_pair};
 use serde_json::Value;
 
 const TD: &str = "ai.example.org";
 const AGENT: &str = "spiffe://ai.example.org/agent/support";
 const RESEARCH: &str = "spiffe://ai.example.org/sandbox/research-agent";
 const LLM: &str = "spiffe://ai.example.org/llm";
-const MESH: &str = "[mesh]\ncidrs = [\"10.10.0.0/24\", \"fd10::/64\"]\n";
 
 fn shipped_policies() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies")
 }
 
-fn entry(id: &str, selector: &str) -> String {
-    format!("[[identity.entries]]\nspiffe_id = \"{id}\"\nselectors = [\"{selector}\"]\n")
-}
-
-struct Pair {
-    tb: Testbed,
-    a: Node,
-    b: Node,
-    ea: Enforcer,
-    eb: Enforcer,
-}
-
 /// a (two agents) -> b (the LLM on 8080), both under `policy` (a [policy]
 /// section body, given the node) and a shared CA.
 fn pair(test: &str, policy: impl Fn(&Testbed, &Node) -> String) -> Pair {
-    let mut tb = Testbed::new(test).expect("testbed");
-    let a = tb.node("a", 1).expect("a");
-    let b = tb.node("b", 2).expect("b");
-    tb.link(&a, &b).expect("link");
-    let ca = tb.shared_ca("shared", TD).expect("ca");
-    tb.start_server_in(
-        &b,
-        Some("llm.service"),
-        "llm",
-        &["python3", "-u", "-m", "http.server", "8080", "--bind", "::"],
-        8080,
-    )
-    .expect("server");
-    let pb = policy(&tb, &b);
-    let cfg_b = tb
-        .enforcer_config_with(
-            &b,
-            "",
-            &ca,
-            &format!("{pb}\n{}{MESH}", entry(LLM, "systemd:unit:llm.service")),
-        )
-        .expect("cfg b");
-    let eb = tb.start_enforcer(&b, &cfg_b).expect("enforcer b");
-    let pa = policy(&tb, &a);
-    let cfg_a = tb
-        .enforcer_config_with(
-            &a,
-            "",
-            &ca,
-            &format!(
-                "{pa}\n{}{}{MESH}",
-                entry(AGENT, "systemd:unit:support-agent.service"),
-                entry(RESEARCH, "systemd:unit:research-agent.service")
-            ),
-        )
-        .expect("cfg a");
-    let ea = tb.start_enforcer(&a, &cfg_a).expect("enforcer a");
-    Pair { tb, a, b, ea, eb }
+    llm_pair(test, TD, |tb, n| {
+        let entries = if n.name == "a" {
+            entry(AGENT, "systemd:unit:support-agent.service")
+                + &entry(RESEARCH, "systemd:unit:research-agent.service")
+        } else {
+            entry(LLM, "systemd:unit:llm.service")
+        };
+        (String::new(), format!("{}\n{entries}{MESH}", policy(tb, n)))
+    })
+    .expect("two nodes")
 }
 
 fn shipped(tb: &Testbed, n: &Node) -> String {

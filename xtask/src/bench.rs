@@ -168,15 +168,18 @@ fn openssl(args: &[&str]) -> anyhow::Result<()> {
 fn stunnel_pki(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let p = |f: &str| dir.join(f).display().to_string();
-    openssl(&[
-        "ecparam",
-        "-name",
-        "prime256v1",
-        "-genkey",
-        "-noout",
-        "-out",
-        &p("ca.key"),
-    ])?;
+    let p256_key = |out: &str| {
+        openssl(&[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            out,
+        ])
+    };
+    p256_key(&p("ca.key"))?;
     openssl(&[
         "req",
         "-x509",
@@ -191,15 +194,7 @@ fn stunnel_pki(dir: &Path) -> anyhow::Result<()> {
         &p("ca.pem"),
     ])?;
     for who in ["server", "client"] {
-        openssl(&[
-            "ecparam",
-            "-name",
-            "prime256v1",
-            "-genkey",
-            "-noout",
-            "-out",
-            &p(&format!("{who}.key")),
-        ])?;
+        p256_key(&p(&format!("{who}.key")))?;
         openssl(&[
             "req",
             "-new",

@@ -252,19 +252,10 @@ mod tests {
         let ca = Ca::generate(&td()).expect("ca");
         let id = SpiffeId::new("spiffe://ai.example.org/agent/support").expect("id");
         let svid = ca.issue(&id, Duration::from_secs(3600)).expect("svid");
+        // The verifiers' own reading: exactly one URI SAN, not a CA.
+        let read = crate::tls::spiffe_id_of(&svid.chain[0]).expect("one SPIFFE ID");
+        assert_eq!(read, id);
         let (_, cert) = x509_parser::parse_x509_certificate(&svid.chain[0]).expect("parse");
-        let san = cert.subject_alternative_name().expect("ext").expect("san");
-        let uris: Vec<_> = san
-            .value
-            .general_names
-            .iter()
-            .filter_map(|g| match g {
-                x509_parser::extensions::GeneralName::URI(u) => Some(*u),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(uris, vec!["spiffe://ai.example.org/agent/support"]);
-        assert!(!cert.is_ca());
         let eku = cert.extended_key_usage().expect("ext").expect("eku");
         assert!(eku.value.server_auth && eku.value.client_auth);
         let ttl = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();

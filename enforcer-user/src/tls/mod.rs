@@ -116,6 +116,20 @@ pub fn handshake_failure_code(err: &std::io::Error) -> &'static str {
 }
 
 /// TLS 1.2 is never negotiated (both configurations are TLS 1.3 only).
+/// The peer's SPIFFE ID and the roots of its own trust domain (each side's
+/// chain is verified only against the bundle of the ID's trust domain).
+fn id_and_roots(
+    trust: &TrustStore,
+    end_entity: &CertificateDer<'_>,
+) -> Result<(SpiffeId, Arc<rustls::RootCertStore>), Error> {
+    let id = spiffe_id_of(end_entity).map_err(reject)?;
+    let roots = trust
+        .current()
+        .roots(id.trust_domain_name())
+        .ok_or_else(|| reject(Reject::UntrustedTrustDomain(id.trust_domain_name().into())))?;
+    Ok((id, roots))
+}
+
 fn tls12_refused() -> Result<HandshakeSignatureValid, Error> {
     Err(Error::PeerIncompatible(
         rustls::PeerIncompatible::Tls12NotOffered,
@@ -167,13 +181,8 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        let id = spiffe_id_of(end_entity).map_err(reject)?;
+        let (id, roots) = id_and_roots(&self.trust, end_entity)?;
         let td = id.trust_domain_name();
-        let roots = self
-            .trust
-            .current()
-            .roots(td)
-            .ok_or_else(|| reject(Reject::UntrustedTrustDomain(td.to_owned())))?;
         let verifier = WebPkiClientVerifier::builder_with_provider(roots, self.provider.clone())
             .build()
             .map_err(|e| Error::General(format!("trust domain {td}: {e}")))?;
@@ -234,12 +243,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        let id = spiffe_id_of(end_entity).map_err(reject)?;
-        let roots = self
-            .trust
-            .current()
-            .roots(id.trust_domain_name())
-            .ok_or_else(|| reject(Reject::UntrustedTrustDomain(id.trust_domain_name().into())))?;
+        let (_, roots) = id_and_roots(&self.trust, end_entity)?;
         let parsed = ParsedCertificate::try_from(end_entity)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &parsed,
