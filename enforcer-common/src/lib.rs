@@ -5,8 +5,9 @@
 //! reuses maps pinned by an older one with a different schema.
 #![no_std]
 
-/// Version of the map layouts below; part of the pin path (`enforcer/v1/...`).
-pub const LAYOUT_VERSION: u32 = 1;
+/// Version of the map layouts below; part of the pin path (`enforcer/v2/...`).
+/// v2: the agent is recognised by socket mark and cgroup, never by pid.
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Address family values as the kernel reports them.
 pub const AF_INET: u16 = 2;
@@ -82,8 +83,14 @@ pub const CIDR_CAPTURE: u8 = 1;
 pub struct CaptureConfig {
     /// 1 once userspace has filled the rule maps; 0 = capture nothing.
     pub enabled: u32,
-    /// Thread-group id of the agent: its own connects are never captured.
-    pub agent_tgid: u32,
+    /// `SO_MARK` the agent puts on every socket it connects from and on its
+    /// outbound listeners. Setting a mark needs CAP_NET_ADMIN or CAP_NET_RAW
+    /// in the socket's network namespace, so an unprivileged workload cannot
+    /// carry it. Never a pid: pids are recycled and can be obtained by forking.
+    pub agent_mark: u32,
+    /// cgroup v2 id of the agent's own cgroup. A connect is the agent's only
+    /// when it carries the mark *and* comes from this cgroup.
+    pub agent_cgroup_id: u64,
     /// Outbound listener port on the loopback address, host byte order.
     pub outbound_port: u16,
     pub _pad: [u8; 6],
@@ -146,7 +153,7 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<CaptureConfig>(), 4 + 4 + 2 + 6);
+        assert_eq!(size_of::<CaptureConfig>(), 4 + 4 + 8 + 2 + 6);
         assert_eq!(size_of::<OrigDst>(), 2 + 2 + 4 * 5 + 16 + 8 * 3 + 16);
         assert_eq!(size_of::<SockTuple>(), 4 + 2 + 2 + 16 + 16);
     }

@@ -7,11 +7,14 @@
 
 use aya_ebpf::{
     EbpfContext,
+    bindings::bpf_sock_tuple,
     bindings::{BPF_SOCK_OPS_STATE_CB_FLAG, bpf_sock_addr},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_uid_gid,
-        generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+        generated::{
+            bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release,
+        },
     },
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, SockMap, lpm_trie::Key},
@@ -111,7 +114,7 @@ fn eligible(ctx: &SockAddrContext, sa: &bpf_sock_addr, port: u16) -> Option<Capt
         return None;
     }
     let cfg = config()?;
-    if (bpf_get_current_pid_tgid() >> 32) as u32 == cfg.agent_tgid {
+    if is_agent(sa, &cfg) {
         return None;
     }
     if !port_captured(port) {
@@ -122,6 +125,79 @@ fn eligible(ctx: &SockAddrContext, sa: &bpf_sock_addr, port: u16) -> Option<Capt
     // SAFETY: only tests for presence.
     unsafe { ENF_NETNS.get(netns) }?;
     Some(cfg)
+}
+
+/// The agent's own sockets: they carry its mark (setting one needs
+/// CAP_NET_ADMIN or CAP_NET_RAW) and are connected from its cgroup. Nothing
+/// here is a pid, which a workload could obtain by forking after the agent died.
+#[inline(always)]
+fn is_agent(sa: &bpf_sock_addr, cfg: &CaptureConfig) -> bool {
+    // SAFETY: `sk` of a sock_addr context is a valid socket pointer.
+    let sk = unsafe { sa.__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: as above; `mark` is readable from any bpf_sock.
+    let mark = unsafe { (*sk).mark };
+    // SAFETY: plain helper call without arguments.
+    mark == cfg.agent_mark && unsafe { bpf_get_current_cgroup_id() } == cfg.agent_cgroup_id
+}
+
+/// `netns` argument of the socket lookup helpers: the caller's namespace.
+const BPF_F_CURRENT_NETNS: u64 = u64::MAX;
+
+/// Whether the listener a redirected connect would reach is the agent's (it
+/// carries the agent's mark). When the agent is gone, an unprivileged
+/// workload could bind the loopback port itself and receive every other
+/// workload's captured connections; with no listener, or another one, the
+/// connect is refused instead.
+#[inline(always)]
+fn agents_listener(
+    ctx: &SockAddrContext,
+    tuple: &mut bpf_sock_tuple,
+    size: u32,
+    mark: u32,
+) -> bool {
+    // SAFETY: the tuple lives on this stack frame for the call; the returned
+    // socket is released on every path.
+    unsafe {
+        let sk = bpf_sk_lookup_tcp(ctx.as_ptr(), tuple, size, BPF_F_CURRENT_NETNS, 0);
+        if sk.is_null() {
+            return false;
+        }
+        let ours = (*sk).mark == mark;
+        bpf_sk_release(sk.cast());
+        ours
+    }
+}
+
+#[inline(always)]
+fn agents_listener4(ctx: &SockAddrContext, cfg: &CaptureConfig) -> bool {
+    // SAFETY: plain data; every field is written below.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    // Writing a union member is safe; reading one is not.
+    tuple.__bindgen_anon_1.ipv4.saddr = u32::from_ne_bytes([127, 0, 0, 1]);
+    tuple.__bindgen_anon_1.ipv4.daddr = u32::from_ne_bytes([127, 0, 0, 1]);
+    tuple.__bindgen_anon_1.ipv4.sport = 0;
+    tuple.__bindgen_anon_1.ipv4.dport = cfg.outbound_port.to_be();
+    let size =
+        core::mem::size_of::<aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>();
+    agents_listener(ctx, &mut tuple, size as u32, cfg.agent_mark)
+}
+
+#[inline(always)]
+fn agents_listener6(ctx: &SockAddrContext, cfg: &CaptureConfig) -> bool {
+    // SAFETY: plain data; every field is written below.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let loopback = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+    // Writing a union member is safe; reading one is not.
+    tuple.__bindgen_anon_1.ipv6.saddr = loopback;
+    tuple.__bindgen_anon_1.ipv6.daddr = loopback;
+    tuple.__bindgen_anon_1.ipv6.sport = 0;
+    tuple.__bindgen_anon_1.ipv6.dport = cfg.outbound_port.to_be();
+    let size =
+        core::mem::size_of::<aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>();
+    agents_listener(ctx, &mut tuple, size as u32, cfg.agent_mark)
 }
 
 #[inline(always)]
@@ -144,6 +220,9 @@ pub fn enf_connect4(ctx: SockAddrContext) -> i32 {
     if !v4_captured(ip) {
         return PROCEED;
     }
+    if !agents_listener4(&ctx, &cfg) {
+        return PROCEED_REFUSED;
+    }
     let mut addr = [0u8; 16];
     addr[..4].copy_from_slice(&ip);
     let rec = record(&ctx, AF_INET, port, addr);
@@ -156,7 +235,8 @@ pub fn enf_connect4(ctx: SockAddrContext) -> i32 {
 }
 
 /// Verdict that makes connect() fail with EPERM: used when the record cannot be
-/// stored, so a connect we should capture never goes around the agent.
+/// stored or the agent's listener is not there, so a connect we should capture
+/// never goes around the agent.
 const PROCEED_REFUSED: i32 = 0;
 
 #[cgroup_sock_addr(connect6)]
@@ -180,6 +260,9 @@ pub fn enf_connect6(ctx: SockAddrContext) -> i32 {
         if !v4_captured(v4) {
             return PROCEED;
         }
+        if !agents_listener4(&ctx, &cfg) {
+            return PROCEED_REFUSED;
+        }
         let mut addr = [0u8; 16];
         addr[..4].copy_from_slice(&v4);
         record(&ctx, AF_INET, port, addr)
@@ -189,6 +272,9 @@ pub fn enf_connect6(ctx: SockAddrContext) -> i32 {
         }
         if !matches!(ENF_CIDR6.get(Key::new(128, ip)), Some(v) if *v == CIDR_CAPTURE) {
             return PROCEED;
+        }
+        if !agents_listener6(&ctx, &cfg) {
+            return PROCEED_REFUSED;
         }
         record(&ctx, AF_INET6, port, ip)
     };
@@ -294,9 +380,16 @@ pub fn enf_sock_ops(ctx: SockOpsContext) -> u32 {
             src: [0; 16],
             dst: [0; 16],
         };
+        let mapped = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
         if family == u32::from(AF_INET) {
             key.src[..4].copy_from_slice(&local4.to_ne_bytes());
             key.dst[..4].copy_from_slice(&remote4.to_ne_bytes());
+        } else if remote6[0] == 0 && remote6[1] == 0 && remote6[2] == mapped {
+            // A dual-stack socket that connected to a v4-mapped address: the
+            // agent's IPv4 listener accepted it and sees IPv4 addresses.
+            key.family = u32::from(AF_INET);
+            key.src[..4].copy_from_slice(&local6[3].to_ne_bytes());
+            key.dst[..4].copy_from_slice(&remote6[3].to_ne_bytes());
         } else {
             key.src = words_to_bytes(local6);
             key.dst = words_to_bytes(remote6);

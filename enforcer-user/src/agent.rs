@@ -50,10 +50,11 @@ pub fn load_identity(config: &Config) -> anyhow::Result<(Ca, Bundles)> {
     Ok((ca, bundles))
 }
 
-/// The policy engine: the audit log opened, the first policy loaded (a local
-/// source that does not compile stops startup), the source watched.
-async fn policy_engine(
+/// The policy engine: the audit log opened and the first policy (compiled by
+/// [`preflight`]) installed.
+fn policy_engine(
     config: &Config,
+    first: Option<crate::policy::Loaded>,
     metrics: Arc<crate::admin::Metrics>,
 ) -> anyhow::Result<Policy> {
     let audit = AuditLog::open(&config.policy.audit_log).with_context(|| {
@@ -65,13 +66,77 @@ async fn policy_engine(
     let policy = Policy::new(config.policy.mode, config.policy.engine, audit, metrics);
     if config.policy.source.is_empty() {
         warn!("policy.source is empty: no policy, every connection is denied");
-        return Ok(policy);
     }
-    let src = PolicySource::parse(&config.policy.source).map_err(anyhow::Error::msg)?;
-    source::initial(&src, &policy)
-        .await
-        .with_context(|| format!("loading policy.source {}", src.describe()))?;
+    if let Some(loaded) = first {
+        info!(source = %config.policy.source, revision = %loaded.revision, engine = loaded.engine(), "policy loaded");
+        policy.install(loaded);
+    }
     Ok(policy)
+}
+
+/// Everything `enforcer run` checks before it binds a port or touches the
+/// kernel — and so everything `enforcer check` checks: one function for both.
+pub struct Preflight {
+    pub cgroup: CaptureCgroup,
+    pub rules: crate::config::CaptureRules,
+    pub mesh: Vec<ipnet::IpNet>,
+    pub entries: Entries,
+    pub inbound_ports: Vec<(u16, PlaintextMode)>,
+    pub inbound_addr: Option<SocketAddr>,
+    /// The first policy, compiled (a local source; a URL is fetched later).
+    pub policy: Option<crate::policy::Loaded>,
+}
+
+/// Validates a loaded config against the machine: the captured cgroup (a
+/// cgroup v2 directory that exists and is not the root of the hierarchy,
+/// after `..` and symlinks are resolved), the rules, the entries, the
+/// identity files, and the policy (a local source must compile). Creates
+/// nothing.
+pub fn preflight(config: &Config, config_path: &Path) -> anyhow::Result<Preflight> {
+    let cgroup = CaptureCgroup::check(&config.capture.cgroup)?;
+    let rules = config.capture_rules(config_path)?;
+    let mesh = config.mesh_cidrs(config_path)?;
+    let entries = Entries::parse(&config.identity.entries, &config.identity.trust_domain)?;
+    let inbound_ports = config.inbound_ports(config_path)?;
+    let inbound_addr = config.inbound_addr(config_path)?;
+    if config.identity.provider == ProviderKind::Embedded {
+        let td = TrustDomain::new(&config.identity.trust_domain)
+            .with_context(|| format!("identity.trust_domain {:?}", config.identity.trust_domain))?;
+        let id = &config.identity;
+        match (&id.ca_cert, &id.ca_key) {
+            (Some(cert), Some(key)) => drop(Ca::load(&td, cert, key)?),
+            _ if id.state_dir.join("ca.pem").exists() || id.state_dir.join("ca.key").exists() => {
+                drop(Ca::load(
+                    &td,
+                    &id.state_dir.join("ca.pem"),
+                    &id.state_dir.join("ca.key"),
+                )?)
+            }
+            _ => {}
+        }
+    }
+    federation_bundles(config)?;
+    let policy = if config.policy.source.is_empty() {
+        None
+    } else {
+        let src = PolicySource::parse(&config.policy.source).map_err(anyhow::Error::msg)?;
+        match src {
+            PolicySource::Url(_) => None,
+            local => Some(
+                source::load_local(&local, config.policy.engine)
+                    .with_context(|| format!("loading policy.source {}", local.describe()))?,
+            ),
+        }
+    };
+    Ok(Preflight {
+        cgroup,
+        rules,
+        mesh,
+        entries,
+        inbound_ports,
+        inbound_addr,
+        policy,
+    })
 }
 
 /// The trust bundles the config adds by hand (federation).
@@ -129,34 +194,31 @@ async fn identity_manager(
 /// Runs the agent until SIGTERM or SIGINT. Pinned kernel programs stay
 /// attached afterwards (fail closed); `enforcer detach` removes them.
 pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
-    let cgroup = CaptureCgroup::check(&config.capture.cgroup)?;
-    let rules = config.capture_rules(config_path)?;
-    let mesh = config.mesh_cidrs(config_path)?;
-    let entries = Entries::parse(&config.identity.entries, &config.identity.trust_domain)?;
+    let Preflight {
+        cgroup,
+        rules,
+        mesh,
+        entries,
+        inbound_ports,
+        inbound_addr,
+        policy: first_policy,
+    } = preflight(&config, config_path)?;
 
+    // Every socket the agent makes from here on carries its mark (the kernel
+    // programs recognise the agent by it, never by pid).
+    crate::capture::mark::set(config.capture.agent_mark);
     // Bind everything before touching the kernel: a port in use fails cleanly.
     let port = config.capture.outbound_port;
-    let out4 = bind(
-        SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-        "capture.outbound_port",
-    )
-    .await?;
-    let out6 = match TcpListener::bind(SocketAddr::from((Ipv6Addr::LOCALHOST, port))).await {
-        Ok(l) => Some(l),
-        Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
-            warn!("IPv6 loopback is unavailable; IPv6 connects will not be captured successfully");
-            None
-        }
-        Err(e) => {
-            return Err(e)
-                .with_context(|| format!("cannot listen on [::1]:{port} (capture.outbound_port)"));
-        }
-    };
-    let inbound_listener = match config.inbound_addr(config_path)? {
+    let out4 = outbound_listener(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))?
+        .context("IPv4 loopback is unavailable")?;
+    let out6 = outbound_listener(SocketAddr::from((Ipv6Addr::LOCALHOST, port)))?;
+    if out6.is_none() {
+        warn!("IPv6 loopback is unavailable; IPv6 connects will not be captured successfully");
+    }
+    let inbound_listener = match inbound_addr {
         Some(addr) => Some(bind(addr, "mesh.inbound_addr").await?),
         None => None,
     };
-    let inbound_ports = config.inbound_ports(config_path)?;
     let plaintext = if inbound_ports.is_empty() {
         None
     } else {
@@ -165,7 +227,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     let admin_listener = bind(config.admin.metrics_addr, "admin.metrics_addr").await?;
 
     let state = Arc::new(AdminState::new(&config.node_name));
-    let policy = Arc::new(policy_engine(&config, state.metrics.clone()).await?);
+    let policy = Arc::new(policy_engine(&config, first_policy, state.metrics.clone())?);
     tokio::spawn(admin::serve(admin_listener, state.clone()));
 
     let provider = tls::provider();
@@ -279,23 +341,29 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The outbound listener on a loopback address, marked so the kernel
+/// programs redirect captured connects to it and to nothing else; `None` when
+/// that loopback address does not exist.
+fn outbound_listener(addr: SocketAddr) -> anyhow::Result<Option<TcpListener>> {
+    match crate::capture::mark::listener(addr, false) {
+        Ok(l) => Ok(Some(
+            TcpListener::from_std(l).context("outbound listener")?,
+        )),
+        Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Ok(None),
+        Err(e) => Err(e).with_context(|| {
+            format!(
+                "cannot listen on {addr} (capture.outbound_port; setting capture.agent_mark needs CAP_NET_ADMIN)"
+            )
+        }),
+    }
+}
+
 /// The plaintext listeners (0.0.0.0 and, when IPv6 is available, [::] with
 /// IPV6_V6ONLY) that the kernel steers protected ports to.
 fn plaintext_listeners(
     port: u16,
 ) -> anyhow::Result<(std::net::TcpListener, Option<std::net::TcpListener>)> {
-    use socket2::{Domain, Socket, Type};
-    let make = |addr: SocketAddr| -> std::io::Result<std::net::TcpListener> {
-        let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-        if addr.is_ipv6() {
-            s.set_only_v6(true)?;
-        }
-        s.set_reuse_address(true)?;
-        s.set_nonblocking(true)?;
-        s.bind(&addr.into())?;
-        s.listen(1024)?;
-        Ok(s.into())
-    };
+    let make = |addr| crate::capture::mark::listener(addr, true);
     let v4_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
     let v4 = make(v4_addr)
         .with_context(|| format!("cannot listen on {v4_addr} (mesh.plaintext_port)"))?;

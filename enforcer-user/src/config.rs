@@ -81,6 +81,10 @@ pub struct CaptureConfig {
     /// bpffs mount point; mounted if it is not one yet.
     #[serde(default = "default_bpffs")]
     pub bpffs: PathBuf,
+    /// `SO_MARK` of the agent's own sockets: the kernel programs never
+    /// capture a connect that carries it and comes from the agent's cgroup.
+    #[serde(default = "default_agent_mark")]
+    pub agent_mark: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -167,6 +171,18 @@ pub struct MeshConfig {
     /// Local ports protected against plaintext from outside the mesh.
     #[serde(default)]
     pub inbound: Vec<InboundRule>,
+    /// HTTP/2 on the HBONE listener: streams one client connection may have
+    /// open at once (advertised in SETTINGS; more are refused).
+    #[serde(default = "default_max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
+    /// Largest header block (decoded, bytes) a CONNECT may carry.
+    #[serde(default = "default_max_header_list_size")]
+    pub max_header_list_size: u32,
+    /// Streams one HBONE connection may open in its life; past it, new
+    /// streams are refused and the connection is told to go away (GOAWAY),
+    /// so the client opens a fresh one.
+    #[serde(default = "default_max_streams_per_connection")]
+    pub max_streams_per_connection: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -194,6 +210,9 @@ impl Default for MeshConfig {
             inbound_addr: default_inbound_addr(),
             plaintext_port: default_plaintext_port(),
             inbound: vec![],
+            max_concurrent_streams: default_max_concurrent_streams(),
+            max_header_list_size: default_max_header_list_size(),
+            max_streams_per_connection: default_max_streams_per_connection(),
         }
     }
 }
@@ -324,6 +343,18 @@ fn default_exclude_ports() -> Vec<u16> {
 fn default_outbound_port() -> u16 {
     15001
 }
+fn default_max_concurrent_streams() -> u32 {
+    100
+}
+fn default_max_header_list_size() -> u32 {
+    16 * 1024
+}
+fn default_max_streams_per_connection() -> u64 {
+    100_000
+}
+fn default_agent_mark() -> u32 {
+    0x3e
+}
 fn default_bpffs() -> PathBuf {
     PathBuf::from("/sys/fs/bpf")
 }
@@ -336,6 +367,9 @@ fn default_log_format() -> LogFormat {
 fn default_log_level() -> String {
     "info".into()
 }
+
+/// Longest SVID lifetime accepted (31 days): SVIDs are meant to be short-lived.
+pub const MAX_SVID_TTL_SECS: u64 = 31 * 24 * 3600;
 
 /// Capture rules in the form the kernel maps take them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -398,9 +432,6 @@ impl Config {
                 format!("{} is not an absolute path", self.capture.cgroup.display()),
             ));
         }
-        if self.capture.outbound_port == 0 {
-            return Err(invalid("capture.outbound_port", "must not be 0".into()));
-        }
         if self
             .log
             .level
@@ -419,18 +450,6 @@ impl Config {
             crate::policy::source::PolicySource::parse(&self.policy.source)
                 .map_err(|m| invalid("policy.source", m))?;
         }
-        if !(100..=3_600_000).contains(&self.policy.poll_ms) {
-            return Err(invalid(
-                "policy.poll_ms",
-                "must be between 100 and 3600000".into(),
-            ));
-        }
-        if self.runtime.worker_threads > 1024 {
-            return Err(invalid(
-                "runtime.worker_threads",
-                "must be between 0 (one per CPU) and 1024".into(),
-            ));
-        }
         self.inbound_addr(path)?;
         let td = spiffe::TrustDomain::new(&self.identity.trust_domain).map_err(|e| {
             invalid(
@@ -446,12 +465,7 @@ impl Config {
                 "ca_cert and ca_key must be given together".into(),
             ));
         }
-        if self.identity.svid_ttl_secs < 2 {
-            return Err(invalid(
-                "identity.svid_ttl_secs",
-                "must be at least 2 seconds".into(),
-            ));
-        }
+        self.check_ranges(path)?;
         for f in &self.identity.federation {
             let ftd = spiffe::TrustDomain::new(&f.trust_domain).map_err(|e| {
                 invalid("identity.federation", format!("{:?}: {e}", f.trust_domain))
@@ -462,6 +476,88 @@ impl Config {
                     format!("{ftd} is this node's own trust domain"),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// Every numeric key against its documented range (docs/config.md).
+    fn check_ranges(&self, path: &Path) -> Result<(), ConfigError> {
+        let c = &self;
+        let ranges: [(&'static str, u64, u64, u64); 11] = [
+            (
+                "capture.outbound_port",
+                c.capture.outbound_port.into(),
+                1,
+                65535,
+            ),
+            (
+                "capture.agent_mark",
+                c.capture.agent_mark.into(),
+                1,
+                u32::MAX.into(),
+            ),
+            ("mesh.hbone_port", c.mesh.hbone_port.into(), 1, 65535),
+            (
+                "mesh.plaintext_port",
+                c.mesh.plaintext_port.into(),
+                1,
+                65535,
+            ),
+            (
+                "mesh.max_concurrent_streams",
+                c.mesh.max_concurrent_streams.into(),
+                1,
+                10_000,
+            ),
+            (
+                "mesh.max_header_list_size",
+                c.mesh.max_header_list_size.into(),
+                1024,
+                1 << 20,
+            ),
+            (
+                "mesh.max_streams_per_connection",
+                c.mesh.max_streams_per_connection,
+                1,
+                1 << 32,
+            ),
+            (
+                "identity.svid_ttl_secs",
+                c.identity.svid_ttl_secs,
+                2,
+                MAX_SVID_TTL_SECS,
+            ),
+            ("policy.poll_ms", c.policy.poll_ms, 100, 3_600_000),
+            (
+                "runtime.worker_threads",
+                c.runtime.worker_threads as u64,
+                0,
+                1024,
+            ),
+            ("node_name (length)", c.node_name.len() as u64, 1, 253),
+        ];
+        for (key, value, lo, hi) in ranges {
+            if !(lo..=hi).contains(&value) {
+                return Err(ConfigError::Invalid {
+                    path: path.to_owned(),
+                    key,
+                    message: format!("{value} is outside {lo}..={hi}"),
+                });
+            }
+        }
+        if let Some(p) = c.capture.exclude_ports.iter().find(|p| **p == 0) {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                key: "capture.exclude_ports",
+                message: format!("{p} is outside 1..=65535"),
+            });
+        }
+        if c.mesh.plaintext_port == c.capture.outbound_port {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                key: "mesh.plaintext_port",
+                message: "must differ from capture.outbound_port".into(),
+            });
         }
         Ok(())
     }
@@ -652,6 +748,39 @@ mod tests {
             .to_string();
             assert!(err.contains("capture.ports"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn numeric_keys_outside_their_range_are_named() {
+        for (line, key) in [
+            (
+                "[identity]\nsvid_ttl_secs = 9223372036854775807",
+                "identity.svid_ttl_secs",
+            ),
+            ("[identity]\nsvid_ttl_secs = 1", "identity.svid_ttl_secs"),
+            (
+                "[mesh]\nmax_concurrent_streams = 0",
+                "mesh.max_concurrent_streams",
+            ),
+            (
+                "[mesh]\nmax_header_list_size = 10",
+                "mesh.max_header_list_size",
+            ),
+            ("[mesh]\nhbone_port = 0", "mesh.hbone_port"),
+            ("[policy]\npoll_ms = 5", "policy.poll_ms"),
+            ("[runtime]\nworker_threads = 5000", "runtime.worker_threads"),
+        ] {
+            let err = parse(&format!("{MIN}{line}\n")).unwrap_err().to_string();
+            assert!(err.contains(key), "{line}: {err}");
+        }
+        let err = parse(&format!("node_name = \"{}\"\n{MIN}", "n".repeat(300)))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("node_name"), "{err}");
+        let err = parse("[capture]\ncgroup = \"/x\"\nagent_mark = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("capture.agent_mark"), "{err}");
     }
 
     #[test]

@@ -206,7 +206,9 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => {
-            Config::load(&config)?;
+            // Exactly what `run` checks before it starts.
+            let cfg = Config::load(&config)?;
+            enforcer::agent::preflight(&cfg, &config)?;
             println!("{}: ok", config.display());
             Ok(())
         }

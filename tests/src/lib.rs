@@ -407,6 +407,20 @@ impl Testbed {
         Ok(())
     }
 
+    /// Kills a process this testbed started with SIGKILL (a crash, an OOM
+    /// kill) and reaps it: nothing of it runs any more when this returns.
+    pub fn kill(&mut self, pid: u32) -> Result<()> {
+        let idx = self
+            .procs
+            .iter()
+            .position(|(_, c)| c.id() == pid)
+            .ok_or_else(|| anyhow!("pid {pid} was not started by this testbed"))?;
+        let (_, mut child) = self.procs.remove(idx);
+        child.kill().context("SIGKILL")?;
+        child.wait().context("reaping")?;
+        Ok(())
+    }
+
     /// Starts a long-running server in `node`'s netns, outside any captured
     /// cgroup, and waits until it accepts on `port`.
     pub fn start_server(
@@ -653,6 +667,35 @@ impl Node {
     pub fn command(&self, unit: Option<&str>) -> Result<Command> {
         let cg = unit.map(|u| self.workload_cgroup(u)).transpose()?;
         Ok(self.command_in(cg.as_deref()))
+    }
+
+    /// Runs `cmd` in this node's netns and child cgroup `unit` as a process
+    /// whose pid is exactly `pid` (a recycled pid, as an attacker forking in a
+    /// loop would get it): sets the kernel's last pid just below it and
+    /// retries while other processes take it first. Returns the output.
+    pub fn exec_as_pid(&self, unit: &str, pid: u32, cmd: &[&str]) -> Result<Output> {
+        for _ in 0..500 {
+            fs::write("/proc/sys/kernel/ns_last_pid", format!("{}", pid - 1))
+                .context("writing /proc/sys/kernel/ns_last_pid (needs root)")?;
+            let mut c = self.command(Some(unit))?;
+            c.args(cmd)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let mut child = c.spawn().with_context(|| format!("spawning {cmd:?}"))?;
+            if child.id() != pid {
+                let _ = child.kill();
+                let _ = child.wait();
+                continue;
+            }
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.kill();
+            return Ok(child.wait_with_output()?);
+        }
+        bail!("could not obtain pid {pid} in 500 attempts")
     }
 
     /// A command in this node's netns and, if given, in cgroup `cg`.

@@ -286,8 +286,9 @@ fn stopped_enforcer_refuses_captured_connects() {
             &["python3", "-c", PY_CLIENT, &b.ipv6, "8080"],
         )
         .expect("py");
+    // The kernel refuses the connect itself (EPERM): the agent's listener is gone.
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("ConnectionRefusedError"),
+        String::from_utf8_lossy(&out.stderr).contains("PermissionError"),
         "{out:?}"
     );
     assert!(
@@ -306,7 +307,7 @@ fn enforcer_restart_takes_over_capture() {
     let pid = get_ok(&a, Some("client.service"), &url);
     assert_captured(&enf2, pid, "client.service", &format!("{}:8080", b.ipv4));
     let links = std::fs::read_dir(format!(
-        "/sys/fs/bpf/enforcer/v1/{}/links",
+        "/sys/fs/bpf/enforcer/v2/{}/links",
         tb.node_instance(&a)
     ))
     .expect("pinned links")
@@ -407,4 +408,133 @@ fn excluded_cidr_inside_captured_range_goes_direct() {
         enf.closed_connections().iter().all(|v| v["pid"] != pid4),
         "10.10.0.2 is excluded and must not be captured"
     );
+}
+
+/// Connects to HOST:PORT, sends a GET naming PATH and prints what happened.
+const PY_ATTACK: &str = r#"
+import socket, sys, os
+host, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+print("PID", os.getpid())
+try:
+    s = socket.create_connection((host, port), timeout=5)
+    s.sendall(b"GET " + path.encode() + b" HTTP/1.0\r\n\r\n")
+    print("CONNECTED", s.recv(100)[:12])
+except OSError as e:
+    print("REFUSED", e.errno)
+"#;
+
+#[test]
+fn dead_agents_recycled_pid_is_still_captured() {
+    // The attack: after the agent is SIGKILLed, a workload in the captured
+    // cgroup forks until it is given the agent's pid, then connects anywhere
+    // uncaptured. Self-exclusion by pid let it through.
+    let (mut tb, a, b, enf) = two_nodes_with("pidrecycle", "", Some("enforcer.service"));
+    let agent_pid = enf.pid;
+    tb.kill(agent_pid).expect("SIGKILL the agent");
+    let out = a
+        .exec_as_pid(
+            "attacker.service",
+            agent_pid,
+            &["python3", "-c", PY_ATTACK, &b.ipv4, "8080", "/pid-recycled"],
+        )
+        .expect("attacker with the dead agent's pid");
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!("PID {agent_pid}")),
+        "the attacker must hold the agent's old pid: {text}"
+    );
+    assert!(
+        text.contains("REFUSED 1"),
+        "the connect must fail closed (EPERM): {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The server saw nothing: wait for a request that does arrive (from
+    // outside the captured subtree) before asserting the attack's absence.
+    a.exec(
+        None,
+        &["curl", "-sS", &format!("http://{}:8080/marker", b.ipv4)],
+    )
+    .expect("curl");
+    assert!(tb.wait_server_log(&b, "http", "/marker"));
+    assert!(
+        !tb.server_log(&b, "http").contains("/pid-recycled"),
+        "the attacker's request reached the server"
+    );
+}
+
+#[test]
+fn workload_listening_on_the_dead_agents_port_receives_nothing() {
+    // The attack: with the agent down, an unprivileged process binds the
+    // outbound listener's loopback port and so receives every captured
+    // connect of every other workload on the node, in plaintext.
+    let (mut tb, a, b, enf) = two_nodes("squat15001");
+    tb.kill(enf.pid).expect("SIGKILL the agent");
+    let squatter = r#"
+import socket, sys
+l = socket.socket(); l.bind(("127.0.0.1", 15001)); l.listen(16)
+print("LISTENING", flush=True)
+l.settimeout(20)
+try:
+    c, _ = l.accept()
+    print("STOLE", c.recv(200), flush=True)
+except socket.timeout:
+    pass
+"#;
+    let cmd = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        // Debian's interpreter: a per-user one (pyenv) is not readable by nobody.
+        "/usr/bin/python3",
+        "-u",
+        "-c",
+        squatter,
+    ];
+    tb.spawn(&a, Some("squatter.service"), "squatter", &cmd)
+        .expect("squatter");
+    assert!(
+        tb.wait_server_log(&a, "squatter", "LISTENING"),
+        "squatter did not bind: {}",
+        tb.server_log(&a, "squatter")
+    );
+    let (_, out) = a
+        .exec(
+            Some("victim.service"),
+            &["python3", "-c", PY_ATTACK, &b.ipv4, "8080", "/secret"],
+        )
+        .expect("victim");
+    assert!(
+        stdout(&out).contains("REFUSED 1"),
+        "a captured connect must be refused, not handed to the squatter: {}",
+        stdout(&out)
+    );
+    assert!(
+        !tb.server_log(&a, "squatter").contains("STOLE"),
+        "the squatter received a captured connection: {}",
+        tb.server_log(&a, "squatter")
+    );
+}
+
+#[test]
+fn v4_mapped_ipv6_connect_is_captured_like_ipv4() {
+    let (_tb, a, b, enf) = two_nodes("v4mapped");
+    let mapped = format!("::ffff:{}", b.ipv4);
+    let (pid, out) = a
+        .exec(
+            Some("dual.service"),
+            &["python3", "-c", PY_CLIENT, &mapped, "8080"],
+        )
+        .expect("python");
+    let text = stdout(&out);
+    assert!(
+        text.contains("STATUS HTTP/1.0 200"),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&format!("PEER {mapped} 8080")),
+        "getpeername must show the original v4-mapped peer: {text}"
+    );
+    assert_captured(&enf, pid, "dual.service", &format!("{}:8080", b.ipv4));
 }

@@ -140,7 +140,7 @@ fn port_in_use_exits_nonzero_and_attaches_nothing() {
             stderr.contains(&format!("127.0.0.1:{port}")) && stderr.contains(key),
             "{stderr}"
         );
-        let pins = format!("/sys/fs/bpf/enforcer/v1/{}", tb.node_instance(&a));
+        let pins = format!("/sys/fs/bpf/enforcer/v2/{}", tb.node_instance(&a));
         assert!(
             !std::path::Path::new(&pins).exists(),
             "nothing may be attached when startup fails"
@@ -160,4 +160,101 @@ fn check_subcommand_validates_without_running() {
         .expect("check");
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
+}
+
+/// `enforcer check` on a config, in the host netns: (exit code, stderr).
+fn check(config: &std::path::Path) -> (i32, String) {
+    let out = Command::new(enforcer_bin())
+        .args(["check", "--config"])
+        .arg(config)
+        .output()
+        .expect("check");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_refuses_exactly_what_run_refuses() {
+    // Each of these passed `enforcer check` while `enforcer run` refused it
+    // (or panicked a worker on the first connect).
+    let mut tb = Testbed::new("checkrun").expect("testbed");
+    let a = tb.node("a", 1).expect("node");
+    let mount = enforcer_tests::cgroup2_mount().expect("cgroup2");
+    let cg = a.cgroup.display().to_string();
+    let bad_policy = tb.dir.join("bad-policy");
+    std::fs::create_dir_all(&bad_policy).expect("dir");
+    std::fs::write(
+        bad_policy.join("p.rego"),
+        "package enforcer.authz\n\nallow if {\n",
+    )
+    .expect("rego");
+    let audit = tb.dir.join("audit.jsonl").display().to_string();
+    let state = tb.dir.join("state").display().to_string();
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "root of the cgroup2 hierarchy",
+            format!("[capture]\ncgroup = \"{}\"\n", mount.display()),
+            "root of the cgroup2 hierarchy",
+        ),
+        (
+            "a path that climbs to the root with ..",
+            format!("[capture]\ncgroup = \"{cg}/../../\"\n"),
+            "root of the cgroup2 hierarchy",
+        ),
+        (
+            "/proc",
+            "[capture]\ncgroup = \"/proc\"\n".into(),
+            "cgroup v2",
+        ),
+        (
+            "a missing cgroup",
+            format!("[capture]\ncgroup = \"{cg}/nope\"\n"),
+            "capture.cgroup",
+        ),
+        (
+            "an over-long node_name",
+            format!(
+                "node_name = \"{}\"\n[capture]\ncgroup = \"{cg}\"\n",
+                "n".repeat(300)
+            ),
+            "node_name",
+        ),
+        (
+            "an SVID lifetime that overflows the clock",
+            format!(
+                "[capture]\ncgroup = \"{cg}\"\n[identity]\nsvid_ttl_secs = 9223372036854775807\n"
+            ),
+            "identity.svid_ttl_secs",
+        ),
+        (
+            "a policy that does not compile",
+            format!(
+                "[capture]\ncgroup = \"{cg}\"\n[policy]\nsource = \"{}\"\naudit_log = \"{audit}\"\n",
+                bad_policy.display()
+            ),
+            "p.rego",
+        ),
+    ];
+    for (what, text, needle) in cases {
+        // The embedded CA's state stays in the testbed's directory.
+        let text = if text.contains("[identity]\n") {
+            text.replacen(
+                "[identity]\n",
+                &format!("[identity]\nstate_dir = \"{state}\"\n"),
+                1,
+            )
+        } else {
+            format!("{text}\n[identity]\nstate_dir = \"{state}\"\n")
+        };
+        let path = tb.dir.join("case.toml");
+        std::fs::write(&path, &text).expect("write");
+        let (code, checked) = check(&path);
+        assert_ne!(code, 0, "check accepted {what}:\n{text}");
+        assert!(checked.contains(needle), "check, {what}: {checked}");
+        let (code, ran) = run_enforcer(Some(&a.netns), &path);
+        assert_ne!(code, 0, "run accepted {what}");
+        assert!(ran.contains(needle), "run, {what}: {ran}");
+    }
 }

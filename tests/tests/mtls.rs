@@ -38,6 +38,16 @@ fn mesh_with(test: &str, extra_identity_a: &str, tail_b: &str) -> Pair {
     .expect("two nodes")
 }
 
+/// Seconds since midnight of an RFC 3339 log timestamp (`…T10:00:01.5Z`).
+fn seconds_of_day(ts: &str) -> Option<f64> {
+    let time = ts.split_once('T')?.1.trim_end_matches('Z');
+    let mut parts = time.splitn(3, ':');
+    let h: f64 = parts.next()?.parse().ok()?;
+    let m: f64 = parts.next()?.parse().ok()?;
+    let s: f64 = parts.next()?.parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
 fn curl(node: &Node, unit: &str, url: &str) -> (u32, std::process::Output) {
     node.exec(
         Some(unit),
@@ -284,6 +294,24 @@ print(n, h.hexdigest())
         renewals >= 1,
         "the source SVID was not renewed during the transfer"
     );
+    // Renewed at half of its real validity (2 s), never on every tick: the
+    // 60 s backdating of not_before is no part of the lifetime.
+    let times: Vec<f64> =
+        m.ea.log_lines()
+            .into_iter()
+            .filter(|v| {
+                (v["message"] == "SVID renewed" || v["message"] == "SVID issued")
+                    && v["spiffe_id"] == AGENT_ID
+            })
+            .filter_map(|v| v["timestamp"].as_str().and_then(seconds_of_day))
+            .collect();
+    for pair in times.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= 1.5,
+            "a 4 s SVID was renewed {:.2} s after the previous one: {times:?}",
+            pair[1] - pair[0]
+        );
+    }
     // A new connection after renewal works on a fresh HBONE connection.
     let (_, out) = curl(
         &m.a,

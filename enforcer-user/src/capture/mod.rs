@@ -31,6 +31,8 @@ use tracing::{debug, info, warn};
 
 use crate::config::CaptureRules;
 
+pub mod mark;
+
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
@@ -207,7 +209,12 @@ impl Capture {
             .load(EBPF_OBJECT)
             .map_err(|e| CaptureError::Load(Box::new(e)))?;
 
-        fill_rules(&mut ebpf, rules, outbound_port)?;
+        let agent_cgroup_id =
+            mark::own_cgroup_id(&cgroup.mount).map_err(|e| CaptureError::Cgroup {
+                path: PathBuf::from("/proc/self/cgroup"),
+                message: format!("cannot find the agent's own cgroup: {e}"),
+            })?;
+        fill_rules(&mut ebpf, rules, outbound_port, agent_cgroup_id)?;
 
         let cgroup_file = File::open(&cgroup.path).map_err(|e| CaptureError::Cgroup {
             path: cgroup.path.clone(),
@@ -416,6 +423,7 @@ fn fill_rules(
     ebpf: &mut Ebpf,
     rules: &CaptureRules,
     outbound_port: u16,
+    agent_cgroup_id: u64,
 ) -> Result<(), CaptureError> {
     use maps::{CIDR4, CIDR6, CONFIG, NETNS, PORTS};
     let mut ports: Array<_, u64> =
@@ -451,7 +459,8 @@ fn fill_rules(
         Array::try_from(map_mut(ebpf, CONFIG)?).map_err(map_err(CONFIG))?;
     let value = CaptureConfig {
         enabled: 1,
-        agent_tgid: std::process::id(),
+        agent_mark: mark::get(),
+        agent_cgroup_id,
         outbound_port,
         _pad: [0; 6],
     };

@@ -228,14 +228,19 @@ impl Ca {
             key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
             not_before,
             not_after,
+            received_at: SystemTime::now(),
         })
     }
 
     /// An SVID valid from (almost) now for `ttl`.
     pub fn issue(&self, id: &SpiffeId, ttl: Duration) -> Result<Svid, CaError> {
         let now = SystemTime::now();
+        let not_after = now.checked_add(ttl).ok_or_else(|| CaError::Issue {
+            id: id.to_string(),
+            message: format!("a lifetime of {} s is out of range", ttl.as_secs()),
+        })?;
         // A little backdating absorbs clock skew between nodes.
-        self.issue_between(id, now - Duration::from_secs(60).min(ttl), now + ttl)
+        self.issue_between(id, now - Duration::from_secs(60).min(ttl), not_after)
     }
 }
 

@@ -24,16 +24,18 @@ pub struct Svid {
     pub key: PrivateKeyDer<'static>,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
+    /// When this node obtained it. A backdated `not_before` (clock-skew
+    /// allowance) is no part of the lifetime left to use.
+    pub received_at: SystemTime,
 }
 
 impl Svid {
-    /// Half-way through the validity: when a new SVID is due.
+    /// Half-way through the validity that was left when the SVID arrived:
+    /// when a new SVID is due. Backdating never makes an SVID renew early.
     pub fn renew_at(&self) -> SystemTime {
-        let life = self
-            .not_after
-            .duration_since(self.not_before)
-            .unwrap_or_default();
-        self.not_before + life / 2
+        let start = self.not_before.max(self.received_at);
+        let life = self.not_after.duration_since(start).unwrap_or_default();
+        start + life / 2
     }
 }
 
@@ -271,5 +273,27 @@ impl IdentityManager {
 
     pub fn ttl(&self) -> Duration {
         self.ttl
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_lived_svid_renews_at_half_its_real_validity_not_now() {
+        let td = TrustDomain::new("ai.example.org").expect("td");
+        let ca = Ca::generate(&td).expect("ca");
+        let id = SpiffeId::new("spiffe://ai.example.org/w").expect("id");
+        // 4 s of validity, backdated by 4 s (the allowance is capped at the TTL).
+        let svid = ca.issue(&id, Duration::from_secs(4)).expect("svid");
+        let now = SystemTime::now();
+        let due = svid.renew_at();
+        assert!(
+            due > now + Duration::from_millis(1500),
+            "due {:?} after issue; the backdating was counted into the lifetime",
+            due.duration_since(now)
+        );
+        assert!(due <= svid.not_after - Duration::from_millis(1900));
     }
 }

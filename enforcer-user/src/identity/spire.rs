@@ -222,6 +222,7 @@ fn issued(
             key,
             not_before,
             not_after,
+            received_at: std::time::SystemTime::now(),
         },
         certified: Arc::new(certified),
         generation,

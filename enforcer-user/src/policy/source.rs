@@ -81,10 +81,47 @@ fn read_local(src: &PolicySource) -> Result<Vec<load::PolicyFile>, LoadError> {
     }
 }
 
-type HttpClient = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    Empty<Bytes>,
->;
+type HttpClient = hyper_util::client::legacy::Client<MarkedConnector, Empty<Bytes>>;
+
+/// Connects bundle fetches from sockets that carry the agent's mark, like
+/// every other socket of the agent (so they are never captured).
+#[derive(Clone, Copy)]
+struct MarkedConnector;
+
+impl tower_service::Service<http::Uri> for MarkedConnector {
+    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        Box::pin(async move {
+            let host = uri
+                .host()
+                .ok_or_else(|| std::io::Error::other(format!("{uri}: no host")))?
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            let port = uri.port_u16().unwrap_or(80);
+            let mut last = std::io::Error::other(format!("{host}: no address"));
+            for addr in tokio::net::lookup_host((host.as_str(), port)).await? {
+                match crate::capture::mark::connect(addr, None).await {
+                    Ok(s) => return Ok(hyper_util::rt::TokioIo::new(s)),
+                    Err(e) => last = e,
+                }
+            }
+            Err(last)
+        })
+    }
+}
 
 /// GETs a bundle; `Ok(None)` when the server says it did not change (304).
 async fn fetch(
@@ -120,25 +157,11 @@ async fn fetch(
     }
 }
 
-/// Loads the first policy (startup). A URL that cannot be fetched yet leaves
-/// no policy in force (everything is denied) until a poll succeeds.
-pub async fn initial(src: &PolicySource, policy: &Policy) -> Result<(), LoadError> {
-    match src {
-        PolicySource::Url(_) => Ok(()),
-        _ => {
-            let loaded = load_local(src, policy.engine)?;
-            info!(source = %src.describe(), revision = %loaded.revision, engine = loaded.engine(), "policy loaded");
-            policy.install(loaded);
-            Ok(())
-        }
-    }
-}
-
 /// Polls the source and installs every new revision that compiles.
 pub async fn watch(src: PolicySource, policy: Arc<Policy>, every: Duration) {
     let client: HttpClient =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http();
+            .build(MarkedConnector);
     let mut etag: Option<String> = None;
     let mut rejected: Option<String> = None;
     let mut tick = tokio::time::interval(every);

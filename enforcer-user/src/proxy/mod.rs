@@ -40,21 +40,12 @@ pub fn peer(
 /// Connects to a workload on this node from a loopback source address, so
 /// the kernel's inbound steering recognises the agent's own forwards.
 pub async fn connect_local(dst: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
-    let (socket, src) = if dst.is_ipv4() {
-        (
-            tokio::net::TcpSocket::new_v4()?,
-            std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-        )
+    let src = if dst.is_ipv4() {
+        std::net::SocketAddr::from(([127, 0, 0, 1], 0))
     } else {
-        (
-            tokio::net::TcpSocket::new_v6()?,
-            std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0)),
-        )
+        std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0))
     };
-    socket.bind(src)?;
-    let stream = socket.connect(dst).await?;
-    let _ = stream.set_nodelay(true);
-    Ok(stream)
+    crate::capture::mark::connect(dst, Some(src)).await
 }
 
 /// Closes with RST so the peer sees an error rather than a clean EOF.

@@ -14,7 +14,7 @@ use super::{Outcome, next_conn_id, reset};
 use crate::{
     admin::{AdminState, metrics::Direction},
     attest::{Attestation, Attestor, WorkloadFacts, local::LocalAttestor},
-    capture::{Capture, CgroupResolver, original_destination},
+    capture::{Capture, CgroupResolver, mark, original_destination},
     tunnel::{self, HboneClient},
 };
 
@@ -248,7 +248,7 @@ impl Outbound {
             let o = Outcome::Denied;
             return self.finish(id, Some(&att), Some(dst), &ids, o, (0, 0), started);
         }
-        let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dst)).await {
+        let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, mark::connect(dst, None)).await {
             Ok(Ok(s)) => s,
             failed => return self.connect_failed(id, client, &att, dst, &ids, failed, started),
         };

@@ -232,16 +232,19 @@ impl HboneClient {
             self.identity.provider().clone(),
             &svid.svid,
         )?;
-        let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(node)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(source)) => return Err(TunnelError::Connect { addr: node, source }),
-            Err(_) => {
-                return Err(TunnelError::Connect {
-                    addr: node,
-                    source: std::io::ErrorKind::TimedOut.into(),
-                });
-            }
-        };
+        let tcp =
+            match tokio::time::timeout(CONNECT_TIMEOUT, crate::capture::mark::connect(node, None))
+                .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(source)) => return Err(TunnelError::Connect { addr: node, source }),
+                Err(_) => {
+                    return Err(TunnelError::Connect {
+                        addr: node,
+                        source: std::io::ErrorKind::TimedOut.into(),
+                    });
+                }
+            };
         let _ = tcp.set_nodelay(true);
         let name = ServerName::try_from(server_name_for_port(dst.port())).map_err(|e| {
             TunnelError::Tls {

@@ -1,0 +1,103 @@
+//! The agent's own sockets. The kernel programs never capture a connect that
+//! carries the agent's socket mark *and* comes from the agent's cgroup, and
+//! redirect captured connects only to a loopback listener that carries the
+//! mark. Setting `SO_MARK` needs CAP_NET_ADMIN or CAP_NET_RAW in the node's
+//! network namespace, so an unprivileged workload can neither leave capture
+//! by imitating the agent nor stand in for the agent's listener when it is
+//! down. (A pid would not do: a workload can fork until it is given a dead
+//! agent's pid.)
+//!
+//! Every socket the agent connects from is made here.
+use std::{
+    net::SocketAddr,
+    os::fd::AsFd,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use socket2::{Domain, SockRef, Socket, Type};
+use tokio::net::{TcpSocket, TcpStream};
+
+static MARK: AtomicU32 = AtomicU32::new(0);
+
+/// Sets the mark this process puts on its sockets (once, at startup, before
+/// any socket is made). 0 leaves sockets unmarked (unit tests).
+pub fn set(mark: u32) {
+    MARK.store(mark, Ordering::Relaxed);
+}
+
+/// The mark in force.
+pub fn get() -> u32 {
+    MARK.load(Ordering::Relaxed)
+}
+
+/// Marks a socket with the agent's mark.
+pub fn apply(socket: impl AsFd) -> std::io::Result<()> {
+    match get() {
+        0 => Ok(()),
+        mark => SockRef::from(&socket).set_mark(mark),
+    }
+}
+
+/// Connects to `dst` from a marked socket, optionally bound to `src` first.
+pub async fn connect(dst: SocketAddr, src: Option<SocketAddr>) -> std::io::Result<TcpStream> {
+    let socket = if dst.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    apply(&socket)?;
+    if let Some(src) = src {
+        socket.bind(src)?;
+    }
+    let stream = socket.connect(dst).await?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// A marked, non-blocking listener on `addr` (IPv6 sockets are v6-only).
+pub fn listener(addr: SocketAddr, reuse_address: bool) -> std::io::Result<std::net::TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    if reuse_address {
+        s.set_reuse_address(true)?;
+    }
+    apply(&s)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
+/// The cgroup v2 id (inode number of the cgroup directory) of this process,
+/// given the cgroup2 mount point. The kernel programs compare it with the
+/// caller's cgroup id.
+pub fn own_cgroup_id(mount: &std::path::Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    let text = std::fs::read_to_string("/proc/self/cgroup")?;
+    let rel = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or_else(|| std::io::Error::other("no cgroup v2 entry in /proc/self/cgroup"))?;
+    let path = mount.join(rel.trim_start_matches('/'));
+    Ok(std::fs::metadata(&path)?.ino())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn own_cgroup_is_a_directory_on_the_cgroup2_mount() {
+        let mount = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+            .iter()
+            .map(std::path::Path::new)
+            .find(|p| {
+                nix::sys::statfs::statfs(*p)
+                    .map(|s| s.filesystem_type().0 == 0x6367_7270)
+                    .unwrap_or(false)
+            })
+            .expect("a cgroup2 mount (mount -t cgroup2 none /sys/fs/cgroup)");
+        let id = super::own_cgroup_id(mount).expect("own cgroup id");
+        assert!(id > 1, "cgroup id {id}");
+    }
+}
