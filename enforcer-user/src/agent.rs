@@ -297,6 +297,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
             attestor: attestor.clone(),
             local,
             admin: state.clone(),
+            preauth: Default::default(),
         });
         tokio::spawn(inbound.serve(listener));
     }

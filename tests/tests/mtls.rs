@@ -800,3 +800,74 @@ fn registration_entries_reload_without_restart_and_bad_edits_are_rejected() {
     assert_eq!(inbound["outcome"], "ok");
     m.tb.stop(m.ea.pid).expect("stop");
 }
+
+#[test]
+fn port_squatter_on_loopback_never_lends_its_identity_to_the_real_server() {
+    // The attack: the real server listens on [fd10::2]:9300; another
+    // workload listens on 127.0.0.1:9300. Attesting "the owner of port 9300"
+    // made the agent present and decide on the squatter's identity while
+    // the bytes went to the real server.
+    const SQUAT_ID: &str = "spiffe://ai.example.org/squatter";
+    let mut m = mesh_with(
+        "squat",
+        "",
+        &format!(
+            "{}{}",
+            entry(SQUAT_ID, "systemd:unit:squatter.service"),
+            entry(AGENT_ID, "systemd:unit:support-agent.service")
+        ),
+    );
+    m.tb.start_server_in(
+        &m.b,
+        Some("llm.service"),
+        "real",
+        &[
+            "python3",
+            "-u",
+            "-m",
+            "http.server",
+            "9300",
+            "--bind",
+            &m.b.ipv6,
+        ],
+        9300,
+    )
+    .expect("real server");
+    m.tb.spawn(
+        &m.b,
+        Some("squatter.service"),
+        "squatter",
+        &[
+            "python3",
+            "-u",
+            "-m",
+            "http.server",
+            "9300",
+            "--bind",
+            "127.0.0.1",
+        ],
+    )
+    .expect("squatter");
+    assert!(m.tb.wait_server_log(&m.b, "squatter", "Serving HTTP"));
+
+    // Across nodes: the identity a's agent verified, and b's decision.
+    let url = format!("http://[{}]:9300/across", m.b.ipv6);
+    let (pid, out) = curl(&m.a, "support-agent.service", &url);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "404", "{out:?}");
+    let line = m.ea.connection_line(|v| v["pid"] == pid);
+    assert_eq!(line["dst_spiffe_id"], LLM_ID, "{line}");
+    let inbound = m.eb.connection_line(|v| {
+        v["direction"] == "inbound" && v["dst"] == format!("[{}]:9300", m.b.ipv6)
+    });
+    assert_eq!(inbound["dst_spiffe_id"], LLM_ID, "{inbound}");
+    assert!(m.tb.wait_server_log(&m.b, "real", "/across"));
+
+    // Same node: a client on b reaches the real server as the real server.
+    let url = format!("http://[{}]:9300/same-node", m.b.ipv6);
+    let (pid, _) = curl(&m.b, "support-agent.service", &url);
+    let line = m.eb.connection_line(|v| v["pid"] == pid);
+    assert_eq!(line["same_node"], true, "{line}");
+    assert_eq!(line["dst_spiffe_id"], LLM_ID, "{line}");
+    assert!(m.tb.wait_server_log(&m.b, "real", "/same-node"));
+    assert!(!m.tb.server_log(&m.b, "squatter").contains("GET /"));
+}

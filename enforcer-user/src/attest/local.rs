@@ -1,48 +1,148 @@
-//! Attestation of a local destination: the process that owns the listening
-//! socket for a port in this network namespace (from `/proc/net/tcp{,6}` and
-//! the socket inodes under `/proc/<pid>/fd`).
+//! Attestation of a local destination: the process behind the listening
+//! socket the kernel would hand a connection to `ip:port` — the same socket
+//! the agent then connects to — found from `/proc/net/tcp{,6}` and the socket
+//! inodes under `/proc/<pid>/fd`.
+//!
+//! The kernel prefers a listener bound to the exact address over a wildcard
+//! one, and an IPv4 socket over a dual-stack IPv6 one; a `SO_REUSEPORT` group
+//! spreads connections over all its members. So a process that listens on
+//! `127.0.0.1:P` is never taken for the server on `10.0.0.2:P`, and a group
+//! (or a socket held by several processes) is accepted only when every
+//! process in it has the same identity.
+//!
+//! Cost: the listener table is re-read at most every [`TABLE_TTL`] (an
+//! address nobody listens on is answered from it, with no `/proc/*/fd`
+//! scan); owners are cached per socket inode while their processes live; the
+//! blocking reads run on the blocking pool, never on the runtime threads.
 use std::{
     collections::HashMap,
-    sync::Mutex,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use super::{Attestation, Attestor, WorkloadFacts, selectors::proc_cgroup};
 
 const TCP_LISTEN: &str = "0A";
-const CACHE_TTL: Duration = Duration::from_secs(2);
+/// How stale the listener table (and an answer from it) may be.
+pub const TABLE_TTL: Duration = Duration::from_millis(250);
+/// How long the owners of a listening socket are trusted without a rescan
+/// (as long as they are alive).
+const OWNER_TTL: Duration = Duration::from_secs(2);
 
-/// Inodes of listening TCP sockets on `port` (IPv4 and IPv6).
-pub fn listening_inodes(port: u16) -> Vec<u64> {
+/// Why no workload could be attested for a local address.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LocalError {
+    #[error("no process listens on {0}")]
+    NoListener(SocketAddr),
+    #[error("the socket listening on {0} is held by no live process")]
+    NoOwner(SocketAddr),
+    #[error(
+        "the listeners the kernel may choose for {addr} belong to workloads of different identities ({ids}); refusing to pick one"
+    )]
+    Ambiguous { addr: SocketAddr, ids: String },
+    #[error("attesting {0} failed: {1}")]
+    Internal(SocketAddr, String),
+}
+
+/// One listening TCP socket of this network namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listener {
+    pub addr: SocketAddr,
+    pub inode: u64,
+}
+
+/// Listening TCP sockets (IPv4 and IPv6) of the calling thread's netns.
+pub fn listeners() -> Vec<Listener> {
     let mut out = Vec::new();
-    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+    for (file, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
         let Ok(text) = std::fs::read_to_string(file) else {
             continue;
         };
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
-            if f.len() < 10 || f[3] != TCP_LISTEN {
-                continue;
-            }
-            let Some((_, p)) = f[1].rsplit_once(':') else {
-                continue;
-            };
-            if u16::from_str_radix(p, 16).ok() == Some(port)
-                && let Ok(inode) = f[9].parse::<u64>()
-                && inode != 0
-            {
-                out.push(inode);
-            }
-        }
+        out.extend(text.lines().skip(1).filter_map(|l| parse_line(l, v6)));
     }
     out
 }
 
-/// The process holding a socket inode, by scanning `/proc/<pid>/fd`.
-pub fn owner_of_inode(inode: u64) -> Option<u32> {
+/// `sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode`
+fn parse_line(line: &str, v6: bool) -> Option<Listener> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    if f.len() < 10 || f[3] != TCP_LISTEN {
+        return None;
+    }
+    let (hex_ip, hex_port) = f[1].rsplit_once(':')?;
+    let port = u16::from_str_radix(hex_port, 16).ok()?;
+    let ip = parse_hex_ip(hex_ip, v6)?;
+    let inode = f[9].parse::<u64>().ok().filter(|i| *i != 0)?;
+    Some(Listener {
+        addr: SocketAddr::new(ip, port),
+        inode,
+    })
+}
+
+/// The kernel prints addresses as 32-bit words in host byte order.
+fn parse_hex_ip(hex: &str, v6: bool) -> Option<IpAddr> {
+    let word = |i: usize| -> Option<[u8; 4]> {
+        let w = u32::from_str_radix(hex.get(i * 8..i * 8 + 8)?, 16).ok()?;
+        Some(w.to_ne_bytes())
+    };
+    if v6 {
+        if hex.len() != 32 {
+            return None;
+        }
+        let mut b = [0u8; 16];
+        for i in 0..4 {
+            b[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+        }
+        Some(IpAddr::V6(Ipv6Addr::from(b)))
+    } else {
+        if hex.len() != 8 {
+            return None;
+        }
+        Some(IpAddr::V4(Ipv4Addr::from(word(0)?)))
+    }
+}
+
+/// The listeners among `all` that the kernel may hand a new connection to
+/// `dst` (more than one: a `SO_REUSEPORT` group). Empty: nobody listens.
+pub fn chosen(all: &[Listener], dst: SocketAddr) -> Vec<Listener> {
+    let on_port = all.iter().filter(|l| l.addr.port() == dst.port());
+    let (mut exact4, mut exact6, mut any4, mut any6) = (vec![], vec![], vec![], vec![]);
+    for l in on_port {
+        match (l.addr.ip(), dst.ip().to_canonical()) {
+            (IpAddr::V4(a), IpAddr::V4(d)) if a == d => exact4.push(*l),
+            (IpAddr::V4(a), IpAddr::V4(_)) if a.is_unspecified() => any4.push(*l),
+            (IpAddr::V6(a), d) if IpAddr::V6(a).to_canonical() == d && !a.is_unspecified() => {
+                exact6.push(*l)
+            }
+            (IpAddr::V6(a), _) if a.is_unspecified() => any6.push(*l),
+            _ => {}
+        }
+    }
+    // Specific address first, then wildcard; IPv4 sockets win over IPv6
+    // ones for an IPv4 destination (a higher score in the kernel's lookup).
+    let v4_dst = dst.ip().to_canonical().is_ipv4();
+    let order: [Vec<Listener>; 4] = if v4_dst {
+        [exact4, exact6, any4, any6]
+    } else {
+        [exact6, vec![], any6, vec![]]
+    };
+    order
+        .into_iter()
+        .find(|c| !c.is_empty())
+        .unwrap_or_default()
+}
+
+/// Processes holding a socket inode, by scanning `/proc/<pid>/fd`. pid 1
+/// (systemd passing a socket-activated listener) is left out when another
+/// process holds it too.
+pub fn holders_of_inode(inode: u64) -> Vec<u32> {
     let needle = format!("socket:[{inode}]");
-    for proc_entry in std::fs::read_dir("/proc").ok()?.flatten() {
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for proc_entry in procs.flatten() {
         let Some(pid) = proc_entry
             .file_name()
             .to_str()
@@ -53,16 +153,18 @@ pub fn owner_of_inode(inode: u64) -> Option<u32> {
         let Ok(fds) = std::fs::read_dir(proc_entry.path().join("fd")) else {
             continue;
         };
-        for fd in fds.flatten() {
-            if std::fs::read_link(fd.path())
+        if fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path())
                 .map(|l| l.as_os_str() == needle.as_str())
                 .unwrap_or(false)
-            {
-                return Some(pid);
-            }
+        }) {
+            out.push(pid);
         }
     }
-    None
+    if out.len() > 1 {
+        out.retain(|p| *p != 1);
+    }
+    out
 }
 
 /// Kernel facts about a live process from `/proc/<pid>`.
@@ -92,37 +194,141 @@ pub fn facts_of_pid(pid: u32) -> Option<WorkloadFacts> {
     })
 }
 
-/// Attests local destinations by port, with a short cache.
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+type Answer = Result<Attestation, LocalError>;
+
+/// Attests local destinations by address; see the module documentation.
 #[derive(Default)]
 pub struct LocalAttestor {
-    cache: Mutex<HashMap<u16, (Instant, Option<Attestation>)>>,
+    table: Mutex<Option<(Instant, Arc<Vec<Listener>>)>>,
+    /// Socket inode -> when attested, and the attestation of its holders.
+    owners: Mutex<HashMap<u64, (Instant, Answer)>>,
+    /// Recent answers per address, served without leaving the runtime thread.
+    recent: Mutex<HashMap<SocketAddr, (Instant, Answer)>>,
 }
 
 impl LocalAttestor {
-    /// The attestation of the workload listening on `port`, or `None` when no
-    /// process listens there.
-    pub fn attest_port(&self, attestor: &Attestor, port: u16) -> Option<Attestation> {
+    /// The attestation of the workload that a connection to `dst` reaches.
+    /// Blocking work runs on the blocking pool.
+    pub async fn attest(self: &Arc<Self>, attestor: &Arc<Attestor>, dst: SocketAddr) -> Answer {
+        if let Some(hit) = self.recent(dst) {
+            return hit;
+        }
+        let (this, attestor) = (self.clone(), attestor.clone());
+        tokio::task::spawn_blocking(move || this.attest_blocking(&attestor, dst))
+            .await
+            .unwrap_or_else(|e| Err(LocalError::Internal(dst, e.to_string())))
+    }
+
+    /// An answer for `dst` from the last [`TABLE_TTL`], if there is one.
+    pub fn recent(&self, dst: SocketAddr) -> Option<Answer> {
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        match recent.get(&dst) {
+            Some((at, a)) if at.elapsed() < TABLE_TTL => Some(a.clone()),
+            _ => None,
+        }
+    }
+
+    /// Like [`LocalAttestor::attest`], on the calling thread (blocking).
+    pub fn attest_blocking(&self, attestor: &Attestor, dst: SocketAddr) -> Answer {
+        let table = self.table();
+        let group = chosen(&table, dst);
+        let answer = if group.is_empty() {
+            Err(LocalError::NoListener(dst))
+        } else {
+            let mut answers = group
+                .iter()
+                .map(|l| self.owner(attestor, l.inode, dst))
+                .collect::<Result<Vec<_>, _>>();
+            if let Ok(all) = &mut answers {
+                let ids: Vec<String> = all
+                    .iter()
+                    .map(|a| {
+                        a.spiffe_id
+                            .as_ref()
+                            .map_or_else(|| "none".to_owned(), |id| id.to_string())
+                    })
+                    .collect();
+                if ids.iter().any(|i| *i != ids[0]) {
+                    Err(LocalError::Ambiguous {
+                        addr: dst,
+                        ids: ids.join(", "),
+                    })
+                } else {
+                    Ok(all.swap_remove(0))
+                }
+            } else {
+                answers.map(|mut a| a.swap_remove(0))
+            }
+        };
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() > 4096 {
+            recent.retain(|_, (at, _)| at.elapsed() < TABLE_TTL);
+        }
+        recent.insert(dst, (Instant::now(), answer.clone()));
+        answer
+    }
+
+    /// The listener table, re-read when older than [`TABLE_TTL`].
+    fn table(&self) -> Arc<Vec<Listener>> {
+        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        match &*t {
+            Some((at, table)) if at.elapsed() < TABLE_TTL => table.clone(),
+            _ => {
+                let table = Arc::new(listeners());
+                *t = Some((Instant::now(), table.clone()));
+                table
+            }
+        }
+    }
+
+    /// The attestation of the processes holding socket `inode`: all of them
+    /// must have the same identity.
+    fn owner(&self, attestor: &Attestor, inode: u64, dst: SocketAddr) -> Answer {
         if let Some((at, a)) = self
-            .cache
+            .owners
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&port)
-            && at.elapsed() < CACHE_TTL
-            && a.as_ref()
-                .is_none_or(|a| std::path::Path::new(&format!("/proc/{}", a.facts.pid)).exists())
+            .get(&inode)
+            && at.elapsed() < OWNER_TTL
+            && a.as_ref().is_ok_and(|a| alive(a.facts.pid))
         {
             return a.clone();
         }
-        let found = listening_inodes(port)
+        let atts: Vec<Attestation> = holders_of_inode(inode)
             .into_iter()
-            .find_map(owner_of_inode)
-            .and_then(facts_of_pid)
-            .map(|facts| attestor.attest(facts));
-        self.cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(port, (Instant::now(), found.clone()));
-        found
+            .filter_map(facts_of_pid)
+            .map(|f| attestor.attest(f))
+            .collect();
+        let answer = match atts.first() {
+            None => Err(LocalError::NoOwner(dst)),
+            Some(first) if atts.iter().all(|a| a.spiffe_id == first.spiffe_id) => Ok(first.clone()),
+            Some(_) => Err(LocalError::Ambiguous {
+                addr: dst,
+                ids: atts
+                    .iter()
+                    .map(|a| {
+                        format!(
+                            "pid {}: {}",
+                            a.facts.pid,
+                            a.spiffe_id
+                                .as_ref()
+                                .map_or_else(|| "none".to_owned(), |i| i.to_string())
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+        };
+        let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
+        if owners.len() > 4096 {
+            owners.retain(|_, (at, _)| at.elapsed() < OWNER_TTL);
+        }
+        owners.insert(inode, (Instant::now(), answer.clone()));
+        answer
     }
 }
 
@@ -130,20 +336,72 @@ impl LocalAttestor {
 mod tests {
     use super::*;
 
+    fn l(addr: &str, inode: u64) -> Listener {
+        Listener {
+            addr: addr.parse().expect("addr"),
+            inode,
+        }
+    }
+
+    #[test]
+    fn kernel_choice_of_listener() {
+        let table = [
+            l("127.0.0.1:8080", 1),
+            l("10.0.0.2:8080", 2),
+            l("0.0.0.0:9090", 3),
+            l("[::]:9090", 4),
+            l("[::]:7070", 5),
+            l("10.0.0.2:6060", 6),
+            l("10.0.0.2:6060", 7),
+            l("[fd00::2]:5050", 8),
+            l("[::]:5050", 9),
+            l("[::ffff:10.0.0.2]:4040", 10),
+            l("0.0.0.0:4040", 11),
+        ];
+        let pick = |dst: &str| -> Vec<u64> {
+            chosen(&table, dst.parse().expect("dst"))
+                .iter()
+                .map(|l| l.inode)
+                .collect()
+        };
+        // A squatter on loopback is not the server on the node address.
+        assert_eq!(pick("10.0.0.2:8080"), [2]);
+        assert_eq!(pick("127.0.0.1:8080"), [1]);
+        assert_eq!(pick("10.0.0.9:8080"), Vec::<u64>::new());
+        // IPv4 wildcard before the dual-stack one; IPv6 only the IPv6 one.
+        assert_eq!(pick("10.0.0.2:9090"), [3]);
+        assert_eq!(pick("[fd00::2]:9090"), [4]);
+        assert_eq!(pick("10.0.0.2:7070"), [5]);
+        assert_eq!(pick("[::ffff:10.0.0.2]:9090"), [3]);
+        // A SO_REUSEPORT group: every member.
+        assert_eq!(pick("10.0.0.2:6060"), [6, 7]);
+        assert_eq!(pick("[fd00::2]:5050"), [8]);
+        assert_eq!(pick("[fd00::3]:5050"), [9]);
+        // A v4-mapped bound address is as specific as the IPv4 one.
+        assert_eq!(pick("10.0.0.2:4040"), [10]);
+        assert_eq!(pick("[::1]:8080"), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn proc_lines_parse_addresses_in_host_order() {
+        let v4 = "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 12345 1 0000000000000000 100 0 0 10 0";
+        assert_eq!(parse_line(v4, false), Some(l("127.0.0.1:8080", 12345)));
+        let v6 = "   0: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 777 1 0000000000000000 100 0 0 10 0";
+        assert_eq!(parse_line(v6, true), Some(l("[::1]:8080", 777)));
+        let established = v4.replace(" 0A ", " 01 ");
+        assert_eq!(parse_line(&established, false), None);
+    }
+
     #[test]
     fn finds_the_owner_of_a_listening_socket() {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = l.local_addr().expect("addr").port();
-        let inodes = listening_inodes(port);
-        assert!(
-            !inodes.is_empty(),
-            "listener on {port} not found in /proc/net/tcp"
-        );
-        let pid = inodes.into_iter().find_map(owner_of_inode);
-        assert_eq!(pid, Some(std::process::id()));
+        let sock = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = sock.local_addr().expect("addr");
+        let group = chosen(&listeners(), addr);
+        assert_eq!(group.len(), 1, "listener {addr} not found in /proc/net/tcp");
+        assert_eq!(holders_of_inode(group[0].inode), [std::process::id()]);
         let facts = facts_of_pid(std::process::id()).expect("facts");
         assert_eq!(facts.uid, nix::unistd::getuid().as_raw());
-        drop(l);
-        assert!(listening_inodes(port).is_empty());
+        drop(sock);
+        assert!(chosen(&listeners(), addr).is_empty());
     }
 }

@@ -10,7 +10,6 @@ use std::{
 
 use bytes::Bytes;
 use h2::server::SendResponse;
-use rustls::sign::CertifiedKey;
 use spiffe::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument as _, info, info_span, warn};
@@ -22,7 +21,7 @@ use crate::{
         metrics::{Direction, RejectLabels},
     },
     attest::{Attestor, local::LocalAttestor},
-    identity::IdentityManager,
+    identity::{IdentityManager, IssuedSvid},
     tls,
     tunnel::{self, CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW},
 };
@@ -36,6 +35,48 @@ pub struct Inbound {
     pub attestor: Arc<Attestor>,
     pub local: Arc<LocalAttestor>,
     pub admin: Arc<AdminState>,
+    /// Work done for clients before they are authenticated, per address.
+    pub preauth: PreAuthBudget,
+}
+
+/// Before a client has authenticated, the agent looks up which workload its
+/// server name names. Answers already known are free; each lookup that needs
+/// the kernel's tables costs a token from the client address's bucket.
+pub struct PreAuthBudget {
+    buckets: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (f64, Instant)>>,
+    burst: f64,
+    per_sec: f64,
+}
+
+impl Default for PreAuthBudget {
+    fn default() -> Self {
+        Self {
+            buckets: Default::default(),
+            burst: 64.0,
+            per_sec: 32.0,
+        }
+    }
+}
+
+impl PreAuthBudget {
+    /// Takes a token for `peer`; `false` when its bucket is empty.
+    pub fn take(&self, peer: std::net::IpAddr) -> bool {
+        let mut b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if b.len() > 16_384 {
+            let full = self.burst / self.per_sec;
+            b.retain(|_, (_, at)| at.elapsed().as_secs_f64() < full);
+        }
+        let now = Instant::now();
+        let (tokens, at) = b.entry(peer).or_insert((self.burst, now));
+        *tokens = (*tokens + at.elapsed().as_secs_f64() * self.per_sec).min(self.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl Inbound {
@@ -47,20 +88,21 @@ impl Inbound {
         .await
     }
 
-    /// The SVID of the local workload listening on `port`.
-    async fn destination_svid(&self, port: u16) -> Result<Arc<CertifiedKey>, String> {
-        let (attestor, local) = (self.attestor.clone(), self.local.clone());
-        let att = tokio::task::spawn_blocking(move || local.attest_port(&attestor, port))
+    /// The SVID of the local workload a connection to `dst` reaches: the
+    /// owner of the listener the kernel would choose for that exact address.
+    async fn destination_svid(&self, dst: SocketAddr) -> Result<Arc<IssuedSvid>, String> {
+        let att = self
+            .local
+            .attest(&self.attestor, dst)
             .await
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("no local workload listens on port {port}"))?;
+            .map_err(|e| e.to_string())?;
         match self.identity.identify(&att).await {
-            Ok(Some(svid)) => Ok(svid.certified.clone()),
+            Ok(Some(svid)) => Ok(svid),
             Ok(None) => Err(format!(
-                "the workload on port {port} (pid {}) has no identity; selectors {:?}",
+                "the workload on {dst} (pid {}) has no identity; selectors {:?}",
                 att.facts.pid, att.selectors
             )),
-            Err(e) => Err(format!("the workload on port {port}: {e}")),
+            Err(e) => Err(format!("the workload on {dst}: {e}")),
         }
     }
 
@@ -104,10 +146,21 @@ impl Inbound {
                 "the server name names no destination port",
             );
         };
-        let certified = match self.destination_svid(port).await {
+        // The workload behind exactly this address (the client connected to it).
+        let dst = SocketAddr::new(local.ip().to_canonical(), port);
+        if self.local.recent(dst).is_none() && !self.preauth.take(peer.ip()) {
+            return self.rejected(
+                peer,
+                "rate_limited",
+                "too many lookups before authentication from this address",
+            );
+        }
+        let presented = match self.destination_svid(dst).await {
             Ok(c) => c,
             Err(detail) => return self.rejected(peer, "no_server_identity", &detail),
         };
+        let certified = presented.certified.clone();
+        let presented_id = presented.svid.spiffe_id.clone();
         let config = match tls::server_config(
             self.identity.trust().clone(),
             self.identity.provider().clone(),
@@ -157,11 +210,12 @@ impl Inbound {
             };
             let this = self.clone();
             let src_id = src_id.clone();
+            let presented_id = presented_id.clone();
             let id = next_conn_id();
             let span = info_span!("conn", id, direction = "inbound", src = %peer, dst = tracing::field::Empty);
             tokio::spawn(
                 async move {
-                    this.stream(id, peer, src_id, dst_ip, port, req, respond)
+                    this.stream(id, peer, src_id, (dst_ip, port, presented_id), req, respond)
                         .await
                 }
                 .instrument(span),
@@ -175,8 +229,7 @@ impl Inbound {
         id: u64,
         peer: SocketAddr,
         src_id: SpiffeId,
-        dst_ip: std::net::IpAddr,
-        sni_port: u16,
+        (dst_ip, sni_port, presented_id): (std::net::IpAddr, u16, SpiffeId),
         req: http::Request<h2::RecvStream>,
         mut respond: SendResponse<Bytes>,
     ) {
@@ -213,12 +266,21 @@ impl Inbound {
             refuse(&mut respond, http::StatusCode::FORBIDDEN);
             return self.finish(&summary, Outcome::BadRequest, (0, 0));
         }
-        let dst_att = self.local.attest_port(&self.attestor, dst.port());
-        let (dst_svid, dst_selectors) = match dst_att {
-            Some(a) => (self.identity.identify(&a).await.ok().flatten(), a.selectors),
-            None => (None, vec![]),
+        let (dst_svid, dst_selectors) = match self.local.attest(&self.attestor, dst).await {
+            Ok(a) => (self.identity.identify(&a).await.ok().flatten(), a.selectors),
+            Err(e) => {
+                warn!(error = %e, "attesting the destination failed");
+                (None, vec![])
+            }
         };
         summary.dst_id = dst_svid.as_ref().map(|s| s.svid.spiffe_id.clone());
+        // The identity decided must be the one this connection presented.
+        if summary.dst_id.as_ref().is_some_and(|d| *d != presented_id) {
+            warn!(presented = %presented_id, now = ?summary.dst_id, "the workload behind the destination changed since the handshake");
+            refuse(&mut respond, http::StatusCode::SERVICE_UNAVAILABLE);
+            summary.dst_id = None;
+            return self.finish(&summary, Outcome::NoIdentity, (0, 0));
+        }
         // Authoritative decision: verified source identity, attested destination.
         let input = crate::policy::Input {
             direction: "inbound",

@@ -149,10 +149,12 @@ impl Outbound {
         if self.local_addrs.contains(dst.ip()) {
             // Same node: both ends attested here; the bytes never leave the host.
             ids.same_node = true;
-            let (dst_svid, dst_selectors) = match self.local.attest_port(&self.attestor, dst.port())
-            {
-                Some(a) => (self.identity.identify(&a).await.ok().flatten(), a.selectors),
-                None => (None, vec![]),
+            let (dst_svid, dst_selectors) = match self.local.attest(&self.attestor, dst).await {
+                Ok(a) => (self.identity.identify(&a).await.ok().flatten(), a.selectors),
+                Err(e) => {
+                    warn!(conn_id = id, error = %e, "attesting the destination failed");
+                    (None, vec![])
+                }
             };
             ids.dst = dst_svid.as_ref().map(|s| s.svid.spiffe_id.to_string());
             let dst_peer = super::peer(dst_svid.as_deref(), &dst_selectors, Some(dst));

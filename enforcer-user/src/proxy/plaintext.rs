@@ -54,9 +54,12 @@ impl Plaintext {
         };
         tracing::Span::current().record("dst", tracing::field::display(dst));
         let mode = self.modes.get(&dst.port()).copied();
-        let (dst_svid, dst_selectors) = match self.local.attest_port(&self.attestor, dst.port()) {
-            Some(a) => (self.identity.identify(&a).await.ok().flatten(), a.selectors),
-            None => (None, vec![]),
+        let (dst_svid, dst_selectors) = match self.local.attest(&self.attestor, dst).await {
+            Ok(a) => (self.identity.identify(&a).await.ok().flatten(), a.selectors),
+            Err(e) => {
+                warn!(error = %e, "attesting the destination failed");
+                (None, vec![])
+            }
         };
         let dst_id = dst_svid.as_ref().map(|s| s.svid.spiffe_id.to_string());
         if mode != Some(PlaintextMode::Permissive) {
