@@ -298,6 +298,11 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
             local,
             admin: state.clone(),
             preauth: Default::default(),
+            limits: crate::proxy::inbound::H2Limits {
+                max_concurrent_streams: config.mesh.max_concurrent_streams,
+                max_header_list_size: config.mesh.max_header_list_size,
+                max_streams_per_connection: config.mesh.max_streams_per_connection,
+            },
         });
         tokio::spawn(inbound.serve(listener));
     }

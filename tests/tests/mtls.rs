@@ -381,6 +381,20 @@ fn federated_trust_domain_is_accepted_only_when_configured() {
     );
     let line = ea.connection_line(|v| v["pid"] == pid);
     assert_eq!(line["outcome"], "tunnel_failed", "{line}");
+    // a finished its side of the handshake; b's refusal arrives as a TLS
+    // alert, and a reports it as such (not as an HTTP/2 or socket error).
+    let failed = ea
+        .log_lines()
+        .into_iter()
+        .find(|v| v["message"] == "HBONE tunnel failed")
+        .expect("a logs the failed tunnel");
+    assert_eq!(failed["reason"], "alert_received", "{failed}");
+    assert!(
+        failed["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("CertificateUnknown")),
+        "{failed}"
+    );
     assert!(
         eb.log_lines()
             .iter()
@@ -870,4 +884,178 @@ fn port_squatter_on_loopback_never_lends_its_identity_to_the_real_server() {
     assert_eq!(line["dst_spiffe_id"], LLM_ID, "{line}");
     assert!(m.tb.wait_server_log(&m.b, "real", "/same-node"));
     assert!(!m.tb.server_log(&m.b, "squatter").contains("GET /"));
+}
+
+/// Runs `helpers/hbone_attack.py MODE` from `from` (outside any captured
+/// cgroup) against the HBONE port of `target`, with a certificate of the
+/// pair's shared CA where the mode needs one. Returns stdout and stderr.
+fn hbone_attack(m: &Pair, from: &Node, target: &Node, mode: &str, args: &[&str]) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/helpers/hbone_attack.py");
+    let ca = m.tb.dir.join("ca-shared");
+    let (cert, key) = (
+        ca.join("ca.pem").display().to_string(),
+        ca.join("ca.key").display().to_string(),
+    );
+    let mut cmd = vec!["python3", script, mode, &target.ipv4, "15008", &cert, &key];
+    cmd.extend_from_slice(args);
+    let (_, out) = from
+        .exec(None, &cmd)
+        .expect("hbone_attack.py (needs: pip install h2 cryptography; `cargo xtask setup` does)");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn client_whose_certificate_expires_gets_goaway_and_no_new_stream() {
+    // The attack: a client keeps its HBONE connection and opens new CONNECT
+    // streams after its certificate's notAfter (they were answered 200).
+    let m = mesh("expiring", "");
+    let dst = format!("{}:8080", m.b.ipv4);
+    let out = hbone_attack(&m, &m.a, &m.b, "expiring", &[&dst, "3"]);
+    assert!(out.contains("FIRST 200"), "{out}");
+    assert!(
+        out.contains("GOAWAY"),
+        "the server must send GOAWAY at the client certificate's notAfter: {out}"
+    );
+    let second = out
+        .lines()
+        .find(|l| l.starts_with("SECOND"))
+        .unwrap_or_default();
+    assert!(
+        !second.is_empty() && !second.contains("200"),
+        "a stream after notAfter must be refused: {out}"
+    );
+}
+
+#[test]
+fn pooled_connection_is_not_reused_past_the_server_certificate() {
+    // b's SVIDs live 4 s. A pooled HBONE connection from a keeps b's first
+    // certificate; after its notAfter a must open a new connection (where b
+    // presents its renewed SVID) instead of reusing the expired one.
+    let m = llm_pair("srvexpiry", TD, |_, n| {
+        if n.name == "a" {
+            (
+                String::new(),
+                format!(
+                    "{}\n{MESH}",
+                    entry(AGENT_ID, "systemd:unit:support-agent.service")
+                ),
+            )
+        } else {
+            (
+                "svid_ttl_secs = 4\n".into(),
+                format!("{}\n{MESH}", entry(LLM_ID, "systemd:unit:llm.service")),
+            )
+        }
+    })
+    .expect("two nodes");
+    let url = format!("http://{}:8080/", m.b.ipv4);
+    let (first, out) = curl(&m.a, "support-agent.service", &url);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    let (again, _) = curl(&m.a, "support-agent.service", &url);
+    assert_eq!(
+        m.ea.connection_line(|v| v["pid"] == again)["hbone_reused"],
+        true,
+        "within the certificate's validity the connection is pooled"
+    );
+    let started = m.ea.connection_line(|v| v["pid"] == first);
+    assert_eq!(started["hbone_reused"], false);
+    std::thread::sleep(Duration::from_millis(4500));
+    let (late, out) = curl(&m.a, "support-agent.service", &url);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    let line = m.ea.connection_line(|v| v["pid"] == late);
+    assert_eq!(
+        line["hbone_reused"], false,
+        "a connection whose server certificate expired must not be reused: {line}"
+    );
+}
+
+#[test]
+fn http2_limits_refuse_excess_streams_and_huge_headers_and_others_are_served() {
+    // The attack: one authenticated connection opened 3 000 concurrent
+    // streams and sent a 1 MB header block.
+    let m = mesh("h2limits", "");
+    let dst = format!("{}:8080", m.b.ipv4);
+    let out = hbone_attack(&m, &m.a, &m.b, "streams", &[&dst, "150"]);
+    let counts: Vec<u64> = out
+        .lines()
+        .find_map(|l| l.strip_prefix("OK "))
+        .map(|l| {
+            l.split(" REFUSED ")
+                .filter_map(|n| n.trim().parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(counts.len(), 2, "{out}");
+    assert!(counts[0] <= 100, "more than 100 concurrent streams: {out}");
+    assert!(counts[1] >= 50, "excess streams must be refused: {out}");
+
+    let out = hbone_attack(&m, &m.a, &m.b, "headers", &[&dst, "1000000"]);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("BIG") && !l.contains("200")),
+        "a 1 MB header block must be refused: {out}"
+    );
+    assert!(
+        out.contains("OTHER 200"),
+        "other connections keep being served: {out}"
+    );
+    // The agent's own clients are served all the same.
+    let (_, out) = curl(&m.a, "support-agent.service", &format!("http://{dst}/"));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+}
+
+#[test]
+fn server_name_cycling_is_answered_with_an_alert_and_rate_limited() {
+    // The attack: a client cycles through server names (ports) to make the
+    // agent look up a workload on every handshake, before authenticating.
+    let m = mesh("sncycle", "");
+    // From b itself, so that a's own traffic keeps its address's budget.
+    let out = hbone_attack(&m, &m.b, &m.b, "cycle", &["20000", "200"]);
+    assert!(
+        out.contains("SEEN TLSV1_UNRECOGNIZED_NAME"),
+        "a name with no workload behind it gets unrecognized_name: {out}"
+    );
+    let limited =
+        m.eb.metric(
+            "enforcer_hbone_rejected_total",
+            &[("reason", "rate_limited")],
+        )
+        .expect("metrics");
+    let looked_up =
+        m.eb.metric(
+            "enforcer_hbone_rejected_total",
+            &[("reason", "no_server_identity")],
+        )
+        .expect("metrics");
+    assert!(limited > 0.0, "no lookup was refused: {out}");
+    assert!(looked_up < 200.0, "every name was looked up: {looked_up}");
+    let (_, out) = curl(
+        &m.a,
+        "support-agent.service",
+        &format!("http://{}:8080/", m.b.ipv4),
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+}
+
+#[test]
+fn stream_budget_per_connection_refuses_and_counts_the_excess() {
+    let m = mesh_with("budget", "", "max_streams_per_connection = 3\n");
+    let dst = format!("{}:8080", m.b.ipv4);
+    let out = hbone_attack(&m, &m.a, &m.b, "streams", &[&dst, "6"]);
+    assert!(out.contains("OK 3 REFUSED 3"), "{out}");
+    assert_eq!(
+        m.eb.metric(
+            "enforcer_hbone_streams_refused_total",
+            &[("reason", "stream_budget")]
+        )
+        .expect("metrics"),
+        3.0
+    );
+    // The client is told to go away and its next connection is served.
+    let (_, out) = curl(&m.a, "support-agent.service", &format!("http://{dst}/"));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
 }

@@ -28,7 +28,7 @@ const APT_PACKAGES: &[&str] = &[
 
 /// Python packages (package, module): the AI scenarios' official clients and
 /// servers; `cryptography` to craft bad certificates in tests; grpcio for the
-/// in-test SPIRE Delegated Identity server.
+/// in-test SPIRE Delegated Identity server; h2 for HTTP/2 attack clients on the HBONE port.
 const PIP_PACKAGES: &[(&str, &str)] = &[
     ("mcp>=2,<3", "mcp.server.mcpserver"),
     ("openai", "openai"),
@@ -36,6 +36,7 @@ const PIP_PACKAGES: &[(&str, &str)] = &[
     ("cryptography", "cryptography"),
     ("grpcio", "grpc"),
     ("grpcio-tools", "grpc_tools"),
+    ("h2", "h2"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13";

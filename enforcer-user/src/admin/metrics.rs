@@ -71,6 +71,7 @@ pub struct Metrics {
     pub active: Family<DirectionLabels, Gauge>,
     pub capture_map_entries: Family<MapLabels, Gauge>,
     pub hbone_rejected: Family<RejectLabels, Counter>,
+    pub hbone_streams_refused: Family<RejectLabels, Counter>,
     pub policy_decisions: Family<DecisionLabels, Counter>,
     pub policy_eval_seconds: Histogram,
     pub policy_reloads: Family<ResultLabels, Counter>,
@@ -113,6 +114,12 @@ impl Metrics {
             "Inbound HBONE connections refused before any stream, by reason",
             hbone_rejected.clone(),
         );
+        let hbone_streams_refused = Family::<RejectLabels, Counter>::default();
+        registry.register(
+            "hbone_streams_refused",
+            "CONNECT streams refused on an authenticated HBONE connection, by reason",
+            hbone_streams_refused.clone(),
+        );
         let policy_decisions = Family::<DecisionLabels, Counter>::default();
         registry.register(
             "policy_decisions",
@@ -137,6 +144,7 @@ impl Metrics {
             policy_reloads,
             id_labels: Default::default(),
             hbone_rejected,
+            hbone_streams_refused,
             registry: root,
             connections_opened,
             connections_closed,

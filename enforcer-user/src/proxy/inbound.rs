@@ -5,13 +5,16 @@
 use std::{
     net::SocketAddr,
     sync::Arc,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use bytes::Bytes;
 use h2::server::SendResponse;
 use spiffe::SpiffeId;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    io::AsyncWriteExt as _,
+    net::{TcpListener, TcpStream},
+};
 use tracing::{Instrument as _, info, info_span, warn};
 
 use super::{Outcome, next_conn_id};
@@ -37,6 +40,15 @@ pub struct Inbound {
     pub admin: Arc<AdminState>,
     /// Work done for clients before they are authenticated, per address.
     pub preauth: PreAuthBudget,
+    pub limits: H2Limits,
+}
+
+/// HTTP/2 limits of one HBONE connection (`[mesh]` keys of the same names).
+#[derive(Debug, Clone, Copy)]
+pub struct H2Limits {
+    pub max_concurrent_streams: u32,
+    pub max_header_list_size: u32,
+    pub max_streams_per_connection: u64,
 }
 
 /// Before a client has authenticated, the agent looks up which workload its
@@ -59,8 +71,10 @@ impl Default for PreAuthBudget {
 }
 
 impl PreAuthBudget {
-    /// Takes a token for `peer`; `false` when its bucket is empty.
-    pub fn take(&self, peer: std::net::IpAddr) -> bool {
+    /// Whether `peer` may have a lookup done; `charge` takes the token when
+    /// the lookup failed (a client cycling through server names), so a
+    /// node whose lookups succeed is never slowed by this.
+    pub fn allows(&self, peer: std::net::IpAddr, charge: bool) -> bool {
         let mut b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if b.len() > 16_384 {
             let full = self.burst / self.per_sec;
@@ -70,12 +84,13 @@ impl PreAuthBudget {
         let (tokens, at) = b.entry(peer).or_insert((self.burst, now));
         *tokens = (*tokens + at.elapsed().as_secs_f64() * self.per_sec).min(self.burst);
         *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
+        if *tokens < 1.0 {
+            return false;
         }
+        if charge {
+            *tokens -= 1.0;
+        }
+        true
     }
 }
 
@@ -148,16 +163,29 @@ impl Inbound {
         };
         // The workload behind exactly this address (the client connected to it).
         let dst = SocketAddr::new(local.ip().to_canonical(), port);
-        if self.local.recent(dst).is_none() && !self.preauth.take(peer.ip()) {
+        if self.local.recent(dst).is_none() && !self.preauth.allows(peer.ip(), false) {
             return self.rejected(
                 peer,
                 "rate_limited",
-                "too many lookups before authentication from this address",
+                "too many failed lookups before authentication from this address",
             );
         }
         let presented = match self.destination_svid(dst).await {
             Ok(c) => c,
-            Err(detail) => return self.rejected(peer, "no_server_identity", &detail),
+            Err(detail) => {
+                self.preauth.allows(peer.ip(), true);
+                self.rejected(peer, "no_server_identity", &detail);
+                // No certificate to present: tell the client the name it
+                // sent is not served here (RFC 6066), then close cleanly.
+                if let Ok(cfg) = tls::no_certificate_config(self.identity.provider().clone()) {
+                    let mut accept = start.into_stream(Arc::new(cfg));
+                    if let Some(tcp) = accept.get_mut() {
+                        let _ = tcp.write_all(&tls::UNRECOGNIZED_NAME_ALERT).await;
+                        linger_close(tcp).await;
+                    }
+                }
+                return;
+            }
         };
         let certified = presented.certified.clone();
         let presented_id = presented.svid.spiffe_id.clone();
@@ -169,10 +197,16 @@ impl Inbound {
             Ok(c) => Arc::new(c),
             Err(e) => return self.rejected(peer, "tls_config", &e.to_string()),
         };
-        let tls = match tokio::time::timeout_at(deadline, start.into_stream(config)).await {
+        let accept = start.into_stream(config).into_fallible();
+        let tls = match tokio::time::timeout_at(deadline, accept).await {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                return self.rejected(peer, tls::handshake_failure_code(&e), &e.to_string());
+            Ok(Err((e, mut tcp))) => {
+                self.rejected(peer, tls::handshake_failure_code(&e), &e.to_string());
+                // rustls has sent its alert (certificate_unknown, unknown_ca,
+                // certificate_expired…); close without a reset so the client
+                // reads it.
+                linger_close(&mut tcp).await;
+                return;
             }
             Err(_) => {
                 return self.rejected(peer, "handshake_timeout", "no TLS handshake within 10 s");
@@ -180,16 +214,19 @@ impl Inbound {
         };
         let (_, conn) = tls.get_ref();
         // The verifier already checked chain and URI SAN; read the ID again.
-        let src_id = match conn
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .map(tls::spiffe_id_of)
-        {
+        let leaf = conn.peer_certificates().and_then(|c| c.first());
+        let src_id = match leaf.map(tls::spiffe_id_of) {
             Some(Ok(id)) => id,
             Some(Err(r)) => return self.rejected(peer, r.code(), &r.to_string()),
             None => return self.rejected(peer, "no_client_certificate", "no client certificate"),
         };
+        let Some(peer_not_after) = leaf.and_then(tls::not_after_of) else {
+            return self.rejected(peer, "bad_certificate", "unreadable notAfter");
+        };
+        let limits = self.limits;
         let mut h2 = match h2::server::Builder::new()
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .max_header_list_size(limits.max_header_list_size)
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
@@ -200,14 +237,55 @@ impl Inbound {
             Err(e) => return self.rejected(peer, "h2_error", &e.to_string()),
         };
         let dst_ip = local.ip().to_canonical();
-        while let Some(next) = h2.accept().await {
-            let (req, respond) = match next {
-                Ok(r) => r,
-                Err(e) => {
+        // At the client certificate's notAfter the connection is told to go
+        // away (GOAWAY); a stream that arrives after it is refused.
+        let expiry = tokio::time::sleep(
+            peer_not_after
+                .duration_since(SystemTime::now())
+                .unwrap_or_default(),
+        );
+        tokio::pin!(expiry);
+        let (mut opened, mut closing) = (0u64, false);
+        loop {
+            let next = tokio::select! {
+                next = h2.accept() => next,
+                () = &mut expiry, if !closing => {
+                    info!(%peer, src_spiffe_id = %src_id, "client certificate expired; closing the HBONE connection (GOAWAY)");
+                    h2.graceful_shutdown();
+                    closing = true;
+                    continue;
+                }
+            };
+            let (req, mut respond) = match next {
+                Some(Ok(r)) => r,
+                Some(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "HBONE connection ended");
                     break;
                 }
+                None => break,
             };
+            let refusal = if SystemTime::now() >= peer_not_after {
+                Some("peer_certificate_expired")
+            } else if opened >= limits.max_streams_per_connection {
+                Some("stream_budget")
+            } else {
+                None
+            };
+            if let Some(reason) = refusal {
+                warn!(%peer, src_spiffe_id = %src_id, reason, "CONNECT stream refused");
+                self.admin
+                    .metrics
+                    .hbone_streams_refused
+                    .get_or_create(&RejectLabels { reason })
+                    .inc();
+                respond.send_reset(h2::Reason::REFUSED_STREAM);
+                if !closing {
+                    h2.graceful_shutdown();
+                    closing = true;
+                }
+                continue;
+            }
+            opened += 1;
             let this = self.clone();
             let src_id = src_id.clone();
             let presented_id = presented_id.clone();
@@ -373,6 +451,25 @@ struct Summary<'a> {
     started: Instant,
     decision_id: Option<String>,
     policy_reason: Option<String>,
+}
+
+/// Closes a rejected connection so the client reads what was sent (a TLS
+/// alert) instead of a reset: no more writes, unread input drained for up to
+/// a second, then closed.
+async fn linger_close(tcp: &mut TcpStream) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let _ = tcp.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut total = 0usize;
+        while total < 256 * 1024 {
+            match tcp.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
 }
 
 fn refuse(respond: &mut SendResponse<Bytes>, status: http::StatusCode) {

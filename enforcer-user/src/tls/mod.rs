@@ -83,6 +83,13 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, Reject> {
     }
 }
 
+/// The end of a certificate's validity (notAfter).
+pub fn not_after_of(cert: &CertificateDer<'_>) -> Option<std::time::SystemTime> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let secs = u64::try_from(parsed.validity().not_after.timestamp()).ok()?;
+    std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(secs))
+}
+
 /// The reason code of a failed handshake, for logs and metrics.
 pub fn handshake_failure_code(err: &std::io::Error) -> &'static str {
     let Some(tls) = err.get_ref().and_then(|e| e.downcast_ref::<Error>()) else {
@@ -296,6 +303,35 @@ impl rustls::server::ResolvesServerCert for Presents {
     ) -> Option<Arc<rustls::sign::CertifiedKey>> {
         Some(self.0.clone())
     }
+}
+
+/// A fatal `unrecognized_name` alert (RFC 6066 §3) as a plaintext TLS record
+/// (RFC 8446 §5.1, §6: alerts before the ServerHello are unencrypted):
+/// type alert (21), legacy version 3.3, length 2, level fatal (2),
+/// description 112. rustls has no way to send this one, so it is written
+/// as is when no workload behind the requested server name has an identity.
+pub const UNRECOGNIZED_NAME_ALERT: [u8; 7] = [21, 3, 3, 0, 2, 2, 112];
+
+/// Presents no certificate.
+#[derive(Debug)]
+struct NoCertificate;
+
+impl rustls::server::ResolvesServerCert for NoCertificate {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        None
+    }
+}
+
+/// A server configuration that presents nothing: only used to take back the
+/// socket of a handshake that will not proceed.
+pub fn no_certificate_config(provider: Arc<CryptoProvider>) -> Result<rustls::ServerConfig, Error> {
+    Ok(rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(NoCertificate)))
 }
 
 /// Server configuration for one HBONE connection: TLS 1.3, client SVID

@@ -82,6 +82,92 @@ impl TunnelError {
     }
 }
 
+/// The first TLS-level error a connection's reads met: the peer's alert
+/// (it refused our certificate after the handshake, as TLS 1.3 allows) is
+/// then reported as such rather than as the HTTP/2 or socket error it causes.
+#[derive(Clone, Default)]
+struct TlsFailure(Arc<Mutex<Option<(&'static str, String)>>>);
+
+impl TlsFailure {
+    fn record(&self, e: &std::io::Error) {
+        let tls = e
+            .get_ref()
+            .and_then(|i| i.downcast_ref::<rustls::Error>())
+            .is_some();
+        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if tls && slot.is_none() {
+            *slot = Some((tls::handshake_failure_code(e), e.to_string()));
+        }
+    }
+
+    /// The error to report for an HTTP/2 failure on this connection.
+    fn explain(&self, addr: SocketAddr, source: h2::Error) -> TunnelError {
+        match self.0.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            Some((code, message)) => TunnelError::Tls {
+                addr,
+                code,
+                message,
+            },
+            None => TunnelError::H2 { addr, source },
+        }
+    }
+}
+
+/// A TLS stream whose read errors are remembered in a [`TlsFailure`].
+struct Watched<T> {
+    inner: T,
+    failure: TlsFailure,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Err(e)) = &r {
+            self.failure.record(e);
+        }
+        r
+    }
+}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, data);
+        if let std::task::Poll::Ready(Err(_)) = &r {
+            // The peer may have sent an alert before it closed: read it.
+            let mut scratch = [0u8; 64];
+            let mut buf = tokio::io::ReadBuf::new(&mut scratch);
+            if let std::task::Poll::Ready(Err(e)) =
+                std::pin::Pin::new(&mut self.inner).poll_read(cx, &mut buf)
+            {
+                self.failure.record(&e);
+            }
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// A connection ready to carry a stream to `dst`, whose serving workload's
 /// identity is verified.
 pub struct Prepared {
@@ -90,18 +176,23 @@ pub struct Prepared {
     pub reused: bool,
     node: SocketAddr,
     dst: SocketAddr,
+    failure: TlsFailure,
 }
 
 impl Prepared {
     /// Sends `CONNECT dst` and waits for the peer agent's answer.
     pub async fn open(self) -> Result<Tunnel, TunnelError> {
         let Prepared {
-            sender, node, dst, ..
+            sender,
+            node,
+            dst,
+            failure,
+            ..
         } = self;
         let mut sender = sender
             .ready()
             .await
-            .map_err(|source| TunnelError::H2 { addr: node, source })?;
+            .map_err(|source| failure.explain(node, source))?;
         let req = http::Request::builder()
             .method(http::Method::CONNECT)
             .uri(dst.to_string())
@@ -112,10 +203,8 @@ impl Prepared {
             })?;
         let (resp, send) = sender
             .send_request(req, false)
-            .map_err(|source| TunnelError::H2 { addr: node, source })?;
-        let resp = resp
-            .await
-            .map_err(|source| TunnelError::H2 { addr: node, source })?;
+            .map_err(|source| failure.explain(node, source))?;
+        let resp = resp.await.map_err(|source| failure.explain(node, source))?;
         if resp.status() != http::StatusCode::OK {
             return Err(TunnelError::Refused {
                 addr: node,
@@ -148,7 +237,15 @@ struct Pooled {
     sender: SendRequest<Bytes>,
     generation: u64,
     peer_id: SpiffeId,
+    /// The server certificate's notAfter: never reused from then on.
+    peer_not_after: std::time::SystemTime,
+    dial_id: u64,
+    failure: TlsFailure,
 }
+
+static NEXT_DIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+type Pool = Arc<Mutex<HashMap<PoolKey, Pooled>>>;
 
 /// The server name that tells the peer agent which local workload (by port)
 /// the connection is for, so it can present that workload's SVID.
@@ -164,7 +261,7 @@ pub fn port_from_server_name(name: &str) -> Option<u16> {
 pub struct HboneClient {
     identity: Arc<IdentityManager>,
     hbone_port: u16,
-    pool: Mutex<HashMap<PoolKey, Pooled>>,
+    pool: Pool,
 }
 
 impl HboneClient {
@@ -172,7 +269,7 @@ impl HboneClient {
         Self {
             identity,
             hbone_port,
-            pool: Mutex::default(),
+            pool: Pool::default(),
         }
     }
 
@@ -195,28 +292,27 @@ impl HboneClient {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&key)
-            .filter(|p| p.generation == svid.generation)
+            .filter(|p| {
+                p.generation == svid.generation && std::time::SystemTime::now() < p.peer_not_after
+            })
             .cloned();
-        let (sender, peer_id, reused) = match pooled {
+        let (p, reused) = match pooled {
             Some(p) => match p.sender.clone().ready().await {
-                Ok(s) => (s, p.peer_id, true),
+                Ok(_) => (p, true),
                 Err(e) => {
                     debug!(error = %e, "pooled HBONE connection is gone; dialing a new one");
-                    let p = self.dial(svid, node, dst, &key).await?;
-                    (p.sender, p.peer_id, false)
+                    (self.dial(svid, node, dst, &key).await?, false)
                 }
             },
-            None => {
-                let p = self.dial(svid, node, dst, &key).await?;
-                (p.sender, p.peer_id, false)
-            }
+            None => (self.dial(svid, node, dst, &key).await?, false),
         };
         Ok(Prepared {
-            sender,
-            peer_id,
+            sender: p.sender,
+            peer_id: p.peer_id,
             reused,
             node,
             dst,
+            failure: p.failure,
         })
     }
 
@@ -261,7 +357,7 @@ impl HboneClient {
                 code: tls::handshake_failure_code(&e),
                 message: e.to_string(),
             })?;
-        let peer_id = tls
+        let leaf = tls
             .get_ref()
             .1
             .peer_certificates()
@@ -270,22 +366,55 @@ impl HboneClient {
                 addr: node,
                 code: "no_server_identity",
                 message: "peer presented no certificate".into(),
-            })
-            .and_then(|c| {
-                tls::spiffe_id_of(c).map_err(|r| TunnelError::Tls {
-                    addr: node,
-                    code: r.code(),
-                    message: r.to_string(),
-                })
             })?;
+        let peer_id = tls::spiffe_id_of(leaf).map_err(|r| TunnelError::Tls {
+            addr: node,
+            code: r.code(),
+            message: r.to_string(),
+        })?;
+        let peer_not_after = tls::not_after_of(leaf).ok_or_else(|| TunnelError::Tls {
+            addr: node,
+            code: "bad_certificate",
+            message: "unreadable notAfter".into(),
+        })?;
+        let failure = TlsFailure::default();
+        let io = Watched {
+            inner: tls,
+            failure: failure.clone(),
+        };
         let (sender, conn) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
-            .handshake::<_, Bytes>(tls)
+            .handshake::<_, Bytes>(io)
             .await
-            .map_err(|source| TunnelError::H2 { addr: node, source })?;
+            .map_err(|source| failure.explain(node, source))?;
+        let dial_id = NEXT_DIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // At the server certificate's notAfter the connection leaves the
+        // pool; once its last stream ends, HTTP/2 closes it (GOAWAY).
+        let (pool, pool_key) = (self.pool.clone(), key.clone());
         tokio::spawn(async move {
+            tokio::pin!(conn);
+            let expiry = tokio::time::sleep(
+                peer_not_after
+                    .duration_since(std::time::SystemTime::now())
+                    .unwrap_or_default(),
+            );
+            tokio::select! {
+                r = &mut conn => {
+                    if let Err(e) = r {
+                        debug!(peer = %node, error = %e, "HBONE connection ended");
+                    }
+                    return;
+                }
+                () = expiry => {
+                    debug!(peer = %node, "server certificate expired; HBONE connection leaves the pool");
+                    let mut pool = pool.lock().unwrap_or_else(|p| p.into_inner());
+                    if pool.get(&pool_key).is_some_and(|p| p.dial_id == dial_id) {
+                        pool.remove(&pool_key);
+                    }
+                }
+            }
             if let Err(e) = conn.await {
                 debug!(peer = %node, error = %e, "HBONE connection ended");
             }
@@ -294,6 +423,9 @@ impl HboneClient {
             sender,
             generation: svid.generation,
             peer_id,
+            peer_not_after,
+            dial_id,
+            failure,
         };
         self.pool
             .lock()
