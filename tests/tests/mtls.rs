@@ -69,7 +69,19 @@ fn a_to_b_is_mutual_tls_between_workload_identities() {
             None,
             "tcpdump",
             &[
-                "tcpdump", "-i", "to-b", "-U", "-s", "0", "-w", &pcap_s, "tcp",
+                // Immediate mode: packets are written as they come, not when
+                // a ring block fills or times out (~1 s), which a quick test
+                // would stop tcpdump before.
+                "tcpdump",
+                "--immediate-mode",
+                "-i",
+                "to-b",
+                "-U",
+                "-s",
+                "0",
+                "-w",
+                &pcap_s,
+                "tcp",
             ],
         )
         .expect("tcpdump (install: apt-get install tcpdump)");
@@ -117,6 +129,12 @@ fn a_to_b_is_mutual_tls_between_workload_identities() {
     );
 
     // The bytes on the veth are TLS: the marker never appears, port 15008 does.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::metadata(&pcap).map(|m| m.len()).unwrap_or(0) <= 1000
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     m.tb.stop(tcpdump).expect("stop tcpdump");
     let wire = std::fs::read(&pcap).expect("pcap");
     assert!(
