@@ -397,25 +397,24 @@ impl Testbed {
 
     /// Stops a process this testbed started (SIGTERM, then SIGKILL) and waits for it.
     pub fn stop(&mut self, pid: u32) -> Result<()> {
+        terminate(&mut self.take_process(pid)?);
+        Ok(())
+    }
+
+    /// Takes a process this testbed started out of its list.
+    fn take_process(&mut self, pid: u32) -> Result<Child> {
         let idx = self
             .procs
             .iter()
             .position(|(_, c)| c.id() == pid)
             .ok_or_else(|| anyhow!("pid {pid} was not started by this testbed"))?;
-        let (_, mut child) = self.procs.remove(idx);
-        terminate(&mut child);
-        Ok(())
+        Ok(self.procs.remove(idx).1)
     }
 
     /// Kills a process this testbed started with SIGKILL (a crash, an OOM
     /// kill) and reaps it: nothing of it runs any more when this returns.
     pub fn kill(&mut self, pid: u32) -> Result<()> {
-        let idx = self
-            .procs
-            .iter()
-            .position(|(_, c)| c.id() == pid)
-            .ok_or_else(|| anyhow!("pid {pid} was not started by this testbed"))?;
-        let (_, mut child) = self.procs.remove(idx);
+        let mut child = self.take_process(pid)?;
         child.kill().context("SIGKILL")?;
         child.wait().context("reaping")?;
         Ok(())
