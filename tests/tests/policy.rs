@@ -541,3 +541,54 @@ fn policy_cli_eval_and_test() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn shipped_daemonset_policy_volume_loads_the_shipped_policy_as_the_repository_does() {
+    // The shipped DaemonSet mounts the policy ConfigMap. Lay the volume out
+    // exactly as the kubelet does from the manifest's `items` (a timestamped
+    // directory, `..data` pointing at it, a symlink per top-level entry) and
+    // check that the agent decides as it does from the repository directory:
+    // a flat mount had put data.json at `data.ai` and denied everything.
+    let manifest = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/enforcer.yaml"),
+    )
+    .expect("manifest");
+    let items: Vec<(String, String)> = manifest
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim().strip_prefix("- {key: ")?;
+            let (key, rest) = l.split_once(", path: ")?;
+            Some((key.to_owned(), rest.trim_end_matches('}').to_owned()))
+        })
+        .collect();
+    for f in std::fs::read_dir(shipped_policies().join("enforcer")).expect("policies") {
+        let name = f.expect("entry").file_name().to_string_lossy().into_owned();
+        assert!(
+            items
+                .iter()
+                .any(|(k, p)| *k == name && *p == format!("enforcer/{name}")),
+            "the manifest's policy volume does not map {name} to enforcer/{name}: {items:?}"
+        );
+    }
+    let root = std::env::temp_dir().join(format!("enforcer-cm-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let stamp = root.join("..2026_11_24_07_00_00.000000001");
+    for (key, path) in &items {
+        let dst = stamp.join(path);
+        std::fs::create_dir_all(dst.parent().expect("parent")).expect("mkdir");
+        std::fs::copy(shipped_policies().join("enforcer").join(key), &dst).expect("copy");
+    }
+    std::os::unix::fs::symlink("..2026_11_24_07_00_00.000000001", root.join("..data"))
+        .expect("..data");
+    std::os::unix::fs::symlink("..data/enforcer", root.join("enforcer")).expect("enforcer");
+
+    let input = root.join("..input.json");
+    std::fs::write(&input, format!("{{\"direction\":\"inbound\",\"source\":{{\"spiffe_id\":\"{AGENT}\",\"authenticated\":true}},\"destination\":{{\"spiffe_id\":\"{LLM}\",\"port\":8000}},\"protocol\":\"tcp\"}}")).expect("input");
+    for policy in [shipped_policies(), root.clone()] {
+        let out = eval(&[], &policy, &input);
+        assert!(out.status.success(), "{out:?}");
+        let v: Value = serde_json::from_slice(&out.stdout).expect("JSON decision");
+        assert_eq!(v["allow"], true, "{}: {v}", policy.display());
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}

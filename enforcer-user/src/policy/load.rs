@@ -28,16 +28,30 @@ pub struct PolicyFile {
     pub contents: Vec<u8>,
 }
 
-/// All `.rego` and `data.json` files under `dir`, in a stable order.
+/// All `.rego` and `data.json` files under `dir`, in a stable order, each
+/// once. Entries whose names start with `..` are skipped: they are the
+/// kubelet's internals in a ConfigMap or Secret volume (`..data`, the
+/// timestamped directory it points to), whose files also appear at the top
+/// level through symlinks; Kubernetes does not allow keys that start with
+/// `..`. Symlinked directories are followed once.
 pub fn read_dir(dir: &Path) -> Result<Vec<PolicyFile>, LoadError> {
     let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     let mut stack = vec![PathBuf::from(dir)];
     while let Some(d) = stack.pop() {
+        if let Ok(real) = d.canonicalize()
+            && !seen.insert(real)
+        {
+            continue;
+        }
         let entries = std::fs::read_dir(&d).map_err(|e| LoadError::File {
             path: d.display().to_string(),
             message: e.to_string(),
         })?;
         for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with("..") {
+                continue;
+            }
             let p = e.path();
             if p.is_dir() {
                 stack.push(p);
@@ -145,4 +159,58 @@ pub fn compile(origin: &str, files: &[PolicyFile]) -> Result<Engine, LoadError> 
         return Err(LoadError::Empty(origin.to_owned()));
     }
     Ok(engine)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A ConfigMap volume exactly as the kubelet writes one: the files in a
+    /// timestamped directory, `..data` pointing at it, and a symlink per
+    /// top-level entry through `..data`.
+    fn configmap_volume(root: &Path, files: &[(&str, &str)]) {
+        use std::os::unix::fs::symlink;
+        let stamp = "..2026_11_24_07_00_00.123456789";
+        for (path, text) in files {
+            let p = root.join(stamp).join(path);
+            std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            std::fs::write(&p, text).expect("write");
+        }
+        symlink(stamp, root.join("..data")).expect("..data");
+        let mut tops: Vec<&str> = files
+            .iter()
+            .map(|(p, _)| p.split('/').next().unwrap_or(p))
+            .collect();
+        tops.dedup();
+        for top in tops {
+            symlink(format!("..data/{top}"), root.join(top)).expect("top symlink");
+        }
+    }
+
+    #[test]
+    fn configmap_volume_is_loaded_once_with_data_under_its_directory() {
+        let root = std::env::temp_dir().join(format!("enforcer-cm-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).expect("root");
+        // The shipped DaemonSet maps each key under enforcer/ (items: path).
+        configmap_volume(
+            &root,
+            &[
+                (
+                    "enforcer/authz.rego",
+                    "package enforcer.authz\n\nimport rego.v1\n\nallow if data.enforcer.ai.on\n",
+                ),
+                ("enforcer/data.json", r#"{"ai": {"on": true}}"#),
+            ],
+        );
+        let files = read_dir(&root).expect("read");
+        let paths: Vec<&str> = files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(paths, ["enforcer/authz.rego", "enforcer/data.json"]);
+        let mut engine = compile("cm", &files).expect("compile");
+        let v = engine
+            .eval_rule("data.enforcer.authz.allow".into())
+            .expect("eval");
+        assert_eq!(v, Value::from(true), "data.json must be at data.enforcer");
+        let _ = std::fs::remove_dir_all(&root);
+    }
 }
