@@ -356,11 +356,10 @@ fn outbound_listener(addr: SocketAddr) -> anyhow::Result<Option<TcpListener>> {
             TcpListener::from_std(l).context("outbound listener")?,
         )),
         Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Ok(None),
-        Err(e) => Err(e).with_context(|| {
-            format!(
-                "cannot listen on {addr} (capture.outbound_port; setting capture.agent_mark needs CAP_NET_ADMIN)"
-            )
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => Err(e).with_context(|| {
+            format!("cannot mark the listener on {addr} with capture.agent_mark: that needs CAP_NET_ADMIN")
         }),
+        Err(e) => Err(e).with_context(|| format!("cannot listen on {addr} (capture.outbound_port)")),
     }
 }
 

@@ -482,7 +482,7 @@ impl Config {
 
     /// Every numeric key against its documented range (docs/config.md).
     fn check_ranges(&self, path: &Path) -> Result<(), ConfigError> {
-        let c = &self;
+        let c = self;
         let ranges: [(&'static str, u64, u64, u64); 11] = [
             (
                 "capture.outbound_port",

@@ -180,6 +180,16 @@ impl Testbed {
         })
     }
 
+    /// A testbed with nodes a (10.10.0.1, fd10::1) and b (10.10.0.2, fd10::2)
+    /// joined by one link.
+    pub fn linked_pair(test: &str) -> Result<(Self, Node, Node)> {
+        let mut tb = Self::new(test)?;
+        let a = tb.node("a", 1)?;
+        let b = tb.node("b", 2)?;
+        tb.link(&a, &b)?;
+        Ok((tb, a, b))
+    }
+
     /// Adds node number `n` (1-based): netns, cgroup subtree, loopback up.
     /// Its addresses are 10.10.0.n/24 and fd10::n/64 on the veth links that
     /// [`Testbed::link`] creates.
@@ -828,10 +838,7 @@ pub fn llm_pair(
     td: &str,
     config: impl Fn(&Testbed, &Node) -> (String, String),
 ) -> Result<Pair> {
-    let mut tb = Testbed::new(test)?;
-    let a = tb.node("a", 1)?;
-    let b = tb.node("b", 2)?;
-    tb.link(&a, &b)?;
+    let (mut tb, a, b) = Testbed::linked_pair(test)?;
     let ca = tb.shared_ca("shared", td)?;
     tb.start_server_in(
         &b,

@@ -16,10 +16,7 @@ fn two_nodes_with(
     capture: &str,
     enforcer_cgroup: Option<&str>,
 ) -> (Testbed, Node, Node, Enforcer) {
-    let mut tb = Testbed::new(test).expect("testbed");
-    let a = tb.node("a", 1).expect("node a");
-    let b = tb.node("b", 2).expect("node b");
-    tb.link(&a, &b).expect("link");
+    let (mut tb, a, b) = Testbed::linked_pair(test).expect("two linked nodes");
     tb.start_server(
         &b,
         "http",

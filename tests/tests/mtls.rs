@@ -16,6 +16,11 @@ fn mesh(test: &str, extra_identity_a: &str) -> Pair {
 
 /// Like [`mesh`], with raw TOML appended to b's config (after its `[mesh]`).
 fn mesh_with(test: &str, extra_identity_a: &str, tail_b: &str) -> Pair {
+    mesh_nodes(test, extra_identity_a, "", tail_b)
+}
+
+/// Like [`mesh_with`], with extra `[identity]` keys for b too.
+fn mesh_nodes(test: &str, extra_identity_a: &str, extra_identity_b: &str, tail_b: &str) -> Pair {
     llm_pair(test, TD, |_, n| {
         if n.name == "a" {
             (
@@ -27,7 +32,7 @@ fn mesh_with(test: &str, extra_identity_a: &str, tail_b: &str) -> Pair {
             )
         } else {
             (
-                String::new(),
+                extra_identity_b.to_owned(),
                 format!(
                     "{}\n{MESH}{tail_b}",
                     entry(LLM_ID, "systemd:unit:llm.service")
@@ -351,10 +356,7 @@ print(n, h.hexdigest())
 
 #[test]
 fn federated_trust_domain_is_accepted_only_when_configured() {
-    let mut tb = Testbed::new("fed").expect("testbed");
-    let a = tb.node("a", 1).expect("a");
-    let b = tb.node("b", 2).expect("b");
-    tb.link(&a, &b).expect("link");
+    let (mut tb, a, b) = Testbed::linked_pair("fed").expect("two linked nodes");
     let ca_a = tb.shared_ca("a", "a.example.org").expect("ca a");
     let ca_b = tb.shared_ca("b", "b.example.org").expect("ca b");
     let dir = tb.dir.clone();
@@ -479,10 +481,7 @@ fn federated_trust_domain_is_accepted_only_when_configured() {
 
 #[test]
 fn same_node_connection_carries_both_identities_and_stays_local() {
-    let mut tb = Testbed::new("samenode").expect("testbed");
-    let a = tb.node("a", 1).expect("a");
-    let b = tb.node("b", 2).expect("b");
-    tb.link(&a, &b).expect("link");
+    let (mut tb, a, _b) = Testbed::linked_pair("samenode").expect("two linked nodes");
     let ca = tb.shared_ca("shared", TD).expect("ca");
     tb.start_server_in(
         &a,
@@ -618,10 +617,7 @@ fn spire_provider_issues_per_workload_svids_that_the_peer_accepts() {
     // SPIRE itself cannot be installed here: node a gets its identities from
     // the in-test Delegated Identity server (tests/helpers/spire), which signs
     // with the CA that node b trusts.
-    let mut tb = Testbed::new("spire").expect("testbed");
-    let a = tb.node("a", 1).expect("a");
-    let b = tb.node("b", 2).expect("b");
-    tb.link(&a, &b).expect("link");
+    let (mut tb, a, b) = Testbed::linked_pair("spire").expect("two linked nodes");
     let ca = tb.shared_ca("shared", TD).expect("ca");
     let ca_dir = tb.dir.join("ca-shared");
     let entries = tb.dir.join("spire-entries.json");
@@ -963,23 +959,7 @@ fn pooled_connection_is_not_reused_past_the_server_certificate() {
     // b's SVIDs live 4 s. A pooled HBONE connection from a keeps b's first
     // certificate; after its notAfter a must open a new connection (where b
     // presents its renewed SVID) instead of reusing the expired one.
-    let m = llm_pair("srvexpiry", TD, |_, n| {
-        if n.name == "a" {
-            (
-                String::new(),
-                format!(
-                    "{}\n{MESH}",
-                    entry(AGENT_ID, "systemd:unit:support-agent.service")
-                ),
-            )
-        } else {
-            (
-                "svid_ttl_secs = 4\n".into(),
-                format!("{}\n{MESH}", entry(LLM_ID, "systemd:unit:llm.service")),
-            )
-        }
-    })
-    .expect("two nodes");
+    let m = mesh_nodes("srvexpiry", "", "svid_ttl_secs = 4\n", "");
     let url = format!("http://{}:8080/", m.b.ipv4);
     let (first, out) = curl(&m.a, "support-agent.service", &url);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "200");

@@ -194,6 +194,23 @@ pub fn facts_of_pid(pid: u32) -> Option<WorkloadFacts> {
     })
 }
 
+/// The first of `all` (not empty) when every one has the same SPIFFE ID: the
+/// members of a `SO_REUSEPORT` group, or the processes holding one socket.
+fn agree(addr: SocketAddr, mut all: Vec<Attestation>) -> Answer {
+    if all.iter().all(|a| a.spiffe_id == all[0].spiffe_id) {
+        return Ok(all.swap_remove(0));
+    }
+    let ids = all
+        .iter()
+        .map(|a| match &a.spiffe_id {
+            Some(id) => format!("pid {}: {id}", a.facts.pid),
+            None => format!("pid {}: none", a.facts.pid),
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(LocalError::Ambiguous { addr, ids })
+}
+
 fn alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -234,35 +251,15 @@ impl LocalAttestor {
 
     /// Like [`LocalAttestor::attest`], on the calling thread (blocking).
     pub fn attest_blocking(&self, attestor: &Attestor, dst: SocketAddr) -> Answer {
-        let table = self.table();
-        let group = chosen(&table, dst);
+        let group = chosen(&self.table(), dst);
         let answer = if group.is_empty() {
             Err(LocalError::NoListener(dst))
         } else {
-            let mut answers = group
+            group
                 .iter()
                 .map(|l| self.owner(attestor, l.inode, dst))
-                .collect::<Result<Vec<_>, _>>();
-            if let Ok(all) = &mut answers {
-                let ids: Vec<String> = all
-                    .iter()
-                    .map(|a| {
-                        a.spiffe_id
-                            .as_ref()
-                            .map_or_else(|| "none".to_owned(), |id| id.to_string())
-                    })
-                    .collect();
-                if ids.iter().any(|i| *i != ids[0]) {
-                    Err(LocalError::Ambiguous {
-                        addr: dst,
-                        ids: ids.join(", "),
-                    })
-                } else {
-                    Ok(all.swap_remove(0))
-                }
-            } else {
-                answers.map(|mut a| a.swap_remove(0))
-            }
+                .collect::<Result<Vec<_>, _>>()
+                .and_then(|all| agree(dst, all))
         };
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         if recent.len() > 4096 {
@@ -285,8 +282,7 @@ impl LocalAttestor {
         }
     }
 
-    /// The attestation of the processes holding socket `inode`: all of them
-    /// must have the same identity.
+    /// The attestation of the processes holding socket `inode`.
     fn owner(&self, attestor: &Attestor, inode: u64, dst: SocketAddr) -> Answer {
         if let Some((at, a)) = self
             .owners
@@ -298,30 +294,15 @@ impl LocalAttestor {
         {
             return a.clone();
         }
-        let atts: Vec<Attestation> = holders_of_inode(inode)
+        let holders: Vec<Attestation> = holders_of_inode(inode)
             .into_iter()
             .filter_map(facts_of_pid)
             .map(|f| attestor.attest(f))
             .collect();
-        let answer = match atts.first() {
-            None => Err(LocalError::NoOwner(dst)),
-            Some(first) if atts.iter().all(|a| a.spiffe_id == first.spiffe_id) => Ok(first.clone()),
-            Some(_) => Err(LocalError::Ambiguous {
-                addr: dst,
-                ids: atts
-                    .iter()
-                    .map(|a| {
-                        format!(
-                            "pid {}: {}",
-                            a.facts.pid,
-                            a.spiffe_id
-                                .as_ref()
-                                .map_or_else(|| "none".to_owned(), |i| i.to_string())
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            }),
+        let answer = if holders.is_empty() {
+            Err(LocalError::NoOwner(dst))
+        } else {
+            agree(dst, holders)
         };
         let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
         if owners.len() > 4096 {
@@ -380,6 +361,28 @@ mod tests {
         // A v4-mapped bound address is as specific as the IPv4 one.
         assert_eq!(pick("10.0.0.2:4040"), [10]);
         assert_eq!(pick("[::1]:8080"), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn listeners_of_different_identities_are_refused() {
+        let att = |pid: u32, id: Option<&str>| Attestation {
+            facts: facts_of_pid(std::process::id())
+                .map(|f| WorkloadFacts { pid, ..f })
+                .expect("facts"),
+            selectors: vec![],
+            spiffe_id: id.map(|i| spiffe::SpiffeId::new(i).expect("id")),
+        };
+        let dst: SocketAddr = "10.0.0.2:80".parse().expect("addr");
+        let same = agree(
+            dst,
+            vec![att(1, Some("spiffe://t/a")), att(2, Some("spiffe://t/a"))],
+        );
+        assert_eq!(same.expect("agree").facts.pid, 1);
+        let err = agree(dst, vec![att(1, Some("spiffe://t/a")), att(2, None)]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the listeners the kernel may choose for 10.0.0.2:80 belong to workloads of different identities (pid 1: spiffe://t/a, pid 2: none); refusing to pick one"
+        );
     }
 
     #[test]

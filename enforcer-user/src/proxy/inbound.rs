@@ -30,7 +30,6 @@ use crate::{
 };
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Inbound {
     pub identity: Arc<IdentityManager>,
@@ -344,13 +343,8 @@ impl Inbound {
             refuse(&mut respond, http::StatusCode::FORBIDDEN);
             return self.finish(&summary, Outcome::BadRequest, (0, 0));
         }
-        let (dst_svid, dst_selectors) = match self.local.attest(&self.attestor, dst).await {
-            Ok(a) => (self.identity.identify(&a).await.ok().flatten(), a.selectors),
-            Err(e) => {
-                warn!(error = %e, "attesting the destination failed");
-                (None, vec![])
-            }
-        };
+        let (dst_svid, dst_selectors) =
+            super::local_destination(&self.local, &self.attestor, &self.identity, dst).await;
         summary.dst_id = dst_svid.as_ref().map(|s| s.svid.spiffe_id.clone());
         // The identity decided must be the one this connection presented.
         if summary.dst_id.as_ref().is_some_and(|d| *d != presented_id) {
@@ -383,20 +377,14 @@ impl Inbound {
             refuse(&mut respond, http::StatusCode::SERVICE_UNAVAILABLE);
             return self.finish(&summary, Outcome::NoIdentity, (0, 0));
         }
-        let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, super::connect_local(dst)).await
-        {
-            Ok(Ok(s)) => s,
-            other => {
-                let error = match other {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => "timed out".into(),
-                };
+        let upstream = match super::connect_within(super::connect_local(dst)).await {
+            Ok(s) => s,
+            Err(error) => {
                 warn!(%dst, %error, "connecting to the local workload failed");
                 refuse(&mut respond, http::StatusCode::SERVICE_UNAVAILABLE);
                 return self.finish(&summary, Outcome::ConnectFailed, (0, 0));
             }
         };
-        let _ = upstream.set_nodelay(true);
         let send = match respond.send_response(http::Response::new(()), false) {
             Ok(s) => s,
             Err(e) => {

@@ -37,6 +37,41 @@ pub fn peer(
     .with_id(svid.map(|s| &s.svid.spiffe_id))
 }
 
+/// How long the agent waits for a destination to accept.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Waits at most [`CONNECT_TIMEOUT`] for a connect; the error says why it failed.
+pub async fn connect_within(
+    connect: impl std::future::Future<Output = std::io::Result<tokio::net::TcpStream>>,
+) -> Result<tokio::net::TcpStream, String> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("timed out after {CONNECT_TIMEOUT:?}")),
+    }
+}
+
+/// The workload behind a local destination address — the owner of the
+/// listener the kernel picks for it — as policy sees it: its SVID (`None`
+/// when it has none or cannot be attested, which is logged) and selectors.
+pub async fn local_destination(
+    local: &std::sync::Arc<crate::attest::local::LocalAttestor>,
+    attestor: &std::sync::Arc<crate::attest::Attestor>,
+    identity: &crate::identity::IdentityManager,
+    dst: std::net::SocketAddr,
+) -> (
+    Option<std::sync::Arc<crate::identity::IssuedSvid>>,
+    Vec<String>,
+) {
+    match local.attest(attestor, dst).await {
+        Ok(a) => (identity.identify(&a).await.ok().flatten(), a.selectors),
+        Err(e) => {
+            tracing::warn!(error = %e, "attesting the destination failed");
+            (None, vec![])
+        }
+    }
+}
+
 /// Connects to a workload on this node from a loopback source address, so
 /// the kernel's inbound steering recognises the agent's own forwards.
 pub async fn connect_local(dst: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpStream> {

@@ -7,18 +7,18 @@ use std::{
     time::{Duration, Instant},
 };
 
+use enforcer_common::OrigDst;
+
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument as _, info, info_span, warn};
 
-use super::{Outcome, next_conn_id, reset};
+use super::{Outcome, connect_within, next_conn_id, reset};
 use crate::{
     admin::{AdminState, metrics::Direction},
     attest::{Attestation, Attestor, WorkloadFacts, local::LocalAttestor},
     capture::{Capture, CgroupResolver, mark, original_destination},
-    tunnel::{self, HboneClient},
+    tunnel::{self, HboneClient, TunnelError},
 };
-
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Everything an outbound connection handler needs.
 pub struct Outbound {
@@ -93,7 +93,32 @@ impl Outbound {
         .await
     }
 
-    async fn handle(&self, id: u64, client: TcpStream, peer: SocketAddr) {
+    /// The source workload's attestation from the kernel's record. Resolving
+    /// its cgroup (a walk of the captured subtree for a new cgroup) and its
+    /// selectors (`/proc`, the executable's hash) block, so this runs on the
+    /// blocking pool. Should that fail, the workload has no identity.
+    async fn attest_source(self: &Arc<Self>, rec: OrigDst) -> Attestation {
+        let this = self.clone();
+        let work = tokio::task::spawn_blocking(move || {
+            let cgroup = this
+                .cgroups
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .path_of(rec.cgroup_id);
+            this.attestor
+                .attest(WorkloadFacts::from_record(&rec, cgroup))
+        });
+        work.await.unwrap_or_else(|e| {
+            warn!(error = %e, "attesting the source workload failed; it has no identity");
+            Attestation {
+                facts: WorkloadFacts::from_record(&rec, None),
+                selectors: vec![],
+                spiffe_id: None,
+            }
+        })
+    }
+
+    async fn handle(self: Arc<Self>, id: u64, client: TcpStream, peer: SocketAddr) {
         let started = Instant::now();
         self.admin.metrics.opened(Direction::outbound);
 
@@ -114,13 +139,7 @@ impl Outbound {
             let o = Outcome::NoOriginalDestination;
             return self.finish(id, None, None, &Ids::default(), o, (0, 0), started);
         };
-        let cgroup = match self.cgroups.lock() {
-            Ok(mut r) => r.path_of(rec.cgroup_id),
-            Err(p) => p.into_inner().path_of(rec.cgroup_id),
-        };
-        let att = self
-            .attestor
-            .attest(WorkloadFacts::from_record(&rec, cgroup));
+        let att = self.attest_source(rec).await;
         let src_svid = match self.identity.identify(&att).await {
             Ok(s) => s,
             Err(e) => {
@@ -149,13 +168,8 @@ impl Outbound {
         if self.local_addrs.contains(dst.ip()) {
             // Same node: both ends attested here; the bytes never leave the host.
             ids.same_node = true;
-            let (dst_svid, dst_selectors) = match self.local.attest(&self.attestor, dst).await {
-                Ok(a) => (self.identity.identify(&a).await.ok().flatten(), a.selectors),
-                Err(e) => {
-                    warn!(conn_id = id, error = %e, "attesting the destination failed");
-                    (None, vec![])
-                }
-            };
+            let (dst_svid, dst_selectors) =
+                super::local_destination(&self.local, &self.attestor, &self.identity, dst).await;
             ids.dst = dst_svid.as_ref().map(|s| s.svid.spiffe_id.to_string());
             let dst_peer = super::peer(dst_svid.as_deref(), &dst_selectors, Some(dst));
             // The source's rule and the destination's (authoritative) rule.
@@ -173,11 +187,9 @@ impl Outbound {
                 let o = Outcome::NoIdentity;
                 return self.finish(id, Some(&att), Some(dst), &ids, o, (0, 0), started);
             }
-            let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, super::connect_local(dst))
-                .await
-            {
-                Ok(Ok(s)) => s,
-                failed => return self.connect_failed(id, client, &att, dst, &ids, failed, started),
+            let upstream = match connect_within(super::connect_local(dst)).await {
+                Ok(s) => s,
+                Err(e) => return self.connect_failed(id, client, &att, dst, &ids, e, started),
             };
             let (outcome, bytes) = splice_tcp(client, upstream).await;
             return self.finish(id, Some(&att), Some(dst), &ids, outcome, bytes, started);
@@ -200,12 +212,7 @@ impl Outbound {
             };
             let prepared = match self.hbone.prepare(&src_svid, dst).await {
                 Ok(t) => t,
-                Err(e) => {
-                    warn!(conn_id = id, orig_dst = %dst, reason = e.code(), error = %e, "HBONE tunnel failed");
-                    reset(client);
-                    let o = Outcome::TunnelFailed;
-                    return self.finish(id, Some(&att), Some(dst), &ids, o, (0, 0), started);
-                }
+                Err(e) => return self.tunnel_failed(id, client, &att, dst, &ids, e, started),
             };
             ids.dst = Some(prepared.peer_id.to_string());
             ids.reused = Some(prepared.reused);
@@ -224,12 +231,7 @@ impl Outbound {
             }
             let tunnel = match prepared.open().await {
                 Ok(t) => t,
-                Err(e) => {
-                    warn!(conn_id = id, orig_dst = %dst, reason = e.code(), error = %e, "HBONE tunnel failed");
-                    reset(client);
-                    let o = Outcome::TunnelFailed;
-                    return self.finish(id, Some(&att), Some(dst), &ids, o, (0, 0), started);
-                }
+                Err(e) => return self.tunnel_failed(id, client, &att, dst, &ids, e, started),
             };
             let _ = client.set_nodelay(true);
             let (bytes, result) = tunnel::splice(client, tunnel.send, tunnel.recv).await;
@@ -250,9 +252,9 @@ impl Outbound {
             let o = Outcome::Denied;
             return self.finish(id, Some(&att), Some(dst), &ids, o, (0, 0), started);
         }
-        let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, mark::connect(dst, None)).await {
-            Ok(Ok(s)) => s,
-            failed => return self.connect_failed(id, client, &att, dst, &ids, failed, started),
+        let upstream = match connect_within(mark::connect(dst, None)).await {
+            Ok(s) => s,
+            Err(e) => return self.connect_failed(id, client, &att, dst, &ids, e, started),
         };
         let _ = client.set_nodelay(true);
         let _ = upstream.set_nodelay(true);
@@ -292,16 +294,29 @@ impl Outbound {
         att: &Attestation,
         dst: SocketAddr,
         ids: &Ids,
-        failed: Result<std::io::Result<TcpStream>, tokio::time::error::Elapsed>,
+        error: String,
         started: Instant,
     ) {
-        let error = match failed {
-            Ok(Err(e)) => e.to_string(),
-            _ => format!("timed out after {CONNECT_TIMEOUT:?}"),
-        };
         warn!(conn_id = id, orig_dst = %dst, %error, "connecting to the original destination failed");
         reset(client);
         let o = Outcome::ConnectFailed;
+        self.finish(id, Some(att), Some(dst), ids, o, (0, 0), started)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn tunnel_failed(
+        &self,
+        id: u64,
+        client: TcpStream,
+        att: &Attestation,
+        dst: SocketAddr,
+        ids: &Ids,
+        e: TunnelError,
+        started: Instant,
+    ) {
+        warn!(conn_id = id, orig_dst = %dst, reason = e.code(), error = %e, "HBONE tunnel failed");
+        reset(client);
+        let o = Outcome::TunnelFailed;
         self.finish(id, Some(att), Some(dst), ids, o, (0, 0), started)
     }
 

@@ -2,12 +2,7 @@
 //! (steered here by the kernel's sk_lookup program, addresses unchanged):
 //! `strict` refuses it, `permissive` forwards it to the workload and audits it
 //! as unauthenticated.
-use std::{
-    collections::HashMap,
-    net::SocketAddr,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument as _, info, info_span, warn};
@@ -18,8 +13,6 @@ use crate::{
     attest::{Attestor, local::LocalAttestor},
     config::PlaintextMode,
 };
-
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Plaintext {
     pub modes: HashMap<u16, PlaintextMode>,
@@ -54,13 +47,8 @@ impl Plaintext {
         };
         tracing::Span::current().record("dst", tracing::field::display(dst));
         let mode = self.modes.get(&dst.port()).copied();
-        let (dst_svid, dst_selectors) = match self.local.attest(&self.attestor, dst).await {
-            Ok(a) => (self.identity.identify(&a).await.ok().flatten(), a.selectors),
-            Err(e) => {
-                warn!(error = %e, "attesting the destination failed");
-                (None, vec![])
-            }
-        };
+        let (dst_svid, dst_selectors) =
+            super::local_destination(&self.local, &self.attestor, &self.identity, dst).await;
         let dst_id = dst_svid.as_ref().map(|s| s.svid.spiffe_id.to_string());
         if mode != Some(PlaintextMode::Permissive) {
             warn!(%peer, %dst, "plaintext from outside the mesh to a strict port; refused");
@@ -86,14 +74,9 @@ impl Plaintext {
             let o = Outcome::Denied;
             return self.finish(id, peer, Some(dst), dst_id, mode, o, (0, 0), started);
         }
-        let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, super::connect_local(dst)).await
-        {
-            Ok(Ok(s)) => s,
-            other => {
-                let error = match other {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => "timed out".into(),
-                };
+        let upstream = match super::connect_within(super::connect_local(dst)).await {
+            Ok(s) => s,
+            Err(error) => {
                 warn!(%dst, %error, "connecting to the local workload failed");
                 reset(client);
                 let o = Outcome::ConnectFailed;
