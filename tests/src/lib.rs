@@ -819,6 +819,40 @@ pub fn entry(id: &str, selector: &str) -> String {
     format!("[[identity.entries]]\nspiffe_id = \"{id}\"\nselectors = [\"{selector}\"]\n")
 }
 
+/// A server on `[::]:PORT` that answers each connection's first bytes with
+/// 64 KiB and then aborts it (SO_LINGER 0: an RST) — a server that fails
+/// mid-answer.
+pub const PY_ABORTING_SERVER: &str = r#"
+import socket, struct, sys
+srv = socket.socket(socket.AF_INET6)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("::", int(sys.argv[1]))); srv.listen(8)
+while True:
+    c, _ = srv.accept()
+    if c.recv(16):
+        c.sendall(b"x" * 65536)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        print("ABORTED", flush=True)
+    c.close()
+"#;
+
+/// Connects to HOST PORT, asks, reads until the end and prints how it ended:
+/// `EOF <bytes>` (a clean close) or `RESET <bytes>` (ECONNRESET).
+pub const PY_READ_TO_END: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+s.sendall(b"GO")
+n = 0
+try:
+    while True:
+        d = s.recv(65536)
+        if not d:
+            print("EOF", n); break
+        n += len(d)
+except ConnectionResetError:
+    print("RESET", n)
+"#;
+
 /// Two linked nodes with their agents running.
 pub struct Pair {
     pub tb: Testbed,

@@ -535,3 +535,45 @@ fn v4_mapped_ipv6_connect_is_captured_like_ipv4() {
     );
     assert_captured(&enf, pid, "dual.service", &format!("{}:8080", b.ipv4));
 }
+
+#[test]
+fn destination_that_aborts_resets_the_workload_connection_instead_of_closing_it() {
+    // The failure: the destination resets the connection mid-answer; the
+    // agent ended the workload's side with a clean FIN, so a download that
+    // broke looked complete.
+    let (mut tb, a, b, enf) = two_nodes("abort");
+    tb.start_server(
+        &b,
+        "aborting",
+        &[
+            "python3",
+            "-u",
+            "-c",
+            enforcer_tests::PY_ABORTING_SERVER,
+            "9400",
+        ],
+        9400,
+    )
+    .expect("aborting server");
+    let (pid, out) = a
+        .exec(
+            Some("client.service"),
+            &[
+                "python3",
+                "-c",
+                enforcer_tests::PY_READ_TO_END,
+                &b.ipv4,
+                "9400",
+            ],
+        )
+        .expect("client");
+    assert!(tb.wait_server_log(&b, "aborting", "ABORTED"));
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("RESET"),
+        "the workload must see the reset, not a clean end: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = enf.connection_line(|v| v["pid"] == pid);
+    assert_eq!(line["outcome"], "error", "{line}");
+}

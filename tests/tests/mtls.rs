@@ -1060,3 +1060,47 @@ fn stream_budget_per_connection_refuses_and_counts_the_excess() {
     // The client is told to go away and its next connection is served.
     assert_support_agent_reaches_llm(&m);
 }
+
+#[test]
+fn destination_that_aborts_across_nodes_resets_the_source_workload() {
+    // The failure: b's workload resets the connection mid-answer; b's agent
+    // resets the HBONE stream, and a's agent ended the source workload's side
+    // with a clean FIN — a broken transfer that looked complete.
+    let mut m = mesh("abortmesh", "");
+    m.tb.start_server_in(
+        &m.b,
+        Some("llm.service"),
+        "aborting",
+        &[
+            "python3",
+            "-u",
+            "-c",
+            enforcer_tests::PY_ABORTING_SERVER,
+            "9400",
+        ],
+        9400,
+    )
+    .expect("aborting server");
+    let (pid, out) =
+        m.a.exec(
+            Some("support-agent.service"),
+            &[
+                "python3",
+                "-c",
+                enforcer_tests::PY_READ_TO_END,
+                &m.b.ipv4,
+                "9400",
+            ],
+        )
+        .expect("client");
+    assert!(m.tb.wait_server_log(&m.b, "aborting", "ABORTED"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("RESET"),
+        "the source workload must see the reset, not a clean end: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = m.ea.connection_line(|v| v["pid"] == pid);
+    assert_eq!(line["mtls"], true, "{line}");
+    assert_eq!(line["outcome"], "error", "{line}");
+}

@@ -83,6 +83,31 @@ pub async fn connect_local(dst: std::net::SocketAddr) -> std::io::Result<tokio::
     crate::capture::mark::connect(dst, Some(src)).await
 }
 
+/// Runs both directions of a relay until both end, or until the first one
+/// fails: the other is then abandoned and the error returned, so that the
+/// caller resets what is left instead of closing it as if complete. The
+/// directions must not close their sockets on drop (borrowed halves).
+pub async fn both_directions(
+    up: impl std::future::Future<Output = std::io::Result<()>>,
+    down: impl std::future::Future<Output = std::io::Result<()>>,
+) -> std::io::Result<()> {
+    tokio::pin!(up, down);
+    let (mut up_done, mut down_done) = (false, false);
+    while !(up_done && down_done) {
+        tokio::select! {
+            r = &mut up, if !up_done => {
+                r?;
+                up_done = true;
+            }
+            r = &mut down, if !down_done => {
+                r?;
+                down_done = true;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Closes with RST so the peer sees an error rather than a clean EOF.
 pub fn reset(stream: tokio::net::TcpStream) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));

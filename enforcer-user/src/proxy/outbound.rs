@@ -366,43 +366,40 @@ impl Outbound {
 
 /// Copies both ways until both sides are done. Returns the outcome and the
 /// bytes (workload → destination, destination → workload), counted even when
-/// one side breaks.
-pub async fn splice_tcp(client: TcpStream, upstream: TcpStream) -> (Outcome, (u64, u64)) {
-    let (cr, cw) = client.into_split();
-    let (ur, uw) = upstream.into_split();
-    let (up, down) = tokio::join!(pump(cr, uw), pump(ur, cw));
-    let outcome = if up.1.is_ok() && down.1.is_ok() {
-        Outcome::Ok
-    } else {
-        if let Err(e) = &up.1 {
-            tracing::debug!(error = %e, "workload -> destination ended with an error");
-        }
-        if let Err(e) = &down.1 {
-            tracing::debug!(error = %e, "destination -> workload ended with an error");
-        }
-        Outcome::Error
+/// one side breaks. When either side fails, both connections are reset: a
+/// relay that broke never ends with a clean close.
+pub async fn splice_tcp(mut client: TcpStream, mut upstream: TcpStream) -> (Outcome, (u64, u64)) {
+    let (mut sent, mut received) = (0, 0);
+    let result = {
+        let (cr, cw) = client.split();
+        let (ur, uw) = upstream.split();
+        super::both_directions(pump(cr, uw, &mut sent), pump(ur, cw, &mut received)).await
     };
-    (outcome, (up.0, down.0))
+    match result {
+        Ok(()) => (Outcome::Ok, (sent, received)),
+        Err(e) => {
+            tracing::debug!(error = %e, "relay failed; resetting both connections");
+            reset(client);
+            reset(upstream);
+            (Outcome::Error, (sent, received))
+        }
+    }
 }
 
 /// One direction: copies until EOF, then half-closes the writer.
 async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-) -> (u64, std::io::Result<()>) {
+    mut from: tokio::net::tcp::ReadHalf<'_>,
+    mut to: tokio::net::tcp::WriteHalf<'_>,
+    total: &mut u64,
+) -> std::io::Result<()> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut buf = vec![0u8; 64 * 1024];
-    let mut total = 0u64;
     loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) => return (total, Err(e)),
-        };
-        if let Err(e) = to.write_all(&buf[..n]).await {
-            return (total, Err(e));
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return to.shutdown().await;
         }
-        total += n as u64;
+        to.write_all(&buf[..n]).await?;
+        *total += n as u64;
     }
-    (total, to.shutdown().await)
 }

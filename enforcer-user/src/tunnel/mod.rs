@@ -436,12 +436,12 @@ impl HboneClient {
 }
 
 /// Copies a TCP read half into an HTTP/2 stream, honouring flow control, and
-/// ends the stream at EOF. Returns the bytes copied and how it ended.
+/// ends the stream at EOF. `total` counts the bytes handed to HTTP/2.
 pub async fn tcp_to_h2(
-    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut from: tokio::net::tcp::ReadHalf<'_>,
     mut to: SendStream<Bytes>,
-) -> (u64, std::io::Result<()>) {
-    let mut total = 0u64;
+    total: &mut u64,
+) -> std::io::Result<()> {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     loop {
         // Refill only when little room is left: reserving a full chunk on
@@ -454,14 +454,13 @@ pub async fn tcp_to_h2(
             Ok(n) => n,
             Err(e) => {
                 to.send_reset(h2::Reason::CANCEL);
-                return (total, Err(e));
+                return Err(e);
             }
         };
         if n == 0 {
-            let r = to
+            return to
                 .send_data(Bytes::new(), true)
                 .map_err(std::io::Error::other);
-            return (total, r);
         }
         let mut chunk = buf.split().freeze();
         while !chunk.is_empty() {
@@ -469,62 +468,58 @@ pub async fn tcp_to_h2(
             let cap = match poll_fn(|cx| to.poll_capacity(cx)).await {
                 Some(Ok(0)) => continue,
                 Some(Ok(c)) => c,
-                Some(Err(e)) => return (total, Err(std::io::Error::other(e))),
+                Some(Err(e)) => return Err(std::io::Error::other(e)),
                 None => {
-                    return (
-                        total,
-                        Err(std::io::Error::new(
-                            std::io::ErrorKind::BrokenPipe,
-                            "HBONE stream closed by peer",
-                        )),
-                    );
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::BrokenPipe,
+                        "HBONE stream closed by peer",
+                    ));
                 }
             };
             let part = chunk.split_to(cap.min(chunk.len()));
             let len = part.len() as u64;
-            if let Err(e) = to.send_data(part, false) {
-                return (total, Err(std::io::Error::other(e)));
-            }
-            total += len;
+            to.send_data(part, false).map_err(std::io::Error::other)?;
+            *total += len;
         }
     }
 }
 
 /// Copies an HTTP/2 stream into a TCP write half, releasing flow-control
 /// capacity as data is written, and half-closes the socket at end of stream.
+/// `total` counts the bytes written.
 pub async fn h2_to_tcp(
     mut from: RecvStream,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-) -> (u64, std::io::Result<()>) {
-    let mut total = 0u64;
+    mut to: tokio::net::tcp::WriteHalf<'_>,
+    total: &mut u64,
+) -> std::io::Result<()> {
     while let Some(data) = from.data().await {
-        let data = match data {
-            Ok(d) => d,
-            Err(e) => return (total, Err(std::io::Error::other(e))),
-        };
-        if let Err(e) = to.write_all(&data).await {
-            return (total, Err(e));
-        }
-        total += data.len() as u64;
+        let data = data.map_err(std::io::Error::other)?;
+        to.write_all(&data).await?;
+        *total += data.len() as u64;
         let _ = from.flow_control().release_capacity(data.len());
     }
-    (total, to.shutdown().await)
+    to.shutdown().await
 }
 
 /// Both directions between a TCP connection and an HBONE stream. Returns
 /// (TCP → stream bytes, stream → TCP bytes) and whether both ended cleanly.
+/// When either side fails, the TCP connection is reset and the stream is
+/// cancelled: neither end sees a clean close of a relay that broke.
 pub async fn splice(
-    tcp: TcpStream,
+    mut tcp: TcpStream,
     send: SendStream<Bytes>,
     recv: RecvStream,
 ) -> ((u64, u64), Result<(), String>) {
-    let (r, w) = tcp.into_split();
-    let (up, down) = tokio::join!(tcp_to_h2(r, send), h2_to_tcp(recv, w));
-    let result = match (up.1, down.1) {
-        (Ok(()), Ok(())) => Ok(()),
-        (Err(e), _) | (_, Err(e)) => Err(e.to_string()),
+    let (mut up, mut down) = (0, 0);
+    let result = {
+        let (r, w) = tcp.split();
+        crate::proxy::both_directions(tcp_to_h2(r, send, &mut up), h2_to_tcp(recv, w, &mut down))
+            .await
     };
-    ((up.0, down.0), result)
+    if result.is_err() {
+        crate::proxy::reset(tcp);
+    }
+    ((up, down), result.map_err(|e| e.to_string()))
 }
 
 #[cfg(test)]
