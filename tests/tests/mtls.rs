@@ -1104,3 +1104,46 @@ fn destination_that_aborts_across_nodes_resets_the_source_workload() {
     assert_eq!(line["mtls"], true, "{line}");
     assert_eq!(line["outcome"], "error", "{line}");
 }
+
+#[test]
+fn workload_swapped_in_behind_a_pooled_connection_is_refused() {
+    // The attack: a's pooled HBONE connection to b:9500 presented the LLM's
+    // identity. The LLM stops and a workload of another identity takes its
+    // port; a new stream on the pooled connection must not reach it under
+    // the identity the connection presented.
+    const SQUAT_ID: &str = "spiffe://ai.example.org/squatter";
+    let mut m = mesh_with(
+        "swapped",
+        "",
+        &entry(SQUAT_ID, "systemd:unit:squatter.service"),
+    );
+    let cmd = ["python3", "-u", "-m", "http.server", "9500", "--bind", "::"];
+    let real =
+        m.tb.start_server_in(&m.b, Some("llm.service"), "real", &cmd, 9500)
+            .expect("real server");
+    let url = format!("http://{}:9500/", m.b.ipv4);
+    let (first, out) = curl(&m.a, "support-agent.service", &url);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    assert_eq!(
+        m.ea.connection_line(|v| v["pid"] == first)["dst_spiffe_id"],
+        LLM_ID
+    );
+
+    m.tb.stop(real).expect("stop the real server");
+    m.tb.start_server_in(&m.b, Some("squatter.service"), "squatter", &cmd, 9500)
+        .expect("squatter");
+    let (late, out) = curl(&m.a, "support-agent.service", &format!("{url}?swapped"));
+    let line = m.ea.connection_line(|v| v["pid"] == late);
+    assert_eq!(
+        line["hbone_reused"], true,
+        "the attack needs the pooled connection: {line}"
+    );
+    assert_ne!(String::from_utf8_lossy(&out.stdout), "200", "{line}");
+    let refused =
+        m.eb.connection_line(|v| v["direction"] == "inbound" && v["outcome"] == "no_identity");
+    assert!(refused["dst_spiffe_id"].is_null(), "{refused}");
+    assert!(
+        !m.tb.server_log(&m.b, "squatter").contains("swapped"),
+        "the request reached the swapped-in workload"
+    );
+}
