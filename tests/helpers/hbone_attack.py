@@ -11,21 +11,17 @@ usage: hbone_attack.py MODE HOST PORT CA_CERT CA_KEY ARG...
   cycle FIRST N       N ClientHellos, each naming another port, no certificate
 """
 import datetime
-import os
 import socket
 import ssl
 import sys
-import tempfile
 import time
 
 import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from svid import hbone_context, leaf, load_ca, now, trust_domain, write_pair
 
 # RFC 9113 §6.8: after a GOAWAY, streams up to its last stream id still
 # complete. python-h2 closes the whole connection instead; keep it open (the
@@ -44,53 +40,18 @@ h2.connection.H2ConnectionStateMachine.process_input = _after_goaway_streams_com
 mode, host, port, ca_cert_path, ca_key_path = sys.argv[1:6]
 args = sys.argv[6:]
 port = int(port)
-now = datetime.datetime.now(datetime.timezone.utc)
-
-
-def load_ca():
-    with open(ca_cert_path, "rb") as f:
-        cert = x509.load_pem_x509_certificate(f.read())
-    with open(ca_key_path, "rb") as f:
-        key = serialization.load_pem_private_key(f.read(), None)
-    return cert, key
 
 
 def client_cert(not_after):
-    ca_cert, ca_key = load_ca()
-    td = ca_cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value \
-        .get_values_for_type(x509.UniformResourceIdentifier)[0][len("spiffe://"):]
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([])).issuer_name(ca_cert.subject).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(True, False, True, False, False, False, False, False, False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier("spiffe://%s/attacker" % td)]), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    d = tempfile.mkdtemp()
-    c, k = os.path.join(d, "c.pem"), os.path.join(d, "k.pem")
-    with open(c, "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
-    with open(k, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
-    return c, k
+    """Files of an SVID of this trust domain's CA, valid until not_after."""
+    ca_cert, ca_key = load_ca(ca_cert_path, ca_key_path)
+    uri = "spiffe://%s/attacker" % trust_domain(ca_cert)
+    return write_pair(*leaf(ca_cert, ca_key, [uri], now - datetime.timedelta(hours=1), not_after))
 
 
 def tls(dst_port, pair):
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    ctx.set_alpn_protocols(["h2"])
-    if pair:
-        ctx.load_cert_chain(*pair)
     s = socket.create_connection((host, port), timeout=10)
-    return ctx.wrap_socket(s, server_hostname="%d.port.enforcer" % dst_port)
+    return hbone_context(pair).wrap_socket(s, server_hostname="%d.port.enforcer" % dst_port)
 
 
 class H2:

@@ -10,67 +10,14 @@ import os
 import socket
 import ssl
 import sys
-import tempfile
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from svid import hbone_context, leaf, load_ca, new_ca, now, trust_domain, write_pair
 
 mode, host, port, ca_cert_path, ca_key_path = sys.argv[1:6]
 port = int(port)
-now = datetime.datetime.now(datetime.timezone.utc)
 
-
-def new_ca(td):
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rogue CA " + td)])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
-        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier("spiffe://" + td)]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return cert, key
-
-
-def leaf(ca_cert, ca_key, uris, not_before, not_after):
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([])).issuer_name(ca_cert.subject).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before).not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(True, False, True, False, False, False, False, False, False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    return cert, key
-
-
-def write_pair(cert, key):
-    d = tempfile.mkdtemp()
-    c, k = os.path.join(d, "c.pem"), os.path.join(d, "k.pem")
-    with open(c, "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
-    with open(k, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return c, k
-
-
-with open(ca_cert_path, "rb") as f:
-    ca_cert = x509.load_pem_x509_certificate(f.read())
-with open(ca_key_path, "rb") as f:
-    ca_key = serialization.load_pem_private_key(f.read(), None)
-td = ca_cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
-    x509.UniformResourceIdentifier)[0][len("spiffe://"):]
+ca_cert, ca_key = load_ca(ca_cert_path, ca_key_path)
+td = trust_domain(ca_cert)
 good_id = "spiffe://%s/probe" % td
 hour = datetime.timedelta(hours=1)
 
@@ -100,13 +47,7 @@ elif mode == "two-sans":
 elif mode != "no-cert":
     sys.exit("unknown mode " + mode)
 
-ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-ctx.check_hostname = False
-ctx.verify_mode = ssl.CERT_NONE
-ctx.set_alpn_protocols(["h2"])
-if pair:
-    ctx.load_cert_chain(*write_pair(*pair))
+ctx = hbone_context(write_pair(*pair) if pair else None)
 try:
     t = ctx.wrap_socket(s, server_hostname="8080.port.enforcer")
     # TLS 1.3: the server judges the client certificate after the client

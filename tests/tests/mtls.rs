@@ -1147,3 +1147,68 @@ fn workload_swapped_in_behind_a_pooled_connection_is_refused() {
         "the request reached the swapped-in workload"
     );
 }
+
+#[test]
+fn more_concurrent_connections_than_one_hbone_connection_carries_are_all_served() {
+    // b allows 4 streams per HBONE connection; a workload holds 10
+    // connections to one destination open at once. The pool must open more
+    // HBONE connections instead of queueing streams behind the limit.
+    let mut m = mesh_with("manyconns", "", "max_concurrent_streams = 4\n");
+    let echo = r#"
+import socket, threading
+srv = socket.socket(socket.AF_INET6); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("::", 9600)); srv.listen(64)
+def serve(c):
+    while True:
+        d = c.recv(100)
+        if not d: break
+        c.sendall(d)
+while True:
+    threading.Thread(target=serve, args=(srv.accept()[0],), daemon=True).start()
+"#;
+    m.tb.start_server_in(
+        &m.b,
+        Some("llm.service"),
+        "echo",
+        &["python3", "-c", echo],
+        9600,
+    )
+    .expect("echo server");
+    let client = r#"
+import socket, sys
+# One after another, each answered before the next opens (so each finds the
+# pooled connections), all held open until the end.
+conns, ok = [], 0
+for i in range(10):
+    try:
+        c = socket.create_connection((sys.argv[1], 9600), timeout=5)
+        c.sendall(b"ping%d" % i)
+        ok += c.recv(100) == b"ping%d" % i
+        conns.append(c)
+    except OSError as e:
+        print("connection", i, "failed:", e, file=sys.stderr)
+        break
+print("ECHOED", ok)
+"#;
+    let (_, out) =
+        m.a.exec(
+            Some("support-agent.service"),
+            &["python3", "-c", client, &m.b.ipv4],
+        )
+        .expect("client");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "ECHOED 10",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dialed =
+        m.ea.closed_connections()
+            .iter()
+            .filter(|v| v["hbone_reused"] == false)
+            .count();
+    assert!(
+        dialed >= 3,
+        "10 streams at 4 per connection need 3 connections, dialed {dialed}"
+    );
+}

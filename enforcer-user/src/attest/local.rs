@@ -240,11 +240,18 @@ impl LocalAttestor {
             .unwrap_or_else(|e| Err(LocalError::Internal(dst, e.to_string())))
     }
 
-    /// An answer for `dst` from the last [`TABLE_TTL`], if there is one.
+    /// An answer for `dst` from the last [`TABLE_TTL`], if there is one, and
+    /// only while the workload it names still lives (one procfs `stat`): a
+    /// server that exits and a process that binds its port at once never
+    /// borrow its identity from the cache.
     pub fn recent(&self, dst: SocketAddr) -> Option<Answer> {
         let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         match recent.get(&dst) {
-            Some((at, a)) if at.elapsed() < TABLE_TTL => Some(a.clone()),
+            Some((at, a))
+                if at.elapsed() < TABLE_TTL && a.as_ref().map_or(true, |a| alive(a.facts.pid)) =>
+            {
+                Some(a.clone())
+            }
             _ => None,
         }
     }

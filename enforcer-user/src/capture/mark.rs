@@ -75,10 +75,7 @@ pub fn listener(addr: SocketAddr, reuse_address: bool) -> std::io::Result<std::n
 /// caller's cgroup id.
 pub fn own_cgroup_id(mount: &std::path::Path) -> std::io::Result<u64> {
     use std::os::unix::fs::MetadataExt as _;
-    let text = std::fs::read_to_string("/proc/self/cgroup")?;
-    let rel = text
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
+    let rel = crate::attest::selectors::proc_cgroup(std::process::id())
         .ok_or_else(|| std::io::Error::other("no cgroup v2 entry in /proc/self/cgroup"))?;
     let path = mount.join(rel.trim_start_matches('/'));
     Ok(std::fs::metadata(&path)?.ino())
@@ -86,23 +83,16 @@ pub fn own_cgroup_id(mount: &std::path::Path) -> std::io::Result<u64> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     #[test]
     fn own_cgroup_is_a_directory_on_the_cgroup2_mount() {
-        let mount = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
-            .iter()
-            .map(std::path::Path::new)
-            .find(|p| {
-                nix::sys::statfs::statfs(*p)
-                    .map(|s| s.filesystem_type().0 == 0x6367_7270)
-                    .unwrap_or(false)
-            })
+        let mount = super::super::cgroup2_mount_of(Path::new("/sys/fs/cgroup/unified"))
+            .or_else(|| super::super::cgroup2_mount_of(Path::new("/sys/fs/cgroup")))
             .expect("a cgroup2 mount (mount -t cgroup2 none /sys/fs/cgroup)");
-        let id = super::own_cgroup_id(mount).expect("own cgroup id");
-        let own = std::fs::read_to_string("/proc/self/cgroup").expect("cgroup");
-        let rel = own
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .expect("a cgroup v2 line");
+        let id = super::own_cgroup_id(&mount).expect("own cgroup id");
+        let rel =
+            crate::attest::selectors::proc_cgroup(std::process::id()).expect("a cgroup v2 line");
         if rel == "/" {
             // The kernel's id of the root cgroup.
             assert_eq!(id, 1);

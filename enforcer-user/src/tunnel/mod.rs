@@ -177,6 +177,7 @@ pub struct Prepared {
     node: SocketAddr,
     dst: SocketAddr,
     failure: TlsFailure,
+    slot: StreamSlot,
 }
 
 impl Prepared {
@@ -187,6 +188,7 @@ impl Prepared {
             node,
             dst,
             failure,
+            slot,
             ..
         } = self;
         let mut sender = sender
@@ -215,6 +217,7 @@ impl Prepared {
         Ok(Tunnel {
             send,
             recv: resp.into_body(),
+            slot,
         })
     }
 }
@@ -223,6 +226,26 @@ impl Prepared {
 pub struct Tunnel {
     pub send: SendStream<Bytes>,
     pub recv: RecvStream,
+    /// This stream's place on its pooled connection, freed when dropped.
+    pub slot: StreamSlot,
+}
+
+/// One stream's place on a pooled HBONE connection: taken when a stream is
+/// prepared, given back when it is dropped (the tunnel ended, or policy
+/// refused before CONNECT).
+pub struct StreamSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl StreamSlot {
+    fn take(streams: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        streams.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(streams.clone())
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -241,11 +264,23 @@ struct Pooled {
     peer_not_after: std::time::SystemTime,
     dial_id: u64,
     failure: TlsFailure,
+    /// Streams prepared or open on it (see [`StreamSlot`]).
+    streams: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Pooled {
+    /// Whether another stream fits under the server's advertised limit.
+    fn has_room(&self) -> bool {
+        self.streams.load(std::sync::atomic::Ordering::Acquire)
+            < self.sender.current_max_send_streams()
+    }
 }
 
 static NEXT_DIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
-type Pool = Arc<Mutex<HashMap<PoolKey, Pooled>>>;
+/// Per key, the connections in use: more than one when the streams of one
+/// key exceed what the server allows on a connection.
+type Pool = Arc<Mutex<HashMap<PoolKey, Vec<Pooled>>>>;
 
 /// The server name that tells the peer agent which local workload (by port)
 /// the connection is for, so it can present that workload's SVID.
@@ -287,24 +322,40 @@ impl HboneClient {
             port: dst.port(),
         };
         let node = SocketAddr::new(dst.ip(), self.hbone_port);
-        let pooled = self
-            .pool
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-            .filter(|p| {
-                p.generation == svid.generation && std::time::SystemTime::now() < p.peer_not_after
-            })
-            .cloned();
-        let (p, reused) = match pooled {
-            Some(p) => match p.sender.clone().ready().await {
-                Ok(_) => (p, true),
+        let now = std::time::SystemTime::now();
+        // A connection of this SVID generation, before its server
+        // certificate's notAfter, with room for one more stream: its slot is
+        // taken under the lock, so concurrent callers never overshoot.
+        let reserved = {
+            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+            let found = pool.get_mut(&key).map(|conns| {
+                conns.retain(|p| p.generation == svid.generation && now < p.peer_not_after);
+                conns
+                    .iter()
+                    .find(|p| p.has_room())
+                    .map(|p| (p.clone(), StreamSlot::take(&p.streams)))
+            });
+            if pool.get(&key).is_some_and(Vec::is_empty) {
+                pool.remove(&key);
+            }
+            found.flatten()
+        };
+        let (p, slot, reused) = match reserved {
+            Some((p, slot)) => match p.sender.clone().ready().await {
+                Ok(_) => (p, slot, true),
                 Err(e) => {
                     debug!(error = %e, "pooled HBONE connection is gone; dialing a new one");
-                    (self.dial(svid, node, dst, &key).await?, false)
+                    self.forget(&key, p.dial_id);
+                    let p = self.dial(svid, node, dst, &key).await?;
+                    let slot = StreamSlot::take(&p.streams);
+                    (p, slot, false)
                 }
             },
-            None => (self.dial(svid, node, dst, &key).await?, false),
+            None => {
+                let p = self.dial(svid, node, dst, &key).await?;
+                let slot = StreamSlot::take(&p.streams);
+                (p, slot, false)
+            }
         };
         Ok(Prepared {
             sender: p.sender,
@@ -313,7 +364,13 @@ impl HboneClient {
             node,
             dst,
             failure: p.failure,
+            slot,
         })
+    }
+
+    /// Takes one connection out of the pool.
+    fn forget(&self, key: &PoolKey, dial_id: u64) {
+        forget(&self.pool, key, dial_id);
     }
 
     async fn dial(
@@ -409,10 +466,7 @@ impl HboneClient {
                 }
                 () = expiry => {
                     debug!(peer = %node, "server certificate expired; HBONE connection leaves the pool");
-                    let mut pool = pool.lock().unwrap_or_else(|p| p.into_inner());
-                    if pool.get(&pool_key).is_some_and(|p| p.dial_id == dial_id) {
-                        pool.remove(&pool_key);
-                    }
+                    forget(&pool, &pool_key, dial_id);
                 }
             }
             if let Err(e) = conn.await {
@@ -426,12 +480,26 @@ impl HboneClient {
             peer_not_after,
             dial_id,
             failure,
+            streams: Default::default(),
         };
         self.pool
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(key.clone(), pooled.clone());
+            .entry(key.clone())
+            .or_default()
+            .push(pooled.clone());
         Ok(pooled)
+    }
+}
+
+/// Removes connection `dial_id` from the pool's entry for `key`.
+fn forget(pool: &Pool, key: &PoolKey, dial_id: u64) {
+    let mut pool = pool.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(conns) = pool.get_mut(key) {
+        conns.retain(|p| p.dial_id != dial_id);
+        if conns.is_empty() {
+            pool.remove(key);
+        }
     }
 }
 
