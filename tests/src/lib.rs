@@ -741,6 +741,26 @@ impl Node {
     }
 }
 
+impl Node {
+    /// curl `url` from this node (in `unit`'s cgroup, or outside the
+    /// captured subtree); asserts HTTP 200 and returns curl's pid.
+    pub fn get_ok(&self, unit: Option<&str>, url: &str) -> u32 {
+        let (pid, out) = self
+            .exec(
+                unit,
+                &["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", url],
+            )
+            .expect("curl");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "200",
+            "{url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        pid
+    }
+}
+
 /// A running enforcer in the testbed.
 #[derive(Clone, Debug)]
 pub struct Enforcer {

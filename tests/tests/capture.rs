@@ -49,24 +49,6 @@ while True:
 print("STATUS", data.split(b"\r\n")[0].decode())
 "#;
 
-/// curl `url` from `node` (in `unit`'s cgroup, or outside the captured
-/// subtree); asserts HTTP 200 and returns curl's pid.
-fn get_ok(node: &Node, unit: Option<&str>, url: &str) -> u32 {
-    let (pid, out) = node
-        .exec(
-            unit,
-            &["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", url],
-        )
-        .expect("curl");
-    assert_eq!(
-        stdout(&out),
-        "200",
-        "{url}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    pid
-}
-
 fn stdout(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -224,9 +206,9 @@ fn ipv6_client_reaches_server_through_enforcer() {
 fn process_outside_captured_subtree_is_not_captured() {
     let (_tb, a, b, enf) = two_nodes("outside");
     let url = format!("http://{}:8080/?outside", b.ipv4);
-    get_ok(&a, None, &url);
+    a.get_ok(None, &url);
     // A captured one afterwards proves the enforcer was up and logging.
-    let pid = get_ok(&a, Some("inside.service"), &url);
+    let pid = a.get_ok(Some("inside.service"), &url);
     assert_captured(&enf, pid, "inside.service", &format!("{}:8080", b.ipv4));
     assert_eq!(
         enf.closed_connections().len(),
@@ -252,12 +234,12 @@ fn uncaptured_ports_and_loopback_go_direct() {
     .expect("server");
     for (port, captured) in [(8080, false), (9090, true)] {
         let url = format!("http://{}:{port}/", b.ipv4);
-        let pid = get_ok(&a, Some("w.service"), &url);
+        let pid = a.get_ok(Some("w.service"), &url);
         let logged = enf.wait_for_connection(|v| v["pid"] == pid).is_some();
         assert_eq!(logged, captured, "port {port} captured={captured}");
     }
     // The metrics endpoint on loopback is reachable from a captured workload: loopback is never captured.
-    get_ok(&a, Some("w.service"), "http://127.0.0.1:15020/healthz");
+    a.get_ok(Some("w.service"), "http://127.0.0.1:15020/healthz");
 }
 
 #[test]
@@ -301,7 +283,7 @@ fn enforcer_restart_takes_over_capture() {
     let cfg = tb.dir.join("a.toml");
     let enf2 = tb.start_enforcer(&a, &cfg).expect("restart");
     let url = format!("http://{}:8080/", b.ipv4);
-    let pid = get_ok(&a, Some("client.service"), &url);
+    let pid = a.get_ok(Some("client.service"), &url);
     assert_captured(&enf2, pid, "client.service", &format!("{}:8080", b.ipv4));
     let links = std::fs::read_dir(format!(
         "/sys/fs/bpf/enforcer/v2/{}/links",
@@ -316,7 +298,7 @@ fn enforcer_restart_takes_over_capture() {
 fn enforcer_inside_captured_subtree_does_not_capture_itself() {
     let (_tb, a, b, enf) = two_nodes_with("self", "", Some("enforcer.service"));
     let url = format!("http://{}:8080/", b.ipv4);
-    let pid = get_ok(&a, Some("client.service"), &url);
+    let pid = a.get_ok(Some("client.service"), &url);
     assert_captured(&enf, pid, "client.service", &format!("{}:8080", b.ipv4));
     assert_eq!(
         enf.closed_connections().len(),
@@ -382,10 +364,10 @@ fn captured_cgroup_in_another_netns_is_not_redirected() {
         ..a.clone()
     };
     let url = format!("http://{}:8080/", b.ipv4);
-    let pid = get_ok(&foreign, Some("container.service"), &url);
+    let pid = foreign.get_ok(Some("container.service"), &url);
     assert!(enf.closed_connections().iter().all(|v| v["pid"] != pid));
     // While the same cgroup in the agent's netns is captured.
-    let pid = get_ok(&a, Some("container.service"), &url);
+    let pid = a.get_ok(Some("container.service"), &url);
     assert_captured(&enf, pid, "container.service", &format!("{}:8080", b.ipv4));
 }
 
@@ -397,9 +379,9 @@ fn excluded_cidr_inside_captured_range_goes_direct() {
         None,
     );
     let url4 = format!("http://{}:8080/", b.ipv4);
-    let pid4 = get_ok(&a, Some("w.service"), &url4);
+    let pid4 = a.get_ok(Some("w.service"), &url4);
     let url6 = format!("http://[{}]:8080/", b.ipv6);
-    let pid6 = get_ok(&a, Some("w.service"), &url6);
+    let pid6 = a.get_ok(Some("w.service"), &url6);
     assert_captured(&enf, pid6, "w.service", &format!("[{}]:8080", b.ipv6));
     assert!(
         enf.closed_connections().iter().all(|v| v["pid"] != pid4),

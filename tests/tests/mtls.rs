@@ -55,16 +55,9 @@ fn seconds_of_day(ts: &str) -> Option<f64> {
 
 /// The support agent on a gets 200 from the LLM on b (b:8080).
 fn assert_support_agent_reaches_llm(m: &Pair) {
-    let (_, out) = curl(
-        &m.a,
-        "support-agent.service",
+    m.a.get_ok(
+        Some("support-agent.service"),
         &format!("http://{}:8080/", m.b.ipv4),
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "200",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
 }
 
@@ -460,13 +453,7 @@ fn federated_trust_domain_is_accepted_only_when_configured() {
         )
         .expect("cfg b");
     let eb = tb.start_enforcer(&b, &cfg_b).expect("enforcer b again");
-    let (pid, out) = curl(&a, "support-agent.service", &url);
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "200",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let pid = a.get_ok(Some("support-agent.service"), &url);
     let line = ea.connection_line(|v| v["pid"] == pid);
     assert_eq!(
         line["dst_spiffe_id"], "spiffe://b.example.org/llm",
@@ -499,13 +486,7 @@ fn same_node_connection_carries_both_identities_and_stays_local() {
     let cfg = tb.enforcer_config_with(&a, "", &ca, &entries).expect("cfg");
     let ea = tb.start_enforcer(&a, &cfg).expect("enforcer a");
     let url = format!("http://{}:8081/", a.ipv4);
-    let (pid, out) = curl(&a, "support-agent.service", &url);
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "200",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let pid = a.get_ok(Some("support-agent.service"), &url);
     let line = ea.connection_line(|v| v["pid"] == pid);
     assert_eq!(line["same_node"], true, "{line}");
     assert_eq!(line["mtls"], false, "{line}");
@@ -591,16 +572,9 @@ fn plaintext_from_outside_the_mesh_strict_refused_permissive_audited() {
     assert!(line["src_spiffe_id"].is_null(), "{line}");
     assert!(line["bytes_received"].as_u64().unwrap_or(0) > 0, "{line}");
     // The mesh path to the strict port still works.
-    let (_, out) = curl(
-        &m.a,
-        "support-agent.service",
+    m.a.get_ok(
+        Some("support-agent.service"),
         &format!("http://{}:8080/?via-mesh", m.b.ipv4),
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "200",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     // With b's agent down, the strict port stays closed to plaintext (kernel drop).
     m.tb.stop(m.eb.pid).expect("stop b");
@@ -685,13 +659,7 @@ fn spire_provider_issues_per_workload_svids_that_the_peer_accepts() {
         .expect("enforcer a (spire provider)");
     let url = format!("http://{}:8080/", b.ipv4);
 
-    let (pid, out) = curl(&a, "support-agent.service", &url);
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "200",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let pid = a.get_ok(Some("support-agent.service"), &url);
     let line = ea.connection_line(|v| v["pid"] == pid);
     assert_eq!(line["src_spiffe_id"], AGENT_ID, "{line}");
     assert_eq!(line["dst_spiffe_id"], LLM_ID, "{line}");
@@ -743,8 +711,7 @@ fn hbone_connections_are_pooled_per_source_and_destination() {
     let url = format!("http://{}:8080/", m.b.ipv4);
     let mut reused = vec![];
     for _ in 0..3 {
-        let (pid, out) = curl(&m.a, "support-agent.service", &url);
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+        let pid = m.a.get_ok(Some("support-agent.service"), &url);
         reused.push(m.ea.connection_line(|v| v["pid"] == pid)["hbone_reused"].clone());
     }
     assert_eq!(
@@ -822,13 +789,7 @@ fn registration_entries_reload_without_restart_and_bad_edits_are_rejected() {
         assert!(Instant::now() < deadline, "entries not reloaded within 5 s");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let (pid, out) = curl(&m.a, "late-agent.service", &url);
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "200",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let pid = m.a.get_ok(Some("late-agent.service"), &url);
     assert_eq!(
         m.ea.connection_line(|v| v["pid"] == pid)["src_spiffe_id"],
         "spiffe://ai.example.org/agent/late"
@@ -961,8 +922,7 @@ fn pooled_connection_is_not_reused_past_the_server_certificate() {
     // presents its renewed SVID) instead of reusing the expired one.
     let m = mesh_nodes("srvexpiry", "", "svid_ttl_secs = 4\n", "");
     let url = format!("http://{}:8080/", m.b.ipv4);
-    let (first, out) = curl(&m.a, "support-agent.service", &url);
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    let first = m.a.get_ok(Some("support-agent.service"), &url);
     let (again, _) = curl(&m.a, "support-agent.service", &url);
     assert_eq!(
         m.ea.connection_line(|v| v["pid"] == again)["hbone_reused"],
@@ -972,8 +932,7 @@ fn pooled_connection_is_not_reused_past_the_server_certificate() {
     let started = m.ea.connection_line(|v| v["pid"] == first);
     assert_eq!(started["hbone_reused"], false);
     std::thread::sleep(Duration::from_millis(4500));
-    let (late, out) = curl(&m.a, "support-agent.service", &url);
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    let late = m.a.get_ok(Some("support-agent.service"), &url);
     let line = m.ea.connection_line(|v| v["pid"] == late);
     assert_eq!(
         line["hbone_reused"], false,
@@ -1122,8 +1081,7 @@ fn workload_swapped_in_behind_a_pooled_connection_is_refused() {
         m.tb.start_server_in(&m.b, Some("llm.service"), "real", &cmd, 9500)
             .expect("real server");
     let url = format!("http://{}:9500/", m.b.ipv4);
-    let (first, out) = curl(&m.a, "support-agent.service", &url);
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    let first = m.a.get_ok(Some("support-agent.service"), &url);
     assert_eq!(
         m.ea.connection_line(|v| v["pid"] == first)["dst_spiffe_id"],
         LLM_ID

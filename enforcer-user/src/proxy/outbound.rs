@@ -17,7 +17,7 @@ use crate::{
     admin::{AdminState, metrics::Direction},
     attest::{Attestation, Attestor, WorkloadFacts, local::LocalAttestor},
     capture::{Capture, CgroupResolver, mark, original_destination},
-    tunnel::{self, HboneClient, TunnelError},
+    tunnel::{self, HboneClient},
 };
 
 /// Everything an outbound connection handler needs.
@@ -126,6 +126,7 @@ impl Outbound {
             Ok(a) => a,
             Err(e) => {
                 warn!(error = %e, "accepted socket has no local address");
+                reset(client);
                 let o = Outcome::Error;
                 return self.finish(id, None, None, &Ids::default(), o, (0, 0), started);
             }
@@ -175,21 +176,23 @@ impl Outbound {
             // The source's rule and the destination's (authoritative) rule.
             for direction in ["outbound", "inbound"] {
                 if !self.allowed(direction, &src_peer, &dst_peer, id, &mut ids) {
-                    reset(client);
                     let o = Outcome::Denied;
-                    return self.finish(id, Some(&att), Some(dst), &ids, o, (0, 0), started);
+                    return self.refuse(id, client, &att, dst, &ids, o, started);
                 }
             }
             if ids.dst.is_some() && ids.src.is_none() {
                 warn!(conn_id = id, orig_dst = %dst, selectors = ?att.selectors,
                     "workload has no SPIFFE identity; refusing a destination that has one");
-                reset(client);
                 let o = Outcome::NoIdentity;
-                return self.finish(id, Some(&att), Some(dst), &ids, o, (0, 0), started);
+                return self.refuse(id, client, &att, dst, &ids, o, started);
             }
             let upstream = match connect_within(super::connect_local(dst)).await {
                 Ok(s) => s,
-                Err(e) => return self.connect_failed(id, client, &att, dst, &ids, e, started),
+                Err(error) => {
+                    warn!(conn_id = id, orig_dst = %dst, %error, "connecting to the original destination failed");
+                    let o = Outcome::ConnectFailed;
+                    return self.refuse(id, client, &att, dst, &ids, o, started);
+                }
             };
             let (outcome, bytes) = splice_tcp(client, upstream).await;
             return self.finish(id, Some(&att), Some(dst), &ids, outcome, bytes, started);
@@ -207,12 +210,15 @@ impl Outbound {
                 } else {
                     Outcome::Denied
                 };
-                reset(client);
-                return self.finish(id, Some(&att), Some(dst), &ids, outcome, (0, 0), started);
+                return self.refuse(id, client, &att, dst, &ids, outcome, started);
             };
             let prepared = match self.hbone.prepare(&src_svid, dst).await {
                 Ok(t) => t,
-                Err(e) => return self.tunnel_failed(id, client, &att, dst, &ids, e, started),
+                Err(e) => {
+                    warn!(conn_id = id, orig_dst = %dst, reason = e.code(), error = %e, "HBONE tunnel failed");
+                    let o = Outcome::TunnelFailed;
+                    return self.refuse(id, client, &att, dst, &ids, o, started);
+                }
             };
             ids.dst = Some(prepared.peer_id.to_string());
             ids.reused = Some(prepared.reused);
@@ -225,13 +231,16 @@ impl Outbound {
             }
             .with_id(Some(&prepared.peer_id));
             if !self.allowed("outbound", &src_peer, &dst_peer, id, &mut ids) {
-                reset(client);
                 let o = Outcome::Denied;
-                return self.finish(id, Some(&att), Some(dst), &ids, o, (0, 0), started);
+                return self.refuse(id, client, &att, dst, &ids, o, started);
             }
             let tunnel = match prepared.open().await {
                 Ok(t) => t,
-                Err(e) => return self.tunnel_failed(id, client, &att, dst, &ids, e, started),
+                Err(e) => {
+                    warn!(conn_id = id, orig_dst = %dst, reason = e.code(), error = %e, "HBONE tunnel failed");
+                    let o = Outcome::TunnelFailed;
+                    return self.refuse(id, client, &att, dst, &ids, o, started);
+                }
             };
             let _ = client.set_nodelay(true);
             let (bytes, result) = tunnel::splice(client, tunnel.send, tunnel.recv).await;
@@ -248,13 +257,16 @@ impl Outbound {
         // Outside the mesh: plain TCP, still decided by policy.
         let dst_peer = super::peer(None, &[], Some(dst));
         if !self.allowed("outbound", &src_peer, &dst_peer, id, &mut ids) {
-            reset(client);
             let o = Outcome::Denied;
-            return self.finish(id, Some(&att), Some(dst), &ids, o, (0, 0), started);
+            return self.refuse(id, client, &att, dst, &ids, o, started);
         }
         let upstream = match connect_within(mark::connect(dst, None)).await {
             Ok(s) => s,
-            Err(e) => return self.connect_failed(id, client, &att, dst, &ids, e, started),
+            Err(error) => {
+                warn!(conn_id = id, orig_dst = %dst, %error, "connecting to the original destination failed");
+                let o = Outcome::ConnectFailed;
+                return self.refuse(id, client, &att, dst, &ids, o, started);
+            }
         };
         let _ = client.set_nodelay(true);
         let _ = upstream.set_nodelay(true);
@@ -286,38 +298,21 @@ impl Outbound {
         v.allowed
     }
 
+    /// Ends a connection that will not be relayed: the workload's socket is
+    /// reset (it sees an error, never a clean end) and the summary logged.
     #[allow(clippy::too_many_arguments)]
-    fn connect_failed(
+    fn refuse(
         &self,
         id: u64,
         client: TcpStream,
         att: &Attestation,
         dst: SocketAddr,
         ids: &Ids,
-        error: String,
+        outcome: Outcome,
         started: Instant,
     ) {
-        warn!(conn_id = id, orig_dst = %dst, %error, "connecting to the original destination failed");
         reset(client);
-        let o = Outcome::ConnectFailed;
-        self.finish(id, Some(att), Some(dst), ids, o, (0, 0), started)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn tunnel_failed(
-        &self,
-        id: u64,
-        client: TcpStream,
-        att: &Attestation,
-        dst: SocketAddr,
-        ids: &Ids,
-        e: TunnelError,
-        started: Instant,
-    ) {
-        warn!(conn_id = id, orig_dst = %dst, reason = e.code(), error = %e, "HBONE tunnel failed");
-        reset(client);
-        let o = Outcome::TunnelFailed;
-        self.finish(id, Some(att), Some(dst), ids, o, (0, 0), started)
+        self.finish(id, Some(att), Some(dst), ids, outcome, (0, 0), started)
     }
 
     /// Emits the connection's one summary log line and updates the metrics.

@@ -42,6 +42,7 @@ impl Plaintext {
             Ok(a) => SocketAddr::new(a.ip().to_canonical(), a.port()),
             Err(e) => {
                 warn!(error = %e, "accepted socket has no local address");
+                reset(client);
                 return self.finish(id, peer, None, None, None, Outcome::Error, (0, 0), started);
             }
         };
