@@ -39,19 +39,39 @@ fn policy() -> Policy {
         Default::default(),
         AuditLog::open(Path::new("/dev/null")).expect("/dev/null"),
         Arc::new(Metrics::new("bench")),
+        enforcer::policy::DEFAULT_EVAL_TIMEOUT,
+    )
+    .expect("evaluation pool");
+    p.install(
+        source::load_local(
+            &src,
+            Default::default(),
+            enforcer::policy::DEFAULT_EVAL_TIMEOUT,
+        )
+        .expect("shipped policy"),
     );
-    p.install(source::load_local(&src, Default::default()).expect("shipped policy"));
     p
+}
+
+/// Decisions are async (uncached ones wait for the evaluation pool).
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
 }
 
 fn benches(c: &mut Criterion) {
     let p = policy();
+    let rt = rt();
     let hot = input(0);
     assert!(
-        p.evaluate(&hot).0.allow,
+        rt.block_on(p.evaluate(&hot)).0.allow,
         "the benchmark input must be allowed"
     );
-    c.bench_function("policy_decision_cached", |b| b.iter(|| p.evaluate(&hot)));
+    c.bench_function("policy_decision_cached", |b| {
+        b.iter(|| rt.block_on(p.evaluate(&hot)))
+    });
     // A new source address every iteration: never in the cache.
     let mut n = 1u64;
     c.bench_function("policy_decision_uncached", |b| {
@@ -60,7 +80,7 @@ fn benches(c: &mut Criterion) {
             if n.is_multiple_of(10_000) {
                 p.invalidate();
             }
-            p.evaluate(&input(n))
+            rt.block_on(p.evaluate(&input(n)))
         })
     });
     let ca = Ca::generate(&spiffe::TrustDomain::new("ai.example.org").expect("td")).expect("CA");
@@ -76,6 +96,7 @@ fn benches(c: &mut Criterion) {
 /// `target/criterion/per_op.json` for `cargo xtask bench`.
 fn per_op() {
     let p = policy();
+    let rt = rt();
     let hot = input(0);
     let mut out = serde_json::Map::new();
     for (name, uncached) in [
@@ -90,7 +111,7 @@ fn per_op() {
                     hot.clone()
                 };
                 let t = std::time::Instant::now();
-                std::hint::black_box(p.evaluate(&i));
+                std::hint::black_box(rt.block_on(p.evaluate(&i)));
                 t.elapsed().as_nanos() as u64
             })
             .collect();

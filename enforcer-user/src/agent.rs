@@ -63,7 +63,14 @@ fn policy_engine(
             config.policy.audit_log.display()
         )
     })?;
-    let policy = Policy::new(config.policy.mode, config.policy.engine, audit, metrics);
+    let policy = Policy::new(
+        config.policy.mode,
+        config.policy.engine,
+        audit,
+        metrics,
+        config.policy.eval_timeout(),
+    )
+    .context("starting the policy evaluation threads")?;
     if config.policy.source.is_empty() {
         warn!("policy.source is empty: no policy, every connection is denied");
     }
@@ -123,7 +130,7 @@ pub fn preflight(config: &Config, config_path: &Path) -> anyhow::Result<Prefligh
         match src {
             PolicySource::Url(_) => None,
             local => Some(
-                source::load_local(&local, config.policy.engine)
+                source::load_local(&local, config.policy.engine, config.policy.eval_timeout())
                     .with_context(|| format!("loading policy.source {}", local.describe()))?,
             ),
         }

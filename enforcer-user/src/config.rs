@@ -237,6 +237,16 @@ pub struct PolicyConfig {
     /// Decision log: a file path (appended), or `-` for standard output.
     #[serde(default = "default_audit_log")]
     pub audit_log: PathBuf,
+    /// Wall-clock budget of one policy evaluation; past it the connection is
+    /// denied (decision error) and the evaluation is stopped.
+    #[serde(default = "default_eval_timeout_ms")]
+    pub eval_timeout_ms: u64,
+}
+
+impl PolicyConfig {
+    pub fn eval_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.eval_timeout_ms)
+    }
 }
 
 impl Default for PolicyConfig {
@@ -247,8 +257,13 @@ impl Default for PolicyConfig {
             engine: crate::policy::EngineKind::default(),
             poll_ms: default_poll_ms(),
             audit_log: default_audit_log(),
+            eval_timeout_ms: default_eval_timeout_ms(),
         }
     }
+}
+
+fn default_eval_timeout_ms() -> u64 {
+    crate::policy::DEFAULT_EVAL_TIMEOUT.as_millis() as u64
 }
 
 fn default_policy_source() -> String {
@@ -483,7 +498,7 @@ impl Config {
     /// Every numeric key against its documented range (docs/config.md).
     fn check_ranges(&self, path: &Path) -> Result<(), ConfigError> {
         let c = self;
-        let ranges: [(&'static str, u64, u64, u64); 11] = [
+        let ranges: [(&'static str, u64, u64, u64); 12] = [
             (
                 "capture.outbound_port",
                 c.capture.outbound_port.into(),
@@ -528,6 +543,12 @@ impl Config {
                 MAX_SVID_TTL_SECS,
             ),
             ("policy.poll_ms", c.policy.poll_ms, 100, 3_600_000),
+            (
+                "policy.eval_timeout_ms",
+                c.policy.eval_timeout_ms,
+                1,
+                10_000,
+            ),
             (
                 "runtime.worker_threads",
                 c.runtime.worker_threads as u64,

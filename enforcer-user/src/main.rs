@@ -85,10 +85,15 @@ fn policy_cmd(cmd: PolicyCommand) -> anyhow::Result<()> {
                 (None, None) => anyhow::bail!("name the policy with --policy DIR or --config FILE"),
             };
             let engine = engine
-                .or(from_config.map(|c| c.policy.engine))
+                .or(from_config.as_ref().map(|c| c.policy.engine))
                 .unwrap_or_default();
             let src = PolicySource::parse(&src).map_err(anyhow::Error::msg)?;
-            let loaded = enforcer::policy::source::load_local(&src, engine)?;
+            let timeout = from_config
+                .as_ref()
+                .map_or(enforcer::policy::DEFAULT_EVAL_TIMEOUT, |c| {
+                    c.policy.eval_timeout()
+                });
+            let loaded = enforcer::policy::source::load_local(&src, engine, timeout)?;
             let text = std::fs::read_to_string(&input)
                 .with_context(|| format!("reading {}", input.display()))?;
             let value = regorus::Value::from_json_str(&text)
@@ -117,11 +122,13 @@ fn policy_cmd(cmd: PolicyCommand) -> anyhow::Result<()> {
                 }
             };
             let results = testing::run(&src.describe(), &files)?;
-            let failed = results.iter().filter(|r| !r.passed).count();
+            let failed = results.iter().filter(|r| !r.passed && !r.skipped).count();
+            let skipped = results.iter().filter(|r| r.skipped).count();
             for r in &results {
-                match &r.detail {
-                    None => println!("PASS: {}", r.name),
-                    Some(d) => println!("FAIL: {} ({d})", r.name),
+                match (&r.detail, r.skipped) {
+                    (_, true) => println!("SKIPPED: {}", r.name),
+                    (None, false) => println!("PASS: {}", r.name),
+                    (Some(d), false) => println!("FAIL: {} ({d})", r.name),
                 }
             }
             println!(
@@ -130,12 +137,18 @@ fn policy_cmd(cmd: PolicyCommand) -> anyhow::Result<()> {
             if results.is_empty() {
                 anyhow::bail!("no test_* rules found in {}", src.describe());
             }
-            println!(
-                "{}: {}/{}",
-                if failed == 0 { "PASS" } else { "FAIL" },
-                results.len() - failed,
-                results.len()
-            );
+            let total = results.len();
+            let passed = total - failed - skipped;
+            // As `opa test` summarizes.
+            if passed > 0 {
+                println!("PASS: {passed}/{total}");
+            }
+            if failed > 0 {
+                println!("FAIL: {failed}/{total}");
+            }
+            if skipped > 0 {
+                println!("SKIPPED: {skipped}/{total}");
+            }
             if failed > 0 {
                 anyhow::bail!("{failed} policy test(s) failed");
             }

@@ -78,13 +78,13 @@ fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
 #[test]
 fn shipped_policy_allows_the_agent_and_denies_another_identity_with_an_audit_trail() {
     let p = pair("polship", shipped);
-    // The shipped policy is decided by the regorus VM, on both agents.
+    // The shipped policy is decided by the default evaluator, on both agents.
     for e in [&p.ea, &p.eb] {
         assert!(
             e.log_lines()
                 .iter()
-                .any(|v| v["message"] == "policy loaded" && v["engine"] == "vm"),
-            "no `policy loaded` line with engine vm"
+                .any(|v| v["message"] == "policy loaded" && v["engine"] == "interpreter"),
+            "no `policy loaded` line with engine interpreter"
         );
     }
     let url = format!("http://{}:8080/?from-agent", p.b.ipv4);
@@ -488,14 +488,14 @@ fn policy_cli_eval_and_test() {
         "denied: only identities under the agent prefix may call the LLM"
     );
     assert_eq!(
-        v["engine"], "vm",
-        "the shipped policy runs on the regorus VM"
+        v["engine"], "interpreter",
+        "the default evaluator is the interpreter (the one tested against OPA)"
     );
-    // The interpreter decides the same.
-    let out = eval(&["--engine", "interpreter"], &shipped_policies(), &input);
+    // The opt-in VM decides the same on the shipped policy.
+    let out = eval(&["--engine", "vm"], &shipped_policies(), &input);
     assert!(out.status.success(), "{out:?}");
     let w: Value = serde_json::from_slice(&out.stdout).expect("JSON decision");
-    assert_eq!(w["engine"], "interpreter");
+    assert_eq!(w["engine"], "vm");
     assert_eq!((&w["allow"], &w["reason"]), (&v["allow"], &v["reason"]));
     let out = eval(&["--engine", "jit"], &shipped_policies(), &input);
     assert!(!out.status.success());

@@ -145,7 +145,30 @@ fn bpf_linker() -> anyhow::Result<()> {
     .context("installing bpf-linker (links the kernel programs)")
 }
 
+/// Real OPA (v1.20, embedded as a library) for the differential policy
+/// test. Its wheel declares Python ≥ 3.14, but its code runs on this
+/// machine's 3.11 (DESIGN §5), hence `--ignore-requires-python`.
+const OPA_BINDINGS: (&str, &str) = ("opa-golib-python-bindings", "opa_bindings");
+
+fn opa_bindings() -> anyhow::Result<()> {
+    let (pkg, module) = OPA_BINDINGS;
+    if quiet_ok(Command::new("python3").args(["-c", &format!("import {module}")])) {
+        return Ok(());
+    }
+    step(Command::new("python3").args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--ignore-requires-python",
+        pkg,
+    ]))
+    .context("installing real OPA for the differential policy test")
+}
+
 fn python() -> anyhow::Result<()> {
+    opa_bindings()?;
     let missing: Vec<&str> = PIP_PACKAGES
         .iter()
         .filter(|(_, module)| {

@@ -19,6 +19,24 @@ pub enum LoadError {
     Empty(String),
     #[error("policy check failed: {0}")]
     Check(String),
+    /// The policy uses something enforcer refuses or cannot run as OPA
+    /// would (docs/policy.md, "Semantics").
+    #[error("{path}:{line}: refused: {message}")]
+    Refused {
+        path: String,
+        line: u32,
+        message: String,
+    },
+}
+
+impl From<super::rewrite::Refused> for LoadError {
+    fn from(r: super::rewrite::Refused) -> Self {
+        Self::Refused {
+            path: r.file,
+            line: r.line,
+            message: r.message,
+        }
+    }
 }
 
 /// One file of a policy set.
@@ -118,8 +136,23 @@ pub fn read_bundle(name: &str, bytes: &[u8]) -> Result<Vec<PolicyFile>, LoadErro
 
 /// Compiles a policy set into an engine. `origin` names the set in errors.
 pub fn compile(origin: &str, files: &[PolicyFile]) -> Result<Engine, LoadError> {
+    compile_set(origin, files).map(|c| c.engine)
+}
+
+/// A compiled policy set.
+pub struct Compiled {
+    pub engine: Engine,
+    /// Some module calls a builtin whose value is not a function of the
+    /// input (`time.now_ns`…): decisions must not be cached.
+    pub volatile: bool,
+}
+
+/// Compiles a policy set, each module rewritten to OPA's semantics first
+/// (`rewrite`), with regorus's strict builtin errors (an error denies).
+pub fn compile_set(origin: &str, files: &[PolicyFile]) -> Result<Compiled, LoadError> {
     let mut engine = Engine::new();
-    let mut regos = 0;
+    engine.set_strict_builtin_errors(true);
+    let mut modules = Vec::new();
     for f in files {
         let shown = format!("{origin}/{}", f.path);
         let text = String::from_utf8(f.contents.clone()).map_err(|_| LoadError::File {
@@ -127,13 +160,8 @@ pub fn compile(origin: &str, files: &[PolicyFile]) -> Result<Engine, LoadError> 
             message: "not UTF-8".into(),
         })?;
         if f.path.ends_with(".rego") {
-            engine
-                .add_policy(shown.clone(), text)
-                .map_err(|e| LoadError::Compile {
-                    path: shown.clone(),
-                    message: e.to_string(),
-                })?;
-            regos += 1;
+            let rewritten = super::rewrite::rewrite(&shown, &text)?;
+            modules.push((shown, rewritten));
         } else {
             let value = Value::from_json_str(&text).map_err(|e| LoadError::File {
                 path: shown.clone(),
@@ -155,10 +183,20 @@ pub fn compile(origin: &str, files: &[PolicyFile]) -> Result<Engine, LoadError> 
             })?;
         }
     }
-    if regos == 0 {
+    if modules.is_empty() {
         return Err(LoadError::Empty(origin.to_owned()));
     }
-    Ok(engine)
+    super::rewrite::check_calls(&modules)?;
+    let volatile = modules.iter().any(|(_, m)| m.volatile);
+    for (shown, m) in modules {
+        engine
+            .add_policy(shown.clone(), m.text)
+            .map_err(|e| LoadError::Compile {
+                path: shown,
+                message: e.to_string(),
+            })?;
+    }
+    Ok(Compiled { engine, volatile })
 }
 
 #[cfg(test)]

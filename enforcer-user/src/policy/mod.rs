@@ -4,13 +4,15 @@
 //! `allow` or an evaluation error all deny (fail closed).
 pub mod audit;
 pub mod load;
+pub mod pool;
+pub mod rewrite;
 pub mod source;
 pub mod testing;
 
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex, RwLock},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use regorus::{
@@ -132,6 +134,9 @@ pub struct Decision {
     /// Set when evaluation failed (then `allow` is false).
     pub error: Option<String>,
     pub cached: bool,
+    /// The evaluation ran past its budget (an error, but one the same input
+    /// would give again: cached, so a runaway input is not re-run).
+    pub timed_out: bool,
 }
 
 impl Decision {
@@ -141,6 +146,7 @@ impl Decision {
             reason: Some(reason.to_owned()),
             error,
             cached: false,
+            timed_out: false,
         }
     }
 }
@@ -150,16 +156,25 @@ impl Decision {
 #[serde(rename_all = "kebab-case")]
 pub enum EngineKind {
     /// The policy compiled to regorus VM (RVM) bytecode; a policy the VM
-    /// compiler cannot take runs on the interpreter instead (logged).
-    #[default]
+    /// compiler cannot take runs on the interpreter instead (logged). Faster,
+    /// but without the OPA-semantics guarantee: the differential test finds
+    /// the VM reading cross-type comparisons and default functions as
+    /// undefined where OPA does not (docs/policy.md).
     Vm,
-    /// The regorus tree-walking interpreter (what `enforcer policy test` uses).
+    /// The regorus tree-walking interpreter, with enforcer's rewrites: the
+    /// evaluator that agrees with OPA on the differential corpus (default;
+    /// what `enforcer policy test` uses).
+    #[default]
     Interpreter,
 }
 
 /// Upper bound on VM instructions for one rule evaluation; beyond it the
 /// evaluation fails and the connection is denied.
 const VM_MAX_INSTRUCTIONS: usize = 10_000_000;
+
+/// Wall-clock budget of one evaluation (`policy.eval_timeout_ms`); past it
+/// the decision is an error and the connection is denied.
+pub const DEFAULT_EVAL_TIMEOUT: Duration = Duration::from_millis(50);
 
 enum Evaluator {
     /// Compiled bytecode and the data document; a fresh VM per evaluation,
@@ -169,13 +184,28 @@ enum Evaluator {
         data: Value,
         has_reason: bool,
     },
-    Interpreter(Box<Mutex<Engine>>),
+    /// The prepared engine; each thread evaluates on its own clone
+    /// (`ENGINES`), so evaluations never wait for each other.
+    Interpreter(Box<Engine>),
+}
+
+/// Identifies a `Loaded` for the per-thread engine clones.
+static NEXT_LOADED_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+thread_local! {
+    /// This thread's clone of the interpreter engine of one `Loaded` (by id).
+    static ENGINES: std::cell::RefCell<Option<(u64, Engine)>> = const { std::cell::RefCell::new(None) };
 }
 
 /// A compiled policy set and where it came from.
 pub struct Loaded {
     evaluator: Evaluator,
     pub revision: String,
+    id: u64,
+    /// Some module calls a builtin whose value is not a function of the input
+    /// (`time.now_ns`…): its decisions are never cached.
+    pub volatile: bool,
+    timeout: Duration,
 }
 
 impl Loaded {
@@ -186,7 +216,22 @@ impl Loaded {
         files: &[load::PolicyFile],
         kind: EngineKind,
     ) -> Result<Self, LoadError> {
-        let mut engine = load::compile(origin, files)?;
+        Self::compile_with(origin, revision, files, kind, DEFAULT_EVAL_TIMEOUT)
+    }
+
+    /// As `compile`, with the evaluation time budget.
+    pub fn compile_with(
+        origin: &str,
+        revision: String,
+        files: &[load::PolicyFile],
+        kind: EngineKind,
+        timeout: Duration,
+    ) -> Result<Self, LoadError> {
+        let load::Compiled {
+            mut engine,
+            volatile,
+        } = load::compile_set(origin, files)?;
+        engine.set_execution_timer_config(timer(timeout));
         // Evaluating once prepares the engine and surfaces errors that only
         // show when rules are resolved.
         engine.set_input(Value::new_object());
@@ -194,7 +239,7 @@ impl Loaded {
             .eval_rule(ALLOW_RULE.to_owned())
             .map_err(|e| LoadError::Check(format!("{origin}: evaluating {ALLOW_RULE}: {e}")))?;
         let evaluator = match kind {
-            EngineKind::Interpreter => Evaluator::Interpreter(Box::new(Mutex::new(engine))),
+            EngineKind::Interpreter => Evaluator::Interpreter(Box::new(engine)),
             EngineKind::Vm => match vm_program(&mut engine) {
                 Ok((program, has_reason)) => {
                     let vm = Evaluator::Vm {
@@ -203,25 +248,28 @@ impl Loaded {
                         has_reason,
                     };
                     // The two evaluators must agree on the empty input.
-                    let check = vm.eval(Value::new_object());
+                    let check = vm.eval(0, timeout, Value::new_object());
                     if matches!(&check, Ok((allow, _)) if *allow == empty) {
                         vm
                     } else {
                         tracing::warn!(origin, vm = ?check, interpreter = %empty,
                             "the regorus VM and the interpreter disagree on the empty input; using the interpreter");
-                        Evaluator::Interpreter(Box::new(Mutex::new(engine)))
+                        Evaluator::Interpreter(Box::new(engine))
                     }
                 }
                 Err(why) => {
                     tracing::info!(origin, why = %why,
                         "the policy runs on the regorus interpreter, not the VM");
-                    Evaluator::Interpreter(Box::new(Mutex::new(engine)))
+                    Evaluator::Interpreter(Box::new(engine))
                 }
             },
         };
         Ok(Self {
             evaluator,
             revision,
+            id: NEXT_LOADED_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            volatile,
+            timeout,
         })
     }
 
@@ -233,9 +281,11 @@ impl Loaded {
         }
     }
 
-    /// Evaluates `allow` and `reason` for one input document.
+    /// Evaluates `allow` and `reason` for one input document, on this
+    /// thread (blocking: within the time budget, or past it by at most one
+    /// builtin call). The agent calls it on the evaluation pool.
     pub fn evaluate(&self, input: Value) -> Decision {
-        let (allow, reason) = match self.evaluator.eval(input) {
+        let (allow, reason) = match self.evaluator.eval(self.id, self.timeout, input) {
             Ok(r) => r,
             Err(e) => return Decision::deny("policy error", Some(e)),
         };
@@ -257,7 +307,16 @@ impl Loaded {
             },
             error: None,
             cached: false,
+            timed_out: false,
         }
+    }
+}
+
+/// regorus's cooperative time limit: checked every few hundred steps.
+fn timer(limit: Duration) -> regorus::utils::limits::ExecutionTimerConfig {
+    regorus::utils::limits::ExecutionTimerConfig {
+        limit,
+        check_interval: std::num::NonZeroU32::new(256).unwrap_or(std::num::NonZeroU32::MIN),
     }
 }
 
@@ -346,7 +405,7 @@ fn vm_divergence(program: &Program) -> Option<String> {
 impl Evaluator {
     /// `allow` and `reason` (`Undefined` when absent); `Err` when `allow`
     /// cannot be evaluated.
-    fn eval(&self, input: Value) -> Result<(Value, Value), String> {
+    fn eval(&self, id: u64, timeout: Duration, input: Value) -> Result<(Value, Value), String> {
         match self {
             Self::Vm {
                 program,
@@ -356,6 +415,11 @@ impl Evaluator {
                 let mut vm = RegoVM::new();
                 vm.load_program(program.clone());
                 vm.set_max_instructions(VM_MAX_INSTRUCTIONS);
+                // A builtin error fails the evaluation (deny), as in the
+                // interpreter; the VM's default would read it as undefined,
+                // which under `not` allows.
+                vm.set_strict_builtin_errors(true);
+                vm.set_execution_timer_config(Some(timer(timeout)));
                 vm.set_data(data.clone()).map_err(|e| e.to_string())?;
                 vm.set_input(input);
                 let allow = vm
@@ -369,8 +433,14 @@ impl Evaluator {
                 };
                 Ok((allow, reason))
             }
-            Self::Interpreter(engine) => {
-                let mut engine = engine.lock().unwrap_or_else(|p| p.into_inner());
+            Self::Interpreter(template) => ENGINES.with(|cell| {
+                let mut slot = cell.borrow_mut();
+                if slot.as_ref().is_none_or(|(held, _)| *held != id) {
+                    *slot = Some((id, template.as_ref().clone()));
+                }
+                let Some((_, engine)) = slot.as_mut() else {
+                    return Err("no engine".to_owned());
+                };
                 engine.set_input(input);
                 let allow = engine
                     .eval_rule(ALLOW_RULE.to_owned())
@@ -379,7 +449,7 @@ impl Evaluator {
                     .eval_rule(REASON_RULE.to_owned())
                     .unwrap_or(Value::Undefined);
                 Ok((allow, reason))
-            }
+            }),
         }
     }
 }
@@ -393,6 +463,10 @@ pub struct Policy {
     cache: Mutex<HashMap<String, Decision>>,
     pub audit: audit::AuditLog,
     pub metrics: Arc<crate::admin::Metrics>,
+    /// Where evaluations run (never on the async runtime's threads).
+    pool: pool::EvalPool,
+    /// Evaluation budget; new policy sets are compiled with it.
+    pub eval_timeout: Duration,
 }
 
 /// The verdict applied to a connection, after the mode.
@@ -409,15 +483,18 @@ impl Policy {
         engine: EngineKind,
         audit: audit::AuditLog,
         metrics: Arc<crate::admin::Metrics>,
-    ) -> Self {
-        Self {
+        eval_timeout: Duration,
+    ) -> std::io::Result<Self> {
+        Ok(Self {
             current: RwLock::new(None),
             mode,
             engine,
             cache: Mutex::default(),
             audit,
             metrics,
-        }
+            pool: pool::EvalPool::for_host()?,
+            eval_timeout,
+        })
     }
 
     /// Puts a new policy set in force and empties the decision cache.
@@ -440,14 +517,15 @@ impl Policy {
     }
 
     /// Decides one connection, audits the decision and counts it.
-    pub fn decide(&self, input: &Input, conn_id: u64) -> Verdict {
-        let (d, evaluated) = self.evaluate(input);
+    pub async fn decide(&self, input: &Input, conn_id: u64) -> Verdict {
+        let (d, evaluated) = self.evaluate(input).await;
         self.finish(input, conn_id, d, evaluated)
     }
 
-    /// The decision alone (cache, then policy), without audit or metrics;
-    /// for an evaluation, also its duration and the policy revision.
-    pub fn evaluate(&self, input: &Input) -> (Decision, Option<(std::time::Duration, String)>) {
+    /// The decision alone (cache, then policy on the evaluation pool),
+    /// without audit or metrics; for an evaluation, also its duration and the
+    /// policy revision.
+    pub async fn evaluate(&self, input: &Input) -> (Decision, Option<(Duration, String)>) {
         let input_json = match serde_json::to_string(input) {
             Ok(j) => j,
             Err(e) => return (Decision::deny("invalid input", Some(e.to_string())), None),
@@ -471,9 +549,14 @@ impl Policy {
             return (Decision::deny("no policy loaded", None), None);
         };
         let started = Instant::now();
-        let d = loaded.evaluate(input.to_value());
+        let d = self
+            .pool
+            .evaluate(loaded.clone(), input.to_value(), self.eval_timeout)
+            .await;
         let elapsed = started.elapsed();
-        if d.error.is_none() {
+        // A deterministic outcome is cached: a decision, or running out of
+        // budget on this input (else an attacker repeats a runaway input).
+        if (d.error.is_none() || d.timed_out) && !loaded.volatile {
             let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
             if cache.len() >= CACHE_LIMIT {
                 cache.clear();
@@ -488,7 +571,7 @@ impl Policy {
         input: &Input,
         conn_id: u64,
         decision: Decision,
-        evaluated: Option<(std::time::Duration, String)>,
+        evaluated: Option<(Duration, String)>,
     ) -> Verdict {
         let allowed = decision.allow || self.mode == Mode::DryRun;
         let result = match (decision.allow, &decision.error, self.mode) {
@@ -718,5 +801,88 @@ mod tests {
         let d = vm.evaluate(input.to_value());
         assert!(!d.allow, "{d:?}");
         assert!(d.error.is_some(), "{d:?}");
+    }
+
+    fn policy_with(rego: &str, timeout: Duration) -> Policy {
+        let p = Policy::new(
+            Mode::Enforce,
+            EngineKind::Interpreter,
+            audit::AuditLog::open(std::path::Path::new("/dev/null")).expect("/dev/null"),
+            Arc::new(crate::admin::Metrics::new("t")),
+            timeout,
+        )
+        .expect("pool");
+        p.install(
+            Loaded::compile_with(
+                "t",
+                "r".into(),
+                &files(rego, None),
+                EngineKind::Interpreter,
+                timeout,
+            )
+            .expect("compiles"),
+        );
+        p
+    }
+
+    fn to_port(port: u16) -> Input {
+        Input {
+            direction: "inbound",
+            destination: Peer {
+                port: Some(port),
+                ..Default::default()
+            },
+            protocol: "tcp",
+            ..Default::default()
+        }
+    }
+
+    /// A policy an attacker can drive into a runaway (the destination port
+    /// sizes an iteration, or one huge builtin call) is denied at the
+    /// evaluation budget, with an error; meanwhile other connections are
+    /// decided (each within the same budget, or they would be errors too),
+    /// and a runaway input is not evaluated again (cached).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn runaway_evaluation_denies_at_its_budget_while_others_are_decided() {
+        let rego = "package enforcer.authz\nimport rego.v1\n\
+            allow if input.destination.port == 80\n\
+            allow if {\n  input.destination.port > 20000\n  count(numbers.range(1, input.destination.port * 300)) > 0\n}\n\
+            allow if {\n  input.destination.port > 10000\n  input.destination.port < 20000\n\
+              count([x | some x in numbers.range(1, input.destination.port); some y in numbers.range(1, input.destination.port); x == y]) > 0\n}\n";
+        let p = Arc::new(policy_with(rego, Duration::from_millis(50)));
+        let runaways: Vec<u16> = vec![20001, 20002, 10001, 10002];
+        let attacks: Vec<_> = runaways
+            .iter()
+            .map(|&port| {
+                let p = p.clone();
+                tokio::spawn(async move { p.evaluate(&to_port(port)).await.0 })
+            })
+            .collect();
+        // Ordinary connections while the runaways run.
+        for i in 0..30u16 {
+            let port = if i % 2 == 0 { 80 } else { 81 };
+            // A new source address each time: evaluated, not cached.
+            let mut input = to_port(port);
+            input.source.address = Some(format!("10.0.0.{i}"));
+            let (d, evaluated) = p.evaluate(&input).await;
+            assert_eq!(d.error, None, "decision {i} (port {port}) stalled: {d:?}");
+            assert_eq!(d.allow, port == 80, "decision {i}: {d:?}");
+            assert!(evaluated.is_some());
+        }
+        for (a, port) in attacks.into_iter().zip(&runaways) {
+            let d = a.await.expect("task");
+            assert!(!d.allow, "runaway port {port} allowed: {d:?}");
+            let e = d.error.clone().unwrap_or_default();
+            assert!(
+                e.contains("budget") || e.contains("time limit"),
+                "runaway port {port}: {d:?}"
+            );
+        }
+        // The attacker's retry is served from the cache, not re-run.
+        let (again, evaluated) = p.evaluate(&to_port(20001)).await;
+        assert!(
+            !again.allow && again.cached && evaluated.is_none(),
+            "{again:?}"
+        );
     }
 }

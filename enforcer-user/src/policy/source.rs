@@ -59,9 +59,19 @@ fn revision_of(files: &[load::PolicyFile]) -> String {
 }
 
 /// Reads and compiles a local source (directory or bundle file).
-pub fn load_local(src: &PolicySource, engine: EngineKind) -> Result<Loaded, LoadError> {
+pub fn load_local(
+    src: &PolicySource,
+    engine: EngineKind,
+    timeout: std::time::Duration,
+) -> Result<Loaded, LoadError> {
     let files = read_local(src)?;
-    Loaded::compile(&src.describe(), revision_of(&files), &files, engine)
+    Loaded::compile_with(
+        &src.describe(),
+        revision_of(&files),
+        &files,
+        engine,
+        timeout,
+    )
 }
 
 fn read_local(src: &PolicySource) -> Result<Vec<load::PolicyFile>, LoadError> {
@@ -198,7 +208,13 @@ pub async fn watch(src: PolicySource, policy: Arc<Policy>, every: Duration) {
         {
             continue;
         }
-        match Loaded::compile(&src.describe(), revision.clone(), &files, policy.engine) {
+        match Loaded::compile_with(
+            &src.describe(),
+            revision.clone(),
+            &files,
+            policy.engine,
+            policy.eval_timeout,
+        ) {
             Ok(loaded) => {
                 info!(source = %src.describe(), %revision, engine = loaded.engine(), "policy reloaded");
                 policy.metrics.policy_reload("ok");

@@ -1,59 +1,143 @@
-//! `enforcer policy test`: runs every `test_*` rule of a policy set, the way
-//! `opa test` does. A test passes when its rule evaluates to `true`.
-use regorus::Value;
+//! `enforcer policy test`: runs the test rules of a policy set, the way
+//! `opa test` does. Test rules are found in the parsed modules (any
+//! indentation, any package declaration): rules named `test_*` run and pass
+//! when they evaluate to `true`; `todo_test_*` rules are skipped. A test
+//! name defined more than once runs once per definition, named as OPA names
+//! them (`test_x`, `test_x#01`, …), so a failing definition is never hidden
+//! behind a passing one.
+use regorus::{
+    Source, Value,
+    unstable::{Parser, Rule, RuleHead},
+};
 
 use super::load::{self, LoadError, PolicyFile};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TestResult {
-    /// `data.<package>.<rule>`
+    /// `data.<package>.<rule>`, with `#NN` for a repeated definition.
     pub name: String,
     pub passed: bool,
+    /// A `todo_test_*` rule: not run.
+    pub skipped: bool,
     /// Why it failed (false, undefined, or an error).
     pub detail: Option<String>,
 }
 
-/// Test rule names in a Rego file: rules whose name starts with `test_` at the
-/// start of a line.
-fn test_rules(text: &str) -> Vec<String> {
-    let mut out: Vec<String> = text
-        .lines()
-        .filter_map(|l| {
-            let name: String = l
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                .collect();
-            name.starts_with("test_").then_some(name)
-        })
-        .collect();
-    out.dedup();
-    out
+/// A test rule found in a module.
+struct Found {
+    package: String,
+    /// As OPA reports it.
+    name: String,
+    /// The rule to evaluate (a repeated definition is renamed).
+    rule: String,
+    skipped: bool,
+}
+
+/// Finds the test rules of one module and renames repeated definitions so
+/// each can be evaluated alone. Returns the module text to compile.
+fn find_tests(path: &str, text: &str) -> (String, Vec<Found>) {
+    let Ok(source) = Source::from_contents(path.to_owned(), text.to_owned()) else {
+        return (text.to_owned(), Vec::new());
+    };
+    let Ok(mut parser) = Parser::new(&source) else {
+        return (text.to_owned(), Vec::new());
+    };
+    if parser.enable_rego_v1().is_err() {
+        return (text.to_owned(), Vec::new());
+    }
+    // Syntax errors are reported by the compiler.
+    let Ok(module) = parser.parse() else {
+        return (text.to_owned(), Vec::new());
+    };
+    let package = module.package.refr.span().text().to_owned();
+    let mut found: Vec<Found> = Vec::new();
+    let mut renames: Vec<(usize, usize, String)> = Vec::new();
+    for rule in &module.policy {
+        let Rule::Spec {
+            head: RuleHead::Compr { refr, .. },
+            ..
+        } = rule.as_ref()
+        else {
+            continue;
+        };
+        let span = refr.span();
+        let name = span.text();
+        let skipped = name.starts_with("todo_test_");
+        if !(name.starts_with("test_") || skipped) || name.contains(['.', '[']) {
+            continue;
+        }
+        let seen = found
+            .iter()
+            .filter(|f| f.rule.split("__enforcer_def").next() == Some(name))
+            .count();
+        let (shown, rule_name) = if seen == 0 {
+            (name.to_owned(), name.to_owned())
+        } else {
+            let renamed = format!("{name}__enforcer_def{seen}");
+            renames.push((span.start as usize, span.end as usize, renamed.clone()));
+            (format!("{name}#{seen:02}"), renamed)
+        };
+        found.push(Found {
+            package: package.clone(),
+            name: shown,
+            rule: rule_name,
+            skipped,
+        });
+    }
+    let mut out = text.to_owned();
+    for (start, end, renamed) in renames.into_iter().rev() {
+        out.replace_range(start..end, &renamed);
+    }
+    (out, found)
 }
 
 pub fn run(origin: &str, files: &[PolicyFile]) -> Result<Vec<TestResult>, LoadError> {
+    let mut tests = Vec::new();
+    let files: Vec<PolicyFile> = files
+        .iter()
+        .map(|f| {
+            if !f.path.ends_with(".rego") {
+                return PolicyFile {
+                    path: f.path.clone(),
+                    contents: f.contents.clone(),
+                };
+            }
+            let text = String::from_utf8_lossy(&f.contents);
+            let (text, found) = find_tests(&f.path, &text);
+            tests.extend(found);
+            PolicyFile {
+                path: f.path.clone(),
+                contents: text.into_bytes(),
+            }
+        })
+        .collect();
     // Compile everything together (tests see the policies and the data).
-    let mut engine = load::compile(origin, files)?;
+    let mut engine = load::compile(origin, &files)?;
     let mut results = Vec::new();
-    for f in files.iter().filter(|f| f.path.ends_with(".rego")) {
-        let text = String::from_utf8_lossy(&f.contents);
-        let Some(package) = text.lines().find_map(|l| l.trim().strip_prefix("package ")) else {
-            continue;
-        };
-        for rule in test_rules(&text) {
-            let name = format!("data.{}.{rule}", package.trim());
-            engine.set_input(Value::Undefined);
-            let (passed, detail) = match engine.eval_rule(name.clone()) {
-                Ok(Value::Bool(true)) => (true, None),
-                Ok(Value::Undefined) => (false, Some("undefined".into())),
-                Ok(v) => (false, Some(format!("evaluated to {v}"))),
-                Err(e) => (false, Some(e.to_string())),
-            };
+    for t in tests {
+        let name = format!("data.{}.{}", t.package, t.name);
+        if t.skipped {
             results.push(TestResult {
                 name,
-                passed,
-                detail,
+                passed: false,
+                skipped: true,
+                detail: None,
             });
+            continue;
         }
+        engine.set_input(Value::Undefined);
+        let (passed, detail) = match engine.eval_rule(format!("data.{}.{}", t.package, t.rule)) {
+            Ok(Value::Bool(true)) => (true, None),
+            Ok(Value::Undefined) => (false, Some("undefined".into())),
+            Ok(v) => (false, Some(format!("evaluated to {v}"))),
+            Err(e) => (false, Some(e.to_string())),
+        };
+        results.push(TestResult {
+            name,
+            passed,
+            skipped: false,
+            detail,
+        });
     }
     Ok(results)
 }
@@ -62,11 +146,30 @@ pub fn run(origin: &str, files: &[PolicyFile]) -> Result<Vec<TestResult>, LoadEr
 mod tests {
     use super::*;
 
+    /// Indented rules, a package line with a comment, repeated names (each
+    /// definition run on its own, as OPA's `#01`), and `todo_test_` skips.
     #[test]
-    fn finds_test_rules_only_at_line_start() {
-        let t =
-            "package p\ntest_a if { true }\n  test_b := 1\ntest_c if {\n}\nnot_test_d if true\n";
-        assert_eq!(test_rules(t), vec!["test_a", "test_c"]);
+    fn finds_every_test_rule_as_opa_does() {
+        let t = "package p # the package\nimport rego.v1\n  test_a if { true }\n\ttest_b if { 1 == 2 }\n\
+                 test_b if { true }\ntodo_test_c if { false }\nnot_test_d if true\n";
+        let files = vec![PolicyFile {
+            path: "p.rego".into(),
+            contents: t.as_bytes().to_vec(),
+        }];
+        let r = run("mem", &files).expect("compiles");
+        let got: Vec<(&str, bool, bool)> = r
+            .iter()
+            .map(|t| (t.name.as_str(), t.passed, t.skipped))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("data.p.test_a", true, false),
+                ("data.p.test_b", false, false),
+                ("data.p.test_b#01", true, false),
+                ("data.p.todo_test_c", false, true),
+            ]
+        );
     }
 
     #[test]

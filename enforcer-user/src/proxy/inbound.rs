@@ -365,7 +365,7 @@ impl Inbound {
             destination: super::peer(dst_svid.as_deref(), &dst_selectors, Some(dst)),
             protocol: "tcp",
         };
-        let verdict = self.policy.decide(&input, id);
+        let verdict = self.policy.decide(&input, id).await;
         summary.decision_id = Some(verdict.decision_id.clone());
         summary.policy_reason = verdict.decision.reason.clone();
         if !verdict.allowed {

@@ -175,7 +175,10 @@ impl Outbound {
             let dst_peer = super::peer(dst_svid.as_deref(), &dst_selectors, Some(dst));
             // The source's rule and the destination's (authoritative) rule.
             for direction in ["outbound", "inbound"] {
-                if !self.allowed(direction, &src_peer, &dst_peer, id, &mut ids) {
+                if !self
+                    .allowed(direction, &src_peer, &dst_peer, id, &mut ids)
+                    .await
+                {
                     let o = Outcome::Denied;
                     return self.refuse(id, client, &att, dst, &ids, o, started);
                 }
@@ -203,7 +206,10 @@ impl Outbound {
             let Some(src_svid) = src_svid else {
                 // Decided and audited all the same: policy may name unidentified workloads.
                 let dst_peer = super::peer(None, &[], Some(dst));
-                let outcome = if self.allowed("outbound", &src_peer, &dst_peer, id, &mut ids) {
+                let outcome = if self
+                    .allowed("outbound", &src_peer, &dst_peer, id, &mut ids)
+                    .await
+                {
                     warn!(conn_id = id, orig_dst = %dst, selectors = ?att.selectors,
                         "workload has no SPIFFE identity (no registration entry matches); refusing a mesh destination");
                     Outcome::NoIdentity
@@ -230,7 +236,10 @@ impl Outbound {
                 ..Default::default()
             }
             .with_id(Some(&prepared.peer_id));
-            if !self.allowed("outbound", &src_peer, &dst_peer, id, &mut ids) {
+            if !self
+                .allowed("outbound", &src_peer, &dst_peer, id, &mut ids)
+                .await
+            {
                 let o = Outcome::Denied;
                 return self.refuse(id, client, &att, dst, &ids, o, started);
             }
@@ -256,7 +265,10 @@ impl Outbound {
 
         // Outside the mesh: plain TCP, still decided by policy.
         let dst_peer = super::peer(None, &[], Some(dst));
-        if !self.allowed("outbound", &src_peer, &dst_peer, id, &mut ids) {
+        if !self
+            .allowed("outbound", &src_peer, &dst_peer, id, &mut ids)
+            .await
+        {
             let o = Outcome::Denied;
             return self.refuse(id, client, &att, dst, &ids, o, started);
         }
@@ -275,7 +287,7 @@ impl Outbound {
     }
 
     /// Decides one direction; records the decision in `ids`.
-    fn allowed(
+    async fn allowed(
         &self,
         direction: &'static str,
         src: &crate::policy::Peer,
@@ -289,7 +301,7 @@ impl Outbound {
             destination: dst.clone(),
             protocol: "tcp",
         };
-        let v = self.policy.decide(&input, id);
+        let v = self.policy.decide(&input, id).await;
         ids.decision_ids.push(v.decision_id);
         if !v.allowed {
             warn!(conn_id = id, direction, reason = ?v.decision.reason, "denied by policy");

@@ -68,7 +68,7 @@ impl Plaintext {
             destination: super::peer(dst_svid.as_deref(), &dst_selectors, Some(dst)),
             protocol: "tcp",
         };
-        let verdict = self.policy.decide(&input, id);
+        let verdict = self.policy.decide(&input, id).await;
         if !verdict.allowed {
             warn!(%peer, %dst, reason = ?verdict.decision.reason, "unauthenticated plaintext denied by policy");
             reset(client);

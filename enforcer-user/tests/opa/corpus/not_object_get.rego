@@ -1,0 +1,8 @@
+# input: {}
+# input: {"x": 1}
+# input: {"x": 2}
+package enforcer.authz
+
+import rego.v1
+
+allow if not object.get(input, "x", 1) == 1
