@@ -39,8 +39,7 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 /// The CA and trust bundles a config names.
 pub fn load_identity(config: &Config) -> anyhow::Result<(Ca, Bundles)> {
     let id = &config.identity;
-    let td = TrustDomain::new(&id.trust_domain)
-        .with_context(|| format!("identity.trust_domain {:?}", id.trust_domain))?;
+    let td = trust_domain(config)?;
     let ca = match (&id.ca_cert, &id.ca_key) {
         (Some(cert), Some(key)) => Ca::load(&td, cert, key)?,
         _ => Ca::load_or_create(&td, &id.state_dir)?,
@@ -107,8 +106,7 @@ pub fn preflight(config: &Config, config_path: &Path) -> anyhow::Result<Prefligh
     let inbound_ports = config.inbound_ports(config_path)?;
     let inbound_addr = config.inbound_addr(config_path)?;
     if config.identity.provider == ProviderKind::Embedded {
-        let td = TrustDomain::new(&config.identity.trust_domain)
-            .with_context(|| format!("identity.trust_domain {:?}", config.identity.trust_domain))?;
+        let td = trust_domain(config)?;
         let id = &config.identity;
         match (&id.ca_cert, &id.ca_key) {
             (Some(cert), Some(key)) => drop(Ca::load(&td, cert, key)?),
@@ -146,6 +144,12 @@ pub fn preflight(config: &Config, config_path: &Path) -> anyhow::Result<Prefligh
     })
 }
 
+/// This node's trust domain, `identity.trust_domain`.
+fn trust_domain(config: &Config) -> anyhow::Result<TrustDomain> {
+    TrustDomain::new(&config.identity.trust_domain)
+        .with_context(|| format!("identity.trust_domain {:?}", config.identity.trust_domain))
+}
+
 /// The trust bundles the config adds by hand (federation).
 fn federation_bundles(config: &Config) -> anyhow::Result<Bundles> {
     let mut bundles = Bundles::default();
@@ -163,8 +167,7 @@ async fn identity_manager(
     provider: Arc<rustls::crypto::CryptoProvider>,
 ) -> anyhow::Result<IdentityManager> {
     let ttl = Duration::from_secs(config.identity.svid_ttl_secs);
-    let td = TrustDomain::new(&config.identity.trust_domain)
-        .with_context(|| format!("identity.trust_domain {:?}", config.identity.trust_domain))?;
+    let td = trust_domain(config)?;
     match config.identity.provider {
         ProviderKind::Embedded => {
             let (ca, bundles) = load_identity(config)?;

@@ -34,7 +34,9 @@ struct Policy {
     id: String,
     files: Vec<PolicyFile>,
     modules: BTreeMap<String, String>,
-    data: Option<Value>,
+    /// Data documents and where OPA puts them (a dotted path under `data`,
+    /// "" for the root): OPA places them itself, as it does a bundle's.
+    data: Vec<(String, Value)>,
     /// enforcer must refuse it at load, with this text in the error.
     refused: Option<String>,
     /// A documented divergence from OPA.
@@ -102,7 +104,7 @@ fn corpus() -> (Vec<Policy>, Vec<Case>) {
             id: name.clone(),
             files,
             modules: BTreeMap::from([(name, text.clone())]),
-            data,
+            data: data.map(|d| (String::new(), d)).into_iter().collect(),
             refused: header_values(&text, "refused")
                 .first()
                 .map(|s| s.to_string()),
@@ -117,21 +119,16 @@ fn shipped() -> Policy {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
     let files = enforcer::policy::load::read_dir(&dir).expect("shipped policy");
     let mut modules = BTreeMap::new();
-    let mut data = None;
+    let mut data = Vec::new();
     for f in &files {
         let text = String::from_utf8(f.contents.clone()).expect("utf-8");
         if f.path.ends_with(".rego") {
             modules.insert(f.path.clone(), text);
         } else {
-            // data.json in enforcer/ lives at data.enforcer
-            let v: Value = serde_json::from_str(&text).expect("json");
+            // A bundle's `a/b/data.json` is OPA's `data.a.b`.
             let dir = f.path.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
-            let wrapped = dir
-                .split('/')
-                .filter(|c| !c.is_empty())
-                .rev()
-                .fold(v, |acc, c| json!({ c: acc }));
-            data = Some(wrapped);
+            let v: Value = serde_json::from_str(&text).expect("json");
+            data.push((dir.replace('/', "."), v));
         }
     }
     Policy {

@@ -495,6 +495,40 @@ impl Testbed {
     }
 
     /// Waits (up to 5 s) until a server's log contains `needle`.
+    /// A download the destination aborts mid-answer: the aborting server
+    /// ([`PY_ABORTING_SERVER`]) on `server`:`port` (in `server_unit`, if
+    /// any) and a client reading to the end ([`PY_READ_TO_END`]) on `client`
+    /// in `client_unit`. Returns the client's pid and output once the server
+    /// has aborted the connection.
+    pub fn aborted_download(
+        &mut self,
+        server: &Node,
+        server_unit: Option<&str>,
+        client: &Node,
+        client_unit: &str,
+        port: u16,
+    ) -> Result<(u32, Output)> {
+        let port_arg = port.to_string();
+        self.start_server_in(
+            server,
+            server_unit,
+            "aborting",
+            &["python3", "-u", "-c", PY_ABORTING_SERVER, &port_arg],
+            port,
+        )?;
+        let (pid, out) = client.exec(
+            Some(client_unit),
+            &["python3", "-c", PY_READ_TO_END, &server.ipv4, &port_arg],
+        )?;
+        if !self.wait_server_log(server, "aborting", "ABORTED") {
+            bail!(
+                "the aborting server on {} never aborted a connection",
+                server.name
+            );
+        }
+        Ok((pid, out))
+    }
+
     pub fn wait_server_log(&self, node: &Node, name: &str, needle: &str) -> bool {
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {

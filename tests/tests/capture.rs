@@ -524,32 +524,9 @@ fn destination_that_aborts_resets_the_workload_connection_instead_of_closing_it(
     // agent ended the workload's side with a clean FIN, so a download that
     // broke looked complete.
     let (mut tb, a, b, enf) = two_nodes("abort");
-    tb.start_server(
-        &b,
-        "aborting",
-        &[
-            "python3",
-            "-u",
-            "-c",
-            enforcer_tests::PY_ABORTING_SERVER,
-            "9400",
-        ],
-        9400,
-    )
-    .expect("aborting server");
-    let (pid, out) = a
-        .exec(
-            Some("client.service"),
-            &[
-                "python3",
-                "-c",
-                enforcer_tests::PY_READ_TO_END,
-                &b.ipv4,
-                "9400",
-            ],
-        )
-        .expect("client");
-    assert!(tb.wait_server_log(&b, "aborting", "ABORTED"));
+    let (pid, out) = tb
+        .aborted_download(&b, None, &a, "client.service", 9400)
+        .expect("aborted download");
     let text = stdout(&out);
     assert!(
         text.starts_with("RESET"),

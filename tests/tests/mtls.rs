@@ -8,6 +8,8 @@ use serde_json::Value;
 const TD: &str = "ai.example.org";
 const AGENT_ID: &str = "spiffe://ai.example.org/agent/support";
 const LLM_ID: &str = "spiffe://ai.example.org/llm";
+/// A workload that takes a port another identity served.
+const SQUAT_ID: &str = "spiffe://ai.example.org/squatter";
 /// Nodes a and b sharing one CA; an HTTP server registered as the LLM on b
 /// (port 8080, in b/llm.service); the support agent's unit registered on a.
 fn mesh(test: &str, extra_identity_a: &str) -> Pair {
@@ -806,7 +808,6 @@ fn port_squatter_on_loopback_never_lends_its_identity_to_the_real_server() {
     // workload listens on 127.0.0.1:9300. Attesting "the owner of port 9300"
     // made the agent present and decide on the squatter's identity while
     // the bytes went to the real server.
-    const SQUAT_ID: &str = "spiffe://ai.example.org/squatter";
     let mut m = mesh_with(
         "squat",
         "",
@@ -1026,33 +1027,15 @@ fn destination_that_aborts_across_nodes_resets_the_source_workload() {
     // resets the HBONE stream, and a's agent ended the source workload's side
     // with a clean FIN — a broken transfer that looked complete.
     let mut m = mesh("abortmesh", "");
-    m.tb.start_server_in(
-        &m.b,
-        Some("llm.service"),
-        "aborting",
-        &[
-            "python3",
-            "-u",
-            "-c",
-            enforcer_tests::PY_ABORTING_SERVER,
-            "9400",
-        ],
-        9400,
-    )
-    .expect("aborting server");
     let (pid, out) =
-        m.a.exec(
-            Some("support-agent.service"),
-            &[
-                "python3",
-                "-c",
-                enforcer_tests::PY_READ_TO_END,
-                &m.b.ipv4,
-                "9400",
-            ],
+        m.tb.aborted_download(
+            &m.b,
+            Some("llm.service"),
+            &m.a,
+            "support-agent.service",
+            9400,
         )
-        .expect("client");
-    assert!(m.tb.wait_server_log(&m.b, "aborting", "ABORTED"));
+        .expect("aborted download");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.starts_with("RESET"),
@@ -1070,7 +1053,6 @@ fn workload_swapped_in_behind_a_pooled_connection_is_refused() {
     // identity. The LLM stops and a workload of another identity takes its
     // port; a new stream on the pooled connection must not reach it under
     // the identity the connection presented.
-    const SQUAT_ID: &str = "spiffe://ai.example.org/squatter";
     let mut m = mesh_with(
         "swapped",
         "",

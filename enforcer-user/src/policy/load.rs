@@ -40,6 +40,7 @@ impl From<super::rewrite::Refused> for LoadError {
 }
 
 /// One file of a policy set.
+#[derive(Clone)]
 pub struct PolicyFile {
     /// Path relative to the set's root, `/`-separated.
     pub path: String,
@@ -155,15 +156,15 @@ pub fn compile_set(origin: &str, files: &[PolicyFile]) -> Result<Compiled, LoadE
     let mut modules = Vec::new();
     for f in files {
         let shown = format!("{origin}/{}", f.path);
-        let text = String::from_utf8(f.contents.clone()).map_err(|_| LoadError::File {
+        let text = std::str::from_utf8(&f.contents).map_err(|_| LoadError::File {
             path: shown.clone(),
             message: "not UTF-8".into(),
         })?;
         if f.path.ends_with(".rego") {
-            let rewritten = super::rewrite::rewrite(&shown, &text)?;
+            let rewritten = super::rewrite::rewrite(&shown, text)?;
             modules.push((shown, rewritten));
         } else {
-            let value = Value::from_json_str(&text).map_err(|e| LoadError::File {
+            let value = Value::from_json_str(text).map_err(|e| LoadError::File {
                 path: shown.clone(),
                 message: format!("not JSON: {e}"),
             })?;

@@ -435,12 +435,10 @@ impl Evaluator {
             }
             Self::Interpreter(template) => ENGINES.with(|cell| {
                 let mut slot = cell.borrow_mut();
-                if slot.as_ref().is_none_or(|(held, _)| *held != id) {
-                    *slot = Some((id, template.as_ref().clone()));
+                if slot.as_ref().is_some_and(|(held, _)| *held != id) {
+                    *slot = None;
                 }
-                let Some((_, engine)) = slot.as_mut() else {
-                    return Err("no engine".to_owned());
-                };
+                let (_, engine) = slot.get_or_insert_with(|| (id, template.as_ref().clone()));
                 engine.set_input(input);
                 let allow = engine
                     .eval_rule(ALLOW_RULE.to_owned())
@@ -465,7 +463,8 @@ pub struct Policy {
     pub metrics: Arc<crate::admin::Metrics>,
     /// Where evaluations run (never on the async runtime's threads).
     pool: pool::EvalPool,
-    /// Evaluation budget; new policy sets are compiled with it.
+    /// Evaluation budget new policy sets are compiled with (each `Loaded`
+    /// keeps its own).
     pub eval_timeout: Duration,
 }
 
@@ -549,9 +548,12 @@ impl Policy {
             return (Decision::deny("no policy loaded", None), None);
         };
         let started = Instant::now();
+        // The budget the policy was compiled with: regorus's timer and the
+        // wait here agree.
+        let budget = loaded.timeout;
         let d = self
             .pool
-            .evaluate(loaded.clone(), input.to_value(), self.eval_timeout)
+            .evaluate(loaded.clone(), input.to_value(), budget)
             .await;
         let elapsed = started.elapsed();
         // A deterministic outcome is cached: a decision, or running out of

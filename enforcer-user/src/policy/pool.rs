@@ -50,7 +50,6 @@ const EXTRA: usize = 8;
 
 pub struct EvalPool {
     tx: mpsc::SyncSender<Slot>,
-    workers: usize,
     /// Evaluations running on threads of their own.
     extra: Arc<AtomicUsize>,
 }
@@ -81,7 +80,6 @@ impl EvalPool {
         }
         Ok(Self {
             tx,
-            workers,
             extra: Arc::new(AtomicUsize::new(0)),
         })
     }
@@ -89,10 +87,6 @@ impl EvalPool {
     /// A pool sized for this machine.
     pub fn for_host() -> std::io::Result<Self> {
         Self::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
-    }
-
-    pub fn workers(&self) -> usize {
-        self.workers
     }
 
     /// Evaluates `input` on a worker; denies (with an error) when the queue

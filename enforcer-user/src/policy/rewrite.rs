@@ -69,40 +69,32 @@ pub struct Call {
     pub line: u32,
 }
 
+/// Parses one module as the engine will (Rego v1 unless it says otherwise,
+/// as in OPA 1.x); None when it does not parse — the compiler then reports
+/// the syntax error with its context.
+pub fn parse_module(file: &str, text: &str) -> Option<Module> {
+    let source = Source::from_contents(file.to_owned(), text.to_owned()).ok()?;
+    let mut parser = Parser::new(&source).ok()?;
+    parser.enable_rego_v1().ok()?;
+    parser.parse().ok()
+}
+
 /// Rewrites one module (see the module docs). `file` names it in errors.
 pub fn rewrite(file: &str, text: &str) -> Result<Rewritten, Refused> {
-    let refused = |line: u32, message: String| Refused {
-        file: file.to_owned(),
-        line,
-        message,
-    };
-    let source = Source::from_contents(file.to_owned(), text.to_owned())
-        .map_err(|e| refused(0, e.to_string()))?;
-    let module = {
-        let mut parser = Parser::new(&source).map_err(|e| refused(0, e.to_string()))?;
-        // Modules are Rego v1 unless they say otherwise, as in OPA 1.x.
-        parser
-            .enable_rego_v1()
-            .map_err(|e| refused(0, e.to_string()))?;
-        match parser.parse() {
-            Ok(m) => m,
-            // The compiler reports syntax errors with their context.
-            Err(_) => {
-                return Ok(Rewritten {
-                    text: text.to_owned(),
-                    volatile: false,
-                    defines: Vec::new(),
-                    calls: Vec::new(),
-                });
-            }
-        }
+    let Some(module) = parse_module(file, text) else {
+        return Ok(Rewritten {
+            text: text.to_owned(),
+            volatile: false,
+            defines: Vec::new(),
+            calls: Vec::new(),
+        });
     };
     let mut prefix = String::from("enforcer_arg");
     while text.contains(&prefix) {
         prefix.push('_');
     }
     let mut w = Walker {
-        text: text.to_owned(),
+        text,
         edits: Vec::new(),
         fresh: 0,
         prefix,
@@ -117,7 +109,11 @@ pub fn rewrite(file: &str, text: &str) -> Result<Rewritten, Refused> {
         w.rule(rule);
     }
     if let Some((line, message)) = w.refused {
-        return Err(refused(line, message));
+        return Err(Refused {
+            file: file.to_owned(),
+            line,
+            message,
+        });
     }
     let defines = w
         .locals
@@ -269,8 +265,9 @@ fn function_names(m: &Module) -> Vec<String> {
     out
 }
 
-struct Walker {
-    text: String,
+struct Walker<'a> {
+    /// The module's source; edits are offsets into it.
+    text: &'a str,
     edits: Vec<Edit>,
     fresh: usize,
     prefix: String,
@@ -290,7 +287,7 @@ enum QueryKind {
     Nested,
 }
 
-impl Walker {
+impl Walker<'_> {
     fn rule(&mut self, rule: &Ref<Rule>) {
         match rule.as_ref() {
             Rule::Spec { head, bodies, .. } => {
@@ -355,8 +352,8 @@ impl Walker {
                     if !hoists.is_empty() {
                         hoisted = true;
                         // The literal's `with` modifiers apply to what is hoisted.
-                        let lit_end = literal_end(&self.text, &stmt.literal);
-                        let (stmt_start, stmt_end) = range(&self.text, &stmt.span);
+                        let lit_end = literal_end(self.text, &stmt.literal);
+                        let (stmt_start, stmt_end) = range(self.text, &stmt.span);
                         let with = self
                             .text
                             .get(lit_end..stmt_end.max(lit_end))
@@ -378,12 +375,15 @@ impl Walker {
                 }
             }
         }
-        let (s, e) = range(&self.text, &q.span);
+        if !hoisted || kind != QueryKind::RuleBody {
+            return;
+        }
+        let (s, e) = range(self.text, &q.span);
         let braced = self
             .text
             .get(s..e)
             .is_some_and(|t| t.trim_start().starts_with('{'));
-        if hoisted && kind == QueryKind::RuleBody && !braced {
+        if !braced {
             self.edits.push(Edit {
                 start: s,
                 end: s,
@@ -535,7 +535,7 @@ impl Walker {
         };
         let translated = re2_to_rust(pattern);
         if translated.as_str() != pattern.as_ref() {
-            let (start, end) = range(&self.text, e.span());
+            let (start, end) = range(self.text, e.span());
             // serde_json's escapes are all valid in Rego strings.
             let text = serde_json::to_string(&translated).unwrap_or_default();
             self.edits.push(Edit {
@@ -547,20 +547,17 @@ impl Walker {
         }
     }
 
-    fn bind(&mut self, e: &Expr, hoists: &mut Vec<String>, text_src: &str) {
-        let (s, end) = range(text_src, e.span());
-        let inner = apply(text_src, s, end, &mut self.edits);
+    fn bind(&mut self, e: &Expr, hoists: &mut Vec<String>) {
+        let (s, end) = range(self.text, e.span());
+        let inner = apply(self.text, s, end, &mut self.edits);
         let var = format!("{}{}", self.prefix, self.fresh);
         self.fresh += 1;
-        let needs_parens = !matches!(
-            e,
-            Expr::RefDot { .. } | Expr::RefBrack { .. } | Expr::Call { .. }
-        );
-        if needs_parens {
-            hoists.push(format!("{var} = ({inner})"));
+        // An operator expression is bound in parentheses (`k, v in c`).
+        hoists.push(if is_ref(e) || matches!(e, Expr::Call { .. }) {
+            format!("{var} = {inner}")
         } else {
-            hoists.push(format!("{var} = {inner}"));
-        }
+            format!("{var} = ({inner})")
+        });
         self.edits.push(Edit {
             start: s,
             end,
@@ -571,7 +568,6 @@ impl Walker {
 
     /// The operand of `not`: OPA's rewrite of a negated expression.
     fn not_operand(&mut self, e: &Expr, hoists: &mut Vec<String>) {
-        let src = std::mem::take(&mut self.text);
         match e {
             // Equality keeps its direct operands in place.
             Expr::BoolExpr {
@@ -588,37 +584,36 @@ impl Walker {
             } => {
                 for side in [lhs, rhs] {
                     if is_call_like(side) {
-                        self.dynamic(side, hoists, &src);
+                        self.dynamic(side, hoists);
                     } else {
-                        self.components(side, hoists, &src);
+                        self.components(side, hoists);
                     }
                 }
             }
-            _ => self.components(e, hoists, &src),
+            _ => self.components(e, hoists),
         }
-        self.text = src;
     }
 
     /// The parts of `e` that OPA binds, but not `e` itself.
-    fn components(&mut self, e: &Expr, hoists: &mut Vec<String>, src: &str) {
+    fn components(&mut self, e: &Expr, hoists: &mut Vec<String>) {
         match e {
-            Expr::RefDot { refr, .. } => self.components(refr, hoists, src),
+            Expr::RefDot { refr, .. } => self.components(refr, hoists),
             Expr::RefBrack { refr, index, .. } => {
-                self.components(refr, hoists, src);
-                self.dynamic(index, hoists, src);
+                self.components(refr, hoists);
+                self.dynamic(index, hoists);
             }
             Expr::Call { params, .. } => {
                 for p in params {
-                    self.dynamic(p, hoists, src);
+                    self.dynamic(p, hoists);
                 }
             }
             Expr::BoolExpr { lhs, rhs, .. }
             | Expr::ArithExpr { lhs, rhs, .. }
             | Expr::BinExpr { lhs, rhs, .. } => {
-                self.dynamic(lhs, hoists, src);
-                self.dynamic(rhs, hoists, src);
+                self.dynamic(lhs, hoists);
+                self.dynamic(rhs, hoists);
             }
-            Expr::UnaryExpr { expr, .. } => self.dynamic(expr, hoists, src),
+            Expr::UnaryExpr { expr, .. } => self.dynamic(expr, hoists),
             Expr::Membership {
                 key,
                 value,
@@ -626,20 +621,20 @@ impl Walker {
                 ..
             } => {
                 if let Some(k) = key {
-                    self.dynamic(k, hoists, src);
+                    self.dynamic(k, hoists);
                 }
-                self.dynamic(value, hoists, src);
-                self.dynamic(collection, hoists, src);
+                self.dynamic(value, hoists);
+                self.dynamic(collection, hoists);
             }
             Expr::Array { items, .. } | Expr::Set { items, .. } => {
                 for i in items {
-                    self.dynamic(i, hoists, src);
+                    self.dynamic(i, hoists);
                 }
             }
             Expr::Object { fields, .. } => {
                 for (_, k, v) in fields {
-                    self.dynamic(k, hoists, src);
-                    self.dynamic(v, hoists, src);
+                    self.dynamic(k, hoists);
+                    self.dynamic(v, hoists);
                 }
             }
             _ => {}
@@ -648,22 +643,22 @@ impl Walker {
 
     /// OPA's rewrite of one term: refs and calls are bound to a variable
     /// (after their own parts), collections have their items rewritten.
-    fn dynamic(&mut self, e: &Expr, hoists: &mut Vec<String>, src: &str) {
+    fn dynamic(&mut self, e: &Expr, hoists: &mut Vec<String>) {
         match e {
-            Expr::RefDot { .. } | Expr::RefBrack { .. } => {
-                self.components(e, hoists, src);
-                self.bind(e, hoists, src);
-            }
-            _ if is_call_like(e) => {
-                self.components(e, hoists, src);
-                self.bind(e, hoists, src);
+            _ if is_ref(e) || is_call_like(e) => {
+                self.components(e, hoists);
+                self.bind(e, hoists);
             }
             Expr::Array { .. } | Expr::Set { .. } | Expr::Object { .. } => {
-                self.components(e, hoists, src)
+                self.components(e, hoists)
             }
             _ => {}
         }
     }
+}
+
+fn is_ref(e: &Expr) -> bool {
+    matches!(e, Expr::RefDot { .. } | Expr::RefBrack { .. })
 }
 
 fn is_call_like(e: &Expr) -> bool {

@@ -5,9 +5,11 @@
 //! name defined more than once runs once per definition, named as OPA names
 //! them (`test_x`, `test_x#01`, …), so a failing definition is never hidden
 //! behind a passing one.
+use std::collections::HashMap;
+
 use regorus::{
-    Source, Value,
-    unstable::{Parser, Rule, RuleHead},
+    Value,
+    unstable::{Rule, RuleHead},
 };
 
 use super::load::{self, LoadError, PolicyFile};
@@ -36,21 +38,14 @@ struct Found {
 /// Finds the test rules of one module and renames repeated definitions so
 /// each can be evaluated alone. Returns the module text to compile.
 fn find_tests(path: &str, text: &str) -> (String, Vec<Found>) {
-    let Ok(source) = Source::from_contents(path.to_owned(), text.to_owned()) else {
-        return (text.to_owned(), Vec::new());
-    };
-    let Ok(mut parser) = Parser::new(&source) else {
-        return (text.to_owned(), Vec::new());
-    };
-    if parser.enable_rego_v1().is_err() {
-        return (text.to_owned(), Vec::new());
-    }
     // Syntax errors are reported by the compiler.
-    let Ok(module) = parser.parse() else {
+    let Some(module) = super::rewrite::parse_module(path, text) else {
         return (text.to_owned(), Vec::new());
     };
     let package = module.package.refr.span().text().to_owned();
     let mut found: Vec<Found> = Vec::new();
+    // Definitions seen so far, per test name.
+    let mut seen: HashMap<&str, usize> = HashMap::new();
     let mut renames: Vec<(usize, usize, String)> = Vec::new();
     for rule in &module.policy {
         let Rule::Spec {
@@ -66,10 +61,9 @@ fn find_tests(path: &str, text: &str) -> (String, Vec<Found>) {
         if !(name.starts_with("test_") || skipped) || name.contains(['.', '[']) {
             continue;
         }
-        let seen = found
-            .iter()
-            .filter(|f| f.rule.split("__enforcer_def").next() == Some(name))
-            .count();
+        let count = seen.entry(name).or_default();
+        let seen = *count;
+        *count += 1;
         let (shown, rule_name) = if seen == 0 {
             (name.to_owned(), name.to_owned())
         } else {
@@ -97,10 +91,7 @@ pub fn run(origin: &str, files: &[PolicyFile]) -> Result<Vec<TestResult>, LoadEr
         .iter()
         .map(|f| {
             if !f.path.ends_with(".rego") {
-                return PolicyFile {
-                    path: f.path.clone(),
-                    contents: f.contents.clone(),
-                };
+                return f.clone();
             }
             let text = String::from_utf8_lossy(&f.contents);
             let (text, found) = find_tests(&f.path, &text);

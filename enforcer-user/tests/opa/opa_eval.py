@@ -1,7 +1,8 @@
 """Evaluates policy x input cases with real OPA (PyPI `opa-golib-python-bindings`,
 which embeds OPA v1.20 as a library), for enforcer's differential test.
 
-stdin:  {"policies": {id: {"modules": {path: rego}, "data": {...}}},
+stdin:  {"policies": {id: {"modules": {path: rego},
+                          "data": [[dotted path or "", {...}], ...]}},
          "cases": [{"policy": id, "input": {...}}]}
 stdout: [{"allow": <value of data.enforcer.authz.allow> | null,
           "defined": bool, "error": "<code>: <message>" | null}], one per case.
@@ -28,8 +29,8 @@ def main():
         try:
             for path, src in pol["modules"].items():
                 e.add_policy(path, src)
-            if pol.get("data"):
-                e.add_data(pol["data"])
+            for path, value in pol["data"]:
+                e.add_data(value, path)
             engines[pid] = e
         except OpaError as exc:
             load_errors[pid] = f"{exc.code}: {exc.message}"
