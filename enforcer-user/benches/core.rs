@@ -45,6 +45,7 @@ fn policy() -> Policy {
     p.install(
         source::load_local(
             &src,
+            &Default::default(),
             Default::default(),
             enforcer::policy::DEFAULT_EVAL_TIMEOUT,
         )

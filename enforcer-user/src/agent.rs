@@ -56,12 +56,21 @@ fn policy_engine(
     first: Option<crate::policy::Loaded>,
     metrics: Arc<crate::admin::Metrics>,
 ) -> anyhow::Result<Policy> {
-    let audit = AuditLog::open(&config.policy.audit_log).with_context(|| {
+    let labels = crate::policy::audit::Labels::new(&config.node_name);
+    let mut audit = AuditLog::open_for(&config.policy.audit_log, labels).with_context(|| {
         format!(
             "opening policy.audit_log {}",
             config.policy.audit_log.display()
         )
     })?;
+    if let Some(d) = &config.policy.decision_logs {
+        let (handle, shipper) = crate::policy::ship::start(d.settings(), metrics.clone())
+            .map_err(anyhow::Error::msg)
+            .context("policy.decision_logs")?;
+        tokio::spawn(shipper);
+        info!(service = %d.service, "shipping decision logs");
+        audit = audit.ship_to(handle);
+    }
     let policy = Policy::new(
         config.policy.mode,
         config.policy.engine,
@@ -74,7 +83,10 @@ fn policy_engine(
         warn!("policy.source is empty: no policy, every connection is denied");
     }
     if let Some(loaded) = first {
-        info!(source = %config.policy.source, revision = %loaded.revision, engine = loaded.engine(), "policy loaded");
+        info!(source = %config.policy.source, revision = %loaded.revision,
+            bundle = loaded.bundle.as_ref().map(|b| b.name.as_str()),
+            bundle_revision = loaded.bundle.as_ref().map(|b| b.revision.as_str()),
+            engine = loaded.engine(), "policy loaded");
         policy.install(loaded);
     }
     Ok(policy)
@@ -91,6 +103,8 @@ pub struct Preflight {
     pub inbound_addr: Option<SocketAddr>,
     /// The first policy, compiled (a local source; a URL is fetched later).
     pub policy: Option<crate::policy::Loaded>,
+    /// How bundles are bounded, verified and fetched (keys read).
+    pub source_options: Arc<source::SourceOptions>,
 }
 
 /// Validates a loaded config against the machine: the captured cgroup (a
@@ -121,6 +135,10 @@ pub fn preflight(config: &Config, config_path: &Path) -> anyhow::Result<Prefligh
         }
     }
     federation_bundles(config)?;
+    let source_options = Arc::new(
+        source::SourceOptions::from_config(&config.policy)
+            .map_err(|(key, m)| anyhow::anyhow!("{key}: {m}"))?,
+    );
     let policy = if config.policy.source.is_empty() {
         None
     } else {
@@ -128,8 +146,13 @@ pub fn preflight(config: &Config, config_path: &Path) -> anyhow::Result<Prefligh
         match src {
             PolicySource::Url(_) => None,
             local => Some(
-                source::load_local(&local, config.policy.engine, config.policy.eval_timeout())
-                    .with_context(|| format!("loading policy.source {}", local.describe()))?,
+                source::load_local(
+                    &local,
+                    &source_options,
+                    config.policy.engine,
+                    config.policy.eval_timeout(),
+                )
+                .with_context(|| format!("loading policy.source {}", local.describe()))?,
             ),
         }
     };
@@ -141,6 +164,7 @@ pub fn preflight(config: &Config, config_path: &Path) -> anyhow::Result<Prefligh
         inbound_ports,
         inbound_addr,
         policy,
+        source_options,
     })
 }
 
@@ -212,6 +236,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         inbound_ports,
         inbound_addr,
         policy: first_policy,
+        source_options,
     } = preflight(&config, config_path)?;
 
     // Every socket the agent makes from here on carries its mark (the kernel
@@ -322,6 +347,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     {
         tokio::spawn(source::watch(
             src,
+            source_options,
             policy.clone(),
             Duration::from_millis(config.policy.poll_ms),
         ));

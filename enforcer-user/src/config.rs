@@ -21,7 +21,7 @@ pub enum ConfigError {
     #[error("invalid config file {path}: {key}: {message}")]
     Invalid {
         path: PathBuf,
-        key: &'static str,
+        key: std::borrow::Cow<'static, str>,
         message: String,
     },
 }
@@ -241,6 +241,162 @@ pub struct PolicyConfig {
     /// denied (decision error) and the evaluation is stopped.
     #[serde(default = "default_eval_timeout_ms")]
     pub eval_timeout_ms: u64,
+    /// How bundles are fetched, bounded and verified.
+    #[serde(default)]
+    pub bundle: BundleConfig,
+    /// Bundle verification keys by id, as OPA's `keys`.
+    #[serde(default)]
+    pub keys: std::collections::BTreeMap<String, KeyConfig>,
+    /// Shipping decision logs to an OPA-compatible decision-log service.
+    #[serde(default)]
+    pub decision_logs: Option<DecisionLogsConfig>,
+}
+
+/// `[policy.decision_logs]`: where decision-log events are shipped, besides
+/// the audit log.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecisionLogsConfig {
+    /// The service's base URL (http:// or https://); batches are POSTed to
+    /// `<service>/logs`.
+    pub service: String,
+    /// PEM CA certificates that verify an https:// service (default: the
+    /// system's).
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
+    /// A file holding a bearer token for an https:// service.
+    #[serde(default)]
+    pub bearer_token_file: Option<PathBuf>,
+    /// The most events in one upload.
+    #[serde(default = "default_max_batch_events")]
+    pub max_batch_events: u64,
+    /// How long events are gathered before an upload.
+    #[serde(default = "default_upload_interval_ms")]
+    pub upload_interval_ms: u64,
+    /// Events held while the service is slow or down; beyond, new events
+    /// are dropped (counted).
+    #[serde(default = "default_buffer_events")]
+    pub buffer_events: u64,
+}
+
+impl DecisionLogsConfig {
+    pub fn settings(&self) -> crate::policy::ship::Settings {
+        crate::policy::ship::Settings {
+            service: self.service.clone(),
+            ca_cert: self.ca_cert.clone(),
+            bearer_token_file: self.bearer_token_file.clone(),
+            max_batch_events: self.max_batch_events as usize,
+            upload_interval: std::time::Duration::from_millis(self.upload_interval_ms),
+            buffer_events: self.buffer_events as usize,
+        }
+    }
+}
+
+fn default_max_batch_events() -> u64 {
+    100
+}
+fn default_upload_interval_ms() -> u64 {
+    1000
+}
+fn default_buffer_events() -> u64 {
+    10_000
+}
+
+/// The bundle's name when `policy.bundle.name` is not set.
+pub const DEFAULT_BUNDLE_NAME: &str = "enforcer";
+
+/// `[policy.bundle]`: OPA's `bundles.<name>` settings that apply to
+/// enforcer's one bundle (docs/policy.md, "Bundles").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleConfig {
+    /// The bundle's name in decision logs (`bundles`), metrics and logs.
+    #[serde(default = "default_bundle_name")]
+    pub name: String,
+    /// Refuse bundles without `.signatures.json` (needs `[policy.keys]`).
+    #[serde(default)]
+    pub require_signature: bool,
+    /// The key that verifies the bundle whatever its JWT names (OPA's
+    /// `signing.keyid`).
+    #[serde(default)]
+    pub keyid: Option<String>,
+    /// The scope the signature must carry (OPA's `signing.scope`).
+    #[serde(default)]
+    pub scope: Option<String>,
+    /// Files left out of signature verification (globs, OPA's
+    /// `signing.exclude_files`).
+    #[serde(default)]
+    pub exclude_files: Vec<String>,
+    /// PEM CA certificates that verify an https:// bundle server (default:
+    /// the system's).
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
+    /// A file holding a bearer token sent to an https:// bundle server
+    /// (read at every fetch).
+    #[serde(default)]
+    pub bearer_token_file: Option<PathBuf>,
+    /// The largest bundle accepted, as fetched or read (gzip'd).
+    #[serde(default = "default_bundle_max_bytes")]
+    pub max_bytes: u64,
+    /// The largest bundle accepted once inflated (all files together).
+    #[serde(default = "default_bundle_max_uncompressed_bytes")]
+    pub max_uncompressed_bytes: u64,
+    /// The most files a bundle may hold.
+    #[serde(default = "default_bundle_max_files")]
+    pub max_files: usize,
+}
+
+impl Default for BundleConfig {
+    fn default() -> Self {
+        Self {
+            name: default_bundle_name(),
+            require_signature: false,
+            keyid: None,
+            scope: None,
+            exclude_files: Vec::new(),
+            ca_cert: None,
+            bearer_token_file: None,
+            max_bytes: default_bundle_max_bytes(),
+            max_uncompressed_bytes: default_bundle_max_uncompressed_bytes(),
+            max_files: default_bundle_max_files(),
+        }
+    }
+}
+
+fn default_bundle_name() -> String {
+    DEFAULT_BUNDLE_NAME.to_owned()
+}
+fn default_bundle_max_bytes() -> u64 {
+    crate::policy::bundle::Limits::default().max_bytes
+}
+fn default_bundle_max_uncompressed_bytes() -> u64 {
+    crate::policy::bundle::Limits::default().max_uncompressed_bytes
+}
+fn default_bundle_max_files() -> usize {
+    crate::policy::bundle::Limits::default().max_files
+}
+
+/// `[policy.keys.<id>]`: a bundle verification key, as OPA's `keys.<id>`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// `RS256` (OPA's default), `RS384`, `RS512`, `PS256`…, `ES256`,
+    /// `ES384`, `HS256`, `HS384`, `HS512`.
+    #[serde(default = "default_key_algorithm")]
+    pub algorithm: String,
+    /// The PEM public key (or the HMAC secret), inline.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// A file holding it (its exact bytes are the HMAC secret).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// The scope signatures made with this key must carry.
+    #[serde(default)]
+    pub scope: Option<String>,
+}
+
+fn default_key_algorithm() -> String {
+    "RS256".into()
 }
 
 impl PolicyConfig {
@@ -258,6 +414,9 @@ impl Default for PolicyConfig {
             poll_ms: default_poll_ms(),
             audit_log: default_audit_log(),
             eval_timeout_ms: default_eval_timeout_ms(),
+            bundle: BundleConfig::default(),
+            keys: Default::default(),
+            decision_logs: None,
         }
     }
 }
@@ -421,9 +580,9 @@ impl Config {
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let invalid = |key, message: String| ConfigError::Invalid {
+        let invalid = |key: &'static str, message: String| ConfigError::Invalid {
             path: path.to_owned(),
-            key,
+            key: key.into(),
             message,
         };
         if self.node_name.is_empty()
@@ -465,6 +624,62 @@ impl Config {
             crate::policy::source::PolicySource::parse(&self.policy.source)
                 .map_err(|m| invalid("policy.source", m))?;
         }
+        if let Some(d) = &self.policy.decision_logs {
+            let invalid_dl = |key: &'static str, message: String| ConfigError::Invalid {
+                path: path.to_owned(),
+                key: key.into(),
+                message,
+            };
+            let uri = d.service.parse::<http::Uri>().map_err(|e| {
+                invalid_dl(
+                    "policy.decision_logs.service",
+                    format!("{:?}: {e}", d.service),
+                )
+            })?;
+            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+                return Err(invalid_dl(
+                    "policy.decision_logs.service",
+                    format!("{:?} is not an http:// or https:// URL", d.service),
+                ));
+            }
+            if d.bearer_token_file.is_some() && uri.scheme_str() != Some("https") {
+                return Err(invalid_dl(
+                    "policy.decision_logs.bearer_token_file",
+                    "a bearer token is only sent to an https:// service".into(),
+                ));
+            }
+            for (key, value, lo, hi) in [
+                (
+                    "policy.decision_logs.max_batch_events",
+                    d.max_batch_events,
+                    1,
+                    100_000,
+                ),
+                (
+                    "policy.decision_logs.upload_interval_ms",
+                    d.upload_interval_ms,
+                    10,
+                    600_000,
+                ),
+                (
+                    "policy.decision_logs.buffer_events",
+                    d.buffer_events,
+                    1,
+                    10_000_000,
+                ),
+            ] {
+                if !(lo..=hi).contains(&value) {
+                    return Err(invalid_dl(key, format!("{value} is outside {lo}..={hi}")));
+                }
+            }
+        }
+        crate::policy::source::SourceOptions::from_config(&self.policy).map_err(
+            |(key, message)| ConfigError::Invalid {
+                path: path.to_owned(),
+                key: key.into(),
+                message,
+            },
+        )?;
         self.inbound_addr(path)?;
         let td = spiffe::TrustDomain::new(&self.identity.trust_domain).map_err(|e| {
             invalid(
@@ -498,7 +713,7 @@ impl Config {
     /// Every numeric key against its documented range (docs/config.md).
     fn check_ranges(&self, path: &Path) -> Result<(), ConfigError> {
         let c = self;
-        let ranges: [(&'static str, u64, u64, u64); 12] = [
+        let ranges: [(&'static str, u64, u64, u64); 15] = [
             (
                 "capture.outbound_port",
                 c.capture.outbound_port.into(),
@@ -544,6 +759,24 @@ impl Config {
             ),
             ("policy.poll_ms", c.policy.poll_ms, 100, 3_600_000),
             (
+                "policy.bundle.max_bytes",
+                c.policy.bundle.max_bytes,
+                1024,
+                1 << 32,
+            ),
+            (
+                "policy.bundle.max_uncompressed_bytes",
+                c.policy.bundle.max_uncompressed_bytes,
+                1024,
+                1 << 34,
+            ),
+            (
+                "policy.bundle.max_files",
+                c.policy.bundle.max_files as u64,
+                1,
+                1_000_000,
+            ),
+            (
                 "policy.eval_timeout_ms",
                 c.policy.eval_timeout_ms,
                 1,
@@ -561,7 +794,7 @@ impl Config {
             if !(lo..=hi).contains(&value) {
                 return Err(ConfigError::Invalid {
                     path: path.to_owned(),
-                    key,
+                    key: key.into(),
                     message: format!("{value} is outside {lo}..={hi}"),
                 });
             }
@@ -569,14 +802,14 @@ impl Config {
         if let Some(p) = c.capture.exclude_ports.iter().find(|p| **p == 0) {
             return Err(ConfigError::Invalid {
                 path: path.to_owned(),
-                key: "capture.exclude_ports",
+                key: "capture.exclude_ports".into(),
                 message: format!("{p} is outside 1..=65535"),
             });
         }
         if c.mesh.plaintext_port == c.capture.outbound_port {
             return Err(ConfigError::Invalid {
                 path: path.to_owned(),
-                key: "mesh.plaintext_port",
+                key: "mesh.plaintext_port".into(),
                 message: "must differ from capture.outbound_port".into(),
             });
         }
@@ -591,7 +824,7 @@ impl Config {
             .map(|s| {
                 s.parse::<IpNet>().map_err(|e| ConfigError::Invalid {
                     path: path.to_owned(),
-                    key: "mesh.cidrs",
+                    key: "mesh.cidrs".into(),
                     message: format!("{s:?} is not a CIDR ({e})"),
                 })
             })
@@ -605,7 +838,7 @@ impl Config {
             for &p in &rule.ports {
                 let invalid = |message: String| ConfigError::Invalid {
                     path: path.to_owned(),
-                    key: "mesh.inbound",
+                    key: "mesh.inbound".into(),
                     message,
                 };
                 if p == 0 || p == self.mesh.plaintext_port || p == self.mesh.hbone_port {
@@ -620,7 +853,7 @@ impl Config {
         if out.len() > enforcer_common::MAX_INBOUND_PORTS as usize {
             return Err(ConfigError::Invalid {
                 path: path.to_owned(),
-                key: "mesh.inbound",
+                key: "mesh.inbound".into(),
                 message: format!("more than {} ports", enforcer_common::MAX_INBOUND_PORTS),
             });
         }
@@ -638,16 +871,16 @@ impl Config {
             .map(Some)
             .map_err(|e| ConfigError::Invalid {
                 path: path.to_owned(),
-                key: "mesh.inbound_addr",
+                key: "mesh.inbound_addr".into(),
                 message: format!("{:?} is not ip:port ({e})", self.mesh.inbound_addr),
             })
     }
 
     /// Parses the capture section into kernel-ready rules.
     pub fn capture_rules(&self, path: &Path) -> Result<CaptureRules, ConfigError> {
-        let invalid = |key, message: String| ConfigError::Invalid {
+        let invalid = |key: &'static str, message: String| ConfigError::Invalid {
             path: path.to_owned(),
-            key,
+            key: key.into(),
             message,
         };
         let parse_nets = |key, list: &[String]| -> Result<Vec<IpNet>, ConfigError> {

@@ -70,7 +70,7 @@ fn parse_engine(s: &str) -> Result<enforcer::policy::EngineKind, String> {
 }
 
 fn policy_cmd(cmd: PolicyCommand) -> anyhow::Result<()> {
-    use enforcer::policy::{load, source::PolicySource, testing};
+    use enforcer::policy::{source::PolicySource, testing};
     match cmd {
         PolicyCommand::Eval {
             input,
@@ -93,7 +93,12 @@ fn policy_cmd(cmd: PolicyCommand) -> anyhow::Result<()> {
                 .map_or(enforcer::policy::DEFAULT_EVAL_TIMEOUT, |c| {
                     c.policy.eval_timeout()
                 });
-            let loaded = enforcer::policy::source::load_local(&src, engine, timeout)?;
+            let opts = match &from_config {
+                Some(c) => enforcer::policy::source::SourceOptions::from_config(&c.policy)
+                    .map_err(|(key, m)| anyhow::anyhow!("{key}: {m}"))?,
+                None => Default::default(),
+            };
+            let loaded = enforcer::policy::source::load_local(&src, &opts, engine, timeout)?;
             let text = std::fs::read_to_string(&input)
                 .with_context(|| format!("reading {}", input.display()))?;
             let value = regorus::Value::from_json_str(&text)
@@ -104,6 +109,7 @@ fn policy_cmd(cmd: PolicyCommand) -> anyhow::Result<()> {
                 "reason": d.reason,
                 "error": d.error,
                 "revision": loaded.revision,
+                "bundles": loaded.bundle.as_ref().map(|b| serde_json::json!({b.name.clone(): {"revision": b.revision}})),
                 "engine": loaded.engine(),
             });
             println!("{}", serde_json::to_string_pretty(&out)?);
@@ -111,16 +117,14 @@ fn policy_cmd(cmd: PolicyCommand) -> anyhow::Result<()> {
         }
         PolicyCommand::Test { policy } => {
             let src = PolicySource::parse(&policy).map_err(anyhow::Error::msg)?;
-            let files = match &src {
-                PolicySource::Dir(d) => load::read_dir(d)?,
-                PolicySource::BundleFile(f) => load::read_bundle(
-                    &f.display().to_string(),
-                    &std::fs::read(f).with_context(|| format!("reading {}", f.display()))?,
-                )?,
-                PolicySource::Url(_) => {
-                    anyhow::bail!("policy test takes a directory or a bundle file")
-                }
-            };
+            if matches!(src, PolicySource::Url(_)) {
+                anyhow::bail!("policy test takes a directory or a bundle file");
+            }
+            // Bundles are read as the agent reads them (limits, roots), but
+            // not verified: `policy test` checks what the bundle does.
+            let mut opts = enforcer::policy::source::SourceOptions::default();
+            opts.bundle.skip_verification = true;
+            let files = enforcer::policy::source::read_local(&src, &opts)?.files;
             let results = testing::run(&src.describe(), &files)?;
             let failed = results.iter().filter(|r| !r.passed && !r.skipped).count();
             let skipped = results.iter().filter(|r| r.skipped).count();

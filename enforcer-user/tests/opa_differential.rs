@@ -287,8 +287,8 @@ fn enforcer_never_allows_where_opa_does_not() {
     let compiled: Vec<[Option<Loaded>; 2]> = policies
         .iter()
         .map(|p| {
-            let it = Loaded::compile(&p.id, "t".into(), &p.files, EngineKind::Interpreter);
-            let vm = Loaded::compile(&p.id, "t".into(), &p.files, EngineKind::Vm);
+            let it = Loaded::compile(&p.id, &p.files, EngineKind::Interpreter);
+            let vm = Loaded::compile(&p.id, &p.files, EngineKind::Vm);
             match (&p.refused, &it) {
                 (Some(want), Err(e)) if e.to_string().contains(want.as_str()) => refused += 1,
                 (Some(want), Err(e)) => failures.push(format!(

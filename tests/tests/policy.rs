@@ -67,6 +67,14 @@ fn audit(tb: &Testbed, n: &Node) -> Vec<Value> {
         .collect()
 }
 
+/// `e` logged that it rejected a policy, with an error containing `needle`.
+fn rejected_with(e: &enforcer_tests::Enforcer, needle: &str) -> bool {
+    e.log_lines().iter().any(|v| {
+        v["message"] == "policy rejected; the previous policy stays in force"
+            && v["error"].as_str().is_some_and(|m| m.contains(needle))
+    })
+}
+
 fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while !f() {
@@ -111,16 +119,29 @@ fn shipped_policy_allows_the_agent_and_denies_another_identity_with_an_audit_tra
         .expect("a audited the research agent's decision");
     for key in [
         "decision_id",
+        "labels",
         "timestamp",
         "path",
         "input",
         "result",
+        "metrics",
         "conn_id",
     ] {
         assert!(!denied[key].is_null(), "audit line lacks {key}: {denied}");
     }
     assert_eq!(denied["path"], "enforcer/authz/allow");
-    assert_eq!(denied["result"]["allow"], false);
+    assert_eq!(
+        denied["labels"]["node"],
+        p.tb.node_instance(&p.a),
+        "{denied}"
+    );
+    assert!(denied["labels"]["id"].is_string() && denied["labels"]["version"].is_string());
+    assert!(
+        denied["metrics"]["timer_rego_query_eval_ns"]
+            .as_u64()
+            .is_some_and(|n| n > 0)
+    );
+    assert_eq!(denied["result"], false);
     assert_eq!(denied["input"]["direction"], "outbound");
     assert_eq!(
         denied["input"]["destination"]["spiffe_id"], LLM,
@@ -147,7 +168,7 @@ fn shipped_policy_allows_the_agent_and_denies_another_identity_with_an_audit_tra
     assert_eq!(allowed["input"]["direction"], "inbound");
     assert_eq!(allowed["input"]["source"]["authenticated"], true);
     assert_eq!(allowed["input"]["destination"]["spiffe_id"], LLM);
-    assert_eq!(allowed["result"]["allow"], true);
+    assert_eq!(allowed["result"], true);
 
     // Metrics by result and identity.
     let m = p.ea.metrics().expect("metrics");
@@ -242,12 +263,7 @@ fn policy_reload_applies_within_two_seconds_and_a_broken_policy_is_rejected() {
             .unwrap_or(0.0)
             == 1.0
     });
-    assert!(p.ea.log_lines().iter().any(|v| {
-        v["message"] == "policy rejected; the previous policy stays in force"
-            && v["error"]
-                .as_str()
-                .is_some_and(|e| e.contains("authz.rego"))
-    }));
+    assert!(rejected_with(&p.ea, "authz.rego"));
     assert_eq!(
         curl(&p.a, "support-agent.service", &url).1,
         "200",
@@ -281,8 +297,8 @@ fn dry_run_allows_and_logs_would_deny() {
             .any(|v| v["message"] == "would deny (dry-run): allowing")
     );
     let rec = audit(&p.tb, &p.a).into_iter().next().expect("audit");
-    assert_eq!(rec["result"]["allow"], false);
-    assert_eq!(rec["result"]["reason"], "nothing is allowed");
+    assert_eq!(rec["result"], false);
+    assert_eq!(rec["reason"], "nothing is allowed");
     assert_eq!(rec["enforced"], false);
     assert_eq!(
         p.ea.metric(
@@ -326,6 +342,16 @@ fn evaluation_error_and_missing_policy_deny() {
         p.ea.log_lines()
             .iter()
             .any(|v| v["message"] == "policy evaluation failed; denying")
+    );
+    // The decision log says so as OPA does: an error object, no result.
+    let rec = audit(&p.tb, &p.a).into_iter().next().expect("audit");
+    assert!(rec.get("result").is_none(), "{rec}");
+    assert_eq!(rec["error"]["code"], "eval_conflict_error", "{rec}");
+    assert!(
+        rec["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{rec}"
     );
     assert_eq!(
         p.ea.metric("enforcer_policy_decisions_total", &[("result", "error")])
@@ -456,7 +482,7 @@ fn opa_bundles_from_a_file_and_from_http_with_etag() {
     assert!(
         audit(&tb, &p.b)
             .iter()
-            .any(|r| r["result"]["allow"] == true && r["input"]["source"]["spiffe_id"] == AGENT)
+            .any(|r| r["result"] == true && r["input"]["source"]["spiffe_id"] == AGENT)
     );
 }
 
@@ -591,4 +617,316 @@ fn shipped_daemonset_policy_volume_loads_the_shipped_policy_as_the_repository_do
         assert_eq!(v["allow"], true, "{}: {v}", policy.display());
     }
     let _ = std::fs::remove_dir_all(&root);
+}
+
+fn helper(name: &str) -> String {
+    format!("{}/helpers/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().expect("run");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The shipped policy as a bundle source directory (`enforcer/…`).
+fn bundle_source(root: &Path) {
+    std::fs::create_dir_all(root.join("enforcer")).expect("dir");
+    for f in ["authz.rego", "data.json"] {
+        std::fs::copy(
+            shipped_policies().join("enforcer").join(f),
+            root.join("enforcer").join(f),
+        )
+        .expect("copy");
+    }
+}
+
+/// A signed bundle of the shipped policy (OPA's format, signed by the
+/// independent Python signer with an RSA key made by openssl), served over
+/// HTTPS with a bearer token; then a tampered bundle and an unsigned one,
+/// both refused while the signed policy stays in force.
+#[test]
+fn signed_bundle_over_https_with_a_token_and_tampered_bundles_refused() {
+    let p = pair("polsigned", |tb, n| {
+        let d = &tb.dir;
+        if n.name != "a" {
+            return shipped(tb, n);
+        }
+        run_ok(
+            Command::new("openssl")
+                .args([
+                    "genpkey",
+                    "-algorithm",
+                    "RSA",
+                    "-pkeyopt",
+                    "rsa_keygen_bits:2048",
+                    "-out",
+                ])
+                .arg(d.join("sign.key")),
+        );
+        run_ok(
+            Command::new("openssl")
+                .args(["pkey", "-pubout", "-in"])
+                .arg(d.join("sign.key"))
+                .arg("-out")
+                .arg(d.join("sign.pub")),
+        );
+        // A CA (the ca_cert file) and the bundle server's certificate for 127.0.0.1.
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        run_ok(
+            Command::new("openssl")
+                .args(["req", "-x509"])
+                .args(ec)
+                .args(["-days", "1", "-subj", "/CN=bundle-ca", "-keyout"])
+                .arg(d.join("ca.key"))
+                .arg("-out")
+                .arg(d.join("ca.pem")),
+        );
+        run_ok(
+            Command::new("openssl")
+                .arg("req")
+                .args(ec)
+                .args(["-subj", "/CN=bundles", "-keyout"])
+                .arg(d.join("srv.key"))
+                .arg("-out")
+                .arg(d.join("srv.csr")),
+        );
+        std::fs::write(
+            d.join("srv.ext"),
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+        )
+        .expect("ext");
+        run_ok(
+            Command::new("openssl")
+                .args(["x509", "-req", "-days", "1", "-in"])
+                .arg(d.join("srv.csr"))
+                .arg("-CA")
+                .arg(d.join("ca.pem"))
+                .arg("-CAkey")
+                .arg(d.join("ca.key"))
+                .arg("-CAcreateserial")
+                .arg("-extfile")
+                .arg(d.join("srv.ext"))
+                .arg("-out")
+                .arg(d.join("srv.pem")),
+        );
+        std::fs::write(d.join("token"), "s3cret\n").expect("token");
+        let src = d.join("bundle-src");
+        bundle_source(&src);
+        run_ok(
+            Command::new("python3")
+                .arg(helper("opa_bundle.py"))
+                .arg(&src)
+                .arg(d.join("signed.tar.gz"))
+                .args(["--revision", "rev-1", "--roots", "enforcer", "--key"])
+                .arg(d.join("sign.key")),
+        );
+        run_ok(
+            Command::new("python3")
+                .arg(helper("opa_bundle.py"))
+                .arg(&src)
+                .arg(d.join("tampered.tar.gz"))
+                .args([
+                    "--revision",
+                    "rev-1",
+                    "--roots",
+                    "enforcer",
+                    "--tamper",
+                    "enforcer/authz.rego",
+                    "--key",
+                ])
+                .arg(d.join("sign.key")),
+        );
+        run_ok(
+            Command::new("python3")
+                .arg(helper("opa_bundle.py"))
+                .arg(&src)
+                .arg(d.join("unsigned.tar.gz"))
+                .args(["--revision", "rev-2", "--roots", "enforcer"]),
+        );
+        std::fs::copy(d.join("signed.tar.gz"), d.join("served.tar.gz")).expect("serve");
+        format!(
+            "{}\n[policy.bundle]\nname = \"authz\"\nrequire_signature = true\nca_cert = \"{}\"\nbearer_token_file = \"{}\"\n\n[policy.keys.release]\nalgorithm = \"RS256\"\nkey_file = \"{}\"\n",
+            tb.policy_section(n, "https://127.0.0.1:8443/bundles/authz.tar.gz"),
+            d.join("ca.pem").display(),
+            d.join("token").display(),
+            d.join("sign.pub").display(),
+        )
+    });
+    let d = p.tb.dir.clone();
+    let served = d.join("served.tar.gz");
+    let mut tb = p.tb;
+    let (cert, key) = (d.join("srv.pem"), d.join("srv.key"));
+    tb.spawn(
+        &p.a,
+        None,
+        "bundle-server",
+        &[
+            "python3",
+            "-u",
+            &helper("bundle_server.py"),
+            &served.display().to_string(),
+            &cert.display().to_string(),
+            &key.display().to_string(),
+            "8443",
+            "s3cret",
+        ],
+    )
+    .expect("bundle server");
+    wait_until("a loads the signed bundle over https", 15, || {
+        p.ea.log_lines()
+            .iter()
+            .any(|v| v["message"] == "policy reloaded" && v["bundle_revision"] == "rev-1")
+    });
+    let log = tb.server_log(&p.a, "bundle-server");
+    assert!(!log.contains("401"), "the token was sent: {log}");
+    let url = format!("http://{}:8080/", p.b.ipv4);
+    assert_eq!(curl(&p.a, "support-agent.service", &url).1, "200");
+    assert_ne!(curl(&p.a, "research-agent.service", &url).1, "200");
+    let rec = audit(&tb, &p.a).into_iter().last().expect("audit");
+    assert_eq!(
+        rec["bundles"],
+        serde_json::json!({"authz": {"revision": "rev-1"}}),
+        "{rec}"
+    );
+    assert_eq!(
+        p.ea.metric(
+            "enforcer_policy_info",
+            &[("bundle", "authz"), ("revision", "rev-1")]
+        )
+        .expect("metrics"),
+        1.0
+    );
+
+    // The attack: the module changed after signing (allow everything).
+    std::fs::copy(d.join("tampered.tar.gz"), &served).expect("tamper");
+    wait_until("the tampered bundle is refused", 10, || {
+        rejected_with(&p.ea, "enforcer/authz.rego: digest mismatch")
+    });
+    assert_ne!(
+        curl(&p.a, "research-agent.service", &url).1,
+        "200",
+        "the tampered policy must not be in force"
+    );
+    // An unsigned bundle, with a new revision: refused as well.
+    std::fs::copy(d.join("unsigned.tar.gz"), &served).expect("unsigned");
+    wait_until("the unsigned bundle is refused", 10, || {
+        rejected_with(&p.ea, "require_signature")
+    });
+    assert_ne!(curl(&p.a, "research-agent.service", &url).1, "200");
+    assert_eq!(
+        p.ea.metric("enforcer_policy_reloads_total", &[("result", "rejected")])
+            .expect("m"),
+        2.0
+    );
+    assert_eq!(
+        p.ea.metric("enforcer_policy_info", &[("revision", "rev-1")])
+            .expect("m"),
+        1.0,
+        "rev-1 stays in force"
+    );
+}
+
+/// Decision logs shipped to an OPA-compatible service (the receiver checks
+/// the format): the first upload fails and is retried; every audited
+/// decision arrives, none dropped.
+#[test]
+fn decision_logs_are_shipped_in_opas_format_and_retried() {
+    let p = pair("polship2", |tb, n| {
+        if n.name == "a" {
+            format!(
+                "{}\n[policy.decision_logs]\nservice = \"http://127.0.0.1:8282\"\nupload_interval_ms = 100\n",
+                shipped(tb, n)
+            )
+        } else {
+            shipped(tb, n)
+        }
+    });
+    let mut tb = p.tb;
+    tb.spawn(
+        &p.a,
+        None,
+        "dl-receiver",
+        &[
+            "python3",
+            "-u",
+            &helper("decision_log_receiver.py"),
+            "8282",
+            "1",
+        ],
+    )
+    .expect("receiver");
+    std::thread::sleep(Duration::from_millis(300));
+    let url = format!("http://{}:8080/", p.b.ipv4);
+    for unit in [
+        "support-agent.service",
+        "research-agent.service",
+        "support-agent.service",
+    ] {
+        curl(&p.a, unit, &url);
+    }
+    let audited: Vec<String> = audit(&tb, &p.a)
+        .iter()
+        .map(|r| r["decision_id"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert!(audited.len() >= 3, "{audited:?}");
+    let shipped_events = |tb: &Testbed| -> Vec<Value> {
+        tb.server_log(&p.a, "dl-receiver")
+            .lines()
+            .filter_map(|l| l.strip_prefix("EVENT "))
+            .map(|l| serde_json::from_str(l).expect("event JSON"))
+            .collect()
+    };
+    wait_until("every audited decision is shipped", 15, || {
+        shipped_events(&tb).len() >= audited.len()
+    });
+    let log = tb.server_log(&p.a, "dl-receiver");
+    assert!(!log.contains("BAD"), "{log}");
+    assert!(
+        log.contains("FAILED"),
+        "the first upload was refused: {log}"
+    );
+    let events = shipped_events(&tb);
+    let ids: Vec<&str> = events
+        .iter()
+        .map(|e| e["decision_id"].as_str().unwrap_or_default())
+        .collect();
+    for id in &audited {
+        assert!(ids.contains(&id.as_str()), "{id} not shipped: {ids:?}");
+    }
+    let denied = events
+        .iter()
+        .find(|e| e["input"]["source"]["spiffe_id"] == RESEARCH)
+        .expect("the denied decision");
+    assert_eq!(denied["result"], false);
+    assert_eq!(denied["path"], "enforcer/authz/allow");
+    assert_eq!(denied["labels"]["node"], tb.node_instance(&p.a));
+    assert!(denied["conn_id"].as_u64().is_some());
+    assert!(
+        p.ea.metric(
+            "enforcer_decision_log_uploads_total",
+            &[("result", "failed")]
+        )
+        .expect("m")
+            >= 1.0
+    );
+    assert_eq!(
+        p.ea.metric("enforcer_decision_logs_total", &[("result", "dropped")])
+            .expect("m"),
+        0.0
+    );
+    assert!(
+        p.ea.metric("enforcer_decision_logs_total", &[("result", "shipped")])
+            .expect("m")
+            >= audited.len() as f64
+    );
 }

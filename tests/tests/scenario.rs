@@ -62,7 +62,7 @@ fn ai_agents_mcp_llm_and_vector_db_under_identity_and_policy() {
         })
         .expect("tools node decided MCP -> vector DB with the verified destination identity");
     assert_eq!(hop["input"]["destination"]["authenticated"], true, "{hop}");
-    assert_eq!(hop["result"]["allow"], true, "{hop}");
+    assert_eq!(hop["result"], true, "{hop}");
     let at_db = s.audit(&s.data);
     let inbound = at_db
         .iter()
@@ -72,7 +72,7 @@ fn ai_agents_mcp_llm_and_vector_db_under_identity_and_policy() {
         inbound["input"]["source"]["authenticated"], true,
         "{inbound}"
     );
-    assert_eq!(inbound["result"]["allow"], true, "{inbound}");
+    assert_eq!(inbound["result"], true, "{inbound}");
 
     // 2. A second agent identity is refused by policy at the LLM and the MCP server.
     let (pid, out, ok) = s
@@ -110,7 +110,7 @@ fn ai_agents_mcp_llm_and_vector_db_under_identity_and_policy() {
         a.iter().any(|r| {
             r["input"]["source"]["spiffe_id"] == src
                 && r["input"]["destination"]["spiffe_id"] == dst
-                && r["result"]["allow"] == allow
+                && r["result"] == allow
         })
     };
     assert!(find(SUPPORT_AGENT, LLM, true) && find(SUPPORT_AGENT, MCP, true));
@@ -120,5 +120,5 @@ fn ai_agents_mcp_llm_and_vector_db_under_identity_and_policy() {
     assert!(c.iter().any(|r| r["input"]["direction"] == "inbound"
         && r["input"]["source"]["spiffe_id"] == MCP
         && r["input"]["source"]["authenticated"] == true
-        && r["result"]["allow"] == true));
+        && r["result"] == true));
 }

@@ -99,7 +99,7 @@ pub fn run() -> anyhow::Result<()> {
                 .map(short)
                 .unwrap_or("(outside mesh)");
             let port = &r["input"]["destination"]["port"];
-            let verdict = if r["result"]["allow"] == Value::Bool(true) {
+            let verdict = if r["result"] == Value::Bool(true) {
                 "ALLOW"
             } else {
                 "DENY "
@@ -107,7 +107,7 @@ pub fn run() -> anyhow::Result<()> {
             println!(
                 "  node {name} {:<8} {verdict} {src:<26} -> {dst}:{port:<5} {}{}",
                 r["input"]["direction"].as_str().unwrap_or("?"),
-                r["result"]["reason"].as_str().unwrap_or(""),
+                r["reason"].as_str().unwrap_or(""),
                 if r["cached"] == Value::Bool(true) {
                     " (cached)"
                 } else {

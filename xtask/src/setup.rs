@@ -28,7 +28,8 @@ const APT_PACKAGES: &[&str] = &[
 
 /// Python packages (package, module): the AI scenarios' official clients and
 /// servers; `cryptography` to craft bad certificates in tests; grpcio for the
-/// in-test SPIRE Delegated Identity server; h2 for HTTP/2 attack clients on the HBONE port.
+/// in-test SPIRE Delegated Identity server; h2 for HTTP/2 attack clients on the HBONE port;
+/// PyJWT for the independent OPA bundle signer (tests/helpers/opa_bundle.py).
 const PIP_PACKAGES: &[(&str, &str)] = &[
     ("mcp>=2,<3", "mcp.server.mcpserver"),
     ("openai", "openai"),
@@ -37,6 +38,7 @@ const PIP_PACKAGES: &[(&str, &str)] = &[
     ("grpcio", "grpc"),
     ("grpcio-tools", "grpc_tools"),
     ("h2", "h2"),
+    ("PyJWT", "jwt"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13";

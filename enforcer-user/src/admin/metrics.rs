@@ -28,6 +28,16 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// The policy in force: its bundle and manifest revision (empty for a
+/// directory), the digest of its files, and the evaluator.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyInfoLabels {
+    pub bundle: String,
+    pub revision: String,
+    pub digest: String,
+    pub engine: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
 pub enum Direction {
@@ -75,6 +85,9 @@ pub struct Metrics {
     pub policy_decisions: Family<DecisionLabels, Counter>,
     pub policy_eval_seconds: Histogram,
     pub policy_reloads: Family<ResultLabels, Counter>,
+    policy_info: Family<PolicyInfoLabels, Gauge>,
+    decision_logs: Family<ResultLabels, Counter>,
+    decision_log_uploads: Family<ResultLabels, Counter>,
     id_labels: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
@@ -138,10 +151,31 @@ impl Metrics {
             "Policy reloads: ok, or rejected (did not compile; the previous stays)",
             policy_reloads.clone(),
         );
+        let policy_info = Family::<PolicyInfoLabels, Gauge>::default();
+        registry.register(
+            "policy_info",
+            "The policy in force (1): bundle name, manifest revision, digest of its files, evaluator",
+            policy_info.clone(),
+        );
+        let decision_logs = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "decision_logs",
+            "Decision-log events for the decision-log service: shipped, or dropped (buffer full)",
+            decision_logs.clone(),
+        );
+        let decision_log_uploads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "decision_log_uploads",
+            "Uploads of decision-log batches to the decision-log service: ok or failed (retried)",
+            decision_log_uploads.clone(),
+        );
         Self {
             policy_decisions,
             policy_eval_seconds,
             policy_reloads,
+            policy_info,
+            decision_logs,
+            decision_log_uploads,
             id_labels: Default::default(),
             hbone_rejected,
             hbone_streams_refused,
@@ -227,6 +261,24 @@ impl Metrics {
             destination: self.id_label(dst),
         };
         self.policy_decisions.get_or_create(&labels).inc();
+    }
+
+    /// Shows `labels` as the one policy in force.
+    pub fn policy_in_force(&self, labels: PolicyInfoLabels) {
+        self.policy_info.clear();
+        self.policy_info.get_or_create(&labels).set(1);
+    }
+
+    pub fn decision_logs(&self, result: &'static str, n: u64) {
+        self.decision_logs
+            .get_or_create(&ResultLabels { result })
+            .inc_by(n);
+    }
+
+    pub fn decision_log_upload(&self, result: &'static str) {
+        self.decision_log_uploads
+            .get_or_create(&ResultLabels { result })
+            .inc();
     }
 
     pub fn policy_reload(&self, result: &'static str) {

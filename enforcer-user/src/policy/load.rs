@@ -1,10 +1,8 @@
-//! Loading a policy set: a directory of `.rego` and `data.json` files, or an
-//! OPA bundle (`.tar.gz` with the same layout, as OPA bundle servers serve).
-//! A `data.json` in directory `a/b` is placed at `data.a.b`, as OPA does.
-use std::{
-    io::Read as _,
-    path::{Path, PathBuf},
-};
+//! Loading a policy set: a directory of `.rego` and `data.json` /
+//! `data.yaml` files, or an OPA bundle (`bundle`). A data file in directory
+//! `a/b` is placed at `data.a.b`, as OPA does; a bundle's manifest roots
+//! bound where its modules and data may go.
+use std::path::{Path, PathBuf};
 
 use regorus::{Engine, Value};
 
@@ -47,7 +45,69 @@ pub struct PolicyFile {
     pub contents: Vec<u8>,
 }
 
-/// All `.rego` and `data.json` files under `dir`, in a stable order, each
+/// The files of a policy set and what its manifest says about them.
+#[derive(Clone)]
+pub struct PolicySet {
+    pub files: Vec<PolicyFile>,
+    /// Where modules and data may go (`a/b`; `""` is everywhere).
+    pub roots: Vec<String>,
+    /// Set when the policy came as an OPA bundle.
+    pub bundle: Option<BundleRevision>,
+}
+
+/// A bundle's name and its manifest revision, as OPA's decision logs show
+/// them (`bundles: {name: {revision}}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleRevision {
+    pub name: String,
+    pub revision: String,
+}
+
+impl PolicySet {
+    /// Files without a manifest (a directory): no roots, no bundle.
+    pub fn plain(files: Vec<PolicyFile>) -> Self {
+        Self {
+            files,
+            roots: vec![String::new()],
+            bundle: None,
+        }
+    }
+
+    /// A bundle that was read (and verified), named `name`.
+    pub fn from_bundle(name: &str, b: super::bundle::Bundle) -> Self {
+        Self {
+            roots: b.manifest.roots(),
+            bundle: Some(BundleRevision {
+                name: name.to_owned(),
+                revision: b.manifest.revision,
+            }),
+            files: b.files,
+        }
+    }
+
+    /// A digest of the files (and the revision): what changed between polls.
+    pub fn digest(&self) -> String {
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        for f in &self.files {
+            h.update(f.path.as_bytes());
+            h.update([0]);
+            h.update(&f.contents);
+            h.update([0]);
+        }
+        if let Some(b) = &self.bundle {
+            h.update(b.revision.as_bytes());
+        }
+        hex::encode(&h.finalize()[..8])
+    }
+}
+
+fn is_data_file(path: &str) -> bool {
+    let base = path.rsplit('/').next().unwrap_or(path);
+    base == "data.json" || base == "data.yaml"
+}
+
+/// All `.rego`, `data.json` and `data.yaml` files under `dir`, in a stable order, each
 /// once. Entries whose names start with `..` are skipped: they are the
 /// kubelet's internals in a ConfigMap or Secret volume (`..data`, the
 /// timestamped directory it points to), whose files also appear at the top
@@ -75,7 +135,8 @@ pub fn read_dir(dir: &Path) -> Result<Vec<PolicyFile>, LoadError> {
             if p.is_dir() {
                 stack.push(p);
             } else if p.extension().is_some_and(|x| x == "rego")
-                || p.file_name().is_some_and(|n| n == "data.json")
+                || p.file_name()
+                    .is_some_and(|n| is_data_file(&n.to_string_lossy()))
             {
                 let contents = std::fs::read(&p).map_err(|e| LoadError::File {
                     path: p.display().to_string(),
@@ -97,47 +158,10 @@ pub fn read_dir(dir: &Path) -> Result<Vec<PolicyFile>, LoadError> {
     Ok(out)
 }
 
-/// The `.rego` and `data.json` files of an OPA bundle (gzip'd tar).
-pub fn read_bundle(name: &str, bytes: &[u8]) -> Result<Vec<PolicyFile>, LoadError> {
-    let err = |message: String| LoadError::File {
-        path: name.to_owned(),
-        message,
-    };
-    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(bytes));
-    let mut out = Vec::new();
-    for entry in archive
-        .entries()
-        .map_err(|e| err(format!("not a .tar.gz bundle: {e}")))?
-    {
-        let mut entry = entry.map_err(|e| err(format!("corrupt bundle: {e}")))?;
-        if !entry.header().entry_type().is_file() {
-            continue;
-        }
-        let path = entry
-            .path()
-            .map_err(|e| err(e.to_string()))?
-            .to_string_lossy()
-            .trim_start_matches("./")
-            .trim_start_matches('/')
-            .to_owned();
-        if path.split('/').any(|c| c == "..") {
-            return Err(err(format!("entry {path:?} escapes the bundle")));
-        }
-        if path.ends_with(".rego") || path == "data.json" || path.ends_with("/data.json") {
-            let mut contents = Vec::new();
-            entry
-                .read_to_end(&mut contents)
-                .map_err(|e| err(format!("{path}: {e}")))?;
-            out.push(PolicyFile { path, contents });
-        }
-    }
-    out.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok(out)
-}
-
-/// Compiles a policy set into an engine. `origin` names the set in errors.
+/// Compiles files (no manifest) into an engine. `origin` names the set in
+/// errors.
 pub fn compile(origin: &str, files: &[PolicyFile]) -> Result<Engine, LoadError> {
-    compile_set(origin, files).map(|c| c.engine)
+    compile_set(origin, &PolicySet::plain(files.to_vec())).map(|c| c.engine)
 }
 
 /// A compiled policy set.
@@ -150,11 +174,12 @@ pub struct Compiled {
 
 /// Compiles a policy set, each module rewritten to OPA's semantics first
 /// (`rewrite`), with regorus's strict builtin errors (an error denies).
-pub fn compile_set(origin: &str, files: &[PolicyFile]) -> Result<Compiled, LoadError> {
+/// Modules and data outside the set's roots are refused, as OPA does.
+pub fn compile_set(origin: &str, set: &PolicySet) -> Result<Compiled, LoadError> {
     let mut engine = Engine::new();
     engine.set_strict_builtin_errors(true);
     let mut modules = Vec::new();
-    for f in files {
+    for f in &set.files {
         let shown = format!("{origin}/{}", f.path);
         let text = std::str::from_utf8(&f.contents).map_err(|_| LoadError::File {
             path: shown.clone(),
@@ -162,15 +187,49 @@ pub fn compile_set(origin: &str, files: &[PolicyFile]) -> Result<Compiled, LoadE
         })?;
         if f.path.ends_with(".rego") {
             let rewritten = super::rewrite::rewrite(&shown, text)?;
+            let package = rewritten
+                .package
+                .trim_start_matches("data.")
+                .replace('.', "/");
+            if !rewritten.package.is_empty()
+                && !set
+                    .roots
+                    .iter()
+                    .any(|r| super::bundle::root_contains(r, &package))
+            {
+                return Err(LoadError::File {
+                    path: shown,
+                    message: format!(
+                        "manifest roots {:?} do not permit package {}",
+                        set.roots, rewritten.package
+                    ),
+                });
+            }
             modules.push((shown, rewritten));
         } else {
-            let value = Value::from_json_str(text).map_err(|e| LoadError::File {
-                path: shown.clone(),
-                message: format!("not JSON: {e}"),
-            })?;
+            let value = if f.path.ends_with(".yaml") {
+                Value::from_yaml_str(text).map_err(|e| LoadError::File {
+                    path: shown.clone(),
+                    message: format!("not YAML: {e}"),
+                })?
+            } else {
+                Value::from_json_str(text).map_err(|e| LoadError::File {
+                    path: shown.clone(),
+                    message: format!("not JSON: {e}"),
+                })?
+            };
             // data.json in a/b/ lives at data.a.b
-            let mut wrapped = value;
             let dir = f.path.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+            let mut at: Vec<String> = dir
+                .split('/')
+                .filter(|c| !c.is_empty())
+                .map(str::to_owned)
+                .collect();
+            check_data_roots(&value, &mut at, &set.roots).map_err(|message| LoadError::File {
+                path: shown.clone(),
+                message,
+            })?;
+            let mut wrapped = value;
             for comp in dir.split('/').filter(|c| !c.is_empty()).rev() {
                 let mut obj = Value::new_object();
                 if let Ok(map) = obj.as_object_mut() {
@@ -198,6 +257,34 @@ pub fn compile_set(origin: &str, files: &[PolicyFile]) -> Result<Compiled, LoadE
             })?;
     }
     Ok(Compiled { engine, volatile })
+}
+
+/// Data at `path` is inside a root, or is an object whose members are
+/// (OPA's check: an object above a root is walked into, anything else
+/// outside every root is refused).
+fn check_data_roots(value: &Value, path: &mut Vec<String>, roots: &[String]) -> Result<(), String> {
+    let here = path.join("/");
+    if roots.iter().any(|r| super::bundle::root_contains(r, &here)) {
+        return Ok(());
+    }
+    if let Ok(map) = value.as_object()
+        && roots.iter().any(|r| super::bundle::root_contains(&here, r))
+    {
+        for (k, v) in map.iter() {
+            let key = match k {
+                Value::String(s) => s.to_string(),
+                other => other.to_string(),
+            };
+            path.push(key);
+            let r = check_data_roots(v, path, roots);
+            path.pop();
+            r?;
+        }
+        return Ok(());
+    }
+    Err(format!(
+        "manifest roots {roots:?} do not permit data at path /{here}"
+    ))
 }
 
 #[cfg(test)]
@@ -251,5 +338,67 @@ mod tests {
             .expect("eval");
         assert_eq!(v, Value::from(true), "data.json must be at data.enforcer");
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn manifest_roots_bound_modules_and_data() {
+        let set = |files: &[(&str, &str)], roots: &[&str]| PolicySet {
+            files: files
+                .iter()
+                .map(|(p, t)| PolicyFile {
+                    path: (*p).to_owned(),
+                    contents: t.as_bytes().to_vec(),
+                })
+                .collect(),
+            roots: roots.iter().map(|r| (*r).to_owned()).collect(),
+            bundle: None,
+        };
+        let authz = "package enforcer.authz\nimport rego.v1\nallow if data.enforcer.on\n";
+        // Inside the root: a module, data by directory, data at the top
+        // level whose members are all under the root.
+        for files in [
+            vec![
+                ("enforcer/authz.rego", authz),
+                ("enforcer/data.json", r#"{"on": true}"#),
+            ],
+            vec![
+                ("enforcer/authz.rego", authz),
+                ("data.json", r#"{"enforcer": {"on": true}}"#),
+            ],
+        ] {
+            let c = compile_set("b", &set(&files, &["enforcer"])).expect("inside the roots");
+            let mut e = c.engine;
+            assert_eq!(
+                e.eval_rule("data.enforcer.authz.allow".into())
+                    .expect("eval"),
+                Value::from(true)
+            );
+        }
+        for (files, want) in [
+            (
+                vec![
+                    ("authz.rego", authz),
+                    ("x.rego", "package other\nimport rego.v1\ny := 1\n"),
+                ],
+                "do not permit package data.other",
+            ),
+            (
+                vec![
+                    ("authz.rego", authz),
+                    ("data.json", r#"{"enforcer": {"on": true}, "secrets": 1}"#),
+                ],
+                "do not permit data at path /secrets",
+            ),
+            (
+                vec![("authz.rego", authz), ("elsewhere/data.yaml", "on: true\n")],
+                "do not permit data at path /elsewhere",
+            ),
+        ] {
+            let e = compile_set("b", &set(&files, &["enforcer"]))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(e.contains(want), "{e:?} should say {want:?}");
+        }
     }
 }

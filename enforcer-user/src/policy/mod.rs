@@ -3,9 +3,12 @@
 //! Evaluated on both sides of every connection; no policy, an undefined
 //! `allow` or an evaluation error all deny (fail closed).
 pub mod audit;
+pub mod bundle;
 pub mod load;
 pub mod pool;
 pub mod rewrite;
+pub mod ship;
+pub mod signing;
 pub mod source;
 pub mod testing;
 
@@ -134,6 +137,8 @@ pub struct Decision {
     /// Set when evaluation failed (then `allow` is false).
     pub error: Option<String>,
     pub cached: bool,
+    /// `allow` was undefined (denied; OPA logs no `result`).
+    pub undefined: bool,
     /// The evaluation ran past its budget (an error, but one the same input
     /// would give again: cached, so a runaway input is not re-run).
     pub timed_out: bool,
@@ -146,6 +151,7 @@ impl Decision {
             reason: Some(reason.to_owned()),
             error,
             cached: false,
+            undefined: false,
             timed_out: false,
         }
     }
@@ -200,7 +206,10 @@ thread_local! {
 /// A compiled policy set and where it came from.
 pub struct Loaded {
     evaluator: Evaluator,
+    /// A digest of the set's files: what the logs and reload compare.
     pub revision: String,
+    /// The bundle's name and manifest revision, when it came as a bundle.
+    pub bundle: Option<load::BundleRevision>,
     id: u64,
     /// Some module calls a builtin whose value is not a function of the input
     /// (`time.now_ns`…): its decisions are never cached.
@@ -209,28 +218,28 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    /// Compiles `files` and checks that the entry point evaluates.
+    /// Compiles `files` (no manifest) and checks that the entry point
+    /// evaluates.
     pub fn compile(
         origin: &str,
-        revision: String,
         files: &[load::PolicyFile],
         kind: EngineKind,
     ) -> Result<Self, LoadError> {
-        Self::compile_with(origin, revision, files, kind, DEFAULT_EVAL_TIMEOUT)
+        let set = load::PolicySet::plain(files.to_vec());
+        Self::compile_with(origin, &set, kind, DEFAULT_EVAL_TIMEOUT)
     }
 
-    /// As `compile`, with the evaluation time budget.
+    /// Compiles a policy set with the evaluation time budget.
     pub fn compile_with(
         origin: &str,
-        revision: String,
-        files: &[load::PolicyFile],
+        set: &load::PolicySet,
         kind: EngineKind,
         timeout: Duration,
     ) -> Result<Self, LoadError> {
         let load::Compiled {
             mut engine,
             volatile,
-        } = load::compile_set(origin, files)?;
+        } = load::compile_set(origin, set)?;
         engine.set_execution_timer_config(timer(timeout));
         // Evaluating once prepares the engine and surfaces errors that only
         // show when rules are resolved.
@@ -266,7 +275,8 @@ impl Loaded {
         };
         Ok(Self {
             evaluator,
-            revision,
+            revision: set.digest(),
+            bundle: set.bundle.clone(),
             id: NEXT_LOADED_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             volatile,
             timeout,
@@ -289,6 +299,7 @@ impl Loaded {
             Ok(r) => r,
             Err(e) => return Decision::deny("policy error", Some(e)),
         };
+        let undefined = allow == Value::Undefined;
         let allow = match allow {
             Value::Bool(b) => b,
             Value::Undefined => false,
@@ -307,6 +318,7 @@ impl Loaded {
             },
             error: None,
             cached: false,
+            undefined,
             timed_out: false,
         }
     }
@@ -498,6 +510,21 @@ impl Policy {
 
     /// Puts a new policy set in force and empties the decision cache.
     pub fn install(&self, loaded: Loaded) {
+        self.metrics
+            .policy_in_force(crate::admin::metrics::PolicyInfoLabels {
+                bundle: loaded
+                    .bundle
+                    .as_ref()
+                    .map(|b| b.name.clone())
+                    .unwrap_or_default(),
+                revision: loaded
+                    .bundle
+                    .as_ref()
+                    .map(|b| b.revision.clone())
+                    .unwrap_or_default(),
+                digest: loaded.revision.clone(),
+                engine: loaded.engine(),
+            });
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(loaded));
         self.invalidate();
     }
@@ -517,17 +544,31 @@ impl Policy {
 
     /// Decides one connection, audits the decision and counts it.
     pub async fn decide(&self, input: &Input, conn_id: u64) -> Verdict {
-        let (d, evaluated) = self.evaluate(input).await;
-        self.finish(input, conn_id, d, evaluated)
+        let (d, elapsed, loaded) = self.evaluate(input).await;
+        self.finish(input, conn_id, d, elapsed, loaded.as_deref())
     }
 
     /// The decision alone (cache, then policy on the evaluation pool),
-    /// without audit or metrics; for an evaluation, also its duration and the
-    /// policy revision.
-    pub async fn evaluate(&self, input: &Input) -> (Decision, Option<(Duration, String)>) {
+    /// without audit or metrics; for an evaluation, also its duration; and
+    /// the policy in force.
+    pub async fn evaluate(
+        &self,
+        input: &Input,
+    ) -> (Decision, Option<Duration>, Option<Arc<Loaded>>) {
+        let loaded = self
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let input_json = match serde_json::to_string(input) {
             Ok(j) => j,
-            Err(e) => return (Decision::deny("invalid input", Some(e.to_string())), None),
+            Err(e) => {
+                return (
+                    Decision::deny("invalid input", Some(e.to_string())),
+                    None,
+                    loaded,
+                );
+            }
         };
         if let Some(d) = self
             .cache
@@ -537,15 +578,10 @@ impl Policy {
         {
             let mut d = d.clone();
             d.cached = true;
-            return (d, None);
+            return (d, None, loaded);
         }
-        let loaded = self
-            .current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
         let Some(loaded) = loaded else {
-            return (Decision::deny("no policy loaded", None), None);
+            return (Decision::deny("no policy loaded", None), None, None);
         };
         let started = Instant::now();
         // The budget the policy was compiled with: regorus's timer and the
@@ -565,7 +601,7 @@ impl Policy {
             }
             cache.insert(input_json, d.clone());
         }
-        (d, Some((elapsed, loaded.revision.clone())))
+        (d, Some(elapsed), Some(loaded))
     }
 
     fn finish(
@@ -573,7 +609,8 @@ impl Policy {
         input: &Input,
         conn_id: u64,
         decision: Decision,
-        evaluated: Option<(Duration, String)>,
+        elapsed: Option<Duration>,
+        loaded: Option<&Loaded>,
     ) -> Verdict {
         let allowed = decision.allow || self.mode == Mode::DryRun;
         let result = match (decision.allow, &decision.error, self.mode) {
@@ -582,7 +619,7 @@ impl Policy {
             (false, _, Mode::DryRun) => "would_deny",
             (false, None, Mode::Enforce) => "deny",
         };
-        if let Some((elapsed, _)) = &evaluated {
+        if let Some(elapsed) = &elapsed {
             self.metrics
                 .policy_eval_seconds
                 .observe(elapsed.as_secs_f64());
@@ -604,12 +641,17 @@ impl Policy {
             decision_id: &decision_id,
             conn_id,
             input,
-            allow: decision.allow,
+            result: (!decision.undefined && loaded.is_some()).then_some(decision.allow),
             reason: decision.reason.as_deref(),
-            error: decision.error.as_deref(),
+            error: decision
+                .error
+                .as_deref()
+                .map(|e| audit::ErrorObject::classify(e, decision.timed_out)),
             enforced: self.mode == Mode::Enforce,
             cached: decision.cached,
-            revision: evaluated.as_ref().map(|(_, r)| r.as_str()),
+            policy_digest: loaded.map(|l| l.revision.as_str()),
+            bundle: loaded.and_then(|l| l.bundle.as_ref()),
+            eval_ns: elapsed.map(|e| e.as_nanos() as u64),
         });
         Verdict {
             allowed,
@@ -638,8 +680,8 @@ mod tests {
     }
 
     fn both(f: &[load::PolicyFile]) -> (Loaded, Loaded) {
-        let vm = Loaded::compile("t", "r".into(), f, EngineKind::Vm).expect("compiles");
-        let it = Loaded::compile("t", "r".into(), f, EngineKind::Interpreter).expect("compiles");
+        let vm = Loaded::compile("t", f, EngineKind::Vm).expect("compiles");
+        let it = Loaded::compile("t", f, EngineKind::Interpreter).expect("compiles");
         (vm, it)
     }
 
@@ -793,8 +835,7 @@ mod tests {
     #[test]
     fn vm_instruction_limit_denies() {
         let rego = "package enforcer.authz\nimport rego.v1\nallow if {\ninput.protocol == \"tcp\"\ncount([x | some i in numbers.range(1, 3000); some j in numbers.range(1, 3000); x := i * j]) > 0\n}\n";
-        let vm =
-            Loaded::compile("t", "r".into(), &files(rego, None), EngineKind::Vm).expect("compiles");
+        let vm = Loaded::compile("t", &files(rego, None), EngineKind::Vm).expect("compiles");
         assert_eq!(vm.engine(), "vm");
         let input = Input {
             protocol: "tcp",
@@ -817,8 +858,7 @@ mod tests {
         p.install(
             Loaded::compile_with(
                 "t",
-                "r".into(),
-                &files(rego, None),
+                &load::PolicySet::plain(files(rego, None)),
                 EngineKind::Interpreter,
                 timeout,
             )
@@ -866,7 +906,7 @@ mod tests {
             // A new source address each time: evaluated, not cached.
             let mut input = to_port(port);
             input.source.address = Some(format!("10.0.0.{i}"));
-            let (d, evaluated) = p.evaluate(&input).await;
+            let (d, evaluated, _) = p.evaluate(&input).await;
             assert_eq!(d.error, None, "decision {i} (port {port}) stalled: {d:?}");
             assert_eq!(d.allow, port == 80, "decision {i}: {d:?}");
             assert!(evaluated.is_some());
@@ -881,7 +921,7 @@ mod tests {
             );
         }
         // The attacker's retry is served from the cache, not re-run.
-        let (again, evaluated) = p.evaluate(&to_port(20001)).await;
+        let (again, evaluated, _) = p.evaluate(&to_port(20001)).await;
         assert!(
             !again.allow && again.cached && evaluated.is_none(),
             "{again:?}"

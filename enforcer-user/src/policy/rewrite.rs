@@ -58,6 +58,8 @@ pub struct Rewritten {
     /// by [`check_calls`].
     pub defines: Vec<String>,
     pub calls: Vec<Call>,
+    /// The module's package (`data.a.b`); empty when it does not parse.
+    pub package: String,
 }
 
 /// A call to a function the module does not define.
@@ -87,6 +89,7 @@ pub fn rewrite(file: &str, text: &str) -> Result<Rewritten, Refused> {
             volatile: false,
             defines: Vec::new(),
             calls: Vec::new(),
+            package: String::new(),
         });
     };
     let mut prefix = String::from("enforcer_arg");
@@ -125,6 +128,7 @@ pub fn rewrite(file: &str, text: &str) -> Result<Rewritten, Refused> {
         volatile: w.volatile,
         defines,
         calls: w.calls,
+        package: w.module_path,
     })
 }
 

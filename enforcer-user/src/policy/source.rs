@@ -1,15 +1,27 @@
 //! Where the policy comes from, and reloading it: a directory, an OPA bundle
-//! file (`.tar.gz`), or an OPA bundle served over HTTP (polled with ETag).
-//! A change applies to new connections on the next poll; a set that does not
-//! compile is rejected, logged and counted, and the previous one stays.
-use std::{path::PathBuf, sync::Arc, time::Duration};
+//! file (`.tar.gz`), or an OPA bundle served over `https://` (rustls, with a
+//! CA file or the system roots, and an optional bearer token) or `http://`,
+//! polled with ETag. Bundles are read within limits and, when keys are
+//! configured, verified (`bundle`, `signing`). A change applies to new
+//! connections on the next poll; a set that is refused or does not compile
+//! is logged and counted, and the previous one stays.
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Empty};
-use sha2::{Digest as _, Sha256};
+use http_body_util::{BodyExt as _, Empty, Limited};
 use tracing::{info, warn};
 
-use super::{EngineKind, LoadError, Loaded, Policy, load};
+use super::{
+    EngineKind, LoadError, Loaded, Policy, bundle,
+    load::{self, PolicySet},
+    signing,
+};
+use crate::config::PolicyConfig;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PolicySource {
@@ -20,16 +32,12 @@ pub enum PolicySource {
 
 impl PolicySource {
     pub fn parse(s: &str) -> Result<Self, String> {
-        if s.starts_with("https://") {
-            return Err(format!(
-                "{s}: https bundle URLs are not supported yet; serve the bundle over http on a trusted network or as a file"
-            ));
-        }
-        if s.starts_with("http://") {
-            return s
-                .parse::<http::Uri>()
-                .map(|_| Self::Url(s.to_owned()))
-                .map_err(|e| format!("{s}: {e}"));
+        if s.starts_with("https://") || s.starts_with("http://") {
+            let uri = s.parse::<http::Uri>().map_err(|e| format!("{s}: {e}"))?;
+            if uri.host().is_none() {
+                return Err(format!("{s}: no host"));
+            }
+            return Ok(Self::Url(s.to_owned()));
         }
         let p = PathBuf::from(s);
         if s.ends_with(".tar.gz") || s.ends_with(".tgz") {
@@ -45,44 +53,150 @@ impl PolicySource {
             Self::Url(u) => u.clone(),
         }
     }
+
+    fn is_bundle(&self) -> bool {
+        !matches!(self, Self::Dir(_))
+    }
 }
 
-fn revision_of(files: &[load::PolicyFile]) -> String {
-    let mut h = Sha256::new();
-    for f in files {
-        h.update(f.path.as_bytes());
-        h.update([0]);
-        h.update(&f.contents);
-        h.update([0]);
+/// How bundles are read and fetched (`[policy.bundle]`, `[policy.keys]`).
+pub struct SourceOptions {
+    pub bundle: bundle::Options,
+    pub ca_cert: Option<PathBuf>,
+    pub bearer_token_file: Option<PathBuf>,
+}
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        Self {
+            bundle: bundle::Options {
+                name: crate::config::DEFAULT_BUNDLE_NAME.to_owned(),
+                ..bundle::Options::default()
+            },
+            ca_cert: None,
+            bearer_token_file: None,
+        }
     }
-    hex::encode(&h.finalize()[..8])
+}
+
+impl SourceOptions {
+    /// From the configuration; keys are read now. `Err((key, message))`
+    /// names the configuration key at fault.
+    pub fn from_config(c: &PolicyConfig) -> Result<Self, (String, String)> {
+        let b = &c.bundle;
+        let mut keys = HashMap::new();
+        for (id, k) in &c.keys {
+            let at = |field: &str| format!("policy.keys.{id}.{field}");
+            let material = match (&k.key, &k.key_file) {
+                (Some(inline), None) => inline.as_bytes().to_vec(),
+                (None, Some(path)) => std::fs::read(path)
+                    .map_err(|e| (at("key_file"), format!("{}: {e}", path.display())))?,
+                _ => return Err((at("key"), "give exactly one of key and key_file".into())),
+            };
+            let key = signing::Key::new(&k.algorithm, &material, k.scope.clone())
+                .map_err(|m| (at("key"), m))?;
+            keys.insert(id.clone(), key);
+        }
+        let src = PolicySource::parse(&c.source).map_err(|m| ("policy.source".to_owned(), m))?;
+        if b.require_signature && keys.is_empty() {
+            return Err((
+                "policy.bundle.require_signature".into(),
+                "set, but no verification key is configured in [policy.keys]".into(),
+            ));
+        }
+        if b.require_signature && !c.source.is_empty() && !src.is_bundle() {
+            return Err((
+                "policy.bundle.require_signature".into(),
+                format!(
+                    "set, but policy.source {} is a directory; only bundles (.tar.gz, https://) are signed",
+                    c.source
+                ),
+            ));
+        }
+        if b.bearer_token_file.is_some() && !c.source.starts_with("https://") {
+            return Err((
+                "policy.bundle.bearer_token_file".into(),
+                "a bearer token is only sent to an https:// bundle server".into(),
+            ));
+        }
+        if let Some(ca) = &b.ca_cert {
+            ca_roots(ca).map_err(|m| ("policy.bundle.ca_cert".to_owned(), m))?;
+        }
+        let verifier = if keys.is_empty() {
+            None
+        } else {
+            Some(
+                signing::Verifier::new(keys, b.keyid.clone(), b.scope.clone(), &b.exclude_files)
+                    .map_err(|m| ("policy.bundle".to_owned(), m))?,
+            )
+        };
+        Ok(Self {
+            bundle: bundle::Options {
+                name: b.name.clone(),
+                limits: bundle::Limits {
+                    max_bytes: b.max_bytes,
+                    max_uncompressed_bytes: b.max_uncompressed_bytes,
+                    max_files: b.max_files,
+                },
+                verifier,
+                require_signature: b.require_signature,
+                skip_verification: false,
+            },
+            ca_cert: b.ca_cert.clone(),
+            bearer_token_file: b.bearer_token_file.clone(),
+        })
+    }
+}
+
+/// The certificates of a PEM file, as trust anchors.
+fn ca_roots(path: &Path) -> Result<rustls::RootCertStore, String> {
+    use rustls_pki_types::{CertificateDer, pem::PemObject as _};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in
+        CertificateDer::pem_file_iter(path).map_err(|e| format!("{}: {e}", path.display()))?
+    {
+        let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{}: no certificate in the file", path.display()));
+    }
+    Ok(roots)
 }
 
 /// Reads and compiles a local source (directory or bundle file).
 pub fn load_local(
     src: &PolicySource,
+    opts: &SourceOptions,
     engine: EngineKind,
-    timeout: std::time::Duration,
+    timeout: Duration,
 ) -> Result<Loaded, LoadError> {
-    let files = read_local(src)?;
-    Loaded::compile_with(
-        &src.describe(),
-        revision_of(&files),
-        &files,
-        engine,
-        timeout,
-    )
+    let set = read_local(src, opts)?;
+    Loaded::compile_with(&src.describe(), &set, engine, timeout)
 }
 
-fn read_local(src: &PolicySource) -> Result<Vec<load::PolicyFile>, LoadError> {
+/// The policy set of a local source.
+pub fn read_local(src: &PolicySource, opts: &SourceOptions) -> Result<PolicySet, LoadError> {
     match src {
-        PolicySource::Dir(d) => load::read_dir(d),
+        PolicySource::Dir(d) => load::read_dir(d).map(PolicySet::plain),
         PolicySource::BundleFile(f) => {
-            let bytes = std::fs::read(f).map_err(|e| LoadError::File {
-                path: f.display().to_string(),
-                message: e.to_string(),
-            })?;
-            load::read_bundle(&f.display().to_string(), &bytes)
+            let name = f.display().to_string();
+            let err = |message: String| LoadError::File {
+                path: name.clone(),
+                message,
+            };
+            let size = std::fs::metadata(f).map_err(|e| err(e.to_string()))?.len();
+            if size > opts.bundle.limits.max_bytes {
+                return Err(err(format!(
+                    "the bundle is {size} bytes, over policy.bundle.max_bytes ({})",
+                    opts.bundle.limits.max_bytes
+                )));
+            }
+            let bytes = std::fs::read(f).map_err(|e| err(e.to_string()))?;
+            let b = bundle::read(&name, &bytes, &opts.bundle)?;
+            Ok(PolicySet::from_bundle(&opts.bundle.name, b))
         }
         PolicySource::Url(u) => Err(LoadError::File {
             path: u.clone(),
@@ -91,12 +205,13 @@ fn read_local(src: &PolicySource) -> Result<Vec<load::PolicyFile>, LoadError> {
     }
 }
 
-type HttpClient = hyper_util::client::legacy::Client<MarkedConnector, Empty<Bytes>>;
+type HttpClient =
+    hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<MarkedConnector>, Empty<Bytes>>;
 
 /// Connects bundle fetches from sockets that carry the agent's mark, like
 /// every other socket of the agent (so they are never captured).
 #[derive(Clone, Copy)]
-struct MarkedConnector;
+pub(crate) struct MarkedConnector;
 
 impl tower_service::Service<http::Uri> for MarkedConnector {
     type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
@@ -120,7 +235,12 @@ impl tower_service::Service<http::Uri> for MarkedConnector {
                 .trim_start_matches('[')
                 .trim_end_matches(']')
                 .to_owned();
-            let port = uri.port_u16().unwrap_or(80);
+            let default_port = if uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
+                443
+            } else {
+                80
+            };
+            let port = uri.port_u16().unwrap_or(default_port);
             let mut last = std::io::Error::other(format!("{host}: no address"));
             for addr in tokio::net::lookup_host((host.as_str(), port)).await? {
                 match crate::capture::mark::connect(addr, None).await {
@@ -133,21 +253,87 @@ impl tower_service::Service<http::Uri> for MarkedConnector {
     }
 }
 
-/// GETs a bundle; `Ok(None)` when the server says it did not change (304).
+/// An HTTP client for the agent's own requests (bundles, decision logs):
+/// marked sockets, TLS with the CA certificates in `ca_cert` (or the
+/// system's roots) for https://, plain for http://.
+pub(crate) fn https_client<B>(
+    ca_cert: Option<&Path>,
+) -> Result<
+    hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<MarkedConnector>, B>,
+    String,
+>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+{
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = hyper_rustls::HttpsConnectorBuilder::new();
+    let builder = match ca_cert {
+        Some(ca) => {
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_root_certificates(ca_roots(ca)?)
+                .with_no_client_auth();
+            builder.with_tls_config(config)
+        }
+        None => builder
+            .with_provider_and_native_roots(provider)
+            .map_err(|e| format!("the system's CA certificates: {e}"))?,
+    };
+    let connector = builder
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(MarkedConnector);
+    Ok(
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(connector),
+    )
+}
+
+/// `Bearer <token>` from a token file, read off the async runtime (a
+/// rotated token is used at the next request).
+pub(crate) async fn bearer(path: &Path) -> Result<String, String> {
+    let p = path.to_owned();
+    let token = tokio::task::spawn_blocking(move || std::fs::read_to_string(&p))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("bearer token {}: {e}", path.display()))?;
+    Ok(format!("Bearer {}", token.trim()))
+}
+
+/// An HTTP client error with its causes (the TLS error is a cause's cause).
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut m = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        m.push_str(": ");
+        m.push_str(&c.to_string());
+        cause = c.source();
+    }
+    m
+}
+
+/// GETs a bundle within the size limit; `Ok(None)` when the server says it
+/// did not change (304).
 async fn fetch(
     client: &HttpClient,
     url: &str,
+    opts: &SourceOptions,
     etag: Option<&str>,
 ) -> Result<Option<(Bytes, Option<String>)>, String> {
     let mut req = http::Request::get(url);
     if let Some(tag) = etag {
         req = req.header(http::header::IF_NONE_MATCH, tag);
     }
+    if let Some(path) = &opts.bearer_token_file {
+        req = req.header(http::header::AUTHORIZATION, bearer(path).await?);
+    }
     let req = req.body(Empty::new()).map_err(|e| e.to_string())?;
     let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
         .await
         .map_err(|_| "timed out".to_owned())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| chain(&e))?;
     match resp.status() {
         http::StatusCode::NOT_MODIFIED => Ok(None),
         http::StatusCode::OK => {
@@ -156,10 +342,18 @@ async fn fetch(
                 .get(http::header::ETAG)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
-            let body = tokio::time::timeout(Duration::from_secs(30), resp.into_body().collect())
+            let max = opts.bundle.limits.max_bytes;
+            let body = Limited::new(resp.into_body(), usize::try_from(max).unwrap_or(usize::MAX));
+            let body = tokio::time::timeout(Duration::from_secs(30), body.collect())
                 .await
                 .map_err(|_| "timed out reading the body".to_owned())?
-                .map_err(|e| e.to_string())?
+                .map_err(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        format!("the bundle is over policy.bundle.max_bytes ({max})")
+                    } else {
+                        e.to_string()
+                    }
+                })?
                 .to_bytes();
             Ok(Some((body, tag)))
         }
@@ -167,22 +361,38 @@ async fn fetch(
     }
 }
 
-/// Polls the source and installs every new revision that compiles.
-pub async fn watch(src: PolicySource, policy: Arc<Policy>, every: Duration) {
-    let client: HttpClient =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build(MarkedConnector);
+/// Polls the source and installs every new revision that is read, verified
+/// and compiled; reading and compiling run off the async runtime.
+pub async fn watch(
+    src: PolicySource,
+    opts: Arc<SourceOptions>,
+    policy: Arc<Policy>,
+    every: Duration,
+) {
+    let client: HttpClient = match https_client(opts.ca_cert.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(source = %src.describe(), error = %e, "cannot build the bundle client; the policy in force stays and is not reloaded");
+            return;
+        }
+    };
     let mut etag: Option<String> = None;
     let mut rejected: Option<String> = None;
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
-        let files = match &src {
-            PolicySource::Url(u) => match fetch(&client, u, etag.as_deref()).await {
+        let (o, s) = (opts.clone(), src.clone());
+        let set = match &src {
+            PolicySource::Url(u) => match fetch(&client, u, &opts, etag.as_deref()).await {
                 Ok(None) => continue,
                 Ok(Some((body, tag))) => {
                     etag = tag;
-                    load::read_bundle(u, &body)
+                    let name = u.clone();
+                    tokio::task::spawn_blocking(move || {
+                        bundle::read(&name, &body, &o.bundle)
+                            .map(|b| PolicySet::from_bundle(&o.bundle.name, b))
+                    })
+                    .await
                 }
                 Err(e) => {
                     if policy.revision().is_none() {
@@ -193,35 +403,46 @@ pub async fn watch(src: PolicySource, policy: Arc<Policy>, every: Duration) {
                     continue;
                 }
             },
-            local => read_local(local),
+            _ => tokio::task::spawn_blocking(move || read_local(&s, &o)).await,
         };
-        let files = match files {
-            Ok(f) => f,
+        let set = match set {
+            Ok(Ok(set)) => set,
+            Ok(Err(e)) => {
+                // A refused bundle is refused once per content, not per poll.
+                let key = format!("unreadable:{e}");
+                if rejected.as_deref() != Some(key.as_str()) {
+                    reject(&policy, &mut rejected, key, &e);
+                }
+                continue;
+            }
             Err(e) => {
-                reject(&policy, &mut rejected, "unreadable".into(), &e);
+                warn!(error = %e, "reading the policy source panicked; the policy in force stays");
                 continue;
             }
         };
-        let revision = revision_of(&files);
+        let revision = set.digest();
         if policy.revision().as_deref() == Some(revision.as_str())
             || rejected.as_deref() == Some(revision.as_str())
         {
             continue;
         }
-        match Loaded::compile_with(
-            &src.describe(),
-            revision.clone(),
-            &files,
-            policy.engine,
-            policy.eval_timeout,
-        ) {
-            Ok(loaded) => {
-                info!(source = %src.describe(), %revision, engine = loaded.engine(), "policy reloaded");
+        let (engine, timeout, origin) = (policy.engine, policy.eval_timeout, src.describe());
+        let compiled = tokio::task::spawn_blocking(move || {
+            Loaded::compile_with(&origin, &set, engine, timeout)
+        })
+        .await;
+        match compiled {
+            Ok(Ok(loaded)) => {
+                info!(source = %src.describe(), %revision,
+                    bundle = loaded.bundle.as_ref().map(|b| b.name.as_str()),
+                    bundle_revision = loaded.bundle.as_ref().map(|b| b.revision.as_str()),
+                    engine = loaded.engine(), "policy reloaded");
                 policy.metrics.policy_reload("ok");
                 policy.install(loaded);
                 rejected = None;
             }
-            Err(e) => reject(&policy, &mut rejected, revision, &e),
+            Ok(Err(e)) => reject(&policy, &mut rejected, revision, &e),
+            Err(e) => warn!(error = %e, "compiling the policy panicked; the policy in force stays"),
         }
     }
 }
