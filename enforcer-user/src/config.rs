@@ -1038,6 +1038,81 @@ mod tests {
     }
 
     #[test]
+    fn bad_bundle_and_decision_log_settings_are_named() {
+        for (section, key, says) in [
+            (
+                "[policy]\nsource = \"/b.tar.gz\"\n[policy.bundle]\nrequire_signature = true\n",
+                "policy.bundle.require_signature",
+                "no verification key",
+            ),
+            (
+                "[policy]\nsource = \"/dir\"\n[policy.bundle]\nrequire_signature = true\n[policy.keys.k]\nalgorithm = \"HS256\"\nkey = \"s\"\n",
+                "policy.bundle.require_signature",
+                "is a directory",
+            ),
+            (
+                "[policy]\nsource = \"http://b/x.tar.gz\"\n[policy.bundle]\nbearer_token_file = \"/t\"\n",
+                "policy.bundle.bearer_token_file",
+                "https://",
+            ),
+            (
+                "[policy.keys.k]\nalgorithm = \"XS1\"\nkey = \"s\"\n",
+                "policy.keys.k.key",
+                "not one of",
+            ),
+            (
+                "[policy.keys.k]\nkey_file = \"/does/not/exist.pem\"\n",
+                "policy.keys.k.key_file",
+                "/does/not/exist.pem",
+            ),
+            (
+                "[policy.keys.k]\nalgorithm = \"RS256\"\nkey = \"not a key\"\n",
+                "policy.keys.k.key",
+                "PEM RSA",
+            ),
+            (
+                "[policy.bundle]\nkeyid = \"nope\"\n[policy.keys.k]\nalgorithm = \"HS256\"\nkey = \"s\"\n",
+                "policy.bundle",
+                "keyid \"nope\"",
+            ),
+            (
+                "[policy.bundle]\nmax_files = 0\n",
+                "policy.bundle.max_files",
+                "outside",
+            ),
+            (
+                "[policy.bundle]\nca_cert = \"/does/not/exist.pem\"\n",
+                "policy.bundle.ca_cert",
+                "/does/not/exist.pem",
+            ),
+            (
+                "[policy.decision_logs]\nservice = \"logs.example.org\"\n",
+                "policy.decision_logs.service",
+                "not an http",
+            ),
+            (
+                "[policy.decision_logs]\nservice = \"http://l\"\nbearer_token_file = \"/t\"\n",
+                "policy.decision_logs.bearer_token_file",
+                "https://",
+            ),
+            (
+                "[policy.decision_logs]\nservice = \"http://l\"\nbuffer_events = 0\n",
+                "policy.decision_logs.buffer_events",
+                "outside",
+            ),
+        ] {
+            let err = parse(&format!("{MIN}{section}"))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                err.contains(key) && err.contains(says),
+                "{section}: {err:?} should name {key} and say {says:?}"
+            );
+        }
+    }
+
+    #[test]
     fn relative_cgroup_is_rejected() {
         let err = parse("[capture]\ncgroup = \"x/y\"\n")
             .unwrap_err()

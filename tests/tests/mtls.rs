@@ -1142,11 +1142,15 @@ print("ECHOED", ok)
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let dialed =
-        m.ea.closed_connections()
-            .iter()
-            .filter(|v| v["hbone_reused"] == false)
-            .count();
+    // The client has exited; its 10 connections are logged as they close,
+    // which under load can be after it returns: wait for all 10 lines.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while m.ea.closed_connections().len() < 10 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let closed = m.ea.closed_connections();
+    assert!(closed.len() >= 10, "{closed:?}");
+    let dialed = closed.iter().filter(|v| v["hbone_reused"] == false).count();
     assert!(
         dialed >= 3,
         "10 streams at 4 per connection need 3 connections, dialed {dialed}"
