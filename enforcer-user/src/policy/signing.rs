@@ -498,8 +498,14 @@ pub mod tests {
                 "does not verify",
             ),
             (
-                "HS token against the ES key",
-                sign(&f, Algorithm::HS256, &hs_enc, Some("es"), None),
+                "alg confusion: HS256 keyed with the ES public key",
+                sign(
+                    &f,
+                    Algorithm::HS256,
+                    &EncodingKey::from_secret(&es_pub),
+                    Some("es"),
+                    None,
+                ),
                 &f,
                 None,
                 "does not verify",
