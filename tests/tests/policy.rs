@@ -766,6 +766,25 @@ fn signed_bundle_over_https_with_a_token_and_tampered_bundles_refused() {
     let served = d.join("served.tar.gz");
     let mut tb = p.tb;
     let (cert, key) = (d.join("srv.pem"), d.join("srv.key"));
+    // No server yet: the failing fetch (every 200 ms) is logged once, not
+    // at every poll.
+    let fetch_failures = || {
+        p.ea.log_lines()
+            .iter()
+            .filter(|v| {
+                v["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("fetching the policy bundle failed"))
+            })
+            .count()
+    };
+    wait_until("the first fetch fails", 10, || fetch_failures() > 0);
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(
+        fetch_failures(),
+        1,
+        "an unchanged fetch error is not repeated at every poll"
+    );
     tb.spawn(
         &p.a,
         None,

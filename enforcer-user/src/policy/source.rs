@@ -361,6 +361,9 @@ async fn fetch(
     }
 }
 
+/// How often an unchanged fetch error is logged again.
+const FETCH_ERROR_REPEAT: Duration = Duration::from_secs(60);
+
 /// Polls the source and installs every new revision that is read, verified
 /// and compiled; reading and compiling run off the async runtime.
 pub async fn watch(
@@ -378,14 +381,19 @@ pub async fn watch(
     };
     let mut etag: Option<String> = None;
     let mut rejected: Option<String> = None;
+    let mut last_fetch_error: Option<(String, tokio::time::Instant)> = None;
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
         let (o, s) = (opts.clone(), src.clone());
         let set = match &src {
             PolicySource::Url(u) => match fetch(&client, u, &opts, etag.as_deref()).await {
-                Ok(None) => continue,
+                Ok(None) => {
+                    last_fetch_error = None;
+                    continue;
+                }
                 Ok(Some((body, tag))) => {
+                    last_fetch_error = None;
                     etag = tag;
                     let name = u.clone();
                     tokio::task::spawn_blocking(move || {
@@ -395,10 +403,19 @@ pub async fn watch(
                     .await
                 }
                 Err(e) => {
-                    if policy.revision().is_none() {
-                        warn!(url = %u, error = %e, "fetching the policy bundle failed; no policy in force, everything is denied");
-                    } else {
-                        warn!(url = %u, error = %e, "fetching the policy bundle failed; the policy in force stays");
+                    // A server that stays down is reported when the error
+                    // changes and once a minute, not at every poll.
+                    let now = tokio::time::Instant::now();
+                    let repeat = last_fetch_error.as_ref().is_some_and(|(m, at)| {
+                        *m == e && now.duration_since(*at) < FETCH_ERROR_REPEAT
+                    });
+                    if !repeat {
+                        if policy.revision().is_none() {
+                            warn!(url = %u, error = %e, "fetching the policy bundle failed; no policy in force, everything is denied");
+                        } else {
+                            warn!(url = %u, error = %e, "fetching the policy bundle failed; the policy in force stays");
+                        }
+                        last_fetch_error = Some((e, now));
                     }
                     continue;
                 }
