@@ -64,7 +64,7 @@ fn policy_engine(
         )
     })?;
     if let Some(d) = &config.policy.decision_logs {
-        let (handle, shipper) = crate::policy::ship::start(d.settings(), metrics.clone())
+        let (handle, shipper) = crate::policy::ship::start(d, metrics.clone())
             .map_err(anyhow::Error::msg)
             .context("policy.decision_logs")?;
         tokio::spawn(shipper);
@@ -135,10 +135,7 @@ pub fn preflight(config: &Config, config_path: &Path) -> anyhow::Result<Prefligh
         }
     }
     federation_bundles(config)?;
-    let source_options = Arc::new(
-        source::SourceOptions::from_config(&config.policy)
-            .map_err(|(key, m)| anyhow::anyhow!("{key}: {m}"))?,
-    );
+    let source_options = Arc::new(config.source_options(config_path)?);
     let policy = if config.policy.source.is_empty() {
         None
     } else {
@@ -456,9 +453,16 @@ async fn reload_entries(
             continue;
         }
         seen = now;
-        let result = Config::load(&path).map_err(anyhow::Error::from).and_then(|c| {
+        let p = path.clone();
+        let loaded = tokio::task::spawn_blocking(move || Config::load(&p))
+            .await
+            .map_err(anyhow::Error::from);
+        let result = loaded.and_then(|c| {
+            let c = c?;
             if c.identity.trust_domain != trust_domain {
-                warn!("identity.trust_domain changed; that takes a restart and is ignored until then");
+                warn!(
+                    "identity.trust_domain changed; that takes a restart and is ignored until then"
+                );
             }
             Entries::parse(&c.identity.entries, &trust_domain).map_err(anyhow::Error::from)
         });

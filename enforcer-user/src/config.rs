@@ -279,19 +279,6 @@ pub struct DecisionLogsConfig {
     pub buffer_events: u64,
 }
 
-impl DecisionLogsConfig {
-    pub fn settings(&self) -> crate::policy::ship::Settings {
-        crate::policy::ship::Settings {
-            service: self.service.clone(),
-            ca_cert: self.ca_cert.clone(),
-            bearer_token_file: self.bearer_token_file.clone(),
-            max_batch_events: self.max_batch_events as usize,
-            upload_interval: std::time::Duration::from_millis(self.upload_interval_ms),
-            buffer_events: self.buffer_events as usize,
-        }
-    }
-}
-
 fn default_max_batch_events() -> u64 {
     100
 }
@@ -579,6 +566,22 @@ impl Config {
         Ok(cfg)
     }
 
+    /// How policy bundles are bounded, verified and fetched: the key and CA
+    /// files are read here (by `enforcer check`, `run` and `policy eval`),
+    /// not when the file is parsed, so a config reload reads none of them.
+    pub fn source_options(
+        &self,
+        path: &Path,
+    ) -> Result<crate::policy::source::SourceOptions, ConfigError> {
+        crate::policy::source::SourceOptions::from_config(&self.policy).map_err(|(key, message)| {
+            ConfigError::Invalid {
+                path: path.to_owned(),
+                key: key.into(),
+                message,
+            }
+        })
+    }
+
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let invalid = |key: &'static str, message: String| ConfigError::Invalid {
             path: path.to_owned(),
@@ -625,61 +628,25 @@ impl Config {
                 .map_err(|m| invalid("policy.source", m))?;
         }
         if let Some(d) = &self.policy.decision_logs {
-            let invalid_dl = |key: &'static str, message: String| ConfigError::Invalid {
-                path: path.to_owned(),
-                key: key.into(),
-                message,
-            };
             let uri = d.service.parse::<http::Uri>().map_err(|e| {
-                invalid_dl(
+                invalid(
                     "policy.decision_logs.service",
                     format!("{:?}: {e}", d.service),
                 )
             })?;
             if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
-                return Err(invalid_dl(
+                return Err(invalid(
                     "policy.decision_logs.service",
                     format!("{:?} is not an http:// or https:// URL", d.service),
                 ));
             }
             if d.bearer_token_file.is_some() && uri.scheme_str() != Some("https") {
-                return Err(invalid_dl(
+                return Err(invalid(
                     "policy.decision_logs.bearer_token_file",
                     "a bearer token is only sent to an https:// service".into(),
                 ));
             }
-            for (key, value, lo, hi) in [
-                (
-                    "policy.decision_logs.max_batch_events",
-                    d.max_batch_events,
-                    1,
-                    100_000,
-                ),
-                (
-                    "policy.decision_logs.upload_interval_ms",
-                    d.upload_interval_ms,
-                    10,
-                    600_000,
-                ),
-                (
-                    "policy.decision_logs.buffer_events",
-                    d.buffer_events,
-                    1,
-                    10_000_000,
-                ),
-            ] {
-                if !(lo..=hi).contains(&value) {
-                    return Err(invalid_dl(key, format!("{value} is outside {lo}..={hi}")));
-                }
-            }
         }
-        crate::policy::source::SourceOptions::from_config(&self.policy).map_err(
-            |(key, message)| ConfigError::Invalid {
-                path: path.to_owned(),
-                key: key.into(),
-                message,
-            },
-        )?;
         self.inbound_addr(path)?;
         let td = spiffe::TrustDomain::new(&self.identity.trust_domain).map_err(|e| {
             invalid(
@@ -713,7 +680,7 @@ impl Config {
     /// Every numeric key against its documented range (docs/config.md).
     fn check_ranges(&self, path: &Path) -> Result<(), ConfigError> {
         let c = self;
-        let ranges: [(&'static str, u64, u64, u64); 15] = [
+        let mut ranges: Vec<(&'static str, u64, u64, u64)> = vec![
             (
                 "capture.outbound_port",
                 c.capture.outbound_port.into(),
@@ -790,6 +757,28 @@ impl Config {
             ),
             ("node_name (length)", c.node_name.len() as u64, 1, 253),
         ];
+        if let Some(d) = &c.policy.decision_logs {
+            ranges.extend([
+                (
+                    "policy.decision_logs.max_batch_events",
+                    d.max_batch_events,
+                    1,
+                    100_000,
+                ),
+                (
+                    "policy.decision_logs.upload_interval_ms",
+                    d.upload_interval_ms,
+                    10,
+                    600_000,
+                ),
+                (
+                    "policy.decision_logs.buffer_events",
+                    d.buffer_events,
+                    1,
+                    10_000_000,
+                ),
+            ]);
+        }
         for (key, value, lo, hi) in ranges {
             if !(lo..=hi).contains(&value) {
                 return Err(ConfigError::Invalid {
@@ -1101,7 +1090,10 @@ mod tests {
                 "outside",
             ),
         ] {
+            // As `enforcer check` and `run` see it: parsed, then the bundle
+            // settings built (key and CA files read).
             let err = parse(&format!("{MIN}{section}"))
+                .and_then(|c| c.source_options(Path::new("test.toml")).map(drop))
                 .err()
                 .map(|e| e.to_string())
                 .unwrap_or_default();

@@ -78,24 +78,25 @@ fn policy_cmd(cmd: PolicyCommand) -> anyhow::Result<()> {
             config,
             engine,
         } => {
-            let from_config = config.map(|c| Config::load(&c)).transpose()?;
+            let from_config = config
+                .map(|c| Config::load(&c).map(|cfg| (cfg, c)))
+                .transpose()?;
             let src = match (policy, &from_config) {
                 (Some(p), _) => p,
-                (None, Some(c)) => c.policy.source.clone(),
+                (None, Some((c, _))) => c.policy.source.clone(),
                 (None, None) => anyhow::bail!("name the policy with --policy DIR or --config FILE"),
             };
             let engine = engine
-                .or(from_config.as_ref().map(|c| c.policy.engine))
+                .or(from_config.as_ref().map(|(c, _)| c.policy.engine))
                 .unwrap_or_default();
             let src = PolicySource::parse(&src).map_err(anyhow::Error::msg)?;
             let timeout = from_config
                 .as_ref()
-                .map_or(enforcer::policy::DEFAULT_EVAL_TIMEOUT, |c| {
+                .map_or(enforcer::policy::DEFAULT_EVAL_TIMEOUT, |(c, _)| {
                     c.policy.eval_timeout()
                 });
             let opts = match &from_config {
-                Some(c) => enforcer::policy::source::SourceOptions::from_config(&c.policy)
-                    .map_err(|(key, m)| anyhow::anyhow!("{key}: {m}"))?,
+                Some((c, path)) => c.source_options(path)?,
                 None => Default::default(),
             };
             let loaded = enforcer::policy::source::load_local(&src, &opts, engine, timeout)?;
@@ -124,7 +125,7 @@ fn policy_cmd(cmd: PolicyCommand) -> anyhow::Result<()> {
             // not verified: `policy test` checks what the bundle does.
             let mut opts = enforcer::policy::source::SourceOptions::default();
             opts.bundle.skip_verification = true;
-            let files = enforcer::policy::source::read_local(&src, &opts)?.files;
+            let files = enforcer::policy::source::read_local(&src, &opts)?.into_files();
             let results = testing::run(&src.describe(), &files)?;
             let failed = results.iter().filter(|r| !r.passed && !r.skipped).count();
             let skipped = results.iter().filter(|r| r.skipped).count();

@@ -419,34 +419,11 @@ fn make_bundle(out: &Path, root: &Path) {
     assert!(st.success());
 }
 
-const ETAG_SERVER: &str = r#"
-import hashlib, http.server, sys
-path = sys.argv[1]
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = open(path, "rb").read()
-        tag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
-        if self.headers.get("If-None-Match") == tag:
-            self.send_response(304); self.end_headers(); print("304", flush=True); return
-        self.send_response(200); self.send_header("ETag", tag); self.send_header("Content-Length", str(len(body)))
-        self.end_headers(); self.wfile.write(body); print("200", flush=True)
-    def log_message(self, *a): pass
-http.server.HTTPServer(("127.0.0.1", 8181), H).serve_forever()
-"#;
-
 #[test]
 fn opa_bundles_from_a_file_and_from_http_with_etag() {
     let p = pair("polbundle", |tb, n| {
         let root = tb.dir.join("bundle-src");
-        std::fs::create_dir_all(&root).expect("dir");
-        std::fs::create_dir_all(root.join("enforcer")).expect("dir");
-        for f in ["authz.rego", "data.json"] {
-            std::fs::copy(
-                shipped_policies().join("enforcer").join(f),
-                root.join("enforcer").join(f),
-            )
-            .expect("copy");
-        }
+        bundle_source(&root);
         let bundle = tb.dir.join("bundle.tar.gz");
         make_bundle(&bundle, &root);
         if n.name == "a" {
@@ -462,7 +439,13 @@ fn opa_bundles_from_a_file_and_from_http_with_etag() {
         &p.a,
         None,
         "bundle-server",
-        &["python3", "-u", "-c", ETAG_SERVER, &bundle],
+        &[
+            "python3",
+            "-u",
+            &helper("bundle_server.py"),
+            &bundle,
+            "8181",
+        ],
     )
     .expect("bundle server");
     wait_until("a loads the bundle from the URL", 10, || {
@@ -794,9 +777,9 @@ fn signed_bundle_over_https_with_a_token_and_tampered_bundles_refused() {
             "-u",
             &helper("bundle_server.py"),
             &served.display().to_string(),
+            "8443",
             &cert.display().to_string(),
             &key.display().to_string(),
-            "8443",
             "s3cret",
         ],
     )

@@ -8,7 +8,11 @@ use std::{collections::BTreeMap, io::Read as _};
 
 use serde::Deserialize;
 
-use super::{LoadError, load::PolicyFile, signing::Verifier};
+use super::{
+    LoadError,
+    load::{PolicyFile, is_policy_file},
+    signing::Verifier,
+};
 
 /// Bounds on what a bundle may hold (`policy.bundle.max_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,7 +118,6 @@ pub fn root_contains(root: &str, path: &str) -> bool {
 }
 
 /// A bundle read and, if signed, verified.
-#[derive(Clone)]
 pub struct Bundle {
     /// The `.rego`, `data.json` and `data.yaml` files.
     pub files: Vec<PolicyFile>,
@@ -218,13 +221,7 @@ pub fn read(name: &str, bytes: &[u8], opts: &Options) -> Result<Bundle, LoadErro
         .map_err(|m| err(format!(".manifest: {m}")))?;
     let files = all
         .into_iter()
-        .filter(|(p, _)| {
-            p.ends_with(".rego")
-                || p == "data.json"
-                || p.ends_with("/data.json")
-                || p == "data.yaml"
-                || p.ends_with("/data.yaml")
-        })
+        .filter(|(p, _)| is_policy_file(p))
         .map(|(path, contents)| PolicyFile { path, contents })
         .collect();
     Ok(Bundle {

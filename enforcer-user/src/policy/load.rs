@@ -45,14 +45,13 @@ pub struct PolicyFile {
     pub contents: Vec<u8>,
 }
 
-/// The files of a policy set and what its manifest says about them.
-#[derive(Clone)]
+/// The files of a policy set, what its manifest says about them, and their
+/// digest (what a poll compares and the logs show), computed once.
 pub struct PolicySet {
-    pub files: Vec<PolicyFile>,
-    /// Where modules and data may go (`a/b`; `""` is everywhere).
-    pub roots: Vec<String>,
-    /// Set when the policy came as an OPA bundle.
-    pub bundle: Option<BundleRevision>,
+    files: Vec<PolicyFile>,
+    roots: Vec<String>,
+    bundle: Option<BundleRevision>,
+    digest: String,
 }
 
 /// A bundle's name and its manifest revision, as OPA's decision logs show
@@ -64,47 +63,69 @@ pub struct BundleRevision {
 }
 
 impl PolicySet {
-    /// Files without a manifest (a directory): no roots, no bundle.
-    pub fn plain(files: Vec<PolicyFile>) -> Self {
-        Self {
-            files,
-            roots: vec![String::new()],
-            bundle: None,
-        }
-    }
-
-    /// A bundle that was read (and verified), named `name`.
-    pub fn from_bundle(name: &str, b: super::bundle::Bundle) -> Self {
-        Self {
-            roots: b.manifest.roots(),
-            bundle: Some(BundleRevision {
-                name: name.to_owned(),
-                revision: b.manifest.revision,
-            }),
-            files: b.files,
-        }
-    }
-
-    /// A digest of the files (and the revision): what changed between polls.
-    pub fn digest(&self) -> String {
+    /// `roots`: where modules and data may go (`a/b`; `""` is everywhere);
+    /// `bundle`: set when the files came as an OPA bundle.
+    pub fn new(files: Vec<PolicyFile>, roots: Vec<String>, bundle: Option<BundleRevision>) -> Self {
         use sha2::Digest as _;
         let mut h = sha2::Sha256::new();
-        for f in &self.files {
+        for f in &files {
             h.update(f.path.as_bytes());
             h.update([0]);
             h.update(&f.contents);
             h.update([0]);
         }
-        if let Some(b) = &self.bundle {
+        if let Some(b) = &bundle {
             h.update(b.revision.as_bytes());
         }
-        hex::encode(&h.finalize()[..8])
+        let digest = hex::encode(&h.finalize()[..8]);
+        Self {
+            files,
+            roots,
+            bundle,
+            digest,
+        }
+    }
+
+    /// Files without a manifest (a directory): no roots, no bundle.
+    pub fn plain(files: Vec<PolicyFile>) -> Self {
+        Self::new(files, vec![String::new()], None)
+    }
+
+    /// A bundle that was read (and verified), named `name`.
+    pub fn from_bundle(name: &str, b: super::bundle::Bundle) -> Self {
+        let revision = BundleRevision {
+            name: name.to_owned(),
+            revision: b.manifest.revision.clone(),
+        };
+        Self::new(b.files, b.manifest.roots(), Some(revision))
+    }
+
+    pub fn files(&self) -> &[PolicyFile] {
+        &self.files
+    }
+
+    pub fn roots(&self) -> &[String] {
+        &self.roots
+    }
+
+    pub fn bundle(&self) -> Option<&BundleRevision> {
+        self.bundle.as_ref()
+    }
+
+    /// A digest of the files (and the revision): what changed between polls.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    pub fn into_files(self) -> Vec<PolicyFile> {
+        self.files
     }
 }
 
-fn is_data_file(path: &str) -> bool {
+/// A file a policy set is made of: a module, or a data document.
+pub fn is_policy_file(path: &str) -> bool {
     let base = path.rsplit('/').next().unwrap_or(path);
-    base == "data.json" || base == "data.yaml"
+    base.ends_with(".rego") || base == "data.json" || base == "data.yaml"
 }
 
 /// All `.rego`, `data.json` and `data.yaml` files under `dir`, in a stable order, each
@@ -134,9 +155,9 @@ pub fn read_dir(dir: &Path) -> Result<Vec<PolicyFile>, LoadError> {
             let p = e.path();
             if p.is_dir() {
                 stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "rego")
-                || p.file_name()
-                    .is_some_and(|n| is_data_file(&n.to_string_lossy()))
+            } else if p
+                .file_name()
+                .is_some_and(|n| is_policy_file(&n.to_string_lossy()))
             {
                 let contents = std::fs::read(&p).map_err(|e| LoadError::File {
                     path: p.display().to_string(),
@@ -161,7 +182,7 @@ pub fn read_dir(dir: &Path) -> Result<Vec<PolicyFile>, LoadError> {
 /// Compiles files (no manifest) into an engine. `origin` names the set in
 /// errors.
 pub fn compile(origin: &str, files: &[PolicyFile]) -> Result<Engine, LoadError> {
-    compile_set(origin, &PolicySet::plain(files.to_vec())).map(|c| c.engine)
+    compile_set(origin, files, &[String::new()]).map(|c| c.engine)
 }
 
 /// A compiled policy set.
@@ -174,12 +195,16 @@ pub struct Compiled {
 
 /// Compiles a policy set, each module rewritten to OPA's semantics first
 /// (`rewrite`), with regorus's strict builtin errors (an error denies).
-/// Modules and data outside the set's roots are refused, as OPA does.
-pub fn compile_set(origin: &str, set: &PolicySet) -> Result<Compiled, LoadError> {
+/// Modules and data outside `roots` are refused, as OPA does.
+pub fn compile_set(
+    origin: &str,
+    files: &[PolicyFile],
+    roots: &[String],
+) -> Result<Compiled, LoadError> {
     let mut engine = Engine::new();
     engine.set_strict_builtin_errors(true);
     let mut modules = Vec::new();
-    for f in &set.files {
+    for f in files {
         let shown = format!("{origin}/{}", f.path);
         let text = std::str::from_utf8(&f.contents).map_err(|_| LoadError::File {
             path: shown.clone(),
@@ -192,16 +217,15 @@ pub fn compile_set(origin: &str, set: &PolicySet) -> Result<Compiled, LoadError>
                 .trim_start_matches("data.")
                 .replace('.', "/");
             if !rewritten.package.is_empty()
-                && !set
-                    .roots
+                && !roots
                     .iter()
                     .any(|r| super::bundle::root_contains(r, &package))
             {
                 return Err(LoadError::File {
                     path: shown,
                     message: format!(
-                        "manifest roots {:?} do not permit package {}",
-                        set.roots, rewritten.package
+                        "manifest roots {roots:?} do not permit package {}",
+                        rewritten.package
                     ),
                 });
             }
@@ -225,15 +249,15 @@ pub fn compile_set(origin: &str, set: &PolicySet) -> Result<Compiled, LoadError>
                 .filter(|c| !c.is_empty())
                 .map(str::to_owned)
                 .collect();
-            check_data_roots(&value, &mut at, &set.roots).map_err(|message| LoadError::File {
+            check_data_roots(&value, &mut at, roots).map_err(|message| LoadError::File {
                 path: shown.clone(),
                 message,
             })?;
             let mut wrapped = value;
-            for comp in dir.split('/').filter(|c| !c.is_empty()).rev() {
+            for comp in at.iter().rev() {
                 let mut obj = Value::new_object();
                 if let Ok(map) = obj.as_object_mut() {
-                    map.insert(Value::from(comp), wrapped);
+                    map.insert(Value::from(comp.as_str()), wrapped);
                 }
                 wrapped = obj;
             }
@@ -342,16 +366,16 @@ mod tests {
 
     #[test]
     fn manifest_roots_bound_modules_and_data() {
-        let set = |files: &[(&str, &str)], roots: &[&str]| PolicySet {
-            files: files
+        let compile_in = |files: &[(&str, &str)], roots: &[&str]| {
+            let files: Vec<PolicyFile> = files
                 .iter()
                 .map(|(p, t)| PolicyFile {
                     path: (*p).to_owned(),
                     contents: t.as_bytes().to_vec(),
                 })
-                .collect(),
-            roots: roots.iter().map(|r| (*r).to_owned()).collect(),
-            bundle: None,
+                .collect();
+            let roots: Vec<String> = roots.iter().map(|r| (*r).to_owned()).collect();
+            compile_set("b", &files, &roots)
         };
         let authz = "package enforcer.authz\nimport rego.v1\nallow if data.enforcer.on\n";
         // Inside the root: a module, data by directory, data at the top
@@ -366,7 +390,7 @@ mod tests {
                 ("data.json", r#"{"enforcer": {"on": true}}"#),
             ],
         ] {
-            let c = compile_set("b", &set(&files, &["enforcer"])).expect("inside the roots");
+            let c = compile_in(&files, &["enforcer"]).expect("inside the roots");
             let mut e = c.engine;
             assert_eq!(
                 e.eval_rule("data.enforcer.authz.allow".into())
@@ -394,7 +418,7 @@ mod tests {
                 "do not permit data at path /elsewhere",
             ),
         ] {
-            let e = compile_set("b", &set(&files, &["enforcer"]))
+            let e = compile_in(&files, &["enforcer"])
                 .err()
                 .map(|e| e.to_string())
                 .unwrap_or_default();

@@ -239,7 +239,7 @@ impl Loaded {
         let load::Compiled {
             mut engine,
             volatile,
-        } = load::compile_set(origin, set)?;
+        } = load::compile_set(origin, set.files(), set.roots())?;
         engine.set_execution_timer_config(timer(timeout));
         // Evaluating once prepares the engine and surfaces errors that only
         // show when rules are resolved.
@@ -275,8 +275,8 @@ impl Loaded {
         };
         Ok(Self {
             evaluator,
-            revision: set.digest(),
-            bundle: set.bundle.clone(),
+            revision: set.digest().to_owned(),
+            bundle: set.bundle().cloned(),
             id: NEXT_LOADED_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             volatile,
             timeout,
@@ -510,18 +510,15 @@ impl Policy {
 
     /// Puts a new policy set in force and empties the decision cache.
     pub fn install(&self, loaded: Loaded) {
+        let (bundle, revision) = loaded
+            .bundle
+            .as_ref()
+            .map(|b| (b.name.clone(), b.revision.clone()))
+            .unwrap_or_default();
         self.metrics
             .policy_in_force(crate::admin::metrics::PolicyInfoLabels {
-                bundle: loaded
-                    .bundle
-                    .as_ref()
-                    .map(|b| b.name.clone())
-                    .unwrap_or_default(),
-                revision: loaded
-                    .bundle
-                    .as_ref()
-                    .map(|b| b.revision.clone())
-                    .unwrap_or_default(),
+                bundle,
+                revision,
                 digest: loaded.revision.clone(),
                 engine: loaded.engine(),
             });

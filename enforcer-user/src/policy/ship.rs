@@ -8,7 +8,6 @@
 //! file keeps every event either way.
 use std::{
     io::Write as _,
-    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -21,18 +20,7 @@ use http_body_util::Full;
 use tokio::sync::mpsc;
 
 use super::source;
-
-/// `[policy.decision_logs]`, checked.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    /// The service's base URL; events go to `<service>/logs`.
-    pub service: String,
-    pub ca_cert: Option<PathBuf>,
-    pub bearer_token_file: Option<PathBuf>,
-    pub max_batch_events: usize,
-    pub upload_interval: Duration,
-    pub buffer_events: usize,
-}
+use crate::config::DecisionLogsConfig;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -71,21 +59,26 @@ impl Handle {
 
 /// Starts the shipper: the handle for the audit log, and the task to spawn.
 pub fn start(
-    settings: Settings,
+    settings: &DecisionLogsConfig,
     metrics: Arc<crate::admin::Metrics>,
-) -> Result<(Handle, impl std::future::Future<Output = ()>), String> {
-    let client = source::https_client::<Full<Bytes>>(settings.ca_cert.as_deref())?;
+) -> Result<(Handle, impl std::future::Future<Output = ()> + use<>), String> {
+    let roots = settings
+        .ca_cert
+        .as_deref()
+        .map(source::ca_roots)
+        .transpose()?;
+    let client = source::https_client::<Full<Bytes>>(roots)?;
     let url: http::Uri = format!("{}/logs", settings.service.trim_end_matches('/'))
         .parse()
         .map_err(|e| format!("{}: {e}", settings.service))?;
-    let (tx, rx) = mpsc::channel(settings.buffer_events);
+    let (tx, rx) = mpsc::channel(settings.buffer_events as usize);
     let handle = Handle {
         tx,
         metrics: metrics.clone(),
         last_warned: Arc::new(AtomicU64::new(0)),
         epoch: Instant::now(),
     };
-    Ok((handle, run(rx, client, url, settings, metrics)))
+    Ok((handle, run(rx, client, url, settings.clone(), metrics)))
 }
 
 type Client = hyper_util::client::legacy::Client<
@@ -97,15 +90,15 @@ async fn run(
     mut rx: mpsc::Receiver<String>,
     client: Client,
     url: http::Uri,
-    s: Settings,
+    s: DecisionLogsConfig,
     metrics: Arc<crate::admin::Metrics>,
 ) {
     while let Some(first) = rx.recv().await {
         // A batch: what arrives within the upload interval, up to the most
         // events a batch holds.
         let mut batch = vec![first];
-        let deadline = tokio::time::Instant::now() + s.upload_interval;
-        while batch.len() < s.max_batch_events {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(s.upload_interval_ms);
+        while (batch.len() as u64) < s.max_batch_events {
             tokio::select! {
                 ev = rx.recv() => match ev {
                     Some(ev) => batch.push(ev),
@@ -156,7 +149,12 @@ fn gzip_array(events: &[String]) -> std::io::Result<Bytes> {
     Ok(Bytes::from(gz.finish()?))
 }
 
-async fn upload(client: &Client, url: &http::Uri, s: &Settings, body: Bytes) -> Result<(), String> {
+async fn upload(
+    client: &Client,
+    url: &http::Uri,
+    s: &DecisionLogsConfig,
+    body: Bytes,
+) -> Result<(), String> {
     let mut req = http::Request::post(url.clone())
         .header(http::header::CONTENT_TYPE, "application/json")
         .header(http::header::CONTENT_ENCODING, "gzip");

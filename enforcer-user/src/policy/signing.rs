@@ -66,7 +66,6 @@ impl Key {
 }
 
 /// How bundles are verified (`[policy.bundle]` and `[policy.keys]`).
-#[derive(Default)]
 pub struct Verifier {
     pub keys: HashMap<String, Key>,
     /// The key to use whatever the JWT names (OPA's `signing.keyid`).

@@ -59,10 +59,13 @@ impl PolicySource {
     }
 }
 
-/// How bundles are read and fetched (`[policy.bundle]`, `[policy.keys]`).
+/// How bundles are read and fetched (`[policy.bundle]`, `[policy.keys]`):
+/// keys and CA certificates read once, at start-up.
 pub struct SourceOptions {
     pub bundle: bundle::Options,
-    pub ca_cert: Option<PathBuf>,
+    /// Trust anchors for an https:// server (`ca_cert`); `None`: the
+    /// system's.
+    pub ca_roots: Option<rustls::RootCertStore>,
     pub bearer_token_file: Option<PathBuf>,
 }
 
@@ -73,15 +76,15 @@ impl Default for SourceOptions {
                 name: crate::config::DEFAULT_BUNDLE_NAME.to_owned(),
                 ..bundle::Options::default()
             },
-            ca_cert: None,
+            ca_roots: None,
             bearer_token_file: None,
         }
     }
 }
 
 impl SourceOptions {
-    /// From the configuration; keys are read now. `Err((key, message))`
-    /// names the configuration key at fault.
+    /// From the configuration; key and CA files are read now (`Config::
+    /// source_options` names the file and key at fault).
     pub fn from_config(c: &PolicyConfig) -> Result<Self, (String, String)> {
         let b = &c.bundle;
         let mut keys = HashMap::new();
@@ -119,9 +122,12 @@ impl SourceOptions {
                 "a bearer token is only sent to an https:// bundle server".into(),
             ));
         }
-        if let Some(ca) = &b.ca_cert {
-            ca_roots(ca).map_err(|m| ("policy.bundle.ca_cert".to_owned(), m))?;
-        }
+        let ca_roots = b
+            .ca_cert
+            .as_deref()
+            .map(ca_roots)
+            .transpose()
+            .map_err(|m| ("policy.bundle.ca_cert".to_owned(), m))?;
         let verifier = if keys.is_empty() {
             None
         } else {
@@ -142,14 +148,14 @@ impl SourceOptions {
                 require_signature: b.require_signature,
                 skip_verification: false,
             },
-            ca_cert: b.ca_cert.clone(),
+            ca_roots,
             bearer_token_file: b.bearer_token_file.clone(),
         })
     }
 }
 
 /// The certificates of a PEM file, as trust anchors.
-fn ca_roots(path: &Path) -> Result<rustls::RootCertStore, String> {
+pub(crate) fn ca_roots(path: &Path) -> Result<rustls::RootCertStore, String> {
     use rustls_pki_types::{CertificateDer, pem::PemObject as _};
     let mut roots = rustls::RootCertStore::empty();
     for cert in
@@ -187,14 +193,15 @@ pub fn read_local(src: &PolicySource, opts: &SourceOptions) -> Result<PolicySet,
                 path: name.clone(),
                 message,
             };
-            let size = std::fs::metadata(f).map_err(|e| err(e.to_string()))?.len();
-            if size > opts.bundle.limits.max_bytes {
-                return Err(err(format!(
-                    "the bundle is {size} bytes, over policy.bundle.max_bytes ({})",
-                    opts.bundle.limits.max_bytes
-                )));
-            }
-            let bytes = std::fs::read(f).map_err(|e| err(e.to_string()))?;
+            // Read one byte past the bound at most: `bundle::read` refuses it.
+            let mut bytes = Vec::new();
+            std::fs::File::open(f)
+                .and_then(|file| {
+                    use std::io::Read as _;
+                    file.take(opts.bundle.limits.max_bytes + 1)
+                        .read_to_end(&mut bytes)
+                })
+                .map_err(|e| err(e.to_string()))?;
             let b = bundle::read(&name, &bytes, &opts.bundle)?;
             Ok(PolicySet::from_bundle(&opts.bundle.name, b))
         }
@@ -254,10 +261,10 @@ impl tower_service::Service<http::Uri> for MarkedConnector {
 }
 
 /// An HTTP client for the agent's own requests (bundles, decision logs):
-/// marked sockets, TLS with the CA certificates in `ca_cert` (or the
-/// system's roots) for https://, plain for http://.
+/// marked sockets, TLS trusting `roots` (`None`: the system's roots) for
+/// https://, plain for http://.
 pub(crate) fn https_client<B>(
-    ca_cert: Option<&Path>,
+    roots: Option<rustls::RootCertStore>,
 ) -> Result<
     hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<MarkedConnector>, B>,
     String,
@@ -268,12 +275,12 @@ where
 {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = hyper_rustls::HttpsConnectorBuilder::new();
-    let builder = match ca_cert {
-        Some(ca) => {
+    let builder = match roots {
+        Some(roots) => {
             let config = rustls::ClientConfig::builder_with_provider(provider)
                 .with_safe_default_protocol_versions()
                 .map_err(|e| e.to_string())?
-                .with_root_certificates(ca_roots(ca)?)
+                .with_root_certificates(roots)
                 .with_no_client_auth();
             builder.with_tls_config(config)
         }
@@ -361,18 +368,58 @@ async fn fetch(
     }
 }
 
+/// What one poll found, once read, verified and compiled.
+enum Polled {
+    /// The set in force, or one already rejected.
+    Unchanged,
+    Unreadable(LoadError),
+    Rejected(String, LoadError),
+    Compiled(Box<Loaded>),
+}
+
+/// Reads (for a URL, from `body`), verifies and compiles a source unless
+/// its digest is `in_force` or `rejected`; blocking, run on the blocking
+/// pool.
+fn poll_blocking(
+    src: &PolicySource,
+    body: Option<Bytes>,
+    opts: &SourceOptions,
+    (engine, timeout): (EngineKind, Duration),
+    in_force: Option<String>,
+    rejected: Option<String>,
+) -> Polled {
+    let set = match body {
+        Some(body) => bundle::read(&src.describe(), &body, &opts.bundle)
+            .map(|b| PolicySet::from_bundle(&opts.bundle.name, b)),
+        None => read_local(src, opts),
+    };
+    let set = match set {
+        Ok(set) => set,
+        Err(e) => return Polled::Unreadable(e),
+    };
+    let digest = Some(set.digest());
+    if in_force.as_deref() == digest || rejected.as_deref() == digest {
+        return Polled::Unchanged;
+    }
+    match Loaded::compile_with(&src.describe(), &set, engine, timeout) {
+        Ok(loaded) => Polled::Compiled(Box::new(loaded)),
+        Err(e) => Polled::Rejected(set.digest().to_owned(), e),
+    }
+}
+
 /// How often an unchanged fetch error is logged again.
 const FETCH_ERROR_REPEAT: Duration = Duration::from_secs(60);
 
 /// Polls the source and installs every new revision that is read, verified
-/// and compiled; reading and compiling run off the async runtime.
+/// and compiled; reading, verifying and compiling run off the async
+/// runtime.
 pub async fn watch(
     src: PolicySource,
     opts: Arc<SourceOptions>,
     policy: Arc<Policy>,
     every: Duration,
 ) {
-    let client: HttpClient = match https_client(opts.ca_cert.as_deref()) {
+    let client: HttpClient = match https_client(opts.ca_roots.clone()) {
         Ok(c) => c,
         Err(e) => {
             warn!(source = %src.describe(), error = %e, "cannot build the bundle client; the policy in force stays and is not reloaded");
@@ -385,8 +432,7 @@ pub async fn watch(
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
-        let (o, s) = (opts.clone(), src.clone());
-        let set = match &src {
+        let body = match &src {
             PolicySource::Url(u) => match fetch(&client, u, &opts, etag.as_deref()).await {
                 Ok(None) => {
                     last_fetch_error = None;
@@ -395,12 +441,7 @@ pub async fn watch(
                 Ok(Some((body, tag))) => {
                     last_fetch_error = None;
                     etag = tag;
-                    let name = u.clone();
-                    tokio::task::spawn_blocking(move || {
-                        bundle::read(&name, &body, &o.bundle)
-                            .map(|b| PolicySet::from_bundle(&o.bundle.name, b))
-                    })
-                    .await
+                    Some(body)
                 }
                 Err(e) => {
                     // A server that stays down is reported when the error
@@ -420,46 +461,40 @@ pub async fn watch(
                     continue;
                 }
             },
-            _ => tokio::task::spawn_blocking(move || read_local(&s, &o)).await,
+            _ => None,
         };
-        let set = match set {
-            Ok(Ok(set)) => set,
-            Ok(Err(e)) => {
+        let (s, o, budget) = (
+            src.clone(),
+            opts.clone(),
+            (policy.engine, policy.eval_timeout),
+        );
+        let (in_force, seen) = (policy.revision(), rejected.clone());
+        let polled = tokio::task::spawn_blocking(move || {
+            poll_blocking(&s, body, &o, budget, in_force, seen)
+        })
+        .await;
+        match polled {
+            Ok(Polled::Unchanged) => {}
+            Ok(Polled::Unreadable(e)) => {
                 // A refused bundle is refused once per content, not per poll.
                 let key = format!("unreadable:{e}");
                 if rejected.as_deref() != Some(key.as_str()) {
                     reject(&policy, &mut rejected, key, &e);
                 }
-                continue;
             }
-            Err(e) => {
-                warn!(error = %e, "reading the policy source panicked; the policy in force stays");
-                continue;
-            }
-        };
-        let revision = set.digest();
-        if policy.revision().as_deref() == Some(revision.as_str())
-            || rejected.as_deref() == Some(revision.as_str())
-        {
-            continue;
-        }
-        let (engine, timeout, origin) = (policy.engine, policy.eval_timeout, src.describe());
-        let compiled = tokio::task::spawn_blocking(move || {
-            Loaded::compile_with(&origin, &set, engine, timeout)
-        })
-        .await;
-        match compiled {
-            Ok(Ok(loaded)) => {
-                info!(source = %src.describe(), %revision,
+            Ok(Polled::Rejected(digest, e)) => reject(&policy, &mut rejected, digest, &e),
+            Ok(Polled::Compiled(loaded)) => {
+                info!(source = %src.describe(), revision = %loaded.revision,
                     bundle = loaded.bundle.as_ref().map(|b| b.name.as_str()),
                     bundle_revision = loaded.bundle.as_ref().map(|b| b.revision.as_str()),
                     engine = loaded.engine(), "policy reloaded");
                 policy.metrics.policy_reload("ok");
-                policy.install(loaded);
+                policy.install(*loaded);
                 rejected = None;
             }
-            Ok(Err(e)) => reject(&policy, &mut rejected, revision, &e),
-            Err(e) => warn!(error = %e, "compiling the policy panicked; the policy in force stays"),
+            Err(e) => {
+                warn!(error = %e, "reading or compiling the policy panicked; the policy in force stays")
+            }
         }
     }
 }
