@@ -29,6 +29,7 @@ fn input(n: u64) -> Input {
             ..Default::default()
         },
         protocol: "tcp",
+        request: None,
     }
 }
 

@@ -261,6 +261,11 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     let state = Arc::new(AdminState::new(&config.node_name));
     let policy = Arc::new(policy_engine(&config, first_policy, state.metrics.clone())?);
     tokio::spawn(admin::serve(admin_listener, state.clone()));
+    let l7 = Arc::new(crate::l7::L7 {
+        policy: policy.clone(),
+        metrics: state.metrics.clone(),
+        routes: config.l7_routes(config_path)?,
+    });
 
     let provider = tls::provider();
     let identity = Arc::new(identity_manager(&config, provider.clone()).await?);
@@ -297,6 +302,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
             attestor: attestor.clone(),
             local: local.clone(),
             admin: state.clone(),
+            l7: l7.clone(),
         });
         for l in std::iter::once(v4).chain(v6) {
             let l = TcpListener::from_std(l).context("plaintext listener")?;
@@ -317,6 +323,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         mesh,
         local: local.clone(),
         local_addrs: Default::default(),
+        l7: l7.clone(),
     });
     tokio::spawn(outbound.clone().serve(out4));
     if let Some(l) = out6 {
@@ -330,6 +337,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
             local,
             admin: state.clone(),
             preauth: Default::default(),
+            l7,
             limits: crate::proxy::inbound::H2Limits {
                 max_concurrent_streams: config.mesh.max_concurrent_streams,
                 max_header_list_size: config.mesh.max_header_list_size,

@@ -40,6 +40,9 @@ pub struct Config {
     pub mesh: MeshConfig,
     #[serde(default)]
     pub policy: PolicyConfig,
+    /// Destinations whose requests are decided one by one (DESIGN §1.7).
+    #[serde(default)]
+    pub l7: L7Config,
     #[serde(default)]
     pub admin: AdminConfig,
     #[serde(default)]
@@ -183,6 +186,52 @@ pub struct MeshConfig {
     /// so the client opens a fresh one.
     #[serde(default = "default_max_streams_per_connection")]
     pub max_streams_per_connection: u64,
+}
+
+/// `[l7]`: per-request policy at declared destinations.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct L7Config {
+    /// Bytes of a request body the policy sees (`parsed_body`); a larger
+    /// body streams through with `truncated_body: true`.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: u64,
+    /// The destinations served at L7; the first that matches wins.
+    #[serde(default)]
+    pub destinations: Vec<L7Destination>,
+}
+
+impl Default for L7Config {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: default_max_body_bytes(),
+            destinations: vec![],
+        }
+    }
+}
+
+fn default_max_body_bytes() -> u64 {
+    1024 * 1024
+}
+
+/// One `[[l7.destinations]]`: which destinations, and how their requests
+/// are read. Every key given must match (ports: any of them).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct L7Destination {
+    /// Destination ports.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    /// The destination workload's SPIFFE ID.
+    #[serde(default)]
+    pub spiffe_id: Option<String>,
+    /// Selectors the destination workload must all have.
+    #[serde(default)]
+    pub selectors: Vec<String>,
+    pub protocol: crate::l7::Protocol,
+    /// Overrides `l7.max_body_bytes` for these destinations.
+    #[serde(default)]
+    pub max_body_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -648,6 +697,7 @@ impl Config {
             }
         }
         self.inbound_addr(path)?;
+        self.l7_routes(path)?;
         let td = spiffe::TrustDomain::new(&self.identity.trust_domain).map_err(|e| {
             invalid(
                 "identity.trust_domain",
@@ -803,6 +853,73 @@ impl Config {
             });
         }
         Ok(())
+    }
+
+    /// The L7 destinations, checked: each names at least one of ports,
+    /// SPIFFE ID or selectors; ports are real and not the agent's own.
+    pub fn l7_routes(&self, path: &Path) -> Result<crate::l7::Routes, ConfigError> {
+        const MAX_BODY: u64 = 64 * 1024 * 1024;
+        let invalid = |key: String, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: key.into(),
+            message,
+        };
+        if !(1..=MAX_BODY).contains(&self.l7.max_body_bytes) {
+            return Err(invalid(
+                "l7.max_body_bytes".into(),
+                format!("{} is outside 1..={MAX_BODY}", self.l7.max_body_bytes),
+            ));
+        }
+        let mut routes = Vec::new();
+        for (i, d) in self.l7.destinations.iter().enumerate() {
+            let key = |k: &str| format!("l7.destinations[{i}].{k}");
+            if d.ports.is_empty() && d.spiffe_id.is_none() && d.selectors.is_empty() {
+                return Err(invalid(
+                    format!("l7.destinations[{i}]"),
+                    "names no destination: give ports, spiffe_id or selectors".into(),
+                ));
+            }
+            let own = [
+                self.capture.outbound_port,
+                self.mesh.hbone_port,
+                self.mesh.plaintext_port,
+            ];
+            if let Some(p) = d.ports.iter().find(|p| **p == 0 || own.contains(p)) {
+                return Err(invalid(
+                    key("ports"),
+                    format!("port {p} cannot be an L7 destination"),
+                ));
+            }
+            let spiffe_id = match &d.spiffe_id {
+                Some(s) => Some(
+                    spiffe::SpiffeId::new(s)
+                        .map_err(|e| invalid(key("spiffe_id"), format!("{s:?}: {e}")))?
+                        .to_string(),
+                ),
+                None => None,
+            };
+            if let Some(s) = d.selectors.iter().find(|s| !s.contains(':')) {
+                return Err(invalid(
+                    key("selectors"),
+                    format!("{s:?} is not a selector (type:value)"),
+                ));
+            }
+            let max_body_bytes = d.max_body_bytes.unwrap_or(self.l7.max_body_bytes);
+            if !(1..=MAX_BODY).contains(&max_body_bytes) {
+                return Err(invalid(
+                    key("max_body_bytes"),
+                    format!("{max_body_bytes} is outside 1..={MAX_BODY}"),
+                ));
+            }
+            routes.push(crate::l7::Route {
+                ports: d.ports.clone(),
+                spiffe_id,
+                selectors: d.selectors.clone(),
+                protocol: d.protocol,
+                max_body_bytes: max_body_bytes as usize,
+            });
+        }
+        Ok(crate::l7::Routes::new(routes))
     }
 
     /// The CIDRs reached over HBONE.

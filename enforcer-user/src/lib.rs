@@ -6,6 +6,7 @@ pub mod attest;
 pub mod capture;
 pub mod config;
 pub mod identity;
+pub mod l7;
 pub mod policy;
 pub mod proxy;
 pub mod tls;

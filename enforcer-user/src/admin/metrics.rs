@@ -73,6 +73,26 @@ pub struct RejectLabels {
     pub reason: &'static str,
 }
 
+/// One request at an L7 destination (`result`: allow, deny, error,
+/// would_deny, pass — no decision needed —, bad_request, upstream_error).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpRequestLabels {
+    pub source: String,
+    pub destination: String,
+    pub protocol: &'static str,
+    pub result: &'static str,
+}
+
+/// One MCP JSON-RPC message at an `mcp` destination.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct McpCallLabels {
+    pub source: String,
+    pub destination: String,
+    pub method: String,
+    pub tool: String,
+    pub result: &'static str,
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub connections_opened: Family<DirectionLabels, Counter>,
@@ -88,7 +108,10 @@ pub struct Metrics {
     policy_info: Family<PolicyInfoLabels, Gauge>,
     decision_logs: Family<ResultLabels, Counter>,
     decision_log_uploads: Family<ResultLabels, Counter>,
+    http_requests: Family<HttpRequestLabels, Counter>,
+    mcp_calls: Family<McpCallLabels, Counter>,
     id_labels: std::sync::Mutex<std::collections::HashSet<String>>,
+    name_labels: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Metrics {
@@ -169,7 +192,22 @@ impl Metrics {
             "Uploads of decision-log batches to the decision-log service: ok or failed (retried)",
             decision_log_uploads.clone(),
         );
+        let http_requests = Family::<HttpRequestLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "Requests at L7 destinations by SPIFFE IDs (bounded), protocol and result",
+            http_requests.clone(),
+        );
+        let mcp_calls = Family::<McpCallLabels, Counter>::default();
+        registry.register(
+            "mcp_calls",
+            "MCP JSON-RPC messages by SPIFFE IDs, method and tool (bounded) and result",
+            mcp_calls.clone(),
+        );
         Self {
+            http_requests,
+            mcp_calls,
+            name_labels: Default::default(),
             policy_decisions,
             policy_eval_seconds,
             policy_reloads,
@@ -245,6 +283,58 @@ impl Metrics {
             return id.to_owned();
         }
         "other".into()
+    }
+
+    /// A label value for a name a client chose (an MCP method or tool): the
+    /// name for the first [`MAX_ID_LABELS`] distinct names, `other` after
+    /// that, `""` when absent.
+    fn name_label(&self, name: Option<&str>) -> String {
+        let Some(name) = name else {
+            return String::new();
+        };
+        let mut seen = self.name_labels.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.contains(name) {
+            return name.to_owned();
+        }
+        if seen.len() < MAX_ID_LABELS && name.len() <= 128 {
+            seen.insert(name.to_owned());
+            return name.to_owned();
+        }
+        "other".into()
+    }
+
+    pub fn http_request(
+        &self,
+        protocol: &'static str,
+        result: &'static str,
+        src: Option<&str>,
+        dst: Option<&str>,
+    ) {
+        let labels = HttpRequestLabels {
+            source: self.id_label(src),
+            destination: self.id_label(dst),
+            protocol,
+            result,
+        };
+        self.http_requests.get_or_create(&labels).inc();
+    }
+
+    pub fn mcp_call(
+        &self,
+        method: &str,
+        tool: Option<&str>,
+        result: &'static str,
+        src: Option<&str>,
+        dst: Option<&str>,
+    ) {
+        let labels = McpCallLabels {
+            source: self.id_label(src),
+            destination: self.id_label(dst),
+            method: self.name_label(Some(method)),
+            tool: self.name_label(tool),
+            result,
+        };
+        self.mcp_calls.get_or_create(&labels).inc();
     }
 
     pub fn policy_decision(

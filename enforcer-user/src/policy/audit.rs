@@ -19,6 +19,8 @@ use super::{DECISION_PATH, Input, load::BundleRevision, ship};
 pub struct Line<'a> {
     pub decision_id: &'a str,
     pub conn_id: u64,
+    /// The request's id, for a decision on one L7 request.
+    pub request_id: Option<&'a str>,
     pub input: &'a Input,
     /// The value of `allow`; `None` when undefined or on error.
     pub result: Option<bool>,
@@ -113,6 +115,8 @@ struct Record<'a> {
     // enforcer's own, beside OPA's
     conn_id: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
+    request_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<&'a str>,
     enforced: bool,
     cached: bool,
@@ -197,6 +201,7 @@ impl AuditLog {
                 timer_rego_query_eval_ns: ns,
             }),
             conn_id: line.conn_id,
+            request_id: line.request_id,
             reason: line.reason,
             enforced: line.enforced,
             cached: line.cached,
@@ -242,6 +247,7 @@ mod tests {
         let input = Input {
             direction: "outbound",
             protocol: "tcp",
+            request: None,
             ..Default::default()
         };
         let bundle = BundleRevision {
@@ -252,6 +258,7 @@ mod tests {
             .event(&Line {
                 decision_id: "d1",
                 conn_id: 7,
+                request_id: None,
                 input: &input,
                 result: Some(true),
                 reason: Some("ok"),
@@ -287,6 +294,7 @@ mod tests {
             .event(&Line {
                 decision_id: "d2",
                 conn_id: 8,
+                request_id: Some("8.1"),
                 input: &input,
                 result: Some(false),
                 reason: Some("policy error"),

@@ -41,6 +41,11 @@ pub struct Input {
     pub source: Peer,
     pub destination: Peer,
     pub protocol: &'static str,
+    /// For a decision on one L7 request: the request-level fields (DESIGN
+    /// §3: `attributes`, `parsed_path`, `parsed_query`, `parsed_body`,
+    /// `truncated_body`, `mcp`), beside the connection's.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub request: Option<Box<serde_json::Map<String, serde_json::Value>>>,
 }
 
 impl Input {
@@ -53,6 +58,9 @@ impl Input {
             m.insert("source".into(), self.source.to_value());
             m.insert("destination".into(), self.destination.to_value());
             m.insert("protocol".into(), self.protocol.into());
+            for (k, x) in self.request.iter().flat_map(|r| r.iter()) {
+                m.insert(k.as_str().into(), Value::from(x.clone()));
+            }
         }
         v
     }
@@ -542,7 +550,19 @@ impl Policy {
     /// Decides one connection, audits the decision and counts it.
     pub async fn decide(&self, input: &Input, conn_id: u64) -> Verdict {
         let (d, elapsed, loaded) = self.evaluate(input).await;
-        self.finish(input, conn_id, d, elapsed, loaded.as_deref())
+        self.finish(input, (conn_id, None), d, elapsed, loaded.as_deref())
+    }
+
+    /// Decides one L7 request (its id goes to the audit line).
+    pub async fn decide_request(&self, input: &Input, conn_id: u64, request_id: &str) -> Verdict {
+        let (d, elapsed, loaded) = self.evaluate(input).await;
+        self.finish(
+            input,
+            (conn_id, Some(request_id)),
+            d,
+            elapsed,
+            loaded.as_deref(),
+        )
     }
 
     /// The decision alone (cache, then policy on the evaluation pool),
@@ -557,23 +577,29 @@ impl Policy {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let input_json = match serde_json::to_string(input) {
-            Ok(j) => j,
-            Err(e) => {
-                return (
-                    Decision::deny("invalid input", Some(e.to_string())),
-                    None,
-                    loaded,
-                );
-            }
+        // A request's input carries its request id and the client's port:
+        // unique, so never a hit; such decisions are not cached.
+        let input_json = match input.request {
+            Some(_) => None,
+            None => match serde_json::to_string(input) {
+                Ok(j) => Some(j),
+                Err(e) => {
+                    return (
+                        Decision::deny("invalid input", Some(e.to_string())),
+                        None,
+                        loaded,
+                    );
+                }
+            },
         };
-        if let Some(d) = self
-            .cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&input_json)
-        {
-            let mut d = d.clone();
+        if let Some(d) = input_json.as_ref().and_then(|j| {
+            self.cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(j)
+                .cloned()
+        }) {
+            let mut d = d;
             d.cached = true;
             return (d, None, loaded);
         }
@@ -591,7 +617,9 @@ impl Policy {
         let elapsed = started.elapsed();
         // A deterministic outcome is cached: a decision, or running out of
         // budget on this input (else an attacker repeats a runaway input).
-        if (d.error.is_none() || d.timed_out) && !loaded.volatile {
+        if let Some(input_json) =
+            input_json.filter(|_| (d.error.is_none() || d.timed_out) && !loaded.volatile)
+        {
             let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
             if cache.len() >= CACHE_LIMIT {
                 cache.clear();
@@ -604,7 +632,7 @@ impl Policy {
     fn finish(
         &self,
         input: &Input,
-        conn_id: u64,
+        (conn_id, request_id): (u64, Option<&str>),
         decision: Decision,
         elapsed: Option<Duration>,
         loaded: Option<&Loaded>,
@@ -637,6 +665,7 @@ impl Policy {
         self.audit.record(&audit::Line {
             decision_id: &decision_id,
             conn_id,
+            request_id,
             input,
             result: (!decision.undefined && loaded.is_some()).then_some(decision.allow),
             reason: decision.reason.as_deref(),
@@ -707,6 +736,7 @@ mod tests {
             },
             destination: peer(None, Some(8101)),
             protocol: "tcp",
+            request: None,
         };
         let json = serde_json::to_string(&input).expect("json");
         assert_eq!(
@@ -742,6 +772,7 @@ mod tests {
                             source: peer(s, None),
                             destination: peer(d, port),
                             protocol: "tcp",
+                            request: None,
                         };
                         let a = vm.evaluate(input.to_value());
                         let b = it.evaluate(input.to_value());
@@ -836,6 +867,7 @@ mod tests {
         assert_eq!(vm.engine(), "vm");
         let input = Input {
             protocol: "tcp",
+            request: None,
             ..Default::default()
         };
         let d = vm.evaluate(input.to_value());
@@ -872,6 +904,7 @@ mod tests {
                 ..Default::default()
             },
             protocol: "tcp",
+            request: None,
             ..Default::default()
         }
     }

@@ -40,6 +40,8 @@ pub struct Inbound {
     /// Work done for clients before they are authenticated, per address.
     pub preauth: PreAuthBudget,
     pub limits: H2Limits,
+    /// Destinations whose requests are decided one by one.
+    pub l7: Arc<crate::l7::L7>,
 }
 
 /// HTTP/2 limits of one HBONE connection (`[mesh]` keys of the same names).
@@ -354,6 +356,11 @@ impl Inbound {
             return self.finish(&summary, Outcome::NoIdentity, (0, 0));
         }
         // Authoritative decision: verified source identity, attested destination.
+        let route = self.l7.routes.find(
+            dst.port(),
+            summary.dst_id.as_ref().map(|i| i.to_string()).as_deref(),
+            &dst_selectors,
+        );
         let input = crate::policy::Input {
             direction: "inbound",
             source: crate::policy::Peer {
@@ -363,7 +370,8 @@ impl Inbound {
             }
             .with_id(Some(&src_id)),
             destination: super::peer(dst_svid.as_deref(), &dst_selectors, Some(dst)),
-            protocol: "tcp",
+            protocol: route.as_ref().map_or("tcp", |r| r.protocol.as_str()),
+            request: None,
         };
         let verdict = self.policy.decide(&input, id).await;
         summary.decision_id = Some(verdict.decision_id.clone());
@@ -393,6 +401,32 @@ impl Inbound {
             }
         };
         let recv = req.into_body();
+        if let Some(route) = route {
+            let conn = crate::l7::Conn {
+                id,
+                direction: "inbound",
+                source: input.source.clone(),
+                destination: input.destination.clone(),
+                client: peer,
+                server: dst,
+            };
+            let client = crate::l7::io::H2Stream::new(send, recv);
+            let served = crate::l7::http::serve(
+                self.l7.clone(),
+                route,
+                conn,
+                client,
+                Some(upstream),
+                super::dial_local(dst),
+            )
+            .await;
+            let outcome = if served.result.is_ok() {
+                Outcome::Ok
+            } else {
+                Outcome::Error
+            };
+            return self.finish(&summary, outcome, (served.from_client, served.to_client));
+        }
         // From the workload's point of view: received = from the peer, sent = to it.
         let ((to_peer, from_peer), result) = tunnel::splice(upstream, send, recv).await;
         let outcome = if result.is_ok() {

@@ -83,6 +83,34 @@ pub async fn connect_local(dst: std::net::SocketAddr) -> std::io::Result<tokio::
     crate::capture::mark::connect(dst, Some(src)).await
 }
 
+/// A dialer for [`crate::l7`] sessions: reconnects to a local workload.
+pub fn dial_local(dst: std::net::SocketAddr) -> crate::l7::Dial {
+    std::sync::Arc::new(move || Box::pin(connect_local(dst)))
+}
+
+/// Serves an accepted TCP connection whose destination is declared L7:
+/// each request decided, then forwarded over `upstream` (reopened with
+/// `dial` when the server closes it). Returns the outcome and the bytes
+/// (from the client, to the client).
+pub async fn serve_l7(
+    l7: &std::sync::Arc<crate::l7::L7>,
+    route: crate::l7::Route,
+    conn: crate::l7::Conn,
+    client: tokio::net::TcpStream,
+    upstream: tokio::net::TcpStream,
+    dial: crate::l7::Dial,
+) -> (Outcome, (u64, u64)) {
+    let served =
+        crate::l7::http::serve_tcp(l7.clone(), route, conn, client, Some(upstream), dial).await;
+    let outcome = if served.result.is_ok() {
+        Outcome::Ok
+    } else {
+        Outcome::Error
+    };
+    tracing::debug!(requests = served.requests, "L7 session ended");
+    (outcome, (served.from_client, served.to_client))
+}
+
 /// Runs both directions of a relay until both end, or until the first one
 /// fails: the other is then abandoned and the error returned, so that the
 /// caller resets what is left instead of closing it as if complete. The

@@ -35,6 +35,7 @@ pub struct Outbound {
     /// Destinations on this node: attested locally, connected directly.
     pub local: Arc<LocalAttestor>,
     pub local_addrs: LocalAddrs,
+    pub l7: Arc<crate::l7::L7>,
 }
 
 /// The addresses of this network namespace (the node itself), re-read at
@@ -173,10 +174,15 @@ impl Outbound {
                 super::local_destination(&self.local, &self.attestor, &self.identity, dst).await;
             ids.dst = dst_svid.as_ref().map(|s| s.svid.spiffe_id.to_string());
             let dst_peer = super::peer(dst_svid.as_deref(), &dst_selectors, Some(dst));
+            let route = self
+                .l7
+                .routes
+                .find(dst.port(), ids.dst.as_deref(), &dst_selectors);
+            let protocol = route.as_ref().map_or("tcp", |r| r.protocol.as_str());
             // The source's rule and the destination's (authoritative) rule.
             for direction in ["outbound", "inbound"] {
                 if !self
-                    .allowed(direction, &src_peer, &dst_peer, id, &mut ids)
+                    .allowed(direction, protocol, &src_peer, &dst_peer, id, &mut ids)
                     .await
                 {
                     let o = Outcome::Denied;
@@ -197,7 +203,23 @@ impl Outbound {
                     return self.refuse(id, client, &att, dst, &ids, o, started);
                 }
             };
-            let (outcome, bytes) = splice_tcp(client, upstream).await;
+            let (outcome, bytes) = match route {
+                Some(route) => {
+                    // This agent is the last before the server: it decides
+                    // each request, as the destination's (inbound) rule.
+                    let conn = crate::l7::Conn {
+                        id,
+                        direction: "inbound",
+                        source: src_peer,
+                        destination: dst_peer,
+                        client: peer,
+                        server: dst,
+                    };
+                    let dial = super::dial_local(dst);
+                    super::serve_l7(&self.l7, route, conn, client, upstream, dial).await
+                }
+                None => splice_tcp(client, upstream).await,
+            };
             return self.finish(id, Some(&att), Some(dst), &ids, outcome, bytes, started);
         }
 
@@ -207,7 +229,7 @@ impl Outbound {
                 // Decided and audited all the same: policy may name unidentified workloads.
                 let dst_peer = super::peer(None, &[], Some(dst));
                 let outcome = if self
-                    .allowed("outbound", &src_peer, &dst_peer, id, &mut ids)
+                    .allowed("outbound", "tcp", &src_peer, &dst_peer, id, &mut ids)
                     .await
                 {
                     warn!(conn_id = id, orig_dst = %dst, selectors = ?att.selectors,
@@ -236,8 +258,15 @@ impl Outbound {
                 ..Default::default()
             }
             .with_id(Some(&prepared.peer_id));
+            // The peer agent serves the destination's requests; the protocol
+            // is what this node's config declares for it.
+            let protocol = self
+                .l7
+                .routes
+                .find(dst.port(), ids.dst.as_deref(), &[])
+                .map_or("tcp", |r| r.protocol.as_str());
             if !self
-                .allowed("outbound", &src_peer, &dst_peer, id, &mut ids)
+                .allowed("outbound", protocol, &src_peer, &dst_peer, id, &mut ids)
                 .await
             {
                 let o = Outcome::Denied;
@@ -265,8 +294,10 @@ impl Outbound {
 
         // Outside the mesh: plain TCP, still decided by policy.
         let dst_peer = super::peer(None, &[], Some(dst));
+        let route = self.l7.routes.find(dst.port(), None, &[]);
+        let protocol = route.as_ref().map_or("tcp", |r| r.protocol.as_str());
         if !self
-            .allowed("outbound", &src_peer, &dst_peer, id, &mut ids)
+            .allowed("outbound", protocol, &src_peer, &dst_peer, id, &mut ids)
             .await
         {
             let o = Outcome::Denied;
@@ -282,7 +313,23 @@ impl Outbound {
         };
         let _ = client.set_nodelay(true);
         let _ = upstream.set_nodelay(true);
-        let (outcome, bytes) = splice_tcp(client, upstream).await;
+        let (outcome, bytes) = match route {
+            Some(route) => {
+                // Plaintext leaving the mesh: this agent is the last before
+                // the server, and decides each request.
+                let conn = crate::l7::Conn {
+                    id,
+                    direction: "outbound",
+                    source: src_peer,
+                    destination: dst_peer,
+                    client: peer,
+                    server: dst,
+                };
+                let dial: crate::l7::Dial = Arc::new(move || Box::pin(mark::connect(dst, None)));
+                super::serve_l7(&self.l7, route, conn, client, upstream, dial).await
+            }
+            None => splice_tcp(client, upstream).await,
+        };
         self.finish(id, Some(&att), Some(dst), &ids, outcome, bytes, started);
     }
 
@@ -290,6 +337,7 @@ impl Outbound {
     async fn allowed(
         &self,
         direction: &'static str,
+        protocol: &'static str,
         src: &crate::policy::Peer,
         dst: &crate::policy::Peer,
         id: u64,
@@ -299,7 +347,8 @@ impl Outbound {
             direction,
             source: src.clone(),
             destination: dst.clone(),
-            protocol: "tcp",
+            protocol,
+            request: None,
         };
         let v = self.policy.decide(&input, id).await;
         ids.decision_ids.push(v.decision_id);

@@ -21,6 +21,7 @@ pub struct Plaintext {
     pub attestor: Arc<Attestor>,
     pub local: Arc<LocalAttestor>,
     pub admin: Arc<AdminState>,
+    pub l7: Arc<crate::l7::L7>,
 }
 
 impl Plaintext {
@@ -58,6 +59,10 @@ impl Plaintext {
             return self.finish(id, peer, Some(dst), dst_id, mode, o, (0, 0), started);
         }
         // Permissive: forwarded only if policy allows an unauthenticated source.
+        let route = self
+            .l7
+            .routes
+            .find(dst.port(), dst_id.as_deref(), &dst_selectors);
         let input = crate::policy::Input {
             direction: "inbound",
             source: crate::policy::Peer {
@@ -66,7 +71,8 @@ impl Plaintext {
                 ..Default::default()
             },
             destination: super::peer(dst_svid.as_deref(), &dst_selectors, Some(dst)),
-            protocol: "tcp",
+            protocol: route.as_ref().map_or("tcp", |r| r.protocol.as_str()),
+            request: None,
         };
         let verdict = self.policy.decide(&input, id).await;
         if !verdict.allowed {
@@ -85,7 +91,21 @@ impl Plaintext {
             }
         };
         // sent/received from the destination workload's point of view
-        let (outcome, (from_peer, to_peer)) = splice_tcp(client, upstream).await;
+        let (outcome, (from_peer, to_peer)) = match route {
+            Some(route) => {
+                let conn = crate::l7::Conn {
+                    id,
+                    direction: "inbound",
+                    source: input.source.clone(),
+                    destination: input.destination.clone(),
+                    client: peer,
+                    server: dst,
+                };
+                let dial = super::dial_local(dst);
+                super::serve_l7(&self.l7, route, conn, client, upstream, dial).await
+            }
+            None => splice_tcp(client, upstream).await,
+        };
         self.finish(
             id,
             peer,

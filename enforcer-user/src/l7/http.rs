@@ -1,0 +1,770 @@
+//! One L7 session: hyper serves the client side (HTTP/1.1 with keep-alive,
+//! pipelining and upgrades, or h2c with prior knowledge), each request is
+//! read (its body up to the destination's bound), decided, and forwarded on
+//! the session's own connection to the server, with the same HTTP version.
+use std::{
+    convert::Infallible,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt as _;
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version, header,
+    request::Parts,
+};
+use http_body_util::{BodyExt as _, BodyStream, Full, StreamBody, combinators::UnsyncBoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Map, Value, json};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
+use tracing::{Instrument as _, debug, info, info_span, warn};
+
+use super::{Conn, Dial, L7, Protocol, Route, io::Counted, io::Totals, mcp};
+use crate::policy::{Input, Verdict};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Largest request head (request line and headers) of HTTP/1.1; a larger
+/// one is answered 431 and the connection closed.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+const MAX_HEADERS: usize = 128;
+/// Headers whose values never reach policy input or the audit log.
+const REDACTED: [&str; 4] = [
+    "authorization",
+    "cookie",
+    "proxy-authorization",
+    "x-api-key",
+];
+const REDACTED_VALUE: &str = "[redacted]";
+/// Hop-by-hop headers (RFC 9110 §7.6.1): never forwarded.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// How a session went.
+#[derive(Debug)]
+pub struct Served {
+    /// Bytes read from the client (its requests) and written back to it.
+    pub from_client: u64,
+    pub to_client: u64,
+    pub requests: u64,
+    /// `Err`: the session broke (malformed framing, a reset, an upstream
+    /// answer that failed half-way); the client connection is then reset.
+    pub result: Result<(), String>,
+}
+
+/// Serves one client TCP connection; resets it when the session breaks.
+pub async fn serve_tcp(
+    l7: Arc<L7>,
+    route: Route,
+    conn: Conn,
+    client: TcpStream,
+    first: Option<TcpStream>,
+    dial: Dial,
+) -> Served {
+    let _ = client.set_nodelay(true);
+    // A second handle on the socket: when hyper has dropped its own after a
+    // failure, closing this one with linger 0 resets the connection.
+    let dup = socket2::SockRef::from(&client).try_clone().ok();
+    let served = serve(l7, route, conn, client, first, dial).await;
+    if let Some(dup) = dup {
+        if served.result.is_err() {
+            let _ = dup.set_linger(Some(std::time::Duration::ZERO));
+        }
+        drop(dup);
+    }
+    served
+}
+
+/// Serves the requests arriving on `client` until it closes.
+pub async fn serve<IO>(
+    l7: Arc<L7>,
+    route: Route,
+    conn: Conn,
+    client: IO,
+    first: Option<TcpStream>,
+    dial: Dial,
+) -> Served
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let totals = Arc::new(Totals::default());
+    let session = Arc::new(Session {
+        l7,
+        route,
+        conn,
+        seq: AtomicU64::new(0),
+        upstream: tokio::sync::Mutex::new(None),
+        first: std::sync::Mutex::new(first),
+        dial,
+    });
+    let io = TokioIo::new(Counted {
+        inner: client,
+        totals: totals.clone(),
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .keep_alive(true)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .max_headers(MAX_HEADERS);
+    builder
+        .http2()
+        .max_header_list_size(MAX_HEAD_BYTES as u32)
+        .max_concurrent_streams(128);
+    let service = {
+        let session = session.clone();
+        hyper::service::service_fn(move |req| session.clone().handle(req))
+    };
+    let result = builder
+        .serve_connection_with_upgrades(io, service)
+        .await
+        .map_err(|e| e.to_string());
+    if let Err(e) = &result {
+        debug!(conn_id = session.conn.id, error = %e, "L7 session ended with an error");
+    }
+    Served {
+        from_client: totals.read.load(Ordering::Relaxed),
+        to_client: totals.written.load(Ordering::Relaxed),
+        requests: session.seq.load(Ordering::Relaxed),
+        result,
+    }
+}
+
+/// The request-level state of one client connection.
+pub struct Session {
+    pub(super) l7: Arc<L7>,
+    pub(super) route: Route,
+    pub(super) conn: Conn,
+    seq: AtomicU64,
+    upstream: tokio::sync::Mutex<Option<Sender>>,
+    /// The connection the connection-level code opened, used first.
+    first: std::sync::Mutex<Option<TcpStream>>,
+    dial: Dial,
+}
+
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<Body>),
+    H2(hyper::client::conn::http2::SendRequest<Body>),
+}
+
+/// A request's body as far as policy sees it.
+struct ReadBody {
+    /// The frames read (data, and trailers if the body ended).
+    frames: Vec<Frame<Bytes>>,
+    /// The data read, up to the bound.
+    seen: Bytes,
+    /// Data bytes read in all.
+    read: usize,
+    /// The rest, when the body is larger than the bound.
+    rest: Option<Incoming>,
+}
+
+impl ReadBody {
+    fn truncated(&self) -> bool {
+        self.rest.is_some()
+    }
+
+    /// The body to forward: what was read, then the rest as it arrives.
+    fn into_body(self) -> Body {
+        match self.rest {
+            None if self.frames.iter().all(|f| f.is_data()) => Full::new(self.seen)
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+            rest => {
+                let head = futures_util::stream::iter(self.frames.into_iter().map(Ok));
+                let tail = rest
+                    .map(|b| {
+                        BodyStream::new(b)
+                            .map(|r| r.map_err(BoxError::from))
+                            .boxed()
+                    })
+                    .unwrap_or_else(|| futures_util::stream::empty().boxed());
+                UnsyncBoxBody::new(StreamBody::new(head.chain(tail)))
+            }
+        }
+    }
+}
+
+/// Reads a body until it ends or passes `limit` bytes.
+async fn read_bounded(mut body: Incoming, limit: usize) -> Result<ReadBody, hyper::Error> {
+    let mut frames = Vec::new();
+    let mut seen = BytesMut::new();
+    let mut read = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame?;
+        if let Some(data) = frame.data_ref() {
+            read += data.len();
+            let room = limit.saturating_sub(seen.len());
+            seen.extend_from_slice(&data[..data.len().min(room)]);
+        }
+        frames.push(frame);
+        if read > limit {
+            return Ok(ReadBody {
+                frames,
+                seen: seen.freeze(),
+                read,
+                rest: Some(body),
+            });
+        }
+    }
+    Ok(ReadBody {
+        frames,
+        seen: seen.freeze(),
+        read,
+        rest: None,
+    })
+}
+
+pub(super) fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body.to_string()))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// A malformed request: answered 400 and the connection closed, nothing
+/// forwarded.
+fn bad_request(why: &str) -> Response<Body> {
+    let mut resp = json_response(
+        StatusCode::BAD_REQUEST,
+        &json!({"error": "bad_request", "reason": why}),
+    );
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+fn header_text(v: &HeaderValue) -> String {
+    String::from_utf8_lossy(v.as_bytes()).into_owned()
+}
+
+/// OPA-Envoy's `headers`: lower-case names, repeated values joined with
+/// `,`, the pseudo-headers, and secrets redacted.
+fn headers_input(parts: &Parts, authority: &str) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert(":method".into(), parts.method.as_str().into());
+    m.insert(
+        ":path".into(),
+        parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .into(),
+    );
+    m.insert(":authority".into(), authority.into());
+    m.insert(":scheme".into(), "http".into());
+    for name in parts.headers.keys() {
+        let value = if REDACTED.contains(&name.as_str()) {
+            REDACTED_VALUE.to_owned()
+        } else {
+            parts
+                .headers
+                .get_all(name)
+                .iter()
+                .map(header_text)
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        m.insert(name.as_str().to_owned(), value.into());
+    }
+    m
+}
+
+fn address(addr: std::net::SocketAddr, principal: Option<&str>) -> Value {
+    let mut v = json!({"address": {"socketAddress": {
+        "address": addr.ip().to_canonical().to_string(),
+        "portValue": addr.port(),
+    }}});
+    if let Some(p) = principal {
+        v["principal"] = p.into();
+    }
+    v
+}
+
+/// `parsed_path`: the path's segments, percent-decoded, as OPA-Envoy gives
+/// them (`/` is `[""]`).
+fn parsed_path(path: &str) -> Value {
+    path.trim_start_matches('/')
+        .split('/')
+        .map(|s| Value::from(percent_encoding::percent_decode_str(s).decode_utf8_lossy()))
+        .collect::<Vec<_>>()
+        .into()
+}
+
+/// `parsed_query` (and an url-encoded form body): each key's values.
+fn parsed_form(query: &[u8]) -> Value {
+    let mut m: Map<String, Value> = Map::new();
+    for (k, v) in form_urlencoded::parse(query) {
+        if let Value::Array(a) = m
+            .entry(k.into_owned())
+            .or_insert_with(|| Value::Array(vec![]))
+        {
+            a.push(v.into_owned().into());
+        }
+    }
+    Value::Object(m)
+}
+
+pub(super) fn content_type(headers: &HeaderMap) -> String {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}
+
+fn is_json(ct: &str) -> bool {
+    ct == "application/json" || ct.ends_with("+json")
+}
+
+/// A request's hop-by-hop headers removed; `Expect` too (the body was read
+/// already, or streams now).
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::try_from(t.trim()).ok())
+        .filter(|n| !(keep_upgrade && *n == header::UPGRADE))
+        .collect();
+    for n in listed {
+        headers.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        if keep_upgrade && (n == header::UPGRADE || n == header::CONNECTION) {
+            continue;
+        }
+        headers.remove(n);
+    }
+    headers.remove(header::EXPECT);
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+impl Session {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let request_id = format!("{}.{n}", self.conn.id);
+        let span = info_span!("request", id = %request_id, method = %req.method(), path = %req.uri().path());
+        Ok(self.request(req, request_id).instrument(span).await)
+    }
+
+    /// The connection-level input with a request's fields beside it.
+    pub(super) fn input(&self, fields: Map<String, Value>) -> Input {
+        Input {
+            direction: self.conn.direction,
+            source: self.conn.source.clone(),
+            destination: self.conn.destination.clone(),
+            protocol: self.route.protocol.as_str(),
+            request: Some(Box::new(fields)),
+        }
+    }
+
+    pub(super) async fn decide(&self, fields: Map<String, Value>, request_id: &str) -> Verdict {
+        let input = self.input(fields);
+        self.l7
+            .policy
+            .decide_request(&input, self.conn.id, request_id)
+            .await
+    }
+
+    pub(super) fn count(&self, result: &'static str) {
+        self.l7.metrics.http_request(
+            self.route.protocol.as_str(),
+            result,
+            self.conn.source.spiffe_id.as_deref(),
+            self.conn.destination.spiffe_id.as_deref(),
+        );
+    }
+
+    /// The request fields of the policy input (DESIGN §3).
+    fn fields(
+        &self,
+        parts: &Parts,
+        body: &ReadBody,
+        request_id: &str,
+        authority: &str,
+    ) -> Map<String, Value> {
+        let protocol = match parts.version {
+            Version::HTTP_2 => "HTTP/2",
+            Version::HTTP_10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        };
+        let mut http = json!({
+            "id": request_id,
+            "method": parts.method.as_str(),
+            "path": parts.uri.path_and_query().map_or("/", |p| p.as_str()),
+            "host": authority,
+            "scheme": "http",
+            "protocol": protocol,
+            "headers": headers_input(parts, authority),
+        });
+        let size = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .or((!body.truncated()).then_some(body.read as u64));
+        if let Some(size) = size {
+            http["size"] = size.into();
+        }
+        if !body.seen.is_empty()
+            && let Ok(text) = std::str::from_utf8(&body.seen)
+        {
+            http["body"] = text.into();
+        }
+        let mut m = Map::new();
+        m.insert(
+            "attributes".into(),
+            json!({
+                "source": address(self.conn.client, self.conn.source.spiffe_id.as_deref()),
+                "destination": address(self.conn.server, self.conn.destination.spiffe_id.as_deref()),
+                "request": {"http": http},
+            }),
+        );
+        m.insert("parsed_path".into(), parsed_path(parts.uri.path()));
+        m.insert(
+            "parsed_query".into(),
+            parsed_form(parts.uri.query().unwrap_or("").as_bytes()),
+        );
+        if !body.truncated() && !body.seen.is_empty() {
+            let ct = content_type(&parts.headers);
+            let parsed = if is_json(&ct) {
+                serde_json::from_slice::<Value>(&body.seen).ok()
+            } else if ct == "application/x-www-form-urlencoded" {
+                Some(parsed_form(&body.seen))
+            } else {
+                None
+            };
+            if let Some(p) = parsed {
+                m.insert("parsed_body".into(), p);
+            }
+        }
+        m.insert("truncated_body".into(), body.truncated().into());
+        m
+    }
+
+    async fn request(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        request_id: String,
+    ) -> Response<Body> {
+        // Request smuggling: hyper frames by Transfer-Encoding when both are
+        // present; a request that has both is refused outright (RFC 9112
+        // §6.1 allows a server to), so no server behind can read it otherwise.
+        if req.headers().contains_key(header::CONTENT_LENGTH)
+            && req.headers().contains_key(header::TRANSFER_ENCODING)
+        {
+            warn!(
+                request_id,
+                "both Content-Length and Transfer-Encoding; refused (400) and closed"
+            );
+            self.count("bad_request");
+            return bad_request("both Content-Length and Transfer-Encoding");
+        }
+        let upgrade = req.method() == Method::CONNECT
+            || (req.version() <= Version::HTTP_11 && req.headers().contains_key(header::UPGRADE));
+        let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (parts, body) = req.into_parts();
+        let body = match read_bounded(body, self.route.max_body_bytes).await {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(request_id, error = %e, "malformed request body; refused (400) and closed");
+                self.count("bad_request");
+                return bad_request(&format!("malformed body: {e}"));
+            }
+        };
+        let authority = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| self.conn.server.to_string());
+        let fields = self.fields(&parts, &body, &request_id, &authority);
+
+        let mut lists = mcp::Lists::default();
+        let mcp_post = self.route.protocol == Protocol::Mcp && parts.method == Method::POST;
+        let mcp_pass = self.route.protocol == Protocol::Mcp
+            && (parts.method == Method::GET || parts.method == Method::DELETE);
+        if mcp_post {
+            match mcp::decide_post(
+                &self,
+                &parts,
+                &body.seen,
+                body.truncated(),
+                fields.clone(),
+                &request_id,
+            )
+            .await
+            {
+                mcp::Plan::Respond(resp) => return resp,
+                mcp::Plan::Forward(l) => lists = l,
+            }
+        } else if mcp_pass {
+            // The SSE stream of server messages and the session's end.
+            self.count("pass");
+        } else {
+            let verdict = self.decide(fields.clone(), &request_id).await;
+            if !verdict.allowed {
+                self.count(if verdict.decision.error.is_some() {
+                    "error"
+                } else {
+                    "deny"
+                });
+                info!(request_id, method = %parts.method, path = parts.uri.path(),
+                    reason = ?verdict.decision.reason, decision_id = verdict.decision_id, "request denied");
+                return json_response(
+                    StatusCode::FORBIDDEN,
+                    &json!({
+                        "error": "forbidden",
+                        "reason": verdict.decision.reason.as_deref().unwrap_or("denied by policy"),
+                        "decision_id": verdict.decision_id,
+                        "request_id": request_id,
+                    }),
+                );
+            }
+            self.count(if verdict.decision.allow {
+                "allow"
+            } else {
+                "would_deny"
+            });
+        }
+
+        let method = parts.method.clone();
+        let upstream_req = self.upstream_request(parts, body.into_body(), upgrade, &authority);
+        let mut resp = match self.send(upstream_req).await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(request_id, server = %self.conn.server, error = %e, "forwarding the request failed");
+                self.count("upstream_error");
+                return json_response(
+                    StatusCode::BAD_GATEWAY,
+                    &json!({"error": "bad_gateway", "reason": e, "request_id": request_id}),
+                );
+            }
+        };
+        debug!(request_id, status = resp.status().as_u16(), "answered");
+        if let Some(client_up) = on_upgrade {
+            let accepted = resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                || (method == Method::CONNECT && resp.status().is_success());
+            if accepted {
+                let server_up = hyper::upgrade::on(&mut resp);
+                let conn_id = self.conn.id;
+                tokio::spawn(async move {
+                    match tokio::try_join!(client_up, server_up) {
+                        Ok((c, s)) => {
+                            let (mut c, mut s) = (TokioIo::new(c), TokioIo::new(s));
+                            if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut s).await {
+                                debug!(conn_id, error = %e, "upgraded connection ended with an error");
+                            }
+                        }
+                        Err(e) => debug!(conn_id, error = %e, "upgrade failed"),
+                    }
+                });
+                let (parts, _) = resp.into_parts();
+                return Response::from_parts(
+                    parts,
+                    Full::new(Bytes::new())
+                        .map_err(|never| match never {})
+                        .boxed_unsync(),
+                );
+            }
+        }
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers, false);
+        if self.route.protocol == Protocol::Mcp {
+            return mcp::filter_response(self.clone(), parts, body, lists, fields, &request_id)
+                .await;
+        }
+        Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync())
+    }
+
+    /// The request as sent to the server: hop-by-hop headers removed, the
+    /// URI in the form the HTTP version wants.
+    fn upstream_request(
+        &self,
+        mut parts: Parts,
+        body: Body,
+        upgrade: bool,
+        authority: &str,
+    ) -> Request<Body> {
+        strip_hop_by_hop(
+            &mut parts.headers,
+            upgrade && parts.method != Method::CONNECT,
+        );
+        if parts.version == Version::HTTP_2 {
+            let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            if let Ok(uri) = format!("http://{authority}{pq}").parse() {
+                parts.uri = uri;
+            }
+        } else if parts.method != Method::CONNECT
+            && let Some(pq) = parts.uri.path_and_query().cloned()
+        {
+            // origin-form
+            parts.uri = pq.as_str().parse().unwrap_or(parts.uri);
+        }
+        Request::from_parts(parts, body)
+    }
+
+    /// Sends one request to the server, opening (or reopening, when the
+    /// server closed the last one) the session's connection to it.
+    async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, String> {
+        let h2 = req.version() == Version::HTTP_2;
+        let mut slot = self.upstream.lock().await;
+        for _ in 0..2 {
+            let usable = match slot.as_mut() {
+                Some(Sender::H1(s)) => s.ready().await.is_ok(),
+                Some(Sender::H2(s)) => s.ready().await.is_ok(),
+                None => false,
+            };
+            if !usable {
+                *slot = Some(self.connect(h2).await?);
+                continue;
+            }
+            return match slot.as_mut() {
+                Some(Sender::H1(s)) => s.send_request(req).await.map_err(|e| e.to_string()),
+                Some(Sender::H2(s)) => {
+                    let mut s = s.clone();
+                    drop(slot);
+                    s.send_request(req).await.map_err(|e| e.to_string())
+                }
+                None => Err("no connection to the server".into()),
+            };
+        }
+        Err("the server closed every connection before answering".into())
+    }
+
+    async fn connect(&self, h2: bool) -> Result<Sender, String> {
+        let first = self.first.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let tcp = match first {
+            Some(t) => t,
+            None => crate::proxy::connect_within((self.dial)()).await?,
+        };
+        let _ = tcp.set_nodelay(true);
+        let io = TokioIo::new(tcp);
+        let conn_id = self.conn.id;
+        if h2 {
+            let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                .handshake(io)
+                .await
+                .map_err(|e| format!("HTTP/2 with the server: {e}"))?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    debug!(conn_id, error = %e, "server connection ended");
+                }
+            });
+            Ok(Sender::H2(send))
+        } else {
+            let (send, conn) = hyper::client::conn::http1::Builder::new()
+                .handshake(io)
+                .await
+                .map_err(|e| format!("HTTP/1.1 with the server: {e}"))?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    debug!(conn_id, error = %e, "server connection ended");
+                }
+            });
+            Ok(Sender::H1(send))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_and_queries_read_as_opa_envoy_reads_them() {
+        assert_eq!(parsed_path("/"), json!([""]));
+        assert_eq!(parsed_path("/people/a%20b"), json!(["people", "a b"]));
+        assert_eq!(
+            parsed_form(b"x=1&y=a+b&x=2&z"),
+            json!({"x": ["1", "2"], "y": ["a b"], "z": [""]})
+        );
+    }
+
+    #[test]
+    fn secrets_are_redacted_and_values_joined() {
+        let req = Request::builder()
+            .method("POST")
+            .uri("/v1/x?q=1")
+            .header("authorization", "Bearer s3cret")
+            .header("x-api-key", "k")
+            .header("cookie", "a=b")
+            .header("proxy-authorization", "Basic x")
+            .header("accept", "a")
+            .header("accept", "b")
+            .body(())
+            .expect("request");
+        let (parts, ()) = req.into_parts();
+        let h = headers_input(&parts, "h:1");
+        for k in REDACTED {
+            assert_eq!(h[k], REDACTED_VALUE, "{k}");
+        }
+        assert!(!Value::Object(h.clone()).to_string().contains("s3cret"));
+        assert_eq!(h["accept"], "a,b");
+        assert_eq!(h[":method"], "POST");
+        assert_eq!(h[":path"], "/v1/x?q=1");
+        assert_eq!(h[":authority"], "h:1");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_not_forwarded() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "close, x-private"),
+            ("x-private", "1"),
+            ("keep-alive", "5"),
+            ("transfer-encoding", "chunked"),
+            ("expect", "100-continue"),
+            ("upgrade", "websocket"),
+            ("content-type", "text/plain"),
+        ] {
+            h.append(
+                HeaderName::from_static(k),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        let mut plain = h.clone();
+        strip_hop_by_hop(&mut plain, false);
+        assert_eq!(
+            plain.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            ["content-type"]
+        );
+        strip_hop_by_hop(&mut h, true);
+        assert!(h.contains_key("upgrade") && h.contains_key("connection"));
+        assert!(!h.contains_key("x-private") && !h.contains_key("expect"));
+    }
+}

@@ -1,0 +1,149 @@
+//! L7 (DESIGN §1.7): per-request policy at the destinations the config
+//! declares (`[[l7.destinations]]`). The last agent before the server —
+//! inbound HBONE, same node, permissive plaintext, outbound to a destination
+//! outside the mesh — terminates HTTP with hyper (HTTP/1.1 or h2c), decides
+//! every request with the connection's verified identities, and only then
+//! forwards it over its own client connection to the server. The
+//! connection-level decision is taken first, as for any connection.
+pub mod http;
+pub mod io;
+pub mod mcp;
+
+use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc};
+
+use serde::Deserialize;
+
+pub use http::{Served, serve};
+
+/// How the requests of a destination are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.1 or h2c: method, path, query, headers, bounded body.
+    Http,
+    /// MCP over streamable HTTP: JSON-RPC decided per tool, resource and
+    /// prompt; lists filtered.
+    Mcp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Mcp => "mcp",
+        }
+    }
+}
+
+/// One declared L7 destination (checked by `Config::l7_routes`).
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub ports: Vec<u16>,
+    pub spiffe_id: Option<String>,
+    pub selectors: Vec<String>,
+    pub protocol: Protocol,
+    pub max_body_bytes: usize,
+}
+
+impl Route {
+    fn matches(&self, port: u16, dst_id: Option<&str>, selectors: &[String]) -> bool {
+        (self.ports.is_empty() || self.ports.contains(&port))
+            && self
+                .spiffe_id
+                .as_deref()
+                .is_none_or(|want| dst_id == Some(want))
+            && self.selectors.iter().all(|s| selectors.contains(s))
+    }
+}
+
+/// The declared L7 destinations, in config order.
+#[derive(Debug, Clone, Default)]
+pub struct Routes(Arc<Vec<Route>>);
+
+impl Routes {
+    pub fn new(routes: Vec<Route>) -> Self {
+        Self(Arc::new(routes))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The first destination that matches the port, the destination
+    /// workload's SPIFFE ID and its selectors; `None`: the connection stays L4.
+    pub fn find(&self, port: u16, dst_id: Option<&str>, selectors: &[String]) -> Option<Route> {
+        self.0
+            .iter()
+            .find(|r| r.matches(port, dst_id, selectors))
+            .cloned()
+    }
+}
+
+/// What a request decision needs from its connection: the connection-level
+/// input's blocks (verified identities) and the addresses.
+#[derive(Debug, Clone)]
+pub struct Conn {
+    pub id: u64,
+    /// `inbound` where the server is a local workload, `outbound` for a
+    /// destination outside the mesh.
+    pub direction: &'static str,
+    pub source: crate::policy::Peer,
+    pub destination: crate::policy::Peer,
+    /// The TCP peer of the connection the requests arrive on.
+    pub client: SocketAddr,
+    /// The server the requests go to.
+    pub server: SocketAddr,
+}
+
+/// Opens a new connection to the server (after the first one closed).
+pub type Dial = Arc<
+    dyn Fn() -> Pin<Box<dyn Future<Output = std::io::Result<tokio::net::TcpStream>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// The shared state of the L7 layer.
+pub struct L7 {
+    pub policy: Arc<crate::policy::Policy>,
+    pub metrics: Arc<crate::admin::Metrics>,
+    pub routes: Routes,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(ports: &[u16], id: Option<&str>, sel: &[&str], protocol: Protocol) -> Route {
+        Route {
+            ports: ports.to_vec(),
+            spiffe_id: id.map(str::to_owned),
+            selectors: sel.iter().map(|s| s.to_string()).collect(),
+            protocol,
+            max_body_bytes: 1024,
+        }
+    }
+
+    #[test]
+    fn the_first_matching_destination_wins() {
+        let routes = Routes::new(vec![
+            route(&[8001], Some("spiffe://td/mcp"), &[], Protocol::Mcp),
+            route(&[], None, &["unix:uid:7"], Protocol::Http),
+            route(&[8080, 8081], None, &[], Protocol::Http),
+        ]);
+        let sel = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let p = |r: Option<Route>| r.map(|r| r.protocol);
+        assert_eq!(
+            p(routes.find(8001, Some("spiffe://td/mcp"), &[])),
+            Some(Protocol::Mcp)
+        );
+        // Port right, identity wrong: not the MCP entry.
+        assert_eq!(p(routes.find(8001, Some("spiffe://td/x"), &[])), None);
+        assert_eq!(p(routes.find(8001, None, &[])), None);
+        assert_eq!(
+            p(routes.find(9, None, &sel(&["unix:uid:7", "unix:uid:8"]))),
+            Some(Protocol::Http)
+        );
+        assert_eq!(p(routes.find(8081, None, &[])), Some(Protocol::Http));
+        assert_eq!(p(routes.find(8082, None, &[])), None);
+    }
+}
