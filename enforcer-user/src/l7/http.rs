@@ -475,19 +475,13 @@ impl Session {
         mut req: Request<Incoming>,
         request_id: String,
     ) -> Response<Body> {
-        // Request smuggling: hyper frames by Transfer-Encoding when both are
-        // present; a request that has both is refused outright (RFC 9112
-        // §6.1 allows a server to), so no server behind can read it otherwise.
-        if req.headers().contains_key(header::CONTENT_LENGTH)
-            && req.headers().contains_key(header::TRANSFER_ENCODING)
-        {
-            warn!(
-                request_id,
-                "both Content-Length and Transfer-Encoding; refused (400) and closed"
-            );
-            self.count("bad_request");
-            return bad_request("both Content-Length and Transfer-Encoding");
-        }
+        // Request smuggling: hyper refuses (400, closed) malformed heads,
+        // obs-fold, bad or conflicting Content-Length values, bad chunk
+        // sizes and a Transfer-Encoding that does not end in chunked. A
+        // request with both Content-Length and Transfer-Encoding is framed by
+        // Transfer-Encoding, its Content-Length dropped, and the connection
+        // closed after the answer (RFC 9112 §6.3), so nothing that follows it
+        // on the connection is ever read, let alone forwarded.
         let upgrade = req.method() == Method::CONNECT
             || (req.version() <= Version::HTTP_11 && req.headers().contains_key(header::UPGRADE));
         let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));

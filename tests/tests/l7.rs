@@ -1,0 +1,614 @@
+//! Per-request policy (L7, DESIGN §1.7) end to end: two real agents; on b an
+//! MCP server of the official `mcp` SDK and an HTTP server, declared `mcp`
+//! and `http`; on a the support and admin agents, with the official `mcp`
+//! client, curl and Python's http.client. b's agent, the last before the
+//! servers, decides each request.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use enforcer_tests::{MESH, Node, Pair, entry, llm_pair, sum_metric};
+use serde_json::Value;
+
+const TD: &str = "ai.example.org";
+const SUPPORT: &str = "spiffe://ai.example.org/agent/support";
+const ADMIN: &str = "spiffe://ai.example.org/agent/admin";
+
+/// The test policy: connections between the agents and the servers are
+/// allowed; MCP tools per agent and, for search, per collection; HTTP in
+/// OPA-Envoy's terms (GET, except blocked prefixes; POST /upload for the
+/// admin only).
+const POLICY: &str = r#"package enforcer.authz
+
+import rego.v1
+
+support := "spiffe://ai.example.org/agent/support"
+admin := "spiffe://ai.example.org/agent/admin"
+
+default allow := false
+
+allow if {
+	not input.attributes
+	input.source.spiffe_id in {support, admin}
+}
+
+tools := {support: {"search_docs"}, admin: {"search_docs", "delete_doc"}}
+
+collections := {support: {"support-docs"}, admin: {"support-docs", "hr"}}
+
+allow if {
+	input.mcp.method == "tools/call"
+	input.mcp.tool in tools[input.attributes.source.principal]
+	arguments_ok
+}
+
+arguments_ok if input.mcp.listing
+
+arguments_ok if input.mcp.tool == "delete_doc"
+
+arguments_ok if {
+	input.mcp.tool == "search_docs"
+	object.get(input.mcp.arguments, "collection", "support-docs") in collections[input.attributes.source.principal]
+}
+
+reason := "this agent may not use that tool" if {
+	input.mcp.method == "tools/call"
+	not input.mcp.tool in tools[input.attributes.source.principal]
+} else := "this agent may not search that collection" if {
+	input.mcp.method == "tools/call"
+	not arguments_ok
+}
+
+blocked if {
+	some prefix in data.blocked_prefixes
+	startswith(input.attributes.request.http.path, prefix)
+}
+
+allow if {
+	input.attributes.request.http.method == "GET"
+	not blocked
+}
+
+allow if {
+	input.attributes.request.http.method == "POST"
+	input.parsed_path == ["upload"]
+	input.attributes.source.principal == admin
+}
+
+reason := "only GET is allowed here" if {
+	input.protocol == "http"
+	input.attributes.request.http.method != "GET"
+	not allow
+} else := "blocked path" if {
+	input.protocol == "http"
+	blocked
+}
+"#;
+
+fn helper(name: &str) -> String {
+    format!("{}/helpers/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Nodes a and b; b declares 8001 and 8003 `mcp` and 8002 `http` (bodies
+/// seen up to 1 KiB); both run the test policy from one directory.
+fn l7_pair(test: &str) -> (Pair, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("enforcer-{test}-policy-{}", std::process::id()));
+    fs::create_dir_all(&dir).expect("policy dir");
+    fs::write(dir.join("policy.rego"), POLICY).expect("policy");
+    fs::write(
+        dir.join("data.json"),
+        r#"{"blocked_prefixes": ["/blocked"]}"#,
+    )
+    .expect("data");
+    let source = dir.display().to_string();
+    let pair = llm_pair(test, TD, |tb, n| {
+        let policy = tb.policy_section(n, &source);
+        if n.name == "a" {
+            (
+                String::new(),
+                format!(
+                    "{}\n{}\n{MESH}\n{policy}",
+                    entry(SUPPORT, "systemd:unit:support-agent.service"),
+                    entry(ADMIN, "systemd:unit:admin-agent.service"),
+                ),
+            )
+        } else {
+            (
+                String::new(),
+                format!(
+                    "{}\n{}\n{MESH}\n{policy}\n[l7]\nmax_body_bytes = 1024\n\n[[l7.destinations]]\nports = [8001, 8003]\nprotocol = \"mcp\"\n\n[[l7.destinations]]\nports = [8002]\nprotocol = \"http\"\n",
+                    entry("spiffe://ai.example.org/mcp/docs", "systemd:unit:mcp.service"),
+                    entry("spiffe://ai.example.org/api", "systemd:unit:api.service"),
+                ),
+            )
+        }
+    })
+    .expect("two nodes");
+    (pair, dir)
+}
+
+fn json_out(out: &std::process::Output) -> Value {
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {text}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn audit_lines(path: &Path) -> Vec<Value> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn mcp_call(node: &Node, unit: &str, url: &str, calls: &[String]) -> Value {
+    let mut cmd = vec!["python3".to_owned(), helper("mcp_call.py"), url.to_owned()];
+    cmd.extend(calls.iter().cloned());
+    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    let (_, out) = node.exec(Some(unit), &cmd).expect("mcp client");
+    json_out(&out)
+}
+
+#[test]
+fn mcp_tool_calls_are_decided_per_identity_and_arguments_and_lists_filtered() {
+    let (mut m, _policy) = l7_pair("l7-mcp");
+    let mcp = helper("mcp_tools.py");
+    m.tb.start_server_in(
+        &m.b,
+        Some("mcp.service"),
+        "mcp-sse",
+        &["python3", "-u", &mcp, "8001"],
+        8001,
+    )
+    .expect("MCP server (SSE answers)");
+    m.tb.start_server_in(
+        &m.b,
+        Some("mcp.service"),
+        "mcp-json",
+        &["python3", "-u", &mcp, "8003", "json"],
+        8003,
+    )
+    .expect("MCP server (JSON answers)");
+
+    for (port, log) in [(8001, "mcp-sse"), (8003, "mcp-json")] {
+        let url = format!("http://{}:{port}/mcp", m.b.ipv4);
+        let support = mcp_call(
+            &m.a,
+            "support-agent.service",
+            &url,
+            &[
+                r#"search_docs={"query": "reset password"}"#.into(),
+                r#"search_docs={"query": "salaries", "collection": "hr"}"#.into(),
+                format!(r#"delete_doc={{"doc_id": "support-{port}"}}"#),
+            ],
+        );
+        // The list shows only what the support agent may call.
+        assert_eq!(
+            support["tools"],
+            serde_json::json!(["search_docs"]),
+            "{port}: {support}"
+        );
+        let calls = &support["calls"];
+        assert_eq!(calls[0]["ok"], true, "{port}: {support}");
+        assert!(
+            calls[0]["text"].as_str().unwrap_or("").contains("found"),
+            "{support}"
+        );
+        assert_eq!(calls[1]["ok"], false, "{port}: {support}");
+        assert!(
+            calls[1]["text"]
+                .as_str()
+                .unwrap_or("")
+                .contains("denied by policy: this agent may not search that collection"),
+            "{port}: {support}"
+        );
+        assert_eq!(calls[2]["ok"], false, "{port}: {support}");
+        assert!(
+            calls[2]["text"]
+                .as_str()
+                .unwrap_or("")
+                .contains("denied by policy: this agent may not use that tool"),
+            "{port}: {support}"
+        );
+
+        let admin = mcp_call(
+            &m.a,
+            "admin-agent.service",
+            &url,
+            &[format!(r#"delete_doc={{"doc_id": "admin-{port}"}}"#)],
+        );
+        assert_eq!(
+            admin["tools"],
+            serde_json::json!(["delete_doc", "search_docs"]),
+            "{port}: {admin}"
+        );
+        assert_eq!(admin["calls"][0]["ok"], true, "{port}: {admin}");
+        assert!(
+            admin["calls"][0]["text"]
+                .as_str()
+                .unwrap_or("")
+                .contains(&format!("deleted admin-{port}")),
+            "{admin}"
+        );
+        // The admin's call reached the server after the denied ones were
+        // refused: those never did.
+        assert!(
+            m.tb.wait_server_log(
+                &m.b,
+                log,
+                &format!("CALL delete_doc {{\"doc_id\": \"admin-{port}\"}}")
+            ),
+            "{}",
+            m.tb.server_log(&m.b, log)
+        );
+        let seen = m.tb.server_log(&m.b, log);
+        assert!(
+            !seen.contains(&format!("support-{port}")),
+            "a denied call reached the server: {seen}"
+        );
+        assert!(
+            !seen.contains("\"hr\""),
+            "a denied search reached the server: {seen}"
+        );
+        assert!(seen.contains("CALL search_docs"), "{seen}");
+    }
+
+    // Invalid JSON is answered -32700 by the agent; the server never sees it.
+    let (_, out) =
+        m.a.exec(
+            Some("support-agent.service"),
+            &[
+                "curl",
+                "-sS",
+                "-X",
+                "POST",
+                "-H",
+                "content-type: application/json",
+                "-H",
+                "accept: application/json, text/event-stream",
+                "--data",
+                "{not json",
+                &format!("http://{}:8001/mcp", m.b.ipv4),
+            ],
+        )
+        .expect("curl");
+    let body = json_out(&out);
+    assert_eq!(body["error"]["code"], -32700, "{body}");
+    assert_eq!(body["id"], Value::Null, "{body}");
+
+    // One decision-log line per decided call, with the verified caller, the
+    // tool and its arguments, and the request id.
+    let audit = audit_lines(&m.tb.audit_log(&m.b));
+    let denied = audit
+        .iter()
+        .find(|l| {
+            l["input"]["mcp"]["tool"] == "delete_doc"
+                && l["input"]["attributes"]["source"]["principal"] == SUPPORT
+                && l["input"]["mcp"]["listing"].is_null()
+        })
+        .unwrap_or_else(|| panic!("no audit line for the support agent's delete_doc: {audit:?}"));
+    assert_eq!(denied["result"], false, "{denied}");
+    assert_eq!(
+        denied["reason"], "this agent may not use that tool",
+        "{denied}"
+    );
+    assert_eq!(
+        denied["input"]["mcp"]["arguments"]["doc_id"], "support-8001",
+        "{denied}"
+    );
+    assert_eq!(denied["input"]["protocol"], "mcp", "{denied}");
+    assert!(
+        denied["request_id"]
+            .as_str()
+            .is_some_and(|r| r.contains('.')),
+        "{denied}"
+    );
+    assert!(
+        denied["input"]["mcp"]["session"].as_str().is_some(),
+        "no session id: {denied}"
+    );
+
+    let metrics = m.eb.metrics().expect("metrics");
+    assert!(
+        sum_metric(
+            &metrics,
+            "enforcer_mcp_calls_total",
+            &[("tool", "delete_doc"), ("result", "deny")]
+        ) >= 2.0,
+        "{metrics}"
+    );
+    assert!(
+        sum_metric(
+            &metrics,
+            "enforcer_mcp_calls_total",
+            &[("tool", "delete_doc"), ("result", "allow")]
+        ) >= 2.0,
+        "{metrics}"
+    );
+    assert!(
+        sum_metric(
+            &metrics,
+            "enforcer_http_requests_total",
+            &[("protocol", "mcp"), ("result", "bad_request")]
+        ) >= 1.0,
+        "{metrics}"
+    );
+}
+
+/// The raw-socket probe: sends `bytes` to b:8002 (the first `@` replaced by
+/// `pad` bytes) and returns its report.
+fn raw_padded(m: &Pair, bytes: &[u8], pad: usize) -> Value {
+    let (_, out) =
+        m.a.exec(
+            Some("support-agent.service"),
+            &[
+                "python3",
+                &helper("http_probe.py"),
+                "raw",
+                &m.b.ipv4.to_string(),
+                "8002",
+                &bytes.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+                &pad.to_string(),
+            ],
+        )
+        .expect("probe");
+    json_out(&out)
+}
+
+fn raw(m: &Pair, bytes: &[u8]) -> Value {
+    raw_padded(m, bytes, 0)
+}
+
+#[test]
+fn http_requests_are_decided_one_by_one_with_opa_envoy_input() {
+    let (mut m, policy) = l7_pair("l7-http");
+    m.tb.start_server_in(
+        &m.b,
+        Some("api.service"),
+        "api",
+        &["python3", "-u", &helper("http_echo.py"), "8002"],
+        8002,
+    )
+    .expect("HTTP server");
+    let b = m.b.ipv4.to_string();
+    let probe = helper("http_probe.py");
+
+    // Keep-alive: a denied request answers 403 and the connection serves the next.
+    let (_, out) =
+        m.a.exec(
+            Some("support-agent.service"),
+            &[
+                "python3",
+                &probe,
+                "keepalive",
+                &b,
+                "8002",
+                "DELETE:/items/1",
+                "GET:/items/1?x=1&x=2",
+                "POST:/upload",
+            ],
+        )
+        .expect("probe");
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(lines.len(), 3, "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(lines[0]["status"], 403, "{lines:?}");
+    let denial: Value =
+        serde_json::from_str(lines[0]["body"].as_str().unwrap_or("")).expect("JSON denial");
+    assert_eq!(denial["reason"], "only GET is allowed here", "{denial}");
+    assert_eq!(lines[1]["status"], 200, "{lines:?}");
+    assert_eq!(lines[2]["status"], 403, "{lines:?}");
+    assert!(
+        lines.iter().all(|l| l["same_connection"] == true),
+        "{lines:?}"
+    );
+
+    // A body over the bound streams through whole, seen truncated by policy;
+    // Expect: 100-continue is honoured.
+    let big = "a".repeat(4096);
+    let (_, out) =
+        m.a.exec(
+            Some("admin-agent.service"),
+            &[
+                "curl",
+                "-sS",
+                "-H",
+                "Expect: 100-continue",
+                "-H",
+                "content-type: text/plain",
+                "--data-binary",
+                &big,
+                &format!("http://{b}:8002/upload"),
+            ],
+        )
+        .expect("curl");
+    let echoed = json_out(&out);
+    assert_eq!(echoed["len"], 4096, "{echoed}");
+
+    // A request smuggled behind one with both Content-Length and
+    // Transfer-Encoding: the first is read by its Transfer-Encoding (and
+    // decided: denied here), the connection closed after its answer, the
+    // second never read.
+    let r = raw(
+        &m,
+        b"GET /smuggle-a HTTP/1.1\r\nHost: b\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: b\r\n\r\n",
+    );
+    assert_eq!(r["closed"], true, "CL+TE: the connection stayed open: {r}");
+    assert_eq!(
+        r["answer"]
+            .as_str()
+            .unwrap_or("")
+            .matches("HTTP/1.1")
+            .count(),
+        1,
+        "CL+TE: {r}"
+    );
+    // Malformed requests: 400 (431 for a huge header block), the connection
+    // closed, nothing forwarded.
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "bad chunk size",
+            b"POST /smuggle-b HTTP/1.1\r\nHost: b\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n".to_vec(),
+            "400",
+        ),
+        (
+            "obs-fold",
+            b"GET /smuggle-c HTTP/1.1\r\nHost: b\r\nX-Folded: a\r\n b\r\n\r\n".to_vec(),
+            "400",
+        ),
+        (
+            "oversized headers",
+            b"GET /smuggle-d HTTP/1.1\r\nHost: b\r\nX-Big: @\r\n\r\n".to_vec(),
+            "431",
+        ),
+    ];
+    for (what, bytes, status) in cases {
+        let r = raw_padded(&m, &bytes, 70_000);
+        assert!(
+            r["status_line"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with(&format!("HTTP/1.1 {status}")),
+            "{what}: {r}"
+        );
+        assert_eq!(r["closed"], true, "{what}: the connection stayed open: {r}");
+    }
+    // A last allowed request; once the server has it, none of the above can still come.
+    let (_, out) =
+        m.a.exec(
+            Some("support-agent.service"),
+            &["python3", &probe, "keepalive", &b, "8002", "GET:/final"],
+        )
+        .expect("probe");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"status\": 200"));
+    assert!(m.tb.wait_server_log(&m.b, "api", "REQ GET /final"));
+    let seen = m.tb.server_log(&m.b, "api");
+    for path in ["/smuggled", "/smuggle-b", "/smuggle-c", "/smuggle-d"] {
+        assert!(!seen.contains(path), "{path} reached the server: {seen}");
+    }
+    assert!(
+        !seen.contains("DELETE"),
+        "a denied request reached the server: {seen}"
+    );
+    assert!(seen.contains("REQ POST /upload 4096"), "{seen}");
+
+    // The audit lines: OPA-Envoy's input, secrets redacted.
+    let audit_path = m.tb.audit_log(&m.b);
+    let text = fs::read_to_string(&audit_path).unwrap_or_default();
+    assert!(
+        !text.contains("TOPSECRET-TOKEN-42"),
+        "a bearer token reached the audit log"
+    );
+    let audit = audit_lines(&audit_path);
+    let get = audit
+        .iter()
+        .find(|l| l["input"]["attributes"]["request"]["http"]["path"] == "/items/1?x=1&x=2")
+        .unwrap_or_else(|| panic!("no audit line for the GET: {audit:?}"));
+    let http = &get["input"]["attributes"]["request"]["http"];
+    assert_eq!(http["method"], "GET", "{get}");
+    assert_eq!(http["headers"]["authorization"], "[redacted]", "{get}");
+    assert_eq!(
+        get["input"]["parsed_path"],
+        serde_json::json!(["items", "1"]),
+        "{get}"
+    );
+    assert_eq!(
+        get["input"]["parsed_query"],
+        serde_json::json!({"x": ["1", "2"]}),
+        "{get}"
+    );
+    assert_eq!(
+        get["input"]["attributes"]["source"]["principal"], SUPPORT,
+        "{get}"
+    );
+    assert_eq!(get["input"]["truncated_body"], false, "{get}");
+    assert_eq!(get["result"], true, "{get}");
+    let upload = audit
+        .iter()
+        .find(|l| l["input"]["truncated_body"] == true)
+        .unwrap_or_else(|| panic!("no audit line with a truncated body: {audit:?}"));
+    assert_eq!(
+        upload["input"]["attributes"]["source"]["principal"], ADMIN,
+        "{upload}"
+    );
+    assert_eq!(upload["input"]["parsed_body"], Value::Null, "{upload}");
+
+    // A reload applies to the next request of a connection already open.
+    let gate = m.tb.dir.join("reload-gate");
+    m.tb.spawn(
+        &m.a,
+        Some("support-agent.service"),
+        "gate",
+        &[
+            "python3",
+            "-u",
+            &probe,
+            "gate",
+            &b,
+            "8002",
+            "/reload-probe",
+            &gate.display().to_string(),
+        ],
+    )
+    .expect("gate probe");
+    wait_for("the first request", || {
+        m.tb.server_log(&m.a, "gate").contains("\"status\": 200")
+    });
+    let reloads = || {
+        fs::read_to_string(&m.eb.log)
+            .unwrap_or_default()
+            .matches("policy reloaded")
+            .count()
+    };
+    let before = reloads();
+    fs::write(
+        policy.join("data.json"),
+        r#"{"blocked_prefixes": ["/blocked", "/reload-probe"]}"#,
+    )
+    .expect("data");
+    wait_for("b's agent to reload", || reloads() > before);
+    fs::write(&gate, "go").expect("gate");
+    wait_for("the second request", || {
+        m.tb.server_log(&m.a, "gate").lines().count() >= 2
+    });
+    let second: Value =
+        serde_json::from_str(m.tb.server_log(&m.a, "gate").lines().nth(1).unwrap_or(""))
+            .expect("second answer");
+    assert_eq!(second["status"], 403, "{second}");
+    assert_eq!(second["same_connection"], true, "{second}");
+
+    let metrics = m.eb.metrics().expect("metrics");
+    assert!(
+        sum_metric(
+            &metrics,
+            "enforcer_http_requests_total",
+            &[("protocol", "http"), ("result", "deny")]
+        ) >= 3.0,
+        "{metrics}"
+    );
+    assert!(
+        sum_metric(
+            &metrics,
+            "enforcer_http_requests_total",
+            &[("protocol", "http"), ("result", "bad_request")]
+        ) >= 1.0,
+        "{metrics}"
+    );
+    let _ = fs::remove_dir_all(&policy);
+}
