@@ -1144,6 +1144,78 @@ mod tests {
     }
 
     #[test]
+    fn l7_destinations_are_checked_naming_the_key() {
+        let ok = parse(&format!(
+            "{MIN}[l7]\nmax_body_bytes = 4096\n[[l7.destinations]]\nports = [8001]\nspiffe_id = \"spiffe://td/mcp\"\nprotocol = \"mcp\"\n[[l7.destinations]]\nselectors = [\"systemd:unit:api.service\"]\nprotocol = \"http\"\nmax_body_bytes = 10\n"
+        ))
+        .expect("valid");
+        let routes = ok.l7_routes(Path::new("t")).expect("routes");
+        let mcp = routes
+            .find(8001, Some("spiffe://td/mcp"), &[])
+            .expect("mcp route");
+        assert_eq!(mcp.protocol, crate::l7::Protocol::Mcp);
+        assert_eq!(mcp.max_body_bytes, 4096);
+        let http = routes
+            .find(9, None, &["systemd:unit:api.service".to_owned()])
+            .expect("http route");
+        assert_eq!(http.max_body_bytes, 10);
+        assert!(
+            routes.find(8002, None, &[]).is_none(),
+            "undeclared stays L4"
+        );
+        for (section, key, says) in [
+            (
+                "[[l7.destinations]]\nprotocol = \"http\"\n",
+                "l7.destinations[0]",
+                "names no destination",
+            ),
+            (
+                "[[l7.destinations]]\nports = [15008]\nprotocol = \"http\"\n",
+                "l7.destinations[0].ports",
+                "15008",
+            ),
+            (
+                "[[l7.destinations]]\nports = [0]\nprotocol = \"http\"\n",
+                "l7.destinations[0].ports",
+                "port 0",
+            ),
+            (
+                "[[l7.destinations]]\nspiffe_id = \"https://x\"\nprotocol = \"mcp\"\n",
+                "l7.destinations[0].spiffe_id",
+                "https://x",
+            ),
+            (
+                "[[l7.destinations]]\nselectors = [\"nocolon\"]\nprotocol = \"http\"\n",
+                "l7.destinations[0].selectors",
+                "nocolon",
+            ),
+            (
+                "[[l7.destinations]]\nports = [80]\nprotocol = \"http\"\nmax_body_bytes = 0\n",
+                "l7.destinations[0].max_body_bytes",
+                "outside",
+            ),
+            (
+                "[l7]\nmax_body_bytes = 999999999999\n",
+                "l7.max_body_bytes",
+                "outside",
+            ),
+            (
+                "[[l7.destinations]]\nports = [80]\nprotocol = \"grpc\"\n",
+                "protocol",
+                "grpc",
+            ),
+            (
+                "[[l7.destinations]]\nports = [80]\nprotocol = \"http\"\nport = 5\n",
+                "port",
+                "unknown field",
+            ),
+        ] {
+            let err = parse(&format!("{MIN}{section}")).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(says), "{section}: {err}");
+        }
+    }
+
+    #[test]
     fn bad_bundle_and_decision_log_settings_are_named() {
         for (section, key, says) in [
             (

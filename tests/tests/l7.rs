@@ -121,7 +121,7 @@ fn l7_pair(test: &str) -> (Pair, PathBuf) {
                     "{}\n{}\n{MESH}\n{policy}\n[l7]\nmax_body_bytes = 1024\n\n[[l7.destinations]]\nports = [8001, 8003]\nprotocol = \"mcp\"\n\n[[l7.destinations]]\nports = [8002]\nprotocol = \"http\"\n",
                     entry("spiffe://ai.example.org/mcp/docs", "systemd:unit:mcp.service"),
                     entry("spiffe://ai.example.org/api", "systemd:unit:api.service"),
-                ),
+                ) + &entry(SUPPORT, "systemd:unit:local-agent.service"),
             )
         }
     })
@@ -419,6 +419,30 @@ fn http_requests_are_decided_one_by_one_with_opa_envoy_input() {
         "{lines:?}"
     );
 
+    // The same on b itself: the same-node path decides each request too.
+    let (_, out) =
+        m.b.exec(
+            Some("local-agent.service"),
+            &[
+                "python3",
+                &probe,
+                "keepalive",
+                &b,
+                "8002",
+                "DELETE:/local/1",
+                "GET:/local/2",
+            ],
+        )
+        .expect("probe");
+    let local: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(local.len(), 2, "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(local[0]["status"], 403, "{local:?}");
+    assert_eq!(local[1]["status"], 200, "{local:?}");
+    assert_eq!(local[1]["same_connection"], true, "{local:?}");
+
     // A body over the bound streams through whole, seen truncated by policy;
     // Expect: 100-continue is honoured.
     let big = "a".repeat(4096);
@@ -506,6 +530,7 @@ fn http_requests_are_decided_one_by_one_with_opa_envoy_input() {
         !seen.contains("DELETE"),
         "a denied request reached the server: {seen}"
     );
+    assert!(seen.contains("REQ GET /local/2"), "{seen}");
     assert!(seen.contains("REQ POST /upload 4096"), "{seen}");
 
     // The audit lines: OPA-Envoy's input, secrets redacted.

@@ -267,40 +267,35 @@ impl Metrics {
     }
 }
 
+/// `value` itself for the first [`MAX_ID_LABELS`] distinct values (of at
+/// most 2048 bytes, the longest SPIFFE ID) seen in `seen`, `other` after that.
+fn capped(seen: &std::sync::Mutex<std::collections::HashSet<String>>, value: &str) -> String {
+    let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+    if seen.contains(value) {
+        return value.to_owned();
+    }
+    if seen.len() < MAX_ID_LABELS && value.len() <= 2048 {
+        seen.insert(value.to_owned());
+        return value.to_owned();
+    }
+    "other".into()
+}
+
 impl Metrics {
     /// A label value for a SPIFFE ID: the ID itself for the first
     /// [`MAX_ID_LABELS`] distinct IDs, `other` after that, `none` when absent.
     fn id_label(&self, id: Option<&str>) -> String {
-        let Some(id) = id else {
-            return "none".into();
-        };
-        let mut seen = self.id_labels.lock().unwrap_or_else(|p| p.into_inner());
-        if seen.contains(id) {
-            return id.to_owned();
+        match id {
+            Some(id) => capped(&self.id_labels, id),
+            None => "none".into(),
         }
-        if seen.len() < MAX_ID_LABELS {
-            seen.insert(id.to_owned());
-            return id.to_owned();
-        }
-        "other".into()
     }
 
-    /// A label value for a name a client chose (an MCP method or tool): the
-    /// name for the first [`MAX_ID_LABELS`] distinct names, `other` after
-    /// that, `""` when absent.
+    /// A label value for a name a client chose (an MCP method or tool),
+    /// capped as SPIFFE IDs are; `""` when absent.
     fn name_label(&self, name: Option<&str>) -> String {
-        let Some(name) = name else {
-            return String::new();
-        };
-        let mut seen = self.name_labels.lock().unwrap_or_else(|p| p.into_inner());
-        if seen.contains(name) {
-            return name.to_owned();
-        }
-        if seen.len() < MAX_ID_LABELS && name.len() <= 128 {
-            seen.insert(name.to_owned());
-            return name.to_owned();
-        }
-        "other".into()
+        name.map(|n| capped(&self.name_labels, n))
+            .unwrap_or_default()
     }
 
     pub fn http_request(

@@ -95,6 +95,25 @@ pub struct Conn {
     pub server: SocketAddr,
 }
 
+impl Conn {
+    /// The context of a connection decided with `input`.
+    pub fn of(
+        id: u64,
+        input: &crate::policy::Input,
+        client: SocketAddr,
+        server: SocketAddr,
+    ) -> Self {
+        Self {
+            id,
+            direction: input.direction,
+            source: input.source.clone(),
+            destination: input.destination.clone(),
+            client,
+            server,
+        }
+    }
+}
+
 /// Opens a new connection to the server (after the first one closed).
 pub type Dial = Arc<
     dyn Fn() -> Pin<Box<dyn Future<Output = std::io::Result<tokio::net::TcpStream>> + Send>>

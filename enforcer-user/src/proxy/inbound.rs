@@ -402,14 +402,7 @@ impl Inbound {
         };
         let recv = req.into_body();
         if let Some(route) = route {
-            let conn = crate::l7::Conn {
-                id,
-                direction: "inbound",
-                source: input.source.clone(),
-                destination: input.destination.clone(),
-                client: peer,
-                server: dst,
-            };
+            let conn = crate::l7::Conn::of(id, &input, peer, dst);
             let client = crate::l7::io::H2Stream::new(send, recv);
             let served = crate::l7::http::serve(
                 self.l7.clone(),

@@ -93,14 +93,7 @@ impl Plaintext {
         // sent/received from the destination workload's point of view
         let (outcome, (from_peer, to_peer)) = match route {
             Some(route) => {
-                let conn = crate::l7::Conn {
-                    id,
-                    direction: "inbound",
-                    source: input.source.clone(),
-                    destination: input.destination.clone(),
-                    client: peer,
-                    server: dst,
-                };
+                let conn = crate::l7::Conn::of(id, &input, peer, dst);
                 let dial = super::dial_local(dst);
                 super::serve_l7(&self.l7, route, conn, client, upstream, dial).await
             }
