@@ -101,6 +101,8 @@ pub struct Preflight {
     pub entries: Entries,
     pub inbound_ports: Vec<(u16, PlaintextMode)>,
     pub inbound_addr: Option<SocketAddr>,
+    /// The destinations served at L7.
+    pub l7_routes: crate::l7::Routes,
     /// The first policy, compiled (a local source; a URL is fetched later).
     pub policy: Option<crate::policy::Loaded>,
     /// How bundles are bounded, verified and fetched (keys read).
@@ -118,6 +120,7 @@ pub fn preflight(config: &Config, config_path: &Path) -> anyhow::Result<Prefligh
     let mesh = config.mesh_cidrs(config_path)?;
     let entries = Entries::parse(&config.identity.entries, &config.identity.trust_domain)?;
     let inbound_ports = config.inbound_ports(config_path)?;
+    let l7_routes = config.l7_routes(config_path)?;
     let inbound_addr = config.inbound_addr(config_path)?;
     if config.identity.provider == ProviderKind::Embedded {
         let td = trust_domain(config)?;
@@ -160,6 +163,7 @@ pub fn preflight(config: &Config, config_path: &Path) -> anyhow::Result<Prefligh
         entries,
         inbound_ports,
         inbound_addr,
+        l7_routes,
         policy,
         source_options,
     })
@@ -232,6 +236,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         entries,
         inbound_ports,
         inbound_addr,
+        l7_routes,
         policy: first_policy,
         source_options,
     } = preflight(&config, config_path)?;
@@ -264,7 +269,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     let l7 = Arc::new(crate::l7::L7 {
         policy: policy.clone(),
         metrics: state.metrics.clone(),
-        routes: config.l7_routes(config_path)?,
+        routes: l7_routes,
     });
 
     let provider = tls::provider();

@@ -893,8 +893,7 @@ impl Config {
             let spiffe_id = match &d.spiffe_id {
                 Some(s) => Some(
                     spiffe::SpiffeId::new(s)
-                        .map_err(|e| invalid(key("spiffe_id"), format!("{s:?}: {e}")))?
-                        .to_string(),
+                        .map_err(|e| invalid(key("spiffe_id"), format!("{s:?}: {e}")))?,
                 ),
                 None => None,
             };
@@ -1151,7 +1150,11 @@ mod tests {
         .expect("valid");
         let routes = ok.l7_routes(Path::new("t")).expect("routes");
         let mcp = routes
-            .find(8001, Some("spiffe://td/mcp"), &[])
+            .find(
+                8001,
+                spiffe::SpiffeId::new("spiffe://td/mcp").ok().as_ref(),
+                &[],
+            )
             .expect("mcp route");
         assert_eq!(mcp.protocol, crate::l7::Protocol::Mcp);
         assert_eq!(mcp.max_body_bytes, 4096);

@@ -1,6 +1,8 @@
 """An HTTP/1.1 server of the L7 tests (Python's http.server, keep-alive):
 answers every method with JSON naming the method, path and body length it
-received, and prints `REQ <method> <path> <length>` for each.
+received, and prints `REQ <method> <path> <length>` for each. A body that
+ends early is reported as `RESET <path>` (the connection was reset) or
+`SHORT <path> <length>` (it was closed as if complete).
 
 usage: http_echo.py PORT
 """
@@ -14,7 +16,14 @@ class Echo(BaseHTTPRequestHandler):
 
     def handle_any(self):
         n = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(n) if n else b""
+        try:
+            body = self.rfile.read(n) if n else b""
+        except ConnectionResetError:
+            print("RESET %s" % self.path, flush=True)
+            raise
+        if len(body) < n:
+            print("SHORT %s %d" % (self.path, len(body)), flush=True)
+            return
         print("REQ %s %s %d" % (self.command, self.path, len(body)), flush=True)
         out = json.dumps({"method": self.command, "path": self.path, "len": len(body)}).encode()
         self.send_response(200)

@@ -7,6 +7,9 @@ usage:
   http_probe.py gate HOST PORT PATH GATEFILE
       GET PATH, then waits for GATEFILE to exist, then GET PATH again on the
       same connection
+  http_probe.py abort HOST PORT PATH
+      POSTs PATH announcing 100000 bytes, sends 2000, then resets the
+      connection (a client that dies half-way through its request)
   http_probe.py raw HOST PORT HEX [N]
       sends the bytes (with N bytes of `a` in place of the first `@`),
       reads until the server closes (or 5 s) and prints the status line and
@@ -53,6 +56,14 @@ elif mode == "gate":
     out = request(conn, "GET", path)
     out["same_connection"] = conn.sock is first
     print(json.dumps(out), flush=True)
+elif mode == "abort":
+    import struct
+    s = socket.create_connection((host, port), timeout=5)
+    s.sendall(("POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: 100000\r\n\r\n" % sys.argv[4]).encode() + b"a" * 2000)
+    time.sleep(1.5)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+    print(json.dumps({"aborted": True}), flush=True)
 elif mode == "raw":
     s = socket.create_connection((host, port), timeout=5)
     data = bytes.fromhex(sys.argv[4])

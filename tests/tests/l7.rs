@@ -465,6 +465,23 @@ fn http_requests_are_decided_one_by_one_with_opa_envoy_input() {
     let echoed = json_out(&out);
     assert_eq!(echoed["len"], 4096, "{echoed}");
 
+    // A client that dies half-way through a streamed body: the server's
+    // connection is reset too, never closed as if the request were complete.
+    m.a.exec(
+        Some("admin-agent.service"),
+        &["python3", &probe, "abort", &b, "8002", "/upload?abort=1"],
+    )
+    .expect("probe");
+    wait_for("the server to see the aborted upload end", || {
+        let log = m.tb.server_log(&m.b, "api");
+        log.contains("RESET /upload?abort=1") || log.contains("SHORT /upload?abort=1")
+    });
+    let seen = m.tb.server_log(&m.b, "api");
+    assert!(
+        seen.contains("RESET /upload?abort=1") && !seen.contains("SHORT /upload?abort=1"),
+        "the server read a clean end of an aborted request: {seen}"
+    );
+
     // A request smuggled behind one with both Content-Length and
     // Transfer-Encoding: the first is read by its Transfer-Encoding (and
     // decided: denied here), the connection closed after its answer, the

@@ -67,10 +67,20 @@ pub struct Served {
     pub result: Result<(), String>,
 }
 
+impl Served {
+    /// The connection's outcome for its summary line and metrics.
+    pub fn outcome(&self) -> crate::proxy::Outcome {
+        match self.result {
+            Ok(()) => crate::proxy::Outcome::Ok,
+            Err(_) => crate::proxy::Outcome::Error,
+        }
+    }
+}
+
 /// Serves one client TCP connection; resets it when the session breaks.
 pub async fn serve_tcp(
     l7: Arc<L7>,
-    route: Route,
+    route: Arc<Route>,
     conn: Conn,
     client: TcpStream,
     first: Option<TcpStream>,
@@ -93,7 +103,7 @@ pub async fn serve_tcp(
 /// Serves the requests arriving on `client` until it closes.
 pub async fn serve<IO>(
     l7: Arc<L7>,
-    route: Route,
+    route: Arc<Route>,
     conn: Conn,
     client: IO,
     first: Option<TcpStream>,
@@ -110,6 +120,7 @@ where
         seq: AtomicU64::new(0),
         upstream: tokio::sync::Mutex::new(None),
         first: std::sync::Mutex::new(first),
+        server_socket: std::sync::Mutex::new(None),
         dial,
     });
     let io = TokioIo::new(Counted {
@@ -134,8 +145,11 @@ where
         .serve_connection_with_upgrades(io, service)
         .await
         .map_err(|e| e.to_string());
-    if let Err(e) = &result {
-        debug!(conn_id = session.conn.id, error = %e, "L7 session ended with an error");
+    match &result {
+        // The server's connection ends as the client's did: cleanly here,
+        // else (below) with the reset armed when it was opened.
+        Ok(()) => session.server_closes_cleanly(),
+        Err(e) => debug!(conn_id = session.conn.id, error = %e, "L7 session ended with an error"),
     }
     Served {
         from_client: totals.read.load(Ordering::Relaxed),
@@ -148,12 +162,17 @@ where
 /// The request-level state of one client connection.
 pub struct Session {
     pub(super) l7: Arc<L7>,
-    pub(super) route: Route,
+    pub(super) route: Arc<Route>,
     pub(super) conn: Conn,
     seq: AtomicU64,
     upstream: tokio::sync::Mutex<Option<Sender>>,
     /// The connection the connection-level code opened, used first.
     first: std::sync::Mutex<Option<TcpStream>>,
+    /// A second handle on the current connection to the server. The socket
+    /// closes with a reset (linger 0) unless the session ended cleanly: a
+    /// client that failed half-way through a request is never passed on to
+    /// the server as a complete one.
+    server_socket: std::sync::Mutex<Option<socket2::Socket>>,
     dial: Dial,
 }
 
@@ -508,7 +527,9 @@ impl Session {
             .unwrap_or_else(|| self.conn.server.to_string());
         let fields = self.fields(&parts, &body, &request_id, &authority);
 
-        let mut lists = mcp::Lists::default();
+        // The list answers of an `mcp` destination are filtered with the
+        // request's fields; nothing else needs them after the decision.
+        let lists;
         let mcp_post = self.route.protocol == Protocol::Mcp && parts.method == Method::POST;
         let mcp_pass = self.route.protocol == Protocol::Mcp
             && (parts.method == Method::GET || parts.method == Method::DELETE);
@@ -518,7 +539,7 @@ impl Session {
                 &parts,
                 &body.seen,
                 body.truncated(),
-                fields.clone(),
+                fields,
                 &request_id,
             )
             .await
@@ -529,8 +550,13 @@ impl Session {
         } else if mcp_pass {
             // The SSE stream of server messages and the session's end.
             self.count("pass");
+            lists = mcp::Lists::none(fields);
         } else {
-            let verdict = self.decide(fields.clone(), &request_id).await;
+            // Another method at an `mcp` destination: its answer is still
+            // filtered if it streams a list.
+            let keep = (self.route.protocol == Protocol::Mcp).then(|| fields.clone());
+            lists = mcp::Lists::none(keep.unwrap_or_default());
+            let verdict = self.decide(fields, &request_id).await;
             if !verdict.allowed {
                 self.count(if verdict.decision.error.is_some() {
                     "error"
@@ -599,8 +625,7 @@ impl Session {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers, false);
         if self.route.protocol == Protocol::Mcp {
-            return mcp::filter_response(self.clone(), parts, body, lists, fields, &request_id)
-                .await;
+            return mcp::filter_response(self.clone(), parts, body, lists, &request_id).await;
         }
         Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync())
     }
@@ -660,6 +685,18 @@ impl Session {
         Err("the server closed every connection before answering".into())
     }
 
+    /// Disarms the reset of the server connection: the session ended cleanly.
+    fn server_closes_cleanly(&self) {
+        let dup = self
+            .server_socket
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(d) = dup {
+            let _ = d.set_linger(None);
+        }
+    }
+
     async fn connect(&self, h2: bool) -> Result<Sender, String> {
         let first = self.first.lock().unwrap_or_else(|p| p.into_inner()).take();
         let tcp = match first {
@@ -667,6 +704,11 @@ impl Session {
             None => crate::proxy::connect_within((self.dial)()).await?,
         };
         let _ = tcp.set_nodelay(true);
+        let dup = socket2::SockRef::from(&tcp).try_clone().ok();
+        if let Some(d) = &dup {
+            let _ = d.set_linger(Some(std::time::Duration::ZERO));
+        }
+        *self.server_socket.lock().unwrap_or_else(|p| p.into_inner()) = dup;
         let io = TokioIo::new(tcp);
         let conn_id = self.conn.id;
         if h2 {

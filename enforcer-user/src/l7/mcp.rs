@@ -97,6 +97,16 @@ pub struct Lists {
     fields: Map<String, Value>,
 }
 
+impl Lists {
+    /// No list calls; answers holding a list are filtered with `fields`.
+    pub fn none(fields: Map<String, Value>) -> Self {
+        Self {
+            ids: HashMap::new(),
+            fields,
+        }
+    }
+}
+
 /// What to do with a POST.
 pub enum Plan {
     /// Answer now; nothing reaches the server.
@@ -456,14 +466,10 @@ pub async fn filter_response(
     session: Arc<Session>,
     mut parts: response::Parts,
     body: Incoming,
-    mut lists: Lists,
-    fields: Map<String, Value>,
+    lists: Lists,
     request_id: &str,
 ) -> Response<Body> {
     let ct = super::http::content_type(&parts.headers);
-    if lists.fields.is_empty() {
-        lists.fields = fields;
-    }
     if ct == "text/event-stream" {
         parts.headers.remove(header::CONTENT_LENGTH);
         let lists = Arc::new(lists);

@@ -39,18 +39,18 @@ impl Protocol {
 #[derive(Debug, Clone)]
 pub struct Route {
     pub ports: Vec<u16>,
-    pub spiffe_id: Option<String>,
+    pub spiffe_id: Option<spiffe::SpiffeId>,
     pub selectors: Vec<String>,
     pub protocol: Protocol,
     pub max_body_bytes: usize,
 }
 
 impl Route {
-    fn matches(&self, port: u16, dst_id: Option<&str>, selectors: &[String]) -> bool {
+    fn matches(&self, port: u16, dst_id: Option<&spiffe::SpiffeId>, selectors: &[String]) -> bool {
         (self.ports.is_empty() || self.ports.contains(&port))
             && self
                 .spiffe_id
-                .as_deref()
+                .as_ref()
                 .is_none_or(|want| dst_id == Some(want))
             && self.selectors.iter().all(|s| selectors.contains(s))
     }
@@ -58,11 +58,11 @@ impl Route {
 
 /// The declared L7 destinations, in config order.
 #[derive(Debug, Clone, Default)]
-pub struct Routes(Arc<Vec<Route>>);
+pub struct Routes(Arc<[Arc<Route>]>);
 
 impl Routes {
     pub fn new(routes: Vec<Route>) -> Self {
-        Self(Arc::new(routes))
+        Self(routes.into_iter().map(Arc::new).collect())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -71,7 +71,12 @@ impl Routes {
 
     /// The first destination that matches the port, the destination
     /// workload's SPIFFE ID and its selectors; `None`: the connection stays L4.
-    pub fn find(&self, port: u16, dst_id: Option<&str>, selectors: &[String]) -> Option<Route> {
+    pub fn find(
+        &self,
+        port: u16,
+        dst_id: Option<&spiffe::SpiffeId>,
+        selectors: &[String],
+    ) -> Option<Arc<Route>> {
         self.0
             .iter()
             .find(|r| r.matches(port, dst_id, selectors))
@@ -135,7 +140,7 @@ mod tests {
     fn route(ports: &[u16], id: Option<&str>, sel: &[&str], protocol: Protocol) -> Route {
         Route {
             ports: ports.to_vec(),
-            spiffe_id: id.map(str::to_owned),
+            spiffe_id: id.and_then(|i| spiffe::SpiffeId::new(i).ok()),
             selectors: sel.iter().map(|s| s.to_string()).collect(),
             protocol,
             max_body_bytes: 1024,
@@ -150,13 +155,14 @@ mod tests {
             route(&[8080, 8081], None, &[], Protocol::Http),
         ]);
         let sel = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let p = |r: Option<Route>| r.map(|r| r.protocol);
+        let p = |r: Option<Arc<Route>>| r.map(|r| r.protocol);
+        let id = |s: &str| spiffe::SpiffeId::new(s).expect("id");
         assert_eq!(
-            p(routes.find(8001, Some("spiffe://td/mcp"), &[])),
+            p(routes.find(8001, Some(&id("spiffe://td/mcp")), &[])),
             Some(Protocol::Mcp)
         );
         // Port right, identity wrong: not the MCP entry.
-        assert_eq!(p(routes.find(8001, Some("spiffe://td/x"), &[])), None);
+        assert_eq!(p(routes.find(8001, Some(&id("spiffe://td/x")), &[])), None);
         assert_eq!(p(routes.find(8001, None, &[])), None);
         assert_eq!(
             p(routes.find(9, None, &sel(&["unix:uid:7", "unix:uid:8"]))),

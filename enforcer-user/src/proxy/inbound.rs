@@ -356,11 +356,10 @@ impl Inbound {
             return self.finish(&summary, Outcome::NoIdentity, (0, 0));
         }
         // Authoritative decision: verified source identity, attested destination.
-        let route = self.l7.routes.find(
-            dst.port(),
-            summary.dst_id.as_ref().map(|i| i.to_string()).as_deref(),
-            &dst_selectors,
-        );
+        let route = self
+            .l7
+            .routes
+            .find(dst.port(), summary.dst_id.as_ref(), &dst_selectors);
         let input = crate::policy::Input {
             direction: "inbound",
             source: crate::policy::Peer {
@@ -413,12 +412,8 @@ impl Inbound {
                 super::dial_local(dst),
             )
             .await;
-            let outcome = if served.result.is_ok() {
-                Outcome::Ok
-            } else {
-                Outcome::Error
-            };
-            return self.finish(&summary, outcome, (served.from_client, served.to_client));
+            let bytes = (served.from_client, served.to_client);
+            return self.finish(&summary, served.outcome(), bytes);
         }
         // From the workload's point of view: received = from the peer, sent = to it.
         let ((to_peer, from_peer), result) = tunnel::splice(upstream, send, recv).await;

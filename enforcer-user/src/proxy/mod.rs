@@ -94,7 +94,7 @@ pub fn dial_local(dst: std::net::SocketAddr) -> crate::l7::Dial {
 /// (from the client, to the client).
 pub async fn serve_l7(
     l7: &std::sync::Arc<crate::l7::L7>,
-    route: crate::l7::Route,
+    route: std::sync::Arc<crate::l7::Route>,
     conn: crate::l7::Conn,
     client: tokio::net::TcpStream,
     upstream: tokio::net::TcpStream,
@@ -102,13 +102,8 @@ pub async fn serve_l7(
 ) -> (Outcome, (u64, u64)) {
     let served =
         crate::l7::http::serve_tcp(l7.clone(), route, conn, client, Some(upstream), dial).await;
-    let outcome = if served.result.is_ok() {
-        Outcome::Ok
-    } else {
-        Outcome::Error
-    };
     tracing::debug!(requests = served.requests, "L7 session ended");
-    (outcome, (served.from_client, served.to_client))
+    (served.outcome(), (served.from_client, served.to_client))
 }
 
 /// Runs both directions of a relay until both end, or until the first one

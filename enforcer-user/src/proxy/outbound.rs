@@ -174,10 +174,11 @@ impl Outbound {
                 super::local_destination(&self.local, &self.attestor, &self.identity, dst).await;
             ids.dst = dst_svid.as_ref().map(|s| s.svid.spiffe_id.to_string());
             let dst_peer = super::peer(dst_svid.as_deref(), &dst_selectors, Some(dst));
-            let route = self
-                .l7
-                .routes
-                .find(dst.port(), ids.dst.as_deref(), &dst_selectors);
+            let route = self.l7.routes.find(
+                dst.port(),
+                dst_svid.as_ref().map(|s| &s.svid.spiffe_id),
+                &dst_selectors,
+            );
             let protocol = route.as_ref().map_or("tcp", |r| r.protocol.as_str());
             // The source's rule and the destination's (authoritative) rule.
             for direction in ["outbound", "inbound"] {
@@ -263,7 +264,7 @@ impl Outbound {
             let protocol = self
                 .l7
                 .routes
-                .find(dst.port(), ids.dst.as_deref(), &[])
+                .find(dst.port(), Some(&prepared.peer_id), &[])
                 .map_or("tcp", |r| r.protocol.as_str());
             if !self
                 .allowed("outbound", protocol, &src_peer, &dst_peer, id, &mut ids)

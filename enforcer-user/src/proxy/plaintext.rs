@@ -59,10 +59,11 @@ impl Plaintext {
             return self.finish(id, peer, Some(dst), dst_id, mode, o, (0, 0), started);
         }
         // Permissive: forwarded only if policy allows an unauthenticated source.
-        let route = self
-            .l7
-            .routes
-            .find(dst.port(), dst_id.as_deref(), &dst_selectors);
+        let route = self.l7.routes.find(
+            dst.port(),
+            dst_svid.as_ref().map(|s| &s.svid.spiffe_id),
+            &dst_selectors,
+        );
         let input = crate::policy::Input {
             direction: "inbound",
             source: crate::policy::Peer {
