@@ -677,10 +677,19 @@ fn is_call_like(e: &Expr) -> bool {
     )
 }
 
-/// Where a literal's own text ends (before any `with`).
+/// Where a literal's own text ends (before any `with`). An expression's
+/// span leaves out the parentheses around it (`not (x in s)`): they are the
+/// literal's, so the end moves past them.
 fn literal_end(text: &str, l: &Literal) -> usize {
     match l {
-        Literal::NotExpr { expr, .. } | Literal::Expr { expr, .. } => range(text, expr.span()).1,
+        Literal::NotExpr { expr, .. } | Literal::Expr { expr, .. } => {
+            let end = range(text, expr.span()).1;
+            let rest = text.get(end..).unwrap_or("");
+            let closing = rest
+                .find(|c: char| c != ')' && !c.is_whitespace())
+                .unwrap_or(rest.len());
+            end + rest[..closing].rfind(')').map_or(0, |i| i + 1)
+        }
         Literal::SomeVars { span, .. }
         | Literal::SomeIn { span, .. }
         | Literal::Every { span, .. } => range(text, span).1,
@@ -825,6 +834,14 @@ mod tests {
                 "k := [v | some v in input.vals; enforcer_arg0 = input.x; not startswith(v, enforcer_arg0)]\n",
             ),
             ("allow if not r\n", "allow if not r\n"),
+            (
+                "allow if {\n\tnot (input.x in {\"a\"})\n}\n",
+                "allow if {\n\tenforcer_arg0 = input.x; not (enforcer_arg0 in {\"a\"})\n}\n",
+            ),
+            (
+                "allow if {\n\tnot ((f(input.x))) with input.y as 1\n}\n",
+                "allow if {\n\tenforcer_arg0 = input.x with input.y as 1; not ((f(enforcer_arg0))) with input.y as 1\n}\n",
+            ),
         ];
         for (src, want) in cases {
             assert_eq!(
