@@ -2,18 +2,24 @@
 streamable HTTP. Prints one JSON object: the tools it was shown, and for each
 call `TOOL=JSON-ARGS` given, its text or the error it raised.
 
-usage: mcp_call.py URL [TOOL=JSON-ARGS ...]
+usage: mcp_call.py [--mode=auto|legacy] URL [TOOL=JSON-ARGS ...]
+
+--mode is the SDK's: `auto` (the default) probes `server/discover` and speaks
+the 2026-07-28 protocol (per-request envelopes, no session) when the server
+does; `legacy` forces the initialize handshake (sessions, Mcp-Session-Id).
+The negotiated version is printed as "protocol_version".
 """
 import asyncio
 import json
 import sys
 
 
-async def main(url, calls):
+async def main(url, calls, mode):
     from mcp import Client
 
     out = {"calls": []}
-    async with Client(url, read_timeout_seconds=10) as client:
+    async with Client(url, read_timeout_seconds=10, mode=mode) as client:
+        out["protocol_version"] = client.protocol_version
         tools = await client.list_tools()
         out["tools"] = sorted(t.name for t in tools.tools)
         for call in calls:
@@ -27,4 +33,8 @@ async def main(url, calls):
     print(json.dumps(out), flush=True)
 
 
-asyncio.run(main(sys.argv[1], sys.argv[2:]))
+args = sys.argv[1:]
+mode = "auto"
+if args and args[0].startswith("--mode="):
+    mode = args.pop(0).split("=", 1)[1]
+asyncio.run(main(args[0], args[1:], mode))

@@ -155,8 +155,15 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-fn mcp_call(node: &Node, unit: &str, url: &str, calls: &[String]) -> Value {
-    let mut cmd = vec!["python3".to_owned(), helper("mcp_call.py"), url.to_owned()];
+/// The official client's calls; `mode` is the SDK's (`auto`: the
+/// 2026-07-28 protocol, `legacy`: the initialize handshake and sessions).
+fn mcp_call(node: &Node, unit: &str, mode: &str, url: &str, calls: &[String]) -> Value {
+    let mut cmd = vec![
+        "python3".to_owned(),
+        helper("mcp_call.py"),
+        format!("--mode={mode}"),
+        url.to_owned(),
+    ];
     cmd.extend(calls.iter().cloned());
     let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
     let (_, out) = node.exec(Some(unit), &cmd).expect("mcp client");
@@ -184,17 +191,35 @@ fn mcp_tool_calls_are_decided_per_identity_and_arguments_and_lists_filtered() {
     )
     .expect("MCP server (JSON answers)");
 
-    for (port, log) in [(8001, "mcp-sse"), (8003, "mcp-json")] {
+    // Both protocol eras of the official SDK: 2026-07-28 (server/discover,
+    // per-request envelopes, Mcp-Method/Mcp-Name headers, no session) and the
+    // initialize handshake with Mcp-Session-Id; answers as SSE and as JSON.
+    for (port, log, mode) in [
+        (8001, "mcp-sse", "auto"),
+        (8001, "mcp-sse", "legacy"),
+        (8003, "mcp-json", "auto"),
+        (8003, "mcp-json", "legacy"),
+    ] {
         let url = format!("http://{}:{port}/mcp", m.b.ipv4);
         let support = mcp_call(
             &m.a,
             "support-agent.service",
+            mode,
             &url,
             &[
                 r#"search_docs={"query": "reset password"}"#.into(),
                 r#"search_docs={"query": "salaries", "collection": "hr"}"#.into(),
-                format!(r#"delete_doc={{"doc_id": "support-{port}"}}"#),
+                format!(r#"delete_doc={{"doc_id": "support-{port}-{mode}"}}"#),
             ],
+        );
+        let version = support["protocol_version"].as_str().unwrap_or("");
+        assert!(
+            if mode == "auto" {
+                version >= "2026-07-28"
+            } else {
+                version < "2026-07-28"
+            },
+            "{port} {mode}: negotiated {version:?}: {support}"
         );
         // The list shows only what the support agent may call.
         assert_eq!(
@@ -228,8 +253,9 @@ fn mcp_tool_calls_are_decided_per_identity_and_arguments_and_lists_filtered() {
         let admin = mcp_call(
             &m.a,
             "admin-agent.service",
+            mode,
             &url,
-            &[format!(r#"delete_doc={{"doc_id": "admin-{port}"}}"#)],
+            &[format!(r#"delete_doc={{"doc_id": "admin-{port}-{mode}"}}"#)],
         );
         assert_eq!(
             admin["tools"],
@@ -241,7 +267,7 @@ fn mcp_tool_calls_are_decided_per_identity_and_arguments_and_lists_filtered() {
             admin["calls"][0]["text"]
                 .as_str()
                 .unwrap_or("")
-                .contains(&format!("deleted admin-{port}")),
+                .contains(&format!("deleted admin-{port}-{mode}")),
             "{admin}"
         );
         // The admin's call reached the server after the denied ones were
@@ -250,14 +276,14 @@ fn mcp_tool_calls_are_decided_per_identity_and_arguments_and_lists_filtered() {
             m.tb.wait_server_log(
                 &m.b,
                 log,
-                &format!("CALL delete_doc {{\"doc_id\": \"admin-{port}\"}}")
+                &format!("CALL delete_doc {{\"doc_id\": \"admin-{port}-{mode}\"}}")
             ),
             "{}",
             m.tb.server_log(&m.b, log)
         );
         let seen = m.tb.server_log(&m.b, log);
         assert!(
-            !seen.contains(&format!("support-{port}")),
+            !seen.contains(&format!("support-{port}-{mode}")),
             "a denied call reached the server: {seen}"
         );
         assert!(
@@ -290,24 +316,61 @@ fn mcp_tool_calls_are_decided_per_identity_and_arguments_and_lists_filtered() {
     assert_eq!(body["error"]["code"], -32700, "{body}");
     assert_eq!(body["id"], Value::Null, "{body}");
 
+    // 2026-07-28 routing headers that name another tool than the body: the
+    // agent refuses (-32020, its own message) instead of letting anything
+    // after it route on a name that was not decided.
+    let (_, out) =
+        m.a.exec(
+            Some("support-agent.service"),
+            &[
+                "curl",
+                "-sS",
+                "-X",
+                "POST",
+                "-H",
+                "content-type: application/json",
+                "-H",
+                "accept: application/json, text/event-stream",
+                "-H",
+                "mcp-protocol-version: 2026-07-28",
+                "-H",
+                "mcp-method: tools/call",
+                "-H",
+                "mcp-name: delete_doc",
+                "--data",
+                r#"{"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {"name": "search_docs", "arguments": {"query": "mismatch"}}}"#,
+                &format!("http://{}:8001/mcp", m.b.ipv4),
+            ],
+        )
+        .expect("curl");
+    let body = json_out(&out);
+    assert_eq!(body["error"]["code"], -32020, "{body}");
+    assert_eq!(body["id"], 9, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("Header mismatch: the Mcp-Name header")),
+        "{body}"
+    );
+
     // One decision-log line per decided call, with the verified caller, the
     // tool and its arguments, and the request id.
     let audit = audit_lines(&m.tb.audit_log(&m.b));
-    let denied = audit
-        .iter()
-        .find(|l| {
-            l["input"]["mcp"]["tool"] == "delete_doc"
-                && l["input"]["attributes"]["source"]["principal"] == SUPPORT
-                && l["input"]["mcp"]["listing"].is_null()
-        })
-        .unwrap_or_else(|| panic!("no audit line for the support agent's delete_doc: {audit:?}"));
+    let denied_delete = |doc: &str| {
+        audit
+            .iter()
+            .find(|l| {
+                l["input"]["mcp"]["tool"] == "delete_doc"
+                    && l["input"]["mcp"]["arguments"]["doc_id"] == doc
+                    && l["input"]["attributes"]["source"]["principal"] == SUPPORT
+            })
+            .unwrap_or_else(|| panic!("no audit line for the support agent's {doc}: {audit:?}"))
+            .clone()
+    };
+    let denied = denied_delete("support-8001-legacy");
     assert_eq!(denied["result"], false, "{denied}");
     assert_eq!(
         denied["reason"], "this agent may not use that tool",
-        "{denied}"
-    );
-    assert_eq!(
-        denied["input"]["mcp"]["arguments"]["doc_id"], "support-8001",
         "{denied}"
     );
     assert_eq!(denied["input"]["protocol"], "mcp", "{denied}");
@@ -320,6 +383,16 @@ fn mcp_tool_calls_are_decided_per_identity_and_arguments_and_lists_filtered() {
     assert!(
         denied["input"]["mcp"]["session"].as_str().is_some(),
         "no session id: {denied}"
+    );
+    let modern = denied_delete("support-8001-auto");
+    assert_eq!(modern["result"], false, "{modern}");
+    assert_eq!(
+        modern["input"]["mcp"]["protocol_version"], "2026-07-28",
+        "{modern}"
+    );
+    assert_eq!(
+        modern["input"]["attributes"]["request"]["http"]["headers"]["mcp-name"], "delete_doc",
+        "{modern}"
     );
 
     let metrics = m.eb.metrics().expect("metrics");

@@ -31,7 +31,7 @@ const APT_PACKAGES: &[&str] = &[
 /// in-test SPIRE Delegated Identity server; h2 for HTTP/2 attack clients on the HBONE port;
 /// PyJWT for the independent OPA bundle signer (tests/helpers/opa_bundle.py).
 const PIP_PACKAGES: &[(&str, &str)] = &[
-    ("mcp>=2,<3", "mcp.server.mcpserver"),
+    ("mcp>=2.3,<3", "mcp.server.mcpserver"),
     ("openai", "openai"),
     ("chromadb", "chromadb"),
     ("cryptography", "cryptography"),

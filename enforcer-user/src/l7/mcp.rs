@@ -28,6 +28,9 @@ pub const DENIED: i64 = -32001;
 const MAX_LIST_ANSWER: usize = 16 * 1024 * 1024;
 /// The first protocol version without JSON-RPC batches.
 const NO_BATCHES_FROM: &str = "2025-06-18";
+/// JSON-RPC error of the 2026-07-28 protocol for routing headers that
+/// disagree with the body.
+pub const HEADER_MISMATCH: i64 = -32020;
 
 /// Which list a call asked for, and so how its items are decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,9 +130,11 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-/// The calls whose use the policy decides; the rest pass.
+/// The calls whose use the policy decides; the rest pass (the handshakes of
+/// both protocol eras, pings, notifications, lists — filtered instead).
 fn decided(method: &str) -> bool {
     !(method == "initialize"
+        || method == "server/discover"
         || method == "ping"
         || method.starts_with("notifications/")
         || ListKind::of_method(method).is_some())
@@ -176,6 +181,48 @@ pub fn mcp_input(msg: &Map<String, Value>, headers: &HeaderMap) -> Map<String, V
         _ => {}
     }
     m
+}
+
+/// The routing headers of the 2026-07-28 protocol (`Mcp-Method`, and
+/// `Mcp-Name` for the name-bearing methods) mirror the body for
+/// intermediaries; the policy decides on the body, so a request whose
+/// headers say otherwise is refused rather than let anything after this
+/// agent act on a name that was not decided. Why, when they disagree.
+fn routing_header_mismatch(
+    method: &str,
+    msg: &Map<String, Value>,
+    headers: &HeaderMap,
+) -> Option<String> {
+    if let Some(h) = headers.get("mcp-method")
+        && h.to_str().ok() != Some(method)
+    {
+        return Some(format!(
+            "the Mcp-Method header ({h:?}) does not match the body's method {method:?}"
+        ));
+    }
+    let key = match method {
+        "tools/call" | "prompts/get" => "name",
+        "resources/read" => "uri",
+        _ => return None,
+    };
+    let h = headers.get("mcp-name")?;
+    let body = msg.get("params").and_then(|p| p.get(key))?.as_str();
+    let decoded = h.to_str().ok().and_then(|v| {
+        match v
+            .strip_prefix("=?base64?")
+            .and_then(|r| r.strip_suffix("?="))
+        {
+            Some(b64) => {
+                use base64::Engine as _;
+                let bytes = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+                String::from_utf8(bytes).ok()
+            }
+            None => Some(v.to_owned()),
+        }
+    });
+    (decoded.as_deref() != body).then(|| {
+        format!("the Mcp-Name header ({h:?}) does not match the body's params.{key} {body:?}")
+    })
 }
 
 enum Kind {
@@ -290,6 +337,21 @@ pub async fn decide_post(
                 .mcp_call("response", None, "pass", src, dst);
             continue;
         };
+        if let Some(why) = routing_header_mismatch(&method, obj, &parts.headers) {
+            warn!(
+                request_id,
+                why, "MCP routing headers disagree with the body; refused"
+            );
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                rpc_error(
+                    id.unwrap_or(Value::Null),
+                    HEADER_MISMATCH,
+                    &format!("Header mismatch: {why}"),
+                    None,
+                ),
+            );
+        }
         if let (Some(id), Some(list)) = (&id, ListKind::of_method(&method)) {
             lists.ids.insert(id.to_string(), list);
         }
@@ -529,6 +591,63 @@ mod tests {
     use super::*;
 
     #[test]
+    fn routing_headers_must_agree_with_the_body() {
+        let msg = |v: Value| v.as_object().cloned().unwrap_or_default();
+        let call = msg(json!({"params": {"name": "search_docs"}}));
+        let read = msg(json!({"params": {"uri": "file:///a"}}));
+        let h = |pairs: &[(&'static str, &'static str)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in pairs {
+                m.insert(*k, http::HeaderValue::from_static(v));
+            }
+            m
+        };
+        let cases: [(&str, &Map<String, Value>, HeaderMap, bool); 8] = [
+            ("tools/call", &call, h(&[]), true),
+            (
+                "tools/call",
+                &call,
+                h(&[("mcp-method", "tools/call"), ("mcp-name", "search_docs")]),
+                true,
+            ),
+            // base64 form of "search_docs"
+            (
+                "tools/call",
+                &call,
+                h(&[("mcp-name", "=?base64?c2VhcmNoX2RvY3M=?=")]),
+                true,
+            ),
+            (
+                "tools/call",
+                &call,
+                h(&[("mcp-method", "tools/list")]),
+                false,
+            ),
+            ("tools/call", &call, h(&[("mcp-name", "delete_doc")]), false),
+            (
+                "tools/call",
+                &call,
+                h(&[("mcp-name", "=?base64?!!?=")]),
+                false,
+            ),
+            (
+                "resources/read",
+                &read,
+                h(&[("mcp-name", "file:///b")]),
+                false,
+            ),
+            ("ping", &call, h(&[("mcp-name", "anything")]), true),
+        ];
+        for (method, body, headers, agree) in cases {
+            assert_eq!(
+                routing_header_mismatch(method, body, &headers).is_none(),
+                agree,
+                "{method} {headers:?}"
+            );
+        }
+    }
+
+    #[test]
     fn the_mcp_block_names_tool_arguments_uri_and_prompt() {
         let mut h = HeaderMap::new();
         h.insert("mcp-session-id", "s1".parse().expect("value"));
@@ -573,6 +692,7 @@ mod tests {
         }
         for m in [
             "initialize",
+            "server/discover",
             "ping",
             "notifications/initialized",
             "tools/list",
