@@ -1,8 +1,13 @@
 # enforcer's shipped policy for AI workloads (DESIGN §3).
 #
-# Roles and ports come from data.json (data.enforcer.ai). Decisions are made on
-# verified SPIFFE IDs: the source's ID is attested by its node's agent and, on
-# the destination side, verified from its X.509-SVID.
+# Roles, ports and MCP tool grants come from data.json (data.enforcer.ai).
+# Decisions are made on verified SPIFFE IDs: the source's ID is attested by its
+# node's agent and, on the destination side, verified from its X.509-SVID.
+#
+# The same rules answer twice at a destination declared in [[l7.destinations]]
+# (docs/policy.md, "Per-request policy"): once for the connection, then for
+# each request on it — the request's input has OPA-Envoy's `attributes` and,
+# at an MCP server, the `mcp` block.
 package enforcer.authz
 
 import rego.v1
@@ -10,6 +15,25 @@ import rego.v1
 ai := data.enforcer.ai
 
 default allow := false
+
+is_request if input.attributes
+
+allow if {
+	not is_request
+	connection_allowed
+}
+
+# A request is allowed only on a connection the policy still allows (a reload
+# that revokes the pair denies the next request of an open connection too).
+allow if {
+	is_request
+	connection_allowed
+	request_allowed
+}
+
+reason := connection_reason if not is_request
+
+reason := request_reason if is_request
 
 src := input.source.spiffe_id
 
@@ -28,80 +52,137 @@ to_vectordb if dst in ai.vector_dbs
 vectordb_admin_port if input.destination.port in ai.vector_db_admin_ports
 
 # Agents (identities under .../agent/) may call the LLM endpoints.
-allow if {
+connection_allowed if {
 	is_agent
 	to_llm
 }
 
 # Agents may call the MCP servers (their tools).
-allow if {
+connection_allowed if {
 	is_agent
 	to_mcp
 }
 
 # The MCP servers may use the vector databases, admin/ingest port included.
-allow if {
+connection_allowed if {
 	is_mcp_server
 	to_vectordb
 }
 
 # Agents may query a vector database, but never reach its admin/ingest port.
-allow if {
+connection_allowed if {
 	is_agent
 	to_vectordb
 	not vectordb_admin_port
 }
 
 # Explicitly allowed pairs (data.enforcer.ai.extra_allow: [{source, destination}]).
-allow if {
+connection_allowed if {
 	some pair in ai.extra_allow
 	pair.source == src
 	pair.destination == dst
 }
 
-default reason := "no rule allows this connection"
+default connection_reason := "no rule allows this connection"
 
-reason := "allowed: agent -> LLM" if {
+connection_reason := "allowed: agent -> LLM" if {
 	is_agent
 	to_llm
 }
 
-reason := "allowed: agent -> MCP server" if {
+connection_reason := "allowed: agent -> MCP server" if {
 	is_agent
 	to_mcp
 }
 
-reason := "allowed: MCP server -> vector DB" if {
+connection_reason := "allowed: MCP server -> vector DB" if {
 	is_mcp_server
 	to_vectordb
 }
 
-reason := "allowed: agent -> vector DB query port" if {
+connection_reason := "allowed: agent -> vector DB query port" if {
 	is_agent
 	to_vectordb
 	not vectordb_admin_port
 	not is_mcp_server
 }
 
-reason := "denied: agents may not reach the vector DB admin/ingest port" if {
+connection_reason := "denied: agents may not reach the vector DB admin/ingest port" if {
 	is_agent
 	to_vectordb
 	vectordb_admin_port
 }
 
-reason := "denied: workload has no SPIFFE identity" if {
+connection_reason := "denied: workload has no SPIFFE identity" if {
 	not input.source.spiffe_id
 }
 
-reason := "denied: only identities under the agent prefix may call the LLM" if {
+connection_reason := "denied: only identities under the agent prefix may call the LLM" if {
 	input.source.spiffe_id
 	not is_agent
 	not is_mcp_server
 	to_llm
 }
 
-reason := "denied: only identities under the agent prefix may call MCP servers" if {
+connection_reason := "denied: only identities under the agent prefix may call MCP servers" if {
 	input.source.spiffe_id
 	not is_agent
 	to_mcp
+}
+
+# ---- Per request: MCP tool calls ----------------------------------------
+#
+# data.enforcer.ai.mcp_grants[<MCP server>][<agent>][<tool>] maps the tool's
+# constrained arguments to their allowed values: {"collection": ["docs"]}. An
+# argument named there must be given with one of those values (a server-side
+# default is never assumed safe); arguments not named are free. A tool not
+# granted is denied, and hidden from the agent's tools/list.
+
+granted_tools := ai.mcp_grants[dst][src]
+
+tool_call if input.mcp.method == "tools/call"
+
+bad_argument contains name if {
+	some name, allowed in granted_tools[input.mcp.tool]
+	not argument_allowed(name, allowed)
+}
+
+# (A function, not `not input.mcp.arguments[name] in allowed`: under OPA's
+# semantics that is undefined, not true, when the argument is missing.)
+argument_allowed(name, allowed) if input.mcp.arguments[name] in allowed
+
+arguments_ok if input.mcp.listing
+
+arguments_ok if {
+	not input.mcp.listing
+	count(bad_argument) == 0
+}
+
+request_allowed if {
+	tool_call
+	granted_tools[input.mcp.tool]
+	arguments_ok
+}
+
+# A destination declared `http` (not MCP): the shipped policy has no request
+# rules, so each request is allowed exactly when its connection is.
+request_allowed if input.protocol == "http"
+
+default request_reason := "denied: no rule allows this request"
+
+request_reason := "denied: this connection is no longer allowed" if {
+	not connection_allowed
+} else := sprintf("allowed: %s is granted to this agent", [input.mcp.tool]) if {
+	request_allowed
+	tool_call
+} else := "allowed: the connection is allowed (no request rules for http destinations)" if {
+	request_allowed
+} else := sprintf("denied: tool %s is not granted to this agent", [input.mcp.tool]) if {
+	tool_call
+	not granted_tools[input.mcp.tool]
+} else := sprintf("denied: argument %s of %s must be one of %v", [name, input.mcp.tool, granted_tools[input.mcp.tool][name]]) if {
+	tool_call
+	name := min(bad_argument)
+} else := sprintf("denied: MCP method %s is not allowed by this policy", [input.mcp.method]) if {
+	input.mcp.method
 }

@@ -68,3 +68,65 @@ test_prefix_is_not_a_substring_match if {
 test_extra_allow_pairs if {
 	authz.allow with input as conn(other, llm, 8000) with data.enforcer.ai.extra_allow as [{"source": other, "destination": llm}]
 }
+
+# ---- per request, at the MCP server (declared protocol = "mcp") ----------
+
+admin := "spiffe://ai.example.org/agent/admin"
+
+call(s, tool, args) := {
+	"direction": "inbound",
+	"protocol": "mcp",
+	"source": {"spiffe_id": s, "authenticated": true},
+	"destination": {"spiffe_id": mcp, "port": 8001},
+	"attributes": {"source": {"principal": s}, "request": {"http": {"method": "POST", "path": "/mcp"}}},
+	"mcp": {"method": "tools/call", "tool": tool, "arguments": args},
+}
+
+listing(s, tool) := object.union(call(s, tool, {}), {"mcp": {"method": "tools/call", "tool": tool, "listing": true}})
+
+test_support_agent_searches_support_docs if {
+	authz.allow with input as call(agent, "search_docs", {"query": "q", "collection": "support-docs"})
+	authz.reason == "allowed: search_docs is granted to this agent" with input as call(agent, "search_docs", {"query": "q", "collection": "support-docs"})
+}
+
+test_support_agent_may_not_search_runbooks if {
+	not authz.allow with input as call(agent, "search_docs", {"query": "q", "collection": "internal-runbooks"})
+	authz.reason == `denied: argument collection of search_docs must be one of ["support-docs"]` with input as call(agent, "search_docs", {"query": "q", "collection": "internal-runbooks"})
+}
+
+test_a_constrained_argument_must_be_given if {
+	not authz.allow with input as call(agent, "search_docs", {"query": "q"})
+	not authz.allow with input as object.union(call(agent, "search_docs", {}), {"mcp": {"method": "tools/call", "tool": "search_docs"}})
+}
+
+test_support_agent_may_not_delete if {
+	not authz.allow with input as call(agent, "delete_doc", {"doc_id": "billing", "collection": "support-docs"})
+	authz.reason == "denied: tool delete_doc is not granted to this agent" with input as call(agent, "delete_doc", {"doc_id": "billing", "collection": "support-docs"})
+}
+
+test_lists_show_only_granted_tools if {
+	authz.allow with input as listing(agent, "search_docs")
+	not authz.allow with input as listing(agent, "delete_doc")
+	authz.allow with input as listing(admin, "delete_doc")
+}
+
+test_admin_agent_searches_runbooks_and_deletes if {
+	authz.allow with input as call(admin, "search_docs", {"query": "q", "collection": "internal-runbooks"})
+	authz.allow with input as call(admin, "delete_doc", {"doc_id": "billing", "collection": "support-docs"})
+	not authz.allow with input as call(admin, "delete_doc", {"doc_id": "x", "collection": "elsewhere"})
+}
+
+test_a_request_needs_its_connection_still_allowed if {
+	not authz.allow with input as call(other, "search_docs", {"query": "q", "collection": "support-docs"})
+	authz.reason == "denied: this connection is no longer allowed" with input as call(other, "search_docs", {"query": "q", "collection": "support-docs"})
+}
+
+test_other_mcp_methods_denied if {
+	not authz.allow with input as object.union(call(agent, "x", {}), {"mcp": {"method": "resources/read", "resource_uri": "file:///etc/passwd"}})
+	authz.reason == "denied: MCP method resources/read is not allowed by this policy" with input as object.union(call(agent, "x", {}), {"mcp": {"method": "resources/read", "resource_uri": "file:///etc/passwd"}})
+}
+
+test_connection_to_the_mcp_server_unchanged_by_grants if {
+	authz.allow with input as conn(admin, mcp, 8001)
+	authz.reason == "allowed: agent -> MCP server" with input as conn(admin, mcp, 8001)
+}

@@ -2,8 +2,12 @@
 `mcp` (streamable HTTP) to list and call the docs tool, `openai` for the chat
 completion. It knows nothing about enforcer. Prints one JSON line.
 
-usage: agent.py MCP_URL LLM_BASE_URL QUESTION
+usage: agent.py MCP_URL LLM_BASE_URL QUESTION [CALLS]
        agent.py --probe-vectordb HOST PORT      (try the vector DB directly)
+
+It searches the collection `support-docs` for QUESTION, then makes the extra
+tool CALLS (a JSON list of {"tool", "arguments"}), whether listed or not, and
+reports for each its text or the error the server's side answered.
 """
 import asyncio
 import json
@@ -20,7 +24,7 @@ def probe_vectordb(host, port):
         sys.exit(3)
 
 
-async def main(mcp_url, llm_url, question):
+async def main(mcp_url, llm_url, question, calls="[]"):
     from mcp import Client
     from openai import OpenAI
 
@@ -29,8 +33,19 @@ async def main(mcp_url, llm_url, question):
         async with Client(mcp_url, read_timeout_seconds=10) as client:
             tools = await client.list_tools()
             out["tools"] = [t.name for t in tools.tools]
-            result = await client.call_tool("search_docs", {"query": question})
+            result = await client.call_tool("search_docs", {"query": question, "collection": "support-docs"})
             out["documents"] = [c.text for c in result.content if getattr(c, "text", None)]
+            out["calls"] = []
+            for call in json.loads(calls):
+                seen = {"tool": call["tool"], "arguments": call["arguments"]}
+                try:
+                    r = await client.call_tool(call["tool"], call["arguments"])
+                    seen["ok"] = not r.is_error
+                    seen["text"] = " ".join(getattr(c, "text", "") for c in r.content)
+                except Exception as e:  # the SDK raises a JSON-RPC error
+                    seen["ok"] = False
+                    seen["error"] = str(e)
+                out["calls"].append(seen)
     except BaseException as e:  # noqa: BLE001 - report what the agent saw
         out["mcp_error"] = type(e).__name__
     try:
@@ -52,4 +67,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "--probe-vectordb":
         probe_vectordb(sys.argv[2], sys.argv[3])
     else:
-        asyncio.run(main(*sys.argv[1:4]))
+        asyncio.run(main(*sys.argv[1:5]))

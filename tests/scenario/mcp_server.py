@@ -1,6 +1,9 @@
 """The MCP server of the scenario: the official `mcp` Python SDK (MCPServer,
-streamable HTTP) exposing a `search_docs` tool backed by a Chroma vector
-database. On start it ingests the support documentation into Chroma.
+streamable HTTP) exposing two tools backed by a Chroma vector database:
+`search_docs` (a vector search in one collection) and the dangerous
+`delete_doc`. On start it ingests two collections into Chroma: the support
+documentation and internal runbooks. It knows nothing about enforcer: who may
+call which tool, on which collection, is the node agent's policy.
 
 usage: mcp_server.py PORT CHROMA_HOST CHROMA_PORT
 """
@@ -23,12 +26,23 @@ DOCS = {
     "sso": "Single sign-on supports SAML and OIDC; an administrator configures it under Settings, Identity.",
 }
 
+RUNBOOKS = {
+    "db-failover": "Database failover: promote the standby with pg_ctl promote, then repoint the service address.",
+    "key-rotation": "Signing keys rotate quarterly; the previous key stays trusted for seven days after rotation.",
+}
+
+COLLECTIONS = {"support-docs": DOCS, "internal-runbooks": RUNBOOKS}
+
 for attempt in range(120):
     try:
         client = chromadb.HttpClient(host=chroma_host, port=chroma_port)
-        collection = client.get_or_create_collection("support-docs", embedding_function=None)
-        collection.upsert(ids=list(DOCS), documents=list(DOCS.values()), embeddings=[embed(t) for t in DOCS.values()])
-        print("INGESTED %d documents into chroma at %s:%d" % (len(DOCS), chroma_host, chroma_port), flush=True)
+        collections = {}
+        for name, docs in COLLECTIONS.items():
+            c = client.get_or_create_collection(name, embedding_function=None)
+            c.upsert(ids=list(docs), documents=list(docs.values()), embeddings=[embed(t) for t in docs.values()])
+            collections[name] = c
+        print("INGESTED %d documents into chroma at %s:%d" % (len(DOCS) + len(RUNBOOKS), chroma_host, chroma_port),
+              flush=True)
         break
     except Exception as e:  # the vector DB may not be up yet
         print("waiting for chroma: %s" % type(e).__name__, flush=True)
@@ -39,13 +53,30 @@ else:
 server = MCPServer("support-docs")
 
 
+def collection_named(name):
+    if name not in collections:
+        raise ValueError("no collection %r (there are: %s)" % (name, ", ".join(collections)))
+    return collections[name]
+
+
 @server.tool()
-def search_docs(query: str, k: int = 2) -> str:
-    """Search the support documentation; returns the best matching passages."""
-    r = collection.query(query_embeddings=[embed(query)], n_results=k)
+def search_docs(query: str, collection: str = "support-docs", k: int = 2) -> str:
+    """Search a documentation collection; returns the best matching passages."""
+    r = collection_named(collection).query(query_embeddings=[embed(query)], n_results=k)
     docs = r["documents"][0]
-    print("SEARCH %r -> %d documents" % (query, len(docs)), flush=True)
+    print("SEARCH %s %r -> %d documents" % (collection, query, len(docs)), flush=True)
     return "\n".join(docs)
+
+
+@server.tool()
+def delete_doc(doc_id: str, collection: str = "support-docs") -> str:
+    """Delete a document from a collection (irreversible)."""
+    c = collection_named(collection)
+    if not c.get(ids=[doc_id])["ids"]:
+        raise ValueError("no document %r in %s" % (doc_id, collection))
+    c.delete(ids=[doc_id])
+    print("DELETE %s %s" % (collection, doc_id), flush=True)
+    return "deleted %s from %s" % (doc_id, collection)
 
 
 print("MCP server listening on %d" % port, flush=True)

@@ -1,9 +1,11 @@
 //! The AI-agent scenario (used by `cargo xtask demo` and by the tests): three
 //! nodes on one LAN, every workload real and unchanged —
-//! - node a "agents": the support agent and a research agent (Python, the
-//!   official `mcp` and `openai` clients);
-//! - node b "tools": the MCP server (`mcp` SDK, streamable HTTP, port 8001)
-//!   and the OpenAI-compatible LLM endpoint (port 8000);
+//! - node a "agents": the support agent, an admin agent and a research agent
+//!   (Python, the official `mcp` and `openai` clients);
+//! - node b "tools": the MCP server (`mcp` SDK, streamable HTTP, port 8001,
+//!   tools `search_docs` and `delete_doc`; declared `protocol = "mcp"`, so b's
+//!   agent decides each tool call) and the OpenAI-compatible LLM endpoint
+//!   (port 8000);
 //! - node c "data": Chroma's server (`chromadb` package, port 8101 — its
 //!   read-write API, hence an admin/ingest port in the shipped policy).
 //!
@@ -20,6 +22,7 @@ use crate::{Enforcer, MESH, Node, Result, Testbed};
 
 pub const TD: &str = "ai.example.org";
 pub const SUPPORT_AGENT: &str = "spiffe://ai.example.org/agent/support";
+pub const ADMIN_AGENT: &str = "spiffe://ai.example.org/agent/admin";
 pub const RESEARCH_AGENT: &str = "spiffe://ai.example.org/sandbox/research-agent";
 pub const LLM: &str = "spiffe://ai.example.org/llm";
 pub const MCP: &str = "spiffe://ai.example.org/mcp/docs";
@@ -78,28 +81,33 @@ impl Scenario {
         let ca = tb.shared_ca("ai", TD)?;
         let policy = shipped_policies().display().to_string();
 
-        let start = |tb: &mut Testbed, node: &Node, list: &[(&str, &str)]| -> Result<Enforcer> {
-            let tail = format!(
-                "{}\n{}{MESH}",
-                tb.policy_section(node, &policy),
-                entries(list)
-            );
-            let cfg = tb.enforcer_config_with(node, "", &ca, &tail)?;
-            tb.start_enforcer(node, &cfg)
-        };
-        let e_data = start(&mut tb, &data, &[(VECTORDB, "chroma.service")])?;
+        let start =
+            |tb: &mut Testbed, node: &Node, list: &[(&str, &str)], l7: &str| -> Result<Enforcer> {
+                let tail = format!(
+                    "{}\n{}{MESH}{l7}",
+                    tb.policy_section(node, &policy),
+                    entries(list)
+                );
+                let cfg = tb.enforcer_config_with(node, "", &ca, &tail)?;
+                tb.start_enforcer(node, &cfg)
+            };
+        let e_data = start(&mut tb, &data, &[(VECTORDB, "chroma.service")], "")?;
+        // The MCP server's agent, the last before it, decides each tool call.
         let e_tools = start(
             &mut tb,
             &tools,
             &[(LLM, "llm.service"), (MCP, "mcp-docs.service")],
+            &format!("\n[[l7.destinations]]\nspiffe_id = \"{MCP}\"\nprotocol = \"mcp\"\n"),
         )?;
         let e_agents = start(
             &mut tb,
             &agents,
             &[
                 (SUPPORT_AGENT, "support-agent.service"),
+                (ADMIN_AGENT, "admin-agent.service"),
                 (RESEARCH_AGENT, "research-agent.service"),
             ],
+            "",
         )?;
 
         let db = tb.dir.join("chroma-db").display().to_string();
@@ -168,12 +176,30 @@ impl Scenario {
 
     /// Runs the agent script in `unit` on the agents node: (pid, JSON output, success).
     pub fn run_agent(&self, unit: &str, question: &str) -> Result<(u32, Value, bool)> {
+        self.run_agent_with(unit, question, &[])
+    }
+
+    /// As `run_agent`, then the agent makes the tool `calls` (tool,
+    /// arguments) too; `out["calls"]` holds what each returned or raised.
+    pub fn run_agent_with(
+        &self,
+        unit: &str,
+        question: &str,
+        calls: &[(&str, Value)],
+    ) -> Result<(u32, Value, bool)> {
         let agent = scripts().join("agent.py").display().to_string();
         let mcp_url = format!("http://{}:{MCP_PORT}/mcp", self.tools.ipv4);
         let llm_url = format!("http://{}:{LLM_PORT}/v1", self.tools.ipv4);
+        let calls = Value::Array(
+            calls
+                .iter()
+                .map(|(tool, arguments)| serde_json::json!({"tool": tool, "arguments": arguments}))
+                .collect(),
+        )
+        .to_string();
         let (pid, out) = self.agents.exec(
             Some(unit),
-            &["python3", &agent, &mcp_url, &llm_url, question],
+            &["python3", &agent, &mcp_url, &llm_url, question, &calls],
         )?;
         Ok((pid, last_json(&out)?, out.status.success()))
     }

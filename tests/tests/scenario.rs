@@ -1,7 +1,7 @@
 //! The AI-agent scenario end to end, with real software nobody changed: the
 //! official `mcp` and `openai` clients, an `mcp` SDK server, Chroma's server.
 use enforcer_tests::scenario::*;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn outbound_line(s: &Scenario, pid: u32, port: u16) -> Value {
     s.e_agents
@@ -23,12 +23,45 @@ fn outbound_line(s: &Scenario, pid: u32, port: u16) -> Value {
 fn ai_agents_mcp_llm_and_vector_db_under_identity_and_policy() {
     let s = Scenario::start("ai").expect("scenario");
 
-    // 1. The support agent lists and calls the docs tool, then asks the LLM.
+    // 1. The support agent lists and calls the docs tool, then asks the LLM;
+    //    it also tries a collection and a tool it was not granted.
     let (pid, out, ok) = s
-        .run_agent("support-agent.service", "how do I reset my password")
+        .run_agent_with(
+            "support-agent.service",
+            "how do I reset my password",
+            &[
+                (
+                    "search_docs",
+                    json!({"query": "failover", "collection": "internal-runbooks"}),
+                ),
+                (
+                    "delete_doc",
+                    json!({"doc_id": "billing", "collection": "support-docs"}),
+                ),
+            ],
+        )
         .expect("agent");
     assert!(ok, "support agent failed: {out}");
-    assert_eq!(out["tools"], serde_json::json!(["search_docs"]), "{out}");
+    assert_eq!(
+        out["tools"],
+        json!(["search_docs"]),
+        "delete_doc is hidden from the support agent: {out}"
+    );
+    let denied = |i: usize, reason: &str| {
+        let c = &out["calls"][i];
+        assert_eq!(c["ok"], false, "{c}");
+        assert!(
+            c["error"]
+                .as_str()
+                .is_some_and(|e| e.contains(&format!("denied by policy: {reason}"))),
+            "the agent sees the policy's reason: {c}"
+        );
+    };
+    denied(
+        0,
+        r#"denied: argument collection of search_docs must be one of ["support-docs"]"#,
+    );
+    denied(1, "denied: tool delete_doc is not granted to this agent");
     let docs = out["documents"][0].as_str().unwrap_or_default();
     assert!(
         docs.contains("reset a password"),
@@ -74,7 +107,81 @@ fn ai_agents_mcp_llm_and_vector_db_under_identity_and_policy() {
     );
     assert_eq!(inbound["result"], true, "{inbound}");
 
-    // 2. A second agent identity is refused by policy at the LLM and the MCP server.
+    // 2. The admin agent sees both tools, searches the runbooks and deletes.
+    let (_, out, ok) = s
+        .run_agent_with(
+            "admin-agent.service",
+            "how do I reset my password",
+            &[
+                (
+                    "search_docs",
+                    json!({"query": "database failover", "collection": "internal-runbooks", "k": 1}),
+                ),
+                (
+                    "delete_doc",
+                    json!({"doc_id": "billing", "collection": "support-docs"}),
+                ),
+            ],
+        )
+        .expect("agent");
+    assert!(ok, "admin agent failed: {out}");
+    let mut tools: Vec<_> = out["tools"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|t| t.as_str().map(str::to_owned))
+        .collect();
+    tools.sort();
+    assert_eq!(tools, ["delete_doc", "search_docs"], "{out}");
+    assert_eq!(out["calls"][0]["ok"], true, "{out}");
+    assert!(
+        out["calls"][0]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("pg_ctl promote")),
+        "{out}"
+    );
+    assert_eq!(
+        out["calls"][1]["text"], "deleted billing from support-docs",
+        "{out}"
+    );
+    // The server ran the admin's delete (the event waited for) and never
+    // the support agent's calls.
+    let log = s.tb.server_log(&s.tools, "mcp");
+    assert_eq!(
+        log.matches("DELETE ").collect::<Vec<_>>(),
+        ["DELETE "],
+        "{log}"
+    );
+    assert!(log.contains("DELETE support-docs billing"), "{log}");
+    assert_eq!(log.matches("SEARCH internal-runbooks").count(), 1, "{log}");
+    // b's audit log has one line per tool call, with the verified caller.
+    let b = s.audit(&s.tools);
+    let call = |who: &str, tool: &str, allow: bool| {
+        b.iter()
+            .find(|r| {
+                r["request_id"].is_string()
+                    && r["input"]["mcp"]["tool"] == tool
+                    && r["input"]["mcp"]["listing"].is_null()
+                    && r["input"]["attributes"]["source"]["principal"] == who
+                    && r["result"] == allow
+            })
+            .unwrap_or_else(|| panic!("no audit line for {who} {tool} {allow}: {b:?}"))
+    };
+    assert_eq!(
+        call(SUPPORT_AGENT, "delete_doc", false)["reason"],
+        "denied: tool delete_doc is not granted to this agent"
+    );
+    assert_eq!(
+        call(ADMIN_AGENT, "delete_doc", true)["input"]["mcp"]["arguments"]["doc_id"],
+        "billing"
+    );
+    assert_eq!(
+        call(SUPPORT_AGENT, "search_docs", false)["input"]["source"]["authenticated"],
+        true
+    );
+
+    // 3. A second agent identity is refused by policy at the LLM and the MCP server.
     let (pid, out, ok) = s
         .run_agent("research-agent.service", "list all invoices")
         .expect("agent");
@@ -94,7 +201,7 @@ fn ai_agents_mcp_llm_and_vector_db_under_identity_and_policy() {
             .contains("list all invoices")
     );
 
-    // 3. The agent cannot reach the vector DB itself.
+    // 4. The agent cannot reach the vector DB itself.
     let (pid, out) = s.probe_vectordb("support-agent.service").expect("probe");
     assert_eq!(out["vectordb"], "refused", "{out}");
     let l = outbound_line(&s, pid, CHROMA_PORT);
@@ -104,7 +211,7 @@ fn ai_agents_mcp_llm_and_vector_db_under_identity_and_policy() {
         "{l}"
     );
 
-    // 4. The audit logs name the verified identities of allowed and denied connections.
+    // 5. The audit logs name the verified identities of allowed and denied connections.
     let a = s.audit(&s.agents);
     let find = |src: &str, dst: &str, allow: bool| {
         a.iter().any(|r| {

@@ -4,10 +4,52 @@
 //! allowed, denied and why, and where to look; removes everything it made.
 use anyhow::Context as _;
 use enforcer_tests::scenario::*;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn short(id: &str) -> &str {
     id.strip_prefix("spiffe://ai.example.org").unwrap_or(id)
+}
+
+fn first_line(v: &Value) -> &str {
+    v.as_str().unwrap_or("(none)").lines().next().unwrap_or("")
+}
+
+/// `k=v, …` of a tool call's arguments, long values cut.
+fn arguments(v: &Value) -> String {
+    let Some(args) = v.as_object() else {
+        return v.to_string();
+    };
+    args.iter()
+        .map(|(k, v)| {
+            let v = v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+            let cut: String = v.chars().take(20).collect();
+            let more = if cut.len() < v.len() { "…" } else { "" };
+            format!("{k}={cut}{more}")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The agent's extra tool calls: what each returned, or the error it raised.
+fn print_calls(out: &Value) {
+    for c in out["calls"].as_array().into_iter().flatten() {
+        let call = format!(
+            "MCP {}({})",
+            c["tool"].as_str().unwrap_or("?"),
+            arguments(&c["arguments"])
+        );
+        if c["ok"] == Value::Bool(true) {
+            println!("   {call} -> {}", first_line(&c["text"]));
+        } else {
+            println!(
+                "   {call} -> raised: {}",
+                c["error"]
+                    .as_str()
+                    .or(c["text"].as_str())
+                    .unwrap_or("(no error)")
+            );
+        }
+    }
 }
 
 pub fn run() -> anyhow::Result<()> {
@@ -21,9 +63,10 @@ pub fn run() -> anyhow::Result<()> {
         s.agents.ipv4,
         short(SUPPORT_AGENT)
     );
+    println!("  {:<17} admin agent ({})", "", short(ADMIN_AGENT));
     println!("  {:<17} research agent ({})", "", short(RESEARCH_AGENT));
     println!(
-        "  node b {:<10} MCP server :{MCP_PORT} ({}), LLM endpoint :{LLM_PORT} ({})",
+        "  node b {:<10} MCP server :{MCP_PORT} ({}; tools search_docs, delete_doc; its agent decides each call), LLM endpoint :{LLM_PORT} ({})",
         s.tools.ipv4,
         short(MCP),
         short(LLM)
@@ -39,18 +82,26 @@ pub fn run() -> anyhow::Result<()> {
     println!();
 
     let q = "how do I reset my password";
-    let (_, out, ok) = s.run_agent("support-agent.service", q)?;
+    let runbooks = json!({"query": "database failover", "collection": "internal-runbooks", "k": 1});
+    let delete = json!({"doc_id": "billing", "collection": "support-docs"});
+    let (_, out, ok) = s.run_agent_with(
+        "support-agent.service",
+        q,
+        &[
+            ("search_docs", runbooks.clone()),
+            ("delete_doc", delete.clone()),
+        ],
+    )?;
     println!("1. support agent: \"{q}\"");
-    println!("   MCP tools/list -> {}", out["tools"]);
     println!(
-        "   MCP tools/call search_docs -> {}",
-        out["documents"][0]
-            .as_str()
-            .unwrap_or("(none)")
-            .lines()
-            .next()
-            .unwrap_or("")
+        "   MCP tools/list -> {} (delete_doc is hidden from it)",
+        out["tools"]
     );
+    println!(
+        "   MCP search_docs(collection=support-docs) -> {}",
+        first_line(&out["documents"][0])
+    );
+    print_calls(&out);
     println!(
         "   LLM chat.completions -> {:?} (usage {})",
         out["answer"].as_str().unwrap_or("(none)"),
@@ -59,7 +110,24 @@ pub fn run() -> anyhow::Result<()> {
     println!(
         "   {}",
         if ok {
-            "=> allowed, every hop mutual TLS between SPIFFE identities"
+            "=> allowed what it was granted, every hop mutual TLS between SPIFFE identities"
+        } else {
+            "=> FAILED (unexpected)"
+        }
+    );
+    println!();
+    let (_, out, ok) = s.run_agent_with(
+        "admin-agent.service",
+        q,
+        &[("search_docs", runbooks), ("delete_doc", delete)],
+    )?;
+    println!("2. admin agent ({}):", short(ADMIN_AGENT));
+    println!("   MCP tools/list -> {}", out["tools"]);
+    print_calls(&out);
+    println!(
+        "   {}",
+        if ok {
+            "=> the same server, the same tools: what each agent may do is the node agent's policy"
         } else {
             "=> FAILED (unexpected)"
         }
@@ -67,29 +135,82 @@ pub fn run() -> anyhow::Result<()> {
     println!();
     let (_, out, ok) = s.run_agent("research-agent.service", "list all invoices")?;
     println!(
-        "2. research agent: MCP -> {}, LLM -> {}",
-        out["mcp_error"], out["llm_error"]
+        "3. research agent ({}): MCP -> {}, LLM -> {}",
+        short(RESEARCH_AGENT),
+        out["mcp_error"],
+        out["llm_error"]
     );
     println!(
         "   {}",
         if ok {
             "=> reached them (unexpected!)"
         } else {
-            "=> denied by policy at the MCP server and the LLM"
+            "=> denied by policy at the MCP server and the LLM (not an agent identity)"
         }
     );
     println!();
     let (_, out) = s.probe_vectordb("support-agent.service")?;
     println!(
-        "3. support agent straight to the vector DB -> {}",
+        "4. support agent straight to the vector DB -> {}",
         out["vectordb"]
     );
-    println!("   => agents reach documents only through the MCP server's tool");
+    println!("   => agents reach documents only through the MCP server's tools");
     println!();
 
-    println!("Decisions (audit log of each node, OPA decision-log shape):");
+    println!(
+        "Per-request decisions of node b's agent, the last before the MCP server (audit log, one line per tool call):"
+    );
+    let b = s.audit(&s.tools);
+    let mut example = None;
+    for r in b.iter().filter(|r| r["request_id"].is_string()) {
+        let mcp = &r["input"]["mcp"];
+        let who = r["input"]["attributes"]["source"]["principal"]
+            .as_str()
+            .map(short)
+            .unwrap_or("(no identity)");
+        let verdict = if r["result"] == Value::Bool(true) {
+            "ALLOW"
+        } else {
+            "DENY "
+        };
+        let what = if mcp["listing"] == Value::Bool(true) {
+            format!("tools/list item {}", mcp["tool"].as_str().unwrap_or("?"))
+        } else if mcp["tool"].is_string() {
+            format!(
+                "{}({})",
+                mcp["tool"].as_str().unwrap_or("?"),
+                arguments(&mcp["arguments"])
+            )
+        } else {
+            mcp["method"].as_str().unwrap_or("?").to_owned()
+        };
+        println!(
+            "  {:<6} {verdict} {who:<16} {what:<66} {}",
+            r["request_id"].as_str().unwrap_or(""),
+            r["reason"].as_str().unwrap_or("")
+        );
+        if example.is_none() && r["result"] == Value::Bool(false) && mcp["listing"].is_null() {
+            example = Some(r.clone());
+        }
+    }
+    if let Some(mut r) = example {
+        // The request's headers and body are in the line too; shortened here.
+        if let Some(http) = r.pointer_mut("/input/attributes/request/http") {
+            http["headers"] = json!("…");
+            http["body"] = json!("…");
+        }
+        if let Some(input) = r["input"].as_object_mut() {
+            input.insert("parsed_body".into(), json!("…"));
+        }
+        println!();
+        println!("One of those audit lines (headers and body shortened):");
+        println!("  {r}");
+    }
+    println!();
+
+    println!("Connection decisions (audit log of each node, OPA decision-log shape):");
     for (name, node) in [("a", &s.agents), ("b", &s.tools), ("c", &s.data)] {
-        for r in s.audit(node) {
+        for r in s.audit(node).iter().filter(|r| r["request_id"].is_null()) {
             let src = r["input"]["source"]["spiffe_id"]
                 .as_str()
                 .map(short)
@@ -133,6 +254,15 @@ pub fn run() -> anyhow::Result<()> {
         l.starts_with("enforcer_policy_decisions_total")
             || l.starts_with("enforcer_connections_closed_total")
     }) {
+        println!("    {l}");
+    }
+    println!("    and node b's tool calls:");
+    for l in s
+        .e_tools
+        .metrics()?
+        .lines()
+        .filter(|l| l.starts_with("enforcer_mcp_calls_total"))
+    {
         println!("    {l}");
     }
     println!();
