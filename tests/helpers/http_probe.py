@@ -10,6 +10,9 @@ usage:
   http_probe.py abort HOST PORT PATH
       POSTs PATH announcing 100000 bytes, sends 2000, then resets the
       connection (a client that dies half-way through its request)
+  http_probe.py h2 HOST PORT PATH ...
+      GETs each PATH in turn over one h2c connection with prior knowledge
+      (httpx, HTTP/2 only); each line has the HTTP version, status and answer
   http_probe.py raw HOST PORT HEX [N]
       sends the bytes (with N bytes of `a` in place of the first `@`),
       reads until the server closes (or 5 s) and prints the status line and
@@ -64,6 +67,12 @@ elif mode == "abort":
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     s.close()
     print(json.dumps({"aborted": True}), flush=True)
+elif mode == "h2":
+    import httpx
+    with httpx.Client(http1=False, http2=True, timeout=10) as client:
+        for path in sys.argv[4:]:
+            r = client.get("http://%s:%d%s" % (host, port, path))
+            print(json.dumps({"http_version": r.http_version, "status": r.status_code, "body": r.text}), flush=True)
 elif mode == "raw":
     s = socket.create_connection((host, port), timeout=5)
     data = bytes.fromhex(sys.argv[4])

@@ -118,7 +118,7 @@ fn l7_pair(test: &str) -> (Pair, PathBuf) {
             (
                 String::new(),
                 format!(
-                    "{}\n{}\n{MESH}\n{policy}\n[l7]\nmax_body_bytes = 1024\n\n[[l7.destinations]]\nports = [8001, 8003]\nprotocol = \"mcp\"\n\n[[l7.destinations]]\nports = [8002]\nprotocol = \"http\"\n",
+                    "{}\n{}\n{MESH}\n{policy}\n[l7]\nmax_body_bytes = 1024\n\n[[l7.destinations]]\nports = [8001, 8003]\nprotocol = \"mcp\"\n\n[[l7.destinations]]\nports = [8002, 8004]\nprotocol = \"http\"\n",
                     entry("spiffe://ai.example.org/mcp/docs", "systemd:unit:mcp.service"),
                     entry("spiffe://ai.example.org/api", "systemd:unit:api.service"),
                 ) + &entry(SUPPORT, "systemd:unit:local-agent.service"),
@@ -726,4 +726,167 @@ fn http_requests_are_decided_one_by_one_with_opa_envoy_input() {
         "{metrics}"
     );
     let _ = fs::remove_dir_all(&policy);
+}
+
+#[test]
+fn h2c_websocket_connect_and_pipelined_requests_are_decided_one_by_one() {
+    let (mut m, _policy) = l7_pair("l7-h2ws");
+    m.tb.start_server_in(
+        &m.b,
+        Some("api.service"),
+        "api",
+        &["python3", "-u", &helper("http_echo.py"), "8002"],
+        8002,
+    )
+    .expect("HTTP/1.1 server");
+    m.tb.start_server_in(
+        &m.b,
+        Some("api.service"),
+        "asgi",
+        &["python3", "-u", &helper("asgi_echo.py"), "8004"],
+        8004,
+    )
+    .expect("hypercorn server (pip install hypercorn: cargo xtask setup)");
+    let b = m.b.ipv4.to_string();
+
+    // Pipelining: three requests in one write; each is decided in order and
+    // answered in order, the denied one in its place.
+    let r = raw(
+        &m,
+        b"GET /p1 HTTP/1.1\r\nHost: b\r\n\r\nGET /blocked/p2 HTTP/1.1\r\nHost: b\r\n\r\nGET /p3 HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n",
+    );
+    let answer = r["answer"].as_str().unwrap_or("");
+    // (A body does not end in CRLF: the next status line follows it.)
+    let statuses: Vec<&str> = answer
+        .match_indices("HTTP/1.1 ")
+        .filter_map(|(i, _)| answer.get(i + 9..i + 12))
+        .collect();
+    assert_eq!(statuses, ["200", "403", "200"], "{answer}");
+    let p1 = answer.find("\"/p1\"").unwrap_or(usize::MAX);
+    let p3 = answer.find("\"/p3\"").unwrap_or(0);
+    assert!(p1 < p3, "answers in request order: {answer}");
+    assert!(m.tb.wait_server_log(&m.b, "api", "REQ GET /p3 0"));
+    assert!(
+        !m.tb.server_log(&m.b, "api").contains("/blocked"),
+        "{}",
+        m.tb.server_log(&m.b, "api")
+    );
+
+    // h2c with prior knowledge (httpx): an allowed and a denied request on
+    // one HTTP/2 connection; the server is spoken to in HTTP/2 as well.
+    let (_, out) =
+        m.a.exec(
+            Some("support-agent.service"),
+            &[
+                "python3",
+                &helper("http_probe.py"),
+                "h2",
+                &b,
+                "8004",
+                "/h2/one",
+                "/blocked/h2",
+            ],
+        )
+        .expect("h2 probe");
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(lines.len(), 2, "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(lines[0]["http_version"], "HTTP/2", "{lines:?}");
+    assert_eq!(lines[0]["status"], 200, "{lines:?}");
+    let served: Value =
+        serde_json::from_str(lines[0]["body"].as_str().unwrap_or("")).expect("the server's JSON");
+    assert_eq!(served["http_version"], "2", "{served}");
+    assert_eq!(lines[1]["status"], 403, "{lines:?}");
+    let denial: Value =
+        serde_json::from_str(lines[1]["body"].as_str().unwrap_or("")).expect("the denial's JSON");
+    assert_eq!(denial["reason"], "blocked path", "{denial}");
+    assert!(m.tb.wait_server_log(&m.b, "asgi", "REQ 2 GET /h2/one 0"));
+    let audit = audit_lines(&m.tb.audit_log(&m.b));
+    let h2 = audit
+        .iter()
+        .find(|l| l["input"]["attributes"]["request"]["http"]["path"] == "/blocked/h2")
+        .expect("an audit line for the denied HTTP/2 request");
+    assert_eq!(
+        h2["input"]["attributes"]["request"]["http"]["protocol"], "HTTP/2",
+        "{h2}"
+    );
+    assert_eq!(h2["result"], false, "{h2}");
+    let one = audit
+        .iter()
+        .find(|l| l["input"]["attributes"]["request"]["http"]["path"] == "/h2/one")
+        .expect("an audit line for the allowed HTTP/2 request");
+    assert_eq!(one["conn_id"], h2["conn_id"], "one connection: {one} {h2}");
+
+    // WebSocket: the upgrade is decided like any GET, then tunnelled (the
+    // messages go both ways); an upgrade to a blocked path is refused 403
+    // and never reaches the server.
+    let ws = |path: &str| {
+        let (_, out) =
+            m.a.exec(
+                Some("support-agent.service"),
+                &[
+                    "python3",
+                    &helper("ws_probe.py"),
+                    &format!("ws://{b}:8004{path}"),
+                    "hello",
+                    "again",
+                ],
+            )
+            .expect("websocket client (pip install websockets: cargo xtask setup)");
+        json_out(&out)
+    };
+    let open = ws("/ws/chat");
+    assert_eq!(
+        open["answers"],
+        serde_json::json!(["echo: hello", "echo: again"]),
+        "{open}"
+    );
+    let refused = ws("/blocked/ws");
+    assert_eq!(refused["refused"], 403, "{refused}");
+    assert!(
+        refused["body"]
+            .as_str()
+            .is_some_and(|b| b.contains("blocked path")),
+        "{refused}"
+    );
+    assert!(m.tb.wait_server_log(&m.b, "asgi", "WS MSG again"));
+
+    // CONNECT is a request like any other: this policy allows only GET, so
+    // the tunnel is refused 403 and the server never sees it.
+    let (_, out) =
+        m.a.exec(
+            Some("support-agent.service"),
+            &[
+                "curl",
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-p",
+                "-x",
+                &format!("http://{b}:8004"),
+                "-w",
+                "%{http_connect}",
+                "http://198.51.100.7:80/",
+            ],
+        )
+        .expect("curl");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "403",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = m.tb.server_log(&m.b, "asgi");
+    assert!(!log.contains("/blocked"), "{log}");
+    assert!(!log.contains("CONNECT"), "{log}");
+    let connect = audit
+        .iter()
+        .chain(audit_lines(&m.tb.audit_log(&m.b)).iter())
+        .any(|l| {
+            l["input"]["attributes"]["request"]["http"]["method"] == "CONNECT"
+                && l["result"] == false
+        });
+    assert!(connect, "the CONNECT was decided and audited");
 }

@@ -29,9 +29,17 @@ const APT_PACKAGES: &[&str] = &[
 /// Python packages (package, module): the AI scenarios' official clients and
 /// servers; `cryptography` to craft bad certificates in tests; grpcio for the
 /// in-test SPIRE Delegated Identity server; h2 for HTTP/2 attack clients on the HBONE port;
-/// PyJWT for the independent OPA bundle signer (tests/helpers/opa_bundle.py).
+/// PyJWT for the independent OPA bundle signer (tests/helpers/opa_bundle.py);
+/// hypercorn (h2c and WebSocket server) and websockets for the L7 tests. The
+/// module is checked with `import <module>`: mcp's names a 2.3 addition
+/// (the client's protocol-era `mode`), so an older mcp is upgraded.
 const PIP_PACKAGES: &[(&str, &str)] = &[
-    ("mcp>=2.3,<3", "mcp.server.mcpserver"),
+    (
+        "mcp>=2.3,<3",
+        "mcp.server.mcpserver; from mcp.client.client import ConnectMode",
+    ),
+    ("hypercorn", "hypercorn"),
+    ("websockets", "websockets.sync.client"),
     ("openai", "openai"),
     ("chromadb", "chromadb"),
     ("cryptography", "cryptography"),
