@@ -1,5 +1,8 @@
 //! Micro-benchmarks (criterion): a policy decision with the shipped policy,
-//! uncached and from the cache, and the issuance of one X.509-SVID.
+//! uncached and from the cache; an MCP `tools/call` request decision (the
+//! shipped policy's tool grants, a request input as the L7 layer builds it;
+//! never cached) on the default interpreter and on the VM; and the issuance
+//! of one X.509-SVID.
 //! `cargo xtask bench` runs them and reports mean and p99 per operation.
 use std::{path::Path, sync::Arc, time::Duration};
 
@@ -33,11 +36,70 @@ fn input(n: u64) -> Input {
     }
 }
 
+/// A `tools/call` of the support agent at the MCP server, with the fields
+/// the L7 layer puts in a request input (OPA-Envoy attributes, headers,
+/// body, parsed body, the `mcp` block); `n` makes each one unique, as the
+/// request id and client port make real ones.
+fn mcp_input(n: u64) -> Input {
+    let agent = "spiffe://ai.example.org/agent/support";
+    let server = "spiffe://ai.example.org/mcp/docs";
+    let args =
+        serde_json::json!({"query": "how do I reset my password", "collection": "support-docs"});
+    let body = serde_json::json!({"jsonrpc": "2.0", "id": n, "method": "tools/call",
+        "params": {"name": "search_docs", "arguments": args.clone()}});
+    let request = serde_json::json!({
+        "attributes": {
+            "source": {"address": {"socketAddress": {"address": "10.10.0.1", "portValue": 40000 + (n % 20000)}},
+                       "principal": agent},
+            "destination": {"address": {"socketAddress": {"address": "10.10.0.2", "portValue": 8001}},
+                            "principal": server},
+            "request": {"http": {"id": format!("7.{n}"), "method": "POST", "path": "/mcp",
+                "host": "10.10.0.2:8001", "scheme": "http", "protocol": "HTTP/1.1", "size": 180,
+                "headers": {":method": "POST", ":path": "/mcp", ":authority": "10.10.0.2:8001", ":scheme": "http",
+                    "accept": "application/json, text/event-stream", "content-type": "application/json",
+                    "content-length": "180", "mcp-protocol-version": "2026-07-28", "mcp-method": "tools/call",
+                    "mcp-name": "search_docs", "user-agent": "python-httpx/0.28.1"},
+                "body": body.to_string()}}
+        },
+        "parsed_path": ["mcp"],
+        "parsed_query": {},
+        "parsed_body": body,
+        "truncated_body": false,
+        "mcp": {"method": "tools/call", "id": n, "protocol_version": "2026-07-28",
+                "tool": "search_docs", "arguments": args}
+    });
+    let request = request.as_object().cloned().unwrap_or_default();
+    Input {
+        direction: "inbound",
+        source: Peer {
+            spiffe_id: Some(agent.into()),
+            trust_domain: Some("ai.example.org".into()),
+            authenticated: Some(true),
+            address: Some("10.10.0.1".into()),
+            ..Default::default()
+        },
+        destination: Peer {
+            spiffe_id: Some(server.into()),
+            trust_domain: Some("ai.example.org".into()),
+            selectors: vec!["systemd:unit:mcp-docs.service".into(), "unix:uid:0".into()],
+            address: Some("10.10.0.2".into()),
+            port: Some(8001),
+            ..Default::default()
+        },
+        protocol: "mcp",
+        request: Some(Box::new(request)),
+    }
+}
+
 fn policy() -> Policy {
+    policy_on(Default::default())
+}
+
+fn policy_on(engine: enforcer::policy::EngineKind) -> Policy {
     let src = source::PolicySource::Dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies"));
     let p = Policy::new(
         Default::default(),
-        Default::default(),
+        engine,
         AuditLog::open(Path::new("/dev/null")).expect("/dev/null"),
         Arc::new(Metrics::new("bench")),
         enforcer::policy::DEFAULT_EVAL_TIMEOUT,
@@ -47,7 +109,7 @@ fn policy() -> Policy {
         source::load_local(
             &src,
             &Default::default(),
-            Default::default(),
+            engine,
             enforcer::policy::DEFAULT_EVAL_TIMEOUT,
         )
         .expect("shipped policy"),
@@ -85,6 +147,21 @@ fn benches(c: &mut Criterion) {
             rt.block_on(p.evaluate(&input(n)))
         })
     });
+    let vm = policy_on(enforcer::policy::EngineKind::Vm);
+    for (name, p) in [
+        ("mcp_tools_call_decision", &p),
+        ("mcp_tools_call_decision_vm", &vm),
+    ] {
+        let d = rt.block_on(p.evaluate(&mcp_input(0))).0;
+        assert!(d.allow, "{name}: the benchmark call must be allowed: {d:?}");
+        let mut n = 0u64;
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                n += 1;
+                rt.block_on(p.evaluate(&mcp_input(n)))
+            })
+        });
+    }
     let ca = Ca::generate(&spiffe::TrustDomain::new("ai.example.org").expect("td")).expect("CA");
     let id = spiffe::SpiffeId::new("spiffe://ai.example.org/agent/support").expect("id");
     c.bench_function("svid_issuance", |b| {
@@ -94,13 +171,35 @@ fn benches(c: &mut Criterion) {
 
 /// Each decision timed on its own (criterion's samples are means over
 /// batches, so their p99 hides single slow decisions): p50, p99 and p99.9 of
-/// 20 000 cached and 20 000 uncached decisions, written to
+/// 20 000 cached and 20 000 uncached decisions, and of 20 000 MCP call
+/// decisions on each engine (input built outside the timing), written to
 /// `target/criterion/per_op.json` for `cargo xtask bench`.
 fn per_op() {
     let p = policy();
     let rt = rt();
     let hot = input(0);
     let mut out = serde_json::Map::new();
+    let vm = policy_on(enforcer::policy::EngineKind::Vm);
+    for (name, p) in [
+        ("mcp_tools_call_decision", &p),
+        ("mcp_tools_call_decision_vm", &vm),
+    ] {
+        let inputs: Vec<Input> = (0..20_000u64).map(mcp_input).collect();
+        let mut ns: Vec<u64> = inputs
+            .iter()
+            .map(|i| {
+                let t = std::time::Instant::now();
+                std::hint::black_box(rt.block_on(p.evaluate(i)));
+                t.elapsed().as_nanos() as u64
+            })
+            .collect();
+        ns.sort_unstable();
+        let at = |q: f64| ns[((ns.len() as f64 * q) as usize).min(ns.len() - 1)];
+        out.insert(
+            name.into(),
+            serde_json::json!({"n": ns.len(), "p50_ns": at(0.5), "p99_ns": at(0.99), "p999_ns": at(0.999)}),
+        );
+    }
     for (name, uncached) in [
         ("policy_decision_cached", false),
         ("policy_decision_uncached", true),

@@ -24,6 +24,12 @@ const SECS: u64 = 4;
 /// Rounds per figure (the median is reported).
 const ROUNDS: usize = 3;
 const HOLD: usize = 10_000;
+/// The HTTP server on b, twice: at L4, and declared `protocol = "http"` in
+/// b's `[[l7.destinations]]` (each request decided by b's agent).
+const HTTP_L4: u16 = 8080;
+const HTTP_L7: u16 = 8081;
+/// wrk's connections for the request-rate figure (keep-alive).
+const HTTP_CONNS: u32 = 16;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Path_ {
@@ -123,6 +129,23 @@ impl Bench {
         Ok((pct("50.000")?, pct("99.000")?))
     }
 
+    /// wrk (keep-alive, one thread) against `port` on b for SECS:
+    /// (requests/s, p50 µs, p99 µs).
+    fn wrk(&self, unit: Option<&str>, port: u16, conns: u32) -> anyhow::Result<(f64, f64, f64)> {
+        let out = self.run(
+            unit,
+            &[
+                "wrk",
+                "-t1",
+                &format!("-c{conns}"),
+                &format!("-d{SECS}s"),
+                "--latency",
+                &format!("http://{}:{port}/", self.b.ipv4),
+            ],
+        )?;
+        parse_wrk(&out)
+    }
+
     /// New connections per second (connect, one request/response, close).
     fn connect_rate(&self, path: Path_) -> anyhow::Result<(f64, u64)> {
         let (unit, host, port) = self.target(path, ECHO);
@@ -142,6 +165,39 @@ impl Bench {
         let secs = v["secs"].as_f64().unwrap_or(1.0);
         Ok((n / secs, v["errors"].as_u64().unwrap_or(0)))
     }
+}
+
+/// wrk's requests/s and latency p50/p99 (µs); non-2xx answers or socket
+/// errors fail the measurement.
+fn parse_wrk(out: &str) -> anyhow::Result<(f64, f64, f64)> {
+    if out.contains("Non-2xx") || out.contains("Socket errors") {
+        bail!("wrk saw errors: {out}");
+    }
+    let us = |v: &str| -> Option<f64> {
+        let v = v.trim();
+        let (n, scale) = if let Some(n) = v.strip_suffix("us") {
+            (n, 1.0)
+        } else if let Some(n) = v.strip_suffix("ms") {
+            (n, 1e3)
+        } else if let Some(n) = v.strip_suffix('s') {
+            (n, 1e6)
+        } else {
+            return None;
+        };
+        n.parse::<f64>().ok().map(|n| n * scale)
+    };
+    let pct = |p: &str| {
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix(p))
+            .and_then(us)
+            .with_context(|| format!("no {p} latency in wrk output: {out}"))
+    };
+    let rate = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .with_context(|| format!("no Requests/sec in wrk output: {out}"))?;
+    Ok((rate, pct("50%")?, pct("99%")?))
 }
 
 fn rss_kb(pid: u32) -> anyhow::Result<u64> {
@@ -314,7 +370,7 @@ pub fn run(profile: bool) -> anyhow::Result<()> {
         "",
         &ca,
         &format!(
-            "{}\n{}{mesh}",
+            "{}\n{}{mesh}\n[[l7.destinations]]\nports = [{HTTP_L7}]\nprotocol = \"http\"\n",
             tb.policy_section(&b, &policy.display().to_string()),
             entry("server", "bench-server.service")
         ),
@@ -355,6 +411,16 @@ pub fn run(profile: bool) -> anyhow::Result<()> {
         &[&exe_s, "bench-echo", &ECHO.to_string()],
         ECHO,
     )?;
+
+    for (name, port) in [("http-l4", HTTP_L4), ("http-l7", HTTP_L7)] {
+        tb.start_server_in(
+            &b,
+            srv,
+            name,
+            &[&exe_s, "bench-http", &port.to_string()],
+            port,
+        )?;
+    }
 
     let pki = tb.dir.join("stunnel");
     stunnel_pki(&pki)?;
@@ -439,6 +505,54 @@ pub fn run(profile: bool) -> anyhow::Result<()> {
     }
     record("new_connections_per_sec", "1/s", true, cps.map(median));
 
+    // HTTP requests (keep-alive, small): direct, through enforcer at L4, and
+    // to the same server declared `http` (each request decided by b's
+    // agent). The rate with HTTP_CONNS connections; latency with one.
+    let http_paths: [(&str, Option<&str>, u16); 3] = [
+        ("direct", None, HTTP_L4),
+        ("l4", Some("bench-client.service"), HTTP_L4),
+        ("l7", Some("bench-client.service"), HTTP_L7),
+    ];
+    let (mut rate, mut hp50, mut hp99) = (
+        [vec![], vec![], vec![]],
+        [vec![], vec![], vec![]],
+        [vec![], vec![], vec![]],
+    );
+    for _ in 0..ROUNDS {
+        for (i, (name, unit, port)) in http_paths.iter().enumerate() {
+            let (r, _, _) = bench
+                .wrk(*unit, *port, HTTP_CONNS)
+                .with_context(|| format!("wrk {name}"))?;
+            let (_, a, b) = bench
+                .wrk(*unit, *port, 1)
+                .with_context(|| format!("wrk {name}, one connection"))?;
+            eprintln!(
+                "  http {name:<6} {r:.0} req/s ({HTTP_CONNS} connections); one connection p50 {a:.1} us p99 {b:.1} us"
+            );
+            rate[i].push(r);
+            hp50[i].push(a);
+            hp99[i].push(b);
+        }
+    }
+    let spread = |v: &[Vec<f64>; 3]| {
+        let mut o = serde_json::Map::new();
+        for (i, (name, _, _)) in http_paths.iter().enumerate() {
+            let mut s = v[i].clone();
+            s.sort_by(f64::total_cmp);
+            o.insert(
+                (*name).into(),
+                json!({"median": s[s.len() / 2], "min": s[0], "max": s[s.len() - 1]}),
+            );
+        }
+        Value::Object(o)
+    };
+    let http = json!({
+        "connections_for_rate": HTTP_CONNS,
+        "requests_per_sec": spread(&rate),
+        "latency_p50_us": spread(&hp50),
+        "latency_p99_us": spread(&hp99),
+    });
+
     // Memory with HOLD idle connections through the enforcer.
     let mut tb = bench.tb;
     let target = format!("{}:{ECHO}", bench.b.ipv4);
@@ -485,6 +599,7 @@ pub fn run(profile: bool) -> anyhow::Result<()> {
         "seconds_per_measurement": SECS,
         "rounds_per_figure_median": ROUNDS,
         "results": results,
+        "http": http,
         "memory": {"rss_idle_kib": rss_idle, "connections_held": held, "rss_held_kib": rss_held,
                    "bytes_per_connection": per_conn, "peer_rss_held_kib": rss_b},
         "micro": micro,
@@ -492,7 +607,7 @@ pub fn run(profile: bool) -> anyhow::Result<()> {
     });
     let out_dir = root.join("bench/results");
     std::fs::create_dir_all(&out_dir)?;
-    let out = out_dir.join(format!("{date}.json"));
+    let out = unused(&out_dir, &date, "json");
     std::fs::write(&out, serde_json::to_string_pretty(&doc)?)?;
     println!("{}", table(&doc));
     println!(
@@ -501,6 +616,18 @@ pub fn run(profile: bool) -> anyhow::Result<()> {
         started.elapsed().as_secs()
     );
     Ok(())
+}
+
+/// `dir/<stem>.<ext>`, or `<stem>-2.<ext>`, `-3`, … when that exists: a
+/// second run on one day never overwrites the first's results.
+fn unused(dir: &Path, stem: &str, ext: &str) -> PathBuf {
+    let mut path = dir.join(format!("{stem}.{ext}"));
+    let mut n = 2;
+    while path.exists() {
+        path = dir.join(format!("{stem}-{n}.{ext}"));
+        n += 1;
+    }
+    path
 }
 
 fn today() -> String {
@@ -610,7 +737,7 @@ fn profiles(bench: &Bench, root: &Path, agent_a: u32, agent_b: u32) -> anyhow::R
     }
     let out_dir = root.join("bench/results");
     std::fs::create_dir_all(&out_dir)?;
-    let out = out_dir.join(format!("{}-profile.md", today()));
+    let out = unused(&out_dir, &format!("{}-profile", today()), "md");
     std::fs::write(&out, md)?;
     println!("written: {}", out.display());
     Ok(())
@@ -635,6 +762,8 @@ fn criterion() -> anyhow::Result<Value> {
     for name in [
         "policy_decision_cached",
         "policy_decision_uncached",
+        "mcp_tools_call_decision",
+        "mcp_tools_call_decision_vm",
         "svid_issuance",
     ] {
         let path = PathBuf::from("target/criterion")
@@ -693,6 +822,41 @@ pub fn table(doc: &Value) -> String {
                 f("stunnel"),
                 f("enforcer") / f("direct"),
                 f("enforcer") / f("stunnel")
+            );
+        }
+    }
+    let h = &doc["http"];
+    if h.is_object() {
+        let m = |k: &str, p: &str| h[k][p]["median"].as_f64().unwrap_or(f64::NAN);
+        let range = |k: &str, p: &str| {
+            format!(
+                "{:.1} ({:.1}–{:.1})",
+                m(k, p),
+                h[k][p]["min"].as_f64().unwrap_or(f64::NAN),
+                h[k][p]["max"].as_f64().unwrap_or(f64::NAN)
+            )
+        };
+        let _ = writeln!(
+            t,
+            "\n| HTTP, keep-alive (median of rounds, min–max) | direct | enforcer L4 | enforcer L7 (`http`) | L7 / L4 | L7 added over L4 |\n|---|---|---|---|---|---|"
+        );
+        let _ = writeln!(
+            t,
+            "| requests/s, {} connections | {} | {} | {} | {:.2}× | |",
+            h["connections_for_rate"],
+            range("requests_per_sec", "direct"),
+            range("requests_per_sec", "l4"),
+            range("requests_per_sec", "l7"),
+            m("requests_per_sec", "l7") / m("requests_per_sec", "l4")
+        );
+        for (k, label) in [("latency_p50_us", "p50"), ("latency_p99_us", "p99")] {
+            let _ = writeln!(
+                t,
+                "| latency {label} (µs), one connection | {} | {} | {} | | +{:.1} µs |",
+                range(k, "direct"),
+                range(k, "l4"),
+                range(k, "l7"),
+                m(k, "l7") - m(k, "l4")
             );
         }
     }

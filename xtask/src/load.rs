@@ -1,6 +1,7 @@
 //! Small load tools the benchmark runs inside the testbed's nodes (so the
-//! load generator is native code, never the bottleneck): an echo server, a
-//! new-connections-per-second generator, and an idle-connection holder. Every
+//! load generator is native code, never the bottleneck): an echo server, an
+//! HTTP/1.1 server, a new-connections-per-second generator, and an
+//! idle-connection holder. Every
 //! loop is bounded in time and count and stops by itself.
 use std::{
     net::SocketAddr,
@@ -37,6 +38,33 @@ pub fn echo(port: u16) -> anyhow::Result<()> {
                         break;
                     }
                 }
+            });
+        }
+    })
+}
+
+/// HTTP/1.1 server (hyper, keep-alive) on `[::]:port`: every request is
+/// answered 200 with `ok\n`. Runs until killed.
+pub fn http(port: u16) -> anyhow::Result<()> {
+    use http_body_util::Full;
+    use hyper::{Request, Response, body::Incoming};
+    runtime()?.block_on(async move {
+        let l = tokio::net::TcpListener::bind(SocketAddr::from(([0u16; 8], port))).await?;
+        println!("HTTP listening on {port}");
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_req: Request<Incoming>| async {
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                        bytes::Bytes::from_static(b"ok\n"),
+                    )))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .keep_alive(true)
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), service)
+                    .await;
             });
         }
     })

@@ -39,6 +39,10 @@ enum Task {
     /// (used by bench) echo server on [::]:PORT
     #[command(hide = true)]
     BenchEcho { port: u16 },
+    /// (used by bench) HTTP/1.1 server (hyper, keep-alive) on [::]:PORT
+    /// answering every request 200 with a 3-byte body
+    #[command(hide = true)]
+    BenchHttp { port: u16 },
     /// (used by bench) new connections per second against ADDR
     #[command(hide = true)]
     BenchLoad {
@@ -72,6 +76,7 @@ fn main() -> anyhow::Result<()> {
             bench::run(profile)
         }
         Task::BenchEcho { port } => load::echo(port),
+        Task::BenchHttp { port } => load::http(port),
         Task::BenchLoad {
             addr,
             secs,

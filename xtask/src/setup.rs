@@ -20,6 +20,7 @@ const APT_PACKAGES: &[&str] = &[
     "python3",
     "iperf3",
     "sockperf",
+    "wrk",
     "stunnel4",
     "tshark",
     "tcpdump",
