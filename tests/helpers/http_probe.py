@@ -15,8 +15,8 @@ usage:
       (httpx, HTTP/2 only); each line has the HTTP version, status and answer
   http_probe.py raw HOST PORT HEX [N]
       sends the bytes (with N bytes of `a` in place of the first `@`),
-      reads until the server closes (or 5 s) and prints the status line and
-      whether the connection was closed
+      reads until the server closes (or 5 s) and prints the status line,
+      whether the connection was closed, and whether by a reset
 """
 import http.client
 import json
@@ -81,6 +81,7 @@ elif mode == "raw":
     s.sendall(data)
     data = b""
     closed = False
+    reset = False
     try:
         while True:
             d = s.recv(65536)
@@ -92,5 +93,7 @@ elif mode == "raw":
         pass
     except ConnectionResetError:
         closed = True
+        reset = True
     line = data.split(b"\r\n", 1)[0].decode(errors="replace")
-    print(json.dumps({"status_line": line, "closed": closed, "answer": data.decode(errors="replace")}), flush=True)
+    print(json.dumps({"status_line": line, "closed": closed, "reset": reset,
+                      "answer": data.decode(errors="replace")}), flush=True)

@@ -118,7 +118,7 @@ fn l7_pair(test: &str) -> (Pair, PathBuf) {
             (
                 String::new(),
                 format!(
-                    "{}\n{}\n{MESH}\n{policy}\n[l7]\nmax_body_bytes = 1024\n\n[[l7.destinations]]\nports = [8001, 8003]\nprotocol = \"mcp\"\n\n[[l7.destinations]]\nports = [8002, 8004]\nprotocol = \"http\"\n",
+                    "{}\n{}\n{MESH}\n{policy}\n[l7]\nmax_body_bytes = 1024\n\n[[l7.destinations]]\nports = [8001, 8003]\nprotocol = \"mcp\"\n\n[[l7.destinations]]\nports = [8002, 8004, 8005]\nprotocol = \"http\"\n",
                     entry("spiffe://ai.example.org/mcp/docs", "systemd:unit:mcp.service"),
                     entry("spiffe://ai.example.org/api", "systemd:unit:api.service"),
                 ) + &entry(SUPPORT, "systemd:unit:local-agent.service"),
@@ -852,6 +852,41 @@ fn h2c_websocket_connect_and_pipelined_requests_are_decided_one_by_one() {
         "{refused}"
     );
     assert!(m.tb.wait_server_log(&m.b, "asgi", "WS MSG again"));
+
+    // A tunnel that breaks after the upgrade (the server aborts it) is reset
+    // to the client, not closed as if it had ended: over HBONE from a, and
+    // on b itself (the same-node path).
+    m.tb.start_server_in(
+        &m.b,
+        Some("api.service"),
+        "upgrade-abort",
+        &["python3", "-u", &helper("upgrade_abort.py"), "8005"],
+        8005,
+    )
+    .expect("upgrade-abort server");
+    let upgrade = "GET /up HTTP/1.1\r\nHost: b\r\nUpgrade: x-test\r\nConnection: Upgrade\r\n\r\n";
+    let hex: String = upgrade.bytes().map(|c| format!("{c:02x}")).collect();
+    for (node, unit) in [
+        (&m.a, "support-agent.service"),
+        (&m.b, "local-agent.service"),
+    ] {
+        let (_, out) = node
+            .exec(
+                Some(unit),
+                &["python3", &helper("http_probe.py"), "raw", &b, "8005", &hex],
+            )
+            .expect("probe");
+        let r = json_out(&out);
+        let answer = r["answer"].as_str().unwrap_or("");
+        assert!(
+            answer.starts_with("HTTP/1.1 101") && answer.ends_with("hello"),
+            "{unit}: {r}"
+        );
+        assert_eq!(
+            r["reset"], true,
+            "{unit}: a broken tunnel must reach the client as a reset: {r}"
+        );
+    }
 
     // CONNECT is a request like any other: this policy allows only GET, so
     // the tunnel is refused 403 and the server never sees it.

@@ -121,6 +121,7 @@ where
         upstream: tokio::sync::Mutex::new(None),
         first: std::sync::Mutex::new(first),
         server_socket: std::sync::Mutex::new(None),
+        tunnels: std::sync::Mutex::new(Vec::new()),
         dial,
     });
     let io = TokioIo::new(Counted {
@@ -141,10 +142,20 @@ where
         let session = session.clone();
         hyper::service::service_fn(move |req| session.clone().handle(req))
     };
-    let result = builder
+    let mut result = builder
         .serve_connection_with_upgrades(io, service)
         .await
         .map_err(|e| e.to_string());
+    // An upgraded connection (WebSocket, CONNECT) is the session's until its
+    // tunnel ends: its bytes are counted, and a tunnel that breaks fails
+    // the session, so both sides are reset rather than closed as complete.
+    let tunnels = std::mem::take(&mut *session.tunnels.lock().unwrap_or_else(|p| p.into_inner()));
+    for t in tunnels {
+        let ended = t.await.unwrap_or_else(|e| Err(format!("tunnel task: {e}")));
+        if let (Err(e), Ok(())) = (ended, &result) {
+            result = Err(e);
+        }
+    }
     match &result {
         // The server's connection ends as the client's did: cleanly here,
         // else (below) with the reset armed when it was opened.
@@ -173,6 +184,8 @@ pub struct Session {
     /// client that failed half-way through a request is never passed on to
     /// the server as a complete one.
     server_socket: std::sync::Mutex<Option<socket2::Socket>>,
+    /// The tunnels of upgraded requests, awaited before the session ends.
+    tunnels: std::sync::Mutex<Vec<tokio::task::JoinHandle<Result<(), String>>>>,
     dial: Dial,
 }
 
@@ -602,17 +615,24 @@ impl Session {
             if accepted {
                 let server_up = hyper::upgrade::on(&mut resp);
                 let conn_id = self.conn.id;
-                tokio::spawn(async move {
-                    match tokio::try_join!(client_up, server_up) {
-                        Ok((c, s)) => {
-                            let (mut c, mut s) = (TokioIo::new(c), TokioIo::new(s));
-                            if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut s).await {
-                                debug!(conn_id, error = %e, "upgraded connection ended with an error");
-                            }
+                let tunnel = tokio::spawn(async move {
+                    let (c, s) = tokio::try_join!(client_up, server_up).map_err(|e| {
+                        debug!(conn_id, error = %e, "upgrade failed");
+                        format!("upgrade failed: {e}")
+                    })?;
+                    let (mut c, mut s) = (TokioIo::new(c), TokioIo::new(s));
+                    match tokio::io::copy_bidirectional(&mut c, &mut s).await {
+                        Ok(_) => Ok(()),
+                        Err(e) => {
+                            debug!(conn_id, error = %e, "upgraded connection ended with an error");
+                            Err(format!("upgraded connection: {e}"))
                         }
-                        Err(e) => debug!(conn_id, error = %e, "upgrade failed"),
                     }
                 });
+                self.tunnels
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(tunnel);
                 let (parts, _) = resp.into_parts();
                 return Response::from_parts(
                     parts,
