@@ -26,6 +26,11 @@ use super::{Attestation, Attestor, WorkloadFacts, selectors::proc_cgroup};
 const TCP_LISTEN: &str = "0A";
 /// How stale the listener table (and an answer from it) may be.
 pub const TABLE_TTL: Duration = Duration::from_millis(250);
+/// A destination missing from the table re-reads it when it is older than
+/// this: a server that has just started listening is found at once, and
+/// connections to a port nobody listens on cost at most one read per
+/// interval.
+pub const MISS_REREAD: Duration = Duration::from_millis(20);
 /// How long the owners of a listening socket are trusted without a rescan
 /// (as long as they are alive).
 const OWNER_TTL: Duration = Duration::from_secs(2);
@@ -246,19 +251,24 @@ impl LocalAttestor {
     /// borrow its identity from the cache.
     pub fn recent(&self, dst: SocketAddr) -> Option<Answer> {
         let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        // "Nobody listens" is not reused: the listener may have just come.
+        let usable = |a: &Answer| match a {
+            Ok(a) => alive(a.facts.pid),
+            Err(LocalError::NoListener(_)) => false,
+            Err(_) => true,
+        };
         match recent.get(&dst) {
-            Some((at, a))
-                if at.elapsed() < TABLE_TTL && a.as_ref().map_or(true, |a| alive(a.facts.pid)) =>
-            {
-                Some(a.clone())
-            }
+            Some((at, a)) if at.elapsed() < TABLE_TTL && usable(a) => Some(a.clone()),
             _ => None,
         }
     }
 
     /// Like [`LocalAttestor::attest`], on the calling thread (blocking).
     pub fn attest_blocking(&self, attestor: &Attestor, dst: SocketAddr) -> Answer {
-        let group = chosen(&self.table(), dst);
+        let mut group = chosen(&self.table(TABLE_TTL), dst);
+        if group.is_empty() {
+            group = chosen(&self.table(MISS_REREAD), dst);
+        }
         let answer = if group.is_empty() {
             Err(LocalError::NoListener(dst))
         } else {
@@ -276,11 +286,11 @@ impl LocalAttestor {
         answer
     }
 
-    /// The listener table, re-read when older than [`TABLE_TTL`].
-    fn table(&self) -> Arc<Vec<Listener>> {
+    /// The listener table, re-read when older than `max_age`.
+    fn table(&self, max_age: Duration) -> Arc<Vec<Listener>> {
         let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
         match &*t {
-            Some((at, table)) if at.elapsed() < TABLE_TTL => table.clone(),
+            Some((at, table)) if at.elapsed() < max_age => table.clone(),
             _ => {
                 let table = Arc::new(listeners());
                 *t = Some((Instant::now(), table.clone()));
@@ -413,5 +423,32 @@ mod tests {
         assert_eq!(facts.uid, nix::unistd::getuid().as_raw());
         drop(sock);
         assert!(chosen(&listeners(), addr).is_empty());
+    }
+
+    #[test]
+    fn a_server_that_just_started_listening_is_found_at_once() {
+        // The port is free and its miss has just been answered (table and
+        // answer fresh); the server then starts listening. Before, the stale
+        // table and the cached "no listener" refused it for up to 250 ms.
+        let attestor = Attestor::new(Default::default());
+        let local = LocalAttestor::default();
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = probe.local_addr().expect("addr");
+        drop(probe);
+        assert!(matches!(
+            local.attest_blocking(&attestor, addr),
+            Err(LocalError::NoListener(_))
+        ));
+        let sock = std::net::TcpListener::bind(addr).expect("rebind");
+        std::thread::sleep(MISS_REREAD);
+        assert!(local.recent(addr).is_none(), "a miss is not reused");
+        let answer = local.attest_blocking(&attestor, addr);
+        assert!(
+            answer
+                .as_ref()
+                .is_ok_and(|a| a.facts.pid == std::process::id()),
+            "{answer:?}"
+        );
+        drop(sock);
     }
 }
