@@ -139,6 +139,42 @@ fn json_out(out: &std::process::Output) -> Value {
     })
 }
 
+/// Every JSON line a helper printed.
+fn json_lines(out: &std::process::Output) -> Vec<Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// curl POSTs `body` as JSON to b's MCP server on 8001 from the support
+/// agent, with the extra `headers`; the answer's JSON.
+fn mcp_post(m: &Pair, headers: &[&str], body: &str) -> Value {
+    let url = format!("http://{}:8001/mcp", m.b.ipv4);
+    let mut cmd = vec![
+        "curl",
+        "-sS",
+        "-X",
+        "POST",
+        "-H",
+        "content-type: application/json",
+        "-H",
+        "accept: application/json, text/event-stream",
+    ];
+    for h in headers {
+        cmd.extend(["-H", h]);
+    }
+    cmd.extend(["--data", body, &url]);
+    let (_, out) = m.a.exec(Some("support-agent.service"), &cmd).expect("curl");
+    json_out(&out)
+}
+
+/// The metric's sum over the series with `labels` is at least `min`.
+fn assert_at_least(metrics: &str, name: &str, labels: &[(&str, &str)], min: f64) {
+    let sum = sum_metric(metrics, name, labels);
+    assert!(sum >= min, "{name} {labels:?} = {sum} < {min}:\n{metrics}");
+}
+
 fn audit_lines(path: &Path) -> Vec<Value> {
     fs::read_to_string(path)
         .unwrap_or_default()
@@ -294,56 +330,22 @@ fn mcp_tool_calls_are_decided_per_identity_and_arguments_and_lists_filtered() {
     }
 
     // Invalid JSON is answered -32700 by the agent; the server never sees it.
-    let (_, out) =
-        m.a.exec(
-            Some("support-agent.service"),
-            &[
-                "curl",
-                "-sS",
-                "-X",
-                "POST",
-                "-H",
-                "content-type: application/json",
-                "-H",
-                "accept: application/json, text/event-stream",
-                "--data",
-                "{not json",
-                &format!("http://{}:8001/mcp", m.b.ipv4),
-            ],
-        )
-        .expect("curl");
-    let body = json_out(&out);
+    let body = mcp_post(&m, &[], "{not json");
     assert_eq!(body["error"]["code"], -32700, "{body}");
     assert_eq!(body["id"], Value::Null, "{body}");
 
     // 2026-07-28 routing headers that name another tool than the body: the
     // agent refuses (-32020, its own message) instead of letting anything
     // after it route on a name that was not decided.
-    let (_, out) =
-        m.a.exec(
-            Some("support-agent.service"),
-            &[
-                "curl",
-                "-sS",
-                "-X",
-                "POST",
-                "-H",
-                "content-type: application/json",
-                "-H",
-                "accept: application/json, text/event-stream",
-                "-H",
-                "mcp-protocol-version: 2026-07-28",
-                "-H",
-                "mcp-method: tools/call",
-                "-H",
-                "mcp-name: delete_doc",
-                "--data",
-                r#"{"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {"name": "search_docs", "arguments": {"query": "mismatch"}}}"#,
-                &format!("http://{}:8001/mcp", m.b.ipv4),
-            ],
-        )
-        .expect("curl");
-    let body = json_out(&out);
+    let body = mcp_post(
+        &m,
+        &[
+            "mcp-protocol-version: 2026-07-28",
+            "mcp-method: tools/call",
+            "mcp-name: delete_doc",
+        ],
+        r#"{"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {"name": "search_docs", "arguments": {"query": "mismatch"}}}"#,
+    );
     assert_eq!(body["error"]["code"], -32020, "{body}");
     assert_eq!(body["id"], 9, "{body}");
     assert!(
@@ -395,30 +397,41 @@ fn mcp_tool_calls_are_decided_per_identity_and_arguments_and_lists_filtered() {
         "{modern}"
     );
 
+    // Each listed item is decided as the call it names, with the list
+    // request's session or protocol version (hidden from the support agent).
+    let listing = |pred: &dyn Fn(&Value) -> bool| {
+        audit.iter().any(|l| {
+            l["input"]["mcp"]["listing"] == true
+                && l["input"]["mcp"]["tool"] == "delete_doc"
+                && l["input"]["attributes"]["source"]["principal"] == SUPPORT
+                && l["result"] == false
+                && pred(&l["input"]["mcp"])
+        })
+    };
+    assert!(
+        listing(&|mcp| mcp["protocol_version"] == "2026-07-28"),
+        "{audit:?}"
+    );
+    assert!(listing(&|mcp| mcp["session"].is_string()), "{audit:?}");
+
     let metrics = m.eb.metrics().expect("metrics");
-    assert!(
-        sum_metric(
-            &metrics,
-            "enforcer_mcp_calls_total",
-            &[("tool", "delete_doc"), ("result", "deny")]
-        ) >= 2.0,
-        "{metrics}"
+    assert_at_least(
+        &metrics,
+        "enforcer_mcp_calls_total",
+        &[("tool", "delete_doc"), ("result", "deny")],
+        2.0,
     );
-    assert!(
-        sum_metric(
-            &metrics,
-            "enforcer_mcp_calls_total",
-            &[("tool", "delete_doc"), ("result", "allow")]
-        ) >= 2.0,
-        "{metrics}"
+    assert_at_least(
+        &metrics,
+        "enforcer_mcp_calls_total",
+        &[("tool", "delete_doc"), ("result", "allow")],
+        2.0,
     );
-    assert!(
-        sum_metric(
-            &metrics,
-            "enforcer_http_requests_total",
-            &[("protocol", "mcp"), ("result", "bad_request")]
-        ) >= 1.0,
-        "{metrics}"
+    assert_at_least(
+        &metrics,
+        "enforcer_http_requests_total",
+        &[("protocol", "mcp"), ("result", "bad_request")],
+        1.0,
     );
 }
 
@@ -476,10 +489,7 @@ fn http_requests_are_decided_one_by_one_with_opa_envoy_input() {
             ],
         )
         .expect("probe");
-    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let lines: Vec<Value> = json_lines(&out);
     assert_eq!(lines.len(), 3, "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(lines[0]["status"], 403, "{lines:?}");
     let denial: Value =
@@ -507,10 +517,7 @@ fn http_requests_are_decided_one_by_one_with_opa_envoy_input() {
             ],
         )
         .expect("probe");
-    let local: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let local: Vec<Value> = json_lines(&out);
     assert_eq!(local.len(), 2, "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(local[0]["status"], 403, "{local:?}");
     assert_eq!(local[1]["status"], 200, "{local:?}");
@@ -709,21 +716,17 @@ fn http_requests_are_decided_one_by_one_with_opa_envoy_input() {
     assert_eq!(second["same_connection"], true, "{second}");
 
     let metrics = m.eb.metrics().expect("metrics");
-    assert!(
-        sum_metric(
-            &metrics,
-            "enforcer_http_requests_total",
-            &[("protocol", "http"), ("result", "deny")]
-        ) >= 3.0,
-        "{metrics}"
+    assert_at_least(
+        &metrics,
+        "enforcer_http_requests_total",
+        &[("protocol", "http"), ("result", "deny")],
+        3.0,
     );
-    assert!(
-        sum_metric(
-            &metrics,
-            "enforcer_http_requests_total",
-            &[("protocol", "http"), ("result", "bad_request")]
-        ) >= 1.0,
-        "{metrics}"
+    assert_at_least(
+        &metrics,
+        "enforcer_http_requests_total",
+        &[("protocol", "http"), ("result", "bad_request")],
+        1.0,
     );
     let _ = fs::remove_dir_all(&policy);
 }
@@ -788,10 +791,7 @@ fn h2c_websocket_connect_and_pipelined_requests_are_decided_one_by_one() {
             ],
         )
         .expect("h2 probe");
-    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let lines: Vec<Value> = json_lines(&out);
     assert_eq!(lines.len(), 2, "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(lines[0]["http_version"], "HTTP/2", "{lines:?}");
     assert_eq!(lines[0]["status"], 200, "{lines:?}");

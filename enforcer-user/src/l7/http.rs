@@ -214,9 +214,7 @@ impl ReadBody {
     /// The body to forward: what was read, then the rest as it arrives.
     fn into_body(self) -> Body {
         match self.rest {
-            None if self.frames.iter().all(|f| f.is_data()) => Full::new(self.seen)
-                .map_err(|never| match never {})
-                .boxed_unsync(),
+            None if self.frames.iter().all(|f| f.is_data()) => full(self.seen),
             rest => {
                 let head = futures_util::stream::iter(self.frames.into_iter().map(Ok));
                 let tail = rest
@@ -262,12 +260,15 @@ async fn read_bounded(mut body: Incoming, limit: usize) -> Result<ReadBody, hype
     })
 }
 
+/// A body of `bytes`, whole.
+pub(super) fn full(bytes: Bytes) -> Body {
+    Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
 pub(super) fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
-    let mut resp = Response::new(
-        Full::new(Bytes::from(body.to_string()))
-            .map_err(|never| match never {})
-            .boxed_unsync(),
-    );
+    let mut resp = Response::new(full(Bytes::from(body.to_string())));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -369,7 +370,7 @@ pub(super) fn content_type(headers: &HeaderMap) -> String {
         .to_ascii_lowercase()
 }
 
-fn is_json(ct: &str) -> bool {
+pub(super) fn is_json(ct: &str) -> bool {
     ct == "application/json" || ct.ends_with("+json")
 }
 
@@ -418,11 +419,10 @@ impl Session {
         }
     }
 
-    pub(super) async fn decide(&self, fields: Map<String, Value>, request_id: &str) -> Verdict {
-        let input = self.input(fields);
+    pub(super) async fn decide_input(&self, input: &Input, request_id: &str) -> Verdict {
         self.l7
             .policy
-            .decide_request(&input, self.conn.id, request_id)
+            .decide_request(input, self.conn.id, request_id)
             .await
     }
 
@@ -569,13 +569,9 @@ impl Session {
             // filtered if it streams a list.
             let keep = (self.route.protocol == Protocol::Mcp).then(|| fields.clone());
             lists = mcp::Lists::none(keep.unwrap_or_default());
-            let verdict = self.decide(fields, &request_id).await;
+            let verdict = self.decide_input(&self.input(fields), &request_id).await;
+            self.count(verdict.result);
             if !verdict.allowed {
-                self.count(if verdict.decision.error.is_some() {
-                    "error"
-                } else {
-                    "deny"
-                });
                 info!(request_id, method = %parts.method, path = parts.uri.path(),
                     reason = ?verdict.decision.reason, decision_id = verdict.decision_id, "request denied");
                 return json_response(
@@ -588,11 +584,6 @@ impl Session {
                     }),
                 );
             }
-            self.count(if verdict.decision.allow {
-                "allow"
-            } else {
-                "would_deny"
-            });
         }
 
         let method = parts.method.clone();
@@ -634,12 +625,7 @@ impl Session {
                     .unwrap_or_else(|p| p.into_inner())
                     .push(tunnel);
                 let (parts, _) = resp.into_parts();
-                return Response::from_parts(
-                    parts,
-                    Full::new(Bytes::new())
-                        .map_err(|never| match never {})
-                        .boxed_unsync(),
-                );
+                return Response::from_parts(parts, full(Bytes::new()));
             }
         }
         let (mut parts, body) = resp.into_parts();

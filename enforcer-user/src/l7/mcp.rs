@@ -10,13 +10,13 @@ use std::{collections::HashMap, sync::Arc};
 use bytes::Bytes;
 use futures_util::StreamExt as _;
 use http::{HeaderMap, Response, StatusCode, header, request::Parts, response};
-use http_body_util::{BodyExt as _, Full, Limited};
+use http_body_util::{BodyExt as _, Limited};
 use hyper::body::Incoming;
 use serde_json::{Map, Value, json};
 use sse_stream::{SseBody, SseStream};
 use tracing::{info, warn};
 
-use super::http::{Body, BoxError, Session, json_response};
+use super::http::{Body, BoxError, Session, full, json_response};
 
 /// JSON-RPC: the body is not JSON.
 pub const PARSE_ERROR: i64 = -32700;
@@ -285,7 +285,14 @@ pub async fn decide_post(
             ),
         );
     }
-    let parsed: Value = match serde_json::from_slice(body) {
+    // Parsed already when the content type said JSON; the JSON-RPC body is
+    // read as JSON whatever it says.
+    let json_type = super::http::is_json(&super::http::content_type(&parts.headers));
+    let parsed = match fields.get("parsed_body").filter(|_| json_type) {
+        Some(v) => Ok(v.clone()),
+        None => serde_json::from_slice::<Value>(body),
+    };
+    let parsed: Value = match parsed {
         Ok(v) => v,
         Err(e) => {
             warn!(request_id, error = %e, "MCP request is not JSON; refused (-32700)");
@@ -316,6 +323,7 @@ pub async fn decide_post(
         }
     }
     let mut lists = Lists::default();
+    let mut input = session.input(fields);
     // Per message: (its id if a request, the denial if denied).
     let mut outcomes: Vec<(Option<Value>, Option<crate::policy::Verdict>)> = Vec::new();
     let mut any_decided = false;
@@ -366,19 +374,11 @@ pub async fn decide_post(
             continue;
         }
         any_decided = true;
-        let mut f = fields.clone();
-        f.insert("mcp".into(), Value::Object(mcp));
-        let verdict = session.decide(f, request_id).await;
-        let result = match (
-            verdict.allowed,
-            verdict.decision.allow,
-            &verdict.decision.error,
-        ) {
-            (true, true, _) => "allow",
-            (true, false, _) => "would_deny",
-            (false, _, Some(_)) => "error",
-            (false, _, None) => "deny",
-        };
+        if let Some(r) = input.request.as_mut() {
+            r.insert("mcp".into(), Value::Object(mcp));
+        }
+        let verdict = session.decide_input(&input, request_id).await;
+        let result = verdict.result;
         session
             .l7
             .metrics
@@ -389,6 +389,9 @@ pub async fn decide_post(
     }
     if !outcomes.iter().any(|(_, denied)| denied.is_some()) {
         session.count(if any_decided { "allow" } else { "pass" });
+        // The request's fields, without the last message's `mcp` block.
+        let mut fields = input.request.map(|r| *r).unwrap_or_default();
+        fields.remove("mcp");
         lists.fields = fields;
         return Plan::Forward(lists);
     }
@@ -451,11 +454,22 @@ async fn filter_items(
     let Some(Value::Array(items)) = result.get_mut(kind.key()).map(std::mem::take) else {
         return;
     };
-    let base = fields
-        .get("mcp")
-        .and_then(Value::as_object)
-        .cloned()
-        .unwrap_or_default();
+    // What every item's `mcp` block shares: the list request's session and
+    // protocol version (from its headers, as `mcp_input` reads them).
+    let headers = fields
+        .get("attributes")
+        .and_then(|a| a.pointer("/request/http/headers"));
+    let mut base = Map::new();
+    for (key, header) in [
+        ("session", "mcp-session-id"),
+        ("protocol_version", "mcp-protocol-version"),
+    ] {
+        if let Some(v) = headers.and_then(|h| h.get(header)) {
+            base.insert(key.into(), v.clone());
+        }
+    }
+    // One input for the whole list; only its `mcp` block changes per item.
+    let mut input = session.input(fields.clone());
     let mut kept = Vec::with_capacity(items.len());
     let mut hidden = 0usize;
     for item in items {
@@ -463,9 +477,10 @@ async fn filter_items(
             hidden += 1;
             continue;
         };
-        let mut f = fields.clone();
-        f.insert("mcp".into(), mcp);
-        if session.decide(f, request_id).await.allowed {
+        if let Some(r) = input.request.as_mut() {
+            r.insert("mcp".into(), mcp);
+        }
+        if session.decide_input(&input, request_id).await.allowed {
             kept.push(item);
         } else {
             hidden += 1;
@@ -578,12 +593,7 @@ pub async fn filter_response(
     };
     filter_message(&session, &mut v, &lists, request_id, false).await;
     parts.headers.remove(header::CONTENT_LENGTH);
-    Response::from_parts(
-        parts,
-        Full::new(Bytes::from(v.to_string()))
-            .map_err(|never| match never {})
-            .boxed_unsync(),
-    )
+    Response::from_parts(parts, full(Bytes::from(v.to_string())))
 }
 
 #[cfg(test)]

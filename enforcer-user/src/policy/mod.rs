@@ -494,6 +494,9 @@ pub struct Verdict {
     pub allowed: bool,
     pub decision: Decision,
     pub decision_id: String,
+    /// The decision's `result` label: `allow`, `deny`, `error` (enforced) or
+    /// `would_deny` (dry-run).
+    pub result: &'static str,
 }
 
 impl Policy {
@@ -683,6 +686,7 @@ impl Policy {
             allowed,
             decision,
             decision_id,
+            result,
         }
     }
 }

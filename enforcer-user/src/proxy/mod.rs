@@ -131,6 +131,49 @@ pub async fn both_directions(
     Ok(())
 }
 
+/// Copies both ways until both sides are done. Returns the outcome and the
+/// bytes (workload → destination, destination → workload), counted even when
+/// one side breaks. When either side fails, both connections are reset: a
+/// relay that broke never ends with a clean close.
+pub async fn splice_tcp(
+    mut client: tokio::net::TcpStream,
+    mut upstream: tokio::net::TcpStream,
+) -> (Outcome, (u64, u64)) {
+    let (mut sent, mut received) = (0, 0);
+    let result = {
+        let (cr, cw) = client.split();
+        let (ur, uw) = upstream.split();
+        both_directions(pump(cr, uw, &mut sent), pump(ur, cw, &mut received)).await
+    };
+    match result {
+        Ok(()) => (Outcome::Ok, (sent, received)),
+        Err(e) => {
+            tracing::debug!(error = %e, "relay failed; resetting both connections");
+            reset(client);
+            reset(upstream);
+            (Outcome::Error, (sent, received))
+        }
+    }
+}
+
+/// One direction: copies until EOF, then half-closes the writer.
+async fn pump(
+    mut from: tokio::net::tcp::ReadHalf<'_>,
+    mut to: tokio::net::tcp::WriteHalf<'_>,
+    total: &mut u64,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return to.shutdown().await;
+        }
+        to.write_all(&buf[..n]).await?;
+        *total += n as u64;
+    }
+}
+
 /// Closes with RST so the peer sees an error rather than a clean EOF.
 pub fn reset(stream: tokio::net::TcpStream) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));

@@ -7,7 +7,7 @@ use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument as _, info, info_span, warn};
 
-use super::{Outcome, next_conn_id, outbound::splice_tcp, reset};
+use super::{Outcome, next_conn_id, reset, splice_tcp};
 use crate::{
     admin::{AdminState, metrics::Direction},
     attest::{Attestor, local::LocalAttestor},
