@@ -266,10 +266,30 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     let state = Arc::new(AdminState::new(&config.node_name));
     let policy = Arc::new(policy_engine(&config, first_policy, state.metrics.clone())?);
     tokio::spawn(admin::serve(admin_listener, state.clone()));
+    let counters = config.identity.state_dir.join("llm-usage.json");
+    let tokens = Arc::new(
+        crate::l7::tokens::Tokens::open(&counters)
+            .map_err(anyhow::Error::msg)
+            .context("LLM token counters")?,
+    );
+    tokio::spawn(tokens.clone().keep_written());
+    if l7_routes.has(crate::l7::Protocol::Llm) {
+        tokio::task::spawn_blocking(crate::l7::tokens::load_tokenizer);
+    }
+    {
+        let (tokens, policy) = (tokens.clone(), policy.clone());
+        let _ = state.llm_usage.set(Box::new(move || {
+            serde_json::json!({
+                "sources": tokens.snapshot(crate::l7::tokens::now()),
+                "budgets": policy.llm_budgets().to_json(),
+            })
+        }));
+    }
     let l7 = Arc::new(crate::l7::L7 {
         policy: policy.clone(),
         metrics: state.metrics.clone(),
         routes: l7_routes,
+        tokens,
     });
 
     let provider = tls::provider();

@@ -945,6 +945,15 @@ pub fn llm_pair(
     Ok(Pair { tb, a, b, ea, eb })
 }
 
+/// Waits (up to 20 s) until `cond` holds; panics naming `what` if it never does.
+pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Sums the samples of `name` whose labels include all of `labels`.
 pub fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()

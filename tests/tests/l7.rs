@@ -6,10 +6,9 @@
 use std::{
     fs,
     path::{Path, PathBuf},
-    time::{Duration, Instant},
 };
 
-use enforcer_tests::{MESH, Node, Pair, entry, llm_pair, sum_metric};
+use enforcer_tests::{MESH, Node, Pair, entry, llm_pair, sum_metric, wait_for};
 use serde_json::Value;
 
 const TD: &str = "ai.example.org";
@@ -181,14 +180,6 @@ fn audit_lines(path: &Path) -> Vec<Value> {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
-}
-
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// The official client's calls; `mode` is the SDK's (`auto`: the

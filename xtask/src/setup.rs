@@ -31,7 +31,8 @@ const APT_PACKAGES: &[&str] = &[
 /// servers; `cryptography` to craft bad certificates in tests; grpcio for the
 /// in-test SPIRE Delegated Identity server; h2 for HTTP/2 attack clients on the HBONE port;
 /// PyJWT for the independent OPA bundle signer (tests/helpers/opa_bundle.py);
-/// hypercorn (h2c and WebSocket server) and websockets for the L7 tests. The
+/// hypercorn (h2c and WebSocket server) and websockets for the L7 tests;
+/// starlette and uvicorn for the OpenAI-compatible stand-in. The
 /// module is checked with `import <module>`: mcp's names a 2.3 addition
 /// (the client's protocol-era `mode`), so an older mcp is upgraded.
 const PIP_PACKAGES: &[(&str, &str)] = &[
@@ -42,6 +43,8 @@ const PIP_PACKAGES: &[(&str, &str)] = &[
     ("hypercorn", "hypercorn"),
     ("websockets", "websockets.sync.client"),
     ("openai", "openai"),
+    ("starlette", "starlette"),
+    ("uvicorn", "uvicorn"),
     ("chromadb", "chromadb"),
     ("cryptography", "cryptography"),
     ("grpcio", "grpc"),

@@ -93,6 +93,23 @@ pub struct McpCallLabels {
     pub result: &'static str,
 }
 
+/// Tokens at an `llm` destination (`kind`: prompt or completion).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LlmTokenLabels {
+    pub source: String,
+    pub destination: String,
+    pub model: String,
+    pub kind: &'static str,
+}
+
+/// A streamed LLM answer cut when the caller's budget ran out.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LlmCutLabels {
+    pub source: String,
+    pub destination: String,
+    pub model: String,
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub connections_opened: Family<DirectionLabels, Counter>,
@@ -110,6 +127,8 @@ pub struct Metrics {
     decision_log_uploads: Family<ResultLabels, Counter>,
     http_requests: Family<HttpRequestLabels, Counter>,
     mcp_calls: Family<McpCallLabels, Counter>,
+    llm_tokens: Family<LlmTokenLabels, Counter>,
+    llm_streams_cut: Family<LlmCutLabels, Counter>,
     id_labels: std::sync::Mutex<std::collections::HashSet<String>>,
     name_labels: std::sync::Mutex<std::collections::HashSet<String>>,
 }
@@ -204,9 +223,23 @@ impl Metrics {
             "MCP JSON-RPC messages by SPIFFE IDs, method and tool (bounded) and result",
             mcp_calls.clone(),
         );
+        let llm_tokens = Family::<LlmTokenLabels, Counter>::default();
+        registry.register(
+            "llm_tokens",
+            "Tokens at LLM destinations by SPIFFE IDs and model (bounded) and kind (prompt, completion)",
+            llm_tokens.clone(),
+        );
+        let llm_streams_cut = Family::<LlmCutLabels, Counter>::default();
+        registry.register(
+            "llm_streams_cut",
+            "Streamed LLM answers ended because the caller's token budget ran out",
+            llm_streams_cut.clone(),
+        );
         Self {
             http_requests,
             mcp_calls,
+            llm_tokens,
+            llm_streams_cut,
             name_labels: Default::default(),
             policy_decisions,
             policy_eval_seconds,
@@ -330,6 +363,36 @@ impl Metrics {
             result,
         };
         self.mcp_calls.get_or_create(&labels).inc();
+    }
+
+    /// Counts one answer's tokens.
+    pub fn llm_tokens(
+        &self,
+        src: Option<&str>,
+        dst: Option<&str>,
+        model: &str,
+        prompt: u64,
+        completion: u64,
+    ) {
+        for (kind, n) in [("prompt", prompt), ("completion", completion)] {
+            let labels = LlmTokenLabels {
+                source: self.id_label(src),
+                destination: self.id_label(dst),
+                model: self.name_label(Some(model)),
+                kind,
+            };
+            // Both kinds are shown once a model answered, zero or not.
+            self.llm_tokens.get_or_create(&labels).inc_by(n);
+        }
+    }
+
+    pub fn llm_stream_cut(&self, src: Option<&str>, dst: Option<&str>, model: &str) {
+        let labels = LlmCutLabels {
+            source: self.id_label(src),
+            destination: self.id_label(dst),
+            model: self.name_label(Some(model)),
+        };
+        self.llm_streams_cut.get_or_create(&labels).inc();
     }
 
     pub fn policy_decision(

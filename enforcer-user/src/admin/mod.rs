@@ -1,5 +1,7 @@
-//! Admin plane: the Prometheus `/metrics` endpoint and the `/healthz` and
-//! `/readyz` probes, served on `admin.metrics_addr` (loopback by default).
+//! Admin plane: the Prometheus `/metrics` endpoint, the `/healthz` and
+//! `/readyz` probes, and `/llm/usage` (tokens per caller and model in the
+//! current window, with the budgets), served on `admin.metrics_addr`
+//! (loopback by default).
 //! Kept apart from the data plane: a slow scrape never delays a connection.
 pub mod metrics;
 
@@ -26,7 +28,12 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub ready: AtomicBool,
     pub capture: std::sync::OnceLock<Arc<Capture>>,
+    /// The `/llm/usage` document.
+    pub llm_usage: std::sync::OnceLock<JsonView>,
 }
+
+/// A JSON document the admin server renders on request.
+pub type JsonView = Box<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 impl AdminState {
     pub fn new(node: &str) -> Self {
@@ -34,6 +41,7 @@ impl AdminState {
             metrics: Arc::new(Metrics::new(node)),
             ready: AtomicBool::new(false),
             capture: std::sync::OnceLock::new(),
+            llm_usage: std::sync::OnceLock::new(),
         }
     }
 
@@ -58,6 +66,18 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
             state.render_metrics(),
         ),
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        "/llm/usage" => (
+            StatusCode::OK,
+            "application/json",
+            state
+                .llm_usage
+                .get()
+                .map_or_else(
+                    || serde_json::json!({"sources": {}, "budgets": {}}),
+                    |v| v(),
+                )
+                .to_string(),
+        ),
         "/readyz" if state.ready.load(Ordering::Acquire) => {
             (StatusCode::OK, "text/plain", "ready\n".to_owned())
         }

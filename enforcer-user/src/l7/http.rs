@@ -26,7 +26,7 @@ use tokio::{
 };
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
-use super::{Conn, Dial, L7, Protocol, Route, io::Counted, io::Totals, mcp};
+use super::{Conn, Dial, L7, Protocol, Route, io::Counted, io::Totals, llm, mcp};
 use crate::policy::{Input, Verdict};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -543,6 +543,8 @@ impl Session {
         // The list answers of an `mcp` destination are filtered with the
         // request's fields; nothing else needs them after the decision.
         let lists;
+        let mut metered = None;
+        let mut rewritten = None;
         let mcp_post = self.route.protocol == Protocol::Mcp && parts.method == Method::POST;
         let mcp_pass = self.route.protocol == Protocol::Mcp
             && (parts.method == Method::GET || parts.method == Method::DELETE);
@@ -560,6 +562,24 @@ impl Session {
                 mcp::Plan::Respond(resp) => return resp,
                 mcp::Plan::Forward(l) => lists = l,
             }
+        } else if self.route.protocol == Protocol::Llm {
+            match llm::decide(
+                &self,
+                &parts,
+                &body.seen,
+                body.truncated(),
+                fields,
+                &request_id,
+            )
+            .await
+            {
+                llm::Plan::Respond(resp) => return resp,
+                llm::Plan::Forward { call, body } => {
+                    metered = call;
+                    rewritten = body;
+                }
+            }
+            lists = mcp::Lists::none(Map::new());
         } else if mcp_pass {
             // The SSE stream of server messages and the session's end.
             self.count("pass");
@@ -587,7 +607,18 @@ impl Session {
         }
 
         let method = parts.method.clone();
-        let upstream_req = self.upstream_request(parts, body.into_body(), upgrade, &authority);
+        let mut parts = parts;
+        let body = match rewritten {
+            // The client's request, changed (an LLM stream's usage asked for).
+            Some(b) => {
+                parts
+                    .headers
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(b.len()));
+                full(b)
+            }
+            None => body.into_body(),
+        };
+        let upstream_req = self.upstream_request(parts, body, upgrade, &authority);
         let mut resp = match self.send(upstream_req).await {
             Ok(r) => r,
             Err(e) => {
@@ -632,6 +663,9 @@ impl Session {
         strip_hop_by_hop(&mut parts.headers, false);
         if self.route.protocol == Protocol::Mcp {
             return mcp::filter_response(self.clone(), parts, body, lists, &request_id).await;
+        }
+        if let Some(call) = metered {
+            return llm::account(self.clone(), parts, body, call).await;
         }
         Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync())
     }
@@ -689,6 +723,19 @@ impl Session {
             };
         }
         Err("the server closed every connection before answering".into())
+    }
+
+    /// Closes the connection to the server now (an answer cut short): the
+    /// next request opens a new one.
+    pub(super) fn abort_server(&self) {
+        let dup = self
+            .server_socket
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(d) = dup {
+            let _ = d.shutdown(std::net::Shutdown::Both);
+        }
     }
 
     /// Disarms the reset of the server connection: the session ended cleanly.

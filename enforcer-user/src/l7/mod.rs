@@ -7,7 +7,9 @@
 //! connection-level decision is taken first, as for any connection.
 pub mod http;
 pub mod io;
+pub mod llm;
 pub mod mcp;
+pub mod tokens;
 
 use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc};
 
@@ -24,6 +26,9 @@ pub enum Protocol {
     /// MCP over streamable HTTP: JSON-RPC decided per tool, resource and
     /// prompt; lists filtered.
     Mcp,
+    /// OpenAI-compatible APIs: endpoint, model, streaming and `max_tokens`
+    /// decided; tokens counted per caller and model; budgets enforced.
+    Llm,
 }
 
 impl Protocol {
@@ -31,6 +36,7 @@ impl Protocol {
         match self {
             Protocol::Http => "http",
             Protocol::Mcp => "mcp",
+            Protocol::Llm => "llm",
         }
     }
 }
@@ -67,6 +73,11 @@ impl Routes {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// Whether some destination is served with `protocol`.
+    pub fn has(&self, protocol: Protocol) -> bool {
+        self.0.iter().any(|r| r.protocol == protocol)
     }
 
     /// The first destination that matches the port, the destination
@@ -131,6 +142,8 @@ pub struct L7 {
     pub policy: Arc<crate::policy::Policy>,
     pub metrics: Arc<crate::admin::Metrics>,
     pub routes: Routes,
+    /// Tokens used per caller and model in the current window (`llm`).
+    pub tokens: Arc<tokens::Tokens>,
 }
 
 #[cfg(test)]

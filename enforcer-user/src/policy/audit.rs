@@ -217,6 +217,26 @@ impl AuditLog {
         if let Some(s) = &self.shipper {
             s.push(&text);
         }
+        self.write(text);
+    }
+
+    /// Writes a line that follows a decision's (an LLM answer's usage):
+    /// `fields` with this agent's `labels` and a `timestamp`. Not shipped
+    /// to the decision-log service, whose events are decisions only.
+    pub fn note(&self, mut fields: serde_json::Value) {
+        let timestamp = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        if let Some(o) = fields.as_object_mut() {
+            o.insert("timestamp".into(), timestamp.into());
+            if let Ok(l) = serde_json::to_value(&self.labels) {
+                o.insert("labels".into(), l);
+            }
+        }
+        self.write(fields.to_string());
+    }
+
+    fn write(&self, text: String) {
         let mut sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
         let result = match &mut *sink {
             Sink::Stdout => {

@@ -3,6 +3,7 @@
 //! Evaluated on both sides of every connection; no policy, an undefined
 //! `allow` or an evaluation error all deny (fail closed).
 pub mod audit;
+pub mod budgets;
 pub mod bundle;
 pub mod load;
 pub mod pool;
@@ -223,6 +224,8 @@ pub struct Loaded {
     /// (`time.now_ns`…): its decisions are never cached.
     pub volatile: bool,
     timeout: Duration,
+    /// LLM token budgets from `data.enforcer.llm.budgets`.
+    pub llm_budgets: Arc<budgets::Budgets>,
 }
 
 impl Loaded {
@@ -249,6 +252,10 @@ impl Loaded {
             volatile,
         } = load::compile_set(origin, set.files(), set.roots())?;
         engine.set_execution_timer_config(timer(timeout));
+        let llm_budgets = serde_json::to_value(engine.get_data())
+            .map_err(|e| e.to_string())
+            .and_then(|data| budgets::Budgets::from_data(&data))
+            .map_err(|e| LoadError::Check(format!("{origin}: {e}")))?;
         // Evaluating once prepares the engine and surfaces errors that only
         // show when rules are resolved.
         engine.set_input(Value::new_object());
@@ -288,6 +295,7 @@ impl Loaded {
             id: NEXT_LOADED_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             volatile,
             timeout,
+            llm_budgets: Arc::new(llm_budgets),
         })
     }
 
@@ -540,6 +548,16 @@ impl Policy {
     /// Empties the decision cache (policy reload, identity change).
     pub fn invalidate(&self) {
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    /// The LLM token budgets of the policy in force.
+    pub fn llm_budgets(&self) -> Arc<budgets::Budgets> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|l| l.llm_budgets.clone())
+            .unwrap_or_default()
     }
 
     pub fn revision(&self) -> Option<String> {

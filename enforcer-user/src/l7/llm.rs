@@ -1,0 +1,903 @@
+//! `llm` destinations (DESIGN §1.7): OpenAI-compatible APIs. Each request's
+//! endpoint, model, `stream` and `max_tokens`, with the caller's usage in
+//! its current window, go to policy as the `llm` block; a denial is OpenAI's
+//! error shape with 403. A caller whose token budget
+//! (`data.enforcer.llm.budgets`) is spent gets 429 with `Retry-After`.
+//! Answers are metered: `usage` of a JSON answer; of a streamed one, the
+//! completion tokens as they arrive (o200k_base), reconciled with the
+//! `usage` the stream ends with — asked for on the client's behalf when it
+//! did not ask (`stream_options.include_usage`), and then taken out of what
+//! the client receives. A stream that passes the caller's budget is ended
+//! with an SSE error event, and the connection to the model closed.
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::Stream;
+use http::{HeaderValue, Method, Response, StatusCode, header, request::Parts, response};
+use http_body_util::BodyExt as _;
+use hyper::body::Incoming;
+use serde_json::{Map, Value, json};
+use sse_stream::{Sse, SseBody, SseStream};
+use tracing::{debug, info, warn};
+
+use super::{
+    http::{Body, BoxError, Session, full, json_response},
+    tokens,
+};
+use crate::policy::budgets::{Budget, Used};
+
+/// Largest JSON answer read whole to be metered; a larger one passes
+/// through unmetered (logged).
+const MAX_METERED_ANSWER: usize = 16 * 1024 * 1024;
+/// The counters' key of a caller without a verified identity.
+const UNAUTHENTICATED: &str = "unauthenticated";
+
+/// What a request to an OpenAI-compatible API asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LlmRequest {
+    /// `chat.completions`, `completions`, `responses`, `embeddings`,
+    /// `models`, `fine_tuning`, `files`, `batches`…: the resource after
+    /// `/v1/`; `unknown` for a path without `/v1/`.
+    pub endpoint: String,
+    pub model: Option<String>,
+    pub stream: bool,
+    /// `max_tokens`, `max_completion_tokens` or `max_output_tokens`.
+    pub max_tokens: Option<u64>,
+    /// The client asked for the usage chunk of a chat or completions stream.
+    pub include_usage: bool,
+}
+
+impl LlmRequest {
+    /// Reads a request from its path and JSON body.
+    pub fn read(path: &str, body: Option<&Value>) -> Self {
+        let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        let after = segs.iter().position(|s| *s == "v1").map(|i| &segs[i + 1..]);
+        let (endpoint, path_model) = match after {
+            None | Some([]) => ("unknown".to_owned(), None),
+            Some(["chat", "completions", ..]) => ("chat.completions".to_owned(), None),
+            Some(["models", model, ..]) => (
+                "models".to_owned(),
+                Some(
+                    percent_encoding::percent_decode_str(model)
+                        .decode_utf8_lossy()
+                        .into_owned(),
+                ),
+            ),
+            Some([first, ..]) => ((*first).to_owned(), None),
+        };
+        let field = |k: &str| body.and_then(|b| b.get(k));
+        Self {
+            model: field("model")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .or(path_model),
+            stream: field("stream").and_then(Value::as_bool).unwrap_or(false),
+            max_tokens: ["max_tokens", "max_completion_tokens", "max_output_tokens"]
+                .into_iter()
+                .find_map(|k| field(k).and_then(Value::as_u64)),
+            include_usage: field("stream_options")
+                .and_then(|o| o.get("include_usage"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            endpoint,
+        }
+    }
+
+    /// Whether answers carry token usage (and the request must be read
+    /// whole to be decided).
+    fn metered(&self) -> bool {
+        matches!(
+            self.endpoint.as_str(),
+            "chat.completions" | "completions" | "responses" | "embeddings"
+        )
+    }
+
+    /// A stream whose usage arrives only when asked for.
+    fn usage_on_request(&self) -> bool {
+        matches!(self.endpoint.as_str(), "chat.completions" | "completions")
+    }
+}
+
+/// OpenAI's error object.
+fn openai_error(
+    status: StatusCode,
+    message: &str,
+    kind: &str,
+    code: &str,
+    extra: &[(&str, &str)],
+) -> Response<Body> {
+    let mut error = json!({"message": message, "type": kind, "param": null, "code": code});
+    for (k, v) in extra {
+        error[*k] = (*v).into();
+    }
+    json_response(status, &json!({ "error": error }))
+}
+
+/// A forwarded request whose answer is metered.
+pub struct Call {
+    req: LlmRequest,
+    /// The caller's SPIFFE ID, or `unauthenticated`.
+    source: String,
+    window_secs: u64,
+    budget: Option<Budget>,
+    decision_id: String,
+    request_id: String,
+    /// The request body (for a prompt estimate when no usage arrives).
+    body: Bytes,
+    /// `include_usage` was added on the client's behalf.
+    added_usage: bool,
+}
+
+/// What to do with a request.
+pub enum Plan {
+    Respond(Response<Body>),
+    /// Forward (with this body instead of the client's, when rewritten);
+    /// meter the answer when there is a call.
+    Forward {
+        call: Option<Box<Call>>,
+        body: Option<Bytes>,
+    },
+}
+
+/// Decides one request to an `llm` destination.
+pub async fn decide(
+    session: &Session,
+    parts: &Parts,
+    seen: &Bytes,
+    truncated: bool,
+    mut fields: Map<String, Value>,
+    request_id: &str,
+) -> Plan {
+    let parsed = fields.get("parsed_body").cloned().or_else(|| {
+        (!truncated && !seen.is_empty())
+            .then(|| serde_json::from_slice::<Value>(seen).ok())
+            .flatten()
+    });
+    let req = LlmRequest::read(parts.uri.path(), parsed.as_ref());
+    if truncated && req.metered() && parts.method == Method::POST {
+        warn!(
+            request_id,
+            endpoint = req.endpoint,
+            "LLM request larger than max_body_bytes; refused without a decision"
+        );
+        session.count("bad_request");
+        return Plan::Respond(openai_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!(
+                "request larger than {} bytes (l7 max_body_bytes): its model cannot be decided",
+                session.route.max_body_bytes
+            ),
+            "invalid_request_error",
+            "request_too_large",
+            &[("request_id", request_id)],
+        ));
+    }
+    let source = session
+        .conn
+        .source
+        .spiffe_id
+        .clone()
+        .unwrap_or_else(|| UNAUTHENTICATED.to_owned());
+    let budgets = session.l7.policy.llm_budgets();
+    let budget = budgets.of(&source).cloned();
+    let window_secs = budgets.window_secs(&source);
+    let now = tokens::now();
+    let used = session
+        .l7
+        .tokens
+        .used(&source, req.model.as_deref(), window_secs, now);
+    let mut llm = json!({
+        "endpoint": req.endpoint,
+        "stream": req.stream,
+        "tokens_used_window": used.total,
+        "model_tokens_used_window": used.model,
+        "window_secs": window_secs,
+    });
+    if let Some(m) = &req.model {
+        llm["model"] = m.as_str().into();
+    }
+    if let Some(n) = req.max_tokens {
+        llm["max_tokens"] = n.into();
+    }
+    fields.insert("llm".into(), llm);
+    let verdict = session
+        .decide_input(&session.input(fields), request_id)
+        .await;
+    if !verdict.allowed {
+        session.count(verdict.result);
+        let reason = verdict
+            .decision
+            .reason
+            .as_deref()
+            .unwrap_or("no rule allows it");
+        info!(
+            request_id,
+            endpoint = req.endpoint,
+            model = req.model,
+            reason,
+            decision_id = verdict.decision_id,
+            "LLM request denied"
+        );
+        return Plan::Respond(openai_error(
+            StatusCode::FORBIDDEN,
+            &format!("denied by policy: {reason}"),
+            "permission_denied",
+            "policy_denied",
+            &[
+                ("decision_id", &verdict.decision_id),
+                ("request_id", request_id),
+            ],
+        ));
+    }
+    if let Some(why) = budget
+        .as_ref()
+        .and_then(|b| b.spent(used, req.model.as_deref()))
+    {
+        session.count("over_budget");
+        let retry = (now - now % window_secs + window_secs)
+            .saturating_sub(now)
+            .max(1);
+        info!(
+            request_id,
+            source,
+            model = req.model,
+            why,
+            retry_after = retry,
+            "LLM request refused: token budget spent"
+        );
+        record(
+            session,
+            &Usage {
+                req: &req,
+                source: &source,
+                decision_id: &verdict.decision_id,
+                request_id,
+                tokens: (0, 0),
+                counted_by: "none",
+                outcome: "refused_over_budget",
+                used: Some(used),
+                window_secs,
+            },
+        );
+        let mut resp = openai_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            &format!("{why}; the window resets in {retry} s"),
+            "tokens",
+            "rate_limit_exceeded",
+            &[
+                ("decision_id", &verdict.decision_id),
+                ("request_id", request_id),
+            ],
+        );
+        let h = resp.headers_mut();
+        h.insert(header::RETRY_AFTER, HeaderValue::from(retry));
+        // OpenAI's clients would otherwise retry, in vain, until the window ends.
+        h.insert("x-should-retry", HeaderValue::from_static("false"));
+        return Plan::Respond(resp);
+    }
+    session.count(verdict.result);
+    if !(req.metered() && parts.method == Method::POST) {
+        return Plan::Forward {
+            call: None,
+            body: None,
+        };
+    }
+    // A stream's usage is asked for on the client's behalf.
+    let mut body = None;
+    let added_usage = req.stream && req.usage_on_request() && !req.include_usage;
+    if added_usage && let Some(Value::Object(mut o)) = parsed {
+        let opts = o
+            .entry("stream_options")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if let Value::Object(opts) = opts {
+            opts.insert("include_usage".into(), true.into());
+        }
+        body = serde_json::to_vec(&o).ok().map(Bytes::from);
+    }
+    Plan::Forward {
+        call: Some(Box::new(Call {
+            added_usage: added_usage && body.is_some(),
+            req,
+            source,
+            window_secs,
+            budget,
+            decision_id: verdict.decision_id,
+            request_id: request_id.to_owned(),
+            body: seen.clone(),
+        })),
+        body,
+    }
+}
+
+/// One answer's usage, for its audit line and metrics.
+struct Usage<'a> {
+    req: &'a LlmRequest,
+    source: &'a str,
+    decision_id: &'a str,
+    request_id: &'a str,
+    /// Prompt and completion tokens.
+    tokens: (u64, u64),
+    /// `usage` (the server's figures), `tokenizer` (counted here), `none`.
+    counted_by: &'static str,
+    /// `answered`, `cut_over_budget`, `refused_over_budget`, `broken`,
+    /// `error_status`, `unmetered`.
+    outcome: &'static str,
+    used: Option<Used>,
+    window_secs: u64,
+}
+
+/// Writes the usage line after the request's decision line, and counts the
+/// tokens.
+fn record(session: &Session, u: &Usage<'_>) {
+    let (prompt, completion) = u.tokens;
+    let model = u.req.model.as_deref().unwrap_or("");
+    session.l7.metrics.llm_tokens(
+        session.conn.source.spiffe_id.as_deref(),
+        session.conn.destination.spiffe_id.as_deref(),
+        model,
+        prompt,
+        completion,
+    );
+    let mut line = json!({
+        "type": "llm_usage",
+        "decision_id": u.decision_id,
+        "conn_id": session.conn.id,
+        "request_id": u.request_id,
+        "source": u.source,
+        "destination": session.conn.destination.spiffe_id,
+        "endpoint": u.req.endpoint,
+        "model": model,
+        "stream": u.req.stream,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "counted_by": u.counted_by,
+        "outcome": u.outcome,
+        "window_secs": u.window_secs,
+    });
+    if let Some(used) = u.used {
+        line["tokens_used_window"] = used.total.into();
+    }
+    session.l7.policy.audit.note(line);
+}
+
+impl Call {
+    fn model(&self) -> &str {
+        self.req.model.as_deref().unwrap_or("")
+    }
+
+    fn adder(&self, store: &Arc<tokens::Tokens>) -> Adder {
+        Adder {
+            store: store.clone(),
+            source: self.source.clone(),
+            model: self.model().to_owned(),
+            window_secs: self.window_secs,
+        }
+    }
+
+    /// Records a finished answer: `usage` when the server gave it; else the
+    /// tokens counted here — `counted` completion tokens of a stream
+    /// (already added), or those of a JSON `answer` — with the prompt, both
+    /// counted with the tokenizer on the blocking pool.
+    fn finish(
+        self: Box<Self>,
+        session: Arc<Session>,
+        usage: Option<(u64, u64)>,
+        counted: u64,
+        answer: Option<Bytes>,
+        outcome: &'static str,
+    ) {
+        let adder = self.adder(&session.l7.tokens);
+        let done = move |call: Box<Call>, session: Arc<Session>, tokens: (u64, u64), by| {
+            let used = session.l7.tokens.used(
+                &call.source,
+                Some(call.model()),
+                call.window_secs,
+                tokens::now(),
+            );
+            record(
+                &session,
+                &Usage {
+                    req: &call.req,
+                    source: &call.source,
+                    decision_id: &call.decision_id,
+                    request_id: &call.request_id,
+                    tokens,
+                    counted_by: by,
+                    outcome,
+                    used: Some(used),
+                    window_secs: call.window_secs,
+                },
+            );
+        };
+        match usage {
+            Some((p, c)) => {
+                // The server's figures replace what was counted on the way.
+                adder.add(p as i64, c as i64 - counted as i64);
+                done(self, session, (p, c), "usage");
+            }
+            None if outcome == "error_status" => done(self, session, (0, 0), "none"),
+            None => {
+                let Ok(rt) = tokio::runtime::Handle::try_current() else {
+                    done(self, session, (0, counted), "tokenizer");
+                    return;
+                };
+                rt.spawn(async move {
+                    let body = self.body.clone();
+                    let (prompt, completion) = tokio::task::spawn_blocking(move || {
+                        (
+                            prompt_tokens(&body),
+                            answer.map_or(0, |a| answer_tokens(&a)),
+                        )
+                    })
+                    .await
+                    .unwrap_or((0, 0));
+                    adder.add(prompt as i64, completion as i64);
+                    done(self, session, (prompt, counted + completion), "tokenizer");
+                });
+            }
+        }
+    }
+}
+
+/// Adds to one caller's and model's counters.
+struct Adder {
+    store: Arc<tokens::Tokens>,
+    source: String,
+    model: String,
+    window_secs: u64,
+}
+
+impl Adder {
+    fn add(&self, prompt: i64, completion: i64) {
+        self.store.add(
+            &self.source,
+            &self.model,
+            self.window_secs,
+            tokens::now(),
+            prompt,
+            completion,
+        );
+    }
+}
+
+/// Counts the strings under the keys that hold text.
+fn count_texts(v: &Value, keys: &[&str], out: &mut u64) {
+    match v {
+        Value::String(s) => *out += tokens::count(s),
+        Value::Array(a) => a.iter().for_each(|x| count_texts(x, keys, out)),
+        Value::Object(o) => o
+            .iter()
+            .filter(|(k, _)| keys.contains(&k.as_str()))
+            .for_each(|(_, x)| count_texts(x, keys, out)),
+        _ => {}
+    }
+}
+
+/// A JSON answer's text (choices, output) counted with the tokenizer.
+fn answer_tokens(body: &[u8]) -> u64 {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return 0;
+    };
+    let mut n = 0;
+    count_texts(
+        &v,
+        &["choices", "message", "content", "text", "output", "refusal"],
+        &mut n,
+    );
+    n
+}
+
+/// The prompt's text (messages, prompt, input) counted with the tokenizer.
+fn prompt_tokens(body: &[u8]) -> u64 {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return 0;
+    };
+    let mut n = 0;
+    count_texts(
+        &v,
+        &[
+            "messages",
+            "content",
+            "text",
+            "input",
+            "prompt",
+            "instructions",
+        ],
+        &mut n,
+    );
+    n
+}
+
+/// Prompt and completion tokens of an answer's `usage`.
+fn usage_of(v: &Value) -> Option<(u64, u64)> {
+    let u = v.get("usage").filter(|u| u.is_object())?;
+    let n = |k: &str| u.get(k).and_then(Value::as_u64);
+    let prompt = n("prompt_tokens").or_else(|| n("input_tokens"))?;
+    let completion = n("completion_tokens")
+        .or_else(|| n("output_tokens"))
+        .unwrap_or(0);
+    Some((prompt, completion))
+}
+
+/// The server's answer to a metered call, metered.
+pub async fn account(
+    session: Arc<Session>,
+    mut parts: response::Parts,
+    body: Incoming,
+    call: Box<Call>,
+) -> Response<Body> {
+    if !parts.status.is_success() {
+        call.finish(session, None, 0, None, "error_status");
+        return Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
+    }
+    if super::http::content_type(&parts.headers) == "text/event-stream" {
+        parts.headers.remove(header::CONTENT_LENGTH);
+        let metered = Metered {
+            inner: SseStream::new(body),
+            adder: Adder {
+                store: session.l7.tokens.clone(),
+                source: call.source.clone(),
+                model: call.model().to_owned(),
+                window_secs: call.window_secs,
+            },
+            session,
+            call: Some(call),
+            usage: None,
+            counted: 0,
+            cut: None,
+            ended: false,
+        };
+        let body = SseBody::new(metered).map_err(BoxError::from).boxed_unsync();
+        return Response::from_parts(parts, body);
+    }
+    // A JSON answer: read (up to the bound), metered, passed on unchanged.
+    let mut body = body;
+    let mut seen = BytesMut::new();
+    loop {
+        match body.frame().await {
+            None => break,
+            Some(Err(e)) => {
+                warn!(request_id = call.request_id, error = %e, "the model's answer broke off");
+                call.finish(session, None, 0, None, "broken");
+                return broken_answer(parts, e);
+            }
+            Some(Ok(frame)) => {
+                if let Some(d) = frame.data_ref() {
+                    seen.extend_from_slice(d);
+                }
+                if seen.len() > MAX_METERED_ANSWER {
+                    warn!(
+                        request_id = call.request_id,
+                        "LLM answer larger than 16 MiB; passed on unmetered"
+                    );
+                    call.finish(session, None, 0, None, "unmetered");
+                    let head =
+                        futures_util::stream::iter([Ok(hyper::body::Frame::data(seen.freeze()))]);
+                    let tail =
+                        futures_util::StreamExt::map(http_body_util::BodyStream::new(body), |r| {
+                            r.map_err(BoxError::from)
+                        });
+                    return Response::from_parts(
+                        parts,
+                        http_body_util::StreamBody::new(futures_util::StreamExt::chain(head, tail))
+                            .boxed_unsync(),
+                    );
+                }
+            }
+        }
+    }
+    let seen = seen.freeze();
+    let usage = serde_json::from_slice::<Value>(&seen)
+        .ok()
+        .and_then(|v| usage_of(&v));
+    if usage.is_none() {
+        debug!(request_id = call.request_id, "LLM answer without usage");
+    }
+    let answer = usage.is_none().then(|| seen.clone());
+    call.finish(session, usage, 0, answer, "answered");
+    Response::from_parts(parts, full(seen))
+}
+
+/// An answer that broke off while it was read: its head, then a body that
+/// fails, so the client's connection is reset rather than ended as if the
+/// answer were complete.
+fn broken_answer(mut parts: response::Parts, e: hyper::Error) -> Response<Body> {
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let failing = futures_util::stream::once(async move {
+        Err::<hyper::body::Frame<Bytes>, BoxError>(BoxError::from(e))
+    });
+    Response::from_parts(
+        parts,
+        http_body_util::StreamBody::new(failing).boxed_unsync(),
+    )
+}
+
+/// A streamed answer, metered event by event.
+struct Metered {
+    inner: SseStream<Incoming>,
+    session: Arc<Session>,
+    adder: Adder,
+    call: Option<Box<Call>>,
+    /// The `usage` the stream reported.
+    usage: Option<(u64, u64)>,
+    /// Completion tokens counted (and added to the counters) so far.
+    counted: u64,
+    /// The error event that ends a stream cut over budget, until sent.
+    cut: Option<Sse>,
+    ended: bool,
+}
+
+impl Metered {
+    fn end(&mut self, outcome: &'static str) {
+        self.ended = true;
+        if let Some(call) = self.call.take() {
+            call.finish(
+                self.session.clone(),
+                self.usage,
+                self.counted,
+                None,
+                outcome,
+            );
+        }
+    }
+
+    /// Reads one event: counts its text, keeps its usage; `None` drops it
+    /// (the usage chunk the client did not ask for).
+    fn meter(&mut self, mut event: Sse) -> Option<Sse> {
+        let (endpoint, added) = match &self.call {
+            Some(c) => (c.req.endpoint.clone(), c.added_usage),
+            None => return Some(event),
+        };
+        let Some(data) = event.data.as_deref() else {
+            return Some(event);
+        };
+        let Ok(mut v) = serde_json::from_str::<Value>(data) else {
+            return Some(event);
+        };
+        let mut text = String::new();
+        let mut usage = None;
+        if endpoint == "responses" {
+            match v.get("type").and_then(Value::as_str) {
+                Some(
+                    "response.output_text.delta"
+                    | "response.refusal.delta"
+                    | "response.function_call_arguments.delta"
+                    | "response.reasoning_text.delta",
+                ) => {
+                    if let Some(d) = v.get("delta").and_then(Value::as_str) {
+                        text.push_str(d);
+                    }
+                }
+                Some("response.completed" | "response.incomplete" | "response.failed") => {
+                    usage = v.get("response").and_then(usage_of);
+                }
+                _ => {}
+            }
+        } else {
+            if let Some(choices) = v.get("choices").and_then(Value::as_array) {
+                for c in choices {
+                    for p in [
+                        "/delta/content",
+                        "/delta/refusal",
+                        "/delta/reasoning_content",
+                        "/text",
+                    ] {
+                        if let Some(s) = c.pointer(p).and_then(Value::as_str) {
+                            text.push_str(s);
+                        }
+                    }
+                    if let Some(calls) = c.pointer("/delta/tool_calls").and_then(Value::as_array) {
+                        for t in calls {
+                            if let Some(s) =
+                                t.pointer("/function/arguments").and_then(Value::as_str)
+                            {
+                                text.push_str(s);
+                            }
+                        }
+                    }
+                }
+            }
+            usage = usage_of(&v);
+            if added && let Some(o) = v.as_object_mut() {
+                // What the client did not ask for: the usage chunk, and the
+                // `usage: null` of every other chunk.
+                let only_usage = usage.is_some()
+                    && o.get("choices")
+                        .and_then(Value::as_array)
+                        .is_some_and(Vec::is_empty);
+                if only_usage {
+                    self.usage = usage;
+                    return None;
+                }
+                if o.remove("usage").is_some() {
+                    event.data = Some(Value::Object(o.clone()).to_string());
+                }
+            }
+        }
+        if usage.is_some() {
+            self.usage = usage;
+        }
+        if !text.is_empty() {
+            let n = tokens::count(&text);
+            self.counted += n;
+            self.adder.add(0, n as i64);
+            if let Some(call) = &self.call
+                && let Some(budget) = &call.budget
+            {
+                let used = self.session.l7.tokens.used(
+                    &call.source,
+                    Some(call.model()),
+                    call.window_secs,
+                    tokens::now(),
+                );
+                if budget.passed(used, Some(call.model())) {
+                    return self.cut_event(used, budget.clone(), &endpoint);
+                }
+            }
+        }
+        Some(event)
+    }
+
+    /// Ends the stream over budget: an error event goes in place of the
+    /// event that passed the budget, and the model's connection is closed.
+    fn cut_event(&mut self, used: Used, budget: Budget, endpoint: &str) -> Option<Sse> {
+        let Some(call) = &self.call else { return None };
+        let message = format!(
+            "token budget exhausted during the answer: {} tokens used in this {} s window; the answer was cut",
+            used.total, budget.window_secs
+        );
+        warn!(
+            request_id = call.request_id,
+            source = call.source,
+            model = call.model(),
+            counted = self.counted,
+            "LLM stream cut: token budget exhausted"
+        );
+        let (src, dst) = (
+            self.session.conn.source.spiffe_id.clone(),
+            self.session.conn.destination.spiffe_id.clone(),
+        );
+        self.session
+            .l7
+            .metrics
+            .llm_stream_cut(src.as_deref(), dst.as_deref(), call.model());
+        self.session.abort_server();
+        let error = json!({"message": message, "type": "tokens", "param": null,
+            "code": "budget_exhausted", "request_id": call.request_id});
+        let data = if endpoint == "responses" {
+            json!({"type": "error", "code": "budget_exhausted", "message": message, "param": null, "error": error})
+        } else {
+            json!({ "error": error })
+        };
+        self.cut = Some(Sse {
+            event: (endpoint == "responses").then(|| "error".to_owned()),
+            data: Some(data.to_string()),
+            id: None,
+            retry: None,
+        });
+        self.end("cut_over_budget");
+        self.cut.take()
+    }
+}
+
+impl Stream for Metered {
+    type Item = Result<Sse, sse_stream::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            if self.ended {
+                return Poll::Ready(None);
+            }
+            match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
+                None => {
+                    self.end("answered");
+                    return Poll::Ready(None);
+                }
+                Some(Err(e)) => {
+                    if let Some(c) = &self.call {
+                        warn!(request_id = c.request_id, error = %e, "the model's stream broke off");
+                    }
+                    self.end("broken");
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Some(Ok(event)) => {
+                    if let Some(event) = self.meter(event) {
+                        return Poll::Ready(Some(Ok(event)));
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Metered {
+    fn drop(&mut self) {
+        // The client went away before the stream ended.
+        if self.call.is_some() {
+            self.end("broken");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_read_as_openai_defines_them() {
+        let r = LlmRequest::read(
+            "/v1/chat/completions",
+            Some(
+                &json!({"model": "gpt-4o-mini", "stream": true, "max_completion_tokens": 64,
+                "stream_options": {"include_usage": true}}),
+            ),
+        );
+        assert_eq!(
+            r,
+            LlmRequest {
+                endpoint: "chat.completions".into(),
+                model: Some("gpt-4o-mini".into()),
+                stream: true,
+                max_tokens: Some(64),
+                include_usage: true,
+            }
+        );
+        let resp = LlmRequest::read(
+            "/openai/v1/responses",
+            Some(&json!({"model": "m", "max_output_tokens": 9})),
+        );
+        assert_eq!(
+            (resp.endpoint.as_str(), resp.max_tokens),
+            ("responses", Some(9))
+        );
+        let get = LlmRequest::read("/v1/models/ft%3Agpt-4o", None);
+        assert_eq!(
+            (get.endpoint.as_str(), get.model.as_deref()),
+            ("models", Some("ft:gpt-4o"))
+        );
+        assert_eq!(
+            LlmRequest::read("/v1/fine_tuning/jobs", None).endpoint,
+            "fine_tuning"
+        );
+        assert_eq!(LlmRequest::read("/v1/files", None).endpoint, "files");
+        assert_eq!(LlmRequest::read("/v1/batches", None).endpoint, "batches");
+        assert_eq!(LlmRequest::read("/healthz", None).endpoint, "unknown");
+        assert!(LlmRequest::read("/v1/embeddings", None).metered());
+        assert!(!LlmRequest::read("/v1/models", None).metered());
+    }
+
+    #[test]
+    fn usage_is_read_from_every_answer_shape() {
+        assert_eq!(
+            usage_of(
+                &json!({"usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}})
+            ),
+            Some((3, 4))
+        );
+        assert_eq!(
+            usage_of(&json!({"usage": {"input_tokens": 5, "output_tokens": 6}})),
+            Some((5, 6))
+        );
+        assert_eq!(
+            usage_of(&json!({"usage": {"prompt_tokens": 8, "total_tokens": 8}})),
+            Some((8, 0))
+        );
+        assert_eq!(usage_of(&json!({"usage": null})), None);
+        assert_eq!(usage_of(&json!({})), None);
+    }
+
+    #[test]
+    fn the_prompt_is_estimated_from_its_texts() {
+        tokens::load_tokenizer();
+        let body = json!({"model": "m", "messages": [
+            {"role": "system", "content": "hello world"},
+            {"role": "user", "content": [{"type": "text", "text": "hello world"}]}]});
+        assert_eq!(prompt_tokens(body.to_string().as_bytes()), 4);
+        assert_eq!(prompt_tokens(b"not json"), 0);
+    }
+}

@@ -1,0 +1,437 @@
+//! LLM governance end to end (DESIGN §1.7, `protocol = "llm"`): two real
+//! agents; on b an OpenAI-compatible API (the protocol-level stand-in
+//! `tests/scenario/llm_server.py` — no model server can be installed here)
+//! declared `llm`; on a the support, admin and batch agents calling it with
+//! the official `openai` client. b's agent decides each request by model and
+//! endpoint, counts the tokens, and holds the batch agent to its budget.
+use std::{fs, path::PathBuf};
+
+use enforcer_tests::{Enforcer, MESH, Node, Testbed, entry, sum_metric, wait_for};
+use serde_json::{Value, json};
+
+const TD: &str = "ai.example.org";
+const SUPPORT: &str = "spiffe://ai.example.org/agent/support";
+const ADMIN: &str = "spiffe://ai.example.org/agent/admin";
+const BATCH: &str = "spiffe://ai.example.org/agent/batch";
+const LLM_ID: &str = "spiffe://ai.example.org/llm";
+const PORT: u16 = 8010;
+/// The batch agent's budget: tokens per hour.
+const BUDGET: u64 = 60;
+
+const POLICY: &str = r#"package enforcer.authz
+
+import rego.v1
+
+support := "spiffe://ai.example.org/agent/support"
+admin := "spiffe://ai.example.org/agent/admin"
+batch := "spiffe://ai.example.org/agent/batch"
+
+default allow := false
+
+allow if {
+	not input.attributes
+	input.source.spiffe_id in {support, admin, batch}
+}
+
+models := {
+	support: {"gpt-4o-mini"},
+	admin: {"gpt-4o-mini", "gpt-4o", "text-embedding-3-small"},
+	batch: {"gpt-4o-mini"},
+}
+
+inference := {"chat.completions", "completions", "responses", "embeddings"}
+
+allow if {
+	input.llm.endpoint in inference
+	input.llm.model in models[input.attributes.source.principal]
+	object.get(input.llm, "max_tokens", 0) <= 256
+}
+
+allow if input.llm.endpoint == "models"
+
+allow if {
+	input.llm.endpoint in {"fine_tuning", "files"}
+	input.attributes.source.principal == admin
+}
+
+reason := "this agent may not use that model" if {
+	input.llm.endpoint in inference
+	not input.llm.model in models[input.attributes.source.principal]
+} else := "max_tokens above 256" if {
+	input.llm.endpoint in inference
+	input.llm.max_tokens > 256
+} else := "only the admin agent may fine-tune" if {
+	input.llm.endpoint in {"fine_tuning", "files"}
+}
+"#;
+
+fn helper(name: &str) -> String {
+    format!("{}/helpers/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+struct Setup {
+    tb: Testbed,
+    a: Node,
+    b: Node,
+    eb: Enforcer,
+    b_config: PathBuf,
+}
+
+fn setup() -> Setup {
+    let (mut tb, a, b) = Testbed::linked_pair("llm").expect("two nodes");
+    let dir = tb.dir.join("llm-policy");
+    fs::create_dir_all(&dir).expect("policy dir");
+    fs::write(dir.join("policy.rego"), POLICY).expect("policy");
+    let data =
+        json!({"enforcer": {"llm": {"budgets": {BATCH: {"tokens": BUDGET, "window_secs": 3600}}}}});
+    fs::write(dir.join("data.json"), data.to_string()).expect("data");
+    let ca = tb.shared_ca("shared", TD).expect("CA");
+    let server = format!("{}/scenario/llm_server.py", env!("CARGO_MANIFEST_DIR"));
+    tb.start_server_in(
+        &b,
+        Some("llm-api.service"),
+        "llm",
+        &[
+            "python3",
+            "-u",
+            &server,
+            &PORT.to_string(),
+            "--chunk-ms",
+            "5",
+        ],
+        PORT,
+    )
+    .expect("the LLM stand-in");
+    let source = dir.display().to_string();
+    let b_tail = format!(
+        "{}\n{MESH}\n{}\n[[l7.destinations]]\nports = [{PORT}]\nprotocol = \"llm\"\n",
+        entry(LLM_ID, "systemd:unit:llm-api.service"),
+        tb.policy_section(&b, &source),
+    );
+    let b_config = tb
+        .enforcer_config_with(&b, "", &ca, &b_tail)
+        .expect("b config");
+    let eb = tb.start_enforcer(&b, &b_config).expect("b's agent");
+    let a_tail = format!(
+        "{}{}{}\n{MESH}\n{}",
+        entry(SUPPORT, "systemd:unit:support-agent.service"),
+        entry(ADMIN, "systemd:unit:admin-agent.service"),
+        entry(BATCH, "systemd:unit:batch-agent.service"),
+        tb.policy_section(&a, &source),
+    );
+    let a_config = tb
+        .enforcer_config_with(&a, "", &ca, &a_tail)
+        .expect("a config");
+    tb.start_enforcer(&a, &a_config).expect("a's agent");
+    Setup {
+        tb,
+        a,
+        b,
+        eb,
+        b_config,
+    }
+}
+
+/// The agent `unit` on a makes `calls` with the official client; one result
+/// per call.
+fn calls(s: &Setup, unit: &str, calls: &[Value]) -> Vec<Value> {
+    let url = format!("http://{}:{PORT}/v1", s.b.ipv4);
+    let mut cmd = vec!["python3".to_owned(), helper("llm_call.py"), url];
+    cmd.extend(calls.iter().map(Value::to_string));
+    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    let (_, out) = s.a.exec(Some(unit), &cmd).expect("openai client");
+    let results: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(
+        results.len(),
+        calls.len(),
+        "client output: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    results
+}
+
+fn call(s: &Setup, unit: &str, c: Value) -> Value {
+    calls(s, unit, &[c]).remove(0)
+}
+
+/// The JSON lines the stand-in logged (one per request it received).
+fn server_log(s: &Setup) -> Vec<Value> {
+    s.tb.server_log(&s.b, "llm")
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn usage_lines(s: &Setup) -> Vec<Value> {
+    fs::read_to_string(s.tb.audit_log(&s.b))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["type"] == "llm_usage")
+        .collect()
+}
+
+fn tokens_metric(s: &Setup, source: &str, model: &str, kind: &str) -> f64 {
+    sum_metric(
+        &s.eb.metrics().expect("metrics"),
+        "enforcer_llm_tokens_total",
+        &[("source", source), ("model", model), ("kind", kind)],
+    )
+}
+
+#[test]
+fn llm_requests_are_decided_by_model_metered_and_held_to_budgets() {
+    let mut s = setup();
+
+    // Allowed: plain, streamed (with and without the usage chunk), the
+    // Responses API streamed, and the model list.
+    let ok = calls(
+        &s,
+        "support-agent.service",
+        &[
+            json!({"op": "chat", "prompt": "count to 5"}),
+            json!({"op": "chat", "prompt": "count to 7", "stream": true}),
+            json!({"op": "chat", "prompt": "count to 3", "stream": true, "include_usage": true}),
+            json!({"op": "responses", "prompt": "count to 4", "stream": true}),
+            json!({"op": "completions", "prompt": "count to 2"}),
+            json!({"op": "models"}),
+        ],
+    );
+    for r in &ok {
+        assert_eq!(r["ok"], true, "{r}");
+    }
+    assert_eq!(ok[0]["text"], "1 2 3 4 5");
+    assert_eq!(ok[0]["usage"]["completion_tokens"], 5);
+    // The stream the client did not ask usage of reaches it unchanged: no
+    // usage chunk, no `usage` member in any chunk — though the server was
+    // asked for it on the client's behalf.
+    assert_eq!(ok[1]["text"], "1 2 3 4 5 6 7");
+    assert_eq!(ok[1]["chunks_with_usage_key"], 0, "{}", ok[1]);
+    assert!(ok[1].get("usage").is_none(), "{}", ok[1]);
+    let log = server_log(&s);
+    let seven = log
+        .iter()
+        .find(|l| l["request"] == "chat" && l["completion_tokens"] == 7)
+        .expect("the server got the 7-word stream");
+    assert_eq!(seven["include_usage"], true, "{seven}");
+    // The client that asked for usage gets it.
+    assert_eq!(ok[2]["usage"]["completion_tokens"], 3, "{}", ok[2]);
+    assert_eq!(ok[3]["usage"]["output_tokens"], 4, "{}", ok[3]);
+    assert!(
+        ok[5]["models"]
+            .as_array()
+            .is_some_and(|m| m.contains(&json!("gpt-4o"))),
+        "{}",
+        ok[5]
+    );
+
+    // Denied with the policy's reason, in OpenAI's error shape: a model the
+    // support agent may not use, too many max_tokens, fine-tuning.
+    let denied = calls(
+        &s,
+        "support-agent.service",
+        &[
+            json!({"op": "chat", "model": "gpt-4o", "prompt": "count to 2"}),
+            json!({"op": "chat", "prompt": "count to 2", "max_tokens": 1000}),
+            json!({"op": "fine_tune"}),
+        ],
+    );
+    for (r, reason) in denied.iter().zip([
+        "this agent may not use that model",
+        "max_tokens above 256",
+        "only the admin agent may fine-tune",
+    ]) {
+        assert_eq!(r["error"], "PermissionDeniedError", "{r}");
+        assert_eq!(r["status"], 403, "{r}");
+        assert!(
+            r["message"].as_str().is_some_and(|m| m.contains(reason)),
+            "{r}"
+        );
+        assert_eq!(r["body"]["code"], "policy_denied", "{r}");
+    }
+    // The admin agent may use gpt-4o, embeddings and fine-tuning.
+    let admin = calls(
+        &s,
+        "admin-agent.service",
+        &[
+            json!({"op": "chat", "model": "gpt-4o", "prompt": "count to 2"}),
+            json!({"op": "embeddings", "model": "text-embedding-3-small", "prompt": "a b c"}),
+            json!({"op": "fine_tune"}),
+        ],
+    );
+    for r in &admin {
+        assert_eq!(r["ok"], true, "{r}");
+    }
+    // None of the denied requests reached the server: its only gpt-4o
+    // request is the admin's, its only fine-tuning job the admin's.
+    let log = server_log(&s);
+    assert_eq!(
+        log.iter().filter(|l| l["model"] == "gpt-4o").count(),
+        1,
+        "{log:?}"
+    );
+    assert_eq!(
+        log.iter().filter(|l| l["request"] == "fine_tuning").count(),
+        1
+    );
+    assert!(!log.iter().any(|l| l["completion_tokens"] == 1000));
+
+    // Every token counted: the support agent's gpt-4o-mini tokens in the
+    // metrics equal what the server reported, once every answer's usage
+    // line is written (one per metered request: 5 for support, 2 for admin).
+    wait_for("the usage lines", || usage_lines(&s).len() >= 7);
+    let (prompt, completion) = log
+        .iter()
+        .filter(|l| l["model"] == "gpt-4o-mini" && l.get("prompt_tokens").is_some())
+        .fold((0, 0), |(p, c), l| {
+            (
+                p + l["prompt_tokens"].as_u64().unwrap_or(0),
+                c + l["completion_tokens"].as_u64().unwrap_or(0),
+            )
+        });
+    assert_eq!(
+        tokens_metric(&s, SUPPORT, "gpt-4o-mini", "prompt"),
+        prompt as f64
+    );
+    assert_eq!(
+        tokens_metric(&s, SUPPORT, "gpt-4o-mini", "completion"),
+        completion as f64
+    );
+    assert_eq!(
+        tokens_metric(&s, ADMIN, "text-embedding-3-small", "prompt"),
+        3.0
+    );
+    let usage = usage_lines(&s);
+    let streamed = usage
+        .iter()
+        .find(|u| u["completion_tokens"] == 7)
+        .expect("the 7-word stream's usage line");
+    assert_eq!(streamed["source"], SUPPORT);
+    assert_eq!(streamed["counted_by"], "usage");
+    assert_eq!(streamed["outcome"], "answered");
+    // It follows the request's decision line, which it names.
+    let lines: Vec<Value> = fs::read_to_string(s.tb.audit_log(&s.b))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let at = |usage: bool| {
+        lines
+            .iter()
+            .position(|l| {
+                l["decision_id"] == streamed["decision_id"] && (l["type"] == "llm_usage") == usage
+            })
+            .expect("the line")
+    };
+    assert!(at(false) < at(true));
+    assert_eq!(lines[at(false)]["input"]["llm"]["stream"], true);
+    assert_eq!(lines[at(false)]["input"]["llm"]["model"], "gpt-4o-mini");
+
+    // Budgets: the batch agent (60 tokens an hour) streams a long answer;
+    // the stream is cut with an error event when the running count passes
+    // the budget, and the model's connection closed.
+    let cut = call(
+        &s,
+        "batch-agent.service",
+        json!({"op": "chat", "prompt": "count to 200", "stream": true}),
+    );
+    assert_eq!(cut["ok"], false, "{cut}");
+    assert_eq!(cut["error"], "APIError", "{cut}");
+    assert!(
+        cut["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("budget exhausted")),
+        "{cut}"
+    );
+    let got = cut["text"]
+        .as_str()
+        .unwrap_or("")
+        .split_whitespace()
+        .count() as u64;
+    assert!(got > 0 && got <= BUDGET, "{got} numbers got through: {cut}");
+    wait_for("the server to see its stream aborted", || {
+        server_log(&s)
+            .iter()
+            .any(|l| l.get("stream_aborted").is_some())
+    });
+    assert!(
+        !server_log(&s)
+            .iter()
+            .any(|l| l["stream_end"].is_string() && l["chunks"] == 200)
+    );
+    wait_for("the cut stream's usage line", || {
+        usage_lines(&s)
+            .iter()
+            .any(|u| u["outcome"] == "cut_over_budget")
+    });
+    assert_eq!(
+        s.eb.metric("enforcer_llm_streams_cut_total", &[("source", BATCH)])
+            .expect("metric"),
+        1.0
+    );
+
+    // Spent: the next request is refused 429 with Retry-After, and never
+    // reaches the server.
+    let before = server_log(&s).len();
+    let spent = call(
+        &s,
+        "batch-agent.service",
+        json!({"op": "chat", "prompt": "count to 2"}),
+    );
+    assert_eq!(spent["error"], "RateLimitError", "{spent}");
+    assert_eq!(spent["status"], 429);
+    assert!(
+        spent["retry_after"]
+            .as_str()
+            .and_then(|r| r.parse::<u64>().ok())
+            .is_some_and(|r| (1..=3600).contains(&r)),
+        "{spent}"
+    );
+    assert!(
+        spent["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("token budget spent")),
+        "{spent}"
+    );
+    // The support agent has no budget and goes on.
+    assert_eq!(
+        call(&s, "support-agent.service", json!({"op": "chat"}))["ok"],
+        true
+    );
+    assert_eq!(server_log(&s).len(), before + 1);
+
+    // The counters survive a restart of b's agent, and the admin endpoint
+    // shows them.
+    wait_for("the counters on disk", || {
+        fs::read_to_string(s.tb.dir.join("b-state/llm-usage.json")).is_ok_and(|t| t.contains(BATCH))
+    });
+    s.tb.stop(s.eb.pid).expect("stop b's agent");
+    s.eb =
+        s.tb.start_enforcer(&s.b, &s.b_config)
+            .expect("b's agent again");
+    let (status, body) =
+        s.b.http_get(s.eb.metrics_addr, "/llm/usage")
+            .expect("admin");
+    assert_eq!(status, 200, "{body}");
+    let usage: Value = serde_json::from_str(&body).expect("JSON");
+    let batch_used: u64 = usage["sources"][BATCH]["models"]
+        .as_object()
+        .map(|m| {
+            m.values()
+                .map(|c| c["prompt"].as_u64().unwrap_or(0) + c["completion"].as_u64().unwrap_or(0))
+                .sum()
+        })
+        .unwrap_or(0);
+    assert!(batch_used > BUDGET, "{usage}");
+    assert_eq!(usage["budgets"][BATCH]["tokens"], BUDGET, "{usage}");
+    let again = call(
+        &s,
+        "batch-agent.service",
+        json!({"op": "chat", "prompt": "count to 2"}),
+    );
+    assert_eq!(again["error"], "RateLimitError", "{again}");
+}
