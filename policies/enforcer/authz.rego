@@ -164,6 +164,37 @@ request_allowed if {
 	arguments_ok
 }
 
+# ---- Per request: LLM endpoints (declared protocol = "llm") ---------------
+#
+# data.enforcer.ai.llm_grants[<LLM endpoint>][<agent>] = {"models": [...],
+# "endpoints": [...], "max_tokens": n}: the models an agent may use, on which
+# API endpoints (chat.completions, responses, embeddings, …), and the largest
+# max_tokens it may ask for (a request that names none is allowed: the
+# budget still holds it). Listing models is allowed to every granted agent;
+# fine-tuning, files and batches only where listed. Token budgets per agent
+# are data.enforcer.llm.budgets (docs/policy.md, "LLM").
+
+llm_grant := ai.llm_grants[dst][src]
+
+llm_request if input.llm.endpoint
+
+llm_max_tokens_ok if not input.llm.max_tokens
+
+llm_max_tokens_ok if input.llm.max_tokens <= llm_grant.max_tokens
+
+request_allowed if {
+	llm_request
+	input.llm.endpoint in llm_grant.endpoints
+	input.llm.model in llm_grant.models
+	llm_max_tokens_ok
+}
+
+request_allowed if {
+	llm_request
+	llm_grant
+	input.llm.endpoint == "models"
+}
+
 # A destination declared `http` (not MCP): the shipped policy has no request
 # rules, so each request is allowed exactly when its connection is.
 request_allowed if input.protocol == "http"
@@ -175,8 +206,27 @@ request_reason := "denied: this connection is no longer allowed" if {
 } else := sprintf("allowed: %s is granted to this agent", [input.mcp.tool]) if {
 	request_allowed
 	tool_call
+} else := sprintf("allowed: %s on %s is granted to this agent", [input.llm.model, input.llm.endpoint]) if {
+	request_allowed
+	llm_request
+	input.llm.endpoint != "models"
+} else := "allowed: the model list" if {
+	request_allowed
+	llm_request
 } else := "allowed: the connection is allowed (no request rules for http destinations)" if {
 	request_allowed
+} else := "denied: this agent has no LLM grant" if {
+	llm_request
+	not llm_grant
+} else := sprintf("denied: endpoint %s is not granted to this agent", [input.llm.endpoint]) if {
+	llm_request
+	not input.llm.endpoint in llm_grant.endpoints
+} else := sprintf("denied: model %v is not granted to this agent", [object.get(input.llm, "model", "(none)")]) if {
+	llm_request
+	not input.llm.model in llm_grant.models
+} else := sprintf("denied: max_tokens %d is above this agent's %d", [input.llm.max_tokens, llm_grant.max_tokens]) if {
+	llm_request
+	not llm_max_tokens_ok
 } else := sprintf("denied: tool %s is not granted to this agent", [input.mcp.tool]) if {
 	tool_call
 	not granted_tools[input.mcp.tool]

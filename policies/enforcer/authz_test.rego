@@ -130,3 +130,46 @@ test_connection_to_the_mcp_server_unchanged_by_grants if {
 	authz.allow with input as conn(admin, mcp, 8001)
 	authz.reason == "allowed: agent -> MCP server" with input as conn(admin, mcp, 8001)
 }
+
+# ---- per request, at the LLM endpoint (declared protocol = "llm") --------
+
+chat(s, model, extra) := {
+	"direction": "inbound",
+	"protocol": "llm",
+	"source": {"spiffe_id": s, "authenticated": true},
+	"destination": {"spiffe_id": llm, "port": 8000},
+	"attributes": {"source": {"principal": s}, "request": {"http": {"method": "POST", "path": "/v1/chat/completions"}}},
+	"llm": object.union({"endpoint": "chat.completions", "model": model, "stream": false, "tokens_used_window": 0, "window_secs": 3600}, extra),
+}
+
+test_agents_chat_with_their_granted_model if {
+	authz.allow with input as chat(agent, "enforcer-demo-llm", {})
+	authz.reason == "allowed: enforcer-demo-llm on chat.completions is granted to this agent" with input as chat(agent, "enforcer-demo-llm", {})
+	authz.allow with input as chat(admin, "enforcer-demo-llm", {"max_tokens": 4096})
+}
+
+test_an_ungranted_model_is_denied if {
+	not authz.allow with input as chat(agent, "gpt-4o", {})
+	authz.reason == "denied: model gpt-4o is not granted to this agent" with input as chat(agent, "gpt-4o", {})
+}
+
+test_max_tokens_is_capped_per_agent if {
+	not authz.allow with input as chat(agent, "enforcer-demo-llm", {"max_tokens": 2048})
+	authz.reason == "denied: max_tokens 2048 is above this agent's 1024" with input as chat(agent, "enforcer-demo-llm", {"max_tokens": 2048})
+}
+
+test_only_the_admin_agent_may_fine_tune if {
+	not authz.allow with input as chat(agent, "enforcer-demo-llm", {"endpoint": "fine_tuning"})
+	authz.reason == "denied: endpoint fine_tuning is not granted to this agent" with input as chat(agent, "enforcer-demo-llm", {"endpoint": "fine_tuning"})
+	authz.allow with input as chat(admin, "enforcer-demo-llm", {"endpoint": "fine_tuning"})
+}
+
+test_granted_agents_list_models if {
+	authz.allow with input as chat(agent, "x", {"endpoint": "models"})
+	authz.reason == "allowed: the model list" with input as chat(agent, "x", {"endpoint": "models"})
+}
+
+test_an_agent_without_a_grant_is_denied_at_the_llm if {
+	not authz.allow with input as chat("spiffe://ai.example.org/agent/new", "enforcer-demo-llm", {})
+	authz.reason == "denied: this agent has no LLM grant" with input as chat("spiffe://ai.example.org/agent/new", "enforcer-demo-llm", {})
+}

@@ -5,7 +5,8 @@
 //! - node b "tools": the MCP server (`mcp` SDK, streamable HTTP, port 8001,
 //!   tools `search_docs` and `delete_doc`; declared `protocol = "mcp"`, so b's
 //!   agent decides each tool call) and the OpenAI-compatible LLM endpoint
-//!   (port 8000);
+//!   (port 8000; declared `protocol = "llm"`: models per agent, tokens
+//!   counted, the support agent's budget);
 //! - node c "data": Chroma's server (`chromadb` package, port 8101 — its
 //!   read-write API, hence an admin/ingest port in the shipped policy).
 //!
@@ -97,7 +98,9 @@ impl Scenario {
             &mut tb,
             &tools,
             &[(LLM, "llm.service"), (MCP, "mcp-docs.service")],
-            &format!("\n[[l7.destinations]]\nspiffe_id = \"{MCP}\"\nprotocol = \"mcp\"\n"),
+            &format!(
+                "\n[[l7.destinations]]\nspiffe_id = \"{MCP}\"\nprotocol = \"mcp\"\n\n[[l7.destinations]]\nspiffe_id = \"{LLM}\"\nprotocol = \"llm\"\n"
+            ),
         )?;
         let e_agents = start(
             &mut tb,

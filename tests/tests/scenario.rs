@@ -1,6 +1,6 @@
 //! The AI-agent scenario end to end, with real software nobody changed: the
 //! official `mcp` and `openai` clients, an `mcp` SDK server, Chroma's server.
-use enforcer_tests::scenario::*;
+use enforcer_tests::{scenario::*, wait_for};
 use serde_json::{Value, json};
 
 fn outbound_line(s: &Scenario, pid: u32, port: u16) -> Value {
@@ -76,6 +76,36 @@ fn ai_agents_mcp_llm_and_vector_db_under_identity_and_policy() {
     assert!(
         out["usage"]["prompt_tokens"].as_u64().unwrap_or(0) > 0,
         "{out}"
+    );
+    // b's agent, the last before the LLM, decided the chat request by model
+    // and counted its tokens: the metrics say what the server's usage said.
+    let prompt = out["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as f64;
+    let completion = out["usage"]["completion_tokens"].as_u64().unwrap_or(0) as f64;
+    let tokens = |kind: &str| {
+        s.e_tools
+            .metric(
+                "enforcer_llm_tokens_total",
+                &[
+                    ("source", SUPPORT_AGENT),
+                    ("model", "enforcer-demo-llm"),
+                    ("kind", kind),
+                ],
+            )
+            .unwrap_or(-1.0)
+    };
+    wait_for("the support agent's LLM tokens counted", || {
+        tokens("completion") == completion
+    });
+    assert_eq!(tokens("prompt"), prompt);
+    let usage = s
+        .audit(&s.tools)
+        .into_iter()
+        .find(|r| r["type"] == "llm_usage" && r["source"] == SUPPORT_AGENT)
+        .expect("the chat's usage line");
+    assert_eq!(usage["counted_by"], "usage", "{usage}");
+    assert_eq!(
+        usage["window_secs"], 3600,
+        "the shipped budget's window: {usage}"
     );
     for (port, dst) in [(MCP_PORT, MCP), (LLM_PORT, LLM)] {
         let l = outbound_line(&s, pid, port);

@@ -66,7 +66,7 @@ pub fn run() -> anyhow::Result<()> {
     println!("  {:<17} admin agent ({})", "", short(ADMIN_AGENT));
     println!("  {:<17} research agent ({})", "", short(RESEARCH_AGENT));
     println!(
-        "  node b {:<10} MCP server :{MCP_PORT} ({}; tools search_docs, delete_doc; its agent decides each call), LLM endpoint :{LLM_PORT} ({})",
+        "  node b {:<10} MCP server :{MCP_PORT} ({}; tools search_docs, delete_doc; its agent decides each call), LLM endpoint :{LLM_PORT} ({}; declared llm: models per agent, tokens counted, budgets)",
         s.tools.ipv4,
         short(MCP),
         short(LLM)
@@ -158,12 +158,16 @@ pub fn run() -> anyhow::Result<()> {
     println!();
 
     println!(
-        "Per-request decisions of node b's agent, the last before the MCP server (audit log, one line per tool call):"
+        "Per-request decisions of node b's agent, the last before the MCP server and the LLM (audit log, one line per tool call or model request):"
     );
     let b = s.audit(&s.tools);
     let mut example = None;
-    for r in b.iter().filter(|r| r["request_id"].is_string()) {
+    for r in b
+        .iter()
+        .filter(|r| r["request_id"].is_string() && r["type"].is_null())
+    {
         let mcp = &r["input"]["mcp"];
+        let llm = &r["input"]["llm"];
         let who = r["input"]["attributes"]["source"]["principal"]
             .as_str()
             .map(short)
@@ -173,7 +177,13 @@ pub fn run() -> anyhow::Result<()> {
         } else {
             "DENY "
         };
-        let what = if mcp["listing"] == Value::Bool(true) {
+        let what = if llm.is_object() {
+            format!(
+                "LLM {}(model={})",
+                llm["endpoint"].as_str().unwrap_or("?"),
+                llm["model"].as_str().unwrap_or("-")
+            )
+        } else if mcp["listing"] == Value::Bool(true) {
             format!("tools/list item {}", mcp["tool"].as_str().unwrap_or("?"))
         } else if mcp["tool"].is_string() {
             format!(
@@ -205,6 +215,22 @@ pub fn run() -> anyhow::Result<()> {
         println!();
         println!("One of those audit lines (headers and body shortened):");
         println!("  {r}");
+    }
+    println!();
+    println!("LLM tokens per identity and model (node b's usage lines, one after each answer):");
+    for u in b.iter().filter(|r| r["type"] == "llm_usage") {
+        println!(
+            "  {:<6} {:<16} {:<18} prompt {:>4}  completion {:>4}  ({}, counted by {}; {} tokens in this {} s window)",
+            u["request_id"].as_str().unwrap_or(""),
+            u["source"].as_str().map(short).unwrap_or("?"),
+            u["model"].as_str().unwrap_or("?"),
+            u["prompt_tokens"],
+            u["completion_tokens"],
+            u["outcome"].as_str().unwrap_or("?"),
+            u["counted_by"].as_str().unwrap_or("?"),
+            u["tokens_used_window"],
+            u["window_secs"],
+        );
     }
     println!();
 
@@ -256,13 +282,10 @@ pub fn run() -> anyhow::Result<()> {
     }) {
         println!("    {l}");
     }
-    println!("    and node b's tool calls:");
-    for l in s
-        .e_tools
-        .metrics()?
-        .lines()
-        .filter(|l| l.starts_with("enforcer_mcp_calls_total"))
-    {
+    println!("    and node b's tool calls and LLM tokens:");
+    for l in s.e_tools.metrics()?.lines().filter(|l| {
+        l.starts_with("enforcer_mcp_calls_total") || l.starts_with("enforcer_llm_tokens_total")
+    }) {
         println!("    {l}");
     }
     println!();
