@@ -79,6 +79,24 @@ async def models(request):
                                                     for m in MODELS]})
 
 
+def logged_stream(sid, events, words):
+    """An SSE answer of `events` that logs how it ended: `stream_end` (all
+    `words` sent) or `stream_aborted` (the client or its proxy went away)."""
+    async def run():
+        sent, finished = 0, False
+        try:
+            async for e in events:
+                sent += 1
+                yield e
+            finished = True
+            log(stream_end=sid, chunks=words)
+        finally:
+            if not finished:
+                log(stream_aborted=sid, sent=sent)
+
+    return StreamingResponse(run(), media_type="text/event-stream")
+
+
 def sse(obj):
     return "data: %s\n\n" % json.dumps(obj)
 
@@ -118,21 +136,9 @@ async def completions(request):
                              "choices": [choice], "usage": usage})
 
     async def gen():
-        try:
-            async for chunk in chunks():
-                yield chunk
-        finally:
-            if not finished:
-                log(stream_aborted=cid, sent=sent)
-
-    finished, sent = False, 0
-
-    async def chunks():
-        nonlocal finished, sent
         chunk_obj = "chat.completion.chunk" if chat else "text_completion"
         extra = {"usage": None} if include_usage else {}
         for i, w in enumerate(out):
-            sent = i
             piece = w if i == 0 else " " + w
             if chat:
                 delta = {"content": piece} if i else {"role": "assistant", "content": piece}
@@ -149,10 +155,8 @@ async def completions(request):
             yield sse({"id": cid, "object": chunk_obj, "created": created, "model": model, "choices": [],
                        "usage": usage})
         yield "data: [DONE]\n\n"
-        finished = True
-        log(stream_end=cid, chunks=len(out))
 
-    return StreamingResponse(gen(), media_type="text/event-stream")
+    return logged_stream(cid, gen(), len(out))
 
 
 async def responses(request):
@@ -204,9 +208,8 @@ async def responses(request):
         yield ev("response.content_part.done", item_id=mid, output_index=0, content_index=0, part=done)
         yield ev("response.output_item.done", output_index=0, item=dict(item, status="completed", content=[done]))
         yield ev("response.completed", response=response("completed", True))
-        log(stream_end=rid, chunks=len(out))
 
-    return StreamingResponse(gen(), media_type="text/event-stream")
+    return logged_stream(rid, gen(), len(out))
 
 
 async def embeddings(request):

@@ -304,6 +304,11 @@ impl Testbed {
         self.dir.join(format!("{}-audit.jsonl", node.name))
     }
 
+    /// Every line of a node's audit log so far.
+    pub fn audit(&self, node: &Node) -> Vec<Value> {
+        json_lines_of(&self.audit_log(node))
+    }
+
     /// A policy directory that allows everything.
     pub fn allow_all_policy(&self) -> Result<PathBuf> {
         let dir = self.dir.join("policy-allow-all");
@@ -807,11 +812,7 @@ pub struct Enforcer {
 impl Enforcer {
     /// Every JSON log line the enforcer wrote so far.
     pub fn log_lines(&self) -> Vec<Value> {
-        fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        json_lines_of(&self.log)
     }
 
     /// The "connection closed" summary lines.
@@ -943,6 +944,15 @@ pub fn llm_pair(
     let eb = start(&mut tb, &b)?;
     let ea = start(&mut tb, &a)?;
     Ok(Pair { tb, a, b, ea, eb })
+}
+
+/// The lines of a file that are JSON (none when it does not exist yet).
+pub fn json_lines_of(path: &Path) -> Vec<Value> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }
 
 /// Waits (up to 20 s) until `cond` holds; panics naming `what` if it never does.

@@ -222,15 +222,6 @@ impl Scenario {
         )?;
         Ok((pid, last_json(&out)?))
     }
-
-    /// Every decision in a node's audit log.
-    pub fn audit(&self, node: &Node) -> Vec<Value> {
-        std::fs::read_to_string(self.tb.audit_log(node))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
 }
 
 /// The last JSON line a scenario program printed.

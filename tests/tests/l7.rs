@@ -3,12 +3,9 @@
 //! and `http`; on a the support and admin agents, with the official `mcp`
 //! client, curl and Python's http.client. b's agent, the last before the
 //! servers, decides each request.
-use std::{
-    fs,
-    path::{Path, PathBuf},
-};
+use std::{fs, path::PathBuf};
 
-use enforcer_tests::{MESH, Node, Pair, entry, llm_pair, sum_metric, wait_for};
+use enforcer_tests::{MESH, Node, Pair, entry, json_lines_of, llm_pair, sum_metric, wait_for};
 use serde_json::Value;
 
 const TD: &str = "ai.example.org";
@@ -172,14 +169,6 @@ fn mcp_post(m: &Pair, headers: &[&str], body: &str) -> Value {
 fn assert_at_least(metrics: &str, name: &str, labels: &[(&str, &str)], min: f64) {
     let sum = sum_metric(metrics, name, labels);
     assert!(sum >= min, "{name} {labels:?} = {sum} < {min}:\n{metrics}");
-}
-
-fn audit_lines(path: &Path) -> Vec<Value> {
-    fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
 }
 
 /// The official client's calls; `mode` is the SDK's (`auto`: the
@@ -348,7 +337,7 @@ fn mcp_tool_calls_are_decided_per_identity_and_arguments_and_lists_filtered() {
 
     // One decision-log line per decided call, with the verified caller, the
     // tool and its arguments, and the request id.
-    let audit = audit_lines(&m.tb.audit_log(&m.b));
+    let audit = m.tb.audit(&m.b);
     let denied_delete = |doc: &str| {
         audit
             .iter()
@@ -628,7 +617,7 @@ fn http_requests_are_decided_one_by_one_with_opa_envoy_input() {
         !text.contains("TOPSECRET-TOKEN-42"),
         "a bearer token reached the audit log"
     );
-    let audit = audit_lines(&audit_path);
+    let audit = json_lines_of(&audit_path);
     let get = audit
         .iter()
         .find(|l| l["input"]["attributes"]["request"]["http"]["path"] == "/items/1?x=1&x=2")
@@ -794,7 +783,7 @@ fn h2c_websocket_connect_and_pipelined_requests_are_decided_one_by_one() {
         serde_json::from_str(lines[1]["body"].as_str().unwrap_or("")).expect("the denial's JSON");
     assert_eq!(denial["reason"], "blocked path", "{denial}");
     assert!(m.tb.wait_server_log(&m.b, "asgi", "REQ 2 GET /h2/one 0"));
-    let audit = audit_lines(&m.tb.audit_log(&m.b));
+    let audit = m.tb.audit(&m.b);
     let h2 = audit
         .iter()
         .find(|l| l["input"]["attributes"]["request"]["http"]["path"] == "/blocked/h2")
@@ -907,12 +896,8 @@ fn h2c_websocket_connect_and_pipelined_requests_are_decided_one_by_one() {
     let log = m.tb.server_log(&m.b, "asgi");
     assert!(!log.contains("/blocked"), "{log}");
     assert!(!log.contains("CONNECT"), "{log}");
-    let connect = audit
-        .iter()
-        .chain(audit_lines(&m.tb.audit_log(&m.b)).iter())
-        .any(|l| {
-            l["input"]["attributes"]["request"]["http"]["method"] == "CONNECT"
-                && l["result"] == false
-        });
+    let connect = audit.iter().chain(m.tb.audit(&m.b).iter()).any(|l| {
+        l["input"]["attributes"]["request"]["http"]["method"] == "CONNECT" && l["result"] == false
+    });
     assert!(connect, "the CONNECT was decided and audited");
 }

@@ -167,10 +167,8 @@ fn server_log(s: &Setup) -> Vec<Value> {
 }
 
 fn usage_lines(s: &Setup) -> Vec<Value> {
-    fs::read_to_string(s.tb.audit_log(&s.b))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+    s.tb.audit(&s.b)
+        .into_iter()
         .filter(|v| v["type"] == "llm_usage")
         .collect()
 }
@@ -314,11 +312,7 @@ fn llm_requests_are_decided_by_model_metered_and_held_to_budgets() {
     assert_eq!(streamed["counted_by"], "usage");
     assert_eq!(streamed["outcome"], "answered");
     // It follows the request's decision line, which it names.
-    let lines: Vec<Value> = fs::read_to_string(s.tb.audit_log(&s.b))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let lines = s.tb.audit(&s.b);
     let at = |usage: bool| {
         lines
             .iter()

@@ -97,11 +97,11 @@ fn ai_agents_mcp_llm_and_vector_db_under_identity_and_policy() {
         tokens("completion") == completion
     });
     assert_eq!(tokens("prompt"), prompt);
-    let usage = s
-        .audit(&s.tools)
-        .into_iter()
-        .find(|r| r["type"] == "llm_usage" && r["source"] == SUPPORT_AGENT)
-        .expect("the chat's usage line");
+    let usage =
+        s.tb.audit(&s.tools)
+            .into_iter()
+            .find(|r| r["type"] == "llm_usage" && r["source"] == SUPPORT_AGENT)
+            .expect("the chat's usage line");
     assert_eq!(usage["counted_by"], "usage", "{usage}");
     assert_eq!(
         usage["window_secs"], 3600,
@@ -116,7 +116,7 @@ fn ai_agents_mcp_llm_and_vector_db_under_identity_and_policy() {
     }
     // The MCP server's hop to Chroma is mutual TLS too (its client keeps the
     // connection open, so look at the decisions, taken when it opened).
-    let b = s.audit(&s.tools);
+    let b = s.tb.audit(&s.tools);
     let hop = b
         .iter()
         .find(|r| {
@@ -126,7 +126,7 @@ fn ai_agents_mcp_llm_and_vector_db_under_identity_and_policy() {
         .expect("tools node decided MCP -> vector DB with the verified destination identity");
     assert_eq!(hop["input"]["destination"]["authenticated"], true, "{hop}");
     assert_eq!(hop["result"], true, "{hop}");
-    let at_db = s.audit(&s.data);
+    let at_db = s.tb.audit(&s.data);
     let inbound = at_db
         .iter()
         .find(|r| r["input"]["direction"] == "inbound" && r["input"]["source"]["spiffe_id"] == MCP)
@@ -186,7 +186,7 @@ fn ai_agents_mcp_llm_and_vector_db_under_identity_and_policy() {
     assert!(log.contains("DELETE support-docs billing"), "{log}");
     assert_eq!(log.matches("SEARCH internal-runbooks").count(), 1, "{log}");
     // b's audit log has one line per tool call, with the verified caller.
-    let b = s.audit(&s.tools);
+    let b = s.tb.audit(&s.tools);
     let call = |who: &str, tool: &str, allow: bool| {
         b.iter()
             .find(|r| {
@@ -242,7 +242,7 @@ fn ai_agents_mcp_llm_and_vector_db_under_identity_and_policy() {
     );
 
     // 5. The audit logs name the verified identities of allowed and denied connections.
-    let a = s.audit(&s.agents);
+    let a = s.tb.audit(&s.agents);
     let find = |src: &str, dst: &str, allow: bool| {
         a.iter().any(|r| {
             r["input"]["source"]["spiffe_id"] == src
@@ -253,7 +253,7 @@ fn ai_agents_mcp_llm_and_vector_db_under_identity_and_policy() {
     assert!(find(SUPPORT_AGENT, LLM, true) && find(SUPPORT_AGENT, MCP, true));
     assert!(find(RESEARCH_AGENT, LLM, false) && find(RESEARCH_AGENT, MCP, false));
     assert!(find(SUPPORT_AGENT, VECTORDB, false));
-    let c = s.audit(&s.data);
+    let c = s.tb.audit(&s.data);
     assert!(c.iter().any(|r| r["input"]["direction"] == "inbound"
         && r["input"]["source"]["spiffe_id"] == MCP
         && r["input"]["source"]["authenticated"] == true

@@ -160,7 +160,7 @@ pub fn run() -> anyhow::Result<()> {
     println!(
         "Per-request decisions of node b's agent, the last before the MCP server and the LLM (audit log, one line per tool call or model request):"
     );
-    let b = s.audit(&s.tools);
+    let b = s.tb.audit(&s.tools);
     let mut example = None;
     for r in b
         .iter()
@@ -236,7 +236,11 @@ pub fn run() -> anyhow::Result<()> {
 
     println!("Connection decisions (audit log of each node, OPA decision-log shape):");
     for (name, node) in [("a", &s.agents), ("b", &s.tools), ("c", &s.data)] {
-        for r in s.audit(node).iter().filter(|r| r["request_id"].is_null()) {
+        for r in
+            s.tb.audit(node)
+                .iter()
+                .filter(|r| r["request_id"].is_null())
+        {
             let src = r["input"]["source"]["spiffe_id"]
                 .as_str()
                 .map(short)

@@ -194,12 +194,13 @@ enum Sender {
     H2(hyper::client::conn::http2::SendRequest<Body>),
 }
 
-/// A request's body as far as policy sees it.
-struct ReadBody {
+/// A body as far as it was read: a request's as policy sees it, an LLM
+/// answer's as it is metered.
+pub(super) struct ReadBody {
     /// The frames read (data, and trailers if the body ended).
     frames: Vec<Frame<Bytes>>,
     /// The data read, up to the bound.
-    seen: Bytes,
+    pub(super) seen: Bytes,
     /// Data bytes read in all.
     read: usize,
     /// The rest, when the body is larger than the bound.
@@ -207,12 +208,12 @@ struct ReadBody {
 }
 
 impl ReadBody {
-    fn truncated(&self) -> bool {
+    pub(super) fn truncated(&self) -> bool {
         self.rest.is_some()
     }
 
     /// The body to forward: what was read, then the rest as it arrives.
-    fn into_body(self) -> Body {
+    pub(super) fn into_body(self) -> Body {
         match self.rest {
             None if self.frames.iter().all(|f| f.is_data()) => full(self.seen),
             rest => {
@@ -231,7 +232,10 @@ impl ReadBody {
 }
 
 /// Reads a body until it ends or passes `limit` bytes.
-async fn read_bounded(mut body: Incoming, limit: usize) -> Result<ReadBody, hyper::Error> {
+pub(super) async fn read_bounded(
+    mut body: Incoming,
+    limit: usize,
+) -> Result<ReadBody, hyper::Error> {
     let mut frames = Vec::new();
     let mut seen = BytesMut::new();
     let mut read = 0usize;

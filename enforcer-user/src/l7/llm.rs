@@ -15,7 +15,7 @@ use std::{
     task::{Context, Poll, ready},
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::Stream;
 use http::{HeaderValue, Method, Response, StatusCode, header, request::Parts, response};
 use http_body_util::BodyExt as _;
@@ -25,10 +25,10 @@ use sse_stream::{Sse, SseBody, SseStream};
 use tracing::{debug, info, warn};
 
 use super::{
-    http::{Body, BoxError, Session, full, json_response},
+    http::{Body, BoxError, Session, json_response},
     tokens,
 };
-use crate::policy::budgets::{Budget, Used};
+use crate::policy::budgets::{Budget, DEFAULT_WINDOW_SECS, Used};
 
 /// Largest JSON answer read whole to be metered; a larger one passes
 /// through unmetered (logged).
@@ -152,12 +152,18 @@ pub async fn decide(
     mut fields: Map<String, Value>,
     request_id: &str,
 ) -> Plan {
-    let parsed = fields.get("parsed_body").cloned().or_else(|| {
-        (!truncated && !seen.is_empty())
+    // The JSON body: as `parsed_body` when the content type said JSON, else
+    // parsed here (an OpenAI body is JSON whatever its header says).
+    let mut parsed = match fields.get("parsed_body") {
+        Some(_) => None,
+        None => (!truncated && !seen.is_empty())
             .then(|| serde_json::from_slice::<Value>(seen).ok())
-            .flatten()
-    });
-    let req = LlmRequest::read(parts.uri.path(), parsed.as_ref());
+            .flatten(),
+    };
+    let req = LlmRequest::read(
+        parts.uri.path(),
+        fields.get("parsed_body").or(parsed.as_ref()),
+    );
     if truncated && req.metered() && parts.method == Method::POST {
         warn!(
             request_id,
@@ -182,9 +188,10 @@ pub async fn decide(
         .spiffe_id
         .clone()
         .unwrap_or_else(|| UNAUTHENTICATED.to_owned());
-    let budgets = session.l7.policy.llm_budgets();
-    let budget = budgets.of(&source).cloned();
-    let window_secs = budgets.window_secs(&source);
+    let budget = session.l7.policy.llm_budgets().of(&source).cloned();
+    let window_secs = budget
+        .as_ref()
+        .map_or(DEFAULT_WINDOW_SECS, |b| b.window_secs);
     let now = tokens::now();
     let used = session
         .l7
@@ -204,9 +211,8 @@ pub async fn decide(
         llm["max_tokens"] = n.into();
     }
     fields.insert("llm".into(), llm);
-    let verdict = session
-        .decide_input(&session.input(fields), request_id)
-        .await;
+    let input = session.input(fields);
+    let verdict = session.decide_input(&input, request_id).await;
     if !verdict.allowed {
         session.count(verdict.result);
         let reason = verdict
@@ -238,7 +244,7 @@ pub async fn decide(
         .and_then(|b| b.spent(used, req.model.as_deref()))
     {
         session.count("over_budget");
-        let retry = (now - now % window_secs + window_secs)
+        let retry = (tokens::start_of(window_secs, now) + window_secs)
             .saturating_sub(now)
             .max(1);
         info!(
@@ -259,7 +265,7 @@ pub async fn decide(
                 tokens: (0, 0),
                 counted_by: "none",
                 outcome: "refused_over_budget",
-                used: Some(used),
+                used,
                 window_secs,
             },
         );
@@ -289,6 +295,9 @@ pub async fn decide(
     // A stream's usage is asked for on the client's behalf.
     let mut body = None;
     let added_usage = req.stream && req.usage_on_request() && !req.include_usage;
+    if added_usage {
+        parsed = parsed.or_else(|| input.request.and_then(|mut r| r.remove("parsed_body")));
+    }
     if added_usage && let Some(Value::Object(mut o)) = parsed {
         let opts = o
             .entry("stream_options")
@@ -326,7 +335,8 @@ struct Usage<'a> {
     /// `answered`, `cut_over_budget`, `refused_over_budget`, `broken`,
     /// `error_status`, `unmetered`.
     outcome: &'static str,
-    used: Option<Used>,
+    /// The caller's window after this answer.
+    used: Used,
     window_secs: u64,
 }
 
@@ -342,7 +352,7 @@ fn record(session: &Session, u: &Usage<'_>) {
         prompt,
         completion,
     );
-    let mut line = json!({
+    let line = json!({
         "type": "llm_usage",
         "decision_id": u.decision_id,
         "conn_id": session.conn.id,
@@ -358,10 +368,8 @@ fn record(session: &Session, u: &Usage<'_>) {
         "counted_by": u.counted_by,
         "outcome": u.outcome,
         "window_secs": u.window_secs,
+        "tokens_used_window": u.used.total,
     });
-    if let Some(used) = u.used {
-        line["tokens_used_window"] = used.total.into();
-    }
     session.l7.policy.audit.note(line);
 }
 
@@ -409,7 +417,7 @@ impl Call {
                     tokens,
                     counted_by: by,
                     outcome,
-                    used: Some(used),
+                    used,
                     window_secs: call.window_secs,
                 },
             );
@@ -539,68 +547,44 @@ pub async fn account(
         parts.headers.remove(header::CONTENT_LENGTH);
         let metered = Metered {
             inner: SseStream::new(body),
-            adder: Adder {
-                store: session.l7.tokens.clone(),
-                source: call.source.clone(),
-                model: call.model().to_owned(),
-                window_secs: call.window_secs,
-            },
+            adder: call.adder(&session.l7.tokens),
+            responses: call.req.endpoint == "responses",
+            added_usage: call.added_usage,
             session,
             call: Some(call),
             usage: None,
             counted: 0,
-            cut: None,
             ended: false,
         };
         let body = SseBody::new(metered).map_err(BoxError::from).boxed_unsync();
         return Response::from_parts(parts, body);
     }
     // A JSON answer: read (up to the bound), metered, passed on unchanged.
-    let mut body = body;
-    let mut seen = BytesMut::new();
-    loop {
-        match body.frame().await {
-            None => break,
-            Some(Err(e)) => {
-                warn!(request_id = call.request_id, error = %e, "the model's answer broke off");
-                call.finish(session, None, 0, None, "broken");
-                return broken_answer(parts, e);
-            }
-            Some(Ok(frame)) => {
-                if let Some(d) = frame.data_ref() {
-                    seen.extend_from_slice(d);
-                }
-                if seen.len() > MAX_METERED_ANSWER {
-                    warn!(
-                        request_id = call.request_id,
-                        "LLM answer larger than 16 MiB; passed on unmetered"
-                    );
-                    call.finish(session, None, 0, None, "unmetered");
-                    let head =
-                        futures_util::stream::iter([Ok(hyper::body::Frame::data(seen.freeze()))]);
-                    let tail =
-                        futures_util::StreamExt::map(http_body_util::BodyStream::new(body), |r| {
-                            r.map_err(BoxError::from)
-                        });
-                    return Response::from_parts(
-                        parts,
-                        http_body_util::StreamBody::new(futures_util::StreamExt::chain(head, tail))
-                            .boxed_unsync(),
-                    );
-                }
-            }
+    let read = match super::http::read_bounded(body, MAX_METERED_ANSWER).await {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(request_id = call.request_id, error = %e, "the model's answer broke off");
+            call.finish(session, None, 0, None, "broken");
+            return broken_answer(parts, e);
         }
+    };
+    if read.truncated() {
+        warn!(
+            request_id = call.request_id,
+            "LLM answer larger than 16 MiB; passed on unmetered"
+        );
+        call.finish(session, None, 0, None, "unmetered");
+        return Response::from_parts(parts, read.into_body());
     }
-    let seen = seen.freeze();
-    let usage = serde_json::from_slice::<Value>(&seen)
+    let usage = serde_json::from_slice::<Value>(&read.seen)
         .ok()
         .and_then(|v| usage_of(&v));
     if usage.is_none() {
         debug!(request_id = call.request_id, "LLM answer without usage");
     }
-    let answer = usage.is_none().then(|| seen.clone());
+    let answer = usage.is_none().then(|| read.seen.clone());
     call.finish(session, usage, 0, answer, "answered");
-    Response::from_parts(parts, full(seen))
+    Response::from_parts(parts, read.into_body())
 }
 
 /// An answer that broke off while it was read: its head, then a body that
@@ -622,13 +606,15 @@ struct Metered {
     inner: SseStream<Incoming>,
     session: Arc<Session>,
     adder: Adder,
+    /// A Responses API stream (else chat or completions chunks).
+    responses: bool,
+    /// `include_usage` was added on the client's behalf.
+    added_usage: bool,
     call: Option<Box<Call>>,
     /// The `usage` the stream reported.
     usage: Option<(u64, u64)>,
     /// Completion tokens counted (and added to the counters) so far.
     counted: u64,
-    /// The error event that ends a stream cut over budget, until sent.
-    cut: Option<Sse>,
     ended: bool,
 }
 
@@ -649,10 +635,9 @@ impl Metered {
     /// Reads one event: counts its text, keeps its usage; `None` drops it
     /// (the usage chunk the client did not ask for).
     fn meter(&mut self, mut event: Sse) -> Option<Sse> {
-        let (endpoint, added) = match &self.call {
-            Some(c) => (c.req.endpoint.clone(), c.added_usage),
-            None => return Some(event),
-        };
+        if self.call.is_none() {
+            return Some(event);
+        }
         let Some(data) = event.data.as_deref() else {
             return Some(event);
         };
@@ -661,7 +646,7 @@ impl Metered {
         };
         let mut text = String::new();
         let mut usage = None;
-        if endpoint == "responses" {
+        if self.responses {
             match v.get("type").and_then(Value::as_str) {
                 Some(
                     "response.output_text.delta"
@@ -703,7 +688,9 @@ impl Metered {
                 }
             }
             usage = usage_of(&v);
-            if added && let Some(o) = v.as_object_mut() {
+            if self.added_usage
+                && let Some(o) = v.as_object_mut()
+            {
                 // What the client did not ask for: the usage chunk, and the
                 // `usage: null` of every other chunk.
                 let only_usage = usage.is_some()
@@ -736,7 +723,8 @@ impl Metered {
                     tokens::now(),
                 );
                 if budget.passed(used, Some(call.model())) {
-                    return self.cut_event(used, budget.clone(), &endpoint);
+                    let window = budget.window_secs;
+                    return Some(self.cut_event(used, window));
                 }
             }
         }
@@ -745,43 +733,46 @@ impl Metered {
 
     /// Ends the stream over budget: an error event goes in place of the
     /// event that passed the budget, and the model's connection is closed.
-    fn cut_event(&mut self, used: Used, budget: Budget, endpoint: &str) -> Option<Sse> {
-        let Some(call) = &self.call else { return None };
+    fn cut_event(&mut self, used: Used, window_secs: u64) -> Sse {
         let message = format!(
-            "token budget exhausted during the answer: {} tokens used in this {} s window; the answer was cut",
-            used.total, budget.window_secs
+            "token budget exhausted during the answer: {} tokens used in this {window_secs} s window; the answer was cut",
+            used.total
         );
-        warn!(
-            request_id = call.request_id,
-            source = call.source,
-            model = call.model(),
-            counted = self.counted,
-            "LLM stream cut: token budget exhausted"
-        );
-        let (src, dst) = (
-            self.session.conn.source.spiffe_id.clone(),
-            self.session.conn.destination.spiffe_id.clone(),
-        );
-        self.session
-            .l7
-            .metrics
-            .llm_stream_cut(src.as_deref(), dst.as_deref(), call.model());
+        let request_id = self
+            .call
+            .as_ref()
+            .map(|c| c.request_id.clone())
+            .unwrap_or_default();
+        if let Some(call) = &self.call {
+            warn!(
+                request_id,
+                source = call.source,
+                model = call.model(),
+                counted = self.counted,
+                "LLM stream cut: token budget exhausted"
+            );
+            let conn = &self.session.conn;
+            self.session.l7.metrics.llm_stream_cut(
+                conn.source.spiffe_id.as_deref(),
+                conn.destination.spiffe_id.as_deref(),
+                call.model(),
+            );
+        }
         self.session.abort_server();
+        self.end("cut_over_budget");
         let error = json!({"message": message, "type": "tokens", "param": null,
-            "code": "budget_exhausted", "request_id": call.request_id});
-        let data = if endpoint == "responses" {
+            "code": "budget_exhausted", "request_id": request_id});
+        let data = if self.responses {
             json!({"type": "error", "code": "budget_exhausted", "message": message, "param": null, "error": error})
         } else {
             json!({ "error": error })
         };
-        self.cut = Some(Sse {
-            event: (endpoint == "responses").then(|| "error".to_owned()),
+        Sse {
+            event: self.responses.then(|| "error".to_owned()),
             data: Some(data.to_string()),
             id: None,
             retry: None,
-        });
-        self.end("cut_over_budget");
-        self.cut.take()
+        }
     }
 }
 

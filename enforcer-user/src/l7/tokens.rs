@@ -60,7 +60,8 @@ struct File {
     sources: HashMap<String, Window>,
 }
 
-fn start_of(window_secs: u64, now: u64) -> u64 {
+/// The start (Unix seconds) of the window of `window_secs` holding `now`.
+pub fn start_of(window_secs: u64, now: u64) -> u64 {
     now - now % window_secs.max(1)
 }
 

@@ -103,16 +103,6 @@ impl Budgets {
         self.0.get(source).or_else(|| self.0.get("*"))
     }
 
-    /// The window a caller's usage is counted over.
-    pub fn window_secs(&self, source: &str) -> u64 {
-        self.of(source)
-            .map_or(DEFAULT_WINDOW_SECS, |b| b.window_secs)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
     /// The budgets as JSON (the admin endpoint).
     pub fn to_json(&self) -> serde_json::Value {
         self.0
@@ -143,7 +133,10 @@ mod tests {
         let a = b.of("spiffe://td/agent/a").expect("a");
         assert_eq!(a.window_secs, 60);
         assert_eq!(b.of("spiffe://td/other").and_then(|b| b.tokens), Some(5));
-        assert_eq!(b.window_secs("spiffe://td/other"), DEFAULT_WINDOW_SECS);
+        assert_eq!(
+            b.of("spiffe://td/other").map(|b| b.window_secs),
+            Some(DEFAULT_WINDOW_SECS)
+        );
         let used = |total, model| Used { total, model };
         assert!(a.spent(used(99, 9), Some("big")).is_none());
         assert!(a.spent(used(100, 0), None).is_some());
