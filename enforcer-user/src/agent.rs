@@ -290,6 +290,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         metrics: state.metrics.clone(),
         routes: l7_routes,
         tokens,
+        collections: Default::default(),
     });
 
     let provider = tls::provider();

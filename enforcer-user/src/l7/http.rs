@@ -26,7 +26,7 @@ use tokio::{
 };
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
-use super::{Conn, Dial, L7, Protocol, Route, io::Counted, io::Totals, llm, mcp};
+use super::{Conn, Dial, L7, Protocol, Route, io::Counted, io::Totals, llm, mcp, vectordb};
 use crate::policy::{Input, Verdict};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -549,6 +549,7 @@ impl Session {
         let lists;
         let mut metered = None;
         let mut rewritten = None;
+        let mut renames = false;
         let mcp_post = self.route.protocol == Protocol::Mcp && parts.method == Method::POST;
         let mcp_pass = self.route.protocol == Protocol::Mcp
             && (parts.method == Method::GET || parts.method == Method::DELETE);
@@ -582,6 +583,22 @@ impl Session {
                     metered = call;
                     rewritten = body;
                 }
+            }
+            lists = mcp::Lists::none(Map::new());
+        } else if self.route.protocol == Protocol::Vectordb {
+            match vectordb::decide(
+                &self,
+                &parts,
+                &body.seen,
+                body.truncated(),
+                fields,
+                &request_id,
+                &authority,
+            )
+            .await
+            {
+                vectordb::Plan::Respond(resp) => return resp,
+                vectordb::Plan::Forward { renames: r } => renames = r,
             }
             lists = mcp::Lists::none(Map::new());
         } else if mcp_pass {
@@ -623,7 +640,12 @@ impl Session {
             None => body.into_body(),
         };
         let upstream_req = self.upstream_request(parts, body, upgrade, &authority);
-        let mut resp = match self.send(upstream_req).await {
+        let sent = self.send(upstream_req).await;
+        if renames {
+            // Sent (answered or not): what ids name may have changed.
+            self.l7.collections.forget();
+        }
+        let mut resp = match sent {
             Ok(r) => r,
             Err(e) => {
                 warn!(request_id, server = %self.conn.server, error = %e, "forwarding the request failed");
@@ -676,7 +698,7 @@ impl Session {
 
     /// The request as sent to the server: hop-by-hop headers removed, the
     /// URI in the form the HTTP version wants.
-    fn upstream_request(
+    pub(super) fn upstream_request(
         &self,
         mut parts: Parts,
         body: Body,
@@ -703,7 +725,7 @@ impl Session {
 
     /// Sends one request to the server, opening (or reopening, when the
     /// server closed the last one) the session's connection to it.
-    async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, String> {
+    pub(super) async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, String> {
         let h2 = req.version() == Version::HTTP_2;
         let mut slot = self.upstream.lock().await;
         for _ in 0..2 {

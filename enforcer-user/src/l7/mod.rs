@@ -10,6 +10,7 @@ pub mod io;
 pub mod llm;
 pub mod mcp;
 pub mod tokens;
+pub mod vectordb;
 
 use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc};
 
@@ -29,6 +30,9 @@ pub enum Protocol {
     /// OpenAI-compatible APIs: endpoint, model, streaming and `max_tokens`
     /// decided; tokens counted per caller and model; budgets enforced.
     Llm,
+    /// Chroma's HTTP API: each request classified read, write, delete or
+    /// admin, with its collection's name.
+    Vectordb,
 }
 
 impl Protocol {
@@ -37,6 +41,7 @@ impl Protocol {
             Protocol::Http => "http",
             Protocol::Mcp => "mcp",
             Protocol::Llm => "llm",
+            Protocol::Vectordb => "vectordb",
         }
     }
 }
@@ -144,6 +149,8 @@ pub struct L7 {
     pub routes: Routes,
     /// Tokens used per caller and model in the current window (`llm`).
     pub tokens: Arc<tokens::Tokens>,
+    /// Collection ids resolved to names (`vectordb`).
+    pub collections: vectordb::Collections,
 }
 
 #[cfg(test)]
