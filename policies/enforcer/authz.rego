@@ -49,7 +49,11 @@ to_mcp if dst in ai.mcp_servers
 
 to_vectordb if dst in ai.vector_dbs
 
-vectordb_admin_port if input.destination.port in ai.vector_db_admin_ports
+# The collections and operations granted to the caller at this vector DB
+# (data.enforcer.ai.vectordb_grants; see "Per request: vector DBs" below).
+vectordb_grant := ai.vectordb_grants[dst][src]
+
+vectordb_granted if count(vectordb_grant) > 0
 
 # Agents (identities under .../agent/) may call the LLM endpoints.
 connection_allowed if {
@@ -63,17 +67,11 @@ connection_allowed if {
 	to_mcp
 }
 
-# The MCP servers may use the vector databases, admin/ingest port included.
+# An identity with a grant at a vector DB may connect to it; each request
+# is then decided by operation and collection (declared protocol = "vectordb").
 connection_allowed if {
-	is_mcp_server
 	to_vectordb
-}
-
-# Agents may query a vector database, but never reach its admin/ingest port.
-connection_allowed if {
-	is_agent
-	to_vectordb
-	not vectordb_admin_port
+	vectordb_granted
 }
 
 # Explicitly allowed pairs (data.enforcer.ai.extra_allow: [{source, destination}]).
@@ -95,22 +93,15 @@ connection_reason := "allowed: agent -> MCP server" if {
 	to_mcp
 }
 
-connection_reason := "allowed: MCP server -> vector DB" if {
-	is_mcp_server
+connection_reason := "allowed: granted identity -> vector DB" if {
 	to_vectordb
+	vectordb_granted
 }
 
-connection_reason := "allowed: agent -> vector DB query port" if {
-	is_agent
+connection_reason := "denied: this identity has no grant at this vector DB" if {
+	input.source.spiffe_id
 	to_vectordb
-	not vectordb_admin_port
-	not is_mcp_server
-}
-
-connection_reason := "denied: agents may not reach the vector DB admin/ingest port" if {
-	is_agent
-	to_vectordb
-	vectordb_admin_port
+	not vectordb_granted
 }
 
 connection_reason := "denied: workload has no SPIFFE identity" if {
@@ -195,6 +186,33 @@ request_allowed if {
 	input.llm.endpoint == "models"
 }
 
+# ---- Per request: vector DBs (declared protocol = "vectordb") ------------
+#
+# data.enforcer.ai.vectordb_grants[<vector DB>][<identity>] maps collection
+# names ("*": every collection) to the operation classes granted on them:
+# read (query, get, count, peek), write (add, upsert, update), delete
+# (records), admin (create, modify, delete collections; databases, tenants).
+# Every granted identity may read the server's metadata (heartbeat,
+# version, its tenant and database); listing collections is admin.
+
+vectordb_request if input.vectordb.operation
+
+vectordb_ops contains op if some op in vectordb_grant[input.vectordb.collection]
+
+vectordb_ops contains op if some op in vectordb_grant["*"]
+
+request_allowed if {
+	vectordb_request
+	input.vectordb.operation in vectordb_ops
+}
+
+request_allowed if {
+	vectordb_request
+	vectordb_granted
+	input.vectordb.operation == "read"
+	not input.vectordb.collection
+}
+
 # A destination declared `http` (not MCP): the shipped policy has no request
 # rules, so each request is allowed exactly when its connection is.
 request_allowed if input.protocol == "http"
@@ -213,6 +231,13 @@ request_reason := "denied: this connection is no longer allowed" if {
 } else := "allowed: the model list" if {
 	request_allowed
 	llm_request
+} else := sprintf("allowed: %s (%s) on collection %s is granted to this identity", [input.vectordb.operation, input.vectordb.action, input.vectordb.collection]) if {
+	request_allowed
+	vectordb_request
+	input.vectordb.collection
+} else := sprintf("allowed: %s (%s) of the server's metadata", [input.vectordb.operation, input.vectordb.action]) if {
+	request_allowed
+	vectordb_request
 } else := "allowed: the connection is allowed (no request rules for http destinations)" if {
 	request_allowed
 } else := "denied: this agent has no LLM grant" if {
@@ -233,6 +258,11 @@ request_reason := "denied: this connection is no longer allowed" if {
 } else := sprintf("denied: argument %s of %s must be one of %v", [name, input.mcp.tool, granted_tools[input.mcp.tool][name]]) if {
 	tool_call
 	name := min(bad_argument)
+} else := sprintf("denied: %s (%s) on collection %s is not granted to this identity", [input.vectordb.operation, input.vectordb.action, input.vectordb.collection]) if {
+	vectordb_request
+	input.vectordb.collection
+} else := sprintf("denied: %s (%s) is not granted to this identity", [input.vectordb.operation, input.vectordb.action]) if {
+	vectordb_request
 } else := sprintf("denied: MCP method %s is not allowed by this policy", [input.mcp.method]) if {
 	input.mcp.method
 }

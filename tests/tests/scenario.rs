@@ -231,15 +231,55 @@ fn ai_agents_mcp_llm_and_vector_db_under_identity_and_policy() {
             .contains("list all invoices")
     );
 
-    // 4. The agent cannot reach the vector DB itself.
-    let (pid, out) = s.probe_vectordb("support-agent.service").expect("probe");
-    assert_eq!(out["vectordb"], "refused", "{out}");
-    let l = outbound_line(&s, pid, CHROMA_PORT);
-    assert_eq!(l["outcome"], "denied", "{l}");
-    assert_eq!(
-        l["policy_reason"], "denied: agents may not reach the vector DB admin/ingest port",
-        "{l}"
+    // 4. The support agent uses the vector DB itself, with the chromadb
+    //    client: c's agent (declared vectordb) lets it query its collection
+    //    and refuses writes, deletes and the runbooks, with the reason.
+    let (_, out) = s
+        .use_vectordb("support-agent.service", "how do I reset my password")
+        .expect("vector DB");
+    assert_eq!(out["query"]["ok"], true, "{out}");
+    assert!(
+        out["query"]["result"][0]
+            .as_str()
+            .is_some_and(|d| d.contains("reset a password")),
+        "the real embedding model finds the password doc: {out}"
     );
+    let refused = |k: &str, why: &str| {
+        assert_eq!(out[k]["error"], "AuthorizationError", "{out}");
+        assert_eq!(
+            out[k]["message"],
+            format!("denied by policy: {why}"),
+            "{out}"
+        );
+    };
+    refused(
+        "add",
+        "denied: write (add) on collection support-docs is not granted to this identity",
+    );
+    refused(
+        "delete",
+        "denied: delete (delete) on collection support-docs is not granted to this identity",
+    );
+    refused(
+        "runbooks",
+        "denied: read (get_collection) on collection internal-runbooks is not granted to this identity",
+    );
+    // c's audit log: the agent's refused write, and the MCP server's writes
+    // (the ingest's upserts, the admin's delete_doc) allowed.
+    let c = s.tb.audit(&s.data);
+    let vdb = |who: &str, action: &str, collection: &str, allow: bool| {
+        c.iter().any(|r| {
+            r["input"]["attributes"]["source"]["principal"] == who
+                && r["input"]["vectordb"]["action"] == action
+                && r["input"]["vectordb"]["collection"] == collection
+                && r["result"] == allow
+        })
+    };
+    assert!(vdb(SUPPORT_AGENT, "add", "support-docs", false));
+    assert!(vdb(SUPPORT_AGENT, "query", "support-docs", true));
+    assert!(vdb(MCP, "upsert", "internal-runbooks", true));
+    assert!(vdb(MCP, "create_collection", "support-docs", true));
+    assert!(vdb(MCP, "delete", "support-docs", true));
 
     // 5. The audit logs name the verified identities of allowed and denied connections.
     let a = s.tb.audit(&s.agents);
@@ -252,10 +292,37 @@ fn ai_agents_mcp_llm_and_vector_db_under_identity_and_policy() {
     };
     assert!(find(SUPPORT_AGENT, LLM, true) && find(SUPPORT_AGENT, MCP, true));
     assert!(find(RESEARCH_AGENT, LLM, false) && find(RESEARCH_AGENT, MCP, false));
-    assert!(find(SUPPORT_AGENT, VECTORDB, false));
+    assert!(find(SUPPORT_AGENT, VECTORDB, true));
+    assert!(!find(SUPPORT_AGENT, VECTORDB, false));
     let c = s.tb.audit(&s.data);
     assert!(c.iter().any(|r| r["input"]["direction"] == "inbound"
         && r["input"]["source"]["spiffe_id"] == MCP
         && r["input"]["source"]["authenticated"] == true
         && r["result"] == true));
+
+    // 6. The support agent spends its token budget (2 000 an hour in the
+    //    shipped policy): b's agent cuts its stream with an error event,
+    //    then refuses the next request 429.
+    let (_, out) = s
+        .spend_tokens("support-agent.service", 3000)
+        .expect("spend");
+    assert_eq!(out["stream_end"]["error"], "APIError", "{out}");
+    assert!(
+        out["stream_end"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("budget exhausted")),
+        "{out}"
+    );
+    let words = out["stream"]["words"].as_u64().unwrap_or(0);
+    assert!(words > 0 && words < 2000, "{out}");
+    assert_eq!(out["next"]["error"], "RateLimitError", "{out}");
+    let b = s.tb.audit(&s.tools);
+    for outcome in ["cut_over_budget", "refused_over_budget"] {
+        assert!(
+            b.iter().any(|u| u["type"] == "llm_usage"
+                && u["source"] == SUPPORT_AGENT
+                && u["outcome"] == outcome),
+            "no {outcome} usage line"
+        );
+    }
 }

