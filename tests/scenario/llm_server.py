@@ -16,7 +16,10 @@ user message says "count to N", the numbers 1..N; `max_tokens` cuts it.
 Streams send one word per chunk, one chunk every CHUNK_MS milliseconds.
 Each request is logged as one JSON line on stdout.
 
-usage: llm_server.py PORT [--chunk-ms N]
+usage: llm_server.py PORT [--chunk-ms N] [--stamp]
+  --stamp: each streamed chat or completions chunk also carries `x_sent_ns`,
+  the server's CLOCK_MONOTONIC (ns) when it produced it (for the benchmark's
+  per-chunk latency; clients ignore the extra member).
 """
 import asyncio
 import json
@@ -32,6 +35,7 @@ from starlette.routing import Route
 
 MODELS = ["enforcer-demo-llm", "gpt-4o-mini", "gpt-4o", "text-embedding-3-small"]
 CHUNK_MS = 5
+STAMP = False
 FILES, JOBS = [], []
 
 
@@ -139,6 +143,8 @@ async def completions(request):
         chunk_obj = "chat.completion.chunk" if chat else "text_completion"
         extra = {"usage": None} if include_usage else {}
         for i, w in enumerate(out):
+            if STAMP:
+                extra["x_sent_ns"] = time.monotonic_ns()
             piece = w if i == 0 else " " + w
             if chat:
                 delta = {"content": piece} if i else {"role": "assistant", "content": piece}
@@ -148,6 +154,8 @@ async def completions(request):
             yield sse(dict({"id": cid, "object": chunk_obj, "created": created, "model": model,
                             "choices": [choice]}, **extra))
             await asyncio.sleep(CHUNK_MS / 1000)
+        if STAMP:
+            extra["x_sent_ns"] = time.monotonic_ns()
         last = {"index": 0, "delta": {}, "finish_reason": "stop"} if chat else \
             {"index": 0, "text": "", "finish_reason": "stop", "logprobs": None}
         yield sse(dict({"id": cid, "object": chunk_obj, "created": created, "model": model, "choices": [last]}, **extra))
@@ -263,6 +271,7 @@ if __name__ == "__main__":
     port = int(sys.argv[1])
     if "--chunk-ms" in sys.argv:
         CHUNK_MS = int(sys.argv[sys.argv.index("--chunk-ms") + 1])
+    STAMP = "--stamp" in sys.argv
     # One dual-stack socket: IPv4 and IPv6 clients alike.
     sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

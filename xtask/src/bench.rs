@@ -30,6 +30,15 @@ const HTTP_L4: u16 = 8080;
 const HTTP_L7: u16 = 8081;
 /// wrk's connections for the request-rate figure (keep-alive).
 const HTTP_CONNS: u32 = 16;
+/// The OpenAI-compatible stand-in on b, twice: at L4, and declared
+/// `protocol = "llm"` (each request decided, its stream metered by b's
+/// agent). It streams one word every SSE_CHUNK_MS; SSE_REQUESTS answers of
+/// SSE_WORDS words per path and round.
+const LLM_L4: u16 = 8090;
+const LLM_L7: u16 = 8091;
+const SSE_CHUNK_MS: u32 = 5;
+const SSE_REQUESTS: usize = 20;
+const SSE_WORDS: usize = 40;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Path_ {
@@ -144,6 +153,31 @@ impl Bench {
             ],
         )?;
         parse_wrk(&out)
+    }
+
+    /// Streamed chat completions from the stand-in at `port` on b: (time to
+    /// first token per request, latency per chunk), µs.
+    fn sse(&self, unit: Option<&str>, port: u16) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+        let exe = self.exe.display().to_string();
+        let out = self.run(
+            unit,
+            &[
+                &exe,
+                "bench-sse",
+                &format!("{}:{port}", self.b.ipv4),
+                &SSE_REQUESTS.to_string(),
+                &SSE_WORDS.to_string(),
+            ],
+        )?;
+        let v: Value = serde_json::from_str(out.trim()).context("bench-sse JSON")?;
+        let list = |k: &str| -> Vec<f64> {
+            v[k].as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_f64)
+                .collect()
+        };
+        Ok((list("ttft_us"), list("chunk_us")))
     }
 
     /// New connections per second (connect, one request/response, close).
@@ -320,7 +354,7 @@ fn raise_nofile() {
     );
 }
 
-pub fn run(profile: bool) -> anyhow::Result<()> {
+pub fn run(profile: bool, llm_only: bool) -> anyhow::Result<()> {
     let started = Instant::now();
     raise_nofile();
     let root = std::env::current_dir()?;
@@ -370,7 +404,7 @@ pub fn run(profile: bool) -> anyhow::Result<()> {
         "",
         &ca,
         &format!(
-            "{}\n{}{mesh}\n[[l7.destinations]]\nports = [{HTTP_L7}]\nprotocol = \"http\"\n",
+            "{}\n{}{mesh}\n[[l7.destinations]]\nports = [{HTTP_L7}]\nprotocol = \"http\"\n\n[[l7.destinations]]\nports = [{LLM_L7}]\nprotocol = \"llm\"\n",
             tb.policy_section(&b, &policy.display().to_string()),
             entry("server", "bench-server.service")
         ),
@@ -422,6 +456,27 @@ pub fn run(profile: bool) -> anyhow::Result<()> {
         )?;
     }
 
+    let stand_in = format!(
+        "{}/../tests/scenario/llm_server.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    for (name, port) in [("llm-l4", LLM_L4), ("llm-l7", LLM_L7)] {
+        tb.start_server_in(
+            &b,
+            srv,
+            name,
+            &[
+                "python3",
+                &stand_in,
+                &port.to_string(),
+                "--chunk-ms",
+                &SSE_CHUNK_MS.to_string(),
+                "--stamp",
+            ],
+            port,
+        )?;
+    }
+
     let pki = tb.dir.join("stunnel");
     stunnel_pki(&pki)?;
     let sconf = stunnel_conf(&pki, "server", false, "")?
@@ -452,6 +507,19 @@ pub fn run(profile: bool) -> anyhow::Result<()> {
 
     if profile {
         return profiles(&bench, &root, ea.pid, eb.pid);
+    }
+    if llm_only {
+        let llm = llm_stream(&bench)?;
+        let date = today();
+        let doc = json!({"date": date, "llm_stream": llm,
+            "duration_secs": started.elapsed().as_secs()});
+        let out_dir = root.join("bench/results");
+        std::fs::create_dir_all(&out_dir)?;
+        let out = unused(&out_dir, &format!("{date}-llm"), "json");
+        std::fs::write(&out, serde_json::to_string_pretty(&doc)?)?;
+        println!("{}", table(&doc));
+        println!("written: {}", out.display());
+        return Ok(());
     }
     let rss_idle = rss_kb(ea.pid)?;
     // Each figure is the median of ROUNDS rounds; within a round the three
@@ -553,6 +621,8 @@ pub fn run(profile: bool) -> anyhow::Result<()> {
         "latency_p99_us": spread(&hp99),
     });
 
+    let llm = llm_stream(&bench)?;
+
     // Memory with HOLD idle connections through the enforcer.
     let mut tb = bench.tb;
     let target = format!("{}:{ECHO}", bench.b.ipv4);
@@ -600,6 +670,7 @@ pub fn run(profile: bool) -> anyhow::Result<()> {
         "rounds_per_figure_median": ROUNDS,
         "results": results,
         "http": http,
+        "llm_stream": llm,
         "memory": {"rss_idle_kib": rss_idle, "connections_held": held, "rss_held_kib": rss_held,
                    "bytes_per_connection": per_conn, "peer_rss_held_kib": rss_b},
         "micro": micro,
@@ -805,12 +876,70 @@ fn criterion() -> anyhow::Result<Value> {
     Ok(Value::Object(out))
 }
 
+/// Streamed LLM answers (DESIGN §7, issue 12): time to first token and
+/// per-chunk latency, direct, through enforcer at L4, and to the stand-in
+/// declared `llm`. Per path and round: the TTFT p50 over the requests and
+/// the chunk p50/p99 over every chunk; reported as the median of rounds
+/// with min–max.
+fn llm_stream(bench: &Bench) -> anyhow::Result<Value> {
+    let paths: [(&str, Option<&str>, u16); 3] = [
+        ("direct", None, LLM_L4),
+        ("l4", Some("bench-client.service"), LLM_L4),
+        ("llm", Some("bench-client.service"), LLM_L7),
+    ];
+    let pct = |v: &mut Vec<f64>, p: f64| {
+        v.sort_by(f64::total_cmp);
+        v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    let (mut ttft, mut c50, mut c99) = (
+        [vec![], vec![], vec![]],
+        [vec![], vec![], vec![]],
+        [vec![], vec![], vec![]],
+    );
+    for _ in 0..ROUNDS {
+        for (i, (name, unit, port)) in paths.iter().enumerate() {
+            let (mut t, mut c) = bench
+                .sse(*unit, *port)
+                .with_context(|| format!("streamed answers, {name}"))?;
+            let (t50, p50, p99) = (pct(&mut t, 0.5), pct(&mut c, 0.5), pct(&mut c, 0.99));
+            eprintln!(
+                "  llm stream {name:<6} time to first token p50 {t50:.0} us; chunk p50 {p50:.0} us p99 {p99:.0} us ({} chunks)",
+                c.len()
+            );
+            ttft[i].push(t50);
+            c50[i].push(p50);
+            c99[i].push(p99);
+        }
+    }
+    let spread = |v: &[Vec<f64>; 3]| {
+        let mut o = serde_json::Map::new();
+        for (i, (name, _, _)) in paths.iter().enumerate() {
+            let mut s = v[i].clone();
+            s.sort_by(f64::total_cmp);
+            o.insert(
+                (*name).into(),
+                json!({"median": s[s.len() / 2], "min": s[0], "max": s[s.len() - 1]}),
+            );
+        }
+        Value::Object(o)
+    };
+    Ok(json!({
+        "chunk_ms": SSE_CHUNK_MS,
+        "requests_per_round": SSE_REQUESTS,
+        "words_per_answer": SSE_WORDS,
+        "ttft_p50_us": spread(&ttft),
+        "chunk_p50_us": spread(&c50),
+        "chunk_p99_us": spread(&c99),
+    }))
+}
+
 /// The Markdown table of a results document.
 pub fn table(doc: &Value) -> String {
-    let mut t = String::from(
-        "| metric | direct | enforcer | stunnel | enforcer / direct | enforcer / stunnel |\n|---|---|---|---|---|---|\n",
-    );
+    let mut t = String::new();
     if let Some(results) = doc["results"].as_object() {
+        t.push_str("| metric | direct | enforcer | stunnel | enforcer / direct | enforcer / stunnel |\n|---|---|---|---|---|---|\n");
         for (name, r) in results {
             let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
             let unit = r["unit"].as_str().unwrap_or("");
@@ -860,6 +989,37 @@ pub fn table(doc: &Value) -> String {
             );
         }
     }
+    let l = &doc["llm_stream"];
+    if l.is_object() {
+        let m = |k: &str, p: &str| l[k][p]["median"].as_f64().unwrap_or(f64::NAN);
+        let range = |k: &str, p: &str| {
+            format!(
+                "{:.0} ({:.0}–{:.0})",
+                m(k, p),
+                l[k][p]["min"].as_f64().unwrap_or(f64::NAN),
+                l[k][p]["max"].as_f64().unwrap_or(f64::NAN)
+            )
+        };
+        let _ = writeln!(
+            t,
+            "\n| LLM stream, {} words at {} ms (median of rounds, min–max, µs) | direct | enforcer L4 | enforcer `llm` | `llm` added over L4 |\n|---|---|---|---|---|",
+            l["words_per_answer"], l["chunk_ms"]
+        );
+        for (k, label) in [
+            ("ttft_p50_us", "time to first token, p50"),
+            ("chunk_p50_us", "per chunk, p50"),
+            ("chunk_p99_us", "per chunk, p99"),
+        ] {
+            let _ = writeln!(
+                t,
+                "| {label} | {} | {} | {} | {:+.0} µs |",
+                range(k, "direct"),
+                range(k, "l4"),
+                range(k, "llm"),
+                m(k, "llm") - m(k, "l4")
+            );
+        }
+    }
     if let Some(micro) = doc["micro"].as_object() {
         t.push_str("\n| operation | mean (criterion) | p50 | p99 | p99.9 (each timed alone) |\n|---|---|---|---|---|\n");
         for (name, r) in micro {
@@ -878,6 +1038,9 @@ pub fn table(doc: &Value) -> String {
         }
     }
     let m = &doc["memory"];
+    if m.is_null() {
+        return t;
+    }
     let _ = writeln!(
         t,
         "\nenforcer RSS: {} KiB idle; {} KiB with {} open idle connections ({:.0} bytes each); peer agent {} KiB",

@@ -141,3 +141,78 @@ pub fn hold(addr: SocketAddr, count: usize, secs: u64) -> anyhow::Result<()> {
         anyhow::Ok(())
     })
 }
+
+/// The CLOCK_MONOTONIC time in ns (the clock of every network namespace on
+/// the host, and of Python's `time.monotonic_ns`).
+fn monotonic_ns() -> anyhow::Result<i128> {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
+    Ok(t.tv_sec() as i128 * 1_000_000_000 + t.tv_nsec() as i128)
+}
+
+/// `requests` streamed chat completions ("count to `words`"), one after the
+/// other on one keep-alive connection to `addr`, from the OpenAI-compatible
+/// stand-in started with `--stamp` (each chunk carries `x_sent_ns`, the
+/// server's CLOCK_MONOTONIC when it produced it). Prints
+/// `{"ttft_us": [...], "chunk_us": [...]}`: per request, the time from
+/// sending it to the first content chunk; per chunk, from the server's stamp
+/// to its arrival here.
+pub fn sse(addr: SocketAddr, requests: usize, words: usize) -> anyhow::Result<()> {
+    use http_body_util::{BodyExt as _, Full};
+    runtime()?.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+        tokio::spawn(conn);
+        let body = serde_json::json!({
+            "model": "gpt-4o-mini", "stream": true,
+            "messages": [{"role": "user", "content": format!("count to {words}")}],
+        })
+        .to_string();
+        let (mut ttft, mut chunk) = (Vec::new(), Vec::new());
+        for _ in 0..requests {
+            let req = hyper::Request::post("/v1/chat/completions")
+                .header("host", addr.to_string())
+                .header("content-type", "application/json")
+                .body(Full::new(bytes::Bytes::from(body.clone())))?;
+            send.ready().await?;
+            let sent = monotonic_ns()?;
+            let resp = send.send_request(req).await?;
+            anyhow::ensure!(resp.status().is_success(), "status {}", resp.status());
+            let mut body = resp.into_body();
+            let mut buf = Vec::new();
+            let mut first = true;
+            while let Some(frame) = body.frame().await {
+                let now = monotonic_ns()?;
+                let Ok(data) = frame?.into_data() else {
+                    continue;
+                };
+                buf.extend_from_slice(&data);
+                // Complete events (blank-line separated) in what arrived.
+                while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+                    let event: Vec<u8> = buf.drain(..end + 2).collect();
+                    let Some(json) = event.strip_prefix(b"data: ") else {
+                        continue;
+                    };
+                    let Ok(v) = serde_json::from_slice::<serde_json::Value>(json) else {
+                        continue; // [DONE]
+                    };
+                    let Some(stamp) = v.get("x_sent_ns").and_then(serde_json::Value::as_i64) else {
+                        continue;
+                    };
+                    if first {
+                        ttft.push((now - sent) as f64 / 1000.0);
+                        first = false;
+                    }
+                    chunk.push((now - stamp as i128) as f64 / 1000.0);
+                }
+            }
+            anyhow::ensure!(!first, "the answer had no stamped chunk");
+        }
+        println!(
+            "{}",
+            serde_json::json!({"ttft_us": ttft, "chunk_us": chunk})
+        );
+        Ok(())
+    })
+}

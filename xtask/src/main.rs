@@ -35,6 +35,10 @@ enum Task {
         /// time goes to bench/results/<date>-profile.md.
         #[arg(long)]
         profile: bool,
+        /// Only the streamed-LLM figures (time to first token, per-chunk
+        /// latency), written to bench/results/<date>-llm.json.
+        #[arg(long)]
+        llm_only: bool,
     },
     /// (used by bench) echo server on [::]:PORT
     #[command(hide = true)]
@@ -49,6 +53,14 @@ enum Task {
         addr: std::net::SocketAddr,
         secs: u64,
         workers: usize,
+    },
+    /// (used by bench) REQUESTS streamed chat completions of WORDS words from
+    /// the OpenAI-compatible stand-in at ADDR: time to first token, per-chunk latency
+    #[command(hide = true)]
+    BenchSse {
+        addr: std::net::SocketAddr,
+        requests: usize,
+        words: usize,
     },
     /// (used by bench) hold COUNT idle connections to ADDR for SECS
     #[command(hide = true)]
@@ -71,9 +83,9 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             test(&args)
         }
-        Task::Bench { profile } => {
+        Task::Bench { profile, llm_only } => {
             setup::run()?;
-            bench::run(profile)
+            bench::run(profile, llm_only)
         }
         Task::BenchEcho { port } => load::echo(port),
         Task::BenchHttp { port } => load::http(port),
@@ -82,6 +94,11 @@ fn main() -> anyhow::Result<()> {
             secs,
             workers,
         } => load::connect_rate(addr, secs.min(60), workers.min(256)),
+        Task::BenchSse {
+            addr,
+            requests,
+            words,
+        } => load::sse(addr, requests.min(1000), words.min(10_000)),
         Task::BenchHold { addr, count, secs } => load::hold(addr, count.min(20_000), secs.min(120)),
     }
 }
