@@ -465,6 +465,8 @@ async fn resolve(
         ))
         .version(parts.version);
     if let Some(h) = req.headers_mut() {
+        // The client's headers (its credentials, its host), but not those of
+        // its body; the answer is asked for uncompressed, to be read here.
         for (k, v) in &parts.headers {
             if ![
                 header::CONTENT_LENGTH,
@@ -472,12 +474,14 @@ async fn resolve(
                 header::CONTENT_ENCODING,
                 header::TRANSFER_ENCODING,
                 header::EXPECT,
+                header::ACCEPT_ENCODING,
             ]
             .contains(k)
             {
                 h.append(k.clone(), v.clone());
             }
         }
+        h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     }
     let req = match req.body(full(Bytes::new())) {
         Ok(r) => r,
