@@ -481,7 +481,10 @@ async fn resolve(
                 h.append(k.clone(), v.clone());
             }
         }
-        h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        h.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
     }
     let req = match req.body(full(Bytes::new())) {
         Ok(r) => r,
