@@ -475,6 +475,33 @@ impl Testbed {
         Ok(pid)
     }
 
+    /// Starts Chroma's real server (`chroma run`, from the `chromadb`
+    /// package) in `node`'s child cgroup `chroma.service`, its data in the
+    /// testbed's directory, and waits until it listens on `port`.
+    pub fn start_chroma(&mut self, node: &Node, port: u16) -> Result<u32> {
+        let db = self.dir.join("chroma-db").display().to_string();
+        let port_s = port.to_string();
+        self.start_server_in(
+            node,
+            Some("chroma.service"),
+            "chroma",
+            &[
+                "env",
+                "ANONYMIZED_TELEMETRY=False",
+                "chroma",
+                "run",
+                "--host",
+                "0.0.0.0",
+                "--port",
+                &port_s,
+                "--path",
+                &db,
+            ],
+            port,
+        )
+        .context("starting Chroma's server (pip install chromadb: cargo xtask setup)")
+    }
+
     /// Starts a background process in `node`'s netns (optionally in a child
     /// cgroup); stdout and stderr go to `<node>-<name>.log`. Stopped on drop.
     pub fn spawn(
@@ -781,6 +808,26 @@ impl Node {
 }
 
 impl Node {
+    /// Runs a client helper in `unit` that makes one call per JSON argument
+    /// (`program` then each of `calls`) and prints one JSON line per call;
+    /// asserts it printed one for each and returns them.
+    pub fn calls(&self, unit: &str, program: &[String], calls: &[Value]) -> Vec<Value> {
+        let args: Vec<String> = calls.iter().map(Value::to_string).collect();
+        let cmd: Vec<&str> = program.iter().chain(&args).map(String::as_str).collect();
+        let (_, out) = self
+            .exec(Some(unit), &cmd)
+            .unwrap_or_else(|e| panic!("{program:?}: {e:#}"));
+        let results = json_lines(&String::from_utf8_lossy(&out.stdout));
+        assert_eq!(
+            results.len(),
+            calls.len(),
+            "client output: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        results
+    }
+
     /// curl `url` from this node (in `unit`'s cgroup, or outside the
     /// captured subtree); asserts HTTP 200 and returns curl's pid.
     pub fn get_ok(&self, unit: Option<&str>, url: &str) -> u32 {
@@ -946,13 +993,16 @@ pub fn llm_pair(
     Ok(Pair { tb, a, b, ea, eb })
 }
 
-/// The lines of a file that are JSON (none when it does not exist yet).
-pub fn json_lines_of(path: &Path) -> Vec<Value> {
-    fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
+/// The lines of `text` that are JSON.
+pub fn json_lines(text: &str) -> Vec<Value> {
+    text.lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
+}
+
+/// The lines of a file that are JSON (none when it does not exist yet).
+pub fn json_lines_of(path: &Path) -> Vec<Value> {
+    json_lines(&fs::read_to_string(path).unwrap_or_default())
 }
 
 /// Waits (up to 20 s) until `cond` holds; panics naming `what` if it never does.

@@ -125,26 +125,7 @@ impl Scenario {
             "",
         )?;
 
-        let db = tb.dir.join("chroma-db").display().to_string();
-        tb.start_server_in(
-            &data,
-            Some("chroma.service"),
-            "chroma",
-            &[
-                "env",
-                "ANONYMIZED_TELEMETRY=False",
-                "chroma",
-                "run",
-                "--host",
-                "0.0.0.0",
-                "--port",
-                &CHROMA_PORT.to_string(),
-                "--path",
-                &db,
-            ],
-            CHROMA_PORT,
-        )
-        .context("starting Chroma (pip install chromadb)")?;
+        tb.start_chroma(&data, CHROMA_PORT)?;
         let llm = scripts().join("llm_server.py").display().to_string();
         tb.start_server_in(
             &tools,

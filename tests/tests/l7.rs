@@ -137,10 +137,7 @@ fn json_out(out: &std::process::Output) -> Value {
 
 /// Every JSON line a helper printed.
 fn json_lines(out: &std::process::Output) -> Vec<Value> {
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
+    enforcer_tests::json_lines(&String::from_utf8_lossy(&out.stdout))
 }
 
 /// curl POSTs `body` as JSON to b's MCP server on 8001 from the support

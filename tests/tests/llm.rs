@@ -6,7 +6,7 @@
 //! endpoint, counts the tokens, and holds the batch agent to its budget.
 use std::{fs, path::PathBuf};
 
-use enforcer_tests::{Enforcer, MESH, Node, Testbed, entry, sum_metric, wait_for};
+use enforcer_tests::{Enforcer, MESH, Node, Testbed, entry, json_lines, sum_metric, wait_for};
 use serde_json::{Value, json};
 
 const TD: &str = "ai.example.org";
@@ -136,22 +136,7 @@ fn setup() -> Setup {
 /// per call.
 fn calls(s: &Setup, unit: &str, calls: &[Value]) -> Vec<Value> {
     let url = format!("http://{}:{PORT}/v1", s.b.ipv4);
-    let mut cmd = vec!["python3".to_owned(), helper("llm_call.py"), url];
-    cmd.extend(calls.iter().map(Value::to_string));
-    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
-    let (_, out) = s.a.exec(Some(unit), &cmd).expect("openai client");
-    let results: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    assert_eq!(
-        results.len(),
-        calls.len(),
-        "client output: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    results
+    s.a.calls(unit, &["python3".into(), helper("llm_call.py"), url], calls)
 }
 
 fn call(s: &Setup, unit: &str, c: Value) -> Value {
@@ -160,10 +145,7 @@ fn call(s: &Setup, unit: &str, c: Value) -> Value {
 
 /// The JSON lines the stand-in logged (one per request it received).
 fn server_log(s: &Setup) -> Vec<Value> {
-    s.tb.server_log(&s.b, "llm")
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
+    json_lines(&s.tb.server_log(&s.b, "llm"))
 }
 
 fn usage_lines(s: &Setup) -> Vec<Value> {

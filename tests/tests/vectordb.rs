@@ -74,26 +74,7 @@ fn setup() -> Setup {
     std::fs::create_dir_all(&dir).expect("policy dir");
     std::fs::write(dir.join("policy.rego"), POLICY).expect("policy");
     let ca = tb.shared_ca("shared", TD).expect("CA");
-    let db = tb.dir.join("chroma-db").display().to_string();
-    tb.start_server_in(
-        &b,
-        Some("chroma.service"),
-        "chroma",
-        &[
-            "env",
-            "ANONYMIZED_TELEMETRY=False",
-            "chroma",
-            "run",
-            "--host",
-            "0.0.0.0",
-            "--port",
-            &PORT.to_string(),
-            "--path",
-            &db,
-        ],
-        PORT,
-    )
-    .expect("Chroma's server (pip install chromadb: cargo xtask setup)");
+    tb.start_chroma(&b, PORT).expect("Chroma");
     let source = dir.display().to_string();
     let b_tail = format!(
         "{}\n{MESH}\n{}\n[[l7.destinations]]\nports = [{PORT}]\nprotocol = \"vectordb\"\n",
@@ -122,27 +103,8 @@ fn setup() -> Setup {
 /// result per call.
 fn calls(s: &Setup, unit: &str, calls: &[Value]) -> Vec<Value> {
     let helper = format!("{}/helpers/chroma_call.py", env!("CARGO_MANIFEST_DIR"));
-    let mut cmd = vec![
-        "python3".to_owned(),
-        helper,
-        s.b.ipv4.clone(),
-        PORT.to_string(),
-    ];
-    cmd.extend(calls.iter().map(Value::to_string));
-    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
-    let (_, out) = s.a.exec(Some(unit), &cmd).expect("chromadb client");
-    let results: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    assert_eq!(
-        results.len(),
-        calls.len(),
-        "client output: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    results
+    let program = ["python3".into(), helper, s.b.ipv4.clone(), PORT.to_string()];
+    s.a.calls(unit, &program, calls)
 }
 
 fn all_ok(results: &[Value]) {

@@ -602,18 +602,7 @@ pub fn run(profile: bool, llm_only: bool) -> anyhow::Result<()> {
             hp99[i].push(b);
         }
     }
-    let spread = |v: &[Vec<f64>; 3]| {
-        let mut o = serde_json::Map::new();
-        for (i, (name, _, _)) in http_paths.iter().enumerate() {
-            let mut s = v[i].clone();
-            s.sort_by(f64::total_cmp);
-            o.insert(
-                (*name).into(),
-                json!({"median": s[s.len() / 2], "min": s[0], "max": s[s.len() - 1]}),
-            );
-        }
-        Value::Object(o)
-    };
+    let spread = |v: &[Vec<f64>; 3]| spread(http_paths.map(|(name, _, _)| name), v);
     let http = json!({
         "connections_for_rate": HTTP_CONNS,
         "requests_per_sec": spread(&rate),
@@ -913,18 +902,7 @@ fn llm_stream(bench: &Bench) -> anyhow::Result<Value> {
             c99[i].push(p99);
         }
     }
-    let spread = |v: &[Vec<f64>; 3]| {
-        let mut o = serde_json::Map::new();
-        for (i, (name, _, _)) in paths.iter().enumerate() {
-            let mut s = v[i].clone();
-            s.sort_by(f64::total_cmp);
-            o.insert(
-                (*name).into(),
-                json!({"median": s[s.len() / 2], "min": s[0], "max": s[s.len() - 1]}),
-            );
-        }
-        Value::Object(o)
-    };
+    let spread = |v: &[Vec<f64>; 3]| spread(paths.map(|(name, _, _)| name), v);
     Ok(json!({
         "chunk_ms": SSE_CHUNK_MS,
         "requests_per_round": SSE_REQUESTS,
@@ -933,6 +911,37 @@ fn llm_stream(bench: &Bench) -> anyhow::Result<Value> {
         "chunk_p50_us": spread(&c50),
         "chunk_p99_us": spread(&c99),
     }))
+}
+
+/// Per path: the median of its rounds' values, with their min and max.
+fn spread(names: [&str; 3], v: &[Vec<f64>; 3]) -> Value {
+    let mut o = serde_json::Map::new();
+    for (name, values) in names.iter().zip(v) {
+        let mut s = values.clone();
+        s.sort_by(f64::total_cmp);
+        o.insert(
+            (*name).into(),
+            json!({"median": s[s.len() / 2], "min": s[0], "max": s[s.len() - 1]}),
+        );
+    }
+    Value::Object(o)
+}
+
+/// A spread's median.
+fn median(spread: &Value) -> f64 {
+    spread["median"].as_f64().unwrap_or(f64::NAN)
+}
+
+/// A spread as "median (min–max)", with `decimals` digits.
+fn range(spread: &Value, decimals: usize) -> String {
+    let f = |k: &str| spread[k].as_f64().unwrap_or(f64::NAN);
+    format!(
+        "{:.d$} ({:.d$}–{:.d$})",
+        f("median"),
+        f("min"),
+        f("max"),
+        d = decimals
+    )
 }
 
 /// The Markdown table of a results document.
@@ -956,15 +965,8 @@ pub fn table(doc: &Value) -> String {
     }
     let h = &doc["http"];
     if h.is_object() {
-        let m = |k: &str, p: &str| h[k][p]["median"].as_f64().unwrap_or(f64::NAN);
-        let range = |k: &str, p: &str| {
-            format!(
-                "{:.1} ({:.1}–{:.1})",
-                m(k, p),
-                h[k][p]["min"].as_f64().unwrap_or(f64::NAN),
-                h[k][p]["max"].as_f64().unwrap_or(f64::NAN)
-            )
-        };
+        let m = |k: &str, p: &str| median(&h[k][p]);
+        let range = |k: &str, p: &str| range(&h[k][p], 1);
         let _ = writeln!(
             t,
             "\n| HTTP, keep-alive (median of rounds, min–max) | direct | enforcer L4 | enforcer L7 (`http`) | L7 / L4 | L7 added over L4 |\n|---|---|---|---|---|---|"
@@ -991,15 +993,8 @@ pub fn table(doc: &Value) -> String {
     }
     let l = &doc["llm_stream"];
     if l.is_object() {
-        let m = |k: &str, p: &str| l[k][p]["median"].as_f64().unwrap_or(f64::NAN);
-        let range = |k: &str, p: &str| {
-            format!(
-                "{:.0} ({:.0}–{:.0})",
-                m(k, p),
-                l[k][p]["min"].as_f64().unwrap_or(f64::NAN),
-                l[k][p]["max"].as_f64().unwrap_or(f64::NAN)
-            )
-        };
+        let m = |k: &str, p: &str| median(&l[k][p]);
+        let range = |k: &str, p: &str| range(&l[k][p], 0);
         let _ = writeln!(
             t,
             "\n| LLM stream, {} words at {} ms (median of rounds, min–max, µs) | direct | enforcer L4 | enforcer `llm` | `llm` added over L4 |\n|---|---|---|---|---|",

@@ -10,6 +10,23 @@ fn short(id: &str) -> &str {
     id.strip_prefix("spiffe://ai.example.org").unwrap_or(id)
 }
 
+/// An audit line's result, padded for a column.
+fn verdict(r: &Value) -> &'static str {
+    if r["result"] == Value::Bool(true) {
+        "ALLOW"
+    } else {
+        "DENY "
+    }
+}
+
+/// A request audit line's caller: its verified principal, shortened.
+fn caller(r: &Value) -> &str {
+    r["input"]["attributes"]["source"]["principal"]
+        .as_str()
+        .map(short)
+        .unwrap_or("(no identity)")
+}
+
 fn first_line(v: &Value) -> &str {
     v.as_str().unwrap_or("(none)").lines().next().unwrap_or("")
 }
@@ -207,15 +224,8 @@ pub fn run() -> anyhow::Result<()> {
     {
         let mcp = &r["input"]["mcp"];
         let llm = &r["input"]["llm"];
-        let who = r["input"]["attributes"]["source"]["principal"]
-            .as_str()
-            .map(short)
-            .unwrap_or("(no identity)");
-        let verdict = if r["result"] == Value::Bool(true) {
-            "ALLOW"
-        } else {
-            "DENY "
-        };
+        let who = caller(r);
+        let verdict = verdict(r);
         let what = if llm.is_object() {
             format!(
                 "LLM {}(model={})",
@@ -265,15 +275,8 @@ pub fn run() -> anyhow::Result<()> {
             .filter(|r| r["request_id"].is_string())
     {
         let v = &r["input"]["vectordb"];
-        let who = r["input"]["attributes"]["source"]["principal"]
-            .as_str()
-            .map(short)
-            .unwrap_or("(no identity)");
-        let verdict = if r["result"] == Value::Bool(true) {
-            "ALLOW"
-        } else {
-            "DENY "
-        };
+        let who = caller(r);
+        let verdict = verdict(r);
         let what = format!(
             "{} {}{}",
             v["operation"].as_str().unwrap_or("?"),
@@ -325,11 +328,7 @@ pub fn run() -> anyhow::Result<()> {
                 .map(short)
                 .unwrap_or("(outside mesh)");
             let port = &r["input"]["destination"]["port"];
-            let verdict = if r["result"] == Value::Bool(true) {
-                "ALLOW"
-            } else {
-                "DENY "
-            };
+            let verdict = verdict(r);
             println!(
                 "  node {name} {:<8} {verdict} {src:<26} -> {dst}:{port:<5} {}{}",
                 r["input"]["direction"].as_str().unwrap_or("?"),

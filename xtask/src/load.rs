@@ -157,7 +157,8 @@ fn monotonic_ns() -> anyhow::Result<i128> {
 /// sending it to the first content chunk; per chunk, from the server's stamp
 /// to its arrival here.
 pub fn sse(addr: SocketAddr, requests: usize, words: usize) -> anyhow::Result<()> {
-    use http_body_util::{BodyExt as _, Full};
+    use futures_util::StreamExt as _;
+    use http_body_util::Full;
     runtime()?.block_on(async move {
         let tcp = tokio::net::TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
@@ -179,33 +180,24 @@ pub fn sse(addr: SocketAddr, requests: usize, words: usize) -> anyhow::Result<()
             let sent = monotonic_ns()?;
             let resp = send.send_request(req).await?;
             anyhow::ensure!(resp.status().is_success(), "status {}", resp.status());
-            let mut body = resp.into_body();
-            let mut buf = Vec::new();
+            let mut events = sse_stream::SseStream::new(resp.into_body());
             let mut first = true;
-            while let Some(frame) = body.frame().await {
+            while let Some(event) = events.next().await {
                 let now = monotonic_ns()?;
-                let Ok(data) = frame?.into_data() else {
+                let Some(data) = event?.data else {
                     continue;
                 };
-                buf.extend_from_slice(&data);
-                // Complete events (blank-line separated) in what arrived.
-                while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
-                    let event: Vec<u8> = buf.drain(..end + 2).collect();
-                    let Some(json) = event.strip_prefix(b"data: ") else {
-                        continue;
-                    };
-                    let Ok(v) = serde_json::from_slice::<serde_json::Value>(json) else {
-                        continue; // [DONE]
-                    };
-                    let Some(stamp) = v.get("x_sent_ns").and_then(serde_json::Value::as_i64) else {
-                        continue;
-                    };
-                    if first {
-                        ttft.push((now - sent) as f64 / 1000.0);
-                        first = false;
-                    }
-                    chunk.push((now - stamp as i128) as f64 / 1000.0);
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&data) else {
+                    continue; // [DONE]
+                };
+                let Some(stamp) = v.get("x_sent_ns").and_then(serde_json::Value::as_i64) else {
+                    continue;
+                };
+                if first {
+                    ttft.push((now - sent) as f64 / 1000.0);
+                    first = false;
                 }
+                chunk.push((now - stamp as i128) as f64 / 1000.0);
             }
             anyhow::ensure!(!first, "the answer had no stamped chunk");
         }

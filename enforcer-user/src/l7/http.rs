@@ -271,6 +271,17 @@ pub(super) fn full(bytes: Bytes) -> Body {
         .boxed_unsync()
 }
 
+/// The body as JSON when the request's fields have no `parsed_body` (its
+/// content type did not say JSON) but it was read whole and is JSON all the
+/// same — as OpenAI and Chroma bodies are, whatever their header says.
+/// `None` when `parsed_body` already holds it.
+pub(super) fn json_anyway(fields: &Map<String, Value>, body: &ReadBody) -> Option<Value> {
+    if fields.contains_key("parsed_body") || body.truncated() || body.seen.is_empty() {
+        return None;
+    }
+    serde_json::from_slice(&body.seen).ok()
+}
+
 pub(super) fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
     let mut resp = Response::new(full(Bytes::from(body.to_string())));
     *resp.status_mut() = status;
@@ -568,16 +579,7 @@ impl Session {
                 mcp::Plan::Forward(l) => lists = l,
             }
         } else if self.route.protocol == Protocol::Llm {
-            match llm::decide(
-                &self,
-                &parts,
-                &body.seen,
-                body.truncated(),
-                fields,
-                &request_id,
-            )
-            .await
-            {
+            match llm::decide(&self, &parts, &body, fields, &request_id).await {
                 llm::Plan::Respond(resp) => return resp,
                 llm::Plan::Forward { call, body } => {
                     metered = call;
@@ -586,17 +588,7 @@ impl Session {
             }
             lists = mcp::Lists::none(Map::new());
         } else if self.route.protocol == Protocol::Vectordb {
-            match vectordb::decide(
-                &self,
-                &parts,
-                &body.seen,
-                body.truncated(),
-                fields,
-                &request_id,
-                &authority,
-            )
-            .await
-            {
+            match vectordb::decide(&self, &parts, &body, fields, &request_id, &authority).await {
                 vectordb::Plan::Respond(resp) => return resp,
                 vectordb::Plan::Forward { renames: r } => renames = r,
             }

@@ -25,7 +25,7 @@ use sse_stream::{Sse, SseBody, SseStream};
 use tracing::{debug, info, warn};
 
 use super::{
-    http::{Body, BoxError, Session, json_response},
+    http::{Body, BoxError, ReadBody, Session, json_anyway, json_response},
     tokens,
 };
 use crate::policy::budgets::{Budget, DEFAULT_WINDOW_SECS, Used};
@@ -144,27 +144,19 @@ pub enum Plan {
 }
 
 /// Decides one request to an `llm` destination.
-pub async fn decide(
+pub(super) async fn decide(
     session: &Session,
     parts: &Parts,
-    seen: &Bytes,
-    truncated: bool,
+    body: &ReadBody,
     mut fields: Map<String, Value>,
     request_id: &str,
 ) -> Plan {
-    // The JSON body: as `parsed_body` when the content type said JSON, else
-    // parsed here (an OpenAI body is JSON whatever its header says).
-    let mut parsed = match fields.get("parsed_body") {
-        Some(_) => None,
-        None => (!truncated && !seen.is_empty())
-            .then(|| serde_json::from_slice::<Value>(seen).ok())
-            .flatten(),
-    };
+    let mut parsed = json_anyway(&fields, body);
     let req = LlmRequest::read(
         parts.uri.path(),
         fields.get("parsed_body").or(parsed.as_ref()),
     );
-    if truncated && req.metered() && parts.method == Method::POST {
+    if body.truncated() && req.metered() && parts.method == Method::POST {
         warn!(
             request_id,
             endpoint = req.endpoint,
@@ -293,7 +285,7 @@ pub async fn decide(
         };
     }
     // A stream's usage is asked for on the client's behalf.
-    let mut body = None;
+    let mut rewritten = None;
     let added_usage = req.stream && req.usage_on_request() && !req.include_usage;
     if added_usage {
         parsed = parsed.or_else(|| input.request.and_then(|mut r| r.remove("parsed_body")));
@@ -305,20 +297,20 @@ pub async fn decide(
         if let Value::Object(opts) = opts {
             opts.insert("include_usage".into(), true.into());
         }
-        body = serde_json::to_vec(&o).ok().map(Bytes::from);
+        rewritten = serde_json::to_vec(&o).ok().map(Bytes::from);
     }
     Plan::Forward {
         call: Some(Box::new(Call {
-            added_usage: added_usage && body.is_some(),
+            added_usage: added_usage && rewritten.is_some(),
             req,
             source,
             window_secs,
             budget,
             decision_id: verdict.decision_id,
             request_id: request_id.to_owned(),
-            body: seen.clone(),
+            body: body.seen.clone(),
         })),
-        body,
+        body: rewritten,
     }
 }
 

@@ -29,7 +29,7 @@ use percent_encoding::percent_decode_str;
 use serde_json::{Map, Value, json};
 use tracing::{info, warn};
 
-use super::http::{Body, Session, full, json_response, read_bounded};
+use super::http::{Body, ReadBody, Session, full, json_anyway, json_response, read_bounded};
 
 /// How long a resolved collection id is used without asking again.
 pub const FRESH_FOR: Duration = Duration::from_secs(10);
@@ -306,14 +306,6 @@ impl Collections {
     pub fn forget(&self) {
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
-
-    pub fn len(&self) -> usize {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// What to do with a request.
@@ -340,33 +332,35 @@ fn chroma_error(
 }
 
 /// Decides one request to a `vectordb` destination.
-pub async fn decide(
+pub(super) async fn decide(
     session: &Session,
     parts: &Parts,
-    seen: &Bytes,
-    truncated: bool,
+    body: &ReadBody,
     mut fields: Map<String, Value>,
     request_id: &str,
     authority: &str,
 ) -> Plan {
-    let parsed = match fields.get("parsed_body") {
-        Some(_) => None,
-        None => (!truncated && !seen.is_empty())
-            .then(|| serde_json::from_slice::<Value>(seen).ok())
-            .flatten(),
-    };
+    let parsed = json_anyway(&fields, body);
     let op = Op::read(
         &parts.method,
         parts.uri.path(),
         fields.get("parsed_body").or(parsed.as_ref()),
     );
-    let mut block = json!({"operation": op.operation.as_str(), "action": op.action});
-    let (mut tenant, mut database) = (op.tenant.clone(), op.database.clone());
-    match &op.target {
+    let renames = op.renames();
+    let Op {
+        operation,
+        action,
+        mut tenant,
+        mut database,
+        target,
+        raw,
+    } = op;
+    let mut block = json!({"operation": operation.as_str(), "action": action});
+    match target {
         Target::None => {}
-        Target::Name(n) => block["collection"] = n.as_str().into(),
+        Target::Name(n) => block["collection"] = n.into(),
         Target::Id(raw_id) => {
-            match resolve(session, parts, &op, raw_id, request_id, authority).await {
+            match resolve(session, parts, raw.as_ref(), &raw_id, request_id, authority).await {
                 Ok(r) => {
                     block["collection"] = r.name.into();
                     block["collection_id"] = r.id.into();
@@ -383,14 +377,9 @@ pub async fn decide(
     if let Some(d) = database {
         block["database"] = d.into();
     }
-    let collection = block
-        .get("collection")
-        .and_then(Value::as_str)
-        .map(str::to_owned);
     fields.insert("vectordb".into(), block);
-    let verdict = session
-        .decide_input(&session.input(fields), request_id)
-        .await;
+    let input = session.input(fields);
+    let verdict = session.decide_input(&input, request_id).await;
     session.count(verdict.result);
     if !verdict.allowed {
         let reason = verdict
@@ -398,10 +387,16 @@ pub async fn decide(
             .reason
             .as_deref()
             .unwrap_or("no rule allows it");
+        let collection = input
+            .request
+            .as_ref()
+            .and_then(|r| r.get("vectordb"))
+            .and_then(|v| v.get("collection"))
+            .and_then(Value::as_str);
         info!(
             request_id,
-            operation = op.operation.as_str(),
-            action = op.action,
+            operation = operation.as_str(),
+            action,
             collection,
             reason,
             decision_id = verdict.decision_id,
@@ -417,9 +412,7 @@ pub async fn decide(
             ],
         ));
     }
-    Plan::Forward {
-        renames: op.renames(),
-    }
+    Plan::Forward { renames }
 }
 
 /// Resolves a collection id by asking the server, in the request's tenant
@@ -428,7 +421,7 @@ pub async fn decide(
 async fn resolve(
     session: &Session,
     parts: &Parts,
-    op: &Op,
+    raw: Option<&(String, String)>,
     raw_id: &str,
     request_id: &str,
     authority: &str,
@@ -448,7 +441,7 @@ async fn resolve(
             &[("request_id", request_id)],
         )
     };
-    let Some((raw_tenant, raw_db)) = op.raw.clone() else {
+    let Some((raw_tenant, raw_db)) = raw else {
         return Err(refuse("no tenant and database in the path".into()));
     };
     // What the id is, as the resolution's answer must confirm.
@@ -760,6 +753,6 @@ mod tests {
         assert_eq!(c.get(&key), Some(r));
         c.forget();
         assert_eq!(c.get(&key), None);
-        assert!(c.is_empty());
+        assert!(c.cache.lock().expect("lock").is_empty());
     }
 }

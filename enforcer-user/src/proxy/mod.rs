@@ -88,18 +88,24 @@ pub fn dial_local(dst: std::net::SocketAddr) -> crate::l7::Dial {
     std::sync::Arc::new(move || Box::pin(connect_local(dst)))
 }
 
-/// Serves an accepted TCP connection whose destination is declared L7:
-/// each request decided, then forwarded over `upstream` (reopened with
-/// `dial` when the server closes it). Returns the outcome and the bytes
-/// (from the client, to the client).
-pub async fn serve_l7(
+/// Relays an accepted TCP connection to `upstream`: spliced at L4, or, when
+/// its destination is declared L7 (`session`: the route, the connection's
+/// context, and how to reopen the server connection when the server closes
+/// it), each request decided and then forwarded. Returns the outcome and
+/// the bytes (from the client, to the client).
+pub async fn relay(
     l7: &std::sync::Arc<crate::l7::L7>,
-    route: std::sync::Arc<crate::l7::Route>,
-    conn: crate::l7::Conn,
+    session: Option<(
+        std::sync::Arc<crate::l7::Route>,
+        crate::l7::Conn,
+        crate::l7::Dial,
+    )>,
     client: tokio::net::TcpStream,
     upstream: tokio::net::TcpStream,
-    dial: crate::l7::Dial,
 ) -> (Outcome, (u64, u64)) {
+    let Some((route, conn, dial)) = session else {
+        return splice_tcp(client, upstream).await;
+    };
     let served =
         crate::l7::http::serve_tcp(l7.clone(), route, conn, client, Some(upstream), dial).await;
     tracing::debug!(requests = served.requests, "L7 session ended");

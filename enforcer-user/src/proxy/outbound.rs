@@ -12,7 +12,7 @@ use enforcer_common::OrigDst;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument as _, info, info_span, warn};
 
-use super::{Outcome, connect_within, next_conn_id, reset, splice_tcp};
+use super::{Outcome, connect_within, next_conn_id, reset};
 use crate::{
     admin::{AdminState, metrics::Direction},
     attest::{Attestation, Attestor, WorkloadFacts, local::LocalAttestor},
@@ -204,23 +204,21 @@ impl Outbound {
                     return self.refuse(id, client, &att, dst, &ids, o, started);
                 }
             };
-            let (outcome, bytes) = match route {
-                Some(route) => {
-                    // This agent is the last before the server: it decides
-                    // each request, as the destination's (inbound) rule.
-                    let conn = crate::l7::Conn {
-                        id,
-                        direction: "inbound",
-                        source: src_peer,
-                        destination: dst_peer,
-                        client: peer,
-                        server: dst,
-                    };
-                    let dial = super::dial_local(dst);
-                    super::serve_l7(&self.l7, route, conn, client, upstream, dial).await
-                }
-                None => splice_tcp(client, upstream).await,
-            };
+            // At a declared destination this agent is the last before the
+            // server: it decides each request, as the destination's
+            // (inbound) rule.
+            let l7 = route.map(|route| {
+                let conn = crate::l7::Conn {
+                    id,
+                    direction: "inbound",
+                    source: src_peer,
+                    destination: dst_peer,
+                    client: peer,
+                    server: dst,
+                };
+                (route, conn, super::dial_local(dst))
+            });
+            let (outcome, bytes) = super::relay(&self.l7, l7, client, upstream).await;
             return self.finish(id, Some(&att), Some(dst), &ids, outcome, bytes, started);
         }
 
@@ -314,23 +312,21 @@ impl Outbound {
         };
         let _ = client.set_nodelay(true);
         let _ = upstream.set_nodelay(true);
-        let (outcome, bytes) = match route {
-            Some(route) => {
-                // Plaintext leaving the mesh: this agent is the last before
-                // the server, and decides each request.
-                let conn = crate::l7::Conn {
-                    id,
-                    direction: "outbound",
-                    source: src_peer,
-                    destination: dst_peer,
-                    client: peer,
-                    server: dst,
-                };
-                let dial: crate::l7::Dial = Arc::new(move || Box::pin(mark::connect(dst, None)));
-                super::serve_l7(&self.l7, route, conn, client, upstream, dial).await
-            }
-            None => splice_tcp(client, upstream).await,
-        };
+        // Plaintext leaving the mesh: at a declared destination this agent
+        // is the last before the server, and decides each request.
+        let l7 = route.map(|route| {
+            let conn = crate::l7::Conn {
+                id,
+                direction: "outbound",
+                source: src_peer,
+                destination: dst_peer,
+                client: peer,
+                server: dst,
+            };
+            let dial: crate::l7::Dial = Arc::new(move || Box::pin(mark::connect(dst, None)));
+            (route, conn, dial)
+        });
+        let (outcome, bytes) = super::relay(&self.l7, l7, client, upstream).await;
         self.finish(id, Some(&att), Some(dst), &ids, outcome, bytes, started);
     }
 

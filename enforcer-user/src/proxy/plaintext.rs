@@ -7,7 +7,7 @@ use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument as _, info, info_span, warn};
 
-use super::{Outcome, next_conn_id, reset, splice_tcp};
+use super::{Outcome, next_conn_id, reset};
 use crate::{
     admin::{AdminState, metrics::Direction},
     attest::{Attestor, local::LocalAttestor},
@@ -92,14 +92,14 @@ impl Plaintext {
             }
         };
         // sent/received from the destination workload's point of view
-        let (outcome, (from_peer, to_peer)) = match route {
-            Some(route) => {
-                let conn = crate::l7::Conn::of(id, &input, peer, dst);
-                let dial = super::dial_local(dst);
-                super::serve_l7(&self.l7, route, conn, client, upstream, dial).await
-            }
-            None => splice_tcp(client, upstream).await,
-        };
+        let l7 = route.map(|r| {
+            (
+                r,
+                crate::l7::Conn::of(id, &input, peer, dst),
+                super::dial_local(dst),
+            )
+        });
+        let (outcome, (from_peer, to_peer)) = super::relay(&self.l7, l7, client, upstream).await;
         self.finish(
             id,
             peer,
