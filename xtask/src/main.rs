@@ -39,6 +39,11 @@ enum Task {
         /// latency), written to bench/results/<date>-llm.json.
         #[arg(long)]
         llm_only: bool,
+        /// Only new connections per second, 6 back-to-back rounds of 10 s
+        /// on the direct path then through enforcer (a rate that falls as
+        /// TIME_WAIT builds up shows), to bench/results/<date>-sustained.json.
+        #[arg(long)]
+        sustained: bool,
     },
     /// (used by bench) echo server on [::]:PORT
     #[command(hide = true)]
@@ -83,9 +88,13 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             test(&args)
         }
-        Task::Bench { profile, llm_only } => {
+        Task::Bench {
+            profile,
+            llm_only,
+            sustained,
+        } => {
             setup::run()?;
-            bench::run(profile, llm_only)
+            bench::run(profile, llm_only, sustained)
         }
         Task::BenchEcho { port } => load::echo(port),
         Task::BenchHttp { port } => load::http(port),

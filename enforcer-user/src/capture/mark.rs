@@ -38,7 +38,8 @@ pub fn apply(socket: impl AsFd) -> std::io::Result<()> {
     }
 }
 
-/// Connects to `dst` from a marked socket, optionally bound to `src` first.
+/// Connects to `dst` from a marked socket, optionally from the address of
+/// `src` (its port is picked at `connect()`, see [`bind_address_no_port`]).
 pub async fn connect(dst: SocketAddr, src: Option<SocketAddr>) -> std::io::Result<TcpStream> {
     let socket = if dst.is_ipv4() {
         TcpSocket::new_v4()?
@@ -47,11 +48,40 @@ pub async fn connect(dst: SocketAddr, src: Option<SocketAddr>) -> std::io::Resul
     };
     apply(&socket)?;
     if let Some(src) = src {
+        bind_address_no_port(&socket)?;
         socket.bind(src)?;
     }
     let stream = socket.connect(dst).await?;
     let _ = stream.set_nodelay(true);
     Ok(stream)
+}
+
+/// Sets `IP_BIND_ADDRESS_NO_PORT` (IPv4 and IPv6 sockets alike): a bind to
+/// port 0 then takes only the address, and the port is chosen at `connect()`
+/// by the whole 4-tuple. Without it each bind reserves a port of its own
+/// against every socket on it, TIME_WAIT ones included, so once a few
+/// thousand forwards have closed every bind scans the port range (the
+/// connection rate fell from thousands to ~100 a second) and at the end
+/// fails with EADDRINUSE.
+fn bind_address_no_port(socket: &TcpSocket) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket fd, and a pointer to an int that outlives the
+    // call with its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&raw const one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// A marked, non-blocking listener on `addr` (IPv6 sockets are v6-only).

@@ -231,12 +231,23 @@ impl IdentityManager {
                     id: id.to_string(),
                     message: e.to_string(),
                 })?;
+        let mut svids = self.svids.lock().unwrap_or_else(|p| p.into_inner());
+        // Concurrent first connections of one workload each issue one: the
+        // first stored wins, so that they all hold the same SVID (and share
+        // the HBONE connections of its generation).
+        if let Some(s) = svids.get(id)
+            && now < s.svid.renew_at()
+        {
+            return Ok(s.clone());
+        }
         let generation = self.next_generation();
         let issued = Arc::new(IssuedSvid {
             svid,
             certified: Arc::new(certified),
             generation,
         });
+        svids.insert(id.clone(), issued.clone());
+        drop(svids);
         info!(
             spiffe_id = %id,
             generation,
@@ -245,10 +256,6 @@ impl IdentityManager {
             "{}",
             if previous.is_some() { "SVID renewed" } else { "SVID issued" }
         );
-        self.svids
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.clone(), issued.clone());
         Ok(issued)
     }
 

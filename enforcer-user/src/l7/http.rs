@@ -87,15 +87,16 @@ pub async fn serve_tcp(
     dial: Dial,
 ) -> Served {
     let _ = client.set_nodelay(true);
-    // A second handle on the socket: when hyper has dropped its own after a
-    // failure, closing this one with linger 0 resets the connection.
+    // A second handle on the socket, which closes last: with the reset
+    // armed (as the client's socket was accepted), disarmed only if the
+    // session ended cleanly. Hyper's own close does not close the socket.
+    crate::proxy::arm_reset(&client);
     let dup = socket2::SockRef::from(&client).try_clone().ok();
     let served = serve(l7, route, conn, client, first, dial).await;
-    if let Some(dup) = dup {
-        if served.result.is_err() {
-            let _ = dup.set_linger(Some(std::time::Duration::ZERO));
-        }
-        drop(dup);
+    if let Some(dup) = dup
+        && served.result.is_ok()
+    {
+        let _ = dup.set_linger(None);
     }
     served
 }

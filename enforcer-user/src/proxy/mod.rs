@@ -80,7 +80,9 @@ pub async fn connect_local(dst: std::net::SocketAddr) -> std::io::Result<tokio::
     } else {
         std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0))
     };
-    crate::capture::mark::connect(dst, Some(src)).await
+    let stream = crate::capture::mark::connect(dst, Some(src)).await?;
+    arm_reset(&stream);
+    Ok(stream)
 }
 
 /// A dialer for [`crate::l7`] sessions: reconnects to a local workload.
@@ -162,7 +164,8 @@ pub async fn splice_tcp(
     }
 }
 
-/// One direction: copies until EOF, then half-closes the writer.
+/// One direction: copies until EOF, then half-closes the writer (its reset
+/// disarmed first: this side of the relay has really ended).
 async fn pump(
     mut from: tokio::net::tcp::ReadHalf<'_>,
     mut to: tokio::net::tcp::WriteHalf<'_>,
@@ -173,6 +176,7 @@ async fn pump(
     loop {
         let n = from.read(&mut buf).await?;
         if n == 0 {
+            disarm_reset(to.as_ref());
             return to.shutdown().await;
         }
         to.write_all(&buf[..n]).await?;
@@ -182,8 +186,24 @@ async fn pump(
 
 /// Closes with RST so the peer sees an error rather than a clean EOF.
 pub fn reset(stream: tokio::net::TcpStream) {
-    let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+    arm_reset(&stream);
     drop(stream);
+}
+
+/// Makes a workload-facing socket close with RST (linger 0) however it is
+/// closed — by this process, or by the kernel when this process dies
+/// (`kill -9`, OOM, panic=abort) — until [`disarm_reset`]: a relay cut
+/// short by the agent's own death is never seen as a complete one. Armed
+/// when the socket is accepted or connected.
+pub fn arm_reset(stream: &tokio::net::TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
+}
+
+/// The relay's other side ended cleanly: this socket may now end with a
+/// FIN after its last byte (a close with linger 0 would discard unsent
+/// data). Called just before the write side is shut down.
+pub fn disarm_reset(stream: &tokio::net::TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(None);
 }
 
 use std::sync::atomic::{AtomicU64, Ordering};

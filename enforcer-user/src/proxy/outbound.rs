@@ -122,6 +122,7 @@ impl Outbound {
     async fn handle(self: Arc<Self>, id: u64, client: TcpStream, peer: SocketAddr) {
         let started = Instant::now();
         self.admin.metrics.opened(Direction::outbound);
+        super::arm_reset(&client);
 
         let local = match client.local_addr() {
             Ok(a) => a,
@@ -271,7 +272,7 @@ impl Outbound {
                 let o = Outcome::Denied;
                 return self.refuse(id, client, &att, dst, &ids, o, started);
             }
-            let tunnel = match prepared.open().await {
+            let tunnel = match self.hbone.open(&src_svid, prepared).await {
                 Ok(t) => t,
                 Err(e) => {
                     warn!(conn_id = id, orig_dst = %dst, reason = e.code(), error = %e, "HBONE tunnel failed");
@@ -303,7 +304,10 @@ impl Outbound {
             return self.refuse(id, client, &att, dst, &ids, o, started);
         }
         let upstream = match connect_within(mark::connect(dst, None)).await {
-            Ok(s) => s,
+            Ok(s) => {
+                super::arm_reset(&s);
+                s
+            }
             Err(error) => {
                 warn!(conn_id = id, orig_dst = %dst, %error, "connecting to the original destination failed");
                 let o = Outcome::ConnectFailed;

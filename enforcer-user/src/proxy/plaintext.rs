@@ -38,6 +38,7 @@ impl Plaintext {
     async fn handle(&self, id: u64, client: TcpStream, peer: SocketAddr) {
         let started = Instant::now();
         self.admin.metrics.opened(Direction::inbound);
+        super::arm_reset(&client);
         // sk_lookup keeps the addresses: our local address is the original destination.
         let dst = match client.local_addr() {
             Ok(a) => SocketAddr::new(a.ip().to_canonical(), a.port()),

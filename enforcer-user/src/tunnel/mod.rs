@@ -26,7 +26,25 @@ use crate::{
     tls,
 };
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long each step of opening a tunnel may take: the TCP connect to the
+/// peer agent, the TLS handshake, the HTTP/2 handshake, the CONNECT answer.
+/// A peer that accepts and then says nothing fails the workload's
+/// connection in seconds instead of holding it forever.
+const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+/// An HTTP/2 PING every `KEEPALIVE_INTERVAL` on each pooled connection; no
+/// PONG within `KEEPALIVE_TIMEOUT` and the connection is closed, failing its
+/// streams (their workloads' connections are reset): a peer node that
+/// vanished (power, network) is noticed in seconds, not after TCP's ~15
+/// minutes of retransmissions.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A pooled connection with no stream for this long leaves the pool and
+/// closes.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Streams one pooled connection carries in its life before it leaves the
+/// pool for a fresh one (below the default server budget of
+/// `mesh.max_streams_per_connection`, 100 000).
+pub const STREAMS_PER_CONNECTION: u64 = 10_000;
 /// HTTP/2 flow-control windows: large enough that one stream can fill a
 /// fast link (the 64 KiB default caps throughput at window/RTT).
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
@@ -53,6 +71,18 @@ pub enum TunnelError {
     },
     #[error("HTTP/2 with peer agent {addr}: {source}")]
     H2 { addr: SocketAddr, source: h2::Error },
+    #[error("peer agent {addr}: no {step} within {STEP_TIMEOUT:?}")]
+    Timeout {
+        addr: SocketAddr,
+        step: &'static str,
+    },
+    #[error("peer agent {addr} now presents {now} for {dst}, not {decided}")]
+    PeerChanged {
+        addr: SocketAddr,
+        dst: SocketAddr,
+        decided: SpiffeId,
+        now: SpiffeId,
+    },
     #[error("peer agent {addr} refused CONNECT {dst}: HTTP {status}")]
     Refused {
         addr: SocketAddr,
@@ -73,6 +103,16 @@ impl TunnelError {
             TunnelError::Connect { .. } => "peer_unreachable",
             TunnelError::Tls { code, .. } => code,
             TunnelError::H2 { .. } => "h2_error",
+            TunnelError::Timeout {
+                step: "TLS handshake",
+                ..
+            } => "tls_handshake_timeout",
+            TunnelError::Timeout {
+                step: "HTTP/2 handshake",
+                ..
+            } => "h2_handshake_timeout",
+            TunnelError::Timeout { .. } => "connect_answer_timeout",
+            TunnelError::PeerChanged { .. } => "peer_changed",
             TunnelError::Refused { status: 403, .. } => "peer_denied",
             TunnelError::Refused { status: 503, .. } => "destination_unreachable",
             TunnelError::Refused { .. } => "peer_refused",
@@ -80,6 +120,30 @@ impl TunnelError {
             TunnelError::Request { .. } => "bad_destination",
         }
     }
+
+    /// The peer never processed the stream (it reset it with
+    /// `REFUSED_STREAM`, or it was above a GOAWAY's last stream id): the
+    /// request may be sent again on another connection (RFC 9113 §8.7).
+    fn unprocessed(&self) -> bool {
+        match self {
+            TunnelError::H2 { source, .. } => {
+                source.reason() == Some(h2::Reason::REFUSED_STREAM)
+                    || (source.is_go_away() && source.is_remote())
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Waits at most [`STEP_TIMEOUT`] for one step of opening a tunnel.
+async fn step<T>(
+    addr: SocketAddr,
+    step: &'static str,
+    f: impl std::future::Future<Output = Result<T, TunnelError>>,
+) -> Result<T, TunnelError> {
+    tokio::time::timeout(STEP_TIMEOUT, f)
+        .await
+        .unwrap_or(Err(TunnelError::Timeout { addr, step }))
 }
 
 /// The first TLS-level error a connection's reads met: the peer's alert
@@ -178,11 +242,19 @@ pub struct Prepared {
     dst: SocketAddr,
     failure: TlsFailure,
     slot: StreamSlot,
+    key: PoolKey,
+    dial_id: u64,
 }
 
 impl Prepared {
-    /// Sends `CONNECT dst` and waits for the peer agent's answer.
-    pub async fn open(self) -> Result<Tunnel, TunnelError> {
+    /// Sends `CONNECT dst` and waits (at most [`STEP_TIMEOUT`]) for the peer
+    /// agent's answer.
+    async fn open(self) -> Result<Tunnel, TunnelError> {
+        let node = self.node;
+        step(node, "CONNECT answer", self.connect()).await
+    }
+
+    async fn connect(self) -> Result<Tunnel, TunnelError> {
         let Prepared {
             sender,
             node,
@@ -266,6 +338,8 @@ struct Pooled {
     failure: TlsFailure,
     /// Streams prepared or open on it (see [`StreamSlot`]).
     streams: Arc<std::sync::atomic::AtomicUsize>,
+    /// Streams it was given in its life.
+    given: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Pooled {
@@ -273,6 +347,12 @@ impl Pooled {
     fn has_room(&self) -> bool {
         self.streams.load(std::sync::atomic::Ordering::Acquire)
             < self.sender.current_max_send_streams()
+    }
+
+    /// Takes a stream's slot on this connection.
+    fn take(&self) -> StreamSlot {
+        self.given.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        StreamSlot::take(&self.streams)
     }
 }
 
@@ -297,6 +377,9 @@ pub struct HboneClient {
     identity: Arc<IdentityManager>,
     hbone_port: u16,
     pool: Pool,
+    /// One dial at a time per key: callers that find no room wait for the
+    /// dial under way and share its connection instead of each dialing.
+    dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl HboneClient {
@@ -305,7 +388,62 @@ impl HboneClient {
             identity,
             hbone_port,
             pool: Pool::default(),
+            dialing: Mutex::default(),
         }
+    }
+
+    /// Opens the stream `prepared` is for. A stream the peer refused
+    /// before processing it (its stream budget spent, or going away) is
+    /// sent again, once, on another connection — to the same verified
+    /// identity that policy decided on, or not at all.
+    pub async fn open(
+        &self,
+        svid: &Arc<IssuedSvid>,
+        prepared: Prepared,
+    ) -> Result<Tunnel, TunnelError> {
+        let (key, dial_id, dst) = (prepared.key.clone(), prepared.dial_id, prepared.dst);
+        let decided = prepared.peer_id.clone();
+        match prepared.open().await {
+            Err(e) if e.unprocessed() => {
+                debug!(error = %e, "HBONE stream refused before processing; once more on another connection");
+                self.forget(&key, dial_id);
+                let again = self.prepare(svid, dst).await?;
+                if again.peer_id != decided {
+                    return Err(TunnelError::PeerChanged {
+                        addr: again.node,
+                        dst,
+                        decided,
+                        now: again.peer_id,
+                    });
+                }
+                again.open().await
+            }
+            r => r,
+        }
+    }
+
+    /// A connection for `key` with room for one more stream, its slot taken
+    /// under the pool's lock (so concurrent callers never overshoot).
+    fn reserve(&self, key: &PoolKey, generation: u64) -> Option<(Pooled, StreamSlot)> {
+        let now = std::time::SystemTime::now();
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        let conns = pool.get_mut(key)?;
+        // Spent connections (another SVID generation, the server's
+        // certificate expired, the life budget used) leave the pool; HTTP/2
+        // closes each once its last stream ends.
+        conns.retain(|p| {
+            p.generation == generation
+                && now < p.peer_not_after
+                && p.given.load(std::sync::atomic::Ordering::Acquire) < STREAMS_PER_CONNECTION
+        });
+        let found = conns
+            .iter()
+            .find(|p| p.has_room())
+            .map(|p| (p.clone(), p.take()));
+        if conns.is_empty() {
+            pool.remove(key);
+        }
+        found
     }
 
     /// Gets a (pooled or new) mutual-TLS connection from the source workload
@@ -322,50 +460,45 @@ impl HboneClient {
             port: dst.port(),
         };
         let node = SocketAddr::new(dst.ip(), self.hbone_port);
-        let now = std::time::SystemTime::now();
         // A connection of this SVID generation, before its server
-        // certificate's notAfter, with room for one more stream: its slot is
-        // taken under the lock, so concurrent callers never overshoot.
-        let reserved = {
-            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-            let found = pool.get_mut(&key).map(|conns| {
-                conns.retain(|p| p.generation == svid.generation && now < p.peer_not_after);
-                conns
-                    .iter()
-                    .find(|p| p.has_room())
-                    .map(|p| (p.clone(), StreamSlot::take(&p.streams)))
-            });
-            if pool.get(&key).is_some_and(Vec::is_empty) {
-                pool.remove(&key);
-            }
-            found.flatten()
-        };
-        let (p, slot, reused) = match reserved {
-            Some((p, slot)) => match p.sender.clone().ready().await {
-                Ok(_) => (p, slot, true),
+        // certificate's notAfter, with room for one more stream.
+        if let Some((p, slot)) = self.reserve(&key, svid.generation) {
+            match p.sender.clone().ready().await {
+                Ok(_) => return Ok(p.prepared(node, dst, slot, key, true)),
                 Err(e) => {
                     debug!(error = %e, "pooled HBONE connection is gone; dialing a new one");
                     self.forget(&key, p.dial_id);
-                    let p = self.dial(svid, node, dst, &key).await?;
-                    let slot = StreamSlot::take(&p.streams);
-                    (p, slot, false)
                 }
-            },
-            None => {
-                let p = self.dial(svid, node, dst, &key).await?;
-                let slot = StreamSlot::take(&p.streams);
-                (p, slot, false)
+            }
+        }
+        // One dial per key at a time; whoever waited looks again first.
+        let lock = self
+            .dialing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let dialed = {
+            let _one = lock.lock().await;
+            match self.reserve(&key, svid.generation) {
+                Some((p, slot)) if p.sender.clone().ready().await.is_ok() => {
+                    Ok(p.prepared(node, dst, slot, key.clone(), true))
+                }
+                _ => self.dial(svid, node, dst, &key).await.map(|p| {
+                    let slot = p.take();
+                    p.prepared(node, dst, slot, key.clone(), false)
+                }),
             }
         };
-        Ok(Prepared {
-            sender: p.sender,
-            peer_id: p.peer_id,
-            reused,
-            node,
-            dst,
-            failure: p.failure,
-            slot,
-        })
+        {
+            let mut dialing = self.dialing.lock().unwrap_or_else(|p| p.into_inner());
+            // Nobody else holds or waits for this key's lock: drop it.
+            if Arc::strong_count(&lock) == 2 {
+                dialing.remove(&key);
+            }
+        }
+        dialed
     }
 
     /// Takes one connection out of the pool.
@@ -380,13 +513,14 @@ impl HboneClient {
         dst: SocketAddr,
         key: &PoolKey,
     ) -> Result<Pooled, TunnelError> {
+        debug!(peer = %node, %dst, "dialing an HBONE connection");
         let cfg = tls::client_config(
             self.identity.trust().clone(),
             self.identity.provider().clone(),
             &svid.svid,
         )?;
         let tcp =
-            match tokio::time::timeout(CONNECT_TIMEOUT, crate::capture::mark::connect(node, None))
+            match tokio::time::timeout(STEP_TIMEOUT, crate::capture::mark::connect(node, None))
                 .await
             {
                 Ok(Ok(s)) => s,
@@ -406,14 +540,17 @@ impl HboneClient {
                 message: e.to_string(),
             }
         })?;
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-            .connect(name, tcp)
-            .await
-            .map_err(|e| TunnelError::Tls {
-                addr: node,
-                code: tls::handshake_failure_code(&e),
-                message: e.to_string(),
-            })?;
+        let handshake = async {
+            tokio_rustls::TlsConnector::from(Arc::new(cfg))
+                .connect(name, tcp)
+                .await
+                .map_err(|e| TunnelError::Tls {
+                    addr: node,
+                    code: tls::handshake_failure_code(&e),
+                    message: e.to_string(),
+                })
+        };
+        let tls = step(node, "TLS handshake", handshake).await?;
         let leaf = tls
             .get_ref()
             .1
@@ -439,40 +576,17 @@ impl HboneClient {
             inner: tls,
             failure: failure.clone(),
         };
-        let (sender, conn) = h2::client::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_frame_size(MAX_FRAME)
-            .handshake::<_, Bytes>(io)
-            .await
-            .map_err(|source| failure.explain(node, source))?;
+        let h2_handshake = async {
+            h2::client::Builder::new()
+                .initial_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
+                .max_frame_size(MAX_FRAME)
+                .handshake::<_, Bytes>(io)
+                .await
+                .map_err(|source| failure.explain(node, source))
+        };
+        let (sender, conn) = step(node, "HTTP/2 handshake", h2_handshake).await?;
         let dial_id = NEXT_DIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        // At the server certificate's notAfter the connection leaves the
-        // pool; once its last stream ends, HTTP/2 closes it (GOAWAY).
-        let (pool, pool_key) = (self.pool.clone(), key.clone());
-        tokio::spawn(async move {
-            tokio::pin!(conn);
-            let expiry = tokio::time::sleep(
-                peer_not_after
-                    .duration_since(std::time::SystemTime::now())
-                    .unwrap_or_default(),
-            );
-            tokio::select! {
-                r = &mut conn => {
-                    if let Err(e) = r {
-                        debug!(peer = %node, error = %e, "HBONE connection ended");
-                    }
-                    return;
-                }
-                () = expiry => {
-                    debug!(peer = %node, "server certificate expired; HBONE connection leaves the pool");
-                    forget(&pool, &pool_key, dial_id);
-                }
-            }
-            if let Err(e) = conn.await {
-                debug!(peer = %node, error = %e, "HBONE connection ended");
-            }
-        });
         let pooled = Pooled {
             sender,
             generation: svid.generation,
@@ -481,7 +595,15 @@ impl HboneClient {
             dial_id,
             failure,
             streams: Default::default(),
+            given: Default::default(),
         };
+        tokio::spawn(drive(
+            conn,
+            node,
+            peer_not_after,
+            (pooled.streams.clone(), pooled.given.clone()),
+            (self.pool.clone(), key.clone(), dial_id),
+        ));
         self.pool
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -490,6 +612,113 @@ impl HboneClient {
             .push(pooled.clone());
         Ok(pooled)
     }
+}
+
+impl Pooled {
+    fn prepared(
+        self,
+        node: SocketAddr,
+        dst: SocketAddr,
+        slot: StreamSlot,
+        key: PoolKey,
+        reused: bool,
+    ) -> Prepared {
+        Prepared {
+            sender: self.sender,
+            peer_id: self.peer_id,
+            reused,
+            node,
+            dst,
+            failure: self.failure,
+            slot,
+            key,
+            dial_id: self.dial_id,
+        }
+    }
+}
+
+/// Runs one HBONE client connection until it ends. It leaves the pool at
+/// the server certificate's notAfter and after [`IDLE_TIMEOUT`] without a
+/// stream (HTTP/2 then closes it once its last stream and handle are gone);
+/// a PING unanswered within [`KEEPALIVE_TIMEOUT`] closes it at once, which
+/// fails its streams.
+async fn drive<T>(
+    conn: h2::client::Connection<T, Bytes>,
+    node: SocketAddr,
+    peer_not_after: std::time::SystemTime,
+    (streams, given): (
+        Arc<std::sync::atomic::AtomicUsize>,
+        Arc<std::sync::atomic::AtomicU64>,
+    ),
+    (pool, key, dial_id): (Pool, PoolKey, u64),
+) where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut conn = conn;
+    let mut pings = conn.ping_pong();
+    tokio::pin!(conn);
+    let expiry = tokio::time::sleep(
+        peer_not_after
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    );
+    tokio::pin!(expiry);
+    let mut tick = tokio::time::interval(KEEPALIVE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.reset();
+    let (mut pooled, mut idle) = (true, Duration::ZERO);
+    let mut given_before = 0;
+    loop {
+        tokio::select! {
+            r = &mut conn => {
+                if let Err(e) = r {
+                    debug!(peer = %node, error = %e, "HBONE connection ended");
+                }
+                break;
+            }
+            () = &mut expiry, if pooled => {
+                debug!(peer = %node, "server certificate expired; HBONE connection leaves the pool");
+                forget(&pool, &key, dial_id);
+                pooled = false;
+            }
+            _ = tick.tick() => {
+                if let Some(p) = pings.as_mut() {
+                    let pong = tokio::time::timeout(KEEPALIVE_TIMEOUT, p.ping(h2::Ping::opaque()));
+                    let answered = tokio::select! {
+                        r = &mut conn => {
+                            if let Err(e) = r {
+                                debug!(peer = %node, error = %e, "HBONE connection ended");
+                            }
+                            break;
+                        }
+                        r = pong => matches!(r, Ok(Ok(_))),
+                    };
+                    if !answered {
+                        tracing::warn!(peer = %node, timeout = ?KEEPALIVE_TIMEOUT,
+                            "peer agent did not answer PING; closing the HBONE connection and its streams");
+                        break;
+                    }
+                }
+                let given_now = given.load(std::sync::atomic::Ordering::Acquire);
+                let unused = given_now == given_before
+                    && streams.load(std::sync::atomic::Ordering::Acquire) == 0;
+                given_before = given_now;
+                if unused {
+                    idle += KEEPALIVE_INTERVAL;
+                    if pooled && idle >= IDLE_TIMEOUT {
+                        debug!(peer = %node, "idle HBONE connection leaves the pool");
+                        forget(&pool, &key, dial_id);
+                        pooled = false;
+                    }
+                } else {
+                    idle = Duration::ZERO;
+                }
+            }
+        }
+    }
+    // Dropping the connection ends whatever streams it still had with an
+    // error (never as complete).
+    forget(&pool, &key, dial_id);
 }
 
 /// Removes connection `dial_id` from the pool's entry for `key`.
@@ -566,6 +795,7 @@ pub async fn h2_to_tcp(
         *total += data.len() as u64;
         let _ = from.flow_control().release_capacity(data.len());
     }
+    crate::proxy::disarm_reset(to.as_ref());
     to.shutdown().await
 }
 

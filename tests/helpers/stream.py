@@ -1,0 +1,123 @@
+"""Endless transfers for the fault tests; each side prints how its
+connection ended, one line: `EOF <bytes>` (a clean close), `RESET <bytes>`
+(ECONNRESET or EPIPE: the peer reset it) or `TIMEOUT <bytes>`.
+
+  stream.py serve-download PORT   on each connection: read "GO", then send until it fails
+  stream.py serve-upload PORT     on each connection: read until it ends
+  stream.py download HOST PORT    send "GO", read until it ends
+  stream.py upload HOST PORT      send until it fails
+  stream.py serve-bytes PORT N    on each connection: read "GO", send N bytes, close
+  stream.py upload-bytes HOST PORT N   send N bytes, half-close, wait for the end
+
+The receiving side prints `STARTED` once it has read 1 MiB, so a test
+knows the transfer is under way end to end before it breaks something
+(the sender's count says little: a megabyte fits in the socket buffers).
+"""
+import socket
+import sys
+import threading
+import time
+
+CHUNK = b"x" * 65536
+
+
+def ended(kind, n):
+    print(kind, n, flush=True)
+
+
+def send_forever(s, started=None):
+    n = 0
+    try:
+        while True:
+            s.sendall(CHUNK)
+            n += len(CHUNK)
+            if started is not None and n >= 1 << 20 and not started[0]:
+                started[0] = True
+                print("STARTED", flush=True)
+            time.sleep(0.002)
+    except (ConnectionResetError, BrokenPipeError):
+        ended("RESET", n)
+    except socket.timeout:
+        ended("TIMEOUT", n)
+
+
+def read_to_end(s, started=None):
+    n = 0
+    try:
+        while True:
+            d = s.recv(65536)
+            if not d:
+                ended("EOF", n)
+                return
+            n += len(d)
+            if started is not None and n >= 1 << 20 and not started[0]:
+                started[0] = True
+                print("STARTED", flush=True)
+    except ConnectionResetError:
+        ended("RESET", n)
+    except socket.timeout:
+        ended("TIMEOUT", n)
+
+
+def send_bytes(s, n):
+    sent = 0
+    while sent < n:
+        part = CHUNK[: min(len(CHUNK), n - sent)]
+        s.sendall(part)
+        sent += len(part)
+
+
+def serve(port, handle):
+    srv = socket.socket(socket.AF_INET6)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("::", port))
+    srv.listen(16)
+    while True:
+        c, _ = srv.accept()
+        c.settimeout(30)
+        threading.Thread(target=handle, args=(c,), daemon=True).start()
+
+
+def serve_download(c):
+    if c.recv(2):
+        send_forever(c)
+    c.close()
+
+
+def serve_upload(c):
+    read_to_end(c, [False])
+    c.close()
+
+
+def main():
+    mode = sys.argv[1]
+    if mode == "serve-download":
+        serve(int(sys.argv[2]), serve_download)
+    elif mode == "serve-bytes":
+        n = int(sys.argv[3])
+
+        def serve_bytes(c):
+            if c.recv(2):
+                send_bytes(c, n)
+            c.close()
+
+        serve(int(sys.argv[2]), serve_bytes)
+    elif mode == "serve-upload":
+        serve(int(sys.argv[2]), serve_upload)
+    else:
+        s = socket.create_connection((sys.argv[2], int(sys.argv[3])), timeout=20)
+        started = [False]
+        if mode == "download":
+            s.sendall(b"GO")
+            read_to_end(s, started)
+        elif mode == "upload":
+            send_forever(s, started)
+        elif mode == "upload-bytes":
+            send_bytes(s, int(sys.argv[4]))
+            s.shutdown(socket.SHUT_WR)
+            read_to_end(s)
+        else:
+            sys.exit(f"unknown mode {mode}")
+
+
+main()

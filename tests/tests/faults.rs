@@ -1,0 +1,452 @@
+//! Faults: an agent killed mid-transfer, a relay that must never end as if
+//! complete when it did not, the agent's own forwards under port pressure.
+//! Real agents, real workloads (tests/helpers/stream.py), real kernels'
+//! resets.
+use std::time::{Duration, Instant};
+
+use enforcer_tests::{MESH, Node, Pair, Testbed, entry, llm_pair};
+
+const TD: &str = "ai.example.org";
+const AGENT_ID: &str = "spiffe://ai.example.org/agent/support";
+const LLM_ID: &str = "spiffe://ai.example.org/llm";
+
+fn stream_py() -> String {
+    format!("{}/helpers/stream.py", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Nodes a and b sharing one CA: the support agent's unit registered on a,
+/// the LLM's on b (its HTTP server on port 8080).
+fn mesh(test: &str) -> Pair {
+    mesh_with(test, "")
+}
+
+/// Like [`mesh`], with keys appended to b's `[mesh]` table.
+fn mesh_with(test: &str, mesh_b: &str) -> Pair {
+    llm_pair(test, TD, |_, n| {
+        if n.name == "a" {
+            let e = entry(AGENT_ID, "systemd:unit:support-agent.service");
+            (String::new(), format!("{e}\n{MESH}"))
+        } else {
+            let e = entry(LLM_ID, "systemd:unit:llm.service");
+            (String::new(), format!("{e}\n{MESH}{mesh_b}"))
+        }
+    })
+    .expect("two nodes")
+}
+
+#[derive(Clone, Copy)]
+enum Way {
+    /// The server sends until its connection fails; the client reads.
+    Download,
+    /// The client sends until its connection fails; the server reads.
+    Upload,
+}
+
+/// An endless transfer from a client in `client`'s support-agent.service to
+/// a server on `server`:`port` (in llm.service), in the background; returns
+/// once 1 MiB has arrived at the receiving end. The logs are `<node>-server-<port>` and
+/// `<node>-client-<port>`.
+fn start_transfer(tb: &mut Testbed, server: &Node, client: &Node, port: u16, way: Way) {
+    let (serve, run) = match way {
+        Way::Download => ("serve-download", "download"),
+        Way::Upload => ("serve-upload", "upload"),
+    };
+    let port_s = port.to_string();
+    let py = stream_py();
+    tb.start_server_in(
+        server,
+        Some("llm.service"),
+        &format!("server-{port}"),
+        &["python3", "-u", &py, serve, &port_s],
+        port,
+    )
+    .expect("stream server");
+    tb.spawn(
+        client,
+        Some("support-agent.service"),
+        &format!("client-{port}"),
+        &["python3", "-u", &py, run, &server.ipv4, &port_s],
+    )
+    .expect("stream client");
+    // The receiving side says when 1 MiB has arrived.
+    let (receiver, log) = match way {
+        Way::Download => (client, format!("client-{port}")),
+        Way::Upload => (server, format!("server-{port}")),
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !tb.server_log(receiver, &log).contains("STARTED") {
+        assert!(
+            Instant::now() < deadline,
+            "the transfer to {}:{port} never started: client: {} server: {}",
+            server.name,
+            tb.server_log(client, &format!("client-{port}")),
+            tb.server_log(server, &format!("server-{port}"))
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// How the side logging to `<node>-<name>` saw its connection end (`EOF n`,
+/// `RESET n` or `TIMEOUT n`), waiting for it up to 40 s.
+fn ending(tb: &Testbed, node: &Node, name: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let log = tb.server_log(node, name);
+        if let Some(line) = log.lines().find(|l| {
+            ["EOF ", "RESET ", "TIMEOUT "]
+                .iter()
+                .any(|k| l.starts_with(k))
+        }) {
+            return line.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} on {} never saw its connection end: {log}",
+            node.name
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn assert_reset(tb: &Testbed, node: &Node, name: &str, what: &str) {
+    let end = ending(tb, node, name);
+    assert!(
+        end.starts_with("RESET"),
+        "{what}: {name} on {} must see ECONNRESET, never a clean end: it saw {end}",
+        node.name
+    );
+}
+
+#[test]
+fn killed_client_agent_resets_a_download() {
+    // The failure: a's agent kill -9'ed mid-download; the kernel closed its
+    // socket to the workload with a FIN, and the workload saw a clean EOF —
+    // a download that stopped looked complete.
+    let mut m = mesh("killclientdl");
+    start_transfer(&mut m.tb, &m.b, &m.a, 9601, Way::Download);
+    m.tb.kill(m.ea.pid).expect("kill -9 a's agent");
+    assert_reset(&m.tb, &m.a, "client-9601", "a's agent died mid-download");
+}
+
+#[test]
+fn killed_server_agent_resets_a_download() {
+    let mut m = mesh("killserverdl");
+    start_transfer(&mut m.tb, &m.b, &m.a, 9602, Way::Download);
+    m.tb.kill(m.eb.pid).expect("kill -9 b's agent");
+    assert_reset(&m.tb, &m.a, "client-9602", "b's agent died mid-download");
+    // And the server's sends fail: its connection was reset too.
+    assert_reset(&m.tb, &m.b, "server-9602", "b's agent died mid-download");
+}
+
+#[test]
+fn killed_client_agent_resets_an_upload() {
+    let mut m = mesh("killclientul");
+    start_transfer(&mut m.tb, &m.b, &m.a, 9603, Way::Upload);
+    m.tb.kill(m.ea.pid).expect("kill -9 a's agent");
+    assert_reset(&m.tb, &m.b, "server-9603", "a's agent died mid-upload");
+    assert_reset(&m.tb, &m.a, "client-9603", "a's agent died mid-upload");
+}
+
+#[test]
+fn killed_server_agent_resets_an_upload() {
+    // The failure: b's agent kill -9'ed mid-upload; the server read a clean
+    // EOF, an upload cut short taken as a whole one.
+    let mut m = mesh("killserverul");
+    start_transfer(&mut m.tb, &m.b, &m.a, 9604, Way::Upload);
+    m.tb.kill(m.eb.pid).expect("kill -9 b's agent");
+    assert_reset(&m.tb, &m.b, "server-9604", "b's agent died mid-upload");
+}
+
+#[test]
+fn killed_agent_resets_both_ends_on_one_node() {
+    // Same node: client and server both on a, one agent between them.
+    let mut m = mesh("killsamenode");
+    let a = m.a.clone();
+    start_transfer(&mut m.tb, &a, &a, 9605, Way::Download);
+    start_transfer(&mut m.tb, &a, &a, 9606, Way::Upload);
+    m.tb.kill(m.ea.pid).expect("kill -9 a's agent");
+    assert_reset(&m.tb, &a, "client-9605", "the agent died mid-download");
+    assert_reset(&m.tb, &a, "server-9605", "the agent died mid-download");
+    assert_reset(&m.tb, &a, "server-9606", "the agent died mid-upload");
+    assert_reset(&m.tb, &a, "client-9606", "the agent died mid-upload");
+}
+
+#[test]
+fn finished_transfers_end_cleanly_and_whole() {
+    // The other half of the rule: a relay whose sides really ended ends
+    // with a FIN after the last byte, on every path (the reset armed for
+    // a dying agent is disarmed, never discarding what is still unsent).
+    let mut m = mesh("cleanend");
+    let py = stream_py();
+    const N: &str = "33554432";
+    let a = m.a.clone();
+    for (server, port) in [(m.b.clone(), 9611u16), (a.clone(), 9612)] {
+        let p = port.to_string();
+        let name = format!("bytes-{port}");
+        let serve = ["python3", "-u", &py, "serve-bytes", &p, N];
+        m.tb.start_server_in(&server, Some("llm.service"), &name, &serve, port)
+            .expect("server");
+        let (_, out) = a
+            .exec(
+                Some("support-agent.service"),
+                &["python3", "-u", &py, "download", &server.ipv4, &p],
+            )
+            .expect("download");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(&format!("EOF {N}")),
+            "download from {}: every byte, then a clean end: {text}",
+            server.name
+        );
+        let up_port = port + 10;
+        let up = up_port.to_string();
+        let name = format!("upload-{up_port}");
+        let serve = ["python3", "-u", &py, "serve-upload", &up];
+        m.tb.start_server_in(&server, Some("llm.service"), &name, &serve, up_port)
+            .expect("server");
+        a.exec(
+            Some("support-agent.service"),
+            &["python3", "-u", &py, "upload-bytes", &server.ipv4, &up, N],
+        )
+        .expect("upload");
+        let end = ending(&m.tb, &server, &name);
+        assert_eq!(
+            end,
+            format!("EOF {N}"),
+            "upload to {}: every byte, then a clean end",
+            server.name
+        );
+    }
+}
+
+/// Opens one connection per PORT to HOST, each from its own fixed source
+/// port, reads each to its end and keeps it open; prints `PORT:EOF n` or
+/// `PORT:ERR errno` for each.
+const PY_HOLD_EACH: &str = r#"
+import socket, sys
+host, out, held = sys.argv[1], [], []
+for i, port in enumerate(sys.argv[2:]):
+    s = socket.socket()
+    s.bind(("0.0.0.0", 50001 + i))
+    s.settimeout(10)
+    try:
+        s.connect((host, int(port)))
+        s.sendall(b"GO")
+        n = 0
+        while True:
+            d = s.recv(65536)
+            if not d:
+                break
+            n += len(d)
+        out.append(f"{port}:EOF {n}")
+    except OSError as e:
+        out.append(f"{port}:ERR {e.errno}")
+    held.append(s)
+print(" ".join(out))
+"#;
+
+#[test]
+fn agent_forwards_take_no_port_of_their_own() {
+    // The failure: the agent bound 127.0.0.1:0 before each connect to a
+    // local workload, so each forward held a port of the range against
+    // every other socket, TIME_WAIT ones included: after ~30 000
+    // connections each bind scanned the range (~100 connections/s), and
+    // with the range used up forwards failed. Shown here with the range
+    // narrowed to two ports: a third concurrent forward, to another
+    // destination, must still get through (the 4-tuple differs).
+    let mut m = mesh("noport");
+    let a = m.a.clone();
+    let py = stream_py();
+    let ports = ["9621", "9622", "9623"];
+    for p in ports {
+        let port: u16 = p.parse().expect("port");
+        let serve = ["python3", "-u", &py, "serve-bytes", p, "1000"];
+        m.tb.start_server_in(&a, Some("llm.service"), &format!("bytes-{p}"), &serve, port)
+            .expect("server");
+    }
+    let (_, out) = a
+        .exec(
+            None,
+            &[
+                "sh",
+                "-c",
+                "echo 40000 40001 > /proc/sys/net/ipv4/ip_local_port_range",
+            ],
+        )
+        .expect("narrowing the port range");
+    assert!(out.status.success(), "{out:?}");
+    let mut cmd = vec!["python3", "-c", PY_HOLD_EACH, a.ipv4.as_str()];
+    cmd.extend(ports);
+    let (_, out) = a
+        .exec(Some("support-agent.service"), &cmd)
+        .expect("three held connections");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.trim(),
+        "9621:EOF 1000 9622:EOF 1000 9623:EOF 1000",
+        "three concurrent forwards with a two-port range: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn vanished_peer_node_fails_its_streams_in_seconds() {
+    // The failure: b's node vanishes (no FIN, no RST: its link goes down)
+    // mid-download; a's HBONE connection waited on TCP retransmissions
+    // (~15 minutes) and the workload's download hung. With PINGs, the
+    // connection fails when the peer stops answering and the workload's
+    // connection is reset, well inside the client's 20 s read timeout.
+    let mut m = mesh("vanished");
+    start_transfer(&mut m.tb, &m.b, &m.a, 9631, Way::Download);
+    let out = std::process::Command::new("ip")
+        .args(["-n", &m.b.netns, "link", "set", "to-a", "down"])
+        .output()
+        .expect("ip link set down");
+    assert!(out.status.success(), "{out:?}");
+    assert_reset(&m.tb, &m.a, "client-9631", "b's node vanished mid-download");
+    let warned = m.ea.log_lines().into_iter().any(|v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|t| t.contains("did not answer PING"))
+    });
+    assert!(warned, "a's agent must say why: {:?}", m.ea.log);
+}
+
+/// Accepts connections on port 15008 and never says a word.
+const PY_SILENT_PEER: &str = r#"
+import socket
+s = socket.socket(socket.AF_INET6)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("::", 15008)); s.listen(16)
+held = []
+while True:
+    c, _ = s.accept()
+    held.append(c)
+"#;
+
+#[test]
+fn silent_peer_agent_fails_the_tunnel_in_seconds() {
+    // The failure: a peer that accepts TCP on 15008 and never answers the
+    // TLS handshake held the workload's connection forever.
+    let (mut tb, a, b) = Testbed::linked_pair("silentpeer").expect("two nodes");
+    let ca = tb.shared_ca("shared", TD).expect("CA");
+    let cfg = tb
+        .enforcer_config_with(
+            &a,
+            "",
+            &ca,
+            &format!(
+                "{}\n{MESH}",
+                entry(AGENT_ID, "systemd:unit:support-agent.service")
+            ),
+        )
+        .expect("config");
+    let ea = tb.start_enforcer(&a, &cfg).expect("a's agent");
+    tb.start_server(&b, "silent", &["python3", "-c", PY_SILENT_PEER], 15008)
+        .expect("silent peer");
+    let (pid, out) = a
+        .exec(
+            Some("support-agent.service"),
+            &["python3", "-u", &stream_py(), "download", &b.ipv4, "9640"],
+        )
+        .expect("client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("RESET"),
+        "the workload must be refused before its own 20 s timeout: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = ea.connection_line(|v| v["pid"] == pid);
+    assert_eq!(line["outcome"], "tunnel_failed", "{line}");
+    let why = ea
+        .log_lines()
+        .into_iter()
+        .find(|v| v["message"] == "HBONE tunnel failed")
+        .expect("a tunnel failure line");
+    assert_eq!(why["reason"], "tls_handshake_timeout", "{why}");
+}
+
+/// Opens N connections to HOST:PORT at once (threads released together),
+/// each asking `GET /` over HTTP/1.0; prints one status code per line.
+const PY_CONCURRENT_GETS: &str = r#"
+import socket, sys, threading
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+go = threading.Barrier(n)
+def one():
+    go.wait()
+    try:
+        s = socket.create_connection((host, port), timeout=20)
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        data = b""
+        while True:
+            d = s.recv(65536)
+            if not d:
+                break
+            data += d
+        print(data[9:12].decode(), flush=True)
+    except OSError as e:
+        print("ERR", e.errno, flush=True)
+ts = [threading.Thread(target=one) for _ in range(n)]
+for t in ts: t.start()
+for t in ts: t.join()
+"#;
+
+#[test]
+fn concurrent_connects_share_one_dial() {
+    // The failure: 16 connects at once from a workload to one destination,
+    // the pool empty: each found no connection and dialed its own (16 TLS
+    // handshakes, 16 connections to the peer). One dial per key at a time:
+    // the others wait for it and share its connection.
+    let m = mesh("onedial");
+    let (_, out) =
+        m.a.exec(
+            Some("support-agent.service"),
+            &["python3", "-c", PY_CONCURRENT_GETS, &m.b.ipv4, "8080", "16"],
+        )
+        .expect("concurrent gets");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.lines().filter(|l| *l == "200").count(),
+        16,
+        "every request answered: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let lines = loop {
+        let lines: Vec<_> =
+            m.ea.closed_connections()
+                .into_iter()
+                .filter(|v| v["orig_dst"] == format!("{}:8080", m.b.ipv4))
+                .collect();
+        if lines.len() >= 16 || Instant::now() > deadline {
+            break lines;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(lines.len(), 16, "one line per connection: {lines:?}");
+    let dialed = lines.iter().filter(|v| v["hbone_reused"] == false).count();
+    assert_eq!(dialed, 1, "one dial for 16 concurrent connects: {lines:?}");
+}
+
+#[test]
+fn stream_budget_refusal_is_retried_on_a_new_connection() {
+    // The failure: b allows 3 streams per HBONE connection; the 4th was
+    // refused (REFUSED_STREAM, never processed) and a's agent reset the
+    // workload's connection. A refused stream is safe to send again: on a
+    // fresh connection, to the same verified identity.
+    let m = mesh_with("streambudget", "max_streams_per_connection = 3\n");
+    let url = format!("http://{}:8080/", m.b.ipv4);
+    for _ in 0..8 {
+        m.a.get_ok(Some("support-agent.service"), &url);
+    }
+    let refused =
+        m.eb.metric(
+            "enforcer_hbone_streams_refused_total",
+            &[("reason", "stream_budget")],
+        )
+        .expect("metrics");
+    assert!(
+        refused >= 1.0,
+        "b refused streams past its budget: {refused}"
+    );
+}
