@@ -57,7 +57,13 @@ fn policy_engine(
     metrics: Arc<crate::admin::Metrics>,
 ) -> anyhow::Result<Policy> {
     let labels = crate::policy::audit::Labels::new(&config.node_name);
-    let mut audit = AuditLog::open_for(&config.policy.audit_log, labels).with_context(|| {
+    let mut audit = AuditLog::open_for(
+        &config.policy.audit_log,
+        labels,
+        config.policy.audit_on_failure,
+        metrics.audit_write_failures.clone(),
+    )
+    .with_context(|| {
         format!(
             "opening policy.audit_log {}",
             config.policy.audit_log.display()
@@ -405,11 +411,31 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         "enforcer ready"
     );
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received; stopping (captured connects are refused until the agent is back)"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT received; stopping (captured connects are refused until the agent is back)"),
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                info!("SIGTERM received; stopping (captured connects are refused until the agent is back)");
+                break;
+            }
+            _ = tokio::signal::ctrl_c() => {
+                info!("SIGINT received; stopping (captured connects are refused until the agent is back)");
+                break;
+            }
+            _ = hup.recv() => {
+                info!("SIGHUP received; reopening the audit log");
+                policy.audit.reopen();
+            }
+        }
+    }
+    // Whatever the audit thread still holds is written before the exit.
+    if tokio::time::timeout(Duration::from_secs(5), policy.audit.flush())
+        .await
+        .is_err()
+    {
+        warn!("the audit log did not take its last lines within 5 s");
     }
     Ok(())
 }

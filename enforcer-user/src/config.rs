@@ -286,6 +286,10 @@ pub struct PolicyConfig {
     /// Decision log: a file path (appended), or `-` for standard output.
     #[serde(default = "default_audit_log")]
     pub audit_log: PathBuf,
+    /// A decision whose audit line cannot be written: `allow` (it stands;
+    /// counted and logged) or `deny` (fail closed).
+    #[serde(default)]
+    pub audit_on_failure: crate::policy::audit::OnFailure,
     /// Wall-clock budget of one policy evaluation; past it the connection is
     /// denied (decision error) and the evaluation is stopped.
     #[serde(default = "default_eval_timeout_ms")]
@@ -449,6 +453,7 @@ impl Default for PolicyConfig {
             engine: crate::policy::EngineKind::default(),
             poll_ms: default_poll_ms(),
             audit_log: default_audit_log(),
+            audit_on_failure: Default::default(),
             eval_timeout_ms: default_eval_timeout_ms(),
             bundle: BundleConfig::default(),
             keys: Default::default(),

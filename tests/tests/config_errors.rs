@@ -72,6 +72,11 @@ fn bad_configs_exit_nonzero_naming_the_problem() {
             vec!["root of the cgroup2 hierarchy"],
         ),
         (
+            "bad audit_on_failure",
+            format!("[capture]\ncgroup = \"{cg}\"\n[policy]\naudit_on_failure = \"block\"\n"),
+            vec!["audit_on_failure", "block"],
+        ),
+        (
             "too many worker threads",
             format!("[capture]\ncgroup = \"{cg}\"\n[runtime]\nworker_threads = 5000\n"),
             vec!["runtime.worker_threads"],

@@ -450,3 +450,199 @@ fn stream_budget_refusal_is_retried_on_a_new_connection() {
         "b refused streams past its budget: {refused}"
     );
 }
+
+/// curl's HTTP status for `url` from `unit` ("000": no answer) and its pid.
+fn status(node: &Node, unit: &str, url: &str) -> (String, u32) {
+    let (pid, out) = node
+        .exec(
+            Some(unit),
+            &["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", url],
+        )
+        .expect("curl");
+    (String::from_utf8_lossy(&out.stdout).into_owned(), pid)
+}
+
+/// Every line of the file is one whole JSON value; returns them.
+fn whole_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("a broken audit line ({e}): {l:?}\nin:\n{text}"))
+        })
+        .collect()
+}
+
+/// A small tmpfs, unmounted on drop.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(at: std::path::PathBuf, size: &str) -> Self {
+        std::fs::create_dir_all(&at).expect("mount point");
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&at)
+            .output()
+            .expect("mount (needs root)");
+        assert!(out.status.success(), "mounting a tmpfs: {out:?}");
+        SmallDisk(at)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn full_disk_cuts_no_audit_line_and_fails_closed() {
+    // The failure: with the disk full, one audit record was cut half-way
+    // and the next appended to it (an unparseable line), and decisions went
+    // on unaudited. Now a line is whole or absent, the failure is counted
+    // and logged once, and with audit_on_failure = "deny" the decision
+    // whose line could not be written is a denial.
+    let (mut tb, a, _) = Testbed::linked_pair("auditfull").expect("testbed");
+    let disk = SmallDisk::mount(tb.dir.join("full"), "64k");
+    // 14 of the 16 pages taken: a few audit lines fit, then ENOSPC.
+    let filler = disk.0.join("filler");
+    std::fs::write(&filler, vec![0u8; 14 * 4096]).expect("filler");
+    let log = disk.0.join("audit.jsonl");
+    let policy = format!(
+        "[policy]\nsource = \"{}\"\naudit_log = \"{}\"\naudit_on_failure = \"deny\"\npoll_ms = 200\n",
+        tb.allow_all_policy().expect("policy").display(),
+        log.display()
+    );
+    let cfg = tb
+        .enforcer_config_with(&a, "", "", &policy)
+        .expect("config");
+    let ea = tb.start_enforcer(&a, &cfg).expect("agent");
+    tb.start_server_in(
+        &a,
+        Some("llm.service"),
+        "http",
+        &["python3", "-u", "-m", "http.server", "8080", "--bind", "::"],
+        8080,
+    )
+    .expect("server");
+    let url = format!("http://{}:8080/", a.ipv4);
+    let mut refused = None;
+    for _ in 0..60 {
+        let (code, pid) = status(&a, "client.service", &url);
+        if code != "200" {
+            refused = Some(pid);
+            break;
+        }
+    }
+    let pid = refused.expect("the disk never filled: every connection was allowed");
+    let failures = ea
+        .metric("enforcer_audit_write_failures_total", &[])
+        .expect("metrics");
+    assert!(failures >= 1.0, "failed writes are counted: {failures}");
+    let line = ea.connection_line(|v| v["pid"] == pid);
+    assert_eq!(line["outcome"], "denied", "{line}");
+    assert!(
+        line["policy_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("audit log unwritable")),
+        "{line}"
+    );
+    let before = whole_lines(&log).len();
+    assert!(before > 0, "some lines fitted before the disk was full");
+    // Room again: the next decision is written, after whole lines only.
+    std::fs::remove_file(&filler).expect("remove filler");
+    let (code, _) = status(&a, "client.service", &url);
+    assert_eq!(code, "200", "allowed again once its line can be written");
+    let after = whole_lines(&log);
+    assert!(after.len() > before, "the new decisions were written");
+    let logged = |needle: &str| {
+        ea.log_lines()
+            .into_iter()
+            .filter(|v| v["message"].as_str().is_some_and(|m| m.contains(needle)))
+            .count()
+    };
+    assert_eq!(
+        logged("writing the audit log failed"),
+        1,
+        "logged once per burst"
+    );
+    assert_eq!(logged("the audit log is written again"), 1);
+    drop(disk);
+}
+
+#[test]
+fn rotated_or_deleted_audit_log_is_reopened_and_sighup_reopens_it() {
+    // The failure: after logrotate renamed the audit log, every later line
+    // went on into the renamed file (the path stayed empty), a deleted log
+    // took every line into an unlinked inode, and SIGHUP — logrotate's
+    // postrotate signal — killed the agent.
+    let (mut tb, a, _) = Testbed::linked_pair("auditrotate").expect("testbed");
+    let log = tb.audit_log(&a);
+    let cfg = tb.enforcer_config(&a, "").expect("config");
+    let ea = tb.start_enforcer(&a, &cfg).expect("agent");
+    tb.start_server_in(
+        &a,
+        Some("llm.service"),
+        "http",
+        &["python3", "-u", "-m", "http.server", "8080", "--bind", "::"],
+        8080,
+    )
+    .expect("server");
+    let url = format!("http://{}:8080/", a.ipv4);
+    let lines_of = |pid: u32| {
+        let conn = ea.connection_line(|v| v["pid"] == pid)["conn_id"].clone();
+        move |path: &std::path::Path| {
+            whole_lines(path)
+                .into_iter()
+                .filter(|v| v["conn_id"] == conn)
+                .count()
+        }
+    };
+    let wait_lines = |path: &std::path::Path, pid: u32, what: &str| {
+        let count = lines_of(pid);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while count(path) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: no line at {}",
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let pid = a.get_ok(Some("client.service"), &url);
+    wait_lines(&log, pid, "before the rotation");
+    // logrotate's default: rename, and a fresh file is expected at the path.
+    let rotated = log.with_extension("jsonl.1");
+    std::fs::rename(&log, &rotated).expect("rename");
+    let pid = a.get_ok(Some("client.service"), &url);
+    wait_lines(&log, pid, "after a rename");
+    // Deleted outright.
+    std::fs::remove_file(&log).expect("remove");
+    let pid = a.get_ok(Some("client.service"), &url);
+    wait_lines(&log, pid, "after a deletion");
+    // SIGHUP: reopened, and the agent stays up.
+    let out = std::process::Command::new("kill")
+        .args(["-HUP", &ea.pid.to_string()])
+        .output()
+        .expect("kill -HUP");
+    assert!(out.status.success(), "{out:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ea
+        .log_lines()
+        .iter()
+        .any(|v| v["message"] == "reopening the audit log" && v["why"] == "SIGHUP")
+    {
+        let pid = a.get_ok(Some("client.service"), &url);
+        wait_lines(&log, pid, "after SIGHUP");
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not reopen the audit log"
+        );
+    }
+    let (code, _) = a.http_get(ea.metrics_addr, "/readyz").expect("readyz");
+    assert_eq!(code, 200, "the agent is still up after SIGHUP");
+}

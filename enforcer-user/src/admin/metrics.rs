@@ -125,6 +125,7 @@ pub struct Metrics {
     policy_info: Family<PolicyInfoLabels, Gauge>,
     decision_logs: Family<ResultLabels, Counter>,
     decision_log_uploads: Family<ResultLabels, Counter>,
+    pub audit_write_failures: Counter,
     http_requests: Family<HttpRequestLabels, Counter>,
     mcp_calls: Family<McpCallLabels, Counter>,
     llm_tokens: Family<LlmTokenLabels, Counter>,
@@ -211,6 +212,12 @@ impl Metrics {
             "Uploads of decision-log batches to the decision-log service: ok or failed (retried)",
             decision_log_uploads.clone(),
         );
+        let audit_write_failures = Counter::default();
+        registry.register(
+            "audit_write_failures",
+            "Audit log lines not written (write failed, e.g. disk full, or the writer's queue was full)",
+            audit_write_failures.clone(),
+        );
         let http_requests = Family::<HttpRequestLabels, Counter>::default();
         registry.register(
             "http_requests",
@@ -247,6 +254,7 @@ impl Metrics {
             policy_info,
             decision_logs,
             decision_log_uploads,
+            audit_write_failures,
             id_labels: Default::default(),
             hbone_rejected,
             hbone_streams_refused,

@@ -2,15 +2,27 @@
 //! shape (`decision_id`, `labels`, `timestamp`, `path`, `input`, `result`,
 //! `bundles`, `error`, `metrics`), with enforcer's own fields beside it
 //! (`conn_id`, `reason`, `enforced`, `cached`, `policy_digest`). Written to a
-//! file or standard output, synchronously and flushed per line, and, when
-//! configured, handed to the decision-log shipper (`ship`).
+//! file or standard output by a thread of its own (never on the async
+//! runtime's threads), and, when configured, handed to the decision-log
+//! shipper (`ship`).
+//!
+//! A line is written whole or not at all: a write that fails half-way (a
+//! full disk) is cut back off the file. Failures are counted
+//! (`enforcer_audit_write_failures_total`) and logged once per burst; with
+//! `policy.audit_on_failure = "deny"` a decision whose line could not be
+//! written is a denial. The file is reopened when it was renamed or
+//! deleted (logrotate) and on SIGHUP.
 use std::{
     collections::BTreeMap,
     io::Write as _,
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
+use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 
 use super::{DECISION_PATH, Input, load::BundleRevision, ship};
@@ -124,45 +136,131 @@ struct Record<'a> {
     policy_digest: Option<&'a str>,
 }
 
-enum Sink {
-    Stdout,
-    File(std::fs::File),
+/// What a decision becomes when its audit line cannot be written
+/// (`policy.audit_on_failure`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnFailure {
+    /// It stands; the lost line is counted and logged.
+    #[default]
+    Allow,
+    /// It is a denial (fail closed, as auditd's `disk_full_action`).
+    Deny,
+}
+
+/// Lines waiting for the writer thread; past it a line is lost (counted).
+const QUEUE: usize = 65_536;
+
+struct Job {
+    text: String,
+    /// Told whether the line was written (fail-closed mode), or the barrier
+    /// of [`AuditLog::flush`].
+    done: Option<tokio::sync::oneshot::Sender<bool>>,
+}
+
+/// Whether a recorded line reached the log.
+pub enum Receipt {
+    /// Not waited for (`audit_on_failure = "allow"`).
+    Unchecked,
+    Pending(tokio::sync::oneshot::Receiver<bool>),
+    Lost,
+}
+
+impl Receipt {
+    /// Waits for the writer's answer (never on a runtime thread's time:
+    /// the write happens on the audit thread).
+    pub async fn written(self) -> bool {
+        match self {
+            Receipt::Unchecked => true,
+            Receipt::Pending(rx) => rx.await.unwrap_or(false),
+            Receipt::Lost => false,
+        }
+    }
 }
 
 pub struct AuditLog {
-    sink: Mutex<Sink>,
+    queue: std::sync::mpsc::SyncSender<Job>,
     pub target: String,
     labels: Labels,
     shipper: Option<ship::Handle>,
+    pub on_failure: OnFailure,
+    /// Set on SIGHUP: the writer reopens the file before its next line.
+    reopen: Arc<AtomicBool>,
+    failures: Counter,
+    /// The queue was full and that was logged (once per burst).
+    overflowing: AtomicBool,
 }
 
 impl AuditLog {
     /// `-` is standard output; anything else a file opened for appending.
     pub fn open(target: &Path) -> std::io::Result<Self> {
-        Self::open_for(target, Labels::new(""))
+        Self::open_for(
+            target,
+            Labels::new(""),
+            OnFailure::Allow,
+            Counter::default(),
+        )
     }
 
-    /// As `open`, with this agent's labels.
-    pub fn open_for(target: &Path, labels: Labels) -> std::io::Result<Self> {
-        let sink = if target == Path::new("-") {
-            Sink::Stdout
-        } else {
-            if let Some(dir) = target.parent().filter(|d| !d.as_os_str().is_empty()) {
+    /// As `open`, with this agent's labels, what a failed write does to the
+    /// decision, and the counter of failed writes.
+    pub fn open_for(
+        target: &Path,
+        labels: Labels,
+        on_failure: OnFailure,
+        failures: Counter,
+    ) -> std::io::Result<Self> {
+        let path = (target != Path::new("-")).then(|| target.to_path_buf());
+        let display = PathBuf::from(target).display().to_string();
+        let reopen = Arc::new(AtomicBool::new(false));
+        let mut writer = Writer {
+            path,
+            file: None,
+            id: None,
+            reopen: reopen.clone(),
+            lost: 0,
+            failures: failures.clone(),
+            target: display.clone(),
+        };
+        if let Some(p) = &writer.path {
+            if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir)?;
             }
-            Sink::File(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(target)?,
-            )
-        };
+            // At start the file must open: a wrong path is a config error.
+            writer.open()?;
+        }
+        let (queue, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer.run(rx))?;
         Ok(Self {
-            sink: Mutex::new(sink),
-            target: PathBuf::from(target).display().to_string(),
+            queue,
+            target: display,
             labels,
             shipper: None,
+            on_failure,
+            reopen,
+            failures,
+            overflowing: AtomicBool::new(false),
         })
+    }
+
+    /// Reopens the file before the next line (SIGHUP, after a rotation).
+    pub fn reopen(&self) {
+        self.reopen.store(true, Ordering::Release);
+    }
+
+    /// Waits until every line recorded so far is written (or its write
+    /// failed): at shutdown, so that nothing queued is lost.
+    pub async fn flush(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job = Job {
+            text: String::new(),
+            done: Some(tx),
+        };
+        if self.queue.try_send(job).is_ok() {
+            let _ = rx.await;
+        }
     }
 
     /// Also hands every line to the decision-log shipper.
@@ -210,14 +308,16 @@ impl AuditLog {
         serde_json::to_string(&rec).ok()
     }
 
-    pub fn record(&self, line: &Line<'_>) {
+    /// Queues one decision's line for the writer; with `audit_on_failure =
+    /// "deny"`, the receipt says whether it was written.
+    pub fn record(&self, line: &Line<'_>) -> Receipt {
         let Some(text) = self.event(line) else {
-            return;
+            return Receipt::Lost;
         };
         if let Some(s) = &self.shipper {
             s.push(&text);
         }
-        self.write(text);
+        self.write(text, self.on_failure == OnFailure::Deny)
     }
 
     /// Writes a line that follows a decision's (an LLM answer's usage):
@@ -233,27 +333,145 @@ impl AuditLog {
                 o.insert("labels".into(), l);
             }
         }
-        self.write(fields.to_string());
+        self.write(fields.to_string(), false);
     }
 
-    fn write(&self, text: String) {
-        let mut sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
-        let result = match &mut *sink {
-            Sink::Stdout => {
-                let mut out = std::io::stdout().lock();
-                out.write_all(text.as_bytes())
-                    .and_then(|_| out.write_all(b"\n"))
-                    .and_then(|_| out.flush())
-            }
-            Sink::File(f) => {
-                let mut buf = text.into_bytes();
-                buf.push(b'\n');
-                f.write_all(&buf)
-            }
+    fn write(&self, text: String, wait: bool) -> Receipt {
+        let (done, receipt) = if wait {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            (Some(tx), Receipt::Pending(rx))
+        } else {
+            (None, Receipt::Unchecked)
         };
-        if let Err(e) = result {
-            tracing::error!(target = %self.target, error = %e, "writing the audit log failed");
+        match self.queue.try_send(Job { text, done }) {
+            Ok(()) => {
+                self.overflowing.store(false, Ordering::Relaxed);
+                receipt
+            }
+            Err(_) => {
+                self.failures.inc();
+                if !self.overflowing.swap(true, Ordering::Relaxed) {
+                    tracing::error!(target = %self.target, queued = QUEUE,
+                        "the audit log writer is behind (a stalled disk?); lines are lost until it catches up (enforcer_audit_write_failures_total)");
+                }
+                Receipt::Lost
+            }
         }
+    }
+}
+
+/// The writer thread's side: the open file, and the state of a failure
+/// burst.
+struct Writer {
+    /// `None`: standard output.
+    path: Option<PathBuf>,
+    file: Option<std::fs::File>,
+    /// Device and inode of the open file, to notice a rename or deletion.
+    id: Option<(u64, u64)>,
+    reopen: Arc<AtomicBool>,
+    /// Lines lost in the current failure burst.
+    lost: u64,
+    failures: Counter,
+    target: String,
+}
+
+impl Writer {
+    fn run(mut self, rx: std::sync::mpsc::Receiver<Job>) {
+        while let Ok(job) = rx.recv() {
+            let ok = job.text.is_empty() || self.write(&job.text);
+            if let Some(done) = job.done {
+                let _ = done.send(ok);
+            }
+        }
+    }
+
+    fn write(&mut self, text: &str) -> bool {
+        let mut line = Vec::with_capacity(text.len() + 1);
+        line.extend_from_slice(text.as_bytes());
+        line.push(b'\n');
+        let result = if self.path.is_some() {
+            self.append(&line)
+        } else {
+            let mut out = std::io::stdout().lock();
+            out.write_all(&line).and_then(|()| out.flush())
+        };
+        match result {
+            Ok(()) => {
+                if self.lost > 0 {
+                    tracing::warn!(target = %self.target, lost = self.lost,
+                        "the audit log is written again; lines were lost meanwhile");
+                    self.lost = 0;
+                }
+                true
+            }
+            Err(e) => {
+                self.failures.inc();
+                if self.lost == 0 {
+                    tracing::error!(target = %self.target, error = %e,
+                        "writing the audit log failed; lines are lost until it recovers (enforcer_audit_write_failures_total)");
+                }
+                self.lost += 1;
+                false
+            }
+        }
+    }
+
+    /// Appends one line whole, or leaves the file as it was.
+    fn append(&mut self, line: &[u8]) -> std::io::Result<()> {
+        self.recheck();
+        if self.file.is_none() {
+            self.open()?;
+        }
+        let Some(f) = self.file.as_mut() else {
+            return Err(std::io::Error::other("the audit log is not open"));
+        };
+        let before = f.metadata()?.len();
+        if let Err(e) = f.write_all(line) {
+            // Part of the line may be in: cut it, so the next line starts
+            // on a line of its own.
+            if let Err(t) = f.set_len(before) {
+                tracing::error!(target = %self.target, error = %t,
+                    "cutting a partly written audit line failed; the log may hold a broken line");
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Before each line (one `stat` on this thread): when the path no
+    /// longer names the open file (renamed or deleted by log rotation), or
+    /// on SIGHUP, close it so that the line opens (creates) the path again.
+    fn recheck(&mut self) {
+        let hup = self.reopen.swap(false, Ordering::AcqRel);
+        let Some(path) = &self.path else {
+            return;
+        };
+        let now = std::fs::metadata(path).ok().map(|m| {
+            use std::os::unix::fs::MetadataExt as _;
+            (m.dev(), m.ino())
+        });
+        if hup || now != self.id {
+            tracing::info!(target = %self.target,
+                why = if hup { "SIGHUP" } else { "the file was renamed or deleted" },
+                "reopening the audit log");
+            self.file = None;
+        }
+    }
+
+    fn open(&mut self) -> std::io::Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        self.id = f.metadata().ok().map(|m| {
+            use std::os::unix::fs::MetadataExt as _;
+            (m.dev(), m.ino())
+        });
+        self.file = Some(f);
+        Ok(())
     }
 }
 
@@ -263,7 +481,13 @@ mod tests {
 
     #[test]
     fn events_have_opas_shape() {
-        let log = AuditLog::open_for(Path::new("/dev/null"), Labels::new("node-a")).expect("log");
+        let log = AuditLog::open_for(
+            Path::new("/dev/null"),
+            Labels::new("node-a"),
+            OnFailure::Allow,
+            Counter::default(),
+        )
+        .expect("log");
         let input = Input {
             direction: "outbound",
             protocol: "tcp",

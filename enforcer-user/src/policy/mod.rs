@@ -571,19 +571,44 @@ impl Policy {
     /// Decides one connection, audits the decision and counts it.
     pub async fn decide(&self, input: &Input, conn_id: u64) -> Verdict {
         let (d, elapsed, loaded) = self.evaluate(input).await;
-        self.finish(input, (conn_id, None), d, elapsed, loaded.as_deref())
+        let (v, receipt) = self.finish(input, (conn_id, None), d, elapsed, loaded.as_deref());
+        self.audited(input, v, receipt).await
     }
 
     /// Decides one L7 request (its id goes to the audit line).
     pub async fn decide_request(&self, input: &Input, conn_id: u64, request_id: &str) -> Verdict {
         let (d, elapsed, loaded) = self.evaluate(input).await;
-        self.finish(
+        let (v, receipt) = self.finish(
             input,
             (conn_id, Some(request_id)),
             d,
             elapsed,
             loaded.as_deref(),
-        )
+        );
+        self.audited(input, v, receipt).await
+    }
+
+    /// With `policy.audit_on_failure = "deny"`, a decision whose audit line
+    /// was not written is a denial; then the decision is counted.
+    async fn audited(&self, input: &Input, mut v: Verdict, receipt: audit::Receipt) -> Verdict {
+        if !receipt.written().await && v.allowed {
+            tracing::warn!(
+                decision_id = v.decision_id,
+                "the decision's audit line could not be written; denying (policy.audit_on_failure = \"deny\")"
+            );
+            v.allowed = false;
+            v.result = "error";
+            v.decision.allow = false;
+            v.decision.reason =
+                Some("audit log unwritable (policy.audit_on_failure = deny)".into());
+        }
+        self.metrics.policy_decision(
+            input.direction,
+            v.result,
+            input.source.spiffe_id.as_deref(),
+            input.destination.spiffe_id.as_deref(),
+        );
+        v
     }
 
     /// The decision alone (cache, then policy on the evaluation pool),
@@ -657,7 +682,7 @@ impl Policy {
         decision: Decision,
         elapsed: Option<Duration>,
         loaded: Option<&Loaded>,
-    ) -> Verdict {
+    ) -> (Verdict, audit::Receipt) {
         let allowed = decision.allow || self.mode == Mode::DryRun;
         let result = match (decision.allow, &decision.error, self.mode) {
             (true, _, _) => "allow",
@@ -670,12 +695,6 @@ impl Policy {
                 .policy_eval_seconds
                 .observe(elapsed.as_secs_f64());
         }
-        self.metrics.policy_decision(
-            input.direction,
-            result,
-            input.source.spiffe_id.as_deref(),
-            input.destination.spiffe_id.as_deref(),
-        );
         let decision_id = uuid::Uuid::new_v4().to_string();
         if let Some(e) = &decision.error {
             tracing::warn!(conn_id, decision_id, error = %e, "policy evaluation failed; denying");
@@ -683,7 +702,7 @@ impl Policy {
         if !decision.allow && self.mode == Mode::DryRun {
             tracing::warn!(conn_id, decision_id, reason = ?decision.reason, "would deny (dry-run): allowing");
         }
-        self.audit.record(&audit::Line {
+        let receipt = self.audit.record(&audit::Line {
             decision_id: &decision_id,
             conn_id,
             request_id,
@@ -700,12 +719,13 @@ impl Policy {
             bundle: loaded.and_then(|l| l.bundle.as_ref()),
             eval_ns: elapsed.map(|e| e.as_nanos() as u64),
         });
-        Verdict {
+        let v = Verdict {
             allowed,
             decision,
             decision_id,
             result,
-        }
+        };
+        (v, receipt)
     }
 }
 
