@@ -417,11 +417,11 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = term.recv() => {
-                info!("SIGTERM received; stopping (captured connects are refused until the agent is back)");
+                info!("SIGTERM received; stopping (captured connects are refused from now until the agent is back)");
                 break;
             }
             _ = tokio::signal::ctrl_c() => {
-                info!("SIGINT received; stopping (captured connects are refused until the agent is back)");
+                info!("SIGINT received; stopping (captured connects are refused from now until the agent is back)");
                 break;
             }
             _ = hup.recv() => {
@@ -430,6 +430,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
             }
         }
     }
+    crate::proxy::drain::run(Duration::from_secs(config.runtime.drain_secs)).await;
     // Whatever the audit thread still holds is written before the exit.
     if tokio::time::timeout(Duration::from_secs(5), policy.audit.flush())
         .await

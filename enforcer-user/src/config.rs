@@ -52,12 +52,29 @@ pub struct Config {
 }
 
 /// The async runtime that runs the data plane.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimeConfig {
     /// Worker threads; 0 (default): one per CPU the agent may run on.
     #[serde(default)]
     pub worker_threads: usize,
+    /// At SIGTERM, how long connections already open may run on before
+    /// they are reset.
+    #[serde(default = "default_drain_secs")]
+    pub drain_secs: u64,
+}
+
+fn default_drain_secs() -> u64 {
+    15
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            worker_threads: 0,
+            drain_secs: default_drain_secs(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -810,6 +827,7 @@ impl Config {
                 0,
                 1024,
             ),
+            ("runtime.drain_secs", c.runtime.drain_secs, 0, 3600),
             ("node_name (length)", c.node_name.len() as u64, 1, 253),
         ];
         if let Some(d) = &c.policy.decision_logs {
@@ -1133,6 +1151,7 @@ mod tests {
             ("[mesh]\nhbone_port = 0", "mesh.hbone_port"),
             ("[policy]\npoll_ms = 5", "policy.poll_ms"),
             ("[runtime]\nworker_threads = 5000", "runtime.worker_threads"),
+            ("[runtime]\ndrain_secs = 7200", "runtime.drain_secs"),
         ] {
             let err = parse(&format!("{MIN}{line}\n")).unwrap_err().to_string();
             assert!(err.contains(key), "{line}: {err}");

@@ -7,6 +7,7 @@ connection ended, one line: `EOF <bytes>` (a clean close), `RESET <bytes>`
   stream.py download HOST PORT    send "GO", read until it ends
   stream.py upload HOST PORT      send until it fails
   stream.py serve-bytes PORT N    on each connection: read "GO", send N bytes, close
+  stream.py serve-slow PORT N     the same at about 1.3 MB/s
   stream.py upload-bytes HOST PORT N   send N bytes, half-close, wait for the end
 
 The receiving side prints `STARTED` once it has read 1 MiB, so a test
@@ -102,6 +103,20 @@ def main():
             c.close()
 
         serve(int(sys.argv[2]), serve_bytes)
+    elif mode == "serve-slow":
+        n = int(sys.argv[3])
+
+        def serve_slow(c):
+            if c.recv(2):
+                sent = 0
+                while sent < n:
+                    part = CHUNK[: min(len(CHUNK), n - sent)]
+                    c.sendall(part)
+                    sent += len(part)
+                    time.sleep(0.05)
+            c.close()
+
+        serve(int(sys.argv[2]), serve_slow)
     elif mode == "serve-upload":
         serve(int(sys.argv[2]), serve_upload)
     else:

@@ -435,6 +435,32 @@ impl Testbed {
         Ok(())
     }
 
+    /// Sends `signal` to a process this testbed started, without waiting.
+    pub fn signal(&self, pid: u32, signal: nix::sys::signal::Signal) -> Result<()> {
+        if !self.procs.iter().any(|(_, c)| c.id() == pid) {
+            bail!("pid {pid} was not started by this testbed");
+        }
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal)
+            .with_context(|| format!("sending {signal} to {pid}"))
+    }
+
+    /// Waits up to `within` for a process this testbed started to exit;
+    /// reaps it and returns its status, or `None` if it still runs.
+    pub fn wait_exit(&mut self, pid: u32, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            let idx = self.procs.iter().position(|(_, c)| c.id() == pid)?;
+            if let Ok(Some(status)) = self.procs[idx].1.try_wait() {
+                self.procs.remove(idx);
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts a long-running server in `node`'s netns, outside any captured
     /// cgroup, and waits until it accepts on `port`.
     pub fn start_server(
@@ -613,7 +639,9 @@ fn terminate(child: &mut Child) {
 
 impl Drop for Testbed {
     fn drop(&mut self) {
-        for (_, child) in self.procs.iter_mut() {
+        // Last started first: clients, then servers, then the agents, which
+        // drain at SIGTERM (and would wait on clients still connected).
+        for (_, child) in self.procs.iter_mut().rev() {
             terminate(child);
         }
         for cfg in &self.enforcer_configs {

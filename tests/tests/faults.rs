@@ -646,3 +646,195 @@ fn rotated_or_deleted_audit_log_is_reopened_and_sighup_reopens_it() {
     let (code, _) = a.http_get(ea.metrics_addr, "/readyz").expect("readyz");
     assert_eq!(code, 200, "the agent is still up after SIGHUP");
 }
+
+/// Nodes a and b as [`mesh`], with `runtime` as a's `[runtime]` keys.
+fn mesh_runtime_a(test: &str, runtime: &str) -> Pair {
+    llm_pair(test, TD, |_, n| {
+        if n.name == "a" {
+            let e = entry(AGENT_ID, "systemd:unit:support-agent.service");
+            (
+                String::new(),
+                format!("{e}\n{MESH}\n[runtime]\n{runtime}\n"),
+            )
+        } else {
+            let e = entry(LLM_ID, "systemd:unit:llm.service");
+            (String::new(), format!("{e}\n{MESH}"))
+        }
+    })
+    .expect("two nodes")
+}
+
+/// A 4 MiB download that takes about 3 s, from b:`port` to a client in
+/// a/support-agent.service, started in the background; returns once 1 MiB
+/// has arrived.
+fn slow_download(m: &mut Pair, port: u16) {
+    let (p, py) = (port.to_string(), stream_py());
+    m.tb.start_server_in(
+        &m.b,
+        Some("llm.service"),
+        &format!("server-{port}"),
+        &["python3", "-u", &py, "serve-slow", &p, "4194304"],
+        port,
+    )
+    .expect("slow server");
+    m.tb.spawn(
+        &m.a,
+        Some("support-agent.service"),
+        &format!("client-{port}"),
+        &["python3", "-u", &py, "download", &m.b.ipv4, &p],
+    )
+    .expect("client");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !m
+        .tb
+        .server_log(&m.a, &format!("client-{port}"))
+        .contains("STARTED")
+    {
+        assert!(Instant::now() < deadline, "the slow download never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigterm_drains_open_connections_and_refuses_new_ones() {
+    // The failure: SIGTERM ended the agent at once; a transfer in progress
+    // was cut. Now the listeners close (new connects are refused, fail
+    // closed), HBONE peers get GOAWAY, and what is open finishes.
+    use nix::sys::signal::Signal::SIGTERM;
+    let mut m = mesh("drain");
+    slow_download(&mut m, 9651);
+    // Both agents told to stop mid-transfer: a's relay and b's stream
+    // must both run on to the end.
+    m.tb.signal(m.ea.pid, SIGTERM).expect("SIGTERM a");
+    m.tb.signal(m.eb.pid, SIGTERM).expect("SIGTERM b");
+    let (_, out) =
+        m.a.exec(
+            Some("support-agent.service"),
+            &[
+                "curl",
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &format!("http://{}:8080/", m.b.ipv4),
+            ],
+        )
+        .expect("curl");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "000",
+        "a draining agent accepts no new connection"
+    );
+    assert_eq!(
+        ending(&m.tb, &m.a, "client-9651"),
+        "EOF 4194304",
+        "the transfer open at SIGTERM completes"
+    );
+    for (e, name) in [(&m.ea, "a"), (&m.eb, "b")] {
+        let status = m.tb.wait_exit(e.pid, Duration::from_secs(10));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{name}'s agent exits cleanly once drained: {status:?}"
+        );
+    }
+    let line =
+        m.ea.connection_line(|v| v["orig_dst"] == format!("{}:9651", m.b.ipv4));
+    assert_eq!(line["outcome"], "ok", "{line}");
+    assert_eq!(line["bytes_received"], 4194304, "{line}");
+    let inbound =
+        m.eb.connection_line(|v| v["dst"] == format!("{}:9651", m.b.ipv4));
+    assert_eq!(inbound["outcome"], "ok", "{inbound}");
+    assert!(
+        m.ea.log_lines()
+            .iter()
+            .any(|v| v["message"] == "drained: every connection ended")
+    );
+}
+
+#[test]
+fn drain_time_over_resets_what_remains_with_its_line() {
+    use nix::sys::signal::Signal::SIGTERM;
+    let mut m = mesh_runtime_a("drainover", "drain_secs = 1");
+    start_transfer(&mut m.tb, &m.b, &m.a, 9652, Way::Download);
+    m.tb.signal(m.ea.pid, SIGTERM).expect("SIGTERM a");
+    assert_reset(&m.tb, &m.a, "client-9652", "cut by the end of the drain");
+    let status = m.tb.wait_exit(m.ea.pid, Duration::from_secs(10));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    let line =
+        m.ea.connection_line(|v| v["orig_dst"] == format!("{}:9652", m.b.ipv4));
+    assert_eq!(line["outcome"], "drained", "{line}");
+    assert!(line["bytes_received"].as_u64() > Some(1 << 20), "{line}");
+}
+
+/// One HTTP/1.1 request on a keep-alive connection to HOST:PORT, then waits
+/// (up to 30 s) for the server side to close it; prints `STATUS <code>`,
+/// then `EOF` (closed cleanly between requests), `RESET` or `TIMEOUT`.
+const PY_KEEPALIVE_IDLE: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+buf = b""
+while b"\r\n\r\n" not in buf:
+    buf += s.recv(65536)
+head, body = buf.split(b"\r\n\r\n", 1)
+length = int([l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0])
+while len(body) < length:
+    body += s.recv(65536)
+print("STATUS", head.split(b" ")[1].decode(), flush=True)
+try:
+    print("EOF" if s.recv(1) == b"" else "DATA", flush=True)
+except ConnectionResetError:
+    print("RESET", flush=True)
+except socket.timeout:
+    print("TIMEOUT", flush=True)
+"#;
+
+#[test]
+fn draining_l7_session_closes_between_requests() {
+    // An idle keep-alive session at a declared destination does not hold
+    // the drain for its whole time, nor is it reset: the session is closed
+    // at the request boundary (hyper's graceful shutdown), cleanly.
+    use nix::sys::signal::Signal::SIGTERM;
+    let mut m = mesh_with(
+        "drainl7",
+        "\n[[l7.destinations]]\nports = [8080]\nprotocol = \"http\"\n",
+    );
+    m.tb.spawn(
+        &m.a,
+        Some("support-agent.service"),
+        "idle",
+        &["python3", "-u", "-c", PY_KEEPALIVE_IDLE, &m.b.ipv4, "8080"],
+    )
+    .expect("client");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !m.tb.server_log(&m.a, "idle").contains("STATUS 200") {
+        assert!(
+            Instant::now() < deadline,
+            "no answer: {}",
+            m.tb.server_log(&m.a, "idle")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stopped = Instant::now();
+    m.tb.signal(m.eb.pid, SIGTERM).expect("SIGTERM b");
+    let status = m.tb.wait_exit(m.eb.pid, Duration::from_secs(12));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "b drained well before its 15 s drain time: {status:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let log = loop {
+        let log = m.tb.server_log(&m.a, "idle");
+        if log.lines().count() >= 2 || Instant::now() > deadline {
+            break log;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        log.lines().nth(1),
+        Some("EOF"),
+        "closed cleanly between requests ({:?} after SIGTERM): {log}",
+        stopped.elapsed()
+    );
+}

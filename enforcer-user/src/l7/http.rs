@@ -72,7 +72,7 @@ impl Served {
     pub fn outcome(&self) -> crate::proxy::Outcome {
         match self.result {
             Ok(()) => crate::proxy::Outcome::Ok,
-            Err(_) => crate::proxy::Outcome::Error,
+            Err(_) => crate::proxy::Outcome::broken(),
         }
     }
 }
@@ -143,10 +143,26 @@ where
         let session = session.clone();
         hyper::service::service_fn(move |req| session.clone().handle(req))
     };
-    let mut result = builder
-        .serve_connection_with_upgrades(io, service)
-        .await
-        .map_err(|e| e.to_string());
+    // Draining: the request in hand is finished, then the connection
+    // closes (HTTP/1.1 `Connection: close`, HTTP/2 GOAWAY); past the drain
+    // time it is cut, and so reset.
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    let (draining, forced) = (
+        crate::proxy::drain::draining(),
+        crate::proxy::drain::forced(),
+    );
+    tokio::pin!(conn, draining, forced);
+    let mut asked = false;
+    let mut result = loop {
+        tokio::select! {
+            r = conn.as_mut() => break r.map_err(|e| e.to_string()),
+            () = &mut draining, if !asked => {
+                conn.as_mut().graceful_shutdown();
+                asked = true;
+            }
+            () = &mut forced => break Err("the agent's drain time is over".to_owned()),
+        }
+    };
     // An upgraded connection (WebSocket, CONNECT) is the session's until its
     // tunnel ends: its bytes are counted, and a tunnel that breaks fails
     // the session, so both sides are reset rather than closed as complete.

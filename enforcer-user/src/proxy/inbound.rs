@@ -99,7 +99,7 @@ impl Inbound {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         super::accept_loop(listener, "hbone", |stream, peer| {
             let this = self.clone();
-            tokio::spawn(async move { this.connection(stream, peer).await });
+            async move { this.connection(stream, peer).await }
         })
         .await
     }
@@ -246,10 +246,19 @@ impl Inbound {
                 .unwrap_or_default(),
         );
         tokio::pin!(expiry);
+        let (draining, forced) = (super::drain::draining(), super::drain::forced());
+        tokio::pin!(draining, forced);
         let (mut opened, mut closing) = (0u64, false);
         loop {
             let next = tokio::select! {
                 next = h2.accept() => next,
+                () = &mut draining, if !closing => {
+                    tracing::debug!(%peer, "draining: GOAWAY to the HBONE client");
+                    h2.graceful_shutdown();
+                    closing = true;
+                    continue;
+                }
+                () = &mut forced => break,
                 () = &mut expiry, if !closing => {
                     info!(%peer, src_spiffe_id = %src_id, "client certificate expired; closing the HBONE connection (GOAWAY)");
                     h2.graceful_shutdown();
@@ -292,8 +301,10 @@ impl Inbound {
             let presented_id = presented_id.clone();
             let id = next_conn_id();
             let span = info_span!("conn", id, direction = "inbound", src = %peer, dst = tracing::field::Empty);
+            let tracked = super::drain::track();
             tokio::spawn(
                 async move {
+                    let _tracked = tracked;
                     this.stream(id, peer, src_id, (dst_ip, port, presented_id), req, respond)
                         .await
                 }
@@ -420,7 +431,7 @@ impl Inbound {
         let outcome = if result.is_ok() {
             Outcome::Ok
         } else {
-            Outcome::Error
+            Outcome::broken()
         };
         if let Err(e) = result {
             tracing::debug!(error = %e, "inbound stream ended with an error");

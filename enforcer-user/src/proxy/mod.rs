@@ -1,18 +1,38 @@
 //! The data plane: listeners and per-connection forwarding.
+pub mod drain;
 pub mod inbound;
 pub mod outbound;
 pub mod plaintext;
 
-/// Accepts on `listener` forever, handing each connection to `on_accept`.
-/// Accept errors (EMFILE and friends) back off instead of spinning.
-pub async fn accept_loop(
+/// Accepts on `listener` until the agent drains, running each connection's
+/// task (`on_accept`'s future) as a task of its own that the drain waits
+/// for. Accept errors (EMFILE and friends) back off instead of spinning.
+pub async fn accept_loop<F>(
     listener: tokio::net::TcpListener,
     what: &'static str,
-    mut on_accept: impl FnMut(tokio::net::TcpStream, std::net::SocketAddr),
-) {
+    mut on_accept: impl FnMut(tokio::net::TcpStream, std::net::SocketAddr) -> F,
+) where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let stop = drain::draining();
+    tokio::pin!(stop);
     loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => on_accept(stream, peer),
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            () = &mut stop => {
+                tracing::info!(listener = what, "draining: the listener is closed");
+                return;
+            }
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let task = on_accept(stream, peer);
+                let tracked = drain::track();
+                tokio::spawn(async move {
+                    let _tracked = tracked;
+                    task.await
+                });
+            }
             Err(e) => {
                 tracing::warn!(listener = what, error = %e, "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -122,10 +142,14 @@ pub async fn both_directions(
     up: impl std::future::Future<Output = std::io::Result<()>>,
     down: impl std::future::Future<Output = std::io::Result<()>>,
 ) -> std::io::Result<()> {
-    tokio::pin!(up, down);
+    let forced = drain::forced();
+    tokio::pin!(up, down, forced);
     let (mut up_done, mut down_done) = (false, false);
     while !(up_done && down_done) {
         tokio::select! {
+            () = &mut forced => {
+                return Err(std::io::Error::other("the agent's drain time is over"));
+            }
             r = &mut up, if !up_done => {
                 r?;
                 up_done = true;
@@ -159,7 +183,7 @@ pub async fn splice_tcp(
             tracing::debug!(error = %e, "relay failed; resetting both connections");
             reset(client);
             reset(upstream);
-            (Outcome::Error, (sent, received))
+            (Outcome::broken(), (sent, received))
         }
     }
 }
@@ -237,6 +261,8 @@ pub enum Outcome {
     PlaintextRefused,
     /// Policy denied the connection.
     Denied,
+    /// Still open when the agent's drain time ran out: reset.
+    Drained,
 }
 
 impl Outcome {
@@ -251,6 +277,16 @@ impl Outcome {
             Outcome::BadRequest => "bad_request",
             Outcome::PlaintextRefused => "plaintext_refused",
             Outcome::Denied => "denied",
+            Outcome::Drained => "drained",
+        }
+    }
+
+    /// A relay that failed: `drained` when the drain cut it, else `error`.
+    pub fn broken() -> Self {
+        if drain::is_forced() {
+            Outcome::Drained
+        } else {
+            Outcome::Error
         }
     }
 }

@@ -89,7 +89,7 @@ impl Outbound {
             let this = self.clone();
             let id = next_conn_id();
             let span = info_span!("conn", id, direction = "outbound", src = %peer);
-            tokio::spawn(async move { this.handle(id, stream, peer).await }.instrument(span));
+            async move { this.handle(id, stream, peer).await }.instrument(span)
         })
         .await
     }
@@ -286,7 +286,7 @@ impl Outbound {
                 Ok(()) => Outcome::Ok,
                 Err(e) => {
                     tracing::debug!(error = %e, "tunnel ended with an error");
-                    Outcome::Error
+                    Outcome::broken()
                 }
             };
             return self.finish(id, Some(&att), Some(dst), &ids, outcome, bytes, started);

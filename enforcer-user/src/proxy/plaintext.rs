@@ -30,7 +30,7 @@ impl Plaintext {
             let this = self.clone();
             let id = next_conn_id();
             let span = info_span!("conn", id, direction = "inbound", src = %peer, dst = tracing::field::Empty);
-            tokio::spawn(async move { this.handle(id, stream, peer).await }.instrument(span));
+            async move { this.handle(id, stream, peer).await }.instrument(span)
         })
         .await
     }

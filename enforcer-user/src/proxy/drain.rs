@@ -1,0 +1,125 @@
+//! Draining at SIGTERM: the listeners stop accepting, HBONE connections are
+//! told to go away (GOAWAY), L7 sessions finish the request in hand, and the
+//! connections already open run to their end for up to `runtime.drain_secs`.
+//! Past it, what remains is reset (never closed as if complete) and every
+//! connection still writes its "connection closed" line, with outcome
+//! `drained`.
+//!
+//! One per process: the listeners, relays and sessions watch it without
+//! each being handed a handle.
+use std::{
+    sync::{
+        LazyLock,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::sync::{Notify, watch};
+use tracing::{info, warn};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    Serving,
+    Draining,
+    /// `drain_secs` passed: relays still open are reset.
+    Forced,
+}
+
+struct Drain {
+    phase: watch::Sender<Phase>,
+    active: AtomicUsize,
+    idle: Notify,
+}
+
+static DRAIN: LazyLock<Drain> = LazyLock::new(|| Drain {
+    phase: watch::Sender::new(Phase::Serving),
+    active: AtomicUsize::new(0),
+    idle: Notify::new(),
+});
+
+/// A connection (or HBONE connection, or stream) in progress: drain waits
+/// until every one is dropped.
+pub struct Tracked(());
+
+/// Counts one connection until the returned guard is dropped.
+pub fn track() -> Tracked {
+    DRAIN.active.fetch_add(1, Ordering::AcqRel);
+    Tracked(())
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if DRAIN.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            DRAIN.idle.notify_waiters();
+        }
+    }
+}
+
+async fn reached(phase: Phase) {
+    let mut rx = DRAIN.phase.subscribe();
+    // The sender lives in a static: the channel never closes.
+    let _ = rx.wait_for(|p| *p >= phase).await;
+}
+
+/// Resolves when the agent starts draining (stop accepting, GOAWAY).
+pub async fn draining() {
+    reached(Phase::Draining).await
+}
+
+/// Resolves when the drain time is over: what is still open is reset.
+pub async fn forced() {
+    reached(Phase::Forced).await
+}
+
+/// Whether the drain time is over (a relay that ends now was cut by it).
+pub fn is_forced() -> bool {
+    *DRAIN.phase.borrow() == Phase::Forced
+}
+
+/// Connections in progress.
+pub fn active() -> usize {
+    DRAIN.active.load(Ordering::Acquire)
+}
+
+/// Drains: stops accepting, waits up to `within` for the connections in
+/// progress to end, then resets what remains and waits (briefly) for those
+/// connections to write their lines.
+pub async fn run(within: Duration) {
+    let open = active();
+    info!(
+        open,
+        drain_secs = within.as_secs(),
+        "draining: no new connections; open ones may finish"
+    );
+    DRAIN.phase.send_replace(Phase::Draining);
+    if tokio::time::timeout(within, all_ended()).await.is_ok() {
+        info!("drained: every connection ended");
+        return;
+    }
+    let left = active();
+    warn!(
+        open = left,
+        drain_secs = within.as_secs(),
+        "drain time over; resetting the connections still open"
+    );
+    DRAIN.phase.send_replace(Phase::Forced);
+    if tokio::time::timeout(Duration::from_secs(3), all_ended())
+        .await
+        .is_err()
+    {
+        warn!(open = active(), "connections still open after their reset");
+    }
+}
+
+async fn all_ended() {
+    loop {
+        let idle = DRAIN.idle.notified();
+        tokio::pin!(idle);
+        idle.as_mut().enable();
+        if active() == 0 {
+            return;
+        }
+        idle.await;
+    }
+}
