@@ -397,6 +397,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     ));
 
     state.ready.store(true, Ordering::Release);
+    notify_systemd(&[sd_notify::NotifyState::Ready]).await;
     info!(
         node = %config.node_name,
         cgroup = %cgroup.path.display(),
@@ -418,10 +419,12 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => {
                 info!("SIGTERM received; stopping (captured connects are refused from now until the agent is back)");
+                notify_systemd(&[sd_notify::NotifyState::Stopping]).await;
                 break;
             }
             _ = tokio::signal::ctrl_c() => {
                 info!("SIGINT received; stopping (captured connects are refused from now until the agent is back)");
+                notify_systemd(&[sd_notify::NotifyState::Stopping]).await;
                 break;
             }
             _ = hup.recv() => {
@@ -439,6 +442,17 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         warn!("the audit log did not take its last lines within 5 s");
     }
     Ok(())
+}
+
+/// Tells systemd (a `Type=notify` unit: `NOTIFY_SOCKET` is set) that the
+/// agent is ready — when `/readyz` turns 200 — or stopping; without
+/// `NOTIFY_SOCKET`, nothing.
+async fn notify_systemd(state: &'static [sd_notify::NotifyState<'static>]) {
+    match tokio::task::spawn_blocking(move || sd_notify::notify(false, state)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, "telling systemd (NOTIFY_SOCKET) failed"),
+        Err(e) => warn!(error = %e, "telling systemd (NOTIFY_SOCKET) failed"),
+    }
 }
 
 /// The outbound listener on a loopback address, marked so the kernel

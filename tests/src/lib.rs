@@ -354,6 +354,17 @@ impl Testbed {
         config: &Path,
         in_cgroup: Option<&str>,
     ) -> Result<Enforcer> {
+        self.start_enforcer_env(node, config, in_cgroup, &[])
+    }
+
+    /// Like [`Testbed::start_enforcer_in`], with extra environment variables.
+    pub fn start_enforcer_env(
+        &mut self,
+        node: &Node,
+        config: &Path,
+        in_cgroup: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Result<Enforcer> {
         let log = self.dir.join(format!("{}-enforcer.log", node.name));
         let cg = match in_cgroup {
             Some(unit) => node.workload_cgroup(unit)?,
@@ -369,6 +380,7 @@ impl Testbed {
             .args(["run", "--config"])
             .arg(config)
             .env("RUST_BACKTRACE", "0")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(fs::File::create(
                 self.dir.join(format!("{}-enforcer.stdout", node.name)),

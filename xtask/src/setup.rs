@@ -8,7 +8,7 @@ use crate::step;
 
 /// Debian packages: the kernel-side toolchain (LLVM 22 for bpf-linker), the
 /// testbed (iproute2, util-linux's nsenter, curl, python3), and the tools the
-/// scenarios and benchmarks use.
+/// scenarios, benchmarks and deployment checks use.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -25,6 +25,8 @@ const APT_PACKAGES: &[&str] = &[
     "tshark",
     "tcpdump",
     "linux-perf",
+    // systemd-analyze: the test suite verifies the shipped unit.
+    "systemd",
 ];
 
 /// Python packages (package, module): the AI scenarios' official clients and
