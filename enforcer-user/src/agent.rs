@@ -271,7 +271,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
 
     let state = Arc::new(AdminState::new(&config.node_name));
     let policy = Arc::new(policy_engine(&config, first_policy, state.metrics.clone())?);
-    tokio::spawn(admin::serve(admin_listener, state.clone()));
+    serve_admin_apart(admin_listener, state.clone())?;
     let counters = config.identity.state_dir.join("llm-usage.json");
     let tokens = Arc::new(
         crate::l7::tokens::Tokens::open(&counters)
@@ -444,6 +444,30 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs the admin server (metrics, probes, `/llm/usage`) on a thread and
+/// runtime of its own: a scrape (the capture maps counted with syscalls,
+/// the text encoded) never takes a data-plane thread, and a data plane
+/// that is saturated still answers `/healthz`.
+fn serve_admin_apart(listener: TcpListener, state: Arc<AdminState>) -> anyhow::Result<()> {
+    let listener = listener.into_std().context("admin listener")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("the admin runtime")?;
+    std::thread::Builder::new()
+        .name("admin".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(l) => admin::serve(l, state).await,
+                    Err(e) => tracing::error!(error = %e, "admin listener; no admin server"),
+                }
+            })
+        })
+        .context("starting the admin thread")?;
+    Ok(())
+}
+
 /// Tells systemd (a `Type=notify` unit: `NOTIFY_SOCKET` is set) that the
 /// agent is ready — when `/readyz` turns 200 — or stopping; without
 /// `NOTIFY_SOCKET`, nothing.
@@ -519,11 +543,20 @@ async fn reload_entries(
     trust_domain: String,
     policy: Arc<Policy>,
 ) {
-    let mut seen = mtime(&path);
+    let stat = |path: &PathBuf| {
+        let p = path.clone();
+        async move {
+            tokio::task::spawn_blocking(move || mtime(&p))
+                .await
+                .ok()
+                .flatten()
+        }
+    };
+    let mut seen = stat(&path).await;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        let now = mtime(&path);
+        let now = stat(&path).await;
         if now == seen {
             continue;
         }

@@ -137,11 +137,20 @@ impl Default for SelectorCache {
 }
 
 /// Digests of executables, keyed by (device, inode, mtime, size) so a
-/// replaced binary is hashed again.
-#[derive(Default)]
-pub struct DigestCache(Mutex<HashMap<(u64, u64, i64, u64), String>>);
+/// replaced binary is hashed again; the most recently used
+/// [`DigestCache::CAPACITY`] are kept (each container's overlay mount is a
+/// device of its own, so the keys grow with containers started).
+pub struct DigestCache(Mutex<lru::LruCache<(u64, u64, i64, u64), String>>);
+
+impl Default for DigestCache {
+    fn default() -> Self {
+        Self(Mutex::new(lru::LruCache::new(Self::CAPACITY)))
+    }
+}
 
 impl DigestCache {
+    pub const CAPACITY: std::num::NonZeroUsize = std::num::NonZeroUsize::new(1024).unwrap();
+
     fn sha256_of(&self, exe: &Path) -> Option<String> {
         let meta = std::fs::metadata(exe).ok()?;
         let key = (meta.dev(), meta.ino(), meta.mtime(), meta.size());
@@ -159,7 +168,7 @@ impl DigestCache {
             h.update(&buf[..n]);
         }
         let digest = hex::encode(h.finalize());
-        self.0.lock().ok()?.insert(key, digest.clone());
+        self.0.lock().ok()?.put(key, digest.clone());
         Some(digest)
     }
 }
@@ -211,6 +220,21 @@ pub fn selectors(facts: &WorkloadFacts, cache: &SelectorCache) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn digest_cache_keeps_the_most_recent_executables_only() {
+        let dir = std::env::temp_dir().join(format!("enforcer-digests-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let cache = DigestCache::default();
+        let cap = DigestCache::CAPACITY.get();
+        for i in 0..cap + 10 {
+            let f = dir.join(format!("exe-{i}"));
+            std::fs::write(&f, i.to_string()).expect("file");
+            assert!(cache.sha256_of(&f).is_some());
+        }
+        assert_eq!(cache.0.lock().expect("lock").len(), cap);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     const POD: &str = "0f5e1c2a-1b2c-4d5e-8f90-123456789abc";
     const CID: &str = "4a5b6c7d8e9f00112233445566778899aabbccddeeff00112233445566778899";

@@ -596,7 +596,10 @@ impl CgroupResolver {
         self.cache.get(&id).cloned()
     }
 
+    /// Maps the subtree's cgroups afresh: cgroups that went are forgotten,
+    /// so the map holds the cgroups that exist, not every one ever seen.
     fn rescan(&mut self) {
+        let mut fresh = std::collections::HashMap::new();
         let mut stack = vec![self.root.clone()];
         while let Some(dir) = stack.pop() {
             let Ok(meta) = std::fs::metadata(&dir) else {
@@ -606,7 +609,7 @@ impl CgroupResolver {
                 .strip_prefix(&self.mount)
                 .map(|r| format!("/{}", r.display()));
             if let Ok(rel) = rel {
-                self.cache.insert(meta.ino(), rel);
+                fresh.insert(meta.ino(), rel);
             }
             if let Ok(entries) = std::fs::read_dir(&dir) {
                 stack.extend(
@@ -617,12 +620,41 @@ impl CgroupResolver {
                 );
             }
         }
+        self.cache = fresh;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cgroup_resolver_forgets_cgroups_that_went() {
+        use std::os::unix::fs::MetadataExt as _;
+        let mount = std::env::temp_dir().join(format!("enforcer-cgr-{}", std::process::id()));
+        let root = mount.join("node");
+        std::fs::create_dir_all(root.join("gone.service")).expect("dirs");
+        let mut r = CgroupResolver {
+            root: root.clone(),
+            mount: mount.clone(),
+            cache: Default::default(),
+        };
+        let ino = |p: &Path| std::fs::metadata(p).expect("stat").ino();
+        let gone = ino(&root.join("gone.service"));
+        assert_eq!(r.path_of(gone).as_deref(), Some("/node/gone.service"));
+        // (cgroupfs never reuses a cgroup's id; a plain directory may reuse
+        // an inode, so the new one is made before the old one goes.)
+        std::fs::create_dir(root.join("new.service")).expect("mkdir");
+        std::fs::remove_dir(root.join("gone.service")).expect("rmdir");
+        let new = ino(&root.join("new.service"));
+        assert_eq!(r.path_of(new).as_deref(), Some("/node/new.service"));
+        assert!(
+            !r.cache.contains_key(&gone),
+            "a removed cgroup is forgotten"
+        );
+        assert_eq!(r.cache.len(), 2, "the root and the one cgroup there is");
+        let _ = std::fs::remove_dir_all(&mount);
+    }
 
     #[test]
     fn tuple_key_matches_kernel_layout() {

@@ -44,6 +44,10 @@ pub struct IssuedSvid {
     pub svid: Svid,
     pub certified: Arc<CertifiedKey>,
     pub generation: u64,
+    /// Asked for since it was issued (embedded CA): an SVID nobody asked
+    /// for in its first half-life, and that no open connection holds, is
+    /// dropped at renewal time instead of renewed.
+    pub(crate) used: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -220,7 +224,10 @@ impl IdentityManager {
         let previous = {
             let svids = self.svids.lock().unwrap_or_else(|p| p.into_inner());
             match svids.get(id) {
-                Some(s) if now < s.svid.renew_at() => return Ok(s.clone()),
+                Some(s) if now < s.svid.renew_at() => {
+                    s.used.store(true, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(s.clone());
+                }
                 other => other.map(|s| s.generation),
             }
         };
@@ -245,6 +252,7 @@ impl IdentityManager {
             svid,
             certified: Arc::new(certified),
             generation,
+            used: false.into(),
         });
         svids.insert(id.clone(), issued.clone());
         drop(svids);
@@ -259,18 +267,32 @@ impl IdentityManager {
         Ok(issued)
     }
 
-    /// Renews every cached SVID that reached half-life; run periodically so an
-    /// identity in use always holds a fresh SVID.
+    /// Renews every held SVID that reached half-life and is in use (asked
+    /// for since it was issued, or held by an open connection); run
+    /// periodically so an identity in use always holds a fresh SVID. One
+    /// not in use is dropped (issued again on demand): the map holds the
+    /// identities in use, not every one ever seen.
     pub fn renew_due(&self) {
         let now = SystemTime::now();
-        let due: Vec<SpiffeId> = self
-            .svids
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|(_, s)| now >= s.svid.renew_at())
-            .map(|(id, _)| id.clone())
-            .collect();
+        let due: Vec<SpiffeId> = {
+            let mut svids = self.svids.lock().unwrap_or_else(|p| p.into_inner());
+            svids.retain(|id, s| {
+                // In use: asked for since issued, or held by an open
+                // connection (a clone besides this map's).
+                let keep = now < s.svid.renew_at()
+                    || s.used.swap(false, std::sync::atomic::Ordering::Relaxed)
+                    || Arc::strong_count(s) > 1;
+                if !keep {
+                    tracing::debug!(spiffe_id = %id, "SVID unused for half its life; dropped, not renewed");
+                }
+                keep
+            });
+            svids
+                .iter()
+                .filter(|(_, s)| now >= s.svid.renew_at())
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
         for id in due {
             if let Err(e) = self.svid(&id) {
                 tracing::warn!(spiffe_id = %id, error = %e, "SVID renewal failed");
@@ -286,6 +308,46 @@ impl IdentityManager {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn svids_nobody_asks_for_are_dropped_not_renewed() {
+        let td = TrustDomain::new("ai.example.org").expect("td");
+        let ca = Ca::generate(&td).expect("ca");
+        let mgr = IdentityManager::new(
+            Source::Embedded(Box::new(ca)),
+            td,
+            Duration::from_secs(2),
+            Arc::new(TrustStore::new(Bundles::default())),
+            crate::tls::provider(),
+        );
+        let used = SpiffeId::new("spiffe://ai.example.org/used").expect("id");
+        let idle = SpiffeId::new("spiffe://ai.example.org/idle").expect("id");
+        let open = SpiffeId::new("spiffe://ai.example.org/open").expect("id");
+        // Held by an open connection, never asked for again.
+        let held_open = mgr.svid(&open).expect("svid");
+        let first = mgr.svid(&used).expect("svid");
+        let first_generation = first.generation;
+        mgr.svid(&idle).expect("svid");
+        // Asked for again during its first half-life: in use.
+        mgr.svid(&used).expect("svid");
+        let due = first.svid.renew_at();
+        drop(first);
+        while SystemTime::now() < due + Duration::from_millis(50) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        mgr.renew_due();
+        let held = mgr.svids.lock().expect("lock");
+        assert!(
+            !held.contains_key(&idle),
+            "an SVID nobody asked for is dropped"
+        );
+        let renewed = held.get(&used).expect("the used SVID is held");
+        assert_ne!(renewed.generation, first_generation, "and renewed");
+        let renewed = held
+            .get(&open)
+            .expect("the SVID of an open connection is held");
+        assert_ne!(renewed.generation, held_open.generation, "and renewed");
+    }
 
     #[test]
     fn short_lived_svid_renews_at_half_its_real_validity_not_now() {

@@ -216,6 +216,7 @@ fn issued(
     let certified = CertifiedKey::from_der(chain.clone(), key.clone_key(), provider)
         .map_err(|e| format!("SVID key: {e}"))?;
     Ok(IssuedSvid {
+        used: false.into(),
         svid: Svid {
             spiffe_id: svid.spiffe_id().clone(),
             chain,
