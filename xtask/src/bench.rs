@@ -355,7 +355,7 @@ fn raise_nofile() {
     );
 }
 
-pub fn run(profile: bool, llm_only: bool, sustained: bool) -> anyhow::Result<()> {
+pub fn run(profile: bool, llm_only: bool, sustained: bool, memory: bool) -> anyhow::Result<()> {
     let started = Instant::now();
     raise_nofile();
     let root = std::env::current_dir()?;
@@ -526,6 +526,9 @@ pub fn run(profile: bool, llm_only: bool, sustained: bool) -> anyhow::Result<()>
     }
     if sustained {
         return sustained_rate(&bench, &root, started);
+    }
+    if memory {
+        return memory_after_load(bench, &root, (ea.pid, eb.pid), started);
     }
     if llm_only {
         let llm = llm_stream(&bench)?;
@@ -699,6 +702,78 @@ pub fn run(profile: bool, llm_only: bool, sustained: bool) -> anyhow::Result<()>
 
 /// `dir/<stem>.<ext>`, or `<stem>-2.<ext>`, `-3`, … when that exists: a
 /// second run on one day never overwrites the first's results.
+/// Seconds between the end of a load and the RSS reading after it.
+const MEMORY_SETTLE_SECS: u64 = 15;
+
+/// Both agents' RSS (KiB) idle, after 20 s of new connections (32
+/// workers), with HOLD connections open, and after they closed, each
+/// "after" read MEMORY_SETTLE_SECS after the load stopped: whether memory
+/// comes back. Written to bench/results/<date>-memory.json.
+fn memory_after_load(
+    bench: Bench,
+    root: &Path,
+    (a, b): (u32, u32),
+    started: Instant,
+) -> anyhow::Result<()> {
+    let rss = || -> anyhow::Result<[u64; 2]> { Ok([rss_kb(a)?, rss_kb(b)?]) };
+    let settle = || std::thread::sleep(Duration::from_secs(MEMORY_SETTLE_SECS));
+    let idle = rss()?;
+    let exe_s = bench.exe.display().to_string();
+    let target = format!("{}:{ECHO}", bench.b.ipv4);
+    let (rate, errors) = bench.connect_rate(Path_::Enforcer, 20)?;
+    settle();
+    let after_churn = rss()?;
+    let mut tb = bench.tb;
+    let holder = tb.spawn(
+        &bench.a,
+        Some("bench-client.service"),
+        "hold",
+        &[&exe_s, "bench-hold", &target, &HOLD.to_string(), "8"],
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let held = loop {
+        if let Some(n) = tb
+            .server_log(&bench.a, "hold")
+            .lines()
+            .find_map(|l| l.strip_prefix("HELD "))
+            .and_then(|n| n.trim().parse::<usize>().ok())
+        {
+            break n;
+        }
+        if Instant::now() > deadline {
+            bail!("the connection holder did not report");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let with_held = rss()?;
+    let _ = tb.wait_exit(holder, Duration::from_secs(30));
+    settle();
+    let after_held = rss()?;
+    let doc = json!({
+        "date": today(),
+        "agents": ["a (client side)", "b (server side)"],
+        "rss_kib": {
+            "idle": idle,
+            "after_20s_of_new_connections": after_churn,
+            "with_connections_held": with_held,
+            "after_they_closed": after_held,
+        },
+        "new_connections": {"per_sec": rate.round(), "errors": errors},
+        "connections_held": held,
+        "settle_secs": MEMORY_SETTLE_SECS,
+        "allocator": std::env::var("ENFORCER_BENCH_ALLOCATOR").unwrap_or_else(|_| "as built".into()),
+        "duration_secs": started.elapsed().as_secs(),
+    });
+    let out_dir = root.join("bench/results");
+    std::fs::create_dir_all(&out_dir)?;
+    let out = unused(&out_dir, &format!("{}-memory", today()), "json");
+    std::fs::write(&out, serde_json::to_string_pretty(&doc)?)?;
+    println!("{}", serde_json::to_string_pretty(&doc)?);
+    println!("written: {}", out.display());
+    Ok(())
+}
+
 /// Rounds of the sustained connection-rate run, and the seconds of each.
 const SUSTAINED_ROUNDS: usize = 6;
 const SUSTAINED_SECS: u64 = 10;

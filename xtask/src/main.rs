@@ -44,6 +44,11 @@ enum Task {
         /// TIME_WAIT builds up shows), to bench/results/<date>-sustained.json.
         #[arg(long)]
         sustained: bool,
+        /// Only memory: both agents' RSS idle, after 20 s of new
+        /// connections, with 10 000 held, and after they closed, to
+        /// bench/results/<date>-memory.json.
+        #[arg(long)]
+        memory: bool,
     },
     /// (used by bench) echo server on [::]:PORT
     #[command(hide = true)]
@@ -92,9 +97,10 @@ fn main() -> anyhow::Result<()> {
             profile,
             llm_only,
             sustained,
+            memory,
         } => {
             setup::run()?;
-            bench::run(profile, llm_only, sustained)
+            bench::run(profile, llm_only, sustained, memory)
         }
         Task::BenchEcho { port } => load::echo(port),
         Task::BenchHttp { port } => load::http(port),

@@ -26,12 +26,13 @@ pub async fn accept_loop<F>(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let task = on_accept(stream, peer);
+                // `map`, not an `async` block around the task: a block would
+                // hold the task twice (as its capture and as the future it
+                // awaits), and a connection task lives as long as its
+                // connection.
+                use futures_util::FutureExt as _;
                 let tracked = drain::track();
-                tokio::spawn(async move {
-                    let _tracked = tracked;
-                    task.await
-                });
+                tokio::spawn(on_accept(stream, peer).map(move |()| drop(tracked)));
             }
             Err(e) => {
                 tracing::warn!(listener = what, error = %e, "accept failed");
@@ -128,8 +129,17 @@ pub async fn relay(
     let Some((route, conn, dial)) = session else {
         return splice_tcp(client, upstream).await;
     };
-    let served =
-        crate::l7::http::serve_tcp(l7.clone(), route, conn, client, Some(upstream), dial).await;
+    // Boxed: an HTTP session is a large future; unboxed it would size every
+    // L4 relay's task as well.
+    let served = Box::pin(crate::l7::http::serve_tcp(
+        l7.clone(),
+        route,
+        conn,
+        client,
+        Some(upstream),
+        dial,
+    ))
+    .await;
     tracing::debug!(requests = served.requests, "L7 session ended");
     (served.outcome(), (served.from_client, served.to_client))
 }

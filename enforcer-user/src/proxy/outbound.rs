@@ -240,7 +240,10 @@ impl Outbound {
                 };
                 return self.refuse(id, client, &att, dst, &ids, outcome, started);
             };
-            let prepared = match self.hbone.prepare(&src_svid, dst).await {
+            // Boxed: opening a connection (TLS and HTTP/2 handshakes) is a
+            // large future, and a task is as large as its largest state for
+            // as long as its connection lives; boxed, it is freed once done.
+            let prepared = match Box::pin(self.hbone.prepare(&src_svid, dst)).await {
                 Ok(t) => t,
                 Err(e) => {
                     warn!(conn_id = id, orig_dst = %dst, reason = e.code(), error = %e, "HBONE tunnel failed");
@@ -272,7 +275,7 @@ impl Outbound {
                 let o = Outcome::Denied;
                 return self.refuse(id, client, &att, dst, &ids, o, started);
             }
-            let tunnel = match self.hbone.open(&src_svid, prepared).await {
+            let tunnel = match Box::pin(self.hbone.open(&src_svid, prepared)).await {
                 Ok(t) => t,
                 Err(e) => {
                     warn!(conn_id = id, orig_dst = %dst, reason = e.code(), error = %e, "HBONE tunnel failed");
@@ -351,7 +354,7 @@ impl Outbound {
             protocol,
             request: None,
         };
-        let v = self.policy.decide(&input, id).await;
+        let v = Box::pin(self.policy.decide(&input, id)).await;
         ids.decision_ids.push(v.decision_id);
         if !v.allowed {
             warn!(conn_id = id, direction, reason = ?v.decision.reason, "denied by policy");
