@@ -372,6 +372,7 @@ const PY_CONCURRENT_GETS: &str = r#"
 import socket, sys, threading
 host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 go = threading.Barrier(n)
+results = []
 def one():
     go.wait()
     try:
@@ -383,12 +384,14 @@ def one():
             if not d:
                 break
             data += d
-        print(data[9:12].decode(), flush=True)
+        results.append(data[9:12].decode())
     except OSError as e:
-        print("ERR", e.errno, flush=True)
+        results.append(f"ERR {e.errno}")
 ts = [threading.Thread(target=one) for _ in range(n)]
 for t in ts: t.start()
 for t in ts: t.join()
+# One line each, printed by one thread (prints from many interleave).
+print("\n".join(results))
 "#;
 
 #[test]
