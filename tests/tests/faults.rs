@@ -841,3 +841,80 @@ fn draining_l7_session_closes_between_requests() {
         stopped.elapsed()
     );
 }
+
+/// Makes N captured connects to HOST:PORT; prints how many failed with
+/// EPERM, then `OTHER <errno>` for any other outcome.
+const PY_REFUSED_CONNECTS: &str = r#"
+import errno, socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+eperm = 0
+for _ in range(n):
+    s = socket.socket()
+    try:
+        s.connect((host, port))
+        print("CONNECTED")
+    except OSError as e:
+        if e.errno == errno.EPERM:
+            eperm += 1
+        else:
+            print("OTHER", e.errno)
+    s.close()
+print("EPERM", eperm)
+"#;
+
+#[test]
+fn connects_refused_while_the_agent_is_down_leave_no_kernel_record() {
+    // While the agent is down, captured connects fail (EPERM) before the
+    // kernel program stores a record for them; none is left in the capture
+    // maps (each record would hold a slot of the LRU maps, and evict live
+    // connections' records under churn) when the agent is back.
+    let mut m = mesh("downrecords");
+    let cfg = m.tb.dir.join("a.toml");
+    m.tb.stop(m.ea.pid).expect("stop a's agent");
+    let (_, out) =
+        m.a.exec(
+            Some("support-agent.service"),
+            &[
+                "python3",
+                "-c",
+                PY_REFUSED_CONNECTS,
+                &m.b.ipv4,
+                "8080",
+                "200",
+            ],
+        )
+        .expect("connects");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.trim(), "EPERM 200", "every connect refused: {text}");
+    let ea = m.tb.start_enforcer(&m.a, &cfg).expect("restart a's agent");
+    for map in ["by_cookie", "by_tuple"] {
+        let n = ea
+            .metric("enforcer_capture_map_entries", &[("map", map)])
+            .expect("metrics");
+        assert_eq!(n, 0.0, "records left in {map}");
+    }
+    // And a connection made now ends with its records gone too.
+    m.a.get_ok(
+        Some("support-agent.service"),
+        &format!("http://{}:8080/", m.b.ipv4),
+    );
+    ea.connection_line(|v| v["orig_dst"] == format!("{}:8080", m.b.ipv4));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let n: f64 = ["by_cookie", "by_tuple"]
+            .iter()
+            .map(|map| {
+                ea.metric("enforcer_capture_map_entries", &[("map", map)])
+                    .expect("metrics")
+            })
+            .sum();
+        if n == 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{n} records left after the connection closed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
