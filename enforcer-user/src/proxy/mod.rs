@@ -206,7 +206,9 @@ async fn pump(
     total: &mut u64,
 ) -> std::io::Result<()> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut buf = vec![0u8; 64 * 1024];
+    // Grows with traffic: 1 KiB, then 16 KiB, then 64 KiB, each time a read
+    // fills the buffer (an idle connection holds 1 KiB per direction).
+    let mut buf = vec![0u8; 1024];
     loop {
         let n = from.read(&mut buf).await?;
         if n == 0 {
@@ -215,6 +217,9 @@ async fn pump(
         }
         to.write_all(&buf[..n]).await?;
         *total += n as u64;
+        if n == buf.len() && buf.len() < 64 * 1024 {
+            buf.resize(buf.len() * if buf.len() < 16 * 1024 { 16 } else { 4 }, 0);
+        }
     }
 }
 

@@ -51,8 +51,11 @@ pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// Largest HTTP/2 frame we accept: fewer frames (and wakeups) per MiB.
 pub const MAX_FRAME: u32 = 256 * 1024;
-/// Read size of the TCP side of a tunnel.
-const READ_CHUNK: usize = 256 * 1024;
+/// Read sizes of the TCP side of a tunnel: a connection starts with the
+/// first and moves to the next each time a read fills what it had, so an
+/// idle or chatty connection holds 1 KiB and a bulk one reads 256 KiB at a
+/// time (as ztunnel's buffers grow).
+const READ_CHUNKS: [usize; 3] = [1024, 16 * 1024, 256 * 1024];
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -739,14 +742,17 @@ pub async fn tcp_to_h2(
     mut to: SendStream<Bytes>,
     total: &mut u64,
 ) -> std::io::Result<()> {
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut step = 0;
+    let mut buf = BytesMut::with_capacity(READ_CHUNKS[0]);
     loop {
         // Refill only when little room is left: reserving a full chunk on
-        // every read would allocate 256 KiB (an mmap) per small message once
-        // the previous chunk is handed to HTTP/2.
-        if buf.capacity() < READ_CHUNK / 16 {
-            buf.reserve(READ_CHUNK);
+        // every read would allocate a chunk per small message once the
+        // previous one is handed to HTTP/2.
+        let chunk = READ_CHUNKS[step];
+        if buf.capacity() < chunk / 16 {
+            buf.reserve(chunk);
         }
+        let room = buf.capacity() - buf.len();
         let n = match from.read_buf(&mut buf).await {
             Ok(n) => n,
             Err(e) => {
@@ -758,6 +764,10 @@ pub async fn tcp_to_h2(
             return to
                 .send_data(Bytes::new(), true)
                 .map_err(std::io::Error::other);
+        }
+        if n == room && step + 1 < READ_CHUNKS.len() {
+            step += 1;
+            buf.reserve(READ_CHUNKS[step]);
         }
         let mut chunk = buf.split().freeze();
         while !chunk.is_empty() {
