@@ -686,6 +686,21 @@ fn spire_provider_issues_per_workload_svids_that_the_peer_accepts() {
         "no_identity"
     );
     assert!(tb.server_log(&a, "spire").contains("DENIED"));
+    // SPIRE's "no identity" is remembered (30 s): the same workload's next
+    // connection is refused without asking SPIRE again (before, each
+    // connection of an unidentified workload opened a SPIRE stream).
+    let (pid, out) = curl(&a, "stranger.service", &url);
+    assert_ne!(String::from_utf8_lossy(&out.stdout), "200");
+    assert_eq!(
+        ea.connection_line(|v| v["pid"] == pid)["outcome"],
+        "no_identity"
+    );
+    let denied = tb
+        .server_log(&a, "spire")
+        .lines()
+        .filter(|l| l.starts_with("DENIED"))
+        .count();
+    assert_eq!(denied, 1, "SPIRE asked once for the unidentified workload");
 
     // Streamed updates: the server rotates every 2 s; the agent takes them and keeps working.
     std::thread::sleep(Duration::from_millis(2500));

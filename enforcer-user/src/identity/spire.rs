@@ -6,7 +6,7 @@ use std::{
     collections::HashMap,
     path::Path,
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use futures_util::StreamExt as _;
@@ -21,18 +21,33 @@ use super::{Bundles, IdentityError, IssuedSvid, Svid, TrustStore};
 
 /// How long a first answer for a workload may take before it counts as none.
 const FIRST_ANSWER: Duration = Duration::from_secs(5);
+/// How long SPIRE's "no identity" for a set of selectors is believed before
+/// SPIRE is asked again (each connection of such a workload asked it).
+const NO_IDENTITY_TTL: Duration = Duration::from_secs(30);
+/// Selector sets followed at once; past it, the least recently used one is
+/// dropped, and its stream ends once no connection holds it.
+const MAX_FOLLOWED: usize = 4096;
 
 #[derive(Clone)]
 enum Sub {
     Pending,
     Svid(Arc<IssuedSvid>),
-    NoIdentity,
+    /// SPIRE said so, at that time (kept [`NO_IDENTITY_TTL`]).
+    NoIdentity(Instant),
+    /// The stream failed (SPIRE restarting): asked again next time.
+    Failed,
+}
+
+/// One selector set's subscription and when a connection last asked.
+struct Followed {
+    rx: watch::Receiver<Sub>,
+    used: Instant,
 }
 
 pub struct SpireSource {
     client: DelegatedIdentityClient,
     provider: Arc<CryptoProvider>,
-    subs: Arc<Mutex<HashMap<Vec<String>, watch::Receiver<Sub>>>>,
+    subs: Arc<Mutex<HashMap<Vec<String>, Followed>>>,
     generation: std::sync::atomic::AtomicU64,
     socket: String,
 }
@@ -114,13 +129,38 @@ impl SpireSource {
     pub async fn svid_for(&self, selectors: &[String]) -> Option<Arc<IssuedSvid>> {
         let mut key: Vec<String> = selectors.to_vec();
         key.sort();
+        let now = Instant::now();
         let mut rx = {
             let mut subs = self.subs.lock().unwrap_or_else(|p| p.into_inner());
-            match subs.get(&key) {
-                Some(rx) => rx.clone(),
+            let current = subs.get_mut(&key).filter(|f| match &*f.rx.borrow() {
+                Sub::NoIdentity(at) => at.elapsed() < NO_IDENTITY_TTL,
+                Sub::Failed => false,
+                _ => true,
+            });
+            match current {
+                Some(f) => {
+                    f.used = now;
+                    f.rx.clone()
+                }
                 None => {
+                    if !subs.contains_key(&key) && subs.len() >= MAX_FOLLOWED {
+                        let oldest = subs
+                            .iter()
+                            .min_by_key(|(_, f)| f.used)
+                            .map(|(k, _)| k.clone());
+                        if let Some(k) = oldest {
+                            subs.remove(&k);
+                        }
+                    }
                     let rx = self.subscribe(key.clone());
-                    subs.insert(key.clone(), rx.clone());
+                    let used = now;
+                    subs.insert(
+                        key.clone(),
+                        Followed {
+                            rx: rx.clone(),
+                            used,
+                        },
+                    );
                     rx
                 }
             }
@@ -140,7 +180,6 @@ impl SpireSource {
         let (tx, rx) = watch::channel(Sub::Pending);
         let client = self.client.clone();
         let provider = self.provider.clone();
-        let subs = self.subs.clone();
         let socket = self.socket.clone();
         let generation = self.next_generation_base();
         tokio::spawn(async move {
@@ -150,20 +189,34 @@ impl SpireSource {
                 .map(|(t, v)| Selector::Generic((t.to_owned(), v.to_owned())))
                 .collect();
             let result = match DelegateAttestationRequest::for_selectors(selectors) {
-                Ok(req) => client
-                    .stream_x509_svids(req)
-                    .await
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
+                Ok(req) => client.stream_x509_svids(req).await,
+                Err(e) => Err(e.into()),
             };
+            let mut end = Sub::Failed;
             match result {
                 Ok(mut stream) => {
                     let mut n = 0u64;
-                    while let Some(item) = stream.next().await {
-                        match item
-                            .map_err(|e| e.to_string())
-                            .and_then(|s| issued(&s, &provider, generation + n))
-                        {
+                    loop {
+                        // Ends when no connection and no map entry holds
+                        // the subscription any more.
+                        let item = tokio::select! {
+                            item = stream.next() => item,
+                            () = tx.closed() => break,
+                        };
+                        let Some(item) = item else { break };
+                        let svid = match item {
+                            Ok(s) => s,
+                            Err(e) if n == 0 && no_identity(&e) => {
+                                info!(selectors = ?key, error = %e, socket, "SPIRE issued no identity for this workload");
+                                end = Sub::NoIdentity(Instant::now());
+                                break;
+                            }
+                            Err(e) => {
+                                warn!(selectors = ?key, error = %e, socket, "the SPIRE SVID stream failed");
+                                break;
+                            }
+                        };
+                        match issued(&svid, &provider, generation + n) {
                             Ok(issued) => {
                                 n += 1;
                                 info!(spiffe_id = %issued.svid.spiffe_id, generation = issued.generation, "SVID received from SPIRE");
@@ -172,18 +225,21 @@ impl SpireSource {
                                 }
                             }
                             Err(e) => {
-                                info!(selectors = ?key, error = %e, socket, "SPIRE issued no identity for this workload");
+                                warn!(selectors = ?key, error = %e, socket, "SPIRE sent an SVID that cannot be used");
                                 break;
                             }
                         }
                     }
                 }
+                Err(e) if no_identity(&e) => {
+                    info!(selectors = ?key, error = %e, socket, "SPIRE issued no identity for this workload");
+                    end = Sub::NoIdentity(Instant::now());
+                }
                 Err(e) => {
                     warn!(selectors = ?key, error = %e, socket, "subscribing to SPIRE SVIDs failed")
                 }
             }
-            let _ = tx.send(Sub::NoIdentity);
-            subs.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+            let _ = tx.send(end);
         });
         rx
     }
@@ -193,6 +249,17 @@ impl SpireSource {
         self.generation
             .fetch_add(1 << 32, std::sync::atomic::Ordering::Relaxed)
     }
+}
+
+/// SPIRE's answer for selectors no registration entry matches: the
+/// subscription refused with `PERMISSION_DENIED` (not a transport failure).
+fn no_identity(e: &spire_api::DelegatedIdentityError) -> bool {
+    use spiffe::transport::{GrpcStatusCode, TransportError};
+    matches!(
+        e,
+        spire_api::DelegatedIdentityError::Transport(TransportError::Status(s))
+            if s.code() == GrpcStatusCode::PermissionDenied
+    )
 }
 
 fn issued(
