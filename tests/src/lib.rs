@@ -871,19 +871,30 @@ impl Node {
     /// curl `url` from this node (in `unit`'s cgroup, or outside the
     /// captured subtree); asserts HTTP 200 and returns curl's pid.
     pub fn get_ok(&self, unit: Option<&str>, url: &str) -> u32 {
+        let (code, pid, err) = self.curl_status(unit, url);
+        assert_eq!(code, "200", "{url}: {err}");
+        pid
+    }
+
+    /// curl `url` from this node (in `unit`'s cgroup, or outside the
+    /// captured subtree): the HTTP status ("000": no answer) and curl's pid.
+    pub fn http_status(&self, unit: Option<&str>, url: &str) -> (String, u32) {
+        let (code, pid, _) = self.curl_status(unit, url);
+        (code, pid)
+    }
+
+    fn curl_status(&self, unit: Option<&str>, url: &str) -> (String, u32, String) {
         let (pid, out) = self
             .exec(
                 unit,
                 &["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", url],
             )
             .expect("curl");
-        assert_eq!(
-            String::from_utf8_lossy(&out.stdout),
-            "200",
-            "{url}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        pid
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            pid,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 }
 
@@ -1031,6 +1042,52 @@ pub fn llm_pair(
     let eb = start(&mut tb, &b)?;
     let ea = start(&mut tb, &a)?;
     Ok(Pair { tb, a, b, ea, eb })
+}
+
+/// A destination declared L7 on node b and its callers on node a, for
+/// [`declared_pair`].
+pub struct Declared<'a> {
+    /// The CA's `[identity]` lines ([`Testbed::shared_ca`]).
+    pub ca: &'a str,
+    /// The policy directory both agents load.
+    pub policy: &'a Path,
+    /// The server's SPIFFE ID and systemd unit on b.
+    pub server: (&'a str, &'a str),
+    pub port: u16,
+    /// `http`, `mcp`, `llm` or `vectordb`.
+    pub protocol: &'a str,
+    /// The callers' SPIFFE IDs and units on a.
+    pub clients: &'a [(&'a str, &'a str)],
+}
+
+/// Starts b's agent (the server registered, `port` declared `protocol`),
+/// then a's (the clients registered), both in the mesh and under the same
+/// policy; returns b's agent and its config file (for restarts).
+pub fn declared_pair(
+    tb: &mut Testbed,
+    a: &Node,
+    b: &Node,
+    d: &Declared<'_>,
+) -> Result<(Enforcer, PathBuf)> {
+    let source = d.policy.display().to_string();
+    let b_tail = format!(
+        "{}\n{MESH}\n{}\n[[l7.destinations]]\nports = [{}]\nprotocol = \"{}\"\n",
+        entry(d.server.0, &format!("systemd:unit:{}", d.server.1)),
+        tb.policy_section(b, &source),
+        d.port,
+        d.protocol,
+    );
+    let b_config = tb.enforcer_config_with(b, "", d.ca, &b_tail)?;
+    let eb = tb.start_enforcer(b, &b_config)?;
+    let entries: String = d
+        .clients
+        .iter()
+        .map(|(id, unit)| entry(id, &format!("systemd:unit:{unit}")))
+        .collect();
+    let a_tail = format!("{entries}\n{MESH}\n{}", tb.policy_section(a, &source));
+    let a_config = tb.enforcer_config_with(a, "", d.ca, &a_tail)?;
+    tb.start_enforcer(a, &a_config)?;
+    Ok((eb, b_config))
 }
 
 /// The lines of `text` that are JSON.

@@ -454,15 +454,17 @@ fn stream_budget_refusal_is_retried_on_a_new_connection() {
     );
 }
 
-/// curl's HTTP status for `url` from `unit` ("000": no answer) and its pid.
-fn status(node: &Node, unit: &str, url: &str) -> (String, u32) {
-    let (pid, out) = node
-        .exec(
-            Some(unit),
-            &["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", url],
-        )
-        .expect("curl");
-    (String::from_utf8_lossy(&out.stdout).into_owned(), pid)
+/// An HTTP server on `node`:8080 in its llm.service; returns its URL.
+fn start_http(tb: &mut Testbed, node: &Node) -> String {
+    tb.start_server_in(
+        node,
+        Some("llm.service"),
+        "http",
+        &["python3", "-u", "-m", "http.server", "8080", "--bind", "::"],
+        8080,
+    )
+    .expect("server");
+    format!("http://{}:8080/", node.ipv4)
 }
 
 /// Every line of the file is one whole JSON value; returns them.
@@ -523,28 +525,24 @@ fn full_disk_cuts_no_audit_line_and_fails_closed() {
         .enforcer_config_with(&a, "", "", &policy)
         .expect("config");
     let ea = tb.start_enforcer(&a, &cfg).expect("agent");
-    tb.start_server_in(
-        &a,
-        Some("llm.service"),
-        "http",
-        &["python3", "-u", "-m", "http.server", "8080", "--bind", "::"],
-        8080,
-    )
-    .expect("server");
-    let url = format!("http://{}:8080/", a.ipv4);
+    let url = start_http(&mut tb, &a);
+    let client = Some("client.service");
     let mut refused = None;
     for _ in 0..60 {
-        let (code, pid) = status(&a, "client.service", &url);
+        let (code, pid) = a.http_status(client, &url);
         if code != "200" {
             refused = Some(pid);
             break;
         }
     }
     let pid = refused.expect("the disk never filled: every connection was allowed");
+    // A second failure in the same burst: refused too, and not logged again.
+    let (code, _) = a.http_status(client, &url);
+    assert_ne!(code, "200", "still refused while the disk is full");
     let failures = ea
         .metric("enforcer_audit_write_failures_total", &[])
         .expect("metrics");
-    assert!(failures >= 1.0, "failed writes are counted: {failures}");
+    assert!(failures >= 2.0, "failed writes are counted: {failures}");
     let line = ea.connection_line(|v| v["pid"] == pid);
     assert_eq!(line["outcome"], "denied", "{line}");
     assert!(
@@ -557,7 +555,7 @@ fn full_disk_cuts_no_audit_line_and_fails_closed() {
     assert!(before > 0, "some lines fitted before the disk was full");
     // Room again: the next decision is written, after whole lines only.
     std::fs::remove_file(&filler).expect("remove filler");
-    let (code, _) = status(&a, "client.service", &url);
+    let (code, _) = a.http_status(client, &url);
     assert_eq!(code, "200", "allowed again once its line can be written");
     let after = whole_lines(&log);
     assert!(after.len() > before, "the new decisions were written");
@@ -586,15 +584,7 @@ fn rotated_or_deleted_audit_log_is_reopened_and_sighup_reopens_it() {
     let log = tb.audit_log(&a);
     let cfg = tb.enforcer_config(&a, "").expect("config");
     let ea = tb.start_enforcer(&a, &cfg).expect("agent");
-    tb.start_server_in(
-        &a,
-        Some("llm.service"),
-        "http",
-        &["python3", "-u", "-m", "http.server", "8080", "--bind", "::"],
-        8080,
-    )
-    .expect("server");
-    let url = format!("http://{}:8080/", a.ipv4);
+    let url = start_http(&mut tb, &a);
     let lines_of = |pid: u32| {
         let conn = ea.connection_line(|v| v["pid"] == pid)["conn_id"].clone();
         move |path: &std::path::Path| {
@@ -710,25 +700,11 @@ fn sigterm_drains_open_connections_and_refuses_new_ones() {
     // must both run on to the end.
     m.tb.signal(m.ea.pid, SIGTERM).expect("SIGTERM a");
     m.tb.signal(m.eb.pid, SIGTERM).expect("SIGTERM b");
-    let (_, out) =
-        m.a.exec(
-            Some("support-agent.service"),
-            &[
-                "curl",
-                "-sS",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                &format!("http://{}:8080/", m.b.ipv4),
-            ],
-        )
-        .expect("curl");
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "000",
-        "a draining agent accepts no new connection"
+    let (code, _) = m.a.http_status(
+        Some("support-agent.service"),
+        &format!("http://{}:8080/", m.b.ipv4),
     );
+    assert_eq!(code, "000", "a draining agent accepts no new connection");
     assert_eq!(
         ending(&m.tb, &m.a, "client-9651"),
         "EOF 4194304",

@@ -6,7 +6,9 @@
 //! endpoint, counts the tokens, and holds the batch agent to its budget.
 use std::{fs, path::PathBuf};
 
-use enforcer_tests::{Enforcer, MESH, Node, Testbed, entry, json_lines, sum_metric, wait_for};
+use enforcer_tests::{
+    Declared, Enforcer, Node, Testbed, declared_pair, json_lines, sum_metric, wait_for,
+};
 use serde_json::{Value, json};
 
 const TD: &str = "ai.example.org";
@@ -102,27 +104,19 @@ fn setup() -> Setup {
         PORT,
     )
     .expect("the LLM stand-in");
-    let source = dir.display().to_string();
-    let b_tail = format!(
-        "{}\n{MESH}\n{}\n[[l7.destinations]]\nports = [{PORT}]\nprotocol = \"llm\"\n",
-        entry(LLM_ID, "systemd:unit:llm-api.service"),
-        tb.policy_section(&b, &source),
-    );
-    let b_config = tb
-        .enforcer_config_with(&b, "", &ca, &b_tail)
-        .expect("b config");
-    let eb = tb.start_enforcer(&b, &b_config).expect("b's agent");
-    let a_tail = format!(
-        "{}{}{}\n{MESH}\n{}",
-        entry(SUPPORT, "systemd:unit:support-agent.service"),
-        entry(ADMIN, "systemd:unit:admin-agent.service"),
-        entry(BATCH, "systemd:unit:batch-agent.service"),
-        tb.policy_section(&a, &source),
-    );
-    let a_config = tb
-        .enforcer_config_with(&a, "", &ca, &a_tail)
-        .expect("a config");
-    tb.start_enforcer(&a, &a_config).expect("a's agent");
+    let declared = Declared {
+        ca: &ca,
+        policy: &dir,
+        server: (LLM_ID, "llm-api.service"),
+        port: PORT,
+        protocol: "llm",
+        clients: &[
+            (SUPPORT, "support-agent.service"),
+            (ADMIN, "admin-agent.service"),
+            (BATCH, "batch-agent.service"),
+        ],
+    };
+    let (eb, b_config) = declared_pair(&mut tb, &a, &b, &declared).expect("the agents");
     Setup {
         tb,
         a,

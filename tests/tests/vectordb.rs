@@ -5,7 +5,7 @@
 //! `chromadb` client (`tests/helpers/chroma_call.py`). b's agent classifies
 //! each request read/write/delete/admin with its collection's name, which
 //! it resolves from the id by asking Chroma in the request's own database.
-use enforcer_tests::{MESH, Node, Testbed, entry, sum_metric};
+use enforcer_tests::{Declared, Node, Testbed, declared_pair, sum_metric};
 use serde_json::{Value, json};
 
 const TD: &str = "ai.example.org";
@@ -75,27 +75,19 @@ fn setup() -> Setup {
     std::fs::write(dir.join("policy.rego"), POLICY).expect("policy");
     let ca = tb.shared_ca("shared", TD).expect("CA");
     tb.start_chroma(&b, PORT).expect("Chroma");
-    let source = dir.display().to_string();
-    let b_tail = format!(
-        "{}\n{MESH}\n{}\n[[l7.destinations]]\nports = [{PORT}]\nprotocol = \"vectordb\"\n",
-        entry(VDB, "systemd:unit:chroma.service"),
-        tb.policy_section(&b, &source),
-    );
-    let b_config = tb
-        .enforcer_config_with(&b, "", &ca, &b_tail)
-        .expect("b config");
-    let eb = tb.start_enforcer(&b, &b_config).expect("b's agent");
-    let a_tail = format!(
-        "{}{}{}\n{MESH}\n{}",
-        entry(WRITER, "systemd:unit:ingest.service"),
-        entry(READER, "systemd:unit:support-agent.service"),
-        entry(SANDBOX, "systemd:unit:sandbox-agent.service"),
-        tb.policy_section(&a, &source),
-    );
-    let a_config = tb
-        .enforcer_config_with(&a, "", &ca, &a_tail)
-        .expect("a config");
-    tb.start_enforcer(&a, &a_config).expect("a's agent");
+    let declared = Declared {
+        ca: &ca,
+        policy: &dir,
+        server: (VDB, "chroma.service"),
+        port: PORT,
+        protocol: "vectordb",
+        clients: &[
+            (WRITER, "ingest.service"),
+            (READER, "support-agent.service"),
+            (SANDBOX, "sandbox-agent.service"),
+        ],
+    };
+    let (eb, _) = declared_pair(&mut tb, &a, &b, &declared).expect("the agents");
     Setup { tb, a, b, eb }
 }
 

@@ -636,32 +636,7 @@ pub fn run(profile: bool, llm_only: bool, sustained: bool, memory: bool) -> anyh
 
     // Memory with HOLD idle connections through the enforcer.
     let mut tb = bench.tb;
-    let target = format!("{}:{ECHO}", bench.b.ipv4);
-    let holder = tb.spawn(
-        &bench.a,
-        Some("bench-client.service"),
-        "hold",
-        &[&exe_s, "bench-hold", &target, &HOLD.to_string(), "30"],
-    )?;
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let held = loop {
-        if let Some(n) = tb
-            .server_log(&bench.a, "hold")
-            .lines()
-            .find_map(|l| l.strip_prefix("HELD "))
-            .and_then(|n| n.trim().parse::<usize>().ok())
-        {
-            break n;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "the connection holder did not report: {}",
-                tb.server_log(&bench.a, "hold")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    std::thread::sleep(Duration::from_secs(1));
+    let (holder, held) = hold(&mut tb, &bench.a, &bench.b, &bench.exe, 30)?;
     let rss_held = rss_kb(ea.pid)?;
     let rss_b = rss_kb(eb.pid)?;
     tb.stop(holder)?;
@@ -702,6 +677,52 @@ pub fn run(profile: bool, llm_only: bool, sustained: bool, memory: bool) -> anyh
 
 /// `dir/<stem>.<ext>`, or `<stem>-2.<ext>`, `-3`, … when that exists: a
 /// second run on one day never overwrites the first's results.
+/// Starts HOLD idle connections from a's client unit through the enforcer
+/// to b's echo server, kept open `secs` seconds; returns the holder's pid
+/// and how many it opened, once they are open (and a second more).
+fn hold(
+    tb: &mut Testbed,
+    a: &Node,
+    b: &Node,
+    exe: &Path,
+    secs: u64,
+) -> anyhow::Result<(u32, usize)> {
+    let target = format!("{}:{ECHO}", b.ipv4);
+    let exe = exe.display().to_string();
+    let holder = tb.spawn(
+        a,
+        Some("bench-client.service"),
+        "hold",
+        &[
+            &exe,
+            "bench-hold",
+            &target,
+            &HOLD.to_string(),
+            &secs.to_string(),
+        ],
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let held = loop {
+        if let Some(n) = tb
+            .server_log(a, "hold")
+            .lines()
+            .find_map(|l| l.strip_prefix("HELD "))
+            .and_then(|n| n.trim().parse::<usize>().ok())
+        {
+            break n;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the connection holder did not report: {}",
+                tb.server_log(a, "hold")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    Ok((holder, held))
+}
+
 /// Seconds between the end of a load and the RSS reading after it.
 const MEMORY_SETTLE_SECS: u64 = 15;
 
@@ -718,34 +739,11 @@ fn memory_after_load(
     let rss = || -> anyhow::Result<[u64; 2]> { Ok([rss_kb(a)?, rss_kb(b)?]) };
     let settle = || std::thread::sleep(Duration::from_secs(MEMORY_SETTLE_SECS));
     let idle = rss()?;
-    let exe_s = bench.exe.display().to_string();
-    let target = format!("{}:{ECHO}", bench.b.ipv4);
     let (rate, errors) = bench.connect_rate(Path_::Enforcer, 20)?;
     settle();
     let after_churn = rss()?;
     let mut tb = bench.tb;
-    let holder = tb.spawn(
-        &bench.a,
-        Some("bench-client.service"),
-        "hold",
-        &[&exe_s, "bench-hold", &target, &HOLD.to_string(), "8"],
-    )?;
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let held = loop {
-        if let Some(n) = tb
-            .server_log(&bench.a, "hold")
-            .lines()
-            .find_map(|l| l.strip_prefix("HELD "))
-            .and_then(|n| n.trim().parse::<usize>().ok())
-        {
-            break n;
-        }
-        if Instant::now() > deadline {
-            bail!("the connection holder did not report");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    std::thread::sleep(Duration::from_secs(1));
+    let (holder, held) = hold(&mut tb, &bench.a, &bench.b, &bench.exe, 8)?;
     let with_held = rss()?;
     let _ = tb.wait_exit(holder, Duration::from_secs(30));
     settle();

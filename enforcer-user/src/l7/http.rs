@@ -101,8 +101,25 @@ pub async fn serve_tcp(
     served
 }
 
-/// Serves the requests arriving on `client` until it closes.
-pub async fn serve<IO>(
+/// Serves the requests arriving on `client` until it closes. Boxed: a
+/// session (hyper's server connection, the upstream client) is a large
+/// future, and unboxed it would size the task of every connection whose
+/// path can serve L7, L4 relays included, for their whole life.
+pub fn serve<IO>(
+    l7: Arc<L7>,
+    route: Arc<Route>,
+    conn: Conn,
+    client: IO,
+    first: Option<TcpStream>,
+    dial: Dial,
+) -> std::pin::Pin<Box<dyn Future<Output = Served> + Send>>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    Box::pin(session(l7, route, conn, client, first, dial))
+}
+
+async fn session<IO>(
     l7: Arc<L7>,
     route: Arc<Route>,
     conn: Conn,
@@ -763,26 +780,23 @@ impl Session {
     /// Closes the connection to the server now (an answer cut short): the
     /// next request opens a new one.
     pub(super) fn abort_server(&self) {
-        let dup = self
-            .server_socket
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(d) = dup {
+        if let Some(d) = self.take_server_socket() {
             let _ = d.shutdown(std::net::Shutdown::Both);
         }
     }
 
     /// Disarms the reset of the server connection: the session ended cleanly.
     fn server_closes_cleanly(&self) {
-        let dup = self
-            .server_socket
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(d) = dup {
+        if let Some(d) = self.take_server_socket() {
             let _ = d.set_linger(None);
         }
+    }
+
+    fn take_server_socket(&self) -> Option<socket2::Socket> {
+        self.server_socket
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     async fn connect(&self, h2: bool) -> Result<Sender, String> {

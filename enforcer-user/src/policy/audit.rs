@@ -152,9 +152,9 @@ pub enum OnFailure {
 const QUEUE: usize = 65_536;
 
 struct Job {
-    text: String,
-    /// Told whether the line was written (fail-closed mode), or the barrier
-    /// of [`AuditLog::flush`].
+    /// The line; `None`: the barrier of [`AuditLog::flush`].
+    text: Option<String>,
+    /// Told whether the line was written (fail-closed mode, the barrier).
     done: Option<tokio::sync::oneshot::Sender<bool>>,
 }
 
@@ -255,7 +255,7 @@ impl AuditLog {
     pub async fn flush(&self) {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let job = Job {
-            text: String::new(),
+            text: None,
             done: Some(tx),
         };
         if self.queue.try_send(job).is_ok() {
@@ -343,7 +343,10 @@ impl AuditLog {
         } else {
             (None, Receipt::Unchecked)
         };
-        match self.queue.try_send(Job { text, done }) {
+        match self.queue.try_send(Job {
+            text: Some(text),
+            done,
+        }) {
             Ok(()) => {
                 self.overflowing.store(false, Ordering::Relaxed);
                 receipt
@@ -378,22 +381,20 @@ struct Writer {
 impl Writer {
     fn run(mut self, rx: std::sync::mpsc::Receiver<Job>) {
         while let Ok(job) = rx.recv() {
-            let ok = job.text.is_empty() || self.write(&job.text);
+            let ok = job.text.is_none_or(|t| self.write(t));
             if let Some(done) = job.done {
                 let _ = done.send(ok);
             }
         }
     }
 
-    fn write(&mut self, text: &str) -> bool {
-        let mut line = Vec::with_capacity(text.len() + 1);
-        line.extend_from_slice(text.as_bytes());
-        line.push(b'\n');
+    fn write(&mut self, mut line: String) -> bool {
+        line.push('\n');
         let result = if self.path.is_some() {
-            self.append(&line)
+            self.append(line.as_bytes())
         } else {
             let mut out = std::io::stdout().lock();
-            out.write_all(&line).and_then(|()| out.flush())
+            out.write_all(line.as_bytes()).and_then(|()| out.flush())
         };
         match result {
             Ok(()) => {
@@ -446,10 +447,7 @@ impl Writer {
         let Some(path) = &self.path else {
             return;
         };
-        let now = std::fs::metadata(path).ok().map(|m| {
-            use std::os::unix::fs::MetadataExt as _;
-            (m.dev(), m.ino())
-        });
+        let now = std::fs::metadata(path).ok().map(|m| file_id(&m));
         if hup || now != self.id {
             tracing::info!(target = %self.target,
                 why = if hup { "SIGHUP" } else { "the file was renamed or deleted" },
@@ -466,13 +464,16 @@ impl Writer {
             .create(true)
             .append(true)
             .open(path)?;
-        self.id = f.metadata().ok().map(|m| {
-            use std::os::unix::fs::MetadataExt as _;
-            (m.dev(), m.ino())
-        });
+        self.id = f.metadata().ok().map(|m| file_id(&m));
         self.file = Some(f);
         Ok(())
     }
+}
+
+/// Which file this is (device, inode), whatever its name now.
+fn file_id(m: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt as _;
+    (m.dev(), m.ino())
 }
 
 #[cfg(test)]

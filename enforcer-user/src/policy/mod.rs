@@ -570,22 +570,27 @@ impl Policy {
 
     /// Decides one connection, audits the decision and counts it.
     pub async fn decide(&self, input: &Input, conn_id: u64) -> Verdict {
-        let (d, elapsed, loaded) = self.evaluate(input).await;
-        let (v, receipt) = self.finish(input, (conn_id, None), d, elapsed, loaded.as_deref());
-        self.audited(input, v, receipt).await
+        self.decide_for(input, (conn_id, None)).await
     }
 
     /// Decides one L7 request (its id goes to the audit line).
     pub async fn decide_request(&self, input: &Input, conn_id: u64, request_id: &str) -> Verdict {
-        let (d, elapsed, loaded) = self.evaluate(input).await;
-        let (v, receipt) = self.finish(
-            input,
-            (conn_id, Some(request_id)),
-            d,
-            elapsed,
-            loaded.as_deref(),
-        );
-        self.audited(input, v, receipt).await
+        self.decide_for(input, (conn_id, Some(request_id))).await
+    }
+
+    /// Boxed: an evaluation (the pool hand-off, the audit receipt) is a
+    /// large future, and a connection's task is as large as its largest
+    /// state for as long as the connection lives.
+    fn decide_for<'a>(
+        &'a self,
+        input: &'a Input,
+        ids: (u64, Option<&'a str>),
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Verdict> + Send + 'a>> {
+        Box::pin(async move {
+            let (d, elapsed, loaded) = self.evaluate(input).await;
+            let (v, receipt) = self.finish(input, ids, d, elapsed, loaded.as_deref());
+            self.audited(input, v, receipt).await
+        })
     }
 
     /// With `policy.audit_on_failure = "deny"`, a decision whose audit line

@@ -381,7 +381,7 @@ impl Inbound {
             protocol: route.as_ref().map_or("tcp", |r| r.protocol.as_str()),
             request: None,
         };
-        let verdict = Box::pin(self.policy.decide(&input, id)).await;
+        let verdict = self.policy.decide(&input, id).await;
         summary.decision_id = Some(verdict.decision_id.clone());
         summary.policy_reason = verdict.decision.reason.clone();
         if !verdict.allowed {
@@ -412,14 +412,14 @@ impl Inbound {
         if let Some(route) = route {
             let conn = crate::l7::Conn::of(id, &input, peer, dst);
             let client = crate::l7::io::H2Stream::new(send, recv);
-            let served = Box::pin(crate::l7::http::serve(
+            let served = crate::l7::http::serve(
                 self.l7.clone(),
                 route,
                 conn,
                 client,
                 Some(upstream),
                 super::dial_local(dst),
-            ))
+            )
             .await;
             let bytes = (served.from_client, served.to_client);
             return self.finish(&summary, served.outcome(), bytes);

@@ -129,17 +129,8 @@ pub async fn relay(
     let Some((route, conn, dial)) = session else {
         return splice_tcp(client, upstream).await;
     };
-    // Boxed: an HTTP session is a large future; unboxed it would size every
-    // L4 relay's task as well.
-    let served = Box::pin(crate::l7::http::serve_tcp(
-        l7.clone(),
-        route,
-        conn,
-        client,
-        Some(upstream),
-        dial,
-    ))
-    .await;
+    let served =
+        crate::l7::http::serve_tcp(l7.clone(), route, conn, client, Some(upstream), dial).await;
     tracing::debug!(requests = served.requests, "L7 session ended");
     (served.outcome(), (served.from_client, served.to_client))
 }

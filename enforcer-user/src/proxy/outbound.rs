@@ -240,10 +240,7 @@ impl Outbound {
                 };
                 return self.refuse(id, client, &att, dst, &ids, outcome, started);
             };
-            // Boxed: opening a connection (TLS and HTTP/2 handshakes) is a
-            // large future, and a task is as large as its largest state for
-            // as long as its connection lives; boxed, it is freed once done.
-            let prepared = match Box::pin(self.hbone.prepare(&src_svid, dst)).await {
+            let prepared = match self.hbone.prepare(&src_svid, dst).await {
                 Ok(t) => t,
                 Err(e) => {
                     warn!(conn_id = id, orig_dst = %dst, reason = e.code(), error = %e, "HBONE tunnel failed");
@@ -275,7 +272,7 @@ impl Outbound {
                 let o = Outcome::Denied;
                 return self.refuse(id, client, &att, dst, &ids, o, started);
             }
-            let tunnel = match Box::pin(self.hbone.open(&src_svid, prepared)).await {
+            let tunnel = match self.hbone.open(&src_svid, prepared).await {
                 Ok(t) => t,
                 Err(e) => {
                     warn!(conn_id = id, orig_dst = %dst, reason = e.code(), error = %e, "HBONE tunnel failed");
@@ -354,7 +351,7 @@ impl Outbound {
             protocol,
             request: None,
         };
-        let v = Box::pin(self.policy.decide(&input, id)).await;
+        let v = self.policy.decide(&input, id).await;
         ids.decision_ids.push(v.decision_id);
         if !v.allowed {
             warn!(conn_id = id, direction, reason = ?v.decision.reason, "denied by policy");

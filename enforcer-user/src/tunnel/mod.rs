@@ -399,30 +399,36 @@ impl HboneClient {
     /// before processing it (its stream budget spent, or going away) is
     /// sent again, once, on another connection — to the same verified
     /// identity that policy decided on, or not at all.
-    pub async fn open(
-        &self,
-        svid: &Arc<IssuedSvid>,
+    ///
+    /// Boxed, as [`HboneClient::prepare`]'s dial: a caller's task is as
+    /// large as its largest state for as long as its connection lives.
+    pub fn open<'a>(
+        &'a self,
+        svid: &'a Arc<IssuedSvid>,
         prepared: Prepared,
-    ) -> Result<Tunnel, TunnelError> {
-        let (key, dial_id, dst) = (prepared.key.clone(), prepared.dial_id, prepared.dst);
-        let decided = prepared.peer_id.clone();
-        match prepared.open().await {
-            Err(e) if e.unprocessed() => {
-                debug!(error = %e, "HBONE stream refused before processing; once more on another connection");
-                self.forget(&key, dial_id);
-                let again = self.prepare(svid, dst).await?;
-                if again.peer_id != decided {
-                    return Err(TunnelError::PeerChanged {
-                        addr: again.node,
-                        dst,
-                        decided,
-                        now: again.peer_id,
-                    });
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Tunnel, TunnelError>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            let (key, dial_id, dst) = (prepared.key.clone(), prepared.dial_id, prepared.dst);
+            let decided = prepared.peer_id.clone();
+            match prepared.open().await {
+                Err(e) if e.unprocessed() => {
+                    debug!(error = %e, "HBONE stream refused before processing; once more on another connection");
+                    self.forget(&key, dial_id);
+                    let again = self.prepare(svid, dst).await?;
+                    if again.peer_id != decided {
+                        return Err(TunnelError::PeerChanged {
+                            addr: again.node,
+                            dst,
+                            decided,
+                            now: again.peer_id,
+                        });
+                    }
+                    again.open().await
                 }
-                again.open().await
+                r => r,
             }
-            r => r,
-        }
+        })
     }
 
     /// A connection for `key` with room for one more stream, its slot taken
@@ -463,16 +469,8 @@ impl HboneClient {
             port: dst.port(),
         };
         let node = SocketAddr::new(dst.ip(), self.hbone_port);
-        // A connection of this SVID generation, before its server
-        // certificate's notAfter, with room for one more stream.
-        if let Some((p, slot)) = self.reserve(&key, svid.generation) {
-            match p.sender.clone().ready().await {
-                Ok(_) => return Ok(p.prepared(node, dst, slot, key, true)),
-                Err(e) => {
-                    debug!(error = %e, "pooled HBONE connection is gone; dialing a new one");
-                    self.forget(&key, p.dial_id);
-                }
-            }
+        if let Some((p, slot)) = self.live(&key, svid.generation).await {
+            return Ok(p.prepared(node, dst, slot, key, true));
         }
         // One dial per key at a time; whoever waited looks again first.
         let lock = self
@@ -484,11 +482,12 @@ impl HboneClient {
             .clone();
         let dialed = {
             let _one = lock.lock().await;
-            match self.reserve(&key, svid.generation) {
-                Some((p, slot)) if p.sender.clone().ready().await.is_ok() => {
-                    Ok(p.prepared(node, dst, slot, key.clone(), true))
-                }
-                _ => self.dial(svid, node, dst, &key).await.map(|p| {
+            match self.live(&key, svid.generation).await {
+                Some((p, slot)) => Ok(p.prepared(node, dst, slot, key.clone(), true)),
+                // Boxed: the TLS and HTTP/2 handshakes are a large future,
+                // and a connection's task is as large as its largest state
+                // for as long as the connection lives.
+                None => Box::pin(self.dial(svid, node, dst, &key)).await.map(|p| {
                     let slot = p.take();
                     p.prepared(node, dst, slot, key.clone(), false)
                 }),
@@ -502,6 +501,21 @@ impl HboneClient {
             }
         }
         dialed
+    }
+
+    /// A pooled connection of this SVID generation, before its server
+    /// certificate's notAfter, with room for one more stream (its slot
+    /// taken), and still alive; a dead one leaves the pool.
+    async fn live(&self, key: &PoolKey, generation: u64) -> Option<(Pooled, StreamSlot)> {
+        let (p, slot) = self.reserve(key, generation)?;
+        match p.sender.clone().ready().await {
+            Ok(_) => Some((p, slot)),
+            Err(e) => {
+                debug!(error = %e, "pooled HBONE connection is gone; dialing a new one");
+                self.forget(key, p.dial_id);
+                None
+            }
+        }
     }
 
     /// Takes one connection out of the pool.
