@@ -6,6 +6,10 @@
 #![no_std]
 
 /// Version of the map layouts below; part of the pin path (`enforcer/v2/...`).
+/// The record maps (`ENF_BY_TUPLE`, `ENF_BY_COOKIE`: [`SockTuple`],
+/// [`OrigDst`]) are shared by the agent instances of one pin directory — a
+/// new agent reuses the pinned ones it finds — so their layouts must not
+/// change without a bump; the other maps are each instance's own.
 /// v2: the agent is recognised by socket mark and cgroup, never by pid.
 pub const LAYOUT_VERSION: u32 = 2;
 
@@ -94,6 +98,11 @@ pub struct CaptureConfig {
     /// Outbound listener port on the loopback address, host byte order.
     pub outbound_port: u16,
     pub _pad: [u8; 6],
+    /// During a hitless upgrade: the cgroup v2 id of the agent that handed
+    /// its listeners over and is draining, when it runs in another cgroup
+    /// (a DaemonSet's surge pod); its marked connects are the agent's too
+    /// until it exits. 0 = none.
+    pub handover_cgroup_id: u64,
 }
 
 /// The original destination of a captured connect and the facts the kernel
@@ -153,7 +162,7 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<CaptureConfig>(), 4 + 4 + 8 + 2 + 6);
+        assert_eq!(size_of::<CaptureConfig>(), 4 + 4 + 8 + 2 + 6 + 8);
         assert_eq!(size_of::<OrigDst>(), 2 + 2 + 4 * 5 + 16 + 8 * 3 + 16);
         assert_eq!(size_of::<SockTuple>(), 4 + 2 + 2 + 16 + 16);
     }

@@ -139,8 +139,13 @@ fn is_agent(sa: &bpf_sock_addr, cfg: &CaptureConfig) -> bool {
     }
     // SAFETY: as above; `mark` is readable from any bpf_sock.
     let mark = unsafe { (*sk).mark };
+    if mark != cfg.agent_mark {
+        return false;
+    }
     // SAFETY: plain helper call without arguments.
-    mark == cfg.agent_mark && unsafe { bpf_get_current_cgroup_id() } == cfg.agent_cgroup_id
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    cgroup == cfg.agent_cgroup_id
+        || (cfg.handover_cgroup_id != 0 && cgroup == cfg.handover_cgroup_id)
 }
 
 /// `netns` argument of the socket lookup helpers: the caller's namespace.

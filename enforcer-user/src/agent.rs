@@ -19,6 +19,7 @@ use crate::{
     config::Config,
     config::PlaintextMode,
     config::ProviderKind,
+    handover,
     identity::{Bundles, Ca, IdentityManager, Source, TrustStore, spire::SpireSource},
     policy::{
         Policy,
@@ -30,10 +31,60 @@ use crate::{
     tunnel::HboneClient,
 };
 
-async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr} ({what})"))
+/// A non-blocking listener on `addr` (`SO_REUSEADDR`, as std sets it).
+fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<std::net::TcpListener> {
+    let l = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("cannot listen on {addr} ({what})"))?;
+    l.set_nonblocking(true)
+        .with_context(|| format!("listener on {addr} ({what})"))?;
+    Ok(l)
+}
+
+/// The listeners of this agent: taken from the agent it replaces when that
+/// one handed them over, bound otherwise; each also offered (as a copy) to
+/// the agent that will replace this one.
+struct Listening<'a> {
+    inherited: Option<&'a mut handover::Inherited>,
+    offer: handover::Offer,
+}
+
+impl Listening<'_> {
+    fn get(
+        &mut self,
+        name: &str,
+        addr: SocketAddr,
+        marked: bool,
+        make: impl FnOnce() -> anyhow::Result<Option<std::net::TcpListener>>,
+    ) -> anyhow::Result<Option<std::net::TcpListener>> {
+        let taken = match self.inherited.as_deref_mut() {
+            Some(i) => i.take(name, addr, marked)?,
+            None => None,
+        };
+        let listener = match taken {
+            Some(l) => Some(l),
+            None => make()?,
+        };
+        if let Some(l) = &listener {
+            self.offer.add(name, l).with_context(|| {
+                format!("listener {name} ({addr}): keeping a copy for a handover")
+            })?;
+        }
+        Ok(listener)
+    }
+}
+
+/// `identity.state_dir`, created 0700 when missing (the CA key, the token
+/// counters and the handover socket live there).
+fn ensure_state_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating identity.state_dir {}", dir.display()))
 }
 
 /// The CA and trust bundles a config names.
@@ -250,24 +301,62 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     // Every socket the agent makes from here on carries its mark (the kernel
     // programs recognise the agent by it, never by pid).
     crate::capture::mark::set(config.capture.agent_mark);
+    let own_cgroup = crate::capture::mark::own_cgroup_id(&cgroup.mount)
+        .context("finding the agent's own cgroup (/proc/self/cgroup)")?;
+    let state_dir = config.identity.state_dir.clone();
+    ensure_state_dir(&state_dir)?;
+    // A hitless upgrade: the agent running with this state_dir hands its
+    // listeners over; without one, they are bound here.
+    let mut inherited = {
+        let (dir, node) = (state_dir.clone(), config.node_name.clone());
+        tokio::task::spawn_blocking(move || handover::take_over(&dir, &node, own_cgroup))
+            .await
+            .context("the handover task")??
+    };
+    let mut listening = Listening {
+        inherited: inherited.as_mut(),
+        offer: handover::Offer::new(&config.node_name, own_cgroup),
+    };
     // Bind everything before touching the kernel: a port in use fails cleanly.
     let port = config.capture.outbound_port;
-    let out4 = outbound_listener(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))?
+    let out4_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let out4 = listening
+        .get("outbound4", out4_addr, true, || {
+            outbound_listener(out4_addr)
+        })?
         .context("IPv4 loopback is unavailable")?;
-    let out6 = outbound_listener(SocketAddr::from((Ipv6Addr::LOCALHOST, port)))?;
+    let out6_addr = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
+    let out6 = listening.get("outbound6", out6_addr, true, || {
+        outbound_listener(out6_addr)
+    })?;
     if out6.is_none() {
         warn!("IPv6 loopback is unavailable; IPv6 connects will not be captured successfully");
     }
     let inbound_listener = match inbound_addr {
-        Some(addr) => Some(bind(addr, "mesh.inbound_addr").await?),
+        Some(addr) => listening.get("hbone", addr, false, || {
+            bind(addr, "mesh.inbound_addr").map(Some)
+        })?,
         None => None,
     };
     let plaintext = if inbound_ports.is_empty() {
         None
     } else {
-        Some(plaintext_listeners(config.mesh.plaintext_port)?)
+        let port = config.mesh.plaintext_port;
+        let v4_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        let v4 = listening
+            .get("plaintext4", v4_addr, true, || plaintext_listener(v4_addr))?
+            .with_context(|| format!("cannot listen on {v4_addr} (mesh.plaintext_port)"))?;
+        let v6_addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+        let v6 = listening.get("plaintext6", v6_addr, true, || plaintext_listener(v6_addr))?;
+        Some((v4, v6))
     };
-    let admin_listener = bind(config.admin.metrics_addr, "admin.metrics_addr").await?;
+    let admin_addr = config.admin.metrics_addr;
+    let admin_listener = listening
+        .get("admin", admin_addr, false, || {
+            bind(admin_addr, "admin.metrics_addr").map(Some)
+        })?
+        .context("admin listener")?;
+    let offer = listening.offer;
 
     let state = Arc::new(AdminState::new(&config.node_name));
     let policy = Arc::new(policy_engine(&config, first_policy, state.metrics.clone())?);
@@ -325,6 +414,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         &rules,
         port,
         &steering,
+        inherited.as_ref().map(handover::Inherited::cgroup_id),
     )?);
     if let Some((v4, v6)) = plaintext {
         let handler = Arc::new(Plaintext {
@@ -357,11 +447,16 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         local_addrs: Default::default(),
         l7: l7.clone(),
     });
-    tokio::spawn(outbound.clone().serve(out4));
+    tokio::spawn(
+        outbound
+            .clone()
+            .serve(TcpListener::from_std(out4).context("outbound listener")?),
+    );
     if let Some(l) = out6 {
-        tokio::spawn(outbound.serve(l));
+        tokio::spawn(outbound.serve(TcpListener::from_std(l).context("outbound listener")?));
     }
     if let Some(listener) = inbound_listener {
+        let listener = TcpListener::from_std(listener).context("HBONE listener")?;
         let inbound = Arc::new(Inbound {
             identity: identity.clone(),
             policy: policy.clone(),
@@ -397,7 +492,25 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     ));
 
     state.ready.store(true, Ordering::Release);
-    notify_systemd(&[sd_notify::NotifyState::Ready]).await;
+    if inherited.is_none() {
+        notify_systemd(vec![sd_notify::NotifyState::Ready]).await;
+    }
+    if let Some(inherited) = inherited {
+        // Accepting on every listener: the previous agent may stop.
+        let previous = inherited.serving()?;
+        let capture = capture.clone();
+        tokio::spawn(async move {
+            let pid = previous.pid;
+            previous.exited().await;
+            info!(previous = pid, "the previous agent has exited");
+            if let Err(e) = capture.set_handover_cgroup(None) {
+                warn!(error = %e, "forgetting the previous agent's cgroup");
+            }
+        });
+    }
+    let mut handover = handover::serve(&state_dir, offer)?;
+    let mut handover_open = true;
+    let mut _successor = None;
     info!(
         node = %config.node_name,
         cgroup = %cgroup.path.display(),
@@ -415,25 +528,50 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut usr2 = signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?;
     loop {
         tokio::select! {
             _ = term.recv() => {
                 info!("SIGTERM received; stopping (captured connects are refused from now until the agent is back)");
-                notify_systemd(&[sd_notify::NotifyState::Stopping]).await;
+                notify_systemd(vec![sd_notify::NotifyState::Stopping]).await;
                 break;
             }
             _ = tokio::signal::ctrl_c() => {
                 info!("SIGINT received; stopping (captured connects are refused from now until the agent is back)");
-                notify_systemd(&[sd_notify::NotifyState::Stopping]).await;
+                notify_systemd(vec![sd_notify::NotifyState::Stopping]).await;
                 break;
             }
             _ = hup.recv() => {
                 info!("SIGHUP received; reopening the audit log");
                 policy.audit.reopen();
             }
+            _ = usr2.recv(), if handover_open => {
+                info!("SIGUSR2 received; starting a new agent to take over");
+                start_successor();
+            }
+            successor = &mut handover, if handover_open => {
+                let Ok(successor) = successor else {
+                    warn!("the handover thread ended; no hitless upgrade from this agent");
+                    handover_open = false;
+                    continue;
+                };
+                info!(successor = successor.pid, "handed over to a new agent; draining");
+                // systemd follows the new agent as the service's main process.
+                notify_systemd(vec![sd_notify::NotifyState::MainPid(successor.pid)]).await;
+                // Held until exit: the new agent sees the socket close then.
+                _successor = Some(successor);
+                break;
+            }
         }
     }
     crate::proxy::drain::run(Duration::from_secs(config.runtime.drain_secs)).await;
+    if _successor.is_some() && config.runtime.after_handover == crate::config::AfterHandover::Wait {
+        info!("handed over and drained; waiting for SIGTERM (runtime.after_handover = \"wait\")");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
     // Whatever the audit thread still holds is written before the exit.
     if tokio::time::timeout(Duration::from_secs(5), policy.audit.flush())
         .await
@@ -444,12 +582,53 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// SIGUSR2 (systemd: `systemctl kill --kill-whom=main -s SIGUSR2 enforcer`):
+/// starts the program at this process's `argv[0]` — the binary installed
+/// now, which may be newer than the one running — with the same arguments
+/// and environment, in this process's cgroup. It takes the listeners over
+/// (`handover`); this agent then drains. If it fails first, its exit is
+/// logged here and this agent serves on.
+fn start_successor() {
+    let mut args = std::env::args_os();
+    let Some(program) = args.next() else {
+        warn!("no argv[0]; cannot start a new agent");
+        return;
+    };
+    let mut child = match tokio::process::Command::new(&program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(program = %program.to_string_lossy(), error = %e, "starting the new agent failed; this agent serves on");
+            return;
+        }
+    };
+    let pid = child.id();
+    info!(successor = ?pid, program = %program.to_string_lossy(), "new agent started");
+    // Reaped here if it ends while this agent still runs (it failed to take
+    // over); once this agent has exited, it is not this process's child to
+    // wait for any more.
+    tokio::spawn(async move {
+        match child.wait().await {
+            Ok(status) if !crate::proxy::drain::is_draining() => {
+                warn!(successor = ?pid, %status, "the new agent exited before it took over; this agent serves on")
+            }
+            Ok(_) => {}
+            Err(e) => warn!(successor = ?pid, error = %e, "waiting for the new agent"),
+        }
+    });
+}
+
 /// Runs the admin server (metrics, probes, `/llm/usage`) on a thread and
 /// runtime of its own: a scrape (the capture maps counted with syscalls,
 /// the text encoded) never takes a data-plane thread, and a data plane
 /// that is saturated still answers `/healthz`.
-fn serve_admin_apart(listener: TcpListener, state: Arc<AdminState>) -> anyhow::Result<()> {
-    let listener = listener.into_std().context("admin listener")?;
+fn serve_admin_apart(
+    listener: std::net::TcpListener,
+    state: Arc<AdminState>,
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -471,8 +650,8 @@ fn serve_admin_apart(listener: TcpListener, state: Arc<AdminState>) -> anyhow::R
 /// Tells systemd (a `Type=notify` unit: `NOTIFY_SOCKET` is set) that the
 /// agent is ready — when `/readyz` turns 200 — or stopping; without
 /// `NOTIFY_SOCKET`, nothing.
-async fn notify_systemd(state: &'static [sd_notify::NotifyState<'static>]) {
-    match tokio::task::spawn_blocking(move || sd_notify::notify(false, state)).await {
+async fn notify_systemd(state: Vec<sd_notify::NotifyState<'static>>) {
+    match tokio::task::spawn_blocking(move || sd_notify::notify(false, &state)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => warn!(error = %e, "telling systemd (NOTIFY_SOCKET) failed"),
         Err(e) => warn!(error = %e, "telling systemd (NOTIFY_SOCKET) failed"),
@@ -482,11 +661,9 @@ async fn notify_systemd(state: &'static [sd_notify::NotifyState<'static>]) {
 /// The outbound listener on a loopback address, marked so the kernel
 /// programs redirect captured connects to it and to nothing else; `None` when
 /// that loopback address does not exist.
-fn outbound_listener(addr: SocketAddr) -> anyhow::Result<Option<TcpListener>> {
+fn outbound_listener(addr: SocketAddr) -> anyhow::Result<Option<std::net::TcpListener>> {
     match crate::capture::mark::listener(addr, false) {
-        Ok(l) => Ok(Some(
-            TcpListener::from_std(l).context("outbound listener")?,
-        )),
+        Ok(l) => Ok(Some(l)),
         Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Ok(None),
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => Err(e).with_context(|| {
             format!("cannot mark the listener on {addr} with capture.agent_mark: that needs CAP_NET_ADMIN")
@@ -495,30 +672,20 @@ fn outbound_listener(addr: SocketAddr) -> anyhow::Result<Option<TcpListener>> {
     }
 }
 
-/// The plaintext listeners (0.0.0.0 and, when IPv6 is available, [::] with
-/// IPV6_V6ONLY) that the kernel steers protected ports to.
-fn plaintext_listeners(
-    port: u16,
-) -> anyhow::Result<(std::net::TcpListener, Option<std::net::TcpListener>)> {
-    let make = |addr| crate::capture::mark::listener(addr, true);
-    let v4_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-    let v4 = make(v4_addr)
-        .with_context(|| format!("cannot listen on {v4_addr} (mesh.plaintext_port)"))?;
-    let v6_addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
-    let v6 = match make(v6_addr) {
-        Ok(l) => Some(l),
+/// A plaintext listener (0.0.0.0, or [::] with IPV6_V6ONLY) that the
+/// kernel steers protected ports to; `None` for [::] without IPv6.
+fn plaintext_listener(addr: SocketAddr) -> anyhow::Result<Option<std::net::TcpListener>> {
+    match crate::capture::mark::listener(addr, true) {
+        Ok(l) => Ok(Some(l)),
         Err(e)
-            if e.raw_os_error() == Some(libc::EAFNOSUPPORT)
-                || e.raw_os_error() == Some(libc::EADDRNOTAVAIL) =>
+            if addr.is_ipv6()
+                && (e.raw_os_error() == Some(libc::EAFNOSUPPORT)
+                    || e.raw_os_error() == Some(libc::EADDRNOTAVAIL)) =>
         {
-            None
+            Ok(None)
         }
-        Err(e) => {
-            return Err(e)
-                .with_context(|| format!("cannot listen on {v6_addr} (mesh.plaintext_port)"));
-        }
-    };
-    Ok((v4, v6))
+        Err(e) => Err(e).with_context(|| format!("cannot listen on {addr} (mesh.plaintext_port)")),
+    }
 }
 
 /// Renews SVIDs in use at half-life, so a workload always holds a fresh one.

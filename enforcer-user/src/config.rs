@@ -62,6 +62,19 @@ pub struct RuntimeConfig {
     /// they are reset.
     #[serde(default = "default_drain_secs")]
     pub drain_secs: u64,
+    /// After this agent has handed its listeners to a new one and drained:
+    /// exit (systemd follows the new main process), or wait for SIGTERM (a
+    /// DaemonSet's old pod, which the kubelet would restart if it exited).
+    #[serde(default)]
+    pub after_handover: AfterHandover,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AfterHandover {
+    #[default]
+    Exit,
+    Wait,
 }
 
 fn default_drain_secs() -> u64 {
@@ -73,6 +86,7 @@ impl Default for RuntimeConfig {
         Self {
             worker_threads: 0,
             drain_secs: default_drain_secs(),
+            after_handover: AfterHandover::Exit,
         }
     }
 }
@@ -1164,6 +1178,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("capture.agent_mark"), "{err}");
+    }
+
+    #[test]
+    fn after_handover_is_exit_or_wait() {
+        assert_eq!(
+            parse(MIN).expect("valid").runtime.after_handover,
+            AfterHandover::Exit
+        );
+        let wait = parse(&format!("{MIN}[runtime]\nafter_handover = \"wait\"\n")).expect("valid");
+        assert_eq!(wait.runtime.after_handover, AfterHandover::Wait);
+        let err = parse(&format!("{MIN}[runtime]\nafter_handover = \"linger\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("after_handover") && err.contains("exit") && err.contains("wait"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod attest;
 pub mod capture;
 pub mod config;
+pub mod handover;
 pub mod identity;
 pub mod l7;
 pub mod policy;

@@ -9,11 +9,17 @@ connection ended, one line: `EOF <bytes>` (a clean close), `RESET <bytes>`
   stream.py serve-bytes PORT N    on each connection: read "GO", send N bytes, close
   stream.py serve-slow PORT N     the same at about 1.3 MB/s
   stream.py upload-bytes HOST PORT N   send N bytes, half-close, wait for the end
+  stream.py serve-random PORT N SECS  on each connection: read "GO", send N random
+                                   bytes spread over SECS seconds, print `SENT <n> <sha256>`
+  stream.py download-hash HOST PORT   send "GO", read until it ends; the end line
+                                   carries the sha256 of what arrived: `EOF <n> <sha256>`
 
 The receiving side prints `STARTED` once it has read 1 MiB, so a test
 knows the transfer is under way end to end before it breaks something
 (the sender's count says little: a megabyte fits in the socket buffers).
 """
+import hashlib
+import os
 import socket
 import sys
 import threading
@@ -42,14 +48,17 @@ def send_forever(s, started=None):
         ended("TIMEOUT", n)
 
 
-def read_to_end(s, started=None):
+def read_to_end(s, started=None, digest=None):
     n = 0
+    tail = lambda: f" {digest.hexdigest()}" if digest is not None else ""
     try:
         while True:
             d = s.recv(65536)
             if not d:
-                ended("EOF", n)
+                print(f"EOF {n}{tail()}", flush=True)
                 return
+            if digest is not None:
+                digest.update(d)
             n += len(d)
             if started is not None and n >= 1 << 20 and not started[0]:
                 started[0] = True
@@ -117,6 +126,26 @@ def main():
             c.close()
 
         serve(int(sys.argv[2]), serve_slow)
+    elif mode == "serve-random":
+        n, secs = int(sys.argv[3]), float(sys.argv[4])
+
+        def serve_random(c):
+            if c.recv(2):
+                digest, sent = hashlib.sha256(), 0
+                start = time.monotonic()
+                while sent < n:
+                    part = os.urandom(min(65536, n - sent))
+                    c.sendall(part)
+                    digest.update(part)
+                    sent += len(part)
+                    # Paced: `sent` bytes are due at sent/n of `secs`.
+                    ahead = start + secs * sent / n - time.monotonic()
+                    if ahead > 0:
+                        time.sleep(ahead)
+                print("SENT", sent, digest.hexdigest(), flush=True)
+            c.close()
+
+        serve(int(sys.argv[2]), serve_random)
     elif mode == "serve-upload":
         serve(int(sys.argv[2]), serve_upload)
     else:
@@ -125,6 +154,9 @@ def main():
         if mode == "download":
             s.sendall(b"GO")
             read_to_end(s, started)
+        elif mode == "download-hash":
+            s.sendall(b"GO")
+            read_to_end(s, started, hashlib.sha256())
         elif mode == "upload":
             send_forever(s, started)
         elif mode == "upload-bytes":

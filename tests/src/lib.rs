@@ -142,6 +142,9 @@ pub struct Testbed {
     pub dir: PathBuf,
     netns: Vec<String>,
     procs: Vec<(String, Child)>,
+    /// Processes started by processes of this testbed (an agent's successor
+    /// at SIGUSR2), stopped by pid at the end.
+    adopted: Vec<(String, u32)>,
     enforcer_configs: Vec<PathBuf>,
     bin: PathBuf,
 }
@@ -175,6 +178,7 @@ impl Testbed {
             dir,
             netns: vec![],
             procs: vec![],
+            adopted: vec![],
             enforcer_configs: vec![],
             bin,
         })
@@ -368,29 +372,9 @@ impl Testbed {
         let log = self.dir.join(format!("{}-enforcer.log", node.name));
         let cg = match in_cgroup {
             Some(unit) => node.workload_cgroup(unit)?,
-            None => {
-                let cg = self.cgroup_root.join(format!("{}-agent", node.name));
-                fs::create_dir_all(&cg)?;
-                cg
-            }
+            None => self.agent_cgroup(node)?,
         };
-        let child = node
-            .command_in(Some(&cg))
-            .arg(&self.bin)
-            .args(["run", "--config"])
-            .arg(config)
-            .env("RUST_BACKTRACE", "0")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(
-                self.dir.join(format!("{}-enforcer.stdout", node.name)),
-            )?)
-            .stderr(fs::File::create(&log)?)
-            .spawn()
-            .context("starting enforcer")?;
-        let pid = child.id();
-        self.procs
-            .push((format!("enforcer on {}", node.name), child));
+        let pid = self.spawn_enforcer(node, config, &cg, env, &log, "")?;
         let enforcer = Enforcer {
             node: node.clone(),
             pid,
@@ -422,6 +406,95 @@ impl Testbed {
         }
     }
 
+    /// The cgroup an agent of `node` runs in: `<node>-agent` beside the
+    /// node's captured subtree (as a systemd service or a DaemonSet pod has
+    /// one).
+    fn agent_cgroup(&self, node: &Node) -> Result<PathBuf> {
+        let cg = self.cgroup_root.join(format!("{}-agent", node.name));
+        fs::create_dir_all(&cg)?;
+        Ok(cg)
+    }
+
+    /// Starts `enforcer run --config CONFIG` in `node`'s netns and cgroup
+    /// `cg`, its log (stderr) in `log` and its stdout beside it
+    /// (`.stdout`); returns its pid.
+    fn spawn_enforcer(
+        &mut self,
+        node: &Node,
+        config: &Path,
+        cg: &Path,
+        env: &[(&str, &str)],
+        log: &Path,
+        label: &str,
+    ) -> Result<u32> {
+        let child = node
+            .command_in(Some(cg))
+            .arg(&self.bin)
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_BACKTRACE", "0")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(log.with_extension("stdout"))?)
+            .stderr(fs::File::create(log)?)
+            .spawn()
+            .with_context(|| format!("starting enforcer on {}{label}", node.name))?;
+        let pid = child.id();
+        self.procs
+            .push((format!("enforcer on {}{label}", node.name), child));
+        Ok(pid)
+    }
+
+    /// A hitless upgrade of `old`: starts a second `enforcer run` with
+    /// `config` on its node, in the same agent cgroup, which takes over the
+    /// running agent's listeners (`handover.sock` in `state_dir`); returns once
+    /// the new agent says it serves (the old one then drains and exits). Its
+    /// log is `<node>-enforcer-upgrade-<n>.log`.
+    pub fn upgrade_enforcer(&mut self, old: &Enforcer, config: &Path) -> Result<Enforcer> {
+        let node = old.node.clone();
+        let n = (1..)
+            .find(|n| {
+                !self
+                    .dir
+                    .join(format!("{}-enforcer-upgrade-{n}.log", node.name))
+                    .exists()
+            })
+            .unwrap_or(1);
+        let log = self
+            .dir
+            .join(format!("{}-enforcer-upgrade-{n}.log", node.name));
+        let cg = self.agent_cgroup(&node)?;
+        let pid = self.spawn_enforcer(&node, config, &cg, &[], &log, &format!(" (upgrade {n})"))?;
+        let enforcer = Enforcer {
+            node: node.clone(),
+            pid,
+            log,
+            metrics_addr: old.metrics_addr,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = fs::read_to_string(&enforcer.log).unwrap_or_default();
+            if text.contains("serving; the previous agent drains") {
+                return Ok(enforcer);
+            }
+            if let Some((_, c)) = self.procs.iter_mut().find(|(_, c)| c.id() == pid)
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                bail!(
+                    "the new enforcer on {} exited ({status}) before it took over:\n{text}",
+                    node.name
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the new enforcer on {} did not take over within 30 s:\n{text}",
+                    node.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Stops a process this testbed started (SIGTERM, then SIGKILL) and waits for it.
     pub fn stop(&mut self, pid: u32) -> Result<()> {
         terminate(&mut self.take_process(pid)?);
@@ -447,9 +520,17 @@ impl Testbed {
         Ok(())
     }
 
+    /// Takes `pid`, started by a process of this testbed, into its care:
+    /// it is stopped (SIGTERM, then SIGKILL) at the end.
+    pub fn adopt(&mut self, pid: u32, what: &str) {
+        self.adopted.push((what.to_owned(), pid));
+    }
+
     /// Sends `signal` to a process this testbed started, without waiting.
     pub fn signal(&self, pid: u32, signal: nix::sys::signal::Signal) -> Result<()> {
-        if !self.procs.iter().any(|(_, c)| c.id() == pid) {
+        if !self.procs.iter().any(|(_, c)| c.id() == pid)
+            && !self.adopted.iter().any(|(_, p)| *p == pid)
+        {
             bail!("pid {pid} was not started by this testbed");
         }
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal)
@@ -649,12 +730,42 @@ fn terminate(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// Whether `pid` runs (exists and is not a zombie).
+pub fn pid_alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised comm.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// [`terminate`] for a process that is not this one's child.
+fn terminate_pid(pid: u32) {
+    let p = nix::unistd::Pid::from_raw(pid as i32);
+    if !pid_alive(pid) {
+        return;
+    }
+    let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pid_alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if pid_alive(pid) {
+        let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
 impl Drop for Testbed {
     fn drop(&mut self) {
         // Last started first: clients, then servers, then the agents, which
         // drain at SIGTERM (and would wait on clients still connected).
         for (_, child) in self.procs.iter_mut().rev() {
             terminate(child);
+        }
+        for (_, pid) in &self.adopted {
+            terminate_pid(*pid);
         }
         for cfg in &self.enforcer_configs {
             let _ = Command::new(&self.bin)
@@ -1042,6 +1153,47 @@ pub fn llm_pair(
     let eb = start(&mut tb, &b)?;
     let ea = start(&mut tb, &a)?;
     Ok(Pair { tb, a, b, ea, eb })
+}
+
+/// The trust domain of [`support_mesh`], the support agent's SPIFFE ID on
+/// a (unit `support-agent.service`) and the LLM's on b (`llm.service`).
+pub const SUPPORT_TD: &str = "ai.example.org";
+pub const SUPPORT_AGENT_ID: &str = "spiffe://ai.example.org/agent/support";
+pub const SUPPORT_LLM_ID: &str = "spiffe://ai.example.org/llm";
+
+/// Nodes a and b in the mesh, sharing one CA ([`llm_pair`]): the support
+/// agent's unit registered on a, the LLM's on b (its HTTP server on port
+/// 8080); `mesh_b` is appended to b's `[mesh]` table.
+pub fn support_mesh(test: &str, mesh_b: &str) -> Result<Pair> {
+    llm_pair(test, SUPPORT_TD, |_, n| {
+        if n.name == "a" {
+            let e = entry(SUPPORT_AGENT_ID, "systemd:unit:support-agent.service");
+            (String::new(), format!("{e}\n{MESH}"))
+        } else {
+            let e = entry(SUPPORT_LLM_ID, "systemd:unit:llm.service");
+            (String::new(), format!("{e}\n{MESH}{mesh_b}"))
+        }
+    })
+}
+
+/// tests/helpers/stream.py: endless and bounded transfers that say how
+/// they ended.
+pub fn stream_py() -> String {
+    format!("{}/helpers/stream.py", env!("CARGO_MANIFEST_DIR"))
+}
+
+impl Pair {
+    /// Waits up to `within` for both agents of the pair to exit, and
+    /// asserts that each exited 0 (`what` says why they should have).
+    pub fn assert_agents_exit(&mut self, within: Duration, what: &str) {
+        for (pid, name) in [(self.ea.pid, "a"), (self.eb.pid, "b")] {
+            let status = self.tb.wait_exit(pid, within);
+            assert!(
+                status.is_some_and(|s| s.success()),
+                "{name}'s agent: {what}: {status:?}"
+            );
+        }
+    }
 }
 
 /// A destination declared L7 on node b and its callers on node a, for

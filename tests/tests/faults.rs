@@ -4,34 +4,21 @@
 //! resets.
 use std::time::{Duration, Instant};
 
-use enforcer_tests::{MESH, Node, Pair, Testbed, entry, llm_pair};
+use enforcer_tests::{
+    MESH, Node, Pair, SUPPORT_AGENT_ID, SUPPORT_LLM_ID, SUPPORT_TD, Testbed, entry, llm_pair,
+    stream_py, support_mesh,
+};
 
-const TD: &str = "ai.example.org";
-const AGENT_ID: &str = "spiffe://ai.example.org/agent/support";
-const LLM_ID: &str = "spiffe://ai.example.org/llm";
+const TD: &str = SUPPORT_TD;
+const AGENT_ID: &str = SUPPORT_AGENT_ID;
+const LLM_ID: &str = SUPPORT_LLM_ID;
 
-fn stream_py() -> String {
-    format!("{}/helpers/stream.py", env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Nodes a and b sharing one CA: the support agent's unit registered on a,
-/// the LLM's on b (its HTTP server on port 8080).
 fn mesh(test: &str) -> Pair {
     mesh_with(test, "")
 }
 
-/// Like [`mesh`], with keys appended to b's `[mesh]` table.
 fn mesh_with(test: &str, mesh_b: &str) -> Pair {
-    llm_pair(test, TD, |_, n| {
-        if n.name == "a" {
-            let e = entry(AGENT_ID, "systemd:unit:support-agent.service");
-            (String::new(), format!("{e}\n{MESH}"))
-        } else {
-            let e = entry(LLM_ID, "systemd:unit:llm.service");
-            (String::new(), format!("{e}\n{MESH}{mesh_b}"))
-        }
-    })
-    .expect("two nodes")
+    support_mesh(test, mesh_b).expect("two nodes")
 }
 
 #[derive(Clone, Copy)]
@@ -710,13 +697,7 @@ fn sigterm_drains_open_connections_and_refuses_new_ones() {
         "EOF 4194304",
         "the transfer open at SIGTERM completes"
     );
-    for (e, name) in [(&m.ea, "a"), (&m.eb, "b")] {
-        let status = m.tb.wait_exit(e.pid, Duration::from_secs(10));
-        assert!(
-            status.is_some_and(|s| s.success()),
-            "{name}'s agent exits cleanly once drained: {status:?}"
-        );
-    }
+    m.assert_agents_exit(Duration::from_secs(10), "exits cleanly once drained");
     let line =
         m.ea.connection_line(|v| v["orig_dst"] == format!("{}:9651", m.b.ipv4));
     assert_eq!(line["outcome"], "ok", "{line}");

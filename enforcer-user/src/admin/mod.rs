@@ -18,7 +18,7 @@ use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::capture::Capture;
 pub use metrics::Metrics;
@@ -102,8 +102,18 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
 
 /// Serves the admin endpoints until the task is dropped.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    let handed_over = crate::handover::handed_over();
+    tokio::pin!(handed_over);
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = &mut handed_over => {
+                // The new agent answers on this port from now on.
+                info!("admin listener closed: handed over to the new agent");
+                return;
+            }
+        };
+        let (stream, peer) = match accepted {
             Ok(s) => s,
             Err(e) => {
                 warn!(error = %e, "admin accept failed");

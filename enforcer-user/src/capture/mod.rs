@@ -187,6 +187,7 @@ pub struct Capture {
     _ebpf: Ebpf,
     by_tuple: std::sync::Mutex<HashMap<MapData, SockTuple, OrigDst>>,
     by_cookie: std::sync::Mutex<HashMap<MapData, u64, OrigDst>>,
+    config: std::sync::Mutex<Array<MapData, CaptureConfig>>,
     pub cgroup: CaptureCgroup,
     pub pin_dir: PathBuf,
 }
@@ -202,19 +203,45 @@ impl Capture {
         rules: &CaptureRules,
         outbound_port: u16,
         inbound: &InboundSteering<'_>,
+        handover_cgroup: Option<u64>,
     ) -> Result<Self, CaptureError> {
         ensure_bpffs(bpffs)?;
         let pin_dir = pin_dir(bpffs, node_name);
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        // The record maps of the instance this one replaces are reused: a
+        // connect its programs redirected (and recorded) just before they are
+        // detached is still found when this agent accepts it, and a
+        // workload's getpeername and close keep finding their records.
+        let mut reused = Vec::new();
+        for (name, expect) in RECORD_MAPS {
+            let path = pin_dir.join("maps").join(name);
+            if record_map_reusable(&path, expect) {
+                loader.map_pin_path(name, path);
+                reused.push(name);
+            }
+        }
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|e| CaptureError::Load(Box::new(e)))?;
+        if !reused.is_empty() {
+            info!(maps = ?reused, "the previous instance's connection records are kept");
+        }
 
         let agent_cgroup_id =
             mark::own_cgroup_id(&cgroup.mount).map_err(|e| CaptureError::Cgroup {
                 path: PathBuf::from("/proc/self/cgroup"),
                 message: format!("cannot find the agent's own cgroup: {e}"),
             })?;
-        fill_rules(&mut ebpf, rules, outbound_port, agent_cgroup_id)?;
+        let handover_cgroup_id = handover_cgroup
+            .filter(|id| *id != agent_cgroup_id)
+            .unwrap_or(0);
+        fill_rules(
+            &mut ebpf,
+            rules,
+            outbound_port,
+            agent_cgroup_id,
+            handover_cgroup_id,
+        )?;
 
         let cgroup_file = File::open(&cgroup.path).map_err(|e| CaptureError::Cgroup {
             path: cgroup.path.clone(),
@@ -315,13 +342,34 @@ impl Capture {
 
         let by_tuple = take_hash(&mut ebpf, maps::BY_TUPLE)?;
         let by_cookie = take_hash(&mut ebpf, maps::BY_COOKIE)?;
+        let config = ebpf.take_map(maps::CONFIG).ok_or_else(|| {
+            map_err(maps::CONFIG)(aya::maps::MapError::InvalidName {
+                name: maps::CONFIG.into(),
+            })
+        })?;
+        let config = Array::try_from(config).map_err(map_err(maps::CONFIG))?;
         Ok(Self {
             _ebpf: ebpf,
             by_tuple: std::sync::Mutex::new(by_tuple),
             by_cookie: std::sync::Mutex::new(by_cookie),
+            config: std::sync::Mutex::new(config),
             cgroup,
             pin_dir,
         })
+    }
+
+    /// During a hitless upgrade, the cgroup of the agent that handed over
+    /// (when it is not this agent's): its marked connects are the agent's
+    /// until it exits, so a relay it drains is not captured again. `None`
+    /// once it has exited.
+    pub fn set_handover_cgroup(&self, id: Option<u64>) -> Result<(), CaptureError> {
+        let mut config = self
+            .config
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut value = config.get(&0, 0).map_err(map_err(maps::CONFIG))?;
+        value.handover_cgroup_id = id.filter(|id| *id != value.agent_cgroup_id).unwrap_or(0);
+        config.set(0, value, 0).map_err(map_err(maps::CONFIG))
     }
 
     /// Finds and consumes the record of the workload socket whose 4-tuple is
@@ -424,6 +472,7 @@ fn fill_rules(
     rules: &CaptureRules,
     outbound_port: u16,
     agent_cgroup_id: u64,
+    handover_cgroup_id: u64,
 ) -> Result<(), CaptureError> {
     use maps::{CIDR4, CIDR6, CONFIG, NETNS, PORTS};
     let mut ports: Array<_, u64> =
@@ -463,6 +512,7 @@ fn fill_rules(
         agent_cgroup_id,
         outbound_port,
         _pad: [0; 6],
+        handover_cgroup_id,
     };
     cfg.set(0, value, 0).map_err(map_err(CONFIG))
 }
@@ -537,6 +587,60 @@ pub fn original_destination(rec: &OrigDst) -> Option<SocketAddr> {
         _ => return None,
     };
     Some(SocketAddr::new(ip, rec.port))
+}
+
+/// The maps a new instance takes over from the one it replaces, with the
+/// shape (type, key and value size, entries) they must have for that.
+const RECORD_MAPS: [(&str, MapShape); 2] = [
+    (
+        maps::BY_TUPLE,
+        MapShape {
+            key: size_of::<SockTuple>(),
+            value: size_of::<OrigDst>(),
+        },
+    ),
+    (
+        maps::BY_COOKIE,
+        MapShape {
+            key: size_of::<u64>(),
+            value: size_of::<OrigDst>(),
+        },
+    ),
+];
+
+#[derive(Clone, Copy)]
+struct MapShape {
+    key: usize,
+    value: usize,
+}
+
+/// Whether the map pinned at `path` is an LRU hash map of `shape` with
+/// [`enforcer_common::MAX_TRACKED`] entries. A missing pin is not; a pin of
+/// another shape is left to be replaced (with a warning): its records are
+/// lost, never misread.
+fn record_map_reusable(path: &Path, shape: MapShape) -> bool {
+    let info = match aya::maps::MapInfo::from_pin(path) {
+        Ok(info) => info,
+        Err(_) if !path.exists() => return false,
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "the pinned record map cannot be read; a new one is made");
+            return false;
+        }
+    };
+    let same = matches!(info.map_type(), Ok(aya::maps::MapType::LruHash))
+        && info.key_size() as usize == shape.key
+        && info.value_size() as usize == shape.value
+        && info.max_entries() == enforcer_common::MAX_TRACKED;
+    if !same {
+        warn!(
+            path = %path.display(),
+            key_size = info.key_size(),
+            value_size = info.value_size(),
+            max_entries = info.max_entries(),
+            "the pinned record map has another shape; a new one is made (the previous instance's records are lost)"
+        );
+    }
+    same
 }
 
 /// Removes every pin of an instance: links (which detaches the programs),

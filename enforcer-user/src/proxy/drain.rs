@@ -72,6 +72,11 @@ pub async fn forced() {
     reached(Phase::Forced).await
 }
 
+/// Whether the agent drains (or the drain time is over).
+pub fn is_draining() -> bool {
+    *DRAIN.phase.borrow() >= Phase::Draining
+}
+
 /// Whether the drain time is over (a relay that ends now was cut by it).
 pub fn is_forced() -> bool {
     *DRAIN.phase.borrow() == Phase::Forced

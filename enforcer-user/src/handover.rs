@@ -1,0 +1,578 @@
+//! Hitless upgrade: a new agent takes over the listening sockets of the one
+//! running, over a unix socket in `state_dir`, and the old one drains.
+//!
+//! The exchange, one JSON message each way per step on a `SOCK_SEQPACKET`
+//! socket (`<state_dir>/handover.sock`; both ends check that the peer runs as
+//! the same user, `SO_PEERCRED`):
+//!
+//! 1. new → old: `hello` (protocol, node name, pid, cgroup id);
+//! 2. old → new: `offer` (its pid, cgroup id and the name and address of each
+//!    listener), the listening sockets attached (`SCM_RIGHTS`) in that order —
+//!    or `refused` with the reason;
+//! 3. the new agent attaches its kernel programs (which reuse the old one's
+//!    connection records, see `capture`), accepts on the sockets it was given,
+//!    then says `serving`;
+//! 4. the old agent stops accepting — it closes its copies; the sockets live
+//!    on in the new agent, so a connection waiting in a backlog is accepted
+//!    there, not refused —, drains as at SIGTERM, and exits. The new agent
+//!    sees the handover socket close.
+//!
+//! Until step 4 both agents accept from the same sockets; either can serve
+//! any connection (the connection records are in shared maps).
+use std::{
+    io::{IoSlice, IoSliceMut},
+    net::SocketAddr,
+    os::fd::{AsFd, AsRawFd, FromRawFd as _, OwnedFd, RawFd},
+    path::{Path, PathBuf},
+    sync::LazyLock,
+    time::Duration,
+};
+
+use nix::sys::socket::{
+    AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType,
+    UnixAddr, accept, bind, connect, getsockopt, listen, recvmsg, sendmsg, setsockopt, socket,
+    sockopt,
+};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+/// The handover socket's file name in `state_dir`.
+pub const SOCKET: &str = "handover.sock";
+const PROTOCOL: &str = "enforcer-handover/1";
+/// How long each side waits for the other's next message, except the new
+/// agent's `serving`, which comes after its kernel programs and identity are
+/// up.
+const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+const SERVING_TIMEOUT: Duration = Duration::from_secs(120);
+/// Listeners a handover carries at most.
+const MAX_LISTENERS: usize = 16;
+const MAX_MESSAGE: usize = 16 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    #[error("handover socket {path}: {message}")]
+    Socket { path: PathBuf, message: String },
+    #[error("handover with the running agent{pid}: {message}", pid = pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    Exchange { pid: Option<u32>, message: String },
+    #[error("the running agent (pid {pid}) refused the handover: {reason}")]
+    Refused { pid: u32, reason: String },
+}
+
+fn exchange_err(pid: Option<u32>) -> impl Fn(String) -> HandoverError {
+    move |message| HandoverError::Exchange { pid, message }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Message {
+    Hello {
+        protocol: String,
+        node: String,
+        pid: u32,
+        cgroup_id: u64,
+    },
+    Offer {
+        pid: u32,
+        cgroup_id: u64,
+        listeners: Vec<Offered>,
+    },
+    Refused {
+        pid: u32,
+        reason: String,
+    },
+    Serving {
+        pid: u32,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Offered {
+    name: String,
+    addr: SocketAddr,
+}
+
+/// Whether this agent has handed its listeners to a new one (it drains).
+static HANDED_OVER: LazyLock<tokio::sync::watch::Sender<bool>> =
+    LazyLock::new(|| tokio::sync::watch::Sender::new(false));
+
+/// Resolves once this agent has handed its listeners over.
+pub async fn handed_over() {
+    let mut rx = HANDED_OVER.subscribe();
+    // The sender lives in a static: the channel never closes.
+    let _ = rx.wait_for(|h| *h).await;
+}
+
+fn send(fd: &OwnedFd, msg: &Message, fds: &[RawFd]) -> Result<(), String> {
+    let body = serde_json::to_vec(msg).map_err(|e| e.to_string())?;
+    let iov = [IoSlice::new(&body)];
+    let rights = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
+    sendmsg::<()>(fd.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None)
+        .map_err(|e| format!("send: {e}"))?;
+    Ok(())
+}
+
+/// `SO_RCVTIMEO`; zero waits without end.
+fn set_timeout(fd: &OwnedFd, within: Duration) -> Result<(), String> {
+    use nix::sys::time::TimeValLike as _;
+    let tv = nix::sys::time::TimeVal::milliseconds(
+        i64::try_from(within.as_millis()).unwrap_or(i64::MAX),
+    );
+    setsockopt(fd, sockopt::ReceiveTimeout, &tv).map_err(|e| e.to_string())
+}
+
+/// One message and the descriptors that came with it; `None` at end of file.
+fn recv(fd: &OwnedFd, within: Duration) -> Result<Option<(Message, Vec<OwnedFd>)>, String> {
+    set_timeout(fd, within)?;
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut space = nix::cmsg_space!([RawFd; MAX_LISTENERS]);
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let msg = match recvmsg::<()>(
+        fd.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    ) {
+        Ok(m) => m,
+        Err(nix::errno::Errno::EAGAIN) => {
+            return Err(format!("no answer within {} s", within.as_secs()));
+        }
+        Err(e) => return Err(format!("receive: {e}")),
+    };
+    let mut fds = Vec::new();
+    for c in msg.cmsgs().map_err(|e| e.to_string())? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            // SAFETY: the kernel just installed these descriptors in this
+            // process for us; nothing else owns them.
+            fds.extend(raw.into_iter().map(|r| unsafe { OwnedFd::from_raw_fd(r) }));
+        }
+    }
+    let truncated = msg
+        .flags
+        .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+    let n = msg.bytes;
+    if truncated {
+        return Err("message too long".into());
+    }
+    if n == 0 {
+        return Ok(None);
+    }
+    let body = buf.get(..n).ok_or("message length out of range")?;
+    let message = serde_json::from_slice(body).map_err(|e| format!("malformed message: {e}"))?;
+    Ok(Some((message, fds)))
+}
+
+/// The peer runs as this process's user (root for an agent): another user
+/// that reached the socket gets nothing.
+fn check_peer(fd: &OwnedFd) -> Result<u32, String> {
+    let cred = getsockopt(fd, sockopt::PeerCredentials).map_err(|e| e.to_string())?;
+    let me = nix::unistd::geteuid().as_raw();
+    if cred.uid() != me {
+        return Err(format!(
+            "the peer (pid {}) runs as uid {}, not {me}",
+            cred.pid(),
+            cred.uid()
+        ));
+    }
+    Ok(u32::try_from(cred.pid()).unwrap_or(0))
+}
+
+fn unix_addr(path: &Path) -> Result<UnixAddr, HandoverError> {
+    UnixAddr::new(path).map_err(|e| HandoverError::Socket {
+        path: path.to_owned(),
+        message: format!(
+            "{e} (a unix socket path has at most 107 bytes; choose a shorter identity.state_dir)"
+        ),
+    })
+}
+
+fn seqpacket(path: &Path) -> Result<OwnedFd, HandoverError> {
+    socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| HandoverError::Socket {
+        path: path.to_owned(),
+        message: format!("socket: {e}"),
+    })
+}
+
+// ---------------------------------------------------------------- new agent
+
+/// The listeners a running agent handed over, until this agent says it
+/// serves.
+pub struct Inherited {
+    pid: u32,
+    cgroup_id: u64,
+    listeners: Vec<(Offered, Option<OwnedFd>)>,
+    conn: OwnedFd,
+}
+
+/// Asks the agent running with this `state_dir` for its listeners. `None`
+/// when no agent runs (no socket, or nobody listening on it).
+pub fn take_over(
+    state_dir: &Path,
+    node: &str,
+    cgroup_id: u64,
+) -> Result<Option<Inherited>, HandoverError> {
+    let path = state_dir.join(SOCKET);
+    let addr = unix_addr(&path)?;
+    let conn = seqpacket(&path)?;
+    match connect(conn.as_raw_fd(), &addr) {
+        Ok(()) => {}
+        Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ECONNREFUSED) => return Ok(None),
+        Err(e) => {
+            return Err(HandoverError::Socket {
+                path,
+                message: format!("connect: {e}"),
+            });
+        }
+    }
+    let peer = check_peer(&conn).map_err(exchange_err(None))?;
+    let hello = Message::Hello {
+        protocol: PROTOCOL.into(),
+        node: node.into(),
+        pid: std::process::id(),
+        cgroup_id,
+    };
+    send(&conn, &hello, &[]).map_err(exchange_err(Some(peer)))?;
+    let (msg, fds) = recv(&conn, STEP_TIMEOUT)
+        .map_err(exchange_err(Some(peer)))?
+        .ok_or_else(|| exchange_err(Some(peer))("it closed the handover socket".into()))?;
+    match msg {
+        Message::Offer {
+            pid,
+            cgroup_id,
+            listeners,
+        } => {
+            if listeners.len() != fds.len() {
+                return Err(exchange_err(Some(pid))(format!(
+                    "it offered {} listeners with {} sockets",
+                    listeners.len(),
+                    fds.len()
+                )));
+            }
+            info!(
+                pid,
+                listeners = ?listeners.iter().map(|l| format!("{} {}", l.name, l.addr)).collect::<Vec<_>>(),
+                "taking over the running agent's listeners"
+            );
+            Ok(Some(Inherited {
+                pid,
+                cgroup_id,
+                listeners: listeners
+                    .into_iter()
+                    .zip(fds.into_iter().map(Some))
+                    .collect(),
+                conn,
+            }))
+        }
+        Message::Refused { pid, reason } => Err(HandoverError::Refused { pid, reason }),
+        other => Err(exchange_err(Some(peer))(format!(
+            "unexpected message {other:?}"
+        ))),
+    }
+}
+
+impl Inherited {
+    /// The pid of the agent that handed over.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Its cgroup id (the kernel programs take its marked connects for the
+    /// agent's while it drains).
+    pub fn cgroup_id(&self) -> u64 {
+        self.cgroup_id
+    }
+
+    /// The listening socket handed over as `name`, when it listens on `want`
+    /// (a listener whose address changed in the configuration is bound anew
+    /// instead, and the old one closes when its agent exits). It must be a
+    /// listening TCP socket; `marked` ones must carry this agent's mark, or
+    /// the kernel programs would refuse every captured connect.
+    pub fn take(
+        &mut self,
+        name: &str,
+        want: SocketAddr,
+        marked: bool,
+    ) -> Result<Option<std::net::TcpListener>, HandoverError> {
+        let pid = self.pid;
+        let Some((offered, slot)) = self.listeners.iter_mut().find(|(o, _)| o.name == name) else {
+            return Ok(None);
+        };
+        if offered.addr != want {
+            info!(
+                listener = name,
+                was = %offered.addr,
+                now = %want,
+                "the listener's address changed; it is bound anew"
+            );
+            return Ok(None);
+        }
+        let Some(fd) = slot.take() else {
+            return Ok(None);
+        };
+        let err = |m: String| HandoverError::Exchange {
+            pid: Some(pid),
+            message: format!("listener {name} ({want}): {m}"),
+        };
+        let listening = getsockopt(&fd, sockopt::AcceptConn).map_err(|e| err(e.to_string()))?;
+        let kind = getsockopt(&fd, sockopt::SockType).map_err(|e| err(e.to_string()))?;
+        if !listening || kind != SockType::Stream {
+            return Err(err("not a listening TCP socket".into()));
+        }
+        let listener = std::net::TcpListener::from(fd);
+        let local = listener.local_addr().map_err(|e| err(e.to_string()))?;
+        if local != want {
+            return Err(err(format!("it listens on {local}")));
+        }
+        if marked {
+            let mark = socket2::SockRef::from(&listener)
+                .mark()
+                .map_err(|e| err(e.to_string()))?;
+            if mark != crate::capture::mark::get() {
+                return Err(err(format!(
+                    "it carries mark {mark:#x}, this agent's capture.agent_mark is {:#x}; a hitless upgrade cannot change the mark — stop the running agent first",
+                    crate::capture::mark::get()
+                )));
+            }
+        }
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| err(e.to_string()))?;
+        Ok(Some(listener))
+    }
+
+    /// Tells the old agent that this one serves: it stops accepting and
+    /// drains. Listeners not taken are closed here.
+    pub fn serving(self) -> Result<Previous, HandoverError> {
+        let Self {
+            pid,
+            cgroup_id,
+            conn,
+            ..
+        } = self;
+        send(
+            &conn,
+            &Message::Serving {
+                pid: std::process::id(),
+            },
+            &[],
+        )
+        .map_err(exchange_err(Some(pid)))?;
+        info!(previous = pid, "serving; the previous agent drains");
+        Ok(Previous {
+            pid,
+            cgroup_id,
+            conn,
+        })
+    }
+}
+
+/// The agent that handed over, draining.
+pub struct Previous {
+    pub pid: u32,
+    pub cgroup_id: u64,
+    conn: OwnedFd,
+}
+
+impl Previous {
+    /// Resolves when the previous agent has exited (its end of the handover
+    /// socket closed).
+    pub async fn exited(self) {
+        let Self { pid, conn, .. } = self;
+        let waited = tokio::task::spawn_blocking(move || {
+            if set_timeout(&conn, Duration::ZERO).is_err() {
+                return;
+            }
+            loop {
+                let mut byte = [0u8; 1];
+                match nix::sys::socket::recv(conn.as_raw_fd(), &mut byte, MsgFlags::empty()) {
+                    Ok(0) => return,
+                    Ok(_) | Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => continue,
+                    Err(_) => return,
+                }
+            }
+        })
+        .await;
+        if waited.is_err() {
+            warn!(previous = pid, "waiting for the previous agent failed");
+        }
+    }
+}
+
+// ---------------------------------------------------------------- old agent
+
+/// The listeners this agent offers to its successor (copies of the sockets
+/// it accepts on).
+pub struct Offer {
+    node: String,
+    cgroup_id: u64,
+    listeners: Vec<(Offered, OwnedFd)>,
+}
+
+impl Offer {
+    pub fn new(node: &str, cgroup_id: u64) -> Self {
+        Self {
+            node: node.into(),
+            cgroup_id,
+            listeners: Vec::new(),
+        }
+    }
+
+    /// Adds a copy of `listener` under `name`.
+    pub fn add(&mut self, name: &str, listener: &impl AsFd) -> std::io::Result<()> {
+        let fd = listener.as_fd().try_clone_to_owned()?;
+        let addr = socket2::SockRef::from(&fd)
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| std::io::Error::other("not an IP socket"))?;
+        self.listeners.push((
+            Offered {
+                name: name.into(),
+                addr,
+            },
+            fd,
+        ));
+        Ok(())
+    }
+}
+
+/// A successor that serves: this agent drains. Holding it keeps the
+/// handover socket open (the successor sees it close when this agent
+/// exits).
+pub struct HandedOver {
+    pub pid: u32,
+    _conn: OwnedFd,
+}
+
+/// Serves `<state_dir>/handover.sock` on a thread of its own: the first
+/// agent that completes the exchange gets the listeners and is returned;
+/// one that fails or goes away midway changes nothing here. The socket
+/// replaces (atomically, by rename) whatever was at the path — the socket of
+/// the agent this one took over from, or a stale one.
+pub fn serve(
+    state_dir: &Path,
+    offer: Offer,
+) -> Result<tokio::sync::oneshot::Receiver<HandedOver>, HandoverError> {
+    let path = state_dir.join(SOCKET);
+    let tmp = state_dir.join(format!("{SOCKET}.{}", std::process::id()));
+    let sock_err = |p: &Path, m: String| HandoverError::Socket {
+        path: p.to_owned(),
+        message: m,
+    };
+    let _ = std::fs::remove_file(&tmp);
+    let listener = seqpacket(&tmp)?;
+    bind(listener.as_raw_fd(), &unix_addr(&tmp)?)
+        .map_err(|e| sock_err(&tmp, format!("bind: {e}")))?;
+    listen(&listener, Backlog::new(4).unwrap_or(Backlog::MAXCONN))
+        .map_err(|e| sock_err(&tmp, format!("listen: {e}")))?;
+    std::fs::rename(&tmp, &path).map_err(|e| sock_err(&path, format!("rename: {e}")))?;
+    // accept() waits at most this long, so the thread sees a drain start
+    // and closes its copies of the listeners: a draining agent refuses new
+    // connections instead of leaving them in a backlog nobody accepts from.
+    set_timeout(&listener, Duration::from_millis(200)).map_err(|m| sock_err(&path, m))?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("handover".into())
+        .spawn(move || {
+            loop {
+                if crate::proxy::drain::is_draining() {
+                    return;
+                }
+                let conn = match accept(listener.as_raw_fd()) {
+                    // SAFETY: accept returned a new descriptor owned by nobody else.
+                    Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd) },
+                    Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => continue,
+                    Err(e) => {
+                        warn!(error = %e, "handover socket: accept failed");
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                };
+                match hand_over(&conn, &offer) {
+                    Ok(pid) => {
+                        HANDED_OVER.send_replace(true);
+                        let _ = tx.send(HandedOver { pid, _conn: conn });
+                        return;
+                    }
+                    Err(e) => warn!(error = %e, "handover failed; this agent keeps serving"),
+                }
+            }
+        })
+        .map_err(|e| sock_err(&path, format!("thread: {e}")))?;
+    Ok(rx)
+}
+
+fn hand_over(conn: &OwnedFd, offer: &Offer) -> Result<u32, String> {
+    let peer = check_peer(conn)?;
+    let refuse = |reason: String| {
+        let _ = send(
+            conn,
+            &Message::Refused {
+                pid: std::process::id(),
+                reason: reason.clone(),
+            },
+            &[],
+        );
+        reason
+    };
+    let Some((hello, _)) = recv(conn, STEP_TIMEOUT)? else {
+        return Err(format!("pid {peer} closed the socket before its hello"));
+    };
+    let Message::Hello {
+        protocol,
+        node,
+        pid,
+        ..
+    } = hello
+    else {
+        return Err(refuse(format!("pid {peer}: expected hello, got {hello:?}")));
+    };
+    if protocol != PROTOCOL {
+        return Err(refuse(format!(
+            "pid {pid} speaks {protocol}, this agent {PROTOCOL}"
+        )));
+    }
+    if node != offer.node {
+        return Err(refuse(format!(
+            "pid {pid} is node {node:?}, this agent is {:?}: two agents sharing a state_dir need the same node_name",
+            offer.node
+        )));
+    }
+    let listeners = offer.listeners.iter().map(|(o, _)| o.clone()).collect();
+    let fds: Vec<RawFd> = offer
+        .listeners
+        .iter()
+        .map(|(_, fd)| fd.as_raw_fd())
+        .collect();
+    send(
+        conn,
+        &Message::Offer {
+            pid: std::process::id(),
+            cgroup_id: offer.cgroup_id,
+            listeners,
+        },
+        &fds,
+    )?;
+    info!(
+        successor = pid,
+        "listeners offered; waiting for the new agent to serve"
+    );
+    match recv(conn, SERVING_TIMEOUT)? {
+        Some((Message::Serving { .. }, _)) => {
+            info!(
+                successor = pid,
+                "the new agent serves; handing over and draining"
+            );
+            Ok(pid)
+        }
+        Some((other, _)) => Err(format!("pid {pid}: expected serving, got {other:?}")),
+        None => Err(format!(
+            "the new agent (pid {pid}) went away before it served"
+        )),
+    }
+}

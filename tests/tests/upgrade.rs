@@ -1,0 +1,348 @@
+//! Hitless upgrade: a new agent started beside the running one takes over its
+//! listeners (`handover.sock` in `state_dir`) and kernel records; the old one
+//! drains. Real agents on both nodes, real workloads
+//! (tests/helpers/stream.py, python's http.server), upgraded mid-traffic.
+use std::time::{Duration, Instant};
+
+use std::os::unix::net::UnixDatagram;
+
+use enforcer_tests::{Pair, SUPPORT_AGENT_ID, Testbed, stream_py, support_mesh};
+
+const AGENT_ID: &str = SUPPORT_AGENT_ID;
+
+fn mesh(test: &str) -> Pair {
+    support_mesh(test, "").expect("two nodes")
+}
+
+/// Waits up to `secs` for a line of `<node>-<name>` that starts with one of
+/// `prefixes`.
+fn line_of(
+    m: &Pair,
+    node: &enforcer_tests::Node,
+    name: &str,
+    prefixes: &[&str],
+    secs: u64,
+) -> String {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let log = m.tb.server_log(node, name);
+        if let Some(l) = log
+            .lines()
+            .find(|l| prefixes.iter().any(|p| l.starts_with(p)))
+        {
+            return l.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} on {}: no line starting with {prefixes:?} within {secs} s: {log}",
+            node.name
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn upgrade_mid_transfer_keeps_it_whole() {
+    // A 10 s download from b to a workload on a; both nodes' agents are
+    // upgraded while it runs. The bytes that arrive are the bytes sent
+    // (sha256), the end is a clean one, and the old agents drain and exit.
+    const N: u64 = 16 << 20;
+    let mut m = mesh("upgxfer");
+    let (a_cfg, b_cfg) = (m.tb.dir.join("a.toml"), m.tb.dir.join("b.toml"));
+    let py = stream_py();
+    m.tb.start_server_in(
+        &m.b,
+        Some("llm.service"),
+        "server-9661",
+        &[
+            "python3",
+            "-u",
+            &py,
+            "serve-random",
+            "9661",
+            &N.to_string(),
+            "10",
+        ],
+        9661,
+    )
+    .expect("server");
+    m.tb.spawn(
+        &m.a,
+        Some("support-agent.service"),
+        "client-9661",
+        &["python3", "-u", &py, "download-hash", &m.b.ipv4, "9661"],
+    )
+    .expect("client");
+    line_of(&m, &m.a, "client-9661", &["STARTED"], 15);
+
+    let na = m.tb.upgrade_enforcer(&m.ea, &a_cfg).expect("upgrade a");
+    let nb = m.tb.upgrade_enforcer(&m.eb, &b_cfg).expect("upgrade b");
+    assert!(
+        !m.tb.server_log(&m.b, "server-9661").contains("SENT"),
+        "both upgrades done while the transfer runs"
+    );
+
+    let sent = line_of(&m, &m.b, "server-9661", &["SENT"], 30);
+    let got = line_of(&m, &m.a, "client-9661", &["EOF", "RESET", "TIMEOUT"], 30);
+    let sha = sent.split_whitespace().nth(2).expect("server's sha256");
+    assert_eq!(
+        got,
+        format!("EOF {N} {sha}"),
+        "the workload received every byte, unchanged, and a clean end (server: {sent})"
+    );
+    m.assert_agents_exit(
+        Duration::from_secs(20),
+        "the old one drains and exits cleanly",
+    );
+    let line =
+        m.ea.connection_line(|v| v["orig_dst"] == format!("{}:9661", m.b.ipv4));
+    assert_eq!(line["outcome"], "ok", "{line}");
+    assert_eq!(line["bytes_received"], N, "{line}");
+    assert!(
+        m.ea.log_lines()
+            .iter()
+            .any(|v| v["message"] == "handed over to a new agent; draining"),
+        "the old agent says it handed over"
+    );
+
+    // The new agents serve on their own, with the old ones gone.
+    let (code, _) = m.a.http_status(
+        Some("support-agent.service"),
+        &format!("http://{}:8080/", m.b.ipv4),
+    );
+    assert_eq!(code, "200", "a new connection through both new agents");
+    let new_line = na.connection_line(|v| v["orig_dst"] == format!("{}:8080", m.b.ipv4));
+    assert_eq!(new_line["outcome"], "ok", "{new_line}");
+    assert_eq!(new_line["src_spiffe_id"], AGENT_ID, "{new_line}");
+    let inbound = nb.connection_line(|v| v["dst"] == format!("{}:8080", m.b.ipv4));
+    assert_eq!(inbound["src_spiffe_id"], AGENT_ID, "{inbound}");
+}
+
+/// N sequential HTTP requests, each on a new connection to HOST:PORT, about
+/// 4 ms apart; prints `DONE <i>` every 100 and at the end `OK <ok> FAIL
+/// <failed>`, then each failure (`FAILED <i> <error>`).
+const PY_CONNECTS: &str = r#"
+import socket, sys, time
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ok, failed = 0, []
+for i in range(n):
+    try:
+        s = socket.create_connection((host, port), timeout=10)
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        buf = b""
+        while True:
+            d = s.recv(65536)
+            if not d:
+                break
+            buf += d
+        s.close()
+        if buf.startswith(b"HTTP/1.0 200") or buf.startswith(b"HTTP/1.1 200"):
+            ok += 1
+        else:
+            failed.append((i, repr(buf[:40])))
+    except OSError as e:
+        failed.append((i, repr(e)))
+    if (i + 1) % 100 == 0:
+        print("DONE", i + 1, flush=True)
+    time.sleep(0.004)
+print("OK", ok, "FAIL", len(failed), flush=True)
+for i, e in failed[:20]:
+    print("FAILED", i, e, flush=True)
+"#;
+
+#[test]
+fn connects_spread_over_an_upgrade_all_succeed() {
+    // 1 000 connections, one after another, from a to b's HTTP server while
+    // first a's agent, then b's is upgraded: none is refused, reset or
+    // answered wrongly — the backlog of a listener is handed over with it,
+    // and a connect redirected by the old kernel programs is found by
+    // either agent.
+    let mut m = mesh("upgconnects");
+    let (a_cfg, b_cfg) = (m.tb.dir.join("a.toml"), m.tb.dir.join("b.toml"));
+    m.tb.spawn(
+        &m.a,
+        Some("support-agent.service"),
+        "connects",
+        &[
+            "python3",
+            "-u",
+            "-c",
+            PY_CONNECTS,
+            &m.b.ipv4,
+            "8080",
+            "1000",
+        ],
+    )
+    .expect("client");
+    line_of(&m, &m.a, "connects", &["DONE 100"], 30);
+    m.tb.upgrade_enforcer(&m.ea, &a_cfg).expect("upgrade a");
+    line_of(&m, &m.a, "connects", &["DONE 300"], 30);
+    m.tb.upgrade_enforcer(&m.eb, &b_cfg).expect("upgrade b");
+    let log = m.tb.server_log(&m.a, "connects");
+    assert!(
+        !log.contains("OK "),
+        "the upgrades happened while the connects ran: {log}"
+    );
+    let result = line_of(&m, &m.a, "connects", &["OK "], 90);
+    assert_eq!(
+        result,
+        "OK 1000 FAIL 0",
+        "every connect over the upgrades: {}",
+        m.tb.server_log(&m.a, "connects")
+    );
+    m.assert_agents_exit(Duration::from_secs(20), "the old one exits cleanly");
+}
+
+#[test]
+fn upgrade_that_changes_the_mark_is_refused_and_the_agent_keeps_serving() {
+    // The kernel programs send captured connects only to a listener that
+    // carries the agent's mark; a new agent with another capture.agent_mark
+    // cannot use the handed-over listeners. It stops with an error that says
+    // so, and the running agent, which has not handed over, serves on.
+    let mut m = mesh("upgmark");
+    let a_cfg = m.tb.dir.join("a.toml");
+    let text = std::fs::read_to_string(&a_cfg).expect("a.toml");
+    let other = m.tb.dir.join("a-mark.toml");
+    std::fs::write(
+        &other,
+        text.replacen("[capture]\n", "[capture]\nagent_mark = 99\n", 1),
+    )
+    .expect("a-mark.toml");
+    let Err(err) = m.tb.upgrade_enforcer(&m.ea, &other) else {
+        panic!("the new agent must not take over");
+    };
+    assert!(
+        format!("{err:#}").contains("a hitless upgrade cannot change the mark"),
+        "{err:#}"
+    );
+    let (code, _) = m.a.http_status(
+        Some("support-agent.service"),
+        &format!("http://{}:8080/", m.b.ipv4),
+    );
+    assert_eq!(code, "200", "the running agent still serves");
+    assert!(
+        m.ea.log_lines()
+            .iter()
+            .any(|v| v["message"] == "handover failed; this agent keeps serving"),
+        "the running agent logged the failed handover"
+    );
+    assert!(
+        m.tb.wait_exit(m.ea.pid, Duration::from_millis(500))
+            .is_none(),
+        "the running agent did not drain"
+    );
+}
+
+#[test]
+fn sigusr2_starts_a_successor_that_systemd_follows() {
+    // systemd's way in: SIGUSR2 to the main process starts the installed
+    // binary with the same arguments; it takes over, the old agent tells
+    // systemd the new main pid (MAINPID=, Type=notify) and drains.
+    let (mut tb, a, b) = Testbed::linked_pair("upgusr2").expect("testbed");
+    tb.start_server(&b, "web", &["python3", "-m", "http.server", "8080"], 8080)
+        .expect("server on b");
+    let sock_path = tb.dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).expect("notify socket");
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let cfg = tb.enforcer_config(&a, "").expect("config");
+    let notify = sock_path.display().to_string();
+    let old = tb
+        .start_enforcer_env(&a, &cfg, None, &[("NOTIFY_SOCKET", notify.as_str())])
+        .expect("agent");
+    let next = |what: &str| -> Vec<String> {
+        let mut buf = [0u8; 512];
+        let n = sock
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("{what} within 30 s: {e}"));
+        String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    assert!(next("READY=1").iter().any(|l| l == "READY=1"));
+
+    tb.signal(old.pid, nix::sys::signal::Signal::SIGUSR2)
+        .expect("SIGUSR2");
+    let msg = next("MAINPID=");
+    let successor: u32 = msg
+        .iter()
+        .find_map(|l| l.strip_prefix("MAINPID="))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("expected MAINPID=<pid>, got {msg:?}"));
+    tb.adopt(successor, "the successor agent");
+    assert_ne!(successor, old.pid);
+    let cmdline = std::fs::read(format!("/proc/{successor}/cmdline")).unwrap_or_default();
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains("run"),
+        "the successor runs `enforcer run`: {cmdline:?}"
+    );
+    let status = tb.wait_exit(old.pid, Duration::from_secs(20));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the old agent drains and exits: {status:?}"
+    );
+    assert!(
+        enforcer_tests::pid_alive(successor),
+        "the successor runs on"
+    );
+    let (code, _) = a.http_get(old.metrics_addr, "/readyz").expect("readyz");
+    assert_eq!(code, 200, "the successor answers /readyz");
+    let (code, _) = a.http_status(Some("client.service"), &format!("http://{}:8080/", b.ipv4));
+    assert_eq!(code, "200", "a captured connection through the successor");
+    let served = old
+        .log_lines()
+        .into_iter()
+        .filter(|v| v["message"] == "connection closed")
+        .count();
+    assert_eq!(
+        served, 1,
+        "the successor logged the connection (same log file)"
+    );
+
+    tb.signal(successor, nix::sys::signal::Signal::SIGTERM)
+        .expect("SIGTERM the successor");
+    assert!(
+        next("STOPPING=1").iter().any(|l| l == "STOPPING=1"),
+        "the successor speaks to systemd as the main process"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while enforcer_tests::pid_alive(successor) {
+        assert!(Instant::now() < deadline, "the successor stops at SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn drained_old_agent_waits_for_sigterm_when_told_to() {
+    // A DaemonSet's old pod: if its agent exited after handing over, the
+    // kubelet would restart it, and it would take the listeners back.
+    // With runtime.after_handover = "wait" it drains, then waits for the
+    // pod's SIGTERM, and exits at once then.
+    let (mut tb, a, _b) = Testbed::linked_pair("upgwait").expect("testbed");
+    let cfg = tb
+        .enforcer_config_with(&a, "", "", "[runtime]\nafter_handover = \"wait\"\n")
+        .expect("config");
+    let old = tb.start_enforcer(&a, &cfg).expect("agent");
+    let new = tb.upgrade_enforcer(&old, &cfg).expect("upgrade");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !old.log_lines().iter().any(|v| {
+        v["message"]
+            == "handed over and drained; waiting for SIGTERM (runtime.after_handover = \"wait\")"
+    }) {
+        assert!(Instant::now() < deadline, "the old agent never drained");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        tb.wait_exit(old.pid, Duration::from_secs(1)).is_none(),
+        "drained, the old agent waits"
+    );
+    let (code, _) = a.http_get(new.metrics_addr, "/readyz").expect("readyz");
+    assert_eq!(code, 200, "the new agent serves");
+    tb.signal(old.pid, nix::sys::signal::Signal::SIGTERM)
+        .expect("SIGTERM");
+    let status = tb.wait_exit(old.pid, Duration::from_secs(5));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    let (code, _) = a.http_get(new.metrics_addr, "/readyz").expect("readyz");
+    assert_eq!(code, 200, "the new agent serves on");
+}
