@@ -8,8 +8,8 @@ use std::{path::Path, sync::Arc, time::Duration};
 
 use criterion::{Criterion, criterion_group};
 use enforcer::{
-    admin::Metrics,
     identity::Ca,
+    metrics::Metrics,
     policy::{Input, Peer, Policy, audit::AuditLog, source},
 };
 

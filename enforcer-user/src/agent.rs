@@ -105,7 +105,7 @@ pub fn load_identity(config: &Config) -> anyhow::Result<(Ca, Bundles)> {
 fn policy_engine(
     config: &Config,
     first: Option<crate::policy::Loaded>,
-    metrics: Arc<crate::admin::Metrics>,
+    metrics: Arc<crate::metrics::Metrics>,
 ) -> anyhow::Result<Policy> {
     let labels = crate::policy::audit::Labels::new(&config.node_name);
     let mut audit = AuditLog::open_for(
@@ -300,8 +300,8 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
 
     // Every socket the agent makes from here on carries its mark (the kernel
     // programs recognise the agent by it, never by pid).
-    crate::capture::mark::set(config.capture.agent_mark);
-    let own_cgroup = crate::capture::mark::own_cgroup_id(&cgroup.mount)
+    crate::mark::set(config.capture.agent_mark);
+    let own_cgroup = crate::mark::own_cgroup_id(&cgroup.mount)
         .context("finding the agent's own cgroup (/proc/self/cgroup)")?;
     let state_dir = config.identity.state_dir.clone();
     ensure_state_dir(&state_dir)?;
@@ -564,7 +564,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
             }
         }
     }
-    crate::proxy::drain::run(Duration::from_secs(config.runtime.drain_secs)).await;
+    crate::drain::run(Duration::from_secs(config.runtime.drain_secs)).await;
     if _successor.is_some() && config.runtime.after_handover == crate::config::AfterHandover::Wait {
         info!("handed over and drained; waiting for SIGTERM (runtime.after_handover = \"wait\")");
         tokio::select! {
@@ -612,7 +612,7 @@ fn start_successor() {
     // wait for any more.
     tokio::spawn(async move {
         match child.wait().await {
-            Ok(status) if !crate::proxy::drain::is_draining() => {
+            Ok(status) if !crate::drain::is_draining() => {
                 warn!(successor = ?pid, %status, "the new agent exited before it took over; this agent serves on")
             }
             Ok(_) => {}
@@ -662,7 +662,7 @@ async fn notify_systemd(state: Vec<sd_notify::NotifyState<'static>>) {
 /// programs redirect captured connects to it and to nothing else; `None` when
 /// that loopback address does not exist.
 fn outbound_listener(addr: SocketAddr) -> anyhow::Result<Option<std::net::TcpListener>> {
-    match crate::capture::mark::listener(addr, false) {
+    match crate::mark::listener(addr, false) {
         Ok(l) => Ok(Some(l)),
         Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Ok(None),
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => Err(e).with_context(|| {
@@ -675,7 +675,7 @@ fn outbound_listener(addr: SocketAddr) -> anyhow::Result<Option<std::net::TcpLis
 /// A plaintext listener (0.0.0.0, or [::] with IPV6_V6ONLY) that the
 /// kernel steers protected ports to; `None` for [::] without IPv6.
 fn plaintext_listener(addr: SocketAddr) -> anyhow::Result<Option<std::net::TcpListener>> {
-    match crate::capture::mark::listener(addr, true) {
+    match crate::mark::listener(addr, true) {
         Ok(l) => Ok(Some(l)),
         Err(e)
             if addr.is_ipv6()

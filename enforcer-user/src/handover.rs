@@ -333,10 +333,10 @@ impl Inherited {
             let mark = socket2::SockRef::from(&listener)
                 .mark()
                 .map_err(|e| err(e.to_string()))?;
-            if mark != crate::capture::mark::get() {
+            if mark != crate::mark::get() {
                 return Err(err(format!(
                     "it carries mark {mark:#x}, this agent's capture.agent_mark is {:#x}; a hitless upgrade cannot change the mark — stop the running agent first",
-                    crate::capture::mark::get()
+                    crate::mark::get()
                 )));
             }
         }
@@ -480,7 +480,7 @@ pub fn serve(
         .name("handover".into())
         .spawn(move || {
             loop {
-                if crate::proxy::drain::is_draining() {
+                if crate::drain::is_draining() {
                     return;
                 }
                 let conn = match accept(listener.as_raw_fd()) {

@@ -1,4 +1,4 @@
-//! `cargo xtask setup | demo | test | bench`: everything a person runs.
+//! `cargo xtask setup | demo | test | bench | fuzz`: everything a person runs.
 use std::process::Command;
 
 use anyhow::{Context as _, bail};
@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod demo;
+mod fuzz;
 mod load;
 mod setup;
 
@@ -49,6 +50,15 @@ enum Task {
         /// bench/results/<date>-memory.json.
         #[arg(long)]
         memory: bool,
+    },
+    /// Fuzz targets (fuzz/, cargo-fuzz): each runs SECS seconds from its
+    /// committed corpus; new coverage is merged back; a crash fails.
+    Fuzz {
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
     },
     /// (used by bench) echo server on [::]:PORT
     #[command(hide = true)]
@@ -102,6 +112,10 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             bench::run(profile, llm_only, sustained, memory)
         }
+        Task::Fuzz { secs, target } => {
+            setup::run()?;
+            fuzz::run(secs.clamp(1, 24 * 3600), target.as_deref())
+        }
         Task::BenchEcho { port } => load::echo(port),
         Task::BenchHttp { port } => load::http(port),
         Task::BenchLoad {
@@ -149,6 +163,17 @@ fn build() -> anyhow::Result<()> {
 fn test(extra: &[String]) -> anyhow::Result<()> {
     cargo(&["fmt", "--all", "--", "--check"])?;
     cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+    // The fuzz targets' entry points (fuzz/, built by `cargo xtask fuzz`).
+    cargo(&[
+        "clippy",
+        "--package",
+        "enforcer-user",
+        "--features",
+        "fuzzing",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
     // The kernel crate is outside the host build; lint it for its own target.
     step(
         Command::new("cargo")

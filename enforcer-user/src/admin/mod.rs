@@ -3,7 +3,6 @@
 //! current window, with the budgets), served on `admin.metrics_addr`
 //! (loopback by default).
 //! Kept apart from the data plane: a slow scrape never delays a connection.
-pub mod metrics;
 
 use std::{
     convert::Infallible,
@@ -21,7 +20,7 @@ use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 use crate::capture::Capture;
-pub use metrics::Metrics;
+use crate::metrics::{self, Metrics};
 
 /// Shared state the admin endpoints read.
 pub struct AdminState {

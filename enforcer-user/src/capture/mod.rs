@@ -31,7 +31,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::CaptureRules;
 
-pub mod mark;
+use crate::mark;
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
@@ -121,7 +121,7 @@ impl CaptureCgroup {
 }
 
 /// The cgroup2 mount point that contains `path` (longest matching mount).
-fn cgroup2_mount_of(path: &Path) -> Option<PathBuf> {
+pub(crate) fn cgroup2_mount_of(path: &Path) -> Option<PathBuf> {
     let canon = path.canonicalize().ok()?;
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     mounts

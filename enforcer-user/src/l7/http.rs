@@ -69,10 +69,10 @@ pub struct Served {
 
 impl Served {
     /// The connection's outcome for its summary line and metrics.
-    pub fn outcome(&self) -> crate::proxy::Outcome {
+    pub fn outcome(&self) -> crate::record::Outcome {
         match self.result {
-            Ok(()) => crate::proxy::Outcome::Ok,
-            Err(_) => crate::proxy::Outcome::broken(),
+            Ok(()) => crate::record::Outcome::Ok,
+            Err(_) => crate::record::Outcome::broken(),
         }
     }
 }
@@ -90,7 +90,7 @@ pub async fn serve_tcp(
     // A second handle on the socket, which closes last: with the reset
     // armed (as the client's socket was accepted), disarmed only if the
     // session ended cleanly. Hyper's own close does not close the socket.
-    crate::proxy::arm_reset(&client);
+    crate::copy::arm_reset(&client);
     let dup = socket2::SockRef::from(&client).try_clone().ok();
     let served = serve(l7, route, conn, client, first, dial).await;
     if let Some(dup) = dup
@@ -117,6 +117,21 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     Box::pin(session(l7, route, conn, client, first, dial))
+}
+
+/// The HTTP/1.1 and h2c server of a session: its limits on heads.
+fn server_builder() -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .keep_alive(true)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .max_headers(MAX_HEADERS);
+    builder
+        .http2()
+        .max_header_list_size(MAX_HEAD_BYTES as u32)
+        .max_concurrent_streams(128);
+    builder
 }
 
 async fn session<IO>(
@@ -146,16 +161,7 @@ where
         inner: client,
         totals: totals.clone(),
     });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .keep_alive(true)
-        .max_buf_size(MAX_HEAD_BYTES)
-        .max_headers(MAX_HEADERS);
-    builder
-        .http2()
-        .max_header_list_size(MAX_HEAD_BYTES as u32)
-        .max_concurrent_streams(128);
+    let builder = server_builder();
     let service = {
         let session = session.clone();
         hyper::service::service_fn(move |req| session.clone().handle(req))
@@ -164,10 +170,7 @@ where
     // closes (HTTP/1.1 `Connection: close`, HTTP/2 GOAWAY); past the drain
     // time it is cut, and so reset.
     let conn = builder.serve_connection_with_upgrades(io, service);
-    let (draining, forced) = (
-        crate::proxy::drain::draining(),
-        crate::proxy::drain::forced(),
-    );
+    let (draining, forced) = (crate::drain::draining(), crate::drain::forced());
     tokio::pin!(conn, draining, forced);
     let mut asked = false;
     let mut result = loop {
@@ -449,6 +452,74 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// The request fields of the policy input (DESIGN §3) of a request on
+/// `conn`.
+fn request_fields(
+    conn: &Conn,
+    parts: &Parts,
+    body: &ReadBody,
+    request_id: &str,
+    authority: &str,
+) -> Map<String, Value> {
+    let protocol = match parts.version {
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_10 => "HTTP/1.0",
+        _ => "HTTP/1.1",
+    };
+    let mut http = json!({
+        "id": request_id,
+        "method": parts.method.as_str(),
+        "path": parts.uri.path_and_query().map_or("/", |p| p.as_str()),
+        "host": authority,
+        "scheme": "http",
+        "protocol": protocol,
+        "headers": headers_input(parts, authority),
+    });
+    let size = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .or((!body.truncated()).then_some(body.read as u64));
+    if let Some(size) = size {
+        http["size"] = size.into();
+    }
+    if !body.seen.is_empty()
+        && let Ok(text) = std::str::from_utf8(&body.seen)
+    {
+        http["body"] = text.into();
+    }
+    let mut m = Map::new();
+    m.insert(
+        "attributes".into(),
+        json!({
+            "source": address(conn.client, conn.source.spiffe_id.as_deref()),
+            "destination": address(conn.server, conn.destination.spiffe_id.as_deref()),
+            "request": {"http": http},
+        }),
+    );
+    m.insert("parsed_path".into(), parsed_path(parts.uri.path()));
+    m.insert(
+        "parsed_query".into(),
+        parsed_form(parts.uri.query().unwrap_or("").as_bytes()),
+    );
+    if !body.truncated() && !body.seen.is_empty() {
+        let ct = content_type(&parts.headers);
+        let parsed = if is_json(&ct) {
+            serde_json::from_slice::<Value>(&body.seen).ok()
+        } else if ct == "application/x-www-form-urlencoded" {
+            Some(parsed_form(&body.seen))
+        } else {
+            None
+        };
+        if let Some(p) = parsed {
+            m.insert("parsed_body".into(), p);
+        }
+    }
+    m.insert("truncated_body".into(), body.truncated().into());
+    m
+}
+
 impl Session {
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
         let n = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
@@ -482,73 +553,6 @@ impl Session {
             self.conn.source.spiffe_id.as_deref(),
             self.conn.destination.spiffe_id.as_deref(),
         );
-    }
-
-    /// The request fields of the policy input (DESIGN §3).
-    fn fields(
-        &self,
-        parts: &Parts,
-        body: &ReadBody,
-        request_id: &str,
-        authority: &str,
-    ) -> Map<String, Value> {
-        let protocol = match parts.version {
-            Version::HTTP_2 => "HTTP/2",
-            Version::HTTP_10 => "HTTP/1.0",
-            _ => "HTTP/1.1",
-        };
-        let mut http = json!({
-            "id": request_id,
-            "method": parts.method.as_str(),
-            "path": parts.uri.path_and_query().map_or("/", |p| p.as_str()),
-            "host": authority,
-            "scheme": "http",
-            "protocol": protocol,
-            "headers": headers_input(parts, authority),
-        });
-        let size = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .or((!body.truncated()).then_some(body.read as u64));
-        if let Some(size) = size {
-            http["size"] = size.into();
-        }
-        if !body.seen.is_empty()
-            && let Ok(text) = std::str::from_utf8(&body.seen)
-        {
-            http["body"] = text.into();
-        }
-        let mut m = Map::new();
-        m.insert(
-            "attributes".into(),
-            json!({
-                "source": address(self.conn.client, self.conn.source.spiffe_id.as_deref()),
-                "destination": address(self.conn.server, self.conn.destination.spiffe_id.as_deref()),
-                "request": {"http": http},
-            }),
-        );
-        m.insert("parsed_path".into(), parsed_path(parts.uri.path()));
-        m.insert(
-            "parsed_query".into(),
-            parsed_form(parts.uri.query().unwrap_or("").as_bytes()),
-        );
-        if !body.truncated() && !body.seen.is_empty() {
-            let ct = content_type(&parts.headers);
-            let parsed = if is_json(&ct) {
-                serde_json::from_slice::<Value>(&body.seen).ok()
-            } else if ct == "application/x-www-form-urlencoded" {
-                Some(parsed_form(&body.seen))
-            } else {
-                None
-            };
-            if let Some(p) = parsed {
-                m.insert("parsed_body".into(), p);
-            }
-        }
-        m.insert("truncated_body".into(), body.truncated().into());
-        m
     }
 
     async fn request(
@@ -587,7 +591,7 @@ impl Session {
                     .map(str::to_owned)
             })
             .unwrap_or_else(|| self.conn.server.to_string());
-        let fields = self.fields(&parts, &body, &request_id, &authority);
+        let fields = request_fields(&self.conn, &parts, &body, &request_id, &authority);
 
         // The list answers of an `mcp` destination are filtered with the
         // request's fields; nothing else needs them after the decision.
@@ -803,7 +807,7 @@ impl Session {
         let first = self.first.lock().unwrap_or_else(|p| p.into_inner()).take();
         let tcp = match first {
             Some(t) => t,
-            None => crate::proxy::connect_within((self.dial)()).await?,
+            None => crate::mark::connect_within((self.dial)()).await?,
         };
         let _ = tcp.set_nodelay(true);
         let dup = socket2::SockRef::from(&tcp).try_clone().ok();
@@ -904,5 +908,51 @@ mod tests {
         strip_hop_by_hop(&mut h, true);
         assert!(h.contains_key("upgrade") && h.contains_key("connection"));
         assert!(!h.contains_key("x-private") && !h.contains_key("expect"));
+    }
+}
+
+/// Entry points for the fuzz targets (`fuzz/`, feature `fuzzing`).
+#[cfg(feature = "fuzzing")]
+pub mod fuzz {
+    use super::*;
+
+    /// Serves the bytes `raw` as a client's side of one connection, with the
+    /// session's HTTP/1.1 and h2c limits: each request hyper accepts has its
+    /// body read to a bound, its policy input built, and is classified as
+    /// an LLM, vector-DB and MCP request would be.
+    pub async fn request(raw: &[u8]) {
+        let conn = Arc::new(Conn {
+            id: 1,
+            direction: "inbound",
+            source: crate::policy::Peer::default(),
+            destination: crate::policy::Peer::default(),
+            client: std::net::SocketAddr::from(([10, 0, 0, 1], 40000)),
+            server: std::net::SocketAddr::from(([10, 0, 0, 2], 8080)),
+        });
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let conn = conn.clone();
+            async move {
+                let (parts, body) = req.into_parts();
+                if let Ok(body) = read_bounded(body, 4096).await {
+                    let fields = request_fields(&conn, &parts, &body, "1.1", "fuzz:8080");
+                    let json =
+                        json_anyway(&fields, &body).or_else(|| fields.get("parsed_body").cloned());
+                    let path = parts.uri.path();
+                    let _ = crate::l7::llm::LlmRequest::read(path, json.as_ref());
+                    let _ = crate::l7::vectordb::Op::read(&parts.method, path, json.as_ref());
+                    if let Some(Value::Object(msg)) = &json {
+                        let _ = crate::l7::mcp::mcp_input(msg, &parts.headers);
+                    }
+                    let _ = serde_json::to_vec(&fields);
+                }
+                Ok::<_, Infallible>(Response::new(full(Bytes::new())))
+            }
+        });
+        crate::fuzzing::exchange(&[raw], |server| async move {
+            let _ = server_builder()
+                .serve_connection_with_upgrades(TokioIo::new(server), service)
+                .await;
+        })
+        .await;
     }
 }

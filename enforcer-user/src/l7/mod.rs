@@ -145,7 +145,7 @@ pub type Dial = Arc<
 /// The shared state of the L7 layer.
 pub struct L7 {
     pub policy: Arc<crate::policy::Policy>,
-    pub metrics: Arc<crate::admin::Metrics>,
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub routes: Routes,
     /// Tokens used per caller and model in the current window (`llm`).
     pub tokens: Arc<tokens::Tokens>,

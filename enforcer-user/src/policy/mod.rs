@@ -488,7 +488,7 @@ pub struct Policy {
     pub engine: EngineKind,
     cache: Mutex<HashMap<String, Decision>>,
     pub audit: audit::AuditLog,
-    pub metrics: Arc<crate::admin::Metrics>,
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Where evaluations run (never on the async runtime's threads).
     pool: pool::EvalPool,
     /// Evaluation budget new policy sets are compiled with (each `Loaded`
@@ -512,7 +512,7 @@ impl Policy {
         mode: Mode,
         engine: EngineKind,
         audit: audit::AuditLog,
-        metrics: Arc<crate::admin::Metrics>,
+        metrics: Arc<crate::metrics::Metrics>,
         eval_timeout: Duration,
     ) -> std::io::Result<Self> {
         Ok(Self {
@@ -535,7 +535,7 @@ impl Policy {
             .map(|b| (b.name.clone(), b.revision.clone()))
             .unwrap_or_default();
         self.metrics
-            .policy_in_force(crate::admin::metrics::PolicyInfoLabels {
+            .policy_in_force(crate::metrics::PolicyInfoLabels {
                 bundle,
                 revision,
                 digest: loaded.revision.clone(),
@@ -927,7 +927,7 @@ mod tests {
             Mode::Enforce,
             EngineKind::Interpreter,
             audit::AuditLog::open(std::path::Path::new("/dev/null")).expect("/dev/null"),
-            Arc::new(crate::admin::Metrics::new("t")),
+            Arc::new(crate::metrics::Metrics::new("t")),
             timeout,
         )
         .expect("pool");

@@ -29,7 +29,7 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 #[derive(Clone)]
 pub struct Handle {
     tx: mpsc::Sender<String>,
-    metrics: Arc<crate::admin::Metrics>,
+    metrics: Arc<crate::metrics::Metrics>,
     /// When a drop was last logged (ms since `epoch`).
     last_warned: Arc<AtomicU64>,
     epoch: Instant,
@@ -60,7 +60,7 @@ impl Handle {
 /// Starts the shipper: the handle for the audit log, and the task to spawn.
 pub fn start(
     settings: &DecisionLogsConfig,
-    metrics: Arc<crate::admin::Metrics>,
+    metrics: Arc<crate::metrics::Metrics>,
 ) -> Result<(Handle, impl std::future::Future<Output = ()> + use<>), String> {
     let roots = settings
         .ca_cert
@@ -91,7 +91,7 @@ async fn run(
     client: Client,
     url: http::Uri,
     s: DecisionLogsConfig,
-    metrics: Arc<crate::admin::Metrics>,
+    metrics: Arc<crate::metrics::Metrics>,
 ) {
     while let Some(first) = rx.recv().await {
         // A batch: what arrives within the upload interval, up to the most

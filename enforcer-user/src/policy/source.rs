@@ -250,7 +250,7 @@ impl tower_service::Service<http::Uri> for MarkedConnector {
             let port = uri.port_u16().unwrap_or(default_port);
             let mut last = std::io::Error::other(format!("{host}: no address"));
             for addr in tokio::net::lookup_host((host.as_str(), port)).await? {
-                match crate::capture::mark::connect(addr, None).await {
+                match crate::mark::connect(addr, None).await {
                     Ok(s) => return Ok(hyper_util::rt::TokioIo::new(s)),
                     Err(e) => last = e,
                 }

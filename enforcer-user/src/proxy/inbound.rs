@@ -18,13 +18,12 @@ use tokio::{
 use tracing::{Instrument as _, info, info_span, warn};
 
 use super::{Outcome, next_conn_id};
+use crate::record::{ConnRecord, Kind};
 use crate::{
-    admin::{
-        AdminState,
-        metrics::{Direction, RejectLabels},
-    },
+    admin::AdminState,
     attest::{Attestor, local::LocalAttestor},
     identity::{IdentityManager, IssuedSvid},
+    metrics::RejectLabels,
     tls,
     tunnel::{self, CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW},
 };
@@ -50,6 +49,46 @@ pub struct H2Limits {
     pub max_concurrent_streams: u32,
     pub max_header_list_size: u32,
     pub max_streams_per_connection: u64,
+}
+
+impl H2Limits {
+    /// The HTTP/2 server of an HBONE connection.
+    fn server(&self) -> h2::server::Builder {
+        let mut b = h2::server::Builder::new();
+        b.max_concurrent_streams(self.max_concurrent_streams)
+            .max_header_list_size(self.max_header_list_size)
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME);
+        b
+    }
+}
+
+/// The destination of a CONNECT stream: `ip:port` in its authority, and
+/// the workload this connection was opened for (its address, the port the
+/// server name named). Else the status to refuse it with.
+fn connect_target<B>(
+    req: &http::Request<B>,
+    sni_port: u16,
+    dst_ip: std::net::IpAddr,
+) -> Result<SocketAddr, http::StatusCode> {
+    let dst = req
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
+    let dst = match dst {
+        Some(d) if req.method() == http::Method::CONNECT => d,
+        _ => {
+            warn!(method = %req.method(), uri = %req.uri(), "not a CONNECT to ip:port");
+            return Err(http::StatusCode::BAD_REQUEST);
+        }
+    };
+    // The stream must go to the workload whose SVID this connection presented.
+    if dst.port() != sni_port || dst.ip().to_canonical() != dst_ip {
+        warn!(%dst, sni_port, local_ip = %dst_ip, "CONNECT target differs from the workload this connection was opened for");
+        return Err(http::StatusCode::FORBIDDEN);
+    }
+    Ok(dst)
 }
 
 /// Before a client has authenticated, the agent looks up which workload its
@@ -225,15 +264,7 @@ impl Inbound {
             return self.rejected(peer, "bad_certificate", "unreadable notAfter");
         };
         let limits = self.limits;
-        let mut h2 = match h2::server::Builder::new()
-            .max_concurrent_streams(limits.max_concurrent_streams)
-            .max_header_list_size(limits.max_header_list_size)
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_frame_size(MAX_FRAME)
-            .handshake::<_, Bytes>(tls)
-            .await
-        {
+        let mut h2 = match limits.server().handshake::<_, Bytes>(tls).await {
             Ok(h) => h,
             Err(e) => return self.rejected(peer, "h2_error", &e.to_string()),
         };
@@ -246,7 +277,7 @@ impl Inbound {
                 .unwrap_or_default(),
         );
         tokio::pin!(expiry);
-        let (draining, forced) = (super::drain::draining(), super::drain::forced());
+        let (draining, forced) = (crate::drain::draining(), crate::drain::forced());
         tokio::pin!(draining, forced);
         let (mut opened, mut closing) = (0u64, false);
         loop {
@@ -301,7 +332,7 @@ impl Inbound {
             let presented_id = presented_id.clone();
             let id = next_conn_id();
             let span = info_span!("conn", id, direction = "inbound", src = %peer, dst = tracing::field::Empty);
-            let tracked = super::drain::track();
+            let tracked = crate::drain::track();
             let stream = async move {
                 this.stream(id, peer, src_id, (dst_ip, port, presented_id), req, respond)
                     .await
@@ -321,54 +352,34 @@ impl Inbound {
         req: http::Request<h2::RecvStream>,
         mut respond: SendResponse<Bytes>,
     ) {
-        let started = Instant::now();
-        self.admin.metrics.opened(Direction::inbound);
-        let mut summary = Summary {
-            id,
-            peer,
-            src_id: &src_id,
-            dst: None,
-            dst_id: None,
-            started,
-            decision_id: None,
-            policy_reason: None,
-        };
+        let mut rec = ConnRecord::open(self.admin.metrics.clone(), Kind::Inbound, id);
+        rec.src = Some(peer);
+        rec.src_id = Some(src_id.to_string());
 
-        let dst = req
-            .uri()
-            .authority()
-            .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
-        let dst = match dst {
-            Some(d) if req.method() == http::Method::CONNECT => d,
-            _ => {
-                warn!(method = %req.method(), uri = %req.uri(), "not a CONNECT to ip:port");
-                refuse(&mut respond, http::StatusCode::BAD_REQUEST);
-                return self.finish(&summary, Outcome::BadRequest, (0, 0));
+        let dst = match connect_target(&req, sni_port, dst_ip) {
+            Ok(d) => d,
+            Err(status) => {
+                refuse(&mut respond, status);
+                return rec.refused(Outcome::BadRequest);
             }
         };
-        summary.dst = Some(dst);
+        rec.dst = Some(dst);
         tracing::Span::current().record("dst", tracing::field::display(dst));
-        // The stream must go to the workload whose SVID this connection presented.
-        if dst.port() != sni_port || dst.ip().to_canonical() != dst_ip {
-            warn!(%dst, sni_port, local_ip = %dst_ip, "CONNECT target differs from the workload this connection was opened for");
-            refuse(&mut respond, http::StatusCode::FORBIDDEN);
-            return self.finish(&summary, Outcome::BadRequest, (0, 0));
-        }
         let (dst_svid, dst_selectors) =
             super::local_destination(&self.local, &self.attestor, &self.identity, dst).await;
-        summary.dst_id = dst_svid.as_ref().map(|s| s.svid.spiffe_id.clone());
+        let dst_id = dst_svid.as_ref().map(|s| s.svid.spiffe_id.clone());
         // The identity decided must be the one this connection presented.
-        if summary.dst_id.as_ref().is_some_and(|d| *d != presented_id) {
-            warn!(presented = %presented_id, now = ?summary.dst_id, "the workload behind the destination changed since the handshake");
+        if dst_id.as_ref().is_some_and(|d| *d != presented_id) {
+            warn!(presented = %presented_id, now = ?dst_id, "the workload behind the destination changed since the handshake");
             refuse(&mut respond, http::StatusCode::SERVICE_UNAVAILABLE);
-            summary.dst_id = None;
-            return self.finish(&summary, Outcome::NoIdentity, (0, 0));
+            return rec.refused(Outcome::NoIdentity);
         }
+        rec.dst_id = dst_id.as_ref().map(ToString::to_string);
         // Authoritative decision: verified source identity, attested destination.
         let route = self
             .l7
             .routes
-            .find(dst.port(), summary.dst_id.as_ref(), &dst_selectors);
+            .find(dst.port(), dst_id.as_ref(), &dst_selectors);
         let input = crate::policy::Input {
             direction: "inbound",
             source: crate::policy::Peer {
@@ -382,30 +393,30 @@ impl Inbound {
             request: None,
         };
         let verdict = self.policy.decide(&input, id).await;
-        summary.decision_id = Some(verdict.decision_id.clone());
-        summary.policy_reason = verdict.decision.reason.clone();
+        rec.decision_ids.push(verdict.decision_id.clone());
+        rec.policy_reason = verdict.decision.reason.clone();
         if !verdict.allowed {
             warn!(reason = ?verdict.decision.reason, "denied by policy");
             refuse(&mut respond, http::StatusCode::FORBIDDEN);
-            return self.finish(&summary, Outcome::Denied, (0, 0));
+            return rec.refused(Outcome::Denied);
         }
-        if summary.dst_id.is_none() {
+        if dst_id.is_none() {
             refuse(&mut respond, http::StatusCode::SERVICE_UNAVAILABLE);
-            return self.finish(&summary, Outcome::NoIdentity, (0, 0));
+            return rec.refused(Outcome::NoIdentity);
         }
         let upstream = match super::connect_within(super::connect_local(dst)).await {
             Ok(s) => s,
             Err(error) => {
                 warn!(%dst, %error, "connecting to the local workload failed");
                 refuse(&mut respond, http::StatusCode::SERVICE_UNAVAILABLE);
-                return self.finish(&summary, Outcome::ConnectFailed, (0, 0));
+                return rec.refused(Outcome::ConnectFailed);
             }
         };
         let send = match respond.send_response(http::Response::new(()), false) {
             Ok(s) => s,
             Err(e) => {
                 warn!(error = %e, "answering CONNECT failed");
-                return self.finish(&summary, Outcome::Error, (0, 0));
+                return rec.refused(Outcome::Error);
             }
         };
         let recv = req.into_body();
@@ -421,11 +432,10 @@ impl Inbound {
                 super::dial_local(dst),
             )
             .await;
-            let bytes = (served.from_client, served.to_client);
-            return self.finish(&summary, served.outcome(), bytes);
+            // Sent to the HBONE peer, received from it.
+            return rec.end(served.outcome(), (served.to_client, served.from_client));
         }
-        // From the workload's point of view: received = from the peer, sent = to it.
-        let ((to_peer, from_peer), result) = tunnel::splice(upstream, send, recv).await;
+        let ((to_peer, from_peer), result) = crate::copy::tcp_to_stream(upstream, send, recv).await;
         let outcome = if result.is_ok() {
             Outcome::Ok
         } else {
@@ -434,42 +444,9 @@ impl Inbound {
         if let Err(e) = result {
             tracing::debug!(error = %e, "inbound stream ended with an error");
         }
-        self.finish(&summary, outcome, (from_peer, to_peer));
+        // Sent to the HBONE peer, received from it.
+        rec.end(outcome, (to_peer, from_peer));
     }
-
-    fn finish(&self, s: &Summary<'_>, outcome: Outcome, (received, sent): (u64, u64)) {
-        self.admin
-            .metrics
-            .closed(Direction::inbound, outcome.as_str(), sent, received);
-        info!(
-            conn_id = s.id,
-            direction = "inbound",
-            src = %s.peer,
-            src_spiffe_id = %s.src_id,
-            authenticated = true,
-            dst = s.dst.map(tracing::field::display),
-            dst_spiffe_id = s.dst_id.as_ref().map(tracing::field::display),
-            mtls = true,
-            bytes_sent = sent,
-            bytes_received = received,
-            duration_ms = s.started.elapsed().as_millis() as u64,
-            outcome = outcome.as_str(),
-            decision_ids = s.decision_id.as_deref(),
-            policy_reason = s.policy_reason.as_deref(),
-            "connection closed"
-        );
-    }
-}
-
-struct Summary<'a> {
-    id: u64,
-    peer: SocketAddr,
-    src_id: &'a SpiffeId,
-    dst: Option<SocketAddr>,
-    dst_id: Option<SpiffeId>,
-    started: Instant,
-    decision_id: Option<String>,
-    policy_reason: Option<String>,
 }
 
 /// Closes a rejected connection so the client reads what was sent (a TLS
@@ -495,4 +472,40 @@ fn refuse(respond: &mut SendResponse<Bytes>, status: http::StatusCode) {
     let mut resp = http::Response::new(());
     *resp.status_mut() = status;
     let _ = respond.send_response(resp, true);
+}
+
+/// Entry points for the fuzz targets (`fuzz/`, feature `fuzzing`).
+#[cfg(feature = "fuzzing")]
+pub mod fuzz {
+    use super::*;
+
+    /// The bytes an HBONE client sends after the TLS handshake (the HTTP/2
+    /// client preface is prepended), served with the agent's HTTP/2 limits:
+    /// each stream's CONNECT target is checked as for a connection opened
+    /// for 10.0.0.2:8080 and refused or answered.
+    pub async fn hbone(raw: &[u8]) {
+        let limits = H2Limits {
+            max_concurrent_streams: 100,
+            max_header_list_size: 16 * 1024,
+            max_streams_per_connection: 1000,
+        };
+        const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        crate::fuzzing::exchange(&[PREFACE, raw], |server| async move {
+            let Ok(mut h2) = limits.server().handshake::<_, Bytes>(server).await else {
+                return;
+            };
+            while let Some(Ok((req, mut respond))) = h2.accept().await {
+                match connect_target(&req, 8080, std::net::IpAddr::from([10, 0, 0, 2])) {
+                    Ok(_) => {
+                        if let Ok(mut send) = respond.send_response(http::Response::new(()), false)
+                        {
+                            let _ = send.send_data(Bytes::from_static(b"ok"), true);
+                        }
+                    }
+                    Err(status) => refuse(&mut respond, status),
+                }
+            }
+        })
+        .await;
+    }
 }

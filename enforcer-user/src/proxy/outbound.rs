@@ -10,14 +10,16 @@ use std::{
 use enforcer_common::OrigDst;
 
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{Instrument as _, info, info_span, warn};
+use tracing::{Instrument as _, info_span, warn};
 
 use super::{Outcome, connect_within, next_conn_id, reset};
+use crate::record::{ConnRecord, Kind};
 use crate::{
-    admin::{AdminState, metrics::Direction},
+    admin::AdminState,
     attest::{Attestation, Attestor, WorkloadFacts, local::LocalAttestor},
-    capture::{Capture, CgroupResolver, mark, original_destination},
-    tunnel::{self, HboneClient},
+    capture::{Capture, CgroupResolver, original_destination},
+    mark,
+    tunnel::HboneClient,
 };
 
 /// Everything an outbound connection handler needs.
@@ -68,20 +70,6 @@ impl LocalAddrs {
     }
 }
 
-/// Identities of both ends, for the summary line.
-#[derive(Default)]
-struct Ids {
-    src: Option<String>,
-    dst: Option<String>,
-    mtls: bool,
-    same_node: bool,
-    /// The HBONE stream rode on a pooled connection (no new TLS handshake).
-    reused: Option<bool>,
-    /// Audit-log ids of the policy decisions taken for this connection.
-    decision_ids: Vec<String>,
-    policy_reason: Option<String>,
-}
-
 impl Outbound {
     /// Accepts on `listener` forever.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
@@ -120,8 +108,7 @@ impl Outbound {
     }
 
     async fn handle(self: Arc<Self>, id: u64, client: TcpStream, peer: SocketAddr) {
-        let started = Instant::now();
-        self.admin.metrics.opened(Direction::outbound);
+        let mut rec = ConnRecord::open(self.admin.metrics.clone(), Kind::Outbound, id);
         super::arm_reset(&client);
 
         let local = match client.local_addr() {
@@ -129,20 +116,19 @@ impl Outbound {
             Err(e) => {
                 warn!(error = %e, "accepted socket has no local address");
                 reset(client);
-                let o = Outcome::Error;
-                return self.finish(id, None, None, &Ids::default(), o, (0, 0), started);
+                return rec.refused(Outcome::Error);
             }
         };
-        let Some(rec) = self.capture.take_original(peer, local).await else {
+        let Some(record) = self.capture.take_original(peer, local).await else {
             warn!(
                 conn_id = id,
                 "no capture record for this connection; refusing (only captured connects may use the outbound listener)"
             );
             reset(client);
-            let o = Outcome::NoOriginalDestination;
-            return self.finish(id, None, None, &Ids::default(), o, (0, 0), started);
+            return rec.refused(Outcome::NoOriginalDestination);
         };
-        let att = self.attest_source(rec).await;
+        let att = self.attest_source(record).await;
+        rec.facts = Some(att.facts.clone());
         let src_svid = match self.identity.identify(&att).await {
             Ok(s) => s,
             Err(e) => {
@@ -150,19 +136,16 @@ impl Outbound {
                 None
             }
         };
-        let mut ids = Ids {
-            src: src_svid.as_ref().map(|s| s.svid.spiffe_id.to_string()),
-            ..Ids::default()
-        };
-        let Some(dst) = original_destination(&rec) else {
+        rec.src_id = src_svid.as_ref().map(|s| s.svid.spiffe_id.to_string());
+        let Some(dst) = original_destination(&record) else {
             warn!(
-                family = rec.family,
+                family = record.family,
                 "capture record has an unknown address family"
             );
             reset(client);
-            let o = Outcome::NoOriginalDestination;
-            return self.finish(id, Some(&att), None, &ids, o, (0, 0), started);
+            return rec.refused(Outcome::NoOriginalDestination);
         };
+        rec.dst = Some(dst);
         tracing::Span::current().record("dst", tracing::field::display(dst));
 
         let mut src_peer = super::peer(src_svid.as_deref(), &att.selectors, None);
@@ -170,10 +153,10 @@ impl Outbound {
 
         if self.local_addrs.contains(dst.ip()) {
             // Same node: both ends attested here; the bytes never leave the host.
-            ids.same_node = true;
+            rec.same_node = true;
             let (dst_svid, dst_selectors) =
                 super::local_destination(&self.local, &self.attestor, &self.identity, dst).await;
-            ids.dst = dst_svid.as_ref().map(|s| s.svid.spiffe_id.to_string());
+            rec.dst_id = dst_svid.as_ref().map(|s| s.svid.spiffe_id.to_string());
             let dst_peer = super::peer(dst_svid.as_deref(), &dst_selectors, Some(dst));
             let route = self.l7.routes.find(
                 dst.port(),
@@ -184,25 +167,22 @@ impl Outbound {
             // The source's rule and the destination's (authoritative) rule.
             for direction in ["outbound", "inbound"] {
                 if !self
-                    .allowed(direction, protocol, &src_peer, &dst_peer, id, &mut ids)
+                    .allowed(direction, protocol, &src_peer, &dst_peer, &mut rec)
                     .await
                 {
-                    let o = Outcome::Denied;
-                    return self.refuse(id, client, &att, dst, &ids, o, started);
+                    return refuse(client, &mut rec, Outcome::Denied);
                 }
             }
-            if ids.dst.is_some() && ids.src.is_none() {
+            if rec.dst_id.is_some() && rec.src_id.is_none() {
                 warn!(conn_id = id, orig_dst = %dst, selectors = ?att.selectors,
                     "workload has no SPIFFE identity; refusing a destination that has one");
-                let o = Outcome::NoIdentity;
-                return self.refuse(id, client, &att, dst, &ids, o, started);
+                return refuse(client, &mut rec, Outcome::NoIdentity);
             }
             let upstream = match connect_within(super::connect_local(dst)).await {
                 Ok(s) => s,
                 Err(error) => {
                     warn!(conn_id = id, orig_dst = %dst, %error, "connecting to the original destination failed");
-                    let o = Outcome::ConnectFailed;
-                    return self.refuse(id, client, &att, dst, &ids, o, started);
+                    return refuse(client, &mut rec, Outcome::ConnectFailed);
                 }
             };
             // At a declared destination this agent is the last before the
@@ -220,16 +200,16 @@ impl Outbound {
                 (route, conn, super::dial_local(dst))
             });
             let (outcome, bytes) = super::relay(&self.l7, l7, client, upstream).await;
-            return self.finish(id, Some(&att), Some(dst), &ids, outcome, bytes, started);
+            return rec.end(outcome, bytes);
         }
 
         if self.mesh.iter().any(|n| n.contains(&dst.ip())) {
-            ids.mtls = true;
+            rec.mtls = true;
             let Some(src_svid) = src_svid else {
                 // Decided and audited all the same: policy may name unidentified workloads.
                 let dst_peer = super::peer(None, &[], Some(dst));
                 let outcome = if self
-                    .allowed("outbound", "tcp", &src_peer, &dst_peer, id, &mut ids)
+                    .allowed("outbound", "tcp", &src_peer, &dst_peer, &mut rec)
                     .await
                 {
                     warn!(conn_id = id, orig_dst = %dst, selectors = ?att.selectors,
@@ -238,18 +218,17 @@ impl Outbound {
                 } else {
                     Outcome::Denied
                 };
-                return self.refuse(id, client, &att, dst, &ids, outcome, started);
+                return refuse(client, &mut rec, outcome);
             };
             let prepared = match self.hbone.prepare(&src_svid, dst).await {
                 Ok(t) => t,
                 Err(e) => {
                     warn!(conn_id = id, orig_dst = %dst, reason = e.code(), error = %e, "HBONE tunnel failed");
-                    let o = Outcome::TunnelFailed;
-                    return self.refuse(id, client, &att, dst, &ids, o, started);
+                    return refuse(client, &mut rec, Outcome::TunnelFailed);
                 }
             };
-            ids.dst = Some(prepared.peer_id.to_string());
-            ids.reused = Some(prepared.reused);
+            rec.dst_id = Some(prepared.peer_id.to_string());
+            rec.hbone_reused = Some(prepared.reused);
             // The destination's identity is verified now; nothing is requested yet.
             let dst_peer = crate::policy::Peer {
                 authenticated: Some(true),
@@ -266,22 +245,21 @@ impl Outbound {
                 .find(dst.port(), Some(&prepared.peer_id), &[])
                 .map_or("tcp", |r| r.protocol.as_str());
             if !self
-                .allowed("outbound", protocol, &src_peer, &dst_peer, id, &mut ids)
+                .allowed("outbound", protocol, &src_peer, &dst_peer, &mut rec)
                 .await
             {
-                let o = Outcome::Denied;
-                return self.refuse(id, client, &att, dst, &ids, o, started);
+                return refuse(client, &mut rec, Outcome::Denied);
             }
             let tunnel = match self.hbone.open(&src_svid, prepared).await {
                 Ok(t) => t,
                 Err(e) => {
                     warn!(conn_id = id, orig_dst = %dst, reason = e.code(), error = %e, "HBONE tunnel failed");
-                    let o = Outcome::TunnelFailed;
-                    return self.refuse(id, client, &att, dst, &ids, o, started);
+                    return refuse(client, &mut rec, Outcome::TunnelFailed);
                 }
             };
             let _ = client.set_nodelay(true);
-            let (bytes, result) = tunnel::splice(client, tunnel.send, tunnel.recv).await;
+            let (bytes, result) =
+                crate::copy::tcp_to_stream(client, tunnel.send, tunnel.recv).await;
             let outcome = match result {
                 Ok(()) => Outcome::Ok,
                 Err(e) => {
@@ -289,7 +267,7 @@ impl Outbound {
                     Outcome::broken()
                 }
             };
-            return self.finish(id, Some(&att), Some(dst), &ids, outcome, bytes, started);
+            return rec.end(outcome, bytes);
         }
 
         // Outside the mesh: plain TCP, still decided by policy.
@@ -297,11 +275,10 @@ impl Outbound {
         let route = self.l7.routes.find(dst.port(), None, &[]);
         let protocol = route.as_ref().map_or("tcp", |r| r.protocol.as_str());
         if !self
-            .allowed("outbound", protocol, &src_peer, &dst_peer, id, &mut ids)
+            .allowed("outbound", protocol, &src_peer, &dst_peer, &mut rec)
             .await
         {
-            let o = Outcome::Denied;
-            return self.refuse(id, client, &att, dst, &ids, o, started);
+            return refuse(client, &mut rec, Outcome::Denied);
         }
         let upstream = match connect_within(mark::connect(dst, None)).await {
             Ok(s) => {
@@ -310,8 +287,7 @@ impl Outbound {
             }
             Err(error) => {
                 warn!(conn_id = id, orig_dst = %dst, %error, "connecting to the original destination failed");
-                let o = Outcome::ConnectFailed;
-                return self.refuse(id, client, &att, dst, &ids, o, started);
+                return refuse(client, &mut rec, Outcome::ConnectFailed);
             }
         };
         let _ = client.set_nodelay(true);
@@ -331,18 +307,17 @@ impl Outbound {
             (route, conn, dial)
         });
         let (outcome, bytes) = super::relay(&self.l7, l7, client, upstream).await;
-        self.finish(id, Some(&att), Some(dst), &ids, outcome, bytes, started);
+        rec.end(outcome, bytes);
     }
 
-    /// Decides one direction; records the decision in `ids`.
+    /// Decides one direction; records the decision in `rec`.
     async fn allowed(
         &self,
         direction: &'static str,
         protocol: &'static str,
         src: &crate::policy::Peer,
         dst: &crate::policy::Peer,
-        id: u64,
-        ids: &mut Ids,
+        rec: &mut ConnRecord,
     ) -> bool {
         let input = crate::policy::Input {
             direction,
@@ -351,72 +326,19 @@ impl Outbound {
             protocol,
             request: None,
         };
-        let v = self.policy.decide(&input, id).await;
-        ids.decision_ids.push(v.decision_id);
+        let v = self.policy.decide(&input, rec.id).await;
+        rec.decision_ids.push(v.decision_id);
         if !v.allowed {
-            warn!(conn_id = id, direction, reason = ?v.decision.reason, "denied by policy");
+            warn!(conn_id = rec.id, direction, reason = ?v.decision.reason, "denied by policy");
         }
-        ids.policy_reason = v.decision.reason;
+        rec.policy_reason = v.decision.reason;
         v.allowed
     }
+}
 
-    /// Ends a connection that will not be relayed: the workload's socket is
-    /// reset (it sees an error, never a clean end) and the summary logged.
-    #[allow(clippy::too_many_arguments)]
-    fn refuse(
-        &self,
-        id: u64,
-        client: TcpStream,
-        att: &Attestation,
-        dst: SocketAddr,
-        ids: &Ids,
-        outcome: Outcome,
-        started: Instant,
-    ) {
-        reset(client);
-        self.finish(id, Some(att), Some(dst), ids, outcome, (0, 0), started)
-    }
-
-    /// Emits the connection's one summary log line and updates the metrics.
-    #[allow(clippy::too_many_arguments)]
-    fn finish(
-        &self,
-        id: u64,
-        att: Option<&Attestation>,
-        dst: Option<SocketAddr>,
-        ids: &Ids,
-        outcome: Outcome,
-        (sent, received): (u64, u64),
-        started: Instant,
-    ) {
-        self.admin
-            .metrics
-            .closed(Direction::outbound, outcome.as_str(), sent, received);
-        let facts = att.map(|a| &a.facts);
-        let unknown = String::new();
-        info!(
-            conn_id = id,
-            pid = facts.map(|f| f.pid),
-            uid = facts.map(|f| f.uid),
-            gid = facts.map(|f| f.gid),
-            comm = facts.map(|f| f.comm.as_str()),
-            cgroup = facts
-                .and_then(|f| f.cgroup_path.as_deref())
-                .unwrap_or(&unknown),
-            cgroup_id = facts.map(|f| f.cgroup_id),
-            orig_dst = dst.map(tracing::field::display),
-            src_spiffe_id = ids.src.as_deref(),
-            dst_spiffe_id = ids.dst.as_deref(),
-            mtls = ids.mtls,
-            same_node = ids.same_node,
-            hbone_reused = ids.reused,
-            decision_ids = %ids.decision_ids.join(","),
-            policy_reason = ids.policy_reason.as_deref(),
-            bytes_sent = sent,
-            bytes_received = received,
-            duration_ms = started.elapsed().as_millis() as u64,
-            outcome = outcome.as_str(),
-            "connection closed"
-        );
-    }
+/// Ends a connection that will not be relayed: the workload's socket is
+/// reset (it sees an error, never a clean end).
+fn refuse(client: TcpStream, rec: &mut ConnRecord, outcome: Outcome) {
+    reset(client);
+    rec.refused(outcome);
 }

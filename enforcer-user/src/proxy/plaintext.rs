@@ -2,14 +2,15 @@
 //! (steered here by the kernel's sk_lookup program, addresses unchanged):
 //! `strict` refuses it, `permissive` forwards it to the workload and audits it
 //! as unauthenticated.
-use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Instant};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc};
 
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{Instrument as _, info, info_span, warn};
+use tracing::{Instrument as _, info_span, warn};
 
 use super::{Outcome, next_conn_id, reset};
+use crate::record::{ConnRecord, Kind};
 use crate::{
-    admin::{AdminState, metrics::Direction},
+    admin::AdminState,
     attest::{Attestor, local::LocalAttestor},
     config::PlaintextMode,
 };
@@ -36,8 +37,8 @@ impl Plaintext {
     }
 
     async fn handle(&self, id: u64, client: TcpStream, peer: SocketAddr) {
-        let started = Instant::now();
-        self.admin.metrics.opened(Direction::inbound);
+        let mut rec = ConnRecord::open(self.admin.metrics.clone(), Kind::Plaintext, id);
+        rec.src = Some(peer);
         super::arm_reset(&client);
         // sk_lookup keeps the addresses: our local address is the original destination.
         let dst = match client.local_addr() {
@@ -45,19 +46,23 @@ impl Plaintext {
             Err(e) => {
                 warn!(error = %e, "accepted socket has no local address");
                 reset(client);
-                return self.finish(id, peer, None, None, None, Outcome::Error, (0, 0), started);
+                return rec.refused(Outcome::Error);
             }
         };
         tracing::Span::current().record("dst", tracing::field::display(dst));
+        rec.dst = Some(dst);
         let mode = self.modes.get(&dst.port()).copied();
+        rec.plaintext_mode = mode.map(|m| match m {
+            PlaintextMode::Strict => "strict",
+            PlaintextMode::Permissive => "permissive",
+        });
         let (dst_svid, dst_selectors) =
             super::local_destination(&self.local, &self.attestor, &self.identity, dst).await;
-        let dst_id = dst_svid.as_ref().map(|s| s.svid.spiffe_id.to_string());
+        rec.dst_id = dst_svid.as_ref().map(|s| s.svid.spiffe_id.to_string());
         if mode != Some(PlaintextMode::Permissive) {
             warn!(%peer, %dst, "plaintext from outside the mesh to a strict port; refused");
             reset(client);
-            let o = Outcome::PlaintextRefused;
-            return self.finish(id, peer, Some(dst), dst_id, mode, o, (0, 0), started);
+            return rec.refused(Outcome::PlaintextRefused);
         }
         // Permissive: forwarded only if policy allows an unauthenticated source.
         let route = self.l7.routes.find(
@@ -77,19 +82,19 @@ impl Plaintext {
             request: None,
         };
         let verdict = self.policy.decide(&input, id).await;
+        rec.decision_ids.push(verdict.decision_id.clone());
+        rec.policy_reason = verdict.decision.reason.clone();
         if !verdict.allowed {
             warn!(%peer, %dst, reason = ?verdict.decision.reason, "unauthenticated plaintext denied by policy");
             reset(client);
-            let o = Outcome::Denied;
-            return self.finish(id, peer, Some(dst), dst_id, mode, o, (0, 0), started);
+            return rec.refused(Outcome::Denied);
         }
         let upstream = match super::connect_within(super::connect_local(dst)).await {
             Ok(s) => s,
             Err(error) => {
                 warn!(%dst, %error, "connecting to the local workload failed");
                 reset(client);
-                let o = Outcome::ConnectFailed;
-                return self.finish(id, peer, Some(dst), dst_id, mode, o, (0, 0), started);
+                return rec.refused(Outcome::ConnectFailed);
             }
         };
         // sent/received from the destination workload's point of view
@@ -101,50 +106,6 @@ impl Plaintext {
             )
         });
         let (outcome, (from_peer, to_peer)) = super::relay(&self.l7, l7, client, upstream).await;
-        self.finish(
-            id,
-            peer,
-            Some(dst),
-            dst_id,
-            mode,
-            outcome,
-            (to_peer, from_peer),
-            started,
-        );
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn finish(
-        &self,
-        id: u64,
-        peer: SocketAddr,
-        dst: Option<SocketAddr>,
-        dst_id: Option<String>,
-        mode: Option<PlaintextMode>,
-        outcome: Outcome,
-        (sent, received): (u64, u64),
-        started: Instant,
-    ) {
-        self.admin
-            .metrics
-            .closed(Direction::inbound, outcome.as_str(), sent, received);
-        info!(
-            conn_id = id,
-            direction = "inbound",
-            src = %peer,
-            authenticated = false,
-            plaintext_mode = mode.map(|m| match m {
-                PlaintextMode::Strict => "strict",
-                PlaintextMode::Permissive => "permissive",
-            }),
-            dst = dst.map(tracing::field::display),
-            dst_spiffe_id = dst_id.as_deref(),
-            mtls = false,
-            bytes_sent = sent,
-            bytes_received = received,
-            duration_ms = started.elapsed().as_millis() as u64,
-            outcome = outcome.as_str(),
-            "connection closed"
-        );
+        rec.end(outcome, (to_peer, from_peer));
     }
 }

@@ -5,20 +5,15 @@
 //! while streams on the old ones run to completion.
 use std::{
     collections::HashMap,
-    future::poll_fn,
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use h2::{RecvStream, SendStream, client::SendRequest};
 use rustls_pki_types::ServerName;
 use spiffe::SpiffeId;
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
-};
 use tracing::debug;
 
 use crate::{
@@ -51,11 +46,6 @@ pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// Largest HTTP/2 frame we accept: fewer frames (and wakeups) per MiB.
 pub const MAX_FRAME: u32 = 256 * 1024;
-/// Read sizes of the TCP side of a tunnel: a connection starts with the
-/// first and moves to the next each time a read fills what it had, so an
-/// idle or chatty connection holds 1 KiB and a bulk one reads 256 KiB at a
-/// time (as ztunnel's buffers grow).
-const READ_CHUNKS: [usize; 3] = [1024, 16 * 1024, 256 * 1024];
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -536,19 +526,16 @@ impl HboneClient {
             self.identity.provider().clone(),
             &svid.svid,
         )?;
-        let tcp =
-            match tokio::time::timeout(STEP_TIMEOUT, crate::capture::mark::connect(node, None))
-                .await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(source)) => return Err(TunnelError::Connect { addr: node, source }),
-                Err(_) => {
-                    return Err(TunnelError::Connect {
-                        addr: node,
-                        source: std::io::ErrorKind::TimedOut.into(),
-                    });
-                }
-            };
+        let tcp = match tokio::time::timeout(STEP_TIMEOUT, crate::mark::connect(node, None)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(source)) => return Err(TunnelError::Connect { addr: node, source }),
+            Err(_) => {
+                return Err(TunnelError::Connect {
+                    addr: node,
+                    source: std::io::ErrorKind::TimedOut.into(),
+                });
+            }
+        };
         let _ = tcp.set_nodelay(true);
         let name = ServerName::try_from(server_name_for_port(dst.port())).map_err(|e| {
             TunnelError::Tls {
@@ -747,101 +734,6 @@ fn forget(pool: &Pool, key: &PoolKey, dial_id: u64) {
             pool.remove(key);
         }
     }
-}
-
-/// Copies a TCP read half into an HTTP/2 stream, honouring flow control, and
-/// ends the stream at EOF. `total` counts the bytes handed to HTTP/2.
-pub async fn tcp_to_h2(
-    mut from: tokio::net::tcp::ReadHalf<'_>,
-    mut to: SendStream<Bytes>,
-    total: &mut u64,
-) -> std::io::Result<()> {
-    let mut step = 0;
-    let mut buf = BytesMut::with_capacity(READ_CHUNKS[0]);
-    loop {
-        // Refill only when little room is left: reserving a full chunk on
-        // every read would allocate a chunk per small message once the
-        // previous one is handed to HTTP/2.
-        let chunk = READ_CHUNKS[step];
-        if buf.capacity() < chunk / 16 {
-            buf.reserve(chunk);
-        }
-        let room = buf.capacity() - buf.len();
-        let n = match from.read_buf(&mut buf).await {
-            Ok(n) => n,
-            Err(e) => {
-                to.send_reset(h2::Reason::CANCEL);
-                return Err(e);
-            }
-        };
-        if n == 0 {
-            return to
-                .send_data(Bytes::new(), true)
-                .map_err(std::io::Error::other);
-        }
-        if n == room && step + 1 < READ_CHUNKS.len() {
-            step += 1;
-            buf.reserve(READ_CHUNKS[step]);
-        }
-        let mut chunk = buf.split().freeze();
-        while !chunk.is_empty() {
-            to.reserve_capacity(chunk.len());
-            let cap = match poll_fn(|cx| to.poll_capacity(cx)).await {
-                Some(Ok(0)) => continue,
-                Some(Ok(c)) => c,
-                Some(Err(e)) => return Err(std::io::Error::other(e)),
-                None => {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::BrokenPipe,
-                        "HBONE stream closed by peer",
-                    ));
-                }
-            };
-            let part = chunk.split_to(cap.min(chunk.len()));
-            let len = part.len() as u64;
-            to.send_data(part, false).map_err(std::io::Error::other)?;
-            *total += len;
-        }
-    }
-}
-
-/// Copies an HTTP/2 stream into a TCP write half, releasing flow-control
-/// capacity as data is written, and half-closes the socket at end of stream.
-/// `total` counts the bytes written.
-pub async fn h2_to_tcp(
-    mut from: RecvStream,
-    mut to: tokio::net::tcp::WriteHalf<'_>,
-    total: &mut u64,
-) -> std::io::Result<()> {
-    while let Some(data) = from.data().await {
-        let data = data.map_err(std::io::Error::other)?;
-        to.write_all(&data).await?;
-        *total += data.len() as u64;
-        let _ = from.flow_control().release_capacity(data.len());
-    }
-    crate::proxy::disarm_reset(to.as_ref());
-    to.shutdown().await
-}
-
-/// Both directions between a TCP connection and an HBONE stream. Returns
-/// (TCP → stream bytes, stream → TCP bytes) and whether both ended cleanly.
-/// When either side fails, the TCP connection is reset and the stream is
-/// cancelled: neither end sees a clean close of a relay that broke.
-pub async fn splice(
-    mut tcp: TcpStream,
-    send: SendStream<Bytes>,
-    recv: RecvStream,
-) -> ((u64, u64), Result<(), String>) {
-    let (mut up, mut down) = (0, 0);
-    let result = {
-        let (r, w) = tcp.split();
-        crate::proxy::both_directions(tcp_to_h2(r, send, &mut up), h2_to_tcp(recv, w, &mut down))
-            .await
-    };
-    if result.is_err() {
-        crate::proxy::reset(tcp);
-    }
-    ((up, down), result.map_err(|e| e.to_string()))
 }
 
 #[cfg(test)]

@@ -1,0 +1,151 @@
+//! `cargo xtask fuzz --secs N`: every cargo-fuzz target in `fuzz/`, each
+//! for N seconds (libFuzzer, address sanitizer, nightly), from its corpus
+//! in `fuzz/corpus/<target>/`. New inputs that reach new code are merged
+//! into that corpus (libFuzzer's `-merge=1`, so it stays minimal); a crash
+//! leaves its input in `fuzz/artifacts/<target>/` and fails the run.
+use std::{path::Path, process::Command};
+
+use anyhow::{Context as _, bail};
+
+use crate::{display, step};
+
+const TARGETS: [&str; 5] = [
+    "config",
+    "selectors",
+    "certificate",
+    "http_request",
+    "hbone",
+];
+
+/// What one target's run gave.
+struct Ran {
+    target: &'static str,
+    execs: u64,
+    per_sec: u64,
+    coverage: u64,
+    crashed: bool,
+}
+
+pub fn run(secs: u64, only: Option<&str>) -> anyhow::Result<()> {
+    cargo_fuzz()?;
+    let targets: Vec<&'static str> = match only {
+        Some(t) => vec![
+            *TARGETS
+                .iter()
+                .find(|n| **n == t)
+                .with_context(|| format!("no fuzz target {t}; there are {TARGETS:?}"))?,
+        ],
+        None => TARGETS.to_vec(),
+    };
+    // The certificate seed is made with the agent's own `ca init`.
+    crate::build()?;
+    for t in &targets {
+        let dir = Path::new("fuzz/corpus").join(t);
+        let empty = std::fs::read_dir(&dir).map_or(true, |mut d| d.next().is_none());
+        if empty {
+            step(Command::new("python3").args(["fuzz/seeds.py", t]))?;
+        }
+    }
+    step(fuzz_cmd().args(["build", "-O"]))?;
+    let mut results = Vec::new();
+    for t in targets {
+        results.push(run_one(t, secs)?);
+    }
+    eprintln!("\nfuzz, {secs} s per target (libFuzzer, -O, address sanitizer):");
+    eprintln!(
+        "{:<14} {:>12} {:>10} {:>8}  result",
+        "target", "execs", "execs/s", "cov"
+    );
+    for r in &results {
+        eprintln!(
+            "{:<14} {:>12} {:>10} {:>8}  {}",
+            r.target,
+            r.execs,
+            r.per_sec,
+            r.coverage,
+            if r.crashed {
+                "CRASH (fuzz/artifacts/)"
+            } else {
+                "clean"
+            }
+        );
+    }
+    if results.iter().any(|r| r.crashed) {
+        bail!("a fuzz target crashed; its input is in fuzz/artifacts/<target>/");
+    }
+    Ok(())
+}
+
+fn fuzz_cmd() -> Command {
+    let mut c = Command::new("cargo");
+    c.args(["+nightly", "fuzz"])
+        .current_dir("fuzz")
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("CARGO_TARGET_DIR");
+    c
+}
+
+fn run_one(target: &'static str, secs: u64) -> anyhow::Result<Ran> {
+    let work = Path::new("fuzz/target/work").join(target);
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let corpus = format!("corpus/{target}");
+    let work_rel = format!("target/work/{target}");
+    let mut cmd = fuzz_cmd();
+    cmd.args(["run", "-O", target, &work_rel, &corpus, "--"])
+        .arg(format!("-max_total_time={secs}"))
+        .args(["-print_final_stats=1", "-timeout=10", "-rss_limit_mb=2048"]);
+    eprintln!("==> {}", display(&cmd));
+    let out = cmd
+        .output()
+        .with_context(|| format!("running fuzz target {target}"))?;
+    let log = String::from_utf8_lossy(&out.stderr);
+    let stat = |key: &str| {
+        log.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let coverage = log
+        .lines()
+        .rev()
+        .find_map(|l| {
+            l.split_once(" cov: ")
+                .and_then(|(_, r)| r.split_whitespace().next())
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let crashed = !out.status.success();
+    if crashed {
+        let tail: Vec<&str> = log.lines().rev().take(60).collect();
+        eprintln!("{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+    } else {
+        // Keep what reached new code: merged into the committed corpus.
+        step(
+            fuzz_cmd()
+                .args(["run", "-O", target, &corpus, &work_rel, "--", "-merge=1"])
+                .stderr(std::process::Stdio::null()),
+        )?;
+    }
+    Ok(Ran {
+        target,
+        execs: stat("stat::number_of_executed_units:"),
+        per_sec: stat("stat::average_exec_per_sec:"),
+        coverage,
+        crashed,
+    })
+}
+
+/// cargo-fuzz, installed from crates.io when missing (idempotent).
+fn cargo_fuzz() -> anyhow::Result<()> {
+    let have = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if have {
+        return Ok(());
+    }
+    step(Command::new(env!("CARGO")).args(["install", "cargo-fuzz", "--locked"]))
+        .context("installing cargo-fuzz")
+}
