@@ -29,6 +29,7 @@ const SOCK_STREAM: u32 = 1;
 /// Allow the syscall (cgroup sock_addr programs: 1 = proceed).
 const PROCEED: i32 = 1;
 
+const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
 const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
 const BPF_SOCK_OPS_STATE_CB: u32 = 10;
 const BPF_TCP_CLOSE: u32 = 7;
@@ -372,7 +373,15 @@ pub fn enf_sock_ops(ctx: SockOpsContext) -> u32 {
     // SAFETY: helper allowed for sock_ops programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
 
-    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        // A captured connect is under way (its record stored): be told when
+        // the socket closes, also if it never connects (the agent's backlog
+        // full, a timeout), so its record does not outlive it.
+        // SAFETY: only tests for presence.
+        if unsafe { ENF_BY_COOKIE.get(cookie) }.is_some() {
+            let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+        }
+    } else if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         // SAFETY: the record is copied out immediately.
         let Some(rec) = (unsafe { ENF_BY_COOKIE.get(cookie) }) else {
             return 1;

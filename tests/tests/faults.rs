@@ -875,3 +875,88 @@ fn connects_refused_while_the_agent_is_down_leave_no_kernel_record() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Opens N non-blocking captured connects to HOST:PORT at once, waits 3 s,
+/// prints `QUEUED <connected> PENDING <still connecting>`, and closes all.
+const PY_FLOOD_CONNECTS: &str = r#"
+import errno, resource, select, socket, sys, time
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+socks = []
+for _ in range(n):
+    s = socket.socket()
+    s.setblocking(False)
+    rc = s.connect_ex((host, port))
+    if rc not in (0, errno.EINPROGRESS):
+        print("CONNECT", rc)
+    socks.append(s)
+time.sleep(3)
+poll = select.poll()
+for s in socks:
+    poll.register(s, select.POLLOUT)
+ready = {fd for fd, ev in poll.poll(0) if ev & select.POLLOUT}
+queued = pending = 0
+for s in socks:
+    if s.fileno() in ready and s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+        queued += 1
+    else:
+        pending += 1
+print("QUEUED", queued, "PENDING", pending, flush=True)
+for s in socks:
+    s.close()
+"#;
+
+#[test]
+fn connects_that_fail_after_their_record_leave_none() {
+    // The kernel stores a connect's record before the connect completes.
+    // One that then fails — here the agent's accept backlog is full (the
+    // agent stopped), so its SYNs are dropped and the workload gives up —
+    // used to leave its record until the LRU evicted it (before the fix:
+    // hundreds left). Now the socket's close removes it, connected or not.
+    use nix::sys::signal::Signal::{SIGCONT, SIGSTOP};
+    let m = mesh("failedrecords");
+    m.tb.signal(m.ea.pid, SIGSTOP).expect("SIGSTOP a's agent");
+    let out = m.a.exec(
+        Some("support-agent.service"),
+        &[
+            "python3",
+            "-c",
+            PY_FLOOD_CONNECTS,
+            &m.b.ipv4,
+            "8080",
+            "1400",
+        ],
+    );
+    m.tb.signal(m.ea.pid, SIGCONT).expect("SIGCONT a's agent");
+    let (_, out) = out.expect("connects");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let pending: u64 = text
+        .split_whitespace()
+        .skip_while(|w| *w != "PENDING")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no PENDING count: {text} {out:?}"));
+    assert!(
+        pending > 0,
+        "the backlog must overflow for this test to mean anything: {text}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let n: f64 = ["by_cookie", "by_tuple"]
+            .iter()
+            .map(|map| {
+                m.ea.metric("enforcer_capture_map_entries", &[("map", map)])
+                    .expect("metrics")
+            })
+            .sum();
+        if n == 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{n} records left 30 s after every socket closed ({text})"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
