@@ -694,7 +694,11 @@ async fn renew_svids(identity: Arc<IdentityManager>) {
     let mut tick = tokio::time::interval(period);
     loop {
         tick.tick().await;
-        identity.renew_due();
+        // Renewing signs: on the blocking pool.
+        let id = identity.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || id.renew_due()).await {
+            warn!(error = %e, "SVID renewal task failed");
+        }
     }
 }
 

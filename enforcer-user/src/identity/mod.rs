@@ -190,14 +190,29 @@ impl IdentityManager {
     /// Embedded: the registration entries decided (`att.spiffe_id`); SPIRE:
     /// SPIRE decides from the workload's selectors.
     pub async fn identify(
-        &self,
+        self: &Arc<Self>,
         att: &crate::attest::Attestation,
     ) -> Result<Option<Arc<IssuedSvid>>, IdentityError> {
         match &self.source {
-            Source::Embedded(_) => match &att.spiffe_id {
-                Some(id) => self.svid(id).map(Some),
-                None => Ok(None),
-            },
+            Source::Embedded(_) => {
+                let Some(id) = &att.spiffe_id else {
+                    return Ok(None);
+                };
+                if let Some(s) = self.cached(id) {
+                    return Ok(Some(s));
+                }
+                // Issuing signs (and makes a key): on the blocking pool, not
+                // a data-plane thread.
+                let (this, id) = (self.clone(), id.clone());
+                let name = id.to_string();
+                tokio::task::spawn_blocking(move || this.svid(&id))
+                    .await
+                    .map_err(|e| IdentityError::Key {
+                        id: name,
+                        message: format!("the issuing task failed: {e}"),
+                    })?
+                    .map(Some)
+            }
             Source::Spire(spire) => Ok(spire.svid_for(&att.selectors).await),
         }
     }
@@ -212,7 +227,19 @@ impl IdentityManager {
         &self.provider
     }
 
-    /// The current SVID of `id`, issuing or renewing it when due.
+    /// The SVID of `id` held and not yet due for renewal (marked used).
+    fn cached(&self, id: &SpiffeId) -> Option<Arc<IssuedSvid>> {
+        let svids = self.svids.lock().unwrap_or_else(|p| p.into_inner());
+        let s = svids.get(id)?;
+        if SystemTime::now() >= s.svid.renew_at() {
+            return None;
+        }
+        s.used.store(true, std::sync::atomic::Ordering::Relaxed);
+        Some(s.clone())
+    }
+
+    /// The current SVID of `id`, issuing or renewing it when due (signs:
+    /// call it off the data-plane threads).
     pub fn svid(&self, id: &SpiffeId) -> Result<Arc<IssuedSvid>, IdentityError> {
         let Source::Embedded(ca) = &self.source else {
             return Err(IdentityError::Key {

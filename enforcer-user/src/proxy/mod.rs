@@ -69,7 +69,7 @@ pub fn peer(
 pub async fn local_destination(
     local: &std::sync::Arc<crate::attest::local::LocalAttestor>,
     attestor: &std::sync::Arc<crate::attest::Attestor>,
-    identity: &crate::identity::IdentityManager,
+    identity: &std::sync::Arc<crate::identity::IdentityManager>,
     dst: std::net::SocketAddr,
 ) -> (
     Option<std::sync::Arc<crate::identity::IssuedSvid>>,
