@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use enforcer_tests::{Node, Testbed};
+use enforcer_tests::{Enforcer, Node, Testbed};
 use serde_json::{Value, json};
 
 const TD: &str = "bench.local";
@@ -355,7 +355,23 @@ fn raise_nofile() {
     );
 }
 
-pub fn run(profile: bool, llm_only: bool, sustained: bool, memory: bool) -> anyhow::Result<()> {
+/// What a bench run measures.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Every figure of the table (DESIGN §7).
+    Full,
+    Profile,
+    LlmOnly,
+    Sustained,
+    Memory,
+    Stall,
+    Soak {
+        secs: u64,
+        rate: u64,
+    },
+}
+
+pub fn run(mode: Mode) -> anyhow::Result<()> {
     let started = Instant::now();
     raise_nofile();
     let root = std::env::current_dir()?;
@@ -521,16 +537,22 @@ pub fn run(profile: bool, llm_only: bool, sustained: bool, memory: bool) -> anyh
         );
     };
 
-    if profile {
+    if mode == Mode::Profile {
         return profiles(&bench, &root, ea.pid, eb.pid);
     }
-    if sustained {
+    if mode == Mode::Sustained {
         return sustained_rate(&bench, &root, started);
     }
-    if memory {
+    if mode == Mode::Memory {
         return memory_after_load(bench, &root, (ea.pid, eb.pid), started);
     }
-    if llm_only {
+    if mode == Mode::Stall {
+        return no_stall(bench, &root, started);
+    }
+    if let Mode::Soak { secs, rate } = mode {
+        return soak_run(bench, &root, [&ea, &eb], (secs, rate), started);
+    }
+    if mode == Mode::LlmOnly {
         let llm = llm_stream(&bench)?;
         let date = today();
         let doc = json!({"date": date, "llm_stream": llm,
@@ -1178,4 +1200,283 @@ pub fn table(doc: &Value) -> String {
         m["peer_rss_held_kib"]
     );
     t
+}
+
+/// One sample of an agent under soak.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+struct Sample {
+    at_secs: u64,
+    rss_kib: u64,
+    fds: u64,
+    threads: u64,
+    active_connections: u64,
+    by_cookie: u64,
+    by_tuple: u64,
+}
+
+fn sample(node: &Node, agent: &Enforcer, at: Instant) -> anyhow::Result<Sample> {
+    let pid = agent.pid;
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .with_context(|| format!("/proc/{pid}/fd"))?
+        .count() as u64;
+    let threads = std::fs::read_to_string(format!("/proc/{pid}/status"))?
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let (_, metrics) = node.http_get(agent.metrics_addr, "/metrics")?;
+    let sum = |prefix: &str, filter: &str| -> u64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix) && l.contains(filter))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    };
+    Ok(Sample {
+        at_secs: at.elapsed().as_secs(),
+        rss_kib: rss_kb(pid)?,
+        fds,
+        threads,
+        active_connections: sum("enforcer_active_connections{", ""),
+        by_cookie: sum("enforcer_capture_map_entries{", "by_cookie"),
+        by_tuple: sum("enforcer_capture_map_entries{", "by_tuple"),
+    })
+}
+
+/// Soak: HOLD connections held from a to b's echo server through both
+/// agents while `rate` new connections/s run for `secs`; both agents
+/// sampled every 30 s. Past the first quarter (warm-up), RSS may vary by at
+/// most 10 %, fds by 2 % (or 50), threads by 4, and the open-connection
+/// gauge and kernel-map entries must stay bounded by what is held and in
+/// flight; after the load every connection, fd and map entry is gone.
+/// Written to bench/results/<date>-soak.json; fails if a check fails.
+fn soak_run(
+    bench: Bench,
+    root: &Path,
+    agents: [&Enforcer; 2],
+    (secs, rate): (u64, u64),
+    started: Instant,
+) -> anyhow::Result<()> {
+    let Bench { mut tb, a, b, exe } = bench;
+    let nodes = [&a, &b];
+    let t0 = Instant::now();
+    let take = |t0: Instant| -> anyhow::Result<[Sample; 2]> {
+        Ok([
+            sample(nodes[0], agents[0], t0)?,
+            sample(nodes[1], agents[1], t0)?,
+        ])
+    };
+    let idle = take(t0)?;
+    let (holder, held) = hold(&mut tb, &a, &b, &exe, secs + 30)?;
+    let exe_s = exe.display().to_string();
+    let paced = tb.spawn(
+        &a,
+        Some("bench-client.service"),
+        "paced",
+        &[
+            &exe_s,
+            "bench-paced",
+            &format!("{}:{ECHO}", b.ipv4),
+            &secs.to_string(),
+            &rate.to_string(),
+        ],
+    )?;
+    let load_start = Instant::now();
+    let mut samples = vec![take(t0)?];
+    while tb.wait_exit(paced, Duration::from_secs(30)).is_none() {
+        samples.push(take(t0)?);
+        eprintln!(
+            "  soak {:>4} s: a {:?}",
+            load_start.elapsed().as_secs(),
+            samples[samples.len() - 1][0]
+        );
+        if load_start.elapsed() > Duration::from_secs(secs + 60) {
+            bail!("the paced load did not end");
+        }
+    }
+    let out = tb.server_log(&a, "paced");
+    let load: Value = serde_json::from_str(out.lines().last().unwrap_or("").trim())
+        .with_context(|| format!("bench-paced output: {out}"))?;
+    let _ = tb.wait_exit(holder, Duration::from_secs(90));
+    std::thread::sleep(Duration::from_secs(MEMORY_SETTLE_SECS));
+    let after = take(t0)?;
+
+    let mut failures = Vec::new();
+    let warm = samples.len() / 4;
+    let steady = &samples[warm.max(1)..];
+    let bound = held as u64 + 2 * rate;
+    for (i, name) in ["a", "b"].iter().enumerate() {
+        let col = |f: fn(&Sample) -> u64| -> (u64, u64) {
+            let v: Vec<u64> = steady.iter().map(|s| f(&s[i])).collect();
+            (*v.iter().min().unwrap_or(&0), *v.iter().max().unwrap_or(&0))
+        };
+        let (lo, hi) = col(|s| s.rss_kib);
+        if hi as f64 > lo as f64 * 1.10 {
+            failures.push(format!(
+                "{name}: RSS grew under steady load, {lo} -> {hi} KiB"
+            ));
+        }
+        let (lo, hi) = col(|s| s.fds);
+        if hi - lo > (lo / 50).max(50) {
+            failures.push(format!("{name}: open fds drifted, {lo} -> {hi}"));
+        }
+        let (lo, hi) = col(|s| s.threads);
+        if hi - lo > 4 {
+            failures.push(format!("{name}: threads drifted, {lo} -> {hi}"));
+        }
+        let (_, hi) = col(|s| s.active_connections);
+        if hi > bound {
+            failures.push(format!("{name}: {hi} open connections (bound {bound})"));
+        }
+        let (_, hi) = col(|s| s.by_cookie + s.by_tuple);
+        if hi > bound {
+            failures.push(format!("{name}: {hi} kernel map entries (bound {bound})"));
+        }
+        let end = after[i];
+        if end.active_connections != 0 {
+            failures.push(format!(
+                "{name}: {} connections still open after the load",
+                end.active_connections
+            ));
+        }
+        if end.by_cookie + end.by_tuple > 16 {
+            failures.push(format!(
+                "{name}: {} kernel map entries left after the load",
+                end.by_cookie + end.by_tuple
+            ));
+        }
+        if end.fds > idle[i].fds + 16 {
+            failures.push(format!(
+                "{name}: {} fds after the load, {} idle",
+                end.fds, idle[i].fds
+            ));
+        }
+    }
+    if load["errors"].as_u64() != Some(0) {
+        failures.push(format!("new connections failed: {load}"));
+    }
+    let doc = json!({
+        "date": today(),
+        "secs": secs,
+        "rate_per_sec": rate,
+        "connections_held": held,
+        "load": load,
+        "agents": ["a (client side)", "b (server side)"],
+        "idle": idle,
+        "samples": samples,
+        "after_settle": after,
+        "rss_after_over_idle": [
+            (after[0].rss_kib as f64 / idle[0].rss_kib as f64 * 100.0).round() / 100.0,
+            (after[1].rss_kib as f64 / idle[1].rss_kib as f64 * 100.0).round() / 100.0,
+        ],
+        "failures": failures,
+        "duration_secs": started.elapsed().as_secs(),
+    });
+    let out_dir = root.join("bench/results");
+    std::fs::create_dir_all(&out_dir)?;
+    let out = unused(&out_dir, &format!("{}-soak", today()), "json");
+    std::fs::write(&out, serde_json::to_string_pretty(&doc)?)?;
+    println!("written: {}", out.display());
+    if !failures.is_empty() {
+        bail!("soak failed:\n{}", failures.join("\n"));
+    }
+    println!("soak passed: {} s, {held} held, {rate}/s new, flat", secs);
+    Ok(())
+}
+
+/// Bytes of each executable the stall check makes the agent hash.
+const BIG_EXE: u64 = 1 << 30;
+
+/// No stall: sockperf ping-pong through enforcer (an established
+/// connection), alone and while new workloads whose executables are 1 GiB
+/// each connect (the agent hashes each, once, for its `unix:sha256`
+/// selector), in ROUNDS rounds. The bound: p99 under hashing within
+/// 2x of p99 without. Written to bench/results/<date>-stall.json.
+fn no_stall(bench: Bench, root: &Path, started: Instant) -> anyhow::Result<()> {
+    let python = which("python3")?;
+    let script = format!(
+        "import socket; s = socket.create_connection(('{}', {ECHO}), timeout=30); s.sendall(b'ping\\n'); s.recv(5)",
+        bench.b.ipv4
+    );
+    let mut rounds = vec![];
+    let mut n = 0;
+    for round in 0..ROUNDS {
+        let (base50, base99) = bench.sockperf(Path_::Enforcer)?;
+        // Fresh 1 GiB executables (sparse: python3, then zeros), so no
+        // digest is cached; started one after another during the run.
+        let mut bigs = vec![];
+        for _ in 0..3 {
+            n += 1;
+            let big = bench.tb.dir.join(format!("big-{n}"));
+            std::fs::copy(&python, &big)
+                .with_context(|| format!("copying {}", python.display()))?;
+            std::fs::File::options()
+                .write(true)
+                .open(&big)?
+                .set_len(BIG_EXE)?;
+            bigs.push(big);
+        }
+        let hashers = {
+            let (a2, script) = (bench.a.clone(), script.clone());
+            std::thread::spawn(move || -> anyhow::Result<Vec<f64>> {
+                let mut took = vec![];
+                std::thread::sleep(Duration::from_millis(300));
+                for big in bigs {
+                    let t = Instant::now();
+                    let (_, out) = a2.exec(
+                        Some("bench-hasher.service"),
+                        &[&big.display().to_string(), "-c", &script],
+                    )?;
+                    if !out.status.success() {
+                        bail!("the 1 GiB workload failed: {out:?}");
+                    }
+                    took.push(t.elapsed().as_secs_f64());
+                    let _ = std::fs::remove_file(&big);
+                }
+                Ok(took)
+            })
+        };
+        let (load50, load99) = bench.sockperf(Path_::Enforcer)?;
+        let took = hashers
+            .join()
+            .map_err(|_| anyhow::anyhow!("the hasher thread panicked"))??;
+        eprintln!(
+            "  stall round {round}: p50 {base50:.1} -> {load50:.1} us, p99 {base99:.1} -> {load99:.1} us; 1 GiB workloads connected in {took:.1?} s"
+        );
+        rounds.push(json!({
+            "alone_us": {"p50": base50, "p99": base99},
+            "while_hashing_us": {"p50": load50, "p99": load99},
+            "p99_ratio": ((load99 / base99) * 100.0).round() / 100.0,
+            "workload_connect_secs": took,
+        }));
+    }
+    let mut ratios: Vec<f64> = rounds
+        .iter()
+        .filter_map(|r| r["p99_ratio"].as_f64())
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let doc = json!({
+        "date": today(),
+        "executable_bytes": BIG_EXE,
+        "rounds": rounds,
+        "p99_ratio": {"min": ratios.first(), "median": ratios.get(ratios.len() / 2), "max": ratios.last()},
+        "bound": 2.0,
+        "duration_secs": started.elapsed().as_secs(),
+    });
+    let out_dir = root.join("bench/results");
+    std::fs::create_dir_all(&out_dir)?;
+    let out = unused(&out_dir, &format!("{}-stall", today()), "json");
+    std::fs::write(&out, serde_json::to_string_pretty(&doc)?)?;
+    println!("{}", serde_json::to_string_pretty(&doc)?);
+    println!("written: {}", out.display());
+    Ok(())
+}
+
+fn which(name: &str) -> anyhow::Result<PathBuf> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .with_context(|| format!("{name} not found on PATH"))
 }

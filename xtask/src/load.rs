@@ -208,3 +208,59 @@ pub fn sse(addr: SocketAddr, requests: usize, words: usize) -> anyhow::Result<()
         Ok(())
     })
 }
+
+/// New connections at `per_sec` (one started every 1/per_sec s, each an
+/// echo exchange then closed) for `secs` seconds; prints one JSON line:
+/// connections, errors, and the connections completed in each 10 s.
+pub fn paced(addr: SocketAddr, secs: u64, per_sec: u64) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        let ok = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(AtomicU64::new(0));
+        let start = Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / per_sec.max(1)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut buckets = Vec::new();
+        let mut next_bucket = start + Duration::from_secs(10);
+        let mut at_bucket = 0;
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(4096));
+        while start.elapsed() < Duration::from_secs(secs) {
+            tick.tick().await;
+            if Instant::now() >= next_bucket {
+                let done = ok.load(Ordering::Relaxed);
+                buckets.push(done - at_bucket);
+                at_bucket = done;
+                next_bucket += Duration::from_secs(10);
+            }
+            let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                // 4 096 connections outstanding: the path is stalled.
+                errors.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let (ok, errors) = (ok.clone(), errors.clone());
+            tokio::spawn(async move {
+                let one = async {
+                    let mut s = tokio::net::TcpStream::connect(addr).await?;
+                    s.write_all(b"ping\n").await?;
+                    let mut buf = [0u8; 5];
+                    s.read_exact(&mut buf).await?;
+                    std::io::Result::Ok(())
+                };
+                match tokio::time::timeout(Duration::from_secs(5), one).await {
+                    Ok(Ok(())) => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => errors.fetch_add(1, Ordering::Relaxed),
+                };
+                drop(permit);
+            });
+        }
+        // Whatever is still in flight gets its 5 s.
+        let _ = tokio::time::timeout(Duration::from_secs(6), in_flight.acquire_many(4096)).await;
+        println!(
+            "{{\"connections\":{},\"errors\":{},\"secs\":{:.3},\"per_10s\":{:?}}}",
+            ok.load(Ordering::Relaxed),
+            errors.load(Ordering::Relaxed),
+            start.elapsed().as_secs_f64(),
+            buckets
+        );
+        anyhow::Ok(())
+    })
+}

@@ -50,6 +50,22 @@ enum Task {
         /// bench/results/<date>-memory.json.
         #[arg(long)]
         memory: bool,
+        /// Only the no-stall check: sockperf latency through enforcer alone
+        /// and while new workloads with 1 GiB executables connect (each
+        /// hashed by the agent), to bench/results/<date>-stall.json.
+        #[arg(long)]
+        stall: bool,
+    },
+    /// Soak (bench topology, policy on): HOLD idle connections held and
+    /// RATE new connections/s for SECS seconds across the two nodes; both
+    /// agents' RSS, fds, threads, open connections and capture-map entries
+    /// sampled every 30 s must stay flat, and come back after the load.
+    /// Results to bench/results/<date>-soak.json.
+    Soak {
+        #[arg(long, default_value_t = 600)]
+        secs: u64,
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
     },
     /// Fuzz targets (fuzz/, cargo-fuzz): each runs SECS seconds from its
     /// committed corpus; new coverage is merged back; a crash fails.
@@ -82,6 +98,13 @@ enum Task {
         requests: usize,
         words: usize,
     },
+    /// (used by soak) PER_SEC new connections/s to ADDR for SECS
+    #[command(hide = true)]
+    BenchPaced {
+        addr: std::net::SocketAddr,
+        secs: u64,
+        per_sec: u64,
+    },
     /// (used by bench) hold COUNT idle connections to ADDR for SECS
     #[command(hide = true)]
     BenchHold {
@@ -108,9 +131,26 @@ fn main() -> anyhow::Result<()> {
             llm_only,
             sustained,
             memory,
+            stall,
         } => {
+            use bench::Mode;
+            let mode = match (profile, llm_only, sustained, memory, stall) {
+                (true, ..) => Mode::Profile,
+                (_, true, ..) => Mode::LlmOnly,
+                (_, _, true, ..) => Mode::Sustained,
+                (_, _, _, true, _) => Mode::Memory,
+                (.., true) => Mode::Stall,
+                _ => Mode::Full,
+            };
             setup::run()?;
-            bench::run(profile, llm_only, sustained, memory)
+            bench::run(mode)
+        }
+        Task::Soak { secs, rate } => {
+            setup::run()?;
+            bench::run(bench::Mode::Soak {
+                secs: secs.clamp(60, 3600),
+                rate: rate.clamp(1, 5000),
+            })
         }
         Task::Fuzz { secs, target } => {
             setup::run()?;
@@ -128,7 +168,14 @@ fn main() -> anyhow::Result<()> {
             requests,
             words,
         } => load::sse(addr, requests.min(1000), words.min(10_000)),
-        Task::BenchHold { addr, count, secs } => load::hold(addr, count.min(20_000), secs.min(120)),
+        Task::BenchHold { addr, count, secs } => {
+            load::hold(addr, count.min(20_000), secs.min(3700))
+        }
+        Task::BenchPaced {
+            addr,
+            secs,
+            per_sec,
+        } => load::paced(addr, secs.min(3600), per_sec.clamp(1, 5000)),
     }
 }
 
