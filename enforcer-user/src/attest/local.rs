@@ -230,12 +230,23 @@ pub struct LocalAttestor {
     owners: Mutex<HashMap<u64, (Instant, Answer)>>,
     /// Recent answers per address, served without leaving the runtime thread.
     recent: Mutex<HashMap<SocketAddr, (Instant, Answer)>>,
+    /// One lookup on the blocking pool at a time: when the recent answers
+    /// expire under a high connection rate, the connections that miss wait
+    /// (as tasks, holding no thread) for the one lookup under way and take
+    /// its answer, instead of each taking a blocking thread to repeat it
+    /// (the soak saw b's blocking pool at its 512 threads).
+    lookup: tokio::sync::Mutex<()>,
 }
 
 impl LocalAttestor {
     /// The attestation of the workload that a connection to `dst` reaches.
     /// Blocking work runs on the blocking pool.
     pub async fn attest(self: &Arc<Self>, attestor: &Arc<Attestor>, dst: SocketAddr) -> Answer {
+        if let Some(hit) = self.recent(dst) {
+            return hit;
+        }
+        let _one = self.lookup.lock().await;
+        // Answered while this one waited?
         if let Some(hit) = self.recent(dst) {
             return hit;
         }
