@@ -69,6 +69,11 @@ pub struct MapLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AllocatorLabels {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RejectLabels {
     pub reason: &'static str,
 }
@@ -117,6 +122,7 @@ pub struct Metrics {
     pub bytes: Family<BytesLabels, Counter>,
     pub active: Family<DirectionLabels, Gauge>,
     pub capture_map_entries: Family<MapLabels, Gauge>,
+    pub allocator_bytes: Family<AllocatorLabels, Gauge>,
     pub hbone_rejected: Family<RejectLabels, Counter>,
     pub hbone_streams_refused: Family<RejectLabels, Counter>,
     pub policy_decisions: Family<DecisionLabels, Counter>,
@@ -163,6 +169,12 @@ impl Metrics {
             "capture_map_entries",
             "Entries in the kernel capture maps (sampled at scrape)",
             capture_map_entries.clone(),
+        );
+        let allocator_bytes = Family::<AllocatorLabels, Gauge>::default();
+        registry.register(
+            "allocator_bytes",
+            "The allocator's (jemalloc) view of the agent's memory, by kind: allocated (live objects), active (pages holding them), resident, retained (mapped, returned to the OS) (sampled at scrape)",
+            allocator_bytes.clone(),
         );
         let hbone_rejected = Family::<RejectLabels, Counter>::default();
         registry.register(
@@ -264,6 +276,7 @@ impl Metrics {
             bytes,
             active,
             capture_map_entries,
+            allocator_bytes,
         }
     }
 

@@ -53,8 +53,33 @@ impl AdminState {
             g.get_or_create(&metrics::MapLabels { map: "by_tuple" })
                 .set(by_tuple as i64);
         }
+        let g = &self.metrics.allocator_bytes;
+        for (kind, bytes) in allocator_stats() {
+            g.get_or_create(&metrics::AllocatorLabels { kind })
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
         self.metrics.encode()
     }
+}
+
+/// jemalloc's statistics (refreshed by advancing its epoch): what is live,
+/// what the pages holding it take, what is resident and what is retained.
+/// Empty when they cannot be read.
+fn allocator_stats() -> Vec<(&'static str, usize)> {
+    use tikv_jemalloc_ctl::{epoch, stats};
+    if epoch::advance().is_err() {
+        return vec![];
+    }
+    [
+        ("allocated", stats::allocated::read()),
+        ("active", stats::active::read()),
+        ("resident", stats::resident::read()),
+        ("retained", stats::retained::read()),
+        ("metadata", stats::metadata::read()),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| v.ok().map(|v| (k, v)))
+    .collect()
 }
 
 fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
