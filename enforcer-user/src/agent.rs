@@ -492,25 +492,28 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     ));
 
     state.ready.store(true, Ordering::Release);
-    if inherited.is_none() {
-        notify_systemd(vec![sd_notify::NotifyState::Ready]).await;
-    }
-    if let Some(inherited) = inherited {
-        // Accepting on every listener: the previous agent may stop.
-        let previous = inherited.serving()?;
-        let capture = capture.clone();
-        tokio::spawn(async move {
-            let pid = previous.pid;
-            previous.exited().await;
-            info!(previous = pid, "the previous agent has exited");
-            if let Err(e) = capture.set_handover_cgroup(None) {
-                warn!(error = %e, "forgetting the previous agent's cgroup");
-            }
-        });
+    match inherited {
+        None => notify_systemd(vec![sd_notify::NotifyState::Ready]).await,
+        // Accepting on every listener: the previous agent may stop (and
+        // tells systemd this agent's pid; it is the service's main process).
+        Some(inherited) => {
+            let previous = inherited.serving()?;
+            let capture = capture.clone();
+            tokio::spawn(async move {
+                let pid = previous.pid;
+                previous.exited().await;
+                info!(previous = pid, "the previous agent has exited");
+                if let Err(e) = capture.set_handover_cgroup(None) {
+                    warn!(error = %e, "forgetting the previous agent's cgroup");
+                }
+            });
+        }
     }
     let mut handover = handover::serve(&state_dir, offer)?;
     let mut handover_open = true;
-    let mut _successor = None;
+    // The agent this one handed over to: held until exit (it sees the
+    // handover socket close then).
+    let mut successor = None;
     info!(
         node = %config.node_name,
         cgroup = %cgroup.path.display(),
@@ -549,23 +552,22 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
                 info!("SIGUSR2 received; starting a new agent to take over");
                 start_successor();
             }
-            successor = &mut handover, if handover_open => {
-                let Ok(successor) = successor else {
+            handed = &mut handover, if handover_open => {
+                let Ok(handed) = handed else {
                     warn!("the handover thread ended; no hitless upgrade from this agent");
                     handover_open = false;
                     continue;
                 };
-                info!(successor = successor.pid, "handed over to a new agent; draining");
+                info!(successor = handed.pid, "handed over to a new agent; draining");
                 // systemd follows the new agent as the service's main process.
-                notify_systemd(vec![sd_notify::NotifyState::MainPid(successor.pid)]).await;
-                // Held until exit: the new agent sees the socket close then.
-                _successor = Some(successor);
+                notify_systemd(vec![sd_notify::NotifyState::MainPid(handed.pid)]).await;
+                successor = Some(handed);
                 break;
             }
         }
     }
     crate::drain::run(Duration::from_secs(config.runtime.drain_secs)).await;
-    if _successor.is_some() && config.runtime.after_handover == crate::config::AfterHandover::Wait {
+    if successor.is_some() && config.runtime.after_handover == crate::config::AfterHandover::Wait {
         info!("handed over and drained; waiting for SIGTERM (runtime.after_handover = \"wait\")");
         tokio::select! {
             _ = term.recv() => {}

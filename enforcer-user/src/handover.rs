@@ -381,25 +381,37 @@ pub struct Previous {
 
 impl Previous {
     /// Resolves when the previous agent has exited (its end of the handover
-    /// socket closed).
+    /// socket closed). Waits on the runtime's reactor, holding no thread.
     pub async fn exited(self) {
         let Self { pid, conn, .. } = self;
-        let waited = tokio::task::spawn_blocking(move || {
-            if set_timeout(&conn, Duration::ZERO).is_err() {
-                return;
+        if let Err(e) = wait_closed(conn).await {
+            warn!(previous = pid, error = %e, "waiting for the previous agent failed");
+        }
+    }
+}
+
+/// Resolves at end of file on `conn` (anything the peer sends is ignored).
+/// The `SOCK_SEQPACKET` socket is read through tokio's unix stream type:
+/// `read(2)` on it returns 0 at end of file all the same.
+async fn wait_closed(conn: OwnedFd) -> std::io::Result<()> {
+    let conn = std::os::unix::net::UnixStream::from(conn);
+    conn.set_nonblocking(true)?;
+    let conn = tokio::net::UnixStream::from_std(conn)?;
+    let mut buf = [0u8; 256];
+    loop {
+        conn.readable().await?;
+        match conn.try_read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(_) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue;
             }
-            loop {
-                let mut byte = [0u8; 1];
-                match nix::sys::socket::recv(conn.as_raw_fd(), &mut byte, MsgFlags::empty()) {
-                    Ok(0) => return,
-                    Ok(_) | Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => continue,
-                    Err(_) => return,
-                }
-            }
-        })
-        .await;
-        if waited.is_err() {
-            warn!(previous = pid, "waiting for the previous agent failed");
+            Err(e) => return Err(e),
         }
     }
 }

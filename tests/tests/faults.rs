@@ -856,22 +856,21 @@ fn connects_refused_while_the_agent_is_down_leave_no_kernel_record() {
         &format!("http://{}:8080/", m.b.ipv4),
     );
     ea.connection_line(|v| v["orig_dst"] == format!("{}:8080", m.b.ipv4));
-    let deadline = Instant::now() + Duration::from_secs(5);
+    assert_records_drain(&ea, Duration::from_secs(5), "after the connection closed");
+}
+
+/// Waits up to `within` for `agent`'s capture maps (both) to hold no record;
+/// fails with the count left, `when`.
+fn assert_records_drain(agent: &enforcer_tests::Enforcer, within: Duration, when: &str) {
+    let deadline = Instant::now() + within;
     loop {
-        let n: f64 = ["by_cookie", "by_tuple"]
-            .iter()
-            .map(|map| {
-                ea.metric("enforcer_capture_map_entries", &[("map", map)])
-                    .expect("metrics")
-            })
-            .sum();
+        let n = agent
+            .metric("enforcer_capture_map_entries", &[])
+            .expect("metrics");
         if n == 0.0 {
-            break;
+            return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "{n} records left after the connection closed"
-        );
+        assert!(Instant::now() < deadline, "{n} records left {when}");
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -941,22 +940,9 @@ fn connects_that_fail_after_their_record_leave_none() {
         pending > 0,
         "the backlog must overflow for this test to mean anything: {text}"
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let n: f64 = ["by_cookie", "by_tuple"]
-            .iter()
-            .map(|map| {
-                m.ea.metric("enforcer_capture_map_entries", &[("map", map)])
-                    .expect("metrics")
-            })
-            .sum();
-        if n == 0.0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{n} records left 30 s after every socket closed ({text})"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    assert_records_drain(
+        &m.ea,
+        Duration::from_secs(30),
+        &format!("30 s after every socket closed ({text})"),
+    );
 }

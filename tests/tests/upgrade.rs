@@ -346,3 +346,79 @@ fn drained_old_agent_waits_for_sigterm_when_told_to() {
     let (code, _) = a.http_get(new.metrics_addr, "/readyz").expect("readyz");
     assert_eq!(code, 200, "the new agent serves on");
 }
+
+/// As uid/gid 65534, connects to the handover socket at PATH, says hello as
+/// node NODE, and prints what came back: `BYTES <n> FDS <descriptors>` (a
+/// reset counts as nothing).
+const PY_STEAL_LISTENERS: &str = r#"
+import array, json, os, socket, sys
+path, node = sys.argv[1], sys.argv[2]
+os.setgid(65534)
+os.setuid(65534)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect(path)
+s.send(json.dumps({"type": "hello", "protocol": "enforcer-handover/1", "node": node,
+                   "pid": os.getpid(), "cgroup_id": 0}).encode())
+ints = array.array("i")
+try:
+    msg, anc, _, _ = s.recvmsg(16384, socket.CMSG_SPACE(16 * ints.itemsize))
+except ConnectionResetError:
+    msg, anc = b"", []
+fds = sum(len(d) // ints.itemsize for lvl, kind, d in anc
+          if lvl == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS)
+print("BYTES", len(msg), "FDS", fds, flush=True)
+"#;
+
+#[test]
+fn another_user_cannot_take_the_listeners() {
+    // The attack: an unprivileged local user who can reach the handover
+    // socket (a state_dir left world-accessible) asks for the listeners and
+    // would receive the agent's outbound listener — every captured
+    // connection of the node. The agent checks the peer's uid
+    // (SO_PEERCRED) and hands over nothing; it serves on.
+    use std::os::unix::fs::PermissionsExt as _;
+    let (mut tb, a, _b) = Testbed::linked_pair("upgsteal").expect("testbed");
+    let cfg = tb.enforcer_config(&a, "").expect("config");
+    let agent = tb.start_enforcer(&a, &cfg).expect("agent");
+    let state = tb.dir.join("a-state");
+    let sock = state.join("handover.sock");
+    for (path, mode) in [(&tb.dir, 0o755), (&state, 0o755), (&sock, 0o777)] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+    let (_, out) = a
+        .exec(
+            None,
+            &[
+                "python3",
+                "-c",
+                PY_STEAL_LISTENERS,
+                &sock.display().to_string(),
+                &tb.node_instance(&a),
+            ],
+        )
+        .expect("python3");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        text.trim(),
+        "BYTES 0 FDS 0",
+        "another user got an answer or descriptors: {text} {out:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !agent.log_lines().iter().any(|v| {
+        v["message"] == "handover failed; this agent keeps serving"
+            && v["error"].as_str().is_some_and(|e| e.contains("uid 65534"))
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not log the refused handover"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (code, _) = a.http_get(agent.metrics_addr, "/readyz").expect("readyz");
+    assert_eq!(code, 200, "the agent serves on");
+    assert!(
+        tb.wait_exit(agent.pid, Duration::from_millis(500))
+            .is_none(),
+        "the agent did not drain"
+    );
+}

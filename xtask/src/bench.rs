@@ -557,10 +557,7 @@ pub fn run(mode: Mode) -> anyhow::Result<()> {
         let date = today();
         let doc = json!({"date": date, "llm_stream": llm,
             "duration_secs": started.elapsed().as_secs()});
-        let out_dir = root.join("bench/results");
-        std::fs::create_dir_all(&out_dir)?;
-        let out = unused(&out_dir, &format!("{date}-llm"), "json");
-        std::fs::write(&out, serde_json::to_string_pretty(&doc)?)?;
+        let out = write_json(&root, &format!("{date}-llm"), &doc)?;
         println!("{}", table(&doc));
         println!("written: {}", out.display());
         return Ok(());
@@ -684,10 +681,7 @@ pub fn run(mode: Mode) -> anyhow::Result<()> {
         "micro": micro,
         "duration_secs": started.elapsed().as_secs(),
     });
-    let out_dir = root.join("bench/results");
-    std::fs::create_dir_all(&out_dir)?;
-    let out = unused(&out_dir, &date, "json");
-    std::fs::write(&out, serde_json::to_string_pretty(&doc)?)?;
+    let out = write_json(&root, &date, &doc)?;
     println!("{}", table(&doc));
     println!(
         "written: {} ({} s)",
@@ -809,10 +803,7 @@ fn memory_after_load(
         "allocator": std::env::var("ENFORCER_BENCH_ALLOCATOR").unwrap_or_else(|_| "as built".into()),
         "duration_secs": started.elapsed().as_secs(),
     });
-    let out_dir = root.join("bench/results");
-    std::fs::create_dir_all(&out_dir)?;
-    let out = unused(&out_dir, &format!("{}-memory", today()), "json");
-    std::fs::write(&out, serde_json::to_string_pretty(&doc)?)?;
+    let out = write_json(root, &format!("{}-memory", today()), &doc)?;
     println!("{}", serde_json::to_string_pretty(&doc)?);
     println!("written: {}", out.display());
     Ok(())
@@ -849,13 +840,25 @@ fn sustained_rate(bench: &Bench, root: &Path, started: Instant) -> anyhow::Resul
     let date = today();
     let doc = json!({"date": date, "round_secs": SUSTAINED_SECS,
         "new_connections_per_sec": doc, "duration_secs": started.elapsed().as_secs()});
-    let out_dir = root.join("bench/results");
-    std::fs::create_dir_all(&out_dir)?;
-    let out = unused(&out_dir, &format!("{date}-sustained"), "json");
-    std::fs::write(&out, serde_json::to_string_pretty(&doc)?)?;
+    let out = write_json(root, &format!("{date}-sustained"), &doc)?;
     println!("{}", serde_json::to_string_pretty(&doc)?);
     println!("written: {}", out.display());
     Ok(())
+}
+
+/// Writes `content` to `bench/results/<stem>.<ext>` (or `<stem>-2.<ext>`,
+/// … when taken) and returns the path.
+fn write_result(root: &Path, stem: &str, ext: &str, content: &str) -> anyhow::Result<PathBuf> {
+    let dir = root.join("bench/results");
+    std::fs::create_dir_all(&dir)?;
+    let out = unused(&dir, stem, ext);
+    std::fs::write(&out, content).with_context(|| format!("writing {}", out.display()))?;
+    Ok(out)
+}
+
+/// [`write_result`] of a JSON document, pretty-printed.
+fn write_json(root: &Path, stem: &str, doc: &Value) -> anyhow::Result<PathBuf> {
+    write_result(root, stem, "json", &serde_json::to_string_pretty(doc)?)
 }
 
 fn unused(dir: &Path, stem: &str, ext: &str) -> PathBuf {
@@ -973,10 +976,7 @@ fn profiles(bench: &Bench, root: &Path, agent_a: u32, agent_b: u32) -> anyhow::R
             report("comm,sym", 40)?
         );
     }
-    let out_dir = root.join("bench/results");
-    std::fs::create_dir_all(&out_dir)?;
-    let out = unused(&out_dir, &format!("{}-profile", today()), "md");
-    std::fs::write(&out, md)?;
+    let out = write_result(root, &format!("{}-profile", today()), "md", &md)?;
     println!("written: {}", out.display());
     Ok(())
 }
@@ -1438,10 +1438,7 @@ fn soak_run(
         "failures": failures,
         "duration_secs": started.elapsed().as_secs(),
     });
-    let out_dir = root.join("bench/results");
-    std::fs::create_dir_all(&out_dir)?;
-    let out = unused(&out_dir, &format!("{}-soak", today()), "json");
-    std::fs::write(&out, serde_json::to_string_pretty(&doc)?)?;
+    let out = write_json(root, &format!("{}-soak", today()), &doc)?;
     println!("written: {}", out.display());
     if !failures.is_empty() {
         bail!("soak failed:\n{}", failures.join("\n"));
@@ -1540,10 +1537,7 @@ fn no_stall(bench: Bench, root: &Path, started: Instant) -> anyhow::Result<()> {
         "bound": 2.0,
         "duration_secs": started.elapsed().as_secs(),
     });
-    let out_dir = root.join("bench/results");
-    std::fs::create_dir_all(&out_dir)?;
-    let out = unused(&out_dir, &format!("{}-stall", today()), "json");
-    std::fs::write(&out, serde_json::to_string_pretty(&doc)?)?;
+    let out = write_json(root, &format!("{}-stall", today()), &doc)?;
     println!("{}", serde_json::to_string_pretty(&doc)?);
     println!("written: {}", out.display());
     Ok(())

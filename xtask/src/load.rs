@@ -83,16 +83,8 @@ pub fn connect_rate(addr: SocketAddr, secs: u64, workers: usize) -> anyhow::Resu
             let (ok, errors) = (ok.clone(), errors.clone());
             tasks.push(tokio::spawn(async move {
                 while Instant::now() < deadline {
-                    let one = async {
-                        let mut s = tokio::net::TcpStream::connect(addr).await?;
-                        s.set_nodelay(true)?;
-                        s.write_all(b"ping\n").await?;
-                        let mut buf = [0u8; 5];
-                        s.read_exact(&mut buf).await?;
-                        std::io::Result::Ok(())
-                    };
-                    match tokio::time::timeout(Duration::from_secs(5), one).await {
-                        Ok(Ok(())) => ok.fetch_add(1, Ordering::Relaxed),
+                    match tokio::time::timeout(Duration::from_secs(5), echoed(addr)).await {
+                        Ok(Ok(_)) => ok.fetch_add(1, Ordering::Relaxed),
                         _ => errors.fetch_add(1, Ordering::Relaxed),
                     };
                 }
@@ -111,6 +103,17 @@ pub fn connect_rate(addr: SocketAddr, secs: u64, workers: usize) -> anyhow::Resu
     })
 }
 
+/// A new connection to the echo server at `addr`, checked with one 5-byte
+/// exchange.
+async fn echoed(addr: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    s.write_all(b"ping\n").await?;
+    let mut buf = [0u8; 5];
+    s.read_exact(&mut buf).await?;
+    Ok(s)
+}
+
 /// Opens `count` connections (each checked with one echo), prints
 /// `HELD <n>`, keeps them open for `secs` seconds, then exits.
 pub fn hold(addr: SocketAddr, count: usize, secs: u64) -> anyhow::Result<()> {
@@ -119,15 +122,7 @@ pub fn hold(addr: SocketAddr, count: usize, secs: u64) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
         while held.len() < count && Instant::now() < deadline {
             let batch: Vec<_> = (0..(count - held.len()).min(256))
-                .map(|_| {
-                    tokio::spawn(async move {
-                        let mut s = tokio::net::TcpStream::connect(addr).await?;
-                        s.write_all(b"ping\n").await?;
-                        let mut buf = [0u8; 5];
-                        s.read_exact(&mut buf).await?;
-                        std::io::Result::Ok(s)
-                    })
-                })
+                .map(|_| tokio::spawn(echoed(addr)))
                 .collect();
             for t in batch {
                 if let Ok(Ok(s)) = t.await {
@@ -238,15 +233,8 @@ pub fn paced(addr: SocketAddr, secs: u64, per_sec: u64) -> anyhow::Result<()> {
             };
             let (ok, errors) = (ok.clone(), errors.clone());
             tokio::spawn(async move {
-                let one = async {
-                    let mut s = tokio::net::TcpStream::connect(addr).await?;
-                    s.write_all(b"ping\n").await?;
-                    let mut buf = [0u8; 5];
-                    s.read_exact(&mut buf).await?;
-                    std::io::Result::Ok(())
-                };
-                match tokio::time::timeout(Duration::from_secs(5), one).await {
-                    Ok(Ok(())) => ok.fetch_add(1, Ordering::Relaxed),
+                match tokio::time::timeout(Duration::from_secs(5), echoed(addr)).await {
+                    Ok(Ok(_)) => ok.fetch_add(1, Ordering::Relaxed),
                     _ => errors.fetch_add(1, Ordering::Relaxed),
                 };
                 drop(permit);

@@ -128,7 +128,6 @@ impl Outbound {
             return rec.refused(Outcome::NoOriginalDestination);
         };
         let att = self.attest_source(record).await;
-        rec.facts = Some(att.facts.clone());
         let src_svid = match self.identity.identify(&att).await {
             Ok(s) => s,
             Err(e) => {
@@ -136,6 +135,11 @@ impl Outbound {
                 None
             }
         };
+        // The facts go to the connection's record; the selectors stay here.
+        let Attestation {
+            facts, selectors, ..
+        } = att;
+        rec.facts = Some(facts);
         rec.src_id = src_svid.as_ref().map(|s| s.svid.spiffe_id.to_string());
         let Some(dst) = original_destination(&record) else {
             warn!(
@@ -148,7 +152,7 @@ impl Outbound {
         rec.dst = Some(dst);
         tracing::Span::current().record("dst", tracing::field::display(dst));
 
-        let mut src_peer = super::peer(src_svid.as_deref(), &att.selectors, None);
+        let mut src_peer = super::peer(src_svid.as_deref(), &selectors, None);
         src_peer.node = Some(self.node.clone());
 
         if self.local_addrs.contains(dst.ip()) {
@@ -174,7 +178,7 @@ impl Outbound {
                 }
             }
             if rec.dst_id.is_some() && rec.src_id.is_none() {
-                warn!(conn_id = id, orig_dst = %dst, selectors = ?att.selectors,
+                warn!(conn_id = id, orig_dst = %dst, selectors = ?selectors,
                     "workload has no SPIFFE identity; refusing a destination that has one");
                 return refuse(client, &mut rec, Outcome::NoIdentity);
             }
@@ -212,7 +216,7 @@ impl Outbound {
                     .allowed("outbound", "tcp", &src_peer, &dst_peer, &mut rec)
                     .await
                 {
-                    warn!(conn_id = id, orig_dst = %dst, selectors = ?att.selectors,
+                    warn!(conn_id = id, orig_dst = %dst, selectors = ?selectors,
                         "workload has no SPIFFE identity (no registration entry matches); refusing a mesh destination");
                     Outcome::NoIdentity
                 } else {
