@@ -356,11 +356,17 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
             bind(admin_addr, "admin.metrics_addr").map(Some)
         })?
         .context("admin listener")?;
+    let status_listener = match config.status_addr(config_path)? {
+        Some(addr) => listening.get("status", addr, false, || {
+            bind(addr, "admin.status_addr").map(Some)
+        })?,
+        None => None,
+    };
     let offer = listening.offer;
 
     let state = Arc::new(AdminState::new(&config.node_name));
     let policy = Arc::new(policy_engine(&config, first_policy, state.metrics.clone())?);
-    serve_admin_apart(admin_listener, state.clone())?;
+    serve_admin_apart(admin_listener, status_listener, state.clone())?;
     let counters = config.identity.state_dir.join("llm-usage.json");
     let tokens = Arc::new(
         crate::l7::tokens::Tokens::open(&counters)
@@ -390,6 +396,10 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
 
     let provider = tls::provider();
     let identity = Arc::new(identity_manager(&config, provider.clone()).await?);
+    {
+        let identity = identity.clone();
+        let _ = state.svids.set(Box::new(move || identity.held()));
+    }
     let attestor = Arc::new(Attestor::new(entries));
     let local = Arc::new(LocalAttestor::default());
 
@@ -433,6 +443,36 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     }
     let _ = state.capture.set(capture.clone());
 
+    let hbone = Arc::new(HboneClient::new(identity.clone(), config.mesh.hbone_port));
+    let started = std::time::SystemTime::now();
+    {
+        let (identity, attestor, hbone, policy, metrics, state2) = (
+            identity.clone(),
+            attestor.clone(),
+            hbone.clone(),
+            policy.clone(),
+            state.metrics.clone(),
+            state.clone(),
+        );
+        let node = config.node_name.clone();
+        let l7_destinations = serde_json::to_value(&config.l7.destinations).unwrap_or_default();
+        let _ = state.status.set(Box::new(move || {
+            crate::admin::status::document(crate::admin::status::Parts {
+                node: &node,
+                started,
+                ready: state2.ready.load(Ordering::Acquire),
+                workloads: attestor.seen(),
+                svids: identity.held(),
+                open: metrics.open_by_identity.snapshot(),
+                pooled: hbone.pooled(),
+                policy: policy.status(),
+                l7_destinations: l7_destinations.clone(),
+                llm: state2.llm_usage.get().map(|v| v()),
+            })
+        }));
+    }
+    state.set_config(serde_json::to_value(&config).unwrap_or_default());
+
     let outbound = Arc::new(Outbound {
         capture: capture.clone(),
         cgroups: Mutex::new(CgroupResolver::new(&cgroup)),
@@ -441,7 +481,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         identity: identity.clone(),
         policy: policy.clone(),
         node: config.node_name.clone(),
-        hbone: Arc::new(HboneClient::new(identity.clone(), config.mesh.hbone_port)),
+        hbone,
         mesh,
         local: local.clone(),
         local_addrs: Default::default(),
@@ -486,6 +526,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     }
     tokio::spawn(reload_entries(
         config_path.to_owned(),
+        state.clone(),
         attestor,
         config.identity.trust_domain.clone(),
         policy.clone(),
@@ -629,6 +670,7 @@ fn start_successor() {
 /// that is saturated still answers `/healthz`.
 fn serve_admin_apart(
     listener: std::net::TcpListener,
+    status: Option<std::net::TcpListener>,
     state: Arc<AdminState>,
 ) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -639,8 +681,16 @@ fn serve_admin_apart(
         .name("admin".into())
         .spawn(move || {
             runtime.block_on(async move {
+                if let Some(l) = status {
+                    match TcpListener::from_std(l) {
+                        Ok(l) => {
+                            tokio::spawn(admin::serve(l, state.clone(), admin::Surface::Status));
+                        }
+                        Err(e) => tracing::error!(error = %e, "status listener; no /status"),
+                    }
+                }
                 match TcpListener::from_std(listener) {
-                    Ok(l) => admin::serve(l, state).await,
+                    Ok(l) => admin::serve(l, state, admin::Surface::Metrics).await,
                     Err(e) => tracing::error!(error = %e, "admin listener; no admin server"),
                 }
             })
@@ -712,6 +762,7 @@ fn mtime(path: &Path) -> Option<SystemTime> {
 /// file is rejected with an error and the entries in force stay.
 async fn reload_entries(
     path: PathBuf,
+    admin: Arc<AdminState>,
     attestor: Arc<Attestor>,
     trust_domain: String,
     policy: Arc<Policy>,
@@ -745,13 +796,16 @@ async fn reload_entries(
                     "identity.trust_domain changed; that takes a restart and is ignored until then"
                 );
             }
-            Entries::parse(&c.identity.entries, &trust_domain).map_err(anyhow::Error::from)
+            Entries::parse(&c.identity.entries, &trust_domain)
+                .map(|e| (e, c.identity.entries))
+                .map_err(anyhow::Error::from)
         });
         match result {
-            Ok(entries) => {
+            Ok((entries, reloaded)) => {
                 let n = entries.len();
                 if *attestor.entries() != entries {
                     attestor.set_entries(entries);
+                    admin.set_entries(serde_json::to_value(&reloaded).unwrap_or_default());
                     // Identities may have changed: cached decisions go.
                     policy.invalidate();
                     info!(entries = n, path = %path.display(), "registration entries reloaded");

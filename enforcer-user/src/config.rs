@@ -26,7 +26,7 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Name of this node; reported in logs and metrics, and names the bpffs pin
@@ -52,7 +52,7 @@ pub struct Config {
 }
 
 /// The async runtime that runs the data plane.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimeConfig {
     /// Worker threads; 0 (default): one per CPU the agent may run on.
@@ -69,7 +69,7 @@ pub struct RuntimeConfig {
     pub after_handover: AfterHandover,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AfterHandover {
     #[default]
@@ -91,7 +91,7 @@ impl Default for RuntimeConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CaptureConfig {
     /// cgroup v2 directory whose subtree is captured (absolute path on the
@@ -121,7 +121,7 @@ pub struct CaptureConfig {
     pub agent_mark: u32,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityConfig {
     /// Where SVIDs come from.
@@ -152,7 +152,7 @@ pub struct IdentityConfig {
     pub federation: Vec<FederationConfig>,
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ProviderKind {
     /// The embedded CA (default): works with no other service.
@@ -178,7 +178,7 @@ impl Default for IdentityConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FederationConfig {
     pub trust_domain: String,
@@ -186,7 +186,7 @@ pub struct FederationConfig {
     pub bundle: PathBuf,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MeshConfig {
     /// Destinations served by peer agents: reached over HBONE (mutual TLS).
@@ -220,7 +220,7 @@ pub struct MeshConfig {
 }
 
 /// `[l7]`: per-request policy at declared destinations.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct L7Config {
     /// Bytes of a request body the policy sees (`parsed_body`); a larger
@@ -247,7 +247,7 @@ fn default_max_body_bytes() -> u64 {
 
 /// One `[[l7.destinations]]`: which destinations, and how their requests
 /// are read. Every key given must match (ports: any of them).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct L7Destination {
     /// Destination ports.
@@ -265,7 +265,7 @@ pub struct L7Destination {
     pub max_body_bytes: Option<u64>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct InboundRule {
     pub ports: Vec<u16>,
@@ -273,7 +273,7 @@ pub struct InboundRule {
 }
 
 /// What happens to plaintext from outside the mesh that reaches a protected port.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum PlaintextMode {
     /// Refused (and dropped in the kernel while the agent is down).
@@ -297,7 +297,7 @@ impl Default for MeshConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     /// A directory of .rego and data.json files, an OPA bundle (.tar.gz), or
@@ -338,7 +338,7 @@ pub struct PolicyConfig {
 
 /// `[policy.decision_logs]`: where decision-log events are shipped, besides
 /// the audit log.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DecisionLogsConfig {
     /// The service's base URL (http:// or https://); batches are POSTed to
@@ -378,7 +378,7 @@ pub const DEFAULT_BUNDLE_NAME: &str = "enforcer";
 
 /// `[policy.bundle]`: OPA's `bundles.<name>` settings that apply to
 /// enforcer's one bundle (docs/policy.md, "Bundles").
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BundleConfig {
     /// The bundle's name in decision logs (`bundles`), metrics and logs.
@@ -448,15 +448,16 @@ fn default_bundle_max_files() -> usize {
 }
 
 /// `[policy.keys.<id>]`: a bundle verification key, as OPA's `keys.<id>`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyConfig {
     /// `RS256` (OPA's default), `RS384`, `RS512`, `PS256`…, `ES256`,
     /// `ES384`, `HS256`, `HS384`, `HS512`.
     #[serde(default = "default_key_algorithm")]
     pub algorithm: String,
-    /// The PEM public key (or the HMAC secret), inline.
-    #[serde(default)]
+    /// The PEM public key (or the HMAC secret), inline. Never shown
+    /// (`/config` says `<redacted>`).
+    #[serde(default, serialize_with = "redacted")]
     pub key: Option<String>,
     /// A file holding it (its exact bytes are the HMAC secret).
     #[serde(default)]
@@ -464,6 +465,14 @@ pub struct KeyConfig {
     /// The scope signatures made with this key must carry.
     #[serde(default)]
     pub scope: Option<String>,
+}
+
+/// A secret as `/config` shows it.
+fn redacted<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(_) => s.serialize_str("<redacted>"),
+        None => s.serialize_none(),
+    }
 }
 
 fn default_key_algorithm() -> String {
@@ -507,23 +516,36 @@ fn default_audit_log() -> PathBuf {
     PathBuf::from("/var/log/enforcer/audit.jsonl")
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
-    /// Address of `/metrics`, `/healthz`, `/readyz`.
+    /// Address of `/metrics`, `/healthz`, `/readyz`, `/llm/usage`.
     #[serde(default = "default_metrics_addr")]
     pub metrics_addr: SocketAddr,
+    /// Address of `/status` and `/config` (`enforcer status` asks it);
+    /// `""` disables them. Keep it on loopback: it lists the node's
+    /// workloads, identities and connections.
+    #[serde(default = "default_status_addr")]
+    pub status_addr: String,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             metrics_addr: default_metrics_addr(),
+            status_addr: default_status_addr(),
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// `admin.status_addr` when not set.
+pub const DEFAULT_STATUS_ADDR: &str = "127.0.0.1:15000";
+
+fn default_status_addr() -> String {
+    DEFAULT_STATUS_ADDR.to_owned()
+}
+
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// `json` (one JSON object per line) or `text`.
@@ -543,7 +565,7 @@ impl Default for LogConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Json,
@@ -733,6 +755,7 @@ impl Config {
             }
         }
         self.inbound_addr(path)?;
+        self.status_addr(path)?;
         self.l7_routes(path)?;
         let td = spiffe::TrustDomain::new(&self.identity.trust_domain).map_err(|e| {
             invalid(
@@ -1000,6 +1023,22 @@ impl Config {
             });
         }
         Ok(out)
+    }
+
+    /// The `/status` and `/config` address, `None` when disabled.
+    pub fn status_addr(&self, path: &Path) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.admin.status_addr.is_empty() {
+            return Ok(None);
+        }
+        self.admin
+            .status_addr
+            .parse()
+            .map(Some)
+            .map_err(|e| ConfigError::Invalid {
+                path: path.to_owned(),
+                key: "admin.status_addr".into(),
+                message: format!("{:?} is not ip:port ({e})", self.admin.status_addr),
+            })
     }
 
     /// The HBONE listen address, `None` when disabled.

@@ -53,6 +53,20 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Print what a running agent is doing (its `/status`): workloads and
+    /// their identities, SVIDs, open connections, pooled HBONE connections,
+    /// the policy in force, L7 destinations, token budgets.
+    Status {
+        /// The agent's config file (its `admin.metrics_addr` is asked).
+        #[arg(long, short, conflicts_with = "addr")]
+        config: Option<PathBuf>,
+        /// The admin address to ask (default 127.0.0.1:15020).
+        #[arg(long)]
+        addr: Option<std::net::SocketAddr>,
+        /// Print the JSON document instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -249,6 +263,26 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Ca(cmd) => ca(cmd),
         Command::Policy(cmd) => policy_cmd(cmd),
+        Command::Status { config, addr, json } => {
+            let addr = match (addr, config) {
+                (Some(a), _) => a,
+                (None, Some(c)) => Config::load(&c)?.status_addr(&c)?.with_context(|| {
+                    format!("{}: admin.status_addr is \"\" (disabled)", c.display())
+                })?,
+                (None, None) => enforcer::config::DEFAULT_STATUS_ADDR
+                    .parse()
+                    .context("the default status address")?,
+            };
+            let doc = enforcer::admin::status::fetch(addr)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("asking the agent at {addr} for /status"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                print!("{}", enforcer::admin::status::render(&doc));
+            }
+            Ok(())
+        }
         Command::Detach { config } => {
             let cfg = Config::load(&config)?;
             let dir = enforcer::capture::pin_dir(&cfg.capture.bpffs, &cfg.node_name);

@@ -68,6 +68,12 @@ pub struct MapLabels {
     pub map: &'static str,
 }
 
+/// The SVID of one SPIFFE ID held on this node.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SvidLabels {
+    pub spiffe_id: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AllocatorLabels {
     pub kind: &'static str,
@@ -115,13 +121,58 @@ pub struct LlmCutLabels {
     pub model: String,
 }
 
+/// A connection relaying now: its direction and the verified SPIFFE IDs
+/// of its source and destination (`None`: none).
+pub type OpenKey = (Direction, Option<String>, Option<String>);
+
+/// Connections relaying now, by direction and verified identities: the
+/// `/status` view. Not a Prometheus family: its keys are as many as the
+/// identity pairs talking, which traffic decides.
+#[derive(Default)]
+pub struct OpenByIdentity(std::sync::Mutex<std::collections::HashMap<OpenKey, u64>>);
+
+impl OpenByIdentity {
+    pub fn add(&self, key: &OpenKey) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *m.entry(key.clone()).or_default() += 1;
+    }
+
+    pub fn remove(&self, key: &OpenKey) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(key);
+            }
+        }
+    }
+
+    /// Every pair with connections open, sorted.
+    pub fn snapshot(&self) -> Vec<(OpenKey, u64)> {
+        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<(OpenKey, u64)> = m.iter().map(|(k, n)| (k.clone(), *n)).collect();
+        drop(m);
+        v.sort_by(|a, b| {
+            let key = |k: &OpenKey| (k.0 == Direction::inbound, k.1.clone(), k.2.clone());
+            key(&a.0).cmp(&key(&b.0))
+        });
+        v
+    }
+}
+
 pub struct Metrics {
     pub registry: Registry,
+    /// Connections relaying now by identity (`/status`).
+    pub open_by_identity: OpenByIdentity,
     pub connections_opened: Family<DirectionLabels, Counter>,
     pub connections_closed: Family<ClosedLabels, Counter>,
     pub bytes: Family<BytesLabels, Counter>,
     pub active: Family<DirectionLabels, Gauge>,
     pub capture_map_entries: Family<MapLabels, Gauge>,
+    pub capture_map_capacity: Family<MapLabels, Gauge>,
+    pub ready: Gauge,
+    pub svid_expiry: Family<SvidLabels, Gauge>,
+    pub svid_renew: Family<SvidLabels, Gauge>,
     pub allocator_bytes: Family<AllocatorLabels, Gauge>,
     pub hbone_rejected: Family<RejectLabels, Counter>,
     pub hbone_streams_refused: Family<RejectLabels, Counter>,
@@ -169,6 +220,30 @@ impl Metrics {
             "capture_map_entries",
             "Entries in the kernel capture maps (sampled at scrape)",
             capture_map_entries.clone(),
+        );
+        let capture_map_capacity = Family::<MapLabels, Gauge>::default();
+        registry.register(
+            "capture_map_capacity",
+            "Entries the kernel capture maps hold at most (LRU beyond)",
+            capture_map_capacity.clone(),
+        );
+        let ready = Gauge::default();
+        registry.register(
+            "ready",
+            "1 when the agent is ready (/readyz answers 200): programs attached, listeners bound",
+            ready.clone(),
+        );
+        let svid_expiry = Family::<SvidLabels, Gauge>::default();
+        registry.register(
+            "svid_expiry_timestamp_seconds",
+            "When the SVID held for each SPIFFE ID expires (Unix time; sampled at scrape)",
+            svid_expiry.clone(),
+        );
+        let svid_renew = Family::<SvidLabels, Gauge>::default();
+        registry.register(
+            "svid_renew_timestamp_seconds",
+            "When the SVID held for each SPIFFE ID is due for renewal (Unix time; sampled at scrape)",
+            svid_renew.clone(),
         );
         let allocator_bytes = Family::<AllocatorLabels, Gauge>::default();
         registry.register(
@@ -276,6 +351,11 @@ impl Metrics {
             bytes,
             active,
             capture_map_entries,
+            capture_map_capacity,
+            open_by_identity: OpenByIdentity::default(),
+            ready,
+            svid_expiry,
+            svid_renew,
             allocator_bytes,
         }
     }

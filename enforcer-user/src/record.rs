@@ -105,6 +105,8 @@ pub struct ConnRecord {
     sent: u64,
     received: u64,
     outcome: Option<Outcome>,
+    /// Counted in the open-by-identity view (from [`ConnRecord::relaying`]).
+    counted: Option<crate::metrics::OpenKey>,
 }
 
 impl ConnRecord {
@@ -130,6 +132,21 @@ impl ConnRecord {
             sent: 0,
             received: 0,
             outcome: None,
+            counted: None,
+        }
+    }
+
+    /// Relaying starts, its identities known: counted open by identity
+    /// (`/status`) until dropped.
+    pub fn relaying(&mut self) {
+        if self.counted.is_none() {
+            let key = (
+                direction(self.kind),
+                self.src_id.clone(),
+                self.dst_id.clone(),
+            );
+            self.metrics.open_by_identity.add(&key);
+            self.counted = Some(key);
         }
     }
 
@@ -171,6 +188,9 @@ impl Drop for ConnRecord {
                 o
             }
         };
+        if let Some(key) = self.counted.take() {
+            self.metrics.open_by_identity.remove(&key);
+        }
         let (sent, received) = (self.sent, self.received);
         self.metrics
             .closed(direction(self.kind), outcome.as_str(), sent, received);

@@ -27,6 +27,9 @@ const APT_PACKAGES: &[&str] = &[
     "linux-perf",
     // systemd-analyze: the test suite verifies the shipped unit.
     "systemd",
+    // promtool and a real Prometheus: the test suite checks the shipped
+    // rules and scrapes a live agent (installed without starting its service).
+    "prometheus",
 ];
 
 /// Python packages (package, module): the AI scenarios' official clients and
@@ -135,12 +138,31 @@ fn apt() -> anyhow::Result<()> {
         );
     }
     step(Command::new("apt-get").args(["update", "-qq"]))?;
-    step(
+    // Packages that ship a daemon (prometheus) must not start it: this
+    // machine's traffic stays on loopback and in the tests' namespaces.
+    // policy-rc.d answering 101 ("action forbidden") is Debian's way to say
+    // so, for the length of this install.
+    let policy_rc = std::path::Path::new("/usr/sbin/policy-rc.d");
+    let ours = !policy_rc.exists();
+    if ours {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::write(
+            policy_rc,
+            "#!/bin/sh\n# cargo xtask setup: start no service\nexit 101\n",
+        )
+        .context("writing /usr/sbin/policy-rc.d")?;
+        std::fs::set_permissions(policy_rc, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let installed = step(
         Command::new("apt-get")
             .args(["install", "-y", "-qq", "--no-install-recommends"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    );
+    if ours {
+        std::fs::remove_file(policy_rc).context("removing /usr/sbin/policy-rc.d")?;
+    }
+    installed
 }
 
 fn bpf_linker() -> anyhow::Result<()> {

@@ -1,7 +1,9 @@
-//! Admin plane: the Prometheus `/metrics` endpoint, the `/healthz` and
-//! `/readyz` probes, and `/llm/usage` (tokens per caller and model in the
-//! current window, with the budgets), served on `admin.metrics_addr`
-//! (loopback by default).
+//! Admin plane, two surfaces: on `admin.metrics_addr` (15020) the
+//! Prometheus `/metrics` endpoint, the `/healthz` and `/readyz` probes and
+//! `/llm/usage` (tokens per caller and model in the current window, with
+//! the budgets); on `admin.status_addr` (15000) `/status` (what the agent
+//! is doing now) and `/config` (the configuration in force, secrets
+//! redacted). Both loopback by default.
 //! Kept apart from the data plane: a slow scrape never delays a connection.
 
 use std::{
@@ -19,6 +21,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
+pub mod status;
+
 use crate::capture::Capture;
 use crate::metrics::{self, Metrics};
 
@@ -29,7 +33,16 @@ pub struct AdminState {
     pub capture: std::sync::OnceLock<Arc<Capture>>,
     /// The `/llm/usage` document.
     pub llm_usage: std::sync::OnceLock<JsonView>,
+    /// The SVIDs held now.
+    pub svids: std::sync::OnceLock<SvidView>,
+    /// The `/status` document.
+    pub status: std::sync::OnceLock<JsonView>,
+    /// The `/config` document: the configuration the agent runs with.
+    config: std::sync::RwLock<serde_json::Value>,
 }
+
+/// The SVIDs held, read at scrape time.
+pub type SvidView = Box<dyn Fn() -> Vec<crate::identity::HeldSvid> + Send + Sync>;
 
 /// A JSON document the admin server renders on request.
 pub type JsonView = Box<dyn Fn() -> serde_json::Value + Send + Sync>;
@@ -41,6 +54,25 @@ impl AdminState {
             ready: AtomicBool::new(false),
             capture: std::sync::OnceLock::new(),
             llm_usage: std::sync::OnceLock::new(),
+            svids: std::sync::OnceLock::new(),
+            status: std::sync::OnceLock::new(),
+            config: Default::default(),
+        }
+    }
+
+    /// The configuration in force (the `Config`, serialized with its
+    /// secrets redacted), for `/config`.
+    pub fn set_config(&self, config: serde_json::Value) {
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = config;
+    }
+
+    /// Registration entries reloaded from the config file: the only part of
+    /// a changed file taken without a restart, so the only part `/config`
+    /// updates.
+    pub fn set_entries(&self, entries: serde_json::Value) {
+        let mut c = self.config.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(identity) = c.get_mut("identity").and_then(|i| i.as_object_mut()) {
+            identity.insert("entries".into(), entries);
         }
     }
 
@@ -52,6 +84,29 @@ impl AdminState {
                 .set(by_cookie as i64);
             g.get_or_create(&metrics::MapLabels { map: "by_tuple" })
                 .set(by_tuple as i64);
+            for map in ["by_cookie", "by_tuple"] {
+                self.metrics
+                    .capture_map_capacity
+                    .get_or_create(&metrics::MapLabels { map })
+                    .set(i64::from(enforcer_common::MAX_TRACKED));
+            }
+        }
+        self.metrics
+            .ready
+            .set(i64::from(self.ready.load(Ordering::Acquire)));
+        if let Some(svids) = self.svids.get() {
+            let held = svids();
+            let (expiry, renew) = (&self.metrics.svid_expiry, &self.metrics.svid_renew);
+            // Only the SVIDs held now: one dropped or gone leaves no series.
+            expiry.clear();
+            renew.clear();
+            for h in held {
+                let labels = metrics::SvidLabels {
+                    spiffe_id: h.spiffe_id,
+                };
+                expiry.get_or_create(&labels).set(unix_secs(h.not_after));
+                renew.get_or_create(&labels).set(unix_secs(h.renew_at));
+            }
         }
         let g = &self.metrics.allocator_bytes;
         for (kind, bytes) in allocator_stats() {
@@ -60,6 +115,12 @@ impl AdminState {
         }
         self.metrics.encode()
     }
+}
+
+/// Seconds since the Unix epoch (0 before it).
+fn unix_secs(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// jemalloc's statistics (refreshed by advancing its epoch): what is live,
@@ -82,14 +143,56 @@ fn allocator_stats() -> Vec<(&'static str, usize)> {
     .collect()
 }
 
-fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let (status, ctype, body) = match req.uri().path() {
+/// Which endpoints a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// `/metrics`, `/healthz`, `/readyz`, `/llm/usage` (`admin.metrics_addr`).
+    Metrics,
+    /// `/status`, `/config`, `/healthz` (`admin.status_addr`).
+    Status,
+}
+
+impl Surface {
+    fn serves(self, path: &str) -> bool {
+        match self {
+            Surface::Metrics => matches!(path, "/metrics" | "/healthz" | "/readyz" | "/llm/usage"),
+            Surface::Status => matches!(path, "/status" | "/config" | "/healthz"),
+        }
+    }
+}
+
+fn respond(state: &AdminState, surface: Surface, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    let (status, ctype, body) = match path {
+        p if !surface.serves(p) => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_owned(),
+        ),
         "/metrics" => (
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             state.render_metrics(),
         ),
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        "/status" => (
+            StatusCode::OK,
+            "application/json",
+            state
+                .status
+                .get()
+                .map_or(serde_json::Value::Null, |v| v())
+                .to_string(),
+        ),
+        "/config" => (
+            StatusCode::OK,
+            "application/json",
+            state
+                .config
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .to_string(),
+        ),
         "/llm/usage" => (
             StatusCode::OK,
             "application/json",
@@ -125,7 +228,7 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
 }
 
 /// Serves the admin endpoints until the task is dropped.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, surface: Surface) {
     let handed_over = crate::handover::handed_over();
     tokio::pin!(handed_over);
     loop {
@@ -149,7 +252,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(respond(&state, &req)) }
+                async move { Ok::<_, Infallible>(respond(&state, surface, &req)) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)

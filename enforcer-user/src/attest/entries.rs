@@ -3,7 +3,7 @@
 use serde::Deserialize;
 use spiffe::SpiffeId;
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct EntryConfig {
     pub spiffe_id: String,

@@ -54,11 +54,30 @@ pub struct Attestation {
     pub spiffe_id: Option<SpiffeId>,
 }
 
+/// The workloads `/status` lists at most (the most recently attested).
+pub const MAX_WORKLOADS_SHOWN: usize = 256;
+
+/// A workload attested on this node, as `/status` shows it: one per
+/// selector set, with its last process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeenWorkload {
+    pub selectors: Vec<String>,
+    pub spiffe_id: Option<String>,
+    pub pid: u32,
+    pub uid: u32,
+    pub comm: String,
+    pub cgroup: Option<String>,
+    pub attestations: u64,
+    pub last_attested: std::time::SystemTime,
+}
+
 /// Attests workloads against the registration entries in force; the entries
 /// can be replaced at run time (config reload).
 pub struct Attestor {
     entries: RwLock<Arc<Entries>>,
     cache: SelectorCache,
+    /// The workloads attested lately, by selector set (bounded).
+    seen: std::sync::Mutex<lru::LruCache<Vec<String>, SeenWorkload>>,
 }
 
 impl Attestor {
@@ -66,6 +85,10 @@ impl Attestor {
         Self {
             entries: RwLock::new(Arc::new(entries)),
             cache: SelectorCache::default(),
+            seen: std::sync::Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(MAX_WORKLOADS_SHOWN)
+                    .unwrap_or(std::num::NonZeroUsize::MIN),
+            )),
         }
     }
 
@@ -86,11 +109,57 @@ impl Attestor {
     pub fn attest(&self, facts: WorkloadFacts) -> Attestation {
         let selectors = selectors::selectors(&facts, &self.cache);
         let spiffe_id = self.entries().identify(&selectors).cloned();
+        self.note(&facts, &selectors, spiffe_id.as_ref());
         Attestation {
             facts,
             selectors,
             spiffe_id,
         }
+    }
+}
+
+impl Attestor {
+    /// Remembers an attestation for `/status`.
+    fn note(&self, facts: &WorkloadFacts, selectors: &[String], id: Option<&SpiffeId>) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::SystemTime::now();
+        let spiffe_id = id.map(ToString::to_string);
+        match seen.get_mut(selectors) {
+            Some(w) => {
+                w.spiffe_id = spiffe_id;
+                w.pid = facts.pid;
+                w.uid = facts.uid;
+                if w.comm != facts.comm {
+                    w.comm.clone_from(&facts.comm);
+                }
+                if w.cgroup != facts.cgroup_path {
+                    w.cgroup.clone_from(&facts.cgroup_path);
+                }
+                w.attestations += 1;
+                w.last_attested = now;
+            }
+            None => {
+                seen.put(
+                    selectors.to_vec(),
+                    SeenWorkload {
+                        selectors: selectors.to_vec(),
+                        spiffe_id,
+                        pid: facts.pid,
+                        uid: facts.uid,
+                        comm: facts.comm.clone(),
+                        cgroup: facts.cgroup_path.clone(),
+                        attestations: 1,
+                        last_attested: now,
+                    },
+                );
+            }
+        }
+    }
+
+    /// The workloads attested lately, most recent first.
+    pub fn seen(&self) -> Vec<SeenWorkload> {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.iter().map(|(_, w)| w.clone()).collect()
     }
 }
 

@@ -140,6 +140,15 @@ impl TrustStore {
     }
 }
 
+/// An SVID held for a SPIFFE ID, as the admin endpoints show it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldSvid {
+    pub spiffe_id: String,
+    pub renew_at: SystemTime,
+    pub not_after: SystemTime,
+    pub generation: u64,
+}
+
 /// Where SVIDs come from.
 pub enum Source {
     /// The embedded CA; identities come from the registration entries.
@@ -325,6 +334,34 @@ impl IdentityManager {
                 tracing::warn!(spiffe_id = %id, error = %e, "SVID renewal failed");
             }
         }
+    }
+
+    /// The SVIDs held now, one per SPIFFE ID (the earliest to expire when
+    /// SPIRE sent one ID for several selector sets), sorted by ID.
+    pub fn held(&self) -> Vec<HeldSvid> {
+        let all: Vec<Arc<IssuedSvid>> = match &self.source {
+            Source::Embedded(_) => {
+                let svids = self.svids.lock().unwrap_or_else(|p| p.into_inner());
+                svids.values().cloned().collect()
+            }
+            Source::Spire(spire) => spire.held(),
+        };
+        let mut by_id: std::collections::BTreeMap<String, HeldSvid> = Default::default();
+        for s in all {
+            let held = HeldSvid {
+                spiffe_id: s.svid.spiffe_id.to_string(),
+                renew_at: s.svid.renew_at(),
+                not_after: s.svid.not_after,
+                generation: s.generation,
+            };
+            match by_id.get(&held.spiffe_id) {
+                Some(h) if h.not_after <= held.not_after => {}
+                _ => {
+                    by_id.insert(held.spiffe_id.clone(), held);
+                }
+            }
+        }
+        by_id.into_values().collect()
     }
 
     pub fn ttl(&self) -> Duration {

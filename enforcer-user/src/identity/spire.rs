@@ -124,6 +124,17 @@ impl SpireSource {
         }
     }
 
+    /// The SVIDs SPIRE sent for the selector sets followed now.
+    pub fn held(&self) -> Vec<Arc<IssuedSvid>> {
+        let subs = self.subs.lock().unwrap_or_else(|p| p.into_inner());
+        subs.values()
+            .filter_map(|f| match &*f.rx.borrow() {
+                Sub::Svid(s) => Some(s.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The SVID SPIRE issues for a workload with these selectors, following
     /// its updates; `None` when SPIRE has no identity for it.
     pub async fn svid_for(&self, selectors: &[String]) -> Option<Arc<IssuedSvid>> {

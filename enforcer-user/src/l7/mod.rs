@@ -19,7 +19,7 @@ use serde::Deserialize;
 pub use http::{Served, serve};
 
 /// How the requests of a destination are read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// HTTP/1.1 or h2c: method, path, query, headers, bounded body.

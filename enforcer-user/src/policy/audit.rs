@@ -138,7 +138,7 @@ struct Record<'a> {
 
 /// What a decision becomes when its audit line cannot be written
 /// (`policy.audit_on_failure`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum OnFailure {
     /// It stands; the lost line is counted and logged.

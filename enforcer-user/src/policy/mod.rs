@@ -129,7 +129,7 @@ impl Peer {
 }
 
 /// `enforce`: deny means deny. `dry-run`: a deny is logged as "would deny" and allowed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     #[default]
@@ -167,7 +167,7 @@ impl Decision {
 }
 
 /// Which regorus evaluator runs the policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum EngineKind {
     /// The policy compiled to regorus VM (RVM) bytecode; a policy the VM
@@ -494,6 +494,27 @@ pub struct Policy {
     /// Evaluation budget new policy sets are compiled with (each `Loaded`
     /// keeps its own).
     pub eval_timeout: Duration,
+    /// When the policy in force was installed, and the last revision
+    /// rejected (`/status`).
+    history: Mutex<History>,
+}
+
+#[derive(Default)]
+struct History {
+    installed_at: Option<std::time::SystemTime>,
+    last_rejected: Option<(std::time::SystemTime, String)>,
+}
+
+/// RFC 3339, UTC, seconds.
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .replace_nanosecond(0)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
 }
 
 /// The verdict applied to a connection, after the mode.
@@ -524,6 +545,7 @@ impl Policy {
             metrics,
             pool: pool::EvalPool::for_host()?,
             eval_timeout,
+            history: Mutex::default(),
         })
     }
 
@@ -542,7 +564,44 @@ impl Policy {
                 engine: loaded.engine(),
             });
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(loaded));
+        self.history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .installed_at = Some(std::time::SystemTime::now());
         self.invalidate();
+    }
+
+    /// A new revision was rejected (the one in force stays): kept for
+    /// `/status`.
+    pub fn rejected(&self, error: String) {
+        self.history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last_rejected = Some((std::time::SystemTime::now(), error));
+    }
+
+    /// The policy in force and the last rejected revision, for `/status`.
+    pub fn status(&self) -> serde_json::Value {
+        let current = self
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        serde_json::json!({
+            "mode": self.mode,
+            "in_force": current.map(|l| serde_json::json!({
+                "digest": l.revision,
+                "bundle": l.bundle.as_ref().map(|b| &b.name),
+                "bundle_revision": l.bundle.as_ref().map(|b| &b.revision),
+                "engine": l.engine(),
+                "installed_at": history.installed_at.map(rfc3339),
+            })),
+            "last_rejected": history.last_rejected.as_ref().map(|(at, e)| serde_json::json!({
+                "at": rfc3339(*at),
+                "error": e,
+            })),
+        })
     }
 
     /// Empties the decision cache (policy reload, identity change).

@@ -502,5 +502,6 @@ pub async fn watch(
 fn reject(policy: &Policy, rejected: &mut Option<String>, revision: String, e: &LoadError) {
     warn!(error = %e, in_force = ?policy.revision(), "policy rejected; the previous policy stays in force");
     policy.metrics.policy_reload("rejected");
+    policy.rejected(e.to_string());
     *rejected = Some(revision);
 }

@@ -420,6 +420,7 @@ impl Inbound {
             }
         };
         let recv = req.into_body();
+        rec.relaying();
         if let Some(route) = route {
             let conn = crate::l7::Conn::of(id, &input, peer, dst);
             let client = crate::l7::io::H2Stream::new(send, recv);

@@ -203,6 +203,7 @@ impl Outbound {
                 };
                 (route, conn, super::dial_local(dst))
             });
+            rec.relaying();
             let (outcome, bytes) = super::relay(&self.l7, l7, client, upstream).await;
             return rec.end(outcome, bytes);
         }
@@ -262,6 +263,7 @@ impl Outbound {
                 }
             };
             let _ = client.set_nodelay(true);
+            rec.relaying();
             let (bytes, result) =
                 crate::copy::tcp_to_stream(client, tunnel.send, tunnel.recv).await;
             let outcome = match result {
@@ -310,6 +312,7 @@ impl Outbound {
             let dial: crate::l7::Dial = Arc::new(move || Box::pin(mark::connect(dst, None)));
             (route, conn, dial)
         });
+        rec.relaying();
         let (outcome, bytes) = super::relay(&self.l7, l7, client, upstream).await;
         rec.end(outcome, bytes);
     }

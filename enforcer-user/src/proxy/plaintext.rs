@@ -105,6 +105,7 @@ impl Plaintext {
                 super::dial_local(dst),
             )
         });
+        rec.relaying();
         let (outcome, (from_peer, to_peer)) = super::relay(&self.l7, l7, client, upstream).await;
         rec.end(outcome, (to_peer, from_peer));
     }

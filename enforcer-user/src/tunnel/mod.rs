@@ -385,6 +385,34 @@ impl HboneClient {
         }
     }
 
+    /// The pooled HBONE connections now, for `/status`: per source
+    /// identity, peer node and port, each connection's peer identity, its
+    /// SVID generation and its streams (open now, given in its life).
+    pub fn pooled(&self) -> Vec<serde_json::Value> {
+        use std::sync::atomic::Ordering::Acquire;
+        let pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<serde_json::Value> = pool
+            .iter()
+            .flat_map(|(key, conns)| {
+                conns.iter().map(move |c| {
+                    serde_json::json!({
+                        "source": key.src,
+                        "peer": std::net::SocketAddr::new(key.node, self.hbone_port).to_string(),
+                        "port": key.port,
+                        "peer_spiffe_id": c.peer_id.to_string(),
+                        "svid_generation": c.generation,
+                        "dial_id": c.dial_id,
+                        "open_streams": c.streams.load(Acquire),
+                        "streams_given": c.given.load(Acquire),
+                    })
+                })
+            })
+            .collect();
+        drop(pool);
+        out.sort_by_key(|v| v["dial_id"].as_u64());
+        out
+    }
+
     /// Opens the stream `prepared` is for. A stream the peer refused
     /// before processing it (its stream budget spent, or going away) is
     /// sent again, once, on another connection — to the same verified
