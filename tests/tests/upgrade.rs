@@ -349,7 +349,7 @@ fn drained_old_agent_waits_for_sigterm_when_told_to() {
 
 /// As uid/gid 65534, connects to the handover socket at PATH, says hello as
 /// node NODE, and prints what came back: `BYTES <n> FDS <descriptors>` (a
-/// reset counts as nothing).
+/// reset, or a connection closed before the hello, counts as nothing).
 const PY_STEAL_LISTENERS: &str = r#"
 import array, json, os, socket, sys
 path, node = sys.argv[1], sys.argv[2]
@@ -357,12 +357,13 @@ os.setgid(65534)
 os.setuid(65534)
 s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 s.connect(path)
-s.send(json.dumps({"type": "hello", "protocol": "enforcer-handover/1", "node": node,
-                   "pid": os.getpid(), "cgroup_id": 0}).encode())
 ints = array.array("i")
 try:
+    # The agent may refuse before the hello is even sent (EPIPE).
+    s.send(json.dumps({"type": "hello", "protocol": "enforcer-handover/1", "node": node,
+                       "pid": os.getpid(), "cgroup_id": 0}).encode())
     msg, anc, _, _ = s.recvmsg(16384, socket.CMSG_SPACE(16 * ints.itemsize))
-except ConnectionResetError:
+except (ConnectionResetError, BrokenPipeError):
     msg, anc = b"", []
 fds = sum(len(d) // ints.itemsize for lvl, kind, d in anc
           if lvl == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS)
