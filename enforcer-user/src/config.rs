@@ -1025,20 +1025,28 @@ impl Config {
         Ok(out)
     }
 
-    /// The `/status` and `/config` address, `None` when disabled.
+    /// The `/status` and `/config` address, `None` when disabled. Loopback
+    /// only (DESIGN §5's port table): they list the node's workloads,
+    /// identities and connections, to anyone who can connect.
     pub fn status_addr(&self, path: &Path) -> Result<Option<SocketAddr>, ConfigError> {
         if self.admin.status_addr.is_empty() {
             return Ok(None);
         }
-        self.admin
-            .status_addr
-            .parse()
-            .map(Some)
-            .map_err(|e| ConfigError::Invalid {
-                path: path.to_owned(),
-                key: "admin.status_addr".into(),
-                message: format!("{:?} is not ip:port ({e})", self.admin.status_addr),
-            })
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: "admin.status_addr".into(),
+            message,
+        };
+        let addr: SocketAddr =
+            self.admin.status_addr.parse().map_err(|e| {
+                invalid(format!("{:?} is not ip:port ({e})", self.admin.status_addr))
+            })?;
+        if !addr.ip().is_loopback() {
+            return Err(invalid(format!(
+                "{addr} is not a loopback address: /status lists this node's workloads, identities and connections to anyone who connects (use 127.0.0.1 or ::1, or \"\" to disable)"
+            )));
+        }
+        Ok(Some(addr))
     }
 
     /// The HBONE listen address, `None` when disabled.
@@ -1305,6 +1313,16 @@ mod tests {
                 "[[l7.destinations]]\nports = [80]\nprotocol = \"http\"\nport = 5\n",
                 "port",
                 "unknown field",
+            ),
+            (
+                "[admin]\nstatus_addr = \"0.0.0.0:15000\"\n",
+                "admin.status_addr",
+                "not a loopback address",
+            ),
+            (
+                "[admin]\nstatus_addr = \"localhost\"\n",
+                "admin.status_addr",
+                "not ip:port",
             ),
         ] {
             let err = parse(&format!("{MIN}{section}")).unwrap_err().to_string();
