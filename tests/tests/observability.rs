@@ -173,6 +173,11 @@ struct Setup {
 }
 
 fn setup(test: &str, ports: &[(u16, &str)]) -> Setup {
+    setup_with(test, ports, "")
+}
+
+/// [`setup`], with `mesh_b` appended to b's `[mesh]` table.
+fn setup_with(test: &str, ports: &[(u16, &str)], mesh_b: &str) -> Setup {
     let (mut tb, a, b) = Testbed::linked_pair(test).expect("testbed");
     let ca = tb.shared_ca("shared", TD).expect("CA");
     let policy = tb.dir.join("obs-policy");
@@ -194,7 +199,7 @@ fn setup(test: &str, ports: &[(u16, &str)]) -> Setup {
             &format!("\n[[l7.destinations]]\nports = [{port}]\nprotocol = \"{protocol}\"\n");
     }
     let b_tail = format!(
-        "{}\n{MESH}\n{}\n[policy.keys.hmac]\nalgorithm = \"HS256\"\nkey = \"{SECRET}\"\n{declared}",
+        "{}\n{MESH}{mesh_b}\n{}\n[policy.keys.hmac]\nalgorithm = \"HS256\"\nkey = \"{SECRET}\"\n{declared}",
         entry(API, "systemd:unit:api.service"),
         tb.policy_section(&b, &source),
     );
@@ -671,4 +676,55 @@ fn status_shows_workloads_identities_connections_and_policy_rejections() {
         .http_get(eb.metrics_addr, "/status")
         .expect("/status on 15020");
     assert_eq!(status, 404);
+}
+
+#[test]
+fn hbone_connections_opened_for_a_burst_close_once_idle() {
+    // Issue 14, bounded state: HTTP/2 keeps a connection's stream table at
+    // its largest until the connection closes. A burst over the server's
+    // concurrent-stream limit (10 here) opens more HBONE connections for one
+    // key; once idle, all but the oldest leave the pool at once instead of
+    // after the 60 s idle timeout, and close.
+    let Setup { mut tb, a, ea, .. } = setup_with(
+        "hboneburst",
+        &[(8002, "http")],
+        "max_concurrent_streams = 10\n",
+    );
+    let hold = "import socket, sys, time\nconns = [socket.create_connection(('10.10.0.2', 8002)) for _ in range(30)]\nfor c in conns:\n    c.sendall(b'GET /held HTTP/1.1\\r\\nHost: api\\r\\n\\r\\n')\n    c.recv(4096)\nprint('HELD', len(conns), flush=True)\ntime.sleep(120)\n";
+    let holder = tb
+        .spawn(
+            &a,
+            Some("client.service"),
+            "burst",
+            &["python3", "-u", "-c", hold],
+        )
+        .expect("holder");
+    let pooled = |ea: &enforcer_tests::Enforcer| -> Vec<Value> {
+        admin_json(ea, "/status")["hbone_pool"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    wait_for(
+        "30 connections held over 3 or more HBONE connections",
+        || {
+            let p = pooled(&ea);
+            p.len() >= 3
+                && p.iter()
+                    .filter_map(|c| c["open_streams"].as_u64())
+                    .sum::<u64>()
+                    == 30
+        },
+    );
+    let oldest = pooled(&ea)[0]["dial_id"].clone();
+    tb.stop(holder).expect("closing the held connections");
+    // Idle is seen within two 5 s keepalive ticks; 20 s is well under the
+    // 60 s after which an idle connection leaves the pool anyway.
+    wait_for(
+        "the burst's extra HBONE connections to leave the pool",
+        || pooled(&ea).len() == 1,
+    );
+    let left = pooled(&ea);
+    assert_eq!(left[0]["dial_id"], oldest, "the oldest stays: {left:?}");
+    assert_eq!(left[0]["open_streams"], 0, "{left:?}");
 }

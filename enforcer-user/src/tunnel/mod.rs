@@ -36,6 +36,14 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A pooled connection with no stream for this long leaves the pool and
 /// closes.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A pooled connection that once carried this many streams at the same
+/// time leaves the pool as soon as it is idle instead of after
+/// [`IDLE_TIMEOUT`], as does an idle one beside an older one of its key:
+/// HTTP/2 keeps a connection's stream table at its largest size until the
+/// connection closes (a heap profile after 10 000 held connections closed:
+/// 10 of the 14.5 MB still live, bench/README.md "Memory after load"). The
+/// price is a new handshake after such a burst.
+pub const RETIRE_AFTER_PEAK_STREAMS: usize = 1024;
 /// Streams one pooled connection carries in its life before it leaves the
 /// pool for a fresh one (below the default server budget of
 /// `mesh.max_streams_per_connection`, 100 000).
@@ -301,9 +309,10 @@ pub struct Tunnel {
 pub struct StreamSlot(Arc<std::sync::atomic::AtomicUsize>);
 
 impl StreamSlot {
-    fn take(streams: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
-        streams.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        Self(streams.clone())
+    /// The slot, and the streams open with it.
+    fn take(streams: &Arc<std::sync::atomic::AtomicUsize>) -> (Self, usize) {
+        let open = streams.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
+        (Self(streams.clone()), open)
     }
 }
 
@@ -333,6 +342,8 @@ struct Pooled {
     streams: Arc<std::sync::atomic::AtomicUsize>,
     /// Streams it was given in its life.
     given: Arc<std::sync::atomic::AtomicU64>,
+    /// The most streams it had open at once.
+    peak: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Pooled {
@@ -344,8 +355,11 @@ impl Pooled {
 
     /// Takes a stream's slot on this connection.
     fn take(&self) -> StreamSlot {
-        self.given.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        StreamSlot::take(&self.streams)
+        use std::sync::atomic::Ordering::AcqRel;
+        self.given.fetch_add(1, AcqRel);
+        let (slot, open) = StreamSlot::take(&self.streams);
+        self.peak.fetch_max(open, AcqRel);
+        slot
     }
 }
 
@@ -617,7 +631,10 @@ impl HboneClient {
                 .await
                 .map_err(|source| failure.explain(node, source))
         };
-        let (sender, conn) = step(node, "HTTP/2 handshake", h2_handshake).await?;
+        let (sender, mut conn) = step(node, "HTTP/2 handshake", h2_handshake).await?;
+        let pings = conn
+            .ping_pong()
+            .map(|p| Arc::new(tokio::sync::Mutex::new(p)));
         let dial_id = NEXT_DIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let pooled = Pooled {
             sender,
@@ -628,14 +645,36 @@ impl HboneClient {
             failure,
             streams: Default::default(),
             given: Default::default(),
+            peak: Default::default(),
         };
         tokio::spawn(drive(
             conn,
+            pings.clone(),
             node,
             peer_not_after,
-            (pooled.streams.clone(), pooled.given.clone()),
+            (
+                pooled.streams.clone(),
+                pooled.given.clone(),
+                pooled.peak.clone(),
+            ),
             (self.pool.clone(), key.clone(), dial_id),
         ));
+        // Until the server's SETTINGS are in, HTTP/2 assumes no limit on
+        // concurrent streams: a burst of connects would all be put on this
+        // connection, and those over the server's limit would wait for a
+        // stream to end (the CONNECT answer timeout). The server sends its
+        // SETTINGS before it answers anything, so once a PING is answered
+        // the limit is known.
+        if let Some(p) = &pings {
+            let settled = async {
+                p.lock()
+                    .await
+                    .ping(h2::Ping::opaque())
+                    .await
+                    .map_err(|source| pooled.failure.explain(node, source))
+            };
+            step(node, "HTTP/2 handshake", settled).await?;
+        }
         self.pool
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -676,18 +715,18 @@ impl Pooled {
 /// fails its streams.
 async fn drive<T>(
     conn: h2::client::Connection<T, Bytes>,
+    pings: Option<Arc<tokio::sync::Mutex<h2::PingPong>>>,
     node: SocketAddr,
     peer_not_after: std::time::SystemTime,
-    (streams, given): (
+    (streams, given, peak): (
         Arc<std::sync::atomic::AtomicUsize>,
         Arc<std::sync::atomic::AtomicU64>,
+        Arc<std::sync::atomic::AtomicUsize>,
     ),
     (pool, key, dial_id): (Pool, PoolKey, u64),
 ) where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let mut conn = conn;
-    let mut pings = conn.ping_pong();
     tokio::pin!(conn);
     let expiry = tokio::time::sleep(
         peer_not_after
@@ -714,8 +753,10 @@ async fn drive<T>(
                 pooled = false;
             }
             _ = tick.tick() => {
-                if let Some(p) = pings.as_mut() {
-                    let pong = tokio::time::timeout(KEEPALIVE_TIMEOUT, p.ping(h2::Ping::opaque()));
+                if let Some(p) = &pings {
+                    let pong = tokio::time::timeout(KEEPALIVE_TIMEOUT, async {
+                        p.lock().await.ping(h2::Ping::opaque()).await
+                    });
                     let answered = tokio::select! {
                         r = &mut conn => {
                             if let Err(e) = r {
@@ -737,7 +778,12 @@ async fn drive<T>(
                 given_before = given_now;
                 if unused {
                     idle += KEEPALIVE_INTERVAL;
-                    if pooled && idle >= IDLE_TIMEOUT {
+                    let peak = peak.load(std::sync::atomic::Ordering::Acquire);
+                    if pooled && (peak >= RETIRE_AFTER_PEAK_STREAMS || surplus(&pool, &key, dial_id)) {
+                        debug!(peer = %node, peak, "idle HBONE connection beyond the pool's need leaves it");
+                        forget(&pool, &key, dial_id);
+                        pooled = false;
+                    } else if pooled && idle >= IDLE_TIMEOUT {
                         debug!(peer = %node, "idle HBONE connection leaves the pool");
                         forget(&pool, &key, dial_id);
                         pooled = false;
@@ -751,6 +797,15 @@ async fn drive<T>(
     // Dropping the connection ends whatever streams it still had with an
     // error (never as complete).
     forget(&pool, &key, dial_id);
+}
+
+/// Whether an older connection of `key` is pooled too: an idle connection
+/// beside it is surplus (a burst over the server's concurrent-stream limit
+/// opened it) and leaves at once, the oldest waits for [`IDLE_TIMEOUT`].
+fn surplus(pool: &Pool, key: &PoolKey, dial_id: u64) -> bool {
+    let pool = pool.lock().unwrap_or_else(|p| p.into_inner());
+    pool.get(key)
+        .is_some_and(|conns| conns.iter().any(|p| p.dial_id < dial_id))
 }
 
 /// Removes connection `dial_id` from the pool's entry for `key`.
