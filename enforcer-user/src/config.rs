@@ -467,6 +467,18 @@ pub struct KeyConfig {
     pub scope: Option<String>,
 }
 
+/// The tracing filter of `log.level` (or `RUST_LOG`). A directive's field
+/// values (`[span{field=value}]`) are matched as plain strings, never
+/// compiled as regexes: tracing-subscriber builds a DFA for each, which can
+/// take exponential time — `cargo xtask fuzz` found a 1 KB `log.level`
+/// that did not finish parsing in minutes.
+pub fn log_filter(directives: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    tracing_subscriber::EnvFilter::builder()
+        .with_regex(false)
+        .parse(directives)
+        .map_err(|e| e.to_string())
+}
+
 /// A secret as `/config` shows it.
 fn redacted<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
     match v {
@@ -716,12 +728,7 @@ impl Config {
                 format!("{} is not an absolute path", self.capture.cgroup.display()),
             ));
         }
-        if self
-            .log
-            .level
-            .parse::<tracing_subscriber::EnvFilter>()
-            .is_err()
-        {
+        if log_filter(&self.log.level).is_err() {
             return Err(invalid(
                 "log.level",
                 format!("{:?} is not a valid filter directive", self.log.level),
@@ -1324,10 +1331,34 @@ mod tests {
                 "admin.status_addr",
                 "not ip:port",
             ),
+            (
+                "[log]\nlevel = \"info,[{\"\n",
+                "log.level",
+                "not a valid filter",
+            ),
         ] {
             let err = parse(&format!("{MIN}{section}")).unwrap_err().to_string();
             assert!(err.contains(key) && err.contains(says), "{section}: {err}");
         }
+    }
+
+    #[test]
+    fn a_log_level_field_pattern_is_not_compiled_as_a_regex() {
+        // `cargo xtask fuzz` (target config): a field value of dots and
+        // alternations made tracing-subscriber build a regex DFA that had
+        // not finished after 2 minutes. Matched as a literal, it parses at
+        // once; the thread and its 60 s bound only keep a regression from
+        // hanging the test run.
+        let pattern = format!("x{}|y{}z", ".".repeat(70), ".".repeat(30));
+        let text = format!("{MIN}[log]\nlevel = \"info,[{{pot={pattern}}}]=debug\"\n");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(parse(&text).map(|c| c.log.level).map_err(|e| e.to_string()));
+        });
+        let parsed = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("log.level still parsing after 60 s: its field value was compiled as a regex");
+        assert!(parsed.is_ok(), "{parsed:?}");
     }
 
     #[test]

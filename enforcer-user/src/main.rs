@@ -235,8 +235,13 @@ fn ca(cmd: CaCommand) -> anyhow::Result<()> {
 }
 
 fn init_logging(cfg: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.level));
+    // RUST_LOG, else log.level (validated at load); field values of either
+    // are matched as literals (see `config::log_filter`).
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| enforcer::config::log_filter(&v).ok())
+        .or_else(|| enforcer::config::log_filter(&cfg.log.level).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
