@@ -366,6 +366,21 @@ pub fn run() -> anyhow::Result<()> {
     }) {
         println!("    {l}");
     }
+    let bin = enforcer_tests::enforcer_bin();
+    let (_, out) = s
+        .agents
+        .exec(None, &[&bin.to_string_lossy(), "status"])
+        .context("enforcer status")?;
+    println!(
+        "  status       `enforcer status` inside each node (admin.status_addr; JSON at /status), node a's:"
+    );
+    for l in String::from_utf8_lossy(&out.stdout).lines() {
+        if l.is_empty() {
+            println!();
+        } else {
+            println!("    {l}");
+        }
+    }
     println!();
     println!(
         "(the demo's files are removed when it ends; set ENFORCER_KEEP_TEST_DIR=1 to keep them)"
