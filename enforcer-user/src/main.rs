@@ -57,10 +57,10 @@ enum Command {
     /// their identities, SVIDs, open connections, pooled HBONE connections,
     /// the policy in force, L7 destinations, token budgets.
     Status {
-        /// The agent's config file (its `admin.metrics_addr` is asked).
+        /// The agent's config file (its `admin.status_addr` is asked).
         #[arg(long, short, conflicts_with = "addr")]
         config: Option<PathBuf>,
-        /// The admin address to ask (default 127.0.0.1:15020).
+        /// The agent's `admin.status_addr` (default 127.0.0.1:15000).
         #[arg(long)]
         addr: Option<std::net::SocketAddr>,
         /// Print the JSON document instead of tables.

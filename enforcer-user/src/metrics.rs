@@ -132,9 +132,9 @@ pub type OpenKey = (Direction, Option<String>, Option<String>);
 pub struct OpenByIdentity(std::sync::Mutex<std::collections::HashMap<OpenKey, u64>>);
 
 impl OpenByIdentity {
-    pub fn add(&self, key: &OpenKey) {
+    pub fn add(&self, key: OpenKey) {
         let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        *m.entry(key.clone()).or_default() += 1;
+        *m.entry(key).or_default() += 1;
     }
 
     pub fn remove(&self, key: &OpenKey) {

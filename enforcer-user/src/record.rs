@@ -105,8 +105,9 @@ pub struct ConnRecord {
     sent: u64,
     received: u64,
     outcome: Option<Outcome>,
-    /// Counted in the open-by-identity view (from [`ConnRecord::relaying`]).
-    counted: Option<crate::metrics::OpenKey>,
+    /// Counted in the open-by-identity view under its direction and
+    /// `src_id`/`dst_id` (from [`ConnRecord::relaying`]).
+    counted: bool,
 }
 
 impl ConnRecord {
@@ -132,21 +133,21 @@ impl ConnRecord {
             sent: 0,
             received: 0,
             outcome: None,
-            counted: None,
+            counted: false,
         }
     }
 
     /// Relaying starts, its identities known: counted open by identity
-    /// (`/status`) until dropped.
+    /// (`/status`) until dropped, under `src_id` and `dst_id` as they are
+    /// now (neither changes once relaying starts).
     pub fn relaying(&mut self) {
-        if self.counted.is_none() {
-            let key = (
+        if !self.counted {
+            self.metrics.open_by_identity.add((
                 direction(self.kind),
                 self.src_id.clone(),
                 self.dst_id.clone(),
-            );
-            self.metrics.open_by_identity.add(&key);
-            self.counted = Some(key);
+            ));
+            self.counted = true;
         }
     }
 
@@ -188,9 +189,6 @@ impl Drop for ConnRecord {
                 o
             }
         };
-        if let Some(key) = self.counted.take() {
-            self.metrics.open_by_identity.remove(&key);
-        }
         let (sent, received) = (self.sent, self.received);
         self.metrics
             .closed(direction(self.kind), outcome.as_str(), sent, received);
@@ -243,6 +241,11 @@ impl Drop for ConnRecord {
                     "connection closed"
                 );
             }
+        }
+        if self.counted {
+            // The key it was counted under; the record is done with it.
+            let key = (direction(self.kind), self.src_id.take(), self.dst_id.take());
+            self.metrics.open_by_identity.remove(&key);
         }
     }
 }

@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use enforcer_tests::{Enforcer, Node, Testbed};
+use enforcer_tests::{Enforcer, Node, Testbed, sum_metric};
 use serde_json::{Value, json};
 
 const TD: &str = "bench.local";
@@ -1247,15 +1247,9 @@ struct Sample {
 fn allocator(node: &Node, agent: &Enforcer) -> anyhow::Result<Value> {
     let (_, metrics) = node.http_get(agent.metrics_addr, "/metrics")?;
     let mut out = serde_json::Map::new();
-    for l in metrics
-        .lines()
-        .filter(|l| l.starts_with("enforcer_allocator_bytes{"))
-    {
-        let kind = l.split("kind=\"").nth(1).and_then(|r| r.split('"').next());
-        let v = l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
-        if let (Some(k), Some(v)) = (kind, v) {
-            out.insert(k.to_owned(), json!((v / 1024.0).round()));
-        }
+    for kind in ["allocated", "active", "resident", "retained", "metadata"] {
+        let bytes = sum_metric(&metrics, "enforcer_allocator_bytes", &[("kind", kind)]);
+        out.insert(kind.to_owned(), json!((bytes / 1024.0).round()));
     }
     Ok(Value::Object(out))
 }
@@ -1271,22 +1265,16 @@ fn sample(node: &Node, agent: &Enforcer, at: Instant) -> anyhow::Result<Sample> 
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
     let (_, metrics) = node.http_get(agent.metrics_addr, "/metrics")?;
-    let sum = |prefix: &str, filter: &str| -> u64 {
-        metrics
-            .lines()
-            .filter(|l| l.starts_with(prefix) && l.contains(filter))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>() as u64
-    };
+    let sum = |name: &str, labels: &[(&str, &str)]| sum_metric(&metrics, name, labels) as u64;
     Ok(Sample {
         at_secs: at.elapsed().as_secs(),
         rss_kib: rss_kb(pid)?,
         fds,
         threads,
-        active_connections: sum("enforcer_active_connections{", ""),
-        by_cookie: sum("enforcer_capture_map_entries{", "by_cookie"),
-        by_tuple: sum("enforcer_capture_map_entries{", "by_tuple"),
-        allocated_kib: sum("enforcer_allocator_bytes{", "kind=\"allocated\"") / 1024,
+        active_connections: sum("enforcer_active_connections", &[]),
+        by_cookie: sum("enforcer_capture_map_entries", &[("map", "by_cookie")]),
+        by_tuple: sum("enforcer_capture_map_entries", &[("map", "by_tuple")]),
+        allocated_kib: sum("enforcer_allocator_bytes", &[("kind", "allocated")]) / 1024,
     })
 }
 

@@ -49,7 +49,7 @@ pub fn document(p: Parts<'_>) -> Value {
         .iter()
         .map(|w| {
             json!({
-                "spiffe_id": w.spiffe_id,
+                "spiffe_id": w.spiffe_id.as_ref().map(ToString::to_string),
                 "selectors": w.selectors,
                 "pid": w.pid,
                 "uid": w.uid,
@@ -109,7 +109,7 @@ pub fn fetch(addr: std::net::SocketAddr) -> Result<Value, String> {
     use std::io::{Read as _, Write as _};
     let timeout = std::time::Duration::from_secs(5);
     let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| {
-        format!("cannot connect: {e} (is the agent running, and is this its admin.metrics_addr?)")
+        format!("cannot connect: {e} (is the agent running, and is this its admin.status_addr?)")
     })?;
     s.set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;

@@ -62,7 +62,7 @@ pub const MAX_WORKLOADS_SHOWN: usize = 256;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SeenWorkload {
     pub selectors: Vec<String>,
-    pub spiffe_id: Option<String>,
+    pub spiffe_id: Option<SpiffeId>,
     pub pid: u32,
     pub uid: u32,
     pub comm: String,
@@ -119,14 +119,17 @@ impl Attestor {
 }
 
 impl Attestor {
-    /// Remembers an attestation for `/status`.
+    /// Remembers an attestation for `/status`. Runs for every outbound
+    /// connection: a workload seen before costs no allocation unless its
+    /// facts changed.
     fn note(&self, facts: &WorkloadFacts, selectors: &[String], id: Option<&SpiffeId>) {
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         let now = std::time::SystemTime::now();
-        let spiffe_id = id.map(ToString::to_string);
         match seen.get_mut(selectors) {
             Some(w) => {
-                w.spiffe_id = spiffe_id;
+                if w.spiffe_id.as_ref() != id {
+                    w.spiffe_id = id.cloned();
+                }
                 w.pid = facts.pid;
                 w.uid = facts.uid;
                 if w.comm != facts.comm {
@@ -143,7 +146,7 @@ impl Attestor {
                     selectors.to_vec(),
                     SeenWorkload {
                         selectors: selectors.to_vec(),
-                        spiffe_id,
+                        spiffe_id: id.cloned(),
                         pid: facts.pid,
                         uid: facts.uid,
                         comm: facts.comm.clone(),

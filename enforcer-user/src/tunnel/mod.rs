@@ -632,9 +632,28 @@ impl HboneClient {
                 .map_err(|source| failure.explain(node, source))
         };
         let (sender, mut conn) = step(node, "HTTP/2 handshake", h2_handshake).await?;
-        let pings = conn
-            .ping_pong()
-            .map(|p| Arc::new(tokio::sync::Mutex::new(p)));
+        // Until the server's SETTINGS are in, HTTP/2 assumes no limit on
+        // concurrent streams: a burst of connects would all be put on this
+        // connection, and those over the server's limit would wait for a
+        // stream to end (the CONNECT answer timeout). The server sends its
+        // SETTINGS before it answers anything, so once a PING is answered
+        // (the connection driven meanwhile) the limit is known.
+        let mut pings = conn.ping_pong();
+        if let Some(p) = pings.as_mut() {
+            let settled = async {
+                tokio::select! {
+                    pong = p.ping(h2::Ping::opaque()) => pong.map_err(|source| failure.explain(node, source)),
+                    ended = &mut conn => Err(match ended {
+                        Err(source) => failure.explain(node, source),
+                        Ok(()) => TunnelError::Connect {
+                            addr: node,
+                            source: std::io::ErrorKind::UnexpectedEof.into(),
+                        },
+                    }),
+                }
+            };
+            step(node, "HTTP/2 handshake", settled).await?;
+        }
         let dial_id = NEXT_DIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let pooled = Pooled {
             sender,
@@ -649,7 +668,7 @@ impl HboneClient {
         };
         tokio::spawn(drive(
             conn,
-            pings.clone(),
+            pings,
             node,
             peer_not_after,
             (
@@ -659,22 +678,6 @@ impl HboneClient {
             ),
             (self.pool.clone(), key.clone(), dial_id),
         ));
-        // Until the server's SETTINGS are in, HTTP/2 assumes no limit on
-        // concurrent streams: a burst of connects would all be put on this
-        // connection, and those over the server's limit would wait for a
-        // stream to end (the CONNECT answer timeout). The server sends its
-        // SETTINGS before it answers anything, so once a PING is answered
-        // the limit is known.
-        if let Some(p) = &pings {
-            let settled = async {
-                p.lock()
-                    .await
-                    .ping(h2::Ping::opaque())
-                    .await
-                    .map_err(|source| pooled.failure.explain(node, source))
-            };
-            step(node, "HTTP/2 handshake", settled).await?;
-        }
         self.pool
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -715,7 +718,7 @@ impl Pooled {
 /// fails its streams.
 async fn drive<T>(
     conn: h2::client::Connection<T, Bytes>,
-    pings: Option<Arc<tokio::sync::Mutex<h2::PingPong>>>,
+    mut pings: Option<h2::PingPong>,
     node: SocketAddr,
     peer_not_after: std::time::SystemTime,
     (streams, given, peak): (
@@ -753,10 +756,8 @@ async fn drive<T>(
                 pooled = false;
             }
             _ = tick.tick() => {
-                if let Some(p) = &pings {
-                    let pong = tokio::time::timeout(KEEPALIVE_TIMEOUT, async {
-                        p.lock().await.ping(h2::Ping::opaque()).await
-                    });
+                if let Some(p) = pings.as_mut() {
+                    let pong = tokio::time::timeout(KEEPALIVE_TIMEOUT, p.ping(h2::Ping::opaque()));
                     let answered = tokio::select! {
                         r = &mut conn => {
                             if let Err(e) = r {
