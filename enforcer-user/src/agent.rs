@@ -366,6 +366,12 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
 
     let state = Arc::new(AdminState::new(&config.node_name));
     let policy = Arc::new(policy_engine(&config, first_policy, state.metrics.clone())?);
+    let traces = crate::otel::init(&config.traces, &config.node_name, state.metrics.clone())
+        .map_err(anyhow::Error::msg)
+        .context("traces")?;
+    if traces.is_some() {
+        info!(endpoint = %config.traces.endpoint, "exporting traces over OTLP");
+    }
     serve_admin_apart(admin_listener, status_listener, state.clone())?;
     let counters = config.identity.state_dir.join("llm-usage.json");
     let tokens = Arc::new(
@@ -621,6 +627,9 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         .is_err()
     {
         warn!("the audit log did not take its last lines within 5 s");
+    }
+    if let Some(t) = traces {
+        t.shutdown(Duration::from_secs(5)).await;
     }
     Ok(())
 }

@@ -45,6 +45,9 @@ pub struct Config {
     pub l7: L7Config,
     #[serde(default)]
     pub admin: AdminConfig,
+    /// Spans exported over OTLP (off unless `traces.endpoint` is set).
+    #[serde(default)]
+    pub traces: TracesConfig,
     #[serde(default)]
     pub log: LogConfig,
     #[serde(default)]
@@ -557,6 +560,60 @@ fn default_status_addr() -> String {
     DEFAULT_STATUS_ADDR.to_owned()
 }
 
+/// Traces over OTLP/HTTP (protobuf), see docs/observability.md.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracesConfig {
+    /// The receiver's traces URL, as `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`
+    /// (e.g. `http://127.0.0.1:4318/v1/traces`); `""` (default): no traces.
+    #[serde(default)]
+    pub endpoint: String,
+    /// `service.name` of the spans' resource.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// Spans held for export at most; more are dropped, never waited for.
+    #[serde(default = "default_traces_max_queue")]
+    pub max_queue: usize,
+    /// Spans per export request at most.
+    #[serde(default = "default_traces_max_batch")]
+    pub max_batch: usize,
+    /// A batch is sent at least this often while spans wait.
+    #[serde(default = "default_traces_batch_delay_ms")]
+    pub batch_delay_ms: u64,
+    /// One export request's time limit (connect, send, answer).
+    #[serde(default = "default_traces_timeout_secs")]
+    pub timeout_secs: u64,
+}
+
+impl Default for TracesConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: String::new(),
+            service_name: default_service_name(),
+            max_queue: default_traces_max_queue(),
+            max_batch: default_traces_max_batch(),
+            batch_delay_ms: default_traces_batch_delay_ms(),
+            timeout_secs: default_traces_timeout_secs(),
+        }
+    }
+}
+
+fn default_service_name() -> String {
+    "enforcer".into()
+}
+fn default_traces_max_queue() -> usize {
+    2048
+}
+fn default_traces_max_batch() -> usize {
+    512
+}
+fn default_traces_batch_delay_ms() -> u64 {
+    5000
+}
+fn default_traces_timeout_secs() -> u64 {
+    10
+}
+
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
@@ -763,6 +820,7 @@ impl Config {
         }
         self.inbound_addr(path)?;
         self.status_addr(path)?;
+        self.traces(path)?;
         self.l7_routes(path)?;
         let td = spiffe::TrustDomain::new(&self.identity.trust_domain).map_err(|e| {
             invalid(
@@ -1035,6 +1093,46 @@ impl Config {
     /// The `/status` and `/config` address, `None` when disabled. Loopback
     /// only (DESIGN §5's port table): they list the node's workloads,
     /// identities and connections, to anyone who can connect.
+    /// `[traces]`: an http:// or https:// endpoint (or none), bounds that
+    /// are not zero.
+    fn traces(&self, path: &Path) -> Result<(), ConfigError> {
+        let t = &self.traces;
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: format!("traces.{key}").into(),
+            message,
+        };
+        if !t.endpoint.is_empty() {
+            let uri = t
+                .endpoint
+                .parse::<http::Uri>()
+                .map_err(|e| invalid("endpoint", format!("{:?}: {e}", t.endpoint)))?;
+            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+                return Err(invalid(
+                    "endpoint",
+                    format!(
+                        "{:?} is not an http:// or https:// URL (OTLP/HTTP, e.g. http://127.0.0.1:4318/v1/traces)",
+                        t.endpoint
+                    ),
+                ));
+            }
+        }
+        if t.service_name.is_empty() {
+            return Err(invalid("service_name", "must not be empty".into()));
+        }
+        for (key, v, max) in [
+            ("max_queue", t.max_queue as u64, 1 << 20),
+            ("max_batch", t.max_batch as u64, 1 << 16),
+            ("batch_delay_ms", t.batch_delay_ms, 3_600_000),
+            ("timeout_secs", t.timeout_secs, 3600),
+        ] {
+            if v == 0 || v > max {
+                return Err(invalid(key, format!("{v} is not within 1..={max}")));
+            }
+        }
+        Ok(())
+    }
+
     pub fn status_addr(&self, path: &Path) -> Result<Option<SocketAddr>, ConfigError> {
         if self.admin.status_addr.is_empty() {
             return Ok(None);
@@ -1165,6 +1263,34 @@ mod tests {
             !rules.port_captured(15008),
             "HBONE port is excluded by default"
         );
+    }
+
+    #[test]
+    fn traces_are_off_by_default_and_bad_values_are_named() {
+        let cfg = parse(MIN).expect("valid");
+        assert_eq!(cfg.traces.endpoint, "", "no traces unless asked for");
+        assert_eq!(cfg.traces.max_queue, 2048);
+        let ok = parse(&format!(
+            "{MIN}[traces]\nendpoint = \"http://127.0.0.1:4318/v1/traces\"\n"
+        ))
+        .expect("valid");
+        assert_eq!(ok.traces.endpoint, "http://127.0.0.1:4318/v1/traces");
+        for (bad, key) in [
+            ("endpoint = \"127.0.0.1:4318\"", "traces.endpoint"),
+            ("endpoint = \"grpc://collector:4317\"", "traces.endpoint"),
+            ("endpoint = \"http://\"", "traces.endpoint"),
+            ("max_queue = 0", "traces.max_queue"),
+            ("max_batch = 0", "traces.max_batch"),
+            ("batch_delay_ms = 0", "traces.batch_delay_ms"),
+            ("timeout_secs = 0", "traces.timeout_secs"),
+            ("service_name = \"\"", "traces.service_name"),
+            ("sample = 1", "sample"),
+        ] {
+            let err = parse(&format!("{MIN}[traces]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
     }
 
     #[test]

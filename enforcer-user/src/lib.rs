@@ -12,6 +12,7 @@ pub mod identity;
 pub mod l7;
 pub mod mark;
 pub mod metrics;
+pub mod otel;
 pub mod policy;
 pub mod proxy;
 pub mod record;

@@ -183,6 +183,7 @@ pub struct Metrics {
     decision_logs: Family<ResultLabels, Counter>,
     decision_log_uploads: Family<ResultLabels, Counter>,
     pub audit_write_failures: Counter,
+    trace_spans: Family<ResultLabels, Counter>,
     http_requests: Family<HttpRequestLabels, Counter>,
     mcp_calls: Family<McpCallLabels, Counter>,
     llm_tokens: Family<LlmTokenLabels, Counter>,
@@ -305,6 +306,12 @@ impl Metrics {
             "Audit log lines not written (write failed, e.g. disk full, or the writer's queue was full)",
             audit_write_failures.clone(),
         );
+        let trace_spans = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "trace_spans",
+            "Spans of [traces]: ended (queued for export), exported, failed (the receiver refused or did not answer); ended - exported - failed were dropped (queue full) or are waiting",
+            trace_spans.clone(),
+        );
         let http_requests = Family::<HttpRequestLabels, Counter>::default();
         registry.register(
             "http_requests",
@@ -342,6 +349,7 @@ impl Metrics {
             decision_logs,
             decision_log_uploads,
             audit_write_failures,
+            trace_spans,
             id_labels: Default::default(),
             hbone_rejected,
             hbone_streams_refused,
@@ -528,6 +536,12 @@ impl Metrics {
         self.decision_log_uploads
             .get_or_create(&ResultLabels { result })
             .inc();
+    }
+
+    pub fn trace_spans(&self, result: &'static str, n: u64) {
+        self.trace_spans
+            .get_or_create(&ResultLabels { result })
+            .inc_by(n);
     }
 
     pub fn policy_reload(&self, result: &'static str) {

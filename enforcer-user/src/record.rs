@@ -108,12 +108,27 @@ pub struct ConnRecord {
     /// Counted in the open-by-identity view under its direction and
     /// `src_id`/`dst_id` (from [`ConnRecord::relaying`]).
     counted: bool,
+    /// The connection's span (`[traces]` on), ended with the record; boxed,
+    /// so that a record with traces off stays small.
+    trace: Option<Box<crate::otel::Span>>,
 }
 
 impl ConnRecord {
     /// A connection accepted now: counted open until the record is dropped.
     pub fn open(metrics: Arc<Metrics>, kind: Kind, id: u64) -> Self {
         metrics.opened(direction(kind));
+        // An inbound stream's span waits for the peer's trace context
+        // ([`ConnRecord::trace_from`]); the others start a trace.
+        let trace = match kind {
+            Kind::Inbound => None,
+            Kind::Outbound | Kind::Plaintext => crate::otel::start(
+                span_name(kind),
+                span_kind(kind),
+                std::time::SystemTime::now(),
+                None,
+            )
+            .map(Box::new),
+        };
         Self {
             metrics,
             kind,
@@ -134,7 +149,30 @@ impl ConnRecord {
             received: 0,
             outcome: None,
             counted: false,
+            trace,
         }
+    }
+
+    /// Starts the span of an inbound stream, the child of the trace context
+    /// the peer agent sent with its CONNECT (else a new trace's root).
+    pub fn trace_from(&mut self, headers: &http::HeaderMap) {
+        if crate::otel::enabled() {
+            let parent = crate::otel::extract(headers);
+            self.trace = crate::otel::start(
+                span_name(self.kind),
+                span_kind(self.kind),
+                std::time::SystemTime::now(),
+                parent.as_ref(),
+            )
+            .map(Box::new);
+        }
+    }
+
+    /// The connection span's context, to carry to the peer agent and to
+    /// parent request spans (`None` when untraced).
+    pub fn trace_context(&self) -> Option<opentelemetry::trace::SpanContext> {
+        use opentelemetry::trace::Span as _;
+        self.trace.as_ref().map(|s| s.span_context().clone())
     }
 
     /// Relaying starts, its identities known: counted open by identity
@@ -164,6 +202,93 @@ impl ConnRecord {
     }
 }
 
+fn span_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Outbound => "outbound connection",
+        Kind::Inbound => "inbound connection",
+        Kind::Plaintext => "inbound plaintext connection",
+    }
+}
+
+fn span_kind(kind: Kind) -> opentelemetry::trace::SpanKind {
+    match kind {
+        Kind::Outbound => opentelemetry::trace::SpanKind::Client,
+        Kind::Inbound | Kind::Plaintext => opentelemetry::trace::SpanKind::Server,
+    }
+}
+
+impl ConnRecord {
+    /// Ends the connection's span with what the "connection closed" line
+    /// says.
+    fn end_span(&mut self, outcome: Outcome) {
+        use opentelemetry::{KeyValue, trace::Span as _};
+        let Some(mut span) = self.trace.take() else {
+            return;
+        };
+        let mut a = vec![
+            KeyValue::new("enforcer.conn_id", self.id as i64),
+            KeyValue::new(
+                "enforcer.direction",
+                match self.kind {
+                    Kind::Outbound => "outbound",
+                    Kind::Inbound | Kind::Plaintext => "inbound",
+                },
+            ),
+            KeyValue::new("enforcer.outcome", outcome.as_str()),
+            KeyValue::new("enforcer.mtls", self.mtls),
+            KeyValue::new("enforcer.bytes_sent", self.sent as i64),
+            KeyValue::new("enforcer.bytes_received", self.received as i64),
+        ];
+        if !self.decision_ids.is_empty() {
+            let decision = if outcome == Outcome::Denied {
+                "deny"
+            } else {
+                "allow"
+            };
+            a.push(KeyValue::new("enforcer.decision", decision));
+            a.push(KeyValue::new(
+                "enforcer.decision_ids",
+                self.decision_ids.join(","),
+            ));
+        }
+        if let Some(id) = &self.src_id {
+            a.push(KeyValue::new("enforcer.source.spiffe_id", id.clone()));
+        }
+        if let Some(id) = &self.dst_id {
+            a.push(KeyValue::new("enforcer.destination.spiffe_id", id.clone()));
+        }
+        if let Some(r) = &self.policy_reason {
+            a.push(KeyValue::new("enforcer.policy_reason", r.clone()));
+        }
+        if let Some(src) = self.src {
+            a.push(KeyValue::new(
+                "client.address",
+                src.ip().to_canonical().to_string(),
+            ));
+            a.push(KeyValue::new("client.port", i64::from(src.port())));
+        }
+        if let Some(dst) = self.dst {
+            a.push(KeyValue::new(
+                "server.address",
+                dst.ip().to_canonical().to_string(),
+            ));
+            a.push(KeyValue::new("server.port", i64::from(dst.port())));
+        }
+        if let Some(f) = &self.facts {
+            a.push(KeyValue::new("process.pid", i64::from(f.pid)));
+            a.push(KeyValue::new("process.executable.name", f.comm.clone()));
+        }
+        if let Some(r) = self.hbone_reused {
+            a.push(KeyValue::new("enforcer.hbone_reused", r));
+        }
+        span.set_attributes(a);
+        if !matches!(outcome, Outcome::Ok | Outcome::Denied) {
+            span.set_status(opentelemetry::trace::Status::error(outcome.as_str()));
+        }
+        span.end();
+    }
+}
+
 fn direction(kind: Kind) -> Direction {
     match kind {
         Kind::Outbound => Direction::outbound,
@@ -190,6 +315,7 @@ impl Drop for ConnRecord {
             }
         };
         let (sent, received) = (self.sent, self.received);
+        self.end_span(outcome);
         self.metrics
             .closed(direction(self.kind), outcome.as_str(), sent, received);
         let duration_ms = self.started.elapsed().as_millis() as u64;

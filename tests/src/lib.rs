@@ -994,13 +994,27 @@ impl Node {
         (code, pid)
     }
 
+    /// [`Node::http_status`] with more curl arguments (headers, a body).
+    pub fn http_status_with(&self, unit: Option<&str>, url: &str, args: &[&str]) -> (String, u32) {
+        let (code, pid, err) = self.curl_status_with(unit, url, args);
+        assert_ne!(code, "000", "{url}: {err}");
+        (code, pid)
+    }
+
     fn curl_status(&self, unit: Option<&str>, url: &str) -> (String, u32, String) {
-        let (pid, out) = self
-            .exec(
-                unit,
-                &["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", url],
-            )
-            .expect("curl");
+        self.curl_status_with(unit, url, &[])
+    }
+
+    fn curl_status_with(
+        &self,
+        unit: Option<&str>,
+        url: &str,
+        args: &[&str],
+    ) -> (String, u32, String) {
+        let mut cmd = vec!["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}"];
+        cmd.extend_from_slice(args);
+        cmd.push(url);
+        let (pid, out) = self.exec(unit, &cmd).expect("curl");
         (
             String::from_utf8_lossy(&out.stdout).into_owned(),
             pid,

@@ -17,6 +17,19 @@ const TD: &str = "obs.example.org";
 const CLIENT: &str = "spiffe://obs.example.org/client";
 const API: &str = "spiffe://obs.example.org/api";
 const PROMETHEUS: u16 = 9090;
+/// An MCP tool call (port 8003, `mcp`) and an LLM completion (8004, `llm`).
+const AI_CALLS: [(u16, &str, &str); 2] = [
+    (
+        8003,
+        "/mcp",
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search","arguments":{}}}"#,
+    ),
+    (
+        8004,
+        "/v1/chat/completions",
+        r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello."}]}"#,
+    ),
+];
 /// An inline bundle-verification secret in b's config: never shown.
 const SECRET: &str = "s3cr3t-hmac-key";
 
@@ -178,6 +191,11 @@ fn setup(test: &str, ports: &[(u16, &str)]) -> Setup {
 
 /// [`setup`], with `mesh_b` appended to b's `[mesh]` table.
 fn setup_with(test: &str, ports: &[(u16, &str)], mesh_b: &str) -> Setup {
+    setup_full(test, ports, mesh_b, "")
+}
+
+/// [`setup_with`], with `both` (TOML tables) appended to both configs.
+fn setup_full(test: &str, ports: &[(u16, &str)], mesh_b: &str, both: &str) -> Setup {
     let (mut tb, a, b) = Testbed::linked_pair(test).expect("testbed");
     let ca = tb.shared_ca("shared", TD).expect("CA");
     let policy = tb.dir.join("obs-policy");
@@ -199,7 +217,7 @@ fn setup_with(test: &str, ports: &[(u16, &str)], mesh_b: &str) -> Setup {
             &format!("\n[[l7.destinations]]\nports = [{port}]\nprotocol = \"{protocol}\"\n");
     }
     let b_tail = format!(
-        "{}\n{MESH}{mesh_b}\n{}\n[policy.keys.hmac]\nalgorithm = \"HS256\"\nkey = \"{SECRET}\"\n{declared}",
+        "{}\n{MESH}{mesh_b}\n{}\n[policy.keys.hmac]\nalgorithm = \"HS256\"\nkey = \"{SECRET}\"\n{declared}\n{both}",
         entry(API, "systemd:unit:api.service"),
         tb.policy_section(&b, &source),
     );
@@ -208,7 +226,7 @@ fn setup_with(test: &str, ports: &[(u16, &str)], mesh_b: &str) -> Setup {
         .expect("config");
     let eb = tb.start_enforcer(&b, &b_config).expect("b's agent");
     let a_tail = format!(
-        "{}\n{MESH}\n{}",
+        "{}\n{MESH}\n{}\n{both}",
         entry(CLIENT, "systemd:unit:client.service"),
         tb.policy_section(&a, &source)
     );
@@ -231,7 +249,12 @@ fn setup_with(test: &str, ports: &[(u16, &str)], mesh_b: &str) -> Setup {
 fn prometheus_scrapes_every_documented_metric_with_its_labels() {
     let docs = documented();
     let Setup {
-        mut tb, a, b, eb, ..
+        mut tb,
+        a,
+        b,
+        ea,
+        eb,
+        ..
     } = setup(
         "observability",
         &[(8002, "http"), (8003, "mcp"), (8004, "llm")],
@@ -243,18 +266,7 @@ fn prometheus_scrapes_every_documented_metric_with_its_labels() {
     a.get_ok(Some("client.service"), "http://10.10.0.2:8002/ok");
     let (denied, _) = a.http_status(Some("client.service"), "http://10.10.0.2:8002/denied");
     assert_eq!(denied, "403");
-    for (port, path, body) in [
-        (
-            8003,
-            "/mcp",
-            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search","arguments":{}}}"#,
-        ),
-        (
-            8004,
-            "/v1/chat/completions",
-            r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello."}]}"#,
-        ),
-    ] {
+    for (port, path, body) in AI_CALLS {
         let url = format!("http://10.10.0.2:{port}{path}");
         let (_, out) = a
             .exec(
@@ -427,6 +439,16 @@ fn prometheus_scrapes_every_documented_metric_with_its_labels() {
         "enforcer_llm_tokens_total",
     ] {
         assert!(seen.contains(name), "no series of {name}; seen: {seen:?}");
+    }
+    // Traces are off unless configured: all this traffic made no span.
+    for agent in [&ea, &eb] {
+        assert_eq!(
+            agent
+                .metric("enforcer_trace_spans_total", &[("result", "ended")])
+                .expect("metric"),
+            0.0,
+            "no [traces] in the config, yet spans were made"
+        );
     }
     let ready = api(&b, "/api/v1/query", &[("query", "enforcer_ready")]);
     assert_eq!(ready["result"][0]["value"][1], "1", "{ready}");
@@ -727,4 +749,238 @@ fn hbone_connections_opened_for_a_burst_close_once_idle() {
     let left = pooled(&ea);
     assert_eq!(left[0]["dial_id"], oldest, "the oldest stays: {left:?}");
     assert_eq!(left[0]["open_streams"], 0, "{left:?}");
+}
+
+/// Where each node's agent sends its spans: an OTLP receiver in the node's
+/// netns, as a node-local collector would be.
+const OTLP: u16 = 4318;
+
+/// The spans a node's receiver printed.
+fn spans(tb: &Testbed, node: &Node) -> Vec<Value> {
+    tb.server_log(node, "otlp")
+        .lines()
+        .filter_map(|l| l.strip_prefix("SPAN "))
+        .map(|l| serde_json::from_str(l).expect("span JSON"))
+        .collect()
+}
+
+fn attr<'a>(span: &'a Value, key: &str) -> &'a Value {
+    &span["attributes"][key]
+}
+
+/// Traces (issue 16, item 1): each agent exports a span per connection and
+/// per L7 request over OTLP/HTTP to a real protobuf decoder; a's outbound
+/// connection, b's inbound connection and b's request span form one trace
+/// (the trace context rides the HBONE CONNECT), a workload's own
+/// `traceparent` is continued, and the spans carry the verified identities,
+/// the decision, bytes, the MCP tool and the LLM model and tokens. A dead
+/// receiver costs spans, counted, never a request.
+#[test]
+fn traces_from_both_nodes_join_one_trace_over_otlp() {
+    let traces = format!(
+        "[traces]\nendpoint = \"http://127.0.0.1:{OTLP}/v1/traces\"\nbatch_delay_ms = 200\n"
+    );
+    let Setup {
+        mut tb,
+        a,
+        b,
+        ea,
+        eb,
+        ..
+    } = setup_full(
+        "traces",
+        &[(8002, "http"), (8003, "mcp"), (8004, "llm")],
+        "",
+        &traces,
+    );
+    let helper = format!("{}/helpers/otlp_receiver.py", env!("CARGO_MANIFEST_DIR"));
+    let mut receivers = vec![];
+    for node in [&a, &b] {
+        receivers.push(
+            tb.start_server(
+                node,
+                "otlp",
+                &["python3", "-u", &helper, &OTLP.to_string()],
+                OTLP,
+            )
+            .expect("OTLP receiver (PyPI's opentelemetry-proto: cargo xtask setup installs it)"),
+        );
+    }
+
+    // 1. No traceparent: a new trace, started by a's outbound connection.
+    a.get_ok(Some("client.service"), "http://10.10.0.2:8002/untraced");
+    // 2. The workload's own trace context.
+    let (tid, sid) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let traceparent = format!("traceparent: 00-{tid}-{sid}-01");
+    let (status, _) = a.http_status_with(
+        Some("client.service"),
+        "http://10.10.0.2:8002/traced",
+        &["-H", &traceparent],
+    );
+    assert_eq!(status, "200");
+    // 3. Denied.
+    let (denied, _) = a.http_status(Some("client.service"), "http://10.10.0.2:8002/denied");
+    assert_eq!(denied, "403");
+    // 4. An MCP tool call and an LLM completion.
+    for (port, path, body) in AI_CALLS {
+        let url = format!("http://10.10.0.2:{port}{path}");
+        let (status, _) = a.http_status_with(
+            Some("client.service"),
+            &url,
+            &[
+                "-H",
+                "content-type: application/json",
+                "-H",
+                "accept: application/json, text/event-stream",
+                "-d",
+                body,
+            ],
+        );
+        assert_eq!(status, "200", "POST {url}");
+    }
+
+    // Five connections, each a span on a and on b, and five request spans on b.
+    let requests = |tb: &Testbed| -> Vec<Value> {
+        spans(tb, &b)
+            .into_iter()
+            .filter(|s| s["attributes"]["enforcer.request_id"].is_string())
+            .collect()
+    };
+    let outbound = |tb: &Testbed| -> Vec<Value> {
+        spans(tb, &a)
+            .into_iter()
+            .filter(|s| s["name"] == "outbound connection")
+            .collect()
+    };
+    let inbound = |tb: &Testbed| -> Vec<Value> {
+        spans(tb, &b)
+            .into_iter()
+            .filter(|s| s["name"] == "inbound connection")
+            .collect()
+    };
+    wait_for("both agents to export their spans", || {
+        requests(&tb).len() >= 5 && outbound(&tb).len() >= 5 && inbound(&tb).len() >= 5
+    });
+    for node in [&a, &b] {
+        let log = tb.server_log(node, "otlp");
+        assert!(!log.contains("BAD"), "{}: {log}", node.name);
+    }
+    let (out, inb, reqs) = (outbound(&tb), inbound(&tb), requests(&tb));
+    let by_path = |path: &str| -> &Value {
+        reqs.iter()
+            .find(|s| attr(s, "url.path") == path)
+            .unwrap_or_else(|| panic!("no request span for {path}: {reqs:#?}"))
+    };
+
+    // One trace across both nodes: request ⊂ b's inbound ⊂ a's outbound.
+    let req = by_path("/untraced");
+    let conn_b = inb
+        .iter()
+        .find(|s| s["span_id"] == req["parent_span_id"])
+        .unwrap_or_else(|| panic!("the request's parent is b's inbound span: {req:#}\n{inb:#?}"));
+    let conn_a = out
+        .iter()
+        .find(|s| s["span_id"] == conn_b["parent_span_id"])
+        .unwrap_or_else(|| {
+            panic!("b's inbound span's parent is a's outbound span: {conn_b:#}\n{out:#?}")
+        });
+    assert_eq!(conn_a["parent_span_id"], "", "a's span starts the trace");
+    for s in [req, conn_b] {
+        assert_eq!(s["trace_id"], conn_a["trace_id"], "one trace: {s:#}");
+    }
+    assert_eq!(conn_a["resource"]["host.name"], tb.node_instance(&a));
+    assert_eq!(conn_b["resource"]["host.name"], tb.node_instance(&b));
+    assert_eq!(conn_a["resource"]["service.name"], "enforcer");
+    assert_eq!(conn_a["kind"], 3, "client span");
+    assert_eq!(conn_b["kind"], 2, "server span");
+    // The verified identities, the decision and the bytes.
+    for s in [conn_a, conn_b, req] {
+        assert_eq!(attr(s, "enforcer.source.spiffe_id"), CLIENT, "{s:#}");
+        assert_eq!(attr(s, "enforcer.destination.spiffe_id"), API, "{s:#}");
+        assert_eq!(attr(s, "enforcer.decision"), "allow", "{s:#}");
+    }
+    for s in [conn_a, conn_b] {
+        assert_eq!(attr(s, "enforcer.outcome"), "ok", "{s:#}");
+        assert_eq!(attr(s, "enforcer.mtls"), true, "{s:#}");
+        assert!(attr(s, "enforcer.bytes_sent").as_i64() > Some(0), "{s:#}");
+        assert!(
+            attr(s, "enforcer.bytes_received").as_i64() > Some(0),
+            "{s:#}"
+        );
+        assert!(s["end"].as_u64() >= s["start"].as_u64(), "{s:#}");
+    }
+    assert_eq!(attr(conn_a, "process.executable.name"), "curl");
+    assert_eq!(attr(req, "http.request.method"), "GET");
+    assert_eq!(attr(req, "http.response.status_code"), 200);
+    assert_eq!(attr(req, "enforcer.protocol"), "http");
+    assert!(attr(req, "enforcer.decision_id").is_string(), "{req:#}");
+
+    // The workload's trace continued, linked to the connection's.
+    let req = by_path("/traced");
+    assert_eq!(req["trace_id"], tid, "{req:#}");
+    assert_eq!(req["parent_span_id"], sid, "{req:#}");
+    let link = &req["links"][0];
+    let conn_b = inb
+        .iter()
+        .find(|s| s["span_id"] == link["span_id"])
+        .unwrap_or_else(|| panic!("the request links to b's inbound span: {req:#}"));
+    assert_eq!(link["trace_id"], conn_b["trace_id"]);
+    assert!(
+        out.iter().any(
+            |s| s["trace_id"] == conn_b["trace_id"] && s["span_id"] == conn_b["parent_span_id"]
+        ),
+        "that connection's trace starts at a: {conn_b:#}"
+    );
+
+    // Denied, with the policy's reason.
+    let req = by_path("/denied");
+    assert_eq!(attr(req, "enforcer.decision"), "deny", "{req:#}");
+    assert_eq!(attr(req, "enforcer.policy_reason"), "this path is denied");
+    assert_eq!(attr(req, "http.response.status_code"), 403);
+
+    // The MCP tool and the LLM model with its tokens.
+    let req = by_path("/mcp");
+    assert_eq!(req["name"], "tools/call search", "{req:#}");
+    assert_eq!(attr(req, "mcp.method.name"), "tools/call");
+    assert_eq!(attr(req, "gen_ai.tool.name"), "search");
+    let req = by_path("/v1/chat/completions");
+    assert_eq!(req["name"], "chat.completions gpt-4o-mini", "{req:#}");
+    assert_eq!(attr(req, "gen_ai.request.model"), "gpt-4o-mini");
+    assert!(
+        attr(req, "gen_ai.usage.input_tokens").as_i64() > Some(0),
+        "{req:#}"
+    );
+    assert!(attr(req, "gen_ai.usage.output_tokens").is_i64(), "{req:#}");
+
+    // Counted: every span ended was exported.
+    for (agent, node) in [(&ea, &a), (&eb, &b)] {
+        let exported = agent
+            .metric("enforcer_trace_spans_total", &[("result", "exported")])
+            .expect("metric");
+        assert!(
+            exported >= spans(&tb, node).len() as f64 && exported > 0.0,
+            "{}: {exported} exported, {} received",
+            node.name,
+            spans(&tb, node).len()
+        );
+        assert_eq!(
+            agent
+                .metric("enforcer_trace_spans_total", &[("result", "failed")])
+                .expect("metric"),
+            0.0
+        );
+    }
+
+    // b's receiver gone: requests still pass, the lost spans are counted.
+    tb.stop(receivers[1]).expect("stop b's receiver");
+    a.get_ok(
+        Some("client.service"),
+        "http://10.10.0.2:8002/receiver-gone",
+    );
+    wait_for("b to count the spans it could not export", || {
+        eb.metric("enforcer_trace_spans_total", &[("result", "failed")])
+            .expect("metric")
+            > 0.0
+    });
+    a.get_ok(Some("client.service"), "http://10.10.0.2:8002/still-served");
 }

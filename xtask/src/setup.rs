@@ -64,6 +64,11 @@ const PIP_PACKAGES: &[(&str, &str)] = &[
     ("grpcio-tools", "grpc_tools"),
     ("h2", "h2"),
     ("PyJWT", "jwt"),
+    // The OTLP trace receiver of the traces test decodes with it.
+    (
+        "opentelemetry-proto",
+        "opentelemetry.proto.collector.trace.v1.trace_service_pb2",
+    ),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13";

@@ -19,6 +19,7 @@ use http::{
 use http_body_util::{BodyExt as _, BodyStream, Full, StreamBody, combinators::UnsyncBoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use opentelemetry::KeyValue;
 use serde_json::{Map, Value, json};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -31,6 +32,32 @@ use crate::policy::{Input, Verdict};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// An answer's body that holds its request's span until it has been sent.
+struct TracedBody {
+    inner: Body,
+    _span: crate::otel::RequestSpan,
+}
+
+impl http_body::Body for TracedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// Largest request head (request line and headers) of HTTP/1.1; a larger
 /// one is answered 431 and the connection closed.
@@ -525,7 +552,65 @@ impl Session {
         let n = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
         let request_id = format!("{}.{n}", self.conn.id);
         let span = info_span!("request", id = %request_id, method = %req.method(), path = %req.uri().path());
-        Ok(self.request(req, request_id).instrument(span).await)
+        let Some(trace) = crate::otel::RequestSpan::start(req.headers(), self.conn.trace.as_ref())
+        else {
+            return Ok(self.request(req, request_id).instrument(span).await);
+        };
+        trace.rename(req.method().to_string());
+        trace.set(self.request_attributes(&req, &request_id));
+        let resp = trace
+            .clone()
+            .scope(self.request(req, request_id))
+            .instrument(span)
+            .await;
+        trace.set([KeyValue::new(
+            "http.response.status_code",
+            i64::from(resp.status().as_u16()),
+        )]);
+        if resp.status().is_server_error() {
+            trace.error(resp.status().to_string());
+        }
+        // The span ends when the answer has been sent (or dropped).
+        Ok(resp.map(|b| {
+            TracedBody {
+                inner: b,
+                _span: trace,
+            }
+            .boxed_unsync()
+        }))
+    }
+
+    /// What a request's span says of it from the start.
+    fn request_attributes(&self, req: &Request<Incoming>, request_id: &str) -> Vec<KeyValue> {
+        let mut a = vec![
+            KeyValue::new("enforcer.request_id", request_id.to_owned()),
+            KeyValue::new("enforcer.conn_id", self.conn.id as i64),
+            KeyValue::new("enforcer.protocol", self.route.protocol.as_str()),
+            KeyValue::new("http.request.method", req.method().to_string()),
+            KeyValue::new("url.path", req.uri().path().to_owned()),
+            KeyValue::new(
+                "network.protocol.version",
+                match req.version() {
+                    Version::HTTP_2 => "2",
+                    Version::HTTP_10 => "1.0",
+                    _ => "1.1",
+                },
+            ),
+            KeyValue::new(
+                "server.address",
+                self.conn.server.ip().to_canonical().to_string(),
+            ),
+            KeyValue::new("server.port", i64::from(self.conn.server.port())),
+        ];
+        for (key, peer) in [
+            ("enforcer.source.spiffe_id", &self.conn.source),
+            ("enforcer.destination.spiffe_id", &self.conn.destination),
+        ] {
+            if let Some(id) = &peer.spiffe_id {
+                a.push(KeyValue::new(key, id.clone()));
+            }
+        }
+        a
     }
 
     /// The connection-level input with a request's fields beside it.
@@ -540,10 +625,13 @@ impl Session {
     }
 
     pub(super) async fn decide_input(&self, input: &Input, request_id: &str) -> Verdict {
-        self.l7
+        let verdict = self
+            .l7
             .policy
             .decide_request(input, self.conn.id, request_id)
-            .await
+            .await;
+        crate::otel::on_request(|span| span.decided(input, &verdict));
+        verdict
     }
 
     pub(super) fn count(&self, result: &'static str) {
@@ -928,6 +1016,7 @@ pub mod fuzz {
             destination: crate::policy::Peer::default(),
             client: std::net::SocketAddr::from(([10, 0, 0, 1], 40000)),
             server: std::net::SocketAddr::from(([10, 0, 0, 2], 8080)),
+            trace: None,
         });
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let conn = conn.clone();

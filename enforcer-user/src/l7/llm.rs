@@ -130,6 +130,8 @@ pub struct Call {
     body: Bytes,
     /// `include_usage` was added on the client's behalf.
     added_usage: bool,
+    /// The request's span (traced): gets the tokens, ends after them.
+    span: Option<crate::otel::RequestSpan>,
 }
 
 /// What to do with a request.
@@ -309,6 +311,7 @@ pub(super) async fn decide(
             decision_id: verdict.decision_id,
             request_id: request_id.to_owned(),
             body: body.seen.clone(),
+            span: crate::otel::current(),
         })),
         body: rewritten,
     }
@@ -393,6 +396,9 @@ impl Call {
     ) {
         let adder = self.adder(&session.l7.tokens);
         let done = move |call: Box<Call>, session: Arc<Session>, tokens: (u64, u64), by| {
+            if let Some(span) = &call.span {
+                span.tokens(tokens.0, tokens.1, by);
+            }
             let used = session.l7.tokens.used(
                 &call.source,
                 Some(call.model()),

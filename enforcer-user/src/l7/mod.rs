@@ -114,6 +114,9 @@ pub struct Conn {
     pub client: SocketAddr,
     /// The server the requests go to.
     pub server: SocketAddr,
+    /// The connection's span context: the parent of request spans that
+    /// carry no `traceparent` of their own.
+    pub trace: Option<opentelemetry::trace::SpanContext>,
 }
 
 impl Conn {
@@ -131,7 +134,14 @@ impl Conn {
             destination: input.destination.clone(),
             client,
             server,
+            trace: None,
         }
+    }
+
+    /// With the connection's span context (see [`Conn::trace`]).
+    pub fn traced(mut self, trace: Option<opentelemetry::trace::SpanContext>) -> Self {
+        self.trace = trace;
+        self
     }
 }
 

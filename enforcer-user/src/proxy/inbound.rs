@@ -353,6 +353,7 @@ impl Inbound {
         mut respond: SendResponse<Bytes>,
     ) {
         let mut rec = ConnRecord::open(self.admin.metrics.clone(), Kind::Inbound, id);
+        rec.trace_from(req.headers());
         rec.src = Some(peer);
         rec.src_id = Some(src_id.to_string());
 
@@ -422,7 +423,7 @@ impl Inbound {
         let recv = req.into_body();
         rec.relaying();
         if let Some(route) = route {
-            let conn = crate::l7::Conn::of(id, &input, peer, dst);
+            let conn = crate::l7::Conn::of(id, &input, peer, dst).traced(rec.trace_context());
             let client = crate::l7::io::H2Stream::new(send, recv);
             let served = crate::l7::http::serve(
                 self.l7.clone(),

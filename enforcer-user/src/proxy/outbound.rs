@@ -200,6 +200,7 @@ impl Outbound {
                     destination: dst_peer,
                     client: peer,
                     server: dst,
+                    trace: rec.trace_context(),
                 };
                 (route, conn, super::dial_local(dst))
             });
@@ -225,7 +226,7 @@ impl Outbound {
                 };
                 return refuse(client, &mut rec, outcome);
             };
-            let prepared = match self.hbone.prepare(&src_svid, dst).await {
+            let mut prepared = match self.hbone.prepare(&src_svid, dst).await {
                 Ok(t) => t,
                 Err(e) => {
                     warn!(conn_id = id, orig_dst = %dst, reason = e.code(), error = %e, "HBONE tunnel failed");
@@ -234,6 +235,7 @@ impl Outbound {
             };
             rec.dst_id = Some(prepared.peer_id.to_string());
             rec.hbone_reused = Some(prepared.reused);
+            prepared.trace = rec.trace_context();
             // The destination's identity is verified now; nothing is requested yet.
             let dst_peer = crate::policy::Peer {
                 authenticated: Some(true),
@@ -308,6 +310,7 @@ impl Outbound {
                 destination: dst_peer,
                 client: peer,
                 server: dst,
+                trace: rec.trace_context(),
             };
             let dial: crate::l7::Dial = Arc::new(move || Box::pin(mark::connect(dst, None)));
             (route, conn, dial)

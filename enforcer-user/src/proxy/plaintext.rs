@@ -101,7 +101,7 @@ impl Plaintext {
         let l7 = route.map(|r| {
             (
                 r,
-                crate::l7::Conn::of(id, &input, peer, dst),
+                crate::l7::Conn::of(id, &input, peer, dst).traced(rec.trace_context()),
                 super::dial_local(dst),
             )
         });

@@ -245,6 +245,9 @@ pub struct Prepared {
     slot: StreamSlot,
     key: PoolKey,
     dial_id: u64,
+    /// The connection's trace context, sent with CONNECT as W3C
+    /// `traceparent` so the peer agent's span joins the trace.
+    pub trace: Option<opentelemetry::trace::SpanContext>,
 }
 
 impl Prepared {
@@ -262,13 +265,14 @@ impl Prepared {
             dst,
             failure,
             slot,
+            trace,
             ..
         } = self;
         let mut sender = sender
             .ready()
             .await
             .map_err(|source| failure.explain(node, source))?;
-        let req = http::Request::builder()
+        let mut req = http::Request::builder()
             .method(http::Method::CONNECT)
             .uri(dst.to_string())
             .body(())
@@ -276,6 +280,9 @@ impl Prepared {
                 dst,
                 message: e.to_string(),
             })?;
+        if let Some(sc) = &trace {
+            crate::otel::inject(sc, req.headers_mut());
+        }
         let (resp, send) = sender
             .send_request(req, false)
             .map_err(|source| failure.explain(node, source))?;
@@ -442,12 +449,14 @@ impl HboneClient {
     {
         Box::pin(async move {
             let (key, dial_id, dst) = (prepared.key.clone(), prepared.dial_id, prepared.dst);
+            let trace = prepared.trace.clone();
             let decided = prepared.peer_id.clone();
             match prepared.open().await {
                 Err(e) if e.unprocessed() => {
                     debug!(error = %e, "HBONE stream refused before processing; once more on another connection");
                     self.forget(&key, dial_id);
-                    let again = self.prepare(svid, dst).await?;
+                    let mut again = self.prepare(svid, dst).await?;
+                    again.trace = trace;
                     if again.peer_id != decided {
                         return Err(TunnelError::PeerChanged {
                             addr: again.node,
@@ -707,6 +716,7 @@ impl Pooled {
             slot,
             key,
             dial_id: self.dial_id,
+            trace: None,
         }
     }
 }
