@@ -1171,3 +1171,98 @@ print("ECHOED", ok)
         "10 streams at 4 per connection need 3 connections, dialed {dialed}"
     );
 }
+
+/// An identity the rogue peer switches to.
+const SWAPPED_ID: &str = "spiffe://ai.example.org/swapped-in";
+
+/// The attack: a peer node presents the identity policy allows (the LLM)
+/// on the first HBONE connection, refuses the CONNECT there as unprocessed
+/// (REFUSED_STREAM, which a client answers by sending the stream once more
+/// on another connection), and presents another identity on that second
+/// connection. The resent stream must not go to an identity that policy
+/// never decided on: the agent refuses it (`peer_changed`), the rogue peer
+/// sees no CONNECT on its second connection.
+#[test]
+fn a_resent_stream_never_goes_to_a_peer_that_changed_identity() {
+    let (mut tb, a, b) = Testbed::linked_pair("peerswap").expect("testbed");
+    let ca = tb.shared_ca("shared", TD).expect("CA");
+    let policy = tb.dir.join("swap-policy");
+    std::fs::create_dir_all(&policy).expect("policy dir");
+    std::fs::write(
+        policy.join("policy.rego"),
+        format!(
+            "package enforcer.authz\n\nimport rego.v1\n\ndefault allow := false\n\nallow if input.destination.spiffe_id == \"{LLM_ID}\"\n"
+        ),
+    )
+    .expect("policy");
+    let tail = format!(
+        "{}\n{MESH}\n{}",
+        entry(AGENT_ID, "systemd:unit:support-agent.service"),
+        tb.policy_section(&a, &policy.display().to_string())
+    );
+    let config = tb.enforcer_config_with(&a, "", &ca, &tail).expect("config");
+    let ea = tb.start_enforcer(&a, &config).expect("a's agent");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/helpers/hbone_swap.py");
+    let ca_dir = tb.dir.join("ca-shared");
+    let (ca_cert, ca_key) = (
+        ca_dir.join("ca.pem").display().to_string(),
+        ca_dir.join("ca.key").display().to_string(),
+    );
+    tb.start_server(
+        &b,
+        "rogue",
+        &[
+            "python3", "-u", script, &b.ipv4, "15008", &ca_cert, &ca_key, LLM_ID, SWAPPED_ID,
+        ],
+        15008,
+    )
+    .expect("hbone_swap.py (needs: pip install h2 cryptography; `cargo xtask setup` does)");
+
+    let url = format!("http://{}:8080/", b.ipv4);
+    let (_, out) = a
+        .exec(
+            Some("support-agent.service"),
+            &["curl", "-sS", "--max-time", "5", &url],
+        )
+        .expect("curl");
+    assert!(!out.status.success(), "{out:?}");
+    // The event: a's agent refused the resent stream, naming the change.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        if let Some(l) = ea
+            .log_lines()
+            .into_iter()
+            .find(|l| l["reason"] == "peer_changed")
+        {
+            break l;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no peer_changed refusal in a's log; rogue peer: {}",
+            tb.server_log(&b, "rogue")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let error = refused["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(LLM_ID) && error.contains(SWAPPED_ID),
+        "{refused}"
+    );
+    let log = tb.server_log(&b, "rogue");
+    assert!(
+        log.contains("REFUSED 1"),
+        "the first try was refused: {log}"
+    );
+    assert!(
+        log.contains(&format!("CONN 2 {SWAPPED_ID}")),
+        "the second try met the swapped identity: {log}"
+    );
+    assert!(
+        !log.contains("CONNECT 2"),
+        "the stream went to an identity policy never decided on: {log}"
+    );
+    let line = ea
+        .wait_for_connection(|v| v["outcome"] == "tunnel_failed")
+        .expect("the connection's closing line");
+    assert_eq!(line["dst_spiffe_id"], LLM_ID, "{line}");
+}
