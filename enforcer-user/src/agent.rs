@@ -380,6 +380,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
             .context("LLM token counters")?,
     );
     tokio::spawn(tokens.clone().keep_written());
+    let counted = tokens.clone();
     if l7_routes.has(crate::l7::Protocol::Llm) {
         tokio::task::spawn_blocking(crate::l7::tokens::load_tokenizer);
     }
@@ -627,6 +628,13 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         .is_err()
     {
         warn!("the audit log did not take its last lines within 5 s");
+    }
+    // The tokens of the last answers metered, merged into the counters'
+    // file (a successor agent reads them within a second).
+    match tokio::time::timeout(Duration::from_secs(5), counted.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, "the last LLM token counts were not written"),
+        Err(_) => warn!("the last LLM token counts were not written within 5 s"),
     }
     if let Some(t) = traces {
         t.shutdown(Duration::from_secs(5)).await;

@@ -405,3 +405,116 @@ fn llm_requests_are_decided_by_model_metered_and_held_to_budgets() {
     );
     assert_eq!(again["error"], "RateLimitError", "{again}");
 }
+
+/// The tokens of every answer, whichever agent metered it, in the usage
+/// lines of b's audit log: `source` → prompt + completion.
+fn audited_tokens(s: &Setup, source: &str) -> u64 {
+    usage_lines(s)
+        .iter()
+        .filter(|u| u["source"] == source)
+        .map(|u| {
+            u["prompt_tokens"].as_u64().unwrap_or(0) + u["completion_tokens"].as_u64().unwrap_or(0)
+        })
+        .sum()
+}
+
+/// What an agent's `/llm/usage` says `source` used in its window.
+fn admin_tokens(s: &Setup, agent: &Enforcer, source: &str) -> u64 {
+    let (status, body) =
+        s.b.http_get(agent.metrics_addr, "/llm/usage")
+            .expect("admin");
+    assert_eq!(status, 200, "{body}");
+    let usage: Value = serde_json::from_str(&body).expect("JSON");
+    usage["sources"][source]["models"]
+        .as_object()
+        .map(|m| {
+            m.values()
+                .map(|c| c["prompt"].as_u64().unwrap_or(0) + c["completion"].as_u64().unwrap_or(0))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// The attack on budgets through an upgrade: an answer streaming while b's
+/// agent is upgraded is metered by the old agent as it drains, after the
+/// new agent read the counters. Those tokens must reach the new agent's
+/// counters (and the file), or a caller's spend during every upgrade is
+/// forgotten and its budget stretched.
+#[test]
+fn tokens_metered_by_a_draining_agent_reach_its_successor() {
+    let mut s = setup();
+    let before = call(
+        &s,
+        "support-agent.service",
+        json!({"op": "chat", "prompt": "count to 5"}),
+    );
+    assert_eq!(before["ok"], true, "{before}");
+    // A long stream (1 500 words, 5 ms apart), started before the upgrade.
+    let url = format!("http://{}:{PORT}/v1", s.b.ipv4);
+    let stream = json!({"op": "chat", "prompt": "count to 1500", "stream": true}).to_string();
+    s.tb.spawn(
+        &s.a,
+        Some("support-agent.service"),
+        "long-stream",
+        &["python3", "-u", &helper("llm_call.py"), &url, &stream],
+    )
+    .expect("the streaming client");
+    wait_for("the stream's decision", || {
+        s.tb.audit(&s.b)
+            .iter()
+            .any(|l| l["input"]["llm"]["stream"] == true)
+    });
+    let new =
+        s.tb.upgrade_enforcer(&s.eb, &s.b_config)
+            .expect("upgrade b");
+    assert!(
+        !s.tb.server_log(&s.b, "llm").contains("stream_end"),
+        "the upgrade is done while the answer streams"
+    );
+    wait_for("the stream to end", || {
+        s.tb.server_log(&s.a, "long-stream").contains("\"ok\"")
+    });
+    let streamed: Value = serde_json::from_str(
+        s.tb.server_log(&s.a, "long-stream")
+            .lines()
+            .next()
+            .unwrap_or("{}"),
+    )
+    .expect("the client's line");
+    assert_eq!(streamed["ok"], true, "{streamed}");
+    let after = call(
+        &s,
+        "support-agent.service",
+        json!({"op": "chat", "prompt": "count to 5"}),
+    );
+    assert_eq!(after["ok"], true, "{after}");
+    // The old agent drains and exits; every answer's tokens are then in
+    // the new agent's counters.
+    let old = s.eb.pid;
+    let status = s.tb.wait_exit(old, std::time::Duration::from_secs(30));
+    assert!(
+        status.is_some_and(|st| st.success()),
+        "the old agent drains and exits: {status:?}"
+    );
+    wait_for("three usage lines", || usage_lines(&s).len() >= 3);
+    let audited = audited_tokens(&s, SUPPORT);
+    assert!(audited > 1500, "the stream's tokens are audited: {audited}");
+    let mut counted = 0;
+    for _ in 0..50 {
+        counted = admin_tokens(&s, &new, SUPPORT);
+        if counted == audited {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(
+        counted, audited,
+        "the new agent counts every token the audit log shows, the drained stream's included"
+    );
+    // And so does the file a later restart reads.
+    s.tb.stop(new.pid).expect("stop b's agent");
+    s.eb =
+        s.tb.start_enforcer(&s.b, &s.b_config)
+            .expect("b's agent again");
+    assert_eq!(admin_tokens(&s, &s.eb, SUPPORT), audited);
+}

@@ -72,18 +72,48 @@ pub fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Additions to one caller's window not yet in the file (signed: a
+/// server's `usage` may replace a larger running count).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Pending {
+    window_secs: u64,
+    window_start: u64,
+    models: HashMap<String, (i64, i64)>,
+}
+
+#[derive(Default)]
+struct State {
+    /// What budgets read: the file as last merged, plus `pending`.
+    sources: HashMap<String, Window>,
+    /// Added here since the last merge into the file.
+    pending: HashMap<String, Pending>,
+    /// The file as this agent last wrote or read it (its identity, size and
+    /// modification time): another change means another agent wrote it.
+    seen: Option<(u64, u64, i64, i64)>,
+}
+
 /// The counters of every caller.
+///
+/// Two agents can count at once: during a hitless upgrade the old agent
+/// still meters the answers it drains while the new one meters new
+/// requests. Neither overwrites the other: each merges its own additions
+/// into the file under an exclusive lock (`llm-usage.json.lock`), reading
+/// what the other added, and a change the other made is read within a
+/// second even when this agent counts nothing.
 pub struct Tokens {
-    sources: Mutex<HashMap<String, Window>>,
+    state: Mutex<State>,
     path: Option<PathBuf>,
     changed: tokio::sync::Notify,
 }
+
+/// How often the file is checked for another agent's additions.
+const RELOAD_EVERY: Duration = Duration::from_secs(1);
 
 impl Tokens {
     /// Counters kept in memory only (tests, benches).
     pub fn in_memory() -> Self {
         Self {
-            sources: Mutex::default(),
+            state: Mutex::default(),
             path: None,
             changed: tokio::sync::Notify::new(),
         }
@@ -92,37 +122,31 @@ impl Tokens {
     /// The counters kept in `path`. A file that cannot be read as counters
     /// is an error (the agent does not start over silently with zeros).
     pub fn open(path: &Path) -> Result<Self, String> {
-        let sources = match std::fs::read(path) {
-            Ok(bytes) => {
-                let f: File = serde_json::from_slice(&bytes).map_err(|e| {
-                    format!(
-                        "{}: not LLM token counters ({e}); move it aside to start from zero",
-                        path.display()
-                    )
-                })?;
-                if f.version != FORMAT_VERSION {
-                    return Err(format!(
-                        "{}: counters of format {} (this agent reads {FORMAT_VERSION})",
-                        path.display(),
-                        f.version
-                    ));
-                }
-                f.sources
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
-            Err(e) => return Err(format!("{}: {e}", path.display())),
-        };
+        let (sources, seen) = read_file(path)?;
         Ok(Self {
-            sources: Mutex::new(sources),
+            state: Mutex::new(State {
+                sources,
+                pending: HashMap::new(),
+                seen,
+            }),
             path: Some(path.to_owned()),
             changed: tokio::sync::Notify::new(),
         })
     }
 
-    /// What `source` used in its current window: all models, and `model`.
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What `source` used in its current window of `window_secs`: in all,
+    /// and of `model`.
     pub fn used(&self, source: &str, model: Option<&str>, window_secs: u64, now: u64) -> Used {
-        let sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(w) = sources.get(source).filter(|w| w.current(window_secs, now)) else {
+        let state = self.state();
+        let Some(w) = state
+            .sources
+            .get(source)
+            .filter(|w| w.current(window_secs, now))
+        else {
             return Used::default();
         };
         Used {
@@ -131,7 +155,9 @@ impl Tokens {
         }
     }
 
-    /// Adds (or, reconciling an estimate, takes away) tokens.
+    /// Adds tokens (negative: a correction) to `source`'s `model` in its
+    /// window of `window_secs` holding `now`; a window that ended starts
+    /// over.
     pub fn add(
         &self,
         source: &str,
@@ -145,7 +171,8 @@ impl Tokens {
             return;
         }
         {
-            let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+            let mut state = self.state();
+            let sources = &mut state.sources;
             if sources.len() >= MAX_SOURCES && !sources.contains_key(source) {
                 sources.retain(|_, w| w.current(w.window_secs, now));
             }
@@ -170,41 +197,116 @@ impl Tokens {
             let c = w.models.entry(model.to_owned()).or_default();
             c.prompt = c.prompt.saturating_add_signed(prompt);
             c.completion = c.completion.saturating_add_signed(completion);
+            let (window_start, model) = (w.window_start, model.to_owned());
+            let p = state.pending.entry(source.to_owned()).or_default();
+            if (p.window_secs, p.window_start) != (window_secs, window_start) {
+                *p = Pending {
+                    window_secs,
+                    window_start,
+                    models: HashMap::new(),
+                };
+            }
+            let d = p.models.entry(model).or_default();
+            d.0 = d.0.saturating_add(prompt);
+            d.1 = d.1.saturating_add(completion);
         }
         self.changed.notify_one();
     }
 
     /// Every caller's current window.
     pub fn snapshot(&self, now: u64) -> HashMap<String, Window> {
-        self.sources
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        self.state()
+            .sources
             .iter()
             .filter(|(_, w)| w.current(w.window_secs, now))
             .map(|(k, w)| (k.clone(), w.clone()))
             .collect()
     }
 
-    /// Writes the counters after each change (at most every 100 ms), on the
-    /// blocking pool; runs until the agent stops.
+    /// Merges this agent's additions into the file (and the file's into
+    /// this agent's counters), on the blocking pool. On failure the
+    /// additions stay pending for the next try.
+    pub async fn flush(self: &std::sync::Arc<Self>) -> Result<(), String> {
+        if self.path.is_none() {
+            return Ok(());
+        }
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.merge_into_file())
+            .await
+            .map_err(|e| e.to_string())?
+    }
+
+    fn merge_into_file(&self) -> Result<(), String> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let pending = std::mem::take(&mut self.state().pending);
+        let merged = (|| {
+            let _lock = lock_file(path)?;
+            let (mut sources, seen) = read_file(path)?;
+            if pending.is_empty() {
+                // Only reading what another agent added.
+                return Ok((sources, seen));
+            }
+            let now = now();
+            merge(&mut sources, &pending);
+            sources.retain(|_, w| w.current(w.window_secs, now));
+            let file = File {
+                version: FORMAT_VERSION,
+                sources,
+            };
+            write_atomically(path, &file)?;
+            Ok::<_, String>((file.sources, stamp(path)))
+        })();
+        let mut state = self.state();
+        match merged {
+            Ok((mut sources, seen)) => {
+                // What was added while the file was being written.
+                merge(&mut sources, &state.pending);
+                state.sources = sources;
+                state.seen = seen;
+                Ok(())
+            }
+            Err(e) => {
+                let later = std::mem::replace(&mut state.pending, pending);
+                for (source, p) in later {
+                    add_pending(&mut state.pending, source, p);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether the file changed since this agent last wrote or read it.
+    async fn changed_elsewhere(self: &std::sync::Arc<Self>) -> bool {
+        let Some(path) = self.path.clone() else {
+            return false;
+        };
+        let now = tokio::task::spawn_blocking(move || stamp(&path))
+            .await
+            .ok()
+            .flatten();
+        now.is_some() && now != self.state().seen
+    }
+
+    /// Merges the counters into the file after each change (at most every
+    /// 100 ms) and reads another agent's changes within a second; runs until
+    /// the agent stops.
     pub async fn keep_written(self: std::sync::Arc<Self>) {
         let Some(path) = self.path.clone() else {
             return;
         };
         let mut failing = false;
         loop {
-            self.changed.notified().await;
-            tokio::time::sleep(WRITE_DELAY).await;
-            let file = File {
-                version: FORMAT_VERSION,
-                sources: self.snapshot(now()),
-            };
-            let target = path.clone();
-            let written = tokio::task::spawn_blocking(move || write_atomically(&target, &file))
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r);
-            match written {
+            tokio::select! {
+                () = self.changed.notified() => tokio::time::sleep(WRITE_DELAY).await,
+                () = tokio::time::sleep(RELOAD_EVERY) => {
+                    if !self.changed_elsewhere().await {
+                        continue;
+                    }
+                }
+            }
+            match self.flush().await {
                 Ok(()) => failing = false,
                 Err(e) => {
                     if !failing {
@@ -221,8 +323,105 @@ impl Tokens {
     }
 }
 
-/// Writes `file` beside `path` and renames it over: a reader (or a crash)
-/// sees the old counters or the new ones, never half of them.
+/// Adds `p` into `pending[source]` (a newer window replaces an older one).
+fn add_pending(pending: &mut HashMap<String, Pending>, source: String, p: Pending) {
+    let into = pending.entry(source).or_default();
+    if (into.window_secs, into.window_start) != (p.window_secs, p.window_start) {
+        if into.models.is_empty() || p.window_start >= into.window_start {
+            *into = p;
+        }
+        return;
+    }
+    for (model, (dp, dc)) in p.models {
+        let d = into.models.entry(model).or_default();
+        d.0 = d.0.saturating_add(dp);
+        d.1 = d.1.saturating_add(dc);
+    }
+}
+
+/// Adds additions to counters: into the same window; a pending window newer
+/// than the counters' replaces them; additions to an older window are
+/// dropped (that window is over).
+fn merge(sources: &mut HashMap<String, Window>, pending: &HashMap<String, Pending>) {
+    for (source, p) in pending {
+        let w = sources.entry(source.clone()).or_default();
+        if (w.window_secs, w.window_start) != (p.window_secs, p.window_start) {
+            if w.models.is_empty() || p.window_start >= w.window_start {
+                *w = Window {
+                    window_secs: p.window_secs,
+                    window_start: p.window_start,
+                    models: HashMap::new(),
+                };
+            } else {
+                continue;
+            }
+        }
+        for (model, &(dp, dc)) in &p.models {
+            let c = w.models.entry(model.clone()).or_default();
+            c.prompt = c.prompt.saturating_add_signed(dp);
+            c.completion = c.completion.saturating_add_signed(dc);
+        }
+    }
+}
+
+/// The counters in `path` (none when it does not exist), and its stamp.
+#[allow(clippy::type_complexity)]
+fn read_file(
+    path: &Path,
+) -> Result<(HashMap<String, Window>, Option<(u64, u64, i64, i64)>), String> {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let f: File = serde_json::from_slice(&bytes).map_err(|e| {
+                format!(
+                    "{}: not LLM token counters ({e}); move it aside to start from zero",
+                    path.display()
+                )
+            })?;
+            if f.version != FORMAT_VERSION {
+                return Err(format!(
+                    "{}: counters of format {} (this agent reads {FORMAT_VERSION})",
+                    path.display(),
+                    f.version
+                ));
+            }
+            Ok((f.sources, stamp(path)))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((HashMap::new(), None)),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// The file's inode, size and modification time.
+fn stamp(path: &Path) -> Option<(u64, u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
+}
+
+/// An exclusive lock on `<path>.lock`, held until dropped (another agent
+/// merging at the same moment waits for it).
+fn lock_file(path: &Path) -> Result<std::fs::File, String> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    if let Some(dir) = path.parent() {
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let lock = path.with_extension("json.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock)
+        .map_err(|e| format!("{}: {e}", lock.display()))?;
+    f.lock().map_err(|e| format!("{}: {e}", lock.display()))?;
+    Ok(f)
+}
+
 fn write_atomically(path: &Path, file: &File) -> Result<(), String> {
     use std::io::Write as _;
     let text = serde_json::to_vec(file).map_err(|e| e.to_string())?;
@@ -308,6 +507,74 @@ mod tests {
         let err = Tokens::open(&path).err().expect("refused");
         assert!(err.contains("llm-usage.json"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn two_agents_counting_at_once_lose_nothing() {
+        // A hitless upgrade: the old agent meters the answers it drains
+        // while the new one, started from the file, meters new requests.
+        let dir = std::env::temp_dir().join(format!("enforcer-tokens2-{}", std::process::id()));
+        let path = dir.join("llm-usage.json");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let now = now();
+        let old = std::sync::Arc::new(Tokens::open(&path).expect("no file yet"));
+        old.add("a", "m", 3600, now, 10, 5);
+        rt.block_on(old.flush()).expect("written");
+        let new = std::sync::Arc::new(Tokens::open(&path).expect("read"));
+        assert_eq!(new.used("a", None, 3600, now).total, 15);
+        // Both count; each merges into the file in turn.
+        old.add("a", "m", 3600, now, 0, 100);
+        new.add("a", "m", 3600, now, 7, 3);
+        new.add("b", "m", 3600, now, 1, 1);
+        rt.block_on(new.flush()).expect("new merged");
+        rt.block_on(old.flush()).expect("old merged");
+        assert_eq!(old.used("a", None, 3600, now).total, 125, "old sees new's");
+        // The new agent reads the old one's additions without adding any.
+        assert!(rt.block_on(new.changed_elsewhere()));
+        rt.block_on(new.flush()).expect("read");
+        assert_eq!(new.used("a", None, 3600, now).total, 125);
+        assert_eq!(new.used("b", None, 3600, now).total, 2);
+        assert!(!rt.block_on(new.changed_elsewhere()), "nothing new since");
+        // A corrective (negative) addition, and what a restart reads.
+        new.add("a", "m", 3600, now, 0, -20);
+        rt.block_on(new.flush()).expect("merged");
+        let restarted = Tokens::open(&path).expect("read back");
+        assert_eq!(restarted.used("a", Some("m"), 3600, now).model, 105);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn additions_to_an_ended_window_are_dropped_and_a_newer_window_replaces() {
+        let mut sources = HashMap::new();
+        let pending = |start: u64, n: i64| Pending {
+            window_secs: 60,
+            window_start: start,
+            models: HashMap::from([("m".to_owned(), (n, 0))]),
+        };
+        merge(
+            &mut sources,
+            &HashMap::from([("a".to_owned(), pending(120, 5))]),
+        );
+        merge(
+            &mut sources,
+            &HashMap::from([("a".to_owned(), pending(60, 7))]),
+        );
+        assert_eq!(sources["a"].window_start, 120);
+        assert_eq!(
+            sources["a"].models["m"].prompt, 5,
+            "the ended window's tokens dropped"
+        );
+        merge(
+            &mut sources,
+            &HashMap::from([("a".to_owned(), pending(180, 2))]),
+        );
+        assert_eq!(sources["a"].window_start, 180);
+        assert_eq!(
+            sources["a"].models["m"].prompt, 2,
+            "a new window starts from zero"
+        );
     }
 
     #[test]
