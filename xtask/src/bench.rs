@@ -365,6 +365,7 @@ pub enum Mode {
     Sustained,
     Memory,
     Stall,
+    Traces,
     Soak {
         secs: u64,
         rate: u64,
@@ -549,6 +550,9 @@ pub fn run(mode: Mode) -> anyhow::Result<()> {
     if mode == Mode::Stall {
         return no_stall(bench, &root, started);
     }
+    if mode == Mode::Traces {
+        return traces_cost(bench, &root, eb, &cfg_b, started);
+    }
     if let Mode::Soak { secs, rate } = mode {
         return soak_run(bench, &root, [&ea, &eb], (secs, rate), started);
     }
@@ -683,6 +687,127 @@ pub fn run(mode: Mode) -> anyhow::Result<()> {
     });
     let out = write_json(&root, &date, &doc)?;
     println!("{}", table(&doc));
+    println!(
+        "written: {} ({} s)",
+        out.display(),
+        started.elapsed().as_secs()
+    );
+    Ok(())
+}
+
+/// The OTLP receiver's port in b's netns (`--traces`).
+const OTLP: u16 = 4318;
+
+/// The cost of `[traces]` on b's agent: HTTP keep-alive requests at its L7
+/// destination (each request a span, each connection one) with traces off
+/// and on, ROUNDS rounds; each phase starts with a hitless upgrade of b's
+/// agent to that configuration, so both run on a fresh agent. The spans go
+/// to tests/helpers/otlp_receiver.py in b's netns, which decodes them and
+/// counts. Reports the request rate (HTTP_CONNS connections) and one
+/// connection's p50/p99 latency, and the spans ended, exported and failed.
+fn traces_cost(
+    mut bench: Bench,
+    root: &Path,
+    eb: Enforcer,
+    cfg_b: &Path,
+    started: Instant,
+) -> anyhow::Result<()> {
+    let traced = cfg_b.with_file_name("b-traced.toml");
+    std::fs::write(
+        &traced,
+        format!(
+            "{}\n[traces]\nendpoint = \"http://127.0.0.1:{OTLP}/v1/traces\"\n",
+            std::fs::read_to_string(cfg_b)?
+        ),
+    )?;
+    let receiver = format!(
+        "{}/../tests/helpers/otlp_receiver.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let b = bench.b.clone();
+    bench.tb.start_server(
+        &b,
+        "otlp",
+        &["python3", &receiver, &OTLP.to_string(), "--count"],
+        OTLP,
+    )?;
+    let names = ["traces_off", "traces_on"];
+    let (mut rate, mut p50, mut p99) = ([vec![], vec![]], [vec![], vec![]], [vec![], vec![]]);
+    let mut spans = vec![];
+    let mut agent = eb;
+    for _ in 0..ROUNDS {
+        for (i, cfg) in [cfg_b, traced.as_path()].into_iter().enumerate() {
+            let old = agent.pid;
+            agent = bench.tb.upgrade_enforcer(&agent, cfg)?;
+            bench.tb.wait_exit(old, Duration::from_secs(30));
+            let unit = Some("bench-client.service");
+            let (r, _, _) = bench.wrk(unit, HTTP_L7, HTTP_CONNS)?;
+            let (_, a, b99) = bench.wrk(unit, HTTP_L7, 1)?;
+            eprintln!(
+                "  http l7 {:<10} {r:.0} req/s ({HTTP_CONNS} connections); one connection p50 {a:.1} us p99 {b99:.1} us",
+                names[i]
+            );
+            rate[i].push(r);
+            p50[i].push(a);
+            p99[i].push(b99);
+            if i == 1 {
+                // The last batch leaves within the batch delay (5 s).
+                std::thread::sleep(Duration::from_secs(6));
+                let text = agent.metrics()?;
+                // (+ 0.0: a sum of no samples is -0.0)
+                let n = |result| {
+                    sum_metric(&text, "enforcer_trace_spans_total", &[("result", result)]) + 0.0
+                };
+                let (ended, exported, failed) = (n("ended"), n("exported"), n("failed"));
+                eprintln!("  spans: {ended} ended, {exported} exported, {failed} failed");
+                spans.push(json!({"ended": ended, "exported": exported, "failed": failed}));
+            }
+        }
+    }
+    let spread2 = |v: &[Vec<f64>; 2]| {
+        let mut o = serde_json::Map::new();
+        for (name, values) in names.iter().zip(v) {
+            let mut s = values.clone();
+            s.sort_by(f64::total_cmp);
+            o.insert(
+                (*name).into(),
+                json!({"median": s[s.len() / 2], "min": s[0], "max": s[s.len() - 1]}),
+            );
+        }
+        Value::Object(o)
+    };
+    let date = today();
+    let doc = json!({
+        "date": date,
+        "http_l7_traces": {
+            "connections_for_rate": HTTP_CONNS,
+            "requests_per_sec": spread2(&rate),
+            "latency_p50_us": spread2(&p50),
+            "latency_p99_us": spread2(&p99),
+            "spans_per_traced_phase": spans,
+        },
+        "duration_secs": started.elapsed().as_secs(),
+    });
+    let out = write_json(root, &format!("{date}-traces"), &doc)?;
+    let h = &doc["http_l7_traces"];
+    let mut t = String::from(
+        "| HTTP at L7, keep-alive (median of rounds, min–max) | traces off | traces on | on / off |\n|---|---|---|---|\n",
+    );
+    for (k, label, d) in [
+        ("requests_per_sec", "requests/s (16 connections)", 0),
+        ("latency_p50_us", "p50 µs (1 connection)", 1),
+        ("latency_p99_us", "p99 µs (1 connection)", 1),
+    ] {
+        let _ = writeln!(
+            t,
+            "| {label} | {} | {} | {:.2} |",
+            range(&h[k]["traces_off"], d),
+            range(&h[k]["traces_on"], d),
+            median(&h[k]["traces_on"]) / median(&h[k]["traces_off"])
+        );
+    }
+    println!("{t}");
+    println!("spans per traced phase: {}", h["spans_per_traced_phase"]);
     println!(
         "written: {} ({} s)",
         out.display(),

@@ -55,6 +55,12 @@ enum Task {
         /// hashed by the agent), to bench/results/<date>-stall.json.
         #[arg(long)]
         stall: bool,
+        /// Only the cost of traces: HTTP requests at b's L7 destination with
+        /// b's `[traces]` off and on (exporting to an OTLP receiver in b's
+        /// netns), alternated by hitless upgrades of b's agent, to
+        /// bench/results/<date>-traces.json.
+        #[arg(long)]
+        traces: bool,
     },
     /// Soak (bench topology, policy on): HOLD idle connections held and
     /// RATE new connections/s for SECS seconds across the two nodes; both
@@ -132,14 +138,16 @@ fn main() -> anyhow::Result<()> {
             sustained,
             memory,
             stall,
+            traces,
         } => {
             use bench::Mode;
-            let mode = match (profile, llm_only, sustained, memory, stall) {
+            let mode = match (profile, llm_only, sustained, memory, stall, traces) {
                 (true, ..) => Mode::Profile,
                 (_, true, ..) => Mode::LlmOnly,
                 (_, _, true, ..) => Mode::Sustained,
-                (_, _, _, true, _) => Mode::Memory,
-                (.., true) => Mode::Stall,
+                (_, _, _, true, ..) => Mode::Memory,
+                (_, _, _, _, true, _) => Mode::Stall,
+                (.., true) => Mode::Traces,
                 _ => Mode::Full,
             };
             setup::run()?;
