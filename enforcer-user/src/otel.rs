@@ -92,6 +92,7 @@ pub fn init(
         runtime: tokio::runtime::Handle::try_current()
             .map_err(|e| format!("no async runtime: {e}"))?,
         timeout,
+        endpoint: config.endpoint.clone(),
     };
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
@@ -335,6 +336,7 @@ struct AgentHttp {
     >,
     runtime: tokio::runtime::Handle,
     timeout: Duration,
+    endpoint: String,
 }
 
 impl std::fmt::Debug for AgentHttp {
@@ -376,11 +378,15 @@ impl opentelemetry_http::HttpClient for AgentHttp {
                 Err(_) => Err(format!("no answer within {timeout:?}")),
             }
         });
-        match task.await {
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => Err(e.into()),
-            Err(e) => Err(format!("the export task: {e}").into()),
-        }
+        let failed = match task.await {
+            Ok(Ok(resp)) => return Ok(resp),
+            Ok(Err(e)) => e,
+            Err(e) => format!("the export task: {e}"),
+        };
+        // The exporter reports this as a bare "network error": the cause
+        // is said here.
+        tracing::warn!(endpoint = %self.endpoint, error = %failed, "traces: the export request failed");
+        Err(failed.into())
     }
 }
 

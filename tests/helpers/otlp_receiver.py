@@ -4,9 +4,10 @@ protobuf (application/x-protobuf), decoded with PyPI's opentelemetry-proto,
 and prints `SPAN <json>` per span received: trace_id, span_id,
 parent_span_id (hex), name, kind, attributes, status, links and the
 resource's attributes. A request that breaks the format is answered 400 and
-printed as `BAD <why>`.
+printed as `BAD <why>`. With --count (the benchmark), spans are decoded and
+only counted: `SPANS <total>` after each request.
 
-usage: otlp_receiver.py PORT"""
+usage: otlp_receiver.py PORT [--count]"""
 import gzip
 import http.server
 import json
@@ -18,6 +19,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 
 port = int(sys.argv[1])
+count_only = "--count" in sys.argv[2:]
+total = [0]
 
 
 def value(v):
@@ -54,7 +57,10 @@ class H(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             print("BAD", why, flush=True)
             return
-        for rs in req.resource_spans:
+        if count_only:
+            total[0] += sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
+            print("SPANS", total[0], flush=True)
+        for rs in req.resource_spans if not count_only else []:
             resource = attributes(rs.resource.attributes)
             for ss in rs.scope_spans:
                 for s in ss.spans:
@@ -96,4 +102,4 @@ class H(http.server.BaseHTTPRequestHandler):
         pass
 
 
-http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+http.server.ThreadingHTTPServer(("0.0.0.0", port), H).serve_forever()

@@ -451,6 +451,18 @@ impl Testbed {
     /// the new agent says it serves (the old one then drains and exits). Its
     /// log is `<node>-enforcer-upgrade-<n>.log`.
     pub fn upgrade_enforcer(&mut self, old: &Enforcer, config: &Path) -> Result<Enforcer> {
+        self.upgrade_enforcer_in(old, config, None)
+    }
+
+    /// Like [`Testbed::upgrade_enforcer`]; with `in_cgroup`, the new agent
+    /// runs in that child cgroup of the node's captured subtree (as
+    /// [`Testbed::start_enforcer_in`]).
+    pub fn upgrade_enforcer_in(
+        &mut self,
+        old: &Enforcer,
+        config: &Path,
+        in_cgroup: Option<&str>,
+    ) -> Result<Enforcer> {
         let node = old.node.clone();
         let n = (1..)
             .find(|n| {
@@ -463,7 +475,10 @@ impl Testbed {
         let log = self
             .dir
             .join(format!("{}-enforcer-upgrade-{n}.log", node.name));
-        let cg = self.agent_cgroup(&node)?;
+        let cg = match in_cgroup {
+            Some(unit) => node.workload_cgroup(unit)?,
+            None => self.agent_cgroup(&node)?,
+        };
         let pid = self.spawn_enforcer(&node, config, &cg, &[], &log, &format!(" (upgrade {n})"))?;
         let enforcer = Enforcer {
             node: node.clone(),

@@ -6,7 +6,10 @@ use std::time::{Duration, Instant};
 
 use std::os::unix::net::UnixDatagram;
 
-use enforcer_tests::{Pair, SUPPORT_AGENT_ID, Testbed, stream_py, support_mesh};
+use enforcer_tests::{
+    MESH, Pair, SUPPORT_AGENT_ID, SUPPORT_LLM_ID, SUPPORT_TD, Testbed, entry, json_lines,
+    stream_py, support_mesh,
+};
 
 const AGENT_ID: &str = SUPPORT_AGENT_ID;
 
@@ -421,5 +424,95 @@ fn another_user_cannot_take_the_listeners() {
         tb.wait_exit(agent.pid, Duration::from_millis(500))
             .is_none(),
         "the agent did not drain"
+    );
+}
+
+/// A draining agent's own connects, when the new agent runs in another
+/// cgroup (a DaemonSet's new pod). The kernel programs know the agent by its
+/// mark *and* its cgroup; after the handover the configured cgroup is the
+/// new agent's, and the old one's is kept as `handover_cgroup_id` until it
+/// exits. Here b's agents run inside the captured subtree (the harder
+/// case), and the old one connects while it drains: at exit it exports the
+/// spans it held to an OTLP receiver on node a. That connect is the agent's
+/// own — not captured and handed to the new agent as an unidentified
+/// workload's (which refuses it: no identity, a mesh destination).
+#[test]
+fn a_draining_agent_in_another_cgroup_still_connects_as_the_agent() {
+    let (mut tb, a, b) = Testbed::linked_pair("upgcg").expect("testbed");
+    let ca = tb.shared_ca("shared", SUPPORT_TD).expect("CA");
+    // Spans wait for the agent's exit (the batch delay is a minute).
+    let b_tail = format!(
+        "{}\n{MESH}\n[traces]\nendpoint = \"http://{}:4318/v1/traces\"\nbatch_delay_ms = 60000\n",
+        entry(SUPPORT_LLM_ID, "systemd:unit:llm.service"),
+        a.ipv4
+    );
+    let b_config = tb
+        .enforcer_config_with(&b, "", &ca, &b_tail)
+        .expect("config");
+    let eb = tb
+        .start_enforcer_in(&b, &b_config, Some("agent-1.service"))
+        .expect("b's agent, inside the captured subtree");
+    let a_tail = format!(
+        "{}\n{MESH}",
+        entry(AGENT_ID, "systemd:unit:support-agent.service")
+    );
+    let a_config = tb
+        .enforcer_config_with(&a, "", &ca, &a_tail)
+        .expect("config");
+    tb.start_enforcer(&a, &a_config).expect("a's agent");
+    let receiver = format!("{}/helpers/otlp_receiver.py", env!("CARGO_MANIFEST_DIR"));
+    tb.start_server(&a, "otlp", &["python3", "-u", &receiver, "4318"], 4318)
+        .expect("OTLP receiver (PyPI's opentelemetry-proto: cargo xtask setup installs it)");
+    let echo = format!("{}/helpers/http_echo.py", env!("CARGO_MANIFEST_DIR"));
+    tb.start_server_in(
+        &b,
+        Some("llm.service"),
+        "echo",
+        &["python3", "-u", &echo, "8002"],
+        8002,
+    )
+    .expect("echo server");
+    a.get_ok(
+        Some("support-agent.service"),
+        &format!("http://{}:8002/before", b.ipv4),
+    );
+
+    let new = tb
+        .upgrade_enforcer_in(&eb, &b_config, Some("agent-2.service"))
+        .expect("upgrade b into another cgroup");
+    let old_pid = eb.pid;
+    let status = tb.wait_exit(old_pid, Duration::from_secs(30));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the old agent drains and exits: {status:?}"
+    );
+    // The event: the old agent's spans arrived, so its connect went out.
+    let spans = json_lines(
+        &tb.server_log(&a, "otlp")
+            .lines()
+            .filter_map(|l| l.strip_prefix("SPAN "))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    );
+    assert!(
+        spans.iter().any(|s| s["name"] == "inbound connection"
+            && s["attributes"]["enforcer.source.spiffe_id"] == AGENT_ID),
+        "the old agent exported its spans at exit: {spans:?}\n{}",
+        eb.log_lines()
+            .iter()
+            .filter(|l| l["level"] == "WARN")
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(
+        new.metric(
+            "enforcer_connections_opened_total",
+            &[("direction", "outbound")]
+        )
+        .expect("metric"),
+        0.0,
+        "the new agent was handed a captured connect on b: {:?}",
+        new.closed_connections()
     );
 }
