@@ -751,6 +751,56 @@ fn hbone_connections_opened_for_a_burst_close_once_idle() {
     assert_eq!(left[0]["open_streams"], 0, "{left:?}");
 }
 
+#[test]
+fn an_hbone_connection_that_carried_over_1024_streams_closes_once_idle() {
+    // Issue 14, bounded state: an HBONE connection whose stream table once
+    // held 1 024 streams or more (a peer that allows that many at once)
+    // leaves the pool as soon as it is idle, not after the 60 s idle
+    // timeout: HTTP/2 keeps the table at its largest until it closes. One
+    // connection only (b allows 2 000 streams at once), so the rule for
+    // surplus connections plays no part.
+    let Setup {
+        mut tb, a, b, ea, ..
+    } = setup_with("hbonepeak", &[], "max_concurrent_streams = 2000\n");
+    let server = "import asyncio\nasync def held(r, w):\n    await r.read()\n    w.close()\nasync def main():\n    s = await asyncio.start_server(held, '0.0.0.0', 8009, backlog=2048)\n    await s.serve_forever()\nasyncio.run(main())\n";
+    tb.start_server_in(
+        &b,
+        Some("api.service"),
+        "holding",
+        &["python3", "-u", "-c", server],
+        8009,
+    )
+    .expect("a server that holds connections");
+    let hold = "import resource, socket, time\nsoft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\nresource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))\nconns = [socket.create_connection(('10.10.0.2', 8009)) for _ in range(1100)]\nprint('HELD', len(conns), flush=True)\ntime.sleep(120)\n";
+    let holder = tb
+        .spawn(
+            &a,
+            Some("client.service"),
+            "peak",
+            &["python3", "-u", "-c", hold],
+        )
+        .expect("holder");
+    let pooled = |ea: &enforcer_tests::Enforcer| -> Vec<Value> {
+        admin_json(ea, "/status")["hbone_pool"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    wait_for("1 100 streams on one HBONE connection", || {
+        let p = pooled(&ea);
+        p.len() == 1 && p[0]["open_streams"] == 1100
+    });
+    tb.stop(holder).expect("closing the held connections");
+    wait_for("its streams to end", || {
+        pooled(&ea).first().is_none_or(|c| c["open_streams"] == 0)
+    });
+    // Idle is seen within two 5 s keepalive ticks; 20 s is well under the
+    // 60 s after which an idle connection leaves the pool anyway.
+    wait_for("the connection to leave the pool", || {
+        pooled(&ea).is_empty()
+    });
+}
+
 /// Where each node's agent sends its spans: an OTLP receiver in the node's
 /// netns, as a node-local collector would be.
 const OTLP: u16 = 4318;
