@@ -408,6 +408,18 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         let _ = state.svids.set(Box::new(move || identity.held()));
     }
     let attestor = Arc::new(Attestor::new(entries));
+    if let Some(k) = &config.kubernetes {
+        let pods = Arc::new(crate::k8s::Pods::default());
+        let client = crate::k8s::client(k)
+            .map_err(anyhow::Error::msg)
+            .context("kubernetes")?;
+        let node = k.node_name(&config.node_name);
+        info!(node = %node, api_server = %if k.api_server.is_empty() { "in-cluster" } else { k.api_server.as_str() },
+            "watching this node's pods");
+        tokio::spawn(crate::k8s::watch(pods.clone(), client, node));
+        attestor.set_pods(pods.clone(), &config.identity.trust_domain);
+        let _ = state.readiness.set(Box::new(move || pods.readiness()));
+    }
     let local = Arc::new(LocalAttestor::default());
 
     let steering = InboundSteering {

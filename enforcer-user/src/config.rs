@@ -48,6 +48,9 @@ pub struct Config {
     /// Spans exported over OTLP (off unless `traces.endpoint` is set).
     #[serde(default)]
     pub traces: TracesConfig,
+    /// Pod metadata from the Kubernetes API (off without the table).
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesConfig>,
     #[serde(default)]
     pub log: LogConfig,
     #[serde(default)]
@@ -560,7 +563,41 @@ fn default_status_addr() -> String {
     DEFAULT_STATUS_ADDR.to_owned()
 }
 
-/// Traces over OTLP/HTTP (protobuf), see docs/observability.md.
+/// Pod metadata from the Kubernetes API server (docs/config.md).
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// The API server's URL; `""` (default): in-cluster (the pod's service
+    /// account, `KUBERNETES_SERVICE_HOST`).
+    #[serde(default)]
+    pub api_server: String,
+    /// A bearer token file (read again at each refresh).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// PEM CA certificates of the API server.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// This node's name in Kubernetes (`spec.nodeName` of its pods);
+    /// `""` (default): the `NODE_NAME` environment variable, else
+    /// `node_name`.
+    #[serde(default)]
+    pub node: String,
+}
+
+impl KubernetesConfig {
+    /// The node whose pods are watched.
+    pub fn node_name(&self, agent_node: &str) -> String {
+        if !self.node.is_empty() {
+            return self.node.clone();
+        }
+        std::env::var("NODE_NAME")
+            .ok()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| agent_node.to_owned())
+    }
+}
+
+/// Traces over OTLP/HTTP (protobuf), see docs/config.md `[traces]`.
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TracesConfig {
@@ -821,6 +858,19 @@ impl Config {
         self.inbound_addr(path)?;
         self.status_addr(path)?;
         self.traces(path)?;
+        if let Some(k) = &self.kubernetes
+            && !k.api_server.is_empty()
+        {
+            let uri = k.api_server.parse::<http::Uri>().map_err(|e| {
+                invalid("kubernetes.api_server", format!("{:?}: {e}", k.api_server))
+            })?;
+            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+                return Err(invalid(
+                    "kubernetes.api_server",
+                    format!("{:?} is not an http:// or https:// URL", k.api_server),
+                ));
+            }
+        }
         self.l7_routes(path)?;
         let td = spiffe::TrustDomain::new(&self.identity.trust_domain).map_err(|e| {
             invalid(
@@ -1291,6 +1341,27 @@ mod tests {
                 .to_string();
             assert!(err.contains(key), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn kubernetes_is_off_unless_its_table_is_there() {
+        assert!(parse(MIN).expect("valid").kubernetes.is_none());
+        let k = parse(&format!("{MIN}[kubernetes]\n"))
+            .expect("valid")
+            .kubernetes
+            .expect("on");
+        assert_eq!(k.api_server, "", "in-cluster");
+        assert!(!k.node_name("n1").is_empty());
+        let err = parse(&format!(
+            "{MIN}[kubernetes]\napi_server = \"10.0.0.1:6443\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("kubernetes.api_server"), "{err}");
+        let err = parse(&format!("{MIN}[kubernetes]\nnamespace = \"x\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("namespace"), "{err}");
     }
 
     #[test]

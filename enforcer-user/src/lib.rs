@@ -9,6 +9,7 @@ pub mod copy;
 pub mod drain;
 pub mod handover;
 pub mod identity;
+pub mod k8s;
 pub mod l7;
 pub mod mark;
 pub mod metrics;

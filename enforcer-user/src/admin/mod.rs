@@ -37,12 +37,17 @@ pub struct AdminState {
     pub svids: std::sync::OnceLock<SvidView>,
     /// The `/status` document.
     pub status: std::sync::OnceLock<JsonView>,
+    /// A further condition of `/readyz` (the Kubernetes pod watch).
+    pub readiness: std::sync::OnceLock<Readiness>,
     /// The `/config` document: the configuration the agent runs with.
     config: std::sync::RwLock<serde_json::Value>,
 }
 
 /// The SVIDs held, read at scrape time.
 pub type SvidView = Box<dyn Fn() -> Vec<crate::identity::HeldSvid> + Send + Sync>;
+
+/// `Err(why)` while the agent should not be considered ready.
+pub type Readiness = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// A JSON document the admin server renders on request.
 pub type JsonView = Box<dyn Fn() -> serde_json::Value + Send + Sync>;
@@ -56,6 +61,7 @@ impl AdminState {
             llm_usage: std::sync::OnceLock::new(),
             svids: std::sync::OnceLock::new(),
             status: std::sync::OnceLock::new(),
+            readiness: std::sync::OnceLock::new(),
             config: Default::default(),
         }
     }
@@ -91,9 +97,9 @@ impl AdminState {
                     .set(i64::from(enforcer_common::MAX_TRACKED));
             }
         }
-        self.metrics
-            .ready
-            .set(i64::from(self.ready.load(Ordering::Acquire)));
+        let ready =
+            self.ready.load(Ordering::Acquire) && self.readiness.get().is_none_or(|r| r().is_ok());
+        self.metrics.ready.set(i64::from(ready));
         if let Some(svids) = self.svids.get() {
             let held = svids();
             let (expiry, renew) = (&self.metrics.svid_expiry, &self.metrics.svid_renew);
@@ -206,7 +212,14 @@ fn respond(state: &AdminState, surface: Surface, req: &Request<Incoming>) -> Res
                 .to_string(),
         ),
         "/readyz" if state.ready.load(Ordering::Acquire) => {
-            (StatusCode::OK, "text/plain", "ready\n".to_owned())
+            match state.readiness.get().map_or(Ok(()), |r| r()) {
+                Ok(()) => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
+                Err(why) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("not ready: {why}\n"),
+                ),
+            }
         }
         "/readyz" => (
             StatusCode::SERVICE_UNAVAILABLE,

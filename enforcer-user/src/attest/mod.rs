@@ -71,6 +71,13 @@ pub struct SeenWorkload {
     pub last_attested: std::time::SystemTime,
 }
 
+/// Whether `selectors` are those of a workload in a pod that the
+/// Kubernetes API has not shown (no `k8s:ns` beside its `k8s:pod-uid`).
+pub fn unknown_pod(selectors: &[String]) -> bool {
+    selectors.iter().any(|s| s.starts_with("k8s:pod-uid:"))
+        && !selectors.iter().any(|s| s.starts_with("k8s:ns:"))
+}
+
 /// Attests workloads against the registration entries in force; the entries
 /// can be replaced at run time (config reload).
 pub struct Attestor {
@@ -78,6 +85,9 @@ pub struct Attestor {
     cache: SelectorCache,
     /// The workloads attested lately, by selector set (bounded).
     seen: std::sync::Mutex<lru::LruCache<Vec<String>, SeenWorkload>>,
+    /// This node's pods (`[kubernetes]`) and the trust domain of the
+    /// identities it gives pods that no entry names.
+    pods: std::sync::OnceLock<(Arc<crate::k8s::Pods>, String)>,
 }
 
 impl Attestor {
@@ -89,7 +99,14 @@ impl Attestor {
                 std::num::NonZeroUsize::new(MAX_WORKLOADS_SHOWN)
                     .unwrap_or(std::num::NonZeroUsize::MIN),
             )),
+            pods: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Attests workloads in pods with the pods' metadata from the API
+    /// (once, at start).
+    pub fn set_pods(&self, pods: Arc<crate::k8s::Pods>, trust_domain: &str) {
+        let _ = self.pods.set((pods, trust_domain.to_owned()));
     }
 
     pub fn set_entries(&self, entries: Entries) {
@@ -107,8 +124,17 @@ impl Attestor {
     }
 
     pub fn attest(&self, facts: WorkloadFacts) -> Attestation {
-        let selectors = selectors::selectors(&facts, &self.cache);
-        let spiffe_id = self.entries().identify(&selectors).cloned();
+        let mut selectors = selectors::selectors(&facts, &self.cache);
+        let spiffe_id = match self.pod_of(&mut selectors) {
+            // A pod the API has not shown: no identity (fail closed).
+            Some(None) => None,
+            Some(Some(fallback)) => self
+                .entries()
+                .identify(&selectors)
+                .cloned()
+                .or(Some(fallback)),
+            None => self.entries().identify(&selectors).cloned(),
+        };
         self.note(&facts, &selectors, spiffe_id.as_ref());
         Attestation {
             facts,
@@ -119,6 +145,34 @@ impl Attestor {
 }
 
 impl Attestor {
+    /// For a workload in a pod (`k8s:pod-uid` among its selectors) with
+    /// `[kubernetes]` on: the pod's selectors added, and `Some(Some(id))`,
+    /// the pod's `spiffe://<td>/ns/<ns>/sa/<sa>`, or `Some(None)` for a pod
+    /// the API has not shown. `None` otherwise.
+    fn pod_of(&self, selectors: &mut Vec<String>) -> Option<Option<SpiffeId>> {
+        let (pods, td) = self.pods.get()?;
+        let uid = selectors
+            .iter()
+            .find_map(|s| s.strip_prefix("k8s:pod-uid:"))?
+            .to_owned();
+        let container = selectors
+            .iter()
+            .find_map(|s| s.strip_prefix("container:id:"))
+            .map(str::to_owned);
+        match pods.lookup(&uid) {
+            crate::k8s::Lookup::Unknown => Some(None),
+            crate::k8s::Lookup::Known(pod) => {
+                selectors.extend(pod.selectors(container.as_deref()));
+                let id = SpiffeId::new(format!(
+                    "spiffe://{td}/ns/{}/sa/{}",
+                    pod.namespace, pod.service_account
+                ))
+                .ok();
+                Some(id)
+            }
+        }
+    }
+
     /// Remembers an attestation for `/status`. Runs for every outbound
     /// connection: a workload seen before costs no allocation unless its
     /// facts changed.

@@ -218,8 +218,13 @@ impl Outbound {
                     .allowed("outbound", "tcp", &src_peer, &dst_peer, &mut rec)
                     .await
                 {
-                    warn!(conn_id = id, orig_dst = %dst, selectors = ?selectors,
-                        "workload has no SPIFFE identity (no registration entry matches); refusing a mesh destination");
+                    let why = if crate::attest::unknown_pod(&selectors) {
+                        "a pod whose metadata is unknown (with [kubernetes] on, a pod the API has not shown gets no identity)"
+                    } else {
+                        "no registration entry matches"
+                    };
+                    warn!(conn_id = id, orig_dst = %dst, selectors = ?selectors, why,
+                        "workload has no SPIFFE identity; refusing a mesh destination");
                     Outcome::NoIdentity
                 } else {
                     Outcome::Denied
