@@ -486,7 +486,7 @@ pub struct Policy {
     pub mode: Mode,
     /// The evaluator new policy sets are compiled for.
     pub engine: EngineKind,
-    cache: Mutex<HashMap<String, Decision>>,
+    cache: Mutex<DecisionCache>,
     pub audit: audit::AuditLog,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Where evaluations run (never on the async runtime's threads).
@@ -497,6 +497,15 @@ pub struct Policy {
     /// When the policy in force was installed, and the last revision
     /// rejected (`/status`).
     history: Mutex<History>,
+}
+
+/// Decisions by input, for the policy (and identities) of one generation:
+/// emptying the cache starts a new generation, and a decision evaluated
+/// under an older one is not kept (it may be the old policy's).
+#[derive(Default)]
+struct DecisionCache {
+    generation: u64,
+    decisions: HashMap<String, Decision>,
 }
 
 #[derive(Default)]
@@ -606,7 +615,9 @@ impl Policy {
 
     /// Empties the decision cache (policy reload, identity change).
     pub fn invalidate(&self) {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache.generation += 1;
+        cache.decisions.clear();
     }
 
     /// The LLM token budgets of the policy in force.
@@ -682,6 +693,14 @@ impl Policy {
         &self,
         input: &Input,
     ) -> (Decision, Option<Duration>, Option<Arc<Loaded>>) {
+        // The cache's generation before the policy is read: an install
+        // swaps the policy and then starts a new generation, so a decision
+        // of this generation is never one of an older policy.
+        let generation = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .generation;
         let loaded = self
             .current
             .read()
@@ -703,11 +722,10 @@ impl Policy {
             },
         };
         if let Some(d) = input_json.as_ref().and_then(|j| {
-            self.cache
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(j)
-                .cloned()
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            (cache.generation == generation)
+                .then(|| cache.decisions.get(j).cloned())
+                .flatten()
         }) {
             let mut d = d;
             d.cached = true;
@@ -731,10 +749,13 @@ impl Policy {
             input_json.filter(|_| (d.error.is_none() || d.timed_out) && !loaded.volatile)
         {
             let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            if cache.len() >= CACHE_LIMIT {
-                cache.clear();
+            // Not when a new policy (or identity) came in meanwhile.
+            if cache.generation == generation {
+                if cache.decisions.len() >= CACHE_LIMIT {
+                    cache.decisions.clear();
+                }
+                cache.decisions.insert(input_json, d.clone());
             }
-            cache.insert(input_json, d.clone());
         }
         (d, Some(elapsed), Some(loaded))
     }
@@ -1000,6 +1021,45 @@ mod tests {
             .expect("compiles"),
         );
         p
+    }
+
+    /// The attack: a decision still being evaluated under the old policy
+    /// when a new one is installed. Found by the reload test: b's first
+    /// decision after a reload ran under the old deny-all policy, was cached
+    /// after the reload emptied the cache, and every later connection with
+    /// that input was denied from the cache under the new policy — and a
+    /// revoked allow would stay allowed the same way.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_decision_of_the_old_policy_is_never_cached_for_the_new_one() {
+        // The old policy allows port 80 after a slow computation.
+        let old = "package enforcer.authz\nimport rego.v1\n\
+            allow if {\n  input.destination.port == 80\n  count([x | some x in numbers.range(1, 300000); x % 7 == 0]) > 0\n}\n";
+        let p = Arc::new(policy_with(old, Duration::from_secs(10)));
+        let in_flight = {
+            let p = p.clone();
+            tokio::spawn(async move { p.evaluate(&to_port(80)).await.0 })
+        };
+        // The new policy revokes it, while that evaluation runs.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        p.install(
+            Loaded::compile_with(
+                "t",
+                &load::PolicySet::plain(files(
+                    "package enforcer.authz\nimport rego.v1\ndefault allow := false\n",
+                    None,
+                )),
+                EngineKind::Interpreter,
+                Duration::from_secs(10),
+            )
+            .expect("compiles"),
+        );
+        let first = in_flight.await.expect("task");
+        assert!(first.allow, "decided under the old policy: {first:?}");
+        let (again, _, _) = p.evaluate(&to_port(80)).await;
+        assert!(
+            !again.allow,
+            "the new policy denies; the old decision came from the cache: {again:?}"
+        );
     }
 
     fn to_port(port: u16) -> Input {
