@@ -417,7 +417,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         info!(node = %node, api_server = %if k.api_server.is_empty() { "in-cluster" } else { k.api_server.as_str() },
             "watching this node's pods");
         tokio::spawn(crate::k8s::watch(pods.clone(), client, node));
-        attestor.set_pods(pods.clone(), &config.identity.trust_domain);
+        attestor.set_pods(pods.clone(), &config.identity.trust_domain, &k.pods_cgroup);
         let _ = state.readiness.set(Box::new(move || pods.readiness()));
     }
     let local = Arc::new(LocalAttestor::default());

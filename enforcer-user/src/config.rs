@@ -582,6 +582,15 @@ pub struct KubernetesConfig {
     /// `node_name`.
     #[serde(default)]
     pub node: String,
+    /// Where the kubelet puts pods: cgroup paths from the cgroup2 root. A
+    /// cgroup elsewhere that names a pod (a process that made its own
+    /// `kubepods-…-pod<uid>.slice`) is not taken for that pod.
+    #[serde(default = "default_pods_cgroup")]
+    pub pods_cgroup: Vec<String>,
+}
+
+fn default_pods_cgroup() -> Vec<String> {
+    vec!["/kubepods.slice".into(), "/kubepods".into()]
 }
 
 impl KubernetesConfig {
@@ -858,6 +867,19 @@ impl Config {
         self.inbound_addr(path)?;
         self.status_addr(path)?;
         self.traces(path)?;
+        if let Some(k) = &self.kubernetes
+            && let Some(bad) = k
+                .pods_cgroup
+                .iter()
+                .find(|p| !p.starts_with('/') || p.len() < 2 || p.contains("/../"))
+        {
+            return Err(invalid(
+                "kubernetes.pods_cgroup",
+                format!(
+                    "{bad:?} is not a cgroup path from the cgroup2 root (e.g. \"/kubepods.slice\")"
+                ),
+            ));
+        }
         if let Some(k) = &self.kubernetes
             && !k.api_server.is_empty()
         {
@@ -1358,6 +1380,13 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("kubernetes.api_server"), "{err}");
+        assert_eq!(k.pods_cgroup, ["/kubepods.slice", "/kubepods"]);
+        let err = parse(&format!(
+            "{MIN}[kubernetes]\npods_cgroup = [\"kubepods.slice\"]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("kubernetes.pods_cgroup"), "{err}");
         let err = parse(&format!("{MIN}[kubernetes]\nnamespace = \"x\"\n"))
             .unwrap_err()
             .to_string();

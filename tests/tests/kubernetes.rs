@@ -103,11 +103,17 @@ fn pods_are_identified_from_the_api_and_new_ones_fail_closed_while_it_is_unreach
     // and service account); an entry for the research pod's label; and one
     // pinned to a container id, which only a pod the API knows may use.
     let (u4, c4) = ("0f5e1c2a-4444-4a5b-8c9d-000000000004", "d4".repeat(32));
+    // The kubelet's pod cgroup on this test node: its kubepods slice.
+    let mount = enforcer_tests::cgroup2_mount().expect("cgroup2");
+    let pods_cgroup = Path::new("/")
+        .join(a.cgroup.strip_prefix(&mount).expect("under cgroup2"))
+        .join("kubepods-besteffort.slice");
     let a_tail = format!(
-        "{}{}\n{MESH}\n[kubernetes]\napi_server = \"http://127.0.0.1:6443\"\ntoken_file = \"{}\"\nnode = \"{K8S_NODE}\"\n",
+        "{}{}\n{MESH}\n[kubernetes]\napi_server = \"http://127.0.0.1:6443\"\ntoken_file = \"{}\"\nnode = \"{K8S_NODE}\"\npods_cgroup = [\"{}\"]\n",
         entry(RESEARCH_ID, "k8s:pod-label:app:research"),
         entry(PINNED_ID, &format!("container:id:{c4}")),
-        token.display()
+        token.display(),
+        pods_cgroup.display()
     );
     let a_config = tb
         .enforcer_config_with(&a, "", &ca, &a_tail)
@@ -168,6 +174,18 @@ fn pods_are_identified_from_the_api_and_new_ones_fail_closed_while_it_is_unreach
         ea.connection_line(|v| v["pid"] == pid)["src_spiffe_id"],
         RESEARCH_ID
     );
+
+    // The attack: a process that makes its own cgroup named like the
+    // support pod's, outside the kubelet's pod cgroup (as a user with a
+    // delegated cgroup subtree can), is not taken for that pod.
+    let spoof = format!(
+        "user.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{c1}.scope",
+        u1.replace('-', "_")
+    );
+    let (code, pid) = curl(&a, &spoof, &url);
+    assert_ne!(code, "200", "a look-alike cgroup got the pod's identity");
+    let line = ea.connection_line(|v| v["pid"] == pid);
+    assert_eq!(line["outcome"], "no_identity", "{line}");
 
     // A pod of another node is unknown here: no identity, refused.
     let (code, pid) = curl(&a, &pod_cgroup(u3, &c3), &url);

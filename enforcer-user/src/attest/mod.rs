@@ -87,7 +87,24 @@ pub struct Attestor {
     seen: std::sync::Mutex<lru::LruCache<Vec<String>, SeenWorkload>>,
     /// This node's pods (`[kubernetes]`) and the trust domain of the
     /// identities it gives pods that no entry names.
-    pods: std::sync::OnceLock<(Arc<crate::k8s::Pods>, String)>,
+    pods: std::sync::OnceLock<PodSource>,
+}
+
+/// Where pods' metadata comes from, for [`Attestor::set_pods`].
+struct PodSource {
+    pods: Arc<crate::k8s::Pods>,
+    trust_domain: String,
+    /// The kubelet's pod cgroups (`kubernetes.pods_cgroup`).
+    roots: Vec<String>,
+}
+
+/// Whether `path` is `root` or below it (whole components).
+fn under(path: &str, root: &str) -> bool {
+    let root = root.trim_end_matches('/');
+    path == root
+        || path
+            .strip_prefix(root)
+            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 impl Attestor {
@@ -105,8 +122,12 @@ impl Attestor {
 
     /// Attests workloads in pods with the pods' metadata from the API
     /// (once, at start).
-    pub fn set_pods(&self, pods: Arc<crate::k8s::Pods>, trust_domain: &str) {
-        let _ = self.pods.set((pods, trust_domain.to_owned()));
+    pub fn set_pods(&self, pods: Arc<crate::k8s::Pods>, trust_domain: &str, roots: &[String]) {
+        let _ = self.pods.set(PodSource {
+            pods,
+            trust_domain: trust_domain.to_owned(),
+            roots: roots.to_vec(),
+        });
     }
 
     pub fn set_entries(&self, entries: Entries) {
@@ -125,7 +146,7 @@ impl Attestor {
 
     pub fn attest(&self, facts: WorkloadFacts) -> Attestation {
         let mut selectors = selectors::selectors(&facts, &self.cache);
-        let spiffe_id = match self.pod_of(&mut selectors) {
+        let spiffe_id = match self.pod_of(facts.cgroup_path.as_deref(), &mut selectors) {
             // A pod the API has not shown: no identity (fail closed).
             Some(None) => None,
             Some(Some(fallback)) => self
@@ -148,13 +169,26 @@ impl Attestor {
     /// For a workload in a pod (`k8s:pod-uid` among its selectors) with
     /// `[kubernetes]` on: the pod's selectors added, and `Some(Some(id))`,
     /// the pod's `spiffe://<td>/ns/<ns>/sa/<sa>`, or `Some(None)` for a pod
-    /// the API has not shown. `None` otherwise.
-    fn pod_of(&self, selectors: &mut Vec<String>) -> Option<Option<SpiffeId>> {
-        let (pods, td) = self.pods.get()?;
+    /// the API has not shown or a cgroup outside the kubelet's that names a
+    /// pod. `None` otherwise.
+    fn pod_of(
+        &self,
+        cgroup: Option<&str>,
+        selectors: &mut Vec<String>,
+    ) -> Option<Option<SpiffeId>> {
+        let PodSource {
+            pods,
+            trust_domain: td,
+            roots,
+        } = self.pods.get()?;
         let uid = selectors
             .iter()
             .find_map(|s| s.strip_prefix("k8s:pod-uid:"))?
             .to_owned();
+        if !cgroup.is_some_and(|c| roots.iter().any(|r| under(c, r))) {
+            // A cgroup that claims a pod from outside the kubelet's.
+            return Some(None);
+        }
         let container = selectors
             .iter()
             .find_map(|s| s.strip_prefix("container:id:"))
@@ -223,6 +257,17 @@ impl Attestor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn under_matches_whole_components() {
+        assert!(under(
+            "/kubepods.slice/kubepods-pod1.slice",
+            "/kubepods.slice"
+        ));
+        assert!(under("/kubepods.slice", "/kubepods.slice/"));
+        assert!(!under("/kubepods.slice-evil/x", "/kubepods.slice"));
+        assert!(!under("/user.slice/kubepods.slice/x", "/kubepods.slice"));
+    }
 
     #[test]
     fn comm_is_trimmed_at_nul_and_pid_is_the_tgid() {
