@@ -410,9 +410,15 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     let attestor = Arc::new(Attestor::new(entries));
     if let Some(k) = &config.kubernetes {
         let pods = Arc::new(crate::k8s::Pods::default());
-        let client = crate::k8s::client(k)
-            .map_err(anyhow::Error::msg)
-            .context("kubernetes")?;
+        // Reads the token and CA files: off the runtime's threads.
+        let client = {
+            let k = k.clone();
+            tokio::task::spawn_blocking(move || crate::k8s::client(&k))
+                .await
+                .context("the kubernetes client task")?
+                .map_err(anyhow::Error::msg)
+                .context("kubernetes")?
+        };
         let node = k.node_name(&config.node_name);
         info!(node = %node, api_server = %if k.api_server.is_empty() { "in-cluster" } else { k.api_server.as_str() },
             "watching this node's pods");
