@@ -408,6 +408,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         let _ = state.svids.set(Box::new(move || identity.held()));
     }
     let attestor = Arc::new(Attestor::new(entries));
+    let mut pod_watch = None;
     if let Some(k) = &config.kubernetes {
         let pods = Arc::new(crate::k8s::Pods::default());
         // Reads the token and CA files: off the runtime's threads.
@@ -422,7 +423,8 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         let node = k.node_name(&config.node_name);
         info!(node = %node, api_server = %if k.api_server.is_empty() { "in-cluster" } else { k.api_server.as_str() },
             "watching this node's pods");
-        tokio::spawn(crate::k8s::watch(pods.clone(), client, node));
+        tokio::spawn(crate::k8s::watch(pods.clone(), client, node.clone()));
+        pod_watch = Some((pods.clone(), node));
         attestor.set_pods(pods.clone(), &config.identity.trust_domain, &k.pods_cgroup);
         let _ = state.readiness.set(Box::new(move || pods.readiness()));
     }
@@ -485,7 +487,8 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
             crate::admin::status::document(crate::admin::status::Parts {
                 node: &node,
                 started,
-                ready: state2.ready.load(Ordering::Acquire),
+                ready: state2.ready.load(Ordering::Acquire)
+                    && state2.readiness.get().is_none_or(|r| r().is_ok()),
                 workloads: attestor.seen(),
                 svids: identity.held(),
                 open: metrics.open_by_identity.snapshot(),
@@ -493,6 +496,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
                 policy: policy.status(),
                 l7_destinations: l7_destinations.clone(),
                 llm: state2.llm_usage.get().map(|v| v()),
+                kubernetes: pod_watch.as_ref().map(|(pods, node)| pods.status(node)),
             })
         }));
     }

@@ -153,7 +153,19 @@ impl Pods {
         Ok(())
     }
 
-    /// Pods known now (for tests and `/status`).
+    /// The watch as `/status` shows it.
+    pub fn status(&self, node: &str) -> serde_json::Value {
+        let s = self.read();
+        serde_json::json!({
+            "node": node,
+            "pods_known": s.by_uid.len(),
+            "listed": s.synced,
+            "failing_since": s.failing.as_ref().map(|(t, _)| crate::policy::rfc3339(*t)),
+            "error": s.failing.as_ref().map(|(_, e)| e),
+        })
+    }
+
+    /// Pods known now.
     pub fn len(&self) -> usize {
         self.read().by_uid.len()
     }

@@ -141,6 +141,9 @@ fn pods_are_identified_from_the_api_and_new_ones_fail_closed_while_it_is_unreach
         .expect("status");
     assert_eq!(status, 200, "{body}");
     let doc: Value = serde_json::from_str(&body).expect("status JSON");
+    assert_eq!(doc["kubernetes"]["node"], K8S_NODE, "{doc:#}");
+    assert_eq!(doc["kubernetes"]["pods_known"], 2, "this node's two pods");
+    assert_eq!(doc["kubernetes"]["listed"], true);
     let workload = doc["workloads"]
         .as_array()
         .into_iter()

@@ -24,6 +24,8 @@ pub struct Parts<'a> {
     pub policy: Value,
     pub l7_destinations: Value,
     pub llm: Option<Value>,
+    /// The pod watch (`[kubernetes]`), null when off.
+    pub kubernetes: Option<Value>,
 }
 
 /// Seconds from `now` to `t` (negative when past).
@@ -101,6 +103,7 @@ pub fn document(p: Parts<'_>) -> Value {
         "policy": p.policy,
         "l7_destinations": p.l7_destinations,
         "llm": p.llm,
+        "kubernetes": p.kubernetes,
     })
 }
 
@@ -320,6 +323,20 @@ pub fn render(doc: &Value) -> String {
         &["SOURCE", "MODEL", "PROMPT", "COMPLETION", "WINDOW (s)"],
         usage,
     );
+    let k = &doc["kubernetes"];
+    if k.is_object() {
+        table(
+            &mut out,
+            "KUBERNETES (pods of this node)",
+            &["NODE", "PODS KNOWN", "LISTED", "FAILING SINCE", "ERROR"],
+            vec![
+                ["node", "pods_known", "listed", "failing_since", "error"]
+                    .iter()
+                    .map(|c| cell(&k[*c]))
+                    .collect(),
+            ],
+        );
+    }
     out
 }
 
@@ -358,6 +375,7 @@ mod tests {
             policy: Value::Null,
             l7_destinations: json!([]),
             llm: None,
+            kubernetes: None,
         });
         assert_eq!(
             doc["connections"]["relaying"],
