@@ -629,6 +629,14 @@ pub struct TracesConfig {
     /// One export request's time limit (connect, send, answer).
     #[serde(default = "default_traces_timeout_secs")]
     pub timeout_secs: u64,
+    /// The share of traces this agent starts that are recorded (by trace
+    /// id); a span with a parent follows the parent's choice.
+    #[serde(default = "default_sample_ratio")]
+    pub sample_ratio: f64,
+}
+
+fn default_sample_ratio() -> f64 {
+    1.0
 }
 
 impl Default for TracesConfig {
@@ -640,6 +648,7 @@ impl Default for TracesConfig {
             max_batch: default_traces_max_batch(),
             batch_delay_ms: default_traces_batch_delay_ms(),
             timeout_secs: default_traces_timeout_secs(),
+            sample_ratio: default_sample_ratio(),
         }
     }
 }
@@ -1192,6 +1201,12 @@ impl Config {
         if t.service_name.is_empty() {
             return Err(invalid("service_name", "must not be empty".into()));
         }
+        if !(0.0..=1.0).contains(&t.sample_ratio) {
+            return Err(invalid(
+                "sample_ratio",
+                format!("{} is not within 0.0..=1.0", t.sample_ratio),
+            ));
+        }
         for (key, v, max) in [
             ("max_queue", t.max_queue as u64, 1 << 20),
             ("max_batch", t.max_batch as u64, 1 << 16),
@@ -1356,6 +1371,8 @@ mod tests {
             ("batch_delay_ms = 0", "traces.batch_delay_ms"),
             ("timeout_secs = 0", "traces.timeout_secs"),
             ("service_name = \"\"", "traces.service_name"),
+            ("sample_ratio = 1.5", "traces.sample_ratio"),
+            ("sample_ratio = -0.1", "traces.sample_ratio"),
             ("sample = 1", "sample"),
         ] {
             let err = parse(&format!("{MIN}[traces]\n{bad}\n"))

@@ -121,11 +121,15 @@ pub fn init(
             KeyValue::new("host.name", node.to_owned()),
         ])
         .build();
+    use opentelemetry_sdk::trace::Sampler;
     let provider = SdkTracerProvider::builder()
         .with_span_processor(EndCounter {
             inner: processor,
             metrics,
         })
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            config.sample_ratio,
+        ))))
         .with_resource(resource)
         .build();
     let tracer = provider.tracer("enforcer");

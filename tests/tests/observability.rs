@@ -1035,3 +1035,58 @@ fn traces_from_both_nodes_join_one_trace_over_otlp() {
     });
     a.get_ok(Some("client.service"), "http://10.10.0.2:8002/still-served");
 }
+
+/// `traces.sample_ratio = 0`: the traces the agents start are not recorded
+/// (no connection span on either node — b follows a's *not sampled* flag
+/// from the CONNECT), but a request whose own `traceparent` is sampled is
+/// (the workload's choice is followed).
+#[test]
+fn traces_follow_the_parents_sampling_and_the_ratio_for_new_ones() {
+    let traces = format!(
+        "[traces]\nendpoint = \"http://127.0.0.1:{OTLP}/v1/traces\"\nbatch_delay_ms = 200\nsample_ratio = 0.0\n"
+    );
+    let Setup {
+        mut tb,
+        a,
+        b,
+        ea,
+        eb,
+        ..
+    } = setup_full("sampling", &[(8002, "http")], "", &traces);
+    let helper = format!("{}/helpers/otlp_receiver.py", env!("CARGO_MANIFEST_DIR"));
+    for node in [&a, &b] {
+        tb.start_server(
+            node,
+            "otlp",
+            &["python3", "-u", &helper, &OTLP.to_string()],
+            OTLP,
+        )
+        .expect("OTLP receiver (PyPI's opentelemetry-proto: cargo xtask setup installs it)");
+    }
+    a.get_ok(Some("client.service"), "http://10.10.0.2:8002/untraced");
+    let tid = "0af7651916cd43dd8448eb211c80319c";
+    let (status, _) = a.http_status_with(
+        Some("client.service"),
+        "http://10.10.0.2:8002/traced",
+        &["-H", &format!("traceparent: 00-{tid}-b7ad6b7169203331-01")],
+    );
+    assert_eq!(status, "200");
+    wait_for("the sampled request's span", || {
+        spans(&tb, &b)
+            .iter()
+            .any(|s| s["trace_id"] == tid && attr(s, "url.path") == "/traced")
+    });
+    let on_b = spans(&tb, &b);
+    assert_eq!(on_b.len(), 1, "only the sampled request's span: {on_b:#?}");
+    let ended = |e: &enforcer_tests::Enforcer| {
+        e.metric("enforcer_trace_spans_total", &[("result", "ended")])
+            .expect("metric")
+    };
+    assert_eq!(ended(&eb), 1.0);
+    assert_eq!(
+        ended(&ea),
+        0.0,
+        "a's connection spans start traces: none recorded"
+    );
+    assert!(spans(&tb, &a).is_empty());
+}
