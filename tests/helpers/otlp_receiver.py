@@ -5,9 +5,10 @@ and prints `SPAN <json>` per span received: trace_id, span_id,
 parent_span_id (hex), name, kind, attributes, status, links and the
 resource's attributes. A request that breaks the format is answered 400 and
 printed as `BAD <why>`. With --count (the benchmark), spans are decoded and
-only counted: `SPANS <total>` after each request.
+only counted: `SPANS <total>` after each request. With --discard (the
+benchmark's cheapest receiver), the body is read and answered unparsed.
 
-usage: otlp_receiver.py PORT [--count]"""
+usage: otlp_receiver.py PORT [--count | --discard]"""
 import gzip
 import http.server
 import json
@@ -20,6 +21,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 
 port = int(sys.argv[1])
 count_only = "--count" in sys.argv[2:]
+discard = "--discard" in sys.argv[2:]
 total = [0]
 
 
@@ -40,6 +42,14 @@ class H(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
         why = None
+        if discard:
+            out = ExportTraceServiceResponse().SerializeToString()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+            return
         if self.path != "/v1/traces":
             why = "path " + self.path
         elif self.headers.get("Content-Type") != "application/x-protobuf":

@@ -713,10 +713,12 @@ fn traces_cost(
     started: Instant,
 ) -> anyhow::Result<()> {
     let traced = cfg_b.with_file_name("b-traced.toml");
+    // ENFORCER_BENCH_TRACES: more `[traces]` keys (e.g. "max_batch = 64").
+    let extra = std::env::var("ENFORCER_BENCH_TRACES").unwrap_or_default();
     std::fs::write(
         &traced,
         format!(
-            "{}\n[traces]\nendpoint = \"http://127.0.0.1:{OTLP}/v1/traces\"\n",
+            "{}\n[traces]\nendpoint = \"http://127.0.0.1:{OTLP}/v1/traces\"\n{extra}\n",
             std::fs::read_to_string(cfg_b)?
         ),
     )?;
@@ -725,10 +727,15 @@ fn traces_cost(
         env!("CARGO_MANIFEST_DIR")
     );
     let b = bench.b.clone();
+    // ENFORCER_BENCH_OTLP=discard: a receiver that answers without decoding.
+    let mode = match std::env::var("ENFORCER_BENCH_OTLP").as_deref() {
+        Ok("discard") => "--discard",
+        _ => "--count",
+    };
     bench.tb.start_server(
         &b,
         "otlp",
-        &["python3", &receiver, &OTLP.to_string(), "--count"],
+        &["python3", &receiver, &OTLP.to_string(), mode],
         OTLP,
     )?;
     let names = ["traces_off", "traces_on"];
@@ -779,6 +786,8 @@ fn traces_cost(
     let date = today();
     let doc = json!({
         "date": date,
+        "traces_config_extra": extra,
+        "receiver": mode,
         "http_l7_traces": {
             "connections_for_rate": HTTP_CONNS,
             "requests_per_sec": spread2(&rate),
