@@ -1,8 +1,8 @@
 //! Micro-benchmarks (criterion): a policy decision with the shipped policy,
 //! uncached and from the cache; an MCP `tools/call` request decision (the
 //! shipped policy's tool grants, a request input as the L7 layer builds it;
-//! never cached) on the default interpreter and on the VM; and the issuance
-//! of one X.509-SVID.
+//! never cached) on the default interpreter and on the VM; the span work
+//! `[traces]` adds to one L7 request; and the issuance of one X.509-SVID.
 //! `cargo xtask bench` runs them and reports mean and p99 per operation.
 use std::{path::Path, sync::Arc, time::Duration};
 
@@ -162,11 +162,87 @@ fn benches(c: &mut Criterion) {
             })
         });
     }
+    request_span(c);
     let ca = Ca::generate(&spiffe::TrustDomain::new("ai.example.org").expect("td")).expect("CA");
     let id = spiffe::SpiffeId::new("spiffe://ai.example.org/agent/support").expect("id");
     c.bench_function("svid_issuance", |b| {
         b.iter(|| ca.issue(&id, Duration::from_secs(3600)))
     });
+}
+
+/// What `[traces]` adds to one L7 request on the agent's thread: its span
+/// started under a connection's span, named, given its attributes and the
+/// decision's, and ended (handed to the export queue). The exporter sends
+/// to a closed port (spans are dropped or fail there, off this thread).
+fn request_span(c: &mut Criterion) {
+    use enforcer::otel::RequestSpan;
+    use opentelemetry::{
+        KeyValue,
+        trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState},
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _entered = rt.enter();
+    let config = enforcer::config::TracesConfig {
+        endpoint: "http://127.0.0.1:9/v1/traces".into(),
+        ..Default::default()
+    };
+    let exporting = enforcer::otel::init(&config, "bench", Arc::new(Metrics::new("bench")))
+        .expect("traces")
+        .expect("on");
+    let conn = SpanContext::new(
+        TraceId::from_bytes([7; 16]),
+        SpanId::from_bytes([9; 8]),
+        TraceFlags::SAMPLED,
+        true,
+        TraceState::default(),
+    );
+    let headers = http::HeaderMap::new();
+    let input = mcp_input(1);
+    let verdict = enforcer::policy::Verdict {
+        allowed: true,
+        decision: enforcer::policy::Decision {
+            allow: true,
+            reason: None,
+            error: None,
+            cached: false,
+            undefined: false,
+            timed_out: false,
+        },
+        decision_id: "0b8f6c1e-0000-4000-8000-000000000001".into(),
+        result: "allow",
+    };
+    c.bench_function("request_span_traced", |b| {
+        b.iter(|| {
+            let span = RequestSpan::start(&headers, Some(&conn)).expect("traces on");
+            span.rename("POST".into());
+            span.set([
+                KeyValue::new("enforcer.request_id", "7.1"),
+                KeyValue::new("enforcer.conn_id", 7i64),
+                KeyValue::new("enforcer.protocol", "mcp"),
+                KeyValue::new("http.request.method", "POST"),
+                KeyValue::new("url.path", "/mcp"),
+                KeyValue::new("network.protocol.version", "1.1"),
+                KeyValue::new("server.address", "10.10.0.2"),
+                KeyValue::new("server.port", 8001i64),
+                KeyValue::new(
+                    "enforcer.source.spiffe_id",
+                    "spiffe://ai.example.org/agent/support",
+                ),
+                KeyValue::new(
+                    "enforcer.destination.spiffe_id",
+                    "spiffe://ai.example.org/mcp/docs",
+                ),
+            ]);
+            span.decided(&input, &verdict);
+            span.set([KeyValue::new("http.response.status_code", 200i64)]);
+            drop(span);
+        })
+    });
+    drop(exporting);
 }
 
 /// Each decision timed on its own (criterion's samples are means over

@@ -13,8 +13,9 @@
 //! - Spans end when the connection closes and when the answer has been
 //!   sent (a streamed LLM answer: with its token counts).
 //!
-//! Export runs on the SDK's own thread; the HTTP requests go out on the
-//! agent's runtime from marked sockets, like every connection of the agent.
+//! Export runs on the SDK's own thread; the HTTP requests go out from a
+//! runtime of their own (thread `otel-export`, apart from the data plane),
+//! from marked sockets, like every connection of the agent.
 //! The queue is bounded (`traces.max_queue`): spans that do not fit are
 //! dropped, never waited for — see `enforcer_trace_spans_total`.
 use std::{
@@ -76,7 +77,7 @@ impl Exporting {
 }
 
 /// Starts exporting (once per process; `None` when `traces.endpoint` is
-/// empty). Needs the agent's runtime: the exporter's requests run on it.
+/// empty).
 pub fn init(
     config: &TracesConfig,
     node: &str,
@@ -89,8 +90,7 @@ pub fn init(
     let timeout = Duration::from_secs(config.timeout_secs);
     let client = AgentHttp {
         client: crate::policy::source::https_client(None)?,
-        runtime: tokio::runtime::Handle::try_current()
-            .map_err(|e| format!("no async runtime: {e}"))?,
+        runtime: export_runtime()?,
         timeout,
         endpoint: config.endpoint.clone(),
     };
@@ -137,6 +137,22 @@ pub fn init(
         .set(tracer)
         .map_err(|_| "traces were already set up in this process".to_owned())?;
     Ok(Some(Exporting { provider }))
+}
+
+/// A runtime of its own for the export requests, on one thread
+/// (`otel-export`), apart from the data plane: a batch's request body is
+/// written there, not on a thread that relays connections.
+fn export_runtime() -> Result<tokio::runtime::Handle, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("the export runtime: {e}"))?;
+    let handle = rt.handle().clone();
+    std::thread::Builder::new()
+        .name("otel-export".into())
+        .spawn(move || rt.block_on(std::future::pending::<()>()))
+        .map_err(|e| format!("the export thread: {e}"))?;
+    Ok(handle)
 }
 
 /// Starts a span (`None` when traces are off), as of `start`, the child of
@@ -331,7 +347,7 @@ pub fn on_request(f: impl FnOnce(&RequestSpan)) {
 }
 
 /// The exporter's HTTP client: the agent's own (marked sockets, rustls for
-/// https://), its requests run on the agent's runtime. The SDK's export
+/// https://), its requests run on the export runtime. The SDK's export
 /// thread only waits for them.
 struct AgentHttp {
     client: hyper_util::client::legacy::Client<

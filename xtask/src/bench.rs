@@ -1136,6 +1136,7 @@ fn criterion() -> anyhow::Result<Value> {
         "policy_decision_uncached",
         "mcp_tools_call_decision",
         "mcp_tools_call_decision_vm",
+        "request_span_traced",
         "svid_issuance",
     ] {
         let path = PathBuf::from("target/criterion")
