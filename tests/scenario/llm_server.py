@@ -16,7 +16,10 @@ user message says "count to N", the numbers 1..N; `max_tokens` cuts it.
 Streams send one word per chunk, one chunk every CHUNK_MS milliseconds.
 Each request is logged as one JSON line on stdout.
 
-usage: llm_server.py PORT [--chunk-ms N] [--stamp]
+usage: llm_server.py PORT [--chunk-ms N] [--linger-ms N] [--stamp]
+  --linger-ms: a stream stays open N ms after its last event ([DONE] or
+  response.completed) before it ends (a slow server; the tests' clients
+  may leave first).
   --stamp: each streamed chat or completions chunk also carries `x_sent_ns`,
   the server's CLOCK_MONOTONIC (ns) when it produced it (for the benchmark's
   per-chunk latency; clients ignore the extra member).
@@ -35,6 +38,7 @@ from starlette.routing import Route
 
 MODELS = ["enforcer-demo-llm", "gpt-4o-mini", "gpt-4o", "text-embedding-3-small"]
 CHUNK_MS = 5
+LINGER_MS = 0
 STAMP = False
 FILES, JOBS = [], []
 
@@ -163,6 +167,8 @@ async def completions(request):
             yield sse({"id": cid, "object": chunk_obj, "created": created, "model": model, "choices": [],
                        "usage": usage})
         yield "data: [DONE]\n\n"
+        if LINGER_MS:
+            await asyncio.sleep(LINGER_MS / 1000)
 
     return logged_stream(cid, gen(), len(out))
 
@@ -271,6 +277,8 @@ if __name__ == "__main__":
     port = int(sys.argv[1])
     if "--chunk-ms" in sys.argv:
         CHUNK_MS = int(sys.argv[sys.argv.index("--chunk-ms") + 1])
+    if "--linger-ms" in sys.argv:
+        LINGER_MS = int(sys.argv[sys.argv.index("--linger-ms") + 1])
     STAMP = "--stamp" in sys.argv
     # One dual-stack socket: IPv4 and IPv6 clients alike.
     sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)

@@ -100,6 +100,10 @@ fn setup() -> Setup {
             &PORT.to_string(),
             "--chunk-ms",
             "5",
+            // The stream ends 300 ms after its [DONE]: a client that stops
+            // reading at [DONE] leaves before the agent sees the end.
+            "--linger-ms",
+            "300",
         ],
         PORT,
     )
@@ -517,4 +521,50 @@ fn tokens_metered_by_a_draining_agent_reach_its_successor() {
         s.tb.start_enforcer(&s.b, &s.b_config)
             .expect("b's agent again");
     assert_eq!(admin_tokens(&s, &s.eb, SUPPORT), audited);
+}
+
+/// A client that stops reading at `[DONE]` and closes — before the server
+/// ends the stream (it lingers 300 ms here) — had the whole answer: its
+/// usage line says `answered`, not `broken`, with the server's usage.
+#[test]
+fn a_client_that_leaves_after_done_had_the_whole_answer() {
+    let s = setup();
+    let client = format!(
+        r#"
+import json, socket
+body = json.dumps({{"model": "gpt-4o-mini", "stream": True, "stream_options": {{"include_usage": True}},
+                   "messages": [{{"role": "user", "content": "count to 6"}}]}}).encode()
+c = socket.create_connection(("{}", {PORT}))
+c.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: llm\r\nContent-Type: application/json\r\n"
+          + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+buf = b""
+while b"data: [DONE]" not in buf:
+    d = c.recv(65536)
+    if not d:
+        break
+    buf += d
+print("DONE" if b"data: [DONE]" in buf else "NO DONE", flush=True)
+c.close()
+"#,
+        s.b.ipv4
+    );
+    let (_, out) =
+        s.a.exec(Some("support-agent.service"), &["python3", "-c", &client])
+            .expect("client");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "DONE",
+        "{out:?}"
+    );
+    wait_for("the stream's usage line", || {
+        usage_lines(&s)
+            .iter()
+            .any(|u| u["source"] == SUPPORT && u["completion_tokens"] == 6)
+    });
+    let line = usage_lines(&s)
+        .into_iter()
+        .find(|u| u["completion_tokens"] == 6)
+        .expect("usage line");
+    assert_eq!(line["counted_by"], "usage", "{line}");
+    assert_eq!(line["outcome"], "answered", "{line}");
 }

@@ -553,6 +553,7 @@ pub async fn account(
             usage: None,
             counted: 0,
             ended: false,
+            complete: false,
         };
         let body = SseBody::new(metered).map_err(BoxError::from).boxed_unsync();
         return Response::from_parts(parts, body);
@@ -614,6 +615,10 @@ struct Metered {
     /// Completion tokens counted (and added to the counters) so far.
     counted: u64,
     ended: bool,
+    /// The answer's last event was passed on (`[DONE]`, or the Responses
+    /// API's `response.completed`): a client that goes away after it has
+    /// the whole answer.
+    complete: bool,
 }
 
 impl Metered {
@@ -639,6 +644,10 @@ impl Metered {
         let Some(data) = event.data.as_deref() else {
             return Some(event);
         };
+        if data.trim() == "[DONE]" {
+            self.complete = true;
+            return Some(event);
+        }
         let Ok(mut v) = serde_json::from_str::<Value>(data) else {
             return Some(event);
         };
@@ -658,6 +667,7 @@ impl Metered {
                 }
                 Some("response.completed" | "response.incomplete" | "response.failed") => {
                     usage = v.get("response").and_then(usage_of);
+                    self.complete = true;
                 }
                 _ => {}
             }
@@ -806,9 +816,11 @@ impl Stream for Metered {
 
 impl Drop for Metered {
     fn drop(&mut self) {
-        // The client went away before the stream ended.
+        // The client went away before the stream ended: after the answer's
+        // last event (it has the whole answer, and only the server's end of
+        // the stream was not read yet), or in the middle of it.
         if self.call.is_some() {
-            self.end("broken");
+            self.end(if self.complete { "answered" } else { "broken" });
         }
     }
 }
