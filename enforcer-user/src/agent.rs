@@ -410,7 +410,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     let attestor = Arc::new(Attestor::new(entries));
     let mut pod_watch = None;
     if let Some(k) = &config.kubernetes {
-        let pods = Arc::new(crate::k8s::Pods::default());
+        let pods = Arc::new(crate::k8s::Pods::new(&config.identity.trust_domain));
         // Reads the token and CA files: off the runtime's threads.
         let client = {
             let k = k.clone();
@@ -425,7 +425,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
             "watching this node's pods");
         tokio::spawn(crate::k8s::watch(pods.clone(), client, node.clone()));
         pod_watch = Some((pods.clone(), node));
-        attestor.set_pods(pods.clone(), &config.identity.trust_domain, &k.pods_cgroup);
+        attestor.set_pods(pods.clone(), &k.pods_cgroup);
         let _ = state.readiness.set(Box::new(move || pods.readiness()));
     }
     let local = Arc::new(LocalAttestor::default());
@@ -487,8 +487,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
             crate::admin::status::document(crate::admin::status::Parts {
                 node: &node,
                 started,
-                ready: state2.ready.load(Ordering::Acquire)
-                    && state2.readiness.get().is_none_or(|r| r().is_ok()),
+                ready: state2.readiness().is_ok(),
                 workloads: attestor.seen(),
                 svids: identity.held(),
                 open: metrics.open_by_identity.snapshot(),

@@ -11,7 +11,7 @@
 //! a workload in a pod gets no identity. Pods already known keep theirs
 //! while the API is unreachable. Both show on `/readyz`.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     sync::{Arc, RwLock},
     time::{Duration, SystemTime},
 };
@@ -19,6 +19,7 @@ use std::{
 use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::watcher;
+use spiffe::SpiffeId;
 use tracing::{info, warn};
 
 use crate::config::KubernetesConfig;
@@ -27,75 +28,79 @@ use crate::config::KubernetesConfig;
 /// selectors: a pod cannot grow the agent's memory without bound).
 const MAX_LABELS: usize = 64;
 
-/// What the API says of one pod.
+/// What the API says of one pod, as attestation uses it: worked out once
+/// when the watch shows the pod, not for each connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodMeta {
     pub namespace: String,
-    pub name: String,
     pub service_account: String,
-    pub labels: BTreeMap<String, String>,
-    /// By container id (the 64 hex digits of the runtime's id): name, image.
-    pub containers: HashMap<String, (String, String)>,
+    /// `k8s:ns`, `k8s:sa`, `k8s:pod-name` and `k8s:pod-label` selectors.
+    pod_selectors: Vec<String>,
+    /// By container id (the 64 hex digits of the runtime's id): its
+    /// `k8s:container-name` and `k8s:container-image` selectors.
+    containers: HashMap<String, [String; 2]>,
+    /// `spiffe://<td>/ns/<ns>/sa/<sa>`, for a pod no entry names.
+    pub spiffe_id: Option<SpiffeId>,
 }
 
 impl PodMeta {
-    fn of(pod: &Pod) -> Option<(String, Self)> {
+    fn of(pod: &Pod, trust_domain: &str) -> Option<(String, Self)> {
         let meta = &pod.metadata;
         let uid = meta.uid.clone()?;
-        let spec = pod.spec.as_ref();
         let mut containers = HashMap::new();
-        let status = pod.status.as_ref();
-        for s in status.into_iter().flat_map(|s| {
+        for s in pod.status.iter().flat_map(|s| {
             s.container_statuses
                 .iter()
                 .flatten()
                 .chain(s.init_container_statuses.iter().flatten())
         }) {
             // `containerd://<id>`, `cri-o://<id>`, `docker://<id>`
-            if let Some(id) = s
-                .container_id
-                .as_deref()
-                .and_then(|c| c.rsplit_once("://"))
-                .map(|(_, id)| id)
-            {
-                containers.insert(id.to_owned(), (s.name.clone(), s.image.clone()));
+            if let Some((_, id)) = s.container_id.as_deref().and_then(|c| c.rsplit_once("://")) {
+                containers.insert(
+                    id.to_owned(),
+                    [
+                        format!("k8s:container-name:{}", s.name),
+                        format!("k8s:container-image:{}", s.image),
+                    ],
+                );
             }
         }
+        let namespace = meta.namespace.clone().unwrap_or_default();
+        let service_account = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".to_owned());
+        let mut pod_selectors = vec![
+            format!("k8s:ns:{namespace}"),
+            format!("k8s:sa:{service_account}"),
+            format!("k8s:pod-name:{}", meta.name.as_deref().unwrap_or_default()),
+        ];
+        for (k, v) in meta.labels.iter().flatten().take(MAX_LABELS) {
+            pod_selectors.push(format!("k8s:pod-label:{k}:{v}"));
+        }
+        let spiffe_id = SpiffeId::new(format!(
+            "spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
+        ))
+        .ok();
         Some((
             uid,
             Self {
-                namespace: meta.namespace.clone().unwrap_or_default(),
-                name: meta.name.clone().unwrap_or_default(),
-                service_account: spec
-                    .and_then(|s| s.service_account_name.clone())
-                    .unwrap_or_else(|| "default".to_owned()),
-                labels: meta
-                    .labels
-                    .clone()
-                    .unwrap_or_default()
-                    .into_iter()
-                    .take(MAX_LABELS)
-                    .collect(),
+                namespace,
+                service_account,
+                pod_selectors,
                 containers,
+                spiffe_id,
             },
         ))
     }
 
     /// The selectors of this pod, and of the container `container_id` in it.
-    pub fn selectors(&self, container_id: Option<&str>) -> Vec<String> {
-        let mut out = vec![
-            format!("k8s:ns:{}", self.namespace),
-            format!("k8s:sa:{}", self.service_account),
-            format!("k8s:pod-name:{}", self.name),
-        ];
-        for (k, v) in &self.labels {
-            out.push(format!("k8s:pod-label:{k}:{v}"));
-        }
-        if let Some((name, image)) = container_id.and_then(|id| self.containers.get(id)) {
-            out.push(format!("k8s:container-name:{name}"));
-            out.push(format!("k8s:container-image:{image}"));
-        }
-        out
+    pub fn selectors<'a>(&'a self, container_id: Option<&str>) -> impl Iterator<Item = &'a String> {
+        let container = container_id.and_then(|id| self.containers.get(id));
+        self.pod_selectors
+            .iter()
+            .chain(container.into_iter().flatten())
     }
 }
 
@@ -109,9 +114,9 @@ struct State {
 }
 
 /// This node's pods, as the watch last saw them.
-#[derive(Default)]
 pub struct Pods {
     state: RwLock<State>,
+    trust_domain: String,
 }
 
 /// What attestation learns of a pod UID.
@@ -123,6 +128,14 @@ pub enum Lookup {
 }
 
 impl Pods {
+    /// No pods yet; identities of pods in `trust_domain`.
+    pub fn new(trust_domain: &str) -> Self {
+        Self {
+            state: RwLock::default(),
+            trust_domain: trust_domain.to_owned(),
+        }
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
         self.state.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -178,7 +191,9 @@ impl Pods {
         match event {
             watcher::Event::Init => *init = Some(HashMap::new()),
             watcher::Event::InitApply(pod) => {
-                if let (Some(buf), Some((uid, meta))) = (init.as_mut(), PodMeta::of(&pod)) {
+                if let (Some(buf), Some((uid, meta))) =
+                    (init.as_mut(), PodMeta::of(&pod, &self.trust_domain))
+                {
                     buf.insert(uid, Arc::new(meta));
                 }
             }
@@ -191,7 +206,7 @@ impl Pods {
                 s.failing = None;
             }
             watcher::Event::Apply(pod) => {
-                if let Some((uid, meta)) = PodMeta::of(&pod) {
+                if let Some((uid, meta)) = PodMeta::of(&pod, &self.trust_domain) {
                     let mut s = self.write();
                     s.by_uid.insert(uid, Arc::new(meta));
                     s.failing = None;
@@ -281,6 +296,8 @@ pub async fn watch(pods: Arc<Pods>, client: kube::Client, node: String) {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     fn pod(uid: &str, labels: &[(&str, &str)]) -> Pod {
@@ -296,10 +313,10 @@ mod tests {
 
     #[test]
     fn a_pods_metadata_becomes_selectors() {
-        let (uid, m) = PodMeta::of(&pod("u1", &[("app", "support")])).expect("meta");
+        let (uid, m) = PodMeta::of(&pod("u1", &[("app", "support")]), "td").expect("meta");
         assert_eq!(uid, "u1");
         assert_eq!(
-            m.selectors(Some("abc")),
+            m.selectors(Some("abc")).collect::<Vec<_>>(),
             [
                 "k8s:ns:agents",
                 "k8s:sa:support",
@@ -310,12 +327,12 @@ mod tests {
             ]
         );
         // Another container's id: only the pod's.
-        assert_eq!(m.selectors(Some("other")).len(), 4);
+        assert_eq!(m.selectors(Some("other")).count(), 4);
     }
 
     #[test]
     fn unknown_until_listed_and_known_pods_stay_when_the_watch_fails() {
-        let pods = Pods::default();
+        let pods = Pods::new("td");
         assert!(pods.readiness().is_err(), "not ready before the first list");
         let mut init = None;
         pods.apply(watcher::Event::Init, &mut init);

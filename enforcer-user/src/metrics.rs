@@ -45,6 +45,15 @@ pub enum Direction {
     inbound,
 }
 
+impl Direction {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Direction::outbound => "outbound",
+            Direction::inbound => "inbound",
+        }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabels {
     pub direction: Direction,

@@ -1,4 +1,4 @@
-//! Traces over OTLP (config `[traces]`, docs/observability.md): a span per
+//! Traces over OTLP (docs/config.md `[traces]`): a span per
 //! relayed connection and, at L7 destinations, per request, exported in
 //! batches to an OTLP/HTTP receiver. Off unless `traces.endpoint` is set.
 //!
@@ -422,12 +422,6 @@ impl<E> std::fmt::Debug for Counted<E> {
     }
 }
 
-impl<P> std::fmt::Debug for EndCounter<P> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("EndCounter")
-    }
-}
-
 impl<E: SpanExporter> SpanExporter for Counted<E> {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
         let n = batch.len() as u64;
@@ -460,6 +454,12 @@ impl<E: SpanExporter> SpanExporter for Counted<E> {
 struct EndCounter<P> {
     inner: P,
     metrics: Arc<Metrics>,
+}
+
+impl<P> std::fmt::Debug for EndCounter<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EndCounter")
+    }
 }
 
 impl<P: opentelemetry_sdk::trace::SpanProcessor> opentelemetry_sdk::trace::SpanProcessor

@@ -121,13 +121,7 @@ impl ConnRecord {
         // ([`ConnRecord::trace_from`]); the others start a trace.
         let trace = match kind {
             Kind::Inbound => None,
-            Kind::Outbound | Kind::Plaintext => crate::otel::start(
-                span_name(kind),
-                span_kind(kind),
-                std::time::SystemTime::now(),
-                None,
-            )
-            .map(Box::new),
+            Kind::Outbound | Kind::Plaintext => start_span(kind, None),
         };
         Self {
             metrics,
@@ -157,14 +151,7 @@ impl ConnRecord {
     /// the peer agent sent with its CONNECT (else a new trace's root).
     pub fn trace_from(&mut self, headers: &http::HeaderMap) {
         if crate::otel::enabled() {
-            let parent = crate::otel::extract(headers);
-            self.trace = crate::otel::start(
-                span_name(self.kind),
-                span_kind(self.kind),
-                std::time::SystemTime::now(),
-                parent.as_ref(),
-            )
-            .map(Box::new);
+            self.trace = start_span(self.kind, crate::otel::extract(headers).as_ref());
         }
     }
 
@@ -202,19 +189,19 @@ impl ConnRecord {
     }
 }
 
-fn span_name(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Outbound => "outbound connection",
-        Kind::Inbound => "inbound connection",
-        Kind::Plaintext => "inbound plaintext connection",
-    }
-}
-
-fn span_kind(kind: Kind) -> opentelemetry::trace::SpanKind {
-    match kind {
-        Kind::Outbound => opentelemetry::trace::SpanKind::Client,
-        Kind::Inbound | Kind::Plaintext => opentelemetry::trace::SpanKind::Server,
-    }
+/// A connection's span as of now (`None` when traces are off), the child of
+/// `parent` when given.
+fn start_span(
+    kind: Kind,
+    parent: Option<&opentelemetry::trace::SpanContext>,
+) -> Option<Box<crate::otel::Span>> {
+    use opentelemetry::trace::SpanKind;
+    let (name, span_kind) = match kind {
+        Kind::Outbound => ("outbound connection", SpanKind::Client),
+        Kind::Inbound => ("inbound connection", SpanKind::Server),
+        Kind::Plaintext => ("inbound plaintext connection", SpanKind::Server),
+    };
+    crate::otel::start(name, span_kind, std::time::SystemTime::now(), parent).map(Box::new)
 }
 
 impl ConnRecord {
@@ -227,13 +214,7 @@ impl ConnRecord {
         };
         let mut a = vec![
             KeyValue::new("enforcer.conn_id", self.id as i64),
-            KeyValue::new(
-                "enforcer.direction",
-                match self.kind {
-                    Kind::Outbound => "outbound",
-                    Kind::Inbound | Kind::Plaintext => "inbound",
-                },
-            ),
+            KeyValue::new("enforcer.direction", direction(self.kind).as_str()),
             KeyValue::new("enforcer.outcome", outcome.as_str()),
             KeyValue::new("enforcer.mtls", self.mtls),
             KeyValue::new("enforcer.bytes_sent", self.sent as i64),

@@ -370,10 +370,7 @@ impl Testbed {
         env: &[(&str, &str)],
     ) -> Result<Enforcer> {
         let log = self.dir.join(format!("{}-enforcer.log", node.name));
-        let cg = match in_cgroup {
-            Some(unit) => node.workload_cgroup(unit)?,
-            None => self.agent_cgroup(node)?,
-        };
+        let cg = self.enforcer_cgroup(node, in_cgroup)?;
         let pid = self.spawn_enforcer(node, config, &cg, env, &log, "")?;
         let enforcer = Enforcer {
             node: node.clone(),
@@ -454,6 +451,15 @@ impl Testbed {
         self.upgrade_enforcer_in(old, config, None)
     }
 
+    /// Where an agent runs: `in_cgroup`, a child cgroup of the node's
+    /// captured subtree, or else its own cgroup beside it.
+    fn enforcer_cgroup(&self, node: &Node, in_cgroup: Option<&str>) -> Result<PathBuf> {
+        match in_cgroup {
+            Some(unit) => node.workload_cgroup(unit),
+            None => self.agent_cgroup(node),
+        }
+    }
+
     /// Like [`Testbed::upgrade_enforcer`]; with `in_cgroup`, the new agent
     /// runs in that child cgroup of the node's captured subtree (as
     /// [`Testbed::start_enforcer_in`]).
@@ -475,10 +481,7 @@ impl Testbed {
         let log = self
             .dir
             .join(format!("{}-enforcer-upgrade-{n}.log", node.name));
-        let cg = match in_cgroup {
-            Some(unit) => node.workload_cgroup(unit)?,
-            None => self.agent_cgroup(&node)?,
-        };
+        let cg = self.enforcer_cgroup(&node, in_cgroup)?;
         let pid = self.spawn_enforcer(&node, config, &cg, &[], &log, &format!(" (upgrade {n})"))?;
         let enforcer = Enforcer {
             node: node.clone(),

@@ -700,6 +700,14 @@ fn status_shows_workloads_identities_connections_and_policy_rejections() {
     assert_eq!(status, 404);
 }
 
+/// The agent's pooled HBONE connections, as `/status` shows them.
+fn pooled(agent: &enforcer_tests::Enforcer) -> Vec<Value> {
+    admin_json(agent, "/status")["hbone_pool"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
 #[test]
 fn hbone_connections_opened_for_a_burst_close_once_idle() {
     // Issue 14, bounded state: HTTP/2 keeps a connection's stream table at
@@ -721,12 +729,6 @@ fn hbone_connections_opened_for_a_burst_close_once_idle() {
             &["python3", "-u", "-c", hold],
         )
         .expect("holder");
-    let pooled = |ea: &enforcer_tests::Enforcer| -> Vec<Value> {
-        admin_json(ea, "/status")["hbone_pool"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-    };
     wait_for(
         "30 connections held over 3 or more HBONE connections",
         || {
@@ -780,12 +782,6 @@ fn an_hbone_connection_that_carried_over_1024_streams_closes_once_idle() {
             &["python3", "-u", "-c", hold],
         )
         .expect("holder");
-    let pooled = |ea: &enforcer_tests::Enforcer| -> Vec<Value> {
-        admin_json(ea, "/status")["hbone_pool"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-    };
     wait_for("1 100 streams on one HBONE connection", || {
         let p = pooled(&ea);
         p.len() == 1 && p[0]["open_streams"] == 1100
@@ -1075,6 +1071,11 @@ fn traces_follow_the_parents_sampling_and_the_ratio_for_new_ones() {
         spans(&tb, &b)
             .iter()
             .any(|s| s["trace_id"] == tid && attr(s, "url.path") == "/traced")
+    });
+    // Both of a's connections have ended (their spans would have been
+    // handed to the queue by then).
+    wait_for("a's two connections to close", || {
+        ea.closed_connections().len() >= 2
     });
     let on_b = spans(&tb, &b);
     assert_eq!(on_b.len(), 1, "only the sampled request's span: {on_b:#?}");

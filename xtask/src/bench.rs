@@ -771,18 +771,7 @@ fn traces_cost(
             }
         }
     }
-    let spread2 = |v: &[Vec<f64>; 2]| {
-        let mut o = serde_json::Map::new();
-        for (name, values) in names.iter().zip(v) {
-            let mut s = values.clone();
-            s.sort_by(f64::total_cmp);
-            o.insert(
-                (*name).into(),
-                json!({"median": s[s.len() / 2], "min": s[0], "max": s[s.len() - 1]}),
-            );
-        }
-        Value::Object(o)
-    };
+    let spread2 = |v: &[Vec<f64>; 2]| spread(names, v);
     let date = today();
     let doc = json!({
         "date": date,
@@ -1227,7 +1216,7 @@ fn llm_stream(bench: &Bench) -> anyhow::Result<Value> {
 }
 
 /// Per path: the median of its rounds' values, with their min and max.
-fn spread(names: [&str; 3], v: &[Vec<f64>; 3]) -> Value {
+fn spread<const N: usize>(names: [&str; N], v: &[Vec<f64>; N]) -> Value {
     let mut o = serde_json::Map::new();
     for (name, values) in names.iter().zip(v) {
         let mut s = values.clone();

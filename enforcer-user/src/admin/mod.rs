@@ -53,6 +53,18 @@ pub type Readiness = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
 pub type JsonView = Box<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 impl AdminState {
+    /// `Ok` when `/readyz` answers 200: started, and the further condition
+    /// (if any) holds; else why not.
+    pub fn readiness(&self) -> Result<(), String> {
+        if !self.ready.load(Ordering::Acquire) {
+            return Err("not ready".into());
+        }
+        match self.readiness.get() {
+            Some(r) => r().map_err(|why| format!("not ready: {why}")),
+            None => Ok(()),
+        }
+    }
+
     pub fn new(node: &str) -> Self {
         Self {
             metrics: Arc::new(Metrics::new(node)),
@@ -97,9 +109,7 @@ impl AdminState {
                     .set(i64::from(enforcer_common::MAX_TRACKED));
             }
         }
-        let ready =
-            self.ready.load(Ordering::Acquire) && self.readiness.get().is_none_or(|r| r().is_ok());
-        self.metrics.ready.set(i64::from(ready));
+        self.metrics.ready.set(i64::from(self.readiness().is_ok()));
         if let Some(svids) = self.svids.get() {
             let held = svids();
             let (expiry, renew) = (&self.metrics.svid_expiry, &self.metrics.svid_renew);
@@ -211,21 +221,14 @@ fn respond(state: &AdminState, surface: Surface, req: &Request<Incoming>) -> Res
                 )
                 .to_string(),
         ),
-        "/readyz" if state.ready.load(Ordering::Acquire) => {
-            match state.readiness.get().map_or(Ok(()), |r| r()) {
-                Ok(()) => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
-                Err(why) => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    format!("not ready: {why}\n"),
-                ),
-            }
-        }
-        "/readyz" => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "not ready\n".to_owned(),
-        ),
+        "/readyz" => match state.readiness() {
+            Ok(()) => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
+            Err(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("{why}\n"),
+            ),
+        },
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",

@@ -36,13 +36,6 @@ fn secs_until(now: SystemTime, t: SystemTime) -> i64 {
     }
 }
 
-fn direction(d: &Direction) -> &'static str {
-    match d {
-        Direction::outbound => "outbound",
-        Direction::inbound => "inbound",
-    }
-}
-
 /// The `/status` document.
 pub fn document(p: Parts<'_>) -> Value {
     let now = SystemTime::now();
@@ -84,7 +77,7 @@ pub fn document(p: Parts<'_>) -> Value {
                 Direction::outbound => outbound += n,
                 Direction::inbound => inbound += n,
             }
-            json!({"direction": direction(d), "source": src, "destination": dst, "open": n})
+            json!({"direction": d.as_str(), "source": src, "destination": dst, "open": n})
         })
         .collect();
     json!({

@@ -93,7 +93,6 @@ pub struct Attestor {
 /// Where pods' metadata comes from, for [`Attestor::set_pods`].
 struct PodSource {
     pods: Arc<crate::k8s::Pods>,
-    trust_domain: String,
     /// The kubelet's pod cgroups (`kubernetes.pods_cgroup`).
     roots: Vec<String>,
 }
@@ -122,10 +121,9 @@ impl Attestor {
 
     /// Attests workloads in pods with the pods' metadata from the API
     /// (once, at start).
-    pub fn set_pods(&self, pods: Arc<crate::k8s::Pods>, trust_domain: &str, roots: &[String]) {
+    pub fn set_pods(&self, pods: Arc<crate::k8s::Pods>, roots: &[String]) {
         let _ = self.pods.set(PodSource {
             pods,
-            trust_domain: trust_domain.to_owned(),
             roots: roots.to_vec(),
         });
     }
@@ -176,11 +174,7 @@ impl Attestor {
         cgroup: Option<&str>,
         selectors: &mut Vec<String>,
     ) -> Option<Option<SpiffeId>> {
-        let PodSource {
-            pods,
-            trust_domain: td,
-            roots,
-        } = self.pods.get()?;
+        let PodSource { pods, roots } = self.pods.get()?;
         let uid = selectors
             .iter()
             .find_map(|s| s.strip_prefix("k8s:pod-uid:"))?
@@ -196,13 +190,8 @@ impl Attestor {
         match pods.lookup(&uid) {
             crate::k8s::Lookup::Unknown => Some(None),
             crate::k8s::Lookup::Known(pod) => {
-                selectors.extend(pod.selectors(container.as_deref()));
-                let id = SpiffeId::new(format!(
-                    "spiffe://{td}/ns/{}/sa/{}",
-                    pod.namespace, pod.service_account
-                ))
-                .ok();
-                Some(id)
+                selectors.extend(pod.selectors(container.as_deref()).cloned());
+                Some(pod.spiffe_id.clone())
             }
         }
     }

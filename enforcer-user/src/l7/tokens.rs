@@ -402,14 +402,7 @@ fn stamp(path: &Path) -> Option<(u64, u64, i64, i64)> {
 /// merging at the same moment waits for it).
 fn lock_file(path: &Path) -> Result<std::fs::File, String> {
     use std::os::unix::fs::OpenOptionsExt as _;
-    if let Some(dir) = path.parent() {
-        use std::os::unix::fs::DirBuilderExt as _;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| format!("{}: {e}", dir.display()))?;
-    }
+    make_parent(path)?;
     let lock = path.with_extension("json.lock");
     let f = std::fs::OpenOptions::new()
         .create(true)
@@ -422,17 +415,23 @@ fn lock_file(path: &Path) -> Result<std::fs::File, String> {
     Ok(f)
 }
 
-fn write_atomically(path: &Path, file: &File) -> Result<(), String> {
-    use std::io::Write as _;
-    let text = serde_json::to_vec(file).map_err(|e| e.to_string())?;
-    if let Some(dir) = path.parent() {
-        use std::os::unix::fs::DirBuilderExt as _;
-        std::fs::DirBuilder::new()
+/// Makes `path`'s directory (0700) when it is missing.
+fn make_parent(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    match path.parent() {
+        Some(dir) => std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
-            .map_err(|e| format!("{}: {e}", dir.display()))?;
+            .map_err(|e| format!("{}: {e}", dir.display())),
+        None => Ok(()),
     }
+}
+
+fn write_atomically(path: &Path, file: &File) -> Result<(), String> {
+    use std::io::Write as _;
+    let text = serde_json::to_vec(file).map_err(|e| e.to_string())?;
+    make_parent(path)?;
     let tmp = path.with_extension("json.tmp");
     let mut f = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     f.write_all(&text)
