@@ -444,6 +444,26 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         listener_v4: plaintext.as_ref().map(|(v4, _)| v4),
         listener_v6: plaintext.as_ref().and_then(|(_, v6)| v6.as_ref()),
     };
+    // Pods with a netns of their own that run already: their listeners
+    // are made, and their netns captured from the moment the programs are.
+    let in_pod = config.kubernetes.as_ref().filter(|k| k.in_pod);
+    let pod_ports = crate::inpod::Ports {
+        outbound: port,
+        hbone: inbound_addr.map(|_| config.mesh.hbone_port),
+    };
+    let found = match in_pod {
+        Some(k) => {
+            let (mount, roots, ports) = (
+                cgroup.mount.clone(),
+                k.pods_cgroup.clone(),
+                pod_ports.clone(),
+            );
+            tokio::task::spawn_blocking(move || crate::inpod::reconcile(&mount, &roots, &ports))
+                .await
+                .context("the pod reconcile task")?
+        }
+        None => Default::default(),
+    };
     let capture = Arc::new(Capture::attach(
         cgroup.clone(),
         &config.capture.bpffs,
@@ -451,7 +471,10 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         &rules,
         port,
         &steering,
-        inherited.as_ref().map(handover::Inherited::cgroup_id),
+        &crate::capture::TakingOver {
+            handover_cgroup: inherited.as_ref().map(handover::Inherited::cgroup_id),
+            pods: &found.cookies,
+        },
     )?);
     if let Some((v4, v6)) = plaintext {
         let handler = Arc::new(Plaintext {
@@ -462,6 +485,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
             local: local.clone(),
             admin: state.clone(),
             l7: l7.clone(),
+            net: Default::default(),
         });
         for l in std::iter::once(v4).chain(v6) {
             let l = TcpListener::from_std(l).context("plaintext listener")?;
@@ -503,7 +527,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
 
     let outbound = Arc::new(Outbound {
         capture: capture.clone(),
-        cgroups: Mutex::new(CgroupResolver::new(&cgroup)),
+        cgroups: Arc::new(Mutex::new(CgroupResolver::new(&cgroup))),
         admin: state.clone(),
         attestor: attestor.clone(),
         identity: identity.clone(),
@@ -514,6 +538,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         local: local.clone(),
         local_addrs: Default::default(),
         l7: l7.clone(),
+        net: Default::default(),
     });
     tokio::spawn(
         outbound
@@ -521,10 +546,14 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
             .serve(TcpListener::from_std(out4).context("outbound listener")?),
     );
     if let Some(l) = out6 {
-        tokio::spawn(outbound.serve(TcpListener::from_std(l).context("outbound listener")?));
+        tokio::spawn(
+            outbound
+                .clone()
+                .serve(TcpListener::from_std(l).context("outbound listener")?),
+        );
     }
-    if let Some(listener) = inbound_listener {
-        let listener = TcpListener::from_std(listener).context("HBONE listener")?;
+    let mut inbound_handler = None;
+    if inbound_addr.is_some() {
         let inbound = Arc::new(Inbound {
             identity: identity.clone(),
             policy: policy.clone(),
@@ -538,8 +567,29 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
                 max_header_list_size: config.mesh.max_header_list_size,
                 max_streams_per_connection: config.mesh.max_streams_per_connection,
             },
+            net: Default::default(),
         });
-        tokio::spawn(inbound.serve(listener));
+        if let Some(listener) = inbound_listener {
+            let listener = TcpListener::from_std(listener).context("HBONE listener")?;
+            tokio::spawn(inbound.clone().serve(listener));
+        }
+        inbound_handler = Some(inbound);
+    }
+    if let Some(k) = in_pod {
+        let inpod = Arc::new(
+            crate::inpod::InPod::new(capture.clone(), outbound, inbound_handler, pod_ports)
+                .context("serving pods in their network namespaces")?,
+        );
+        inpod.serve_reconciled(found);
+        tokio::spawn(inpod.clone().sweep());
+        let cni = crate::inpod::listen_cni(&k.cni_socket).with_context(|| {
+            format!(
+                "listening on kubernetes.cni_socket {}",
+                k.cni_socket.display()
+            )
+        })?;
+        info!(socket = %k.cni_socket.display(), "pods with a network namespace of their own are served (enforcer-cni)");
+        tokio::spawn(crate::inpod::serve_cni(inpod, cni));
     }
     tokio::spawn(renew_svids(identity.clone()));
     if let Ok(src) = PolicySource::parse(&config.policy.source)

@@ -587,6 +587,23 @@ pub struct KubernetesConfig {
     /// `kubepods-…-pod<uid>.slice`) is not taken for that pod.
     #[serde(default = "default_pods_cgroup")]
     pub pods_cgroup: Vec<String>,
+    /// Serve pods that have a network namespace of their own: the agent's
+    /// listeners are opened inside each pod (DESIGN §1.9). Pods in the
+    /// node's netns (hostNetwork) are served by the node's listeners either
+    /// way.
+    #[serde(default = "default_true")]
+    pub in_pod: bool,
+    /// The unix socket `enforcer-cni` hands new pods to (made 0600).
+    #[serde(default = "default_cni_socket")]
+    pub cni_socket: PathBuf,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_cni_socket() -> PathBuf {
+    PathBuf::from("/var/run/enforcer/cni.sock")
 }
 
 fn default_pods_cgroup() -> Vec<String> {

@@ -41,11 +41,17 @@ pub fn apply(socket: impl AsFd) -> std::io::Result<()> {
 /// Connects to `dst` from a marked socket, optionally from the address of
 /// `src` (its port is picked at `connect()`, see [`bind_address_no_port`]).
 pub async fn connect(dst: SocketAddr, src: Option<SocketAddr>) -> std::io::Result<TcpStream> {
-    let socket = if dst.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
+    connect_in(&crate::netns::Net::Host, dst, src).await
+}
+
+/// Like [`connect`], from a socket made in `net` (a pod's netns: the
+/// connection leaves from the pod, with its address).
+pub async fn connect_in(
+    net: &crate::netns::Net,
+    dst: SocketAddr,
+    src: Option<SocketAddr>,
+) -> std::io::Result<TcpStream> {
+    let socket = net.tcp_socket(dst.is_ipv6()).await?;
     apply(&socket)?;
     if let Some(src) = src {
         bind_address_no_port(&socket)?;

@@ -22,6 +22,7 @@ use serde_json::Value;
 
 pub use anyhow::Result;
 
+pub mod cni;
 pub mod scenario;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);

@@ -220,3 +220,243 @@ fn pods_are_identified_from_the_api_and_new_ones_fail_closed_while_it_is_unreach
     let line = ea.connection_line(|v| v["pid"] == pid);
     assert_eq!(line["outcome"], "no_identity", "{line}");
 }
+
+/// The agent's listening sockets in a netns: `ss -ltnH` there.
+fn listening(node: &Node) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &node.netns, "ss", "-ltnH"])
+        .output()
+        .expect("ss");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The netns inodes an agent holds open (`net:[N]` fds).
+fn netns_fds(pid: u32) -> Vec<String> {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| fs::read_link(e.path()).ok())
+                .map(|l| l.display().to_string())
+                .filter(|l| l.starts_with("net:["))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn netns_inode(node: &Node) -> String {
+    use std::os::unix::fs::MetadataExt as _;
+    let ino = fs::metadata(format!("/run/netns/{}", node.netns))
+        .expect("netns file")
+        .ino();
+    format!("net:[{ino}]")
+}
+
+/// Issue 13, items 1–3: pods in network namespaces of their own, wired by
+/// the real CNI bridge plugin with `enforcer-cni` chained. A pod's
+/// connects are captured inside its netns and sent over HBONE from the pod
+/// to the other pod's `podIP:15008`, served by the agent's listener inside
+/// that pod; ADD fails while the agent is down (the pod would not start);
+/// a restarted agent finds the running pods by their cgroups; DEL and a
+/// vanished netns leave no listener and no netns reference behind.
+#[test]
+fn pods_with_their_own_netns_are_served_from_cni_add_to_del() {
+    use enforcer_tests::cni::POD_SUBNET;
+    let mut tb = Testbed::new("inpod").expect("testbed");
+    let a = tb.node("a", 1).expect("node");
+    let ca = tb.shared_ca("shared", TD).expect("CA");
+    let pods_dir = tb.dir.join("pods");
+    fs::create_dir_all(&pods_dir).expect("pods dir");
+    let (u1, c1) = ("1f5e1c2a-1111-4a5b-8c9d-000000000001", "e1".repeat(32));
+    let (u2, c2) = ("1f5e1c2a-2222-4a5b-8c9d-000000000002", "f2".repeat(32));
+    let (u3, c3) = ("1f5e1c2a-3333-4a5b-8c9d-000000000003", "a3".repeat(32));
+    write_pod(&pods_dir, u1, &pod(u1, "support", "support", &c1));
+    write_pod(&pods_dir, u2, &pod(u2, "api", "api", &c2));
+    write_pod(&pods_dir, u3, &pod(u3, "support", "late", &c3));
+    let token = tb.dir.join("token");
+    fs::write(&token, TOKEN).expect("token");
+    let api = format!("{}/helpers/k8s_api.py", env!("CARGO_MANIFEST_DIR"));
+    tb.start_server(
+        &a,
+        "k8s-api",
+        &[
+            "python3",
+            "-u",
+            &api,
+            "6443",
+            &pods_dir.display().to_string(),
+            TOKEN,
+        ],
+        6443,
+    )
+    .expect("the API stand-in");
+    let mount = enforcer_tests::cgroup2_mount().expect("cgroup2");
+    let pods_cgroup = Path::new("/")
+        .join(a.cgroup.strip_prefix(&mount).expect("under cgroup2"))
+        .join("kubepods-besteffort.slice");
+    let socket = tb.dir.join("run/cni.sock");
+    let a_tail = format!(
+        "[mesh]\ncidrs = [\"{POD_SUBNET}\"]\n\n[kubernetes]\napi_server = \"http://127.0.0.1:6443\"\ntoken_file = \"{}\"\nnode = \"{K8S_NODE}\"\npods_cgroup = [\"{}\"]\ncni_socket = \"{}\"\n",
+        token.display(),
+        pods_cgroup.display(),
+        socket.display()
+    );
+    let a_config = tb
+        .enforcer_config_with(&a, "", &ca, &a_tail)
+        .expect("config");
+    let ea = tb.start_enforcer(&a, &a_config).expect("a's agent");
+    let network = tb.pod_network(&socket, 10);
+
+    // Two pods, as the runtime starts them: netns, CNI ADD, then the
+    // sandbox and the containers in the pod's cgroup.
+    let mut p1 = tb.pod(&a, "p1", u1, &c1, "agents").expect("pod");
+    let mut p2 = tb.pod(&a, "p2", u2, &c2, "agents").expect("pod");
+    for p in [&mut p1, &mut p2] {
+        let added = tb.cni(&a, p, &network, "ADD").expect("CNI ADD");
+        assert!(added.ok, "ADD: {added:?}");
+        // The pod is served when ADD returns: the agent listens inside it.
+        let inside = listening(&p.node);
+        assert!(inside.contains("127.0.0.1:15001"), "{inside}");
+        assert!(inside.contains(":15008"), "{inside}");
+        let cg = p.cgroup();
+        tb.spawn(&p.node, Some(&cg), "pause", &["sleep", "600"])
+            .expect("sandbox");
+    }
+    let checked = tb.cni(&a, &mut p1, &network, "CHECK").expect("CHECK");
+    assert!(checked.ok, "CHECK: {checked:?}");
+    let echo = format!("{}/helpers/http_echo.py", env!("CARGO_MANIFEST_DIR"));
+    let p2_cg = p2.cgroup();
+    tb.start_server_in(
+        &p2.node,
+        Some(&p2_cg),
+        "echo",
+        &["python3", "-u", &echo, "8080"],
+        8080,
+    )
+    .expect("the api pod's server");
+
+    // Pod to pod: captured in p1's netns, mutual TLS from p1's address to
+    // p2's HBONE listener, identities from the API (ns/<ns>/sa/<sa>).
+    let url = format!("http://{}:8080/", p2.node.ipv4);
+    let (code, pid) = curl(&p1.node, &p1.cgroup(), &url);
+    assert_eq!(code, "200");
+    let out = ea.connection_line(|v| v["pid"] == pid);
+    assert_eq!(
+        out["src_spiffe_id"], "spiffe://k8s.example.org/ns/agents/sa/support",
+        "{out}"
+    );
+    assert_eq!(
+        out["dst_spiffe_id"], "spiffe://k8s.example.org/ns/agents/sa/api",
+        "{out}"
+    );
+    assert_eq!(out["mtls"], true, "{out}");
+    assert_eq!(out["outcome"], "ok", "{out}");
+    let inbound = ea.connection_line(|v| {
+        v["direction"] == "inbound"
+            && v["src_spiffe_id"] == "spiffe://k8s.example.org/ns/agents/sa/support"
+    });
+    assert_eq!(inbound["outcome"], "ok", "{inbound}");
+    // The HBONE connection came from p1's own address.
+    assert_eq!(
+        inbound["src"]
+            .as_str()
+            .and_then(|s| s.parse::<std::net::SocketAddr>().ok())
+            .map(|s| s.ip().to_string()),
+        Some(p1.node.ipv4.clone()),
+        "{inbound}"
+    );
+
+    // The agent stops: a captured connect in a pod is refused (the
+    // programs stay; the listener in the pod is gone), and a new pod's ADD
+    // fails, so the runtime would not start it.
+    tb.stop(ea.pid).expect("stop a's agent");
+    let (code, pid) = curl(&p1.node, &p1.cgroup(), &url);
+    assert_eq!(
+        code, "000",
+        "a pod's connect went through without the agent"
+    );
+    assert!(
+        ea.wait_for_connection(|v| v["pid"] == pid).is_none(),
+        "nobody should have relayed it"
+    );
+    let mut p3 = tb.pod(&a, "p3", u3, &c3, "agents").expect("pod");
+    let refused = tb.cni(&a, &mut p3, &network, "ADD");
+    let refused = match refused {
+        Ok(o) => o,
+        Err(e) => panic!("ADD: {e:#}"),
+    };
+    assert!(!refused.ok, "ADD succeeded with no agent: {refused:?}");
+    let err: Value = serde_json::from_str(refused.stdout.trim()).expect("a CNI error object");
+    assert_eq!(err["code"], 11, "{err}");
+    assert!(
+        err["msg"]
+            .as_str()
+            .is_some_and(|m| m.contains("not reachable")),
+        "{err}"
+    );
+
+    // A new agent finds p1 and p2 running (their cgroups, a process, its
+    // netns) and serves them with no CNI call.
+    let ea = tb.start_enforcer(&a, &a_config).expect("a's agent again");
+    let (code, pid) = curl(&p1.node, &p1.cgroup(), &url);
+    assert_eq!(code, "200");
+    assert_eq!(
+        ea.connection_line(|v| v["pid"] == pid)["dst_spiffe_id"],
+        "spiffe://k8s.example.org/ns/agents/sa/api"
+    );
+
+    // DEL: no listener stays in the pod, the agent keeps no reference to
+    // its netns.
+    let p1_ns = netns_inode(&p1.node);
+    assert!(
+        netns_fds(ea.pid).contains(&p1_ns),
+        "the agent holds p1's netns"
+    );
+    let deleted = tb.cni(&a, &mut p1, &network, "DEL").expect("DEL");
+    assert!(deleted.ok, "DEL: {deleted:?}");
+    wait_for("p1's listeners to close", || {
+        !listening(&p1.node).contains(":15001")
+    });
+    wait_for("the agent to let go of p1's netns", || {
+        !netns_fds(ea.pid).contains(&p1_ns)
+    });
+    let checked = tb.cni(&a, &mut p1, &network, "CHECK").expect("CHECK");
+    assert!(!checked.ok, "CHECK after DEL: {checked:?}");
+
+    // A pod whose netns vanishes without a DEL (the agent was down when
+    // the runtime deleted it) is let go too.
+    let p2_ns = netns_inode(&p2.node);
+    assert!(netns_fds(ea.pid).contains(&p2_ns));
+    std::process::Command::new("ip")
+        .args(["netns", "del", &p2.node.netns])
+        .status()
+        .expect("ip netns del");
+    let p2_cgroup = a.cgroup.join(p2.cgroup());
+    remove_cgroup_tree(p2_cgroup.parent().expect("pod slice"));
+    wait_for("the agent to let go of p2's netns", || {
+        !netns_fds(ea.pid).contains(&p2_ns)
+    });
+}
+
+/// Kills the processes in a cgroup subtree this test made and removes it.
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    for _ in 0..100 {
+        let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        if fs::remove_dir(dir).is_ok() || !dir.exists() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

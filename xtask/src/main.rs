@@ -212,7 +212,13 @@ fn display(cmd: &Command) -> String {
 }
 
 fn build() -> anyhow::Result<()> {
-    cargo(&["build", "--package", "enforcer-user"])
+    cargo(&[
+        "build",
+        "--package",
+        "enforcer-user",
+        "--package",
+        "enforcer-cni",
+    ])
 }
 
 fn test(extra: &[String]) -> anyhow::Result<()> {

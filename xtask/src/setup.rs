@@ -30,6 +30,9 @@ const APT_PACKAGES: &[&str] = &[
     // promtool and a real Prometheus: the test suite checks the shipped
     // rules and scrapes a live agent (installed without starting its service).
     "prometheus",
+    // The real CNI plugins (bridge, host-local, loopback) that build the
+    // Kubernetes testbed's pod networks, with enforcer-cni chained.
+    "containernetworking-plugins",
 ];
 
 /// Python packages (package, module): the AI scenarios' official clients and

@@ -57,10 +57,30 @@ pub struct Listener {
     pub inode: u64,
 }
 
-/// Listening TCP sockets (IPv4 and IPv6) of the calling thread's netns.
+/// Listening TCP sockets (IPv4 and IPv6) of the agent's netns.
 pub fn listeners() -> Vec<Listener> {
+    listeners_from("/proc/net")
+}
+
+/// Listening TCP sockets (IPv4 and IPv6) of `net`: the agent's netns, or a
+/// pod's (read on the netns thread, inside the pod; nothing when that
+/// fails, which attests no workload).
+pub fn listeners_in(net: &crate::netns::Net) -> Vec<Listener> {
+    match net.pod() {
+        None => listeners(),
+        Some(pod) => pod
+            .run(|| listeners_from("/proc/thread-self/net"))
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "reading a pod's listening sockets failed");
+                Vec::new()
+            }),
+    }
+}
+
+fn listeners_from(dir: &str) -> Vec<Listener> {
     let mut out = Vec::new();
-    for (file, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
+    for (file, v6) in [("tcp", false), ("tcp6", true)] {
+        let file = format!("{dir}/{file}");
         let Ok(text) = std::fs::read_to_string(file) else {
             continue;
         };
@@ -225,6 +245,8 @@ type Answer = Result<Attestation, LocalError>;
 /// Attests local destinations by address; see the module documentation.
 #[derive(Default)]
 pub struct LocalAttestor {
+    /// Whose listeners: the agent's netns, or a pod's.
+    net: crate::netns::Net,
     table: Mutex<Option<(Instant, Arc<Vec<Listener>>)>>,
     /// Socket inode -> when attested, and the attestation of its holders.
     owners: Mutex<HashMap<u64, (Instant, Answer)>>,
@@ -239,6 +261,14 @@ pub struct LocalAttestor {
 }
 
 impl LocalAttestor {
+    /// Attests the workloads listening in `net`.
+    pub fn new(net: crate::netns::Net) -> Self {
+        Self {
+            net,
+            ..Default::default()
+        }
+    }
+
     /// The attestation of the workload that a connection to `dst` reaches.
     /// Blocking work runs on the blocking pool.
     pub async fn attest(self: &Arc<Self>, attestor: &Arc<Attestor>, dst: SocketAddr) -> Answer {
@@ -303,7 +333,7 @@ impl LocalAttestor {
         match &*t {
             Some((at, table)) if at.elapsed() < max_age => table.clone(),
             _ => {
-                let table = Arc::new(listeners());
+                let table = Arc::new(listeners_in(&self.net));
                 *t = Some((Instant::now(), table.clone()));
                 table
             }

@@ -188,6 +188,10 @@ pub struct Capture {
     by_tuple: std::sync::Mutex<HashMap<MapData, SockTuple, OrigDst>>,
     by_cookie: std::sync::Mutex<HashMap<MapData, u64, OrigDst>>,
     config: std::sync::Mutex<Array<MapData, CaptureConfig>>,
+    /// The served network namespaces (by cookie): the agent's and the pods'.
+    netns: std::sync::Mutex<HashMap<MapData, u64, u8>>,
+    /// The cookie of the agent's own netns.
+    pub host_netns: u64,
     pub cgroup: CaptureCgroup,
     pub pin_dir: PathBuf,
 }
@@ -203,8 +207,12 @@ impl Capture {
         rules: &CaptureRules,
         outbound_port: u16,
         inbound: &InboundSteering<'_>,
-        handover_cgroup: Option<u64>,
+        taking_over: &TakingOver<'_>,
     ) -> Result<Self, CaptureError> {
+        let TakingOver {
+            handover_cgroup,
+            pods,
+        } = *taking_over;
         ensure_bpffs(bpffs)?;
         let pin_dir = pin_dir(bpffs, node_name);
         let mut loader = EbpfLoader::new();
@@ -235,12 +243,14 @@ impl Capture {
         let handover_cgroup_id = handover_cgroup
             .filter(|id| *id != agent_cgroup_id)
             .unwrap_or(0);
+        let host_netns = own_netns_cookie()?;
         fill_rules(
             &mut ebpf,
             rules,
             outbound_port,
             agent_cgroup_id,
             handover_cgroup_id,
+            std::iter::once(host_netns).chain(pods.iter().copied()),
         )?;
 
         let cgroup_file = File::open(&cgroup.path).map_err(|e| CaptureError::Cgroup {
@@ -348,11 +358,14 @@ impl Capture {
             })
         })?;
         let config = Array::try_from(config).map_err(map_err(maps::CONFIG))?;
+        let netns = take_hash(&mut ebpf, maps::NETNS)?;
         Ok(Self {
             _ebpf: ebpf,
             by_tuple: std::sync::Mutex::new(by_tuple),
             by_cookie: std::sync::Mutex::new(by_cookie),
             config: std::sync::Mutex::new(config),
+            netns: std::sync::Mutex::new(netns),
+            host_netns,
             cgroup,
             pin_dir,
         })
@@ -372,10 +385,46 @@ impl Capture {
         config.set(0, value, 0).map_err(map_err(maps::CONFIG))
     }
 
+    /// Serves a pod's netns (by cookie): its workloads' connects are
+    /// captured from now on (the agent's listeners must be up in it).
+    pub fn serve_netns(&self, cookie: u64) -> Result<(), CaptureError> {
+        self.netns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(cookie, 1, 0)
+            .map_err(map_err(maps::NETNS))
+    }
+
+    /// Stops serving a pod's netns.
+    pub fn forget_netns(&self, cookie: u64) -> Result<(), CaptureError> {
+        match self
+            .netns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&cookie)
+        {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(maps::NETNS)(e)),
+        }
+    }
+
     /// Finds and consumes the record of the workload socket whose 4-tuple is
-    /// (`peer` → `local`) as seen from the accepted side. The kernel publishes it
-    /// before the handshake completes; a short retry covers scheduling delays.
-    pub async fn take_original(&self, peer: SocketAddr, local: SocketAddr) -> Option<OrigDst> {
+    /// (`peer` → `local`) as seen from the accepted side, accepted by a
+    /// listener in the netns `netns` (cookie). The kernel publishes it
+    /// before the handshake completes; a short retry covers scheduling
+    /// delays.
+    ///
+    /// Pods have loopback addresses of their own, so two netns may hold
+    /// the same 4-tuple at once: a record made in another netns is never
+    /// taken (a workload that connected to a pod's listener by hand with
+    /// another pod's pending 4-tuple would get that pod's identity), and it
+    /// is left for its own connection.
+    pub async fn take_original(
+        &self,
+        peer: SocketAddr,
+        local: SocketAddr,
+        netns: u64,
+    ) -> Option<OrigDst> {
         let key = tuple_key(peer, local);
         for attempt in 0..10u32 {
             let found = {
@@ -384,6 +433,14 @@ impl Capture {
                     Err(poisoned) => poisoned.into_inner(),
                 };
                 match map.get(&key, 0) {
+                    Ok(rec) if rec.netns_cookie != netns => {
+                        warn!(
+                            record_netns = rec.netns_cookie,
+                            listener_netns = netns,
+                            "a capture record of another network namespace has this connection's 4-tuple; not taken"
+                        );
+                        None
+                    }
                     Ok(rec) => {
                         if let Err(e) = map.remove(&key) {
                             debug!(error = %e, "removing consumed tuple entry");
@@ -437,6 +494,15 @@ fn map_mut<'a>(
         .ok_or_else(|| map_err(name)(aya::maps::MapError::InvalidName { name: name.into() }))
 }
 
+/// What an agent takes over when it attaches: the cgroup of the agent that
+/// handed over to it (its connects are the agent's until it exits), and the
+/// netns cookies of the pods already running (captured from the start).
+#[derive(Clone, Copy, Default)]
+pub struct TakingOver<'a> {
+    pub handover_cgroup: Option<u64>,
+    pub pods: &'a [u64],
+}
+
 /// Inbound plaintext steering: protected ports and the agent's listeners.
 pub struct InboundSteering<'a> {
     pub ports: Vec<(u16, u8)>,
@@ -473,6 +539,7 @@ fn fill_rules(
     outbound_port: u16,
     agent_cgroup_id: u64,
     handover_cgroup_id: u64,
+    served: impl Iterator<Item = u64>,
 ) -> Result<(), CaptureError> {
     use maps::{CIDR4, CIDR6, CONFIG, NETNS, PORTS};
     let mut ports: Array<_, u64> =
@@ -500,9 +567,9 @@ fn fill_rules(
     }
     let mut netns: HashMap<_, u64, u8> =
         HashMap::try_from(map_mut(ebpf, NETNS)?).map_err(map_err(NETNS))?;
-    netns
-        .insert(own_netns_cookie()?, 1, 0)
-        .map_err(map_err(NETNS))?;
+    for cookie in served {
+        netns.insert(cookie, 1, 0).map_err(map_err(NETNS))?;
+    }
     // Last: the programs capture nothing until `enabled` is set.
     let mut cfg: Array<_, CaptureConfig> =
         Array::try_from(map_mut(ebpf, CONFIG)?).map_err(map_err(CONFIG))?;
@@ -519,28 +586,13 @@ fn fill_rules(
 
 /// The cookie of the network namespace this process runs in (SO_NETNS_COOKIE).
 fn own_netns_cookie() -> Result<u64, CaptureError> {
-    const SO_NETNS_COOKIE: libc::c_int = 71;
     let sock =
         std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| CaptureError::Netns(e.to_string()))?;
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: valid fd, out-pointer and length for an 8-byte option.
-    let rc = unsafe {
-        libc::getsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&sock),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(CaptureError::Netns(format!(
-            "getsockopt(SO_NETNS_COOKIE): {} (needs Linux >= 5.14)",
-            std::io::Error::last_os_error()
-        )));
-    }
-    Ok(cookie)
+    crate::netns::netns_cookie(&sock).map_err(|e| {
+        CaptureError::Netns(format!(
+            "getsockopt(SO_NETNS_COOKIE): {e} (needs Linux >= 5.14)"
+        ))
+    })
 }
 
 /// Capture and exclusion entries; exclusions are written last so that an

@@ -41,6 +41,9 @@ pub struct Inbound {
     pub limits: H2Limits,
     /// Destinations whose requests are decided one by one.
     pub l7: Arc<crate::l7::L7>,
+    /// The netns of the listener (the node's, or a pod's): the local
+    /// workloads are connected to in it.
+    pub net: crate::netns::Net,
 }
 
 /// HTTP/2 limits of one HBONE connection (`[mesh]` keys of the same names).
@@ -135,10 +138,29 @@ impl PreAuthBudget {
 }
 
 impl Inbound {
+    /// The handler of a pod's HBONE listener: this one's shared parts, with
+    /// the pod's netns (its workloads are attested and connected to there).
+    pub fn for_pod(&self, net: crate::netns::Net) -> Self {
+        Self {
+            identity: self.identity.clone(),
+            policy: self.policy.clone(),
+            attestor: self.attestor.clone(),
+            local: Arc::new(LocalAttestor::new(net.clone())),
+            admin: self.admin.clone(),
+            preauth: PreAuthBudget::default(),
+            limits: self.limits,
+            l7: self.l7.clone(),
+            net,
+        }
+    }
+
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         super::accept_loop(listener, "hbone", |stream, peer| {
             let this = self.clone();
-            async move { this.connection(stream, peer).await }
+            async move {
+                let net = this.net.clone();
+                net.unless_gone(this.connection(stream, peer)).await
+            }
         })
         .await
     }
@@ -405,7 +427,7 @@ impl Inbound {
             refuse(&mut respond, http::StatusCode::SERVICE_UNAVAILABLE);
             return rec.refused(Outcome::NoIdentity);
         }
-        let upstream = match super::connect_within(super::connect_local(dst)).await {
+        let upstream = match super::connect_within(super::connect_local(&self.net, dst)).await {
             Ok(s) => s,
             Err(error) => {
                 warn!(%dst, %error, "connecting to the local workload failed");
@@ -431,7 +453,7 @@ impl Inbound {
                 conn,
                 client,
                 Some(upstream),
-                super::dial_local(dst),
+                super::dial_local(&self.net, dst),
             )
             .await;
             // Sent to the HBONE peer, received from it.

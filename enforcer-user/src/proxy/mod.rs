@@ -84,22 +84,30 @@ pub async fn local_destination(
     }
 }
 
-/// Connects to a workload on this node from a loopback source address, so
-/// the kernel's inbound steering recognises the agent's own forwards.
-pub async fn connect_local(dst: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+/// Connects to a workload on this node (in `net`: the node's netns or a
+/// pod's) from a loopback source address, so the kernel's inbound steering
+/// recognises the agent's own forwards.
+pub async fn connect_local(
+    net: &crate::netns::Net,
+    dst: std::net::SocketAddr,
+) -> std::io::Result<tokio::net::TcpStream> {
     let src = if dst.is_ipv4() {
         std::net::SocketAddr::from(([127, 0, 0, 1], 0))
     } else {
         std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0))
     };
-    let stream = crate::mark::connect(dst, Some(src)).await?;
+    let stream = crate::mark::connect_in(net, dst, Some(src)).await?;
     arm_reset(&stream);
     Ok(stream)
 }
 
 /// A dialer for [`crate::l7`] sessions: reconnects to a local workload.
-pub fn dial_local(dst: std::net::SocketAddr) -> crate::l7::Dial {
-    std::sync::Arc::new(move || Box::pin(connect_local(dst)))
+pub fn dial_local(net: &crate::netns::Net, dst: std::net::SocketAddr) -> crate::l7::Dial {
+    let net = net.clone();
+    std::sync::Arc::new(move || {
+        let net = net.clone();
+        Box::pin(async move { connect_local(&net, dst).await })
+    })
 }
 
 /// Relays an accepted TCP connection to `upstream`: spliced at L4, or, when

@@ -25,7 +25,7 @@ use crate::{
 /// Everything an outbound connection handler needs.
 pub struct Outbound {
     pub capture: Arc<Capture>,
-    pub cgroups: Mutex<CgroupResolver>,
+    pub cgroups: Arc<Mutex<CgroupResolver>>,
     pub admin: Arc<AdminState>,
     pub attestor: Arc<Attestor>,
     pub hbone: Arc<HboneClient>,
@@ -38,46 +38,69 @@ pub struct Outbound {
     pub local: Arc<LocalAttestor>,
     pub local_addrs: LocalAddrs,
     pub l7: Arc<crate::l7::L7>,
+    /// Where the listener lives and the agent's sockets for it are made:
+    /// the node's netns, or a pod's (its connections leave from the pod).
+    pub net: crate::netns::Net,
 }
 
-/// The addresses of this network namespace (the node itself), re-read at
-/// most once a second rather than per connection.
+/// The addresses of this network namespace: the node's, re-read at most
+/// once a second rather than per connection; a pod's, read when the agent
+/// began to serve it (a pod keeps its addresses).
 #[derive(Default)]
-pub struct LocalAddrs(Mutex<Option<(Instant, Vec<std::net::IpAddr>)>>);
+pub struct LocalAddrs(Mutex<Option<(Option<Instant>, Vec<std::net::IpAddr>)>>);
 
 impl LocalAddrs {
+    /// Addresses that are never re-read (a pod's).
+    pub fn fixed(addrs: Vec<std::net::IpAddr>) -> Self {
+        Self(Mutex::new(Some((None, addrs))))
+    }
+
     fn contains(&self, ip: std::net::IpAddr) -> bool {
         let ip = ip.to_canonical();
         let mut cached = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if cached
             .as_ref()
-            .is_none_or(|(at, _)| at.elapsed() > Duration::from_secs(1))
+            .is_none_or(|(at, _)| at.is_some_and(|at| at.elapsed() > Duration::from_secs(1)))
         {
-            let addrs = nix::ifaddrs::getifaddrs()
-                .map(|it| {
-                    it.filter_map(|a| {
-                        let s = a.address?;
-                        s.as_sockaddr_in()
-                            .map(|v4| std::net::IpAddr::V4(v4.ip()))
-                            .or_else(|| s.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip())))
-                    })
-                    .collect()
-                })
-                .unwrap_or_default();
-            *cached = Some((Instant::now(), addrs));
+            *cached = Some((Some(Instant::now()), crate::netns::interface_addresses()));
         }
         cached.as_ref().is_some_and(|(_, a)| a.contains(&ip))
     }
 }
 
 impl Outbound {
+    /// The handler of a pod's outbound listener: this one's shared parts,
+    /// with the pod's netns (its dials leave from the pod), its addresses
+    /// and its listeners.
+    pub fn for_pod(&self, net: crate::netns::Net, addrs: Vec<std::net::IpAddr>) -> Self {
+        Self {
+            capture: self.capture.clone(),
+            cgroups: self.cgroups.clone(),
+            admin: self.admin.clone(),
+            attestor: self.attestor.clone(),
+            hbone: self.hbone.clone(),
+            identity: self.identity.clone(),
+            policy: self.policy.clone(),
+            node: self.node.clone(),
+            mesh: self.mesh.clone(),
+            local: Arc::new(LocalAttestor::new(net.clone())),
+            local_addrs: LocalAddrs::fixed(addrs),
+            l7: self.l7.clone(),
+            net,
+        }
+    }
+
     /// Accepts on `listener` forever.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         super::accept_loop(listener, "outbound", |stream, peer| {
             let this = self.clone();
             let id = next_conn_id();
             let span = info_span!("conn", id, direction = "outbound", src = %peer);
-            async move { this.handle(id, stream, peer).await }.instrument(span)
+            async move {
+                let net = this.net.clone();
+                net.unless_gone(this.handle(id, stream, peer)).await
+            }
+            .instrument(span)
         })
         .await
     }
@@ -119,7 +142,8 @@ impl Outbound {
                 return rec.refused(Outcome::Error);
             }
         };
-        let Some(record) = self.capture.take_original(peer, local).await else {
+        let netns = self.net.pod().map_or(self.capture.host_netns, |p| p.cookie);
+        let Some(record) = self.capture.take_original(peer, local, netns).await else {
             warn!(
                 conn_id = id,
                 "no capture record for this connection; refusing (only captured connects may use the outbound listener)"
@@ -182,7 +206,7 @@ impl Outbound {
                     "workload has no SPIFFE identity; refusing a destination that has one");
                 return refuse(client, &mut rec, Outcome::NoIdentity);
             }
-            let upstream = match connect_within(super::connect_local(dst)).await {
+            let upstream = match connect_within(super::connect_local(&self.net, dst)).await {
                 Ok(s) => s,
                 Err(error) => {
                     warn!(conn_id = id, orig_dst = %dst, %error, "connecting to the original destination failed");
@@ -202,7 +226,7 @@ impl Outbound {
                     server: dst,
                     trace: rec.trace_context(),
                 };
-                (route, conn, super::dial_local(dst))
+                (route, conn, super::dial_local(&self.net, dst))
             });
             rec.relaying();
             let (outcome, bytes) = super::relay(&self.l7, l7, client, upstream).await;
@@ -231,7 +255,7 @@ impl Outbound {
                 };
                 return refuse(client, &mut rec, outcome);
             };
-            let mut prepared = match self.hbone.prepare(&src_svid, dst).await {
+            let mut prepared = match self.hbone.prepare(&src_svid, dst, &self.net).await {
                 Ok(t) => t,
                 Err(e) => {
                     warn!(conn_id = id, orig_dst = %dst, reason = e.code(), error = %e, "HBONE tunnel failed");
@@ -293,7 +317,7 @@ impl Outbound {
         {
             return refuse(client, &mut rec, Outcome::Denied);
         }
-        let upstream = match connect_within(mark::connect(dst, None)).await {
+        let upstream = match connect_within(mark::connect_in(&self.net, dst, None)).await {
             Ok(s) => {
                 super::arm_reset(&s);
                 s
@@ -317,7 +341,11 @@ impl Outbound {
                 server: dst,
                 trace: rec.trace_context(),
             };
-            let dial: crate::l7::Dial = Arc::new(move || Box::pin(mark::connect(dst, None)));
+            let net = self.net.clone();
+            let dial: crate::l7::Dial = Arc::new(move || {
+                let net = net.clone();
+                Box::pin(async move { mark::connect_in(&net, dst, None).await })
+            });
             (route, conn, dial)
         });
         rec.relaying();

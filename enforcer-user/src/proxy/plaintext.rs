@@ -23,6 +23,8 @@ pub struct Plaintext {
     pub local: Arc<LocalAttestor>,
     pub admin: Arc<AdminState>,
     pub l7: Arc<crate::l7::L7>,
+    /// The netns of the listener (the node's, or a pod's).
+    pub net: crate::netns::Net,
 }
 
 impl Plaintext {
@@ -89,7 +91,7 @@ impl Plaintext {
             reset(client);
             return rec.refused(Outcome::Denied);
         }
-        let upstream = match super::connect_within(super::connect_local(dst)).await {
+        let upstream = match super::connect_within(super::connect_local(&self.net, dst)).await {
             Ok(s) => s,
             Err(error) => {
                 warn!(%dst, %error, "connecting to the local workload failed");
@@ -102,7 +104,7 @@ impl Plaintext {
             (
                 r,
                 crate::l7::Conn::of(id, &input, peer, dst).traced(rec.trace_context()),
-                super::dial_local(dst),
+                super::dial_local(&self.net, dst),
             )
         });
         rec.relaying();

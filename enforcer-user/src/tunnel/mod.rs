@@ -248,6 +248,8 @@ pub struct Prepared {
     /// The connection's trace context, sent with CONNECT as W3C
     /// `traceparent` so the peer agent's span joins the trace.
     pub trace: Option<opentelemetry::trace::SpanContext>,
+    /// The netns the connection leaves from.
+    net: crate::netns::Net,
 }
 
 impl Prepared {
@@ -334,6 +336,9 @@ struct PoolKey {
     src: String,
     node: IpAddr,
     port: u16,
+    /// The cookie of the pod netns the connection leaves from; 0: the
+    /// node's netns. Two pods of one identity have connections of their own.
+    netns: u64,
 }
 
 #[derive(Clone)]
@@ -449,13 +454,14 @@ impl HboneClient {
     {
         Box::pin(async move {
             let (key, dial_id, dst) = (prepared.key.clone(), prepared.dial_id, prepared.dst);
+            let net = prepared.net.clone();
             let trace = prepared.trace.clone();
             let decided = prepared.peer_id.clone();
             match prepared.open().await {
                 Err(e) if e.unprocessed() => {
                     debug!(error = %e, "HBONE stream refused before processing; once more on another connection");
                     self.forget(&key, dial_id);
-                    let mut again = self.prepare(svid, dst).await?;
+                    let mut again = self.prepare(svid, dst, &net).await?;
                     again.trace = trace;
                     if again.peer_id != decided {
                         return Err(TunnelError::PeerChanged {
@@ -503,15 +509,17 @@ impl HboneClient {
         &self,
         svid: &Arc<IssuedSvid>,
         dst: SocketAddr,
+        net: &crate::netns::Net,
     ) -> Result<Prepared, TunnelError> {
         let key = PoolKey {
             src: svid.svid.spiffe_id.to_string(),
             node: dst.ip(),
             port: dst.port(),
+            netns: net.pod().map_or(0, |p| p.cookie),
         };
         let node = SocketAddr::new(dst.ip(), self.hbone_port);
         if let Some((p, slot)) = self.live(&key, svid.generation).await {
-            return Ok(p.prepared(node, dst, slot, key, true));
+            return Ok(p.prepared(node, dst, slot, key, true, net));
         }
         // One dial per key at a time; whoever waited looks again first.
         let lock = self
@@ -524,14 +532,16 @@ impl HboneClient {
         let dialed = {
             let _one = lock.lock().await;
             match self.live(&key, svid.generation).await {
-                Some((p, slot)) => Ok(p.prepared(node, dst, slot, key.clone(), true)),
+                Some((p, slot)) => Ok(p.prepared(node, dst, slot, key.clone(), true, net)),
                 // Boxed: the TLS and HTTP/2 handshakes are a large future,
                 // and a connection's task is as large as its largest state
                 // for as long as the connection lives.
-                None => Box::pin(self.dial(svid, node, dst, &key)).await.map(|p| {
-                    let slot = p.take();
-                    p.prepared(node, dst, slot, key.clone(), false)
-                }),
+                None => Box::pin(self.dial(svid, node, dst, &key, net))
+                    .await
+                    .map(|p| {
+                        let slot = p.take();
+                        p.prepared(node, dst, slot, key.clone(), false, net)
+                    }),
             }
         };
         {
@@ -570,6 +580,7 @@ impl HboneClient {
         node: SocketAddr,
         dst: SocketAddr,
         key: &PoolKey,
+        net: &crate::netns::Net,
     ) -> Result<Pooled, TunnelError> {
         debug!(peer = %node, %dst, "dialing an HBONE connection");
         let cfg = tls::client_config(
@@ -577,7 +588,9 @@ impl HboneClient {
             self.identity.provider().clone(),
             &svid.svid,
         )?;
-        let tcp = match tokio::time::timeout(STEP_TIMEOUT, crate::mark::connect(node, None)).await {
+        let tcp = match tokio::time::timeout(STEP_TIMEOUT, crate::mark::connect_in(net, node, None))
+            .await
+        {
             Ok(Ok(s)) => s,
             Ok(Err(source)) => return Err(TunnelError::Connect { addr: node, source }),
             Err(_) => {
@@ -675,7 +688,7 @@ impl HboneClient {
             given: Default::default(),
             peak: Default::default(),
         };
-        tokio::spawn(drive(
+        let driven = drive(
             conn,
             pings,
             node,
@@ -686,7 +699,13 @@ impl HboneClient {
                 pooled.peak.clone(),
             ),
             (self.pool.clone(), key.clone(), dial_id),
-        ));
+        );
+        // A connection from a pod ends when the pod is no longer served.
+        let (net, pool, pool_key) = (net.clone(), self.pool.clone(), key.clone());
+        tokio::spawn(async move {
+            net.unless_gone(driven).await;
+            forget(&pool, &pool_key, dial_id);
+        });
         self.pool
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -705,6 +724,7 @@ impl Pooled {
         slot: StreamSlot,
         key: PoolKey,
         reused: bool,
+        net: &crate::netns::Net,
     ) -> Prepared {
         Prepared {
             sender: self.sender,
@@ -717,6 +737,7 @@ impl Pooled {
             key,
             dial_id: self.dial_id,
             trace: None,
+            net: net.clone(),
         }
     }
 }
