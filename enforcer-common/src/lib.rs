@@ -40,7 +40,8 @@ pub mod maps {
     pub const NETNS: &str = "ENF_NETNS";
     pub const INBOUND: &str = "ENF_INBOUND";
     pub const PLAINTEXT_LISTENERS: &str = "ENF_PLAINTEXT_LISTENERS";
-    pub const ALL: [&str; 9] = [
+    pub const POD_PLAINTEXT: &str = "ENF_POD_PLAINTEXT";
+    pub const ALL: [&str; 10] = [
         CONFIG,
         PORTS,
         CIDR4,
@@ -50,6 +51,7 @@ pub mod maps {
         NETNS,
         INBOUND,
         PLAINTEXT_LISTENERS,
+        POD_PLAINTEXT,
     ];
 }
 
@@ -61,6 +63,24 @@ pub mod programs {
     pub const GETPEERNAME6: &str = "enf_getpeername6";
     pub const SOCK_OPS: &str = "enf_sock_ops";
     pub const SK_LOOKUP: &str = "enf_sk_lookup";
+    /// The same steering in pods' network namespaces, to the plaintext
+    /// listeners the agent opened inside each pod (`ENF_POD_PLAINTEXT`).
+    pub const SK_LOOKUP_POD: &str = "enf_sk_lookup_pod";
+}
+
+/// Entries of `ENF_POD_PLAINTEXT`: a pod's addresses (each with the
+/// listener of its family) over the pods a node runs.
+pub const MAX_POD_LISTENERS: u32 = 8192;
+
+/// The key of a local address in `ENF_POD_PLAINTEXT`: the IPv6 address as
+/// four 32-bit words in network byte order, an IPv4 one v4-mapped
+/// (`::ffff:a.b.c.d`).
+pub fn pod_address_key(v6: bool, ip4: u32, ip6: [u32; 4]) -> [u32; 4] {
+    if v6 {
+        ip6
+    } else {
+        [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ip4]
+    }
 }
 
 /// Inbound plaintext handling of a protected local port (`ENF_INBOUND` value).

@@ -17,12 +17,13 @@ use aya_ebpf::{
         },
     },
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, SockMap, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, SockHash, SockMap, lpm_trie::Key},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use enforcer_common::{
     AF_INET, AF_INET6, CIDR_CAPTURE, CaptureConfig, INBOUND_STRICT, LISTENER_V4, LISTENER_V6,
-    MAX_CIDRS, MAX_INBOUND_PORTS, MAX_NETNS, MAX_TRACKED, OrigDst, PORT_WORDS, SockTuple,
+    MAX_CIDRS, MAX_INBOUND_PORTS, MAX_NETNS, MAX_POD_LISTENERS, MAX_TRACKED, OrigDst, PORT_WORDS,
+    SockTuple, pod_address_key,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -443,13 +444,19 @@ const LOOPBACK_IFINDEX: u32 = 1;
 const SK_DROP: u32 = 0;
 const SK_PASS: u32 = 1;
 
-/// Steers new inbound TCP connections to protected ports, arriving from
-/// outside the node, to the agent's plaintext listener. Connections that come
-/// over loopback (the agent's own forwards, local clients) are left alone.
-#[sk_lookup]
-pub fn enf_sk_lookup(ctx: SkLookupContext) -> u32 {
+/// The agent's plaintext listeners inside pods' network namespaces, by the
+/// pod address a connection arrives on (see `pod_address_key`).
+#[map(name = "ENF_POD_PLAINTEXT")]
+static ENF_POD_PLAINTEXT: SockHash<[u32; 4]> = SockHash::with_max_entries(MAX_POD_LISTENERS, 0);
+
+/// A new inbound connection that the steering programs look at: TCP to a
+/// protected port, from outside the netns (not over loopback, not from a
+/// loopback source). Its mode and whether it is IPv4, and the key of its
+/// local address.
+#[inline(always)]
+fn steered(ctx: &SkLookupContext) -> Option<(u8, bool, [u32; 4])> {
     // SAFETY: the context pointer is valid for the duration of the program.
-    let (protocol, family, port, ifindex, remote4, remote6) = unsafe {
+    let (protocol, family, port, ifindex, remote4, remote6, local4, local6) = unsafe {
         let l = &*ctx.lookup;
         (
             l.protocol,
@@ -458,33 +465,55 @@ pub fn enf_sk_lookup(ctx: SkLookupContext) -> u32 {
             l.ingress_ifindex,
             l.remote_ip4,
             l.remote_ip6,
+            l.local_ip4,
+            l.local_ip6,
         )
     };
     if protocol != IPPROTO_TCP || ifindex == LOOPBACK_IFINDEX {
-        return SK_PASS;
+        return None;
     }
+    let v4 = family == u32::from(AF_INET);
     // A loopback source is local: the agent's own forwards to the workload
     // (it connects from 127.0.0.1 / ::1) and local clients.
-    let loopback = if family == u32::from(AF_INET) {
+    let loopback = if v4 {
         remote4.to_ne_bytes()[0] == 127
     } else {
         remote6 == [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]
     };
     if loopback {
-        return SK_PASS;
+        return None;
     }
     // SAFETY: read by value.
-    let Some(mode) = (unsafe { ENF_INBOUND.get(port as u16) }).copied() else {
+    let mode = (unsafe { ENF_INBOUND.get(port as u16) }).copied()?;
+    Some((mode, v4, pod_address_key(!v4, local4, local6)))
+}
+
+/// Steers new inbound TCP connections to protected ports, arriving from
+/// outside the node, to the agent's plaintext listener. Connections that come
+/// over loopback (the agent's own forwards, local clients) are left alone.
+#[sk_lookup]
+pub fn enf_sk_lookup(ctx: SkLookupContext) -> u32 {
+    let Some((mode, v4, _)) = steered(&ctx) else {
         return SK_PASS;
     };
-    let index = if family == u32::from(AF_INET) {
-        LISTENER_V4
-    } else {
-        LISTENER_V6
-    };
+    let index = if v4 { LISTENER_V4 } else { LISTENER_V6 };
     match ENF_PLAINTEXT_LISTENERS.redirect_sk_lookup(&ctx, index, 0) {
         Ok(()) => SK_PASS,
         // The agent is not listening: a strict port fails closed.
+        Err(_) if mode == INBOUND_STRICT => SK_DROP,
+        Err(_) => SK_PASS,
+    }
+}
+
+/// [`enf_sk_lookup`] in a pod's netns: to the agent's plaintext listener in
+/// that pod, found by the address the connection arrived on.
+#[sk_lookup]
+pub fn enf_sk_lookup_pod(ctx: SkLookupContext) -> u32 {
+    let Some((mode, _, key)) = steered(&ctx) else {
+        return SK_PASS;
+    };
+    match ENF_POD_PLAINTEXT.redirect_sk_lookup(&ctx, key, 0) {
+        Ok(()) => SK_PASS,
         Err(_) if mode == INBOUND_STRICT => SK_DROP,
         Err(_) => SK_PASS,
     }

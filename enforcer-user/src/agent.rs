@@ -450,6 +450,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     let pod_ports = crate::inpod::Ports {
         outbound: port,
         hbone: inbound_addr.map(|_| config.mesh.hbone_port),
+        plaintext: (!inbound_ports.is_empty()).then_some(config.mesh.plaintext_port),
     };
     let found = match in_pod {
         Some(k) => {
@@ -476,6 +477,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
             pods: &found.cookies,
         },
     )?);
+    let mut plaintext_handler = None;
     if let Some((v4, v6)) = plaintext {
         let handler = Arc::new(Plaintext {
             modes: inbound_ports.iter().copied().collect(),
@@ -491,6 +493,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
             let l = TcpListener::from_std(l).context("plaintext listener")?;
             tokio::spawn(handler.clone().serve(l));
         }
+        plaintext_handler = Some(handler);
     }
     let _ = state.capture.set(capture.clone());
 
@@ -577,8 +580,16 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     }
     if let Some(k) = in_pod {
         let inpod = Arc::new(
-            crate::inpod::InPod::new(capture.clone(), outbound, inbound_handler, pod_ports)
-                .context("serving pods in their network namespaces")?,
+            crate::inpod::InPod::new(
+                capture.clone(),
+                crate::inpod::Handlers {
+                    outbound,
+                    inbound: inbound_handler,
+                    plaintext: plaintext_handler,
+                },
+                pod_ports,
+            )
+            .context("serving pods in their network namespaces")?,
         );
         inpod.serve_reconciled(found);
         tokio::spawn(inpod.clone().sweep());

@@ -22,7 +22,7 @@ use tracing::{info, warn};
 use crate::{
     capture::Capture,
     netns::{Net, PodNs},
-    proxy::{inbound::Inbound, outbound::Outbound},
+    proxy::{inbound::Inbound, outbound::Outbound, plaintext::Plaintext},
 };
 
 /// Pods served at most (the kernel's netns set holds 1 024 entries, the
@@ -38,6 +38,8 @@ pub struct Ports {
     pub outbound: u16,
     /// `None`: the agent serves no HBONE (no `mesh.inbound_addr`).
     pub hbone: Option<u16>,
+    /// `None`: no port is protected from plaintext (`mesh.inbound`).
+    pub plaintext: Option<u16>,
 }
 
 /// How the agent came to serve a pod, and so how it sees it go.
@@ -67,6 +69,7 @@ pub struct Prepared {
     origin: Origin,
     outbound: Vec<std::net::TcpListener>,
     hbone: Vec<std::net::TcpListener>,
+    plaintext: Vec<std::net::TcpListener>,
     addrs: Vec<IpAddr>,
 }
 
@@ -74,6 +77,7 @@ struct Served {
     ns: Arc<PodNs>,
     origin: Origin,
     tasks: Vec<tokio::task::AbortHandle>,
+    steering: Option<crate::capture::PodSteering>,
 }
 
 impl Drop for Served {
@@ -168,6 +172,17 @@ fn prepare(
             true,
         )?);
     }
+    let mut plaintext = Vec::new();
+    if let Some(port) = ports.plaintext {
+        plaintext.extend(listen(
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+            true,
+        )?);
+        plaintext.extend(listen(
+            SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
+            true,
+        )?);
+    }
     let addrs = ns.addresses()?;
     Ok(Some(Prepared {
         uid: uid.to_owned(),
@@ -175,6 +190,7 @@ fn prepare(
         origin,
         outbound,
         hbone,
+        plaintext,
         addrs,
     }))
 }
@@ -185,22 +201,26 @@ pub struct InPod {
     capture: Arc<Capture>,
     outbound: Arc<Outbound>,
     inbound: Option<Arc<Inbound>>,
+    plaintext: Option<Arc<Plaintext>>,
     ports: Ports,
     host_inode: u64,
 }
 
+/// The handlers a pod's listeners get (the node's, made the pod's).
+pub struct Handlers {
+    pub outbound: Arc<Outbound>,
+    pub inbound: Option<Arc<Inbound>>,
+    pub plaintext: Option<Arc<Plaintext>>,
+}
+
 impl InPod {
-    pub fn new(
-        capture: Arc<Capture>,
-        outbound: Arc<Outbound>,
-        inbound: Option<Arc<Inbound>>,
-        ports: Ports,
-    ) -> std::io::Result<Self> {
+    pub fn new(capture: Arc<Capture>, handlers: Handlers, ports: Ports) -> std::io::Result<Self> {
         Ok(Self {
             pods: Default::default(),
             capture,
-            outbound,
-            inbound,
+            outbound: handlers.outbound,
+            inbound: handlers.inbound,
+            plaintext: handlers.plaintext,
             ports,
             host_inode: own_netns_inode()?,
         })
@@ -223,26 +243,69 @@ impl InPod {
             ns: p.ns.clone(),
             origin: p.origin,
             tasks: Vec::new(),
+            steering: None,
         };
-        let tasks = &mut served.tasks;
-        let outbound = Arc::new(self.outbound.for_pod(net.clone(), p.addrs));
+        let outbound = Arc::new(self.outbound.for_pod(net.clone(), p.addrs.clone()));
         for l in p.outbound {
             let l = TcpListener::from_std(l).map_err(|source| InPodError::Listen {
                 pod: p.uid.clone(),
                 addr: SocketAddr::from((Ipv4Addr::LOCALHOST, self.ports.outbound)),
                 source,
             })?;
-            tasks.push(tokio::spawn(outbound.clone().serve(l)).abort_handle());
+            served
+                .tasks
+                .push(tokio::spawn(outbound.clone().serve(l)).abort_handle());
         }
         if let Some(inbound) = &self.inbound {
-            let inbound = Arc::new(inbound.for_pod(net));
+            let inbound = Arc::new(inbound.for_pod(net.clone()));
             for l in p.hbone {
                 let l = TcpListener::from_std(l).map_err(|source| InPodError::Listen {
                     pod: p.uid.clone(),
                     addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, self.ports.hbone.unwrap_or(0))),
                     source,
                 })?;
-                tasks.push(tokio::spawn(inbound.clone().serve(l)).abort_handle());
+                served
+                    .tasks
+                    .push(tokio::spawn(inbound.clone().serve(l)).abort_handle());
+            }
+        }
+        if let Some(handler) = &self.plaintext {
+            use std::os::fd::AsRawFd as _;
+            let (mut v4, mut v6) = (None, None);
+            for l in &p.plaintext {
+                match l.local_addr() {
+                    Ok(a) if a.is_ipv4() => v4 = Some(l.as_raw_fd()),
+                    Ok(_) => v6 = Some(l.as_raw_fd()),
+                    Err(_) => {}
+                }
+            }
+            // Each address of the pod, to the listener of its family.
+            let by_address: Vec<(IpAddr, std::os::fd::RawFd)> = p
+                .addrs
+                .iter()
+                .filter(|ip| !ip.is_loopback())
+                .filter_map(|ip| Some((*ip, if ip.is_ipv4() { v4? } else { v6? })))
+                .collect();
+            served.steering = self
+                .capture
+                .steer_pod(p.ns.fd(), p.ns.cookie, &by_address)
+                .map_err(|e| InPodError::Capture {
+                    pod: p.uid.clone(),
+                    message: e.to_string(),
+                })?;
+            let handler = Arc::new(handler.for_pod(net.clone()));
+            for l in p.plaintext {
+                let l = TcpListener::from_std(l).map_err(|source| InPodError::Listen {
+                    pod: p.uid.clone(),
+                    addr: SocketAddr::from((
+                        Ipv4Addr::UNSPECIFIED,
+                        self.ports.plaintext.unwrap_or(0),
+                    )),
+                    source,
+                })?;
+                served
+                    .tasks
+                    .push(tokio::spawn(handler.clone().serve(l)).abort_handle());
             }
         }
         self.capture
@@ -258,9 +321,12 @@ impl InPod {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(p.uid, served);
-        if let Some(old) = old
+        if let Some(mut old) = old
             && old.ns.cookie != served_cookie
         {
+            if let Some(steering) = old.steering.take() {
+                self.capture.unsteer_pod(steering);
+            }
             let _ = self.capture.forget_netns(old.ns.cookie);
         }
         Ok(())
@@ -311,7 +377,7 @@ impl InPod {
 
     /// Stops serving pod `uid` (a CNI DEL, or its netns or cgroup gone).
     pub fn remove(&self, uid: &str) -> bool {
-        let Some(s) = self
+        let Some(mut s) = self
             .pods
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -319,6 +385,9 @@ impl InPod {
         else {
             return false;
         };
+        if let Some(steering) = s.steering.take() {
+            self.capture.unsteer_pod(steering);
+        }
         if let Err(e) = self.capture.forget_netns(s.ns.cookie) {
             warn!(pod = uid, error = %e, "removing the pod's netns from the capture set");
         }
@@ -422,6 +491,8 @@ impl InPod {
     /// for up to 60 s; captured connects in such a pod are refused
     /// meanwhile, never let through).
     pub fn serve_reconciled(self: &Arc<Self>, found: Reconciled) {
+        // Pins of pods a previous agent served that no longer run.
+        self.capture.retire_pod_pins(&found.cookies);
         let Reconciled { ready, waiting, .. } = found;
         for p in ready {
             let uid = p.uid.clone();

@@ -100,6 +100,11 @@ impl PodNs {
         Ok(ns)
     }
 
+    /// The netns file (to attach programs to the netns).
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
     /// Queues `job` for the netns thread, to run inside this netns; its
     /// result arrives on the receiver (which closes if the job could not
     /// run: entering the netns failed, which the thread logs).

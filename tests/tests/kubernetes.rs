@@ -295,7 +295,7 @@ fn pods_with_their_own_netns_are_served_from_cni_add_to_del() {
         .join("kubepods-besteffort.slice");
     let socket = tb.dir.join("run/cni.sock");
     let a_tail = format!(
-        "[mesh]\ncidrs = [\"{POD_SUBNET}\"]\n\n[kubernetes]\napi_server = \"http://127.0.0.1:6443\"\ntoken_file = \"{}\"\nnode = \"{K8S_NODE}\"\npods_cgroup = [\"{}\"]\ncni_socket = \"{}\"\n",
+        "[mesh]\ncidrs = [\"{POD_SUBNET}\"]\n\n[[mesh.inbound]]\nports = [8080]\nmode = \"strict\"\n\n[kubernetes]\napi_server = \"http://127.0.0.1:6443\"\ntoken_file = \"{}\"\nnode = \"{K8S_NODE}\"\npods_cgroup = [\"{}\"]\ncni_socket = \"{}\"\n",
         token.display(),
         pods_cgroup.display(),
         socket.display()
@@ -365,6 +365,18 @@ fn pods_with_their_own_netns_are_served_from_cni_add_to_del() {
         "{inbound}"
     );
 
+    // Plaintext from outside the mesh (the node itself, not captured) to
+    // the pod's strict port: steered in the pod's netns to the agent's
+    // plaintext listener there, and refused; the server never sees it.
+    let (code, _) = a.http_status(None, &format!("{url}?plaintext-strict"));
+    assert_eq!(code, "000", "plaintext reached a strict port in a pod");
+    let line = ea.connection_line(|v| v["plaintext_mode"] == "strict");
+    assert_eq!(
+        line["dst_spiffe_id"], "spiffe://k8s.example.org/ns/agents/sa/api",
+        "{line}"
+    );
+    assert!(!tb.server_log(&p2.node, "echo").contains("plaintext-strict"));
+
     // The agent stops: a captured connect in a pod is refused (the
     // programs stay; the listener in the pod is gone), and a new pod's ADD
     // fails, so the runtime would not start it.
@@ -377,6 +389,17 @@ fn pods_with_their_own_netns_are_served_from_cni_add_to_del() {
     assert!(
         ea.wait_for_connection(|v| v["pid"] == pid).is_none(),
         "nobody should have relayed it"
+    );
+    // The pod's steering stays too (pinned): plaintext to the strict port
+    // is dropped, not let through to the server.
+    let (code, _) = a.http_status(None, &format!("{url}?plaintext-agent-down"));
+    assert_eq!(
+        code, "000",
+        "plaintext reached a strict port with the agent down"
+    );
+    assert!(
+        !tb.server_log(&p2.node, "echo")
+            .contains("plaintext-agent-down")
     );
     let mut p3 = tb.pod(&a, "p3", u3, &c3, "agents").expect("pod");
     let refused = tb.cni(&a, &mut p3, &network, "ADD");

@@ -184,7 +184,10 @@ enum Attach {
 /// The loaded and attached kernel side. Owns the eBPF object and the maps the
 /// proxy reads; dropping it leaves the pinned links in place (fail closed).
 pub struct Capture {
-    _ebpf: Ebpf,
+    ebpf: std::sync::Mutex<Ebpf>,
+    /// The agent's plaintext listeners in pods, by pod address; `None`
+    /// without protected ports.
+    pod_plaintext: Option<std::sync::Mutex<aya::maps::SockHash<MapData, [u32; 4]>>>,
     by_tuple: std::sync::Mutex<HashMap<MapData, SockTuple, OrigDst>>,
     by_cookie: std::sync::Mutex<HashMap<MapData, u64, OrigDst>>,
     config: std::sync::Mutex<Array<MapData, CaptureConfig>>,
@@ -302,6 +305,14 @@ impl Capture {
             let id = p.attach(&netns).map_err(prog_err(name))?;
             let link: FdLink = p.take_link(id).map_err(prog_err(name))?.into();
             links.push((name, link));
+            // Attached to each pod's netns as the agent serves the pod.
+            let name = programs::SK_LOOKUP_POD;
+            let p: &mut SkLookup = ebpf
+                .program_mut(name)
+                .ok_or_else(|| prog_err(name)(aya::programs::ProgramError::NotLoaded))?
+                .try_into()
+                .map_err(prog_err(name))?;
+            p.load().map_err(prog_err(name))?;
             info!(
                 ports = inbound.ports.len(),
                 "inbound plaintext steering attached to this network namespace"
@@ -330,7 +341,7 @@ impl Capture {
         for name in ATTACHMENTS
             .iter()
             .map(|(n, _)| *n)
-            .chain([programs::SK_LOOKUP])
+            .chain([programs::SK_LOOKUP, programs::SK_LOOKUP_POD])
         {
             let path = pin_dir.join("programs").join(name);
             if let Some(prog) = ebpf.program_mut(name).filter(|p| p.fd().is_ok()) {
@@ -359,8 +370,20 @@ impl Capture {
         })?;
         let config = Array::try_from(config).map_err(map_err(maps::CONFIG))?;
         let netns = take_hash(&mut ebpf, maps::NETNS)?;
+        let pod_plaintext = if inbound.ports.is_empty() {
+            None
+        } else {
+            let name = maps::POD_PLAINTEXT;
+            let map = ebpf.take_map(name).ok_or_else(|| {
+                map_err(name)(aya::maps::MapError::InvalidName { name: name.into() })
+            })?;
+            Some(std::sync::Mutex::new(
+                aya::maps::SockHash::try_from(map).map_err(map_err(name))?,
+            ))
+        };
         Ok(Self {
-            _ebpf: ebpf,
+            ebpf: std::sync::Mutex::new(ebpf),
+            pod_plaintext,
             by_tuple: std::sync::Mutex::new(by_tuple),
             by_cookie: std::sync::Mutex::new(by_cookie),
             config: std::sync::Mutex::new(config),
@@ -393,6 +416,116 @@ impl Capture {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(cookie, 1, 0)
             .map_err(map_err(maps::NETNS))
+    }
+
+    /// Steers plaintext to protected ports in a pod's netns (`netns`) to
+    /// the agent's plaintext listeners there: `listeners` by the pod
+    /// address each serves. `None` when no port is protected. Undone by
+    /// [`Capture::unsteer_pod`] (and by dropping the returned value, which
+    /// detaches the program; a closed listener leaves the map by itself).
+    pub fn steer_pod(
+        &self,
+        netns: impl std::os::fd::AsFd,
+        cookie: u64,
+        listeners: &[(IpAddr, std::os::fd::RawFd)],
+    ) -> Result<Option<PodSteering>, CaptureError> {
+        let Some(map) = &self.pod_plaintext else {
+            return Ok(None);
+        };
+        let mut keys = Vec::new();
+        {
+            let mut map = map
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (ip, fd) in listeners {
+                let key = address_key(*ip);
+                map.insert(key, *fd, 0)
+                    .map_err(map_err(maps::POD_PLAINTEXT))?;
+                keys.push(key);
+            }
+        }
+        let name = programs::SK_LOOKUP_POD;
+        let mut ebpf = self
+            .ebpf
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let attached = (|| {
+            let p: &mut SkLookup = ebpf
+                .program_mut(name)
+                .ok_or_else(|| prog_err(name)(aya::programs::ProgramError::NotLoaded))?
+                .try_into()
+                .map_err(prog_err(name))?;
+            let id = p.attach(netns).map_err(prog_err(name))?;
+            let link: FdLink = p.take_link(id).map_err(prog_err(name))?.into();
+            Ok::<_, CaptureError>(link)
+        })();
+        drop(ebpf);
+        // The new link runs beside the one a previous agent pinned for this
+        // netns; that one goes once this one is attached.
+        let pinned = attached.and_then(|link| {
+            let dir = self.pin_dir.join("pods");
+            let path = dir.join(cookie.to_string());
+            let pin_err = |message: String| CaptureError::Pin {
+                path: path.clone(),
+                message,
+            };
+            std::fs::create_dir_all(&dir).map_err(|e| pin_err(e.to_string()))?;
+            match std::fs::remove_file(&path) {
+                Ok(()) => debug!(
+                    netns = cookie,
+                    "a previous agent's steering of this pod retired"
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(pin_err(e.to_string())),
+            }
+            link.pin(&path).map_err(|e| pin_err(e.to_string()))
+        });
+        match pinned {
+            Ok(link) => Ok(Some(PodSteering { link, keys })),
+            Err(e) => {
+                self.unsteer_keys(&keys);
+                Err(e)
+            }
+        }
+    }
+
+    /// Undoes [`Capture::steer_pod`]: the program leaves the pod's netns.
+    pub fn unsteer_pod(&self, steering: PodSteering) {
+        self.unsteer_keys(&steering.keys);
+        if let Err(e) = steering.link.unpin() {
+            warn!(error = %e, "unpinning a pod's steering link");
+        }
+    }
+
+    /// Removes the steering pins of pods not in `keep` (netns cookies): the
+    /// pods a previous agent served that are gone now.
+    pub fn retire_pod_pins(&self, keep: &[u64]) {
+        let Ok(entries) = std::fs::read_dir(self.pin_dir.join("pods")) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let cookie = e.file_name().to_string_lossy().parse::<u64>().ok();
+            if cookie.is_some_and(|c| keep.contains(&c)) {
+                continue;
+            }
+            if let Err(err) = std::fs::remove_file(e.path()) {
+                warn!(path = %e.path().display(), error = %err, "removing a gone pod's pin");
+            }
+        }
+    }
+
+    fn unsteer_keys(&self, keys: &[[u32; 4]]) {
+        if let Some(map) = &self.pod_plaintext {
+            let mut map = map
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for key in keys {
+                match map.remove(key) {
+                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(e) => warn!(error = %e, "removing a pod's plaintext listener"),
+                }
+            }
+        }
     }
 
     /// Stops serving a pod's netns.
@@ -492,6 +625,32 @@ fn map_mut<'a>(
 ) -> Result<&'a mut aya::maps::Map, CaptureError> {
     ebpf.map_mut(name)
         .ok_or_else(|| map_err(name)(aya::maps::MapError::InvalidName { name: name.into() }))
+}
+
+/// The steering of one pod's netns: the program's link there (detached
+/// when dropped) and the pod's addresses in `ENF_POD_PLAINTEXT`.
+pub struct PodSteering {
+    /// Pinned under `<pin dir>/pods/<netns cookie>`: the steering outlives
+    /// the agent (a strict port drops plaintext while no agent listens in
+    /// the pod), until the pod is let go or the next agent replaces it.
+    link: aya::programs::links::PinnedLink,
+    keys: Vec<[u32; 4]>,
+}
+
+/// `ENF_POD_PLAINTEXT`'s key of a local address (IPv4 v4-mapped).
+fn address_key(ip: IpAddr) -> [u32; 4] {
+    let w = |b: &[u8]| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => enforcer_common::pod_address_key(false, w(&v4.octets()), [0; 4]),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            enforcer_common::pod_address_key(
+                true,
+                0,
+                [w(&o[0..4]), w(&o[4..8]), w(&o[8..12]), w(&o[12..16])],
+            )
+        }
+    }
 }
 
 /// What an agent takes over when it attaches: the cgroup of the agent that
@@ -719,6 +878,13 @@ pub fn detach(bpffs: &Path, node_name: &str) -> Result<bool, CaptureError> {
         return Ok(false);
     }
     remove_pins(&dir);
+    // The pods' steering links too (`Capture::steer_pod`).
+    if let Ok(entries) = std::fs::read_dir(dir.join("pods")) {
+        for e in entries.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    let _ = std::fs::remove_dir(dir.join("pods"));
     std::fs::remove_dir(&dir).map_err(|e| CaptureError::Pin {
         path: dir.clone(),
         message: format!("remove: {e}"),

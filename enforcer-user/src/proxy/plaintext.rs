@@ -28,12 +28,32 @@ pub struct Plaintext {
 }
 
 impl Plaintext {
+    /// The handler of a pod's plaintext listener: this one's shared parts,
+    /// with the pod's netns (its workloads are attested and connected to
+    /// there).
+    pub fn for_pod(&self, net: crate::netns::Net) -> Self {
+        Self {
+            modes: self.modes.clone(),
+            identity: self.identity.clone(),
+            policy: self.policy.clone(),
+            attestor: self.attestor.clone(),
+            local: Arc::new(LocalAttestor::new(net.clone())),
+            admin: self.admin.clone(),
+            l7: self.l7.clone(),
+            net,
+        }
+    }
+
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         super::accept_loop(listener, "plaintext", |stream, peer| {
             let this = self.clone();
             let id = next_conn_id();
             let span = info_span!("conn", id, direction = "inbound", src = %peer, dst = tracing::field::Empty);
-            async move { this.handle(id, stream, peer).await }.instrument(span)
+            async move {
+                let net = this.net.clone();
+                net.unless_gone(this.handle(id, stream, peer)).await
+            }
+            .instrument(span)
         })
         .await
     }
