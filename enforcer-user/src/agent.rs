@@ -498,6 +498,8 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     let _ = state.capture.set(capture.clone());
 
     let hbone = Arc::new(HboneClient::new(identity.clone(), config.mesh.hbone_port));
+    // The pods served in their own netns, for /status (set below).
+    let served_pods: Arc<std::sync::OnceLock<Arc<crate::inpod::InPod>>> = Default::default();
     let started = std::time::SystemTime::now();
     {
         let (identity, attestor, hbone, policy, metrics, state2) = (
@@ -509,6 +511,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
             state.clone(),
         );
         let node = config.node_name.clone();
+        let served_pods = served_pods.clone();
         let l7_destinations = serde_json::to_value(&config.l7.destinations).unwrap_or_default();
         let _ = state.status.set(Box::new(move || {
             crate::admin::status::document(crate::admin::status::Parts {
@@ -522,7 +525,19 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
                 policy: policy.status(),
                 l7_destinations: l7_destinations.clone(),
                 llm: state2.llm_usage.get().map(|v| v()),
-                kubernetes: pod_watch.as_ref().map(|(pods, node)| pods.status(node)),
+                kubernetes: pod_watch.as_ref().map(|(pods, node)| {
+                    let mut k = pods.status(node);
+                    if let Some(inpod) = served_pods.get() {
+                        k["pods_served"] = serde_json::json!(
+                            inpod
+                                .served()
+                                .into_iter()
+                                .map(|(uid, netns)| serde_json::json!({"uid": uid, "netns_cookie": netns}))
+                                .collect::<Vec<_>>()
+                        );
+                    }
+                    k
+                }),
             })
         }));
     }
@@ -592,6 +607,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
             .context("serving pods in their network namespaces")?,
         );
         inpod.serve_reconciled(found);
+        let _ = served_pods.set(inpod.clone());
         tokio::spawn(inpod.clone().sweep());
         let cni = crate::inpod::listen_cni(&k.cni_socket).with_context(|| {
             format!(

@@ -109,20 +109,44 @@ impl Testbed {
         })
     }
 
-    /// The node's pod network: `loopback`, then `bridge` (cni0, host-local
-    /// IPAM over [`POD_SUBNET`]) with `enforcer-cni` (on `socket`) chained.
-    pub fn pod_network(&self, socket: &Path, timeout_secs: u64) -> Vec<Value> {
-        vec![
+    /// The node's pod network as a node has it: `loopback`, and
+    /// `10-k8s.conflist` with `bridge` (cni0, host-local IPAM over
+    /// [`POD_SUBNET`]) — then `enforcer-cni install` (as the DaemonSet's
+    /// init container runs it) copies itself into the testbed's CNI binary
+    /// directory and chains itself in that conflist, pointed at `socket`.
+    /// Returns the networks as the runtime then reads them.
+    pub fn install_pod_network(&self, socket: &Path) -> Result<Vec<Value>> {
+        let (bin, conf) = (self.dir.join("cni/bin"), self.dir.join("cni/net.d"));
+        std::fs::create_dir_all(&bin)?;
+        std::fs::create_dir_all(&conf)?;
+        let list = json!({"cniVersion": "1.0.0", "name": "k8s-pod-network", "plugins": [
+            {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false,
+             "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_SUBNET}]],
+                      "routes": [{"dst": "0.0.0.0/0"}],
+                      "dataDir": self.dir.join("cni-ipam").display().to_string()}}
+        ]});
+        let path = conf.join("10-k8s.conflist");
+        std::fs::write(&path, serde_json::to_string_pretty(&list)?)?;
+        let out = Command::new(enforcer_cni_bin())
+            .args(["install", "--bin-dir"])
+            .arg(&bin)
+            .arg("--conf-dir")
+            .arg(&conf)
+            .arg("--socket")
+            .arg(socket)
+            .output()
+            .context("enforcer-cni install")?;
+        if !out.status.success() {
+            bail!(
+                "enforcer-cni install failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let installed: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+        Ok(vec![
             json!({"cniVersion": "1.0.0", "name": "lo", "plugins": [{"type": "loopback"}]}),
-            json!({"cniVersion": "1.0.0", "name": "k8s-pod-network", "plugins": [
-                {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false,
-                 "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_SUBNET}]],
-                          "routes": [{"dst": "0.0.0.0/0"}],
-                          "dataDir": self.dir.join("cni-ipam").display().to_string()}},
-                {"type": "enforcer-cni", "socket": socket.display().to_string(),
-                 "timeout_secs": timeout_secs}
-            ]}),
-        ]
+            installed,
+        ])
     }
 
     /// Calls the chains of `networks` for `command` (`ADD`, `DEL`, `CHECK`)
@@ -137,13 +161,8 @@ impl Testbed {
         networks: &[Value],
         command: &str,
     ) -> Result<CniOutcome> {
-        let path = format!(
-            "{CNI_BIN}:{}",
-            enforcer_cni_bin()
-                .parent()
-                .ok_or_else(|| anyhow!("enforcer-cni has no directory"))?
-                .display()
-        );
+        // The plugins from Debian, and enforcer-cni where its install put it.
+        let path = format!("{CNI_BIN}:{}", self.dir.join("cni/bin").display());
         let args = format!(
             "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={};K8S_POD_UID={}",
             pod.namespace, pod.name, pod.container_id, pod.uid

@@ -304,7 +304,12 @@ fn pods_with_their_own_netns_are_served_from_cni_add_to_del() {
         .enforcer_config_with(&a, "", &ca, &a_tail)
         .expect("config");
     let ea = tb.start_enforcer(&a, &a_config).expect("a's agent");
-    let network = tb.pod_network(&socket, 10);
+    let network = tb.install_pod_network(&socket).expect("the pod network");
+    assert_eq!(
+        network[1]["plugins"][1]["type"], "enforcer-cni",
+        "install chains enforcer-cni after bridge: {:#}",
+        network[1]
+    );
 
     // Two pods, as the runtime starts them: netns, CNI ADD, then the
     // sandbox and the containers in the pod's cgroup.
@@ -323,6 +328,18 @@ fn pods_with_their_own_netns_are_served_from_cni_add_to_del() {
     }
     let checked = tb.cni(&a, &mut p1, &network, "CHECK").expect("CHECK");
     assert!(checked.ok, "CHECK: {checked:?}");
+    let (status, body) = a
+        .http_get("127.0.0.1:15000".parse().expect("addr"), "/status")
+        .expect("status");
+    assert_eq!(status, 200, "{body}");
+    let doc: Value = serde_json::from_str(&body).expect("status JSON");
+    let served: Vec<&str> = doc["kubernetes"]["pods_served"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["uid"].as_str())
+        .collect();
+    assert_eq!(served, [u1, u2], "{doc:#}");
     let echo = format!("{}/helpers/http_echo.py", env!("CARGO_MANIFEST_DIR"));
     let p2_cg = p2.cgroup();
     tb.start_server_in(

@@ -329,6 +329,18 @@ pub fn render(doc: &Value) -> String {
                     .collect(),
             ],
         );
+        let served = k["pods_served"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| vec![cell(&p["uid"]), cell(&p["netns_cookie"])])
+            .collect();
+        table(
+            &mut out,
+            "PODS SERVED IN THEIR NETWORK NAMESPACE",
+            &["POD UID", "NETNS COOKIE"],
+            served,
+        );
     }
     out
 }
