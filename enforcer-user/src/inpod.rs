@@ -245,7 +245,24 @@ impl InPod {
             tasks: Vec::new(),
             steering: None,
         };
-        let outbound = Arc::new(self.outbound.for_pod(net.clone(), p.addrs.clone()));
+        // One attestor of the pod's listeners for all its handlers; the
+        // agent's own are known by their inodes.
+        let own = p
+            .outbound
+            .iter()
+            .chain(&p.hbone)
+            .chain(&p.plaintext)
+            .filter_map(|l| {
+                use std::os::unix::fs::MetadataExt as _;
+                let fd = std::os::fd::AsFd::as_fd(l).try_clone_to_owned().ok()?;
+                std::fs::File::from(fd).metadata().ok().map(|m| m.ino())
+            })
+            .collect();
+        let local = Arc::new(crate::attest::local::LocalAttestor::new(net.clone(), own));
+        let outbound = Arc::new(
+            self.outbound
+                .for_pod(net.clone(), local.clone(), p.addrs.clone()),
+        );
         for l in p.outbound {
             let l = TcpListener::from_std(l).map_err(|source| InPodError::Listen {
                 pod: p.uid.clone(),
@@ -257,7 +274,7 @@ impl InPod {
                 .push(tokio::spawn(outbound.clone().serve(l)).abort_handle());
         }
         if let Some(inbound) = &self.inbound {
-            let inbound = Arc::new(inbound.for_pod(net.clone()));
+            let inbound = Arc::new(inbound.for_pod(net.clone(), local.clone()));
             for l in p.hbone {
                 let l = TcpListener::from_std(l).map_err(|source| InPodError::Listen {
                     pod: p.uid.clone(),
@@ -293,7 +310,7 @@ impl InPod {
                     pod: p.uid.clone(),
                     message: e.to_string(),
                 })?;
-            let handler = Arc::new(handler.for_pod(net.clone()));
+            let handler = Arc::new(handler.for_pod(net.clone(), local.clone()));
             for l in p.plaintext {
                 let l = TcpListener::from_std(l).map_err(|source| InPodError::Listen {
                     pod: p.uid.clone(),

@@ -221,6 +221,9 @@ fn pods_are_identified_from_the_api_and_new_ones_fail_closed_while_it_is_unreach
     assert_eq!(line["outcome"], "no_identity", "{line}");
 }
 
+/// A container of the api pod with a registration entry of its own.
+const SIDECAR_CONTAINER: &str = "5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c";
+
 /// The agent's listening sockets in a netns: `ss -ltnH` there.
 fn listening(node: &Node) -> String {
     let out = std::process::Command::new("ip")
@@ -295,7 +298,11 @@ fn pods_with_their_own_netns_are_served_from_cni_add_to_del() {
         .join("kubepods-besteffort.slice");
     let socket = tb.dir.join("run/cni.sock");
     let a_tail = format!(
-        "[mesh]\ncidrs = [\"{POD_SUBNET}\"]\n\n[[mesh.inbound]]\nports = [8080]\nmode = \"strict\"\n\n[kubernetes]\napi_server = \"http://127.0.0.1:6443\"\ntoken_file = \"{}\"\nnode = \"{K8S_NODE}\"\npods_cgroup = [\"{}\"]\ncni_socket = \"{}\"\n",
+        "{}\n[mesh]\ncidrs = [\"{POD_SUBNET}\"]\n\n[[mesh.inbound]]\nports = [8080]\nmode = \"strict\"\n\n[kubernetes]\napi_server = \"http://127.0.0.1:6443\"\ntoken_file = \"{}\"\nnode = \"{K8S_NODE}\"\npods_cgroup = [\"{}\"]\ncni_socket = \"{}\"\n",
+        entry(
+            "spiffe://k8s.example.org/sidecar",
+            &format!("container:id:{SIDECAR_CONTAINER}")
+        ),
         token.display(),
         pods_cgroup.display(),
         socket.display()
@@ -381,6 +388,87 @@ fn pods_with_their_own_netns_are_served_from_cni_add_to_del() {
         Some(p1.node.ipv4.clone()),
         "{inbound}"
     );
+
+    // A client that behaves as ztunnel's (no server name, an Istio-form
+    // identity, CONNECTs to two ports on one connection) reaches the pod by
+    // its address: the agent's listener in the pod presents the pod's
+    // identity, and each stream reaches the workload on its port.
+    tb.start_server_in(
+        &p2.node,
+        Some(&p2_cg),
+        "echo9090",
+        &["python3", "-u", &echo, "9090"],
+        9090,
+    )
+    .expect("a second port of the api pod");
+    let probe = concat!(env!("CARGO_MANIFEST_DIR"), "/helpers/ztunnel_probe.py");
+    let ca_dir = tb.dir.join("ca-shared");
+    let (ca_pem, ca_key) = (
+        ca_dir.join("ca.pem").display().to_string(),
+        ca_dir.join("ca.key").display().to_string(),
+    );
+    let ztunnel = |ports: &[&str]| -> Vec<String> {
+        let mut cmd = vec![
+            "python3",
+            probe,
+            &p2.node.ipv4,
+            &ca_pem,
+            &ca_key,
+            "spiffe://k8s.example.org/ns/agents/sa/support",
+        ];
+        cmd.extend_from_slice(ports);
+        let (_, out) = a.exec(None, &cmd).expect("the ztunnel-like probe");
+        let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        assert!(
+            !lines.is_empty(),
+            "probe printed nothing: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        lines
+    };
+    let lines = ztunnel(&["8080", "9090"]);
+    assert_eq!(
+        lines,
+        [
+            "SERVER spiffe://k8s.example.org/ns/agents/sa/api",
+            "PORT 8080 200 HTTP/1.1 200 OK",
+            "PORT 9090 200 HTTP/1.1 200 OK",
+        ],
+        "{lines:?}"
+    );
+    let via_ztunnel = ea.connection_line(|v| {
+        v["direction"] == "inbound" && v["dst"].as_str().is_some_and(|d| d.ends_with(":9090"))
+    });
+    assert_eq!(
+        via_ztunnel["src_spiffe_id"], "spiffe://k8s.example.org/ns/agents/sa/support",
+        "{via_ztunnel}"
+    );
+    // A workload of another identity in the pod (a sidecar with an entry
+    // of its own): the address no longer speaks for one identity, so a
+    // client that names no port gets no certificate at all.
+    let sidecar_cg = format!(
+        "kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{}.scope",
+        u2.replace('-', "_"),
+        SIDECAR_CONTAINER
+    );
+    let sidecar = tb
+        .start_server_in(
+            &p2.node,
+            Some(&sidecar_cg),
+            "sidecar",
+            &["python3", "-u", &echo, "7070"],
+            7070,
+        )
+        .expect("a sidecar");
+    let lines = ztunnel(&["8080"]);
+    assert!(
+        lines[0].starts_with("HANDSHAKE_FAILED"),
+        "a no-SNI client got a certificate for an address of two identities: {lines:?}"
+    );
+    tb.stop(sidecar).expect("stop the sidecar");
 
     // Plaintext from outside the mesh (the node itself, not captured) to
     // the pod's strict port: steered in the pod's netns to the agent's

@@ -247,6 +247,8 @@ type Answer = Result<Attestation, LocalError>;
 pub struct LocalAttestor {
     /// Whose listeners: the agent's netns, or a pod's.
     net: crate::netns::Net,
+    /// The socket inodes of the agent's own listeners in that netns.
+    own: Vec<u64>,
     table: Mutex<Option<(Instant, Arc<Vec<Listener>>)>>,
     /// Socket inode -> when attested, and the attestation of its holders.
     owners: Mutex<HashMap<u64, (Instant, Answer)>>,
@@ -261,10 +263,12 @@ pub struct LocalAttestor {
 }
 
 impl LocalAttestor {
-    /// Attests the workloads listening in `net`.
-    pub fn new(net: crate::netns::Net) -> Self {
+    /// Attests the workloads listening in `net`, where the agent's own
+    /// listeners are the sockets `own` (inodes).
+    pub fn new(net: crate::netns::Net, own: Vec<u64>) -> Self {
         Self {
             net,
+            own,
             ..Default::default()
         }
     }
@@ -325,6 +329,55 @@ impl LocalAttestor {
         }
         recent.insert(dst, (Instant::now(), answer.clone()));
         answer
+    }
+
+    /// The workload that owns address `ip` — every listener the kernel
+    /// may pick for a connection to `ip` on any port, the agent's own left
+    /// out — when all of them have one identity (a pod's address, for an
+    /// HBONE client that names no port: ztunnel's). Blocking work on the
+    /// blocking pool; answers kept as [`LocalAttestor::recent`]'s, under
+    /// port 0.
+    pub async fn attest_address(self: &Arc<Self>, attestor: &Arc<Attestor>, ip: IpAddr) -> Answer {
+        let key = SocketAddr::new(ip, 0);
+        if let Some(hit) = self.recent(key) {
+            return hit;
+        }
+        let _one = self.lookup.lock().await;
+        if let Some(hit) = self.recent(key) {
+            return hit;
+        }
+        let (this, attestor) = (self.clone(), attestor.clone());
+        tokio::task::spawn_blocking(move || {
+            let answer = this.address_blocking(&attestor, ip);
+            let mut recent = this.recent.lock().unwrap_or_else(|p| p.into_inner());
+            recent.insert(key, (Instant::now(), answer.clone()));
+            answer
+        })
+        .await
+        .unwrap_or_else(|e| Err(LocalError::Internal(key, e.to_string())))
+    }
+
+    fn address_blocking(&self, attestor: &Attestor, ip: IpAddr) -> Answer {
+        let key = SocketAddr::new(ip, 0);
+        let table = self.table(MISS_REREAD);
+        let mut ports: Vec<u16> = table.iter().map(|l| l.addr.port()).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        let mut all = Vec::new();
+        for port in ports {
+            let dst = SocketAddr::new(ip, port);
+            // The agent's own listeners (15001, 15006, 15008) are not the pod's.
+            for l in chosen(&table, dst)
+                .into_iter()
+                .filter(|l| !self.own.contains(&l.inode))
+            {
+                all.push(self.owner(attestor, l.inode, dst)?);
+            }
+        }
+        if all.is_empty() {
+            return Err(LocalError::NoListener(key));
+        }
+        agree(key, all)
     }
 
     /// The listener table, re-read when older than `max_age`.

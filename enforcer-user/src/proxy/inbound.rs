@@ -72,7 +72,7 @@ impl H2Limits {
 /// server name named). Else the status to refuse it with.
 fn connect_target<B>(
     req: &http::Request<B>,
-    sni_port: u16,
+    sni_port: Option<u16>,
     dst_ip: std::net::IpAddr,
 ) -> Result<SocketAddr, http::StatusCode> {
     let dst = req
@@ -86,8 +86,11 @@ fn connect_target<B>(
             return Err(http::StatusCode::BAD_REQUEST);
         }
     };
-    // The stream must go to the workload whose SVID this connection presented.
-    if dst.port() != sni_port || dst.ip().to_canonical() != dst_ip {
+    // The stream must go to the workload whose SVID this connection
+    // presented: at the address the connection arrived on, and at the
+    // port its server name named (none named: any port of that address,
+    // whose workload is checked against the presented identity).
+    if sni_port.is_some_and(|p| dst.port() != p) || dst.ip().to_canonical() != dst_ip {
         warn!(%dst, sni_port, local_ip = %dst_ip, "CONNECT target differs from the workload this connection was opened for");
         return Err(http::StatusCode::FORBIDDEN);
     }
@@ -140,12 +143,12 @@ impl PreAuthBudget {
 impl Inbound {
     /// The handler of a pod's HBONE listener: this one's shared parts, with
     /// the pod's netns (its workloads are attested and connected to there).
-    pub fn for_pod(&self, net: crate::netns::Net) -> Self {
+    pub fn for_pod(&self, net: crate::netns::Net, local: Arc<LocalAttestor>) -> Self {
         Self {
             identity: self.identity.clone(),
             policy: self.policy.clone(),
             attestor: self.attestor.clone(),
-            local: Arc::new(LocalAttestor::new(net.clone())),
+            local,
             admin: self.admin.clone(),
             preauth: PreAuthBudget::default(),
             limits: self.limits,
@@ -183,6 +186,24 @@ impl Inbound {
         }
     }
 
+    /// The SVID of the workload that owns local address `ip` (all its
+    /// listeners agree on one identity).
+    async fn address_svid(&self, ip: std::net::IpAddr) -> Result<Arc<IssuedSvid>, String> {
+        let att = self
+            .local
+            .attest_address(&self.attestor, ip)
+            .await
+            .map_err(|e| e.to_string())?;
+        match self.identity.identify(&att).await {
+            Ok(Some(svid)) => Ok(svid),
+            Ok(None) => Err(format!(
+                "the workload on {ip} (pid {}) has no identity; selectors {:?}",
+                att.facts.pid, att.selectors
+            )),
+            Err(e) => Err(format!("the workload on {ip}: {e}")),
+        }
+    }
+
     fn rejected(&self, peer: SocketAddr, reason: &'static str, detail: &str) {
         warn!(%peer, reason, detail, "HBONE connection rejected");
         self.admin
@@ -212,19 +233,25 @@ impl Inbound {
                 return self.rejected(peer, "handshake_timeout", "no TLS handshake within 10 s");
             }
         };
-        let Some(port) = start
-            .client_hello()
-            .server_name()
-            .and_then(tunnel::port_from_server_name)
-        else {
+        let server_name = start.client_hello().server_name().map(str::to_owned);
+        let port = server_name
+            .as_deref()
+            .and_then(tunnel::port_from_server_name);
+        // With no server name (ztunnel's client), a listener in a pod
+        // serves the pod: the workload that owns the address the
+        // connection arrived on, whatever the port; every stream must then
+        // reach a workload of that identity. On the node's listener, and
+        // for a name that is not ours, the name must say the port.
+        let by_address = port.is_none() && server_name.is_none() && self.net.pod().is_some();
+        if port.is_none() && !by_address {
             return self.rejected(
                 peer,
                 "no_destination",
                 "the server name names no destination port",
             );
-        };
+        }
         // The workload behind exactly this address (the client connected to it).
-        let dst = SocketAddr::new(local.ip().to_canonical(), port);
+        let dst = SocketAddr::new(local.ip().to_canonical(), port.unwrap_or(0));
         if self.local.recent(dst).is_none() && !self.preauth.allows(peer.ip(), false) {
             return self.rejected(
                 peer,
@@ -232,7 +259,12 @@ impl Inbound {
                 "too many failed lookups before authentication from this address",
             );
         }
-        let presented = match self.destination_svid(dst).await {
+        let presented = if by_address {
+            self.address_svid(dst.ip()).await
+        } else {
+            self.destination_svid(dst).await
+        };
+        let presented = match presented {
             Ok(c) => c,
             Err(detail) => {
                 self.preauth.allows(peer.ip(), true);
@@ -370,7 +402,7 @@ impl Inbound {
         id: u64,
         peer: SocketAddr,
         src_id: SpiffeId,
-        (dst_ip, sni_port, presented_id): (std::net::IpAddr, u16, SpiffeId),
+        (dst_ip, sni_port, presented_id): (std::net::IpAddr, Option<u16>, SpiffeId),
         req: http::Request<h2::RecvStream>,
         mut respond: SendResponse<Bytes>,
     ) {
@@ -393,7 +425,7 @@ impl Inbound {
         let dst_id = dst_svid.as_ref().map(|s| s.svid.spiffe_id.clone());
         // The identity decided must be the one this connection presented.
         if dst_id.as_ref().is_some_and(|d| *d != presented_id) {
-            warn!(presented = %presented_id, now = ?dst_id, "the workload behind the destination changed since the handshake");
+            warn!(presented = %presented_id, now = ?dst_id, "the workload behind the destination is not the one this connection presented (it changed since the handshake, or another workload of the address)");
             refuse(&mut respond, http::StatusCode::SERVICE_UNAVAILABLE);
             return rec.refused(Outcome::NoIdentity);
         }
@@ -519,7 +551,7 @@ pub mod fuzz {
                 return;
             };
             while let Some(Ok((req, mut respond))) = h2.accept().await {
-                match connect_target(&req, 8080, std::net::IpAddr::from([10, 0, 0, 2])) {
+                match connect_target(&req, Some(8080), std::net::IpAddr::from([10, 0, 0, 2])) {
                     Ok(_) => {
                         if let Ok(mut send) = respond.send_response(http::Response::new(()), false)
                         {

@@ -72,7 +72,12 @@ impl Outbound {
     /// The handler of a pod's outbound listener: this one's shared parts,
     /// with the pod's netns (its dials leave from the pod), its addresses
     /// and its listeners.
-    pub fn for_pod(&self, net: crate::netns::Net, addrs: Vec<std::net::IpAddr>) -> Self {
+    pub fn for_pod(
+        &self,
+        net: crate::netns::Net,
+        local: Arc<LocalAttestor>,
+        addrs: Vec<std::net::IpAddr>,
+    ) -> Self {
         Self {
             capture: self.capture.clone(),
             cgroups: self.cgroups.clone(),
@@ -83,7 +88,7 @@ impl Outbound {
             policy: self.policy.clone(),
             node: self.node.clone(),
             mesh: self.mesh.clone(),
-            local: Arc::new(LocalAttestor::new(net.clone())),
+            local,
             local_addrs: LocalAddrs::fixed(addrs),
             l7: self.l7.clone(),
             net,

@@ -31,13 +31,13 @@ impl Plaintext {
     /// The handler of a pod's plaintext listener: this one's shared parts,
     /// with the pod's netns (its workloads are attested and connected to
     /// there).
-    pub fn for_pod(&self, net: crate::netns::Net) -> Self {
+    pub fn for_pod(&self, net: crate::netns::Net, local: Arc<LocalAttestor>) -> Self {
         Self {
             modes: self.modes.clone(),
             identity: self.identity.clone(),
             policy: self.policy.clone(),
             attestor: self.attestor.clone(),
-            local: Arc::new(LocalAttestor::new(net.clone())),
+            local,
             admin: self.admin.clone(),
             l7: self.l7.clone(),
             net,
