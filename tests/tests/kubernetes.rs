@@ -588,3 +588,66 @@ fn remove_cgroup_tree(dir: &Path) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// Issue 13, item 5, the other direction: the enforcer client against an
+/// HBONE server that picks its certificate by address and ignores the
+/// server name, as ztunnel's does (`tests/helpers/ztunnel_server.py`, a
+/// protocol-level stand-in: ztunnel itself cannot be installed here). The
+/// client verifies the identity it gets and policy decides on it.
+#[test]
+fn the_enforcer_client_works_with_a_server_that_ignores_the_server_name() {
+    let (mut tb, a, b) = Testbed::linked_pair("ztserver").expect("testbed");
+    let ca = tb.shared_ca("shared", TD).expect("CA");
+    let server = format!("{}/helpers/ztunnel_server.py", env!("CARGO_MANIFEST_DIR"));
+    let ca_dir = tb.dir.join("ca-shared");
+    tb.start_server(
+        &b,
+        "ztunnel",
+        &[
+            "python3",
+            "-u",
+            &server,
+            &b.ipv4,
+            "15008",
+            &ca_dir.join("ca.pem").display().to_string(),
+            &ca_dir.join("ca.key").display().to_string(),
+            "spiffe://k8s.example.org/ns/agents/sa/api",
+        ],
+        15008,
+    )
+    .expect("the ztunnel-like server");
+    let tail = format!(
+        "{}\n{MESH}",
+        entry(
+            "spiffe://k8s.example.org/ns/agents/sa/support",
+            "systemd:unit:support.service"
+        )
+    );
+    let config = tb.enforcer_config_with(&a, "", &ca, &tail).expect("config");
+    let ea = tb.start_enforcer(&a, &config).expect("a's agent");
+    let (_, out) = a
+        .exec(
+            Some("support.service"),
+            &["curl", "-sS", &format!("http://{}:8080/", b.ipv4)],
+        )
+        .expect("curl");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "port 8080\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = ea.connection_line(|v| v["comm"] == "curl");
+    assert_eq!(
+        line["dst_spiffe_id"], "spiffe://k8s.example.org/ns/agents/sa/api",
+        "{line}"
+    );
+    assert_eq!(line["mtls"], true, "{line}");
+    assert_eq!(line["outcome"], "ok", "{line}");
+    let log = tb.server_log(&b, "ztunnel");
+    assert!(
+        log.contains("client=spiffe://k8s.example.org/ns/agents/sa/support"),
+        "{log}"
+    );
+    assert!(log.contains(&format!("CONNECT {}:8080", b.ipv4)), "{log}");
+}
