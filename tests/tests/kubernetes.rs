@@ -651,3 +651,90 @@ fn the_enforcer_client_works_with_a_server_that_ignores_the_server_name() {
     );
     assert!(log.contains(&format!("CONNECT {}:8080", b.ipv4)), "{log}");
 }
+
+/// Issue 13, item 6: the shipped DaemonSet takes one trust domain's CA from
+/// the Secret `enforcer-ca`. Lay the Secret volume out as the kubelet does
+/// (a timestamped directory, `..data` pointing at it, a symlink per key,
+/// files of the manifest's `defaultMode`) at the config's paths, and check
+/// that `enforcer check` loads the CA through it — and refuses it when the
+/// key is readable by group.
+#[test]
+fn the_shipped_daemonset_loads_one_ca_from_the_secret_volume() {
+    use std::os::unix::fs::{PermissionsExt as _, symlink};
+    let manifest = fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/enforcer.yaml"),
+    )
+    .expect("manifest");
+    assert!(
+        manifest.contains("secretName: enforcer-ca"),
+        "no CA Secret volume"
+    );
+    let mode = manifest
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("defaultMode: "))
+        .and_then(|m| u32::from_str_radix(m.trim(), 8).ok())
+        .expect("the Secret volume's defaultMode (octal)");
+    let key_path = |key: &str| -> String {
+        manifest
+            .lines()
+            .find_map(|l| {
+                let v = l.trim().strip_prefix(&format!("{key} = \""))?;
+                Some(v.trim_end_matches('"').to_owned())
+            })
+            .unwrap_or_else(|| panic!("{key} in the shipped config"))
+    };
+    let (ca_cert, ca_key) = (key_path("ca_cert"), key_path("ca_key"));
+    let mut tb = Testbed::new("secretca").expect("testbed");
+    let a = tb.node("a", 1).expect("node");
+    // `enforcer ca init`, as the manifest's comment says, then the
+    // kubelet's projection of the Secret.
+    let made = tb.dir.join("ca-made");
+    let out = std::process::Command::new(enforcer_tests::enforcer_bin())
+        .args(["ca", "init", "--trust-domain", "ai.example.org", "--dir"])
+        .arg(&made)
+        .output()
+        .expect("ca init");
+    assert!(out.status.success(), "{out:?}");
+    let volume = tb.dir.join("secret-volume");
+    let data = volume.join("..2026_11_24_00_00_00.000000001");
+    fs::create_dir_all(&data).expect("volume");
+    for f in ["ca.pem", "ca.key"] {
+        fs::copy(made.join(f), data.join(f)).expect("copy");
+        fs::set_permissions(data.join(f), fs::Permissions::from_mode(mode)).expect("mode");
+    }
+    symlink(data.file_name().expect("name"), volume.join("..data")).expect("..data");
+    for f in ["ca.pem", "ca.key"] {
+        symlink(Path::new("..data").join(f), volume.join(f)).expect("key link");
+    }
+    let dir_of = |p: &str| Path::new(p).parent().expect("dir").to_owned();
+    assert_eq!(dir_of(&ca_cert), dir_of(&ca_key), "one mount for both");
+    let at = |p: &str| volume.join(Path::new(p).file_name().expect("file"));
+    let identity = format!(
+        "trust_domain = \"ai.example.org\"\nca_cert = \"{}\"\nca_key = \"{}\"\n",
+        at(&ca_cert).display(),
+        at(&ca_key).display()
+    );
+    let config = tb
+        .enforcer_config_with(&a, "", &identity, "")
+        .expect("config");
+    let check = || {
+        std::process::Command::new(enforcer_tests::enforcer_bin())
+            .args(["check", "--config"])
+            .arg(&config)
+            .output()
+            .expect("check")
+    };
+    let out = check();
+    assert!(out.status.success(), "{out:?}");
+    // A key others may read is refused, through the same links.
+    fs::set_permissions(data.join("ca.key"), fs::Permissions::from_mode(0o440)).expect("mode");
+    let out = check();
+    assert!(
+        !out.status.success(),
+        "a group-readable CA key was accepted"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("readable by group or others"),
+        "{out:?}"
+    );
+}
