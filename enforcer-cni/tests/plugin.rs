@@ -111,7 +111,10 @@ fn add_fails_when_the_agent_hangs_or_refuses_unless_fail_open() {
     let (ok, out, _, took) = run("ADD", &conf(&socket, json!({})));
     assert!(!ok, "ADD succeeded with an agent that never answered");
     assert_eq!(out["code"], 5, "{out}");
-    assert!(took < Duration::from_secs(3), "timeout_secs = 1, took {took:?}");
+    assert!(
+        took < Duration::from_secs(3),
+        "timeout_secs = 1, took {took:?}"
+    );
     // fail_open: the pod starts, unprotected, and stderr says so.
     let (ok, out, err, _) = run("ADD", &conf(&socket, json!({"fail_open": true})));
     assert!(ok, "{err}");
@@ -157,9 +160,17 @@ fn bad_configs_and_versions_are_cni_errors() {
     let (ok, out, _, _) = run("ADD", &conf(&socket, json!({"timeout_secs": "soon"})));
     assert!(!ok);
     assert_eq!(out["code"], 7, "{out}");
-    assert!(out["msg"].as_str().is_some_and(|m| m.contains("timeout_secs")), "{out}");
+    assert!(
+        out["msg"]
+            .as_str()
+            .is_some_and(|m| m.contains("timeout_secs")),
+        "{out}"
+    );
     let mut no_prev = conf(&socket, json!({}));
-    no_prev.as_object_mut().expect("object").remove("prevResult");
+    no_prev
+        .as_object_mut()
+        .expect("object")
+        .remove("prevResult");
     let (ok, out, _, _) = run("ADD", &no_prev);
     assert!(!ok);
     assert_eq!(out["code"], 7, "{out}");

@@ -452,6 +452,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         hbone: inbound_addr.map(|_| config.mesh.hbone_port),
         plaintext: (!inbound_ports.is_empty()).then_some(config.mesh.plaintext_port),
     };
+    let pod_offer = offer.pods();
     let found = match in_pod {
         Some(k) => {
             let (mount, roots, ports) = (
@@ -459,9 +460,15 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
                 k.pods_cgroup.clone(),
                 pod_ports.clone(),
             );
-            tokio::task::spawn_blocking(move || crate::inpod::reconcile(&mount, &roots, &ports))
-                .await
-                .context("the pod reconcile task")?
+            let handed = inherited
+                .as_mut()
+                .map(handover::Inherited::take_pods)
+                .unwrap_or_default();
+            tokio::task::spawn_blocking(move || {
+                crate::inpod::reconcile(&mount, &roots, &ports, handed)
+            })
+            .await
+            .context("the pod reconcile task")?
         }
         None => Default::default(),
     };
@@ -603,6 +610,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
                     plaintext: plaintext_handler,
                 },
                 pod_ports,
+                pod_offer,
             )
             .context("serving pods in their network namespaces")?,
         );

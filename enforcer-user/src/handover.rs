@@ -24,7 +24,7 @@ use std::{
     net::SocketAddr,
     os::fd::{AsFd, AsRawFd, FromRawFd as _, OwnedFd, RawFd},
     path::{Path, PathBuf},
-    sync::LazyLock,
+    sync::{Arc, LazyLock, Mutex},
     time::Duration,
 };
 
@@ -70,10 +70,22 @@ enum Message {
         node: String,
         pid: u32,
         cgroup_id: u64,
+        /// The new agent takes pods' listeners too (an agent that does not
+        /// know the field offers none: both directions stay compatible).
+        #[serde(default)]
+        pods: bool,
     },
     Offer {
         pid: u32,
         cgroup_id: u64,
+        listeners: Vec<Offered>,
+        /// How many pods' listeners follow, in [`Message::Pods`] messages.
+        #[serde(default)]
+        pods: usize,
+    },
+    /// Listeners in pods' network namespaces, at most [`MAX_LISTENERS`] a
+    /// message (a message's descriptors are bounded).
+    Pods {
         listeners: Vec<Offered>,
     },
     Refused {
@@ -89,6 +101,13 @@ enum Message {
 struct Offered {
     name: String,
     addr: SocketAddr,
+    /// A pod's listener: the cookie of its netns.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    netns: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Whether this agent has handed its listeners to a new one (it drains).
@@ -207,7 +226,53 @@ pub struct Inherited {
     pid: u32,
     cgroup_id: u64,
     listeners: Vec<(Offered, Option<OwnedFd>)>,
+    pods: Vec<(Offered, Option<OwnedFd>)>,
     conn: OwnedFd,
+}
+
+/// Listeners in pods handed over by the previous agent, taken by the pods
+/// this agent finds running.
+#[derive(Default)]
+pub struct PodListeners {
+    pid: u32,
+    listeners: Vec<(Offered, Option<OwnedFd>)>,
+}
+
+impl PodListeners {
+    /// The listener handed over for pod `uid` as `kind` when it listens on
+    /// `want` in the netns `cookie`, marked as this agent marks (checked
+    /// on the socket itself); `None` otherwise (the pod's listener is then
+    /// bound anew).
+    pub fn take(
+        &mut self,
+        uid: &str,
+        kind: &str,
+        want: SocketAddr,
+        cookie: u64,
+    ) -> Option<std::net::TcpListener> {
+        let name = pod_listener_name(uid, kind);
+        let (offered, slot) = self
+            .listeners
+            .iter_mut()
+            .find(|(o, _)| o.name == name && o.netns == cookie)?;
+        if offered.addr != want {
+            return None;
+        }
+        let fd = slot.take()?;
+        let in_pod = crate::netns::netns_cookie(&fd).ok() == Some(cookie);
+        let checked = in_pod
+            .then(|| check_listener(fd, &name, want, true, self.pid).ok())
+            .flatten();
+        if checked.is_none() {
+            warn!(listener = %name, "a pod's listener handed over is not what it claims; binding anew");
+        }
+        checked
+    }
+}
+
+/// The handover name of a pod's listener.
+pub fn pod_listener_name(uid: &str, kind: &str) -> String {
+    format!("pod/{uid}/{kind}")
 }
 
 /// Asks the agent running with this `state_dir` for its listeners. `None`
@@ -236,6 +301,7 @@ pub fn take_over(
         node: node.into(),
         pid: std::process::id(),
         cgroup_id,
+        pods: true,
     };
     send(&conn, &hello, &[]).map_err(exchange_err(Some(peer)))?;
     let (msg, fds) = recv(&conn, STEP_TIMEOUT)
@@ -246,6 +312,7 @@ pub fn take_over(
             pid,
             cgroup_id,
             listeners,
+            pods,
         } => {
             if listeners.len() != fds.len() {
                 return Err(exchange_err(Some(pid))(format!(
@@ -254,11 +321,37 @@ pub fn take_over(
                     fds.len()
                 )));
             }
+            let mut pod_listeners = Vec::with_capacity(pods);
+            while pod_listeners.len() < pods {
+                let (msg, fds) = recv(&conn, STEP_TIMEOUT)
+                    .map_err(exchange_err(Some(pid)))?
+                    .ok_or_else(|| {
+                        exchange_err(Some(pid))("it closed the handover socket".into())
+                    })?;
+                match msg {
+                    Message::Pods { listeners } if listeners.len() == fds.len() => {
+                        pod_listeners.extend(listeners.into_iter().zip(fds.into_iter().map(Some)));
+                    }
+                    other => {
+                        return Err(exchange_err(Some(pid))(format!(
+                            "expected pods' listeners, got {other:?} with {} sockets",
+                            fds.len()
+                        )));
+                    }
+                }
+            }
             info!(
                 pid,
                 listeners = ?listeners.iter().map(|l| format!("{} {}", l.name, l.addr)).collect::<Vec<_>>(),
                 "taking over the running agent's listeners"
             );
+            if pods > 0 {
+                info!(
+                    pid,
+                    listeners = pods,
+                    "taking over the running agent's listeners in pods"
+                );
+            }
             Ok(Some(Inherited {
                 pid,
                 cgroup_id,
@@ -266,6 +359,7 @@ pub fn take_over(
                     .into_iter()
                     .zip(fds.into_iter().map(Some))
                     .collect(),
+                pods: pod_listeners,
                 conn,
             }))
         }
@@ -315,35 +409,15 @@ impl Inherited {
         let Some(fd) = slot.take() else {
             return Ok(None);
         };
-        let err = |m: String| HandoverError::Exchange {
-            pid: Some(pid),
-            message: format!("listener {name} ({want}): {m}"),
-        };
-        let listening = getsockopt(&fd, sockopt::AcceptConn).map_err(|e| err(e.to_string()))?;
-        let kind = getsockopt(&fd, sockopt::SockType).map_err(|e| err(e.to_string()))?;
-        if !listening || kind != SockType::Stream {
-            return Err(err("not a listening TCP socket".into()));
+        check_listener(fd, name, want, marked, pid).map(Some)
+    }
+
+    /// The pods' listeners handed over (taken out of this value).
+    pub fn take_pods(&mut self) -> PodListeners {
+        PodListeners {
+            pid: self.pid,
+            listeners: std::mem::take(&mut self.pods),
         }
-        let listener = std::net::TcpListener::from(fd);
-        let local = listener.local_addr().map_err(|e| err(e.to_string()))?;
-        if local != want {
-            return Err(err(format!("it listens on {local}")));
-        }
-        if marked {
-            let mark = socket2::SockRef::from(&listener)
-                .mark()
-                .map_err(|e| err(e.to_string()))?;
-            if mark != crate::mark::get() {
-                return Err(err(format!(
-                    "it carries mark {mark:#x}, this agent's capture.agent_mark is {:#x}; a hitless upgrade cannot change the mark — stop the running agent first",
-                    crate::mark::get()
-                )));
-            }
-        }
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| err(e.to_string()))?;
-        Ok(Some(listener))
     }
 
     /// Tells the old agent that this one serves: it stops accepting and
@@ -416,6 +490,46 @@ async fn wait_closed(conn: OwnedFd) -> std::io::Result<()> {
     }
 }
 
+/// Checks a handed-over socket: a listening TCP socket on `want`, carrying
+/// this agent's mark when `marked`.
+fn check_listener(
+    fd: OwnedFd,
+    name: &str,
+    want: SocketAddr,
+    marked: bool,
+    pid: u32,
+) -> Result<std::net::TcpListener, HandoverError> {
+    let err = |m: String| HandoverError::Exchange {
+        pid: Some(pid),
+        message: format!("listener {name} ({want}): {m}"),
+    };
+    let listening = getsockopt(&fd, sockopt::AcceptConn).map_err(|e| err(e.to_string()))?;
+    let kind = getsockopt(&fd, sockopt::SockType).map_err(|e| err(e.to_string()))?;
+    if !listening || kind != SockType::Stream {
+        return Err(err("not a listening TCP socket".into()));
+    }
+    let listener = std::net::TcpListener::from(fd);
+    let local = listener.local_addr().map_err(|e| err(e.to_string()))?;
+    if local != want {
+        return Err(err(format!("it listens on {local}")));
+    }
+    if marked {
+        let mark = socket2::SockRef::from(&listener)
+            .mark()
+            .map_err(|e| err(e.to_string()))?;
+        if mark != crate::mark::get() {
+            return Err(err(format!(
+                "it carries mark {mark:#x}, this agent's capture.agent_mark is {:#x}; a hitless upgrade cannot change the mark — stop the running agent first",
+                crate::mark::get()
+            )));
+        }
+    }
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| err(e.to_string()))?;
+    Ok(listener)
+}
+
 // ---------------------------------------------------------------- old agent
 
 /// The listeners this agent offers to its successor (copies of the sockets
@@ -424,6 +538,80 @@ pub struct Offer {
     node: String,
     cgroup_id: u64,
     listeners: Vec<(Offered, OwnedFd)>,
+    /// The listeners in pods, which come and go while the agent runs.
+    pods: PodOffer,
+}
+
+/// The pods' part of an [`Offer`], kept up to date by the pods' serving
+/// (`inpod.rs`) while the offer waits for a successor.
+#[derive(Clone, Default)]
+pub struct PodOffer(Arc<Mutex<Vec<(Offered, OwnedFd)>>>);
+
+impl PodOffer {
+    /// Offers a copy of `listener`, pod `uid`'s `kind`, in netns `cookie`.
+    pub fn add(
+        &self,
+        uid: &str,
+        kind: &str,
+        cookie: u64,
+        listener: &impl AsFd,
+    ) -> std::io::Result<()> {
+        if crate::drain::is_draining() {
+            return Ok(());
+        }
+        let (mut offered, fd) = offered(&pod_listener_name(uid, kind), listener)?;
+        offered.netns = cookie;
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((offered, fd));
+        Ok(())
+    }
+
+    /// Offers pod `uid`'s listeners no more.
+    pub fn remove(&self, uid: &str) {
+        let prefix = pod_listener_name(uid, "");
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|(o, _)| !o.name.starts_with(&prefix));
+    }
+
+    /// Offers nothing more, and closes the copies (the agent drains: a
+    /// listener nobody accepts on must not stay open).
+    fn clear(&self) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+    }
+
+    /// The pods' listeners now: their descriptions and (duplicated) sockets.
+    fn snapshot(&self) -> std::io::Result<Vec<(Offered, OwnedFd)>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(o, fd)| Ok((o.clone(), fd.try_clone()?)))
+            .collect()
+    }
+}
+
+/// A listener's description and a copy of its socket.
+fn offered(name: &str, listener: &impl AsFd) -> std::io::Result<(Offered, OwnedFd)> {
+    let fd = listener.as_fd().try_clone_to_owned()?;
+    let addr = socket2::SockRef::from(&fd)
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("not an IP socket"))?;
+    Ok((
+        Offered {
+            name: name.into(),
+            addr,
+            netns: 0,
+        },
+        fd,
+    ))
 }
 
 impl Offer {
@@ -432,24 +620,19 @@ impl Offer {
             node: node.into(),
             cgroup_id,
             listeners: Vec::new(),
+            pods: PodOffer::default(),
         }
     }
 
     /// Adds a copy of `listener` under `name`.
     pub fn add(&mut self, name: &str, listener: &impl AsFd) -> std::io::Result<()> {
-        let fd = listener.as_fd().try_clone_to_owned()?;
-        let addr = socket2::SockRef::from(&fd)
-            .local_addr()?
-            .as_socket()
-            .ok_or_else(|| std::io::Error::other("not an IP socket"))?;
-        self.listeners.push((
-            Offered {
-                name: name.into(),
-                addr,
-            },
-            fd,
-        ));
+        self.listeners.push(offered(name, listener)?);
         Ok(())
+    }
+
+    /// The pods' part of this offer.
+    pub fn pods(&self) -> PodOffer {
+        self.pods.clone()
     }
 }
 
@@ -493,6 +676,9 @@ pub fn serve(
         .spawn(move || {
             loop {
                 if crate::drain::is_draining() {
+                    // The copies of the pods' listeners go too (the pods'
+                    // serving holds the offer as well).
+                    offer.pods.clear();
                     return;
                 }
                 let conn = match accept(listener.as_raw_fd()) {
@@ -507,6 +693,7 @@ pub fn serve(
                 };
                 match hand_over(&conn, &offer) {
                     Ok(pid) => {
+                        offer.pods.clear();
                         HANDED_OVER.send_replace(true);
                         let _ = tx.send(HandedOver { pid, _conn: conn });
                         return;
@@ -539,6 +726,7 @@ fn hand_over(conn: &OwnedFd, offer: &Offer) -> Result<u32, String> {
         protocol,
         node,
         pid,
+        pods: takes_pods,
         ..
     } = hello
     else {
@@ -561,15 +749,31 @@ fn hand_over(conn: &OwnedFd, offer: &Offer) -> Result<u32, String> {
         .iter()
         .map(|(_, fd)| fd.as_raw_fd())
         .collect();
+    // An agent that does not take pods' listeners binds its own once
+    // these close.
+    let pods = if takes_pods {
+        offer
+            .pods
+            .snapshot()
+            .map_err(|e| format!("pods' listeners: {e}"))?
+    } else {
+        Vec::new()
+    };
     send(
         conn,
         &Message::Offer {
             pid: std::process::id(),
             cgroup_id: offer.cgroup_id,
             listeners,
+            pods: pods.len(),
         },
         &fds,
     )?;
+    for chunk in pods.chunks(MAX_LISTENERS) {
+        let listeners = chunk.iter().map(|(o, _)| o.clone()).collect();
+        let fds: Vec<RawFd> = chunk.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
+        send(conn, &Message::Pods { listeners }, &fds)?;
+    }
     info!(
         successor = pid,
         "listeners offered; waiting for the new agent to serve"

@@ -21,6 +21,7 @@ use tracing::{info, warn};
 
 use crate::{
     capture::Capture,
+    handover::{PodListeners, PodOffer},
     netns::{Net, PodNs},
     proxy::{inbound::Inbound, outbound::Outbound, plaintext::Plaintext},
 };
@@ -120,35 +121,51 @@ fn prepare(
     origin: Origin,
     ports: &Ports,
     host_inode: u64,
+    mut inherited: Option<&mut PodListeners>,
 ) -> Result<Option<Prepared>, InPodError> {
     let ns = PodNs::open(path, uid)?;
     if ns.inode == host_inode {
         // hostNetwork: the node-level listeners serve it.
         return Ok(None);
     }
-    let listen =
-        |addr: SocketAddr, reuse: bool| -> Result<Option<std::net::TcpListener>, InPodError> {
-            match ns.listener(addr, reuse)? {
-                Ok(l) => Ok(Some(l)),
-                Err(e)
-                    if addr.is_ipv6()
-                        && matches!(
-                            e.raw_os_error(),
-                            Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)
-                        ) =>
-                {
-                    Ok(None)
-                }
-                Err(source) => Err(InPodError::Listen {
-                    pod: uid.to_owned(),
-                    addr,
-                    source,
-                }),
+    // The listener the previous agent handed over, else a new one.
+    let mut listen = |kind: &str,
+                      addr: SocketAddr,
+                      reuse: bool|
+     -> Result<Option<std::net::TcpListener>, InPodError> {
+        if let Some(l) = inherited
+            .as_deref_mut()
+            .and_then(|i| i.take(uid, kind, addr, ns.cookie))
+        {
+            return Ok(Some(l));
+        }
+        match ns.listener(addr, reuse)? {
+            Ok(l) => Ok(Some(l)),
+            Err(e)
+                if addr.is_ipv6()
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)
+                    ) =>
+            {
+                Ok(None)
             }
-        };
+            Err(source) => Err(InPodError::Listen {
+                pod: uid.to_owned(),
+                addr,
+                source,
+            }),
+        }
+    };
+    // SO_REUSEADDR everywhere: the connections a previous agent accepted
+    // (some in TIME_WAIT for a minute) must not keep this one from
+    // listening once that agent's listener is gone; a listener that still
+    // exists (the previous agent's, or a workload's squatting the port:
+    // captured connects are refused then, as they do not reach a marked
+    // listener) still keeps it out.
     let mut outbound = Vec::new();
     let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, ports.outbound));
-    outbound.extend(listen(v4, false)?);
+    outbound.extend(listen("outbound4", v4, true)?);
     if outbound.is_empty() {
         return Err(InPodError::Listen {
             pod: uid.to_owned(),
@@ -157,17 +174,20 @@ fn prepare(
         });
     }
     outbound.extend(listen(
+        "outbound6",
         SocketAddr::from((Ipv6Addr::LOCALHOST, ports.outbound)),
-        false,
+        true,
     )?);
     // [::] is v6-only (mark::listener): 0.0.0.0 as well.
     let mut hbone = Vec::new();
     if let Some(port) = ports.hbone {
         hbone.extend(listen(
+            "hbone4",
             SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
             true,
         )?);
         hbone.extend(listen(
+            "hbone6",
             SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
             true,
         )?);
@@ -175,10 +195,12 @@ fn prepare(
     let mut plaintext = Vec::new();
     if let Some(port) = ports.plaintext {
         plaintext.extend(listen(
+            "plaintext4",
             SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
             true,
         )?);
         plaintext.extend(listen(
+            "plaintext6",
             SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
             true,
         )?);
@@ -204,6 +226,8 @@ pub struct InPod {
     plaintext: Option<Arc<Plaintext>>,
     ports: Ports,
     host_inode: u64,
+    /// The pods' listeners, offered to the agent that takes over.
+    offer: PodOffer,
 }
 
 /// The handlers a pod's listeners get (the node's, made the pod's).
@@ -214,7 +238,12 @@ pub struct Handlers {
 }
 
 impl InPod {
-    pub fn new(capture: Arc<Capture>, handlers: Handlers, ports: Ports) -> std::io::Result<Self> {
+    pub fn new(
+        capture: Arc<Capture>,
+        handlers: Handlers,
+        ports: Ports,
+        offer: PodOffer,
+    ) -> std::io::Result<Self> {
         Ok(Self {
             pods: Default::default(),
             capture,
@@ -223,6 +252,7 @@ impl InPod {
             plaintext: handlers.plaintext,
             ports,
             host_inode: own_netns_inode()?,
+            offer,
         })
     }
 
@@ -245,6 +275,26 @@ impl InPod {
             tasks: Vec::new(),
             steering: None,
         };
+        // Offered to the agent that takes over (copies of the sockets).
+        for (group, listeners) in [
+            ("outbound", &p.outbound),
+            ("hbone", &p.hbone),
+            ("plaintext", &p.plaintext),
+        ] {
+            for l in listeners {
+                let family = if l.local_addr().is_ok_and(|a| a.is_ipv6()) {
+                    "6"
+                } else {
+                    "4"
+                };
+                if let Err(e) = self
+                    .offer
+                    .add(&p.uid, &format!("{group}{family}"), p.ns.cookie, l)
+                {
+                    warn!(pod = %p.uid, error = %e, "a pod's listener cannot be offered for a handover");
+                }
+            }
+        }
         // One attestor of the pod's listeners for all its handlers; the
         // agent's own are known by their inodes.
         let own = p
@@ -376,6 +426,7 @@ impl InPod {
                 Origin::Cni(path.clone()),
                 &this.ports,
                 this.host_inode,
+                None,
             )
         })
         .await
@@ -402,6 +453,7 @@ impl InPod {
         else {
             return false;
         };
+        self.offer.remove(uid);
         if let Some(steering) = s.steering.take() {
             self.capture.unsteer_pod(steering);
         }
@@ -426,6 +478,11 @@ impl InPod {
         let mut tick = tokio::time::interval(SWEEP);
         loop {
             tick.tick().await;
+            // After a handover the new agent serves the pods (and owns
+            // their pins); this one leaves them be.
+            if crate::drain::is_draining() {
+                return;
+            }
             let this = self.clone();
             let gone = tokio::task::spawn_blocking(move || {
                 let pods: Vec<_> = this
@@ -455,7 +512,12 @@ impl InPod {
 /// netns other than the agent's, its listeners made. A pod whose listeners
 /// are still held (the agent handing over to this one has them) is
 /// returned apart, to be served once they are free.
-pub fn reconcile(mount: &Path, pods_cgroup: &[String], ports: &Ports) -> Reconciled {
+pub fn reconcile(
+    mount: &Path,
+    pods_cgroup: &[String],
+    ports: &Ports,
+    mut inherited: PodListeners,
+) -> Reconciled {
     let Ok(host_inode) = own_netns_inode() else {
         return Reconciled::default();
     };
@@ -467,7 +529,14 @@ pub fn reconcile(mount: &Path, pods_cgroup: &[String], ports: &Ports) -> Reconci
             continue;
         };
         let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
-        match prepare(&uid, &path, Origin::Cgroup(dir.clone()), ports, host_inode) {
+        match prepare(
+            &uid,
+            &path,
+            Origin::Cgroup(dir.clone()),
+            ports,
+            host_inode,
+            Some(&mut inherited),
+        ) {
             Ok(Some(p)) => {
                 cookies.push(p.ns.cookie);
                 ready.push(p);
@@ -524,7 +593,7 @@ impl InPod {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     let (t, u, p, d) = (this.clone(), uid.clone(), path.clone(), dir.clone());
                     let r = tokio::task::spawn_blocking(move || {
-                        prepare(&u, &p, Origin::Cgroup(d), &t.ports, t.host_inode)
+                        prepare(&u, &p, Origin::Cgroup(d), &t.ports, t.host_inode, None)
                     })
                     .await;
                     match r {

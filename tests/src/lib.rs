@@ -1108,6 +1108,38 @@ impl Enforcer {
     }
 }
 
+/// N sequential HTTP requests, each on a new connection to HOST:PORT, about
+/// 4 ms apart; prints `DONE <i>` every 100 and at the end `OK <ok> FAIL
+/// <failed>`, then each failure (`FAILED <i> <error>`).
+pub const PY_CONNECTS: &str = r#"
+import socket, sys, time
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ok, failed = 0, []
+for i in range(n):
+    try:
+        s = socket.create_connection((host, port), timeout=10)
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        buf = b""
+        while True:
+            d = s.recv(65536)
+            if not d:
+                break
+            buf += d
+        s.close()
+        if buf.startswith(b"HTTP/1.0 200") or buf.startswith(b"HTTP/1.1 200"):
+            ok += 1
+        else:
+            failed.append((i, repr(buf[:40])))
+    except OSError as e:
+        failed.append((i, repr(e)))
+    if (i + 1) % 100 == 0:
+        print("DONE", i + 1, flush=True)
+    time.sleep(0.004)
+print("OK", ok, "FAIL", len(failed), flush=True)
+for i, e in failed[:20]:
+    print("FAILED", i, e, flush=True)
+"#;
+
 /// The `[mesh]` section the tests use: the testbed's IPv4 and IPv6 subnets.
 pub const MESH: &str = "[mesh]\ncidrs = [\"10.10.0.0/24\", \"fd10::/64\"]\n";
 

@@ -532,6 +532,57 @@ fn pods_with_their_own_netns_are_served_from_cni_add_to_del() {
         "spiffe://k8s.example.org/ns/agents/sa/api"
     );
 
+    // A hitless upgrade: the new agent takes the pods' listeners over
+    // (handed over with the node's), so connects from a pod spread over
+    // the upgrade all succeed.
+    tb.spawn(
+        &p1.node,
+        Some(&p1.cgroup()),
+        "connects",
+        &[
+            "python3",
+            "-u",
+            "-c",
+            enforcer_tests::PY_CONNECTS,
+            &p2.node.ipv4,
+            "8080",
+            "400",
+        ],
+    )
+    .expect("connects from p1");
+    wait_for("100 connects before the upgrade", || {
+        tb.server_log(&p1.node, "connects").contains("DONE 100")
+    });
+    let old = ea.clone();
+    let ea = tb.upgrade_enforcer(&old, &a_config).expect("upgrade a");
+    assert!(
+        fs::read_to_string(&ea.log)
+            .unwrap_or_default()
+            .contains("taking over the running agent's listeners in pods"),
+        "the pods' listeners were handed over"
+    );
+    let mut result = String::new();
+    wait_for("the connects to end", || {
+        result = tb
+            .server_log(&p1.node, "connects")
+            .lines()
+            .find(|l| l.starts_with("OK "))
+            .unwrap_or_default()
+            .to_owned();
+        !result.is_empty()
+    });
+    assert_eq!(
+        result,
+        "OK 400 FAIL 0",
+        "{}",
+        tb.server_log(&p1.node, "connects")
+    );
+    assert!(
+        tb.wait_exit(old.pid, std::time::Duration::from_secs(20))
+            .is_some(),
+        "the old agent exits after draining"
+    );
+
     // DEL: no listener stays in the pod, the agent keeps no reference to
     // its netns.
     let p1_ns = netns_inode(&p1.node);
