@@ -139,7 +139,8 @@ fn prepare(
         {
             return Ok(Some(l));
         }
-        match ns.listener(addr, reuse)? {
+        // A marked listener made inside the pod's netns.
+        match ns.run(move || crate::mark::listener(addr, reuse))? {
             Ok(l) => Ok(Some(l)),
             Err(e)
                 if addr.is_ipv6()
@@ -399,13 +400,32 @@ impl InPod {
         Ok(())
     }
 
+    /// [`InPod::activate`] on the blocking pool: the kernel work (map
+    /// updates, the program's attachment, its pin on bpffs) stays off the
+    /// runtime's threads.
+    async fn activate_apart(self: &Arc<Self>, p: Prepared) -> Result<(), InPodError> {
+        let (this, uid) = (self.clone(), p.uid.clone());
+        tokio::task::spawn_blocking(move || this.activate(p))
+            .await
+            .map_err(|e| InPodError::Capture {
+                pod: uid,
+                message: e.to_string(),
+            })?
+    }
+
     /// Serves pod `uid` whose netns is at `netns` (a CNI ADD): returns once
     /// its listeners accept and its connects are captured. Again for a pod
     /// served already in the same netns: nothing to do.
     pub async fn add(self: &Arc<Self>, uid: &str, netns: &Path) -> Result<(), InPodError> {
-        {
+        let inode = {
             use std::os::unix::fs::MetadataExt as _;
-            let inode = std::fs::metadata(netns).map(|m| m.ino()).ok();
+            let path = netns.to_owned();
+            tokio::task::spawn_blocking(move || std::fs::metadata(path).map(|m| m.ino()).ok())
+                .await
+                .ok()
+                .flatten()
+        };
+        {
             let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(s) = pods.get(uid)
                 && Some(s.ns.inode) == inode
@@ -439,7 +459,7 @@ impl InPod {
                 info!(pod = %uid, "the pod shares the node's network namespace (hostNetwork); the node's listeners serve it");
                 Ok(())
             }
-            Some(p) => self.activate(p),
+            Some(p) => self.activate_apart(p).await,
         }
     }
 
@@ -577,9 +597,13 @@ impl InPod {
     /// for up to 60 s; captured connects in such a pod are refused
     /// meanwhile, never let through).
     pub fn serve_reconciled(self: &Arc<Self>, found: Reconciled) {
+        let Reconciled {
+            ready,
+            waiting,
+            cookies,
+        } = found;
         // Pins of pods a previous agent served that no longer run.
-        self.capture.retire_pod_pins(&found.cookies);
-        let Reconciled { ready, waiting, .. } = found;
+        self.capture.retire_pod_pins(&cookies);
         for p in ready {
             let uid = p.uid.clone();
             if let Err(e) = self.activate(p) {
@@ -599,7 +623,7 @@ impl InPod {
                     match r {
                         Ok(Err(e)) if e.in_use() => continue,
                         Ok(Ok(Some(p))) => {
-                            if let Err(e) = this.activate(p) {
+                            if let Err(e) = this.activate_apart(p).await {
                                 warn!(pod = %uid, error = %e, "a running pod cannot be served");
                             }
                             return;
@@ -750,6 +774,20 @@ pub async fn serve_cni(inpod: Arc<InPod>, listener: tokio::net::UnixListener) {
 
 async fn cni_connection(inpod: Arc<InPod>, stream: tokio::net::UnixStream) {
     use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    // The socket is 0600; a peer of another user (one that connected in
+    // the moment between bind and chmod) is turned away all the same.
+    let me = nix::unistd::geteuid().as_raw();
+    match stream.peer_cred() {
+        Ok(c) if c.uid() == 0 || c.uid() == me => {}
+        Ok(c) => {
+            warn!(uid = c.uid(), pid = ?c.pid(), "CNI socket: a peer that is not root; ignored");
+            return;
+        }
+        Err(e) => {
+            warn!(error = %e, "CNI socket: no peer credentials; ignored");
+            return;
+        }
+    }
     let (read, mut write) = stream.into_split();
     let mut lines = tokio::io::BufReader::new(read.take(64 * 1024)).lines();
     let answer = match tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await {

@@ -173,15 +173,6 @@ impl PodNs {
         })
     }
 
-    /// A marked listener on `addr` inside this netns (see [`crate::mark::listener`]).
-    pub fn listener(
-        &self,
-        addr: std::net::SocketAddr,
-        reuse_address: bool,
-    ) -> Result<std::io::Result<std::net::TcpListener>, NetnsError> {
-        self.run(move || crate::mark::listener(addr, reuse_address))
-    }
-
     /// The addresses of this netns's interfaces.
     pub fn addresses(&self) -> Result<Vec<std::net::IpAddr>, NetnsError> {
         self.run(interface_addresses)
