@@ -191,6 +191,9 @@ pub struct Compiled {
     /// Some module calls a builtin whose value is not a function of the
     /// input (`time.now_ns`…): decisions must not be cached.
     pub volatile: bool,
+    /// The parts of `input` the set can read (prefixes, none under
+    /// another); `None`: any part.
+    pub input_reads: Option<Vec<Vec<super::rewrite::Seg>>>,
 }
 
 /// Compiles a policy set, each module rewritten to OPA's semantics first
@@ -272,6 +275,7 @@ pub fn compile_set(
     }
     super::rewrite::check_calls(&modules)?;
     let volatile = modules.iter().any(|(_, m)| m.volatile);
+    let input_reads = input_reads(modules.iter().map(|(_, m)| m.input_reads.as_deref()));
     for (shown, m) in modules {
         engine
             .add_policy(shown.clone(), m.text)
@@ -280,7 +284,32 @@ pub fn compile_set(
                 message: e.to_string(),
             })?;
     }
-    Ok(Compiled { engine, volatile })
+    Ok(Compiled {
+        engine,
+        volatile,
+        input_reads,
+    })
+}
+
+/// The union of the modules' reads of `input`, each path once and none
+/// under another; `None` when some module may read any part.
+fn input_reads<'a>(
+    modules: impl Iterator<Item = Option<&'a [Vec<super::rewrite::Seg>]>>,
+) -> Option<Vec<Vec<super::rewrite::Seg>>> {
+    let mut all = Vec::new();
+    for m in modules {
+        all.extend_from_slice(m?);
+    }
+    all.sort();
+    all.dedup();
+    // Sorted, a path comes right after the prefixes it extends.
+    let mut kept: Vec<Vec<super::rewrite::Seg>> = Vec::new();
+    for p in all {
+        if !kept.iter().any(|k| p.starts_with(k)) {
+            kept.push(p);
+        }
+    }
+    Some(kept)
 }
 
 /// Data at `path` is inside a root, or is an object whose members are

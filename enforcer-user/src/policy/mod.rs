@@ -34,6 +34,10 @@ pub const REASON_RULE: &str = "data.enforcer.authz.reason";
 pub const DECISION_PATH: &str = "enforcer/authz/allow";
 /// Decisions kept in the cache before it is emptied.
 const CACHE_LIMIT: usize = 16_384;
+/// Bytes of keys kept in the cache before it is emptied.
+const CACHE_BYTES: usize = 8 << 20;
+/// The longest cache key: an input whose read parts are longer is not cached.
+const MAX_KEY: usize = 4096;
 
 /// The input document (DESIGN §3). Absent fields are unknown.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
@@ -223,6 +227,11 @@ pub struct Loaded {
     /// Some module calls a builtin whose value is not a function of the input
     /// (`time.now_ns`…): its decisions are never cached.
     pub volatile: bool,
+    /// The parts of `input` the policy can read (`rewrite::Seg` paths):
+    /// a decision is cached under those parts of its input alone, so two
+    /// requests that differ only in what the policy never reads (a request
+    /// id, a client port) share it. `None`: under the whole input.
+    pub input_reads: Option<Arc<Vec<Vec<rewrite::Seg>>>>,
     timeout: Duration,
     /// LLM token budgets from `data.enforcer.llm.budgets`.
     pub llm_budgets: Arc<budgets::Budgets>,
@@ -250,6 +259,7 @@ impl Loaded {
         let load::Compiled {
             mut engine,
             volatile,
+            input_reads,
         } = load::compile_set(origin, set.files(), set.roots())?;
         engine.set_execution_timer_config(timer(timeout));
         let llm_budgets = serde_json::to_value(engine.get_data())
@@ -294,6 +304,7 @@ impl Loaded {
             bundle: set.bundle().cloned(),
             id: NEXT_LOADED_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             volatile,
+            input_reads: input_reads.map(Arc::new),
             timeout,
             llm_budgets: Arc::new(llm_budgets),
         })
@@ -506,6 +517,42 @@ pub struct Policy {
 struct DecisionCache {
     generation: u64,
     decisions: HashMap<String, Decision>,
+    /// The keys' bytes.
+    bytes: usize,
+}
+
+/// The cache key of a decision of policy `policy` on `input`: the parts of
+/// it the policy can read (`reads`; `None`: all of it), as JSON. `None`
+/// (not cached) when it would be longer than [`MAX_KEY`] (a large body the
+/// policy reads).
+fn cache_key(policy: u64, input: &Value, reads: Option<&Vec<Vec<rewrite::Seg>>>) -> Option<String> {
+    let key = match reads {
+        None => serde_json::to_string(input).ok()?,
+        Some(reads) => {
+            let mut parts: Vec<(usize, &Value)> = Vec::with_capacity(reads.len());
+            for (i, path) in reads.iter().enumerate() {
+                let mut at = Some(input);
+                for seg in path {
+                    at = at.and_then(|v| match seg {
+                        rewrite::Seg::Key(k) => v
+                            .as_object()
+                            .ok()
+                            .and_then(|o| o.get(&Value::from(k.as_str()))),
+                        rewrite::Seg::Index(n) => v
+                            .as_array()
+                            .ok()
+                            .and_then(|a| a.get(usize::try_from(*n).ok()?)),
+                    });
+                }
+                // Absent is not null: only what is there goes in.
+                if let Some(v) = at {
+                    parts.push((i, v));
+                }
+            }
+            serde_json::to_string(&parts).ok()?
+        }
+    };
+    (key.len() <= MAX_KEY).then(|| format!("{policy}:{key}"))
 }
 
 #[derive(Default)]
@@ -618,6 +665,7 @@ impl Policy {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         cache.generation += 1;
         cache.decisions.clear();
+        cache.bytes = 0;
     }
 
     /// The LLM token budgets of the policy in force.
@@ -706,25 +754,18 @@ impl Policy {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        // A request's input carries its request id and the client's port:
-        // unique, so never a hit; such decisions are not cached.
-        let input_json = match input.request {
-            Some(_) => None,
-            None => match serde_json::to_string(input) {
-                Ok(j) => Some(j),
-                Err(e) => {
-                    return (
-                        Decision::deny("invalid input", Some(e.to_string())),
-                        None,
-                        loaded,
-                    );
-                }
-            },
-        };
-        if let Some(d) = input_json.as_ref().and_then(|j| {
+        let value = input.to_value();
+        // The cache key: the parts of the input the policy can read, and
+        // the policy (two policies may read different parts). A request's
+        // id and the client's port, which it rarely reads, make no miss.
+        let key = loaded
+            .as_ref()
+            .filter(|l| !l.volatile)
+            .and_then(|l| cache_key(l.id, &value, l.input_reads.as_deref()));
+        if let Some(d) = key.as_ref().and_then(|k| {
             let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
             (cache.generation == generation)
-                .then(|| cache.decisions.get(j).cloned())
+                .then(|| cache.decisions.get(k).cloned())
                 .flatten()
         }) {
             let mut d = d;
@@ -738,23 +779,20 @@ impl Policy {
         // The budget the policy was compiled with: regorus's timer and the
         // wait here agree.
         let budget = loaded.timeout;
-        let d = self
-            .pool
-            .evaluate(loaded.clone(), input.to_value(), budget)
-            .await;
+        let d = self.pool.evaluate(loaded.clone(), value, budget).await;
         let elapsed = started.elapsed();
         // A deterministic outcome is cached: a decision, or running out of
         // budget on this input (else an attacker repeats a runaway input).
-        if let Some(input_json) =
-            input_json.filter(|_| (d.error.is_none() || d.timed_out) && !loaded.volatile)
-        {
+        if let Some(key) = key.filter(|_| d.error.is_none() || d.timed_out) {
             let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
             // Not when a new policy (or identity) came in meanwhile.
             if cache.generation == generation {
-                if cache.decisions.len() >= CACHE_LIMIT {
+                if cache.decisions.len() >= CACHE_LIMIT || cache.bytes >= CACHE_BYTES {
                     cache.decisions.clear();
+                    cache.bytes = 0;
                 }
-                cache.decisions.insert(input_json, d.clone());
+                cache.bytes += key.len();
+                cache.decisions.insert(key, d.clone());
             }
         }
         (d, Some(elapsed), Some(loaded))
@@ -1062,6 +1100,80 @@ mod tests {
         );
     }
 
+    /// An L7 request input: `GET path` with a fresh request id and client
+    /// port each time, as every request has.
+    fn request(method: &str, path: &str, n: u64) -> Input {
+        let mut input = to_port(8080);
+        input.protocol = "http";
+        let req = serde_json::json!({
+            "attributes": {
+                "request": {"http": {"id": format!("req-{n}"), "method": method, "path": path}},
+                "source": {"address": {"socketAddress": {"address": "10.0.0.1", "portValue": 40000 + n}}},
+            },
+            "parsed_path": path.trim_start_matches('/').split('/').collect::<Vec<_>>(),
+        });
+        input.request = req.as_object().cloned().map(Box::new);
+        input
+    }
+
+    /// A request decision is cached under what the policy reads: requests
+    /// that differ only in their id and client port share it; one that
+    /// differs in a part the policy reads is evaluated (the attack: a
+    /// cached allow for `GET /docs` must not answer `DELETE /docs`, nor
+    /// one for a source the policy names answer another source).
+    #[tokio::test]
+    async fn request_decisions_are_cached_under_what_the_policy_reads() {
+        let rego = "package enforcer.authz\nimport rego.v1\n\
+            allow if {\n  input.attributes.request.http.method == \"GET\"\n  \
+            input.attributes.source.address.socketAddress.address == \"10.0.0.1\"\n}\n";
+        let p = policy_with(rego, Duration::from_secs(10));
+        let (first, evaluated, _) = p.evaluate(&request("GET", "/docs", 1)).await;
+        assert!(
+            first.allow && !first.cached && evaluated.is_some(),
+            "{first:?}"
+        );
+        let (again, evaluated, _) = p.evaluate(&request("GET", "/docs", 2)).await;
+        assert!(
+            again.allow && again.cached && evaluated.is_none(),
+            "{again:?}"
+        );
+        let (delete, evaluated, _) = p.evaluate(&request("DELETE", "/docs", 3)).await;
+        assert!(
+            !delete.allow && !delete.cached && evaluated.is_some(),
+            "{delete:?}"
+        );
+        let mut other = request("GET", "/docs", 4);
+        if let Some(r) = other.request.as_mut() {
+            r["attributes"]["source"]["address"]["socketAddress"]["address"] =
+                serde_json::json!("10.0.0.9");
+        }
+        let (from_other, evaluated, _) = p.evaluate(&other).await;
+        assert!(
+            !from_other.allow && !from_other.cached && evaluated.is_some(),
+            "{from_other:?}"
+        );
+        // A part the policy does not read (the path) shares the decision.
+        let (path, _, _) = p.evaluate(&request("GET", "/other", 5)).await;
+        assert!(path.allow && path.cached, "{path:?}");
+
+        // A policy that reads the whole input: no two requests share one.
+        let whole = policy_with(
+            "package enforcer.authz\nimport rego.v1\nallow if count(input) > 0\n",
+            Duration::from_secs(10),
+        );
+        let _ = whole.evaluate(&request("GET", "/docs", 1)).await;
+        let (d, evaluated, _) = whole.evaluate(&request("GET", "/docs", 2)).await;
+        assert!(!d.cached && evaluated.is_some(), "{d:?}");
+        // Nor one that reads the request id.
+        let by_id = policy_with(
+            "package enforcer.authz\nimport rego.v1\nallow if input.attributes.request.http.id != \"\"\n",
+            Duration::from_secs(10),
+        );
+        let _ = by_id.evaluate(&request("GET", "/docs", 1)).await;
+        let (d, evaluated, _) = by_id.evaluate(&request("GET", "/docs", 2)).await;
+        assert!(!d.cached && evaluated.is_some(), "{d:?}");
+    }
+
     fn to_port(port: u16) -> Input {
         Input {
             direction: "inbound",
@@ -1082,8 +1194,10 @@ mod tests {
     /// and a runaway input is not evaluated again (cached).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn runaway_evaluation_denies_at_its_budget_while_others_are_decided() {
+        // The first rule reads the source address: each ordinary
+        // connection below (a new address each time) is evaluated.
         let rego = "package enforcer.authz\nimport rego.v1\n\
-            allow if input.destination.port == 80\n\
+            allow if {\n  input.destination.port == 80\n  startswith(input.source.address, \"10.\")\n}\n\
             allow if {\n  input.destination.port > 20000\n  count(numbers.range(1, input.destination.port * 300)) > 0\n}\n\
             allow if {\n  input.destination.port > 10000\n  input.destination.port < 20000\n\
               count([x | some x in numbers.range(1, input.destination.port); some y in numbers.range(1, input.destination.port); x == y]) > 0\n}\n";

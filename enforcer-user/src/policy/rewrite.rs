@@ -48,11 +48,23 @@ const REFUSED_BUILTINS: &[(&str, &str)] = &[
 /// policy calling one is never served from the decision cache.
 const VOLATILE_BUILTINS: &[&str] = &["time.now_ns", "rand.intn", "uuid.rfc4122", "opa.runtime"];
 
+/// One step of a path into the input document.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Seg {
+    Key(String),
+    Index(u64),
+}
+
 /// One rewritten module.
 pub struct Rewritten {
     pub text: String,
     /// The module calls a builtin whose value is not a function of the input.
     pub volatile: bool,
+    /// The parts of `input` the module can read: each path is a prefix
+    /// (the module may read anything below it). `None`: it may read any
+    /// part (it names `input` itself, indexes it with a value it computes
+    /// at the top, or does not parse).
+    pub input_reads: Option<Vec<Vec<Seg>>>,
     /// Full paths (`data.pkg.f`) of the functions the module defines, and
     /// the calls it makes that are not builtins: checked across all modules
     /// by [`check_calls`].
@@ -87,6 +99,7 @@ pub fn rewrite(file: &str, text: &str) -> Result<Rewritten, Refused> {
         return Ok(Rewritten {
             text: text.to_owned(),
             volatile: false,
+            input_reads: None,
             defines: Vec::new(),
             calls: Vec::new(),
             package: String::new(),
@@ -107,7 +120,13 @@ pub fn rewrite(file: &str, text: &str) -> Result<Rewritten, Refused> {
         module_path: package_path(&module),
         imports: imports(&module),
         locals: function_names(&module),
+        input_reads: Some(Vec::new()),
+        in_with_target: false,
     };
+    // `import input.x as y`: whatever `y` reads is under `input.x`.
+    for i in &module.imports {
+        w.input_ref(&i.refr);
+    }
     for rule in &module.policy {
         w.rule(rule);
     }
@@ -126,6 +145,7 @@ pub fn rewrite(file: &str, text: &str) -> Result<Rewritten, Refused> {
     Ok(Rewritten {
         text: apply(text, 0, text.len(), &mut w.edits),
         volatile: w.volatile,
+        input_reads: w.input_reads,
         defines,
         calls: w.calls,
         package: w.module_path,
@@ -281,6 +301,48 @@ struct Walker<'a> {
     module_path: String,
     imports: Vec<(String, String)>,
     locals: Vec<String>,
+    /// What the module reads of `input` (see [`Rewritten::input_reads`]).
+    input_reads: Option<Vec<Vec<Seg>>>,
+    /// Walking the target of a `with`: a replacement, not a read (what the
+    /// replaced part is read as is walked where it is read).
+    in_with_target: bool,
+}
+
+/// The constant path of a reference into `input` (`input.a["b"][0]`), up
+/// to its first computed index; `None` when the reference is not into
+/// `input`.
+fn input_path(e: &Expr) -> Option<(Vec<Seg>, bool)> {
+    match e {
+        Expr::Var { span, .. } => (span.text() == "input").then(|| (Vec::new(), true)),
+        Expr::RefDot { refr, field, .. } => {
+            let (mut path, open) = input_path(refr)?;
+            if open {
+                path.push(Seg::Key(field.0.text().to_owned()));
+            }
+            Some((path, open))
+        }
+        Expr::RefBrack { refr, index, .. } => {
+            let (mut path, open) = input_path(refr)?;
+            if !open {
+                return Some((path, false));
+            }
+            let seg = match index.as_ref() {
+                Expr::String { value, .. } | Expr::RawString { value, .. } => {
+                    value.as_string().ok().map(|s| Seg::Key(s.to_string()))
+                }
+                Expr::Number { value, .. } => value.as_u64().ok().map(Seg::Index),
+                _ => None,
+            };
+            match seg {
+                Some(s) => {
+                    path.push(s);
+                    Some((path, true))
+                }
+                None => Some((path, false)),
+            }
+        }
+        _ => None,
+    }
 }
 
 /// Where a query sits: a rule body written `if literal` (no braces) must be
@@ -337,7 +399,9 @@ impl Walker<'_> {
         let mut hoisted = false;
         for stmt in &q.stmts {
             for w in &stmt.with_mods {
+                self.in_with_target = true;
                 self.expr(&w.refr);
+                self.in_with_target = false;
                 self.expr(&w.r#as);
             }
             match &stmt.literal {
@@ -403,8 +467,38 @@ impl Walker<'_> {
         }
     }
 
-    /// Visits every expression: nested queries, regex literals, calls.
+    /// Records what a reference into `input` reads; false when `e` is not
+    /// one. Its computed indexes are visited as expressions.
+    fn input_ref(&mut self, e: &Expr) -> bool {
+        let Some((path, _)) = input_path(e) else {
+            return false;
+        };
+        if !self.in_with_target {
+            match (&mut self.input_reads, path.is_empty()) {
+                (reads, true) => *reads = None,
+                (Some(reads), false) => reads.push(path),
+                (None, false) => {}
+            }
+        }
+        let mut at = e;
+        loop {
+            match at {
+                Expr::RefDot { refr, .. } => at = refr,
+                Expr::RefBrack { refr, index, .. } => {
+                    self.expr(index);
+                    at = refr;
+                }
+                _ => return true,
+            }
+        }
+    }
+
+    /// Visits every expression: nested queries, regex literals, calls, and
+    /// what is read of `input`.
     fn expr(&mut self, e: &Expr) {
+        if self.input_ref(e) {
+            return;
+        }
         match e {
             Expr::Array { items, .. } | Expr::Set { items, .. } => {
                 for i in items {
@@ -803,6 +897,68 @@ mod tests {
 
     fn rewritten(src: &str) -> String {
         rewrite("t.rego", src).expect("rewrites").text
+    }
+
+    #[test]
+    fn what_a_module_reads_of_input() {
+        use Seg::{Index, Key};
+        let k = |p: &[&str]| -> Vec<Seg> { p.iter().map(|s| Key((*s).to_owned())).collect() };
+        let head = "package p\nimport rego.v1\n";
+        let cases: Vec<(&str, Option<Vec<Vec<Seg>>>)> = vec![
+            (
+                "allow if input.attributes.request.http.method == \"GET\"",
+                Some(vec![k(&["attributes", "request", "http", "method"])]),
+            ),
+            // A computed index ends the path; the index is read too.
+            (
+                "allow if input.x[input.y] == 1",
+                Some(vec![k(&["x"]), k(&["y"])]),
+            ),
+            (
+                "allow if { some h; input.h[h] == 1 }",
+                Some(vec![k(&["h"])]),
+            ),
+            (
+                "allow if input.a[\"b\"][0] == 1",
+                Some(vec![vec![Key("a".into()), Key("b".into()), Index(0)]]),
+            ),
+            // The whole input, one way or another.
+            ("allow if count(input) > 0", None),
+            ("allow if { some k; input[k] == 1 }", None),
+            ("allow if walk(input, [p, v])", None),
+            ("import input\nallow if input.x", None),
+            // An import of a part of it.
+            (
+                "import input.attributes as a\nallow if a.x == 1",
+                Some(vec![k(&["attributes"])]),
+            ),
+            // In rule heads, comprehensions, `every`, function arguments.
+            ("r := input.h\nallow if r", Some(vec![k(&["h"])])),
+            (
+                "allow if { every x in input.xs { x > 1 } }",
+                Some(vec![k(&["xs"])]),
+            ),
+            ("f(x) := x\nallow if f(input.z)", Some(vec![k(&["z"])])),
+            // `with input as` replaces; the replacement is not a read.
+            (
+                "allow if data.p.q with input as {\"a\": 1}\nq if input.a",
+                Some(vec![k(&["a"])]),
+            ),
+            ("allow if true", Some(vec![])),
+        ];
+        for (src, want) in cases {
+            let got = rewrite("t.rego", &format!("{head}{src}\n"))
+                .unwrap_or_else(|e| panic!("{src}: {e:?}"))
+                .input_reads;
+            let sorted = |v: Option<Vec<Vec<Seg>>>| {
+                v.map(|mut v| {
+                    v.sort();
+                    v.dedup();
+                    v
+                })
+            };
+            assert_eq!(sorted(got), sorted(want), "{src}");
+        }
     }
 
     #[test]
