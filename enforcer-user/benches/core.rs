@@ -39,12 +39,24 @@ fn input(n: u64) -> Input {
 /// A `tools/call` of the support agent at the MCP server, with the fields
 /// the L7 layer puts in a request input (OPA-Envoy attributes, headers,
 /// body, parsed body, the `mcp` block); `n` makes each one unique, as the
-/// request id and client port make real ones.
+/// request id and client port make real ones, and so do its arguments (a
+/// query of its own: the shipped policy reads the arguments, so each is
+/// evaluated, not found in the cache).
 fn mcp_input(n: u64) -> Input {
+    mcp_call(n, &format!("how do I reset my password ({n})"))
+}
+
+/// The same call again and again (the same arguments; a new request id,
+/// JSON-RPC id and client port each time): what the policy reads is the
+/// same, so after the first it is a cached decision.
+fn mcp_repeated(n: u64) -> Input {
+    mcp_call(n, "how do I reset my password")
+}
+
+fn mcp_call(n: u64, query: &str) -> Input {
     let agent = "spiffe://ai.example.org/agent/support";
     let server = "spiffe://ai.example.org/mcp/docs";
-    let args =
-        serde_json::json!({"query": "how do I reset my password", "collection": "support-docs"});
+    let args = serde_json::json!({"query": query, "collection": "support-docs"});
     let body = serde_json::json!({"jsonrpc": "2.0", "id": n, "method": "tools/call",
         "params": {"name": "search_docs", "arguments": args.clone()}});
     let request = serde_json::json!({
@@ -162,6 +174,13 @@ fn benches(c: &mut Criterion) {
             })
         });
     }
+    let mut n = 0u64;
+    c.bench_function("mcp_tools_call_decision_repeated", |b| {
+        b.iter(|| {
+            n += 1;
+            rt.block_on(p.evaluate(&mcp_repeated(n)))
+        })
+    });
     request_span(c);
     let ca = Ca::generate(&spiffe::TrustDomain::new("ai.example.org").expect("td")).expect("CA");
     let id = spiffe::SpiffeId::new("spiffe://ai.example.org/agent/support").expect("id");
@@ -282,6 +301,11 @@ fn per_op() {
     out.insert(
         "mcp_tools_call_decision_vm".into(),
         timed_one_by_one(&rt, &vm, &calls),
+    );
+    let repeated: Vec<Input> = (0..20_000u64).map(mcp_repeated).collect();
+    out.insert(
+        "mcp_tools_call_decision_repeated".into(),
+        timed_one_by_one(&rt, &p, &repeated),
     );
     let hot = vec![input(0); 20_000];
     out.insert(

@@ -1125,6 +1125,7 @@ fn criterion() -> anyhow::Result<Value> {
         "policy_decision_uncached",
         "mcp_tools_call_decision",
         "mcp_tools_call_decision_vm",
+        "mcp_tools_call_decision_repeated",
         "request_span_traced",
         "svid_issuance",
     ] {

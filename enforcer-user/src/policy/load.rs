@@ -194,6 +194,8 @@ pub struct Compiled {
     /// The parts of `input` the set can read (prefixes, none under
     /// another); `None`: any part.
     pub input_reads: Option<Vec<Vec<super::rewrite::Seg>>>,
+    /// Paths it only tests for truth, none under a read.
+    pub input_truths: Vec<Vec<super::rewrite::Seg>>,
 }
 
 /// Compiles a policy set, each module rewritten to OPA's semantics first
@@ -276,6 +278,19 @@ pub fn compile_set(
     super::rewrite::check_calls(&modules)?;
     let volatile = modules.iter().any(|(_, m)| m.volatile);
     let input_reads = input_reads(modules.iter().map(|(_, m)| m.input_reads.as_deref()));
+    let input_truths = match &input_reads {
+        None => Vec::new(),
+        Some(reads) => {
+            let mut t: Vec<_> = modules
+                .iter()
+                .flat_map(|(_, m)| m.input_truths.iter().cloned())
+                .filter(|p| !reads.iter().any(|r| p.starts_with(r)))
+                .collect();
+            t.sort();
+            t.dedup();
+            t
+        }
+    };
     for (shown, m) in modules {
         engine
             .add_policy(shown.clone(), m.text)
@@ -288,6 +303,7 @@ pub fn compile_set(
         engine,
         volatile,
         input_reads,
+        input_truths,
     })
 }
 

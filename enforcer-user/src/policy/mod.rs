@@ -232,6 +232,9 @@ pub struct Loaded {
     /// requests that differ only in what the policy never reads (a request
     /// id, a client port) share it. `None`: under the whole input.
     pub input_reads: Option<Arc<Vec<Vec<rewrite::Seg>>>>,
+    /// Paths it only tests for truth: the key holds whether each is
+    /// defined and not false, not its value.
+    input_truths: Arc<Vec<Vec<rewrite::Seg>>>,
     timeout: Duration,
     /// LLM token budgets from `data.enforcer.llm.budgets`.
     pub llm_budgets: Arc<budgets::Budgets>,
@@ -260,6 +263,7 @@ impl Loaded {
             mut engine,
             volatile,
             input_reads,
+            input_truths,
         } = load::compile_set(origin, set.files(), set.roots())?;
         engine.set_execution_timer_config(timer(timeout));
         let llm_budgets = serde_json::to_value(engine.get_data())
@@ -305,6 +309,7 @@ impl Loaded {
             id: NEXT_LOADED_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             volatile,
             input_reads: input_reads.map(Arc::new),
+            input_truths: Arc::new(input_truths),
             timeout,
             llm_budgets: Arc::new(llm_budgets),
         })
@@ -516,43 +521,72 @@ pub struct Policy {
 #[derive(Default)]
 struct DecisionCache {
     generation: u64,
-    decisions: HashMap<String, Decision>,
+    decisions: HashMap<Vec<u8>, Decision>,
     /// The keys' bytes.
     bytes: usize,
 }
 
-/// The cache key of a decision of policy `policy` on `input`: the parts of
-/// it the policy can read (`reads`; `None`: all of it), as JSON. `None`
-/// (not cached) when it would be longer than [`MAX_KEY`] (a large body the
-/// policy reads).
-fn cache_key(policy: u64, input: &Value, reads: Option<&Vec<Vec<rewrite::Seg>>>) -> Option<String> {
-    let key = match reads {
-        None => serde_json::to_string(input).ok()?,
-        Some(reads) => {
-            let mut parts: Vec<(usize, &Value)> = Vec::with_capacity(reads.len());
-            for (i, path) in reads.iter().enumerate() {
-                let mut at = Some(input);
-                for seg in path {
-                    at = at.and_then(|v| match seg {
-                        rewrite::Seg::Key(k) => v
-                            .as_object()
-                            .ok()
-                            .and_then(|o| o.get(&Value::from(k.as_str()))),
-                        rewrite::Seg::Index(n) => v
-                            .as_array()
-                            .ok()
-                            .and_then(|a| a.get(usize::try_from(*n).ok()?)),
-                    });
-                }
-                // Absent is not null: only what is there goes in.
-                if let Some(v) = at {
-                    parts.push((i, v));
-                }
-            }
-            serde_json::to_string(&parts).ok()?
-        }
+/// The cache key of a decision of policy `policy` on `input`: the
+/// connection's part of the input whole (small, and what the policy reads
+/// of it cannot change between the connections of one workload anyway),
+/// and of a request's part only the values at the paths the policy can
+/// read (`reads`; `None`: all of it). `None` (not cached) when it would be
+/// longer than [`MAX_KEY`] (a large body the policy reads).
+fn cache_key(
+    policy: u64,
+    input: &Input,
+    reads: Option<(&[rewrite::Path], &[rewrite::Path])>,
+) -> Option<Vec<u8>> {
+    #[derive(Serialize)]
+    struct Connection<'a> {
+        direction: &'static str,
+        source: &'a Peer,
+        destination: &'a Peer,
+        protocol: &'static str,
+    }
+    let conn = Connection {
+        direction: input.direction,
+        source: &input.source,
+        destination: &input.destination,
+        protocol: input.protocol,
     };
-    (key.len() <= MAX_KEY).then(|| format!("{policy}:{key}"))
+    // Serializing these cannot fail; should it, the decision is not cached.
+    let mut buf = Vec::with_capacity(256);
+    buf.extend_from_slice(&policy.to_le_bytes());
+    serde_json::to_writer(&mut buf, &conn).ok()?;
+    if let Some(request) = &input.request {
+        match reads {
+            None => serde_json::to_writer(&mut buf, request).ok()?,
+            Some((reads, truths)) => {
+                let at = |path: &[rewrite::Seg]| -> Option<&serde_json::Value> {
+                    let (rewrite::Seg::Key(first), rest) = path.split_first()? else {
+                        return None;
+                    };
+                    let mut at = request.get(first);
+                    for seg in rest {
+                        at = at.and_then(|v| match seg {
+                            rewrite::Seg::Key(k) => v.get(k),
+                            rewrite::Seg::Index(n) => v.get(usize::try_from(*n).ok()?),
+                        });
+                    }
+                    at
+                };
+                // Absent is not null: only what is there goes in.
+                let parts: Vec<(usize, &serde_json::Value)> = reads
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, p)| Some((i, at(p)?)))
+                    .collect();
+                // A truth test: defined and not false.
+                let tested: Vec<bool> = truths
+                    .iter()
+                    .map(|p| at(p).is_some_and(|v| *v != serde_json::Value::Bool(false)))
+                    .collect();
+                serde_json::to_writer(&mut buf, &(parts, tested)).ok()?;
+            }
+        }
+    }
+    (buf.len() <= MAX_KEY).then_some(buf)
 }
 
 #[derive(Default)]
@@ -754,14 +788,18 @@ impl Policy {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let value = input.to_value();
         // The cache key: the parts of the input the policy can read, and
         // the policy (two policies may read different parts). A request's
         // id and the client's port, which it rarely reads, make no miss.
-        let key = loaded
-            .as_ref()
-            .filter(|l| !l.volatile)
-            .and_then(|l| cache_key(l.id, &value, l.input_reads.as_deref()));
+        let key = loaded.as_ref().filter(|l| !l.volatile).and_then(|l| {
+            cache_key(
+                l.id,
+                input,
+                l.input_reads
+                    .as_deref()
+                    .map(|r| (r.as_slice(), l.input_truths.as_slice())),
+            )
+        });
         if let Some(d) = key.as_ref().and_then(|k| {
             let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
             (cache.generation == generation)
@@ -779,7 +817,10 @@ impl Policy {
         // The budget the policy was compiled with: regorus's timer and the
         // wait here agree.
         let budget = loaded.timeout;
-        let d = self.pool.evaluate(loaded.clone(), value, budget).await;
+        let d = self
+            .pool
+            .evaluate(loaded.clone(), input.to_value(), budget)
+            .await;
         let elapsed = started.elapsed();
         // A deterministic outcome is cached: a decision, or running out of
         // budget on this input (else an attacker repeats a runaway input).
@@ -1164,6 +1205,33 @@ mod tests {
         let _ = whole.evaluate(&request("GET", "/docs", 1)).await;
         let (d, evaluated, _) = whole.evaluate(&request("GET", "/docs", 2)).await;
         assert!(!d.cached && evaluated.is_some(), "{d:?}");
+        // A request tested for (`is_request if input.attributes`, as the
+        // shipped policy does) is keyed by that test, not by all of
+        // `attributes` (which holds the request id).
+        let tested = policy_with(
+            "package enforcer.authz\nimport rego.v1\nis_request if input.attributes\n\
+             allow if { is_request; input.attributes.request.http.method == \"GET\" }\n\
+             allow if { not is_request; input.destination.port == 8080 }\n",
+            Duration::from_secs(10),
+        );
+        let _ = tested.evaluate(&request("GET", "/docs", 1)).await;
+        let (d, _, _) = tested.evaluate(&request("GET", "/docs", 2)).await;
+        assert!(d.allow && d.cached, "{d:?}");
+        // Without `attributes` (a connection's decision), not that one.
+        let (conn, evaluated, _) = tested.evaluate(&to_port(8080)).await;
+        assert!(
+            conn.allow && !conn.cached && evaluated.is_some(),
+            "{conn:?}"
+        );
+        let mut falsy = request("GET", "/docs", 3);
+        if let Some(r) = falsy.request.as_mut() {
+            r.insert("attributes".into(), serde_json::json!(false));
+        }
+        let (f, evaluated, _) = tested.evaluate(&falsy).await;
+        assert!(
+            !f.cached && evaluated.is_some(),
+            "attributes: false is not a request: {f:?}"
+        );
         // Nor one that reads the request id.
         let by_id = policy_with(
             "package enforcer.authz\nimport rego.v1\nallow if input.attributes.request.http.id != \"\"\n",

@@ -55,6 +55,9 @@ pub enum Seg {
     Index(u64),
 }
 
+/// A path into the input document.
+pub type Path = Vec<Seg>;
+
 /// One rewritten module.
 pub struct Rewritten {
     pub text: String,
@@ -65,6 +68,10 @@ pub struct Rewritten {
     /// part (it names `input` itself, indexes it with a value it computes
     /// at the top, or does not parse).
     pub input_reads: Option<Vec<Vec<Seg>>>,
+    /// Constant paths into `input` the module only tests for truth (a
+    /// literal `input.x.y` or `not input.x.y`: defined and not false), not
+    /// read for their value.
+    pub input_truths: Vec<Vec<Seg>>,
     /// Full paths (`data.pkg.f`) of the functions the module defines, and
     /// the calls it makes that are not builtins: checked across all modules
     /// by [`check_calls`].
@@ -100,6 +107,7 @@ pub fn rewrite(file: &str, text: &str) -> Result<Rewritten, Refused> {
             text: text.to_owned(),
             volatile: false,
             input_reads: None,
+            input_truths: Vec::new(),
             defines: Vec::new(),
             calls: Vec::new(),
             package: String::new(),
@@ -121,6 +129,7 @@ pub fn rewrite(file: &str, text: &str) -> Result<Rewritten, Refused> {
         imports: imports(&module),
         locals: function_names(&module),
         input_reads: Some(Vec::new()),
+        input_truths: Vec::new(),
         in_with_target: false,
     };
     // `import input.x as y`: whatever `y` reads is under `input.x`.
@@ -146,6 +155,7 @@ pub fn rewrite(file: &str, text: &str) -> Result<Rewritten, Refused> {
         text: apply(text, 0, text.len(), &mut w.edits),
         volatile: w.volatile,
         input_reads: w.input_reads,
+        input_truths: w.input_truths,
         defines,
         calls: w.calls,
         package: w.module_path,
@@ -303,6 +313,7 @@ struct Walker<'a> {
     locals: Vec<String>,
     /// What the module reads of `input` (see [`Rewritten::input_reads`]).
     input_reads: Option<Vec<Vec<Seg>>>,
+    input_truths: Vec<Vec<Seg>>,
     /// Walking the target of a `with`: a replacement, not a read (what the
     /// replaced part is read as is walked where it is read).
     in_with_target: bool,
@@ -412,9 +423,15 @@ impl Walker<'_> {
                     collection,
                     ..
                 } => self.membership(key.as_ref(), value, collection),
-                Literal::Expr { expr, .. } => self.expr(expr),
+                Literal::Expr { expr, .. } => {
+                    if !self.input_truth(expr) {
+                        self.expr(expr)
+                    }
+                }
                 Literal::NotExpr { expr, .. } => {
-                    self.expr(expr);
+                    if !self.input_truth(expr) {
+                        self.expr(expr);
+                    }
                     let mut hoists = Vec::new();
                     self.not_operand(expr, &mut hoists);
                     if !hoists.is_empty() {
@@ -464,6 +481,20 @@ impl Walker<'_> {
                 order: 2,
                 text: " }".into(),
             });
+        }
+    }
+
+    /// A literal that is a constant path into `input` and nothing else
+    /// (`input.attributes`, `not input.mcp.listing`): it succeeds when the
+    /// path is defined and not false, whatever else the value holds;
+    /// recorded as such. False when `e` is not one.
+    fn input_truth(&mut self, e: &Expr) -> bool {
+        match input_path(e) {
+            Some((path, true)) if !path.is_empty() && !self.in_with_target => {
+                self.input_truths.push(path);
+                true
+            }
+            _ => false,
         }
     }
 
@@ -941,10 +972,15 @@ mod tests {
             ("f(x) := x\nallow if f(input.z)", Some(vec![k(&["z"])])),
             // `with input as` replaces; the replacement is not a read.
             (
-                "allow if data.p.q with input as {\"a\": 1}\nq if input.a",
+                "allow if data.p.q with input as {\"a\": 1}\nq if input.a == 1",
                 Some(vec![k(&["a"])]),
             ),
             ("allow if true", Some(vec![])),
+            // A bare test reads no value (see input_truths below).
+            (
+                "allow if input.attributes\nallow if not input.x.y",
+                Some(vec![]),
+            ),
         ];
         for (src, want) in cases {
             let got = rewrite("t.rego", &format!("{head}{src}\n"))
@@ -959,6 +995,20 @@ mod tests {
             };
             assert_eq!(sorted(got), sorted(want), "{src}");
         }
+        let truths = |src: &str| {
+            let mut t = rewrite("t.rego", &format!("{head}{src}\n"))
+                .expect("rewrites")
+                .input_truths;
+            t.sort();
+            t
+        };
+        assert_eq!(
+            truths("allow if input.attributes\nallow if not input.x.y"),
+            [k(&["attributes"]), k(&["x", "y"])]
+        );
+        // Compared, or computed into: a read, not a truth test.
+        assert!(truths("allow if input.attributes == {}").is_empty());
+        assert!(truths("allow if { some k; input.a[k] }").is_empty());
     }
 
     #[test]
