@@ -792,3 +792,59 @@ fn hand_over(conn: &OwnedFd, offer: &Offer) -> Result<u32, String> {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// More pods' listeners than one message carries: they come over in
+    /// several, each taken by its name, address and netns; one that
+    /// claims another netns is not taken.
+    #[test]
+    fn pods_listeners_are_handed_over_in_messages_of_at_most_sixteen() {
+        let dir = std::env::temp_dir().join(format!("enforcer-handover-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let offer = Offer::new("n", 1);
+        let pods = offer.pods();
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+        let cookie = crate::netns::netns_cookie(&probe).expect("SO_NETNS_COOKIE");
+        let mut kept = Vec::new();
+        for i in 0..40 {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+            // The last one claims a netns it is not in.
+            let claimed = if i == 39 { cookie + 1 } else { cookie };
+            pods.add(&format!("pod-{i}"), "outbound4", claimed, &l)
+                .expect("offered");
+            kept.push(l);
+        }
+        let handed = serve(&dir, offer).expect("serve");
+        let mut inherited = take_over(&dir, "n", 2)
+            .expect("exchange")
+            .expect("an agent to take over from");
+        let mut taken = inherited.take_pods();
+        for (i, l) in kept.iter().enumerate().take(39) {
+            let addr = l.local_addr().expect("addr");
+            let got = taken
+                .take(&format!("pod-{i}"), "outbound4", addr, cookie)
+                .unwrap_or_else(|| panic!("pod-{i}'s listener"));
+            assert_eq!(got.local_addr().expect("addr"), addr);
+        }
+        let last = kept[39].local_addr().expect("addr");
+        assert!(
+            taken
+                .take("pod-39", "outbound4", last, cookie + 1)
+                .is_none()
+        );
+        assert!(
+            taken.take("pod-0", "outbound4", last, cookie).is_none(),
+            "taken once"
+        );
+        let _previous = inherited.serving().expect("serving");
+        assert!(
+            handed.blocking_recv().is_ok(),
+            "the old side saw the new one serve"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
