@@ -50,9 +50,11 @@ static ENF_CIDR6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_CIDRS, 0
 
 /// Network namespaces (by cookie) in which the agent has an outbound listener.
 /// A socket in any other netns is never redirected: there would be nothing to
-/// accept it.
+/// accept it. A plain hash, not an LRU: an LRU may evict an entry before it
+/// is full, and an evicted netns would no longer be captured. Full, it
+/// refuses the agent's insert (the pod is not served: its ADD fails).
 #[map(name = "ENF_NETNS")]
-static ENF_NETNS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(MAX_NETNS, 0);
+static ENF_NETNS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_NETNS, 0);
 
 /// Workload socket cookie -> original destination (for getpeername and sock_ops).
 #[map(name = "ENF_BY_COOKIE")]
