@@ -151,6 +151,9 @@ pub enum OnFailure {
 /// Lines waiting for the writer thread; past it a line is lost (counted).
 const QUEUE: usize = 65_536;
 
+/// Lines written together at most (see `Writer::run`).
+const BATCH_LINES: usize = 256;
+
 struct Job {
     /// The line; `None`: the barrier of [`AuditLog::flush`].
     text: Option<String>,
@@ -379,22 +382,47 @@ struct Writer {
 }
 
 impl Writer {
+    /// Writes what is queued: the lines waiting when the thread wakes, up
+    /// to [`BATCH_LINES`], go out in one write (one `stat`, one `fstat`, one
+    /// `write` for all of them, instead of per line); each is whole in the
+    /// file or, when the write fails, none of the batch is. Whoever waits
+    /// for a line or a barrier is answered after its batch.
     fn run(mut self, rx: std::sync::mpsc::Receiver<Job>) {
-        while let Ok(job) = rx.recv() {
-            let ok = job.text.is_none_or(|t| self.write(t));
-            if let Some(done) = job.done {
-                let _ = done.send(ok);
+        let mut batch: Vec<Job> = Vec::with_capacity(BATCH_LINES);
+        let mut text = String::new();
+        while let Ok(first) = rx.recv() {
+            batch.push(first);
+            while batch.len() < BATCH_LINES {
+                match rx.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            text.clear();
+            let mut lines = 0u64;
+            for job in &batch {
+                if let Some(t) = &job.text {
+                    text.push_str(t);
+                    text.push('\n');
+                    lines += 1;
+                }
+            }
+            let ok = lines == 0 || self.write(&text, lines);
+            for job in batch.drain(..) {
+                if let Some(done) = job.done {
+                    let _ = done.send(ok);
+                }
             }
         }
     }
 
-    fn write(&mut self, mut line: String) -> bool {
-        line.push('\n');
+    /// Writes `lines` whole lines (`text`, each ending in a newline).
+    fn write(&mut self, text: &str, lines: u64) -> bool {
         let result = if self.path.is_some() {
-            self.append(line.as_bytes())
+            self.append(text.as_bytes())
         } else {
             let mut out = std::io::stdout().lock();
-            out.write_all(line.as_bytes()).and_then(|()| out.flush())
+            out.write_all(text.as_bytes()).and_then(|()| out.flush())
         };
         match result {
             Ok(()) => {
@@ -406,18 +434,18 @@ impl Writer {
                 true
             }
             Err(e) => {
-                self.failures.inc();
+                self.failures.inc_by(lines);
                 if self.lost == 0 {
                     tracing::error!(target = %self.target, error = %e,
                         "writing the audit log failed; lines are lost until it recovers (enforcer_audit_write_failures_total)");
                 }
-                self.lost += 1;
+                self.lost += lines;
                 false
             }
         }
     }
 
-    /// Appends one line whole, or leaves the file as it was.
+    /// Appends whole lines, or leaves the file as it was.
     fn append(&mut self, line: &[u8]) -> std::io::Result<()> {
         self.recheck();
         if self.file.is_none() {
