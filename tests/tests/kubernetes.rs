@@ -109,11 +109,13 @@ fn pods_are_identified_from_the_api_and_new_ones_fail_closed_while_it_is_unreach
         .join(a.cgroup.strip_prefix(&mount).expect("under cgroup2"))
         .join("kubepods-besteffort.slice");
     let a_tail = format!(
-        "{}{}\n{MESH}\n[kubernetes]\napi_server = \"http://127.0.0.1:6443\"\ntoken_file = \"{}\"\nnode = \"{K8S_NODE}\"\npods_cgroup = [\"{}\"]\n",
+        "{}{}\n{MESH}\n[kubernetes]\napi_server = \"http://127.0.0.1:6443\"\ntoken_file = \"{}\"\nnode = \"{K8S_NODE}\"\npods_cgroup = [\"{}\"]\ncni_socket = \"{}\"\n",
         entry(RESEARCH_ID, "k8s:pod-label:app:research"),
         entry(PINNED_ID, &format!("container:id:{c4}")),
         token.display(),
-        pods_cgroup.display()
+        pods_cgroup.display(),
+        // The testbed's own, never the host's /var/run/enforcer.
+        tb.dir.join("run/cni.sock").display()
     );
     let a_config = tb
         .enforcer_config_with(&a, "", &ca, &a_tail)
