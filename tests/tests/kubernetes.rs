@@ -791,3 +791,190 @@ fn the_shipped_daemonset_loads_one_ca_from_the_secret_volume() {
         "{out:?}"
     );
 }
+
+/// The cookie of a netns, from a socket made in it (SO_NETNS_COOKIE).
+fn netns_cookie_of(node: &Node) -> u64 {
+    node.in_netns(|| {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("a socket in the netns");
+        let mut cookie: u64 = 0;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        // SAFETY: a valid fd, and an out-pointer and length for 8 bytes.
+        let rc = unsafe {
+            libc::getsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                libc::SOL_SOCKET,
+                71, // SO_NETNS_COOKIE
+                (&mut cookie as *mut u64).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "SO_NETNS_COOKIE (Linux >= 5.14)");
+        cookie
+    })
+    .expect("netns")
+}
+
+fn hex(bytes: &[u8]) -> Vec<String> {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The attack the netns check on capture records stops. Pods have
+/// loopback addresses of their own, so a 4-tuple `127.0.0.1:P →
+/// 127.0.0.1:15001` can be pending in two pods at once, and the kernel's
+/// record of pod p2's captured connect is keyed by that 4-tuple alone. A
+/// process in pod p1 that connects by hand to its pod's 15001 from the same
+/// source port must not be taken for p2's workload. The race is made
+/// deterministic by writing p2's record into the pinned record map with
+/// bpftool (what the kernel writes for p2's connect); the agent must leave
+/// it and refuse p1's connection, which before the check was relayed as
+/// p2's workload.
+#[test]
+fn a_capture_record_of_another_pod_is_never_taken() {
+    use enforcer_tests::cni::POD_SUBNET;
+    use std::os::unix::fs::MetadataExt as _;
+    if std::process::Command::new("bpftool")
+        .arg("version")
+        .output()
+        .is_err()
+    {
+        panic!("bpftool is missing: install the Debian package bpftool (`cargo xtask setup` does)");
+    }
+    let mut tb = Testbed::new("podrecord").expect("testbed");
+    let a = tb.node("a", 1).expect("node");
+    let ca = tb.shared_ca("shared", TD).expect("CA");
+    let pods_dir = tb.dir.join("pods");
+    fs::create_dir_all(&pods_dir).expect("pods dir");
+    let (u1, c1) = ("2f5e1c2a-1111-4a5b-8c9d-000000000001", "e1".repeat(32));
+    let (u2, c2) = ("2f5e1c2a-2222-4a5b-8c9d-000000000002", "f2".repeat(32));
+    write_pod(&pods_dir, u1, &pod(u1, "support", "support", &c1));
+    write_pod(&pods_dir, u2, &pod(u2, "api", "api", &c2));
+    let token = tb.dir.join("token");
+    fs::write(&token, TOKEN).expect("token");
+    let api = format!("{}/helpers/k8s_api.py", env!("CARGO_MANIFEST_DIR"));
+    tb.start_server(
+        &a,
+        "k8s-api",
+        &[
+            "python3",
+            "-u",
+            &api,
+            "6443",
+            &pods_dir.display().to_string(),
+            TOKEN,
+        ],
+        6443,
+    )
+    .expect("the API stand-in");
+    let mount = enforcer_tests::cgroup2_mount().expect("cgroup2");
+    let pods_cgroup = Path::new("/")
+        .join(a.cgroup.strip_prefix(&mount).expect("under cgroup2"))
+        .join("kubepods-besteffort.slice");
+    let socket = tb.dir.join("run/cni.sock");
+    let a_tail = format!(
+        "[mesh]\ncidrs = [\"{POD_SUBNET}\"]\n\n[kubernetes]\napi_server = \"http://127.0.0.1:6443\"\ntoken_file = \"{}\"\nnode = \"{K8S_NODE}\"\npods_cgroup = [\"{}\"]\ncni_socket = \"{}\"\n",
+        token.display(),
+        pods_cgroup.display(),
+        socket.display()
+    );
+    let a_config = tb
+        .enforcer_config_with(&a, "", &ca, &a_tail)
+        .expect("config");
+    let ea = tb.start_enforcer(&a, &a_config).expect("a's agent");
+    let network = tb.install_pod_network(&socket).expect("the pod network");
+    let mut p1 = tb.pod(&a, "p1", u1, &c1, "agents").expect("pod");
+    let mut p2 = tb.pod(&a, "p2", u2, &c2, "agents").expect("pod");
+    for p in [&mut p1, &mut p2] {
+        let added = tb.cni(&a, p, &network, "ADD").expect("CNI ADD");
+        assert!(added.ok, "ADD: {added:?}");
+    }
+    let echo = format!("{}/helpers/http_echo.py", env!("CARGO_MANIFEST_DIR"));
+    let p2_cg = p2.cgroup();
+    let server = tb
+        .start_server_in(
+            &p2.node,
+            Some(&p2_cg),
+            "echo",
+            &["python3", "-u", &echo, "8080"],
+            8080,
+        )
+        .expect("the api pod's server");
+
+    // p2's record, as the kernel would store it for a captured connect
+    // from 127.0.0.1:PORT in p2 to p2's own 8080: p2's netns cookie, its
+    // server's cgroup and pid (an identity: ns/agents/sa/api).
+    const PORT: u16 = 45678;
+    let p2_cookie = netns_cookie_of(&p2.node);
+    assert_ne!(p2_cookie, netns_cookie_of(&p1.node));
+    let cgroup_id = fs::metadata(a.cgroup.join(&p2_cg)).expect("cgroup").ino();
+    let ip: [u8; 4] = p2
+        .node
+        .ipv4
+        .parse::<std::net::Ipv4Addr>()
+        .expect("p2's address")
+        .octets();
+    let mut key = Vec::new();
+    key.extend_from_slice(&2u32.to_ne_bytes()); // AF_INET
+    key.extend_from_slice(&PORT.to_ne_bytes());
+    key.extend_from_slice(&15001u16.to_ne_bytes());
+    let mut lo = [0u8; 16];
+    lo[..4].copy_from_slice(&[127, 0, 0, 1]);
+    key.extend_from_slice(&lo);
+    key.extend_from_slice(&lo);
+    let mut value = Vec::new();
+    value.extend_from_slice(&2u16.to_ne_bytes()); // family
+    value.extend_from_slice(&8080u16.to_ne_bytes()); // original port
+    for n in [server, server, 0, 0, 0] {
+        value.extend_from_slice(&n.to_ne_bytes()); // pid, tgid, uid, gid, pad
+    }
+    let mut addr = [0u8; 16];
+    addr[..4].copy_from_slice(&ip);
+    value.extend_from_slice(&addr);
+    value.extend_from_slice(&cgroup_id.to_ne_bytes());
+    value.extend_from_slice(&p2_cookie.to_ne_bytes());
+    value.extend_from_slice(&424242u64.to_ne_bytes()); // socket cookie
+    value.extend_from_slice(b"python3\0\0\0\0\0\0\0\0\0");
+    assert_eq!(
+        (key.len(), value.len()),
+        (40, 80),
+        "SockTuple and OrigDst sizes"
+    );
+    let map = format!(
+        "/sys/fs/bpf/enforcer/v2/{}/maps/ENF_BY_TUPLE",
+        tb.node_instance(&a)
+    );
+    let mut args: Vec<String> = vec!["map".into(), "update".into(), "pinned".into(), map];
+    args.push("key".into());
+    args.push("hex".into());
+    args.extend(hex(&key));
+    args.push("value".into());
+    args.push("hex".into());
+    args.extend(hex(&value));
+    let out = std::process::Command::new("bpftool")
+        .args(&args)
+        .output()
+        .expect("bpftool");
+    assert!(out.status.success(), "bpftool map update: {out:?}");
+
+    // The attacker in p1 (not captured: outside the node's cgroup) connects
+    // to its pod's 15001 by hand from that source port.
+    let attack = format!(
+        "import socket\ns = socket.socket()\ns.bind(('127.0.0.1', {PORT}))\ns.settimeout(5)\n\
+         try:\n    s.connect(('127.0.0.1', 15001))\n    s.sendall(b'GET /stolen HTTP/1.0\\r\\n\\r\\n')\n    print('GOT', s.recv(100))\n\
+         except OSError as e:\n    print('REFUSED', e)\n"
+    );
+    let (_, out) = p1
+        .node
+        .exec(None, &["python3", "-c", &attack])
+        .expect("the attacker");
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        !said.contains("HTTP/"),
+        "p1's connection was relayed as p2's workload: {said}"
+    );
+    assert!(
+        ea.log_lines().iter().any(|v| v["message"]
+            == "a capture record of another network namespace has this connection's 4-tuple; not taken"),
+        "the agent logs the record it left"
+    );
+    assert!(!tb.server_log(&p2.node, "echo").contains("/stolen"));
+}

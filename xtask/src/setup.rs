@@ -33,6 +33,9 @@ const APT_PACKAGES: &[&str] = &[
     // The real CNI plugins (bridge, host-local, loopback) that build the
     // Kubernetes testbed's pod networks, with enforcer-cni chained.
     "containernetworking-plugins",
+    // bpftool: an attack test writes a kernel record another pod's connect
+    // would leave (kubernetes::a_capture_record_of_another_pod_is_never_taken).
+    "bpftool",
 ];
 
 /// Python packages (package, module): the AI scenarios' official clients and
