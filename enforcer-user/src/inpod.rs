@@ -129,82 +129,63 @@ fn prepare(
         return Ok(None);
     }
     // The listener the previous agent handed over, else a new one.
-    let mut listen = |kind: &str,
-                      addr: SocketAddr,
-                      reuse: bool|
-     -> Result<Option<std::net::TcpListener>, InPodError> {
-        if let Some(l) = inherited
-            .as_deref_mut()
-            .and_then(|i| i.take(uid, kind, addr, ns.cookie))
-        {
-            return Ok(Some(l));
-        }
-        // A marked listener made inside the pod's netns.
-        match ns.run(move || crate::mark::listener(addr, reuse))? {
-            Ok(l) => Ok(Some(l)),
-            Err(e)
-                if addr.is_ipv6()
-                    && matches!(
-                        e.raw_os_error(),
-                        Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)
-                    ) =>
+    let mut listen =
+        |kind: &str, addr: SocketAddr| -> Result<Option<std::net::TcpListener>, InPodError> {
+            if let Some(l) = inherited
+                .as_deref_mut()
+                .and_then(|i| i.take(uid, kind, addr, ns.cookie))
             {
-                Ok(None)
+                return Ok(Some(l));
             }
-            Err(source) => Err(InPodError::Listen {
-                pod: uid.to_owned(),
-                addr,
-                source,
-            }),
-        }
-    };
-    // SO_REUSEADDR everywhere: the connections a previous agent accepted
-    // (some in TIME_WAIT for a minute) must not keep this one from
-    // listening once that agent's listener is gone; a listener that still
-    // exists (the previous agent's, or a workload's squatting the port:
-    // captured connects are refused then, as they do not reach a marked
-    // listener) still keeps it out.
-    let mut outbound = Vec::new();
-    let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, ports.outbound));
-    outbound.extend(listen("outbound4", v4, true)?);
-    if outbound.is_empty() {
-        return Err(InPodError::Listen {
-            pod: uid.to_owned(),
-            addr: v4,
-            source: std::io::ErrorKind::AddrNotAvailable.into(),
-        });
-    }
-    outbound.extend(listen(
-        "outbound6",
-        SocketAddr::from((Ipv6Addr::LOCALHOST, ports.outbound)),
-        true,
-    )?);
-    // [::] is v6-only (mark::listener): 0.0.0.0 as well.
-    let mut hbone = Vec::new();
-    if let Some(port) = ports.hbone {
-        hbone.extend(listen(
-            "hbone4",
-            SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
-            true,
-        )?);
-        hbone.extend(listen(
-            "hbone6",
-            SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
-            true,
-        )?);
-    }
-    let mut plaintext = Vec::new();
-    if let Some(port) = ports.plaintext {
-        plaintext.extend(listen(
-            "plaintext4",
-            SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
-            true,
-        )?);
-        plaintext.extend(listen(
-            "plaintext6",
-            SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
-            true,
-        )?);
+            // A marked listener made inside the pod's netns.
+            match ns.run(move || crate::mark::listener(addr, true))? {
+                Ok(l) => Ok(Some(l)),
+                Err(e)
+                    if addr.is_ipv6()
+                        && matches!(
+                            e.raw_os_error(),
+                            Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)
+                        ) =>
+                {
+                    Ok(None)
+                }
+                Err(source) => Err(InPodError::Listen {
+                    pod: uid.to_owned(),
+                    addr,
+                    source,
+                }),
+            }
+        };
+    // Outbound on loopback; HBONE and plaintext on the wildcards ([::] is
+    // v6-only, see mark::listener, so 0.0.0.0 as well). A group whose port
+    // is `None` is not served.
+    let (mut outbound, mut hbone, mut plaintext) = (Vec::new(), Vec::new(), Vec::new());
+    for (group, name, port, v4, v6) in [
+        (
+            &mut outbound,
+            "outbound",
+            Some(ports.outbound),
+            Ipv4Addr::LOCALHOST,
+            Ipv6Addr::LOCALHOST,
+        ),
+        (
+            &mut hbone,
+            "hbone",
+            ports.hbone,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv6Addr::UNSPECIFIED,
+        ),
+        (
+            &mut plaintext,
+            "plaintext",
+            ports.plaintext,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv6Addr::UNSPECIFIED,
+        ),
+    ] {
+        let Some(port) = port else { continue };
+        group.extend(listen(&format!("{name}4"), SocketAddr::from((v4, port)))?);
+        group.extend(listen(&format!("{name}6"), SocketAddr::from((v6, port)))?);
     }
     let addrs = ns.addresses()?;
     Ok(Some(Prepared {
@@ -512,16 +493,18 @@ impl InPod {
                     .iter()
                     .map(|(u, s)| (u.clone(), s.origin.clone(), s.ns.inode))
                     .collect();
-                pods.into_iter()
-                    .filter(|(_, origin, inode)| origin.gone(*inode))
-                    .map(|(u, ..)| u)
-                    .collect::<Vec<_>>()
+                // Let go here too: unpinning and the map update stay off
+                // the runtime's threads.
+                for (uid, origin, inode) in pods {
+                    if origin.gone(inode) {
+                        info!(pod = %uid, "the pod's network namespace or cgroup is gone");
+                        this.remove(&uid);
+                    }
+                }
             })
-            .await
-            .unwrap_or_default();
-            for uid in gone {
-                info!(pod = %uid, "the pod's network namespace or cgroup is gone");
-                self.remove(&uid);
+            .await;
+            if let Err(e) = gone {
+                warn!(error = %e, "the sweep of gone pods failed");
             }
         }
     }
@@ -844,8 +827,12 @@ async fn cni_request(inpod: &Arc<InPod>, req: CniRequest) -> CniAnswer {
             }
         }
         "DEL" => {
-            inpod.remove(&uid);
-            ok
+            // Unpinning and the map update: on the blocking pool.
+            let this = inpod.clone();
+            match tokio::task::spawn_blocking(move || this.remove(&uid)).await {
+                Ok(_) => ok,
+                Err(e) => fail(format!("DEL: {e}")),
+            }
         }
         "CHECK" if inpod.is_served(&uid) => ok,
         "CHECK" => fail(format!("pod {uid} is not served")),

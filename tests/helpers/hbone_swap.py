@@ -14,12 +14,10 @@ import ssl
 import sys
 import threading
 
-import h2.config
-import h2.connection
 import h2.errors
 import h2.events
 
-from svid import leaf, load_ca, now, write_pair
+from svid import h2_server_events, leaf, load_ca, now, write_pair
 
 addr, port, ca_cert_path, ca_key_path, first, later = sys.argv[1:7]
 ca_cert, ca_key = load_ca(ca_cert_path, ca_key_path)
@@ -39,26 +37,15 @@ contexts = {first: context(first), later: context(later)}
 
 
 def serve(tls, n):
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
-    conn.initiate_connection()
-    tls.sendall(conn.data_to_send())
-    while True:
-        try:
-            data = tls.recv(65536)
-        except OSError:
-            return
-        if not data:
-            return
-        for ev in conn.receive_data(data):
-            if isinstance(ev, h2.events.RequestReceived):
-                authority = dict(ev.headers).get(b":authority", b"").decode()
-                if n == 1:
-                    print("REFUSED", n, authority, flush=True)
-                    conn.reset_stream(ev.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
-                else:
-                    print("CONNECT", n, authority, flush=True)
-                    conn.send_headers(ev.stream_id, [(":status", "200")])
-        tls.sendall(conn.data_to_send())
+    for conn, ev in h2_server_events(tls):
+        if isinstance(ev, h2.events.RequestReceived):
+            authority = dict(ev.headers).get(b":authority", b"").decode()
+            if n == 1:
+                print("REFUSED", n, authority, flush=True)
+                conn.reset_stream(ev.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            else:
+                print("CONNECT", n, authority, flush=True)
+                conn.send_headers(ev.stream_id, [(":status", "200")])
 
 
 srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -83,3 +83,28 @@ def hbone_context(pair_paths=None):
     if pair_paths:
         ctx.load_cert_chain(*pair_paths)
     return ctx
+
+
+def h2_server_events(tls):
+    """The server side of HTTP/2 on a TLS socket (h2, imported here so that
+    the helpers without it need not have it): yields (conn, event) for each
+    event until the peer closes, and sends what the events' handling queued
+    after each read."""
+    import h2.config
+    import h2.connection
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    conn.initiate_connection()
+    tls.sendall(conn.data_to_send())
+    while True:
+        try:
+            data = tls.recv(65536)
+        except OSError:
+            return
+        if not data:
+            return
+        for ev in conn.receive_data(data):
+            yield conn, ev
+        out = conn.data_to_send()
+        if out:
+            tls.sendall(out)

@@ -15,11 +15,9 @@ import ssl
 import sys
 import threading
 
-import h2.config
-import h2.connection
 import h2.events
 
-from svid import leaf, load_ca, now, write_pair
+from svid import h2_server_events, leaf, load_ca, now, write_pair
 
 addr, port, ca_cert_path, ca_key_path, server_id = sys.argv[1:6]
 ca_cert, ca_key = load_ca(ca_cert_path, ca_key_path)
@@ -44,34 +42,18 @@ ctx.sni_callback = remember_sni
 
 
 def serve(tls):
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
-    conn.initiate_connection()
-    tls.sendall(conn.data_to_send())
     ports = {}
-    while True:
-        try:
-            data = tls.recv(65536)
-        except OSError:
-            return
-        if not data:
-            return
-        for ev in conn.receive_data(data):
-            if isinstance(ev, h2.events.RequestReceived):
-                headers = dict(ev.headers)
-                authority = headers.get(b":authority", b"").decode()
-                print("CONNECT", authority, flush=True)
-                ports[ev.stream_id] = authority.rsplit(":", 1)[-1]
-                conn.send_headers(ev.stream_id, [(":status", "200")])
-            elif isinstance(ev, h2.events.DataReceived):
-                conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-                if b"\r\n\r\n" in ev.data:
-                    body = ("port %s\n" % ports.get(ev.stream_id, "?")).encode()
-                    conn.send_data(ev.stream_id, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body, end_stream=True)
-            elif isinstance(ev, h2.events.StreamEnded):
-                pass
-        out = conn.data_to_send()
-        if out:
-            tls.sendall(out)
+    for conn, ev in h2_server_events(tls):
+        if isinstance(ev, h2.events.RequestReceived):
+            authority = dict(ev.headers).get(b":authority", b"").decode()
+            print("CONNECT", authority, flush=True)
+            ports[ev.stream_id] = authority.rsplit(":", 1)[-1]
+            conn.send_headers(ev.stream_id, [(":status", "200")])
+        elif isinstance(ev, h2.events.DataReceived):
+            conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            if b"\r\n\r\n" in ev.data:
+                body = ("port %s\n" % ports.get(ev.stream_id, "?")).encode()
+                conn.send_data(ev.stream_id, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body, end_stream=True)
 
 
 srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -806,7 +806,7 @@ impl Drop for Testbed {
 
 /// Removes a cgroup subtree that this testbed created, killing any process
 /// still in it (only processes the test started can be there).
-fn remove_cgroup_tree(dir: &Path) {
+pub fn remove_cgroup_tree(dir: &Path) {
     if let Ok(entries) = fs::read_dir(dir) {
         for e in entries.flatten() {
             if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {

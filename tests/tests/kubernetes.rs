@@ -45,6 +45,60 @@ fn write_pod(dir: &Path, uid: &str, pod: &Value) {
     fs::rename(&tmp, dir.join(format!("{uid}.json"))).expect("pod");
 }
 
+/// The API stand-in on node `node` (its netns, port 6443), serving
+/// `pods`, and the `[kubernetes]` section an agent of that node watches it
+/// with: the token, `K8S_NODE`, the node's kubepods slice as the kubelet's
+/// pod cgroup, and a CNI socket in the testbed (never the host's).
+struct Api {
+    dir: std::path::PathBuf,
+    pid: u32,
+    section: String,
+    cni_socket: std::path::PathBuf,
+}
+
+fn serve_pods(tb: &mut Testbed, node: &Node, pods: &[&Value]) -> Api {
+    let dir = tb.dir.join("pods");
+    fs::create_dir_all(&dir).expect("pods dir");
+    for p in pods {
+        write_pod(&dir, p["metadata"]["uid"].as_str().expect("uid"), p);
+    }
+    let token = tb.dir.join("token");
+    fs::write(&token, TOKEN).expect("token");
+    let api = format!("{}/helpers/k8s_api.py", env!("CARGO_MANIFEST_DIR"));
+    let pid = tb
+        .start_server(
+            node,
+            "k8s-api",
+            &[
+                "python3",
+                "-u",
+                &api,
+                "6443",
+                &dir.display().to_string(),
+                TOKEN,
+            ],
+            6443,
+        )
+        .expect("the API stand-in");
+    let mount = enforcer_tests::cgroup2_mount().expect("cgroup2");
+    let pods_cgroup = Path::new("/")
+        .join(node.cgroup.strip_prefix(&mount).expect("under cgroup2"))
+        .join("kubepods-besteffort.slice");
+    let cni_socket = tb.dir.join("run/cni.sock");
+    let section = format!(
+        "[kubernetes]\napi_server = \"http://127.0.0.1:6443\"\ntoken_file = \"{}\"\nnode = \"{K8S_NODE}\"\npods_cgroup = [\"{}\"]\ncni_socket = \"{}\"\n",
+        token.display(),
+        pods_cgroup.display(),
+        cni_socket.display()
+    );
+    Api {
+        dir,
+        pid,
+        section,
+        cni_socket,
+    }
+}
+
 fn curl(node: &Node, unit: &str, url: &str) -> (String, u32) {
     node.http_status(Some(unit), url)
 }
@@ -69,53 +123,32 @@ fn pods_are_identified_from_the_api_and_new_ones_fail_closed_while_it_is_unreach
     .expect("server");
 
     // This node's pods, served by the API stand-in in a's netns.
-    let pods = tb.dir.join("pods");
-    fs::create_dir_all(&pods).expect("pods dir");
     let (u1, c1) = ("0f5e1c2a-1111-4a5b-8c9d-000000000001", "a1".repeat(32));
     let (u2, c2) = ("0f5e1c2a-2222-4a5b-8c9d-000000000002", "b2".repeat(32));
     let (u3, c3) = ("0f5e1c2a-3333-4a5b-8c9d-000000000003", "c3".repeat(32));
-    write_pod(&pods, u1, &pod(u1, "support", "support", &c1));
-    write_pod(&pods, u2, &pod(u2, "research", "research", &c2));
     // A pod of another node: not this agent's.
     let mut other = pod(u3, "support", "elsewhere", &c3);
     other["spec"]["nodeName"] = json!("worker-2");
-    write_pod(&pods, u3, &other);
-    let token = tb.dir.join("token");
-    fs::write(&token, TOKEN).expect("token");
-    let api = format!("{}/helpers/k8s_api.py", env!("CARGO_MANIFEST_DIR"));
-    let api_pid = tb
-        .start_server(
-            &a,
-            "k8s-api",
-            &[
-                "python3",
-                "-u",
-                &api,
-                "6443",
-                &pods.display().to_string(),
-                TOKEN,
-            ],
-            6443,
-        )
-        .expect("the API stand-in");
+    let api = serve_pods(
+        &mut tb,
+        &a,
+        &[
+            &pod(u1, "support", "support", &c1),
+            &pod(u2, "research", "research", &c2),
+            &other,
+        ],
+    );
+    let (pods, api_pid) = (api.dir.clone(), api.pid);
 
     // No entry for the support pod (its identity comes from its namespace
     // and service account); an entry for the research pod's label; and one
     // pinned to a container id, which only a pod the API knows may use.
     let (u4, c4) = ("0f5e1c2a-4444-4a5b-8c9d-000000000004", "d4".repeat(32));
-    // The kubelet's pod cgroup on this test node: its kubepods slice.
-    let mount = enforcer_tests::cgroup2_mount().expect("cgroup2");
-    let pods_cgroup = Path::new("/")
-        .join(a.cgroup.strip_prefix(&mount).expect("under cgroup2"))
-        .join("kubepods-besteffort.slice");
     let a_tail = format!(
-        "{}{}\n{MESH}\n[kubernetes]\napi_server = \"http://127.0.0.1:6443\"\ntoken_file = \"{}\"\nnode = \"{K8S_NODE}\"\npods_cgroup = [\"{}\"]\ncni_socket = \"{}\"\n",
+        "{}{}\n{MESH}\n{}",
         entry(RESEARCH_ID, "k8s:pod-label:app:research"),
         entry(PINNED_ID, &format!("container:id:{c4}")),
-        token.display(),
-        pods_cgroup.display(),
-        // The testbed's own, never the host's /var/run/enforcer.
-        tb.dir.join("run/cni.sock").display()
+        api.section
     );
     let a_config = tb
         .enforcer_config_with(&a, "", &ca, &a_tail)
@@ -269,45 +302,26 @@ fn pods_with_their_own_netns_are_served_from_cni_add_to_del() {
     let mut tb = Testbed::new("inpod").expect("testbed");
     let a = tb.node("a", 1).expect("node");
     let ca = tb.shared_ca("shared", TD).expect("CA");
-    let pods_dir = tb.dir.join("pods");
-    fs::create_dir_all(&pods_dir).expect("pods dir");
     let (u1, c1) = ("1f5e1c2a-1111-4a5b-8c9d-000000000001", "e1".repeat(32));
     let (u2, c2) = ("1f5e1c2a-2222-4a5b-8c9d-000000000002", "f2".repeat(32));
     let (u3, c3) = ("1f5e1c2a-3333-4a5b-8c9d-000000000003", "a3".repeat(32));
-    write_pod(&pods_dir, u1, &pod(u1, "support", "support", &c1));
-    write_pod(&pods_dir, u2, &pod(u2, "api", "api", &c2));
-    write_pod(&pods_dir, u3, &pod(u3, "support", "late", &c3));
-    let token = tb.dir.join("token");
-    fs::write(&token, TOKEN).expect("token");
-    let api = format!("{}/helpers/k8s_api.py", env!("CARGO_MANIFEST_DIR"));
-    tb.start_server(
+    let api = serve_pods(
+        &mut tb,
         &a,
-        "k8s-api",
         &[
-            "python3",
-            "-u",
-            &api,
-            "6443",
-            &pods_dir.display().to_string(),
-            TOKEN,
+            &pod(u1, "support", "support", &c1),
+            &pod(u2, "api", "api", &c2),
+            &pod(u3, "support", "late", &c3),
         ],
-        6443,
-    )
-    .expect("the API stand-in");
-    let mount = enforcer_tests::cgroup2_mount().expect("cgroup2");
-    let pods_cgroup = Path::new("/")
-        .join(a.cgroup.strip_prefix(&mount).expect("under cgroup2"))
-        .join("kubepods-besteffort.slice");
-    let socket = tb.dir.join("run/cni.sock");
+    );
+    let socket = api.cni_socket.clone();
     let a_tail = format!(
-        "{}\n[mesh]\ncidrs = [\"{POD_SUBNET}\"]\n\n[[mesh.inbound]]\nports = [8080]\nmode = \"strict\"\n\n[kubernetes]\napi_server = \"http://127.0.0.1:6443\"\ntoken_file = \"{}\"\nnode = \"{K8S_NODE}\"\npods_cgroup = [\"{}\"]\ncni_socket = \"{}\"\n",
+        "{}\n[mesh]\ncidrs = [\"{POD_SUBNET}\"]\n\n[[mesh.inbound]]\nports = [8080]\nmode = \"strict\"\n\n{}",
         entry(
             "spiffe://k8s.example.org/sidecar",
             &format!("container:id:{SIDECAR_CONTAINER}")
         ),
-        token.display(),
-        pods_cgroup.display(),
-        socket.display()
+        api.section
     );
     let a_config = tb
         .enforcer_config_with(&a, "", &ca, &a_tail)
@@ -612,34 +626,10 @@ fn pods_with_their_own_netns_are_served_from_cni_add_to_del() {
         .status()
         .expect("ip netns del");
     let p2_cgroup = a.cgroup.join(p2.cgroup());
-    remove_cgroup_tree(p2_cgroup.parent().expect("pod slice"));
+    enforcer_tests::remove_cgroup_tree(p2_cgroup.parent().expect("pod slice"));
     wait_for("the agent to let go of p2's netns", || {
         !netns_fds(ea.pid).contains(&p2_ns)
     });
-}
-
-/// Kills the processes in a cgroup subtree this test made and removes it.
-fn remove_cgroup_tree(dir: &Path) {
-    if let Ok(entries) = fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_cgroup_tree(&e.path());
-            }
-        }
-    }
-    for _ in 0..100 {
-        let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        if fs::remove_dir(dir).is_ok() || !dir.exists() {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
 }
 
 /// Issue 13, item 5, the other direction: the enforcer client against an
@@ -842,40 +832,18 @@ fn a_capture_record_of_another_pod_is_never_taken() {
     let mut tb = Testbed::new("podrecord").expect("testbed");
     let a = tb.node("a", 1).expect("node");
     let ca = tb.shared_ca("shared", TD).expect("CA");
-    let pods_dir = tb.dir.join("pods");
-    fs::create_dir_all(&pods_dir).expect("pods dir");
     let (u1, c1) = ("2f5e1c2a-1111-4a5b-8c9d-000000000001", "e1".repeat(32));
     let (u2, c2) = ("2f5e1c2a-2222-4a5b-8c9d-000000000002", "f2".repeat(32));
-    write_pod(&pods_dir, u1, &pod(u1, "support", "support", &c1));
-    write_pod(&pods_dir, u2, &pod(u2, "api", "api", &c2));
-    let token = tb.dir.join("token");
-    fs::write(&token, TOKEN).expect("token");
-    let api = format!("{}/helpers/k8s_api.py", env!("CARGO_MANIFEST_DIR"));
-    tb.start_server(
+    let api = serve_pods(
+        &mut tb,
         &a,
-        "k8s-api",
         &[
-            "python3",
-            "-u",
-            &api,
-            "6443",
-            &pods_dir.display().to_string(),
-            TOKEN,
+            &pod(u1, "support", "support", &c1),
+            &pod(u2, "api", "api", &c2),
         ],
-        6443,
-    )
-    .expect("the API stand-in");
-    let mount = enforcer_tests::cgroup2_mount().expect("cgroup2");
-    let pods_cgroup = Path::new("/")
-        .join(a.cgroup.strip_prefix(&mount).expect("under cgroup2"))
-        .join("kubepods-besteffort.slice");
-    let socket = tb.dir.join("run/cni.sock");
-    let a_tail = format!(
-        "[mesh]\ncidrs = [\"{POD_SUBNET}\"]\n\n[kubernetes]\napi_server = \"http://127.0.0.1:6443\"\ntoken_file = \"{}\"\nnode = \"{K8S_NODE}\"\npods_cgroup = [\"{}\"]\ncni_socket = \"{}\"\n",
-        token.display(),
-        pods_cgroup.display(),
-        socket.display()
     );
+    let socket = api.cni_socket.clone();
+    let a_tail = format!("[mesh]\ncidrs = [\"{POD_SUBNET}\"]\n\n{}", api.section);
     let a_config = tb
         .enforcer_config_with(&a, "", &ca, &a_tail)
         .expect("config");

@@ -273,8 +273,10 @@ impl LocalAttestor {
         }
     }
 
-    /// The attestation of the workload that a connection to `dst` reaches.
-    /// Blocking work runs on the blocking pool.
+    /// The attestation of the workload that a connection to `dst` reaches
+    /// (port 0: the workload that owns the address, see
+    /// [`LocalAttestor::attest_blocking`]). Blocking work runs on the
+    /// blocking pool.
     pub async fn attest(self: &Arc<Self>, attestor: &Arc<Attestor>, dst: SocketAddr) -> Answer {
         if let Some(hit) = self.recent(dst) {
             return hit;
@@ -309,19 +311,13 @@ impl LocalAttestor {
     }
 
     /// Like [`LocalAttestor::attest`], on the calling thread (blocking).
+    /// Port 0 asks for the workload that owns the address itself (every
+    /// listener on it, any port: [`LocalAttestor::address_blocking`]).
     pub fn attest_blocking(&self, attestor: &Attestor, dst: SocketAddr) -> Answer {
-        let mut group = chosen(&self.table(TABLE_TTL), dst);
-        if group.is_empty() {
-            group = chosen(&self.table(MISS_REREAD), dst);
-        }
-        let answer = if group.is_empty() {
-            Err(LocalError::NoListener(dst))
+        let answer = if dst.port() == 0 {
+            self.address_blocking(attestor, dst.ip())
         } else {
-            group
-                .iter()
-                .map(|l| self.owner(attestor, l.inode, dst))
-                .collect::<Result<Vec<_>, _>>()
-                .and_then(|all| agree(dst, all))
+            self.listener_blocking(attestor, dst)
         };
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         if recent.len() > 4096 {
@@ -331,32 +327,27 @@ impl LocalAttestor {
         answer
     }
 
+    /// The owners of the listeners the kernel may pick for `dst`, when they
+    /// agree on one identity.
+    fn listener_blocking(&self, attestor: &Attestor, dst: SocketAddr) -> Answer {
+        let mut group = chosen(&self.table(TABLE_TTL), dst);
+        if group.is_empty() {
+            group = chosen(&self.table(MISS_REREAD), dst);
+        }
+        if group.is_empty() {
+            return Err(LocalError::NoListener(dst));
+        }
+        group
+            .iter()
+            .map(|l| self.owner(attestor, l.inode, dst))
+            .collect::<Result<Vec<_>, _>>()
+            .and_then(|all| agree(dst, all))
+    }
+
     /// The workload that owns address `ip` — every listener the kernel
     /// may pick for a connection to `ip` on any port, the agent's own left
     /// out — when all of them have one identity (a pod's address, for an
-    /// HBONE client that names no port: ztunnel's). Blocking work on the
-    /// blocking pool; answers kept as [`LocalAttestor::recent`]'s, under
-    /// port 0.
-    pub async fn attest_address(self: &Arc<Self>, attestor: &Arc<Attestor>, ip: IpAddr) -> Answer {
-        let key = SocketAddr::new(ip, 0);
-        if let Some(hit) = self.recent(key) {
-            return hit;
-        }
-        let _one = self.lookup.lock().await;
-        if let Some(hit) = self.recent(key) {
-            return hit;
-        }
-        let (this, attestor) = (self.clone(), attestor.clone());
-        tokio::task::spawn_blocking(move || {
-            let answer = this.address_blocking(&attestor, ip);
-            let mut recent = this.recent.lock().unwrap_or_else(|p| p.into_inner());
-            recent.insert(key, (Instant::now(), answer.clone()));
-            answer
-        })
-        .await
-        .unwrap_or_else(|e| Err(LocalError::Internal(key, e.to_string())))
-    }
-
+    /// HBONE client that names no port: ztunnel's).
     fn address_blocking(&self, attestor: &Attestor, ip: IpAddr) -> Answer {
         let key = SocketAddr::new(ip, 0);
         let table = self.table(MISS_REREAD);

@@ -168,39 +168,32 @@ impl Inbound {
         .await
     }
 
-    /// The SVID of the local workload a connection to `dst` reaches: the
-    /// owner of the listener the kernel would choose for that exact address.
+    /// The SVID to present for `dst`: with a port, the owner of the
+    /// listener the kernel would choose for that exact address; with port 0
+    /// (a client that named no port, on a pod's listener), the workload
+    /// that owns the address (all its listeners agree on one identity).
     async fn destination_svid(&self, dst: SocketAddr) -> Result<Arc<IssuedSvid>, String> {
         let att = self
             .local
             .attest(&self.attestor, dst)
             .await
             .map_err(|e| e.to_string())?;
+        let at = || {
+            if dst.port() == 0 {
+                dst.ip().to_string()
+            } else {
+                dst.to_string()
+            }
+        };
         match self.identity.identify(&att).await {
             Ok(Some(svid)) => Ok(svid),
             Ok(None) => Err(format!(
-                "the workload on {dst} (pid {}) has no identity; selectors {:?}",
-                att.facts.pid, att.selectors
+                "the workload on {} (pid {}) has no identity; selectors {:?}",
+                at(),
+                att.facts.pid,
+                att.selectors
             )),
-            Err(e) => Err(format!("the workload on {dst}: {e}")),
-        }
-    }
-
-    /// The SVID of the workload that owns local address `ip` (all its
-    /// listeners agree on one identity).
-    async fn address_svid(&self, ip: std::net::IpAddr) -> Result<Arc<IssuedSvid>, String> {
-        let att = self
-            .local
-            .attest_address(&self.attestor, ip)
-            .await
-            .map_err(|e| e.to_string())?;
-        match self.identity.identify(&att).await {
-            Ok(Some(svid)) => Ok(svid),
-            Ok(None) => Err(format!(
-                "the workload on {ip} (pid {}) has no identity; selectors {:?}",
-                att.facts.pid, att.selectors
-            )),
-            Err(e) => Err(format!("the workload on {ip}: {e}")),
+            Err(e) => Err(format!("the workload on {}: {e}", at())),
         }
     }
 
@@ -259,12 +252,7 @@ impl Inbound {
                 "too many failed lookups before authentication from this address",
             );
         }
-        let presented = if by_address {
-            self.address_svid(dst.ip()).await
-        } else {
-            self.destination_svid(dst).await
-        };
-        let presented = match presented {
+        let presented = match self.destination_svid(dst).await {
             Ok(c) => c,
             Err(detail) => {
                 self.preauth.allows(peer.ip(), true);
