@@ -939,10 +939,11 @@ fn a_capture_record_of_another_pod_is_never_taken() {
         !said.contains("HTTP/"),
         "p1's connection was relayed as p2's workload: {said}"
     );
-    assert!(
-        ea.log_lines().iter().any(|v| v["message"]
-            == "a capture record of another network namespace has this connection's 4-tuple; not taken"),
-        "the agent logs the record it left"
-    );
+    wait_for("the agent to log the record it left", || {
+        ea.log_lines().iter().any(|v| {
+            v["message"]
+                == "a capture record of another network namespace has this connection's 4-tuple; not taken"
+        })
+    });
     assert!(!tb.server_log(&p2.node, "echo").contains("/stolen"));
 }
