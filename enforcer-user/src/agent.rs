@@ -177,7 +177,7 @@ pub fn preflight(config: &Config, config_path: &Path) -> anyhow::Result<Prefligh
     let mesh = config.mesh_cidrs(config_path)?;
     let entries = Entries::parse(&config.identity.entries, &config.identity.trust_domain)?;
     let inbound_ports = config.inbound_ports(config_path)?;
-    let l7_routes = config.l7_routes(config_path)?;
+    let l7_routes = crate::l7::Routes::from_config(config, config_path)?;
     let inbound_addr = config.inbound_addr(config_path)?;
     if config.identity.provider == ProviderKind::Embedded {
         let td = trust_domain(config)?;
@@ -195,7 +195,10 @@ pub fn preflight(config: &Config, config_path: &Path) -> anyhow::Result<Prefligh
         }
     }
     federation_bundles(config)?;
-    let source_options = Arc::new(config.source_options(config_path)?);
+    let source_options = Arc::new(crate::policy::source::SourceOptions::for_config(
+        config,
+        config_path,
+    )?);
     let policy = if config.policy.source.is_empty() {
         None
     } else {
@@ -301,7 +304,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     // Every socket the agent makes from here on carries its mark (the kernel
     // programs recognise the agent by it, never by pid).
     crate::mark::set(config.capture.agent_mark);
-    let own_cgroup = crate::mark::own_cgroup_id(&cgroup.mount)
+    let own_cgroup = crate::attest::selectors::own_cgroup_id(&cgroup.mount)
         .context("finding the agent's own cgroup (/proc/self/cgroup)")?;
     let state_dir = config.identity.state_dir.clone();
     ensure_state_dir(&state_dir)?;
@@ -790,7 +793,8 @@ fn start_successor() {
 /// Runs the admin server (metrics, probes, `/llm/usage`) on a thread and
 /// runtime of its own: a scrape (the capture maps counted with syscalls,
 /// the text encoded) never takes a data-plane thread, and a data plane
-/// that is saturated still answers `/healthz`.
+/// that is saturated still answers `/healthz`. The memory upkeep
+/// (`memory::upkeep`) runs there too.
 fn serve_admin_apart(
     listener: std::net::TcpListener,
     status: Option<std::net::TcpListener>,
@@ -800,10 +804,17 @@ fn serve_admin_apart(
         .enable_all()
         .build()
         .context("the admin runtime")?;
+    let data_plane = tokio::runtime::Handle::current();
+    let workers = data_plane.metrics().num_workers();
     std::thread::Builder::new()
         .name("admin".into())
         .spawn(move || {
             runtime.block_on(async move {
+                tokio::spawn(crate::memory::upkeep(
+                    state.metrics.clone(),
+                    data_plane,
+                    workers,
+                ));
                 if let Some(l) = status {
                     match TcpListener::from_std(l) {
                         Ok(l) => {
@@ -909,7 +920,7 @@ async fn reload_entries(
         }
         seen = now;
         let p = path.clone();
-        let loaded = tokio::task::spawn_blocking(move || Config::load(&p))
+        let loaded = tokio::task::spawn_blocking(move || crate::settings::load(&p))
             .await
             .map_err(anyhow::Error::from);
         let result = loaded.and_then(|c| {

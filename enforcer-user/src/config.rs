@@ -3,6 +3,7 @@
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use ipnet::IpNet;
@@ -25,6 +26,112 @@ pub enum ConfigError {
         message: String,
     },
 }
+
+impl ConfigError {
+    /// `key` of the file at `path` has a bad value.
+    pub fn invalid(
+        path: &Path,
+        key: impl Into<std::borrow::Cow<'static, str>>,
+        message: String,
+    ) -> Self {
+        Self::Invalid {
+            path: path.to_owned(),
+            key: key.into(),
+            message,
+        }
+    }
+}
+
+// The values the file names whose meaning other modules own; each of them
+// re-exports its own (`l7::Protocol`, `policy::Mode`…). `config` depends on
+// no other module of the agent: what only another module can check (the
+// policy source, the L7 routes, the registration entries) that module
+// checks, and `settings::load` runs every check.
+
+/// How the requests of a destination are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.1 or h2c: method, path, query, headers, bounded body.
+    Http,
+    /// MCP over streamable HTTP: JSON-RPC decided per tool, resource and
+    /// prompt; lists filtered.
+    Mcp,
+    /// OpenAI-compatible APIs: endpoint, model, streaming and `max_tokens`
+    /// decided; tokens counted per caller and model; budgets enforced.
+    Llm,
+    /// Chroma's HTTP API: each request classified read, write, delete or
+    /// admin, with its collection's name.
+    Vectordb,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Mcp => "mcp",
+            Protocol::Llm => "llm",
+            Protocol::Vectordb => "vectordb",
+        }
+    }
+}
+
+/// `enforce`: deny means deny. `dry-run`: a deny is logged as "would deny" and allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    DryRun,
+}
+
+/// Which regorus evaluator runs the policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum EngineKind {
+    /// The policy compiled to regorus VM (RVM) bytecode; a policy the VM
+    /// compiler cannot take runs on the interpreter instead (logged). Faster,
+    /// but without the OPA-semantics guarantee: the differential test finds
+    /// the VM reading cross-type comparisons and default functions as
+    /// undefined where OPA does not (docs/policy.md).
+    Vm,
+    /// The regorus tree-walking interpreter, with enforcer's rewrites: the
+    /// evaluator that agrees with OPA on the differential corpus (default;
+    /// what `enforcer policy test` uses).
+    #[default]
+    Interpreter,
+}
+
+/// What a decision becomes when its audit line cannot be written
+/// (`policy.audit_on_failure`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnFailure {
+    /// It stands; the lost line is counted and logged.
+    #[default]
+    Allow,
+    /// It is a denial (fail closed, as auditd's `disk_full_action`).
+    Deny,
+}
+
+/// `[[identity.entries]]`: a SPIFFE ID and the selectors a workload must
+/// all have to be given it (checked by `attest::Entries::parse`).
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EntryConfig {
+    pub spiffe_id: String,
+    pub selectors: Vec<String>,
+}
+
+/// Wall-clock budget of one evaluation (`policy.eval_timeout_ms`); past it
+/// the decision is an error and the connection is denied.
+pub const DEFAULT_EVAL_TIMEOUT: Duration = Duration::from_millis(50);
+
+/// A policy bundle's bounds by default (`policy.bundle.max_*`): as fetched
+/// or read (gzip'd), all files inflated together, and files.
+pub const DEFAULT_BUNDLE_MAX_BYTES: u64 = 32 << 20;
+pub const DEFAULT_BUNDLE_MAX_UNCOMPRESSED_BYTES: u64 = 256 << 20;
+pub const DEFAULT_BUNDLE_MAX_FILES: usize = 10_000;
 
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
@@ -152,7 +259,7 @@ pub struct IdentityConfig {
     pub svid_ttl_secs: u64,
     /// Registration entries; reloaded when the file changes.
     #[serde(default)]
-    pub entries: Vec<crate::attest::EntryConfig>,
+    pub entries: Vec<EntryConfig>,
     /// Other trust domains whose workloads this node accepts, with their bundles.
     #[serde(default)]
     pub federation: Vec<FederationConfig>,
@@ -265,7 +372,7 @@ pub struct L7Destination {
     /// Selectors the destination workload must all have.
     #[serde(default)]
     pub selectors: Vec<String>,
-    pub protocol: crate::l7::Protocol,
+    pub protocol: Protocol,
     /// Overrides `l7.max_body_bytes` for these destinations.
     #[serde(default)]
     pub max_body_bytes: Option<u64>,
@@ -312,11 +419,11 @@ pub struct PolicyConfig {
     pub source: String,
     /// `enforce` or `dry-run` (log "would deny", allow).
     #[serde(default)]
-    pub mode: crate::policy::Mode,
+    pub mode: Mode,
     /// `vm` (regorus VM bytecode; a policy it cannot compile falls back to
     /// the interpreter, logged) or `interpreter`.
     #[serde(default)]
-    pub engine: crate::policy::EngineKind,
+    pub engine: EngineKind,
     /// How often the source is checked for changes.
     #[serde(default = "default_poll_ms")]
     pub poll_ms: u64,
@@ -326,7 +433,7 @@ pub struct PolicyConfig {
     /// A decision whose audit line cannot be written: `allow` (it stands;
     /// counted and logged) or `deny` (fail closed).
     #[serde(default)]
-    pub audit_on_failure: crate::policy::audit::OnFailure,
+    pub audit_on_failure: OnFailure,
     /// Wall-clock budget of one policy evaluation; past it the connection is
     /// denied (decision error) and the evaluation is stopped.
     #[serde(default = "default_eval_timeout_ms")]
@@ -444,13 +551,13 @@ fn default_bundle_name() -> String {
     DEFAULT_BUNDLE_NAME.to_owned()
 }
 fn default_bundle_max_bytes() -> u64 {
-    crate::policy::bundle::Limits::default().max_bytes
+    DEFAULT_BUNDLE_MAX_BYTES
 }
 fn default_bundle_max_uncompressed_bytes() -> u64 {
-    crate::policy::bundle::Limits::default().max_uncompressed_bytes
+    DEFAULT_BUNDLE_MAX_UNCOMPRESSED_BYTES
 }
 fn default_bundle_max_files() -> usize {
-    crate::policy::bundle::Limits::default().max_files
+    DEFAULT_BUNDLE_MAX_FILES
 }
 
 /// `[policy.keys.<id>]`: a bundle verification key, as OPA's `keys.<id>`.
@@ -507,8 +614,8 @@ impl Default for PolicyConfig {
     fn default() -> Self {
         Self {
             source: default_policy_source(),
-            mode: crate::policy::Mode::default(),
-            engine: crate::policy::EngineKind::default(),
+            mode: Mode::default(),
+            engine: EngineKind::default(),
             poll_ms: default_poll_ms(),
             audit_log: default_audit_log(),
             audit_on_failure: Default::default(),
@@ -521,7 +628,7 @@ impl Default for PolicyConfig {
 }
 
 fn default_eval_timeout_ms() -> u64 {
-    crate::policy::DEFAULT_EVAL_TIMEOUT.as_millis() as u64
+    DEFAULT_EVAL_TIMEOUT.as_millis() as u64
 }
 
 fn default_policy_source() -> String {
@@ -796,38 +903,26 @@ impl CaptureRules {
 }
 
 impl Config {
-    /// Reads, parses and validates a config file.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+    /// Reads and parses a config file, with the checks `config` owns; the
+    /// agent loads through `settings::load`, which adds the checks of the
+    /// parts other modules own.
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(path, &text)
+        Self::from_toml(path, &text)
     }
 
-    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+    /// Parses a config file's text, with the checks `config` owns
+    /// (`settings::parse` adds the others).
+    pub fn from_toml(path: &Path, text: &str) -> Result<Self, ConfigError> {
         let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             message: e.to_string(),
         })?;
         cfg.validate(path)?;
         Ok(cfg)
-    }
-
-    /// How policy bundles are bounded, verified and fetched: the key and CA
-    /// files are read here (by `enforcer check`, `run` and `policy eval`),
-    /// not when the file is parsed, so a config reload reads none of them.
-    pub fn source_options(
-        &self,
-        path: &Path,
-    ) -> Result<crate::policy::source::SourceOptions, ConfigError> {
-        crate::policy::source::SourceOptions::from_config(&self.policy).map_err(|(key, message)| {
-            ConfigError::Invalid {
-                path: path.to_owned(),
-                key: key.into(),
-                message,
-            }
-        })
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
@@ -866,10 +961,6 @@ impl Config {
         self.capture_rules(path)?;
         self.mesh_cidrs(path)?;
         self.inbound_ports(path)?;
-        if !self.policy.source.is_empty() {
-            crate::policy::source::PolicySource::parse(&self.policy.source)
-                .map_err(|m| invalid("policy.source", m))?;
-        }
         if let Some(d) = &self.policy.decision_logs {
             let uri = d.service.parse::<http::Uri>().map_err(|e| {
                 invalid(
@@ -919,15 +1010,12 @@ impl Config {
                 ));
             }
         }
-        self.l7_routes(path)?;
         let td = spiffe::TrustDomain::new(&self.identity.trust_domain).map_err(|e| {
             invalid(
                 "identity.trust_domain",
                 format!("{:?}: {e}", self.identity.trust_domain),
             )
         })?;
-        crate::attest::Entries::parse(&self.identity.entries, td.as_ref())
-            .map_err(|e| invalid("identity.entries", e.to_string()))?;
         if self.identity.ca_cert.is_some() != self.identity.ca_key.is_some() {
             return Err(invalid(
                 "identity.ca_cert",
@@ -1076,72 +1164,6 @@ impl Config {
             });
         }
         Ok(())
-    }
-
-    /// The L7 destinations, checked: each names at least one of ports,
-    /// SPIFFE ID or selectors; ports are real and not the agent's own.
-    pub fn l7_routes(&self, path: &Path) -> Result<crate::l7::Routes, ConfigError> {
-        const MAX_BODY: u64 = 64 * 1024 * 1024;
-        let invalid = |key: String, message: String| ConfigError::Invalid {
-            path: path.to_owned(),
-            key: key.into(),
-            message,
-        };
-        if !(1..=MAX_BODY).contains(&self.l7.max_body_bytes) {
-            return Err(invalid(
-                "l7.max_body_bytes".into(),
-                format!("{} is outside 1..={MAX_BODY}", self.l7.max_body_bytes),
-            ));
-        }
-        let mut routes = Vec::new();
-        for (i, d) in self.l7.destinations.iter().enumerate() {
-            let key = |k: &str| format!("l7.destinations[{i}].{k}");
-            if d.ports.is_empty() && d.spiffe_id.is_none() && d.selectors.is_empty() {
-                return Err(invalid(
-                    format!("l7.destinations[{i}]"),
-                    "names no destination: give ports, spiffe_id or selectors".into(),
-                ));
-            }
-            let own = [
-                self.capture.outbound_port,
-                self.mesh.hbone_port,
-                self.mesh.plaintext_port,
-            ];
-            if let Some(p) = d.ports.iter().find(|p| **p == 0 || own.contains(p)) {
-                return Err(invalid(
-                    key("ports"),
-                    format!("port {p} cannot be an L7 destination"),
-                ));
-            }
-            let spiffe_id = match &d.spiffe_id {
-                Some(s) => Some(
-                    spiffe::SpiffeId::new(s)
-                        .map_err(|e| invalid(key("spiffe_id"), format!("{s:?}: {e}")))?,
-                ),
-                None => None,
-            };
-            if let Some(s) = d.selectors.iter().find(|s| !s.contains(':')) {
-                return Err(invalid(
-                    key("selectors"),
-                    format!("{s:?} is not a selector (type:value)"),
-                ));
-            }
-            let max_body_bytes = d.max_body_bytes.unwrap_or(self.l7.max_body_bytes);
-            if !(1..=MAX_BODY).contains(&max_body_bytes) {
-                return Err(invalid(
-                    key("max_body_bytes"),
-                    format!("{max_body_bytes} is outside 1..={MAX_BODY}"),
-                ));
-            }
-            routes.push(crate::l7::Route {
-                ports: d.ports.clone(),
-                spiffe_id,
-                selectors: d.selectors.clone(),
-                protocol: d.protocol,
-                max_body_bytes: max_body_bytes as usize,
-            });
-        }
-        Ok(crate::l7::Routes::new(routes))
     }
 
     /// The CIDRs reached over HBONE.
@@ -1349,8 +1371,9 @@ fn parse_port_range(spec: &str) -> Result<(u16, u16), String> {
 mod tests {
     use super::*;
 
+    /// A config file as the agent loads it (every module's checks).
     fn parse(text: &str) -> Result<Config, ConfigError> {
-        Config::parse(Path::new("test.toml"), text)
+        crate::settings::parse(Path::new("test.toml"), text)
     }
 
     const MIN: &str = "[capture]\ncgroup = \"/sys/fs/cgroup/x\"\n";
@@ -1517,7 +1540,7 @@ mod tests {
             "{MIN}[l7]\nmax_body_bytes = 4096\n[[l7.destinations]]\nports = [8001]\nspiffe_id = \"spiffe://td/mcp\"\nprotocol = \"mcp\"\n[[l7.destinations]]\nselectors = [\"systemd:unit:api.service\"]\nprotocol = \"http\"\nmax_body_bytes = 10\n"
         ))
         .expect("valid");
-        let routes = ok.l7_routes(Path::new("t")).expect("routes");
+        let routes = crate::l7::Routes::from_config(&ok, Path::new("t")).expect("routes");
         let mcp = routes
             .find(
                 8001,
@@ -1525,7 +1548,7 @@ mod tests {
                 &[],
             )
             .expect("mcp route");
-        assert_eq!(mcp.protocol, crate::l7::Protocol::Mcp);
+        assert_eq!(mcp.protocol, Protocol::Mcp);
         assert_eq!(mcp.max_body_bytes, 4096);
         let http = routes
             .find(9, None, &["systemd:unit:api.service".to_owned()])
@@ -1688,7 +1711,10 @@ mod tests {
             // As `enforcer check` and `run` see it: parsed, then the bundle
             // settings built (key and CA files read).
             let err = parse(&format!("{MIN}{section}"))
-                .and_then(|c| c.source_options(Path::new("test.toml")).map(drop))
+                .and_then(|c| {
+                    crate::policy::source::SourceOptions::for_config(&c, Path::new("test.toml"))
+                        .map(drop)
+                })
                 .err()
                 .map(|e| e.to_string())
                 .unwrap_or_default();

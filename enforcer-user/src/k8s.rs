@@ -173,7 +173,7 @@ impl Pods {
             "node": node,
             "pods_known": s.by_uid.len(),
             "listed": s.synced,
-            "failing_since": s.failing.as_ref().map(|(t, _)| crate::policy::rfc3339(*t)),
+            "failing_since": s.failing.as_ref().map(|(t, _)| crate::timefmt::rfc3339(*t)),
             "error": s.failing.as_ref().map(|(_, e)| e),
         })
     }
@@ -262,7 +262,7 @@ pub fn client(config: &KubernetesConfig) -> Result<kube::Client, String> {
     }
     kc.connect_timeout = Some(Duration::from_secs(10));
     let connector = kc
-        .rustls_https_connector_with_connector(crate::policy::source::MarkedConnector)
+        .rustls_https_connector_with_connector(crate::mark::MarkedConnector)
         .map_err(|e| format!("kubernetes TLS: {e}"))?;
     let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build(connector);

@@ -13,12 +13,15 @@ pub mod inpod;
 pub mod k8s;
 pub mod l7;
 pub mod mark;
+pub mod memory;
 pub mod metrics;
 pub mod netns;
 pub mod otel;
 pub mod policy;
 pub mod proxy;
 pub mod record;
+pub mod settings;
+pub mod timefmt;
 pub mod tls;
 pub mod tunnel;
 
@@ -41,15 +44,15 @@ pub mod fuzzing {
             return;
         };
         let path = Path::new("fuzz.toml");
-        let Ok(c) = crate::config::Config::parse(path, text) else {
+        let Ok(c) = crate::settings::parse(path, text) else {
             return;
         };
         let _ = c.capture_rules(path);
-        let _ = c.l7_routes(path);
+        let _ = crate::l7::Routes::from_config(&c, path);
         let _ = c.inbound_ports(path);
         let _ = c.mesh_cidrs(path);
         let _ = c.inbound_addr(path);
-        let _ = c.source_options(path);
+        let _ = crate::policy::source::SourceOptions::for_config(&c, path);
         let _ = crate::attest::Entries::parse(&c.identity.entries, "fuzz.example.org");
     }
 

@@ -16,6 +16,9 @@ use std::path::PathBuf;
 
 /// Threads of the runtime's blocking pool at most.
 const MAX_BLOCKING_THREADS: usize = 64;
+/// How long an idle thread of the blocking pool waits for a job before it
+/// ends.
+const BLOCKING_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(2);
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -110,7 +113,7 @@ fn policy_cmd(cmd: PolicyCommand) -> anyhow::Result<()> {
             engine,
         } => {
             let from_config = config
-                .map(|c| Config::load(&c).map(|cfg| (cfg, c)))
+                .map(|c| enforcer::settings::load(&c).map(|cfg| (cfg, c)))
                 .transpose()?;
             let src = match (policy, &from_config) {
                 (Some(p), _) => p,
@@ -127,7 +130,7 @@ fn policy_cmd(cmd: PolicyCommand) -> anyhow::Result<()> {
                     c.policy.eval_timeout()
                 });
             let opts = match &from_config {
-                Some((c, path)) => c.source_options(path)?,
+                Some((c, path)) => enforcer::policy::source::SourceOptions::for_config(c, path)?,
                 None => Default::default(),
             };
             let loaded = enforcer::policy::source::load_local(&src, &opts, engine, timeout)?;
@@ -226,7 +229,7 @@ fn ca(cmd: CaCommand) -> anyhow::Result<()> {
             Ok(())
         }
         CaCommand::ExportBundle { config } => {
-            let cfg = Config::load(&config)?;
+            let cfg = enforcer::settings::load(&config)?;
             let (ca, _) = enforcer::agent::load_identity(&cfg)?;
             print!("{}", ca.cert_pem());
             Ok(())
@@ -261,7 +264,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Check { config } => {
             // Exactly what `run` checks before it starts.
-            let cfg = Config::load(&config)?;
+            let cfg = enforcer::settings::load(&config)?;
             enforcer::agent::preflight(&cfg, &config)?;
             println!("{}: ok", config.display());
             Ok(())
@@ -271,9 +274,11 @@ fn main() -> anyhow::Result<()> {
         Command::Status { config, addr, json } => {
             let addr = match (addr, config) {
                 (Some(a), _) => a,
-                (None, Some(c)) => Config::load(&c)?.status_addr(&c)?.with_context(|| {
-                    format!("{}: admin.status_addr is \"\" (disabled)", c.display())
-                })?,
+                (None, Some(c)) => enforcer::settings::load(&c)?
+                    .status_addr(&c)?
+                    .with_context(|| {
+                        format!("{}: admin.status_addr is \"\" (disabled)", c.display())
+                    })?,
                 (None, None) => enforcer::config::DEFAULT_STATUS_ADDR
                     .parse()
                     .context("the default status address")?,
@@ -289,7 +294,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Detach { config } => {
-            let cfg = Config::load(&config)?;
+            let cfg = enforcer::settings::load(&config)?;
             let dir = enforcer::capture::pin_dir(&cfg.capture.bpffs, &cfg.node_name);
             if enforcer::capture::detach(&cfg.capture.bpffs, &cfg.node_name)? {
                 println!("detached: removed {}", dir.display());
@@ -299,7 +304,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run { config } => {
-            let cfg = Config::load(&config)?;
+            let cfg = enforcer::settings::load(&config)?;
             init_logging(&cfg);
             let mut runtime = tokio::runtime::Builder::new_multi_thread();
             // The blocking pool (attestation's /proc reads, file I/O,
@@ -307,6 +312,13 @@ fn main() -> anyhow::Result<()> {
             // connections queues there instead of growing hundreds of
             // threads (the soak saw 335 on a, 512 on b).
             runtime.max_blocking_threads(MAX_BLOCKING_THREADS);
+            // Threads a burst started go once idle for BLOCKING_KEEP_ALIVE
+            // (tokio's default, 10 s, kept all 64 of a burst alive for good:
+            // the periodic jobs, a few a second, reach each within 10 s).
+            runtime.thread_keep_alive(BLOCKING_KEEP_ALIVE);
+            // A worker about to park flushes its allocation cache when a
+            // load has passed (`memory`).
+            runtime.on_thread_park(enforcer::memory::quiet);
             if cfg.runtime.worker_threads > 0 {
                 runtime.worker_threads(cfg.runtime.worker_threads);
             }

@@ -106,15 +106,50 @@ pub fn listener(addr: SocketAddr, reuse_address: bool) -> std::io::Result<std::n
     Ok(s.into())
 }
 
-/// The cgroup v2 id (inode number of the cgroup directory) of this process,
-/// given the cgroup2 mount point. The kernel programs compare it with the
-/// caller's cgroup id.
-pub fn own_cgroup_id(mount: &std::path::Path) -> std::io::Result<u64> {
-    use std::os::unix::fs::MetadataExt as _;
-    let rel = crate::attest::selectors::proc_cgroup(std::process::id())
-        .ok_or_else(|| std::io::Error::other("no cgroup v2 entry in /proc/self/cgroup"))?;
-    let path = mount.join(rel.trim_start_matches('/'));
-    Ok(std::fs::metadata(&path)?.ino())
+/// A hyper connector for the agent's own HTTP requests (bundles, decision
+/// logs, the Kubernetes API, traces): sockets that carry the agent's mark,
+/// like every other socket of the agent (so they are never captured).
+#[derive(Clone, Copy)]
+pub struct MarkedConnector;
+
+impl tower_service::Service<http::Uri> for MarkedConnector {
+    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        Box::pin(async move {
+            let host = uri
+                .host()
+                .ok_or_else(|| std::io::Error::other(format!("{uri}: no host")))?
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            let default_port = if uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
+                443
+            } else {
+                80
+            };
+            let port = uri.port_u16().unwrap_or(default_port);
+            let mut last = std::io::Error::other(format!("{host}: no address"));
+            for addr in tokio::net::lookup_host((host.as_str(), port)).await? {
+                match connect(addr, None).await {
+                    Ok(s) => return Ok(hyper_util::rt::TokioIo::new(s)),
+                    Err(e) => last = e,
+                }
+            }
+            Err(last)
+        })
+    }
 }
 
 /// How long the agent waits for a destination to accept.
@@ -128,26 +163,5 @@ pub async fn connect_within(
         Ok(Ok(s)) => Ok(s),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("timed out after {CONNECT_TIMEOUT:?}")),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::path::Path;
-
-    #[test]
-    fn own_cgroup_is_a_directory_on_the_cgroup2_mount() {
-        let mount = crate::capture::cgroup2_mount_of(Path::new("/sys/fs/cgroup/unified"))
-            .or_else(|| crate::capture::cgroup2_mount_of(Path::new("/sys/fs/cgroup")))
-            .expect("a cgroup2 mount (mount -t cgroup2 none /sys/fs/cgroup)");
-        let id = super::own_cgroup_id(&mount).expect("own cgroup id");
-        let rel =
-            crate::attest::selectors::proc_cgroup(std::process::id()).expect("a cgroup v2 line");
-        if rel == "/" {
-            // The kernel's id of the root cgroup.
-            assert_eq!(id, 1);
-        } else {
-            assert!(id > 1, "cgroup {rel} has id {id}");
-        }
     }
 }

@@ -183,6 +183,7 @@ pub struct Metrics {
     pub svid_expiry: Family<SvidLabels, Gauge>,
     pub svid_renew: Family<SvidLabels, Gauge>,
     pub allocator_bytes: Family<AllocatorLabels, Gauge>,
+    pub memory_releases: Counter,
     pub hbone_rejected: Family<RejectLabels, Counter>,
     pub hbone_streams_refused: Family<RejectLabels, Counter>,
     pub policy_decisions: Family<DecisionLabels, Counter>,
@@ -258,8 +259,14 @@ impl Metrics {
         let allocator_bytes = Family::<AllocatorLabels, Gauge>::default();
         registry.register(
             "allocator_bytes",
-            "The allocator's (jemalloc) view of the agent's memory, by kind: allocated (live objects), active (pages holding them), resident, retained (mapped, returned to the OS) (sampled at scrape)",
+            "The allocator's (jemalloc) view of the agent's memory, by kind: allocated (live objects), active (pages holding them), resident, retained (mapped, returned to the OS) (sampled at scrape); tcache = bytes held in the threads' caches (part of allocated)",
             allocator_bytes.clone(),
+        );
+        let memory_releases = Counter::default();
+        registry.register(
+            "memory_releases",
+            "Times the agent gave memory back after a load passed: threads' allocation caches flushed, free pages returned to the OS",
+            memory_releases.clone(),
         );
         let hbone_rejected = Family::<RejectLabels, Counter>::default();
         registry.register(
@@ -374,6 +381,7 @@ impl Metrics {
             svid_expiry,
             svid_renew,
             allocator_bytes,
+            memory_releases,
         }
     }
 
@@ -386,6 +394,20 @@ impl Metrics {
 }
 
 impl Metrics {
+    /// Connections open now, both directions.
+    pub fn open_connections(&self) -> u64 {
+        [Direction::outbound, Direction::inbound]
+            .into_iter()
+            .map(|direction| {
+                let n = self
+                    .active
+                    .get_or_create(&DirectionLabels { direction })
+                    .get();
+                u64::try_from(n).unwrap_or(0)
+            })
+            .sum()
+    }
+
     /// A connection was accepted.
     pub fn opened(&self, direction: Direction) {
         let d = DirectionLabels { direction };

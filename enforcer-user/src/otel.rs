@@ -351,7 +351,7 @@ pub fn on_request(f: impl FnOnce(&RequestSpan)) {
 /// thread only waits for them.
 struct AgentHttp {
     client: hyper_util::client::legacy::Client<
-        hyper_rustls::HttpsConnector<crate::policy::source::MarkedConnector>,
+        hyper_rustls::HttpsConnector<crate::mark::MarkedConnector>,
         Full<Bytes>,
     >,
     runtime: tokio::runtime::Handle,

@@ -741,7 +741,20 @@ fn hbone_connections_opened_for_a_burst_close_once_idle() {
         },
     );
     let oldest = pooled(&ea)[0]["dial_id"].clone();
+    // Memory upkeep: once the 30 connections have closed and stayed closed,
+    // the agent gives back what the load left in its threads' caches.
+    let releases = |e: &enforcer_tests::Enforcer| {
+        let (_, m) = a.http_get(e.metrics_addr, "/metrics").expect("/metrics");
+        enforcer_tests::sum_metric(&m, "enforcer_memory_releases_total", &[])
+    };
+    let before = releases(&ea);
+    // The upkeep counts the open connections once a second: held for 3 s,
+    // the 30 are seen.
+    std::thread::sleep(std::time::Duration::from_secs(3));
     tb.stop(holder).expect("closing the held connections");
+    wait_for("a memory release after the 30 connections closed", || {
+        releases(&ea) > before
+    });
     // Idle is seen within two 5 s keepalive ticks; 20 s is well under the
     // 60 s after which an idle connection leaves the pool anyway.
     wait_for(

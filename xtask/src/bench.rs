@@ -1368,14 +1368,35 @@ struct Sample {
     allocated_kib: u64,
 }
 
-/// An agent's `enforcer_allocator_bytes` gauges, in KiB by kind.
+/// A process's threads now (0 when it cannot be read).
+fn threads(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// An agent's `enforcer_allocator_bytes` gauges, in KiB by kind, and its
+/// threads.
 fn allocator(node: &Node, agent: &Enforcer) -> anyhow::Result<Value> {
     let (_, metrics) = node.http_get(agent.metrics_addr, "/metrics")?;
     let mut out = serde_json::Map::new();
-    for kind in ["allocated", "active", "resident", "retained", "metadata"] {
+    for kind in [
+        "allocated",
+        "active",
+        "resident",
+        "retained",
+        "metadata",
+        "tcache",
+    ] {
         let bytes = sum_metric(&metrics, "enforcer_allocator_bytes", &[("kind", kind)]);
         out.insert(kind.to_owned(), json!((bytes / 1024.0).round()));
     }
+    out.insert("threads".into(), json!(threads(agent.pid)));
     Ok(Value::Object(out))
 }
 
@@ -1384,11 +1405,7 @@ fn sample(node: &Node, agent: &Enforcer, at: Instant) -> anyhow::Result<Sample> 
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .with_context(|| format!("/proc/{pid}/fd"))?
         .count() as u64;
-    let threads = std::fs::read_to_string(format!("/proc/{pid}/status"))?
-        .lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
+    let threads = threads(pid);
     let (_, metrics) = node.http_get(agent.metrics_addr, "/metrics")?;
     let sum = |name: &str, labels: &[(&str, &str)]| sum_metric(&metrics, name, labels) as u64;
     Ok(Sample {

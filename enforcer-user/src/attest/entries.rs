@@ -1,14 +1,8 @@
 //! Registration entries: a SPIFFE ID and the selectors a workload must all
 //! have to be given it.
-use serde::Deserialize;
 use spiffe::SpiffeId;
 
-#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct EntryConfig {
-    pub spiffe_id: String,
-    pub selectors: Vec<String>,
-}
+pub use crate::config::EntryConfig;
 
 /// A validated entry.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -181,6 +181,17 @@ pub fn proc_cgroup(pid: u32) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// The cgroup v2 id (inode number of the cgroup directory) of this process,
+/// given the cgroup2 mount point. The kernel programs compare it with the
+/// caller's cgroup id.
+pub fn own_cgroup_id(mount: &std::path::Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    let rel = proc_cgroup(std::process::id())
+        .ok_or_else(|| std::io::Error::other("no cgroup v2 entry in /proc/self/cgroup"))?;
+    let path = mount.join(rel.trim_start_matches('/'));
+    Ok(std::fs::metadata(&path)?.ino())
+}
+
 /// Selectors for a workload. `exe` facts are included only when `/proc/<pid>`
 /// still belongs to the recorded cgroup.
 pub fn selectors(facts: &WorkloadFacts, cache: &SelectorCache) -> Vec<String> {
@@ -220,6 +231,24 @@ pub fn selectors(facts: &WorkloadFacts, cache: &SelectorCache) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn own_cgroup_is_a_directory_on_the_cgroup2_mount() {
+        let mount =
+            crate::capture::cgroup2_mount_of(std::path::Path::new("/sys/fs/cgroup/unified"))
+                .or_else(|| {
+                    crate::capture::cgroup2_mount_of(std::path::Path::new("/sys/fs/cgroup"))
+                })
+                .expect("a cgroup2 mount (mount -t cgroup2 none /sys/fs/cgroup)");
+        let id = super::own_cgroup_id(&mount).expect("own cgroup id");
+        let rel = super::proc_cgroup(std::process::id()).expect("a cgroup v2 line");
+        if rel == "/" {
+            // The kernel's id of the root cgroup.
+            assert_eq!(id, 1);
+        } else {
+            assert!(id > 1, "cgroup {rel} has id {id}");
+        }
+    }
 
     #[test]
     fn digest_cache_keeps_the_most_recent_executables_only() {

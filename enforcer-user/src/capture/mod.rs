@@ -239,9 +239,11 @@ impl Capture {
         }
 
         let agent_cgroup_id =
-            mark::own_cgroup_id(&cgroup.mount).map_err(|e| CaptureError::Cgroup {
-                path: PathBuf::from("/proc/self/cgroup"),
-                message: format!("cannot find the agent's own cgroup: {e}"),
+            crate::attest::selectors::own_cgroup_id(&cgroup.mount).map_err(|e| {
+                CaptureError::Cgroup {
+                    path: PathBuf::from("/proc/self/cgroup"),
+                    message: format!("cannot find the agent's own cgroup: {e}"),
+                }
             })?;
         let handover_cgroup_id = handover_cgroup
             .filter(|id| *id != agent_cgroup_id)

@@ -14,39 +14,13 @@ pub mod vectordb;
 
 use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc};
 
-use serde::Deserialize;
-
 pub use http::{Served, serve};
 
-/// How the requests of a destination are read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    /// HTTP/1.1 or h2c: method, path, query, headers, bounded body.
-    Http,
-    /// MCP over streamable HTTP: JSON-RPC decided per tool, resource and
-    /// prompt; lists filtered.
-    Mcp,
-    /// OpenAI-compatible APIs: endpoint, model, streaming and `max_tokens`
-    /// decided; tokens counted per caller and model; budgets enforced.
-    Llm,
-    /// Chroma's HTTP API: each request classified read, write, delete or
-    /// admin, with its collection's name.
-    Vectordb,
-}
+pub use crate::config::Protocol;
+use crate::config::{Config, ConfigError};
+use std::path::Path;
 
-impl Protocol {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Http => "http",
-            Protocol::Mcp => "mcp",
-            Protocol::Llm => "llm",
-            Protocol::Vectordb => "vectordb",
-        }
-    }
-}
-
-/// One declared L7 destination (checked by `Config::l7_routes`).
+/// One declared L7 destination (checked by [`Routes::from_config`]).
 #[derive(Debug, Clone)]
 pub struct Route {
     pub ports: Vec<u16>,
@@ -72,6 +46,73 @@ impl Route {
 pub struct Routes(Arc<[Arc<Route>]>);
 
 impl Routes {
+    /// The `[l7]` destinations of a config, checked: each names at least one
+    /// of ports, SPIFFE ID or selectors; ports are real and not the agent's
+    /// own.
+    pub fn from_config(cfg: &Config, path: &Path) -> Result<Self, ConfigError> {
+        const MAX_BODY: u64 = 64 * 1024 * 1024;
+        let invalid = |key: String, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: key.into(),
+            message,
+        };
+        if !(1..=MAX_BODY).contains(&cfg.l7.max_body_bytes) {
+            return Err(invalid(
+                "l7.max_body_bytes".into(),
+                format!("{} is outside 1..={MAX_BODY}", cfg.l7.max_body_bytes),
+            ));
+        }
+        let mut routes = Vec::new();
+        for (i, d) in cfg.l7.destinations.iter().enumerate() {
+            let key = |k: &str| format!("l7.destinations[{i}].{k}");
+            if d.ports.is_empty() && d.spiffe_id.is_none() && d.selectors.is_empty() {
+                return Err(invalid(
+                    format!("l7.destinations[{i}]"),
+                    "names no destination: give ports, spiffe_id or selectors".into(),
+                ));
+            }
+            let own = [
+                cfg.capture.outbound_port,
+                cfg.mesh.hbone_port,
+                cfg.mesh.plaintext_port,
+            ];
+            if let Some(p) = d.ports.iter().find(|p| **p == 0 || own.contains(p)) {
+                return Err(invalid(
+                    key("ports"),
+                    format!("port {p} cannot be an L7 destination"),
+                ));
+            }
+            let spiffe_id = match &d.spiffe_id {
+                Some(s) => Some(
+                    spiffe::SpiffeId::new(s)
+                        .map_err(|e| invalid(key("spiffe_id"), format!("{s:?}: {e}")))?,
+                ),
+                None => None,
+            };
+            if let Some(s) = d.selectors.iter().find(|s| !s.contains(':')) {
+                return Err(invalid(
+                    key("selectors"),
+                    format!("{s:?} is not a selector (type:value)"),
+                ));
+            }
+            let max_body_bytes = d.max_body_bytes.unwrap_or(cfg.l7.max_body_bytes);
+            if !(1..=MAX_BODY).contains(&max_body_bytes) {
+                return Err(invalid(
+                    key("max_body_bytes"),
+                    format!("{max_body_bytes} is outside 1..={MAX_BODY}"),
+                ));
+            }
+            routes.push(Route {
+                ports: d.ports.clone(),
+                spiffe_id,
+                selectors: d.selectors.clone(),
+                protocol: d.protocol,
+                max_body_bytes: max_body_bytes as usize,
+            });
+        }
+        Ok(Routes::new(routes))
+    }
+
     pub fn new(routes: Vec<Route>) -> Self {
         Self(routes.into_iter().map(Arc::new).collect())
     }

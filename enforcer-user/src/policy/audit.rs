@@ -136,17 +136,7 @@ struct Record<'a> {
     policy_digest: Option<&'a str>,
 }
 
-/// What a decision becomes when its audit line cannot be written
-/// (`policy.audit_on_failure`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum OnFailure {
-    /// It stands; the lost line is counted and logged.
-    #[default]
-    Allow,
-    /// It is a denial (fail closed, as auditd's `disk_full_action`).
-    Deny,
-}
+pub use crate::config::OnFailure;
 
 /// Lines waiting for the writer thread; past it a line is lost (counted).
 const QUEUE: usize = 65_536;
@@ -390,7 +380,15 @@ impl Writer {
     fn run(mut self, rx: std::sync::mpsc::Receiver<Job>) {
         let mut batch: Vec<Job> = Vec::with_capacity(BATCH_LINES);
         let mut text = String::new();
-        while let Ok(first) = rx.recv() {
+        loop {
+            let first = match rx.recv_timeout(crate::memory::IDLE) {
+                Ok(job) => job,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    crate::memory::quiet();
+                    continue;
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+            };
             batch.push(first);
             while batch.len() < BATCH_LINES {
                 match rx.try_recv() {

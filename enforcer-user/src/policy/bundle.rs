@@ -26,10 +26,14 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
+        use crate::config::{
+            DEFAULT_BUNDLE_MAX_BYTES, DEFAULT_BUNDLE_MAX_FILES,
+            DEFAULT_BUNDLE_MAX_UNCOMPRESSED_BYTES,
+        };
         Self {
-            max_bytes: 32 << 20,
-            max_uncompressed_bytes: 256 << 20,
-            max_files: 10_000,
+            max_bytes: DEFAULT_BUNDLE_MAX_BYTES,
+            max_uncompressed_bytes: DEFAULT_BUNDLE_MAX_UNCOMPRESSED_BYTES,
+            max_files: DEFAULT_BUNDLE_MAX_FILES,
         }
     }
 }

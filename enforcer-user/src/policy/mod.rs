@@ -132,14 +132,7 @@ impl Peer {
     }
 }
 
-/// `enforce`: deny means deny. `dry-run`: a deny is logged as "would deny" and allowed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mode {
-    #[default]
-    Enforce,
-    DryRun,
-}
+pub use crate::config::{DEFAULT_EVAL_TIMEOUT, EngineKind, Mode};
 
 /// The outcome of one evaluation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,30 +163,9 @@ impl Decision {
     }
 }
 
-/// Which regorus evaluator runs the policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum EngineKind {
-    /// The policy compiled to regorus VM (RVM) bytecode; a policy the VM
-    /// compiler cannot take runs on the interpreter instead (logged). Faster,
-    /// but without the OPA-semantics guarantee: the differential test finds
-    /// the VM reading cross-type comparisons and default functions as
-    /// undefined where OPA does not (docs/policy.md).
-    Vm,
-    /// The regorus tree-walking interpreter, with enforcer's rewrites: the
-    /// evaluator that agrees with OPA on the differential corpus (default;
-    /// what `enforcer policy test` uses).
-    #[default]
-    Interpreter,
-}
-
 /// Upper bound on VM instructions for one rule evaluation; beyond it the
 /// evaluation fails and the connection is denied.
 const VM_MAX_INSTRUCTIONS: usize = 10_000_000;
-
-/// Wall-clock budget of one evaluation (`policy.eval_timeout_ms`); past it
-/// the decision is an error and the connection is denied.
-pub const DEFAULT_EVAL_TIMEOUT: Duration = Duration::from_millis(50);
 
 enum Evaluator {
     /// Compiled bytecode and the data document; a fresh VM per evaluation,
@@ -595,17 +567,7 @@ struct History {
     last_rejected: Option<(std::time::SystemTime, String)>,
 }
 
-/// RFC 3339, UTC, seconds.
-pub fn rfc3339(t: std::time::SystemTime) -> String {
-    time::OffsetDateTime::from(t)
-        .replace_nanosecond(0)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
-}
+pub use crate::timefmt::rfc3339;
 
 /// The verdict applied to a connection, after the mode.
 #[derive(Debug, Clone)]

@@ -68,10 +68,17 @@ impl EvalPool {
                     loop {
                         // The lock is held only while waiting for the next job.
                         let slot = match rx.lock() {
-                            Ok(rx) => rx.recv(),
-                            Err(p) => p.into_inner().recv(),
+                            Ok(rx) => rx.recv_timeout(crate::memory::IDLE),
+                            Err(p) => p.into_inner().recv_timeout(crate::memory::IDLE),
                         };
-                        let Ok(slot) = slot else { return };
+                        let slot = match slot {
+                            Ok(slot) => slot,
+                            Err(mpsc::RecvTimeoutError::Timeout) => {
+                                crate::memory::quiet();
+                                continue;
+                            }
+                            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                        };
                         if let Some(work) = take(&slot) {
                             work.run();
                         }

@@ -82,7 +82,7 @@ pub fn start(
 }
 
 type Client = hyper_util::client::legacy::Client<
-    hyper_rustls::HttpsConnector<source::MarkedConnector>,
+    hyper_rustls::HttpsConnector<crate::mark::MarkedConnector>,
     Full<Bytes>,
 >;
 

@@ -21,7 +21,8 @@ use super::{
     load::{self, PolicySet},
     signing,
 };
-use crate::config::PolicyConfig;
+use crate::config::{ConfigError, PolicyConfig};
+use crate::mark::MarkedConnector;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PolicySource {
@@ -85,6 +86,15 @@ impl Default for SourceOptions {
 impl SourceOptions {
     /// From the configuration; key and CA files are read now (`Config::
     /// source_options` names the file and key at fault).
+    /// How policy bundles are bounded, verified and fetched, from a config
+    /// file's `[policy]`: the key and CA files are read here (by `enforcer
+    /// check`, `run` and `policy eval`), not when the file is parsed, so a
+    /// config reload reads none of them.
+    pub fn for_config(cfg: &crate::config::Config, path: &Path) -> Result<Self, ConfigError> {
+        Self::from_config(&cfg.policy)
+            .map_err(|(key, message)| ConfigError::invalid(path, key, message))
+    }
+
     pub fn from_config(c: &PolicyConfig) -> Result<Self, (String, String)> {
         let b = &c.bundle;
         let mut keys = HashMap::new();
@@ -214,51 +224,6 @@ pub fn read_local(src: &PolicySource, opts: &SourceOptions) -> Result<PolicySet,
 
 type HttpClient =
     hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<MarkedConnector>, Empty<Bytes>>;
-
-/// Connects bundle fetches from sockets that carry the agent's mark, like
-/// every other socket of the agent (so they are never captured).
-#[derive(Clone, Copy)]
-pub(crate) struct MarkedConnector;
-
-impl tower_service::Service<http::Uri> for MarkedConnector {
-    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
-    type Error = std::io::Error;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: http::Uri) -> Self::Future {
-        Box::pin(async move {
-            let host = uri
-                .host()
-                .ok_or_else(|| std::io::Error::other(format!("{uri}: no host")))?
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned();
-            let default_port = if uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
-                443
-            } else {
-                80
-            };
-            let port = uri.port_u16().unwrap_or(default_port);
-            let mut last = std::io::Error::other(format!("{host}: no address"));
-            for addr in tokio::net::lookup_host((host.as_str(), port)).await? {
-                match crate::mark::connect(addr, None).await {
-                    Ok(s) => return Ok(hyper_util::rt::TokioIo::new(s)),
-                    Err(e) => last = e,
-                }
-            }
-            Err(last)
-        })
-    }
-}
 
 /// An HTTP client for the agent's own requests (bundles, decision logs):
 /// marked sockets, TLS trusting `roots` (`None`: the system's roots) for
