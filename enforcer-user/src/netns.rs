@@ -268,14 +268,15 @@ impl Net {
         }
     }
 
-    /// Runs `work` until it ends or the pod is no longer served (then
-    /// `work` is dropped: its sockets close, a relay's reset).
-    pub async fn unless_gone(&self, work: impl std::future::Future<Output = ()>) {
-        tokio::select! {
-            () = work => {}
-            () = self.gone() => {
-                tracing::debug!("the pod is no longer served; its connection is closed");
-            }
+    /// `work`, run until it ends or the pod is no longer served (then
+    /// `work` is dropped: its sockets close, a relay's reset). The future
+    /// holds `work` once: an `async fn` taking it would hold it twice (as
+    /// its argument and as what it awaits), and a connection's task lives
+    /// as long as its connection (bench/README.md "Memory after load").
+    pub fn unless_gone<F: std::future::Future<Output = ()>>(&self, work: F) -> UnlessGone<F> {
+        UnlessGone {
+            work,
+            gone: self.pod().map(|p| p.gone.clone().cancelled_owned()),
         }
     }
 
@@ -307,5 +308,82 @@ impl Net {
                 Ok(tokio::net::TcpSocket::from_std_stream(s.into()))
             }
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// See [`Net::unless_gone`].
+    pub struct UnlessGone<F> {
+        #[pin]
+        work: F,
+        // `None` for the node's own netns, which is never gone.
+        #[pin]
+        gone: Option<tokio_util::sync::WaitForCancellationFutureOwned>,
+    }
+}
+
+impl<F: std::future::Future<Output = ()>> std::future::Future for UnlessGone<F> {
+    type Output = ();
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        let this = self.project();
+        if this.work.poll(cx).is_ready() {
+            return std::task::Poll::Ready(());
+        }
+        if let Some(gone) = this.gone.as_pin_mut()
+            && gone.poll(cx).is_ready()
+        {
+            tracing::debug!("the pod is no longer served; its connection is closed");
+            return std::task::Poll::Ready(());
+        }
+        std::task::Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A future of `N` bytes that ends when told.
+    async fn big<const N: usize>(done: tokio::sync::oneshot::Receiver<()>) {
+        let pad = [0u8; N];
+        let _ = done.await;
+        std::hint::black_box(&pad);
+    }
+
+    #[test]
+    fn a_connection_future_is_held_once() {
+        // A connection's task lives as long as its connection: wrapping it
+        // must not hold it twice (an `async fn` taking it would: 2 × N).
+        let (_tx, rx) = tokio::sync::oneshot::channel();
+        let work = big::<4096>(rx);
+        let alone = std::mem::size_of_val(&work);
+        let wrapped = std::mem::size_of_val(&Net::Host.unless_gone(work));
+        assert!(
+            wrapped <= alone + 128,
+            "{wrapped} bytes wrapped, {alone} alone"
+        );
+    }
+
+    #[tokio::test]
+    async fn work_ends_it_or_the_pod_going_does() {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let run = tokio::spawn(Net::Host.unless_gone(big::<8>(rx)));
+        let _ = tx.send(());
+        run.await.expect("ends with its work");
+
+        // A pod's token cancelled: the work is dropped unfinished.
+        let gone = tokio_util::sync::CancellationToken::new();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(UnlessGone {
+            work: big::<8>(rx),
+            gone: Some(gone.clone().cancelled_owned()),
+        });
+        gone.cancel();
+        run.await.expect("ends when the pod is gone");
+        assert!(tx.is_closed(), "the work was dropped");
     }
 }

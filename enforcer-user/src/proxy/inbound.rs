@@ -159,11 +159,7 @@ impl Inbound {
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         super::accept_loop(listener, "hbone", |stream, peer| {
-            let this = self.clone();
-            async move {
-                let net = this.net.clone();
-                net.unless_gone(this.connection(stream, peer)).await
-            }
+            self.net.unless_gone(self.clone().connection(stream, peer))
         })
         .await
     }

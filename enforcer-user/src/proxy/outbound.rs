@@ -98,14 +98,13 @@ impl Outbound {
     /// Accepts on `listener` forever.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         super::accept_loop(listener, "outbound", |stream, peer| {
-            let this = self.clone();
             let id = next_conn_id();
             let span = info_span!("conn", id, direction = "outbound", src = %peer);
-            async move {
-                let net = this.net.clone();
-                net.unless_gone(this.handle(id, stream, peer)).await
-            }
-            .instrument(span)
+            // No `async` block around it: it would hold the connection's
+            // future twice (`Net::unless_gone`).
+            self.net
+                .unless_gone(self.clone().handle(id, stream, peer))
+                .instrument(span)
         })
         .await
     }

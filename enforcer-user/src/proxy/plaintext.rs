@@ -46,19 +46,16 @@ impl Plaintext {
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         super::accept_loop(listener, "plaintext", |stream, peer| {
-            let this = self.clone();
             let id = next_conn_id();
             let span = info_span!("conn", id, direction = "inbound", src = %peer, dst = tracing::field::Empty);
-            async move {
-                let net = this.net.clone();
-                net.unless_gone(this.handle(id, stream, peer)).await
-            }
-            .instrument(span)
+            self.net
+                .unless_gone(self.clone().handle(id, stream, peer))
+                .instrument(span)
         })
         .await
     }
 
-    async fn handle(&self, id: u64, client: TcpStream, peer: SocketAddr) {
+    async fn handle(self: Arc<Self>, id: u64, client: TcpStream, peer: SocketAddr) {
         let mut rec = ConnRecord::open(self.admin.metrics.clone(), Kind::Plaintext, id);
         rec.src = Some(peer);
         super::arm_reset(&client);

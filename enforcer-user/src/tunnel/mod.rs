@@ -702,10 +702,10 @@ impl HboneClient {
         );
         // A connection from a pod ends when the pod is no longer served.
         let (net, pool, pool_key) = (net.clone(), self.pool.clone(), key.clone());
-        tokio::spawn(async move {
-            net.unless_gone(driven).await;
-            forget(&pool, &pool_key, dial_id);
-        });
+        tokio::spawn(futures_util::FutureExt::map(
+            net.unless_gone(driven),
+            move |()| forget(&pool, &pool_key, dial_id),
+        ));
         self.pool
             .lock()
             .unwrap_or_else(|p| p.into_inner())
