@@ -200,7 +200,33 @@ impl Bench {
         let secs = v["secs"].as_f64().unwrap_or(1.0);
         Ok((n / secs, v["errors"].as_u64().unwrap_or(0)))
     }
+
+    /// Connection setup latency p50 and p99 (µs): SETUP_CONNECTIONS new
+    /// connections one after another, each from `connect()` to the first
+    /// byte of its first answer. Any failed connection fails the figure.
+    fn setup_latency(&self, path: Path_) -> anyhow::Result<(f64, f64)> {
+        let (unit, host, port) = self.target(path, ECHO);
+        let exe = self.exe.display().to_string();
+        let out = self.run(
+            unit,
+            &[
+                &exe,
+                "bench-setup",
+                &format!("{host}:{port}"),
+                &SETUP_CONNECTIONS.to_string(),
+            ],
+        )?;
+        let v: Value = serde_json::from_str(out.trim()).context("bench-setup JSON")?;
+        if v["errors"].as_u64() != Some(0) {
+            bail!("bench-setup: connections failed: {out}");
+        }
+        let f = |k: &str| v[k].as_f64().with_context(|| format!("no {k}: {out}"));
+        Ok((f("p50_us")?, f("p99_us")?))
+    }
 }
+
+/// Connections timed by `bench-setup` on each path, per round.
+const SETUP_CONNECTIONS: usize = 1000;
 
 /// wrk's requests/s and latency p50/p99 (µs); non-2xx answers or socket
 /// errors fail the measurement.
@@ -617,6 +643,19 @@ pub fn run(mode: Mode) -> anyhow::Result<()> {
         }
     }
     record("new_connections_per_sec", "1/s", true, cps.map(median));
+    let (mut s50, mut s99) = ([vec![], vec![], vec![]], [vec![], vec![], vec![]]);
+    for _ in 0..ROUNDS {
+        for (i, p) in paths.iter().enumerate() {
+            let (a, b) = bench
+                .setup_latency(*p)
+                .with_context(|| format!("setup latency {}", p.name()))?;
+            eprintln!("  setup {:<8} p50 {a:.1} us  p99 {b:.1} us", p.name());
+            s50[i].push(a);
+            s99[i].push(b);
+        }
+    }
+    record("setup_latency_p50", "us", false, s50.map(median));
+    record("setup_latency_p99", "us", false, s99.map(median));
 
     // HTTP requests (keep-alive, small): direct, through enforcer at L4, and
     // to the same server declared `http` (each request decided by b's

@@ -103,6 +103,47 @@ pub fn connect_rate(addr: SocketAddr, secs: u64, workers: usize) -> anyhow::Resu
     })
 }
 
+/// Connection setup latency: `count` new connections to the echo server
+/// at `addr`, one after another, each timed from `connect()` to the first
+/// byte of the answer to its first request (5 bytes). Prints p50 and p99
+/// (µs) as JSON. Sequential, so each figure is one connection's own
+/// setup, not a queue behind others.
+pub fn setup(addr: SocketAddr, count: usize) -> anyhow::Result<()> {
+    let mut us = Vec::with_capacity(count);
+    let mut errors = 0u64;
+    for _ in 0..count {
+        let t = Instant::now();
+        match first_byte(addr) {
+            Ok(()) => us.push(t.elapsed().as_secs_f64() * 1e6),
+            Err(_) => errors += 1,
+        }
+    }
+    us.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        us.get(((us.len() as f64 * q) as usize).min(us.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    println!(
+        "{{\"connections\":{},\"errors\":{errors},\"p50_us\":{:.1},\"p99_us\":{:.1}}}",
+        us.len(),
+        at(0.50),
+        at(0.99)
+    );
+    Ok(())
+}
+
+/// One connection: connect, one 5-byte request, the answer's first byte.
+fn first_byte(addr: SocketAddr) -> std::io::Result<()> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"ping\n")?;
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b)
+}
+
 /// A new connection to the echo server at `addr`, checked with one 5-byte
 /// exchange.
 async fn echoed(addr: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {

@@ -96,6 +96,13 @@ enum Task {
         secs: u64,
         workers: usize,
     },
+    /// (used by bench) COUNT sequential new connections to ADDR, each
+    /// timed from connect() to the answer's first byte: p50 and p99
+    #[command(hide = true)]
+    BenchSetup {
+        addr: std::net::SocketAddr,
+        count: usize,
+    },
     /// (used by bench) REQUESTS streamed chat completions of WORDS words from
     /// the OpenAI-compatible stand-in at ADDR: time to first token, per-chunk latency
     #[command(hide = true)]
@@ -171,6 +178,7 @@ fn main() -> anyhow::Result<()> {
             secs,
             workers,
         } => load::connect_rate(addr, secs.min(60), workers.min(256)),
+        Task::BenchSetup { addr, count } => load::setup(addr, count.min(100_000)),
         Task::BenchSse {
             addr,
             requests,
