@@ -1085,6 +1085,16 @@ fn profiles(bench: &Bench, root: &Path, agent_a: u32, agent_b: u32) -> anyhow::R
                 Ok(format!("p50 {p50:.1} µs, p99 {p99:.1} µs"))
             }),
         ),
+        // The connect path (issue 15): new connections as fast as 32
+        // workers make them.
+        (
+            "new connections, 32 workers",
+            Path_::Enforcer,
+            Box::new(|b: &Bench| {
+                let (rate, errors) = b.connect_rate(Path_::Enforcer, SECS)?;
+                Ok(format!("{rate:.0}/s, {errors} errors"))
+            }),
+        ),
     ];
     for (i, (what, path, load)) in loads.iter().enumerate() {
         let data = dir.join(format!("{i}.data"));
