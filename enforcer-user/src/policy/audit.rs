@@ -141,6 +141,66 @@ pub use crate::config::OnFailure;
 /// Lines waiting for the writer thread; past it a line is lost (counted).
 const QUEUE: usize = 65_536;
 
+/// A queue of at most `cap` jobs whose memory grows with what is queued:
+/// std's `sync_channel(QUEUE)` allocated all 65 536 slots (3 MiB) at start,
+/// in every agent's idle RSS. The unbounded channel allocates blocks as
+/// lines arrive and frees them as they are written; the count bounds it.
+struct Bounded {
+    tx: std::sync::mpsc::Sender<Job>,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+    cap: usize,
+}
+
+/// The writer's end of a [`Bounded`] queue.
+struct Taken {
+    rx: std::sync::mpsc::Receiver<Job>,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+fn bounded(cap: usize) -> (Bounded, Taken) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    (
+        Bounded {
+            tx,
+            queued: queued.clone(),
+            cap,
+        },
+        Taken { rx, queued },
+    )
+}
+
+impl Bounded {
+    /// Queues `job` unless `cap` jobs wait already or the writer is gone.
+    fn try_send(&self, job: Job) -> Result<(), ()> {
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.cap {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(());
+        }
+        self.tx.send(job).map_err(|_| {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+        })
+    }
+}
+
+impl Taken {
+    fn took(&self, job: Job) -> Job {
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+        job
+    }
+
+    fn recv_timeout(
+        &self,
+        t: std::time::Duration,
+    ) -> Result<Job, std::sync::mpsc::RecvTimeoutError> {
+        self.rx.recv_timeout(t).map(|j| self.took(j))
+    }
+
+    fn try_recv(&self) -> Result<Job, std::sync::mpsc::TryRecvError> {
+        self.rx.try_recv().map(|j| self.took(j))
+    }
+}
+
 /// Lines written together at most (see `Writer::run`).
 const BATCH_LINES: usize = 256;
 
@@ -172,7 +232,7 @@ impl Receipt {
 }
 
 pub struct AuditLog {
-    queue: std::sync::mpsc::SyncSender<Job>,
+    queue: Bounded,
     pub target: String,
     labels: Labels,
     shipper: Option<ship::Handle>,
@@ -222,7 +282,7 @@ impl AuditLog {
             // At start the file must open: a wrong path is a config error.
             writer.open()?;
         }
-        let (queue, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        let (queue, rx) = bounded(QUEUE);
         std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || writer.run(rx))?;
@@ -377,7 +437,7 @@ impl Writer {
     /// `write` for all of them, instead of per line); each is whole in the
     /// file or, when the write fails, none of the batch is. Whoever waits
     /// for a line or a barrier is answered after its batch.
-    fn run(mut self, rx: std::sync::mpsc::Receiver<Job>) {
+    fn run(mut self, rx: Taken) {
         let mut batch: Vec<Job> = Vec::with_capacity(BATCH_LINES);
         let mut text = String::new();
         loop {
@@ -505,6 +565,34 @@ fn file_id(m: &std::fs::Metadata) -> (u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_queue_holds_at_most_its_bound_and_frees_a_slot_per_line_taken() {
+        let line = || Job {
+            text: Some("x".into()),
+            done: None,
+        };
+        let (q, taken) = bounded(2);
+        assert!(q.try_send(line()).is_ok());
+        assert!(q.try_send(line()).is_ok());
+        assert!(
+            q.try_send(line()).is_err(),
+            "a third line past a bound of 2"
+        );
+        assert!(taken.try_recv().is_ok());
+        assert!(q.try_send(line()).is_ok(), "a slot freed by the writer");
+        assert!(q.try_send(line()).is_err());
+        drop(taken);
+        let (q, taken) = bounded(2);
+        drop(taken);
+        assert!(q.try_send(line()).is_err(), "no writer");
+        assert!(q.try_send(line()).is_err());
+        assert_eq!(
+            q.queued.load(Ordering::Relaxed),
+            0,
+            "refused lines hold no slot"
+        );
+    }
 
     #[test]
     fn events_have_opas_shape() {
