@@ -616,19 +616,24 @@ pub fn run(mode: Mode) -> anyhow::Result<()> {
         let m = v.map(median);
         record(&format!("throughput_{streams}_stream"), "Gbit/s", true, m);
     }
-    let (mut p50, mut p99) = ([vec![], vec![], vec![]], [vec![], vec![], vec![]]);
-    for _ in 0..ROUNDS {
-        for (i, p) in paths.iter().enumerate() {
-            let (a, b) = bench
-                .sockperf(*p)
-                .with_context(|| format!("sockperf {}", p.name()))?;
-            eprintln!("  latency {:<8} p50 {a:.1} us  p99 {b:.1} us", p.name());
-            p50[i].push(a);
-            p99[i].push(b);
+    // p50 and p99 of a measurement on each path, each the median of ROUNDS.
+    let percentiles = |what: &str,
+                       measure: &dyn Fn(Path_) -> anyhow::Result<(f64, f64)>|
+     -> anyhow::Result<([f64; 3], [f64; 3])> {
+        let (mut p50, mut p99) = ([vec![], vec![], vec![]], [vec![], vec![], vec![]]);
+        for _ in 0..ROUNDS {
+            for (i, p) in paths.iter().enumerate() {
+                let (a, b) = measure(*p).with_context(|| format!("{what} {}", p.name()))?;
+                eprintln!("  {what} {:<8} p50 {a:.1} us  p99 {b:.1} us", p.name());
+                p50[i].push(a);
+                p99[i].push(b);
+            }
         }
-    }
-    record("latency_p50", "us", false, p50.map(median));
-    record("latency_p99", "us", false, p99.map(median));
+        Ok((p50.map(median), p99.map(median)))
+    };
+    let (p50, p99) = percentiles("latency", &|p| bench.sockperf(p))?;
+    record("latency_p50", "us", false, p50);
+    record("latency_p99", "us", false, p99);
     let mut cps = [vec![], vec![], vec![]];
     for _ in 0..ROUNDS {
         for (i, p) in paths.iter().enumerate() {
@@ -643,19 +648,9 @@ pub fn run(mode: Mode) -> anyhow::Result<()> {
         }
     }
     record("new_connections_per_sec", "1/s", true, cps.map(median));
-    let (mut s50, mut s99) = ([vec![], vec![], vec![]], [vec![], vec![], vec![]]);
-    for _ in 0..ROUNDS {
-        for (i, p) in paths.iter().enumerate() {
-            let (a, b) = bench
-                .setup_latency(*p)
-                .with_context(|| format!("setup latency {}", p.name()))?;
-            eprintln!("  setup {:<8} p50 {a:.1} us  p99 {b:.1} us", p.name());
-            s50[i].push(a);
-            s99[i].push(b);
-        }
-    }
-    record("setup_latency_p50", "us", false, s50.map(median));
-    record("setup_latency_p99", "us", false, s99.map(median));
+    let (s50, s99) = percentiles("setup", &|p| bench.setup_latency(p))?;
+    record("setup_latency_p50", "us", false, s50);
+    record("setup_latency_p99", "us", false, s99);
 
     // HTTP requests (keep-alive, small): direct, through enforcer at L4, and
     // to the same server declared `http` (each request decided by b's
