@@ -48,7 +48,6 @@ pub mod fuzzing {
             return;
         };
         let _ = c.capture_rules(path);
-        let _ = crate::l7::Routes::from_config(&c, path);
         let _ = c.inbound_ports(path);
         let _ = c.mesh_cidrs(path);
         let _ = c.inbound_addr(path);

@@ -260,14 +260,6 @@ pub enum Net {
 }
 
 impl Net {
-    /// Resolves when the pod is no longer served; never for the node.
-    pub async fn gone(&self) {
-        match self {
-            Net::Host => std::future::pending().await,
-            Net::Pod(p) => p.gone.cancelled().await,
-        }
-    }
-
     /// `work`, run until it ends or the pod is no longer served (then
     /// `work` is dropped: its sockets close, a relay's reset). The future
     /// holds `work` once: an `async fn` taking it would hold it twice (as

@@ -56,6 +56,19 @@ struct Api {
     cni_socket: std::path::PathBuf,
 }
 
+/// An HTTP echo server (`name`) on `port` of `node`, in `cgroup`; its pid.
+fn echo_in(tb: &mut Testbed, node: &Node, cgroup: &str, name: &str, port: u16) -> u32 {
+    let echo = format!("{}/helpers/http_echo.py", env!("CARGO_MANIFEST_DIR"));
+    tb.start_server_in(
+        node,
+        Some(cgroup),
+        name,
+        &["python3", "-u", &echo, &port.to_string()],
+        port,
+    )
+    .unwrap_or_else(|e| panic!("the echo server {name} on {port}: {e:#}"))
+}
+
 fn serve_pods(tb: &mut Testbed, node: &Node, pods: &[&Value]) -> Api {
     let dir = tb.dir.join("pods");
     fs::create_dir_all(&dir).expect("pods dir");
@@ -112,15 +125,7 @@ fn pods_are_identified_from_the_api_and_new_ones_fail_closed_while_it_is_unreach
         .enforcer_config_with(&b, "", &ca, &b_tail)
         .expect("config");
     let eb = tb.start_enforcer(&b, &b_config).expect("b's agent");
-    let echo = format!("{}/helpers/http_echo.py", env!("CARGO_MANIFEST_DIR"));
-    tb.start_server_in(
-        &b,
-        Some("api.service"),
-        "echo",
-        &["python3", "-u", &echo, "8080"],
-        8080,
-    )
-    .expect("server");
+    echo_in(&mut tb, &b, "api.service", "echo", 8080);
 
     // This node's pods, served by the API stand-in in a's netns.
     let (u1, c1) = ("0f5e1c2a-1111-4a5b-8c9d-000000000001", "a1".repeat(32));
@@ -363,16 +368,8 @@ fn pods_with_their_own_netns_are_served_from_cni_add_to_del() {
         .filter_map(|p| p["uid"].as_str())
         .collect();
     assert_eq!(served, [u1, u2], "{doc:#}");
-    let echo = format!("{}/helpers/http_echo.py", env!("CARGO_MANIFEST_DIR"));
     let p2_cg = p2.cgroup();
-    tb.start_server_in(
-        &p2.node,
-        Some(&p2_cg),
-        "echo",
-        &["python3", "-u", &echo, "8080"],
-        8080,
-    )
-    .expect("the api pod's server");
+    echo_in(&mut tb, &p2.node, &p2_cg, "echo", 8080);
 
     // Pod to pod: captured in p1's netns, mutual TLS from p1's address to
     // p2's HBONE listener, identities from the API (ns/<ns>/sa/<sa>).
@@ -409,14 +406,7 @@ fn pods_with_their_own_netns_are_served_from_cni_add_to_del() {
     // identity, CONNECTs to two ports on one connection) reaches the pod by
     // its address: the agent's listener in the pod presents the pod's
     // identity, and each stream reaches the workload on its port.
-    tb.start_server_in(
-        &p2.node,
-        Some(&p2_cg),
-        "echo9090",
-        &["python3", "-u", &echo, "9090"],
-        9090,
-    )
-    .expect("a second port of the api pod");
+    echo_in(&mut tb, &p2.node, &p2_cg, "echo9090", 9090);
     let probe = concat!(env!("CARGO_MANIFEST_DIR"), "/helpers/ztunnel_probe.py");
     let ca_dir = tb.dir.join("ca-shared");
     let (ca_pem, ca_key) = (
@@ -470,15 +460,7 @@ fn pods_with_their_own_netns_are_served_from_cni_add_to_del() {
         u2.replace('-', "_"),
         SIDECAR_CONTAINER
     );
-    let sidecar = tb
-        .start_server_in(
-            &p2.node,
-            Some(&sidecar_cg),
-            "sidecar",
-            &["python3", "-u", &echo, "7070"],
-            7070,
-        )
-        .expect("a sidecar");
+    let sidecar = echo_in(&mut tb, &p2.node, &sidecar_cg, "sidecar", 7070);
     let lines = ztunnel(&["8080"]);
     assert!(
         lines[0].starts_with("HANDSHAKE_FAILED"),
@@ -855,17 +837,8 @@ fn a_capture_record_of_another_pod_is_never_taken() {
         let added = tb.cni(&a, p, &network, "ADD").expect("CNI ADD");
         assert!(added.ok, "ADD: {added:?}");
     }
-    let echo = format!("{}/helpers/http_echo.py", env!("CARGO_MANIFEST_DIR"));
     let p2_cg = p2.cgroup();
-    let server = tb
-        .start_server_in(
-            &p2.node,
-            Some(&p2_cg),
-            "echo",
-            &["python3", "-u", &echo, "8080"],
-            8080,
-        )
-        .expect("the api pod's server");
+    let server = echo_in(&mut tb, &p2.node, &p2_cg, "echo", 8080);
 
     // p2's record, as the kernel would store it for a captured connect
     // from 127.0.0.1:PORT in p2 to p2's own 8080: p2's netns cookie, its

@@ -155,7 +155,7 @@ fn allocator_stats() -> Vec<(&'static str, usize)> {
         ("metadata", stats::metadata::read()),
         // Bytes cached in the threads' caches, over all arenas (4096 =
         // MALLCTL_ARENAS_ALL): part of `allocated`, free to reuse.
-        ("tcache", unsafe_read(b"stats.arenas.4096.tcache_bytes\0")),
+        ("tcache", read_stat(b"stats.arenas.4096.tcache_bytes\0")),
     ]
     .into_iter()
     .filter_map(|(k, v)| v.ok().map(|v| (k, v)))
@@ -163,7 +163,7 @@ fn allocator_stats() -> Vec<(&'static str, usize)> {
 }
 
 /// A size_t statistic of jemalloc by name (NUL-terminated).
-fn unsafe_read(name: &[u8]) -> tikv_jemalloc_ctl::Result<usize> {
+fn read_stat(name: &[u8]) -> tikv_jemalloc_ctl::Result<usize> {
     // SAFETY: the names passed are size_t statistics of jemalloc 5.3.
     unsafe { tikv_jemalloc_ctl::raw::read::<usize>(name) }
 }

@@ -51,11 +51,7 @@ impl Routes {
     /// own.
     pub fn from_config(cfg: &Config, path: &Path) -> Result<Self, ConfigError> {
         const MAX_BODY: u64 = 64 * 1024 * 1024;
-        let invalid = |key: String, message: String| ConfigError::Invalid {
-            path: path.to_owned(),
-            key: key.into(),
-            message,
-        };
+        let invalid = |key: String, message: String| ConfigError::invalid(path, key, message);
         if !(1..=MAX_BODY).contains(&cfg.l7.max_body_bytes) {
             return Err(invalid(
                 "l7.max_body_bytes".into(),
