@@ -1,7 +1,7 @@
 //! Attestation of a local destination: the process behind the listening
 //! socket the kernel would hand a connection to `ip:port` — the same socket
-//! the agent then connects to — found from `/proc/net/tcp{,6}` and the socket
-//! inodes under `/proc/<pid>/fd`.
+//! the agent then connects to — found from the listening sockets' table
+//! ([`super::listeners`]) and the socket inodes under `/proc/<pid>/fd`.
 //!
 //! The kernel prefers a listener bound to the exact address over a wildcard
 //! one, and an IPv4 socket over a dual-stack IPv6 one; a `SO_REUSEPORT` group
@@ -16,14 +16,13 @@
 //! blocking reads run on the blocking pool, never on the runtime threads.
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use super::{Attestation, Attestor, WorkloadFacts, selectors::proc_cgroup};
 
-const TCP_LISTEN: &str = "0A";
 /// How stale the listener table (and an answer from it) may be.
 pub const TABLE_TTL: Duration = Duration::from_millis(250);
 /// A destination missing from the table re-reads it when it is older than
@@ -50,81 +49,25 @@ pub enum LocalError {
     Internal(SocketAddr, String),
 }
 
-/// One listening TCP socket of this network namespace.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Listener {
-    pub addr: SocketAddr,
-    pub inode: u64,
-}
+pub use super::listeners::Listener;
 
 /// Listening TCP sockets (IPv4 and IPv6) of the agent's netns.
 pub fn listeners() -> Vec<Listener> {
-    listeners_from("/proc/net")
+    super::listeners::listening("/proc/self/net")
 }
 
 /// Listening TCP sockets (IPv4 and IPv6) of `net`: the agent's netns, or a
-/// pod's (read on the netns thread, inside the pod; nothing when that
+/// pod's (asked on the netns thread, inside the pod; nothing when that
 /// fails, which attests no workload).
 pub fn listeners_in(net: &crate::netns::Net) -> Vec<Listener> {
     match net.pod() {
         None => listeners(),
         Some(pod) => pod
-            .run(|| listeners_from("/proc/thread-self/net"))
+            .run(|| super::listeners::listening("/proc/thread-self/net"))
             .unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "reading a pod's listening sockets failed");
                 Vec::new()
             }),
-    }
-}
-
-fn listeners_from(dir: &str) -> Vec<Listener> {
-    let mut out = Vec::new();
-    for (file, v6) in [("tcp", false), ("tcp6", true)] {
-        let file = format!("{dir}/{file}");
-        let Ok(text) = std::fs::read_to_string(file) else {
-            continue;
-        };
-        out.extend(text.lines().skip(1).filter_map(|l| parse_line(l, v6)));
-    }
-    out
-}
-
-/// `sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode`
-fn parse_line(line: &str, v6: bool) -> Option<Listener> {
-    let f: Vec<&str> = line.split_whitespace().collect();
-    if f.len() < 10 || f[3] != TCP_LISTEN {
-        return None;
-    }
-    let (hex_ip, hex_port) = f[1].rsplit_once(':')?;
-    let port = u16::from_str_radix(hex_port, 16).ok()?;
-    let ip = parse_hex_ip(hex_ip, v6)?;
-    let inode = f[9].parse::<u64>().ok().filter(|i| *i != 0)?;
-    Some(Listener {
-        addr: SocketAddr::new(ip, port),
-        inode,
-    })
-}
-
-/// The kernel prints addresses as 32-bit words in host byte order.
-fn parse_hex_ip(hex: &str, v6: bool) -> Option<IpAddr> {
-    let word = |i: usize| -> Option<[u8; 4]> {
-        let w = u32::from_str_radix(hex.get(i * 8..i * 8 + 8)?, 16).ok()?;
-        Some(w.to_ne_bytes())
-    };
-    if v6 {
-        if hex.len() != 32 {
-            return None;
-        }
-        let mut b = [0u8; 16];
-        for i in 0..4 {
-            b[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
-        }
-        Some(IpAddr::V6(Ipv6Addr::from(b)))
-    } else {
-        if hex.len() != 8 {
-            return None;
-        }
-        Some(IpAddr::V4(Ipv4Addr::from(word(0)?)))
     }
 }
 
@@ -488,21 +431,11 @@ mod tests {
     }
 
     #[test]
-    fn proc_lines_parse_addresses_in_host_order() {
-        let v4 = "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 12345 1 0000000000000000 100 0 0 10 0";
-        assert_eq!(parse_line(v4, false), Some(l("127.0.0.1:8080", 12345)));
-        let v6 = "   0: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 777 1 0000000000000000 100 0 0 10 0";
-        assert_eq!(parse_line(v6, true), Some(l("[::1]:8080", 777)));
-        let established = v4.replace(" 0A ", " 01 ");
-        assert_eq!(parse_line(&established, false), None);
-    }
-
-    #[test]
     fn finds_the_owner_of_a_listening_socket() {
         let sock = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = sock.local_addr().expect("addr");
         let group = chosen(&listeners(), addr);
-        assert_eq!(group.len(), 1, "listener {addr} not found in /proc/net/tcp");
+        assert_eq!(group.len(), 1, "listener {addr} not found");
         assert_eq!(holders_of_inode(group[0].inode), [std::process::id()]);
         let facts = facts_of_pid(std::process::id()).expect("facts");
         assert_eq!(facts.uid, nix::unistd::getuid().as_raw());

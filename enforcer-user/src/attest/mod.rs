@@ -1,5 +1,6 @@
 //! Attestation: kernel facts → selectors → SPIFFE ID (DESIGN §1 step 2).
 pub mod entries;
+pub mod listeners;
 pub mod local;
 pub mod selectors;
 

@@ -1,0 +1,242 @@
+//! The listening TCP sockets of a network namespace: the table a local
+//! destination's owner is looked up in ([`super::local`]).
+//!
+//! They are asked of the kernel's socket diagnostics (`NETLINK_SOCK_DIAG`,
+//! sock_diag(7)) for listeners only, which walks the listening hash alone.
+//! `/proc/net/tcp{,6}` — the fallback, when the kernel has no `inet_diag` —
+//! prints every TCP socket of the namespace, established and TIME_WAIT ones
+//! too, so reading it costs more the busier the node: at a few thousand new
+//! connections a second it was the agents' largest kernel cost on the
+//! connect path (bench/README.md "Where the time goes").
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::atomic::{AtomicBool, Ordering},
+};
+
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_sock_diag::{
+    SockDiagMessage,
+    constants::{AF_INET, AF_INET6, IPPROTO_TCP},
+    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
+};
+use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIAG};
+
+/// One listening TCP socket of a network namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listener {
+    pub addr: SocketAddr,
+    pub inode: u64,
+}
+
+/// Listening TCP sockets (IPv4 and IPv6) of the calling thread's netns.
+/// `proc_net` is that netns's `/proc/…/net` directory, read only when the
+/// socket diagnostics fail (logged once per agent).
+pub fn listening(proc_net: &str) -> Vec<Listener> {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    match diag() {
+        Ok(all) => all,
+        Err(e) => {
+            if !WARNED.swap(true, Ordering::Relaxed) {
+                tracing::warn!(error = %e,
+                    "asking the kernel's socket diagnostics (NETLINK_SOCK_DIAG) for listening sockets failed; \
+                     reading /proc/net/tcp instead, which costs more on a busy node (modprobe tcp_diag)");
+            }
+            from_proc(proc_net)
+        }
+    }
+}
+
+/// The listeners, from `NETLINK_SOCK_DIAG` (one dump per family, listening
+/// state only).
+pub fn diag() -> io::Result<Vec<Listener>> {
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    socket.bind_auto()?;
+    socket.connect(&NetlinkAddr::new(0, 0))?;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    for (seq, family) in [(1, AF_INET), (2, AF_INET6)] {
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        header.sequence_number = seq;
+        let mut request = NetlinkMessage::new(
+            header,
+            SockDiagMessage::InetRequest(InetRequest {
+                family,
+                protocol: IPPROTO_TCP,
+                extensions: ExtensionFlags::empty(),
+                states: StateFlags::LISTEN,
+                socket_id: if family == AF_INET {
+                    SocketId::new_v4()
+                } else {
+                    SocketId::new_v6()
+                },
+            })
+            .into(),
+        );
+        request.finalize();
+        let mut bytes = vec![0u8; request.buffer_len()];
+        request.serialize(&mut bytes);
+        socket.send(&bytes, 0)?;
+        dump_into(&socket, &mut buf, seq, &mut out)?;
+    }
+    Ok(out)
+}
+
+/// Reads one dump's answers (until `NLMSG_DONE`) into `out`.
+fn dump_into(socket: &Socket, buf: &mut [u8], seq: u32, out: &mut Vec<Listener>) -> io::Result<()> {
+    let bad = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
+    loop {
+        let size = socket.recv(&mut &mut buf[..], 0)?;
+        if size == 0 {
+            return Err(bad("the kernel closed the dump".into()));
+        }
+        let mut chunk = &buf[..size];
+        while !chunk.is_empty() {
+            let msg = NetlinkMessage::<SockDiagMessage>::deserialize(chunk)
+                .map_err(|e| bad(format!("an undecodable sock_diag answer: {e}")))?;
+            let len = msg.header.length as usize;
+            if len == 0 || len > chunk.len() {
+                return Err(bad(format!("a sock_diag answer of length {len}")));
+            }
+            if msg.header.sequence_number == seq {
+                match msg.payload {
+                    NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
+                        let id = &r.header.socket_id;
+                        out.push(Listener {
+                            addr: SocketAddr::new(id.source_address, id.source_port),
+                            inode: u64::from(r.header.inode),
+                        });
+                    }
+                    NetlinkPayload::Done(_) => return Ok(()),
+                    NetlinkPayload::Error(e) => return Err(e.to_io()),
+                    _ => {}
+                }
+            }
+            // Messages are aligned to 4 bytes.
+            chunk = chunk.get(len.next_multiple_of(4)..).unwrap_or_default();
+        }
+    }
+}
+
+/// The listeners from `<proc_net>/tcp` and `tcp6`.
+pub fn from_proc(proc_net: &str) -> Vec<Listener> {
+    let mut out = Vec::new();
+    for (file, v6) in [("tcp", false), ("tcp6", true)] {
+        let Ok(text) = std::fs::read_to_string(format!("{proc_net}/{file}")) else {
+            continue;
+        };
+        out.extend(text.lines().skip(1).filter_map(|l| parse_line(l, v6)));
+    }
+    out
+}
+
+const TCP_LISTEN: &str = "0A";
+
+/// `sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode`
+fn parse_line(line: &str, v6: bool) -> Option<Listener> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    if f.len() < 10 || f[3] != TCP_LISTEN {
+        return None;
+    }
+    let (hex_ip, hex_port) = f[1].rsplit_once(':')?;
+    let port = u16::from_str_radix(hex_port, 16).ok()?;
+    let ip = parse_hex_ip(hex_ip, v6)?;
+    let inode = f[9].parse::<u64>().ok().filter(|i| *i != 0)?;
+    Some(Listener {
+        addr: SocketAddr::new(ip, port),
+        inode,
+    })
+}
+
+/// The kernel prints addresses as 32-bit words in host byte order.
+fn parse_hex_ip(hex: &str, v6: bool) -> Option<IpAddr> {
+    let word = |i: usize| -> Option<[u8; 4]> {
+        let w = u32::from_str_radix(hex.get(i * 8..i * 8 + 8)?, 16).ok()?;
+        Some(w.to_ne_bytes())
+    };
+    if v6 {
+        if hex.len() != 32 {
+            return None;
+        }
+        let mut b = [0u8; 16];
+        for i in 0..4 {
+            b[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+        }
+        Some(IpAddr::V6(Ipv6Addr::from(b)))
+    } else {
+        if hex.len() != 8 {
+            return None;
+        }
+        Some(IpAddr::V4(Ipv4Addr::from(word(0)?)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn l(addr: &str, inode: u64) -> Listener {
+        Listener {
+            addr: addr.parse().expect("addr"),
+            inode,
+        }
+    }
+
+    #[test]
+    fn proc_lines_parse_addresses_in_host_order() {
+        let v4 = "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 12345 1 0000000000000000 100 0 0 10 0";
+        assert_eq!(parse_line(v4, false), Some(l("127.0.0.1:8080", 12345)));
+        let v6 = "   0: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 777 1 0000000000000000 100 0 0 10 0";
+        assert_eq!(parse_line(v6, true), Some(l("[::1]:8080", 777)));
+        let established = v4.replace(" 0A ", " 01 ");
+        assert_eq!(parse_line(&established, false), None);
+    }
+
+    /// The socket diagnostics and `/proc/net/tcp{,6}` name the same
+    /// listeners — IPv4, dual-stack and IPv6-only ones, with their inodes —
+    /// and neither names a connected socket.
+    #[test]
+    fn socket_diagnostics_agree_with_proc() {
+        use std::os::fd::AsRawFd;
+        let v4 = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+        let any6 = std::net::TcpListener::bind("[::]:0").expect("bind [::] (IPv6 on lo)");
+        let lo6 = std::net::TcpListener::bind("[::1]:0").expect("bind [::1]");
+        // A connected socket and its accepted end are not listeners.
+        let client = std::net::TcpStream::connect(v4.local_addr().expect("addr")).expect("connect");
+        let (server, _) = v4.accept().expect("accept");
+        let inode = |fd: i32| -> u64 {
+            let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).expect("fd link");
+            let s = link.to_string_lossy();
+            s.trim_start_matches("socket:[")
+                .trim_end_matches(']')
+                .parse()
+                .expect("a socket inode")
+        };
+        let diag = diag().expect(
+            "NETLINK_SOCK_DIAG answers for listening sockets (kernel with CONFIG_INET_DIAG and tcp_diag: modprobe tcp_diag)",
+        );
+        let proc = from_proc("/proc/self/net");
+        for (sock, fd) in [
+            (&v4, v4.as_raw_fd()),
+            (&any6, any6.as_raw_fd()),
+            (&lo6, lo6.as_raw_fd()),
+        ] {
+            let want = Listener {
+                addr: sock.local_addr().expect("addr"),
+                inode: inode(fd),
+            };
+            assert!(diag.contains(&want), "{want:?} not in {diag:?}");
+            assert!(proc.contains(&want), "{want:?} not in {proc:?}");
+        }
+        for fd in [client.as_raw_fd(), server.as_raw_fd()] {
+            let i = inode(fd);
+            assert!(
+                diag.iter().all(|l| l.inode != i),
+                "connected socket {i} listed"
+            );
+        }
+    }
+}
