@@ -12,6 +12,7 @@ pub mod identity;
 pub mod inpod;
 pub mod k8s;
 pub mod l7;
+pub mod logsink;
 pub mod mark;
 pub mod memory;
 pub mod metrics;

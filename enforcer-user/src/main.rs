@@ -245,17 +245,32 @@ fn init_logging(cfg: &Config) {
         .and_then(|v| enforcer::config::log_filter(&v).ok())
         .or_else(|| enforcer::config::log_filter(&cfg.log.level).ok())
         .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cfg.log.format {
-        LogFormat::Json => builder
+    // Lines go to standard error through the log writer's thread, never
+    // written by a runtime thread (`logsink`); should it not start, as
+    // they come.
+    let sink = enforcer::logsink::start().map_err(|e| {
+        eprintln!(
+            "starting the log writer thread failed ({e}); log lines are written as they come"
+        );
+    });
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match (cfg.log.format, sink) {
+        (LogFormat::Json, Ok(sink)) => builder
+            .with_writer(sink)
             .json()
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false)
             .init(),
-        LogFormat::Text => builder.init(),
+        (LogFormat::Json, Err(())) => builder
+            .with_writer(std::io::stderr)
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+        (LogFormat::Text, Ok(sink)) => builder.with_writer(sink).init(),
+        (LogFormat::Text, Err(())) => builder.with_writer(std::io::stderr).init(),
     }
 }
 
@@ -326,7 +341,12 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            rt.block_on(enforcer::agent::run(cfg, &config))
+            let result = rt.block_on(enforcer::agent::run(cfg, &config));
+            drop(rt);
+            // The last lines (the drain's, "connection closed") before exit,
+            // and before the error main prints.
+            enforcer::logsink::flush();
+            result
         }
     }
 }

@@ -184,6 +184,7 @@ pub struct Metrics {
     pub svid_renew: Family<SvidLabels, Gauge>,
     pub allocator_bytes: Family<AllocatorLabels, Gauge>,
     pub memory_releases: Counter,
+    pub log_lines_dropped: Counter,
     pub hbone_rejected: Family<RejectLabels, Counter>,
     pub hbone_streams_refused: Family<RejectLabels, Counter>,
     pub policy_decisions: Family<DecisionLabels, Counter>,
@@ -267,6 +268,12 @@ impl Metrics {
             "memory_releases",
             "Times the agent gave memory back after a load passed: threads' allocation caches flushed, free pages returned to the OS",
             memory_releases.clone(),
+        );
+        let log_lines_dropped = Counter::default();
+        registry.register(
+            "log_lines_dropped",
+            "Log lines (standard error) dropped whole because the log writer was 16 MiB behind: standard error did not take them (sampled at scrape)",
+            log_lines_dropped.clone(),
         );
         let hbone_rejected = Family::<RejectLabels, Counter>::default();
         registry.register(
@@ -382,6 +389,7 @@ impl Metrics {
             svid_renew,
             allocator_bytes,
             memory_releases,
+            log_lines_dropped,
         }
     }
 

@@ -240,6 +240,7 @@ fn worker() -> Result<&'static mpsc::Sender<(OwnedFd, String, Job)>, NetnsError>
                         {
                             // Every later socket would be made in the pod.
                             tracing::error!(error = %e, "the netns thread cannot return to the agent's network namespace; aborting");
+                            crate::logsink::flush();
                             std::process::abort();
                         }
                     }

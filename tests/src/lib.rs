@@ -309,8 +309,9 @@ impl Testbed {
         self.dir.join(format!("{}-audit.jsonl", node.name))
     }
 
-    /// Every line of a node's audit log so far.
+    /// Every line of a node's audit log so far (after [`settle_logs`]).
     pub fn audit(&self, node: &Node) -> Vec<Value> {
+        settle_logs();
         json_lines_of(&self.audit_log(node))
     }
 
@@ -370,9 +371,32 @@ impl Testbed {
         in_cgroup: Option<&str>,
         env: &[(&str, &str)],
     ) -> Result<Enforcer> {
+        self.start_enforcer_to(node, config, in_cgroup, env, None)
+    }
+
+    /// Like [`Testbed::start_enforcer`], its standard error (its log) into
+    /// `stderr` — a pipe the test reads, or does not — instead of the log
+    /// file, which stays empty.
+    pub fn start_enforcer_logging_to(
+        &mut self,
+        node: &Node,
+        config: &Path,
+        stderr: Stdio,
+    ) -> Result<Enforcer> {
+        self.start_enforcer_to(node, config, None, &[], Some(stderr))
+    }
+
+    fn start_enforcer_to(
+        &mut self,
+        node: &Node,
+        config: &Path,
+        in_cgroup: Option<&str>,
+        env: &[(&str, &str)],
+        stderr: Option<Stdio>,
+    ) -> Result<Enforcer> {
         let log = self.dir.join(format!("{}-enforcer.log", node.name));
         let cg = self.enforcer_cgroup(node, in_cgroup)?;
-        let pid = self.spawn_enforcer(node, config, &cg, env, &log, "")?;
+        let pid = self.spawn_enforcer(node, config, &cg, env, &log, stderr)?;
         let enforcer = Enforcer {
             node: node.clone(),
             pid,
@@ -414,8 +438,8 @@ impl Testbed {
     }
 
     /// Starts `enforcer run --config CONFIG` in `node`'s netns and cgroup
-    /// `cg`, its log (stderr) in `log` and its stdout beside it
-    /// (`.stdout`); returns its pid.
+    /// `cg`, its log (stderr) in `log` (or `stderr`) and its stdout beside
+    /// it (`.stdout`); returns its pid.
     fn spawn_enforcer(
         &mut self,
         node: &Node,
@@ -423,8 +447,19 @@ impl Testbed {
         cg: &Path,
         env: &[(&str, &str)],
         log: &Path,
-        label: &str,
+        stderr: Option<Stdio>,
     ) -> Result<u32> {
+        // `<node>-enforcer-upgrade-<n>.log`: " (upgrade <n>)" in messages.
+        let label = log
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.strip_prefix(&format!("{}-enforcer-", node.name)))
+            .map(|rest| format!(" ({})", rest.replace('-', " ")))
+            .unwrap_or_default();
+        let stderr = match stderr {
+            Some(s) => s,
+            None => fs::File::create(log)?.into(),
+        };
         let child = node
             .command_in(Some(cg))
             .arg(&self.bin)
@@ -434,7 +469,7 @@ impl Testbed {
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(fs::File::create(log.with_extension("stdout"))?)
-            .stderr(fs::File::create(log)?)
+            .stderr(stderr)
             .spawn()
             .with_context(|| format!("starting enforcer on {}{label}", node.name))?;
         let pid = child.id();
@@ -483,7 +518,7 @@ impl Testbed {
             .dir
             .join(format!("{}-enforcer-upgrade-{n}.log", node.name));
         let cg = self.enforcer_cgroup(&node, in_cgroup)?;
-        let pid = self.spawn_enforcer(&node, config, &cg, &[], &log, &format!(" (upgrade {n})"))?;
+        let pid = self.spawn_enforcer(&node, config, &cg, &[], &log, None)?;
         let enforcer = Enforcer {
             node: node.clone(),
             pid,
@@ -1052,8 +1087,10 @@ pub struct Enforcer {
 }
 
 impl Enforcer {
-    /// Every JSON log line the enforcer wrote so far.
+    /// Every JSON log line the enforcer wrote so far (after
+    /// [`settle_logs`]).
     pub fn log_lines(&self) -> Vec<Value> {
+        settle_logs();
         json_lines_of(&self.log)
     }
 
@@ -1312,6 +1349,17 @@ pub fn json_lines(text: &str) -> Vec<Value> {
     text.lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
+}
+
+/// How long after a line is logged it is surely in the file: the agent's
+/// log and audit writers let lines gather for 5 ms before they write them
+/// (`enforcer-user/src/logsink.rs`, `policy/audit.rs`), ten times that.
+pub const LOG_SETTLE: Duration = Duration::from_millis(50);
+
+/// Waits [`LOG_SETTLE`]: what an agent logged before the call is then in
+/// its log and audit files.
+pub fn settle_logs() {
+    std::thread::sleep(LOG_SETTLE);
 }
 
 /// The lines of a file that are JSON (none when it does not exist yet).

@@ -456,6 +456,7 @@ fn start_http(tb: &mut Testbed, node: &Node) -> String {
 
 /// Every line of the file is one whole JSON value; returns them.
 fn whole_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    enforcer_tests::settle_logs();
     let text = std::fs::read_to_string(path).unwrap_or_default();
     text.lines()
         .map(|l| {
@@ -944,5 +945,126 @@ fn connects_that_fail_after_their_record_leave_none() {
         &m.ea,
         Duration::from_secs(30),
         &format!("30 s after every socket closed ({text})"),
+    );
+}
+
+/// Sequential connections that each fetch `/`; prints `OK n`, or
+/// `ERR i: why` at the first that fails.
+const PY_SEQUENTIAL_GETS: &str = r#"
+import socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for i in range(n):
+    try:
+        s = socket.create_connection((host, port), timeout=10)
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        data = b""
+        while True:
+            d = s.recv(65536)
+            if not d:
+                break
+            data += d
+        s.close()
+        if data[9:12] != b"200":
+            print(f"ERR {i}: answered {data[:40]!r}")
+            sys.exit(0)
+    except OSError as e:
+        print(f"ERR {i}: {e}")
+        sys.exit(0)
+print(f"OK {n}")
+"#;
+
+#[test]
+fn a_log_output_that_takes_nothing_stalls_no_connection() {
+    // The failure: runtime threads wrote their log lines to standard error
+    // themselves. With standard error a pipe nobody read (a journald
+    // stopped or behind), the pipe filled after ~80 "connection closed"
+    // lines, the next write blocked its thread, and every connection
+    // through the agent hung. Now a thread of its own writes the log; the
+    // lines wait in memory and none is lost.
+    let (mut tb, a, b) = Testbed::linked_pair("stalledlog").expect("two nodes");
+    let ca = tb.shared_ca("shared", TD).expect("a CA");
+    tb.start_server_in(
+        &b,
+        Some("llm.service"),
+        "llm",
+        &["python3", "-u", "-m", "http.server", "8080", "--bind", "::"],
+        8080,
+    )
+    .expect("http server");
+    let rest = |id: &str, unit: &str| format!("{}\n{MESH}", entry(id, unit));
+    let cfg_b = tb
+        .enforcer_config_with(&b, "", &ca, &rest(LLM_ID, "systemd:unit:llm.service"))
+        .expect("b's config");
+    let _eb = tb.start_enforcer(&b, &cfg_b).expect("b's agent");
+    let cfg_a = tb
+        .enforcer_config_with(
+            &a,
+            "",
+            &ca,
+            &rest(AGENT_ID, "systemd:unit:support-agent.service"),
+        )
+        .expect("a's config");
+    let (mut reader, writer) = std::io::pipe().expect("a pipe");
+    let ea = tb
+        .start_enforcer_logging_to(&a, &cfg_a, writer.into())
+        .expect("a's agent, its standard error a pipe nobody reads");
+    // 400 lines of ~800 bytes: five times what the pipe holds.
+    const N: usize = 400;
+    let (_, out) = a
+        .exec(
+            Some("support-agent.service"),
+            &[
+                "python3",
+                "-c",
+                PY_SEQUENTIAL_GETS,
+                &b.ipv4,
+                "8080",
+                &N.to_string(),
+            ],
+        )
+        .expect("sequential gets");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        said.trim(),
+        format!("OK {N}"),
+        "every connection through a's agent answered while its log output took nothing: {said} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Now the log is read: every connection's line is there.
+    let text = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = text.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 65536];
+        while let Ok(n) = std::io::Read::read(&mut reader, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .expect("log buffer")
+                .extend_from_slice(&buf[..n]);
+        }
+    });
+    let dst = format!("{}:8080", b.ipv4);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let closed = loop {
+        let log = String::from_utf8_lossy(&text.lock().expect("log buffer")).into_owned();
+        let closed = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["message"] == "connection closed" && v["orig_dst"] == dst)
+            .count();
+        if closed >= N || Instant::now() > deadline {
+            break closed;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        closed, N,
+        "one \"connection closed\" line per connection, none lost"
+    );
+    assert_eq!(
+        ea.metric("enforcer_log_lines_dropped_total", &[])
+            .expect("the metric"),
+        0.0
     );
 }

@@ -609,6 +609,7 @@ fn http_requests_are_decided_one_by_one_with_opa_envoy_input() {
 
     // The audit lines: OPA-Envoy's input, secrets redacted.
     let audit_path = m.tb.audit_log(&m.b);
+    enforcer_tests::settle_logs();
     let text = fs::read_to_string(&audit_path).unwrap_or_default();
     assert!(
         !text.contains("TOPSECRET-TOKEN-42"),

@@ -58,6 +58,7 @@ fn curl(node: &Node, unit: &str, url: &str) -> (u32, String) {
 }
 
 fn audit(tb: &Testbed, n: &Node) -> Vec<Value> {
+    enforcer_tests::settle_logs();
     std::fs::read_to_string(tb.audit_log(n))
         .unwrap_or_default()
         .lines()

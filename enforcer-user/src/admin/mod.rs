@@ -124,6 +124,8 @@ impl AdminState {
                 renew.get_or_create(&labels).set(unix_secs(h.renew_at));
             }
         }
+        let dropped = &self.metrics.log_lines_dropped;
+        dropped.inc_by(crate::logsink::dropped_total().saturating_sub(dropped.get()));
         let g = &self.metrics.allocator_bytes;
         for (kind, bytes) in allocator_stats() {
             g.get_or_create(&metrics::AllocatorLabels { kind })
