@@ -1046,7 +1046,7 @@ fn profiles(bench: &Bench, root: &Path, agent_a: u32, agent_b: u32) -> anyhow::R
     std::fs::create_dir_all(&dir)?;
     let mut md = format!(
         "# Where the time goes\n\n`cargo xtask bench --profile` on {} (2 cores). System-wide \
-         `perf record -e cpu-clock -F 999 -a` while the workload runs for {SECS} s; \
+         `perf record -e cpu-clock -F 999 -a -g` while the workload runs for {SECS} s; \
          agent a (client side) is pid {agent_a}, agent b (server side) pid {agent_b}; \
          `swapper` is idle time. Percentages are of all samples on both cores.\n",
         today()
@@ -1094,7 +1094,17 @@ fn profiles(bench: &Bench, root: &Path, agent_a: u32, agent_b: u32) -> anyhow::R
     for (i, (what, path, load)) in loads.iter().enumerate() {
         let data = dir.join(format!("{i}.data"));
         let rec = std::process::Command::new("perf")
-            .args(["record", "-q", "-e", "cpu-clock", "-F", "999", "-a", "-o"])
+            .args([
+                "record",
+                "-q",
+                "-e",
+                "cpu-clock",
+                "-F",
+                "999",
+                "-a",
+                "-g",
+                "-o",
+            ])
             .arg(&data)
             .args(["--", "sleep", &(SECS + 1).to_string()])
             .stdout(std::process::Stdio::null())
@@ -1142,10 +1152,53 @@ fn profiles(bench: &Bench, root: &Path, agent_a: u32, agent_b: u32) -> anyhow::R
             report("comm,pid", 12)?,
             report("comm,sym", 40)?
         );
+        if *path == Path_::Enforcer && what.starts_with("new connections") {
+            let _ = write!(
+                md,
+                "\nThe agents' functions with what they call (`--children`, call graphs by frame pointer: \
+                 user-space frames are whole only in a build with `RUSTFLAGS=\"-C force-frame-pointers=yes\"`, \
+                 given as `ENFORCER_BENCH_BIN`):\n\n```\n{}\n```\n",
+                inclusive(&data, &[agent_a, agent_b])?
+            );
+        }
     }
     let out = write_result(root, &format!("{}-profile", today()), "md", &md)?;
     println!("written: {}", out.display());
     Ok(())
+}
+
+/// The functions of processes `pids` in profile `data` by the share of
+/// samples in them or what they call, the first 60.
+fn inclusive(data: &Path, pids: &[u32]) -> anyhow::Result<String> {
+    let pids = pids
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let out = std::process::Command::new("perf")
+        .args([
+            "report",
+            "--stdio",
+            "--children",
+            "-g",
+            "none",
+            "--percent-limit",
+            "1.5",
+            "--sort",
+            "sym",
+            "--pid",
+            &pids,
+            "-i",
+        ])
+        .arg(data)
+        .output()
+        .context("perf report --children")?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .take(60)
+        .collect::<Vec<_>>()
+        .join("\n"))
 }
 
 /// Runs the criterion benchmarks and reads mean and p99 per operation (ns)
