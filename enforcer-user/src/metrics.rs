@@ -185,6 +185,7 @@ pub struct Metrics {
     pub allocator_bytes: Family<AllocatorLabels, Gauge>,
     pub memory_releases: Counter,
     pub log_lines_dropped: Counter,
+    pub executable_hashes: Counter,
     pub hbone_rejected: Family<RejectLabels, Counter>,
     pub hbone_streams_refused: Family<RejectLabels, Counter>,
     pub policy_decisions: Family<DecisionLabels, Counter>,
@@ -274,6 +275,12 @@ impl Metrics {
             "log_lines_dropped",
             "Log lines (standard error) dropped whole because the log writer was 16 MiB behind: standard error did not take them (sampled at scrape)",
             log_lines_dropped.clone(),
+        );
+        let executable_hashes = Counter::default();
+        registry.register(
+            "executable_hashes",
+            "Executables hashed for a workload's unix:sha256 selector (its digest not cached); concurrent attestations of one executable share one hash (sampled at scrape)",
+            executable_hashes.clone(),
         );
         let hbone_rejected = Family::<RejectLabels, Counter>::default();
         registry.register(
@@ -390,6 +397,7 @@ impl Metrics {
             allocator_bytes,
             memory_releases,
             log_lines_dropped,
+            executable_hashes,
         }
     }
 

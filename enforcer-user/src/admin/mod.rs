@@ -126,6 +126,8 @@ impl AdminState {
         }
         let dropped = &self.metrics.log_lines_dropped;
         dropped.inc_by(crate::logsink::dropped_total().saturating_sub(dropped.get()));
+        let hashes = &self.metrics.executable_hashes;
+        hashes.inc_by(crate::attest::selectors::executables_hashed().saturating_sub(hashes.get()));
         let g = &self.metrics.allocator_bytes;
         for (kind, bytes) in allocator_stats() {
             g.get_or_create(&metrics::AllocatorLabels { kind })

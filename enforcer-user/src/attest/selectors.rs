@@ -9,7 +9,10 @@ use std::{
     io::Read as _,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{
+        Arc, Condvar, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use sha2::{Digest as _, Sha256};
@@ -140,37 +143,137 @@ impl Default for SelectorCache {
 /// replaced binary is hashed again; the most recently used
 /// [`DigestCache::CAPACITY`] are kept (each container's overlay mount is a
 /// device of its own, so the keys grow with containers started).
-pub struct DigestCache(Mutex<lru::LruCache<(u64, u64, i64, u64), String>>);
+///
+/// One hash per executable at a time: the attestations of a new workload's
+/// concurrent first connections wait for the one hashing its executable and
+/// take its digest. Before, each hashed it again — 32 connects at once from
+/// a 1 GiB executable were 32 GiB to read and hash, every blocking-pool
+/// thread busy meanwhile, other workloads' new connections waiting.
+pub struct DigestCache {
+    done: Mutex<lru::LruCache<DigestKey, String>>,
+    running: Mutex<HashMap<DigestKey, Arc<Flight>>>,
+    /// Executables hashed (not found in the cache) by this cache.
+    hashed: AtomicU64,
+}
+
+type DigestKey = (u64, u64, i64, u64);
+
+/// One hash under way; its waiters are woken with its digest (`None`: the
+/// executable could not be read).
+#[derive(Default)]
+struct Flight {
+    result: Mutex<Option<Option<String>>>,
+    finished: Condvar,
+}
 
 impl Default for DigestCache {
     fn default() -> Self {
-        Self(Mutex::new(lru::LruCache::new(Self::CAPACITY)))
+        Self {
+            done: Mutex::new(lru::LruCache::new(Self::CAPACITY)),
+            running: Mutex::default(),
+            hashed: AtomicU64::new(0),
+        }
     }
+}
+
+/// Executables hashed by every cache of the agent
+/// (`enforcer_executable_hashes_total`).
+static HASHED: AtomicU64 = AtomicU64::new(0);
+
+/// Executables hashed since start, by every [`DigestCache`].
+pub fn executables_hashed() -> u64 {
+    HASHED.load(Ordering::Relaxed)
 }
 
 impl DigestCache {
     pub const CAPACITY: std::num::NonZeroUsize = std::num::NonZeroUsize::new(1024).unwrap();
 
+    fn cached(&self, key: &DigestKey) -> Option<String> {
+        let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        done.get(key).cloned()
+    }
+
     fn sha256_of(&self, exe: &Path) -> Option<String> {
         let meta = std::fs::metadata(exe).ok()?;
         let key = (meta.dev(), meta.ino(), meta.mtime(), meta.size());
-        if let Some(d) = self.0.lock().ok()?.get(&key) {
-            return Some(d.clone());
+        if let Some(d) = self.cached(&key) {
+            return Some(d);
         }
-        let mut f = std::fs::File::open(exe).ok()?;
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 1 << 16];
-        loop {
-            let n = f.read(&mut buf).ok()?;
-            if n == 0 {
-                break;
+        let (flight, mine) = {
+            let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            // Hashed while this one took the lock?
+            if let Some(d) = self.cached(&key) {
+                return Some(d);
             }
-            h.update(&buf[..n]);
+            match running.get(&key) {
+                Some(f) => (f.clone(), false),
+                None => {
+                    let f = Arc::new(Flight::default());
+                    running.insert(key, f.clone());
+                    (f, true)
+                }
+            }
+        };
+        if !mine {
+            let mut result = flight.result.lock().unwrap_or_else(|p| p.into_inner());
+            while result.is_none() {
+                result = flight
+                    .finished
+                    .wait(result)
+                    .unwrap_or_else(|p| p.into_inner());
+            }
+            return result.clone().flatten();
         }
-        let digest = hex::encode(h.finalize());
-        self.0.lock().ok()?.put(key, digest.clone());
-        Some(digest)
+        // Ends the flight however the hash ends (a panic included): the
+        // digest cached, the waiters answered, the flight gone.
+        struct Finish<'a> {
+            cache: &'a DigestCache,
+            key: DigestKey,
+            flight: Arc<Flight>,
+            digest: Option<String>,
+        }
+        impl Drop for Finish<'_> {
+            fn drop(&mut self) {
+                if let Some(d) = &self.digest {
+                    let mut done = self.cache.done.lock().unwrap_or_else(|p| p.into_inner());
+                    done.put(self.key, d.clone());
+                }
+                self.cache
+                    .running
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&self.key);
+                *self.flight.result.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(self.digest.take());
+                self.flight.finished.notify_all();
+            }
+        }
+        let mut finish = Finish {
+            cache: self,
+            key,
+            flight,
+            digest: None,
+        };
+        self.hashed.fetch_add(1, Ordering::Relaxed);
+        HASHED.fetch_add(1, Ordering::Relaxed);
+        finish.digest = hash_file(exe);
+        finish.digest.clone()
     }
+}
+
+/// The SHA-256 of a file's contents, hex; `None` when it cannot be read.
+fn hash_file(path: &Path) -> Option<String> {
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = f.read(&mut buf).ok()?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Some(hex::encode(h.finalize()))
 }
 
 /// The cgroup v2 path of a live process, from `/proc/<pid>/cgroup` (`0::/path`).
@@ -261,7 +364,42 @@ mod tests {
             std::fs::write(&f, i.to_string()).expect("file");
             assert!(cache.sha256_of(&f).is_some());
         }
-        assert_eq!(cache.0.lock().expect("lock").len(), cap);
+        assert_eq!(cache.done.lock().expect("lock").len(), cap);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn concurrent_attestations_of_one_executable_hash_it_once() {
+        // The failure: eight connects at once from a new workload each
+        // hashed its executable: eight reads and hashes of the same file.
+        let dir = std::env::temp_dir().join(format!("enforcer-flight-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let exe = dir.join("big-exe");
+        std::fs::write(&exe, vec![7u8; 16 << 20]).expect("a 16 MiB file");
+        let cache = DigestCache::default();
+        let go = std::sync::Barrier::new(8);
+        let digests: Vec<Option<String>> = std::thread::scope(|s| {
+            let all: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        go.wait();
+                        cache.sha256_of(&exe)
+                    })
+                })
+                .collect();
+            all.into_iter().map(|t| t.join().expect("thread")).collect()
+        });
+        let want = hash_file(&exe).expect("digest");
+        assert!(
+            digests.iter().all(|d| d.as_deref() == Some(want.as_str())),
+            "{digests:?}"
+        );
+        assert_eq!(cache.hashed.load(Ordering::Relaxed), 1, "hashed once");
+        assert!(cache.running.lock().expect("lock").is_empty());
+        // A changed file (new mtime and size) is hashed again.
+        std::fs::write(&exe, b"replaced").expect("rewrite");
+        assert_ne!(cache.sha256_of(&exe), Some(want));
+        assert_eq!(cache.hashed.load(Ordering::Relaxed), 2);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
