@@ -493,7 +493,11 @@ pub struct Policy {
 #[derive(Default)]
 struct DecisionCache {
     generation: u64,
-    decisions: HashMap<Vec<u8>, Decision>,
+    /// foldhash, seeded at random per process: the keys are a few hundred
+    /// bytes and SipHash took a tenth of a cached decision; the map is
+    /// bounded ([`CACHE_LIMIT`]), so a flood of colliding keys could not
+    /// grow it either.
+    decisions: HashMap<Vec<u8>, Decision, foldhash::quality::RandomState>,
     /// The keys' bytes.
     bytes: usize,
 }
@@ -502,13 +506,15 @@ struct DecisionCache {
 /// connection's part of the input whole (small, and what the policy reads
 /// of it cannot change between the connections of one workload anyway),
 /// and of a request's part only the values at the paths the policy can
-/// read (`reads`; `None`: all of it). `None` (not cached) when it would be
-/// longer than [`MAX_KEY`] (a large body the policy reads).
+/// read (`reads`; `None`: all of it), written into `buf` (emptied first).
+/// `None` (not cached) when it would be longer than [`MAX_KEY`] (a large
+/// body the policy reads).
 fn cache_key(
+    buf: &mut Vec<u8>,
     policy: u64,
     input: &Input,
     reads: Option<(&[rewrite::Path], &[rewrite::Path])>,
-) -> Option<Vec<u8>> {
+) -> Option<()> {
     #[derive(Serialize)]
     struct Connection<'a> {
         direction: &'static str,
@@ -523,12 +529,12 @@ fn cache_key(
         protocol: input.protocol,
     };
     // Serializing these cannot fail; should it, the decision is not cached.
-    let mut buf = Vec::with_capacity(256);
+    buf.clear();
     buf.extend_from_slice(&policy.to_le_bytes());
-    serde_json::to_writer(&mut buf, &conn).ok()?;
+    serde_json::to_writer(&mut *buf, &conn).ok()?;
     if let Some(request) = &input.request {
         match reads {
-            None => serde_json::to_writer(&mut buf, request).ok()?,
+            None => serde_json::to_writer(&mut *buf, request).ok()?,
             Some((reads, truths)) => {
                 let at = |path: &[rewrite::Seg]| -> Option<&serde_json::Value> {
                     let (rewrite::Seg::Key(first), rest) = path.split_first()? else {
@@ -554,11 +560,17 @@ fn cache_key(
                     .iter()
                     .map(|p| at(p).is_some_and(|v| *v != serde_json::Value::Bool(false)))
                     .collect();
-                serde_json::to_writer(&mut buf, &(parts, tested)).ok()?;
+                serde_json::to_writer(&mut *buf, &(parts, tested)).ok()?;
             }
         }
     }
-    (buf.len() <= MAX_KEY).then_some(buf)
+    (buf.len() <= MAX_KEY).then_some(())
+}
+
+thread_local! {
+    /// The buffer a decision's cache key is built in: a hit allocates
+    /// nothing; a miss keeps a copy to insert its answer under.
+    static KEY: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(512));
 }
 
 #[derive(Default)]
@@ -753,25 +765,32 @@ impl Policy {
         // The cache key: the parts of the input the policy can read, and
         // the policy (two policies may read different parts). A request's
         // id and the client's port, which it rarely reads, make no miss.
-        let key = loaded.as_ref().filter(|l| !l.volatile).and_then(|l| {
-            cache_key(
-                l.id,
-                input,
-                l.input_reads
-                    .as_deref()
-                    .map(|r| (r.as_slice(), l.input_truths.as_slice())),
-            )
+        let looked_up = loaded.as_ref().filter(|l| !l.volatile).and_then(|l| {
+            KEY.with_borrow_mut(|buf| {
+                cache_key(
+                    buf,
+                    l.id,
+                    input,
+                    l.input_reads
+                        .as_deref()
+                        .map(|r| (r.as_slice(), l.input_truths.as_slice())),
+                )?;
+                let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+                let hit = (cache.generation == generation)
+                    .then(|| cache.decisions.get(buf.as_slice()).cloned())
+                    .flatten();
+                drop(cache);
+                Some(hit.ok_or_else(|| buf.clone()))
+            })
         });
-        if let Some(d) = key.as_ref().and_then(|k| {
-            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            (cache.generation == generation)
-                .then(|| cache.decisions.get(k).cloned())
-                .flatten()
-        }) {
-            let mut d = d;
-            d.cached = true;
-            return (d, None, loaded);
-        }
+        let key = match looked_up {
+            Some(Ok(mut d)) => {
+                d.cached = true;
+                return (d, None, loaded);
+            }
+            Some(Err(key)) => Some(key),
+            None => None,
+        };
         let Some(loaded) = loaded else {
             return (Decision::deny("no policy loaded", None), None, None);
         };
