@@ -174,16 +174,18 @@ fn parse_hex_ip(hex: &str, v6: bool) -> Option<IpAddr> {
     }
 }
 
+/// A listener for tests: `addr` parsed, `inode`.
+#[cfg(test)]
+pub(crate) fn l(addr: &str, inode: u64) -> Listener {
+    Listener {
+        addr: addr.parse().expect("addr"),
+        inode,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn l(addr: &str, inode: u64) -> Listener {
-        Listener {
-            addr: addr.parse().expect("addr"),
-            inode,
-        }
-    }
 
     #[test]
     fn proc_lines_parse_addresses_in_host_order() {

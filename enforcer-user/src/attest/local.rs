@@ -360,14 +360,8 @@ impl LocalAttestor {
 
 #[cfg(test)]
 mod tests {
+    use super::super::listeners::l;
     use super::*;
-
-    fn l(addr: &str, inode: u64) -> Listener {
-        Listener {
-            addr: addr.parse().expect("addr"),
-            inode,
-        }
-    }
 
     #[test]
     fn kernel_choice_of_listener() {
