@@ -32,8 +32,6 @@ struct State {
     buf: Vec<u8>,
     /// The writer waits for a line (and must be woken).
     waiting: bool,
-    /// Lines dropped since the writer last said so.
-    dropped: u64,
     /// A flush asked: the writer writes at once, then counts it done.
     flushes_asked: u64,
     flushes_done: u64,
@@ -60,12 +58,7 @@ pub fn start() -> std::io::Result<Sink> {
     if let Some(s) = SINK.get() {
         return Ok(Sink(s.clone()));
     }
-    let shared = Arc::new(Shared {
-        state: Mutex::new(State::default()),
-        wake: Condvar::new(),
-        flushed: Condvar::new(),
-        dropped_total: AtomicU64::new(0),
-    });
+    let shared = Arc::new(Shared::new());
     let w = shared.clone();
     std::thread::Builder::new()
         .name("log-writer".into())
@@ -103,11 +96,19 @@ pub fn flush() {
 }
 
 impl Shared {
+    fn new() -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            wake: Condvar::new(),
+            flushed: Condvar::new(),
+            dropped_total: AtomicU64::new(0),
+        }
+    }
+
     /// Appends one whole line, or drops it when [`CAP`] bytes wait.
     fn push(&self, line: &[u8]) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if st.buf.len() + line.len() > CAP {
-            st.dropped += 1;
             self.dropped_total.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -122,6 +123,8 @@ impl Shared {
 /// The writer thread: waits for a line, lets more gather, writes them all.
 fn run(s: &Shared, out: &mut dyn Write) {
     let mut spare = Vec::new();
+    // Dropped lines already said in the log.
+    let mut said = 0;
     loop {
         let mut st = s.state.lock().unwrap_or_else(|p| p.into_inner());
         while st.buf.is_empty() && st.flushes_done == st.flushes_asked {
@@ -142,12 +145,13 @@ fn run(s: &Shared, out: &mut dyn Write) {
             st = s.state.lock().unwrap_or_else(|p| p.into_inner());
         }
         std::mem::swap(&mut st.buf, &mut spare);
-        let dropped = std::mem::take(&mut st.dropped);
         let flushes = st.flushes_asked;
         drop(st);
         // A failed write loses its lines: there is nowhere else to say so.
         let _ = out.write_all(&spare);
         let _ = out.flush();
+        let dropped = s.dropped_total.load(Ordering::Relaxed) - said;
+        said += dropped;
         if dropped > 0 {
             // Queued like any line, in the log's format.
             tracing::warn!(
@@ -189,15 +193,6 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Sink {
 mod tests {
     use super::*;
 
-    fn shared() -> Arc<Shared> {
-        Arc::new(Shared {
-            state: Mutex::new(State::default()),
-            wake: Condvar::new(),
-            flushed: Condvar::new(),
-            dropped_total: AtomicU64::new(0),
-        })
-    }
-
     /// Whether the gate is open, and what went through it.
     type Gated = Arc<(Mutex<(bool, Vec<u8>)>, Condvar)>;
 
@@ -224,7 +219,7 @@ mod tests {
     /// takes again every kept line is written whole, in order.
     #[test]
     fn a_stalled_output_blocks_no_caller_and_loses_only_what_is_counted() {
-        let s = shared();
+        let s = Arc::new(Shared::new());
         let gate = Arc::new((Mutex::new((false, Vec::new())), Condvar::new()));
         let (w, g) = (s.clone(), gate.clone());
         std::thread::spawn(move || run(&w, &mut Gate(g)));

@@ -248,29 +248,27 @@ fn init_logging(cfg: &Config) {
     // Lines go to standard error through the log writer's thread, never
     // written by a runtime thread (`logsink`); should it not start, as
     // they come.
-    let sink = enforcer::logsink::start().map_err(|e| {
-        eprintln!(
-            "starting the log writer thread failed ({e}); log lines are written as they come"
-        );
-    });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match (cfg.log.format, sink) {
-        (LogFormat::Json, Ok(sink)) => builder
-            .with_writer(sink)
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
+    let writer = match enforcer::logsink::start() {
+        Ok(sink) => BoxMakeWriter::new(sink),
+        Err(e) => {
+            eprintln!(
+                "starting the log writer thread failed ({e}); log lines are written as they come"
+            );
+            BoxMakeWriter::new(std::io::stderr)
+        }
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
+    match cfg.log.format {
+        LogFormat::Json => builder
             .json()
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false)
             .init(),
-        (LogFormat::Json, Err(())) => builder
-            .with_writer(std::io::stderr)
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .init(),
-        (LogFormat::Text, Ok(sink)) => builder.with_writer(sink).init(),
-        (LogFormat::Text, Err(())) => builder.with_writer(std::io::stderr).init(),
+        LogFormat::Text => builder.init(),
     }
 }
 

@@ -1147,10 +1147,12 @@ impl Enforcer {
 
 /// N sequential HTTP requests, each on a new connection to HOST:PORT, about
 /// 4 ms apart; prints `DONE <i>` every 100 and at the end `OK <ok> FAIL
-/// <failed>`, then each failure (`FAILED <i> <error>`).
+/// <failed>`, then each failure (`FAILED <i> <error>`). A fourth argument
+/// `stop`: none after the first failure.
 pub const PY_CONNECTS: &str = r#"
 import socket, sys, time
 host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+stop = sys.argv[4:] == ["stop"]
 ok, failed = 0, []
 for i in range(n):
     try:
@@ -1169,6 +1171,8 @@ for i in range(n):
             failed.append((i, repr(buf[:40])))
     except OSError as e:
         failed.append((i, repr(e)))
+    if failed and stop:
+        break
     if (i + 1) % 100 == 0:
         print("DONE", i + 1, flush=True)
     time.sleep(0.004)

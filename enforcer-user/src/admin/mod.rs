@@ -124,10 +124,14 @@ impl AdminState {
                 renew.get_or_create(&labels).set(unix_secs(h.renew_at));
             }
         }
-        let dropped = &self.metrics.log_lines_dropped;
-        dropped.inc_by(crate::logsink::dropped_total().saturating_sub(dropped.get()));
-        let hashes = &self.metrics.executable_hashes;
-        hashes.inc_by(crate::attest::selectors::executables_hashed().saturating_sub(hashes.get()));
+        catch_up(
+            &self.metrics.log_lines_dropped,
+            crate::logsink::dropped_total(),
+        );
+        catch_up(
+            &self.metrics.executable_hashes,
+            crate::attest::selectors::executables_hashed(),
+        );
         let g = &self.metrics.allocator_bytes;
         for (kind, bytes) in allocator_stats() {
             g.get_or_create(&metrics::AllocatorLabels { kind })
@@ -135,6 +139,12 @@ impl AdminState {
         }
         self.metrics.encode()
     }
+}
+
+/// Brings `counter` up to `total`, a count kept where the metrics cannot
+/// reach (the log writer, the digest cache), sampled at scrape.
+fn catch_up(counter: &prometheus_client::metrics::counter::Counter, total: u64) {
+    counter.inc_by(total.saturating_sub(counter.get()));
 }
 
 /// Seconds since the Unix epoch (0 before it).

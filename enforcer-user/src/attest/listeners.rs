@@ -57,7 +57,10 @@ pub fn diag() -> io::Result<Vec<Listener>> {
     socket.connect(&NetlinkAddr::new(0, 0))?;
     let mut out = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
-    for (seq, family) in [(1, AF_INET), (2, AF_INET6)] {
+    for (seq, family, socket_id) in [
+        (1, AF_INET, SocketId::new_v4()),
+        (2, AF_INET6, SocketId::new_v6()),
+    ] {
         let mut header = NetlinkHeader::default();
         header.flags = NLM_F_REQUEST | NLM_F_DUMP;
         header.sequence_number = seq;
@@ -68,11 +71,7 @@ pub fn diag() -> io::Result<Vec<Listener>> {
                 protocol: IPPROTO_TCP,
                 extensions: ExtensionFlags::empty(),
                 states: StateFlags::LISTEN,
-                socket_id: if family == AF_INET {
-                    SocketId::new_v4()
-                } else {
-                    SocketId::new_v6()
-                },
+                socket_id,
             })
             .into(),
         );

@@ -6,7 +6,6 @@
 //! recorded, so a recycled pid cannot lend its executable to another workload.
 use std::{
     collections::HashMap,
-    io::Read as _,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::{
@@ -263,16 +262,8 @@ impl DigestCache {
 
 /// The SHA-256 of a file's contents, hex; `None` when it cannot be read.
 fn hash_file(path: &Path) -> Option<String> {
-    let mut f = std::fs::File::open(path).ok()?;
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = f.read(&mut buf).ok()?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
+    std::io::copy(&mut std::fs::File::open(path).ok()?, &mut h).ok()?;
     Some(hex::encode(h.finalize()))
 }
 

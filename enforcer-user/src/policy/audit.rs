@@ -209,9 +209,9 @@ impl Taken {
 /// Lines written together at most (see `Writer::run`).
 const BATCH_LINES: usize = 256;
 /// How long the writer lets lines gather after one nobody waits for
-/// (`audit_on_failure = "allow"`): a line reaches the file at most this
-/// much later.
-const GATHER: std::time::Duration = std::time::Duration::from_millis(5);
+/// (`audit_on_failure = "allow"`), as the log writer does: a line reaches
+/// the file at most this much later.
+const GATHER: std::time::Duration = crate::logsink::GATHER;
 
 struct Job {
     /// The line; `None`: the barrier of [`AuditLog::flush`].
@@ -442,8 +442,9 @@ struct Writer {
 
 impl Writer {
     /// Writes what is queued: the lines waiting when the thread wakes (or
-    /// [`GATHER`] later), up to [`BATCH_LINES`], go out in one write (one `stat`, one `fstat`, one
-    /// `write` for all of them, instead of per line); each is whole in the
+    /// [`GATHER`] later), up to [`BATCH_LINES`], go out in one write (one
+    /// `stat`, one `fstat`, one `write` for all of them, instead of per
+    /// line); each is whole in the
     /// file or, when the write fails, none of the batch is. Whoever waits
     /// for a line or a barrier is answered after its batch.
     fn run(mut self, rx: Taken) {
@@ -461,8 +462,8 @@ impl Writer {
             // Nobody waits for this line: let more gather before writing,
             // so that under load the writer wakes and writes a few times a
             // second, not once per decision (each wake-up was a futex call
-            // on the deciding runtime thread).
-            // A full batch waiting already goes at once.
+            // on the deciding runtime thread). A full batch waiting already
+            // goes at once.
             if first.done.is_none() && rx.queued() < BATCH_LINES {
                 std::thread::sleep(GATHER);
             }
