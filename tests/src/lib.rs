@@ -1232,6 +1232,18 @@ pub struct Pair {
     pub eb: Enforcer,
 }
 
+/// The HTTP server of [`llm_pair`] on `node`: port 8080, in `llm.service`
+/// (its log `<node>-llm`); returns its pid.
+pub fn start_llm_http(tb: &mut Testbed, node: &Node) -> Result<u32> {
+    tb.start_server_in(
+        node,
+        Some("llm.service"),
+        "llm",
+        &["python3", "-u", "-m", "http.server", "8080", "--bind", "::"],
+        8080,
+    )
+}
+
 /// Nodes a (10.10.0.1) and b (10.10.0.2) on one link, sharing one CA of trust
 /// domain `td`, with an HTTP server on b port 8080 in b's `llm.service`
 /// cgroup. `config(tb, node)` gives each agent's extra `[identity]` keys
@@ -1244,13 +1256,7 @@ pub fn llm_pair(
 ) -> Result<Pair> {
     let (mut tb, a, b) = Testbed::linked_pair(test)?;
     let ca = tb.shared_ca("shared", td)?;
-    tb.start_server_in(
-        &b,
-        Some("llm.service"),
-        "llm",
-        &["python3", "-u", "-m", "http.server", "8080", "--bind", "::"],
-        8080,
-    )?;
+    start_llm_http(&mut tb, &b)?;
     let start = |tb: &mut Testbed, node: &Node| -> Result<Enforcer> {
         let (identity, rest) = config(tb, node);
         let cfg = tb.enforcer_config_with(node, "", &format!("{ca}{identity}"), &rest)?;

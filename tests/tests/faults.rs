@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use enforcer_tests::{
     MESH, Node, PY_CONNECTS, Pair, SUPPORT_AGENT_ID, SUPPORT_LLM_ID, SUPPORT_TD, Testbed, entry,
-    llm_pair, stream_py, support_mesh,
+    llm_pair, start_llm_http, stream_py, support_mesh,
 };
 
 const TD: &str = SUPPORT_TD;
@@ -958,14 +958,7 @@ fn a_log_output_that_takes_nothing_stalls_no_connection() {
     // lines wait in memory and none is lost.
     let (mut tb, a, b) = Testbed::linked_pair("stalledlog").expect("two nodes");
     let ca = tb.shared_ca("shared", TD).expect("a CA");
-    tb.start_server_in(
-        &b,
-        Some("llm.service"),
-        "llm",
-        &["python3", "-u", "-m", "http.server", "8080", "--bind", "::"],
-        8080,
-    )
-    .expect("http server");
+    start_llm_http(&mut tb, &b).expect("http server");
     let rest = |id: &str, unit: &str| format!("{}\n{MESH}", entry(id, unit));
     let cfg_b = tb
         .enforcer_config_with(&b, "", &ca, &rest(LLM_ID, "systemd:unit:llm.service"))
