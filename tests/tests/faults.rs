@@ -418,6 +418,136 @@ fn concurrent_connects_share_one_dial() {
     assert_eq!(dialed, 1, "one dial for 16 concurrent connects: {lines:?}");
 }
 
+/// Opens N connections to HOST:PORT at once, each asking `GET /`; prints
+/// how many were answered 200, how many failed, and the CLOCK_MONOTONIC
+/// time (s) of the first answer's first byte.
+const PY_FIRST_ANSWER: &str = r#"
+import socket, sys, threading, time
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+go = threading.Barrier(n)
+answered, failed = [], []
+def one():
+    go.wait()
+    try:
+        s = socket.create_connection((host, port), timeout=120)
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        data = s.recv(65536)
+        at = time.monotonic()
+        while True:
+            d = s.recv(65536)
+            if not d:
+                break
+            data += d
+        if data[9:12] == b"200":
+            answered.append(at)
+        else:
+            failed.append(repr(data[:40]))
+    except OSError as e:
+        failed.append(repr(e))
+ts = [threading.Thread(target=one) for _ in range(n)]
+for t in ts: t.start()
+for t in ts: t.join()
+first = min(answered) if answered else -1.0
+print(f"ANSWERED {len(answered)} FAILED {len(failed)} FIRST {first:.6f} {failed[:3]}", flush=True)
+"#;
+
+/// `(answered, failed, first answer's time)` from [`PY_FIRST_ANSWER`]'s line.
+fn first_answer(said: &str) -> Option<(usize, usize, f64)> {
+    let line = said.lines().find(|l| l.starts_with("ANSWERED "))?;
+    let w: Vec<&str> = line.split_whitespace().collect();
+    Some((
+        w.get(1)?.parse().ok()?,
+        w.get(3)?.parse().ok()?,
+        w.get(5)?.parse().ok()?,
+    ))
+}
+
+#[test]
+fn a_burst_from_a_workload_being_hashed_holds_up_no_other_workload() {
+    // The failure: a new workload's executable is hashed once (the other
+    // attestations wait for that digest), but each waiting attestation
+    // held a blocking-pool thread. 70 connects at once from a workload
+    // with a 2 GiB executable took all 64 threads for as long as the hash
+    // ran, and a connection from any other new workload waited for a
+    // thread — for a hash that was not its own. Now the waiters wait as
+    // tasks: the other workload is answered while the hash still runs.
+    let mut m = mesh("hashburst");
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import os, sys; print(os.path.realpath(sys.executable))",
+        ])
+        .output()
+        .expect("python3 (cargo xtask setup installs it)");
+    let python = std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert!(
+        python.is_file(),
+        "python3 did not name its executable: {out:?}"
+    );
+    // A copy of the interpreter, then zeros: 2 GiB to hash, none on disk.
+    let big = m.tb.dir.join("big-python");
+    std::fs::copy(&python, &big).expect("copying python3");
+    std::fs::File::options()
+        .write(true)
+        .open(&big)
+        .and_then(|f| f.set_len(2 << 30))
+        .expect("a sparse 2 GiB executable");
+    let hashes = |e: &enforcer_tests::Enforcer| {
+        e.metric("enforcer_executable_hashes_total", &[])
+            .expect("enforcer_executable_hashes_total")
+    };
+    let before = hashes(&m.ea);
+    let b_ip = m.b.ipv4.clone();
+    let big_s = big.display().to_string();
+    m.tb.spawn(
+        &m.a,
+        Some("support-agent.service"),
+        "big",
+        &[&big_s, "-c", PY_FIRST_ANSWER, &b_ip, "8080", "70"],
+    )
+    .expect("the 2 GiB workload");
+    // Its hash has begun and all 70 connects are in: the burst's other
+    // attestations wait for that hash.
+    enforcer_tests::wait_for("a's agent to begin hashing the 2 GiB executable", || {
+        hashes(&m.ea) > before
+    });
+    enforcer_tests::wait_for("a's agent to accept the burst's 70 connects", || {
+        m.ea.metric("enforcer_active_connections", &[("direction", "outbound")])
+            .is_ok_and(|n| n >= 70.0)
+    });
+    let (_, out) =
+        m.a.exec(
+            Some("support-agent.service"),
+            &["python3", "-c", PY_FIRST_ANSWER, &b_ip, "8080", "1"],
+        )
+        .expect("another workload's connect");
+    let said = String::from_utf8_lossy(&out.stdout);
+    let (ok, failed, other_at) = first_answer(&said).unwrap_or_else(|| {
+        panic!(
+            "the other workload said: {said} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!((ok, failed), (1, 0), "the other workload: {said}");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let big_said = loop {
+        let log = m.tb.server_log(&m.a, "big");
+        if log.contains("ANSWERED") || Instant::now() > deadline {
+            break log;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let (ok, failed, big_at) =
+        first_answer(&big_said).unwrap_or_else(|| panic!("the 2 GiB workload said: {big_said}"));
+    assert_eq!((ok, failed), (70, 0), "the 2 GiB workload: {big_said}");
+    assert!(
+        other_at < big_at,
+        "the other workload was answered at {other_at:.3} s, after the 2 GiB workload's first answer at {big_at:.3} s (its hash's end): it waited for a hash that was not its own"
+    );
+    // The 2 GiB executable once, python3 once.
+    assert_eq!(hashes(&m.ea) - before, 2.0);
+}
+
 #[test]
 fn stream_budget_refusal_is_retried_on_a_new_connection() {
     // The failure: b allows 3 streams per HBONE connection; the 4th was

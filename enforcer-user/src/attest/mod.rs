@@ -79,6 +79,22 @@ pub fn unknown_pod(selectors: &[String]) -> bool {
         && !selectors.iter().any(|s| s.starts_with("k8s:ns:"))
 }
 
+/// An attestation that waits for its executable's digest, which another
+/// attestation is hashing ([`Attestor::attest_unless_hashing`]).
+#[derive(Debug)]
+pub struct Pending {
+    facts: WorkloadFacts,
+    selectors: selectors::AwaitingDigest,
+}
+
+impl Pending {
+    /// The attestation, once the digest is known.
+    pub async fn finish(self, attestor: &Attestor) -> Attestation {
+        let selectors = self.selectors.selectors().await;
+        attestor.identified(self.facts, selectors)
+    }
+}
+
 /// Attests workloads against the registration entries in force; the entries
 /// can be replaced at run time (config reload).
 pub struct Attestor {
@@ -143,8 +159,30 @@ impl Attestor {
         }
     }
 
+    /// Attests a workload on this thread (blocking: `/proc` reads, its
+    /// executable's hash, or the wait for another attestation's hash).
     pub fn attest(&self, facts: WorkloadFacts) -> Attestation {
-        let mut selectors = selectors::selectors(&facts, &self.cache);
+        match self.attest_unless_hashing(facts) {
+            Ok(a) => a,
+            Err(pending) => {
+                let selectors = pending.selectors.blocking();
+                self.identified(pending.facts, selectors)
+            }
+        }
+    }
+
+    /// Like [`Attestor::attest`], but when another attestation is hashing
+    /// the workload's executable, returns at once: [`Pending::finish`]
+    /// waits for that digest as a task, holding no thread.
+    pub fn attest_unless_hashing(&self, facts: WorkloadFacts) -> Result<Attestation, Pending> {
+        match selectors::selectors_unless_hashing(&facts, &self.cache) {
+            Ok(selectors) => Ok(self.identified(facts, selectors)),
+            Err(selectors) => Err(Pending { facts, selectors }),
+        }
+    }
+
+    /// The identity the entries (or the pod) give to `selectors`; no I/O.
+    fn identified(&self, facts: WorkloadFacts, mut selectors: Vec<String>) -> Attestation {
         let spiffe_id = match self.pod_of(facts.cgroup_path.as_deref(), &mut selectors) {
             // A pod the API has not shown: no identity (fail closed).
             Some(None) => None,

@@ -147,7 +147,10 @@ impl Default for SelectorCache {
 /// concurrent first connections wait for the one hashing its executable and
 /// take its digest. Before, each hashed it again — 32 connects at once from
 /// a 1 GiB executable were 32 GiB to read and hash, every blocking-pool
-/// thread busy meanwhile, other workloads' new connections waiting.
+/// thread busy meanwhile, other workloads' new connections waiting. The
+/// outbound path waits as a task ([`DigestWait::digest`]), holding no
+/// blocking-pool thread, so a burst of connects from one new workload
+/// leaves the pool to everyone else.
 pub struct DigestCache {
     done: Mutex<lru::LruCache<DigestKey, String>>,
     running: Mutex<HashMap<DigestKey, Arc<Flight>>>,
@@ -158,11 +161,106 @@ pub struct DigestCache {
 type DigestKey = (u64, u64, i64, u64);
 
 /// One hash under way; its waiters are woken with its digest (`None`: the
-/// executable could not be read).
+/// executable could not be read): threads by `finished`, tasks by `notify`.
 #[derive(Default)]
 struct Flight {
     result: Mutex<Option<Option<String>>>,
     finished: Condvar,
+    notify: tokio::sync::Notify,
+}
+
+impl Flight {
+    fn result(&self) -> Option<Option<String>> {
+        self.result
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// A hash another attestation is running: [`DigestWait::digest`] (a task)
+/// or [`DigestWait::blocking`] (a thread) gives its digest when it ends.
+pub struct DigestWait(Arc<Flight>);
+
+impl std::fmt::Debug for DigestWait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DigestWait")
+    }
+}
+
+impl DigestWait {
+    /// The digest, once the attestation hashing it is through; the task
+    /// waits without holding a thread.
+    pub async fn digest(self) -> Option<String> {
+        loop {
+            let notified = self.0.notify.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Registered before the check: an end between the two wakes it.
+            notified.as_mut().enable();
+            if let Some(r) = self.0.result() {
+                return r;
+            }
+            notified.await;
+        }
+    }
+
+    /// The digest, the calling thread blocked until the hash is through.
+    pub fn blocking(self) -> Option<String> {
+        let mut result = self.0.result.lock().unwrap_or_else(|p| p.into_inner());
+        while result.is_none() {
+            result = self
+                .0
+                .finished
+                .wait(result)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        result.clone().flatten()
+    }
+}
+
+/// What [`DigestCache::begin`] found.
+enum Begun<'a> {
+    /// Known (or unreadable: `None`).
+    Known(Option<String>),
+    /// This caller hashes it.
+    Hash(Finish<'a>),
+    /// Another caller is hashing it.
+    Wait(DigestWait),
+}
+
+/// Ends a flight however its hash ends (a panic included): the digest
+/// cached, the waiters answered, the flight gone.
+struct Finish<'a> {
+    cache: &'a DigestCache,
+    key: DigestKey,
+    flight: Arc<Flight>,
+    digest: Option<String>,
+}
+
+impl Finish<'_> {
+    fn hash(mut self, exe: &Path) -> Option<String> {
+        self.cache.hashed.fetch_add(1, Ordering::Relaxed);
+        HASHED.fetch_add(1, Ordering::Relaxed);
+        self.digest = hash_file(exe);
+        self.digest.clone()
+    }
+}
+
+impl Drop for Finish<'_> {
+    fn drop(&mut self) {
+        if let Some(d) = &self.digest {
+            let mut done = self.cache.done.lock().unwrap_or_else(|p| p.into_inner());
+            done.put(self.key, d.clone());
+        }
+        self.cache
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+        *self.flight.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(self.digest.take());
+        self.flight.finished.notify_all();
+        self.flight.notify.notify_waiters();
+    }
 }
 
 impl Default for DigestCache {
@@ -192,71 +290,50 @@ impl DigestCache {
         done.get(key).cloned()
     }
 
+    /// The digest of `exe`, hashed on this thread unless it is cached or
+    /// another caller hashes it now (then this thread waits for that one).
+    #[cfg(test)]
     fn sha256_of(&self, exe: &Path) -> Option<String> {
-        let meta = std::fs::metadata(exe).ok()?;
+        match self.sha256_unless_hashing(exe) {
+            Ok(d) => d,
+            Err(wait) => wait.blocking(),
+        }
+    }
+
+    /// Like [`DigestCache::sha256_of`], but when another caller is hashing
+    /// `exe`, returns at once with what waits for its digest.
+    fn sha256_unless_hashing(&self, exe: &Path) -> Result<Option<String>, DigestWait> {
+        match self.begin(exe) {
+            Begun::Known(d) => Ok(d),
+            Begun::Hash(finish) => Ok(finish.hash(exe)),
+            Begun::Wait(wait) => Err(wait),
+        }
+    }
+
+    fn begin(&self, exe: &Path) -> Begun<'_> {
+        let Ok(meta) = std::fs::metadata(exe) else {
+            return Begun::Known(None);
+        };
         let key = (meta.dev(), meta.ino(), meta.mtime(), meta.size());
         if let Some(d) = self.cached(&key) {
-            return Some(d);
+            return Begun::Known(Some(d));
         }
-        let (flight, mine) = {
-            let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-            // Hashed while this one took the lock?
-            if let Some(d) = self.cached(&key) {
-                return Some(d);
-            }
-            match running.get(&key) {
-                Some(f) => (f.clone(), false),
-                None => {
-                    let f = Arc::new(Flight::default());
-                    running.insert(key, f.clone());
-                    (f, true)
-                }
-            }
-        };
-        if !mine {
-            let mut result = flight.result.lock().unwrap_or_else(|p| p.into_inner());
-            while result.is_none() {
-                result = flight
-                    .finished
-                    .wait(result)
-                    .unwrap_or_else(|p| p.into_inner());
-            }
-            return result.clone().flatten();
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        // Hashed while this one took the lock?
+        if let Some(d) = self.cached(&key) {
+            return Begun::Known(Some(d));
         }
-        // Ends the flight however the hash ends (a panic included): the
-        // digest cached, the waiters answered, the flight gone.
-        struct Finish<'a> {
-            cache: &'a DigestCache,
-            key: DigestKey,
-            flight: Arc<Flight>,
-            digest: Option<String>,
+        if let Some(f) = running.get(&key) {
+            return Begun::Wait(DigestWait(f.clone()));
         }
-        impl Drop for Finish<'_> {
-            fn drop(&mut self) {
-                if let Some(d) = &self.digest {
-                    let mut done = self.cache.done.lock().unwrap_or_else(|p| p.into_inner());
-                    done.put(self.key, d.clone());
-                }
-                self.cache
-                    .running
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&self.key);
-                *self.flight.result.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some(self.digest.take());
-                self.flight.finished.notify_all();
-            }
-        }
-        let mut finish = Finish {
+        let flight = Arc::new(Flight::default());
+        running.insert(key, flight.clone());
+        Begun::Hash(Finish {
             cache: self,
             key,
             flight,
             digest: None,
-        };
-        self.hashed.fetch_add(1, Ordering::Relaxed);
-        HASHED.fetch_add(1, Ordering::Relaxed);
-        finish.digest = hash_file(exe);
-        finish.digest.clone()
+        })
     }
 }
 
@@ -287,8 +364,45 @@ pub fn own_cgroup_id(mount: &std::path::Path) -> std::io::Result<u64> {
 }
 
 /// Selectors for a workload. `exe` facts are included only when `/proc/<pid>`
-/// still belongs to the recorded cgroup.
+/// still belongs to the recorded cgroup. Blocks while another attestation
+/// hashes the same executable.
 pub fn selectors(facts: &WorkloadFacts, cache: &SelectorCache) -> Vec<String> {
+    match selectors_unless_hashing(facts, cache) {
+        Ok(out) => out,
+        Err(pending) => pending.blocking(),
+    }
+}
+
+/// A workload's selectors but its executable's digest, which another
+/// attestation is hashing now.
+#[derive(Debug)]
+pub struct AwaitingDigest {
+    selectors: Vec<String>,
+    wait: DigestWait,
+}
+
+impl AwaitingDigest {
+    /// The selectors, the digest added once it is known; the task waits
+    /// without holding a thread.
+    pub async fn selectors(self) -> Vec<String> {
+        let digest = self.wait.digest().await;
+        with_digest(self.selectors, digest)
+    }
+
+    /// The same, the calling thread blocked meanwhile.
+    pub fn blocking(self) -> Vec<String> {
+        let digest = self.wait.blocking();
+        with_digest(self.selectors, digest)
+    }
+}
+
+/// Like [`selectors`], but when another attestation is hashing the
+/// workload's executable, returns at once with the rest, to wait for that
+/// digest elsewhere.
+pub fn selectors_unless_hashing(
+    facts: &WorkloadFacts,
+    cache: &SelectorCache,
+) -> Result<Vec<String>, AwaitingDigest> {
     let mut out = vec![
         format!("unix:uid:{}", facts.uid),
         format!("unix:gid:{}", facts.gid),
@@ -299,6 +413,7 @@ pub fn selectors(facts: &WorkloadFacts, cache: &SelectorCache) -> Vec<String> {
     if let Some(group) = cache.groups.lookup(facts.gid) {
         out.push(format!("unix:group:{group}"));
     }
+    let mut digest = None;
     if let Some(cg) = &facts.cgroup_path {
         out.push(format!("cgroup:path:{cg}"));
         if let Some(unit) = systemd_unit(cg) {
@@ -312,14 +427,28 @@ pub fn selectors(facts: &WorkloadFacts, cache: &SelectorCache) -> Vec<String> {
             // Hash through /proc/<pid>/exe: the very file the process runs,
             // even when the path was replaced since.
             let live: PathBuf = format!("/proc/{}/exe", facts.pid).into();
-            if let Some(d) = cache.digests.sha256_of(&live) {
-                out.push(format!("unix:sha256:{d}"));
+            match cache.digests.sha256_unless_hashing(&live) {
+                Ok(d) => digest = d,
+                Err(wait) => {
+                    return Err(AwaitingDigest {
+                        selectors: out,
+                        wait,
+                    });
+                }
             }
         }
     }
-    out.sort();
-    out.dedup();
-    out
+    Ok(with_digest(out, digest))
+}
+
+/// `selectors` with the executable's digest (if known), sorted, once each.
+fn with_digest(mut selectors: Vec<String>, digest: Option<String>) -> Vec<String> {
+    if let Some(d) = digest {
+        selectors.push(format!("unix:sha256:{d}"));
+    }
+    selectors.sort();
+    selectors.dedup();
+    selectors
 }
 
 #[cfg(test)]
@@ -391,6 +520,51 @@ mod tests {
         std::fs::write(&exe, b"replaced").expect("rewrite");
         assert_ne!(cache.sha256_of(&exe), Some(want));
         assert_eq!(cache.hashed.load(Ordering::Relaxed), 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_caller_that_finds_the_executable_being_hashed_returns_and_waits_as_a_task() {
+        // The failure: the attestations that found a hash under way each
+        // blocked their blocking-pool thread until it ended; a burst of
+        // connects from one new workload held the whole pool, and other
+        // workloads' connections waited for a hash that was not theirs.
+        // A FIFO stands for an executable whose hash lasts until the test
+        // says: the hasher reads it until the writer closes it.
+        let dir = std::env::temp_dir().join(format!("enforcer-digest-wait-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let exe = dir.join("slow-exe");
+        nix::unistd::mkfifo(&exe, nix::sys::stat::Mode::S_IRWXU).expect("fifo");
+        let cache = DigestCache::default();
+        std::thread::scope(|s| {
+            let hasher = s.spawn(|| cache.sha256_unless_hashing(&exe));
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while cache.running.lock().expect("lock").is_empty() {
+                assert!(std::time::Instant::now() < deadline, "the hash never began");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            // Returns at once, while the hash is under way.
+            let Err(wait) = cache.sha256_unless_hashing(&exe) else {
+                panic!("found a digest while its executable was being hashed");
+            };
+            let Err(blocking) = cache.sha256_unless_hashing(&exe) else {
+                panic!("found a digest while its executable was being hashed");
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("runtime");
+            let waiting = rt.spawn(wait.digest());
+            let blocked = s.spawn(|| blocking.blocking());
+            // One turn of the runtime: the task is parked on the flight.
+            rt.block_on(tokio::task::yield_now());
+            assert!(!waiting.is_finished());
+            std::fs::write(&exe, b"the executable").expect("the hash's input");
+            let want = Some(hex::encode(Sha256::digest(b"the executable")));
+            assert_eq!(hasher.join().expect("hasher").ok(), Some(want.clone()));
+            assert_eq!(rt.block_on(waiting).expect("task"), want);
+            assert_eq!(blocked.join().expect("thread"), want);
+        });
+        assert_eq!(cache.hashed.load(Ordering::Relaxed), 1, "hashed once");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -112,7 +112,10 @@ impl Outbound {
     /// The source workload's attestation from the kernel's record. Resolving
     /// its cgroup (a walk of the captured subtree for a new cgroup) and its
     /// selectors (`/proc`, the executable's hash) block, so this runs on the
-    /// blocking pool. Should that fail, the workload has no identity.
+    /// blocking pool; while another connection's attestation hashes the
+    /// same executable, this one waits for that digest as a task, so a
+    /// burst of connects from a new workload holds one pool thread, not
+    /// all of them. Should that fail, the workload has no identity.
     async fn attest_source(self: &Arc<Self>, rec: OrigDst) -> Attestation {
         let this = self.clone();
         let work = tokio::task::spawn_blocking(move || {
@@ -122,16 +125,20 @@ impl Outbound {
                 .unwrap_or_else(|p| p.into_inner())
                 .path_of(rec.cgroup_id);
             this.attestor
-                .attest(WorkloadFacts::from_record(&rec, cgroup))
+                .attest_unless_hashing(WorkloadFacts::from_record(&rec, cgroup))
         });
-        work.await.unwrap_or_else(|e| {
-            warn!(error = %e, "attesting the source workload failed; it has no identity");
-            Attestation {
-                facts: WorkloadFacts::from_record(&rec, None),
-                selectors: vec![],
-                spiffe_id: None,
+        match work.await {
+            Ok(Ok(att)) => att,
+            Ok(Err(pending)) => pending.finish(&self.attestor).await,
+            Err(e) => {
+                warn!(error = %e, "attesting the source workload failed; it has no identity");
+                Attestation {
+                    facts: WorkloadFacts::from_record(&rec, None),
+                    selectors: vec![],
+                    spiffe_id: None,
+                }
             }
-        })
+        }
     }
 
     async fn handle(self: Arc<Self>, id: u64, client: TcpStream, peer: SocketAddr) {
