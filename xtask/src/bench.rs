@@ -1090,8 +1090,26 @@ fn profiles(bench: &Bench, root: &Path, agent_a: u32, agent_b: u32) -> anyhow::R
                 Ok(format!("{rate:.0}/s, {errors} errors"))
             }),
         ),
+        // Per request (issue 11): keep-alive HTTP on one connection, to b's
+        // L4 port and to its `http` destination (each request decided).
+        (
+            "HTTP requests, one connection, L4",
+            Path_::Enforcer,
+            Box::new(move |b: &Bench| http_with_syscalls(b, HTTP_L4, agent_b)),
+        ),
+        (
+            "HTTP requests, one connection, L7",
+            Path_::Enforcer,
+            Box::new(move |b: &Bench| http_with_syscalls(b, HTTP_L7, agent_b)),
+        ),
     ];
+    // ENFORCER_BENCH_PROFILE=<text>: only the loads whose name contains it
+    // (e.g. "HTTP").
+    let only = std::env::var("ENFORCER_BENCH_PROFILE").unwrap_or_default();
     for (i, (what, path, load)) in loads.iter().enumerate() {
+        if !what.contains(only.as_str()) {
+            continue;
+        }
         let data = dir.join(format!("{i}.data"));
         let rec = std::process::Command::new("perf")
             .args([
@@ -1152,7 +1170,9 @@ fn profiles(bench: &Bench, root: &Path, agent_a: u32, agent_b: u32) -> anyhow::R
             report("comm,pid", 12)?,
             report("comm,sym", 40)?
         );
-        if *path == Path_::Enforcer && what.starts_with("new connections") {
+        if *path == Path_::Enforcer
+            && (what.starts_with("new connections") || what.starts_with("HTTP"))
+        {
             let _ = write!(
                 md,
                 "\nThe agents' functions with what they call (`--children`, call graphs by frame pointer: \
@@ -1165,6 +1185,77 @@ fn profiles(bench: &Bench, root: &Path, agent_a: u32, agent_b: u32) -> anyhow::R
     let out = write_result(root, &format!("{}-profile", today()), "md", &md)?;
     println!("written: {}", out.display());
     Ok(())
+}
+
+/// Syscalls `perf stat` counts for the agent per request in
+/// [`http_with_syscalls`] (reads, writes and waits of the data path).
+const SYSCALLS: [&str; 7] = [
+    "writev",
+    "sendto",
+    "write",
+    "recvfrom",
+    "read",
+    "epoll_wait",
+    "futex",
+];
+
+/// keep-alive HTTP requests on one connection to `port` on b, with b's
+/// agent (`agent_b`) syscalls counted meanwhile: the rate, latency and
+/// each syscall per request.
+fn http_with_syscalls(b: &Bench, port: u16, agent_b: u32) -> anyhow::Result<String> {
+    let events = SYSCALLS
+        .iter()
+        .map(|s| format!("syscalls:sys_enter_{s}"))
+        .chain(["task-clock".to_owned()])
+        .collect::<Vec<_>>()
+        .join(",");
+    let counts = b.tb.dir.join(format!("perf/syscalls-{port}.txt"));
+    let stat = std::process::Command::new("perf")
+        .args([
+            "stat",
+            "-x",
+            ",",
+            "-e",
+            &events,
+            "-p",
+            &agent_b.to_string(),
+            "-o",
+        ])
+        .arg(&counts)
+        .args(["--", "sleep", &format!("{}", SECS as f64 + 0.2)])
+        .spawn()
+        .context("perf stat (apt install linux-perf)")?;
+    let (r, p50, p99) = b.wrk(Some("bench-client.service"), port, 1)?;
+    let out = stat.wait_with_output()?;
+    if !out.status.success() {
+        bail!("perf stat failed: {out:?}");
+    }
+    let requests = r * SECS as f64;
+    let text = std::fs::read_to_string(&counts)?;
+    let per_request = SYSCALLS
+        .iter()
+        .map(|s| {
+            let n = text
+                .lines()
+                .find(|l| l.contains(&format!("sys_enter_{s},")))
+                .and_then(|l| l.split(',').next())
+                .and_then(|n| n.trim().parse::<f64>().ok())
+                .unwrap_or(0.0);
+            format!("{s} {:.2}", n / requests.max(1.0))
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    // task-clock: milliseconds of CPU on b's agent's threads.
+    let cpu_ms = text
+        .lines()
+        .find(|l| l.contains(",task-clock,") || l.contains(",msec,task-clock"))
+        .and_then(|l| l.split(',').next())
+        .and_then(|n| n.trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    Ok(format!(
+        "{r:.0} req/s, p50 {p50:.1} µs, p99 {p99:.1} µs; b's agent per request: {:.1} µs CPU, {per_request}",
+        cpu_ms * 1000.0 / requests.max(1.0)
+    ))
 }
 
 /// The functions of processes `pids` in profile `data` by the share of
