@@ -1095,12 +1095,12 @@ fn profiles(bench: &Bench, root: &Path, agent_a: u32, agent_b: u32) -> anyhow::R
         (
             "HTTP requests, one connection, L4",
             Path_::Enforcer,
-            Box::new(move |b: &Bench| http_with_syscalls(b, HTTP_L4, agent_b)),
+            Box::new(move |b: &Bench| http_with_syscalls(b, HTTP_L4, [agent_a, agent_b])),
         ),
         (
             "HTTP requests, one connection, L7",
             Path_::Enforcer,
-            Box::new(move |b: &Bench| http_with_syscalls(b, HTTP_L7, agent_b)),
+            Box::new(move |b: &Bench| http_with_syscalls(b, HTTP_L7, [agent_a, agent_b])),
         ),
     ];
     // ENFORCER_BENCH_PROFILE=<text>: only the loads whose name contains it
@@ -1199,63 +1199,74 @@ const SYSCALLS: [&str; 7] = [
     "futex",
 ];
 
-/// keep-alive HTTP requests on one connection to `port` on b, with b's
-/// agent (`agent_b`) syscalls counted meanwhile: the rate, latency and
-/// each syscall per request.
-fn http_with_syscalls(b: &Bench, port: u16, agent_b: u32) -> anyhow::Result<String> {
+/// keep-alive HTTP requests on one connection to `port` on b, with each
+/// agent's syscalls and CPU time counted meanwhile: the rate, latency and,
+/// per agent, its CPU and each syscall per request.
+fn http_with_syscalls(b: &Bench, port: u16, agents: [u32; 2]) -> anyhow::Result<String> {
     let events = SYSCALLS
         .iter()
         .map(|s| format!("syscalls:sys_enter_{s}"))
         .chain(["task-clock".to_owned()])
         .collect::<Vec<_>>()
         .join(",");
-    let counts = b.tb.dir.join(format!("perf/syscalls-{port}.txt"));
-    let stat = std::process::Command::new("perf")
-        .args([
-            "stat",
-            "-x",
-            ",",
-            "-e",
-            &events,
-            "-p",
-            &agent_b.to_string(),
-            "-o",
-        ])
-        .arg(&counts)
-        .args(["--", "sleep", &format!("{}", SECS as f64 + 0.2)])
-        .spawn()
-        .context("perf stat (apt install linux-perf)")?;
-    let (r, p50, p99) = b.wrk(Some("bench-client.service"), port, 1)?;
-    let out = stat.wait_with_output()?;
-    if !out.status.success() {
-        bail!("perf stat failed: {out:?}");
-    }
-    let requests = r * SECS as f64;
-    let text = std::fs::read_to_string(&counts)?;
-    let per_request = SYSCALLS
+    let counted = |agent: u32| b.tb.dir.join(format!("perf/syscalls-{port}-{agent}.txt"));
+    let stats = agents
         .iter()
-        .map(|s| {
-            let n = text
-                .lines()
-                .find(|l| l.contains(&format!("sys_enter_{s},")))
+        .map(|&agent| {
+            std::process::Command::new("perf")
+                .args([
+                    "stat",
+                    "-x",
+                    ",",
+                    "-e",
+                    &events,
+                    "-p",
+                    &agent.to_string(),
+                    "-o",
+                ])
+                .arg(counted(agent))
+                .args(["--", "sleep", &format!("{}", SECS as f64 + 0.2)])
+                .spawn()
+                .context("perf stat (apt install linux-perf)")
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (r, p50, p99) = b.wrk(Some("bench-client.service"), port, 1)?;
+    for stat in stats {
+        let out = stat.wait_with_output()?;
+        if !out.status.success() {
+            bail!("perf stat failed: {out:?}");
+        }
+    }
+    let requests = (r * SECS as f64).max(1.0);
+    let mut said = format!("{r:.0} req/s, p50 {p50:.1} µs, p99 {p99:.1} µs");
+    for (name, agent) in ["a", "b"].into_iter().zip(agents) {
+        let text = std::fs::read_to_string(counted(agent))?;
+        // The first field of the line that names `event`.
+        let count = |event: &str| {
+            text.lines()
+                .find(|l| l.split(',').any(|f| f == event))
                 .and_then(|l| l.split(',').next())
                 .and_then(|n| n.trim().parse::<f64>().ok())
-                .unwrap_or(0.0);
-            format!("{s} {:.2}", n / requests.max(1.0))
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
-    // task-clock: milliseconds of CPU on b's agent's threads.
-    let cpu_ms = text
-        .lines()
-        .find(|l| l.contains(",task-clock,") || l.contains(",msec,task-clock"))
-        .and_then(|l| l.split(',').next())
-        .and_then(|n| n.trim().parse::<f64>().ok())
-        .unwrap_or(0.0);
-    Ok(format!(
-        "{r:.0} req/s, p50 {p50:.1} µs, p99 {p99:.1} µs; b's agent per request: {:.1} µs CPU, {per_request}",
-        cpu_ms * 1000.0 / requests.max(1.0)
-    ))
+                .unwrap_or(0.0)
+        };
+        let per_request = SYSCALLS
+            .iter()
+            .map(|s| {
+                format!(
+                    "{s} {:.2}",
+                    count(&format!("syscalls:sys_enter_{s}")) / requests
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        // task-clock: milliseconds of CPU on the agent's threads.
+        let _ = write!(
+            said,
+            "; {name}'s agent per request: {:.1} µs CPU, {per_request}",
+            count("task-clock") * 1000.0 / requests
+        );
+    }
+    Ok(said)
 }
 
 /// The functions of processes `pids` in profile `data` by the share of
