@@ -3,7 +3,11 @@ streamable HTTP) with a harmless tool and a dangerous one. Each call it runs
 is printed (`CALL <tool> <arguments>`), so a test can show that a denied
 call never reached it.
 
-usage: mcp_tools.py PORT [json]   (json: answer POSTs with JSON, not SSE)
+usage: mcp_tools.py PORT [json|nan]
+  json: answer POSTs with JSON, not SSE
+  nan:  SSE answers, and every tool in a list answer carries "x-score": NaN
+        (JSON that the SDK's client parses and serde_json refuses: a server
+        that sends it must not get a list past enforcer's filter)
 """
 import json
 import sys
@@ -11,7 +15,8 @@ import sys
 from mcp.server.mcpserver import MCPServer
 
 port = int(sys.argv[1])
-json_response = len(sys.argv) > 2 and sys.argv[2] == "json"
+mode = sys.argv[2] if len(sys.argv) > 2 else "sse"
+json_response = mode == "json"
 server = MCPServer("docs")
 
 
@@ -29,5 +34,25 @@ def delete_doc(doc_id: str) -> str:
     return "deleted %s" % doc_id
 
 
-print("MCP server listening on %d (json_response=%s)" % (port, json_response), flush=True)
-server.run(transport="streamable-http", host="0.0.0.0", port=port, json_response=json_response)
+print("MCP server listening on %d (mode=%s)" % (port, mode), flush=True)
+if mode == "nan":
+    import uvicorn
+
+    inner = server.streamable_http_app(host="0.0.0.0")
+
+    async def app(scope, receive, send):
+        async def send_nan(msg):
+            if msg.get("type") == "http.response.start":
+                # The body may grow: framed by chunks, not its old length.
+                headers = [(k, v) for k, v in msg.get("headers", []) if k.lower() != b"content-length"]
+                msg = dict(msg, headers=headers)
+            body = msg.get("body", b"") if msg.get("type") == "http.response.body" else b""
+            if b'"inputSchema"' in body:
+                msg = dict(msg, body=body.replace(b'"inputSchema"', b'"x-score":NaN,"inputSchema"'))
+            await send(msg)
+
+        await inner(scope, receive, send_nan)
+
+    uvicorn.run(app, host="0.0.0.0", port=port, log_level="warning")
+else:
+    server.run(transport="streamable-http", host="0.0.0.0", port=port, json_response=json_response)

@@ -899,3 +899,56 @@ fn h2c_websocket_connect_and_pipelined_requests_are_decided_one_by_one() {
     });
     assert!(connect, "the CONNECT was decided and audited");
 }
+
+#[test]
+fn an_mcp_list_answer_the_filter_cannot_read_is_cut_not_passed() {
+    // The failure: on an SSE answer, an event whose JSON serde_json refuses
+    // passed unfiltered. The official SDK's client parses `NaN` (pydantic),
+    // so a server that put one in its tools/list answer showed the support
+    // agent delete_doc, which its policy hides. Now such an answer is cut
+    // (a JSON answer that cannot be read was already refused with 502).
+    // The server is the SDK's, its answers changed on the way out
+    // (mcp_tools.py's `nan` mode).
+    let (mut m, _policy) = l7_pair("l7-mcpnan");
+    m.tb.start_server_in(
+        &m.b,
+        Some("mcp.service"),
+        "mcp-nan",
+        &["python3", "-u", &helper("mcp_tools.py"), "8001", "nan"],
+        8001,
+    )
+    .expect("MCP server (lists with NaN)");
+    let url = format!("http://{}:8001/mcp", m.b.ipv4);
+    let mcp_call = helper("mcp_call.py");
+    for mode in ["auto", "legacy"] {
+        let (_, out) =
+            m.a.exec(
+                Some("support-agent.service"),
+                &["python3", &mcp_call, &format!("--mode={mode}"), &url],
+            )
+            .expect("mcp client");
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !said.contains("delete_doc"),
+            "{mode}: the support agent was shown a tool its policy hides: {said}"
+        );
+        assert!(
+            !out.status.success(),
+            "{mode}: the list should have failed, not come back empty or filtered by luck: {said}"
+        );
+    }
+    // b's agent said why, for the SSE answer (the legacy handshake's).
+    enforcer_tests::settle_logs();
+    let cut =
+        m.eb.log_lines()
+            .iter()
+            .filter(|l| {
+                l["message"] == "an MCP event could not be read to filter it; the answer is cut"
+            })
+            .count();
+    assert!(cut >= 1, "b's agent never said it cut an answer");
+}

@@ -536,6 +536,11 @@ async fn filter_message(
     changed
 }
 
+/// Whether an event's data is meant as JSON (an object or an array).
+fn looks_like_json(data: &str) -> bool {
+    data.trim_start().starts_with(['{', '['])
+}
+
 /// The server's answer, with list answers filtered: a JSON body is read
 /// whole (up to 16 MiB; larger, or not JSON, and the answer is refused
 /// rather than passed unfiltered); an SSE stream is filtered event by event.
@@ -555,11 +560,30 @@ pub async fn filter_response(
             let (session, lists, rid) = (session.clone(), lists.clone(), rid.clone());
             async move {
                 let mut event = event?;
-                if let Some(data) = &event.data
-                    && let Ok(mut v) = serde_json::from_str::<Value>(data)
-                    && filter_message(&session, &mut v, &lists, &rid, true).await
-                {
-                    event.data = Some(v.to_string());
+                let Some(data) = &event.data else {
+                    return Ok(event);
+                };
+                match serde_json::from_str::<Value>(data) {
+                    Ok(mut v) => {
+                        if filter_message(&session, &mut v, &lists, &rid, true).await {
+                            event.data = Some(v.to_string());
+                        }
+                    }
+                    // JSON this parser refuses but a client's may read
+                    // (`NaN`, which the SDK's pydantic parser takes): it
+                    // could be a list, so it is not passed unfiltered — the
+                    // answer is cut, as a JSON answer that cannot be read is
+                    // refused. Data that is not JSON at all (the legacy SSE
+                    // transport's `endpoint` URL) passes.
+                    Err(e) if looks_like_json(data) => {
+                        warn!(request_id = %rid, error = %e,
+                            "an MCP event could not be read to filter it; the answer is cut");
+                        session.count("upstream_error");
+                        return Err(sse_stream::Error::Body(
+                            format!("MCP event not filterable: {e}").into(),
+                        ));
+                    }
+                    Err(_) => {}
                 }
                 Ok::<_, sse_stream::Error>(event)
             }
