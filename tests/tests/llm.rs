@@ -568,3 +568,68 @@ c.close()
     assert_eq!(line["counted_by"], "usage", "{line}");
     assert_eq!(line["outcome"], "answered", "{line}");
 }
+
+#[test]
+fn fields_policy_cannot_read_are_refused_not_passed_unseen() {
+    // The failure: `max_tokens` was read only as a JSON integer. Sent as
+    // `1000.0` or `"1000"` — which pydantic-based OpenAI-compatible servers
+    // read as 1000 — policy saw no max_tokens, and the support agent's cap
+    // of 256 let it through. A body that is not JSON at all (`NaN`, which
+    // Python's parsers take) was decided as if it named no model. Now a
+    // whole float is read as its number, a field of the wrong type and an
+    // unreadable body are refused (400, OpenAI's error shape), and none of
+    // them reaches the server.
+    let s = setup();
+    let seen_before = server_log(&s).len();
+    let r = calls(
+        &s,
+        "support-agent.service",
+        &[
+            json!({"op": "chat", "prompt": "count to 2", "max_tokens": 1000.0}),
+            json!({"op": "chat", "prompt": "count to 2", "max_tokens": "1000"}),
+        ],
+    );
+    assert_eq!(r[0]["status"], 403, "1000.0 is 1000: {}", r[0]);
+    assert!(
+        r[0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("max_tokens above 256")),
+        "{}",
+        r[0]
+    );
+    assert_eq!(r[1]["error"], "BadRequestError", "{}", r[1]);
+    assert_eq!(r[1]["status"], 400, "{}", r[1]);
+    assert!(
+        r[1]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("max_tokens is not a whole number")),
+        "{}",
+        r[1]
+    );
+    assert_eq!(r[1]["body"]["type"], "invalid_request_error", "{}", r[1]);
+    // curl: a body with NaN in it (the openai client refuses to send one).
+    let url = format!("http://{}:{PORT}/v1/chat/completions", s.b.ipv4);
+    let (_, out) = s
+        .a
+        .exec(
+            Some("support-agent.service"),
+            &[
+                "curl",
+                "-s",
+                "-H",
+                "content-type: application/json",
+                "--data",
+                r#"{"model": "gpt-4o-mini", "max_tokens": 4000, "temperature": NaN, "messages": [{"role": "user", "content": "hi"}]}"#,
+                "-w",
+                "\n%{http_code}",
+                &url,
+            ],
+        )
+        .expect("curl");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.ends_with("\n400"), "{said}");
+    assert!(said.contains("request body is not JSON"), "{said}");
+    // None of the three reached the server.
+    enforcer_tests::settle_logs();
+    assert_eq!(server_log(&s).len(), seen_before, "{:?}", server_log(&s));
+}

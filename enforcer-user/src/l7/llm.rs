@@ -52,8 +52,14 @@ pub struct LlmRequest {
 }
 
 impl LlmRequest {
-    /// Reads a request from its path and JSON body.
-    pub fn read(path: &str, body: Option<&Value>) -> Self {
+    /// Reads a request from its path and JSON body. `Err` (why) when a
+    /// field policy decides on is there but not of its type: OpenAI-
+    /// compatible servers built on pydantic read `"max_tokens": "4096"` or
+    /// `"stream": "true"` leniently, so a field this reading skipped would
+    /// reach the server unseen by policy (a `max_tokens` cap passed with a
+    /// string). A whole number written as a float (`4096.0`) is read as
+    /// the number; `null` is absent, as in OpenAI's API.
+    pub fn read(path: &str, body: Option<&Value>) -> Result<Self, String> {
         let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
         let after = segs.iter().position(|s| *s == "v1").map(|i| &segs[i + 1..]);
         let (endpoint, path_model) = match after {
@@ -69,22 +75,41 @@ impl LlmRequest {
             ),
             Some([first, ..]) => ((*first).to_owned(), None),
         };
-        let field = |k: &str| body.and_then(|b| b.get(k));
-        Self {
-            model: field("model")
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-                .or(path_model),
-            stream: field("stream").and_then(Value::as_bool).unwrap_or(false),
-            max_tokens: ["max_tokens", "max_completion_tokens", "max_output_tokens"]
-                .into_iter()
-                .find_map(|k| field(k).and_then(Value::as_u64)),
-            include_usage: field("stream_options")
-                .and_then(|o| o.get("include_usage"))
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-            endpoint,
+        let field = |k: &str| body.and_then(|b| b.get(k)).filter(|v| !v.is_null());
+        let model = match field("model") {
+            None => path_model,
+            Some(Value::String(m)) => Some(m.clone()),
+            Some(other) => return Err(format!("model is not a string: {other}")),
+        };
+        let flag = |v: Option<&Value>, name: &str| match v.filter(|v| !v.is_null()) {
+            None => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(other) => Err(format!("{name} is not a boolean: {other}")),
+        };
+        let mut max_tokens = None;
+        for k in ["max_tokens", "max_completion_tokens", "max_output_tokens"] {
+            let Some(v) = field(k) else { continue };
+            let n = v
+                .as_u64()
+                .or_else(|| {
+                    v.as_f64()
+                        .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= u64::MAX as f64)
+                        .map(|f| f as u64)
+                })
+                .ok_or_else(|| format!("{k} is not a whole number of tokens: {v}"))?;
+            // The largest of the ones given (a server may read any).
+            max_tokens = Some(max_tokens.map_or(n, |m: u64| m.max(n)));
         }
+        Ok(Self {
+            model,
+            stream: flag(field("stream"), "stream")?,
+            max_tokens,
+            include_usage: flag(
+                field("stream_options").and_then(|o| o.get("include_usage")),
+                "stream_options.include_usage",
+            )?,
+            endpoint,
+        })
     }
 
     /// Whether answers carry token usage (and the request must be read
@@ -153,11 +178,40 @@ pub(super) async fn decide(
     mut fields: Map<String, Value>,
     request_id: &str,
 ) -> Plan {
-    let mut parsed = json_anyway(&fields, body);
-    let req = LlmRequest::read(
-        parts.uri.path(),
-        fields.get("parsed_body").or(parsed.as_ref()),
-    );
+    // OpenAI's bodies are JSON whatever their header says.
+    let mut parsed = json_anyway(&fields, &parts.headers, body);
+    let json = super::http::body_json(&fields, &parts.headers, parsed.as_ref());
+    let bad = |why: String| {
+        warn!(
+            request_id,
+            why, "LLM request refused without a decision: its fields cannot be read"
+        );
+        session.count("bad_request");
+        Plan::Respond(openai_error(
+            StatusCode::BAD_REQUEST,
+            &format!("{why}: the request cannot be decided"),
+            "invalid_request_error",
+            "unreadable_request",
+            &[("request_id", request_id)],
+        ))
+    };
+    let req = match LlmRequest::read(parts.uri.path(), json) {
+        Ok(r) => r,
+        Err(why) => return bad(why),
+    };
+    // A body policy cannot read (`NaN`, which Python's parsers take) would
+    // reach the server with a model and max_tokens policy never saw.
+    if req.metered()
+        && parts.method == Method::POST
+        && json.is_none()
+        && !body.truncated()
+        && !body.seen.is_empty()
+    {
+        let why = serde_json::from_slice::<serde::de::IgnoredAny>(&body.seen)
+            .err()
+            .map_or_else(|| "not a JSON object".to_owned(), |e| e.to_string());
+        return bad(format!("request body is not JSON ({why})"));
+    }
     if body.truncated() && req.metered() && parts.method == Method::POST {
         warn!(
             request_id,
@@ -831,7 +885,10 @@ mod tests {
 
     #[test]
     fn requests_are_read_as_openai_defines_them() {
-        let r = LlmRequest::read(
+        let read = |path: &str, body: Option<&Value>| {
+            LlmRequest::read(path, body).unwrap_or_else(|e| panic!("{path}: {e}"))
+        };
+        let r = read(
             "/v1/chat/completions",
             Some(
                 &json!({"model": "gpt-4o-mini", "stream": true, "max_completion_tokens": 64,
@@ -848,7 +905,7 @@ mod tests {
                 include_usage: true,
             }
         );
-        let resp = LlmRequest::read(
+        let resp = read(
             "/openai/v1/responses",
             Some(&json!({"model": "m", "max_output_tokens": 9})),
         );
@@ -856,20 +913,50 @@ mod tests {
             (resp.endpoint.as_str(), resp.max_tokens),
             ("responses", Some(9))
         );
-        let get = LlmRequest::read("/v1/models/ft%3Agpt-4o", None);
+        let get = read("/v1/models/ft%3Agpt-4o", None);
         assert_eq!(
             (get.endpoint.as_str(), get.model.as_deref()),
             ("models", Some("ft:gpt-4o"))
         );
+        assert_eq!(read("/v1/fine_tuning/jobs", None).endpoint, "fine_tuning");
+        assert_eq!(read("/v1/files", None).endpoint, "files");
+        assert_eq!(read("/v1/batches", None).endpoint, "batches");
+        assert_eq!(read("/healthz", None).endpoint, "unknown");
+        assert!(read("/v1/embeddings", None).metered());
+        assert!(!read("/v1/models", None).metered());
+    }
+
+    #[test]
+    fn fields_policy_decides_on_are_read_as_their_type_or_refused() {
+        // pydantic-based servers read these leniently; policy must see
+        // what they will use, or refuse.
+        let chat = |body: Value| LlmRequest::read("/v1/chat/completions", Some(&body));
         assert_eq!(
-            LlmRequest::read("/v1/fine_tuning/jobs", None).endpoint,
-            "fine_tuning"
+            chat(json!({"model": "m", "max_tokens": 4096.0})).map(|r| r.max_tokens),
+            Ok(Some(4096))
         );
-        assert_eq!(LlmRequest::read("/v1/files", None).endpoint, "files");
-        assert_eq!(LlmRequest::read("/v1/batches", None).endpoint, "batches");
-        assert_eq!(LlmRequest::read("/healthz", None).endpoint, "unknown");
-        assert!(LlmRequest::read("/v1/embeddings", None).metered());
-        assert!(!LlmRequest::read("/v1/models", None).metered());
+        assert_eq!(
+            chat(json!({"model": "m", "max_tokens": 8, "max_completion_tokens": 900}))
+                .map(|r| r.max_tokens),
+            Ok(Some(900)),
+            "the largest of those given"
+        );
+        assert_eq!(
+            chat(json!({"model": "m", "max_tokens": null, "stream": null}))
+                .map(|r| (r.max_tokens, r.stream)),
+            Ok((None, false))
+        );
+        for bad in [
+            json!({"model": "m", "max_tokens": "4096"}),
+            json!({"model": "m", "max_tokens": 40.5}),
+            json!({"model": "m", "max_tokens": -1}),
+            json!({"model": "m", "max_output_tokens": [1]}),
+            json!({"model": 7}),
+            json!({"model": "m", "stream": "true"}),
+            json!({"model": "m", "stream_options": {"include_usage": 1}}),
+        ] {
+            assert!(chat(bad.clone()).is_err(), "{bad} was read");
+        }
     }
 
     #[test]

@@ -340,11 +340,11 @@ pub(super) async fn decide(
     request_id: &str,
     authority: &str,
 ) -> Plan {
-    let parsed = json_anyway(&fields, body);
+    let parsed = json_anyway(&fields, &parts.headers, body);
     let op = Op::read(
         &parts.method,
         parts.uri.path(),
-        fields.get("parsed_body").or(parsed.as_ref()),
+        super::http::body_json(&fields, &parts.headers, parsed.as_ref()),
     );
     let renames = op.renames();
     let Op {
