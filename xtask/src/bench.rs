@@ -262,12 +262,17 @@ fn parse_wrk(out: &str) -> anyhow::Result<(f64, f64, f64)> {
 }
 
 fn rss_kb(pid: u32) -> anyhow::Result<u64> {
+    status_kb(pid, "VmRSS")
+}
+
+/// A `kB` figure of `/proc/<pid>/status` (`VmRSS`, `RssAnon`, `RssFile`).
+fn status_kb(pid: u32, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .with_context(|| format!("no VmRSS for pid {pid}"))
+        .with_context(|| format!("no {field} for pid {pid}"))
 }
 
 fn openssl(args: &[&str]) -> anyhow::Result<()> {
@@ -593,6 +598,9 @@ pub fn run(mode: Mode) -> anyhow::Result<()> {
         return Ok(());
     }
     let rss_idle = rss_kb(ea.pid)?;
+    // Its anonymous memory and the binary's pages it maps (code and
+    // read-only data touched, shared with the page cache).
+    let (anon_idle, file_idle) = (status_kb(ea.pid, "RssAnon")?, status_kb(ea.pid, "RssFile")?);
     // Each figure is the median of ROUNDS rounds; within a round the three
     // paths run back to back, so machine-wide drift hits them alike.
     let median = |mut v: Vec<f64>| {
@@ -714,7 +722,8 @@ pub fn run(mode: Mode) -> anyhow::Result<()> {
         "results": results,
         "http": http,
         "llm_stream": llm,
-        "memory": {"rss_idle_kib": rss_idle, "connections_held": held, "rss_held_kib": rss_held,
+        "memory": {"rss_idle_kib": rss_idle, "rss_anon_idle_kib": anon_idle, "rss_file_idle_kib": file_idle,
+                   "connections_held": held, "rss_held_kib": rss_held,
                    "bytes_per_connection": per_conn, "peer_rss_held_kib": rss_b},
         "micro": micro,
         "duration_secs": started.elapsed().as_secs(),
