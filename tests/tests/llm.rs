@@ -629,7 +629,27 @@ fn fields_policy_cannot_read_are_refused_not_passed_unseen() {
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.ends_with("\n400"), "{said}");
     assert!(said.contains("request body is not JSON"), "{said}");
-    // None of the three reached the server.
+    // JSON, but not an object: it names no model either.
+    let (_, out) =
+        s.a.exec(
+            Some("support-agent.service"),
+            &[
+                "curl",
+                "-s",
+                "-H",
+                "content-type: application/json",
+                "--data",
+                r#"[{"model": "gpt-4o-mini", "max_tokens": 4000}]"#,
+                "-w",
+                "\n%{http_code}",
+                &url,
+            ],
+        )
+        .expect("curl");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.ends_with("\n400"), "{said}");
+    assert!(said.contains("request body is not a JSON object"), "{said}");
+    // None of them reached the server.
     enforcer_tests::settle_logs();
     assert_eq!(server_log(&s).len(), seen_before, "{:?}", server_log(&s));
 }

@@ -200,17 +200,20 @@ pub(super) async fn decide(
         Err(why) => return bad(why),
     };
     // A body policy cannot read (`NaN`, which Python's parsers take) would
-    // reach the server with a model and max_tokens policy never saw.
+    // reach the server with a model and max_tokens policy never saw; one
+    // that is JSON but not an object names neither.
     if req.metered()
         && parts.method == Method::POST
-        && json.is_none()
+        && !json.is_some_and(Value::is_object)
         && !body.truncated()
         && !body.seen.is_empty()
     {
-        let why = serde_json::from_slice::<serde::de::IgnoredAny>(&body.seen)
-            .err()
-            .map_or_else(|| "not a JSON object".to_owned(), |e| e.to_string());
-        return bad(format!("request body is not JSON ({why})"));
+        return bad(
+            match serde_json::from_slice::<serde::de::IgnoredAny>(&body.seen) {
+                Err(e) => format!("request body is not JSON ({e})"),
+                Ok(_) => "request body is not a JSON object".to_owned(),
+            },
+        );
     }
     if body.truncated() && req.metered() && parts.method == Method::POST {
         warn!(
