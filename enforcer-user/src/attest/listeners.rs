@@ -32,55 +32,109 @@ pub struct Listener {
 }
 
 /// Listening TCP sockets (IPv4 and IPv6) of the calling thread's netns.
-/// `proc_net` is that netns's `/proc/…/net` directory, read only when the
-/// socket diagnostics fail (logged once per agent).
+/// `proc_net` is that netns's `/proc/…/net` directory, read for a family
+/// whose socket diagnostics fail (logged once per agent): on a kernel
+/// without IPv6 only the IPv6 dump fails, and only `tcp6` (absent there)
+/// is read, not the IPv4 table as well.
 pub fn listening(proc_net: &str) -> Vec<Listener> {
+    let dumps = match diag_socket() {
+        Ok(socket) => FAMILIES.each_ref().map(|f| dump(&socket, f)),
+        Err(e) => FAMILIES.map(|_| Err(io::Error::new(e.kind(), e.to_string()))),
+    };
+    combine(dumps, proc_net)
+}
+
+/// Each family's dump, or its `/proc/net` table where the dump failed.
+fn combine(dumps: [io::Result<Vec<Listener>>; 2], proc_net: &str) -> Vec<Listener> {
     static WARNED: AtomicBool = AtomicBool::new(false);
-    match diag() {
-        Ok(all) => all,
-        Err(e) => {
-            if !WARNED.swap(true, Ordering::Relaxed) {
-                tracing::warn!(error = %e,
-                    "asking the kernel's socket diagnostics (NETLINK_SOCK_DIAG) for listening sockets failed; \
-                     reading /proc/net/tcp instead, which costs more on a busy node (modprobe tcp_diag)");
+    let mut out = Vec::new();
+    for (family, dumped) in FAMILIES.iter().zip(dumps) {
+        match dumped {
+            Ok(l) => out.extend(l),
+            Err(e) => {
+                if !WARNED.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, family = family.name,
+                        "asking the kernel's socket diagnostics (NETLINK_SOCK_DIAG) for listening sockets failed; \
+                         reading /proc/net/{} instead, which costs more on a busy node (modprobe tcp_diag)",
+                        family.proc_file);
+                }
+                out.extend(from_proc_file(proc_net, family.proc_file, family.v6));
             }
-            from_proc(proc_net)
         }
     }
+    out
+}
+
+/// A family the listeners are asked for.
+struct Family {
+    name: &'static str,
+    family: u8,
+    socket_id: fn() -> SocketId,
+    seq: u32,
+    proc_file: &'static str,
+    v6: bool,
+}
+
+const FAMILIES: [Family; 2] = [
+    Family {
+        name: "ipv4",
+        family: AF_INET,
+        socket_id: SocketId::new_v4,
+        seq: 1,
+        proc_file: "tcp",
+        v6: false,
+    },
+    Family {
+        name: "ipv6",
+        family: AF_INET6,
+        socket_id: SocketId::new_v6,
+        seq: 2,
+        proc_file: "tcp6",
+        v6: true,
+    },
+];
+
+fn diag_socket() -> io::Result<Socket> {
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    socket.bind_auto()?;
+    socket.connect(&NetlinkAddr::new(0, 0))?;
+    Ok(socket)
 }
 
 /// The listeners, from `NETLINK_SOCK_DIAG` (one dump per family, listening
 /// state only).
 pub fn diag() -> io::Result<Vec<Listener>> {
-    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
-    socket.bind_auto()?;
-    socket.connect(&NetlinkAddr::new(0, 0))?;
+    let socket = diag_socket()?;
     let mut out = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    for (seq, family, socket_id) in [
-        (1, AF_INET, SocketId::new_v4()),
-        (2, AF_INET6, SocketId::new_v6()),
-    ] {
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-        header.sequence_number = seq;
-        let mut request = NetlinkMessage::new(
-            header,
-            SockDiagMessage::InetRequest(InetRequest {
-                family,
-                protocol: IPPROTO_TCP,
-                extensions: ExtensionFlags::empty(),
-                states: StateFlags::LISTEN,
-                socket_id,
-            })
-            .into(),
-        );
-        request.finalize();
-        let mut bytes = vec![0u8; request.buffer_len()];
-        request.serialize(&mut bytes);
-        socket.send(&bytes, 0)?;
-        dump_into(&socket, &mut buf, seq, &mut out)?;
+    for f in &FAMILIES {
+        out.extend(dump(&socket, f)?);
     }
+    Ok(out)
+}
+
+/// One family's listening sockets.
+fn dump(socket: &Socket, f: &Family) -> io::Result<Vec<Listener>> {
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.sequence_number = f.seq;
+    let mut request = NetlinkMessage::new(
+        header,
+        SockDiagMessage::InetRequest(InetRequest {
+            family: f.family,
+            protocol: IPPROTO_TCP,
+            extensions: ExtensionFlags::empty(),
+            states: StateFlags::LISTEN,
+            socket_id: (f.socket_id)(),
+        })
+        .into(),
+    );
+    request.finalize();
+    let mut bytes = vec![0u8; request.buffer_len()];
+    request.serialize(&mut bytes);
+    socket.send(&bytes, 0)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut out = Vec::new();
+    dump_into(socket, &mut buf, f.seq, &mut out)?;
     Ok(out)
 }
 
@@ -122,14 +176,21 @@ fn dump_into(socket: &Socket, buf: &mut [u8], seq: u32, out: &mut Vec<Listener>)
 
 /// The listeners from `<proc_net>/tcp` and `tcp6`.
 pub fn from_proc(proc_net: &str) -> Vec<Listener> {
-    let mut out = Vec::new();
-    for (file, v6) in [("tcp", false), ("tcp6", true)] {
-        let Ok(text) = std::fs::read_to_string(format!("{proc_net}/{file}")) else {
-            continue;
-        };
-        out.extend(text.lines().skip(1).filter_map(|l| parse_line(l, v6)));
-    }
+    let mut out = from_proc_file(proc_net, "tcp", false);
+    out.extend(from_proc_file(proc_net, "tcp6", true));
     out
+}
+
+/// The listeners from `<proc_net>/<file>` (none when it is absent: `tcp6`
+/// on a kernel without IPv6).
+fn from_proc_file(proc_net: &str, file: &str, v6: bool) -> Vec<Listener> {
+    let Ok(text) = std::fs::read_to_string(format!("{proc_net}/{file}")) else {
+        return Vec::new();
+    };
+    text.lines()
+        .skip(1)
+        .filter_map(|l| parse_line(l, v6))
+        .collect()
 }
 
 const TCP_LISTEN: &str = "0A";
@@ -185,6 +246,37 @@ pub(crate) fn l(addr: &str, inode: u64) -> Listener {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_family_whose_dump_fails_is_read_from_its_proc_file_alone() {
+        // A kernel without IPv6: the IPv6 dump fails, the IPv4 one does not.
+        // Only `tcp6` is read (absent there), not the IPv4 table as well.
+        let dir = std::env::temp_dir().join(format!("enforcer-listeners-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let head = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n";
+        let v4 = "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 12345 1 0000000000000000 100 0 0 10 0\n";
+        let v6 = "   0: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 777 1 0000000000000000 100 0 0 10 0\n";
+        std::fs::write(dir.join("tcp"), format!("{head}{v4}")).expect("tcp");
+        let proc_net = dir.display().to_string();
+        let dumped = l("10.0.0.1:80", 1);
+        let failed = || Err(io::Error::from_raw_os_error(libc::ENOENT));
+        // No tcp6 file (IPv6 off): the IPv4 dump alone.
+        assert_eq!(
+            combine([Ok(vec![dumped]), failed()], &proc_net),
+            vec![dumped]
+        );
+        std::fs::write(dir.join("tcp6"), format!("{head}{v6}")).expect("tcp6");
+        assert_eq!(
+            combine([Ok(vec![dumped]), failed()], &proc_net),
+            vec![dumped, l("[::1]:8080", 777)]
+        );
+        // No diagnostics at all: both files.
+        assert_eq!(
+            combine([failed(), failed()], &proc_net),
+            vec![l("127.0.0.1:8080", 12345), l("[::1]:8080", 777)]
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn proc_lines_parse_addresses_in_host_order() {
