@@ -607,46 +607,36 @@ fn fields_policy_cannot_read_are_refused_not_passed_unseen() {
         r[1]
     );
     assert_eq!(r[1]["body"]["type"], "invalid_request_error", "{}", r[1]);
-    // curl: a body with NaN in it (the openai client refuses to send one).
+    // curl, for bodies the openai client would not send: the answer's
+    // body, then its status on a line of its own.
     let url = format!("http://{}:{PORT}/v1/chat/completions", s.b.ipv4);
-    let (_, out) = s
-        .a
-        .exec(
-            Some("support-agent.service"),
-            &[
-                "curl",
-                "-s",
-                "-H",
-                "content-type: application/json",
-                "--data",
-                r#"{"model": "gpt-4o-mini", "max_tokens": 4000, "temperature": NaN, "messages": [{"role": "user", "content": "hi"}]}"#,
-                "-w",
-                "\n%{http_code}",
-                &url,
-            ],
-        )
-        .expect("curl");
-    let said = String::from_utf8_lossy(&out.stdout);
+    let post = |body: &str| {
+        let (_, out) =
+            s.a.exec(
+                Some("support-agent.service"),
+                &[
+                    "curl",
+                    "-s",
+                    "-H",
+                    "content-type: application/json",
+                    "--data",
+                    body,
+                    "-w",
+                    "\n%{http_code}",
+                    &url,
+                ],
+            )
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // A body with NaN in it.
+    let said = post(
+        r#"{"model": "gpt-4o-mini", "max_tokens": 4000, "temperature": NaN, "messages": [{"role": "user", "content": "hi"}]}"#,
+    );
     assert!(said.ends_with("\n400"), "{said}");
     assert!(said.contains("request body is not JSON"), "{said}");
     // JSON, but not an object: it names no model either.
-    let (_, out) =
-        s.a.exec(
-            Some("support-agent.service"),
-            &[
-                "curl",
-                "-s",
-                "-H",
-                "content-type: application/json",
-                "--data",
-                r#"[{"model": "gpt-4o-mini", "max_tokens": 4000}]"#,
-                "-w",
-                "\n%{http_code}",
-                &url,
-            ],
-        )
-        .expect("curl");
-    let said = String::from_utf8_lossy(&out.stdout);
+    let said = post(r#"[{"model": "gpt-4o-mini", "max_tokens": 4000}]"#);
     assert!(said.ends_with("\n400"), "{said}");
     assert!(said.contains("request body is not a JSON object"), "{said}");
     // None of them reached the server.

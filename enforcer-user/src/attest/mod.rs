@@ -88,9 +88,16 @@ pub struct Pending {
 }
 
 impl Pending {
-    /// The attestation, once the digest is known.
+    /// The attestation, once the digest is known; the task waits without
+    /// holding a thread.
     pub async fn finish(self, attestor: &Attestor) -> Attestation {
         let selectors = self.selectors.selectors().await;
+        attestor.identified(self.facts, selectors)
+    }
+
+    /// The same, the calling thread blocked meanwhile.
+    fn finish_blocking(self, attestor: &Attestor) -> Attestation {
+        let selectors = self.selectors.blocking();
         attestor.identified(self.facts, selectors)
     }
 }
@@ -162,13 +169,8 @@ impl Attestor {
     /// Attests a workload on this thread (blocking: `/proc` reads, its
     /// executable's hash, or the wait for another attestation's hash).
     pub fn attest(&self, facts: WorkloadFacts) -> Attestation {
-        match self.attest_unless_hashing(facts) {
-            Ok(a) => a,
-            Err(pending) => {
-                let selectors = pending.selectors.blocking();
-                self.identified(pending.facts, selectors)
-            }
-        }
+        self.attest_unless_hashing(facts)
+            .unwrap_or_else(|pending| pending.finish_blocking(self))
     }
 
     /// Like [`Attestor::attest`], but when another attestation is hashing

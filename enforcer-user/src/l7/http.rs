@@ -335,37 +335,25 @@ pub(super) fn full(bytes: Bytes) -> Body {
         .boxed_unsync()
 }
 
-/// The body read as JSON whatever its header says — as OpenAI and Chroma
-/// bodies are — unless `parsed_body` already holds it (the header said
-/// JSON): `None` then, and when the body is empty, larger than the bound or
-/// not JSON. A JSON body sent as a form is read as the JSON it is, never as
-/// the form `parsed_body` made of it.
-pub(super) fn json_anyway(
-    fields: &Map<String, Value>,
-    headers: &HeaderMap,
-    body: &ReadBody,
-) -> Option<Value> {
-    if (fields.contains_key("parsed_body") && is_json(&content_type(headers)))
-        || body.truncated()
-        || body.seen.is_empty()
-    {
-        return None;
-    }
-    serde_json::from_slice(&body.seen).ok()
-}
-
-/// The body as JSON: `parsed_body` when the header said JSON, else what
-/// [`json_anyway`] read (`parsed`).
+/// The request body as JSON whatever its header says — as OpenAI and
+/// Chroma read theirs: `parsed_body` when the header said JSON (parsed
+/// already), else the body parsed here, into `parsed`. A JSON body sent as
+/// a form is read as the JSON it is, never as the form `parsed_body` made
+/// of it. `None` when the body is empty, larger than the bound or not JSON.
 pub(super) fn body_json<'a>(
     fields: &'a Map<String, Value>,
     headers: &HeaderMap,
-    parsed: Option<&'a Value>,
+    body: &ReadBody,
+    parsed: &'a mut Option<Value>,
 ) -> Option<&'a Value> {
-    parsed.or_else(|| {
-        is_json(&content_type(headers))
-            .then(|| fields.get("parsed_body"))
-            .flatten()
-    })
+    if is_json(&content_type(headers)) {
+        return fields.get("parsed_body");
+    }
+    if body.truncated() || body.seen.is_empty() {
+        return None;
+    }
+    *parsed = serde_json::from_slice(&body.seen).ok();
+    parsed.as_ref()
 }
 
 pub(super) fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
@@ -1046,8 +1034,8 @@ pub mod fuzz {
                 let (parts, body) = req.into_parts();
                 if let Ok(body) = read_bounded(body, 4096).await {
                     let fields = request_fields(&conn, &parts, &body, "1.1", "fuzz:8080");
-                    let anyway = json_anyway(&fields, &parts.headers, &body);
-                    let json = body_json(&fields, &parts.headers, anyway.as_ref()).cloned();
+                    let mut parsed = None;
+                    let json = body_json(&fields, &parts.headers, &body, &mut parsed).cloned();
                     let path = parts.uri.path();
                     let _ = crate::l7::llm::LlmRequest::read(path, json.as_ref());
                     let _ = crate::l7::vectordb::Op::read(&parts.method, path, json.as_ref());

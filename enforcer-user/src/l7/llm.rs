@@ -25,7 +25,7 @@ use sse_stream::{Sse, SseBody, SseStream};
 use tracing::{debug, info, warn};
 
 use super::{
-    http::{Body, BoxError, ReadBody, Session, json_anyway, json_response},
+    http::{Body, BoxError, ReadBody, Session, body_json, json_response},
     tokens,
 };
 use crate::policy::budgets::{Budget, DEFAULT_WINDOW_SECS, Used};
@@ -179,8 +179,8 @@ pub(super) async fn decide(
     request_id: &str,
 ) -> Plan {
     // OpenAI's bodies are JSON whatever their header says.
-    let mut parsed = json_anyway(&fields, &parts.headers, body);
-    let json = super::http::body_json(&fields, &parts.headers, parsed.as_ref());
+    let mut parsed = None;
+    let json = body_json(&fields, &parts.headers, body, &mut parsed);
     let bad = |why: String| {
         warn!(
             request_id,

@@ -29,7 +29,7 @@ use percent_encoding::percent_decode_str;
 use serde_json::{Map, Value, json};
 use tracing::{info, warn};
 
-use super::http::{Body, ReadBody, Session, full, json_anyway, json_response, read_bounded};
+use super::http::{Body, ReadBody, Session, body_json, full, json_response, read_bounded};
 
 /// How long a resolved collection id is used without asking again.
 pub const FRESH_FOR: Duration = Duration::from_secs(10);
@@ -340,11 +340,11 @@ pub(super) async fn decide(
     request_id: &str,
     authority: &str,
 ) -> Plan {
-    let parsed = json_anyway(&fields, &parts.headers, body);
+    let mut parsed = None;
     let op = Op::read(
         &parts.method,
         parts.uri.path(),
-        super::http::body_json(&fields, &parts.headers, parsed.as_ref()),
+        body_json(&fields, &parts.headers, body, &mut parsed),
     );
     let renames = op.renames();
     let Op {
