@@ -5,7 +5,7 @@ or the exception it raised (class, HTTP status, message, headers).
 usage: llm_call.py BASE_URL CALL...
   CALL is JSON: {"op": "chat" | "completions" | "responses" | "embeddings" |
   "models" | "fine_tune", "model": ..., "prompt": ..., "stream": bool,
-  "include_usage": bool, "max_tokens": n}
+  "include_usage": bool, "max_tokens": n, "headers": {name: value}}
 """
 import json
 import sys
@@ -18,6 +18,8 @@ def run(client, call, out):
     prompt = call.get("prompt", "count to 5")
     out.update(model=model, stream=bool(call.get("stream")))
     extra = {}
+    if call.get("headers"):
+        extra["extra_headers"] = call["headers"]
     if call.get("max_tokens"):
         extra["max_tokens"] = call["max_tokens"]
     if op == "chat":

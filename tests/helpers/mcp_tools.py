@@ -3,8 +3,13 @@ streamable HTTP) with a harmless tool and a dangerous one. Each call it runs
 is printed (`CALL <tool> <arguments>`), so a test can show that a denied
 call never reached it.
 
-usage: mcp_tools.py PORT [json|nan]
+usage: mcp_tools.py PORT [json|nan|gzip|gzip-json|gzip-always]
   json: answer POSTs with JSON, not SSE
+  gzip, gzip-json: SSE (or JSON) answers compressed, SSE streams too, when
+        the client accepts gzip (Starlette's GZipMiddleware, as a server
+        behind a compressing proxy); the SDK's client (httpx) accepts it
+  gzip-always: SSE answers compressed even when the client asks for
+        `identity` (a server that ignores Accept-Encoding)
   nan:  SSE answers, and every tool in a list answer carries "x-score": NaN
         (JSON that the SDK's client parses and serde_json refuses: a server
         that sends it must not get a list past enforcer's filter)
@@ -16,7 +21,7 @@ from mcp.server.mcpserver import MCPServer
 
 port = int(sys.argv[1])
 mode = sys.argv[2] if len(sys.argv) > 2 else "sse"
-json_response = mode == "json"
+json_response = mode in ("json", "gzip-json")
 server = MCPServer("docs")
 
 
@@ -52,6 +57,19 @@ if mode == "nan":
             await send(msg)
 
         await inner(scope, receive, send_nan)
+
+    uvicorn.run(app, host="0.0.0.0", port=port, log_level="warning")
+elif mode.startswith("gzip"):
+    import uvicorn
+    from starlette.middleware.gzip import GZipMiddleware
+
+    inner = GZipMiddleware(server.streamable_http_app(host="0.0.0.0"), minimum_size=0, exclude_content_types=())
+
+    async def app(scope, receive, send):
+        if mode == "gzip-always" and scope.get("type") == "http":
+            headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"accept-encoding"]
+            scope = dict(scope, headers=headers + [(b"accept-encoding", b"gzip")])
+        await inner(scope, receive, send)
 
     uvicorn.run(app, host="0.0.0.0", port=port, log_level="warning")
 else:

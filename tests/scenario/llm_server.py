@@ -16,13 +16,18 @@ user message says "count to N", the numbers 1..N; `max_tokens` cuts it.
 Streams send one word per chunk, one chunk every CHUNK_MS milliseconds.
 Each request is logged as one JSON line on stdout.
 
-usage: llm_server.py PORT [--chunk-ms N] [--linger-ms N] [--stamp]
+usage: llm_server.py PORT [--chunk-ms N] [--linger-ms N] [--stamp] [--gzip]
   --linger-ms: a stream stays open N ms after its last event ([DONE] or
   response.completed) before it ends (a slow server; the tests' clients
   may leave first).
   --stamp: each streamed chat or completions chunk also carries `x_sent_ns`,
   the server's CLOCK_MONOTONIC (ns) when it produced it (for the benchmark's
   per-chunk latency; clients ignore the extra member).
+  --gzip: answers, streams too, are compressed when the client accepts gzip
+  (Starlette's GZipMiddleware, as behind a compressing proxy or OpenAI's own
+  API; the `openai` client accepts gzip); a request with `x-force-gzip: 1`
+  is answered compressed whatever it accepts (a server that ignores
+  Accept-Encoding).
 """
 import asyncio
 import json
@@ -286,4 +291,15 @@ if __name__ == "__main__":
     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     sock.bind(("::", port))
     sock.listen(128)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    served = app
+    if "--gzip" in sys.argv:
+        from starlette.middleware.gzip import GZipMiddleware
+
+        gzipped = GZipMiddleware(app, minimum_size=0, exclude_content_types=())
+
+        async def served(scope, receive, send):
+            if scope.get("type") == "http" and (b"x-force-gzip", b"1") in scope["headers"]:
+                headers = [(k, v) for k, v in scope["headers"] if k != b"accept-encoding"]
+                scope = dict(scope, headers=headers + [(b"accept-encoding", b"gzip")])
+            await gzipped(scope, receive, send)
+    uvicorn.Server(uvicorn.Config(served, log_level="warning")).run(sockets=[sock])

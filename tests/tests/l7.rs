@@ -73,6 +73,14 @@ allow if {
 	input.attributes.source.principal == admin
 }
 
+# Written as for OPA-Envoy, where a JSON body that does not parse fails the
+# check: rules that allow when a body field is absent are safe there.
+allow if {
+	input.attributes.request.http.method == "POST"
+	input.parsed_path == ["orders"]
+	not input.parsed_body.priority == "urgent"
+}
+
 reason := "only GET is allowed here" if {
 	input.protocol == "http"
 	input.attributes.request.http.method != "GET"
@@ -951,4 +959,173 @@ fn an_mcp_list_answer_the_filter_cannot_read_is_cut_not_passed() {
             })
             .count();
     assert!(cut >= 1, "b's agent never said it cut an answer");
+}
+
+#[test]
+fn an_mcp_server_that_compresses_has_its_lists_filtered_not_passed() {
+    // The failure: the SDK's client (httpx) accepts gzip, and a server that
+    // compresses (here the SDK's own behind Starlette's GZipMiddleware, as
+    // behind a compressing proxy) answered in gzip. The filter read the
+    // compressed bytes: not JSON, not SSE events it could see into. Now the
+    // agent asks the server for `identity` on every request whose answer it
+    // reads, so the list is filtered; a server that compresses anyway has
+    // its answer refused, never passed unread.
+    let (mut m, _policy) = l7_pair("l7-mcpgzip");
+    let mcp_tools = helper("mcp_tools.py");
+    m.tb.start_server_in(
+        &m.b,
+        Some("mcp.service"),
+        "mcp-gzip",
+        &["python3", "-u", &mcp_tools, "8001", "gzip"],
+        8001,
+    )
+    .expect("MCP server (gzip when accepted)");
+    m.tb.start_server_in(
+        &m.b,
+        Some("mcp.service"),
+        "mcp-gzip-always",
+        &["python3", "-u", &mcp_tools, "8003", "gzip-always"],
+        8003,
+    )
+    .expect("MCP server (gzip always)");
+    let mcp_call = helper("mcp_call.py");
+    let run = |port: u16, mode: &str| {
+        let url = format!("http://{}:{port}/mcp", m.b.ipv4);
+        let (_, out) =
+            m.a.exec(
+                Some("support-agent.service"),
+                &[
+                    "python3",
+                    &mcp_call,
+                    &format!("--mode={mode}"),
+                    &url,
+                    r#"search_docs={"query": "refunds"}"#,
+                ],
+            )
+            .expect("mcp client");
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out, said)
+    };
+    for mode in ["legacy", "auto"] {
+        // A server that compresses when asked: asked for identity, it
+        // answers plainly, and the list is filtered as always.
+        let (out, said) = run(8001, mode);
+        assert!(out.status.success(), "{mode}: {said}");
+        let v = json_out(&out);
+        assert_eq!(
+            v["tools"],
+            serde_json::json!(["search_docs"]),
+            "{mode}: {said}"
+        );
+        assert_eq!(v["calls"][0]["ok"], true, "{mode}: {said}");
+        // A server that compresses whatever it is asked: refused.
+        let (out, said) = run(8003, mode);
+        assert!(
+            !said.contains("delete_doc"),
+            "{mode}: the support agent was shown a tool its policy hides: {said}"
+        );
+        assert!(
+            !out.status.success(),
+            "{mode}: the compressed list should have been refused: {said}"
+        );
+    }
+    enforcer_tests::settle_logs();
+    let refused =
+        m.eb.log_lines()
+            .iter()
+            .filter(|l| {
+                l["message"] == "an MCP list answer could not be filtered; refused"
+                    && l["why"]
+                        .as_str()
+                        .is_some_and(|s| s.contains("content-encoding gzip"))
+            })
+            .count();
+    assert!(
+        refused >= 1,
+        "b's agent never said why it refused an answer"
+    );
+}
+
+#[test]
+fn request_bodies_policy_cannot_read_are_refused_not_decided_blind() {
+    // The failures: a JSON body that did not parse, or a compressed one,
+    // was decided as if it had no body. OPA-Envoy fails the check on such
+    // a body, so a policy written for it (`not input.parsed_body.priority
+    // == "urgent"`) was safe there and let both through here — to a server
+    // whose parser reads `NaN` (Python's) or that decompresses
+    // (Express's body-parser, tower-http's RequestDecompressionLayer).
+    // Now the first is refused 400, the second 415; neither reaches the
+    // server, and the connection serves the next request.
+    let (mut m, _policy) = l7_pair("l7-bodies");
+    m.tb.start_server_in(
+        &m.b,
+        Some("api.service"),
+        "api",
+        &["python3", "-u", &helper("http_echo.py"), "8002"],
+        8002,
+    )
+    .expect("HTTP server");
+    m.tb.start_server_in(
+        &m.b,
+        Some("mcp.service"),
+        "mcp",
+        &["python3", "-u", &helper("mcp_tools.py"), "8001"],
+        8001,
+    )
+    .expect("MCP server");
+    let client = format!(
+        r#"
+import gzip, http.client, json
+c = http.client.HTTPConnection("{b}", 8002, timeout=10)
+def post(path, body, **headers):
+    c.request("POST", path, body=body, headers=dict({{"content-type": "application/json"}}, **headers))
+    r = c.getresponse()
+    print(json.dumps({{"status": r.status, "body": r.read().decode(), "sock": id(c.sock)}}), flush=True)
+post("/orders", b'{{"priority": "low"}}')
+post("/orders", b'{{"priority": "urgent"}}')
+post("/orders", b'{{"priority": "urgent", "score": NaN}}')
+post("/orders", gzip.compress(b'{{"priority": "urgent"}}'), **{{"content-encoding": "gzip"}})
+c.request("GET", "/items/2")
+r = c.getresponse()
+print(json.dumps({{"status": r.status, "body": r.read().decode(), "sock": id(c.sock)}}), flush=True)
+m = http.client.HTTPConnection("{b}", 8001, timeout=10)
+call = {{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {{"name": "search_docs", "arguments": {{"query": "x"}}}}}}
+m.request("POST", "/mcp", body=gzip.compress(json.dumps(call).encode()),
+          headers={{"content-type": "application/json", "content-encoding": "gzip",
+                   "accept": "application/json, text/event-stream"}})
+r = m.getresponse()
+print(json.dumps({{"status": r.status, "body": r.read().decode(), "sock": 0}}), flush=True)
+"#,
+        b = m.b.ipv4
+    );
+    let (_, out) =
+        m.a.exec(Some("support-agent.service"), &["python3", "-c", &client])
+            .expect("client");
+    let r = json_lines(&out);
+    assert_eq!(r.len(), 6, "{}", String::from_utf8_lossy(&out.stderr));
+    let statuses: Vec<&Value> = r.iter().map(|x| &x["status"]).collect();
+    assert_eq!(statuses, [200, 403, 400, 415, 200, 415], "{r:?}");
+    assert!(
+        r[2]["body"]
+            .as_str()
+            .is_some_and(|b| b.contains("the JSON body does not parse")),
+        "{r:?}"
+    );
+    assert!(
+        r[3]["body"]
+            .as_str()
+            .is_some_and(|b| b.contains("content-encoding gzip")),
+        "{r:?}"
+    );
+    assert!(r[..5].iter().all(|x| x["sock"] == r[0]["sock"]), "{r:?}");
+    // Only the allowed requests reached the servers.
+    enforcer_tests::settle_logs();
+    let api = m.tb.server_log(&m.b, "api");
+    assert_eq!(api.matches("REQ POST /orders").count(), 1, "{api}");
+    let mcp = m.tb.server_log(&m.b, "mcp");
+    assert!(!mcp.contains("CALL"), "{mcp}");
 }

@@ -80,6 +80,11 @@ struct Setup {
 }
 
 fn setup() -> Setup {
+    setup_with(&[])
+}
+
+/// `setup`, the stand-in started with `server_args` too.
+fn setup_with(server_args: &[&str]) -> Setup {
     let (mut tb, a, b) = Testbed::linked_pair("llm").expect("two nodes");
     let dir = tb.dir.join("llm-policy");
     fs::create_dir_all(&dir).expect("policy dir");
@@ -89,25 +94,22 @@ fn setup() -> Setup {
     fs::write(dir.join("data.json"), data.to_string()).expect("data");
     let ca = tb.shared_ca("shared", TD).expect("CA");
     let server = format!("{}/scenario/llm_server.py", env!("CARGO_MANIFEST_DIR"));
-    tb.start_server_in(
-        &b,
-        Some("llm-api.service"),
-        "llm",
-        &[
-            "python3",
-            "-u",
-            &server,
-            &PORT.to_string(),
-            "--chunk-ms",
-            "5",
-            // The stream ends 300 ms after its [DONE]: a client that stops
-            // reading at [DONE] leaves before the agent sees the end.
-            "--linger-ms",
-            "300",
-        ],
-        PORT,
-    )
-    .expect("the LLM stand-in");
+    let port = PORT.to_string();
+    let mut cmd = vec![
+        "python3",
+        "-u",
+        &server,
+        &port,
+        "--chunk-ms",
+        "5",
+        // The stream ends 300 ms after its [DONE]: a client that stops
+        // reading at [DONE] leaves before the agent sees the end.
+        "--linger-ms",
+        "300",
+    ];
+    cmd.extend_from_slice(server_args);
+    tb.start_server_in(&b, Some("llm-api.service"), "llm", &cmd, PORT)
+        .expect("the LLM stand-in");
     let declared = Declared {
         ca: &ca,
         policy: &dir,
@@ -642,4 +644,84 @@ fn fields_policy_cannot_read_are_refused_not_passed_unseen() {
     // None of them reached the server.
     enforcer_tests::settle_logs();
     assert_eq!(server_log(&s).len(), seen_before, "{:?}", server_log(&s));
+}
+
+#[test]
+fn compressed_answers_are_metered_not_passed_unread() {
+    // The failure: the `openai` client accepts gzip, and a server that
+    // compresses (OpenAI's own API does; here the stand-in behind
+    // Starlette's GZipMiddleware) answered in gzip. The agent read the
+    // compressed bytes for `usage`, found none, and counted the completion
+    // as 0 tokens: the batch agent's budget was never spent. Now the agent
+    // asks for `identity` on every metered call, and an answer compressed
+    // anyway is refused (502), never passed unmetered.
+    let s = setup_with(&["--gzip"]);
+    let r = calls(
+        &s,
+        "batch-agent.service",
+        &[
+            json!({"op": "chat", "prompt": "count to 10", "stream": true, "include_usage": true}),
+            json!({"op": "chat", "prompt": "count to 40"}),
+            json!({"op": "chat", "prompt": "count to 2"}),
+        ],
+    );
+    for (i, x) in r.iter().enumerate() {
+        let n = [10, 40, 2][i];
+        assert_eq!(x["ok"], true, "call {i}: {x}");
+        assert_eq!(x["usage"]["completion_tokens"], n, "call {i}: {x}");
+        assert!(
+            x["text"]
+                .as_str()
+                .is_some_and(|t| t.ends_with(&n.to_string())),
+            "call {i}: {x}"
+        );
+    }
+    wait_for("the answers' usage lines", || {
+        usage_lines(&s)
+            .iter()
+            .filter(|u| u["source"] == BATCH && u["counted_by"] == "usage")
+            .count()
+            == 3
+    });
+    let metered: Vec<Value> = usage_lines(&s)
+        .iter()
+        .filter(|u| u["source"] == BATCH)
+        .map(|u| u["completion_tokens"].clone())
+        .collect();
+    assert_eq!(metered, [json!(10), json!(40), json!(2)]);
+    // 14 + 44 + 6 = 64 tokens of a budget of 60: spent.
+    let spent = call(
+        &s,
+        "batch-agent.service",
+        json!({"op": "chat", "prompt": "count to 2"}),
+    );
+    assert_eq!(spent["status"], 429, "{spent}");
+    // A server that compresses whatever it is asked (`x-force-gzip`): its
+    // answers, JSON and streamed, are refused, not passed unmetered.
+    let forced = calls(
+        &s,
+        "support-agent.service",
+        &[
+            json!({"op": "chat", "prompt": "count to 3", "headers": {"x-force-gzip": "1"}}),
+            json!({"op": "chat", "prompt": "count to 3", "stream": true,
+                   "headers": {"x-force-gzip": "1"}}),
+        ],
+    );
+    for (i, x) in forced.iter().enumerate() {
+        assert_eq!(x["ok"], false, "forced {i}: {x}");
+        assert_eq!(x["status"], 502, "forced {i}: {x}");
+        assert!(
+            x["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("content-encoding gzip")),
+            "forced {i}: {x}"
+        );
+    }
+    wait_for("the refused answers' usage lines", || {
+        usage_lines(&s)
+            .iter()
+            .filter(|u| u["source"] == SUPPORT && u["outcome"] == "refused_encoded")
+            .count()
+            == 2
+    });
 }

@@ -463,6 +463,24 @@ pub(super) fn is_json(ct: &str) -> bool {
     ct == "application/json" || ct.ends_with("+json")
 }
 
+/// A body's content coding other than `identity` (`gzip`, `br`, `gzip, br`…),
+/// as its `Content-Encoding` headers name it; `None` for a plain body.
+/// enforcer decodes none: a body it must read is read only when plain.
+pub(super) fn content_coding(headers: &HeaderMap) -> Option<String> {
+    let codings: Vec<String> = headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .flat_map(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .split(',')
+                .map(|c| c.trim().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        })
+        .filter(|c| !c.is_empty() && c != "identity")
+        .collect();
+    (!codings.is_empty()).then(|| codings.join(", "))
+}
+
 /// A request's hop-by-hop headers removed; `Expect` too (the body was read
 /// already, or streams now).
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
@@ -644,6 +662,25 @@ impl Session {
         verdict
     }
 
+    /// A request whose body policy cannot read, refused without a decision
+    /// (counted `bad_request`); the connection serves the next request.
+    fn refuse_unread(
+        &self,
+        status: StatusCode,
+        reason: String,
+        request_id: &str,
+    ) -> Response<Body> {
+        self.count("bad_request");
+        let error = match status {
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+            _ => "bad_request",
+        };
+        json_response(
+            status,
+            &json!({"error": error, "reason": reason, "request_id": request_id}),
+        )
+    }
+
     pub(super) fn count(&self, result: &'static str) {
         self.l7.metrics.http_request(
             self.route.protocol.as_str(),
@@ -689,6 +726,29 @@ impl Session {
                     .map(str::to_owned)
             })
             .unwrap_or_else(|| self.conn.server.to_string());
+        // A compressed body: what policy would read is not what the server
+        // decodes. Refused where the body is read — every body of an `mcp`,
+        // `llm` or `vectordb` destination, a JSON or form body of an `http`
+        // one (OPA-Envoy would fail to parse it too) — never decided unread.
+        if !body.seen.is_empty()
+            && let Some(coding) = content_coding(&parts.headers)
+        {
+            let ct = content_type(&parts.headers);
+            if self.route.protocol != Protocol::Http
+                || is_json(&ct)
+                || ct == "application/x-www-form-urlencoded"
+            {
+                warn!(
+                    request_id,
+                    coding, "compressed request body; refused (415) without a decision"
+                );
+                return self.refuse_unread(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    format!("request body with content-encoding {coding}: enforcer decides on the body it reads and does not decode it; send it uncompressed"),
+                    &request_id,
+                );
+            }
+        }
         let fields = request_fields(&self.conn, &parts, &body, &request_id, &authority);
 
         // The list answers of an `mcp` destination are filtered with the
@@ -736,6 +796,24 @@ impl Session {
         } else {
             // Another method at an `mcp` destination: its answer is still
             // filtered if it streams a list.
+            // As OPA-Envoy, which fails the check: a JSON body that does not
+            // parse is not decided as if it had none (a server's parser may
+            // read what enforcer's refuses, `NaN` for one).
+            if is_json(&content_type(&parts.headers))
+                && !body.truncated()
+                && !body.seen.is_empty()
+                && !fields.contains_key("parsed_body")
+            {
+                let e = serde_json::from_slice::<serde::de::IgnoredAny>(&body.seen)
+                    .err()
+                    .map_or_else(|| "not JSON".to_owned(), |e| e.to_string());
+                warn!(request_id, error = %e, "JSON request body that does not parse; refused (400) without a decision");
+                return self.refuse_unread(
+                    StatusCode::BAD_REQUEST,
+                    format!("the JSON body does not parse ({e}): it cannot be decided"),
+                    &request_id,
+                );
+            }
             let keep = (self.route.protocol == Protocol::Mcp).then(|| fields.clone());
             lists = mcp::Lists::none(keep.unwrap_or_default());
             let verdict = self.decide_input(&self.input(fields), &request_id).await;
@@ -757,6 +835,14 @@ impl Session {
 
         let method = parts.method.clone();
         let mut parts = parts;
+        if self.route.protocol == Protocol::Mcp || metered.is_some() {
+            // Answers read here (lists filtered, tokens metered) are asked
+            // for plain; one that comes compressed anyway is refused.
+            parts.headers.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+        }
         let body = match rewritten {
             // The client's request, changed (an LLM stream's usage asked for).
             Some(b) => {
@@ -944,6 +1030,27 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn content_codings_other_than_identity_are_named() {
+        let of = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(
+                    header::CONTENT_ENCODING,
+                    HeaderValue::from_str(v).expect("value"),
+                );
+            }
+            content_coding(&h)
+        };
+        assert_eq!(of(&[]), None);
+        assert_eq!(of(&["identity"]), None);
+        assert_eq!(of(&[" Identity , "]), None);
+        assert_eq!(of(&["gzip"]).as_deref(), Some("gzip"));
+        assert_eq!(of(&["GZIP"]).as_deref(), Some("gzip"));
+        assert_eq!(of(&["identity", "br"]).as_deref(), Some("br"));
+        assert_eq!(of(&["deflate, gzip"]).as_deref(), Some("deflate, gzip"));
+    }
 
     #[test]
     fn paths_and_queries_read_as_opa_envoy_reads_them() {

@@ -598,6 +598,27 @@ pub async fn account(
         call.finish(session, None, 0, None, "error_status");
         return Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
     }
+    // Asked for plain (`Accept-Encoding: identity`), compressed anyway: its
+    // usage cannot be read, so it is not passed on unmetered.
+    if let Some(coding) = super::http::content_coding(&parts.headers) {
+        warn!(
+            request_id = call.request_id,
+            coding, "a metered LLM answer came compressed although identity was asked for; refused"
+        );
+        let request_id = call.request_id.clone();
+        session.count("upstream_error");
+        call.finish(session, None, 0, None, "refused_encoded");
+        return openai_error(
+            StatusCode::BAD_GATEWAY,
+            &format!(
+                "the model's answer came with content-encoding {coding} although identity was \
+                 asked for: enforcer meters answers and does not decode them"
+            ),
+            "server_error",
+            "answer_not_meterable",
+            &[("request_id", &request_id)],
+        );
+    }
     if super::http::content_type(&parts.headers) == "text/event-stream" {
         parts.headers.remove(header::CONTENT_LENGTH);
         let metered = Metered {

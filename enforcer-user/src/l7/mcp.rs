@@ -552,6 +552,27 @@ pub async fn filter_response(
     request_id: &str,
 ) -> Response<Body> {
     let ct = super::http::content_type(&parts.headers);
+    let refuse = |why: String| {
+        warn!(
+            request_id,
+            why, "an MCP list answer could not be filtered; refused"
+        );
+        session.count("upstream_error");
+        json_response(
+            StatusCode::BAD_GATEWAY,
+            &json!({"error": "bad_gateway", "reason": why, "request_id": request_id}),
+        )
+    };
+    // Asked for plain (`Accept-Encoding: identity`), compressed anyway: an
+    // answer that is read here — a stream, a list — cannot be.
+    if let Some(coding) = super::http::content_coding(&parts.headers)
+        && (ct == "text/event-stream" || !lists.ids.is_empty())
+    {
+        return refuse(format!(
+            "the server answered with content-encoding {coding} although identity was asked for: \
+             enforcer reads MCP answers to filter them and does not decode them"
+        ));
+    }
     if ct == "text/event-stream" {
         parts.headers.remove(header::CONTENT_LENGTH);
         let lists = Arc::new(lists);
@@ -596,17 +617,6 @@ pub async fn filter_response(
     if lists.ids.is_empty() {
         return Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
     }
-    let refuse = |why: String| {
-        warn!(
-            request_id,
-            why, "an MCP list answer could not be filtered; refused"
-        );
-        session.count("upstream_error");
-        json_response(
-            StatusCode::BAD_GATEWAY,
-            &json!({"error": "bad_gateway", "reason": why, "request_id": request_id}),
-        )
-    };
     let bytes = match Limited::new(body, MAX_LIST_ANSWER).collect().await {
         Ok(c) => c.to_bytes(),
         Err(e) => return refuse(format!("reading the list answer: {e}")),
