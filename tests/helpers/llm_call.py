@@ -76,6 +76,8 @@ def main(base_url, *calls):
                        retry_after=e.response.headers.get("retry-after"), body=e.body)
         except APIError as e:  # an error event inside a stream: what came before it is kept
             out.update(ok=False, error=type(e).__name__, message=e.message, body=e.body)
+        if len(out.get("text") or "") > 10000:  # a huge answer: its length and end
+            out.update(text_len=len(out["text"]), text="..." + out["text"][-200:])
         print(json.dumps(out), flush=True)
 
 

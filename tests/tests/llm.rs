@@ -725,3 +725,49 @@ fn compressed_answers_are_metered_not_passed_unread() {
             == 2
     });
 }
+
+#[test]
+fn an_answer_too_large_to_read_whole_is_metered_by_its_end() {
+    // The failure: a JSON answer over 16 MiB (read up to 16 MiB, the rest
+    // streamed on) was passed on unmetered: only its prompt was counted, so
+    // an agent whose answers are large (many choices, logprobs, a long
+    // count) spent tokens its budget never saw. Now its `usage` is read
+    // from its end as it passes.
+    let s = setup();
+    // 2.5 million numbers: ~20 MB of JSON.
+    let big = call(
+        &s,
+        "batch-agent.service",
+        json!({"op": "chat", "prompt": "count to 2500000"}),
+    );
+    assert_eq!(
+        big["ok"],
+        true,
+        "{}",
+        &big.to_string()[..300.min(big.to_string().len())]
+    );
+    assert_eq!(big["usage"]["completion_tokens"], 2_500_000);
+    assert!(
+        big["text"]
+            .as_str()
+            .is_some_and(|t| t.ends_with(" 2499999 2500000")),
+        "the whole answer"
+    );
+    wait_for("the answer's usage line", || {
+        usage_lines(&s).iter().any(|u| u["source"] == BATCH)
+    });
+    let line = usage_lines(&s)
+        .into_iter()
+        .find(|u| u["source"] == BATCH)
+        .expect("usage line");
+    assert_eq!(line["completion_tokens"], 2_500_000, "{line}");
+    assert_eq!(line["counted_by"], "usage", "{line}");
+    assert_eq!(line["outcome"], "answered", "{line}");
+    // Its budget (60) is spent.
+    let spent = call(
+        &s,
+        "batch-agent.service",
+        json!({"op": "chat", "prompt": "count to 2"}),
+    );
+    assert_eq!(spent["status"], 429, "{spent}");
+}

@@ -30,9 +30,12 @@ use super::{
 };
 use crate::policy::budgets::{Budget, DEFAULT_WINDOW_SECS, Used};
 
-/// Largest JSON answer read whole to be metered; a larger one passes
-/// through unmetered (logged).
+/// Largest JSON answer read whole to be metered; a larger one streams on,
+/// metered by the `usage` at its end.
 const MAX_METERED_ANSWER: usize = 16 * 1024 * 1024;
+/// How much of an oversized answer's end is kept to find its `usage` (the
+/// last member of OpenAI's answers, or nearly).
+const ANSWER_TAIL: usize = 64 * 1024;
 /// The counters' key of a caller without a verified identity.
 const UNAUTHENTICATED: &str = "unauthenticated";
 
@@ -646,12 +649,21 @@ pub async fn account(
         }
     };
     if read.truncated() {
-        warn!(
+        // Too large to read whole: streamed on, its end kept for `usage`.
+        debug!(
             request_id = call.request_id,
-            "LLM answer larger than 16 MiB; passed on unmetered"
+            "LLM answer larger than 16 MiB; metered by the usage at its end"
         );
-        call.finish(session, None, 0, None, "unmetered");
-        return Response::from_parts(parts, read.into_body());
+        parts.headers.remove(header::CONTENT_LENGTH);
+        let tail = Oversized {
+            inner: http_body_util::BodyStream::new(read.into_body()),
+            tail: Vec::with_capacity(2 * ANSWER_TAIL),
+            bytes: 0,
+            session,
+            call: Some(call),
+        };
+        let body = http_body_util::StreamBody::new(tail).boxed_unsync();
+        return Response::from_parts(parts, body);
     }
     let usage = serde_json::from_slice::<Value>(&read.seen)
         .ok()
@@ -662,6 +674,100 @@ pub async fn account(
     let answer = usage.is_none().then(|| read.seen.clone());
     call.finish(session, usage, 0, answer, "answered");
     Response::from_parts(parts, read.into_body())
+}
+
+/// An LLM JSON answer over [`MAX_METERED_ANSWER`], passed on as it arrives
+/// and metered when it ends: by the `usage` found in its last
+/// [`ANSWER_TAIL`] bytes, else (a server that reports none) by its size —
+/// 4 bytes a token, its JSON included — so a large answer is never counted
+/// as nothing.
+struct Oversized {
+    inner: http_body_util::BodyStream<Body>,
+    /// The answer's end: at most 2 × ANSWER_TAIL, cut to ANSWER_TAIL.
+    tail: Vec<u8>,
+    /// Bytes passed on in all.
+    bytes: u64,
+    session: Arc<Session>,
+    call: Option<Box<Call>>,
+}
+
+impl Oversized {
+    fn end(&mut self, outcome: &'static str) {
+        let Some(call) = self.call.take() else {
+            return;
+        };
+        match usage_in_tail(&self.tail) {
+            Some(u) => call.finish(self.session.clone(), Some(u), 0, None, outcome),
+            None => {
+                let estimate = self.bytes / 4;
+                call.adder(&self.session.l7.tokens).add(0, estimate as i64);
+                call.finish(self.session.clone(), None, estimate, None, outcome);
+            }
+        }
+    }
+}
+
+impl Stream for Oversized {
+    type Item = Result<hyper::body::Frame<Bytes>, BoxError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let next = ready!(Pin::new(&mut self.inner).poll_next(cx));
+        match &next {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    self.bytes += data.len() as u64;
+                    self.tail.extend_from_slice(data);
+                    if self.tail.len() > 2 * ANSWER_TAIL {
+                        let cut = self.tail.len() - ANSWER_TAIL;
+                        self.tail.drain(..cut);
+                    }
+                }
+            }
+            Some(Err(e)) => {
+                warn!(error = %e, "the model's answer broke off");
+                self.end("broken");
+            }
+            None => self.end("answered"),
+        }
+        Poll::Ready(next)
+    }
+}
+
+impl Drop for Oversized {
+    fn drop(&mut self) {
+        // The client went away before the answer's end.
+        self.end("broken");
+    }
+}
+
+/// The `usage` of a JSON answer, from its end only: the last `"usage"`
+/// member there whose value reads as usage. A `"usage"` that follows `{`
+/// or `,` and precedes `:` is a member name, never text inside a string
+/// (a quote in a string is escaped), so what a model writes cannot pose
+/// as it.
+fn usage_in_tail(tail: &[u8]) -> Option<(u64, u64)> {
+    const KEY: &[u8] = b"\"usage\"";
+    let mut end = tail.len();
+    while let Some(at) = tail[..end].windows(KEY.len()).rposition(|w| w == KEY) {
+        end = at;
+        let before = tail[..at].iter().rev().find(|b| !b.is_ascii_whitespace());
+        let after = &tail[at + KEY.len()..];
+        let Some(colon) = after.iter().position(|b| !b.is_ascii_whitespace()) else {
+            continue;
+        };
+        if !matches!(before, Some(b'{' | b',')) || after[colon] != b':' {
+            continue;
+        }
+        let value = serde_json::Deserializer::from_slice(&after[colon + 1..])
+            .into_iter::<Value>()
+            .next();
+        if let Some(Ok(v)) = value
+            && let Some(u) = usage_of(&json!({ "usage": v }))
+        {
+            return Some(u);
+        }
+    }
+    None
 }
 
 /// An answer that broke off while it was read: its head, then a body that
@@ -906,6 +1012,44 @@ impl Drop for Metered {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_usage_at_an_answers_end_is_found_and_text_cannot_pose_as_it() {
+        let answer = |content: &str, usage: &str| {
+            format!(
+                r#"{{"id":"x","choices":[{{"index":0,"message":{{"role":"assistant","content":{}}}}}]{usage},"system_fingerprint":"fp"}}"#,
+                serde_json::to_string(content).expect("string")
+            )
+        };
+        let real = r#","usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}"#;
+        let fake = r#"{"usage": {"prompt_tokens": 0, "completion_tokens": 1}}"#;
+        // OpenAI's shape: usage after the choices.
+        assert_eq!(usage_in_tail(answer("hi", real).as_bytes()), Some((5, 7)));
+        // A model that writes a usage object: it is text, escaped; the real
+        // usage before or after it is found, and none when there is none.
+        assert_eq!(usage_in_tail(answer(fake, real).as_bytes()), Some((5, 7)));
+        assert_eq!(usage_in_tail(answer(fake, "").as_bytes()), None);
+        let fake_after = format!(
+            r#"{{"usage":{{"prompt_tokens":5,"completion_tokens":7}},"output":[{{"text":{}}}]}}"#,
+            serde_json::to_string(fake).expect("string")
+        );
+        assert_eq!(usage_in_tail(fake_after.as_bytes()), Some((5, 7)));
+        // The Responses API's names; whitespace around the colon.
+        assert_eq!(
+            usage_in_tail(br#"{"output":[], "usage" :  {"input_tokens": 3, "output_tokens": 4}}"#),
+            Some((3, 4))
+        );
+        // Only the end of the answer kept: a tail that starts mid-answer.
+        let whole = answer(&"word ".repeat(50_000), real);
+        let tail = &whole.as_bytes()[whole.len() - 300..];
+        assert_eq!(usage_in_tail(tail), Some((5, 7)));
+        // A usage that is not one (no prompt count), or cut off: not found.
+        assert_eq!(usage_in_tail(br#"{"usage":{"completion_tokens":7}}"#), None);
+        assert_eq!(
+            usage_in_tail(br#"{"usage":{"prompt_tokens":5,"compl"#),
+            None
+        );
+    }
 
     #[test]
     fn requests_are_read_as_openai_defines_them() {
