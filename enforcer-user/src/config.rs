@@ -340,6 +340,10 @@ pub struct L7Config {
     /// body streams through with `truncated_body: true`.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: u64,
+    /// How a request's path is normalized before policy sees it and the
+    /// server gets it (Istio's `pathNormalization`).
+    #[serde(default)]
+    pub path_normalization: PathNormalization,
     /// The destinations served at L7; the first that matches wins.
     #[serde(default)]
     pub destinations: Vec<L7Destination>,
@@ -349,6 +353,7 @@ impl Default for L7Config {
     fn default() -> Self {
         Self {
             max_body_bytes: default_max_body_bytes(),
+            path_normalization: PathNormalization::default(),
             destinations: vec![],
         }
     }
@@ -356,6 +361,25 @@ impl Default for L7Config {
 
 fn default_max_body_bytes() -> u64 {
     1024 * 1024
+}
+
+/// How request paths are normalized at L7 destinations, named as Istio's
+/// `meshConfig.pathNormalization` options are. The path policy sees is the
+/// path the server gets.
+#[derive(Debug, Clone, Copy, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PathNormalization {
+    /// As sent.
+    None,
+    /// RFC 3986 §6.2.2: percent-encoded unreserved characters decoded, the
+    /// other escapes upper-cased, dot segments (also encoded ones) removed.
+    Base,
+    /// `base`, and runs of slashes merged into one (the default: Flask and
+    /// nginx read `//admin` as `/admin`).
+    #[default]
+    MergeSlashes,
+    /// `merge_slashes`, after `%2F` and `%5C` are decoded to `/`.
+    DecodeAndMergeSlashes,
 }
 
 /// One `[[l7.destinations]]`: which destinations, and how their requests
@@ -376,6 +400,9 @@ pub struct L7Destination {
     /// Overrides `l7.max_body_bytes` for these destinations.
     #[serde(default)]
     pub max_body_bytes: Option<u64>,
+    /// Overrides `l7.path_normalization` for these destinations.
+    #[serde(default)]
+    pub path_normalization: Option<PathNormalization>,
 }
 
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
@@ -1537,7 +1564,7 @@ mod tests {
     #[test]
     fn l7_destinations_are_checked_naming_the_key() {
         let ok = parse(&format!(
-            "{MIN}[l7]\nmax_body_bytes = 4096\n[[l7.destinations]]\nports = [8001]\nspiffe_id = \"spiffe://td/mcp\"\nprotocol = \"mcp\"\n[[l7.destinations]]\nselectors = [\"systemd:unit:api.service\"]\nprotocol = \"http\"\nmax_body_bytes = 10\n"
+            "{MIN}[l7]\nmax_body_bytes = 4096\npath_normalization = \"base\"\n[[l7.destinations]]\nports = [8001]\nspiffe_id = \"spiffe://td/mcp\"\nprotocol = \"mcp\"\n[[l7.destinations]]\nselectors = [\"systemd:unit:api.service\"]\nprotocol = \"http\"\nmax_body_bytes = 10\npath_normalization = \"none\"\n"
         ))
         .expect("valid");
         let routes = crate::l7::Routes::from_config(&ok, Path::new("t")).expect("routes");
@@ -1554,6 +1581,16 @@ mod tests {
             .find(9, None, &["systemd:unit:api.service".to_owned()])
             .expect("http route");
         assert_eq!(http.max_body_bytes, 10);
+        assert_eq!(mcp.path_normalization, PathNormalization::Base);
+        assert_eq!(http.path_normalization, PathNormalization::None);
+        let default = parse(&format!(
+            "{MIN}[[l7.destinations]]\nports = [8001]\nprotocol = \"http\"\n"
+        ))
+        .expect("valid");
+        assert_eq!(
+            default.l7.path_normalization,
+            PathNormalization::MergeSlashes
+        );
         assert!(
             routes.find(8002, None, &[]).is_none(),
             "undeclared stays L4"
@@ -1593,6 +1630,11 @@ mod tests {
                 "[l7]\nmax_body_bytes = 999999999999\n",
                 "l7.max_body_bytes",
                 "outside",
+            ),
+            (
+                "[l7]\npath_normalization = \"decode\"\n",
+                "path_normalization",
+                "merge_slashes",
             ),
             (
                 "[[l7.destinations]]\nports = [80]\nprotocol = \"grpc\"\n",

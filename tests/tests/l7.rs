@@ -133,6 +133,17 @@ fn l7_pair(test: &str) -> (Pair, PathBuf) {
     (pair, dir)
 }
 
+/// Runs the Python `script` as the support agent on a; its JSON lines,
+/// `n` of them.
+fn support_client(m: &Pair, script: &str, n: usize) -> Vec<Value> {
+    let (_, out) =
+        m.a.exec(Some("support-agent.service"), &["python3", "-c", script])
+            .expect("client");
+    let r = json_lines(&out);
+    assert_eq!(r.len(), n, "{}", String::from_utf8_lossy(&out.stderr));
+    r
+}
+
 fn json_out(out: &std::process::Output) -> Value {
     let text = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(text.trim()).unwrap_or_else(|e| {
@@ -1102,11 +1113,7 @@ print(json.dumps({{"status": r.status, "body": r.read().decode(), "sock": 0}}), 
 "#,
         b = m.b.ipv4
     );
-    let (_, out) =
-        m.a.exec(Some("support-agent.service"), &["python3", "-c", &client])
-            .expect("client");
-    let r = json_lines(&out);
-    assert_eq!(r.len(), 6, "{}", String::from_utf8_lossy(&out.stderr));
+    let r = support_client(&m, &client, 6);
     let statuses: Vec<&Value> = r.iter().map(|x| &x["status"]).collect();
     assert_eq!(statuses, [200, 403, 400, 415, 200, 415], "{r:?}");
     assert!(
@@ -1128,4 +1135,69 @@ print(json.dumps({{"status": r.status, "body": r.read().decode(), "sock": 0}}), 
     assert_eq!(api.matches("REQ POST /orders").count(), 1, "{api}");
     let mcp = m.tb.server_log(&m.b, "mcp");
     assert!(!mcp.contains("CALL"), "{mcp}");
+}
+
+#[test]
+fn paths_are_decided_as_the_server_reads_them() {
+    // The failure: policy read the path as sent, the server as it decodes
+    // it. `/%62locked/x`, `/public/%2e%2e/blocked/x` and `//blocked/x` were
+    // not under the policy's blocked prefix `/blocked`, and reached a
+    // server (hypercorn here: it decodes `%62`) that served `/blocked/x`.
+    // Now the path is normalized (RFC 3986, slashes merged, as Istio's
+    // pathNormalization) before the decision, and the server gets that
+    // path.
+    let (mut m, _policy) = l7_pair("l7-paths");
+    m.tb.start_server_in(
+        &m.b,
+        Some("api.service"),
+        "asgi",
+        &["python3", "-u", &helper("asgi_echo.py"), "8004"],
+        8004,
+    )
+    .expect("HTTP server (hypercorn)");
+    let client = format!(
+        r#"
+import http.client, json
+c = http.client.HTTPConnection("{b}", 8004, timeout=10)
+for path in ["/%62locked/x", "/public/%2e%2e/blocked/x", "//blocked/x", "/public/./docs/../items%7e",
+             "/a{{b}}"]:
+    c.request("GET", path)
+    r = c.getresponse()
+    print(json.dumps({{"path": path, "status": r.status, "body": r.read().decode()}}), flush=True)
+"#,
+        b = m.b.ipv4
+    );
+    let r = support_client(&m, &client, 5);
+    for x in &r[..3] {
+        assert_eq!(x["status"], 403, "{x}");
+        assert!(
+            x["body"]
+                .as_str()
+                .is_some_and(|b| b.contains("blocked path")),
+            "{x}"
+        );
+    }
+    // Allowed, and the server got the path policy saw.
+    assert_eq!(r[3]["status"], 200, "{}", r[3]);
+    let served: Value = serde_json::from_str(r[3]["body"].as_str().unwrap_or("")).expect("JSON");
+    assert_eq!(served["path"], "/public/items~", "{served}");
+    // Not a path: refused, not guessed at.
+    assert_eq!(r[4]["status"], 400, "{}", r[4]);
+    assert!(
+        r[4]["body"]
+            .as_str()
+            .is_some_and(|b| b.contains("not an RFC 3986 path")),
+        "{}",
+        r[4]
+    );
+    enforcer_tests::settle_logs();
+    let log = m.tb.server_log(&m.b, "asgi");
+    assert!(!log.contains("/blocked"), "{log}");
+    // The decision lines name the normalized path.
+    let audit = m.tb.audit(&m.b);
+    let denied = audit
+        .iter()
+        .filter(|l| l["input"]["attributes"]["request"]["http"]["path"] == "/blocked/x")
+        .count();
+    assert_eq!(denied, 3, "{audit:?}");
 }

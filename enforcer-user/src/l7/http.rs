@@ -463,6 +463,19 @@ pub(super) fn is_json(ct: &str) -> bool {
     ct == "application/json" || ct.ends_with("+json")
 }
 
+/// `uri` with its path replaced (its query kept).
+fn set_path(uri: &mut http::Uri, path: String) -> Result<(), String> {
+    let pq = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let mut up = std::mem::take(uri).into_parts();
+    up.path_and_query =
+        Some(http::uri::PathAndQuery::try_from(pq).map_err(|e| format!("normalized path: {e}"))?);
+    *uri = http::Uri::from_parts(up).map_err(|e| format!("normalized path: {e}"))?;
+    Ok(())
+}
+
 /// A body's content coding other than `identity` (`gzip`, `br`, `gzip, br`…),
 /// as its `Content-Encoding` headers name it; `None` for a plain body.
 /// enforcer decodes none: a body it must read is read only when plain.
@@ -705,7 +718,7 @@ impl Session {
         let upgrade = req.method() == Method::CONNECT
             || (req.version() <= Version::HTTP_11 && req.headers().contains_key(header::UPGRADE));
         let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         let body = match read_bounded(body, self.route.max_body_bytes).await {
             Ok(b) => b,
             Err(e) => {
@@ -726,6 +739,19 @@ impl Session {
                     .map(str::to_owned)
             })
             .unwrap_or_else(|| self.conn.server.to_string());
+        // The path policy reads is the path the server gets.
+        match super::path::normalize(parts.uri.path(), self.route.path_normalization) {
+            Ok(None) => {}
+            Ok(Some(p)) => {
+                if let Err(e) = set_path(&mut parts.uri, p) {
+                    return self.refuse_unread(StatusCode::BAD_REQUEST, e, &request_id);
+                }
+            }
+            Err(e) => {
+                warn!(request_id, path = parts.uri.path(), error = %e, "request path not normalizable; refused (400) without a decision");
+                return self.refuse_unread(StatusCode::BAD_REQUEST, e.to_string(), &request_id);
+            }
+        }
         // A compressed body: what policy would read is not what the server
         // decodes. Refused where the body is read — every body of an `mcp`,
         // `llm` or `vectordb` destination, a JSON or form body of an `http`
@@ -834,7 +860,6 @@ impl Session {
         }
 
         let method = parts.method.clone();
-        let mut parts = parts;
         if self.route.protocol == Protocol::Mcp || metered.is_some() {
             // Answers read here (lists filtered, tokens metered) are asked
             // for plain; one that comes compressed anyway is refused.

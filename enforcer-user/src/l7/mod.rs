@@ -9,6 +9,7 @@ pub mod http;
 pub mod io;
 pub mod llm;
 pub mod mcp;
+pub mod path;
 pub mod tokens;
 pub mod vectordb;
 
@@ -28,6 +29,7 @@ pub struct Route {
     pub selectors: Vec<String>,
     pub protocol: Protocol,
     pub max_body_bytes: usize,
+    pub path_normalization: crate::config::PathNormalization,
 }
 
 impl Route {
@@ -104,6 +106,7 @@ impl Routes {
                 selectors: d.selectors.clone(),
                 protocol: d.protocol,
                 max_body_bytes: max_body_bytes as usize,
+                path_normalization: d.path_normalization.unwrap_or(cfg.l7.path_normalization),
             });
         }
         Ok(Routes::new(routes))
@@ -211,6 +214,7 @@ mod tests {
             selectors: sel.iter().map(|s| s.to_string()).collect(),
             protocol,
             max_body_bytes: 1024,
+            path_normalization: crate::config::PathNormalization::default(),
         }
     }
 
