@@ -1,7 +1,8 @@
 """An HTTP server of the L7 tests served by hypercorn (PyPI): HTTP/1.1, h2c
 with prior knowledge, and WebSocket. Answers every HTTP request with JSON
-naming the HTTP version, method, path and body length it received, printing
-`REQ <version> <method> <path> <length>`; echoes WebSocket messages
+naming the HTTP version, method, path, Host (`host` header, else
+`:authority`) and body length it received, printing
+`REQ <version> <method> <path> <length> <host>`; echoes WebSocket messages
 (`echo: <text>`), printing `WS OPEN <path>` and `WS MSG <text>`.
 
 usage: asgi_echo.py PORT
@@ -30,9 +31,11 @@ async def app(scope, receive, send):
             n += len(m.get("body", b""))
             if not m.get("more_body"):
                 break
-        print("REQ %s %s %s %d" % (scope["http_version"], scope["method"], scope["path"], n), flush=True)
+        hosts = [v.decode() for k, v in scope["headers"] if k in (b"host", b":authority")]
+        host = ",".join(hosts) if hosts else None
+        print("REQ %s %s %s %d %s" % (scope["http_version"], scope["method"], scope["path"], n, host), flush=True)
         body = json.dumps({"http_version": scope["http_version"], "method": scope["method"],
-                           "path": scope["path"], "len": n}).encode()
+                           "path": scope["path"], "len": n, "host": host}).encode()
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode())]})

@@ -62,6 +62,8 @@ blocked if {
 	startswith(input.attributes.request.http.path, prefix)
 }
 
+blocked if startswith(input.attributes.request.http.host, "admin.")
+
 allow if {
 	input.attributes.request.http.method == "GET"
 	not blocked
@@ -1200,4 +1202,99 @@ for path in ["/%62locked/x", "/public/%2e%2e/blocked/x", "//blocked/x", "/public
         .filter(|l| l["input"]["attributes"]["request"]["http"]["path"] == "/blocked/x")
         .count();
     assert_eq!(denied, 3, "{audit:?}");
+}
+
+#[test]
+fn the_host_decided_is_the_host_the_server_gets() {
+    // The failure: policy read the request's target authority, the server
+    // its Host header. `GET http://public.example/x` with `Host:
+    // admin.example` was decided as public.example and served by the
+    // server as admin.example (a virtual host the policy blocks); an HTTP/2
+    // request's `host` header went to the server beside its `:authority`.
+    // Now the server gets one Host, the one decided; two Host headers, or
+    // an HTTP/2 host that differs from :authority, are refused 400.
+    let (mut m, _policy) = l7_pair("l7-host");
+    m.tb.start_server_in(
+        &m.b,
+        Some("api.service"),
+        "asgi",
+        &["python3", "-u", &helper("asgi_echo.py"), "8004"],
+        8004,
+    )
+    .expect("HTTP server (hypercorn)");
+    let client = format!(
+        r#"
+import json, socket
+import h2.config, h2.connection
+
+def h1(head):
+    s = socket.create_connection(("{b}", 8004), timeout=10)
+    s.sendall(head.encode())
+    buf = b""
+    while b"\r\n\r\n" not in buf or len(buf.split(b"\r\n\r\n", 1)[1]) < int(
+            ([l.split(b":")[1] for l in buf.split(b"\r\n") if l.lower().startswith(b"content-length:")] or [b"0"])[0]):
+        d = s.recv(65536)
+        if not d:
+            break
+        buf += d
+    s.close()
+    status = int(buf.split(b" ", 2)[1]) if buf else 0
+    print(json.dumps({{"status": status, "body": buf.split(b"\r\n\r\n", 1)[-1].decode()}}), flush=True)
+
+h1("GET http://public.example/x HTTP/1.1\r\nHost: admin.example\r\n\r\n")
+h1("GET /x HTTP/1.1\r\nHost: public.example\r\nHost: admin.example\r\n\r\n")
+h1("GET /x HTTP/1.1\r\nHost: admin.example\r\n\r\n")
+
+s = socket.create_connection(("{b}", 8004), timeout=10)
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, validate_outbound_headers=False))
+c.initiate_connection()
+c.send_headers(1, [(":method", "GET"), (":authority", "public.example"), (":scheme", "http"),
+                   (":path", "/x"), ("host", "admin.example")], end_stream=True)
+s.sendall(c.data_to_send())
+out, done = {{}}, False
+while not done:
+    d = s.recv(65536)
+    if not d:
+        break
+    for e in c.receive_data(d):
+        if isinstance(e, h2.events.ResponseReceived):
+            out["status"] = int(dict(e.headers)[b":status"])
+        elif isinstance(e, h2.events.DataReceived):
+            out["body"] = out.get("body", "") + e.data.decode()
+            c.acknowledge_received_data(len(e.data), e.stream_id)
+        elif isinstance(e, (h2.events.StreamEnded, h2.events.StreamReset)):
+            done = True
+    s.sendall(c.data_to_send())
+print(json.dumps(out), flush=True)
+"#,
+        b = m.b.ipv4
+    );
+    let r = support_client(&m, &client, 4);
+    // Allowed as public.example, and served as public.example.
+    assert_eq!(r[0]["status"], 200, "{}", r[0]);
+    let served: Value = serde_json::from_str(r[0]["body"].as_str().unwrap_or("")).expect("JSON");
+    assert_eq!(served["host"], "public.example", "{served}");
+    // Two Host headers: refused.
+    assert_eq!(r[1]["status"], 400, "{}", r[1]);
+    assert!(
+        r[1]["body"]
+            .as_str()
+            .is_some_and(|b| b.contains("more than one Host")),
+        "{}",
+        r[1]
+    );
+    // The policy's own rule on hosts holds.
+    assert_eq!(r[2]["status"], 403, "{}", r[2]);
+    // HTTP/2: host and :authority differ: refused.
+    assert_eq!(r[3]["status"], 400, "{}", r[3]);
+    assert!(
+        r[3]["body"]
+            .as_str()
+            .is_some_and(|b| b.contains("differs from :authority")),
+        "{}",
+        r[3]
+    );
+    enforcer_tests::settle_logs();
+    let log = m.tb.server_log(&m.b, "asgi");
+    assert!(!log.contains("admin.example"), "{log}");
 }

@@ -463,6 +463,46 @@ pub(super) fn is_json(ct: &str) -> bool {
     ct == "application/json" || ct.ends_with("+json")
 }
 
+/// The request's authority, as its server will read it: the target's
+/// (absolute-form, or HTTP/2's `:authority`), else its one `Host`, else the
+/// server's address. `Err` for what servers read differently: several
+/// `Host` headers or an invalid one (RFC 9112 §3.2: 400), an HTTP/2
+/// `host` that differs from `:authority` (RFC 9113 §8.3.1).
+fn request_authority(parts: &Parts, server: std::net::SocketAddr) -> Result<String, String> {
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err("more than one Host header".into());
+    }
+    let host = match host {
+        Some(h) => Some(
+            h.to_str()
+                .ok()
+                .and_then(|s| s.parse::<http::uri::Authority>().ok())
+                .filter(|a| !a.as_str().contains('@'))
+                .ok_or_else(|| format!("invalid Host header {:?}", header_text(h)))?,
+        ),
+        None => None,
+    };
+    match (parts.uri.authority(), host) {
+        (Some(target), Some(host))
+            if parts.version == Version::HTTP_2
+                && !target.as_str().eq_ignore_ascii_case(host.as_str()) =>
+        {
+            Err(format!(
+                "the host header ({host}) differs from :authority ({target})"
+            ))
+        }
+        // Without userinfo, which a Host never carries.
+        (Some(target), _) => Ok(match target.port() {
+            Some(p) => format!("{}:{p}", target.host()),
+            None => target.host().to_owned(),
+        }),
+        (None, Some(host)) => Ok(host.as_str().to_owned()),
+        (None, None) => Ok(server.to_string()),
+    }
+}
+
 /// `uri` with its path replaced (its query kept).
 fn set_path(uri: &mut http::Uri, path: String) -> Result<(), String> {
     let pq = match uri.query() {
@@ -727,18 +767,25 @@ impl Session {
                 return bad_request(&format!("malformed body: {e}"));
             }
         };
-        let authority = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .or_else(|| {
-                parts
-                    .headers
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_owned)
-            })
-            .unwrap_or_else(|| self.conn.server.to_string());
+        // The authority policy reads is the one the server gets.
+        let authority = match request_authority(&parts, self.conn.server) {
+            Ok(a) => a,
+            Err(why) => {
+                warn!(
+                    request_id,
+                    why, "request authority ambiguous; refused (400) without a decision"
+                );
+                return self.refuse_unread(StatusCode::BAD_REQUEST, why, &request_id);
+            }
+        };
+        if parts.version == Version::HTTP_2 {
+            // Carried by :authority alone (set from `authority` when sent).
+            parts.headers.remove(header::HOST);
+        } else if let Ok(v) = HeaderValue::from_str(&authority) {
+            // One Host, the decided one (an absolute-form target's
+            // authority wins over a differing Host, RFC 9112 §3.2.2).
+            parts.headers.insert(header::HOST, v);
+        }
         // The path policy reads is the path the server gets.
         match super::path::normalize(parts.uri.path(), self.route.path_normalization) {
             Ok(None) => {}
@@ -1055,6 +1102,60 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_authority_is_the_one_the_server_reads() {
+        let server: std::net::SocketAddr = "10.0.0.2:8004".parse().expect("addr");
+        let of = |uri: &str, version: Version, hosts: &[&str]| {
+            let mut req = Request::builder().uri(uri).version(version);
+            for h in hosts {
+                req = req.header(header::HOST, *h);
+            }
+            let (parts, ()) = req.body(()).expect("request").into_parts();
+            request_authority(&parts, server)
+        };
+        let h1 = Version::HTTP_11;
+        let h2 = Version::HTTP_2;
+        assert_eq!(of("/x", h1, &["api.example"]).as_deref(), Ok("api.example"));
+        assert_eq!(of("/x", h1, &[]).as_deref(), Ok("10.0.0.2:8004"));
+        // Absolute-form: the target's authority, whatever Host says;
+        // userinfo dropped.
+        assert_eq!(
+            of("http://public.example/x", h1, &["admin.example"]).as_deref(),
+            Ok("public.example")
+        );
+        assert_eq!(
+            of("http://u:p@public.example:81/x", h1, &[]).as_deref(),
+            Ok("public.example:81")
+        );
+        assert_eq!(of("http://[::1]:81/x", h1, &[]).as_deref(), Ok("[::1]:81"));
+        // HTTP/2: :authority, and a host that agrees with it (any case).
+        assert_eq!(
+            of("http://Public.example/x", h2, &["public.EXAMPLE"]).as_deref(),
+            Ok("Public.example")
+        );
+        assert_eq!(of("/x", h2, &["api.example"]).as_deref(), Ok("api.example"));
+        // What servers would read differently.
+        for (uri, version, hosts, says) in [
+            (
+                "/x",
+                h1,
+                &["a.example", "b.example"][..],
+                "more than one Host",
+            ),
+            ("/x", h1, &["a b"][..], "invalid Host"),
+            ("/x", h1, &["user@a.example"][..], "invalid Host"),
+            (
+                "http://a.example/x",
+                h2,
+                &["b.example"][..],
+                "differs from :authority",
+            ),
+        ] {
+            let err = of(uri, version, hosts).expect_err(uri);
+            assert!(err.contains(says), "{uri} {hosts:?}: {err}");
+        }
+    }
 
     #[test]
     fn content_codings_other_than_identity_are_named() {
