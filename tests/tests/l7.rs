@@ -135,6 +135,18 @@ fn l7_pair(test: &str) -> (Pair, PathBuf) {
     (pair, dir)
 }
 
+/// Starts hypercorn (`asgi_echo.py`, server log "asgi") on b's 8004.
+fn start_asgi(m: &mut Pair) {
+    m.tb.start_server_in(
+        &m.b,
+        Some("api.service"),
+        "asgi",
+        &["python3", "-u", &helper("asgi_echo.py"), "8004"],
+        8004,
+    )
+    .expect("hypercorn server (pip install hypercorn: cargo xtask setup)");
+}
+
 /// Runs the Python `script` as the support agent on a; its JSON lines,
 /// `n` of them.
 fn support_client(m: &Pair, script: &str, n: usize) -> Vec<Value> {
@@ -741,14 +753,7 @@ fn h2c_websocket_connect_and_pipelined_requests_are_decided_one_by_one() {
         8002,
     )
     .expect("HTTP/1.1 server");
-    m.tb.start_server_in(
-        &m.b,
-        Some("api.service"),
-        "asgi",
-        &["python3", "-u", &helper("asgi_echo.py"), "8004"],
-        8004,
-    )
-    .expect("hypercorn server (pip install hypercorn: cargo xtask setup)");
+    start_asgi(&mut m);
     let b = m.b.ipv4.to_string();
 
     // Pipelining: three requests in one write; each is decided in order and
@@ -1149,14 +1154,7 @@ fn paths_are_decided_as_the_server_reads_them() {
     // pathNormalization) before the decision, and the server gets that
     // path.
     let (mut m, _policy) = l7_pair("l7-paths");
-    m.tb.start_server_in(
-        &m.b,
-        Some("api.service"),
-        "asgi",
-        &["python3", "-u", &helper("asgi_echo.py"), "8004"],
-        8004,
-    )
-    .expect("HTTP server (hypercorn)");
+    start_asgi(&mut m);
     let client = format!(
         r#"
 import http.client, json
@@ -1214,14 +1212,7 @@ fn the_host_decided_is_the_host_the_server_gets() {
     // Now the server gets one Host, the one decided; two Host headers, or
     // an HTTP/2 host that differs from :authority, are refused 400.
     let (mut m, _policy) = l7_pair("l7-host");
-    m.tb.start_server_in(
-        &m.b,
-        Some("api.service"),
-        "asgi",
-        &["python3", "-u", &helper("asgi_echo.py"), "8004"],
-        8004,
-    )
-    .expect("HTTP server (hypercorn)");
+    start_asgi(&mut m);
     let client = format!(
         r#"
 import json, socket
