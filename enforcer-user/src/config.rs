@@ -344,6 +344,10 @@ pub struct L7Config {
     /// server gets it (Istio's `pathNormalization`).
     #[serde(default)]
     pub path_normalization: PathNormalization,
+    /// The HTTP/1.1 upgrades (`Upgrade` protocol names) let through, then
+    /// tunnelled undecided; any other is taken off the request.
+    #[serde(default = "default_upgrades")]
+    pub upgrades: Vec<String>,
     /// The destinations served at L7; the first that matches wins.
     #[serde(default)]
     pub destinations: Vec<L7Destination>,
@@ -354,6 +358,7 @@ impl Default for L7Config {
         Self {
             max_body_bytes: default_max_body_bytes(),
             path_normalization: PathNormalization::default(),
+            upgrades: default_upgrades(),
             destinations: vec![],
         }
     }
@@ -361,6 +366,10 @@ impl Default for L7Config {
 
 fn default_max_body_bytes() -> u64 {
     1024 * 1024
+}
+
+fn default_upgrades() -> Vec<String> {
+    vec!["websocket".into()]
 }
 
 /// How request paths are normalized at L7 destinations, named as Istio's
@@ -1630,6 +1639,16 @@ mod tests {
                 "[l7]\nmax_body_bytes = 999999999999\n",
                 "l7.max_body_bytes",
                 "outside",
+            ),
+            (
+                "[l7]\nupgrades = [\"websocket\", \"h2c\"]\n",
+                "l7.upgrades",
+                "h2c",
+            ),
+            (
+                "[l7]\nupgrades = [\"web socket\"]\n",
+                "l7.upgrades",
+                "web socket",
             ),
             (
                 "[l7]\npath_normalization = \"decode\"\n",

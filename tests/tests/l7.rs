@@ -124,7 +124,7 @@ fn l7_pair(test: &str) -> (Pair, PathBuf) {
             (
                 String::new(),
                 format!(
-                    "{}\n{}\n{MESH}\n{policy}\n[l7]\nmax_body_bytes = 1024\n\n[[l7.destinations]]\nports = [8001, 8003]\nprotocol = \"mcp\"\n\n[[l7.destinations]]\nports = [8002, 8004, 8005]\nprotocol = \"http\"\n",
+                    "{}\n{}\n{MESH}\n{policy}\n[l7]\nmax_body_bytes = 1024\nupgrades = [\"websocket\", \"x-test\"]\n\n[[l7.destinations]]\nports = [8001, 8003]\nprotocol = \"mcp\"\n\n[[l7.destinations]]\nports = [8002, 8004, 8005]\nprotocol = \"http\"\n",
                     entry("spiffe://ai.example.org/mcp/docs", "systemd:unit:mcp.service"),
                     entry("spiffe://ai.example.org/api", "systemd:unit:api.service"),
                 ) + &entry(SUPPORT, "systemd:unit:local-agent.service"),
@@ -1288,4 +1288,65 @@ print(json.dumps(out), flush=True)
     enforcer_tests::settle_logs();
     let log = m.tb.server_log(&m.b, "asgi");
     assert!(!log.contains("admin.example"), "{log}");
+}
+
+#[test]
+fn an_h2c_upgrade_is_not_a_way_past_policy() {
+    // The failure: `Upgrade: h2c` on an allowed request was decided as
+    // that request and, once the server (hypercorn) answered 101, the
+    // connection was tunnelled: the client then spoke HTTP/2 to the server
+    // and its next requests (`/blocked/x` here) were never decided (the
+    // "h2c smuggling" of reverse proxies). Now only WebSocket upgrades pass;
+    // an h2c one is taken off the request, which is answered as HTTP/1.1.
+    let (mut m, _policy) = l7_pair("l7-h2c-up");
+    start_asgi(&mut m);
+    let client = format!(
+        r#"
+import base64, json, socket
+import h2.config, h2.connection, h2.events
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+settings = base64.urlsafe_b64encode(c.initiate_upgrade_connection()).rstrip(b"=").decode()
+s = socket.create_connection(("{b}", 8004), timeout=10)
+s.sendall(("GET /items/1 HTTP/1.1\r\nHost: api\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+           "Upgrade: h2c\r\nHTTP2-Settings: %s\r\n\r\n" % settings).encode())
+buf = b""
+while b"\r\n\r\n" not in buf:
+    d = s.recv(65536)
+    if not d:
+        break
+    buf += d
+head, rest = buf.split(b"\r\n\r\n", 1)
+status = int(head.split(b" ", 2)[1])
+print(json.dumps({{"status": status}}), flush=True)
+if status == 101:
+    # The tunnel: HTTP/2 to the server, past the agent.
+    c.send_headers(3, [(":method", "GET"), (":authority", "api"), (":scheme", "http"),
+                       (":path", "/blocked/x")], end_stream=True)
+    s.sendall(c.data_to_send())
+    got, events = None, c.receive_data(rest)
+    while got is None:
+        for e in events:
+            if isinstance(e, h2.events.ResponseReceived) and e.stream_id == 3:
+                got = int(dict(e.headers)[b":status"])
+        if got is None:
+            d = s.recv(65536)
+            if not d:
+                break
+            events = c.receive_data(d)
+    print(json.dumps({{"status": got, "smuggled": True}}), flush=True)
+else:
+    print(json.dumps({{"status": status, "smuggled": False}}), flush=True)
+"#,
+        b = m.b.ipv4
+    );
+    let r = support_client(&m, &client, 2);
+    assert_eq!(
+        r[0]["status"], 200,
+        "answered as HTTP/1.1, not upgraded: {r:?}"
+    );
+    assert_eq!(r[1]["smuggled"], false, "{r:?}");
+    enforcer_tests::settle_logs();
+    let log = m.tb.server_log(&m.b, "asgi");
+    assert!(log.contains("REQ 1.1 GET /items/1"), "{log}");
+    assert!(!log.contains("/blocked"), "{log}");
 }

@@ -463,6 +463,53 @@ pub(super) fn is_json(ct: &str) -> bool {
     ct == "application/json" || ct.ends_with("+json")
 }
 
+/// Takes every upgrade but those `allowed` (`l7.upgrades`: WebSocket) off a
+/// request. After an upgrade the connection is tunnelled, undecided; that
+/// is right for WebSocket (not HTTP), and a way past policy for `h2c`,
+/// which is HTTP again: a client that upgraded an allowed request spoke
+/// HTTP/2 to the server through the tunnel ("h2c smuggling"). The request
+/// is then answered as itself.
+fn only_allowed_upgrades(headers: &mut HeaderMap, allowed: &[String], request_id: &str) {
+    if !headers.contains_key(header::UPGRADE) {
+        return;
+    }
+    let offered: Vec<String> = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .flat_map(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .split(',')
+                .map(|t| t.trim().to_owned())
+                .collect::<Vec<_>>()
+        })
+        .filter(|t| !t.is_empty())
+        .collect();
+    let kept: Vec<&String> = offered
+        .iter()
+        .filter(|t| {
+            t.split('/')
+                .next()
+                .is_some_and(|p| allowed.iter().any(|a| p.eq_ignore_ascii_case(a)))
+        })
+        .collect();
+    if kept.len() == offered.len() {
+        return;
+    }
+    debug!(request_id, upgrade = ?offered, "upgrade not in l7.upgrades taken off the request");
+    headers.remove(header::UPGRADE);
+    headers.remove("http2-settings");
+    if !kept.is_empty() {
+        let joined = kept
+            .iter()
+            .map(|t| t.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        if let Ok(v) = HeaderValue::from_str(&joined) {
+            headers.insert(header::UPGRADE, v);
+        }
+    }
+}
+
 /// The request's authority, as its server will read it: the target's
 /// (absolute-form, or HTTP/2's `:authority`), else its one `Host`, else the
 /// server's address. `Err` for what servers read differently: several
@@ -755,6 +802,9 @@ impl Session {
         // Transfer-Encoding, its Content-Length dropped, and the connection
         // closed after the answer (RFC 9112 §6.3), so nothing that follows it
         // on the connection is ever read, let alone forwarded.
+        if req.version() <= Version::HTTP_11 {
+            only_allowed_upgrades(req.headers_mut(), &self.route.upgrades, &request_id);
+        }
         let upgrade = req.method() == Method::CONNECT
             || (req.version() <= Version::HTTP_11 && req.headers().contains_key(header::UPGRADE));
         let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -1102,6 +1152,33 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_allowed_upgrades_are_kept() {
+        let allowed = ["websocket".to_owned()];
+        let after = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::UPGRADE, HeaderValue::from_str(v).expect("value"));
+            }
+            h.insert(
+                "http2-settings",
+                HeaderValue::from_static("AAMAAABkAAQCAAAAAAIAAAAA"),
+            );
+            only_allowed_upgrades(&mut h, &allowed, "1.1");
+            let upgrade: Vec<String> = h.get_all(header::UPGRADE).iter().map(header_text).collect();
+            (upgrade, h.contains_key("http2-settings"))
+        };
+        assert_eq!(after(&["websocket"]), (vec!["websocket".to_owned()], true));
+        assert_eq!(after(&["WebSocket/13"]).0, ["WebSocket/13"]);
+        assert_eq!(after(&["h2c"]), (vec![], false));
+        assert_eq!(after(&["HTTP/2.0, TLS/1.2"]).0, Vec::<String>::new());
+        assert_eq!(after(&["h2c, websocket"]).0, ["websocket"]);
+        assert_eq!(
+            after(&["h2c", "websocket"]),
+            (vec!["websocket".to_owned()], false)
+        );
+    }
 
     #[test]
     fn the_authority_is_the_one_the_server_reads() {

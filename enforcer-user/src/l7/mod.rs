@@ -30,6 +30,8 @@ pub struct Route {
     pub protocol: Protocol,
     pub max_body_bytes: usize,
     pub path_normalization: crate::config::PathNormalization,
+    /// `l7.upgrades`, lower-cased.
+    pub upgrades: Arc<[String]>,
 }
 
 impl Route {
@@ -60,6 +62,29 @@ impl Routes {
                 format!("{} is outside 1..={MAX_BODY}", cfg.l7.max_body_bytes),
             ));
         }
+        for u in &cfg.l7.upgrades {
+            let name = u.split('/').next().unwrap_or("");
+            if name.is_empty() || !u.bytes().all(|b| b.is_ascii_graphic() && b != b',') {
+                return Err(invalid(
+                    "l7.upgrades".into(),
+                    format!("{u:?} is not an Upgrade protocol name"),
+                ));
+            }
+            if name.eq_ignore_ascii_case("h2c") || name.eq_ignore_ascii_case("http") {
+                return Err(invalid(
+                    "l7.upgrades".into(),
+                    format!(
+                        "{u:?} cannot be tunnelled: it is HTTP, whose requests are decided one by one"
+                    ),
+                ));
+            }
+        }
+        let upgrades: Arc<[String]> = cfg
+            .l7
+            .upgrades
+            .iter()
+            .map(|u| u.to_ascii_lowercase())
+            .collect();
         let mut routes = Vec::new();
         for (i, d) in cfg.l7.destinations.iter().enumerate() {
             let key = |k: &str| format!("l7.destinations[{i}].{k}");
@@ -107,6 +132,7 @@ impl Routes {
                 protocol: d.protocol,
                 max_body_bytes: max_body_bytes as usize,
                 path_normalization: d.path_normalization.unwrap_or(cfg.l7.path_normalization),
+                upgrades: upgrades.clone(),
             });
         }
         Ok(Routes::new(routes))
@@ -215,6 +241,7 @@ mod tests {
             protocol,
             max_body_bytes: 1024,
             path_normalization: crate::config::PathNormalization::default(),
+            upgrades: Arc::from(vec!["websocket".to_owned()]),
         }
     }
 
