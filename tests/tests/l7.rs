@@ -1350,3 +1350,52 @@ else:
     assert!(log.contains("REQ 1.1 GET /items/1"), "{log}");
     assert!(!log.contains("/blocked"), "{log}");
 }
+
+#[test]
+fn a_list_call_whose_id_the_server_rewrites_is_still_filtered() {
+    // The failure: list answers sent as JSON were matched to their calls by
+    // the id's JSON text. The TypeScript SDK's server (most MCP servers
+    // are built with it) reads an id of `1.0` or `2e0` as the number 1 or 2
+    // and answers with that: the answer matched no list call, and the
+    // support agent was shown delete_doc, which its policy hides. Now any
+    // answer to a POST that carried a list call is filtered by its shape.
+    let (mut m, _policy) = l7_pair("l7-mcp-ids");
+    let server = format!("{}/node/mcp_server.mjs", env!("CARGO_MANIFEST_DIR"));
+    m.tb.start_server_in(
+        &m.b,
+        Some("mcp.service"),
+        "mcp-ts",
+        &["node", &server, "8003", "json"],
+        8003,
+    )
+    .expect("the TypeScript SDK's MCP server (node; `cargo xtask setup` installs tests/node)");
+    // The bodies as sent (the ids' text matters).
+    let client = format!(
+        r#"
+import http.client, json
+call = '{{"jsonrpc": "2.0", "id": %s, "method": "tools/list"}}'
+for body in [call % "1", call % "1.0", call % "2e0", "[%s]" % (call % "1.0")]:
+    c = http.client.HTTPConnection("{b}", 8003, timeout=10)
+    c.request("POST", "/mcp", body=body.encode(),
+              headers={{"content-type": "application/json", "accept": "application/json, text/event-stream"}})
+    r = c.getresponse()
+    text = r.read().decode()
+    try:
+        v = json.loads(text)
+        tools = [sorted(t["name"] for t in a["result"]["tools"]) for a in (v if isinstance(v, list) else [v])]
+    except Exception as e:
+        tools = repr(e)
+    print(json.dumps({{"sent": body, "status": r.status, "tools": tools, "body": text[:300]}}), flush=True)
+"#,
+        b = m.b.ipv4
+    );
+    let r = support_client(&m, &client, 4);
+    for x in &r {
+        assert_eq!(x["status"], 200, "{x}");
+        assert_eq!(
+            x["tools"],
+            serde_json::json!([["search_docs"]]),
+            "the list must be filtered: {x}"
+        );
+    }
+}

@@ -99,6 +99,7 @@ pub fn run() -> anyhow::Result<()> {
     apt()?;
     bpf_linker()?;
     python()?;
+    node()?;
     eprintln!("==> setup: everything is installed");
     Ok(())
 }
@@ -248,6 +249,24 @@ fn python() -> anyhow::Result<()> {
             .args(&missing),
     )
     .context("installing Python packages")
+}
+
+/// The Node.js peers of the tests (tests/node: the official TypeScript MCP
+/// SDK), from the npm registry at the versions its lock file pins, with the
+/// machine's Node.js and npm.
+fn node() -> anyhow::Result<()> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/node");
+    let marker = format!("{dir}/node_modules/@modelcontextprotocol/sdk/package.json");
+    if std::path::Path::new(&marker).exists() {
+        return Ok(());
+    }
+    if !quiet_ok(Command::new("npm").arg("--version")) {
+        bail!(
+            "npm is missing: install Node.js 20 or later with npm (Debian: apt-get install nodejs npm)"
+        );
+    }
+    step(Command::new("npm").args(["ci", "--no-audit", "--no-fund", "--prefix", dir]))
+        .context("installing the tests' Node.js packages (tests/node)")
 }
 
 fn is_root() -> bool {

@@ -499,8 +499,10 @@ async fn filter_items(
 }
 
 /// Filters the list answers in one JSON-RPC message (or batch of them):
-/// those answering a list call of `lists`, and — `by_shape`, on a stream
-/// where the request is not known — any answer that holds a list.
+/// those answering a list call of `lists`, and — `by_shape`: on a stream,
+/// where the request is not known, and in the answer to a POST that made a
+/// list call, whose id the server may have rewritten — any answer that
+/// holds a list.
 async fn filter_message(
     session: &Session,
     msg: &mut Value,
@@ -625,7 +627,10 @@ pub async fn filter_response(
         Ok(v) => v,
         Err(e) => return refuse(format!("the list answer is not JSON: {e}")),
     };
-    filter_message(&session, &mut v, &lists, request_id, false).await;
+    // By shape too: a server may answer with the id as it read it (the
+    // TypeScript SDK answers `1.0` with `1`), so an id that matches no list
+    // call does not mean the answer holds no list.
+    filter_message(&session, &mut v, &lists, request_id, true).await;
     parts.headers.remove(header::CONTENT_LENGTH);
     Response::from_parts(parts, full(Bytes::from(v.to_string())))
 }
