@@ -1359,6 +1359,7 @@ fn a_list_call_whose_id_the_server_rewrites_is_still_filtered() {
     // and answers with that: the answer matched no list call, and the
     // support agent was shown delete_doc, which its policy hides. Now any
     // answer to a POST that carried a list call is filtered by its shape.
+    // Then the official Python client against that server, both eras.
     let (mut m, _policy) = l7_pair("l7-mcp-ids");
     let server = format!("{}/node/mcp_server.mjs", env!("CARGO_MANIFEST_DIR"));
     m.tb.start_server_in(
@@ -1398,4 +1399,51 @@ for body in [call % "1", call % "1.0", call % "2e0", "[%s]" % (call % "1.0")]:
             "the list must be filtered: {x}"
         );
     }
+    // The official Python client against the TypeScript server (SSE
+    // answers): the list filtered, calls decided by tool and arguments.
+    m.tb.start_server_in(
+        &m.b,
+        Some("mcp.service"),
+        "mcp-ts-sse",
+        &["node", &server, "8001"],
+        8001,
+    )
+    .expect("the TypeScript SDK's MCP server (SSE answers)");
+    let url = format!("http://{}:8001/mcp", m.b.ipv4);
+    for mode in ["auto", "legacy"] {
+        let v = mcp_call(
+            &m.a,
+            "support-agent.service",
+            mode,
+            &url,
+            &[
+                r#"search_docs={"query": "reset password"}"#.into(),
+                r#"search_docs={"query": "salaries", "collection": "hr"}"#.into(),
+                r#"delete_doc={"doc_id": "d1"}"#.into(),
+            ],
+        );
+        assert_eq!(
+            v["tools"],
+            serde_json::json!(["search_docs"]),
+            "{mode}: {v}"
+        );
+        let ok: Vec<&Value> = v["calls"]
+            .as_array()
+            .map(|c| c.iter().map(|c| &c["ok"]).collect())
+            .unwrap_or_default();
+        assert_eq!(ok, [true, false, false], "{mode}: {v}");
+        assert!(
+            v["calls"][2]["text"]
+                .as_str()
+                .is_some_and(|t| t.contains("this agent may not use that tool")),
+            "{mode}: {v}"
+        );
+    }
+    enforcer_tests::settle_logs();
+    let log = m.tb.server_log(&m.b, "mcp-ts-sse");
+    assert_eq!(log.matches("CALL search_docs").count(), 2, "{log}");
+    assert!(
+        !log.contains("CALL delete_doc") && !log.contains("\"hr\""),
+        "{log}"
+    );
 }
