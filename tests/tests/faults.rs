@@ -987,12 +987,24 @@ fn connects_refused_while_the_agent_is_down_leave_no_kernel_record() {
         &format!("http://{}:8080/", m.b.ipv4),
     );
     ea.connection_line(|v| v["orig_dst"] == format!("{}:8080", m.b.ipv4));
-    assert_records_drain(&ea, Duration::from_secs(5), "after the connection closed");
+    let pins = format!("/sys/fs/bpf/enforcer/v2/{}", m.tb.node_instance(&m.a));
+    assert_records_drain(
+        &ea,
+        &pins,
+        Duration::from_secs(5),
+        "after the connection closed",
+    );
 }
 
 /// Waits up to `within` for `agent`'s capture maps (both) to hold no record;
-/// fails with the count left, `when`.
-fn assert_records_drain(agent: &enforcer_tests::Enforcer, within: Duration, when: &str) {
+/// fails with the count left, `when`, and the records (bpftool's dump of
+/// the maps pinned under `pins`, the node's instance directory).
+fn assert_records_drain(
+    agent: &enforcer_tests::Enforcer,
+    pins: &str,
+    within: Duration,
+    when: &str,
+) {
     let deadline = Instant::now() + within;
     loop {
         let n = agent
@@ -1001,7 +1013,20 @@ fn assert_records_drain(agent: &enforcer_tests::Enforcer, within: Duration, when
         if n == 0.0 {
             return;
         }
-        assert!(Instant::now() < deadline, "{n} records left {when}");
+        if Instant::now() >= deadline {
+            let dump = |map: &str| {
+                std::process::Command::new("bpftool")
+                    .args(["map", "dump", "pinned", &format!("{pins}/maps/{map}")])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_else(|e| format!("bpftool: {e}"))
+            };
+            panic!(
+                "{n} records left {when}\nENF_BY_COOKIE: {}\nENF_BY_TUPLE: {}",
+                dump("ENF_BY_COOKIE"),
+                dump("ENF_BY_TUPLE")
+            );
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -1071,8 +1096,10 @@ fn connects_that_fail_after_their_record_leave_none() {
         pending > 0,
         "the backlog must overflow for this test to mean anything: {text}"
     );
+    let pins = format!("/sys/fs/bpf/enforcer/v2/{}", m.tb.node_instance(&m.a));
     assert_records_drain(
         &m.ea,
+        &pins,
         Duration::from_secs(30),
         &format!("30 s after every socket closed ({text})"),
     );
