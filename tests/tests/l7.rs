@@ -99,7 +99,24 @@ fn helper(name: &str) -> String {
 
 /// Nodes a and b; b declares 8001 and 8003 `mcp` and 8002 `http` (bodies
 /// seen up to 1 KiB); both run the test policy from one directory.
-fn l7_pair(test: &str) -> (Pair, PathBuf) {
+/// An l7 test's policy directory, removed when the test ends (passed or
+/// failed).
+struct PolicyDir(PathBuf);
+
+impl std::ops::Deref for PolicyDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for PolicyDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn l7_pair(test: &str) -> (Pair, PolicyDir) {
     let dir = std::env::temp_dir().join(format!("enforcer-{test}-policy-{}", std::process::id()));
     fs::create_dir_all(&dir).expect("policy dir");
     fs::write(dir.join("policy.rego"), POLICY).expect("policy");
@@ -132,7 +149,7 @@ fn l7_pair(test: &str) -> (Pair, PathBuf) {
         }
     })
     .expect("two nodes");
-    (pair, dir)
+    (pair, PolicyDir(dir))
 }
 
 /// Starts hypercorn (`asgi_echo.py`, server log "asgi") on b's 8004.
@@ -739,7 +756,6 @@ fn http_requests_are_decided_one_by_one_with_opa_envoy_input() {
         &[("protocol", "http"), ("result", "bad_request")],
         1.0,
     );
-    let _ = fs::remove_dir_all(&policy);
 }
 
 #[test]
