@@ -117,8 +117,10 @@ impl Drop for PolicyDir {
 }
 
 fn l7_pair(test: &str) -> (Pair, PolicyDir) {
-    let dir = std::env::temp_dir().join(format!("enforcer-{test}-policy-{}", std::process::id()));
-    fs::create_dir_all(&dir).expect("policy dir");
+    let dir = PolicyDir(
+        std::env::temp_dir().join(format!("enforcer-{test}-policy-{}", std::process::id())),
+    );
+    fs::create_dir_all(&*dir).expect("policy dir");
     fs::write(dir.join("policy.rego"), POLICY).expect("policy");
     fs::write(
         dir.join("data.json"),
@@ -149,7 +151,7 @@ fn l7_pair(test: &str) -> (Pair, PolicyDir) {
         }
     })
     .expect("two nodes");
-    (pair, PolicyDir(dir))
+    (pair, dir)
 }
 
 /// Starts hypercorn (`asgi_echo.py`, server log "asgi") on b's 8004.
