@@ -835,7 +835,9 @@ impl Metered {
         let Ok(mut v) = serde_json::from_str::<Value>(data) else {
             return Some(event);
         };
-        let mut text = String::new();
+        // Completion tokens in this event, each text counted on its own
+        // (the choices of one chunk are separate texts).
+        let mut n = 0u64;
         let mut usage = None;
         if self.responses {
             match v.get("type").and_then(Value::as_str) {
@@ -846,7 +848,7 @@ impl Metered {
                     | "response.reasoning_text.delta",
                 ) => {
                     if let Some(d) = v.get("delta").and_then(Value::as_str) {
-                        text.push_str(d);
+                        n += tokens::count(d);
                     }
                 }
                 Some("response.completed" | "response.incomplete" | "response.failed") => {
@@ -865,7 +867,7 @@ impl Metered {
                         "/text",
                     ] {
                         if let Some(s) = c.pointer(p).and_then(Value::as_str) {
-                            text.push_str(s);
+                            n += tokens::count(s);
                         }
                     }
                     if let Some(calls) = c.pointer("/delta/tool_calls").and_then(Value::as_array) {
@@ -873,7 +875,7 @@ impl Metered {
                             if let Some(s) =
                                 t.pointer("/function/arguments").and_then(Value::as_str)
                             {
-                                text.push_str(s);
+                                n += tokens::count(s);
                             }
                         }
                     }
@@ -894,15 +896,15 @@ impl Metered {
                     return None;
                 }
                 if o.remove("usage").is_some() {
-                    event.data = Some(Value::Object(o.clone()).to_string());
+                    // The chunk as parsed, written again (not a copy of it).
+                    event.data = Some(v.to_string());
                 }
             }
         }
         if usage.is_some() {
             self.usage = usage;
         }
-        if !text.is_empty() {
-            let n = tokens::count(&text);
+        if n > 0 {
             self.counted += n;
             self.adder.add(0, n as i64);
             if let Some(call) = &self.call
