@@ -810,10 +810,12 @@ fn serve_admin_apart(
         .name("admin".into())
         .spawn(move || {
             runtime.block_on(async move {
+                let st = state.clone();
                 tokio::spawn(crate::memory::upkeep(
                     state.metrics.clone(),
                     data_plane,
                     workers,
+                    move || st.ready.load(Ordering::Acquire),
                 ));
                 if let Some(l) = status {
                     match TcpListener::from_std(l) {

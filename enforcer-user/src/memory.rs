@@ -14,6 +14,13 @@
 //! runtime's workers so they have one, and a second later hands the freed
 //! pages back to the OS. bench/README.md "Memory after load" has what it
 //! gives.
+//!
+//! The agent's own executable counts in its RSS too: every page of code and
+//! read-only data it touched, at start above all (config, policy compiler,
+//! kernel programs' loading), stays mapped. [`release_code_pages`] drops
+//! them from the page tables a few seconds after the agent is ready and
+//! after each load: they stay in the page cache, and code that runs again
+//! faults its page back in (a minor fault, once).
 
 use std::cell::Cell;
 use std::ffi::CStr;
@@ -95,20 +102,34 @@ impl Watch {
     }
 }
 
+/// Seconds after the agent is ready before its start-up code pages are
+/// dropped from its RSS.
+pub const STARTUP_SETTLE_TICKS: u32 = 3;
+
 /// Watches the open connections once a second, for good; when a
 /// load has passed, has every thread flush its cache — waking the data
 /// plane's workers with a few empty tasks so each parks again — then hands
-/// the free pages of every arena back to the OS.
+/// the free pages of every arena back to the OS. Once the agent has been
+/// ready a few seconds, and after each load, drops its executable's pages
+/// from its RSS ([`release_code_pages`]).
 pub async fn upkeep(
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     data_plane: tokio::runtime::Handle,
     workers: usize,
+    ready: impl Fn() -> bool,
 ) {
     let mut watch = Watch::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ready_ticks = 0u32;
     loop {
         tick.tick().await;
+        if ready_ticks < STARTUP_SETTLE_TICKS && ready() {
+            ready_ticks += 1;
+            if ready_ticks == STARTUP_SETTLE_TICKS {
+                code_pages_released("start").await;
+            }
+        }
         if !watch.tick(metrics.open_connections()) {
             continue;
         }
@@ -122,12 +143,166 @@ pub async fn upkeep(
         let purged = ctl(c"arena.4096.purge");
         metrics.memory_releases.inc();
         tracing::debug!(release, purged, "memory released after a load");
+        code_pages_released("after a load").await;
     }
+}
+
+/// [`release_code_pages`] on the blocking pool (it reads /proc), logged.
+async fn code_pages_released(when: &'static str) {
+    match tokio::task::spawn_blocking(release_code_pages).await {
+        Ok(Ok(bytes)) => tracing::debug!(when, bytes, "executable pages dropped from RSS"),
+        Ok(Err(e)) => tracing::debug!(when, error = %e, "executable pages not dropped"),
+        Err(e) => tracing::debug!(when, error = %e, "executable pages not dropped"),
+    }
+}
+
+/// A read-only private mapping of the executable with no page of its own:
+/// (start, length, resident bytes).
+type Releasable = (usize, usize, u64);
+
+/// The mappings of `smaps` (the text of /proc/self/smaps) that are of the
+/// file with inode `exe_inode`, readable, not writable, private, and hold
+/// no anonymous page. Only such pages can be dropped and read back from the
+/// file unchanged: a mapping with anonymous pages (RELRO data, written
+/// before it was made read-only) would lose what was written.
+fn releasable(smaps: &str, exe_inode: u64) -> Vec<Releasable> {
+    let mut out = Vec::new();
+    // The current mapping, if it is of the executable and read-only private.
+    let mut current: Option<(usize, usize)> = None;
+    let mut rss = 0u64;
+    let mut anonymous = None::<u64>;
+    let mut flush = |current: &mut Option<(usize, usize)>, rss: u64, anonymous: Option<u64>| {
+        if let Some((start, len)) = current.take()
+            && anonymous == Some(0)
+            && rss > 0
+        {
+            out.push((start, len, rss));
+        }
+    };
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(first) = fields.next() else {
+            continue;
+        };
+        if let Some((a, b)) = first.split_once('-')
+            && let (Ok(start), Ok(end)) =
+                (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+        {
+            // A mapping's header: range perms offset dev inode [path].
+            flush(&mut current, rss, anonymous);
+            rss = 0;
+            anonymous = None;
+            let perms = fields.next().unwrap_or("");
+            let inode = fields.nth(2).and_then(|i| i.parse::<u64>().ok());
+            let p = perms.as_bytes();
+            if inode == Some(exe_inode)
+                && p.len() == 4
+                && p[0] == b'r'
+                && p[1] == b'-'
+                && p[3] == b'p'
+                && end > start
+            {
+                current = Some((start, end - start));
+            }
+            continue;
+        }
+        let kb = || fields.clone().next().and_then(|v| v.parse::<u64>().ok());
+        match first {
+            "Rss:" => rss = kb().unwrap_or(0) * 1024,
+            "Anonymous:" => anonymous = kb(),
+            _ => {}
+        }
+    }
+    flush(&mut current, rss, anonymous);
+    out
+}
+
+/// Drops the executable's read-only pages from this process's page tables
+/// (`MADV_DONTNEED` on its read-only private file mappings with no
+/// anonymous page); the resident bytes they held.
+pub fn release_code_pages() -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    let exe_inode = std::fs::metadata("/proc/self/exe")?.ino();
+    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
+    let mut bytes = 0;
+    for (start, len, rss) in releasable(&smaps, exe_inode) {
+        // SAFETY: [start, start + len) is a whole mapping of this process's
+        // executable, private, read-only and without anonymous pages (no
+        // byte of it was ever written): dropping its pages changes no
+        // content, a later access reads the same bytes from the file, which
+        // cannot change while it is mapped executable (ETXTBSY) and whose
+        // inode lives on if the file is replaced.
+        let rc = unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+        if rc == 0 {
+            bytes += rss;
+        }
+    }
+    Ok(bytes)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const SMAPS: &str = "\
+55d0c0000000-55d0c0100000 r--p 00000000 08:01 4242 /usr/local/bin/enforcer
+Size:               1024 kB
+Rss:                 800 kB
+Anonymous:             0 kB
+55d0c0100000-55d0c1000000 r-xp 00100000 08:01 4242 /usr/local/bin/enforcer
+Size:              15360 kB
+Rss:               12000 kB
+Anonymous:             0 kB
+55d0c1000000-55d0c1100000 r--p 01000000 08:01 4242 /usr/local/bin/enforcer
+Size:               1024 kB
+Rss:                1024 kB
+Anonymous:          1000 kB
+55d0c1100000-55d0c1110000 rw-p 01100000 08:01 4242 /usr/local/bin/enforcer
+Size:                 64 kB
+Rss:                  64 kB
+Anonymous:            64 kB
+7f0000000000-7f0000100000 r-xp 00000000 08:01 777 /usr/lib/x86_64-linux-gnu/libc.so.6
+Size:               1024 kB
+Rss:                 900 kB
+Anonymous:             0 kB
+7f0000200000-7f0000300000 r--p 00000000 00:00 0
+Size:               1024 kB
+Rss:                   0 kB
+Anonymous:             0 kB
+";
+
+    #[test]
+    fn only_the_executables_unwritten_read_only_mappings_are_released() {
+        let r = releasable(SMAPS, 4242);
+        assert_eq!(
+            r,
+            [
+                (0x55d0c0000000, 0x100000, 800 * 1024),
+                (0x55d0c0100000, 0xf00000, 12000 * 1024),
+            ],
+            "not the RELRO mapping (anonymous pages), not .data, not libc"
+        );
+        assert!(releasable(SMAPS, 1).is_empty());
+    }
+
+    #[test]
+    fn released_code_pages_leave_the_rss_and_the_code_runs_on() {
+        use std::os::unix::fs::MetadataExt as _;
+        let exe = std::fs::metadata("/proc/self/exe").expect("exe").ino();
+        let resident = || -> u64 {
+            let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
+            releasable(&smaps, exe).iter().map(|r| r.2).sum()
+        };
+        let before = resident();
+        assert!(before > 0, "this test's executable has resident pages");
+        let released = release_code_pages().expect("released");
+        assert!(released > 0);
+        let after = resident();
+        assert!(after < before, "resident {before} -> {after}");
+        // The code still runs: the pages come back from the file.
+        assert_eq!(releasable(SMAPS, 4242).len(), 2);
+        assert!(format!("{:?}", std::hint::black_box(vec![1, 2, 3])).contains('2'));
+    }
 
     #[test]
     fn a_release_comes_once_a_load_has_passed_and_stayed_down() {

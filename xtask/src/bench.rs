@@ -261,6 +261,14 @@ fn parse_wrk(out: &str) -> anyhow::Result<(f64, f64, f64)> {
     Ok((rate, pct("50%")?, pct("99%")?))
 }
 
+/// Waits until the agents, started moments ago, are idle as they stay:
+/// each drops its start-up code pages from its RSS 3 s after it is ready
+/// (`memory::STARTUP_SETTLE_TICKS`), so an idle figure read before that
+/// would count them.
+fn idle_settle() {
+    std::thread::sleep(Duration::from_secs(6));
+}
+
 fn rss_kb(pid: u32) -> anyhow::Result<u64> {
     status_kb(pid, "VmRSS")
 }
@@ -597,6 +605,7 @@ pub fn run(mode: Mode) -> anyhow::Result<()> {
         println!("written: {}", out.display());
         return Ok(());
     }
+    idle_settle();
     let rss_idle = rss_kb(ea.pid)?;
     // Its anonymous memory and the binary's pages it maps (code and
     // read-only data touched, shared with the page cache).
@@ -939,6 +948,7 @@ fn memory_after_load(
         .unwrap_or(MEMORY_SETTLE_SECS)
         .min(600);
     let settle = || std::thread::sleep(Duration::from_secs(settle_secs));
+    idle_settle();
     let idle = rss()?;
     alloc("idle", &mut allocs)?;
     let (rate, errors) = bench.connect_rate(Path_::Enforcer, 20)?;
