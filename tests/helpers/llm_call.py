@@ -41,7 +41,7 @@ def run(client, call, out):
             finally:
                 out.update(text="".join(text), chunks=chunks, chunks_with_usage_key=usage_keys)
         else:
-            out.update(text=r.choices[0].message.content, usage=r.usage.to_dict())
+            out.update(text=r.choices[0].message.content, usage=r.usage.to_dict() if r.usage else None)
     elif op == "completions":
         r = client.completions.create(model=model, prompt=prompt, **extra)
         out.update(text=r.choices[0].text, usage=r.usage.to_dict())

@@ -28,6 +28,7 @@ usage: llm_server.py PORT [--chunk-ms N] [--linger-ms N] [--stamp] [--gzip]
   API; the `openai` client accepts gzip); a request with `x-force-gzip: 1`
   is answered compressed whatever it accepts (a server that ignores
   Accept-Encoding).
+A request with `x-omit-usage: 1` is answered (JSON) without `usage`.
 """
 import asyncio
 import json
@@ -145,8 +146,10 @@ async def completions(request):
             choice = {"index": 0, "message": {"role": "assistant", "content": " ".join(out)}, "finish_reason": "stop"}
         else:
             choice = {"index": 0, "text": " ".join(out), "finish_reason": "stop", "logprobs": None}
-        return JSONResponse({"id": cid, "object": obj, "created": created, "model": model,
-                             "choices": [choice], "usage": usage})
+        answer = {"id": cid, "object": obj, "created": created, "model": model, "choices": [choice]}
+        if request.headers.get("x-omit-usage") != "1":  # a server that reports no usage
+            answer["usage"] = usage
+        return JSONResponse(answer)
 
     async def gen():
         chunk_obj = "chat.completion.chunk" if chat else "text_completion"

@@ -770,4 +770,24 @@ fn an_answer_too_large_to_read_whole_is_metered_by_its_end() {
         json!({"op": "chat", "prompt": "count to 2"}),
     );
     assert_eq!(spent["status"], 429, "{spent}");
+    // A server that reports no usage: the answer is counted by its size,
+    // 4 bytes a token, never as nothing.
+    let big = call(
+        &s,
+        "support-agent.service",
+        json!({"op": "chat", "prompt": "count to 2500000", "headers": {"x-omit-usage": "1"}}),
+    );
+    assert_eq!(big["ok"], true, "{big}");
+    assert_eq!(big["usage"], Value::Null, "{big}");
+    wait_for("the usage line of the answer without usage", || {
+        usage_lines(&s).iter().any(|u| u["source"] == SUPPORT)
+    });
+    let line = usage_lines(&s)
+        .into_iter()
+        .find(|u| u["source"] == SUPPORT)
+        .expect("usage line");
+    // ~20 MB of JSON: some 5 million at 4 bytes a token.
+    let counted = line["completion_tokens"].as_u64().unwrap_or(0);
+    assert!((4_000_000..7_000_000).contains(&counted), "{line}");
+    assert_eq!(line["counted_by"], "tokenizer", "{line}");
 }
