@@ -149,9 +149,12 @@ pub async fn upkeep(
 
 /// [`release_code_pages`] on the blocking pool (it reads /proc), logged.
 async fn code_pages_released(when: &'static str) {
-    match tokio::task::spawn_blocking(release_code_pages).await {
-        Ok(Ok(bytes)) => tracing::debug!(when, bytes, "executable pages dropped from RSS"),
-        Ok(Err(e)) => tracing::debug!(when, error = %e, "executable pages not dropped"),
+    let released = tokio::task::spawn_blocking(release_code_pages)
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+    match released {
+        Ok(bytes) => tracing::debug!(when, bytes, "executable pages dropped from RSS"),
         Err(e) => tracing::debug!(when, error = %e, "executable pages not dropped"),
     }
 }

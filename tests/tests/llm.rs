@@ -155,6 +155,16 @@ fn usage_lines(s: &Setup) -> Vec<Value> {
         .collect()
 }
 
+/// Waits for the first usage line that `matches` (`what` names it) and
+/// returns it.
+fn usage_line(s: &Setup, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
+    wait_for(what, || usage_lines(s).iter().any(&matches));
+    usage_lines(s)
+        .into_iter()
+        .find(|u| matches(u))
+        .unwrap_or_else(|| panic!("{what}: gone"))
+}
+
 fn tokens_metric(s: &Setup, source: &str, model: &str, kind: &str) -> f64 {
     sum_metric(
         &s.eb.metrics().expect("metrics"),
@@ -558,15 +568,9 @@ c.close()
         "DONE",
         "{out:?}"
     );
-    wait_for("the stream's usage line", || {
-        usage_lines(&s)
-            .iter()
-            .any(|u| u["source"] == SUPPORT && u["completion_tokens"] == 6)
+    let line = usage_line(&s, "the stream's usage line", |u| {
+        u["source"] == SUPPORT && u["completion_tokens"] == 6
     });
-    let line = usage_lines(&s)
-        .into_iter()
-        .find(|u| u["completion_tokens"] == 6)
-        .expect("usage line");
     assert_eq!(line["counted_by"], "usage", "{line}");
     assert_eq!(line["outcome"], "answered", "{line}");
 }
@@ -753,13 +757,7 @@ fn an_answer_too_large_to_read_whole_is_metered_by_its_end() {
             .is_some_and(|t| t.ends_with(" 2499999 2500000")),
         "the whole answer"
     );
-    wait_for("the answer's usage line", || {
-        usage_lines(&s).iter().any(|u| u["source"] == BATCH)
-    });
-    let line = usage_lines(&s)
-        .into_iter()
-        .find(|u| u["source"] == BATCH)
-        .expect("usage line");
+    let line = usage_line(&s, "the answer's usage line", |u| u["source"] == BATCH);
     assert_eq!(line["completion_tokens"], 2_500_000, "{line}");
     assert_eq!(line["counted_by"], "usage", "{line}");
     assert_eq!(line["outcome"], "answered", "{line}");
@@ -779,13 +777,9 @@ fn an_answer_too_large_to_read_whole_is_metered_by_its_end() {
     );
     assert_eq!(big["ok"], true, "{big}");
     assert_eq!(big["usage"], Value::Null, "{big}");
-    wait_for("the usage line of the answer without usage", || {
-        usage_lines(&s).iter().any(|u| u["source"] == SUPPORT)
+    let line = usage_line(&s, "the usage line of the answer without usage", |u| {
+        u["source"] == SUPPORT
     });
-    let line = usage_lines(&s)
-        .into_iter()
-        .find(|u| u["source"] == SUPPORT)
-        .expect("usage line");
     // ~20 MB of JSON: some 5 million at 4 bytes a token.
     let counted = line["completion_tokens"].as_u64().unwrap_or(0);
     assert!((4_000_000..7_000_000).contains(&counted), "{line}");

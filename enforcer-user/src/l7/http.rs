@@ -473,17 +473,7 @@ fn only_allowed_upgrades(headers: &mut HeaderMap, allowed: &[String], request_id
     if !headers.contains_key(header::UPGRADE) {
         return;
     }
-    let offered: Vec<String> = headers
-        .get_all(header::UPGRADE)
-        .iter()
-        .flat_map(|v| {
-            String::from_utf8_lossy(v.as_bytes())
-                .split(',')
-                .map(|t| t.trim().to_owned())
-                .collect::<Vec<_>>()
-        })
-        .filter(|t| !t.is_empty())
-        .collect();
+    let offered = list_header(headers, header::UPGRADE);
     let kept: Vec<&String> = offered
         .iter()
         .filter(|t| {
@@ -567,29 +557,40 @@ fn set_path(uri: &mut http::Uri, path: String) -> Result<(), String> {
 /// as its `Content-Encoding` headers name it; `None` for a plain body.
 /// enforcer decodes none: a body it must read is read only when plain.
 pub(super) fn content_coding(headers: &HeaderMap) -> Option<String> {
-    let codings: Vec<String> = headers
-        .get_all(header::CONTENT_ENCODING)
+    if !headers.contains_key(header::CONTENT_ENCODING) {
+        return None;
+    }
+    let codings: Vec<String> = list_header(headers, header::CONTENT_ENCODING)
+        .into_iter()
+        .map(|c| c.to_ascii_lowercase())
+        .filter(|c| c != "identity")
+        .collect();
+    (!codings.is_empty()).then(|| codings.join(", "))
+}
+
+/// The elements of a comma-separated list header, over all its lines,
+/// trimmed, empty ones left out (RFC 9110 §5.6.1).
+fn list_header(headers: &HeaderMap, name: HeaderName) -> Vec<String> {
+    headers
+        .get_all(name)
         .iter()
         .flat_map(|v| {
             String::from_utf8_lossy(v.as_bytes())
                 .split(',')
-                .map(|c| c.trim().to_ascii_lowercase())
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned)
                 .collect::<Vec<_>>()
         })
-        .filter(|c| !c.is_empty() && c != "identity")
-        .collect();
-    (!codings.is_empty()).then(|| codings.join(", "))
+        .collect()
 }
 
 /// A request's hop-by-hop headers removed; `Expect` too (the body was read
 /// already, or streams now).
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
+    let listed: Vec<HeaderName> = list_header(headers, header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::try_from(t.trim()).ok())
+        .filter_map(|t| HeaderName::try_from(t.as_str()).ok())
         .filter(|n| !(keep_upgrade && *n == header::UPGRADE))
         .collect();
     for n in listed {
@@ -831,7 +832,10 @@ impl Session {
         if parts.version == Version::HTTP_2 {
             // Carried by :authority alone (set from `authority` when sent).
             parts.headers.remove(header::HOST);
-        } else if let Ok(v) = HeaderValue::from_str(&authority) {
+        } else if parts.headers.get(header::HOST).map(HeaderValue::as_bytes)
+            != Some(authority.as_bytes())
+            && let Ok(v) = HeaderValue::from_str(&authority)
+        {
             // One Host, the decided one (an absolute-form target's
             // authority wins over a differing Host, RFC 9112 §3.2.2).
             parts.headers.insert(header::HOST, v);
@@ -853,24 +857,23 @@ impl Session {
         // decodes. Refused where the body is read — every body of an `mcp`,
         // `llm` or `vectordb` destination, a JSON or form body of an `http`
         // one (OPA-Envoy would fail to parse it too) — never decided unread.
-        if !body.seen.is_empty()
+        let ct = content_type(&parts.headers);
+        let body_read = self.route.protocol != Protocol::Http
+            || is_json(&ct)
+            || ct == "application/x-www-form-urlencoded";
+        if body_read
+            && !body.seen.is_empty()
             && let Some(coding) = content_coding(&parts.headers)
         {
-            let ct = content_type(&parts.headers);
-            if self.route.protocol != Protocol::Http
-                || is_json(&ct)
-                || ct == "application/x-www-form-urlencoded"
-            {
-                warn!(
-                    request_id,
-                    coding, "compressed request body; refused (415) without a decision"
-                );
-                return self.refuse_unread(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    format!("request body with content-encoding {coding}: enforcer decides on the body it reads and does not decode it; send it uncompressed"),
-                    &request_id,
-                );
-            }
+            warn!(
+                request_id,
+                coding, "compressed request body; refused (415) without a decision"
+            );
+            return self.refuse_unread(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("request body with content-encoding {coding}: enforcer decides on the body it reads and does not decode it; send it uncompressed"),
+                &request_id,
+            );
         }
         let fields = request_fields(&self.conn, &parts, &body, &request_id, &authority);
 
@@ -922,7 +925,7 @@ impl Session {
             // As OPA-Envoy, which fails the check: a JSON body that does not
             // parse is not decided as if it had none (a server's parser may
             // read what enforcer's refuses, `NaN` for one).
-            if is_json(&content_type(&parts.headers))
+            if is_json(&ct)
                 && !body.truncated()
                 && !body.seen.is_empty()
                 && !fields.contains_key("parsed_body")

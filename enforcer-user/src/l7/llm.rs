@@ -581,7 +581,12 @@ fn prompt_tokens(body: &[u8]) -> u64 {
 
 /// Prompt and completion tokens of an answer's `usage`.
 fn usage_of(v: &Value) -> Option<(u64, u64)> {
-    let u = v.get("usage").filter(|u| u.is_object())?;
+    v.get("usage").and_then(usage_counts)
+}
+
+/// Prompt and completion tokens of a `usage` object.
+fn usage_counts(u: &Value) -> Option<(u64, u64)> {
+    u.as_object()?;
     let n = |k: &str| u.get(k).and_then(Value::as_u64);
     let prompt = n("prompt_tokens").or_else(|| n("input_tokens"))?;
     let completion = n("completion_tokens")
@@ -724,7 +729,9 @@ impl Stream for Oversized {
                 }
             }
             Some(Err(e)) => {
-                warn!(error = %e, "the model's answer broke off");
+                if let Some(c) = &self.call {
+                    warn!(request_id = c.request_id, error = %e, "the model's answer broke off");
+                }
                 self.end("broken");
             }
             None => self.end("answered"),
@@ -762,7 +769,7 @@ fn usage_in_tail(tail: &[u8]) -> Option<(u64, u64)> {
             .into_iter::<Value>()
             .next();
         if let Some(Ok(v)) = value
-            && let Some(u) = usage_of(&json!({ "usage": v }))
+            && let Some(u) = usage_counts(&v)
         {
             return Some(u);
         }

@@ -30,7 +30,7 @@ pub struct Route {
     pub protocol: Protocol,
     pub max_body_bytes: usize,
     pub path_normalization: crate::config::PathNormalization,
-    /// `l7.upgrades`, lower-cased.
+    /// `l7.upgrades` (compared without case).
     pub upgrades: Arc<[String]>,
 }
 
@@ -79,12 +79,7 @@ impl Routes {
                 ));
             }
         }
-        let upgrades: Arc<[String]> = cfg
-            .l7
-            .upgrades
-            .iter()
-            .map(|u| u.to_ascii_lowercase())
-            .collect();
+        let upgrades: Arc<[String]> = cfg.l7.upgrades.iter().cloned().collect();
         let mut routes = Vec::new();
         for (i, d) in cfg.l7.destinations.iter().enumerate() {
             let key = |k: &str| format!("l7.destinations[{i}].{k}");
