@@ -506,6 +506,10 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         plaintext_handler = Some(handler);
     }
     let _ = state.capture.set(capture.clone());
+    // Records of connects the agent will never accept (capture/sweep.rs).
+    let sweep = crate::capture::sweep::Sweep::open(&capture.pin_dir)
+        .context("opening the capture record maps for their sweep")?;
+    tokio::spawn(crate::capture::sweep::run(sweep, state.metrics.clone()));
 
     let hbone = Arc::new(HboneClient::new(identity.clone(), config.mesh.hbone_port));
     // The pods served in their own netns, for /status (set below).

@@ -186,6 +186,7 @@ pub struct Metrics {
     pub memory_releases: Counter,
     pub log_lines_dropped: Counter,
     pub executable_hashes: Counter,
+    pub capture_records_swept: Counter,
     pub hbone_rejected: Family<RejectLabels, Counter>,
     pub hbone_streams_refused: Family<RejectLabels, Counter>,
     pub policy_decisions: Family<DecisionLabels, Counter>,
@@ -281,6 +282,12 @@ impl Metrics {
             "executable_hashes",
             "Executables hashed for a workload's unix:sha256 selector (its digest not cached); concurrent attestations of one executable share one hash (sampled at scrape)",
             executable_hashes.clone(),
+        );
+        let capture_records_swept = Counter::default();
+        registry.register(
+            "capture_records_swept",
+            "Kernel records of connects the agent never accepted (the workload's socket closed, the record untaken for 15 s of the agent's running time), removed by the agent",
+            capture_records_swept.clone(),
         );
         let hbone_rejected = Family::<RejectLabels, Counter>::default();
         registry.register(
@@ -398,6 +405,7 @@ impl Metrics {
             memory_releases,
             log_lines_dropped,
             executable_hashes,
+            capture_records_swept,
         }
     }
 

@@ -1105,6 +1105,110 @@ fn connects_that_fail_after_their_record_leave_none() {
     );
 }
 
+/// Connects once to HOST:PORT, prints `CONNECTED`, waits SECS, closes
+/// abortively (SO_LINGER 0: the socket is gone at once) and prints `CLOSED`.
+const PY_CONNECT_AND_ABORT: &str = r#"
+import socket, struct, sys, time
+host, port, secs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+s = socket.create_connection((host, port), timeout=10)
+print("CONNECTED", flush=True)
+time.sleep(secs)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+s.close()
+print("CLOSED", flush=True)
+"#;
+
+#[test]
+fn a_connect_the_agent_never_accepts_leaves_no_record() {
+    // The kernel publishes a connect's record under its 4-tuple once the
+    // workload's side is established, for the agent to take on accept. A
+    // workload's side can be established while the agent's never is: the
+    // handshake's last ACK is lost or dropped (on a full accept queue the
+    // kernel drops it), the workload gives up, and the agent's kernel
+    // forgets the half-open connection. Here the last ACK is dropped by a
+    // firewall rule, which is that case made certain. Before the fix the
+    // record stayed until the LRU evicted it (the rare failure of
+    // connects_that_fail_after_their_record_leave_none): with enough of
+    // them, live connects' records were evicted.
+    let m = mesh("neveraccepted");
+    let port = 15001.to_string(); // a's capture.outbound_port (default)
+    let rule = [
+        "INPUT",
+        "-p",
+        "tcp",
+        "--dport",
+        &port,
+        "--tcp-flags",
+        "SYN,ACK,RST",
+        "ACK",
+        "-j",
+        "DROP",
+    ];
+    let iptables = |op: &str| {
+        let mut args = vec!["iptables", "-w", op];
+        args.extend(rule);
+        let (_, out) =
+            m.a.exec(None, &args)
+                .expect("iptables (apt install iptables)");
+        assert!(
+            out.status.success(),
+            "iptables {op}: {} (apt install iptables; the kernel needs nf_tables)",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    iptables("-I");
+    let (_, out) =
+        m.a.exec(
+            Some("support-agent.service"),
+            &[
+                "python3",
+                "-c",
+                PY_CONNECT_AND_ABORT,
+                &m.b.ipv4,
+                "8080",
+                "1",
+            ],
+        )
+        .expect("the connect");
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        said.contains("CONNECTED") && said.contains("CLOSED"),
+        "the workload's side must connect (the agent's kernel answered the SYN) and close: {said} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    iptables("-D");
+    // The record is there, and nobody will take it: the agent's kernel
+    // has no such connection (its SYN-ACK, answered by the workload's
+    // kernel with a reset, told it so).
+    let left =
+        m.ea.metric("enforcer_capture_map_entries", &[("map", "by_tuple")])
+            .expect("metrics");
+    assert_eq!(
+        left, 1.0,
+        "the record of the connect the agent never accepted must be in the map for this test to mean anything"
+    );
+    let pins = format!("/sys/fs/bpf/enforcer/v2/{}", m.tb.node_instance(&m.a));
+    assert_records_drain(
+        &m.ea,
+        &pins,
+        Duration::from_secs(60),
+        "60 s after the workload's socket closed (the connection never accepted)",
+    );
+    let swept =
+        m.ea.metric("enforcer_capture_records_swept_total", &[])
+            .expect("metrics");
+    assert_eq!(swept, 1.0, "the record removed is counted");
+    // And the agent still serves the workload.
+    let (_, out) =
+        m.a.exec(
+            Some("support-agent.service"),
+            &["python3", "-c", PY_CONNECTS, &m.b.ipv4, "8080", "5", "stop"],
+        )
+        .expect("connects");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("OK 5 FAIL 0"), "after the sweep: {said}");
+}
+
 #[test]
 fn a_log_output_that_takes_nothing_stalls_no_connection() {
     // The failure: runtime threads wrote their log lines to standard error

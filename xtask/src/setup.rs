@@ -36,6 +36,9 @@ const APT_PACKAGES: &[&str] = &[
     // bpftool: an attack test writes a kernel record another pod's connect
     // would leave (kubernetes::a_capture_record_of_another_pod_is_never_taken).
     "bpftool",
+    // iptables: a fault test drops a handshake's last ACK to the agent
+    // (faults::a_connect_the_agent_never_accepts_leaves_no_record).
+    "iptables",
 ];
 
 /// Python packages (package, module): the AI scenarios' official clients and

@@ -33,6 +33,8 @@ use crate::config::CaptureRules;
 
 use crate::mark;
 
+pub mod sweep;
+
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
