@@ -3,7 +3,10 @@
 //! abandoned and the workload-facing sockets are reset, never closed as if
 //! the relay had completed. Buffers grow with traffic, so an idle
 //! connection holds little.
-use std::future::poll_fn;
+use std::{
+    future::poll_fn,
+    pin::{Pin, pin},
+};
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
@@ -24,12 +27,15 @@ const READ_CHUNKS: [usize; 3] = [1024, 16 * 1024, 256 * 1024];
 /// fails: the other is then abandoned and the error returned, so that the
 /// caller resets what is left instead of closing it as if complete. The
 /// directions must not close their sockets on drop (borrowed halves).
+/// They are pinned by the caller: taken by value, each would be held twice
+/// in this future (as its argument and as the pinned local), for as long
+/// as the connection lives.
 pub async fn both_directions(
-    up: impl std::future::Future<Output = std::io::Result<()>>,
-    down: impl std::future::Future<Output = std::io::Result<()>>,
+    mut up: Pin<&mut impl std::future::Future<Output = std::io::Result<()>>>,
+    mut down: Pin<&mut impl std::future::Future<Output = std::io::Result<()>>>,
 ) -> std::io::Result<()> {
     let forced = drain::forced();
-    tokio::pin!(up, down, forced);
+    tokio::pin!(forced);
     let (mut up_done, mut down_done) = (false, false);
     while !(up_done && down_done) {
         tokio::select! {
@@ -61,7 +67,9 @@ pub async fn tcp_to_tcp(
     let result = {
         let (cr, cw) = client.split();
         let (ur, uw) = upstream.split();
-        both_directions(pump(cr, uw, &mut sent), pump(ur, cw, &mut received)).await
+        let up = pin!(pump(cr, uw, &mut sent));
+        let down = pin!(pump(ur, cw, &mut received));
+        both_directions(up, down).await
     };
     match result {
         Ok(()) => (Outcome::Ok, (sent, received)),
@@ -207,8 +215,9 @@ pub async fn tcp_to_stream(
     let (mut up, mut down) = (0, 0);
     let result = {
         let (r, w) = tcp.split();
-        crate::copy::both_directions(tcp_to_h2(r, send, &mut up), h2_to_tcp(recv, w, &mut down))
-            .await
+        let to_h2 = pin!(tcp_to_h2(r, send, &mut up));
+        let to_tcp = pin!(h2_to_tcp(recv, w, &mut down));
+        crate::copy::both_directions(to_h2, to_tcp).await
     };
     if result.is_err() {
         crate::copy::reset(tcp);

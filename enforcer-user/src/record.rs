@@ -91,6 +91,11 @@ pub struct ConnRecord {
     pub dst: Option<SocketAddr>,
     pub src_id: Option<String>,
     pub dst_id: Option<String>,
+    /// The SVIDs of this node's workloads in the connection, held while it
+    /// is open: an SVID in use is renewed at half its life and listed as
+    /// held (`IdentityManager::renew_due`), not dropped as unused.
+    pub src_svid: Option<Arc<crate::identity::IssuedSvid>>,
+    pub dst_svid: Option<Arc<crate::identity::IssuedSvid>>,
     pub plaintext_mode: Option<&'static str>,
     /// Mutual TLS on the way (an HBONE tunnel).
     pub mtls: bool,
@@ -133,6 +138,8 @@ impl ConnRecord {
             dst: None,
             src_id: None,
             dst_id: None,
+            src_svid: None,
+            dst_svid: None,
             plaintext_mode: None,
             mtls: kind == Kind::Inbound,
             same_node: false,

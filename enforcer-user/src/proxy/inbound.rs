@@ -371,17 +371,80 @@ impl Inbound {
             let id = next_conn_id();
             let span = info_span!("conn", id, direction = "inbound", src = %peer, dst = tracing::field::Empty);
             let tracked = crate::drain::track();
-            let stream = async move {
-                this.stream(id, peer, src_id, (dst_ip, port, presented_id), req, respond)
-                    .await
-            };
+            // No `async` block around it: it would hold the stream's
+            // future twice.
+            let stream = this.stream(id, peer, src_id, (dst_ip, port, presented_id), req, respond);
             use futures_util::FutureExt as _;
             tokio::spawn(stream.instrument(span).map(move |()| drop(tracked)));
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// One CONNECT stream: its setup (identities, policy, the connect to
+    /// the workload) in a future of its own, boxed and freed once done,
+    /// then the relay; the stream's task holds only the relay's state for
+    /// as long as the connection lives (see `Outbound::handle`).
     async fn stream(
+        self: Arc<Self>,
+        id: u64,
+        peer: SocketAddr,
+        src_id: SpiffeId,
+        target: (std::net::IpAddr, Option<u16>, SpiffeId),
+        req: http::Request<h2::RecvStream>,
+        respond: SendResponse<Bytes>,
+    ) {
+        let Some((mut rec, relay)) =
+            Box::pin(self.setup(id, peer, src_id, target, req, respond)).await
+        else {
+            return;
+        };
+        rec.relaying();
+        match relay {
+            Relay::Tcp {
+                upstream,
+                send,
+                recv,
+            } => {
+                let ((to_peer, from_peer), result) =
+                    crate::copy::tcp_to_stream(upstream, send, recv).await;
+                let outcome = if result.is_ok() {
+                    Outcome::Ok
+                } else {
+                    Outcome::broken()
+                };
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "inbound stream ended with an error");
+                }
+                // Sent to the HBONE peer, received from it.
+                rec.end(outcome, (to_peer, from_peer));
+            }
+            Relay::L7(l7) => {
+                let L7Relay {
+                    route,
+                    conn,
+                    send,
+                    recv,
+                    upstream,
+                    dst,
+                } = *l7;
+                let client = crate::l7::io::H2Stream::new(send, recv);
+                let served = Box::pin(crate::l7::http::serve(
+                    self.l7.clone(),
+                    route,
+                    conn,
+                    client,
+                    Some(upstream),
+                    super::dial_local(&self.net, dst),
+                ))
+                .await;
+                // Sent to the HBONE peer, received from it.
+                rec.end(served.outcome(), (served.to_client, served.from_client));
+            }
+        }
+    }
+
+    /// Everything before the relay; `None` when the stream was refused (its
+    /// record written, the stream answered or reset).
+    async fn setup(
         &self,
         id: u64,
         peer: SocketAddr,
@@ -389,7 +452,7 @@ impl Inbound {
         (dst_ip, sni_port, presented_id): (std::net::IpAddr, Option<u16>, SpiffeId),
         req: http::Request<h2::RecvStream>,
         mut respond: SendResponse<Bytes>,
-    ) {
+    ) -> Option<(ConnRecord, Relay)> {
         let mut rec = ConnRecord::open(self.admin.metrics.clone(), Kind::Inbound, id);
         rec.trace_from(req.headers());
         rec.src = Some(peer);
@@ -399,7 +462,8 @@ impl Inbound {
             Ok(d) => d,
             Err(status) => {
                 refuse(&mut respond, status);
-                return rec.refused(Outcome::BadRequest);
+                rec.refused(Outcome::BadRequest);
+                return None;
             }
         };
         rec.dst = Some(dst);
@@ -411,9 +475,11 @@ impl Inbound {
         if dst_id.as_ref().is_some_and(|d| *d != presented_id) {
             warn!(presented = %presented_id, now = ?dst_id, "the workload behind the destination is not the one this connection presented (it changed since the handshake, or another workload of the address)");
             refuse(&mut respond, http::StatusCode::SERVICE_UNAVAILABLE);
-            return rec.refused(Outcome::NoIdentity);
+            rec.refused(Outcome::NoIdentity);
+            return None;
         }
         rec.dst_id = dst_id.as_ref().map(ToString::to_string);
+        rec.dst_svid = dst_svid.clone();
         // Authoritative decision: verified source identity, attested destination.
         let route = self
             .l7
@@ -437,56 +503,69 @@ impl Inbound {
         if !verdict.allowed {
             warn!(reason = ?verdict.decision.reason, "denied by policy");
             refuse(&mut respond, http::StatusCode::FORBIDDEN);
-            return rec.refused(Outcome::Denied);
+            rec.refused(Outcome::Denied);
+            return None;
         }
         if dst_id.is_none() {
             refuse(&mut respond, http::StatusCode::SERVICE_UNAVAILABLE);
-            return rec.refused(Outcome::NoIdentity);
+            rec.refused(Outcome::NoIdentity);
+            return None;
         }
         let upstream = match super::connect_within(super::connect_local(&self.net, dst)).await {
             Ok(s) => s,
             Err(error) => {
                 warn!(%dst, %error, "connecting to the local workload failed");
                 refuse(&mut respond, http::StatusCode::SERVICE_UNAVAILABLE);
-                return rec.refused(Outcome::ConnectFailed);
+                rec.refused(Outcome::ConnectFailed);
+                return None;
             }
         };
         let send = match respond.send_response(http::Response::new(()), false) {
             Ok(s) => s,
             Err(e) => {
                 warn!(error = %e, "answering CONNECT failed");
-                return rec.refused(Outcome::Error);
+                rec.refused(Outcome::Error);
+                return None;
             }
         };
         let recv = req.into_body();
-        rec.relaying();
-        if let Some(route) = route {
-            let conn = crate::l7::Conn::of(id, &input, peer, dst).traced(rec.trace_context());
-            let client = crate::l7::io::H2Stream::new(send, recv);
-            let served = crate::l7::http::serve(
-                self.l7.clone(),
+        let relay = match route {
+            Some(route) => Relay::L7(Box::new(L7Relay {
                 route,
-                conn,
-                client,
-                Some(upstream),
-                super::dial_local(&self.net, dst),
-            )
-            .await;
-            // Sent to the HBONE peer, received from it.
-            return rec.end(served.outcome(), (served.to_client, served.from_client));
-        }
-        let ((to_peer, from_peer), result) = crate::copy::tcp_to_stream(upstream, send, recv).await;
-        let outcome = if result.is_ok() {
-            Outcome::Ok
-        } else {
-            Outcome::broken()
+                conn: crate::l7::Conn::of(id, &input, peer, dst).traced(rec.trace_context()),
+                send,
+                recv,
+                upstream,
+                dst,
+            })),
+            None => Relay::Tcp {
+                upstream,
+                send,
+                recv,
+            },
         };
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "inbound stream ended with an error");
-        }
-        // Sent to the HBONE peer, received from it.
-        rec.end(outcome, (to_peer, from_peer));
+        Some((rec, relay))
     }
+}
+
+/// What a set-up CONNECT stream relays to: the workload, bytes as they
+/// come or each request decided (boxed: rarer, larger).
+enum Relay {
+    Tcp {
+        upstream: TcpStream,
+        send: h2::SendStream<Bytes>,
+        recv: h2::RecvStream,
+    },
+    L7(Box<L7Relay>),
+}
+
+struct L7Relay {
+    route: Arc<crate::l7::Route>,
+    conn: crate::l7::Conn,
+    send: h2::SendStream<Bytes>,
+    recv: h2::RecvStream,
+    upstream: TcpStream,
+    dst: SocketAddr,
 }
 
 /// Closes a rejected connection so the client reads what was sent (a TLS

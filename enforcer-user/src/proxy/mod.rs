@@ -110,28 +110,92 @@ pub fn dial_local(net: &crate::netns::Net, dst: std::net::SocketAddr) -> crate::
     })
 }
 
-/// Relays an accepted TCP connection to `upstream`: spliced at L4, or, when
-/// its destination is declared L7 (`session`: the route, the connection's
-/// context, and how to reopen the server connection when the server closes
-/// it), each request decided and then forwarded. Returns the outcome and
-/// the bytes (from the client, to the client).
-pub async fn relay(
-    l7: &std::sync::Arc<crate::l7::L7>,
-    session: Option<(
-        std::sync::Arc<crate::l7::Route>,
-        crate::l7::Conn,
-        crate::l7::Dial,
-    )>,
-    client: tokio::net::TcpStream,
-    upstream: tokio::net::TcpStream,
-) -> (Outcome, (u64, u64)) {
-    let Some((route, conn, dial)) = session else {
-        return crate::copy::tcp_to_tcp(client, upstream).await;
-    };
-    let served =
-        crate::l7::http::serve_tcp(l7.clone(), route, conn, client, Some(upstream), dial).await;
-    tracing::debug!(requests = served.requests, "L7 session ended");
-    (served.outcome(), (served.from_client, served.to_client))
+/// What a set-up connection relays to, and how. A connection's task sets
+/// up (attestation, identity, policy, the upstream's connect or tunnel) in
+/// a boxed future of its own, freed once it yields a `Relay`, then runs
+/// the relay: an open connection costs only the relay's state for as long
+/// as it lives, not the setup's too (the outbound task: 3.8 → 1.9 KB).
+pub enum Relay {
+    /// An HBONE stream to the destination's agent.
+    Tunnel {
+        client: tokio::net::TcpStream,
+        tunnel: crate::tunnel::Tunnel,
+    },
+    /// The destination itself, bytes as they come.
+    Tcp {
+        client: tokio::net::TcpStream,
+        upstream: tokio::net::TcpStream,
+    },
+    /// The destination itself, declared L7: each request decided, then
+    /// forwarded (boxed: rarer, and its session larger).
+    L7 {
+        session: Box<L7Session>,
+        client: tokio::net::TcpStream,
+        upstream: tokio::net::TcpStream,
+    },
+}
+
+/// The route, the connection's context, and how to reopen the server
+/// connection when the server closes it.
+pub type L7Session = (
+    std::sync::Arc<crate::l7::Route>,
+    crate::l7::Conn,
+    crate::l7::Dial,
+);
+
+impl Relay {
+    /// To `upstream`: spliced at L4, or per request with a `session`.
+    pub fn direct(
+        session: Option<L7Session>,
+        client: tokio::net::TcpStream,
+        upstream: tokio::net::TcpStream,
+    ) -> Self {
+        match session {
+            Some(session) => Self::L7 {
+                session: Box::new(session),
+                client,
+                upstream,
+            },
+            None => Self::Tcp { client, upstream },
+        }
+    }
+
+    /// Relays until both sides end or one fails (then the workload's side
+    /// is reset). The outcome and the bytes (from the client, to it).
+    pub async fn run(self, l7: &std::sync::Arc<crate::l7::L7>) -> (Outcome, (u64, u64)) {
+        match self {
+            Self::Tunnel { client, tunnel } => {
+                let (bytes, result) =
+                    crate::copy::tcp_to_stream(client, tunnel.send, tunnel.recv).await;
+                match result {
+                    Ok(()) => (Outcome::Ok, bytes),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "tunnel ended with an error");
+                        (Outcome::broken(), bytes)
+                    }
+                }
+            }
+            Self::Tcp { client, upstream } => crate::copy::tcp_to_tcp(client, upstream).await,
+            Self::L7 {
+                session,
+                client,
+                upstream,
+            } => {
+                let (route, conn, dial) = *session;
+                let served = Box::pin(crate::l7::http::serve_tcp(
+                    l7.clone(),
+                    route,
+                    conn,
+                    client,
+                    Some(upstream),
+                    dial,
+                ))
+                .await;
+                tracing::debug!(requests = served.requests, "L7 session ended");
+                (served.outcome(), (served.from_client, served.to_client))
+            }
+        }
+    }
 }
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -12,7 +12,7 @@ use enforcer_common::OrigDst;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument as _, info_span, warn};
 
-use super::{Outcome, connect_within, next_conn_id, reset};
+use super::{Outcome, Relay, connect_within, next_conn_id, reset};
 use crate::record::{ConnRecord, Kind};
 use crate::{
     admin::AdminState,
@@ -141,7 +141,25 @@ impl Outbound {
         }
     }
 
+    /// One connection: its setup, boxed and freed once done, then the
+    /// relay ([`Relay`]).
     async fn handle(self: Arc<Self>, id: u64, client: TcpStream, peer: SocketAddr) {
+        let Some((mut rec, relay)) = Box::pin(self.setup(id, client, peer)).await else {
+            return;
+        };
+        rec.relaying();
+        let (outcome, bytes) = relay.run(&self.l7).await;
+        rec.end(outcome, bytes);
+    }
+
+    /// Everything before the relay; `None` when the connection was refused
+    /// (its record written, the workload's socket reset).
+    async fn setup(
+        self: &Arc<Self>,
+        id: u64,
+        client: TcpStream,
+        peer: SocketAddr,
+    ) -> Option<(ConnRecord, Relay)> {
         let mut rec = ConnRecord::open(self.admin.metrics.clone(), Kind::Outbound, id);
         super::arm_reset(&client);
 
@@ -150,7 +168,8 @@ impl Outbound {
             Err(e) => {
                 warn!(error = %e, "accepted socket has no local address");
                 reset(client);
-                return rec.refused(Outcome::Error);
+                rec.refused(Outcome::Error);
+                return None;
             }
         };
         let netns = self.net.pod().map_or(self.capture.host_netns, |p| p.cookie);
@@ -160,7 +179,8 @@ impl Outbound {
                 "no capture record for this connection; refusing (only captured connects may use the outbound listener)"
             );
             reset(client);
-            return rec.refused(Outcome::NoOriginalDestination);
+            rec.refused(Outcome::NoOriginalDestination);
+            return None;
         };
         let att = self.attest_source(record).await;
         let src_svid = match self.identity.identify(&att).await {
@@ -176,13 +196,15 @@ impl Outbound {
         } = att;
         rec.facts = Some(facts);
         rec.src_id = src_svid.as_ref().map(|s| s.svid.spiffe_id.to_string());
+        rec.src_svid = src_svid.clone();
         let Some(dst) = original_destination(&record) else {
             warn!(
                 family = record.family,
                 "capture record has an unknown address family"
             );
             reset(client);
-            return rec.refused(Outcome::NoOriginalDestination);
+            rec.refused(Outcome::NoOriginalDestination);
+            return None;
         };
         rec.dst = Some(dst);
         tracing::Span::current().record("dst", tracing::field::display(dst));
@@ -196,6 +218,7 @@ impl Outbound {
             let (dst_svid, dst_selectors) =
                 super::local_destination(&self.local, &self.attestor, &self.identity, dst).await;
             rec.dst_id = dst_svid.as_ref().map(|s| s.svid.spiffe_id.to_string());
+            rec.dst_svid = dst_svid.clone();
             let dst_peer = super::peer(dst_svid.as_deref(), &dst_selectors, Some(dst));
             let route = self.l7.routes.find(
                 dst.port(),
@@ -209,19 +232,22 @@ impl Outbound {
                     .allowed(direction, protocol, &src_peer, &dst_peer, &mut rec)
                     .await
                 {
-                    return refuse(client, &mut rec, Outcome::Denied);
+                    refuse(client, &mut rec, Outcome::Denied);
+                    return None;
                 }
             }
             if rec.dst_id.is_some() && rec.src_id.is_none() {
                 warn!(conn_id = id, orig_dst = %dst, selectors = ?selectors,
                     "workload has no SPIFFE identity; refusing a destination that has one");
-                return refuse(client, &mut rec, Outcome::NoIdentity);
+                refuse(client, &mut rec, Outcome::NoIdentity);
+                return None;
             }
             let upstream = match connect_within(super::connect_local(&self.net, dst)).await {
                 Ok(s) => s,
                 Err(error) => {
                     warn!(conn_id = id, orig_dst = %dst, %error, "connecting to the original destination failed");
-                    return refuse(client, &mut rec, Outcome::ConnectFailed);
+                    refuse(client, &mut rec, Outcome::ConnectFailed);
+                    return None;
                 }
             };
             // At a declared destination this agent is the last before the
@@ -239,9 +265,7 @@ impl Outbound {
                 };
                 (route, conn, super::dial_local(&self.net, dst))
             });
-            rec.relaying();
-            let (outcome, bytes) = super::relay(&self.l7, l7, client, upstream).await;
-            return rec.end(outcome, bytes);
+            return Some((rec, Relay::direct(l7, client, upstream)));
         }
 
         if self.mesh.iter().any(|n| n.contains(&dst.ip())) {
@@ -264,13 +288,15 @@ impl Outbound {
                 } else {
                     Outcome::Denied
                 };
-                return refuse(client, &mut rec, outcome);
+                refuse(client, &mut rec, outcome);
+                return None;
             };
             let mut prepared = match self.hbone.prepare(&src_svid, dst, &self.net).await {
                 Ok(t) => t,
                 Err(e) => {
                     warn!(conn_id = id, orig_dst = %dst, reason = e.code(), error = %e, "HBONE tunnel failed");
-                    return refuse(client, &mut rec, Outcome::TunnelFailed);
+                    refuse(client, &mut rec, Outcome::TunnelFailed);
+                    return None;
                 }
             };
             rec.dst_id = Some(prepared.peer_id.to_string());
@@ -295,27 +321,19 @@ impl Outbound {
                 .allowed("outbound", protocol, &src_peer, &dst_peer, &mut rec)
                 .await
             {
-                return refuse(client, &mut rec, Outcome::Denied);
+                refuse(client, &mut rec, Outcome::Denied);
+                return None;
             }
             let tunnel = match self.hbone.open(&src_svid, prepared).await {
                 Ok(t) => t,
                 Err(e) => {
                     warn!(conn_id = id, orig_dst = %dst, reason = e.code(), error = %e, "HBONE tunnel failed");
-                    return refuse(client, &mut rec, Outcome::TunnelFailed);
+                    refuse(client, &mut rec, Outcome::TunnelFailed);
+                    return None;
                 }
             };
             let _ = client.set_nodelay(true);
-            rec.relaying();
-            let (bytes, result) =
-                crate::copy::tcp_to_stream(client, tunnel.send, tunnel.recv).await;
-            let outcome = match result {
-                Ok(()) => Outcome::Ok,
-                Err(e) => {
-                    tracing::debug!(error = %e, "tunnel ended with an error");
-                    Outcome::broken()
-                }
-            };
-            return rec.end(outcome, bytes);
+            return Some((rec, Relay::Tunnel { client, tunnel }));
         }
 
         // Outside the mesh: plain TCP, still decided by policy.
@@ -326,7 +344,8 @@ impl Outbound {
             .allowed("outbound", protocol, &src_peer, &dst_peer, &mut rec)
             .await
         {
-            return refuse(client, &mut rec, Outcome::Denied);
+            refuse(client, &mut rec, Outcome::Denied);
+            return None;
         }
         let upstream = match connect_within(mark::connect_in(&self.net, dst, None)).await {
             Ok(s) => {
@@ -335,7 +354,8 @@ impl Outbound {
             }
             Err(error) => {
                 warn!(conn_id = id, orig_dst = %dst, %error, "connecting to the original destination failed");
-                return refuse(client, &mut rec, Outcome::ConnectFailed);
+                refuse(client, &mut rec, Outcome::ConnectFailed);
+                return None;
             }
         };
         let _ = client.set_nodelay(true);
@@ -359,9 +379,7 @@ impl Outbound {
             });
             (route, conn, dial)
         });
-        rec.relaying();
-        let (outcome, bytes) = super::relay(&self.l7, l7, client, upstream).await;
-        rec.end(outcome, bytes);
+        Some((rec, Relay::direct(l7, client, upstream)))
     }
 
     /// Decides one direction; records the decision in `rec`.

@@ -55,7 +55,26 @@ impl Plaintext {
         .await
     }
 
+    /// One connection: its setup, boxed and freed once done, then the
+    /// relay ([`super::Relay`]).
     async fn handle(self: Arc<Self>, id: u64, client: TcpStream, peer: SocketAddr) {
+        let Some((mut rec, relay)) = Box::pin(self.setup(id, client, peer)).await else {
+            return;
+        };
+        rec.relaying();
+        // Sent and received from the destination workload's point of view.
+        let (outcome, (from_peer, to_peer)) = relay.run(&self.l7).await;
+        rec.end(outcome, (to_peer, from_peer));
+    }
+
+    /// Everything before the relay; `None` when the connection was refused
+    /// (its record written, the client's socket reset).
+    async fn setup(
+        &self,
+        id: u64,
+        client: TcpStream,
+        peer: SocketAddr,
+    ) -> Option<(ConnRecord, super::Relay)> {
         let mut rec = ConnRecord::open(self.admin.metrics.clone(), Kind::Plaintext, id);
         rec.src = Some(peer);
         super::arm_reset(&client);
@@ -65,7 +84,8 @@ impl Plaintext {
             Err(e) => {
                 warn!(error = %e, "accepted socket has no local address");
                 reset(client);
-                return rec.refused(Outcome::Error);
+                rec.refused(Outcome::Error);
+                return None;
             }
         };
         tracing::Span::current().record("dst", tracing::field::display(dst));
@@ -78,10 +98,12 @@ impl Plaintext {
         let (dst_svid, dst_selectors) =
             super::local_destination(&self.local, &self.attestor, &self.identity, dst).await;
         rec.dst_id = dst_svid.as_ref().map(|s| s.svid.spiffe_id.to_string());
+        rec.dst_svid = dst_svid.clone();
         if mode != Some(PlaintextMode::Permissive) {
             warn!(%peer, %dst, "plaintext from outside the mesh to a strict port; refused");
             reset(client);
-            return rec.refused(Outcome::PlaintextRefused);
+            rec.refused(Outcome::PlaintextRefused);
+            return None;
         }
         // Permissive: forwarded only if policy allows an unauthenticated source.
         let route = self.l7.routes.find(
@@ -106,17 +128,18 @@ impl Plaintext {
         if !verdict.allowed {
             warn!(%peer, %dst, reason = ?verdict.decision.reason, "unauthenticated plaintext denied by policy");
             reset(client);
-            return rec.refused(Outcome::Denied);
+            rec.refused(Outcome::Denied);
+            return None;
         }
         let upstream = match super::connect_within(super::connect_local(&self.net, dst)).await {
             Ok(s) => s,
             Err(error) => {
                 warn!(%dst, %error, "connecting to the local workload failed");
                 reset(client);
-                return rec.refused(Outcome::ConnectFailed);
+                rec.refused(Outcome::ConnectFailed);
+                return None;
             }
         };
-        // sent/received from the destination workload's point of view
         let l7 = route.map(|r| {
             (
                 r,
@@ -124,8 +147,6 @@ impl Plaintext {
                 super::dial_local(&self.net, dst),
             )
         });
-        rec.relaying();
-        let (outcome, (from_peer, to_peer)) = super::relay(&self.l7, l7, client, upstream).await;
-        rec.end(outcome, (to_peer, from_peer));
+        Some((rec, super::Relay::direct(l7, client, upstream)))
     }
 }
