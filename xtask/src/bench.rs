@@ -89,21 +89,32 @@ impl Bench {
     /// iperf3 throughput in Gbit/s.
     fn iperf(&self, path: Path_, streams: u32) -> anyhow::Result<f64> {
         let (unit, host, port) = self.target(path, IPERF);
-        let out = self.run(
-            unit,
-            &[
-                "iperf3",
-                "-c",
-                &host,
-                "-p",
-                &port.to_string(),
-                "-t",
-                &SECS.to_string(),
-                "-P",
-                &streams.to_string(),
-                "-J",
-            ],
-        )?;
+        let args = [
+            "iperf3",
+            "-c",
+            &host,
+            "-p",
+            &port.to_string(),
+            "-t",
+            &SECS.to_string(),
+            "-P",
+            &streams.to_string(),
+            "-J",
+        ];
+        // The iperf3 server listens anew for each test (its log's "Server
+        // listening on … (test #N)"), once the last one is torn down; after
+        // a run through a relay that tears down late, the next client can
+        // come before that ("Connection refused": two full runs failed so
+        // on 2026-11-25). Retried for up to 5 s, each retry said.
+        let mut out = self.run(unit, &args)?;
+        for _ in 0..50 {
+            if !out.contains("unable to connect to server: Connection refused") {
+                break;
+            }
+            eprintln!("  iperf3: the server was not listening yet; retrying in 100 ms");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            out = self.run(unit, &args)?;
+        }
         let v: Value = serde_json::from_str(&out).context("iperf3 JSON")?;
         v["end"]["sum_received"]["bits_per_second"]
             .as_f64()
