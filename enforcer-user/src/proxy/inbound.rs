@@ -427,14 +427,15 @@ impl Inbound {
                     dst,
                 } = *l7;
                 let client = crate::l7::io::H2Stream::new(send, recv);
-                let served = Box::pin(crate::l7::http::serve(
+                // `serve` boxes the session itself.
+                let served = crate::l7::http::serve(
                     self.l7.clone(),
                     route,
                     conn,
                     client,
                     Some(upstream),
                     super::dial_local(&self.net, dst),
-                ))
+                )
                 .await;
                 // Sent to the HBONE peer, received from it.
                 rec.end(served.outcome(), (served.to_client, served.from_client));
