@@ -101,11 +101,12 @@ impl Bench {
             &streams.to_string(),
             "-J",
         ];
-        // The iperf3 server listens anew for each test (its log's "Server
-        // listening on … (test #N)"), once the last one is torn down; after
-        // a run through a relay that tears down late, the next client can
-        // come before that ("Connection refused": two full runs failed so
-        // on 2026-11-25). Retried for up to 5 s, each retry said.
+        // Twice on 2026-11-25 the next client found b's iperf3 server not
+        // listening ("Connection refused") right after a run through a
+        // relay. Most likely the server was still tearing that test down:
+        // it logs "Server listening on … (test #N)" anew for each test, and
+        // while a test runs it answers "busy", not a refusal. Retried for
+        // up to 5 s, each retry said.
         let mut out = self.run(unit, &args)?;
         for _ in 0..50 {
             if !out.contains("unable to connect to server: Connection refused") {
