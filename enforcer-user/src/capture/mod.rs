@@ -192,6 +192,10 @@ pub struct Capture {
     pod_plaintext: Option<std::sync::Mutex<aya::maps::SockHash<MapData, [u32; 4]>>>,
     by_tuple: std::sync::Mutex<HashMap<MapData, SockTuple, OrigDst>>,
     by_cookie: std::sync::Mutex<HashMap<MapData, u64, OrigDst>>,
+    /// A second handle on `ENF_BY_TUPLE` for counting its entries at a
+    /// scrape: a walk of a full map is one syscall per entry, and under
+    /// `by_tuple`'s lock it would hold up every connection's lookup.
+    by_tuple_count: std::sync::Mutex<HashMap<MapData, SockTuple, OrigDst>>,
     config: std::sync::Mutex<Array<MapData, CaptureConfig>>,
     /// The served network namespaces (by cookie): the agent's and the pods'.
     netns: std::sync::Mutex<HashMap<MapData, u64, u8>>,
@@ -367,6 +371,7 @@ impl Capture {
 
         let by_tuple = take_hash(&mut ebpf, maps::BY_TUPLE)?;
         let by_cookie = take_hash(&mut ebpf, maps::BY_COOKIE)?;
+        let by_tuple_count = sweep::pinned(&pin_dir, maps::BY_TUPLE)?;
         let config = ebpf.take_map(maps::CONFIG).ok_or_else(|| {
             map_err(maps::CONFIG)(aya::maps::MapError::InvalidName {
                 name: maps::CONFIG.into(),
@@ -390,6 +395,7 @@ impl Capture {
             pod_plaintext,
             by_tuple: std::sync::Mutex::new(by_tuple),
             by_cookie: std::sync::Mutex::new(by_cookie),
+            by_tuple_count: std::sync::Mutex::new(by_tuple_count),
             config: std::sync::Mutex::new(config),
             netns: std::sync::Mutex::new(netns),
             host_netns,
@@ -605,7 +611,7 @@ impl Capture {
             Ok(m) => m.keys().filter(|k| k.is_ok()).count() as u64,
             Err(p) => p.into_inner().keys().filter(|k| k.is_ok()).count() as u64,
         };
-        let by_tuple = match self.by_tuple.lock() {
+        let by_tuple = match self.by_tuple_count.lock() {
             Ok(m) => m.keys().filter(|k| k.is_ok()).count() as u64,
             Err(p) => p.into_inner().keys().filter(|k| k.is_ok()).count() as u64,
         };

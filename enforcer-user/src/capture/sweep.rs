@@ -71,7 +71,8 @@ impl Sightings {
     }
 }
 
-fn pinned<K: aya::Pod, V: aya::Pod>(
+/// A handle of its own on the record map `name` pinned under `pin_dir`.
+pub(super) fn pinned<K: aya::Pod, V: aya::Pod>(
     pin_dir: &Path,
     name: &'static str,
 ) -> Result<HashMap<MapData, K, V>, CaptureError> {
