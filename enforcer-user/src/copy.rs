@@ -204,14 +204,15 @@ pub async fn h2_to_tcp(
 }
 
 /// Both directions between a TCP connection and an HBONE stream. Returns
-/// (TCP → stream bytes, stream → TCP bytes) and whether both ended cleanly.
-/// When either side fails, the TCP connection is reset and the stream is
-/// cancelled: neither end sees a clean close of a relay that broke.
+/// the outcome and (TCP → stream bytes, stream → TCP bytes), as
+/// [`tcp_to_tcp`]. When either side fails, the TCP connection is reset and
+/// the stream is cancelled: neither end sees a clean close of a relay that
+/// broke.
 pub async fn tcp_to_stream(
     mut tcp: TcpStream,
     send: SendStream<Bytes>,
     recv: RecvStream,
-) -> ((u64, u64), Result<(), String>) {
+) -> (Outcome, (u64, u64)) {
     let (mut up, mut down) = (0, 0);
     let result = {
         let (r, w) = tcp.split();
@@ -219,8 +220,12 @@ pub async fn tcp_to_stream(
         let to_tcp = pin!(h2_to_tcp(recv, w, &mut down));
         crate::copy::both_directions(to_h2, to_tcp).await
     };
-    if result.is_err() {
-        crate::copy::reset(tcp);
+    match result {
+        Ok(()) => (Outcome::Ok, (up, down)),
+        Err(e) => {
+            tracing::debug!(error = %e, "relay over HBONE failed; resetting the TCP side");
+            reset(tcp);
+            (Outcome::broken(), (up, down))
+        }
     }
-    ((up, down), result.map_err(|e| e.to_string()))
 }

@@ -286,7 +286,7 @@ impl Metrics {
         let capture_records_swept = Counter::default();
         registry.register(
             "capture_records_swept",
-            "Kernel records of connects the agent never accepted (the workload's socket closed, the record untaken for 15 s of the agent's running time), removed by the agent",
+            "Kernel records of connects the agent never accepted (the workload's socket closed, the record found untaken by four sweeps 5 s apart), removed by the agent",
             capture_records_swept.clone(),
         );
         let hbone_rejected = Family::<RejectLabels, Counter>::default();

@@ -93,9 +93,10 @@ pub struct ConnRecord {
     pub dst_id: Option<String>,
     /// The SVIDs of this node's workloads in the connection, held while it
     /// is open: an SVID in use is renewed at half its life and listed as
-    /// held (`IdentityManager::renew_due`), not dropped as unused.
-    pub src_svid: Option<Arc<crate::identity::IssuedSvid>>,
-    pub dst_svid: Option<Arc<crate::identity::IssuedSvid>>,
+    /// held (`IdentityManager::renew_due`), not dropped as unused. Set
+    /// with their ids ([`ConnRecord::set_src_svid`], [`ConnRecord::set_dst_svid`]).
+    _src_svid: Option<Arc<crate::identity::IssuedSvid>>,
+    _dst_svid: Option<Arc<crate::identity::IssuedSvid>>,
     pub plaintext_mode: Option<&'static str>,
     /// Mutual TLS on the way (an HBONE tunnel).
     pub mtls: bool,
@@ -119,6 +120,19 @@ pub struct ConnRecord {
 }
 
 impl ConnRecord {
+    /// The source workload's SVID (`None`: it has none): its SPIFFE ID in
+    /// the record, and the SVID held while the connection is open.
+    pub fn set_src_svid(&mut self, svid: Option<&Arc<crate::identity::IssuedSvid>>) {
+        self.src_id = svid.map(|s| s.svid.spiffe_id.to_string());
+        self._src_svid = svid.cloned();
+    }
+
+    /// The same for a destination workload of this node.
+    pub fn set_dst_svid(&mut self, svid: Option<&Arc<crate::identity::IssuedSvid>>) {
+        self.dst_id = svid.map(|s| s.svid.spiffe_id.to_string());
+        self._dst_svid = svid.cloned();
+    }
+
     /// A connection accepted now: counted open until the record is dropped.
     pub fn open(metrics: Arc<Metrics>, kind: Kind, id: u64) -> Self {
         metrics.opened(direction(kind));
@@ -138,8 +152,8 @@ impl ConnRecord {
             dst: None,
             src_id: None,
             dst_id: None,
-            src_svid: None,
-            dst_svid: None,
+            _src_svid: None,
+            _dst_svid: None,
             plaintext_mode: None,
             mtls: kind == Kind::Inbound,
             same_node: false,

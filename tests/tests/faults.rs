@@ -1194,9 +1194,18 @@ fn a_connect_the_agent_never_accepts_leaves_no_record() {
         Duration::from_secs(60),
         "60 s after the workload's socket closed (the connection never accepted)",
     );
-    let swept =
-        m.ea.metric("enforcer_capture_records_swept_total", &[])
-            .expect("metrics");
+    // Counted once the sweep's pass is back from the blocking pool, a
+    // moment after the map shows the record gone: waited for.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let swept = loop {
+        let n =
+            m.ea.metric("enforcer_capture_records_swept_total", &[])
+                .expect("metrics");
+        if n > 0.0 || Instant::now() >= deadline {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert_eq!(swept, 1.0, "the record removed is counted");
     // And the agent still serves the workload.
     let (_, out) =

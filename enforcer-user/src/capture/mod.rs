@@ -607,15 +607,11 @@ impl Capture {
 
     /// Entries currently in the tracking maps: (by socket cookie, by 4-tuple).
     pub fn entries(&self) -> (u64, u64) {
-        let by_cookie = match self.by_cookie.lock() {
-            Ok(m) => m.keys().filter(|k| k.is_ok()).count() as u64,
-            Err(p) => p.into_inner().keys().filter(|k| k.is_ok()).count() as u64,
-        };
-        let by_tuple = match self.by_tuple_count.lock() {
-            Ok(m) => m.keys().filter(|k| k.is_ok()).count() as u64,
-            Err(p) => p.into_inner().keys().filter(|k| k.is_ok()).count() as u64,
-        };
-        (by_cookie, by_tuple)
+        fn count<K: aya::Pod, V: aya::Pod>(m: &std::sync::Mutex<HashMap<MapData, K, V>>) -> u64 {
+            let m = m.lock().unwrap_or_else(|p| p.into_inner());
+            m.keys().filter(|k| k.is_ok()).count() as u64
+        }
+        (count(&self.by_cookie), count(&self.by_tuple_count))
     }
 }
 

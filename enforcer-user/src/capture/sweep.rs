@@ -12,12 +12,14 @@
 //! A record is removed when its workload socket is closed (its
 //! `ENF_BY_COOKIE` record, which the socket's close removes, is gone) and
 //! the same record was found so in [`SIGHTINGS`] sweeps in a row,
-//! [`INTERVAL`] apart: at least 15 s of the agent's own running time in
-//! which it did not accept the connection. A connection the workload closed
-//! but the agent has still to accept (data and FIN in the accept queue) is
-//! accepted within that time by a running agent, so its data is never
-//! lost; a stopped agent does not sweep either, and the ticks it missed
-//! are not made up (each sweep waits a whole interval after the one before).
+//! [`INTERVAL`] apart: 15 s in which the agent did not accept the
+//! connection. A stopped agent does not sweep; when it runs again, the one
+//! sweep it missed comes at once and the next a whole interval later (the
+//! ticks missed are not made up), so a record found just before a stop is
+//! removed no sooner than 10 s after the agent runs again. A connection the
+//! workload closed but the agent has still to accept (data and FIN in the
+//! accept queue) is accepted within that time by a running agent, so its
+//! data is never lost.
 use std::{collections::HashMap as StdMap, path::Path, sync::Arc, time::Duration};
 
 use aya::maps::{HashMap, Map, MapData, MapError};
@@ -133,22 +135,22 @@ impl Sweep {
 
 /// Sweeps every [`INTERVAL`] for as long as the agent runs, off the async
 /// runtime's threads (a sweep walks the map with one syscall per record).
-pub async fn run(sweep: Sweep, metrics: Arc<crate::metrics::Metrics>) {
-    let mut sweep = Some(sweep);
+pub async fn run(mut sweep: Sweep, metrics: Arc<crate::metrics::Metrics>) {
     let mut tick = tokio::time::interval(INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
-    while let Some(mut s) = sweep.take() {
+    loop {
         tick.tick().await;
         let done = tokio::task::spawn_blocking(move || {
-            let r = s.pass();
-            (s, r)
+            let r = sweep.pass();
+            (sweep, r)
         })
         .await;
         let Ok((s, result)) = done else {
             warn!("the sweep of capture records stopped: its task failed");
             return;
         };
+        sweep = s;
         match result {
             Ok(0) => failing = false,
             Ok(n) => {
@@ -166,7 +168,6 @@ pub async fn run(sweep: Sweep, metrics: Arc<crate::metrics::Metrics>) {
             }
             Err(_) => {}
         }
-        sweep = Some(s);
     }
 }
 

@@ -404,18 +404,9 @@ impl Inbound {
                 send,
                 recv,
             } => {
-                let ((to_peer, from_peer), result) =
-                    crate::copy::tcp_to_stream(upstream, send, recv).await;
-                let outcome = if result.is_ok() {
-                    Outcome::Ok
-                } else {
-                    Outcome::broken()
-                };
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "inbound stream ended with an error");
-                }
                 // Sent to the HBONE peer, received from it.
-                rec.end(outcome, (to_peer, from_peer));
+                let (outcome, bytes) = crate::copy::tcp_to_stream(upstream, send, recv).await;
+                rec.end(outcome, bytes);
             }
             Relay::L7(l7) => {
                 let L7Relay {
@@ -479,8 +470,7 @@ impl Inbound {
             rec.refused(Outcome::NoIdentity);
             return None;
         }
-        rec.dst_id = dst_id.as_ref().map(ToString::to_string);
-        rec.dst_svid = dst_svid.clone();
+        rec.set_dst_svid(dst_svid.as_ref());
         // Authoritative decision: verified source identity, attested destination.
         let route = self
             .l7

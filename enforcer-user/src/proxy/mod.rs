@@ -165,15 +165,7 @@ impl Relay {
     pub async fn run(self, l7: &std::sync::Arc<crate::l7::L7>) -> (Outcome, (u64, u64)) {
         match self {
             Self::Tunnel { client, tunnel } => {
-                let (bytes, result) =
-                    crate::copy::tcp_to_stream(client, tunnel.send, tunnel.recv).await;
-                match result {
-                    Ok(()) => (Outcome::Ok, bytes),
-                    Err(e) => {
-                        tracing::debug!(error = %e, "tunnel ended with an error");
-                        (Outcome::broken(), bytes)
-                    }
-                }
+                crate::copy::tcp_to_stream(client, tunnel.send, tunnel.recv).await
             }
             Self::Tcp { client, upstream } => crate::copy::tcp_to_tcp(client, upstream).await,
             Self::L7 {
@@ -196,6 +188,18 @@ impl Relay {
             }
         }
     }
+}
+
+/// Ends a connection that will not be relayed: the workload's socket is
+/// reset (it sees an error, never a clean end) and its record written.
+pub fn refuse<T>(
+    client: tokio::net::TcpStream,
+    mut rec: crate::record::ConnRecord,
+    outcome: Outcome,
+) -> Option<T> {
+    reset(client);
+    rec.refused(outcome);
+    None
 }
 
 use std::sync::atomic::{AtomicU64, Ordering};

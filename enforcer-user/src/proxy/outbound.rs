@@ -12,7 +12,7 @@ use enforcer_common::OrigDst;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument as _, info_span, warn};
 
-use super::{Outcome, Relay, connect_within, next_conn_id, reset};
+use super::{Outcome, Relay, connect_within, next_conn_id, refuse};
 use crate::record::{ConnRecord, Kind};
 use crate::{
     admin::AdminState,
@@ -167,9 +167,7 @@ impl Outbound {
             Ok(a) => a,
             Err(e) => {
                 warn!(error = %e, "accepted socket has no local address");
-                reset(client);
-                rec.refused(Outcome::Error);
-                return None;
+                return refuse(client, rec, Outcome::Error);
             }
         };
         let netns = self.net.pod().map_or(self.capture.host_netns, |p| p.cookie);
@@ -178,9 +176,7 @@ impl Outbound {
                 conn_id = id,
                 "no capture record for this connection; refusing (only captured connects may use the outbound listener)"
             );
-            reset(client);
-            rec.refused(Outcome::NoOriginalDestination);
-            return None;
+            return refuse(client, rec, Outcome::NoOriginalDestination);
         };
         let att = self.attest_source(record).await;
         let src_svid = match self.identity.identify(&att).await {
@@ -195,16 +191,13 @@ impl Outbound {
             facts, selectors, ..
         } = att;
         rec.facts = Some(facts);
-        rec.src_id = src_svid.as_ref().map(|s| s.svid.spiffe_id.to_string());
-        rec.src_svid = src_svid.clone();
+        rec.set_src_svid(src_svid.as_ref());
         let Some(dst) = original_destination(&record) else {
             warn!(
                 family = record.family,
                 "capture record has an unknown address family"
             );
-            reset(client);
-            rec.refused(Outcome::NoOriginalDestination);
-            return None;
+            return refuse(client, rec, Outcome::NoOriginalDestination);
         };
         rec.dst = Some(dst);
         tracing::Span::current().record("dst", tracing::field::display(dst));
@@ -217,8 +210,7 @@ impl Outbound {
             rec.same_node = true;
             let (dst_svid, dst_selectors) =
                 super::local_destination(&self.local, &self.attestor, &self.identity, dst).await;
-            rec.dst_id = dst_svid.as_ref().map(|s| s.svid.spiffe_id.to_string());
-            rec.dst_svid = dst_svid.clone();
+            rec.set_dst_svid(dst_svid.as_ref());
             let dst_peer = super::peer(dst_svid.as_deref(), &dst_selectors, Some(dst));
             let route = self.l7.routes.find(
                 dst.port(),
@@ -232,22 +224,19 @@ impl Outbound {
                     .allowed(direction, protocol, &src_peer, &dst_peer, &mut rec)
                     .await
                 {
-                    refuse(client, &mut rec, Outcome::Denied);
-                    return None;
+                    return refuse(client, rec, Outcome::Denied);
                 }
             }
             if rec.dst_id.is_some() && rec.src_id.is_none() {
                 warn!(conn_id = id, orig_dst = %dst, selectors = ?selectors,
                     "workload has no SPIFFE identity; refusing a destination that has one");
-                refuse(client, &mut rec, Outcome::NoIdentity);
-                return None;
+                return refuse(client, rec, Outcome::NoIdentity);
             }
             let upstream = match connect_within(super::connect_local(&self.net, dst)).await {
                 Ok(s) => s,
                 Err(error) => {
                     warn!(conn_id = id, orig_dst = %dst, %error, "connecting to the original destination failed");
-                    refuse(client, &mut rec, Outcome::ConnectFailed);
-                    return None;
+                    return refuse(client, rec, Outcome::ConnectFailed);
                 }
             };
             // At a declared destination this agent is the last before the
@@ -288,15 +277,13 @@ impl Outbound {
                 } else {
                     Outcome::Denied
                 };
-                refuse(client, &mut rec, outcome);
-                return None;
+                return refuse(client, rec, outcome);
             };
             let mut prepared = match self.hbone.prepare(&src_svid, dst, &self.net).await {
                 Ok(t) => t,
                 Err(e) => {
                     warn!(conn_id = id, orig_dst = %dst, reason = e.code(), error = %e, "HBONE tunnel failed");
-                    refuse(client, &mut rec, Outcome::TunnelFailed);
-                    return None;
+                    return refuse(client, rec, Outcome::TunnelFailed);
                 }
             };
             rec.dst_id = Some(prepared.peer_id.to_string());
@@ -321,15 +308,13 @@ impl Outbound {
                 .allowed("outbound", protocol, &src_peer, &dst_peer, &mut rec)
                 .await
             {
-                refuse(client, &mut rec, Outcome::Denied);
-                return None;
+                return refuse(client, rec, Outcome::Denied);
             }
             let tunnel = match self.hbone.open(&src_svid, prepared).await {
                 Ok(t) => t,
                 Err(e) => {
                     warn!(conn_id = id, orig_dst = %dst, reason = e.code(), error = %e, "HBONE tunnel failed");
-                    refuse(client, &mut rec, Outcome::TunnelFailed);
-                    return None;
+                    return refuse(client, rec, Outcome::TunnelFailed);
                 }
             };
             let _ = client.set_nodelay(true);
@@ -344,8 +329,7 @@ impl Outbound {
             .allowed("outbound", protocol, &src_peer, &dst_peer, &mut rec)
             .await
         {
-            refuse(client, &mut rec, Outcome::Denied);
-            return None;
+            return refuse(client, rec, Outcome::Denied);
         }
         let upstream = match connect_within(mark::connect_in(&self.net, dst, None)).await {
             Ok(s) => {
@@ -354,8 +338,7 @@ impl Outbound {
             }
             Err(error) => {
                 warn!(conn_id = id, orig_dst = %dst, %error, "connecting to the original destination failed");
-                refuse(client, &mut rec, Outcome::ConnectFailed);
-                return None;
+                return refuse(client, rec, Outcome::ConnectFailed);
             }
         };
         let _ = client.set_nodelay(true);
@@ -406,11 +389,4 @@ impl Outbound {
         rec.policy_reason = v.decision.reason;
         v.allowed
     }
-}
-
-/// Ends a connection that will not be relayed: the workload's socket is
-/// reset (it sees an error, never a clean end).
-fn refuse(client: TcpStream, rec: &mut ConnRecord, outcome: Outcome) {
-    reset(client);
-    rec.refused(outcome);
 }

@@ -7,7 +7,7 @@ use std::{collections::HashMap, net::SocketAddr, sync::Arc};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument as _, info_span, warn};
 
-use super::{Outcome, next_conn_id, reset};
+use super::{Outcome, next_conn_id};
 use crate::record::{ConnRecord, Kind};
 use crate::{
     admin::AdminState,
@@ -83,9 +83,7 @@ impl Plaintext {
             Ok(a) => SocketAddr::new(a.ip().to_canonical(), a.port()),
             Err(e) => {
                 warn!(error = %e, "accepted socket has no local address");
-                reset(client);
-                rec.refused(Outcome::Error);
-                return None;
+                return super::refuse(client, rec, Outcome::Error);
             }
         };
         tracing::Span::current().record("dst", tracing::field::display(dst));
@@ -97,13 +95,10 @@ impl Plaintext {
         });
         let (dst_svid, dst_selectors) =
             super::local_destination(&self.local, &self.attestor, &self.identity, dst).await;
-        rec.dst_id = dst_svid.as_ref().map(|s| s.svid.spiffe_id.to_string());
-        rec.dst_svid = dst_svid.clone();
+        rec.set_dst_svid(dst_svid.as_ref());
         if mode != Some(PlaintextMode::Permissive) {
             warn!(%peer, %dst, "plaintext from outside the mesh to a strict port; refused");
-            reset(client);
-            rec.refused(Outcome::PlaintextRefused);
-            return None;
+            return super::refuse(client, rec, Outcome::PlaintextRefused);
         }
         // Permissive: forwarded only if policy allows an unauthenticated source.
         let route = self.l7.routes.find(
@@ -127,17 +122,13 @@ impl Plaintext {
         rec.policy_reason = verdict.decision.reason.clone();
         if !verdict.allowed {
             warn!(%peer, %dst, reason = ?verdict.decision.reason, "unauthenticated plaintext denied by policy");
-            reset(client);
-            rec.refused(Outcome::Denied);
-            return None;
+            return super::refuse(client, rec, Outcome::Denied);
         }
         let upstream = match super::connect_within(super::connect_local(&self.net, dst)).await {
             Ok(s) => s,
             Err(error) => {
                 warn!(%dst, %error, "connecting to the local workload failed");
-                reset(client);
-                rec.refused(Outcome::ConnectFailed);
-                return None;
+                return super::refuse(client, rec, Outcome::ConnectFailed);
             }
         };
         let l7 = route.map(|r| {
