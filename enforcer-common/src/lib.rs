@@ -62,6 +62,7 @@ pub mod programs {
     pub const GETPEERNAME4: &str = "enf_getpeername4";
     pub const GETPEERNAME6: &str = "enf_getpeername6";
     pub const SOCK_OPS: &str = "enf_sock_ops";
+    pub const SOCK_RELEASE: &str = "enf_sock_release";
     pub const SK_LOOKUP: &str = "enf_sk_lookup";
     /// The same steering in pods' network namespaces, to the plaintext
     /// listeners the agent opened inside each pod (`ENF_POD_PLAINTEXT`).

@@ -16,9 +16,9 @@ use aya_ebpf::{
             bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release,
         },
     },
-    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    macros::{cgroup_sock, cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, SockHash, SockMap, lpm_trie::Key},
-    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+    programs::{SkLookupContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use enforcer_common::{
     AF_INET, AF_INET6, CIDR_CAPTURE, CaptureConfig, INBOUND_STRICT, LISTENER_V4, LISTENER_V6,
@@ -417,6 +417,23 @@ pub fn enf_sock_ops(ctx: SockOpsContext) -> u32 {
         let _ = ENF_BY_COOKIE.remove(cookie);
     }
     1
+}
+
+/// Forgets a socket's record when the workload releases it (its last file
+/// descriptor closed, or its process gone), whatever happened to its
+/// connect: one that failed before the handshake (no local port free:
+/// `EADDRNOTAVAIL`) never gets the state callback above, and its record
+/// would otherwise stay until the LRU evicted it — a workload could evict
+/// others' records at will.
+#[cgroup_sock(sock_release)]
+pub fn enf_sock_release(ctx: SockContext) -> i32 {
+    // SAFETY: the context pointer is valid for the duration of the program.
+    if unsafe { (*ctx.sock).type_ } == SOCK_STREAM {
+        // SAFETY: helper allowed for cgroup sock programs.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let _ = ENF_BY_COOKIE.remove(cookie);
+    }
+    PROCEED
 }
 
 #[inline(always)]

@@ -291,7 +291,7 @@ fn enforcer_restart_takes_over_capture() {
     ))
     .expect("pinned links")
     .count();
-    assert_eq!(links, 5, "exactly one set of pinned links after a restart");
+    assert_eq!(links, 6, "exactly one set of pinned links after a restart");
 }
 
 #[test]

@@ -1218,6 +1218,140 @@ fn a_connect_the_agent_never_accepts_leaves_no_record() {
     assert!(said.contains("OK 5 FAIL 0"), "after the sweep: {said}");
 }
 
+/// Holds captured connects to HOST:PORT until one fails (at most N), prints
+/// `FAILED <errno name> HELD <count>`, closes the ones held, prints `READY`,
+/// waits for the file GO, closes the failed socket and prints `CLOSED`.
+const PY_CONNECT_UNTIL_REFUSED: &str = r#"
+import errno, os, socket, sys, time
+host, port, n, go = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+held, failed, code = [], None, None
+for _ in range(n):
+    s = socket.socket()
+    try:
+        s.connect((host, port))
+    except OSError as e:
+        failed, code = s, errno.errorcode.get(e.errno, str(e.errno))
+        break
+    held.append(s)
+print("FAILED", code, "HELD", len(held), flush=True)
+for s in held:
+    s.close()
+print("READY", flush=True)
+deadline = time.time() + 60
+while not os.path.exists(go) and time.time() < deadline:
+    time.sleep(0.05)
+if failed is not None:
+    failed.close()
+print("CLOSED", flush=True)
+"#;
+
+#[test]
+fn a_connect_that_fails_before_the_handshake_leaves_no_record() {
+    // The connect hook stores a captured connect's record under its socket
+    // before the kernel picks a local port. When that fails (no port free
+    // for the agent's address: EADDRNOTAVAIL), no handshake starts, so the
+    // socket never asked to be told of its close, and its record stayed
+    // until the LRU evicted it. A workload that provokes this at will
+    // fills the map and evicts other workloads' records (their connects
+    // then fail closed). Here the node's port range is four ports wide.
+    let mut m = mesh("portsexhausted");
+    let (_, out) =
+        m.a.exec(
+            None,
+            &["sysctl", "-w", "net.ipv4.ip_local_port_range=61000 61003"],
+        )
+        .expect("sysctl (apt install procps)");
+    assert!(
+        out.status.success(),
+        "sysctl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let go = m.tb.dir.join("go");
+    let go_s = go.display().to_string();
+    m.tb.spawn(
+        &m.a,
+        Some("support-agent.service"),
+        "until-refused",
+        &[
+            "python3",
+            "-u",
+            "-c",
+            PY_CONNECT_UNTIL_REFUSED,
+            &m.b.ipv4,
+            "8080",
+            "64",
+            &go_s,
+        ],
+    )
+    .expect("the connects");
+    let log = |m: &Pair| m.tb.server_log(&m.a, "until-refused");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !log(&m).contains("READY") {
+        assert!(
+            Instant::now() < deadline,
+            "the connects did not finish: {}",
+            log(&m)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        log(&m).contains("FAILED EADDRNOTAVAIL HELD 4"),
+        "four connects hold the four ports, the fifth finds none: {}",
+        log(&m)
+    );
+    // The held connections' records go as they close; the failed
+    // connect's stays while its socket is open (a getpeername on it
+    // would read it).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n =
+            m.ea.metric("enforcer_capture_map_entries", &[("map", "by_cookie")])
+                .expect("metrics");
+        if n == 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the failed connect's record must be in the map while its socket is open ({n} records): {}",
+            log(&m)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::write(&go, b"").expect("the go file");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !log(&m).contains("CLOSED") {
+        assert!(
+            Instant::now() < deadline,
+            "the socket was not closed: {}",
+            log(&m)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pins = format!("/sys/fs/bpf/enforcer/v2/{}", m.tb.node_instance(&m.a));
+    assert_records_drain(
+        &m.ea,
+        &pins,
+        Duration::from_secs(30),
+        "30 s after the socket whose connect failed was closed",
+    );
+    // The ports back, the agent still serves the workload.
+    let (_, out) =
+        m.a.exec(
+            None,
+            &["sysctl", "-w", "net.ipv4.ip_local_port_range=32768 60999"],
+        )
+        .expect("sysctl");
+    assert!(out.status.success());
+    let (_, out) =
+        m.a.exec(
+            Some("support-agent.service"),
+            &["python3", "-c", PY_CONNECTS, &m.b.ipv4, "8080", "5", "stop"],
+        )
+        .expect("connects");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("OK 5 FAIL 0"), "afterwards: {said}");
+}
+
 #[test]
 fn a_log_output_that_takes_nothing_stalls_no_connection() {
     // The failure: runtime threads wrote their log lines to standard error

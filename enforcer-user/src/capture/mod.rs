@@ -18,7 +18,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, SkLookup, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
@@ -169,18 +169,20 @@ pub fn pin_dir(bpffs: &Path, node_name: &str) -> PathBuf {
         .join(node_name)
 }
 
-const ATTACHMENTS: [(&str, Attach); 5] = [
+const ATTACHMENTS: [(&str, Attach); 6] = [
     (programs::CONNECT4, Attach::SockAddr),
     (programs::CONNECT6, Attach::SockAddr),
     (programs::GETPEERNAME4, Attach::SockAddr),
     (programs::GETPEERNAME6, Attach::SockAddr),
     (programs::SOCK_OPS, Attach::SockOps),
+    (programs::SOCK_RELEASE, Attach::Sock),
 ];
 
 #[derive(Clone, Copy)]
 enum Attach {
     SockAddr,
     SockOps,
+    Sock,
 }
 
 /// The loaded and attached kernel side. Owns the eBPF object and the maps the
@@ -297,6 +299,7 @@ impl Capture {
             let link = match kind {
                 Attach::SockAddr => load_attach!(CgroupSockAddr),
                 Attach::SockOps => load_attach!(SockOps),
+                Attach::Sock => load_attach!(CgroupSock),
             };
             links.push((name, link));
         }
