@@ -536,3 +536,65 @@ fn destination_that_aborts_resets_the_workload_connection_instead_of_closing_it(
     let line = enf.connection_line(|v| v["pid"] == pid);
     assert_eq!(line["outcome"], "error", "{line}");
 }
+
+/// Removes what is left under a pin directory of another layout version
+/// (the test's stand-in for an older release's pins) when dropped.
+struct OtherLayoutPins(std::path::PathBuf);
+
+impl Drop for OtherLayoutPins {
+    fn drop(&mut self) {
+        for sub in ["links", "programs", "maps", "pods"] {
+            if let Ok(entries) = std::fs::read_dir(self.0.join(sub)) {
+                for e in entries.flatten() {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+            let _ = std::fs::remove_dir(self.0.join(sub));
+        }
+        let _ = std::fs::remove_dir(&self.0);
+        if let Some(version_dir) = self.0.parent() {
+            let _ = std::fs::remove_dir(version_dir);
+        }
+    }
+}
+
+#[test]
+fn an_agent_retires_the_pins_of_another_layout_version() {
+    // The failure: an agent of a release with another `LAYOUT_VERSION`
+    // (its pins under `enforcer/v<N>/<node>`) left its programs attached
+    // when it stopped, as every agent does (fail closed). The next agent,
+    // of this release, attached its own beside them. The old connect
+    // program, attached first, runs first: it redirected every captured
+    // connect and recorded it in its own maps, which this agent does not
+    // read, so every captured connection was refused. Here the previous
+    // release's pins are this release's, moved to a `v1` directory: still
+    // attached, with maps of their own.
+    let (mut tb, a, b, enf) = two_nodes("layoutbump");
+    tb.stop(enf.pid).expect("stop");
+    let instance = tb.node_instance(&a);
+    let ours = format!("/sys/fs/bpf/enforcer/v2/{instance}");
+    let other = std::path::PathBuf::from(format!("/sys/fs/bpf/enforcer/v1/{instance}"));
+    std::fs::create_dir_all("/sys/fs/bpf/enforcer/v1").expect("bpffs v1 directory");
+    std::fs::rename(&ours, &other).expect("move the pins to v1 (bpffs renames)");
+    let _cleanup = OtherLayoutPins(other.clone());
+    assert!(
+        other.join("links").join("enf_connect4").exists(),
+        "the other version's connect program is pinned, hence attached"
+    );
+    let cfg = tb.dir.join("a.toml");
+    let enf2 = tb
+        .start_enforcer(&a, &cfg)
+        .expect("the agent of this release");
+    let url = format!("http://{}:8080/", b.ipv4);
+    let pid = a.get_ok(Some("client.service"), &url);
+    assert_captured(&enf2, pid, "client.service", &format!("{}:8080", b.ipv4));
+    assert!(
+        !other.exists(),
+        "the other version's pins are retired: {:?}",
+        std::fs::read_dir(&other).map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+    );
+    let retired = enf2.log_lines().into_iter().any(|l| {
+        l["message"] == "retired the kernel programs of another layout version" && l["version"] == 1
+    });
+    assert!(retired, "the agent says what it retired");
+}

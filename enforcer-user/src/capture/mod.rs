@@ -331,8 +331,10 @@ impl Capture {
         }
         info!(cgroup = %cgroup.path.display(), "kernel programs attached");
 
-        // New programs are live; now retire the previous instance's pins.
+        // New programs are live; now retire the previous instance's pins,
+        // and those of another release's layout on this node.
         remove_pins(&pin_dir);
+        retire_other_layouts(bpffs, node_name);
         for sub in ["links", "programs", "maps"] {
             let d = pin_dir.join(sub);
             std::fs::create_dir_all(&d).map_err(|e| CaptureError::Pin {
@@ -880,25 +882,74 @@ pub fn remove_pins(dir: &Path) {
     }
 }
 
+/// Removes the pins of this node's instance under every other layout
+/// version: those of an agent of another release that ran here. Its
+/// programs stay attached after it stops (fail closed), and its connect
+/// program, attached before this agent's, would run first and record every
+/// captured connect in maps this agent does not read. Called once this
+/// agent's programs are attached; a connect redirected by the old programs
+/// in between is lost (its record is in the old maps), and a workload
+/// socket connected under them reads the agent's address from
+/// `getpeername` once they are gone.
+fn retire_other_layouts(bpffs: &Path, node_name: &str) {
+    let root = bpffs.join("enforcer");
+    let Ok(entries) = std::fs::read_dir(&root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(version) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix('v'))
+            .and_then(|v| v.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let dir = entry.path().join(node_name);
+        if version == LAYOUT_VERSION || !dir.exists() {
+            continue;
+        }
+        match remove_instance(&dir) {
+            Ok(()) => warn!(
+                version,
+                dir = %dir.display(),
+                "retired the kernel programs of another layout version"
+            ),
+            Err(e) => warn!(
+                version,
+                error = %e,
+                "the kernel programs of another layout version could not all be retired; captured connects may fail until they are (`enforcer detach` with that release)"
+            ),
+        }
+        // The version's directory goes with its last instance.
+        let _ = std::fs::remove_dir(entry.path());
+    }
+}
+
 /// `enforcer detach`: removes the pins of an instance and its directory.
 pub fn detach(bpffs: &Path, node_name: &str) -> Result<bool, CaptureError> {
     let dir = pin_dir(bpffs, node_name);
     if !dir.exists() {
         return Ok(false);
     }
-    remove_pins(&dir);
-    // The pods' steering links too (`Capture::steer_pod`).
+    remove_instance(&dir)?;
+    Ok(true)
+}
+
+/// Removes every pin of an instance, its pods' steering links
+/// (`Capture::steer_pod`) included, and its directory.
+fn remove_instance(dir: &Path) -> Result<(), CaptureError> {
+    remove_pins(dir);
     if let Ok(entries) = std::fs::read_dir(dir.join("pods")) {
         for e in entries.flatten() {
             let _ = std::fs::remove_file(e.path());
         }
     }
     let _ = std::fs::remove_dir(dir.join("pods"));
-    std::fs::remove_dir(&dir).map_err(|e| CaptureError::Pin {
-        path: dir.clone(),
+    std::fs::remove_dir(dir).map_err(|e| CaptureError::Pin {
+        path: dir.to_path_buf(),
         message: format!("remove: {e}"),
-    })?;
-    Ok(true)
+    })
 }
 
 /// Resolves cgroup ids (kernel facts) to paths relative to the cgroup2 mount,
