@@ -67,6 +67,8 @@ elif mode.startswith("gzip"):
 
     async def app(scope, receive, send):
         if mode == "gzip-always" and scope.get("type") == "http":
+            asked = b", ".join(v for k, v in scope["headers"] if k.lower() == b"accept-encoding")
+            print("FORCED gzip, asked for:", asked.decode("latin-1"), flush=True)
             headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"accept-encoding"]
             scope = dict(scope, headers=headers + [(b"accept-encoding", b"gzip")])
         await inner(scope, receive, send)

@@ -302,6 +302,8 @@ if __name__ == "__main__":
 
         async def served(scope, receive, send):
             if scope.get("type") == "http" and (b"x-force-gzip", b"1") in scope["headers"]:
+                asked = b", ".join(v for k, v in scope["headers"] if k == b"accept-encoding")
+                log(forced_gzip=True, accept_encoding=asked.decode("latin-1"))
                 headers = [(k, v) for k, v in scope["headers"] if k != b"accept-encoding"]
                 scope = dict(scope, headers=headers + [(b"accept-encoding", b"gzip")])
             await gzipped(scope, receive, send)

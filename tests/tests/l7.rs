@@ -1005,7 +1005,8 @@ fn an_mcp_server_that_compresses_has_its_lists_filtered_not_passed() {
     // compressed bytes: not JSON, not SSE events it could see into. Now the
     // agent asks the server for `identity` on every request whose answer it
     // reads, so the list is filtered; a server that compresses anyway has
-    // its answer refused, never passed unread.
+    // its answer decoded and filtered (it was refused, never passed unread,
+    // before the agent decoded answers).
     let (mut m, _policy) = l7_pair("l7-mcpgzip");
     let mcp_tools = helper("mcp_tools.py");
     m.tb.start_server_in(
@@ -1058,31 +1059,33 @@ fn an_mcp_server_that_compresses_has_its_lists_filtered_not_passed() {
             "{mode}: {said}"
         );
         assert_eq!(v["calls"][0]["ok"], true, "{mode}: {said}");
-        // A server that compresses whatever it is asked: refused.
+        // A server that compresses whatever it is asked: decoded, the
+        // list filtered, the call answered.
         let (out, said) = run(8003, mode);
-        assert!(
-            !said.contains("delete_doc"),
-            "{mode}: the support agent was shown a tool its policy hides: {said}"
+        assert!(out.status.success(), "{mode}, gzip always: {said}");
+        let v = json_out(&out);
+        assert_eq!(
+            v["tools"],
+            serde_json::json!(["search_docs"]),
+            "{mode}, gzip always: the support agent must see only what it may call: {said}"
         );
-        assert!(
-            !out.status.success(),
-            "{mode}: the compressed list should have been refused: {said}"
-        );
+        assert_eq!(v["calls"][0]["ok"], true, "{mode}, gzip always: {said}");
     }
-    enforcer_tests::settle_logs();
-    let refused =
-        m.eb.log_lines()
-            .iter()
-            .filter(|l| {
-                l["message"] == "an MCP list answer could not be filtered; refused"
-                    && l["why"]
-                        .as_str()
-                        .is_some_and(|s| s.contains("content-encoding gzip"))
-            })
-            .count();
+    // The server was asked for identity and made to answer in gzip; the
+    // agent refused nothing.
     assert!(
-        refused >= 1,
-        "b's agent never said why it refused an answer"
+        m.tb.server_log(&m.b, "mcp-gzip-always")
+            .contains("FORCED gzip, asked for: identity"),
+        "{}",
+        m.tb.server_log(&m.b, "mcp-gzip-always")
+    );
+    enforcer_tests::settle_logs();
+    let lines = m.eb.log_lines();
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l["message"] == "an MCP list answer could not be filtered; refused"),
+        "b's agent refused an answer it can decode"
     );
 }
 

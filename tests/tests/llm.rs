@@ -658,7 +658,7 @@ fn compressed_answers_are_metered_not_passed_unread() {
     // compressed bytes for `usage`, found none, and counted the completion
     // as 0 tokens: the batch agent's budget was never spent. Now the agent
     // asks for `identity` on every metered call, and an answer compressed
-    // anyway is refused (502), never passed unmetered.
+    // anyway is decoded, metered and passed on plain (before, refused 502).
     let s = setup_with(&["--gzip"]);
     let r = calls(
         &s,
@@ -701,7 +701,8 @@ fn compressed_answers_are_metered_not_passed_unread() {
     );
     assert_eq!(spent["status"], 429, "{spent}");
     // A server that compresses whatever it is asked (`x-force-gzip`): its
-    // answers, JSON and streamed, are refused, not passed unmetered.
+    // answers, JSON and streamed, are decoded, metered and passed on plain
+    // (they were refused with a 502 before the agent decoded them).
     let forced = calls(
         &s,
         "support-agent.service",
@@ -712,22 +713,33 @@ fn compressed_answers_are_metered_not_passed_unread() {
         ],
     );
     for (i, x) in forced.iter().enumerate() {
-        assert_eq!(x["ok"], false, "forced {i}: {x}");
-        assert_eq!(x["status"], 502, "forced {i}: {x}");
+        assert_eq!(x["ok"], true, "forced {i}: {x}");
         assert!(
-            x["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("content-encoding gzip")),
+            x["text"].as_str().is_some_and(|t| t.ends_with('3')),
             "forced {i}: {x}"
         );
     }
-    wait_for("the refused answers' usage lines", || {
+    // The server did compress them: each request asked for identity and
+    // was answered in gzip anyway.
+    enforcer_tests::settle_logs();
+    let forced_seen = server_log(&s)
+        .iter()
+        .filter(|l| l["forced_gzip"] == true && l["accept_encoding"] == "identity")
+        .count();
+    assert_eq!(forced_seen, 2, "{:?}", server_log(&s));
+    // Metered from the decoded answers: the JSON one's `usage`, the
+    // stream's usage chunk the agent asked for.
+    wait_for("the decoded answers' usage lines", || {
         usage_lines(&s)
             .iter()
-            .filter(|u| u["source"] == SUPPORT && u["outcome"] == "refused_encoded")
+            .filter(|u| u["source"] == SUPPORT && u["counted_by"] == "usage")
             .count()
             == 2
     });
+    for u in usage_lines(&s).iter().filter(|u| u["source"] == SUPPORT) {
+        assert_eq!(u["completion_tokens"], 3, "{u}");
+        assert_ne!(u["outcome"], "refused_encoded", "{u}");
+    }
 }
 
 #[test]

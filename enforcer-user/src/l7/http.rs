@@ -260,7 +260,7 @@ enum Sender {
 
 /// A body as far as it was read: a request's as policy sees it, an LLM
 /// answer's as it is metered.
-pub(super) struct ReadBody {
+pub(super) struct ReadBody<B = Incoming> {
     /// The frames read (data, and trailers if the body ended).
     frames: Vec<Frame<Bytes>>,
     /// The data read, up to the bound.
@@ -268,10 +268,14 @@ pub(super) struct ReadBody {
     /// Data bytes read in all.
     read: usize,
     /// The rest, when the body is larger than the bound.
-    rest: Option<Incoming>,
+    rest: Option<B>,
 }
 
-impl ReadBody {
+impl<B> ReadBody<B>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     pub(super) fn truncated(&self) -> bool {
         self.rest.is_some()
     }
@@ -283,11 +287,7 @@ impl ReadBody {
             rest => {
                 let head = futures_util::stream::iter(self.frames.into_iter().map(Ok));
                 let tail = rest
-                    .map(|b| {
-                        BodyStream::new(b)
-                            .map(|r| r.map_err(BoxError::from))
-                            .boxed()
-                    })
+                    .map(|b| BodyStream::new(b).map(|r| r.map_err(Into::into)).boxed())
                     .unwrap_or_else(|| futures_util::stream::empty().boxed());
                 UnsyncBoxBody::new(StreamBody::new(head.chain(tail)))
             }
@@ -296,10 +296,11 @@ impl ReadBody {
 }
 
 /// Reads a body until it ends or passes `limit` bytes.
-pub(super) async fn read_bounded(
-    mut body: Incoming,
-    limit: usize,
-) -> Result<ReadBody, hyper::Error> {
+pub(super) async fn read_bounded<B>(mut body: B, limit: usize) -> Result<ReadBody<B>, B::Error>
+where
+    B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     let mut frames = Vec::new();
     let mut seen = BytesMut::new();
     let mut read = 0usize;
@@ -554,8 +555,9 @@ fn set_path(uri: &mut http::Uri, path: String) -> Result<(), String> {
 }
 
 /// A body's content coding other than `identity` (`gzip`, `br`, `gzip, br`…),
-/// as its `Content-Encoding` headers name it; `None` for a plain body.
-/// enforcer decodes none: a body it must read is read only when plain.
+/// as its `Content-Encoding` headers name it; `None` for a plain body. A
+/// request body policy reads is read only when plain; an answer the agent
+/// reads is decoded ([`super::decode`]).
 pub(super) fn content_coding(headers: &HeaderMap) -> Option<String> {
     if !headers.contains_key(header::CONTENT_ENCODING) {
         return None;

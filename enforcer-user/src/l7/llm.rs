@@ -25,6 +25,7 @@ use sse_stream::{Sse, SseBody, SseStream};
 use tracing::{debug, info, warn};
 
 use super::{
+    decode::{Answer, AnswerError},
     http::{Body, BoxError, ReadBody, Session, body_json, json_response},
     tokens,
 };
@@ -606,27 +607,32 @@ pub async fn account(
         call.finish(session, None, 0, None, "error_status");
         return Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
     }
-    // Asked for plain (`Accept-Encoding: identity`), compressed anyway: its
-    // usage cannot be read, so it is not passed on unmetered.
-    if let Some(coding) = super::http::content_coding(&parts.headers) {
-        warn!(
-            request_id = call.request_id,
-            coding, "a metered LLM answer came compressed although identity was asked for; refused"
-        );
-        let request_id = call.request_id.clone();
-        session.count("upstream_error");
-        call.finish(session, None, 0, None, "refused_encoded");
-        return openai_error(
-            StatusCode::BAD_GATEWAY,
-            &format!(
-                "the model's answer came with content-encoding {coding} although identity was \
-                 asked for: enforcer meters answers and does not decode them"
-            ),
-            "server_error",
-            "answer_not_meterable",
-            &[("request_id", &request_id)],
-        );
-    }
+    // Asked for plain (`Accept-Encoding: identity`), compressed anyway: read
+    // decoded, and passed on so. A coding not decoded here cannot be read,
+    // so it is not passed on unmetered.
+    let body = match Answer::new(&mut parts.headers, body) {
+        Ok(b) => b,
+        Err(coding) => {
+            warn!(
+                request_id = call.request_id,
+                coding,
+                "a metered LLM answer came in a content coding enforcer does not decode; refused"
+            );
+            let request_id = call.request_id.clone();
+            session.count("upstream_error");
+            call.finish(session, None, 0, None, "refused_encoded");
+            return openai_error(
+                StatusCode::BAD_GATEWAY,
+                &format!(
+                    "the model's answer came with content-encoding {coding} although identity was \
+                     asked for: enforcer meters answers and decodes only gzip, deflate, br and zstd"
+                ),
+                "server_error",
+                "answer_not_meterable",
+                &[("request_id", &request_id)],
+            );
+        }
+    };
     if super::http::content_type(&parts.headers) == "text/event-stream" {
         parts.headers.remove(header::CONTENT_LENGTH);
         let metered = Metered {
@@ -780,7 +786,7 @@ fn usage_in_tail(tail: &[u8]) -> Option<(u64, u64)> {
 /// An answer that broke off while it was read: its head, then a body that
 /// fails, so the client's connection is reset rather than ended as if the
 /// answer were complete.
-fn broken_answer(mut parts: response::Parts, e: hyper::Error) -> Response<Body> {
+fn broken_answer(mut parts: response::Parts, e: AnswerError) -> Response<Body> {
     parts.headers.remove(header::CONTENT_LENGTH);
     let failing = futures_util::stream::once(async move {
         Err::<hyper::body::Frame<Bytes>, BoxError>(BoxError::from(e))
@@ -793,7 +799,7 @@ fn broken_answer(mut parts: response::Parts, e: hyper::Error) -> Response<Body> 
 
 /// A streamed answer, metered event by event.
 struct Metered {
-    inner: SseStream<Incoming>,
+    inner: SseStream<Answer>,
     session: Arc<Session>,
     adder: Adder,
     /// A Responses API stream (else chat or completions chunks).

@@ -16,7 +16,10 @@ use serde_json::{Map, Value, json};
 use sse_stream::{SseBody, SseStream};
 use tracing::{info, warn};
 
-use super::http::{Body, BoxError, Session, full, json_response};
+use super::{
+    decode::Answer,
+    http::{Body, BoxError, Session, full, json_response},
+};
 
 /// JSON-RPC: the body is not JSON.
 pub const PARSE_ERROR: i64 = -32700;
@@ -565,16 +568,22 @@ pub async fn filter_response(
             &json!({"error": "bad_gateway", "reason": why, "request_id": request_id}),
         )
     };
-    // Asked for plain (`Accept-Encoding: identity`), compressed anyway: an
-    // answer that is read here — a stream, a list — cannot be.
-    if let Some(coding) = super::http::content_coding(&parts.headers)
-        && (ct == "text/event-stream" || !lists.ids.is_empty())
-    {
-        return refuse(format!(
-            "the server answered with content-encoding {coding} although identity was asked for: \
-             enforcer reads MCP answers to filter them and does not decode them"
-        ));
+    // An answer that is not read here (neither a stream nor a list) passes
+    // as it came, compressed or not.
+    if ct != "text/event-stream" && lists.ids.is_empty() {
+        return Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
     }
+    // Asked for plain (`Accept-Encoding: identity`), compressed anyway: read
+    // decoded, and passed on so; in a coding not decoded here, refused.
+    let body = match Answer::new(&mut parts.headers, body) {
+        Ok(b) => b,
+        Err(coding) => {
+            return refuse(format!(
+                "the server answered with content-encoding {coding} although identity was asked for: \
+                 enforcer reads MCP answers to filter them and decodes only gzip, deflate, br and zstd"
+            ));
+        }
+    };
     if ct == "text/event-stream" {
         parts.headers.remove(header::CONTENT_LENGTH);
         let lists = Arc::new(lists);
@@ -615,9 +624,6 @@ pub async fn filter_response(
             .map_err(BoxError::from)
             .boxed_unsync();
         return Response::from_parts(parts, body);
-    }
-    if lists.ids.is_empty() {
-        return Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
     }
     let bytes = match Limited::new(body, MAX_LIST_ANSWER).collect().await {
         Ok(c) => c.to_bytes(),

@@ -1,0 +1,338 @@
+//! Answers compressed although `identity` was asked for, decoded where the
+//! agent must read them: an LLM answer it meters, an MCP stream or list it
+//! filters. The agent asks every such server for `Accept-Encoding:
+//! identity`; a server that compresses anyway (a compressing proxy in
+//! front of it, a framework's middleware that ignores the header) has its
+//! answer decoded here and passed on plain, its `Content-Encoding` and
+//! `Content-Length` removed — a client may always receive `identity`.
+//!
+//! Decoded: `gzip` (`x-gzip`), `deflate` (zlib, as RFC 9110 defines it),
+//! `br` and `zstd`, at most [`MAX_LAYERS`] of them stacked. Anything else
+//! is refused by the caller, never passed on unread. A zstd frame may ask
+//! for a window of at most 8 MiB (RFC 8878 §3.1.1.1.2's limit for HTTP), so
+//! a server cannot make an answer's decoder hold more. A stream that ends
+//! inside a compressed frame, or that does not decode, fails the answer:
+//! the client's connection is reset, never ended as if complete.
+use std::{
+    io,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use async_compression::tokio::bufread::{BrotliDecoder, GzipDecoder, ZlibDecoder, ZstdDecoder};
+use bytes::Bytes;
+use futures_util::{Stream, TryStreamExt};
+use http::{HeaderMap, header};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::BodyDataStream;
+use hyper::body::Incoming;
+use tokio::io::{AsyncBufRead, BufReader};
+use tokio_util::io::{ReaderStream, StreamReader};
+
+/// Codings stacked on one answer that are decoded; more are refused.
+pub const MAX_LAYERS: usize = 2;
+
+/// log2 of the largest zstd window a frame may ask for (8 MiB).
+const ZSTD_WINDOW_LOG_MAX: u32 = 23;
+
+/// A content coding the agent decodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Coding {
+    Gzip,
+    Deflate,
+    Br,
+    Zstd,
+}
+
+impl Coding {
+    fn parse(name: &str) -> Option<Self> {
+        match name {
+            "gzip" | "x-gzip" => Some(Self::Gzip),
+            "deflate" => Some(Self::Deflate),
+            "br" => Some(Self::Br),
+            "zstd" => Some(Self::Zstd),
+            _ => None,
+        }
+    }
+}
+
+/// The codings of a body's `Content-Encoding` in the order they were
+/// applied (`identity` left out; empty for a plain body), or, when one is
+/// not decoded here or too many are stacked, their names.
+pub fn codings(headers: &HeaderMap) -> Result<Vec<Coding>, String> {
+    let Some(names) = super::http::content_coding(headers) else {
+        return Ok(Vec::new());
+    };
+    let codings: Option<Vec<Coding>> = names.split(", ").map(Coding::parse).collect();
+    match codings {
+        Some(c) if c.len() <= MAX_LAYERS => Ok(c),
+        _ => Err(names),
+    }
+}
+
+/// A server's answer as the agent reads it: as it came, or decoded.
+pub enum Answer {
+    Plain(Incoming),
+    Decoded(Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>),
+}
+
+/// Why an answer's body failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AnswerError {
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+    #[error("the answer's content does not decode: {0}")]
+    Decode(io::Error),
+}
+
+impl Answer {
+    /// The answer to read: plain when it came plain, decoded (its
+    /// `Content-Encoding` and `Content-Length` removed from `headers`) when
+    /// it came in codings decoded here; `Err` with the codings' names
+    /// otherwise (`headers` unchanged).
+    pub fn new(headers: &mut HeaderMap, body: Incoming) -> Result<Self, String> {
+        let codings = codings(headers)?;
+        if codings.is_empty() {
+            return Ok(Self::Plain(body));
+        }
+        headers.remove(header::CONTENT_ENCODING);
+        headers.remove(header::CONTENT_LENGTH);
+        Ok(Self::Decoded(decoded(body, &codings)))
+    }
+}
+
+/// The data of `body` with `codings` (in the order applied) undone.
+fn decoded<B>(body: B, codings: &[Coding]) -> Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>
+where
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let data = BodyDataStream::new(body).map_err(io::Error::other);
+    let mut reader: Pin<Box<dyn AsyncBufRead + Send>> = Box::pin(StreamReader::new(data));
+    for coding in codings.iter().rev() {
+        reader = match coding {
+            Coding::Gzip => {
+                let mut d = GzipDecoder::new(reader);
+                d.multiple_members(true);
+                Box::pin(BufReader::new(d))
+            }
+            Coding::Deflate => Box::pin(BufReader::new(ZlibDecoder::new(reader))),
+            Coding::Br => Box::pin(BufReader::new(BrotliDecoder::new(reader))),
+            Coding::Zstd => Box::pin(BufReader::new(ZstdDecoder::with_params(
+                reader,
+                &[async_compression::zstd::DParameter::window_log_max(
+                    ZSTD_WINDOW_LOG_MAX,
+                )],
+            ))),
+        };
+    }
+    Box::pin(ReaderStream::new(reader))
+}
+
+impl HttpBody for Answer {
+    type Data = Bytes;
+    type Error = AnswerError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, AnswerError>>> {
+        match self.get_mut() {
+            Self::Plain(b) => Pin::new(b).poll_frame(cx).map_err(AnswerError::Http),
+            Self::Decoded(s) => s
+                .as_mut()
+                .poll_next(cx)
+                .map(|o| o.map(|r| r.map(Frame::data).map_err(AnswerError::Decode))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Plain(b) => b.is_end_stream(),
+            Self::Decoded(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Plain(b) => b.size_hint(),
+            Self::Decoded(_) => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use async_compression::tokio::bufread::{BrotliEncoder, ZstdEncoder};
+    use http::HeaderValue;
+    use http_body_util::{Full, StreamBody};
+
+    use super::*;
+
+    fn headers(coding: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONTENT_ENCODING,
+            HeaderValue::from_str(coding).expect("value"),
+        );
+        h
+    }
+
+    #[test]
+    fn codings_decoded_and_refused() {
+        assert_eq!(codings(&HeaderMap::new()), Ok(vec![]));
+        assert_eq!(codings(&headers("identity")), Ok(vec![]));
+        assert_eq!(codings(&headers("GZIP")), Ok(vec![Coding::Gzip]));
+        assert_eq!(codings(&headers("x-gzip")), Ok(vec![Coding::Gzip]));
+        assert_eq!(
+            codings(&headers("deflate, br")),
+            Ok(vec![Coding::Deflate, Coding::Br])
+        );
+        assert_eq!(codings(&headers("zstd")), Ok(vec![Coding::Zstd]));
+        assert_eq!(codings(&headers("compress")), Err("compress".into()));
+        assert_eq!(codings(&headers("gzip, dcb")), Err("gzip, dcb".into()));
+        assert_eq!(
+            codings(&headers("gzip, gzip, gzip")),
+            Err("gzip, gzip, gzip".into()),
+            "more layers than decoded"
+        );
+    }
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(data).expect("gzip");
+        e.finish().expect("gzip")
+    }
+
+    fn zlib(data: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(data).expect("zlib");
+        e.finish().expect("zlib")
+    }
+
+    /// The body's chunks, one frame each, through the decoder.
+    async fn decode(chunks: Vec<Vec<u8>>, codings: &[Coding]) -> io::Result<Vec<u8>> {
+        let frames = futures_util::stream::iter(
+            chunks
+                .into_iter()
+                .map(|c| Ok::<_, io::Error>(Frame::data(Bytes::from(c)))),
+        );
+        let mut s = decoded(StreamBody::new(frames), codings);
+        let mut out = Vec::new();
+        while let Some(b) = futures_util::StreamExt::next(&mut s).await {
+            out.extend_from_slice(&b?);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn each_coding_and_a_stack_decode_across_chunk_boundaries() {
+        let text = br#"{"usage": {"prompt_tokens": 3, "completion_tokens": 5}}"#.repeat(50);
+        let split = |v: Vec<u8>| v.chunks(7).map(<[u8]>::to_vec).collect::<Vec<_>>();
+        assert_eq!(
+            decode(split(gzip(&text)), &[Coding::Gzip])
+                .await
+                .expect("gzip"),
+            text
+        );
+        assert_eq!(
+            decode(split(zlib(&text)), &[Coding::Deflate])
+                .await
+                .expect("zlib"),
+            text
+        );
+        // Two gzip members, as a server that compresses each write alone.
+        let mut two = gzip(&text[..100]);
+        two.extend(gzip(&text[100..]));
+        assert_eq!(
+            decode(split(two), &[Coding::Gzip]).await.expect("members"),
+            text
+        );
+        // `Content-Encoding: deflate, gzip`: zlib applied first, then gzip.
+        let stacked = gzip(&zlib(&text));
+        assert_eq!(
+            decode(split(stacked), &[Coding::Deflate, Coding::Gzip])
+                .await
+                .expect("stack"),
+            text
+        );
+        let br = encode(BrotliEncoder::new(&text[..])).await;
+        assert_eq!(decode(split(br), &[Coding::Br]).await.expect("br"), text);
+        let zst = encode(ZstdEncoder::new(&text[..])).await;
+        assert_eq!(
+            decode(split(zst), &[Coding::Zstd]).await.expect("zstd"),
+            text
+        );
+    }
+
+    async fn encode(mut e: impl tokio::io::AsyncRead + Unpin) -> Vec<u8> {
+        let mut out = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut e, &mut out)
+            .await
+            .expect("encode");
+        out
+    }
+
+    #[tokio::test]
+    async fn a_cut_or_garbled_answer_fails_never_ends_as_complete() {
+        let text = b"data: {\"choices\": []}\n\n".repeat(40);
+        let mut cut = gzip(&text);
+        cut.truncate(cut.len() - 8); // the trailer (CRC, length) gone
+        assert!(decode(vec![cut], &[Coding::Gzip]).await.is_err(), "cut");
+        assert!(
+            decode(vec![b"not gzip at all".to_vec()], &[Coding::Gzip])
+                .await
+                .is_err(),
+            "garbage"
+        );
+        assert!(
+            decode(vec![b"\x1f\x8b".to_vec()], &[Coding::Gzip])
+                .await
+                .is_err(),
+            "a header alone"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_zstd_frame_asking_for_a_large_window_is_refused() {
+        // A frame compressed with a 32 MiB window (long-distance mode)
+        // asks the decoder for that much memory: refused.
+        use async_compression::zstd::CParameter;
+        let text = vec![b'a'; 1 << 20];
+        let big = encode(ZstdEncoder::with_quality_and_params(
+            &text[..],
+            async_compression::Level::Default,
+            &[
+                CParameter::window_log(25),
+                CParameter::enable_long_distance_matching(true),
+            ],
+        ))
+        .await;
+        assert!(decode(vec![big], &[Coding::Zstd]).await.is_err());
+        // The same text with an 8 MiB window decodes.
+        let ok = encode(ZstdEncoder::with_quality_and_params(
+            &text[..],
+            async_compression::Level::Default,
+            &[CParameter::window_log(ZSTD_WINDOW_LOG_MAX)],
+        ))
+        .await;
+        assert_eq!(
+            decode(vec![ok], &[Coding::Zstd])
+                .await
+                .expect("8 MiB window"),
+            text
+        );
+    }
+
+    #[tokio::test]
+    async fn a_plain_answer_passes_as_it_came() {
+        let body = Full::new(Bytes::from_static(b"{}"));
+        let collected = decoded(body, &[])
+            .try_collect::<Vec<_>>()
+            .await
+            .expect("plain");
+        assert_eq!(collected.concat(), b"{}");
+    }
+}
