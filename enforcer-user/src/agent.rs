@@ -289,6 +289,12 @@ async fn identity_manager(
 /// Runs the agent until SIGTERM or SIGINT. Pinned kernel programs stay
 /// attached afterwards (fail closed); `enforcer detach` removes them.
 pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
+    // SIGHUP (logrotate) and SIGUSR2 (an upgrade) are handled from the
+    // start: their default action ends the process. One that arrives while
+    // the agent starts is acted on once it serves.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut usr2 = signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?;
     let Preflight {
         cgroup,
         rules,
@@ -652,6 +658,11 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         policy.clone(),
     ));
 
+    // SIGTERM and SIGINT are handled from here, before the agent says it is
+    // ready (one sent at once must drain it, not kill it); during start
+    // they still end it at once.
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     state.ready.store(true, Ordering::Release);
     match inherited {
         None => notify_systemd(vec![sd_notify::NotifyState::Ready]).await,
@@ -689,10 +700,6 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         "enforcer ready"
     );
 
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    let mut usr2 = signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?;
     loop {
         tokio::select! {
             _ = term.recv() => {
@@ -700,7 +707,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
                 notify_systemd(vec![sd_notify::NotifyState::Stopping]).await;
                 break;
             }
-            _ = tokio::signal::ctrl_c() => {
+            _ = int.recv() => {
                 info!("SIGINT received; stopping (captured connects are refused from now until the agent is back)");
                 notify_systemd(vec![sd_notify::NotifyState::Stopping]).await;
                 break;
@@ -732,7 +739,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         info!("handed over and drained; waiting for SIGTERM (runtime.after_handover = \"wait\")");
         tokio::select! {
             _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+            _ = int.recv() => {}
         }
     }
     // Whatever the audit thread still holds is written before the exit.

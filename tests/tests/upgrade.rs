@@ -204,6 +204,18 @@ fn upgrade_that_changes_the_mark_is_refused_and_the_agent_keeps_serving() {
     );
 }
 
+/// The signals a process handles (`SigCgt` of /proc/PID/status).
+fn signals_caught(pid: u32) -> u64 {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the agent's status");
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .expect("SigCgt")
+        .trim();
+    u64::from_str_radix(hex, 16).expect("SigCgt in hex")
+}
+
 #[test]
 fn sigusr2_starts_a_successor_that_systemd_follows() {
     // systemd's way in: SIGUSR2 to the main process starts the installed
@@ -232,6 +244,22 @@ fn sigusr2_starts_a_successor_that_systemd_follows() {
             .collect()
     };
     assert!(next("READY=1").iter().any(|l| l == "READY=1"));
+    // At READY=1 the agent handles the signals systemd and logrotate send:
+    // their default action ends the process. (The failure, seen once in a
+    // full run: the agent said READY=1 before it installed its handlers, so
+    // the SIGUSR2 sent at once killed it.)
+    let caught = signals_caught(old.pid);
+    for (sig, name) in [
+        (1, "SIGHUP"),
+        (2, "SIGINT"),
+        (12, "SIGUSR2"),
+        (15, "SIGTERM"),
+    ] {
+        assert!(
+            caught & (1 << (sig - 1)) != 0,
+            "{name} is not handled when the agent says READY=1 (SigCgt {caught:#x})"
+        );
+    }
 
     tb.signal(old.pid, nix::sys::signal::Signal::SIGUSR2)
         .expect("SIGUSR2");
