@@ -228,22 +228,32 @@ fn sigusr2_starts_a_successor_that_systemd_follows() {
     let sock = UnixDatagram::bind(&sock_path).expect("notify socket");
     sock.set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
+    // The notify socket's queue is filled first, so the agent's READY=1
+    // waits in its send until the test reads: the moment it says it is
+    // ready is held still, and what it handles then can be looked at.
+    // (A sender's own buffer holds a few hundred; the receiver's queue,
+    // `net.unix.max_dgram_qlen`, more: senders are added until a fresh one
+    // finds the queue full.)
+    let mut fillers = Vec::new();
+    let full = loop {
+        let filler = UnixDatagram::unbound().expect("a datagram socket");
+        filler.set_nonblocking(true).expect("non-blocking");
+        let mut sent = 0;
+        while filler.send_to(b"FILL", &sock_path).is_ok() {
+            sent += 1;
+        }
+        fillers.push(filler);
+        if sent == 0 || fillers.len() > 1000 {
+            break sent == 0;
+        }
+    };
+    assert!(full, "the notify socket's queue never filled");
     let cfg = tb.enforcer_config(&a, "").expect("config");
     let notify = sock_path.display().to_string();
     let old = tb
         .start_enforcer_env(&a, &cfg, None, &[("NOTIFY_SOCKET", notify.as_str())])
         .expect("agent");
-    let next = |what: &str| -> Vec<String> {
-        let mut buf = [0u8; 512];
-        let n = sock
-            .recv(&mut buf)
-            .unwrap_or_else(|e| panic!("{what} within 30 s: {e}"));
-        String::from_utf8_lossy(&buf[..n])
-            .lines()
-            .map(str::to_owned)
-            .collect()
-    };
-    assert!(next("READY=1").iter().any(|l| l == "READY=1"));
+    // Ready (its /readyz answers), and its READY=1 waiting for room.
     // At READY=1 the agent handles the signals systemd and logrotate send:
     // their default action ends the process. (The failure, seen once in a
     // full run: the agent said READY=1 before it installed its handlers, so
@@ -260,6 +270,21 @@ fn sigusr2_starts_a_successor_that_systemd_follows() {
             "{name} is not handled when the agent says READY=1 (SigCgt {caught:#x})"
         );
     }
+    let next = |what: &str| -> Vec<String> {
+        let mut buf = [0u8; 512];
+        loop {
+            let n = sock
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("{what} within 30 s: {e}"));
+            if &buf[..n] != b"FILL" {
+                return String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .map(str::to_owned)
+                    .collect();
+            }
+        }
+    };
+    assert!(next("READY=1").iter().any(|l| l == "READY=1"));
 
     tb.signal(old.pid, nix::sys::signal::Signal::SIGUSR2)
         .expect("SIGUSR2");
