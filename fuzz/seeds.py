@@ -122,5 +122,60 @@ def hbone():
     put("hbone", "connects", data[len(preface):] if data.startswith(preface) else data)
 
 
-for name in sys.argv[1:] or ["config", "selectors", "certificate", "http_request", "hbone"]:
+def l7_answer():
+    """The first byte picks the request (enforcer-user/src/l7/http.rs
+    fuzz::ASKED): 0 chat, 1 chat streamed, 2 responses streamed,
+    3 embeddings, 4 MCP tools/list, 5 MCP resources/list, 6 MCP GET stream,
+    7 Chroma query, 8 Chroma collections. The rest is the server's answer."""
+    import gzip
+    import zlib
+
+    def http(status, ctype, body, extra=b"", chunked=False):
+        head = b"HTTP/1.1 %d OK\r\nContent-Type: %s\r\n" % (status, ctype) + extra
+        if chunked:
+            parts = [body[i:i + 40] for i in range(0, len(body), 40)]
+            data = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
+            return head + b"Transfer-Encoding: chunked\r\n\r\n" + data
+        return head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+    usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    chat = json.dumps({"id": "c1", "object": "chat.completion", "model": "gpt-4o-mini",
+                       "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello there"},
+                                    "finish_reason": "stop"}], "usage": usage}).encode()
+    put("l7_answer", "chat", b"\x00" + http(200, b"application/json", chat))
+    put("l7_answer", "chat-gzip", b"\x00" + http(200, b"application/json", gzip.compress(chat), b"Content-Encoding: gzip\r\n"))
+    put("l7_answer", "chat-deflate-chunked", b"\x00" + http(200, b"application/json", zlib.compress(chat), b"Content-Encoding: deflate\r\n", True))
+    put("l7_answer", "chat-error", b"\x00" + http(429, b"application/json", b'{"error": {"message": "slow down"}}'))
+    events = b"".join(b"data: %s\n\n" % json.dumps(
+        {"id": "c1", "object": "chat.completion.chunk", "model": "gpt-4o-mini",
+         "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}], "usage": None}).encode()
+        for w in ["hel", "lo", " there"])
+    events += b"data: %s\n\n" % json.dumps({"id": "c1", "object": "chat.completion.chunk", "choices": [], "usage": usage}).encode()
+    events += b"data: [DONE]\n\n"
+    put("l7_answer", "chat-stream", b"\x01" + http(200, b"text/event-stream", events, chunked=True))
+    put("l7_answer", "chat-stream-gzip", b"\x01" + http(200, b"text/event-stream", gzip.compress(events), b"Content-Encoding: gzip\r\n", True))
+    resp = b"event: response.output_text.delta\ndata: %s\n\n" % json.dumps({"type": "response.output_text.delta", "delta": "hi"}).encode()
+    resp += b"event: response.completed\ndata: %s\n\n" % json.dumps(
+        {"type": "response.completed", "response": {"usage": {"input_tokens": 3, "output_tokens": 1}}}).encode()
+    put("l7_answer", "responses-stream", b"\x02" + http(200, b"text/event-stream", resp, chunked=True))
+    emb = json.dumps({"object": "list", "data": [{"embedding": [0.1, 0.2]}], "usage": {"prompt_tokens": 1, "total_tokens": 1}}).encode()
+    put("l7_answer", "embeddings", b"\x03" + http(200, b"application/json", emb))
+    tools = {"jsonrpc": "2.0", "id": 1, "result": {"tools": [
+        {"name": "search_docs", "inputSchema": {"type": "object"}},
+        {"name": "delete_doc", "inputSchema": {"type": "object"}}]}}
+    put("l7_answer", "mcp-tools-json", b"\x04" + http(200, b"application/json", json.dumps(tools).encode()))
+    put("l7_answer", "mcp-tools-sse", b"\x04" + http(200, b"text/event-stream",
+        b"event: message\ndata: %s\n\n" % json.dumps(tools).encode(), b"Mcp-Session-Id: s1\r\n", True))
+    put("l7_answer", "mcp-tools-br-missing", b"\x04" + http(200, b"application/json", b"\x0b\x02\x80{}\x03", b"Content-Encoding: br\r\n"))
+    res = {"jsonrpc": "2.0", "id": 7, "result": {"resources": [{"uri": "file:///a", "name": "a"}]}}
+    put("l7_answer", "mcp-resources", b"\x05" + http(200, b"application/json", json.dumps(res).encode()))
+    put("l7_answer", "mcp-get-stream", b"\x06" + http(200, b"text/event-stream",
+        b"data: %s\n\n" % json.dumps(tools).encode() + b": keep-alive\n\n", chunked=True))
+    query = json.dumps({"ids": [["a"]], "documents": [["d"]], "distances": [[0.1]]}).encode()
+    put("l7_answer", "chroma-query", b"\x07" + http(200, b"application/json", query))
+    cols = json.dumps([{"id": "7c0a1e5e-0000-4000-8000-000000000001", "name": "docs"}]).encode()
+    put("l7_answer", "chroma-collections", b"\x08" + http(200, b"application/json", cols))
+
+
+for name in sys.argv[1:] or ["config", "selectors", "certificate", "http_request", "hbone", "l7_answer"]:
     globals()[name]()

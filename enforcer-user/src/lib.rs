@@ -73,37 +73,102 @@ pub mod fuzzing {
     }
 
     /// Runs `serve` on the server end of an in-memory connection while the
-    /// client end sends `parts` in order, half-closes, and reads whatever
-    /// comes back until the server closes; at most 5 s.
+    /// client end sends `parts` in order, lets the server handle them,
+    /// half-closes, and reads whatever comes back until the server closes;
+    /// at most 5 s. Returns what the client read.
     pub(crate) async fn exchange<F>(
         parts: &[&[u8]],
         serve: impl FnOnce(tokio::io::DuplexStream) -> F,
-    ) where
+    ) -> Vec<u8>
+    where
         F: std::future::Future<Output = ()>,
     {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let mut sink = Vec::new();
         let feed = async {
             for p in parts {
                 let _ = client.write_all(p).await;
             }
+            // The server gets to handle what it read before it sees the
+            // end: hyper and h2 drop the requests in hand at a client's
+            // close. Both run in this task (`join!`), so each yield lets
+            // it go on; its work here is in memory.
+            for _ in 0..256 {
+                tokio::task::yield_now().await;
+            }
             let _ = client.shutdown().await;
-            let mut sink = Vec::new();
             let _ = client.read_to_end(&mut sink).await;
         };
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
             tokio::join!(serve(server), feed)
         })
         .await;
+        sink
     }
 
     /// A client's bytes to an L7 destination (HTTP/1.1 or h2c).
     pub fn http_request(data: &[u8]) {
-        RUNTIME.with(|rt| rt.block_on(crate::l7::http::fuzz::request(data)));
+        let _ = RUNTIME.with(|rt| rt.block_on(crate::l7::http::fuzz::request(data)));
+    }
+
+    /// A server's answer to an `llm`, `mcp` or `vectordb` request (the
+    /// first byte picks the request).
+    pub fn l7_answer(data: &[u8]) {
+        RUNTIME.with(|rt| rt.block_on(crate::l7::http::fuzz::answer(data)));
     }
 
     /// An HBONE client's bytes after the TLS handshake.
     pub fn hbone(data: &[u8]) {
-        RUNTIME.with(|rt| rt.block_on(crate::proxy::inbound::fuzz::hbone(data)));
+        let _ = RUNTIME.with(|rt| rt.block_on(crate::proxy::inbound::fuzz::hbone(data)));
+    }
+
+    /// Each harness reaches the code it fuzzes with a seed: a harness that
+    /// stops short (a client that closes before the server read its
+    /// request) fuzzes nothing. `cargo xtask test` runs these.
+    #[cfg(test)]
+    mod tests {
+        fn seed(target: &str, name: &str) -> Vec<u8> {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../fuzz/corpus")
+                .join(target)
+                .join(name);
+            std::fs::read(&path).unwrap_or_else(|e| {
+                panic!("{}: {e} (python3 fuzz/seeds.py writes it)", path.display())
+            })
+        }
+
+        #[tokio::test]
+        async fn the_request_harness_reaches_the_service() {
+            let out = crate::l7::http::fuzz::request(&seed("http_request", "chat")).await;
+            assert!(
+                out.starts_with(b"HTTP/1.1 200"),
+                "the service never answered: {}",
+                String::from_utf8_lossy(&out)
+            );
+        }
+
+        #[tokio::test]
+        async fn the_hbone_harness_reaches_the_streams() {
+            let out = crate::proxy::inbound::fuzz::hbone(&seed("hbone", "connects")).await;
+            // The server's HTTP/2 frames: (type, stream) of each.
+            let mut frames = Vec::new();
+            let mut rest = &out[..];
+            while rest.len() >= 9 {
+                let len =
+                    usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+                let stream = u32::from_be_bytes([rest[5], rest[6], rest[7], rest[8]]) & 0x7fff_ffff;
+                frames.push((rest[3], stream));
+                rest = rest.get(9 + len..).unwrap_or_default();
+            }
+            // HEADERS (type 1) answer the CONNECT of stream 3 and refuse
+            // the GET of stream 5.
+            for stream in [3, 5] {
+                assert!(
+                    frames.contains(&(1, stream)),
+                    "stream {stream} was not answered: {frames:?}"
+                );
+            }
+        }
     }
 }

@@ -9,12 +9,13 @@ use anyhow::{Context as _, bail};
 
 use crate::{display, step};
 
-const TARGETS: [&str; 5] = [
+const TARGETS: [&str; 6] = [
     "config",
     "selectors",
     "certificate",
     "http_request",
     "hbone",
+    "l7_answer",
 ];
 
 /// What one target's run gave.

@@ -267,13 +267,41 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     build()?;
     // The shipped Rego policies' own tests, like `opa test`.
     step(Command::new("target/debug/enforcer").args(["policy", "test", "--policy", "policies"]))?;
+    // The fuzz targets' harnesses reach the code they fuzz (each feeds one
+    // seed and checks what came out), so a harness that stops short fails
+    // here rather than fuzzing nothing.
+    let (hp, hf, hs) = tally(&[
+        "test",
+        "--package",
+        "enforcer-user",
+        "--features",
+        "fuzzing",
+        "--lib",
+        "harness",
+    ])?;
     let mut args = vec!["test", "--workspace", "--exclude", "enforcer-ebpf"];
     args.extend(extra.iter().map(String::as_str));
-    // Forward the output live and tally every "test result:" line, so the run
-    // ends with one summary of all test binaries (cargo's own last line is
-    // often an empty doc-test run).
+    let (passed, failed, status) = tally(&args)?;
+    if hp < 3 {
+        bail!("the fuzz harness checks did not run ({hp} passed)");
+    }
+    let (passed, failed) = (passed + hp, failed + hf);
+    println!("summary: {passed} passed, {failed} failed");
+    if !hs.success() || !status.success() || failed > 0 {
+        bail!("tests failed ({hs}, {status})");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
+/// Runs cargo with `args`, forwarding its output live and tallying every
+/// "test result:" line, so the run ends with one summary of all test
+/// binaries (cargo's own last line is often an empty doc-test run).
+fn tally(args: &[&str]) -> anyhow::Result<(u64, u64, std::process::ExitStatus)> {
     let mut cmd = Command::new(env!("CARGO"));
-    cmd.args(&args).stdout(std::process::Stdio::piped());
+    cmd.args(args).stdout(std::process::Stdio::piped());
     eprintln!("==> {}", display(&cmd));
     let mut child = cmd.spawn().context("spawning cargo test")?;
     let stdout = child.stdout.take().context("cargo test stdout")?;
@@ -286,15 +314,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
             failed += count(rest, " failed");
         }
     }
-    let status = child.wait()?;
-    println!("summary: {passed} passed, {failed} failed");
-    if !status.success() || failed > 0 {
-        bail!("tests failed ({status})");
-    }
-    if passed == 0 {
-        bail!("no test ran");
-    }
-    Ok(())
+    Ok((passed, failed, child.wait()?))
 }
 
 /// The number before `what` in a "test result:" line (e.g. "3 passed").

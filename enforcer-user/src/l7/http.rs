@@ -1333,7 +1333,7 @@ pub mod fuzz {
     /// session's HTTP/1.1 and h2c limits: each request hyper accepts has its
     /// body read to a bound, its policy input built, and is classified as
     /// an LLM, vector-DB and MCP request would be.
-    pub async fn request(raw: &[u8]) {
+    pub async fn request(raw: &[u8]) -> Vec<u8> {
         let conn = Arc::new(Conn {
             id: 1,
             direction: "inbound",
@@ -1367,6 +1367,216 @@ pub mod fuzz {
                 .serve_connection_with_upgrades(TokioIo::new(server), service)
                 .await;
         })
+        .await
+    }
+
+    /// The requests whose answers [`answer`] feeds: the protocol of the
+    /// destination and the client's bytes.
+    const ASKED: [(Protocol, &[u8]); 9] = [
+        (
+            Protocol::Llm,
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: llm\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: 67\r\n\r\n{\"model\":\"gpt-4o-mini\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}",
+        ),
+        (
+            Protocol::Llm,
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: llm\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: 81\r\n\r\n{\"model\":\"gpt-4o-mini\",\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}",
+        ),
+        (
+            Protocol::Llm,
+            b"POST /v1/responses HTTP/1.1\r\nHost: llm\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: 50\r\n\r\n{\"model\":\"gpt-4o-mini\",\"input\":\"hi\",\"stream\":true}",
+        ),
+        (
+            Protocol::Llm,
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: llm\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: 47\r\n\r\n{\"model\":\"text-embedding-3-small\",\"input\":\"hi\"}",
+        ),
+        (
+            Protocol::Mcp,
+            b"POST /mcp HTTP/1.1\r\nHost: mcp\r\nConnection: close\r\nAccept: application/json, text/event-stream\r\nContent-Type: application/json\r\nContent-Length: 46\r\n\r\n{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/list\"}",
+        ),
+        (
+            Protocol::Mcp,
+            b"POST /mcp HTTP/1.1\r\nHost: mcp\r\nConnection: close\r\nAccept: application/json, text/event-stream\r\nContent-Type: application/json\r\nContent-Length: 50\r\n\r\n{\"jsonrpc\":\"2.0\",\"id\":7,\"method\":\"resources/list\"}",
+        ),
+        (
+            Protocol::Mcp,
+            b"GET /mcp HTTP/1.1\r\nHost: mcp\r\nConnection: close\r\nAccept: text/event-stream\r\n\r\n",
+        ),
+        (
+            Protocol::Vectordb,
+            b"POST /api/v2/tenants/default_tenant/databases/default_database/collections/7c0a1e5e-0000-4000-8000-000000000001/query HTTP/1.1\r\nHost: chroma\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: 46\r\n\r\n{\"query_embeddings\":[[0.1,0.2]],\"n_results\":1}",
+        ),
+        (
+            Protocol::Vectordb,
+            b"GET /api/v2/tenants/default_tenant/databases/default_database/collections HTTP/1.1\r\nHost: chroma\r\nConnection: close\r\n\r\n",
+        ),
+    ];
+
+    /// The shared state of the fuzzed sessions: a policy that allows
+    /// everything (every answer is then read: metered, filtered,
+    /// classified), counters in memory.
+    fn fuzz_l7() -> Option<Arc<L7>> {
+        static L7S: std::sync::OnceLock<Option<Arc<L7>>> = std::sync::OnceLock::new();
+        L7S.get_or_init(|| {
+            let metrics = Arc::new(crate::metrics::Metrics::new("fuzz"));
+            let policy = crate::policy::Policy::new(
+                Default::default(),
+                crate::policy::EngineKind::Interpreter,
+                crate::policy::audit::AuditLog::open(std::path::Path::new("/dev/null")).ok()?,
+                metrics.clone(),
+                crate::policy::DEFAULT_EVAL_TIMEOUT,
+            )
+            .ok()?;
+            let allow = crate::policy::load::PolicyFile {
+                path: "allow.rego".into(),
+                contents: b"package enforcer.authz\nimport rego.v1\nallow := true\n".to_vec(),
+            };
+            policy.install(
+                crate::policy::Loaded::compile(
+                    "fuzz",
+                    &[allow],
+                    crate::policy::EngineKind::Interpreter,
+                )
+                .ok()?,
+            );
+            Some(Arc::new(L7 {
+                policy: Arc::new(policy),
+                metrics,
+                routes: super::super::Routes::new(Vec::new()),
+                tokens: Arc::new(super::super::tokens::Tokens::in_memory()),
+                collections: Default::default(),
+            }))
+        })
+        .clone()
+    }
+
+    /// A server's answer: `raw[0]` picks the request (an LLM call, JSON or
+    /// streamed; an MCP list or stream; a vector-DB query), the rest is
+    /// what the server sends on its connection, which a listener on
+    /// loopback serves to the session's dial; the client reads the
+    /// session's answer to its end.
+    pub async fn answer(raw: &[u8]) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let Some((&pick, answer)) = raw.split_first() else {
+            return;
+        };
+        let Some(l7) = fuzz_l7() else {
+            return;
+        };
+        let (protocol, asked) = ASKED[usize::from(pick) % ASKED.len()];
+        let Ok(listener) = tokio::net::TcpListener::bind("127.0.0.1:0").await else {
+            return;
+        };
+        let Ok(addr) = listener.local_addr() else {
+            return;
+        };
+        let answer = answer.to_vec();
+        // The server reads the request (its head and a `Content-Length`
+        // body), then answers and closes its side.
+        let server = async move {
+            if let Ok((mut s, _)) = listener.accept().await {
+                let mut got = Vec::new();
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    let head_end = got.windows(4).position(|w| w == b"\r\n\r\n");
+                    if let Some(end) = head_end {
+                        let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+                        let length = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if got.len() >= end + 4 + length {
+                            break;
+                        }
+                    }
+                    match s.read(&mut buf).await {
+                        Ok(n) if n > 0 && got.len() < 1 << 20 => got.extend_from_slice(&buf[..n]),
+                        _ => break,
+                    }
+                }
+                let _ = s.write_all(&answer).await;
+                let _ = s.shutdown().await;
+                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+            }
+        };
+        let dial: Dial = Arc::new(move || Box::pin(TcpStream::connect(addr)));
+        let route = Arc::new(Route {
+            ports: Vec::new(),
+            spiffe_id: None,
+            selectors: Vec::new(),
+            protocol,
+            max_body_bytes: 1 << 20,
+            path_normalization: Default::default(),
+            upgrades: Arc::from(Vec::<String>::new()),
+        });
+        let peer = |id: &str| crate::policy::Peer {
+            spiffe_id: Some(id.to_owned()),
+            ..Default::default()
+        };
+        let conn = Conn {
+            id: 1,
+            direction: "inbound",
+            source: peer("spiffe://fuzz.example/agent/a"),
+            destination: peer("spiffe://fuzz.example/server"),
+            client: std::net::SocketAddr::from(([10, 0, 0, 1], 40000)),
+            server: addr,
+            trace: None,
+        };
+        // The client keeps its side open until the session closes it
+        // (`Connection: close`): a half-close would end the request early.
+        let (mut client, ours) = tokio::io::duplex(64 * 1024);
+        let ask = async move {
+            let _ = client.write_all(asked).await;
+            let mut sink = Vec::new();
+            let _ = client.read_to_end(&mut sink).await;
+        };
+        let session = super::serve(l7, route, conn, ours, None, dial);
+        let serving = async move {
+            tokio::pin!(session, server);
+            // The server may be done first (or never dialled): the session
+            // decides when the exchange ends.
+            tokio::select! {
+                _ = &mut session => {}
+                () = &mut server => { let _ = session.await; }
+            }
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            tokio::join!(serving, ask)
+        })
         .await;
+    }
+
+    #[cfg(test)]
+    mod tests {
+        /// The harness reaches the metering: a JSON answer with `usage`,
+        /// plain and gzip-compressed, is counted for the caller.
+        #[tokio::test]
+        async fn the_answer_harness_reaches_the_metering() {
+            use std::io::Write as _;
+            let chat = br#"{"id":"c","object":"chat.completion","model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#;
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            gz.write_all(chat).expect("gzip");
+            let gz = gz.finish().expect("gzip");
+            for (body, coding) in [(chat.to_vec(), ""), (gz, "Content-Encoding: gzip\r\n")] {
+                let mut raw = vec![0u8];
+                raw.extend(
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n{coding}Content-Length: {}\r\n\r\n",
+                        body.len()
+                    )
+                    .into_bytes(),
+                );
+                raw.extend(body);
+                super::answer(&raw).await;
+            }
+            let l7 = super::fuzz_l7().expect("the fuzz state");
+            let used = l7.tokens.used(
+                "spiffe://fuzz.example/agent/a",
+                Some("gpt-4o-mini"),
+                3600,
+                super::super::super::tokens::now(),
+            );
+            assert_eq!((used.total, used.model), (10, 10), "{used:?}");
+        }
     }
 }

@@ -593,7 +593,7 @@ pub mod fuzz {
     /// client preface is prepended), served with the agent's HTTP/2 limits:
     /// each stream's CONNECT target is checked as for a connection opened
     /// for 10.0.0.2:8080 and refused or answered.
-    pub async fn hbone(raw: &[u8]) {
+    pub async fn hbone(raw: &[u8]) -> Vec<u8> {
         let limits = H2Limits {
             max_concurrent_streams: 100,
             max_header_list_size: 16 * 1024,
@@ -616,6 +616,6 @@ pub mod fuzz {
                 }
             }
         })
-        .await;
+        .await
     }
 }
