@@ -26,11 +26,14 @@ use http::{HeaderMap, header};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyDataStream;
 use hyper::body::Incoming;
-use tokio::io::{AsyncBufRead, BufReader};
+use tokio::io::{AsyncBufRead, AsyncRead, BufReader};
 use tokio_util::io::{ReaderStream, StreamReader};
 
 /// Codings stacked on one answer that are decoded; more are refused.
 pub const MAX_LAYERS: usize = 2;
+
+/// Decoded bytes read at a time (one frame of the plain answer at most).
+const READ_CHUNK: usize = 16 * 1024;
 
 /// log2 of the largest zstd window a frame may ask for (8 MiB).
 const ZSTD_WINDOW_LOG_MAX: u32 = 23;
@@ -107,26 +110,39 @@ where
     B: HttpBody<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let data = BodyDataStream::new(body).map_err(io::Error::other);
-    let mut reader: Pin<Box<dyn AsyncBufRead + Send>> = Box::pin(StreamReader::new(data));
-    for coding in codings.iter().rev() {
-        reader = match coding {
-            Coding::Gzip => {
-                let mut d = GzipDecoder::new(reader);
-                d.multiple_members(true);
-                Box::pin(BufReader::new(d))
-            }
-            Coding::Deflate => Box::pin(BufReader::new(ZlibDecoder::new(reader))),
-            Coding::Br => Box::pin(BufReader::new(BrotliDecoder::new(reader))),
-            Coding::Zstd => Box::pin(BufReader::new(ZstdDecoder::with_params(
-                reader,
-                &[async_compression::zstd::DParameter::window_log_max(
-                    ZSTD_WINDOW_LOG_MAX,
-                )],
-            ))),
-        };
+    let data = StreamReader::new(BodyDataStream::new(body).map_err(io::Error::other));
+    let mut undo = codings.iter().rev();
+    let Some(last) = undo.next() else {
+        return Box::pin(ReaderStream::with_capacity(data, READ_CHUNK));
+    };
+    let mut out = decoder(*last, Box::pin(data));
+    // Each decoder reads buffered input: the layer under it, buffered.
+    for coding in undo {
+        out = decoder(*coding, Box::pin(BufReader::new(out)));
     }
-    Box::pin(ReaderStream::new(reader))
+    Box::pin(ReaderStream::with_capacity(out, READ_CHUNK))
+}
+
+/// A decoder of `coding` reading `input`.
+fn decoder(
+    coding: Coding,
+    input: Pin<Box<dyn AsyncBufRead + Send>>,
+) -> Pin<Box<dyn AsyncRead + Send>> {
+    match coding {
+        Coding::Gzip => {
+            let mut d = GzipDecoder::new(input);
+            d.multiple_members(true);
+            Box::pin(d)
+        }
+        Coding::Deflate => Box::pin(ZlibDecoder::new(input)),
+        Coding::Br => Box::pin(BrotliDecoder::new(input)),
+        Coding::Zstd => Box::pin(ZstdDecoder::with_params(
+            input,
+            &[async_compression::zstd::DParameter::window_log_max(
+                ZSTD_WINDOW_LOG_MAX,
+            )],
+        )),
+    }
 }
 
 impl HttpBody for Answer {
