@@ -1419,3 +1419,36 @@ mod tests {
         assert_eq!(super::sum_metric(text, "nope", &[]), 0.0);
     }
 }
+
+/// An instance's pins moved from `v2` to a `v1` directory, as an agent of
+/// a release with another `LAYOUT_VERSION` would have left them: still
+/// attached, with maps of their own. What is left of them is removed when
+/// this is dropped.
+pub struct OtherLayoutPins(pub PathBuf);
+
+impl OtherLayoutPins {
+    pub fn moved_from_v2(instance: &str) -> Self {
+        let ours = format!("/sys/fs/bpf/enforcer/v2/{instance}");
+        let other = PathBuf::from(format!("/sys/fs/bpf/enforcer/v1/{instance}"));
+        fs::create_dir_all("/sys/fs/bpf/enforcer/v1").expect("bpffs v1 directory");
+        fs::rename(&ours, &other).expect("move the pins to v1 (bpffs renames)");
+        Self(other)
+    }
+}
+
+impl Drop for OtherLayoutPins {
+    fn drop(&mut self) {
+        for sub in ["links", "programs", "maps", "pods"] {
+            if let Ok(entries) = fs::read_dir(self.0.join(sub)) {
+                for e in entries.flatten() {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+            let _ = fs::remove_dir(self.0.join(sub));
+        }
+        let _ = fs::remove_dir(&self.0);
+        if let Some(version_dir) = self.0.parent() {
+            let _ = fs::remove_dir(version_dir);
+        }
+    }
+}

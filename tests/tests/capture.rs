@@ -537,27 +537,6 @@ fn destination_that_aborts_resets_the_workload_connection_instead_of_closing_it(
     assert_eq!(line["outcome"], "error", "{line}");
 }
 
-/// Removes what is left under a pin directory of another layout version
-/// (the test's stand-in for an older release's pins) when dropped.
-struct OtherLayoutPins(std::path::PathBuf);
-
-impl Drop for OtherLayoutPins {
-    fn drop(&mut self) {
-        for sub in ["links", "programs", "maps", "pods"] {
-            if let Ok(entries) = std::fs::read_dir(self.0.join(sub)) {
-                for e in entries.flatten() {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-            let _ = std::fs::remove_dir(self.0.join(sub));
-        }
-        let _ = std::fs::remove_dir(&self.0);
-        if let Some(version_dir) = self.0.parent() {
-            let _ = std::fs::remove_dir(version_dir);
-        }
-    }
-}
-
 #[test]
 fn an_agent_retires_the_pins_of_another_layout_version() {
     // The failure: an agent of a release with another `LAYOUT_VERSION`
@@ -572,11 +551,8 @@ fn an_agent_retires_the_pins_of_another_layout_version() {
     let (mut tb, a, b, enf) = two_nodes("layoutbump");
     tb.stop(enf.pid).expect("stop");
     let instance = tb.node_instance(&a);
-    let ours = format!("/sys/fs/bpf/enforcer/v2/{instance}");
-    let other = std::path::PathBuf::from(format!("/sys/fs/bpf/enforcer/v1/{instance}"));
-    std::fs::create_dir_all("/sys/fs/bpf/enforcer/v1").expect("bpffs v1 directory");
-    std::fs::rename(&ours, &other).expect("move the pins to v1 (bpffs renames)");
-    let _cleanup = OtherLayoutPins(other.clone());
+    let pins = enforcer_tests::OtherLayoutPins::moved_from_v2(&instance);
+    let other = pins.0.clone();
     assert!(
         other.join("links").join("enf_connect4").exists(),
         "the other version's connect program is pinned, hence attached"

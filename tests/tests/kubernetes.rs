@@ -521,13 +521,31 @@ fn pods_with_their_own_netns_are_served_from_cni_add_to_del() {
     );
 
     // A new agent finds p1 and p2 running (their cgroups, a process, its
-    // netns) and serves them with no CNI call.
+    // netns) and serves them with no CNI call. It is of another release:
+    // the stopped agent's pins are moved to a `v1` directory (another
+    // LAYOUT_VERSION), still attached, the pods' steering links among them.
+    let old_pins = enforcer_tests::OtherLayoutPins::moved_from_v2(&tb.node_instance(&a));
+    assert!(
+        fs::read_dir(old_pins.0.join("pods")).is_ok_and(|d| d.count() >= 1),
+        "the other release's pods' steering is pinned"
+    );
     let ea = tb.start_enforcer(&a, &a_config).expect("a's agent again");
     let (code, pid) = curl(&p1.node, &p1.cgroup(), &url);
     assert_eq!(code, "200");
     assert_eq!(
         ea.connection_line(|v| v["pid"] == pid)["dst_spiffe_id"],
         "spiffe://k8s.example.org/ns/agents/sa/api"
+    );
+    // Its programs and, once this agent steers each pod, its pods' links
+    // are retired; plaintext to the strict port is still not let through.
+    wait_for("the other release's pins to be retired", || {
+        !old_pins.0.exists()
+    });
+    let (code, _) = a.http_status(None, &format!("{url}?plaintext-after-other-release"));
+    assert_eq!(code, "000", "plaintext reached a strict port");
+    assert!(
+        !tb.server_log(&p2.node, "echo")
+            .contains("plaintext-after-other-release")
     );
 
     // A hitless upgrade: the new agent takes the pods' listeners over

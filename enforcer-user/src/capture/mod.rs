@@ -496,11 +496,39 @@ impl Capture {
             link.pin(&path).map_err(|e| pin_err(e.to_string()))
         });
         match pinned {
-            Ok(link) => Ok(Some(PodSteering { link, keys })),
+            Ok(link) => {
+                self.retire_other_layout_pods(|c| c == Some(cookie));
+                Ok(Some(PodSteering { link, keys }))
+            }
             Err(e) => {
                 self.unsteer_keys(&keys);
                 Err(e)
             }
+        }
+    }
+
+    /// Removes the pods' steering pins another layout version of this
+    /// instance left (an agent of another release) for which `retire`
+    /// holds (given the pod's netns cookie).
+    fn retire_other_layout_pods(&self, retire: impl Fn(Option<u64>) -> bool) {
+        // `<bpffs>/enforcer/v<N>/<node>`
+        let (Some(bpffs), Some(node)) = (self.pin_dir.ancestors().nth(3), self.pin_dir.file_name())
+        else {
+            return;
+        };
+        for (pin, version, cookie) in other_layout_pod_pins(bpffs, &node.to_string_lossy()) {
+            if !retire(cookie) {
+                continue;
+            }
+            match std::fs::remove_file(&pin) {
+                Ok(()) => {
+                    debug!(netns = ?cookie, pin = %pin.display(), "another layout version's steering of this pod retired")
+                }
+                Err(e) => {
+                    warn!(pin = %pin.display(), error = %e, "removing another layout version's steering of a pod")
+                }
+            }
+            remove_empty(&version.join(node), &version);
         }
     }
 
@@ -515,6 +543,7 @@ impl Capture {
     /// Removes the steering pins of pods not in `keep` (netns cookies): the
     /// pods a previous agent served that are gone now.
     pub fn retire_pod_pins(&self, keep: &[u64]) {
+        self.retire_other_layout_pods(|c| !c.is_some_and(|c| keep.contains(&c)));
         let Ok(entries) = std::fs::read_dir(self.pin_dir.join("pods")) else {
             return;
         };
@@ -909,21 +938,55 @@ fn retire_other_layouts(bpffs: &Path, node_name: &str) {
         if version == LAYOUT_VERSION || !dir.exists() {
             continue;
         }
-        match remove_instance(&dir) {
-            Ok(()) => warn!(
-                version,
-                dir = %dir.display(),
-                "retired the kernel programs of another layout version"
-            ),
-            Err(e) => warn!(
-                version,
-                error = %e,
-                "the kernel programs of another layout version could not all be retired; captured connects may fail until they are (`enforcer detach` with that release)"
-            ),
-        }
-        // The version's directory goes with its last instance.
-        let _ = std::fs::remove_dir(entry.path());
+        remove_pins(&dir);
+        warn!(
+            version,
+            dir = %dir.display(),
+            "retired the kernel programs of another layout version"
+        );
+        // Its pods' steering links stay until this agent steers each pod
+        // (`Capture::steer_pod`) or finds it gone (`retire_pod_pins`):
+        // removed now, a pod's plaintext would reach its workload
+        // unsteered in between.
+        remove_empty(&dir, &entry.path());
     }
+}
+
+/// The pods' steering pins under every other layout version of this
+/// node's instance: the pin, its version's directory, the pod's netns
+/// cookie (from the pin's name).
+fn other_layout_pod_pins(bpffs: &Path, node_name: &str) -> Vec<(PathBuf, PathBuf, Option<u64>)> {
+    let mut found = Vec::new();
+    let Ok(versions) = std::fs::read_dir(bpffs.join("enforcer")) else {
+        return found;
+    };
+    for v in versions.flatten() {
+        let name = v.file_name();
+        let other = name
+            .to_str()
+            .and_then(|n| n.strip_prefix('v'))
+            .and_then(|n| n.parse::<u32>().ok())
+            .is_some_and(|n| n != LAYOUT_VERSION);
+        if !other {
+            continue;
+        }
+        let Ok(pods) = std::fs::read_dir(v.path().join(node_name).join("pods")) else {
+            continue;
+        };
+        for p in pods.flatten() {
+            let cookie = p.file_name().to_string_lossy().parse::<u64>().ok();
+            found.push((p.path(), v.path(), cookie));
+        }
+    }
+    found
+}
+
+/// Removes an instance directory of another layout version once nothing
+/// is pinned in it, and the version's directory once it holds no instance.
+fn remove_empty(instance: &Path, version: &Path) {
+    let _ = std::fs::remove_dir(instance.join("pods"));
+    let _ = std::fs::remove_dir(instance);
+    let _ = std::fs::remove_dir(version);
 }
 
 /// `enforcer detach`: removes the pins of an instance and its directory.
