@@ -1405,21 +1405,6 @@ pub fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn sum_metric_matches_name_and_labels() {
-        let text = "# HELP x\nfoo_total{node=\"a\",direction=\"outbound\"} 3\nfoo_total{node=\"a\",direction=\"inbound\"} 4\nfoo_bar 9\n";
-        assert_eq!(super::sum_metric(text, "foo_total", &[]), 7.0);
-        assert_eq!(
-            super::sum_metric(text, "foo_total", &[("direction", "outbound")]),
-            3.0
-        );
-        assert_eq!(super::sum_metric(text, "foo_bar", &[]), 9.0);
-        assert_eq!(super::sum_metric(text, "nope", &[]), 0.0);
-    }
-}
-
 /// An instance's pins moved from `v2` to a `v1` directory, as an agent of
 /// a release with another `LAYOUT_VERSION` would have left them: still
 /// attached, with maps of their own. What is left of them is removed when
@@ -1450,5 +1435,20 @@ impl Drop for OtherLayoutPins {
         if let Some(version_dir) = self.0.parent() {
             let _ = fs::remove_dir(version_dir);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sum_metric_matches_name_and_labels() {
+        let text = "# HELP x\nfoo_total{node=\"a\",direction=\"outbound\"} 3\nfoo_total{node=\"a\",direction=\"inbound\"} 4\nfoo_bar 9\n";
+        assert_eq!(super::sum_metric(text, "foo_total", &[]), 7.0);
+        assert_eq!(
+            super::sum_metric(text, "foo_total", &[("direction", "outbound")]),
+            3.0
+        );
+        assert_eq!(super::sum_metric(text, "foo_bar", &[]), 9.0);
+        assert_eq!(super::sum_metric(text, "nope", &[]), 0.0);
     }
 }
