@@ -1207,7 +1207,11 @@ fn a_connect_the_agent_never_accepts_leaves_no_record() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(swept, 1.0, "the record removed is counted");
-    // And the agent still serves the workload.
+    assert_still_serves(&m, "after the sweep");
+}
+
+/// Five captured connects from a's support agent to b:8080 all succeed.
+fn assert_still_serves(m: &Pair, when: &str) {
     let (_, out) =
         m.a.exec(
             Some("support-agent.service"),
@@ -1215,7 +1219,7 @@ fn a_connect_the_agent_never_accepts_leaves_no_record() {
         )
         .expect("connects");
     let said = String::from_utf8_lossy(&out.stdout);
-    assert!(said.contains("OK 5 FAIL 0"), "after the sweep: {said}");
+    assert!(said.contains("OK 5 FAIL 0"), "{when}: {said}");
 }
 
 /// Holds captured connects to HOST:PORT until one fails (at most N), prints
@@ -1285,15 +1289,14 @@ fn a_connect_that_fails_before_the_handshake_leaves_no_record() {
     )
     .expect("the connects");
     let log = |m: &Pair| m.tb.server_log(&m.a, "until-refused");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !log(&m).contains("READY") {
-        assert!(
-            Instant::now() < deadline,
-            "the connects did not finish: {}",
-            log(&m)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let wait_log = |m: &Pair, said: &str, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !log(m).contains(said) {
+            assert!(Instant::now() < deadline, "{what}: {}", log(m));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_log(&m, "READY", "the connects did not finish");
     assert!(
         log(&m).contains("FAILED EADDRNOTAVAIL HELD 4"),
         "four connects hold the four ports, the fifth finds none: {}",
@@ -1318,15 +1321,7 @@ fn a_connect_that_fails_before_the_handshake_leaves_no_record() {
         std::thread::sleep(Duration::from_millis(50));
     }
     std::fs::write(&go, b"").expect("the go file");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !log(&m).contains("CLOSED") {
-        assert!(
-            Instant::now() < deadline,
-            "the socket was not closed: {}",
-            log(&m)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_log(&m, "CLOSED", "the socket was not closed");
     let pins = format!("/sys/fs/bpf/enforcer/v2/{}", m.tb.node_instance(&m.a));
     assert_records_drain(
         &m.ea,
@@ -1342,14 +1337,7 @@ fn a_connect_that_fails_before_the_handshake_leaves_no_record() {
         )
         .expect("sysctl");
     assert!(out.status.success());
-    let (_, out) =
-        m.a.exec(
-            Some("support-agent.service"),
-            &["python3", "-c", PY_CONNECTS, &m.b.ipv4, "8080", "5", "stop"],
-        )
-        .expect("connects");
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(said.contains("OK 5 FAIL 0"), "afterwards: {said}");
+    assert_still_serves(&m, "with the ports back");
 }
 
 #[test]
