@@ -21,7 +21,7 @@ use std::{
 
 use async_compression::tokio::bufread::{BrotliDecoder, GzipDecoder, ZlibDecoder, ZstdDecoder};
 use bytes::Bytes;
-use futures_util::{Stream, TryStreamExt};
+use futures_util::{Stream, StreamExt, TryStreamExt};
 use http::{HeaderMap, header};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyDataStream;
@@ -110,17 +110,36 @@ where
     B: HttpBody<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let data = StreamReader::new(BodyDataStream::new(body).map_err(io::Error::other));
-    let mut undo = codings.iter().rev();
-    let Some(last) = undo.next() else {
-        return Box::pin(ReaderStream::with_capacity(data, READ_CHUNK));
-    };
-    let mut out = decoder(*last, Box::pin(data));
-    // Each decoder reads buffered input: the layer under it, buffered.
-    for coding in undo {
-        out = decoder(*coding, Box::pin(BufReader::new(out)));
-    }
-    Box::pin(ReaderStream::with_capacity(out, READ_CHUNK))
+    let codings = codings.to_vec();
+    let mut data = Box::pin(
+        BodyDataStream::new(body)
+            .map_err(io::Error::other)
+            .try_filter(|b| std::future::ready(!b.is_empty())),
+    );
+    // An empty body is empty decoded (a server that names a coding on a
+    // body it does not send: no compressed frame to decode); any other is
+    // decoded from its first byte.
+    let decoded = futures_util::stream::once(async move {
+        let first = match data.try_next().await {
+            Ok(Some(first)) => first,
+            Ok(None) => return futures_util::stream::empty().boxed(),
+            Err(e) => return futures_util::stream::once(std::future::ready(Err(e))).boxed(),
+        };
+        let input = futures_util::stream::once(std::future::ready(Ok(first))).chain(data);
+        let input = StreamReader::new(input);
+        let mut undo = codings.iter().rev();
+        let Some(last) = undo.next() else {
+            return ReaderStream::with_capacity(input, READ_CHUNK).boxed();
+        };
+        let mut out = decoder(*last, Box::pin(input));
+        // Each decoder reads buffered input: the layer under it, buffered.
+        for coding in undo {
+            out = decoder(*coding, Box::pin(BufReader::new(out)));
+        }
+        ReaderStream::with_capacity(out, READ_CHUNK).boxed()
+    })
+    .flatten();
+    Box::pin(decoded)
 }
 
 /// A decoder of `coding` reading `input`.
@@ -340,6 +359,22 @@ mod tests {
                 .expect("8 MiB window"),
             text
         );
+    }
+
+    #[tokio::test]
+    async fn an_empty_body_is_empty_decoded() {
+        // A server that names a coding on a body it does not send (a 204,
+        // a proxy's header): there is no frame to decode, and no error.
+        for c in [Coding::Gzip, Coding::Deflate, Coding::Br, Coding::Zstd] {
+            assert_eq!(decode(vec![], &[c]).await.expect("empty"), b"", "{c:?}");
+            assert_eq!(
+                decode(vec![vec![]], &[c]).await.expect("empty"),
+                b"",
+                "{c:?}"
+            );
+        }
+        // One byte is a frame begun: cut, so an error.
+        assert!(decode(vec![vec![0x1f]], &[Coding::Gzip]).await.is_err());
     }
 
     #[tokio::test]
