@@ -251,17 +251,7 @@ fn agent_forwards_take_no_port_of_their_own() {
         m.tb.start_server_in(&a, Some("llm.service"), &format!("bytes-{p}"), &serve, port)
             .expect("server");
     }
-    let (_, out) = a
-        .exec(
-            None,
-            &[
-                "sh",
-                "-c",
-                "echo 40000 40001 > /proc/sys/net/ipv4/ip_local_port_range",
-            ],
-        )
-        .expect("narrowing the port range");
-    assert!(out.status.success(), "{out:?}");
+    set_port_range(&a, "40000 40001");
     let mut cmd = vec!["python3", "-c", PY_HOLD_EACH, a.ipv4.as_str()];
     cmd.extend(ports);
     let (_, out) = a
@@ -1210,6 +1200,21 @@ fn a_connect_the_agent_never_accepts_leaves_no_record() {
     assert_still_serves(&m, "after the sweep");
 }
 
+/// Sets the local port range of `node`'s network namespace ("LOW HIGH").
+fn set_port_range(node: &enforcer_tests::Node, range: &str) {
+    let (_, out) = node
+        .exec(
+            None,
+            &[
+                "sh",
+                "-c",
+                &format!("echo {range} > /proc/sys/net/ipv4/ip_local_port_range"),
+            ],
+        )
+        .expect("setting the port range");
+    assert!(out.status.success(), "port range {range}: {out:?}");
+}
+
 /// Five captured connects from a's support agent to b:8080 all succeed.
 fn assert_still_serves(m: &Pair, when: &str) {
     let (_, out) =
@@ -1259,17 +1264,7 @@ fn a_connect_that_fails_before_the_handshake_leaves_no_record() {
     // fills the map and evicts other workloads' records (their connects
     // then fail closed). Here the node's port range is four ports wide.
     let mut m = mesh("portsexhausted");
-    let (_, out) =
-        m.a.exec(
-            None,
-            &["sysctl", "-w", "net.ipv4.ip_local_port_range=61000 61003"],
-        )
-        .expect("sysctl (apt install procps)");
-    assert!(
-        out.status.success(),
-        "sysctl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    set_port_range(&m.a, "61000 61003");
     let go = m.tb.dir.join("go");
     let go_s = go.display().to_string();
     m.tb.spawn(
@@ -1330,13 +1325,7 @@ fn a_connect_that_fails_before_the_handshake_leaves_no_record() {
         "30 s after the socket whose connect failed was closed",
     );
     // The ports back, the agent still serves the workload.
-    let (_, out) =
-        m.a.exec(
-            None,
-            &["sysctl", "-w", "net.ipv4.ip_local_port_range=32768 60999"],
-        )
-        .expect("sysctl");
-    assert!(out.status.success());
+    set_port_range(&m.a, "32768 60999");
     assert_still_serves(&m, "with the ports back");
 }
 

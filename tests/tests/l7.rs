@@ -1047,29 +1047,21 @@ fn an_mcp_server_that_compresses_has_its_lists_filtered_not_passed() {
         );
         (out, said)
     };
+    // A server that compresses when asked (asked for identity, it answers
+    // plainly) and one that compresses whatever it is asked (decoded):
+    // either way the list is filtered and the call answered.
     for mode in ["legacy", "auto"] {
-        // A server that compresses when asked: asked for identity, it
-        // answers plainly, and the list is filtered as always.
-        let (out, said) = run(8001, mode);
-        assert!(out.status.success(), "{mode}: {said}");
-        let v = json_out(&out);
-        assert_eq!(
-            v["tools"],
-            serde_json::json!(["search_docs"]),
-            "{mode}: {said}"
-        );
-        assert_eq!(v["calls"][0]["ok"], true, "{mode}: {said}");
-        // A server that compresses whatever it is asked: decoded, the
-        // list filtered, the call answered.
-        let (out, said) = run(8003, mode);
-        assert!(out.status.success(), "{mode}, gzip always: {said}");
-        let v = json_out(&out);
-        assert_eq!(
-            v["tools"],
-            serde_json::json!(["search_docs"]),
-            "{mode}, gzip always: the support agent must see only what it may call: {said}"
-        );
-        assert_eq!(v["calls"][0]["ok"], true, "{mode}, gzip always: {said}");
+        for (port, server) in [(8001, "gzip when asked"), (8003, "gzip always")] {
+            let (out, said) = run(port, mode);
+            assert!(out.status.success(), "{mode}, {server}: {said}");
+            let v = json_out(&out);
+            assert_eq!(
+                v["tools"],
+                serde_json::json!(["search_docs"]),
+                "{mode}, {server}: the support agent must see only what it may call: {said}"
+            );
+            assert_eq!(v["calls"][0]["ok"], true, "{mode}, {server}: {said}");
+        }
     }
     // The server was asked for identity and made to answer in gzip; the
     // agent refused nothing.

@@ -198,6 +198,9 @@ pub struct Capture {
     /// scrape: a walk of a full map is one syscall per entry, and under
     /// `by_tuple`'s lock it would hold up every connection's lookup.
     by_tuple_count: std::sync::Mutex<HashMap<MapData, SockTuple, OrigDst>>,
+    /// Pods' steering pins of another layout version are left (retired
+    /// pod by pod); none at all, the usual case, and nothing is looked up.
+    other_layout_pods: std::sync::atomic::AtomicBool,
     config: std::sync::Mutex<Array<MapData, CaptureConfig>>,
     /// The served network namespaces (by cookie): the agent's and the pods'.
     netns: std::sync::Mutex<HashMap<MapData, u64, u8>>,
@@ -334,7 +337,7 @@ impl Capture {
         // New programs are live; now retire the previous instance's pins,
         // and those of another release's layout on this node.
         remove_pins(&pin_dir);
-        retire_other_layouts(bpffs, node_name);
+        let other_layout_pods = retire_other_layouts(bpffs, node_name);
         for sub in ["links", "programs", "maps"] {
             let d = pin_dir.join(sub);
             std::fs::create_dir_all(&d).map_err(|e| CaptureError::Pin {
@@ -401,6 +404,7 @@ impl Capture {
             by_tuple: std::sync::Mutex::new(by_tuple),
             by_cookie: std::sync::Mutex::new(by_cookie),
             by_tuple_count: std::sync::Mutex::new(by_tuple_count),
+            other_layout_pods: std::sync::atomic::AtomicBool::new(other_layout_pods),
             config: std::sync::Mutex::new(config),
             netns: std::sync::Mutex::new(netns),
             host_netns,
@@ -511,13 +515,20 @@ impl Capture {
     /// instance left (an agent of another release) for which `retire`
     /// holds (given the pod's netns cookie).
     fn retire_other_layout_pods(&self, retire: impl Fn(Option<u64>) -> bool) {
+        use std::sync::atomic::Ordering;
+        if !self.other_layout_pods.load(Ordering::Relaxed) {
+            return;
+        }
         // `<bpffs>/enforcer/v<N>/<node>`
         let (Some(bpffs), Some(node)) = (self.pin_dir.ancestors().nth(3), self.pin_dir.file_name())
         else {
             return;
         };
-        for (pin, version, cookie) in other_layout_pod_pins(bpffs, &node.to_string_lossy()) {
+        let pins = other_layout_pod_pins(bpffs, &node.to_string_lossy());
+        let mut left = false;
+        for (pin, version, cookie) in pins {
             if !retire(cookie) {
+                left = true;
                 continue;
             }
             match std::fs::remove_file(&pin) {
@@ -525,10 +536,14 @@ impl Capture {
                     debug!(netns = ?cookie, pin = %pin.display(), "another layout version's steering of this pod retired")
                 }
                 Err(e) => {
+                    left = true;
                     warn!(pin = %pin.display(), error = %e, "removing another layout version's steering of a pod")
                 }
             }
             remove_empty(&version.join(node), &version);
+        }
+        if !left {
+            self.other_layout_pods.store(false, Ordering::Relaxed);
         }
     }
 
@@ -919,23 +934,13 @@ pub fn remove_pins(dir: &Path) {
 /// agent's programs are attached; a connect redirected by the old programs
 /// in between is lost (its record is in the old maps), and a workload
 /// socket connected under them reads the agent's address from
-/// `getpeername` once they are gone.
-fn retire_other_layouts(bpffs: &Path, node_name: &str) {
-    let root = bpffs.join("enforcer");
-    let Ok(entries) = std::fs::read_dir(&root) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(version) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix('v'))
-            .and_then(|v| v.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let dir = entry.path().join(node_name);
-        if version == LAYOUT_VERSION || !dir.exists() {
+/// `getpeername` once they are gone. Returns whether pods' steering pins
+/// of such versions are left (retired pod by pod).
+fn retire_other_layouts(bpffs: &Path, node_name: &str) -> bool {
+    let mut pods_left = false;
+    for (version, version_dir) in other_layouts(bpffs) {
+        let dir = version_dir.join(node_name);
+        if !dir.exists() {
             continue;
         }
         remove_pins(&dir);
@@ -948,8 +953,30 @@ fn retire_other_layouts(bpffs: &Path, node_name: &str) {
         // (`Capture::steer_pod`) or finds it gone (`retire_pod_pins`):
         // removed now, a pod's plaintext would reach its workload
         // unsteered in between.
-        remove_empty(&dir, &entry.path());
+        remove_empty(&dir, &version_dir);
+        pods_left |= dir.exists();
     }
+    pods_left
+}
+
+/// The pin directories of layout versions other than this agent's
+/// (`<bpffs>/enforcer/v<N>`), with N.
+fn other_layouts(bpffs: &Path) -> Vec<(u32, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(bpffs.join("enforcer")) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let version = e
+                .file_name()
+                .to_str()?
+                .strip_prefix('v')?
+                .parse::<u32>()
+                .ok()?;
+            (version != LAYOUT_VERSION).then(|| (version, e.path()))
+        })
+        .collect()
 }
 
 /// The pods' steering pins under every other layout version of this
@@ -957,25 +984,13 @@ fn retire_other_layouts(bpffs: &Path, node_name: &str) {
 /// cookie (from the pin's name).
 fn other_layout_pod_pins(bpffs: &Path, node_name: &str) -> Vec<(PathBuf, PathBuf, Option<u64>)> {
     let mut found = Vec::new();
-    let Ok(versions) = std::fs::read_dir(bpffs.join("enforcer")) else {
-        return found;
-    };
-    for v in versions.flatten() {
-        let name = v.file_name();
-        let other = name
-            .to_str()
-            .and_then(|n| n.strip_prefix('v'))
-            .and_then(|n| n.parse::<u32>().ok())
-            .is_some_and(|n| n != LAYOUT_VERSION);
-        if !other {
-            continue;
-        }
-        let Ok(pods) = std::fs::read_dir(v.path().join(node_name).join("pods")) else {
+    for (_, version_dir) in other_layouts(bpffs) {
+        let Ok(pods) = std::fs::read_dir(version_dir.join(node_name).join("pods")) else {
             continue;
         };
         for p in pods.flatten() {
             let cookie = p.file_name().to_string_lossy().parse::<u64>().ok();
-            found.push((p.path(), v.path(), cookie));
+            found.push((p.path(), version_dir.clone(), cookie));
         }
     }
     found
@@ -995,24 +1010,19 @@ pub fn detach(bpffs: &Path, node_name: &str) -> Result<bool, CaptureError> {
     if !dir.exists() {
         return Ok(false);
     }
-    remove_instance(&dir)?;
-    Ok(true)
-}
-
-/// Removes every pin of an instance, its pods' steering links
-/// (`Capture::steer_pod`) included, and its directory.
-fn remove_instance(dir: &Path) -> Result<(), CaptureError> {
-    remove_pins(dir);
+    remove_pins(&dir);
+    // The pods' steering links too (`Capture::steer_pod`).
     if let Ok(entries) = std::fs::read_dir(dir.join("pods")) {
         for e in entries.flatten() {
             let _ = std::fs::remove_file(e.path());
         }
     }
     let _ = std::fs::remove_dir(dir.join("pods"));
-    std::fs::remove_dir(dir).map_err(|e| CaptureError::Pin {
-        path: dir.to_path_buf(),
+    std::fs::remove_dir(&dir).map_err(|e| CaptureError::Pin {
+        path: dir.clone(),
         message: format!("remove: {e}"),
-    })
+    })?;
+    Ok(true)
 }
 
 /// Resolves cgroup ids (kernel facts) to paths relative to the cgroup2 mount,

@@ -63,15 +63,16 @@ impl Coding {
 /// applied (`identity` left out; empty for a plain body), or, when one is
 /// not decoded here or too many are stacked, their names.
 pub fn codings(headers: &HeaderMap) -> Result<Vec<Coding>, String> {
-    let Some(names) = super::http::content_coding(headers) else {
-        return Ok(Vec::new());
-    };
-    let codings: Option<Vec<Coding>> = names.split(", ").map(Coding::parse).collect();
+    let names = super::http::content_codings(headers);
+    let codings: Option<Vec<Coding>> = names.iter().map(|n| Coding::parse(n)).collect();
     match codings {
         Some(c) if c.len() <= MAX_LAYERS => Ok(c),
-        _ => Err(names),
+        _ => Err(names.join(", ")),
     }
 }
+
+/// The codings decoded here, as refusals name them.
+pub const DECODED: &str = "gzip, deflate, br and zstd";
 
 /// A server's answer as the agent reads it: as it came, or decoded.
 pub enum Answer {

@@ -559,15 +559,21 @@ fn set_path(uri: &mut http::Uri, path: String) -> Result<(), String> {
 /// request body policy reads is read only when plain; an answer the agent
 /// reads is decoded ([`super::decode`]).
 pub(super) fn content_coding(headers: &HeaderMap) -> Option<String> {
+    let codings = content_codings(headers);
+    (!codings.is_empty()).then(|| codings.join(", "))
+}
+
+/// The content codings a body's `Content-Encoding` headers name, in the
+/// order applied, lower-cased, `identity` left out.
+pub(super) fn content_codings(headers: &HeaderMap) -> Vec<String> {
     if !headers.contains_key(header::CONTENT_ENCODING) {
-        return None;
+        return Vec::new();
     }
-    let codings: Vec<String> = list_header(headers, header::CONTENT_ENCODING)
+    list_header(headers, header::CONTENT_ENCODING)
         .into_iter()
         .map(|c| c.to_ascii_lowercase())
         .filter(|c| c != "identity")
-        .collect();
-    (!codings.is_empty()).then(|| codings.join(", "))
+        .collect()
 }
 
 /// The elements of a comma-separated list header, over all its lines,
@@ -1371,45 +1377,68 @@ pub mod fuzz {
     }
 
     /// The requests whose answers [`answer`] feeds: the protocol of the
-    /// destination and the client's bytes.
-    const ASKED: [(Protocol, &[u8]); 9] = [
+    /// destination, the request's head (without `Connection` and
+    /// `Content-Length`, which [`asked`] adds) and its body.
+    const ASKED: [(Protocol, &str, &str); 9] = [
         (
             Protocol::Llm,
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: llm\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: 67\r\n\r\n{\"model\":\"gpt-4o-mini\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}",
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: llm\r\nContent-Type: application/json",
+            "{\"model\":\"gpt-4o-mini\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}",
         ),
         (
             Protocol::Llm,
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: llm\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: 81\r\n\r\n{\"model\":\"gpt-4o-mini\",\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}",
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: llm\r\nContent-Type: application/json",
+            "{\"model\":\"gpt-4o-mini\",\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}",
         ),
         (
             Protocol::Llm,
-            b"POST /v1/responses HTTP/1.1\r\nHost: llm\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: 50\r\n\r\n{\"model\":\"gpt-4o-mini\",\"input\":\"hi\",\"stream\":true}",
+            "POST /v1/responses HTTP/1.1\r\nHost: llm\r\nContent-Type: application/json",
+            "{\"model\":\"gpt-4o-mini\",\"input\":\"hi\",\"stream\":true}",
         ),
         (
             Protocol::Llm,
-            b"POST /v1/embeddings HTTP/1.1\r\nHost: llm\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: 47\r\n\r\n{\"model\":\"text-embedding-3-small\",\"input\":\"hi\"}",
+            "POST /v1/embeddings HTTP/1.1\r\nHost: llm\r\nContent-Type: application/json",
+            "{\"model\":\"text-embedding-3-small\",\"input\":\"hi\"}",
         ),
         (
             Protocol::Mcp,
-            b"POST /mcp HTTP/1.1\r\nHost: mcp\r\nConnection: close\r\nAccept: application/json, text/event-stream\r\nContent-Type: application/json\r\nContent-Length: 46\r\n\r\n{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/list\"}",
+            "POST /mcp HTTP/1.1\r\nHost: mcp\r\nAccept: application/json, text/event-stream\r\nContent-Type: application/json",
+            "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/list\"}",
         ),
         (
             Protocol::Mcp,
-            b"POST /mcp HTTP/1.1\r\nHost: mcp\r\nConnection: close\r\nAccept: application/json, text/event-stream\r\nContent-Type: application/json\r\nContent-Length: 50\r\n\r\n{\"jsonrpc\":\"2.0\",\"id\":7,\"method\":\"resources/list\"}",
+            "POST /mcp HTTP/1.1\r\nHost: mcp\r\nAccept: application/json, text/event-stream\r\nContent-Type: application/json",
+            "{\"jsonrpc\":\"2.0\",\"id\":7,\"method\":\"resources/list\"}",
         ),
         (
             Protocol::Mcp,
-            b"GET /mcp HTTP/1.1\r\nHost: mcp\r\nConnection: close\r\nAccept: text/event-stream\r\n\r\n",
+            "GET /mcp HTTP/1.1\r\nHost: mcp\r\nAccept: text/event-stream",
+            "",
         ),
         (
             Protocol::Vectordb,
-            b"POST /api/v2/tenants/default_tenant/databases/default_database/collections/7c0a1e5e-0000-4000-8000-000000000001/query HTTP/1.1\r\nHost: chroma\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: 46\r\n\r\n{\"query_embeddings\":[[0.1,0.2]],\"n_results\":1}",
+            "POST /api/v2/tenants/default_tenant/databases/default_database/collections/7c0a1e5e-0000-4000-8000-000000000001/query HTTP/1.1\r\nHost: chroma\r\nContent-Type: application/json",
+            "{\"query_embeddings\":[[0.1,0.2]],\"n_results\":1}",
         ),
         (
             Protocol::Vectordb,
-            b"GET /api/v2/tenants/default_tenant/databases/default_database/collections HTTP/1.1\r\nHost: chroma\r\nConnection: close\r\n\r\n",
+            "GET /api/v2/tenants/default_tenant/databases/default_database/collections HTTP/1.1\r\nHost: chroma",
+            "",
         ),
     ];
+
+    /// The client's bytes of `ASKED[pick]`, closing the connection after
+    /// the answer.
+    fn asked(pick: u8) -> (Protocol, Vec<u8>) {
+        let (protocol, head, body) = ASKED[usize::from(pick) % ASKED.len()];
+        let length = if body.is_empty() {
+            String::new()
+        } else {
+            format!("\r\nContent-Length: {}", body.len())
+        };
+        let raw = format!("{head}\r\nConnection: close{length}\r\n\r\n{body}");
+        (protocol, raw.into_bytes())
+    }
 
     /// The shared state of the fuzzed sessions: a policy that allows
     /// everything (every answer is then read: metered, filtered,
@@ -1462,7 +1491,7 @@ pub mod fuzz {
         let Some(l7) = fuzz_l7() else {
             return;
         };
-        let (protocol, asked) = ASKED[usize::from(pick) % ASKED.len()];
+        let (protocol, asked) = asked(pick);
         let Ok(listener) = tokio::net::TcpListener::bind("127.0.0.1:0").await else {
             return;
         };
@@ -1526,7 +1555,7 @@ pub mod fuzz {
         // (`Connection: close`): a half-close would end the request early.
         let (mut client, ours) = tokio::io::duplex(64 * 1024);
         let ask = async move {
-            let _ = client.write_all(asked).await;
+            let _ = client.write_all(&asked).await;
             let mut sink = Vec::new();
             let _ = client.read_to_end(&mut sink).await;
         };

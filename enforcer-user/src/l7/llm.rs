@@ -25,7 +25,7 @@ use sse_stream::{Sse, SseBody, SseStream};
 use tracing::{debug, info, warn};
 
 use super::{
-    decode::{Answer, AnswerError},
+    decode::{Answer, AnswerError, DECODED},
     http::{Body, BoxError, ReadBody, Session, body_json, json_response},
     tokens,
 };
@@ -625,7 +625,7 @@ pub async fn account(
                 StatusCode::BAD_GATEWAY,
                 &format!(
                     "the model's answer came with content-encoding {coding} although identity was \
-                     asked for: enforcer meters answers and decodes only gzip, deflate, br and zstd"
+                     asked for: enforcer meters answers and decodes only {DECODED}"
                 ),
                 "server_error",
                 "answer_not_meterable",

@@ -580,7 +580,8 @@ pub async fn filter_response(
         Err(coding) => {
             return refuse(format!(
                 "the server answered with content-encoding {coding} although identity was asked for: \
-                 enforcer reads MCP answers to filter them and decodes only gzip, deflate, br and zstd"
+                 enforcer reads MCP answers to filter them and decodes only {}",
+                super::decode::DECODED
             ));
         }
     };
