@@ -75,6 +75,32 @@ impl Listening<'_> {
 
 /// `identity.state_dir`, created 0700 when missing (the CA key, the token
 /// counters and the handover socket live there).
+/// aws-lc seeds its random generator from CPU jitter the first time the
+/// process asks for randomness: ≈ 20 ms of CPU, under a process-wide once
+/// that every other thread asking meanwhile waits on. Asked here, on the
+/// blocking pool, before the agent serves: else the first TLS handshake
+/// (a runtime worker, every connection on it waiting) or the first SVID's
+/// key pays it. No randomness is a start that fails: no TLS without it.
+async fn seed_random() -> anyhow::Result<()> {
+    let seeded = tokio::task::spawn_blocking(|| {
+        let started = std::time::Instant::now();
+        let mut bytes = [0u8; 32];
+        tls::provider()
+            .secure_random
+            .fill(&mut bytes)
+            .map(|()| started.elapsed())
+    })
+    .await
+    .context("the random generator's seeding task")?
+    .map_err(|e| anyhow::anyhow!("{e:?}"))
+    .context("seeding the random generator (aws-lc)")?;
+    info!(
+        ms = seeded.as_secs_f64() * 1000.0,
+        "random generator seeded"
+    );
+    Ok(())
+}
+
 fn ensure_state_dir(dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::DirBuilderExt as _;
     if dir.is_dir() {
@@ -314,6 +340,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         .context("finding the agent's own cgroup (/proc/self/cgroup)")?;
     let state_dir = config.identity.state_dir.clone();
     ensure_state_dir(&state_dir)?;
+    seed_random().await?;
     // A hitless upgrade: the agent running with this state_dir hands its
     // listeners over; without one, they are bound here.
     let mut inherited = {

@@ -351,6 +351,14 @@ fn readyz_and_capture_map_metrics() {
     ] {
         assert!(m.contains(name), "{name} missing from:\n{m}");
     }
+    // aws-lc's random generator is seeded from CPU jitter (≈ 20 ms) on its
+    // first use: before the agent serves, not in a connection's handshake.
+    let lines = enf.log_lines();
+    let at = |message: &str| lines.iter().position(|l| l["message"] == message);
+    match (at("random generator seeded"), at("enforcer ready")) {
+        (Some(seeded), Some(ready)) => assert!(seeded < ready, "seeded after ready"),
+        other => panic!("no seeding before ready in the agent's log: {other:?}"),
+    }
 }
 
 #[test]
