@@ -621,11 +621,28 @@ pub struct KeyConfig {
 /// compiled as regexes: tracing-subscriber builds a DFA for each, which can
 /// take exponential time — `cargo xtask fuzz` found a 1 KB `log.level`
 /// that did not finish parsing in minutes.
+///
+/// Each directive is trimmed here: tracing-subscriber 0.3 walks a
+/// directive trimmed but cuts the untrimmed one at those offsets, so the
+/// space in `"info, enforcer=debug"` shifted every name by one (the target
+/// read " enforce", and the filter was refused), and before a non-ASCII
+/// character the cut fell inside it and panicked — `cargo xtask fuzz`
+/// (target config) found it: an agent that died at start on its own
+/// config. Any other panic of that parser is a refused filter, not a crash.
 pub fn log_filter(directives: &str) -> Result<tracing_subscriber::EnvFilter, String> {
-    tracing_subscriber::EnvFilter::builder()
-        .with_regex(false)
-        .parse(directives)
-        .map_err(|e| e.to_string())
+    let trimmed = directives
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect::<Vec<_>>()
+        .join(",");
+    std::panic::catch_unwind(|| {
+        tracing_subscriber::EnvFilter::builder()
+            .with_regex(false)
+            .parse(&trimmed)
+    })
+    .map_err(|_| "the filter parser failed on it".to_owned())?
+    .map_err(|e| e.to_string())
 }
 
 /// A secret as `/config` shows it.
@@ -1684,6 +1701,26 @@ mod tests {
             let err = parse(&format!("{MIN}{section}")).unwrap_err().to_string();
             assert!(err.contains(key) && err.contains(says), "{section}: {err}");
         }
+    }
+
+    #[test]
+    fn log_level_directives_are_read_whole_after_a_comma_and_a_space() {
+        // A space after a comma shifted each name by one byte: the target
+        // of " enforcer=debug" read " enforce" (refused), and a non-ASCII
+        // name was cut inside a character — a panic at start
+        // (`cargo xtask fuzz`, target config).
+        let f = log_filter("info, enforcer=debug").expect("a valid filter");
+        assert_eq!(f.to_string(), "enforcer=debug,info");
+        let f = log_filter(" warn ,  é[connection]=trace ,").expect("a valid filter");
+        assert_eq!(f.to_string(), "warn,é[connection]=trace");
+        let text = format!("{MIN}[log]\nlevel = \"info, enforcer::proxy=debug\"\n");
+        assert_eq!(
+            parse(&text).expect("accepted").log.level,
+            "info, enforcer::proxy=debug"
+        );
+        // The level the fuzzer found, cut to what made it panic: refused
+        // or accepted, never a crash.
+        let _ = log_filter("x, —[a]=debug");
     }
 
     #[test]
