@@ -586,7 +586,7 @@ fn usage_of(v: &Value) -> Option<(u64, u64)> {
 }
 
 /// Prompt and completion tokens of a `usage` object.
-fn usage_counts(u: &Value) -> Option<(u64, u64)> {
+pub(super) fn usage_counts(u: &Value) -> Option<(u64, u64)> {
     u.as_object()?;
     let n = |k: &str| u.get(k).and_then(Value::as_u64);
     let prompt = n("prompt_tokens").or_else(|| n("input_tokens"))?;
@@ -845,15 +845,15 @@ impl Metered {
             self.complete = true;
             return Some(event);
         }
-        let Ok(mut v) = serde_json::from_str::<Value>(data) else {
-            return Some(event);
-        };
         // Completion tokens in this event, each text counted on its own
         // (the choices of one chunk are separate texts).
         let mut n = 0u64;
-        let mut usage = None;
+        let usage;
         if self.responses {
-            match v.get("type").and_then(Value::as_str) {
+            let Ok(v) = serde_json::from_str::<Value>(data) else {
+                return Some(event);
+            };
+            usage = match v.get("type").and_then(Value::as_str) {
                 Some(
                     "response.output_text.delta"
                     | "response.refusal.delta"
@@ -861,56 +861,35 @@ impl Metered {
                     | "response.reasoning_text.delta",
                 ) => {
                     if let Some(d) = v.get("delta").and_then(Value::as_str) {
-                        n += tokens::count(d);
+                        n += tokens::count_delta(d);
                     }
+                    None
                 }
                 Some("response.completed" | "response.incomplete" | "response.failed") => {
-                    usage = v.get("response").and_then(usage_of);
                     self.complete = true;
+                    v.get("response").and_then(usage_of)
                 }
-                _ => {}
-            }
+                _ => None,
+            };
         } else {
-            if let Some(choices) = v.get("choices").and_then(Value::as_array) {
-                for c in choices {
-                    for p in [
-                        "/delta/content",
-                        "/delta/refusal",
-                        "/delta/reasoning_content",
-                        "/text",
-                    ] {
-                        if let Some(s) = c.pointer(p).and_then(Value::as_str) {
-                            n += tokens::count(s);
-                        }
-                    }
-                    if let Some(calls) = c.pointer("/delta/tool_calls").and_then(Value::as_array) {
-                        for t in calls {
-                            if let Some(s) =
-                                t.pointer("/function/arguments").and_then(Value::as_str)
-                            {
-                                n += tokens::count(s);
-                            }
-                        }
-                    }
-                }
-            }
-            usage = usage_of(&v);
-            if self.added_usage
-                && let Some(o) = v.as_object_mut()
-            {
+            // A chat or completions chunk: read without building its tree
+            // (every chunk of every metered stream passes here).
+            let Some(chunk) = super::chunk::Chunk::parse(data) else {
+                return Some(event);
+            };
+            chunk.texts(|s| n += tokens::count_delta(s));
+            usage = chunk.usage();
+            if self.added_usage {
                 // What the client did not ask for: the usage chunk, and the
                 // `usage: null` of every other chunk.
-                let only_usage = usage.is_some()
-                    && o.get("choices")
-                        .and_then(Value::as_array)
-                        .is_some_and(Vec::is_empty);
-                if only_usage {
+                if usage.is_some() && chunk.no_choices() {
                     self.usage = usage;
                     return None;
                 }
-                if o.remove("usage").is_some() {
-                    // The chunk as parsed, written again (not a copy of it).
-                    event.data = Some(v.to_string());
+                if chunk.has("usage") {
+                    // The other members as the server sent them.
+                    let without = chunk.without("usage");
+                    event.data = Some(without);
                 }
             }
         }

@@ -5,6 +5,7 @@
 //! every request with the connection's verified identities, and only then
 //! forwards it over its own client connection to the server. The
 //! connection-level decision is taken first, as for any connection.
+pub mod chunk;
 pub mod decode;
 pub mod http;
 pub mod io;

@@ -465,6 +465,40 @@ pub fn count(text: &str) -> u64 {
     }
 }
 
+/// Deltas this short (in bytes) are remembered with their count.
+const REMEMBERED_LEN: usize = 32;
+/// At most this many per thread; all are forgotten when it is reached.
+const REMEMBERED: usize = 4096;
+
+thread_local! {
+    /// Short texts this thread counted, with their counts: a stream's
+    /// deltas are mostly a token each, and mostly the same few thousand.
+    static COUNTED: std::cell::RefCell<std::collections::HashMap<Box<str>, u32>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// Tokens in one streamed delta: [`count`], remembered for short texts on
+/// this thread (a runtime worker's; each text's count is its own, so a
+/// remembered one is exact). The tokenizer's regex and its rank table are
+/// most of what metering a chunk costs, and after the 5–50 ms between two
+/// chunks they are out of the CPU's caches.
+pub fn count_delta(text: &str) -> u64 {
+    if text.len() > REMEMBERED_LEN || BPE.get().is_none() {
+        return count(text);
+    }
+    COUNTED.with_borrow_mut(|counted| {
+        if let Some(&n) = counted.get(text) {
+            return u64::from(n);
+        }
+        let n = count(text);
+        if counted.len() >= REMEMBERED {
+            counted.clear();
+        }
+        counted.insert(text.into(), u32::try_from(n).unwrap_or(u32::MAX));
+        n
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -593,5 +627,30 @@ mod tests {
         // o200k_base: "hello world" is two tokens.
         assert_eq!(count("hello world"), 2);
         assert_eq!(count(""), 0);
+    }
+
+    #[test]
+    fn a_remembered_delta_counts_as_the_tokenizer_does_and_the_memory_is_bounded() {
+        load_tokenizer();
+        let texts = [
+            " hello",
+            "hello world",
+            " antidisestablishmentarianism",
+            "",
+            "é",
+            &"x".repeat(REMEMBERED_LEN + 1),
+        ];
+        for _ in 0..2 {
+            for t in texts {
+                assert_eq!(count_delta(t), count(t), "{t:?}");
+            }
+        }
+        // Short ones are remembered, a long one is not.
+        assert_eq!(COUNTED.with_borrow(|c| c.len()), texts.len() - 1);
+        for i in 0..REMEMBERED + 10 {
+            let t = format!(" w{i}");
+            assert_eq!(count_delta(&t), count(&t));
+        }
+        assert!(COUNTED.with_borrow(|c| c.len()) <= REMEMBERED);
     }
 }
