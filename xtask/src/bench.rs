@@ -1079,7 +1079,9 @@ fn profiles(bench: &Bench, root: &Path, agent_a: u32, agent_b: u32) -> anyhow::R
         "# Where the time goes\n\n`cargo xtask bench --profile` on {} (2 cores). System-wide \
          `perf record -e cpu-clock -F 999 -a -g` while the workload runs for {SECS} s; \
          agent a (client side) is pid {agent_a}, agent b (server side) pid {agent_b}; \
-         `swapper` is idle time. Percentages are of all samples on both cores.\n",
+         `swapper` is idle time. Percentages are of all samples on both cores. \
+         The streamed LLM answers are recorded in the two agents alone \
+         (`-F 19999 -p <a>,<b>`): percentages there are of their samples.\n",
         today()
     );
     type Load<'a> = (
@@ -1133,6 +1135,18 @@ fn profiles(bench: &Bench, root: &Path, agent_a: u32, agent_b: u32) -> anyhow::R
             Path_::Enforcer,
             Box::new(move |b: &Bench| http_with_syscalls(b, HTTP_L7, [agent_a, agent_b])),
         ),
+        // Per chunk (issue 12): a streamed chat completion, to the stand-in
+        // at L4 and declared `llm` (each event parsed, counted, written).
+        (
+            "LLM stream, L4",
+            Path_::Enforcer,
+            Box::new(move |b: &Bench| stream_with_syscalls(b, LLM_L4, [agent_a, agent_b])),
+        ),
+        (
+            "LLM stream, llm",
+            Path_::Enforcer,
+            Box::new(move |b: &Bench| stream_with_syscalls(b, LLM_L7, [agent_a, agent_b])),
+        ),
     ];
     // ENFORCER_BENCH_PROFILE=<text>: only the loads whose name contains it
     // (e.g. "HTTP").
@@ -1142,18 +1156,20 @@ fn profiles(bench: &Bench, root: &Path, agent_a: u32, agent_b: u32) -> anyhow::R
             continue;
         }
         let data = dir.join(format!("{i}.data"));
+        // A stream leaves the machine idle between its chunks (≈ 1 % busy):
+        // the agents alone, sampled 20× as often, or a profile has a few
+        // dozen of their samples.
+        let streamed = what.starts_with("LLM");
+        let agents = format!("{agent_a},{agent_b}");
+        let whom: &[&str] = if streamed {
+            &["19999", "-p", &agents]
+        } else {
+            &["999", "-a"]
+        };
         let rec = std::process::Command::new("perf")
-            .args([
-                "record",
-                "-q",
-                "-e",
-                "cpu-clock",
-                "-F",
-                "999",
-                "-a",
-                "-g",
-                "-o",
-            ])
+            .args(["record", "-q", "-e", "cpu-clock", "-g", "-F"])
+            .args(whom)
+            .arg("-o")
             .arg(&data)
             .args(["--", "sleep", &(SECS + 1).to_string()])
             .stdout(std::process::Stdio::null())
@@ -1202,7 +1218,9 @@ fn profiles(bench: &Bench, root: &Path, agent_a: u32, agent_b: u32) -> anyhow::R
             report("comm,sym", 40)?
         );
         if *path == Path_::Enforcer
-            && (what.starts_with("new connections") || what.starts_with("HTTP"))
+            && (what.starts_with("new connections")
+                || what.starts_with("HTTP")
+                || what.starts_with("LLM"))
         {
             let _ = write!(
                 md,
@@ -1234,6 +1252,50 @@ const SYSCALLS: [&str; 7] = [
 /// agent's syscalls and CPU time counted meanwhile: the rate, latency and,
 /// per agent, its CPU and each syscall per request.
 fn http_with_syscalls(b: &Bench, port: u16, agents: [u32; 2]) -> anyhow::Result<String> {
+    with_syscalls(b, port, agents, "request", || {
+        let (r, p50, p99) = b.wrk(Some("bench-client.service"), port, 1)?;
+        Ok((
+            format!("{r:.0} req/s, p50 {p50:.1} µs, p99 {p99:.1} µs"),
+            r * SECS as f64,
+        ))
+    })
+}
+
+/// Streamed chat completions from the stand-in at `port` on b (one
+/// keep-alive connection, a chunk every SSE_CHUNK_MS), with each agent's
+/// syscalls and CPU time counted meanwhile, per chunk.
+fn stream_with_syscalls(b: &Bench, port: u16, agents: [u32; 2]) -> anyhow::Result<String> {
+    with_syscalls(b, port, agents, "chunk", || {
+        let (_, mut chunks) = b.sse(Some("bench-client.service"), port)?;
+        chunks.sort_by(f64::total_cmp);
+        let at = |p: f64| {
+            chunks
+                .get(((chunks.len() as f64 * p) as usize).min(chunks.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(f64::NAN)
+        };
+        Ok((
+            format!(
+                "{} chunks, p50 {:.1} µs, p99 {:.1} µs",
+                chunks.len(),
+                at(0.5),
+                at(0.99)
+            ),
+            chunks.len() as f64,
+        ))
+    })
+}
+
+/// Runs `load` (which says what it measured and how many `unit`s it
+/// moved) to `port` on b while `perf stat` counts each agent's syscalls and
+/// CPU time; adds both agents' per-unit figures to what it says.
+fn with_syscalls(
+    b: &Bench,
+    port: u16,
+    agents: [u32; 2],
+    unit: &str,
+    load: impl FnOnce() -> anyhow::Result<(String, f64)>,
+) -> anyhow::Result<String> {
     let events = SYSCALLS
         .iter()
         .map(|s| format!("syscalls:sys_enter_{s}"))
@@ -1241,6 +1303,7 @@ fn http_with_syscalls(b: &Bench, port: u16, agents: [u32; 2]) -> anyhow::Result<
         .collect::<Vec<_>>()
         .join(",");
     let counted = |agent: u32| b.tb.dir.join(format!("perf/syscalls-{port}-{agent}.txt"));
+    // Counted until the load ends (SIGINT ends `perf stat` and writes).
     let stats = agents
         .iter()
         .map(|&agent| {
@@ -1256,20 +1319,26 @@ fn http_with_syscalls(b: &Bench, port: u16, agents: [u32; 2]) -> anyhow::Result<
                     "-o",
                 ])
                 .arg(counted(agent))
-                .args(["--", "sleep", &format!("{}", SECS as f64 + 0.2)])
                 .spawn()
                 .context("perf stat (apt install linux-perf)")
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let (r, p50, p99) = b.wrk(Some("bench-client.service"), port, 1)?;
+    let loaded = load();
     for stat in stats {
+        // A signal to the child this process started.
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &stat.id().to_string()])
+            .status();
         let out = stat.wait_with_output()?;
-        if !out.status.success() {
+        // perf stat writes its counts, then ends by the signal it got.
+        if !out.status.success()
+            && std::os::unix::process::ExitStatusExt::signal(&out.status) != Some(2)
+        {
             bail!("perf stat failed: {out:?}");
         }
     }
-    let requests = (r * SECS as f64).max(1.0);
-    let mut said = format!("{r:.0} req/s, p50 {p50:.1} µs, p99 {p99:.1} µs");
+    let (mut said, units) = loaded?;
+    let units = units.max(1.0);
     for (name, agent) in ["a", "b"].into_iter().zip(agents) {
         let text = std::fs::read_to_string(counted(agent))?;
         // The first field of the line that names `event`.
@@ -1280,12 +1349,12 @@ fn http_with_syscalls(b: &Bench, port: u16, agents: [u32; 2]) -> anyhow::Result<
                 .and_then(|n| n.trim().parse::<f64>().ok())
                 .unwrap_or(0.0)
         };
-        let per_request = SYSCALLS
+        let per_unit = SYSCALLS
             .iter()
             .map(|s| {
                 format!(
                     "{s} {:.2}",
-                    count(&format!("syscalls:sys_enter_{s}")) / requests
+                    count(&format!("syscalls:sys_enter_{s}")) / units
                 )
             })
             .collect::<Vec<_>>()
@@ -1293,8 +1362,8 @@ fn http_with_syscalls(b: &Bench, port: u16, agents: [u32; 2]) -> anyhow::Result<
         // task-clock: milliseconds of CPU on the agent's threads.
         let _ = write!(
             said,
-            "; {name}'s agent per request: {:.1} µs CPU, {per_request}",
-            count("task-clock") * 1000.0 / requests
+            "; {name}'s agent per {unit}: {:.1} µs CPU, {per_unit}",
+            count("task-clock") * 1000.0 / units
         );
     }
     Ok(said)
@@ -1643,6 +1712,8 @@ fn threads(pid: u32) -> u64 {
 /// An agent's `enforcer_allocator_bytes` gauges, in KiB by kind, and its
 /// threads.
 fn allocator(node: &Node, agent: &Enforcer) -> anyhow::Result<Value> {
+    // Before the scrape: serving it faults the admin server's code back in.
+    let rss = rss_parts(agent.pid)?;
     let (_, metrics) = node.http_get(agent.metrics_addr, "/metrics")?;
     let mut out = serde_json::Map::new();
     for kind in [
@@ -1657,7 +1728,39 @@ fn allocator(node: &Node, agent: &Enforcer) -> anyhow::Result<Value> {
         out.insert(kind.to_owned(), json!((bytes / 1024.0).round()));
     }
     out.insert("threads".into(), json!(threads(agent.pid)));
+    out.insert("rss".into(), rss);
     Ok(Value::Object(out))
+}
+
+/// A process's resident pages by what holds them (KiB, from
+/// `/proc/<pid>/smaps`): its own executable's file pages, other files'
+/// (libraries), and anonymous pages (the heap, thread stacks, other
+/// mappings): where RSS beyond the allocator's `resident` is.
+fn rss_parts(pid: u32) -> anyhow::Result<Value> {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .with_context(|| format!("/proc/{pid}/exe"))?;
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .with_context(|| format!("/proc/{pid}/smaps"))?;
+    let (mut exe_kib, mut files_kib, mut anon_kib) = (0u64, 0u64, 0u64);
+    let mut path = String::new();
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let Some(first) = words.next() else { continue };
+        if first.contains('-') && !first.ends_with(':') {
+            // A mapping's header: `start-end perms offset dev inode [path]`.
+            path = words.nth(4).unwrap_or_default().to_owned();
+        } else if first == "Rss:" {
+            let kib: u64 = words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            if Path::new(&path) == exe {
+                exe_kib += kib;
+            } else if path.starts_with('/') {
+                files_kib += kib;
+            } else {
+                anon_kib += kib;
+            }
+        }
+    }
+    Ok(json!({"executable": exe_kib, "other_files": files_kib, "anonymous": anon_kib}))
 }
 
 fn sample(node: &Node, agent: &Enforcer, at: Instant) -> anyhow::Result<Sample> {
