@@ -886,9 +886,10 @@ impl Metered {
                     self.usage = usage;
                     return None;
                 }
-                if chunk.has("usage") {
+                if chunk.has("usage")
+                    && let Some(without) = chunk.without("usage")
+                {
                     // The other members as the server sent them.
-                    let without = chunk.without("usage");
                     event.data = Some(without);
                 }
             }
