@@ -177,5 +177,24 @@ def l7_answer():
     put("l7_answer", "chroma-collections", b"\x08" + http(200, b"application/json", cols))
 
 
-for name in sys.argv[1:] or ["config", "selectors", "certificate", "http_request", "hbone", "l7_answer"]:
+def llm_chunk():
+    # Streamed chat and completions chunks (one SSE event's data each).
+    put("llm_chunk", "chat", json.dumps({
+        "id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o",
+        "system_fingerprint": "fp", "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hello"},
+                                                "logprobs": None, "finish_reason": None}],
+        "usage": None}, separators=(",", ":")).encode())
+    put("llm_chunk", "usage", json.dumps({
+        "id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o", "choices": [],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21}}, separators=(",", ":")).encode())
+    put("llm_chunk", "tools", json.dumps({
+        "id": "c", "object": "chat.completion.chunk", "choices": [
+            {"index": 0, "delta": {"content": None, "refusal": "no", "reasoning_content": "hm\u00e9",
+                                   "tool_calls": [{"index": 0, "id": "t", "type": "function",
+                                                   "function": {"name": "f", "arguments": "{\"q\":1}"}}]}},
+            {"index": 1, "text": " done"}],
+        "usage": None, "x_sent_ns": 123}, separators=(",", ":")).encode())
+
+
+for name in sys.argv[1:] or ["config", "selectors", "certificate", "http_request", "hbone", "l7_answer", "llm_chunk"]:
     globals()[name]()

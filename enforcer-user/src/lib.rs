@@ -118,6 +118,15 @@ pub mod fuzzing {
         RUNTIME.with(|rt| rt.block_on(crate::l7::http::fuzz::answer(data)));
     }
 
+    /// A streamed LLM chunk: the raw reader that meters it against the
+    /// JSON tree it replaced (they must read the same texts and usage, and
+    /// the chunk less `usage` must be the tree less `usage`).
+    pub fn llm_chunk(data: &[u8]) {
+        if let Ok(text) = std::str::from_utf8(data) {
+            crate::l7::chunk::fuzz::differential(text);
+        }
+    }
+
     /// An HBONE client's bytes after the TLS handshake.
     pub fn hbone(data: &[u8]) {
         let _ = RUNTIME.with(|rt| rt.block_on(crate::proxy::inbound::fuzz::hbone(data)));
@@ -146,6 +155,27 @@ pub mod fuzzing {
                 "the service never answered: {}",
                 String::from_utf8_lossy(&out)
             );
+        }
+
+        #[test]
+        fn the_chunk_harness_compares_the_seeds() {
+            // Each seed is an object both readers read (the harness returns
+            // early on anything else, and would compare nothing).
+            let dir =
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/llm_chunk");
+            let mut compared = 0;
+            for name in ["chat", "usage", "tools"] {
+                let data = seed("llm_chunk", name);
+                let text = std::str::from_utf8(&data).expect("UTF-8");
+                assert!(
+                    matches!(serde_json::from_str(text), Ok(serde_json::Value::Object(_))),
+                    "{}/{name} is not a JSON object",
+                    dir.display()
+                );
+                super::llm_chunk(&data);
+                compared += 1;
+            }
+            assert_eq!(compared, 3);
         }
 
         #[tokio::test]

@@ -9,13 +9,14 @@ use anyhow::{Context as _, bail};
 
 use crate::{display, step};
 
-const TARGETS: [&str; 6] = [
+const TARGETS: [&str; 7] = [
     "config",
     "selectors",
     "certificate",
     "http_request",
     "hbone",
     "l7_answer",
+    "llm_chunk",
 ];
 
 /// What one target's run gave.

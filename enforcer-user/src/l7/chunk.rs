@@ -42,45 +42,33 @@ impl<'a> Chunk<'a> {
     /// `delta.content`, `delta.refusal`, `delta.reasoning_content`, a tool
     /// call's `function.arguments`, and a completion's `text`. A value that
     /// is not a string is no text; a choice that is not an object has none.
+    /// Every object below is read as the chunk is (members as raw text, the
+    /// last of a name counts), so a name given twice is read as the
+    /// client's parser reads it.
     pub fn texts(&self, mut each: impl FnMut(&str)) {
-        let Some(choices) = self
-            .member("choices")
-            .and_then(|raw| serde_json::from_str::<Vec<&RawValue>>(raw.get()).ok())
-        else {
+        let Some(choices) = self.member("choices").and_then(array) else {
             return;
         };
-        for raw in choices {
-            let Ok(choice) = serde_json::from_str::<Choice<'_>>(raw.get()) else {
-                continue;
-            };
-            if let Some(delta) = choice
-                .delta
-                .and_then(|d| serde_json::from_str::<Delta<'_>>(d.get()).ok())
-            {
-                for text in [delta.content, delta.refusal, delta.reasoning_content]
-                    .into_iter()
-                    .flatten()
-                {
-                    if let Some(s) = string(text) {
+        for choice in choices.into_iter().filter_map(object) {
+            if let Some(delta) = choice.member("delta").and_then(object) {
+                for name in ["content", "refusal", "reasoning_content"] {
+                    if let Some(s) = delta.member(name).and_then(string) {
                         each(&s);
                     }
                 }
-                let calls = delta
-                    .tool_calls
-                    .and_then(|t| serde_json::from_str::<Vec<&RawValue>>(t.get()).ok());
+                let calls = delta.member("tool_calls").and_then(array);
                 for call in calls.into_iter().flatten() {
-                    let arguments = serde_json::from_str::<ToolCall<'_>>(call.get())
-                        .ok()
-                        .and_then(|c| c.function)
-                        .and_then(|f| serde_json::from_str::<Function<'_>>(f.get()).ok())
-                        .and_then(|f| f.arguments)
+                    let arguments = object(call)
+                        .and_then(|c| c.member("function"))
+                        .and_then(object)
+                        .and_then(|f| f.member("arguments"))
                         .and_then(string);
                     if let Some(s) = arguments {
                         each(&s);
                     }
                 }
             }
-            if let Some(s) = choice.text.and_then(string) {
+            if let Some(s) = choice.member("text").and_then(string) {
                 each(&s);
             }
         }
@@ -88,9 +76,9 @@ impl<'a> Chunk<'a> {
 
     /// `choices` is there and an empty array: OpenAI's usage chunk.
     pub fn no_choices(&self) -> bool {
-        self.member("choices").is_some_and(|raw| {
-            serde_json::from_str::<Vec<&RawValue>>(raw.get()).is_ok_and(|c| c.is_empty())
-        })
+        self.member("choices")
+            .and_then(array)
+            .is_some_and(|c| c.is_empty())
     }
 
     /// Prompt and completion tokens of its `usage`, when that is an object
@@ -133,36 +121,14 @@ fn string(raw: &RawValue) -> Option<Cow<'_, str>> {
     serde_json::from_str::<Str<'_>>(raw.get()).ok().map(|s| s.0)
 }
 
-#[derive(Deserialize)]
-struct Choice<'a> {
-    #[serde(borrow, default)]
-    delta: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    text: Option<&'a RawValue>,
+/// An object's members, each as raw text.
+fn object(raw: &RawValue) -> Option<Chunk<'_>> {
+    Chunk::parse(raw.get())
 }
 
-#[derive(Deserialize)]
-struct Delta<'a> {
-    #[serde(borrow, default)]
-    content: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    refusal: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    reasoning_content: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    tool_calls: Option<&'a RawValue>,
-}
-
-#[derive(Deserialize)]
-struct ToolCall<'a> {
-    #[serde(borrow, default)]
-    function: Option<&'a RawValue>,
-}
-
-#[derive(Deserialize)]
-struct Function<'a> {
-    #[serde(borrow, default)]
-    arguments: Option<&'a RawValue>,
+/// An array's elements, each as raw text.
+fn array(raw: &RawValue) -> Option<Vec<&RawValue>> {
+    serde_json::from_str(raw.get()).ok()
 }
 
 /// A JSON string, borrowed from the input when it has no escape.
@@ -239,9 +205,16 @@ mod tests {
         // Choices that are not an array, or none: no text.
         assert!(texts(r#"{"choices":{"delta":{"content":"x"}}}"#).is_empty());
         assert!(texts(r#"{"id":"x"}"#).is_empty());
-        // The last of two `choices` is read, as a client's parser keeps it.
+        // The last of two `choices`, or of two `content`s, is read, as a
+        // client's parser keeps it.
         assert_eq!(
             texts(r#"{"choices":[{"text":"first"}],"choices":[{"text":"last"}]}"#),
+            ["last"]
+        );
+        assert_eq!(
+            texts(
+                r#"{"choices":[{"delta":{"content":"x","content":"yy"},"delta":{"content":"z","refusal":null,"content":"last"}}]}"#
+            ),
             ["last"]
         );
         assert!(Chunk::parse("[1]").is_none());
@@ -283,6 +256,80 @@ mod tests {
                 .without("usage")
                 .as_deref(),
             Some("{}")
+        );
+    }
+}
+
+/// The fuzz target `llm_chunk`: this reader against the JSON tree it
+/// replaced. Panics where they differ on a chunk the tree reads.
+#[cfg(feature = "fuzzing")]
+pub mod fuzz {
+    use serde_json::Value;
+
+    use super::Chunk;
+
+    /// The texts as the tree-based metering read them (before `Chunk`).
+    fn tree_texts(v: &Value) -> Vec<String> {
+        let mut out = vec![];
+        for c in v
+            .get("choices")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            for p in [
+                "/delta/content",
+                "/delta/refusal",
+                "/delta/reasoning_content",
+                "/text",
+            ] {
+                if let Some(s) = c.pointer(p).and_then(Value::as_str) {
+                    out.push(s.to_owned());
+                }
+            }
+            if let Some(calls) = c.pointer("/delta/tool_calls").and_then(Value::as_array) {
+                for t in calls {
+                    if let Some(s) = t.pointer("/function/arguments").and_then(Value::as_str) {
+                        out.push(s.to_owned());
+                    }
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    pub fn differential(text: &str) {
+        let Ok(Value::Object(mut tree)) = serde_json::from_str::<Value>(text) else {
+            // Not an object the tree reads: the raw reader may accept more
+            // (a number past f64's range is text to it), never less.
+            return;
+        };
+        let chunk = Chunk::parse(text).expect("an object the tree reads is a chunk");
+        let v = Value::Object(tree.clone());
+        let mut texts = vec![];
+        chunk.texts(|s| texts.push(s.to_owned()));
+        texts.sort();
+        assert_eq!(texts, tree_texts(&v), "texts of {text:?}");
+        assert_eq!(
+            chunk.usage(),
+            v.get("usage").and_then(crate::l7::llm::usage_counts),
+            "usage of {text:?}"
+        );
+        assert_eq!(
+            chunk.no_choices(),
+            v.get("choices")
+                .and_then(Value::as_array)
+                .is_some_and(Vec::is_empty),
+            "no_choices of {text:?}"
+        );
+        assert_eq!(chunk.has("usage"), tree.contains_key("usage"));
+        let without = chunk.without("usage").expect("text");
+        tree.remove("usage");
+        assert_eq!(
+            serde_json::from_str::<Value>(&without).ok(),
+            Some(Value::Object(tree)),
+            "{text:?} less usage: {without:?}"
         );
     }
 }

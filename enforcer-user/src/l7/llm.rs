@@ -586,7 +586,7 @@ fn usage_of(v: &Value) -> Option<(u64, u64)> {
 }
 
 /// Prompt and completion tokens of a `usage` object.
-pub(super) fn usage_counts(u: &Value) -> Option<(u64, u64)> {
+pub(crate) fn usage_counts(u: &Value) -> Option<(u64, u64)> {
     u.as_object()?;
     let n = |k: &str| u.get(k).and_then(Value::as_u64);
     let prompt = n("prompt_tokens").or_else(|| n("input_tokens"))?;
