@@ -22,12 +22,17 @@ pub async fn accept_loop<F>(
     let stop = crate::drain::draining();
     tokio::pin!(stop);
     loop {
+        // The drain first: polled with a connection waiting, an unbiased
+        // select could take the connection after the drain had counted
+        // none open and let the agent exit — that connection was reset
+        // (upgrade::connects_spread_over_an_upgrade_all_succeed, 1 in 1 000).
         let accepted = tokio::select! {
-            r = listener.accept() => r,
+            biased;
             () = &mut stop => {
                 tracing::info!(listener = what, "draining: the listener is closed");
                 return;
             }
+            r = listener.accept() => r,
         };
         match accepted {
             Ok((stream, peer)) => {
