@@ -73,8 +73,6 @@ impl Listening<'_> {
     }
 }
 
-/// `identity.state_dir`, created 0700 when missing (the CA key, the token
-/// counters and the handover socket live there).
 /// aws-lc seeds its random generator from CPU jitter the first time the
 /// process asks for randomness: ≈ 20 ms of CPU, under a process-wide once
 /// that every other thread asking meanwhile waits on. Asked here, on the
@@ -101,6 +99,8 @@ async fn seed_random() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `identity.state_dir`, created 0700 when missing (the CA key, the token
+/// counters and the handover socket live there).
 fn ensure_state_dir(dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::DirBuilderExt as _;
     if dir.is_dir() {

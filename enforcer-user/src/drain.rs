@@ -29,12 +29,15 @@ enum Phase {
 struct Drain {
     phase: watch::Sender<Phase>,
     active: AtomicUsize,
+    /// Accept loops still running.
+    listening: AtomicUsize,
     idle: Notify,
 }
 
 static DRAIN: LazyLock<Drain> = LazyLock::new(|| Drain {
     phase: watch::Sender::new(Phase::Serving),
     active: AtomicUsize::new(0),
+    listening: AtomicUsize::new(0),
     idle: Notify::new(),
 });
 
@@ -51,6 +54,25 @@ pub fn track() -> Tracked {
 impl Drop for Tracked {
     fn drop(&mut self) {
         if DRAIN.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            DRAIN.idle.notify_waiters();
+        }
+    }
+}
+
+/// An accept loop in progress: drain waits until every one has stopped,
+/// so a connection accepted as the drain begins is counted (its
+/// [`Tracked`] taken in the same poll) before the drain can find none open.
+pub struct Listening(());
+
+/// Counts one accept loop until the returned guard is dropped.
+pub fn listening() -> Listening {
+    DRAIN.listening.fetch_add(1, Ordering::AcqRel);
+    Listening(())
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        if DRAIN.listening.fetch_sub(1, Ordering::AcqRel) == 1 {
             DRAIN.idle.notify_waiters();
         }
     }
@@ -122,7 +144,9 @@ async fn all_ended() {
         let idle = DRAIN.idle.notified();
         tokio::pin!(idle);
         idle.as_mut().enable();
-        if active() == 0 {
+        // The loops first: a loop's last connection is counted before the
+        // loop stops, so once none runs, every connection is in `active`.
+        if DRAIN.listening.load(Ordering::Acquire) == 0 && active() == 0 {
             return;
         }
         idle.await;

@@ -161,21 +161,15 @@ pub mod fuzzing {
         fn the_chunk_harness_compares_the_seeds() {
             // Each seed is an object both readers read (the harness returns
             // early on anything else, and would compare nothing).
-            let dir =
-                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/llm_chunk");
-            let mut compared = 0;
             for name in ["chat", "usage", "tools"] {
                 let data = seed("llm_chunk", name);
                 let text = std::str::from_utf8(&data).expect("UTF-8");
                 assert!(
                     matches!(serde_json::from_str(text), Ok(serde_json::Value::Object(_))),
-                    "{}/{name} is not a JSON object",
-                    dir.display()
+                    "llm_chunk/{name} is not a JSON object"
                 );
                 super::llm_chunk(&data);
-                compared += 1;
             }
-            assert_eq!(compared, 3);
         }
 
         #[tokio::test]

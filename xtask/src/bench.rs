@@ -1267,19 +1267,12 @@ fn http_with_syscalls(b: &Bench, port: u16, agents: [u32; 2]) -> anyhow::Result<
 fn stream_with_syscalls(b: &Bench, port: u16, agents: [u32; 2]) -> anyhow::Result<String> {
     with_syscalls(b, port, agents, "chunk", || {
         let (_, mut chunks) = b.sse(Some("bench-client.service"), port)?;
-        chunks.sort_by(f64::total_cmp);
-        let at = |p: f64| {
-            chunks
-                .get(((chunks.len() as f64 * p) as usize).min(chunks.len().saturating_sub(1)))
-                .copied()
-                .unwrap_or(f64::NAN)
-        };
         Ok((
             format!(
                 "{} chunks, p50 {:.1} µs, p99 {:.1} µs",
                 chunks.len(),
-                at(0.5),
-                at(0.99)
+                percentile(&mut chunks, 0.5),
+                percentile(&mut chunks, 0.99)
             ),
             chunks.len() as f64,
         ))
@@ -1326,9 +1319,10 @@ fn with_syscalls(
     let loaded = load();
     for stat in stats {
         // A signal to the child this process started.
-        let _ = std::process::Command::new("kill")
-            .args(["-INT", &stat.id().to_string()])
-            .status();
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(stat.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
         let out = stat.wait_with_output()?;
         // perf stat writes its counts, then ends by the signal it got.
         if !out.status.success()
@@ -1478,12 +1472,6 @@ fn llm_stream(bench: &Bench) -> anyhow::Result<Value> {
         ("l4", Some("bench-client.service"), LLM_L4),
         ("llm", Some("bench-client.service"), LLM_L7),
     ];
-    let pct = |v: &mut Vec<f64>, p: f64| {
-        v.sort_by(f64::total_cmp);
-        v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
     let (mut ttft, mut c50, mut c99) = (
         [vec![], vec![], vec![]],
         [vec![], vec![], vec![]],
@@ -1503,7 +1491,11 @@ fn llm_stream(bench: &Bench) -> anyhow::Result<Value> {
             let (mut t, mut c) = bench
                 .sse(*unit, *port)
                 .with_context(|| format!("streamed answers, {name}"))?;
-            let (t50, p50, p99) = (pct(&mut t, 0.5), pct(&mut c, 0.5), pct(&mut c, 0.99));
+            let (t50, p50, p99) = (
+                percentile(&mut t, 0.5),
+                percentile(&mut c, 0.5),
+                percentile(&mut c, 0.99),
+            );
             eprintln!(
                 "  llm stream {name:<6} time to first token p50 {t50:.0} us; chunk p50 {p50:.0} us p99 {p99:.0} us ({} chunks)",
                 c.len()
@@ -1525,7 +1517,7 @@ fn llm_stream(bench: &Bench) -> anyhow::Result<Value> {
     for (name, v) in names.iter().zip(pooled.iter_mut()) {
         pooled_p.insert(
             (*name).into(),
-            json!({"chunks": v.len(), "p50": pct(v, 0.5), "p99": pct(v, 0.99)}),
+            json!({"chunks": v.len(), "p50": percentile(v, 0.5), "p99": percentile(v, 0.99)}),
         );
     }
     Ok(json!({
@@ -1543,6 +1535,14 @@ fn llm_stream(bench: &Bench) -> anyhow::Result<Value> {
         },
         "chunks_pooled_us": pooled_p,
     }))
+}
+
+/// The `p` quantile of `v` (sorted in place); NaN when empty.
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(f64::NAN)
 }
 
 /// Per path: the median of its rounds' values, with their min and max.

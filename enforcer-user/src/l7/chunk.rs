@@ -180,7 +180,7 @@ impl<'de> Deserialize<'de> for Chunk<'de> {
 mod tests {
     use super::*;
 
-    /// The texts `Chunk` reads, against those the `Value` tree gives.
+    /// The texts `Chunk` reads, in the order read.
     fn texts(data: &str) -> Vec<String> {
         let mut out = vec![];
         Chunk::parse(data)

@@ -19,13 +19,15 @@ pub async fn accept_loop<F>(
 ) where
     F: std::future::Future<Output = ()> + Send + 'static,
 {
+    // The drain waits for this loop to stop: a connection it accepts as
+    // the drain begins is counted before the drain can find none open
+    // (else the agent exited under it and it was reset:
+    // upgrade::connects_spread_over_an_upgrade_all_succeed, 1 in 1 000).
+    let _listening = crate::drain::listening();
     let stop = crate::drain::draining();
     tokio::pin!(stop);
     loop {
-        // The drain first: polled with a connection waiting, an unbiased
-        // select could take the connection after the drain had counted
-        // none open and let the agent exit — that connection was reset
-        // (upgrade::connects_spread_over_an_upgrade_all_succeed, 1 in 1 000).
+        // The drain first: once it began, no new connection is taken.
         let accepted = tokio::select! {
             biased;
             () = &mut stop => {
