@@ -1709,6 +1709,21 @@ fn threads(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// A process's threads by name (`/proc/<pid>/task/*/comm`, digits at the
+/// end dropped: `policy-eval-0` and `policy-eval-1` count as one name).
+fn thread_names(pid: u32) -> Value {
+    let mut names = std::collections::BTreeMap::<String, u64>::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            if let Ok(comm) = std::fs::read_to_string(task.path().join("comm")) {
+                let name = comm.trim().trim_end_matches(|c: char| c.is_ascii_digit());
+                *names.entry(name.to_owned()).or_default() += 1;
+            }
+        }
+    }
+    json!(names)
+}
+
 /// An agent's `enforcer_allocator_bytes` gauges, in KiB by kind, and its
 /// threads.
 fn allocator(node: &Node, agent: &Enforcer) -> anyhow::Result<Value> {
@@ -1728,6 +1743,7 @@ fn allocator(node: &Node, agent: &Enforcer) -> anyhow::Result<Value> {
         out.insert(kind.to_owned(), json!((bytes / 1024.0).round()));
     }
     out.insert("threads".into(), json!(threads(agent.pid)));
+    out.insert("thread_names".into(), thread_names(agent.pid));
     out.insert("rss".into(), rss);
     Ok(Value::Object(out))
 }

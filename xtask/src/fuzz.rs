@@ -3,6 +3,11 @@
 //! in `fuzz/corpus/<target>/`. New inputs that reach new code are merged
 //! into that corpus (libFuzzer's `-merge=1`, so it stays minimal); a crash
 //! leaves its input in `fuzz/artifacts/<target>/` and fails the run.
+//! `--runs M` stops each target after M executions; `--sanitizer none`
+//! builds without the address sanitizer (in `fuzz/target/sanitizer-none/`,
+//! so the default build is kept): 4–5× the executions a second, for long
+//! runs, at the price of not catching memory errors that neither panic nor
+//! abort (those can only come from unsafe code).
 use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, bail};
@@ -19,6 +24,42 @@ const TARGETS: [&str; 7] = [
     "llm_chunk",
 ];
 
+/// Whether the targets are built with the address sanitizer.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Sanitizer {
+    Address,
+    None,
+}
+
+impl Sanitizer {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Address => "address",
+            Self::None => "none",
+        }
+    }
+
+    /// cargo-fuzz's flags for this choice (build and run alike).
+    fn args(self) -> Vec<String> {
+        let mut a = vec!["-O".to_owned(), "-s".to_owned(), self.name().to_owned()];
+        if self == Self::None {
+            a.extend([
+                "--target-dir".to_owned(),
+                "target/sanitizer-none".to_owned(),
+            ]);
+        }
+        a
+    }
+}
+
+/// What to run: how long, how many executions, which targets, how built.
+pub struct Plan<'a> {
+    pub secs: u64,
+    pub runs: Option<u64>,
+    pub only: Option<&'a str>,
+    pub sanitizer: Sanitizer,
+}
+
 /// What one target's run gave.
 struct Ran {
     target: &'static str,
@@ -28,9 +69,9 @@ struct Ran {
     crashed: bool,
 }
 
-pub fn run(secs: u64, only: Option<&str>) -> anyhow::Result<()> {
+pub fn run(plan: Plan<'_>) -> anyhow::Result<()> {
     cargo_fuzz()?;
-    let targets: Vec<&'static str> = match only {
+    let targets: Vec<&'static str> = match plan.only {
         Some(t) => vec![
             *TARGETS
                 .iter()
@@ -48,12 +89,20 @@ pub fn run(secs: u64, only: Option<&str>) -> anyhow::Result<()> {
             step(Command::new("python3").args(["fuzz/seeds.py", t]))?;
         }
     }
-    step(fuzz_cmd().args(["build", "-O"]))?;
+    step(fuzz_cmd().arg("build").args(plan.sanitizer.args()))?;
     let mut results = Vec::new();
     for t in targets {
-        results.push(run_one(t, secs)?);
+        results.push(run_one(t, &plan)?);
     }
-    eprintln!("\nfuzz, {secs} s per target (libFuzzer, -O, address sanitizer):");
+    let runs = plan
+        .runs
+        .map(|r| format!(", at most {r} executions"))
+        .unwrap_or_default();
+    eprintln!(
+        "\nfuzz, {} s per target{runs} (libFuzzer, -O, sanitizer: {}):",
+        plan.secs,
+        plan.sanitizer.name()
+    );
     eprintln!(
         "{:<14} {:>12} {:>10} {:>8}  result",
         "target", "execs", "execs/s", "cov"
@@ -88,16 +137,21 @@ fn fuzz_cmd() -> Command {
     c
 }
 
-fn run_one(target: &'static str, secs: u64) -> anyhow::Result<Ran> {
+fn run_one(target: &'static str, plan: &Plan<'_>) -> anyhow::Result<Ran> {
     let work = Path::new("fuzz/target/work").join(target);
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let corpus = format!("corpus/{target}");
     let work_rel = format!("target/work/{target}");
     let mut cmd = fuzz_cmd();
-    cmd.args(["run", "-O", target, &work_rel, &corpus, "--"])
-        .arg(format!("-max_total_time={secs}"))
+    cmd.arg("run")
+        .args(plan.sanitizer.args())
+        .args([target, &work_rel, &corpus, "--"])
+        .arg(format!("-max_total_time={}", plan.secs))
         .args(["-print_final_stats=1", "-timeout=10", "-rss_limit_mb=2048"]);
+    if let Some(runs) = plan.runs {
+        cmd.arg(format!("-runs={runs}"));
+    }
     eprintln!("==> {}", display(&cmd));
     let out = cmd
         .output()
@@ -126,7 +180,9 @@ fn run_one(target: &'static str, secs: u64) -> anyhow::Result<Ran> {
         // Keep what reached new code: merged into the committed corpus.
         step(
             fuzz_cmd()
-                .args(["run", "-O", target, &corpus, &work_rel, "--", "-merge=1"])
+                .arg("run")
+                .args(plan.sanitizer.args())
+                .args([target, &corpus, &work_rel, "--", "-merge=1"])
                 .stderr(std::process::Stdio::null()),
         )?;
     }

@@ -81,6 +81,13 @@ enum Task {
         /// Only this target.
         #[arg(long)]
         target: Option<String>,
+        /// Stop each target after this many executions (SECS still caps it).
+        #[arg(long)]
+        runs: Option<u64>,
+        /// `none` runs 4-5x more executions a second, but no longer catches
+        /// memory errors in unsafe code that do not panic or abort.
+        #[arg(long, value_enum, default_value_t = fuzz::Sanitizer::Address)]
+        sanitizer: fuzz::Sanitizer,
     },
     /// (used by bench) echo server on [::]:PORT
     #[command(hide = true)]
@@ -167,9 +174,19 @@ fn main() -> anyhow::Result<()> {
                 rate: rate.clamp(1, 5000),
             })
         }
-        Task::Fuzz { secs, target } => {
+        Task::Fuzz {
+            secs,
+            target,
+            runs,
+            sanitizer,
+        } => {
             setup::run()?;
-            fuzz::run(secs.clamp(1, 24 * 3600), target.as_deref())
+            fuzz::run(fuzz::Plan {
+                secs: secs.clamp(1, 24 * 3600),
+                runs,
+                only: target.as_deref(),
+                sanitizer,
+            })
         }
         Task::BenchEcho { port } => load::echo(port),
         Task::BenchHttp { port } => load::http(port),
