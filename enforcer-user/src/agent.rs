@@ -920,9 +920,9 @@ async fn renew_svids(identity: Arc<IdentityManager>) {
     let mut tick = tokio::time::interval(period);
     loop {
         tick.tick().await;
-        // Renewing signs: on the blocking pool.
+        // Renewing signs: on the chores thread.
         let id = identity.clone();
-        if let Err(e) = tokio::task::spawn_blocking(move || id.renew_due()).await {
+        if let Err(e) = crate::chores::run(move || id.renew_due()).await {
             warn!(error = %e, "SVID renewal task failed");
         }
     }
@@ -943,12 +943,7 @@ async fn reload_entries(
 ) {
     let stat = |path: &PathBuf| {
         let p = path.clone();
-        async move {
-            tokio::task::spawn_blocking(move || mtime(&p))
-                .await
-                .ok()
-                .flatten()
-        }
+        async move { crate::chores::run(move || mtime(&p)).await.ok().flatten() }
     };
     let mut seen = stat(&path).await;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -960,7 +955,7 @@ async fn reload_entries(
         }
         seen = now;
         let p = path.clone();
-        let loaded = tokio::task::spawn_blocking(move || crate::settings::load(&p))
+        let loaded = crate::chores::run(move || crate::settings::load(&p))
             .await
             .map_err(anyhow::Error::from);
         let result = loaded.and_then(|c| {

@@ -485,7 +485,7 @@ impl InPod {
                 return;
             }
             let this = self.clone();
-            let gone = tokio::task::spawn_blocking(move || {
+            let gone = crate::chores::run(move || {
                 let pods: Vec<_> = this
                     .pods
                     .lock()

@@ -4,6 +4,7 @@ pub mod admin;
 pub mod agent;
 pub mod attest;
 pub mod capture;
+pub mod chores;
 pub mod config;
 pub mod copy;
 pub mod drain;

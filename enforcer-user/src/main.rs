@@ -326,8 +326,9 @@ fn main() -> anyhow::Result<()> {
             // threads (the soak saw 335 on a, 512 on b).
             runtime.max_blocking_threads(MAX_BLOCKING_THREADS);
             // Threads a burst started go once idle for BLOCKING_KEEP_ALIVE
-            // (tokio's default, 10 s, kept all 64 of a burst alive for good:
-            // the periodic jobs, a few a second, reach each within 10 s).
+            // (tokio's default is 10 s). The periodic jobs run on a thread
+            // of their own (`chores`): here, the pool hands each job to its
+            // longest-idle thread, and a few a second kept them all.
             runtime.thread_keep_alive(BLOCKING_KEEP_ALIVE);
             // A worker about to park flushes its allocation cache when a
             // load has passed (`memory`).

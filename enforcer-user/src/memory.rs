@@ -10,9 +10,9 @@
 //! quarter of their peak (and by [`MIN_DROP`] at least) and have not risen
 //! for [`CALM_TICKS`] seconds, it asks every thread to flush its cache at
 //! its next quiet moment ([`quiet`]: a runtime worker about to park, a
-//! policy worker or the audit writer idle for a second), wakes the
-//! runtime's workers so they have one, and a second later hands the freed
-//! pages back to the OS. bench/README.md "Memory after load" has what it
+//! policy worker, the chores thread or the audit writer idle for a second),
+//! wakes the runtime's workers so they have one, and a second later hands
+//! the freed pages back to the OS. bench/README.md "Memory after load" has what it
 //! gives.
 //!
 //! The agent's own executable counts in its RSS too: every page of code and
@@ -147,9 +147,9 @@ pub async fn upkeep(
     }
 }
 
-/// [`release_code_pages`] on the blocking pool (it reads /proc), logged.
+/// [`release_code_pages`] on the chores thread (it reads /proc), logged.
 async fn code_pages_released(when: &'static str) {
-    let released = tokio::task::spawn_blocking(release_code_pages)
+    let released = crate::chores::run(release_code_pages)
         .await
         .map_err(std::io::Error::other)
         .and_then(|r| r);

@@ -766,6 +766,51 @@ fn hbone_connections_opened_for_a_burst_close_once_idle() {
     assert_eq!(left[0]["open_streams"], 0, "{left:?}");
 }
 
+/// A process's tokio threads: its runtime's workers and its blocking pool.
+fn runtime_threads(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the agent's /proc/<pid>/task")
+        .flatten()
+        .filter(|t| {
+            fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("tokio-"))
+        })
+        .count()
+}
+
+#[test]
+fn the_threads_a_burst_of_connections_started_end_once_it_has_passed() {
+    // Issue 14, bounded state: each new outbound connection is attested on
+    // tokio's blocking pool, so a burst of connects grows the pool (up to
+    // 64 threads, each with its stack and allocation cache). Its threads
+    // end after 2 s idle — but the agent's periodic jobs (file stamps,
+    // SVID renewal, the sweep…) ran there too, and the pool hands each job
+    // to its longest-idle thread, so a few a second kept every thread alive
+    // for good. They now run on a thread of their own (`chores`).
+    let Setup { mut tb, a, ea, .. } = setup("threadburst", &[(8002, "http")]);
+    // Idle, with the periodic jobs run a few times (the 1 s stamps).
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let idle = runtime_threads(ea.pid);
+    let burst = "import socket, time\nfrom concurrent.futures import ThreadPoolExecutor\nwith ThreadPoolExecutor(64) as ex:\n    conns = list(ex.map(lambda _: socket.create_connection(('10.10.0.2', 8002)), range(256)))\nprint('HELD', len(conns), flush=True)\ntime.sleep(120)\n";
+    let holder = tb
+        .spawn(
+            &a,
+            Some("client.service"),
+            "burst",
+            &["python3", "-u", "-c", burst],
+        )
+        .expect("burst");
+    let mut most = idle;
+    wait_for("the burst to grow a's blocking pool by 8 threads", || {
+        most = most.max(runtime_threads(ea.pid));
+        most >= idle + 8
+    });
+    tb.stop(holder).expect("closing the burst's connections");
+    wait_for(
+        &format!("a's tokio threads back to their idle {idle} (were {most})"),
+        || runtime_threads(ea.pid) <= idle,
+    );
+}
+
 #[test]
 fn an_hbone_connection_that_carried_over_1024_streams_closes_once_idle() {
     // Issue 14, bounded state: an HBONE connection whose stream table once

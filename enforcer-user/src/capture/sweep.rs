@@ -141,7 +141,7 @@ pub async fn run(mut sweep: Sweep, metrics: Arc<crate::metrics::Metrics>) {
     let mut failing = false;
     loop {
         tick.tick().await;
-        let done = tokio::task::spawn_blocking(move || {
+        let done = crate::chores::run(move || {
             let r = sweep.pass();
             (sweep, r)
         })

@@ -224,14 +224,14 @@ impl Tokens {
     }
 
     /// Merges this agent's additions into the file (and the file's into
-    /// this agent's counters), on the blocking pool. On failure the
+    /// this agent's counters), on the chores thread. On failure the
     /// additions stay pending for the next try.
     pub async fn flush(self: &std::sync::Arc<Self>) -> Result<(), String> {
         if self.path.is_none() {
             return Ok(());
         }
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.merge_into_file())
+        crate::chores::run(move || this.merge_into_file())
             .await
             .map_err(|e| e.to_string())?
     }
@@ -282,7 +282,7 @@ impl Tokens {
         let Some(path) = self.path.clone() else {
             return false;
         };
-        let now = tokio::task::spawn_blocking(move || stamp(&path))
+        let now = crate::chores::run(move || stamp(&path))
             .await
             .ok()
             .flatten();

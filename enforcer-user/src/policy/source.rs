@@ -263,11 +263,11 @@ where
     )
 }
 
-/// `Bearer <token>` from a token file, read off the async runtime (a
-/// rotated token is used at the next request).
+/// `Bearer <token>` from a token file, read on the chores thread (each poll
+/// and each shipment reads it; a rotated token is used at the next request).
 pub(crate) async fn bearer(path: &Path) -> Result<String, String> {
     let p = path.to_owned();
-    let token = tokio::task::spawn_blocking(move || std::fs::read_to_string(&p))
+    let token = crate::chores::run(move || std::fs::read_to_string(&p))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("bearer token {}: {e}", path.display()))?;
@@ -434,10 +434,8 @@ pub async fn watch(
             (policy.engine, policy.eval_timeout),
         );
         let (in_force, seen) = (policy.revision(), rejected.clone());
-        let polled = tokio::task::spawn_blocking(move || {
-            poll_blocking(&s, body, &o, budget, in_force, seen)
-        })
-        .await;
+        let polled =
+            crate::chores::run(move || poll_blocking(&s, body, &o, budget, in_force, seen)).await;
         match polled {
             Ok(Polled::Unchanged) => {}
             Ok(Polled::Unreadable(e)) => {
