@@ -633,8 +633,10 @@ impl Testbed {
         let pid = self.spawn(node, unit, name, cmd)?;
         let log = self.dir.join(format!("{}-{name}.log", node.name));
         // Wait for the listening socket itself: a connect could be answered by
-        // an agent that intercepts the port before the server is up.
-        let deadline = Instant::now() + Duration::from_secs(15);
+        // an agent that intercepts the port before the server is up. 60 s: the
+        // scenario's MCP server loads an embedding model (torch) first, which
+        // took over 15 s on this 2-core machine with a build running beside.
+        let deadline = Instant::now() + Duration::from_secs(60);
         while !node.in_netns(move || is_listening(port))? {
             if Instant::now() > deadline {
                 bail!(
