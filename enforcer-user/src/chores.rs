@@ -1,7 +1,8 @@
-//! The agent's periodic jobs that block — a config file's mtime, SVID
-//! renewal, the policy poll, the token counters' file stamp, the kernel
-//! record sweep — run on one thread of their own (`chores`), one at a time
-//! in the order asked.
+//! The agent's periodic jobs that block — the config file's mtime and its
+//! reload, SVID renewal, the policy poll and its bearer token, the token
+//! counters' file, the kernel record sweep, the check for gone pods, the
+//! drop of the executable's pages after a load — run on one thread of their
+//! own (`chores`), one at a time in the order asked.
 //!
 //! On tokio's blocking pool they kept its idle threads alive for good: the
 //! pool hands each job to the thread that has waited longest, so a few jobs
@@ -18,7 +19,7 @@
 //! pool, the same hang took a thread each second until all 64 were taken,
 //! and with them every new connection's attestation.
 
-use std::sync::{Mutex, OnceLock, mpsc};
+use std::sync::{OnceLock, mpsc};
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -27,13 +28,15 @@ type Job = Box<dyn FnOnce() + Send>;
 pub enum ChoreError {
     #[error("cannot start the chores thread: {0}")]
     Spawn(String),
+    #[error("the chores thread has ended")]
+    Ended,
     #[error("the chore panicked")]
     Panicked,
 }
 
 /// The thread's queue (started at the first chore).
-fn queue() -> Result<&'static Mutex<mpsc::Sender<Job>>, ChoreError> {
-    static QUEUE: OnceLock<Result<Mutex<mpsc::Sender<Job>>, String>> = OnceLock::new();
+fn queue() -> Result<&'static mpsc::Sender<Job>, ChoreError> {
+    static QUEUE: OnceLock<Result<mpsc::Sender<Job>, String>> = OnceLock::new();
     QUEUE
         .get_or_init(|| {
             let (tx, rx) = mpsc::channel::<Job>();
@@ -52,7 +55,7 @@ fn queue() -> Result<&'static Mutex<mpsc::Sender<Job>>, ChoreError> {
                         }
                     }
                 })
-                .map(|_| Mutex::new(tx))
+                .map(|_| tx)
                 .map_err(|e| e.to_string())
         })
         .as_ref()
@@ -70,11 +73,7 @@ where
     let job: Job = Box::new(move || {
         let _ = tx.send(f());
     });
-    queue()?
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .send(job)
-        .map_err(|_| ChoreError::Spawn("the chores thread has ended".into()))?;
+    queue()?.send(job).map_err(|_| ChoreError::Ended)?;
     // A job that panicked dropped its sender unsent.
     rx.await.map_err(|_| ChoreError::Panicked)
 }

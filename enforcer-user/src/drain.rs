@@ -28,54 +28,56 @@ enum Phase {
 
 struct Drain {
     phase: watch::Sender<Phase>,
-    active: AtomicUsize,
-    /// Accept loops still running.
-    listening: AtomicUsize,
+    /// What the drain waits for: [`CONNECTIONS`] in progress and
+    /// [`LOOPS`] still accepting.
+    counts: [AtomicUsize; 2],
     idle: Notify,
 }
 
+const CONNECTIONS: usize = 0;
+const LOOPS: usize = 1;
+
 static DRAIN: LazyLock<Drain> = LazyLock::new(|| Drain {
     phase: watch::Sender::new(Phase::Serving),
-    active: AtomicUsize::new(0),
-    listening: AtomicUsize::new(0),
+    counts: [AtomicUsize::new(0), AtomicUsize::new(0)],
     idle: Notify::new(),
 });
 
-/// A connection (or HBONE connection, or stream) in progress: drain waits
-/// until every one is dropped.
-pub struct Tracked(());
+/// One thing in progress that the drain waits for, counted in
+/// `counts[KIND]` until dropped (no field: a connection's task pays nothing).
+pub struct Counted<const KIND: usize>(());
 
-/// Counts one connection until the returned guard is dropped.
-pub fn track() -> Tracked {
-    DRAIN.active.fetch_add(1, Ordering::AcqRel);
-    Tracked(())
-}
-
-impl Drop for Tracked {
-    fn drop(&mut self) {
-        if DRAIN.active.fetch_sub(1, Ordering::AcqRel) == 1 {
-            DRAIN.idle.notify_waiters();
-        }
-    }
-}
+/// A connection (or HBONE connection, or stream) in progress.
+pub type Tracked = Counted<CONNECTIONS>;
 
 /// An accept loop in progress: drain waits until every one has stopped,
 /// so a connection accepted as the drain begins is counted (its
 /// [`Tracked`] taken in the same poll) before the drain can find none open.
-pub struct Listening(());
+pub type Listening = Counted<LOOPS>;
 
-/// Counts one accept loop until the returned guard is dropped.
-pub fn listening() -> Listening {
-    DRAIN.listening.fetch_add(1, Ordering::AcqRel);
-    Listening(())
+impl<const KIND: usize> Counted<KIND> {
+    fn new() -> Self {
+        DRAIN.counts[KIND].fetch_add(1, Ordering::AcqRel);
+        Self(())
+    }
 }
 
-impl Drop for Listening {
+impl<const KIND: usize> Drop for Counted<KIND> {
     fn drop(&mut self) {
-        if DRAIN.listening.fetch_sub(1, Ordering::AcqRel) == 1 {
+        if DRAIN.counts[KIND].fetch_sub(1, Ordering::AcqRel) == 1 {
             DRAIN.idle.notify_waiters();
         }
     }
+}
+
+/// Counts one connection until the returned guard is dropped.
+pub fn track() -> Tracked {
+    Counted::new()
+}
+
+/// Counts one accept loop until the returned guard is dropped.
+pub fn listening() -> Listening {
+    Counted::new()
 }
 
 async fn reached(phase: Phase) {
@@ -106,7 +108,7 @@ pub fn is_forced() -> bool {
 
 /// Connections in progress.
 pub fn active() -> usize {
-    DRAIN.active.load(Ordering::Acquire)
+    DRAIN.counts[CONNECTIONS].load(Ordering::Acquire)
 }
 
 /// Drains: stops accepting, waits up to `within` for the connections in
@@ -146,7 +148,7 @@ async fn all_ended() {
         idle.as_mut().enable();
         // The loops first: a loop's last connection is counted before the
         // loop stops, so once none runs, every connection is in `active`.
-        if DRAIN.listening.load(Ordering::Acquire) == 0 && active() == 0 {
+        if DRAIN.counts[LOOPS].load(Ordering::Acquire) == 0 && active() == 0 {
             return;
         }
         idle.await;

@@ -12,8 +12,8 @@
 //! its next quiet moment ([`quiet`]: a runtime worker about to park, a
 //! policy worker, the chores thread or the audit writer idle for a second),
 //! wakes the runtime's workers so they have one, and a second later hands
-//! the freed pages back to the OS. bench/README.md "Memory after load" has what it
-//! gives.
+//! the freed pages back to the OS. bench/README.md "Memory after load" has
+//! what it gives.
 //!
 //! The agent's own executable counts in its RSS too: every page of code and
 //! read-only data it touched, at start above all (config, policy compiler,

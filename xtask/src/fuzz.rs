@@ -40,15 +40,11 @@ impl Sanitizer {
     }
 
     /// cargo-fuzz's flags for this choice (build and run alike).
-    fn args(self) -> Vec<String> {
-        let mut a = vec!["-O".to_owned(), "-s".to_owned(), self.name().to_owned()];
-        if self == Self::None {
-            a.extend([
-                "--target-dir".to_owned(),
-                "target/sanitizer-none".to_owned(),
-            ]);
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Self::Address => &["-O", "-s", "address"],
+            Self::None => &["-O", "-s", "none", "--target-dir", "target/sanitizer-none"],
         }
-        a
     }
 }
 
