@@ -1073,7 +1073,10 @@ fn today() -> String {
 /// cores) of each workload on each path, summarised by process and by
 /// function, into `bench/results/<date>-profile.md`.
 fn profiles(bench: &Bench, root: &Path, agent_a: u32, agent_b: u32) -> anyhow::Result<()> {
-    let dir = bench.tb.dir.join("perf");
+    // ENFORCER_BENCH_PERF_DIR=<dir>: the perf data files are written there
+    // and kept (for `perf report` by hand), not in the testbed's directory.
+    let dir = std::env::var_os("ENFORCER_BENCH_PERF_DIR")
+        .map_or_else(|| bench.tb.dir.join("perf"), PathBuf::from);
     std::fs::create_dir_all(&dir)?;
     let mut md = format!(
         "# Where the time goes\n\n`cargo xtask bench --profile` on {} (2 cores). System-wide \
