@@ -64,7 +64,11 @@ impl Input {
             m.insert("destination".into(), self.destination.to_value());
             m.insert("protocol".into(), self.protocol.into());
             for (k, x) in self.request.iter().flat_map(|r| r.iter()) {
-                m.insert(k.as_str().into(), Value::from(x.clone()));
+                // Read by reference as `Value::from` reads an owned one
+                // (regorus's `Deserialize`), without copying the request's
+                // JSON first; a value it cannot read is undefined, as there.
+                let x = <Value as serde::Deserialize>::deserialize(x).unwrap_or(Value::Undefined);
+                m.insert(k.as_str().into(), x);
             }
         }
         v
@@ -1023,6 +1027,27 @@ mod tests {
             input.to_value(),
             Value::from_json_str(&json).expect("parse")
         );
+        // A request's parts: every JSON type, numbers past i64 and f64's
+        // integers, escapes, nesting; read as regorus reads their text, and
+        // as `Value::from` reads an owned copy.
+        let request = serde_json::json!({
+            "attributes": {"request": {"http": {"method": "POST", "headers": {"a": "b\"c\u{e9}"}}}},
+            "parsed_body": {"n": [0, -1, 1.5, 18446744073709551615u64, -9223372036854775808i64,
+                                  9007199254740993u64, 1e300, null, true, false],
+                            "o": {"": {}, "x": []}},
+            "truncated_body": false,
+            "mcp": {"method": "tools/call", "id": "7", "arguments": {"q": "line\nbreak"}},
+        });
+        let input = Input {
+            request: request.as_object().cloned().map(Box::new),
+            ..input
+        };
+        let json = serde_json::to_string(&input).expect("json");
+        let v = input.to_value();
+        assert_eq!(v, Value::from_json_str(&json).expect("parse"));
+        for (k, x) in request.as_object().into_iter().flatten() {
+            assert_eq!(v[k.as_str()], Value::from(x.clone()), "{k}");
+        }
     }
 
     /// The VM decides every input of a grid exactly as the interpreter does
