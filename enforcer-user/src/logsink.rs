@@ -135,6 +135,14 @@ fn run(s: &Shared, out: &mut dyn Write) {
                 .unwrap_or_else(|p| p.into_inner());
             st = guard;
             if timeout.timed_out() && st.buf.is_empty() {
+                // Quiet: a burst's buffers go (they grow again with the
+                // next one), then this thread's allocator cache.
+                if st.buf.capacity() > crate::memory::IDLE_BUFFER {
+                    st.buf = Vec::new();
+                }
+                if spare.capacity() > crate::memory::IDLE_BUFFER {
+                    spare = Vec::new();
+                }
                 crate::memory::quiet();
             }
         }
@@ -211,6 +219,51 @@ mod tests {
         }
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
+        }
+    }
+
+    /// Both line buffers grow with a burst and are freed once the log has
+    /// been quiet (up to 1 MiB each was kept for good).
+    #[test]
+    fn a_bursts_buffers_are_freed_once_the_log_is_quiet() {
+        let s = Arc::new(Shared::new());
+        let gate = Arc::new((Mutex::new((true, Vec::new())), Condvar::new()));
+        let (w, g) = (s.clone(), gate.clone());
+        std::thread::spawn(move || run(&w, &mut Gate(g)));
+        let line = format!("{{\"pad\":\"{}\"}}\n", "x".repeat(1000));
+        let written = || gate.0.lock().expect("gate").1.len();
+        // Two bursts, each written before the next: the writer swaps the
+        // two buffers, so both have held one.
+        for burst in 1..=2 {
+            for _ in 0..400 {
+                s.push(line.as_bytes());
+            }
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while written() < burst * 400 * line.len() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "burst {burst} not written"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let grown = s.state.lock().expect("state").buf.capacity();
+        assert!(
+            grown > crate::memory::IDLE_BUFFER,
+            "the burst grew the buffer: {grown}"
+        );
+        // Quiet for longer than IDLE.
+        let deadline = std::time::Instant::now() + crate::memory::IDLE * 10;
+        loop {
+            let cap = s.state.lock().expect("state").buf.capacity();
+            if cap <= crate::memory::IDLE_BUFFER {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the burst's buffer is still held after the log was quiet: {cap} bytes"
+            );
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 

@@ -50,6 +50,10 @@ pub fn quiet() {
 /// How long a thread waits for work before it counts as quiet.
 pub const IDLE: Duration = Duration::from_secs(1);
 
+/// The capacity a writer thread's buffer keeps once it is quiet: a burst's
+/// larger buffer is freed there (it grows again with the next burst).
+pub const IDLE_BUFFER: usize = 64 << 10;
+
 /// A jemalloc control that takes and gives no value; false when jemalloc
 /// refused it.
 fn ctl(name: &CStr) -> bool {

@@ -454,6 +454,11 @@ impl Writer {
             let first = match rx.recv_timeout(crate::memory::IDLE) {
                 Ok(job) => job,
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    // Quiet: a burst's batch text goes (it grows again with
+                    // the next one), then this thread's allocator cache.
+                    if text.capacity() > crate::memory::IDLE_BUFFER {
+                        text = String::new();
+                    }
                     crate::memory::quiet();
                     continue;
                 }
