@@ -222,14 +222,20 @@ mod tests {
         }
     }
 
+    /// A writer thread whose output is the gate, open or not.
+    fn writer(open: bool) -> (Arc<Shared>, Gated) {
+        let s = Arc::new(Shared::new());
+        let gate = Arc::new((Mutex::new((open, Vec::new())), Condvar::new()));
+        let (w, g) = (s.clone(), gate.clone());
+        std::thread::spawn(move || run(&w, &mut Gate(g)));
+        (s, gate)
+    }
+
     /// Both line buffers grow with a burst and are freed once the log has
     /// been quiet (up to 1 MiB each was kept for good).
     #[test]
     fn a_bursts_buffers_are_freed_once_the_log_is_quiet() {
-        let s = Arc::new(Shared::new());
-        let gate = Arc::new((Mutex::new((true, Vec::new())), Condvar::new()));
-        let (w, g) = (s.clone(), gate.clone());
-        std::thread::spawn(move || run(&w, &mut Gate(g)));
+        let (s, gate) = writer(true);
         let line = format!("{{\"pad\":\"{}\"}}\n", "x".repeat(1000));
         let written = || gate.0.lock().expect("gate").1.len();
         // Two bursts, each written before the next: the writer swaps the
@@ -272,10 +278,7 @@ mod tests {
     /// takes again every kept line is written whole, in order.
     #[test]
     fn a_stalled_output_blocks_no_caller_and_loses_only_what_is_counted() {
-        let s = Arc::new(Shared::new());
-        let gate = Arc::new((Mutex::new((false, Vec::new())), Condvar::new()));
-        let (w, g) = (s.clone(), gate.clone());
-        std::thread::spawn(move || run(&w, &mut Gate(g)));
+        let (s, gate) = writer(false);
         let line = |i: usize| format!("{{\"n\":{i},\"pad\":\"{}\"}}\n", "x".repeat(400));
         let per = line(0).len();
         // The writer holds at most CAP in its blocked write and CAP wait:
