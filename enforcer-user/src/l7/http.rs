@@ -1337,8 +1337,9 @@ pub mod fuzz {
 
     /// Serves the bytes `raw` as a client's side of one connection, with the
     /// session's HTTP/1.1 and h2c limits: each request hyper accepts has its
-    /// body read to a bound, its policy input built, and is classified as
-    /// an LLM, vector-DB and MCP request would be.
+    /// body read to a bound, its policy input built (and read into regorus
+    /// values, as an evaluation takes it), and is classified as an LLM,
+    /// vector-DB and MCP request would be.
     pub async fn request(raw: &[u8]) -> Vec<u8> {
         let conn = Arc::new(Conn {
             id: 1,
@@ -1364,6 +1365,20 @@ pub mod fuzz {
                         let _ = crate::l7::mcp::mcp_input(msg, &parts.headers);
                     }
                     let _ = serde_json::to_vec(&fields);
+                    // The policy's view of it: the request's parts and the
+                    // parsed body, read into regorus values.
+                    let mut request = fields;
+                    if let Some(j) = json {
+                        request.insert("parsed_body".into(), j);
+                    }
+                    let input = crate::policy::Input {
+                        direction: "inbound",
+                        source: conn.source.clone(),
+                        destination: conn.destination.clone(),
+                        protocol: "http",
+                        request: Some(Box::new(request)),
+                    };
+                    let _ = input.to_value();
                 }
                 Ok::<_, Infallible>(Response::new(full(Bytes::new())))
             }
