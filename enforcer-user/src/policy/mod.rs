@@ -310,11 +310,15 @@ impl Loaded {
         let empty = engine
             .eval_rule(ALLOW_RULE.to_owned())
             .map_err(|e| LoadError::Check(format!("{origin}: evaluating {ALLOW_RULE}: {e}")))?;
-        let empty_reason = engine
-            .eval_rule(REASON_RULE.to_owned())
-            .unwrap_or(Value::Undefined);
-        let interpreter =
-            |engine: Engine| match with_entry(&engine, &(empty.clone(), empty_reason.clone())) {
+        // The interpreter, with the entry rule where it gives what the two
+        // rules give on the empty input (`reason` read only here: the VM
+        // compiles its own).
+        let interpreter = |mut engine: Engine| {
+            engine.set_input(Value::new_object());
+            let reason = engine
+                .eval_rule(REASON_RULE.to_owned())
+                .unwrap_or(Value::Undefined);
+            match with_entry(&engine, &(empty.clone(), reason)) {
                 Some(with) => Evaluator::Interpreter {
                     engine: Box::new(with),
                     entry: true,
@@ -326,7 +330,8 @@ impl Loaded {
                         entry: false,
                     }
                 }
-            };
+            }
+        };
         let evaluator = match kind {
             EngineKind::Interpreter => interpreter(engine),
             EngineKind::Vm => match vm_program(&mut engine) {
@@ -1565,19 +1570,13 @@ mod tests {
         ));
         let fast = l.evaluate(Value::new_object());
         assert!(fast.allow && fast.error.is_none(), "{fast:?}");
-        let started = Instant::now();
+        // Denied with the time limit's error: evaluated one by one again,
+        // `allow` would hold and the second `reason` would time out unseen.
         let d = l.evaluate(Value::from_json_str(r#"{"slow": true}"#).expect("json"));
-        let took = started.elapsed();
         assert!(!d.allow, "{d:?}");
         assert!(
             d.error.as_deref().is_some_and(|e| e.contains("time limit")),
             "{d:?}"
-        );
-        // Once: about one budget (the limit is checked every few hundred
-        // steps), not two or three.
-        assert!(
-            took < budget * 2 + Duration::from_millis(40),
-            "took {took:?}"
         );
     }
 
