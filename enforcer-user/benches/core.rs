@@ -280,64 +280,55 @@ fn request_span(c: &mut Criterion) {
 /// decisions on each engine (input built outside the timing), written to
 /// `target/criterion/per_op.json` for `cargo xtask bench`.
 /// Each of `inputs` decided and timed on its own, one after another in one
-/// task on the runtime's worker (as a connection's task decides; a
-/// `block_on` around each one added ≈ 0.1 µs of the harness's own): n, p50,
-/// p99, p99.9 (ns).
+/// task (as a connection's task decides; a `block_on` around each one
+/// added ≈ 0.1 µs of the harness's own): n, p50, p99, p99.9 (ns).
 fn timed_one_by_one(
     rt: &tokio::runtime::Runtime,
-    p: &Arc<Policy>,
-    inputs: Vec<Input>,
+    p: &Policy,
+    inputs: &[Input],
 ) -> serde_json::Value {
-    let p = p.clone();
-    let mut ns: Vec<u64> = rt
-        .block_on(rt.spawn(async move {
-            let mut ns = Vec::with_capacity(inputs.len());
-            for i in &inputs {
-                let t = std::time::Instant::now();
-                std::hint::black_box(p.evaluate(i).await);
-                ns.push(t.elapsed().as_nanos() as u64);
-            }
-            ns
-        }))
-        .expect("the timing task");
+    let mut ns: Vec<u64> = rt.block_on(async {
+        let mut ns = Vec::with_capacity(inputs.len());
+        for i in inputs {
+            let t = std::time::Instant::now();
+            std::hint::black_box(p.evaluate(i).await);
+            ns.push(t.elapsed().as_nanos() as u64);
+        }
+        ns
+    });
     ns.sort_unstable();
     let at = |q: f64| ns[((ns.len() as f64 * q) as usize).min(ns.len() - 1)];
     serde_json::json!({"n": ns.len(), "p50_ns": at(0.5), "p99_ns": at(0.99), "p999_ns": at(0.999)})
 }
 
 fn per_op() {
-    let p = Arc::new(policy());
-    let vm = Arc::new(policy_on(enforcer::policy::EngineKind::Vm));
-    // As the agent runs in `cargo xtask bench`: one worker thread.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let p = policy();
+    let vm = policy_on(enforcer::policy::EngineKind::Vm);
+    let rt = rt();
     let mut out = serde_json::Map::new();
-    let calls = || (0..20_000u64).map(mcp_input).collect::<Vec<_>>();
+    let calls: Vec<Input> = (0..20_000u64).map(mcp_input).collect();
     out.insert(
         "mcp_tools_call_decision".into(),
-        timed_one_by_one(&rt, &p, calls()),
+        timed_one_by_one(&rt, &p, &calls),
     );
     out.insert(
         "mcp_tools_call_decision_vm".into(),
-        timed_one_by_one(&rt, &vm, calls()),
+        timed_one_by_one(&rt, &vm, &calls),
     );
     let repeated: Vec<Input> = (0..20_000u64).map(mcp_repeated).collect();
     out.insert(
         "mcp_tools_call_decision_repeated".into(),
-        timed_one_by_one(&rt, &p, repeated),
+        timed_one_by_one(&rt, &p, &repeated),
     );
     let hot = vec![input(0); 20_000];
     out.insert(
         "policy_decision_cached".into(),
-        timed_one_by_one(&rt, &p, hot),
+        timed_one_by_one(&rt, &p, &hot),
     );
     let fresh: Vec<Input> = (0..20_000u64).map(|n| input(1_000_000 + n)).collect();
     out.insert(
         "policy_decision_uncached".into(),
-        timed_one_by_one(&rt, &p, fresh),
+        timed_one_by_one(&rt, &p, &fresh),
     );
     p.invalidate();
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/criterion");

@@ -240,6 +240,21 @@ impl Bench {
 /// Connections timed by `bench-setup` on each path, per round.
 const SETUP_CONNECTIONS: usize = 1000;
 
+/// The bench's policy: the two identities. It reads nothing else, so every
+/// decision after the first is cached. With
+/// `ENFORCER_BENCH_UNCACHED_REQUESTS=1` its request rule also reads the
+/// request's id, so every L7 request is evaluated (what an MCP call with
+/// new arguments costs); connections are still cached.
+fn bench_policy() -> String {
+    let identities = "identities if {\n\tinput.source.spiffe_id == \"spiffe://bench.local/client\"\n\tinput.destination.spiffe_id == \"spiffe://bench.local/server\"\n}\n";
+    let allow = if std::env::var_os("ENFORCER_BENCH_UNCACHED_REQUESTS").is_some_and(|v| v == "1") {
+        "allow if {\n\tidentities\n\tnot input.attributes\n}\nallow if {\n\tidentities\n\tinput.attributes.request.http.id != \"\"\n}\n"
+    } else {
+        "allow if identities\n"
+    };
+    format!("package enforcer.authz\nimport rego.v1\ndefault allow := false\n{identities}{allow}")
+}
+
 /// wrk's requests/s and latency p50/p99 (µs); non-2xx answers or socket
 /// errors fail the measurement.
 fn parse_wrk(out: &str) -> anyhow::Result<(f64, f64, f64)> {
@@ -462,10 +477,7 @@ pub fn run(mode: Mode) -> anyhow::Result<()> {
     let ca = tb.shared_ca("bench", TD)?;
     let policy = tb.dir.join("bench-policy");
     std::fs::create_dir_all(&policy)?;
-    std::fs::write(
-        policy.join("authz.rego"),
-        "package enforcer.authz\nimport rego.v1\ndefault allow := false\nallow if {\n\tinput.source.spiffe_id == \"spiffe://bench.local/client\"\n\tinput.destination.spiffe_id == \"spiffe://bench.local/server\"\n}\n",
-    )?;
+    std::fs::write(policy.join("authz.rego"), bench_policy())?;
     // Two nodes share this machine's cores: each agent gets its node's share
     // (one thread on 2 cores) instead of one thread per core each, which
     // oversubscribes the CPUs (bench/README.md step 6).

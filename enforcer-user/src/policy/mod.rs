@@ -179,44 +179,11 @@ enum Evaluator {
         data: Value,
         has_reason: bool,
     },
-    /// The prepared engine and its clones (`Engines`). `entry`: it holds
-    /// [`ENTRY_MODULE`], which gives `allow` and `reason` in one evaluation.
-    Interpreter { engine: Box<Engines>, entry: bool },
-}
-
-/// Clones of a prepared interpreter engine kept between evaluations (more
-/// are made while more evaluations run at once, and dropped after).
-const SPARE_ENGINES: usize = 8;
-
-/// A prepared interpreter engine and the clones evaluations run on: each
-/// evaluation takes a clone (or makes one) and puts it back, so evaluations
-/// never wait for each other, on whichever thread they run (the evaluation
-/// pool's, or a runtime thread in place: `pool`).
-struct Engines {
-    template: Engine,
-    spare: Mutex<Vec<Engine>>,
-}
-
-impl Engines {
-    fn new(template: Engine) -> Self {
-        Self {
-            template,
-            spare: Mutex::new(Vec::new()),
-        }
-    }
-
-    /// Runs `f` on a clone; the clone is kept for the next evaluation
-    /// unless `f` panicked (then it is dropped, whatever state it was in).
-    fn with<R>(&self, f: impl FnOnce(&mut Engine) -> R) -> R {
-        let spare = self.spare.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let mut engine = spare.unwrap_or_else(|| self.template.clone());
-        let r = f(&mut engine);
-        let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
-        if spare.len() < SPARE_ENGINES {
-            spare.push(engine);
-        }
-        r
-    }
+    /// The prepared engine; each thread evaluates on its own clone
+    /// (`ENGINES`), so evaluations never wait for each other. `entry`: it
+    /// holds [`ENTRY_MODULE`], which gives `allow` and `reason` in one
+    /// evaluation.
+    Interpreter { engine: Box<Engine>, entry: bool },
 }
 
 /// A module enforcer adds to the interpreter's copy of a policy: one rule
@@ -275,8 +242,13 @@ fn out_of_time(e: &anyhow::Error) -> bool {
     })
 }
 
-/// Identifies a `Loaded` (in decision cache keys).
+/// Identifies a `Loaded` for the per-thread engine clones.
 static NEXT_LOADED_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+thread_local! {
+    /// This thread's clone of the interpreter engine of one `Loaded` (by id).
+    static ENGINES: std::cell::RefCell<Option<(u64, Engine)>> = const { std::cell::RefCell::new(None) };
+}
 
 /// A compiled policy set and where it came from.
 pub struct Loaded {
@@ -348,13 +320,13 @@ impl Loaded {
                 .unwrap_or(Value::Undefined);
             match with_entry(&engine, &(empty.clone(), reason)) {
                 Some(with) => Evaluator::Interpreter {
-                    engine: Box::new(Engines::new(with)),
+                    engine: Box::new(with),
                     entry: true,
                 },
                 None => {
                     tracing::debug!(origin, "allow and reason are evaluated one after the other");
                     Evaluator::Interpreter {
-                        engine: Box::new(Engines::new(engine)),
+                        engine: Box::new(engine),
                         entry: false,
                     }
                 }
@@ -370,7 +342,7 @@ impl Loaded {
                         has_reason,
                     };
                     // The two evaluators must agree on the empty input.
-                    let check = vm.eval(timeout, Value::new_object());
+                    let check = vm.eval(0, timeout, Value::new_object());
                     if matches!(&check, Ok((allow, _)) if *allow == empty) {
                         vm
                     } else {
@@ -409,10 +381,9 @@ impl Loaded {
 
     /// Evaluates `allow` and `reason` for one input document, on this
     /// thread (blocking: within the time budget, or past it by at most one
-    /// builtin call). The agent calls it in place or on the evaluation
-    /// pool (`pool`).
+    /// builtin call). The agent calls it on the evaluation pool.
     pub fn evaluate(&self, input: Value) -> Decision {
-        let (allow, reason) = match self.evaluator.eval(self.timeout, input) {
+        let (allow, reason) = match self.evaluator.eval(self.id, self.timeout, input) {
             Ok(r) => r,
             Err(e) => return Decision::deny("policy error", Some(e)),
         };
@@ -534,7 +505,7 @@ fn vm_divergence(program: &Program) -> Option<String> {
 impl Evaluator {
     /// `allow` and `reason` (`Undefined` when absent); `Err` when `allow`
     /// cannot be evaluated.
-    fn eval(&self, timeout: Duration, input: Value) -> Result<(Value, Value), String> {
+    fn eval(&self, id: u64, timeout: Duration, input: Value) -> Result<(Value, Value), String> {
         match self {
             Self::Vm {
                 program,
@@ -562,7 +533,15 @@ impl Evaluator {
                 };
                 Ok((allow, reason))
             }
-            Self::Interpreter { engine, entry } => engine.with(|engine| {
+            Self::Interpreter {
+                engine: template,
+                entry,
+            } => ENGINES.with(|cell| {
+                let mut slot = cell.borrow_mut();
+                if slot.as_ref().is_some_and(|(held, _)| *held != id) {
+                    *slot = None;
+                }
+                let (_, engine) = slot.get_or_insert_with(|| (id, template.as_ref().clone()));
                 engine.set_input(input);
                 if *entry {
                     match engine.eval_rule(ENTRY_RULE.to_owned()) {
@@ -600,7 +579,7 @@ pub struct Policy {
     cache: Mutex<DecisionCache>,
     pub audit: audit::AuditLog,
     pub metrics: Arc<crate::metrics::Metrics>,
-    /// Where evaluations run (never where they hold up other connections).
+    /// Where evaluations run (never on the async runtime's threads).
     pool: pool::EvalPool,
     /// Evaluation budget new policy sets are compiled with (each `Loaded`
     /// keeps its own).
@@ -865,7 +844,7 @@ impl Policy {
         v
     }
 
-    /// The decision alone (cache, then policy in place or on the pool),
+    /// The decision alone (cache, then policy on the evaluation pool),
     /// without audit or metrics; for an evaluation, also its duration; and
     /// the policy in force.
     pub async fn evaluate(
@@ -1435,108 +1414,6 @@ mod tests {
         );
     }
 
-    /// As the agent runs in the two-node bench: one worker thread.
-    fn one_worker_runtime() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime")
-    }
-
-    /// An uncached decision on a multi-threaded runtime is evaluated in
-    /// place, on the connection's thread, and the runtime's other tasks go
-    /// on meanwhile: here a runaway evaluation (stopped by regorus's timer
-    /// at its 3 s budget) holds the only worker's thread, and other tasks
-    /// run — a timer, a message between two tasks, cached decisions —
-    /// before it ends. Evaluated on that thread without handing its worker
-    /// on, none of them could.
-    #[test]
-    fn an_evaluation_in_place_stalls_no_other_task() {
-        let rt = one_worker_runtime();
-        let rego = "package enforcer.authz\nimport rego.v1\n\
-            allow if input.destination.port == 80\n\
-            allow if {\n  input.destination.port > 10000\n\
-              count([x | some x in numbers.range(1, input.destination.port); some y in numbers.range(1, input.destination.port); x == y]) > 0\n}\n";
-        let p = Arc::new(policy_with(rego, Duration::from_secs(3)));
-        rt.block_on(async {
-            // Cached first, so the decisions below wait for no evaluation.
-            assert!(p.evaluate(&to_port(80)).await.0.allow);
-            let runaway = {
-                let p = p.clone();
-                tokio::spawn(async move { p.evaluate(&to_port(30000)).await.0 })
-            };
-            // Until the runaway has started (its task evaluates in place).
-            while p.pool.in_place.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-                tokio::task::yield_now().await;
-            }
-            let others = {
-                let p = p.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    let (tx, rx) = tokio::sync::oneshot::channel();
-                    tokio::spawn(async move { tx.send(7).ok() });
-                    let got = rx.await.ok();
-                    let (d, evaluated, _) = p.evaluate(&to_port(80)).await;
-                    (got, d.allow && d.cached && evaluated.is_none())
-                })
-            };
-            let (got, cached) = others.await.expect("the other tasks");
-            assert_eq!(got, Some(7));
-            assert!(cached);
-            assert!(
-                !runaway.is_finished(),
-                "the runaway ended before the other tasks ran: the worker was held"
-            );
-            let d = runaway.await.expect("runaway task");
-            assert!(!d.allow && d.timed_out, "{d:?}");
-        });
-        assert!(
-            p.pool
-                .in_place_runs
-                .load(std::sync::atomic::Ordering::SeqCst)
-                >= 1
-        );
-    }
-
-    /// In place as on the pool, a decision that comes after its budget is a
-    /// denial, even one that allows: one builtin call (a 2 000 000-number
-    /// range) outlasts a 1 ms budget, regorus's timer cannot stop it, and
-    /// `allow` is true once it returns. Without the budget check after the
-    /// evaluation in place, this was allowed.
-    #[test]
-    fn an_allow_past_its_budget_in_place_is_a_denial() {
-        let rt = one_worker_runtime();
-        let rego = "package enforcer.authz\nimport rego.v1\n\
-            allow if count(numbers.range(1, input.destination.port * 100)) > 0\n";
-        let p = policy_with(rego, Duration::from_millis(1));
-        let d = rt.block_on(async {
-            tokio::spawn({
-                let input = to_port(20000);
-                let p = Arc::new(p);
-                let q = p.clone();
-                async move { (q.evaluate(&input).await.0, p) }
-            })
-            .await
-            .expect("task")
-        });
-        let (d, p) = d;
-        assert_eq!(
-            p.pool
-                .in_place_runs
-                .load(std::sync::atomic::Ordering::SeqCst),
-            1,
-            "evaluated in place"
-        );
-        assert!(!d.allow && d.timed_out, "{d:?}");
-        assert!(
-            d.error
-                .as_deref()
-                .is_some_and(|e| e.contains("exceeded its 1 ms budget")),
-            "{d:?}"
-        );
-    }
-
     impl Loaded {
         /// The same policy, `allow` and `reason` evaluated one after the
         /// other (as before the entry rule): the reference it must match.
@@ -1547,7 +1424,7 @@ mod tests {
             assert!(*entry, "the entry rule is in use");
             Self {
                 evaluator: Evaluator::Interpreter {
-                    engine: Box::new(Engines::new(engine.template.clone())),
+                    engine: engine.clone(),
                     entry: false,
                 },
                 revision: self.revision.clone(),
