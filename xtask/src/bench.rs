@@ -1090,6 +1090,8 @@ fn profiles(bench: &Bench, root: &Path, agent_a: u32, agent_b: u32) -> anyhow::R
     let dir = std::env::var_os("ENFORCER_BENCH_PERF_DIR")
         .map_or_else(|| bench.tb.dir.join("perf"), PathBuf::from);
     std::fs::create_dir_all(&dir)?;
+    // The per-load counts (`perf stat`) stay in the testbed's directory.
+    std::fs::create_dir_all(bench.tb.dir.join("perf"))?;
     let mut md = format!(
         "# Where the time goes\n\n`cargo xtask bench --profile` on {} (2 cores). System-wide \
          `perf record -e cpu-clock -F 999 -a -g` while the workload runs for {SECS} s; \

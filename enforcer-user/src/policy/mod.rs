@@ -1414,6 +1414,61 @@ mod tests {
         );
     }
 
+    /// An evaluation wakes one evaluation thread, not every idle one. The
+    /// pool's threads each sleep once per job they take, so 200 decisions
+    /// one after another put them to sleep about 200 times in all. With the
+    /// workers sharing a `Mutex` around a std receiver, it was about 400:
+    /// the thread waiting for the lock was woken when the job's taker let it
+    /// go, and went back to sleep on the channel.
+    #[test]
+    fn an_evaluation_wakes_one_evaluation_thread() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let rego = "package enforcer.authz\nimport rego.v1\n\
+            allow if startswith(input.source.address, \"10.\")\n";
+        let p = policy_with(rego, Duration::from_secs(5));
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
+        // Until every worker has started (and waits for work).
+        let tids = loop {
+            let tids = p.pool.tids.lock().expect("tids").clone();
+            if tids.len() == threads {
+                break tids;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let sleeps = || -> u64 {
+            tids.iter()
+                .map(|tid| {
+                    let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status"))
+                        .expect("a worker's status");
+                    status
+                        .lines()
+                        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                        .and_then(|n| n.trim().parse::<u64>().ok())
+                        .expect("voluntary_ctxt_switches")
+                })
+                .sum()
+        };
+        let before = sleeps();
+        rt.block_on(async {
+            for i in 0..200u32 {
+                let mut input = to_port(80);
+                input.source.address = Some(format!("10.0.{}.{}", i / 200, i % 200));
+                let (d, evaluated, _) = p.evaluate(&input).await;
+                assert!(d.allow && evaluated.is_some(), "decision {i}: {d:?}");
+            }
+        });
+        let slept = sleeps() - before;
+        // 200 and a few (a worker wakes once a second when idle).
+        assert!(
+            slept < 300,
+            "the evaluation threads slept {slept} times for 200 evaluations"
+        );
+    }
+
     impl Loaded {
         /// The same policy, `allow` and `reason` evaluated one after the
         /// other (as before the entry rule): the reference it must match.

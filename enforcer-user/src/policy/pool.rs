@@ -8,10 +8,11 @@ use std::{
     sync::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
-        mpsc,
     },
     time::Duration,
 };
+
+use crossbeam_channel::{RecvTimeoutError, Sender};
 
 use regorus::Value;
 
@@ -49,35 +50,43 @@ const QUEUE: usize = 4096;
 const EXTRA: usize = 8;
 
 pub struct EvalPool {
-    tx: mpsc::SyncSender<Slot>,
+    /// The queue the workers wait on: each job wakes one idle worker. (A
+    /// `Mutex` around a std receiver woke two per job: the one waiting on
+    /// the channel, and the one waiting for the lock when it was let go.)
+    tx: Sender<Slot>,
     /// Evaluations running on threads of their own.
     extra: Arc<AtomicUsize>,
+    /// The workers' thread ids, once started (tests read their counters).
+    #[cfg(test)]
+    pub(super) tids: Arc<Mutex<Vec<i32>>>,
 }
 
 impl EvalPool {
     /// `workers` threads (at least 2).
     pub fn new(workers: usize) -> std::io::Result<Self> {
         let workers = workers.max(2);
-        let (tx, rx) = mpsc::sync_channel::<Slot>(QUEUE);
-        let rx = Arc::new(Mutex::new(rx));
+        let (tx, rx) = crossbeam_channel::bounded::<Slot>(QUEUE);
+        #[cfg(test)]
+        let tids = Arc::new(Mutex::new(Vec::new()));
         for i in 0..workers {
             let rx = rx.clone();
+            #[cfg(test)]
+            let tids = tids.clone();
             std::thread::Builder::new()
                 .name(format!("policy-eval-{i}"))
                 .spawn(move || {
+                    #[cfg(test)]
+                    tids.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(nix::unistd::gettid().as_raw());
                     loop {
-                        // The lock is held only while waiting for the next job.
-                        let slot = match rx.lock() {
-                            Ok(rx) => rx.recv_timeout(crate::memory::IDLE),
-                            Err(p) => p.into_inner().recv_timeout(crate::memory::IDLE),
-                        };
-                        let slot = match slot {
+                        let slot = match rx.recv_timeout(crate::memory::IDLE) {
                             Ok(slot) => slot,
-                            Err(mpsc::RecvTimeoutError::Timeout) => {
+                            Err(RecvTimeoutError::Timeout) => {
                                 crate::memory::quiet();
                                 continue;
                             }
-                            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                            Err(RecvTimeoutError::Disconnected) => return,
                         };
                         if let Some(work) = take(&slot) {
                             work.run();
@@ -88,6 +97,8 @@ impl EvalPool {
         Ok(Self {
             tx,
             extra: Arc::new(AtomicUsize::new(0)),
+            #[cfg(test)]
+            tids,
         })
     }
 
