@@ -272,7 +272,23 @@ fn init_logging(cfg: &Config) {
     }
 }
 
+/// `RUST_BACKTRACE=1`, set for panics' backtraces, also has every error
+/// value capture a stack trace, and the policy engine builds error values on
+/// ordinary lookups (regorus, for a rule path such as `grants[dst][src]`):
+/// uncached decisions were ≈ 15 % slower (bench/README.md, "Backtraces
+/// off for errors"). So unless the operator set `RUST_LIB_BACKTRACE`
+/// (which decides for errors alone), errors capture none; panics still
+/// print theirs.
+fn no_error_backtraces() {
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // SAFETY: first thing in `main`, before this process starts a
+        // thread or reads its environment anywhere else.
+        unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+    }
+}
+
 fn main() -> anyhow::Result<()> {
+    no_error_backtraces();
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => {

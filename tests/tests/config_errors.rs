@@ -27,6 +27,37 @@ fn run_enforcer(netns: Option<&str>, config: &std::path::Path) -> (i32, String) 
     )
 }
 
+/// `RUST_BACKTRACE=1` asks for panics' backtraces. Errors capture none
+/// (each capture slowed the policy engine, which builds errors on ordinary
+/// lookups), so an error exit prints its message without a stack trace —
+/// unless `RUST_LIB_BACKTRACE=1` asks for errors' traces too. Before, the
+/// first case printed one.
+#[test]
+fn rust_backtrace_gives_errors_no_stack_trace_unless_asked() {
+    let missing = std::env::temp_dir().join(format!(
+        "enforcer-no-such-config-{}.toml",
+        std::process::id()
+    ));
+    let run = |lib: Option<&str>| {
+        let mut cmd = Command::new(enforcer_bin());
+        cmd.args(["check", "--config"])
+            .arg(&missing)
+            .env("RUST_BACKTRACE", "1")
+            .env_remove("RUST_LIB_BACKTRACE");
+        if let Some(v) = lib {
+            cmd.env("RUST_LIB_BACKTRACE", v);
+        }
+        let out = cmd.output().expect("run enforcer");
+        assert!(!out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let plain = run(None);
+    assert!(plain.contains("no-such-config"), "{plain}");
+    assert!(!plain.contains("Stack backtrace"), "{plain}");
+    let asked = run(Some("1"));
+    assert!(asked.contains("Stack backtrace"), "{asked}");
+}
+
 #[test]
 fn bad_configs_exit_nonzero_naming_the_problem() {
     let mut tb = Testbed::new("badcfg").expect("testbed");
