@@ -281,8 +281,9 @@ fn init_logging(cfg: &Config) {
 /// print theirs.
 fn no_error_backtraces() {
     if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
-        // SAFETY: first thing in `main`, before this process starts a
-        // thread or reads its environment anywhere else.
+        // SAFETY: first thing in `main`: no other thread of this process
+        // reads or writes the environment now (the only ones started
+        // before `main` are jemalloc's background threads, which do not).
         unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
     }
 }

@@ -1432,11 +1432,17 @@ mod tests {
         let p = policy_with(rego, Duration::from_secs(5));
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
         // Until every worker has started (and waits for work).
+        let started = std::time::Instant::now();
         let tids = loop {
             let tids = p.pool.tids.lock().expect("tids").clone();
             if tids.len() == threads {
                 break tids;
             }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{} of {threads} evaluation threads started",
+                tids.len()
+            );
             std::thread::sleep(Duration::from_millis(5));
         };
         let sleeps = || -> u64 {
@@ -1456,7 +1462,7 @@ mod tests {
         rt.block_on(async {
             for i in 0..200u32 {
                 let mut input = to_port(80);
-                input.source.address = Some(format!("10.0.{}.{}", i / 200, i % 200));
+                input.source.address = Some(format!("10.0.0.{i}"));
                 let (d, evaluated, _) = p.evaluate(&input).await;
                 assert!(d.allow && evaluated.is_some(), "decision {i}: {d:?}");
             }
