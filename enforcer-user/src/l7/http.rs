@@ -752,13 +752,7 @@ impl Session {
 
     /// The connection-level input with a request's fields beside it.
     pub(super) fn input(&self, fields: Map<String, Value>) -> Input {
-        Input {
-            direction: self.conn.direction,
-            source: self.conn.source.clone(),
-            destination: self.conn.destination.clone(),
-            protocol: self.route.protocol.as_str(),
-            request: Some(Box::new(fields)),
-        }
+        self.conn.input(self.route.protocol.as_str(), fields)
     }
 
     pub(super) async fn decide_input(&self, input: &Input, request_id: &str) -> Verdict {
@@ -1365,20 +1359,9 @@ pub mod fuzz {
                         let _ = crate::l7::mcp::mcp_input(msg, &parts.headers);
                     }
                     let _ = serde_json::to_vec(&fields);
-                    // The policy's view of it: the request's parts and the
-                    // parsed body, read into regorus values.
-                    let mut request = fields;
-                    if let Some(j) = json {
-                        request.insert("parsed_body".into(), j);
-                    }
-                    let input = crate::policy::Input {
-                        direction: "inbound",
-                        source: conn.source.clone(),
-                        destination: conn.destination.clone(),
-                        protocol: "http",
-                        request: Some(Box::new(request)),
-                    };
-                    let _ = input.to_value();
+                    // The policy's view of it, as a session builds it, read
+                    // into regorus values.
+                    let _ = conn.input("http", fields).to_value();
                 }
                 Ok::<_, Infallible>(Response::new(full(Bytes::new())))
             }

@@ -183,6 +183,21 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// The connection-level input with a request's fields beside it.
+    pub fn input(
+        &self,
+        protocol: &'static str,
+        fields: serde_json::Map<String, serde_json::Value>,
+    ) -> crate::policy::Input {
+        crate::policy::Input {
+            direction: self.direction,
+            source: self.source.clone(),
+            destination: self.destination.clone(),
+            protocol,
+            request: Some(Box::new(fields)),
+        }
+    }
+
     /// The context of a connection decided with `input`.
     pub fn of(
         id: u64,

@@ -1430,7 +1430,7 @@ mod tests {
         let rego = "package enforcer.authz\nimport rego.v1\n\
             allow if startswith(input.source.address, \"10.\")\n";
         let p = policy_with(rego, Duration::from_secs(5));
-        let threads = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
+        let threads = pool::EvalPool::host_workers();
         // Until every worker has started (and waits for work).
         let started = std::time::Instant::now();
         let tids = loop {

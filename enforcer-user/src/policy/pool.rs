@@ -102,9 +102,15 @@ impl EvalPool {
         })
     }
 
+    /// The threads of a pool sized for this machine: one per core, at
+    /// least 2.
+    pub fn host_workers() -> usize {
+        std::thread::available_parallelism().map_or(2, |n| n.get().max(2))
+    }
+
     /// A pool sized for this machine.
     pub fn for_host() -> std::io::Result<Self> {
-        Self::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
+        Self::new(Self::host_workers())
     }
 
     /// Evaluates `input` on a worker; denies (with an error) when the queue
