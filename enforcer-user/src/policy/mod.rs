@@ -14,7 +14,6 @@ pub mod source;
 pub mod testing;
 
 use std::{
-    collections::HashMap,
     sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant},
 };
@@ -32,9 +31,9 @@ pub const ALLOW_RULE: &str = "data.enforcer.authz.allow";
 pub const REASON_RULE: &str = "data.enforcer.authz.reason";
 /// `path` of the decision-log lines.
 pub const DECISION_PATH: &str = "enforcer/authz/allow";
-/// Decisions kept in the cache before it is emptied.
+/// Decisions kept in the cache (then the least recently used leave).
 const CACHE_LIMIT: usize = 16_384;
-/// Bytes of keys kept in the cache before it is emptied.
+/// Bytes of keys kept in the cache (then the least recently used leave).
 const CACHE_BYTES: usize = 8 << 20;
 /// The longest cache key: an input whose read parts are longer is not cached.
 const MAX_KEY: usize = 4096;
@@ -592,16 +591,65 @@ pub struct Policy {
 /// Decisions by input, for the policy (and identities) of one generation:
 /// emptying the cache starts a new generation, and a decision evaluated
 /// under an older one is not kept (it may be the old policy's).
-#[derive(Default)]
+///
+/// Bounded by count and by the keys' bytes; past either bound the least
+/// recently used decisions leave, so inputs seen once (a policy that reads
+/// each request's id, MCP calls whose arguments never repeat) push out each
+/// other, not the decisions every connection of a workload looks up.
 struct DecisionCache {
     generation: u64,
     /// foldhash, seeded at random per process: the keys are a few hundred
     /// bytes and SipHash took a tenth of a cached decision; the map is
     /// bounded ([`CACHE_LIMIT`]), so a flood of colliding keys could not
     /// grow it either.
-    decisions: HashMap<Vec<u8>, Decision, foldhash::quality::RandomState>,
+    decisions: lru::LruCache<Vec<u8>, Decision, foldhash::quality::RandomState>,
     /// The keys' bytes.
     bytes: usize,
+    /// At most this many decisions ([`CACHE_LIMIT`]; tests set less).
+    limit: usize,
+}
+
+impl Default for DecisionCache {
+    fn default() -> Self {
+        Self {
+            generation: 0,
+            // Grows as decisions come in (nothing allocated up front).
+            decisions: lru::LruCache::unbounded_with_hasher(Default::default()),
+            bytes: 0,
+            limit: CACHE_LIMIT,
+        }
+    }
+}
+
+impl DecisionCache {
+    fn get(&mut self, key: &[u8]) -> Option<Decision> {
+        self.decisions.get(key).cloned()
+    }
+
+    /// Keeps `d` under `key`, first letting the least recently used
+    /// decisions go while the cache is at a bound.
+    fn insert(&mut self, key: Vec<u8>, d: Decision) {
+        // The same input evaluated twice at once: the later answer stays.
+        if let Some(kept) = self.decisions.get_mut(&key) {
+            *kept = d;
+            return;
+        }
+        while !self.decisions.is_empty()
+            && (self.decisions.len() >= self.limit || self.bytes + key.len() > CACHE_BYTES)
+        {
+            if let Some((old, _)) = self.decisions.pop_lru() {
+                self.bytes -= old.len();
+            }
+        }
+        self.bytes += key.len();
+        self.decisions.put(key, d);
+    }
+
+    fn clear(&mut self) {
+        self.generation += 1;
+        self.decisions.clear();
+        self.bytes = 0;
+    }
 }
 
 /// The cache key of a decision of policy `policy` on `input`: the
@@ -770,12 +818,22 @@ impl Policy {
         })
     }
 
+    /// Caps the decision cache at `limit` decisions (tests).
+    #[cfg(test)]
+    fn set_cache_limit(&self, limit: usize) {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).limit = limit;
+    }
+
+    /// Decisions cached now, and their keys' bytes (tests).
+    #[cfg(test)]
+    fn cached(&self) -> (usize, usize) {
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        (cache.decisions.len(), cache.bytes)
+    }
+
     /// Empties the decision cache (policy reload, identity change).
     pub fn invalidate(&self) {
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        cache.generation += 1;
-        cache.decisions.clear();
-        cache.bytes = 0;
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     /// The LLM token budgets of the policy in force.
@@ -877,9 +935,9 @@ impl Policy {
                         .as_deref()
                         .map(|r| (r.as_slice(), l.input_truths.as_slice())),
                 )?;
-                let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+                let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
                 let hit = (cache.generation == generation)
-                    .then(|| cache.decisions.get(buf.as_slice()).cloned())
+                    .then(|| cache.get(buf.as_slice()))
                     .flatten();
                 drop(cache);
                 Some(hit.ok_or_else(|| buf.clone()))
@@ -911,12 +969,7 @@ impl Policy {
             let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
             // Not when a new policy (or identity) came in meanwhile.
             if cache.generation == generation {
-                if cache.decisions.len() >= CACHE_LIMIT || cache.bytes >= CACHE_BYTES {
-                    cache.decisions.clear();
-                    cache.bytes = 0;
-                }
-                cache.bytes += key.len();
-                cache.decisions.insert(key, d.clone());
+                cache.insert(key, d.clone());
             }
         }
         (d, Some(elapsed), Some(loaded))
@@ -1259,6 +1312,67 @@ mod tests {
         });
         input.request = req.as_object().cloned().map(Box::new);
         input
+    }
+
+    /// At its bound the cache lets its least recently used decisions go,
+    /// not all of them. The attack: a workload (or a policy that reads
+    /// each request's id) sends inputs that are never seen again; when the
+    /// cache was emptied whole at its bound, each flood of them also threw
+    /// out the decision every connection of the other workloads looks up,
+    /// so they were all evaluated again, flood after flood.
+    #[tokio::test]
+    async fn inputs_seen_once_do_not_push_out_a_decision_in_use() {
+        let rego = "package enforcer.authz\nimport rego.v1\n\
+            allow if startswith(input.attributes.request.http.id, \"req-\")\n";
+        let p = policy_with(rego, Duration::from_secs(10));
+        p.set_cache_limit(8);
+        let hot = request("GET", "/docs", 0);
+        let (first, _, _) = p.evaluate(&hot).await;
+        assert!(first.allow && !first.cached, "{first:?}");
+        for n in 1..=40 {
+            let (once, evaluated, _) = p.evaluate(&request("GET", "/docs", n)).await;
+            assert!(
+                once.allow && !once.cached && evaluated.is_some(),
+                "request {n} is new: {once:?}"
+            );
+            let (again, evaluated, _) = p.evaluate(&hot).await;
+            assert!(
+                again.allow && again.cached && evaluated.is_none(),
+                "the decision in use was pushed out after {n} inputs seen once: {again:?}"
+            );
+            let (len, bytes) = p.cached();
+            assert!(len <= 8, "{len} decisions cached, over the bound of 8");
+            assert!(bytes > 0, "keys' bytes not counted: {bytes}");
+        }
+        // The oldest of those seen once went first.
+        let (oldest, evaluated, _) = p.evaluate(&request("GET", "/docs", 1)).await;
+        assert!(!oldest.cached && evaluated.is_some(), "{oldest:?}");
+        let (newest, _, _) = p.evaluate(&request("GET", "/docs", 40)).await;
+        assert!(newest.cached, "{newest:?}");
+        // Emptied whole on a reload, its bytes too.
+        p.invalidate();
+        assert_eq!(p.cached(), (0, 0));
+    }
+
+    /// The keys' bytes are bounded the same way, and a key cached twice
+    /// (two evaluations of one input at once) is counted once.
+    #[test]
+    fn the_cache_keeps_its_keys_bytes_under_the_bound() {
+        let mut cache = DecisionCache::default();
+        let d = Decision::deny("t", None);
+        let third = CACHE_BYTES / 3 + 1;
+        for n in 0..5u8 {
+            cache.insert(vec![n; third], d.clone());
+            assert!(cache.bytes <= CACHE_BYTES, "{} bytes kept", cache.bytes);
+            assert_eq!(
+                cache.bytes,
+                cache.decisions.iter().map(|(k, _)| k.len()).sum::<usize>()
+            );
+        }
+        assert_eq!(cache.decisions.len(), 2, "two keys of a third fit");
+        assert!(cache.get(&vec![4; third]).is_some(), "the newest stays");
+        cache.insert(vec![4; third], d.clone());
+        assert_eq!((cache.decisions.len(), cache.bytes), (2, 2 * third));
     }
 
     /// A request decision is cached under what the policy reads: requests
