@@ -795,37 +795,111 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
 /// and environment, in this process's cgroup. It takes the listeners over
 /// (`handover`); this agent then drains. If it fails first, its exit is
 /// logged here and this agent serves on.
+///
+/// The new agent is not this process's child: it is started through a
+/// process that exits at once (a double fork), so it is reparented to the
+/// service manager before this agent names it the main process
+/// (`MAINPID=`). systemd supervises a main process that is not its own
+/// child only by its pid ("Supervising process … which is not our child";
+/// systemd 252): it did not see it exit, and `systemctl stop` then sent
+/// SIGTERM and SIGKILL at once, so the agent never drained
+/// (`deploy::the_shipped_unit_runs_under_systemd_and_upgrades_hitlessly`).
 fn start_successor() {
     let mut args = std::env::args_os();
     let Some(program) = args.next() else {
         warn!("no argv[0]; cannot start a new agent");
         return;
     };
-    let mut child = match tokio::process::Command::new(&program)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .spawn()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            warn!(program = %program.to_string_lossy(), error = %e, "starting the new agent failed; this agent serves on");
-            return;
-        }
-    };
-    let pid = child.id();
-    info!(successor = ?pid, program = %program.to_string_lossy(), "new agent started");
-    // Reaped here if it ends while this agent still runs (it failed to take
-    // over); once this agent has exited, it is not this process's child to
-    // wait for any more.
+    let args: Vec<_> = args.collect();
+    // fork and exec block: not on a runtime thread.
     tokio::spawn(async move {
-        match child.wait().await {
-            Ok(status) if !crate::drain::is_draining() => {
-                warn!(successor = ?pid, %status, "the new agent exited before it took over; this agent serves on")
+        let name = program.to_string_lossy().into_owned();
+        let started = tokio::task::spawn_blocking(move || spawn_detached(&program, &args)).await;
+        let pid = match started {
+            Ok(Ok(pid)) => pid,
+            Ok(Err(e)) => {
+                warn!(program = %name, error = %e, "starting the new agent failed; this agent serves on");
+                return;
             }
-            Ok(_) => {}
-            Err(e) => warn!(successor = ?pid, error = %e, "waiting for the new agent"),
+            Err(e) => {
+                warn!(program = %name, error = %e, "starting the new agent failed; this agent serves on");
+                return;
+            }
+        };
+        info!(successor = pid, program = %name, "new agent started");
+        // Watched (not waited for: it is not this process's child) while
+        // this agent still serves: it failed to take over.
+        match exited(pid).await {
+            Ok(()) if !crate::drain::is_draining() => {
+                warn!(
+                    successor = pid,
+                    "the new agent exited before it took over; this agent serves on"
+                )
+            }
+            Ok(()) => {}
+            Err(e) => warn!(successor = pid, error = %e, "watching the new agent"),
         }
     });
+}
+
+/// Starts `program` with `args` as a grandchild whose parent has exited,
+/// and returns its pid once it has executed `program` (or the error of
+/// the fork or the exec).
+fn spawn_detached(program: &std::ffi::OsStr, args: &[std::ffi::OsString]) -> std::io::Result<u32> {
+    use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
+    // The intermediate process writes the new agent's pid here.
+    let (rx, tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let tx_fd = tx.as_raw_fd();
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args).stdin(std::process::Stdio::null());
+    // SAFETY: runs in the forked child before exec, and calls only
+    // async-signal-safe functions (fork, write, _exit); it allocates
+    // nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(move || match libc::fork() {
+            -1 => Err(std::io::Error::last_os_error()),
+            // The new agent: goes on to exec.
+            0 => Ok(()),
+            pid => {
+                let bytes = pid.to_ne_bytes();
+                libc::write(tx_fd, bytes.as_ptr().cast(), bytes.len());
+                libc::_exit(0)
+            }
+        });
+    }
+    // Returns once the new agent has executed (its copy of the exec-error
+    // pipe closed) or failed to; the intermediate has exited by then.
+    let mut intermediate = cmd.spawn()?;
+    drop(tx);
+    let _ = intermediate.wait();
+    let mut bytes = [0u8; std::mem::size_of::<libc::pid_t>()];
+    std::io::Read::read_exact(&mut std::fs::File::from(rx), &mut bytes)
+        .map_err(|e| std::io::Error::other(format!("the new agent's pid: {e}")))?;
+    u32::try_from(libc::pid_t::from_ne_bytes(bytes))
+        .map_err(|_| std::io::Error::other("the new agent's pid is negative"))
+}
+
+/// Resolves when process `pid` (not a child: no status) has exited, on the
+/// runtime's reactor (a pidfd turns readable then).
+async fn exited(pid: u32) -> std::io::Result<()> {
+    use std::os::fd::FromRawFd as _;
+    let pid = libc::pid_t::try_from(pid).map_err(std::io::Error::other)?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, libc::O_NONBLOCK) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(std::io::Error::other)?;
+    // SAFETY: a new descriptor that nothing else owns.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: the OwnedFd is moved in and stays open, the same descriptor,
+    // for as long as the AsyncFd lives.
+    let fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+    }
+    .map_err(std::io::Error::from)?;
+    let _ready = fd.readable().await?;
+    Ok(())
 }
 
 /// Runs the admin server (metrics, probes, `/llm/usage`) on a thread and
@@ -888,7 +962,7 @@ async fn notify_systemd(state: Vec<sd_notify::NotifyState<'static>>) {
 /// programs redirect captured connects to it and to nothing else; `None` when
 /// that loopback address does not exist.
 fn outbound_listener(addr: SocketAddr) -> anyhow::Result<Option<std::net::TcpListener>> {
-    match crate::mark::listener(addr, false) {
+    match crate::mark::listener(addr) {
         Ok(l) => Ok(Some(l)),
         Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Ok(None),
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => Err(e).with_context(|| {
@@ -901,7 +975,7 @@ fn outbound_listener(addr: SocketAddr) -> anyhow::Result<Option<std::net::TcpLis
 /// A plaintext listener (0.0.0.0, or [::] with IPV6_V6ONLY) that the
 /// kernel steers protected ports to; `None` for [::] without IPv6.
 fn plaintext_listener(addr: SocketAddr) -> anyhow::Result<Option<std::net::TcpListener>> {
-    match crate::mark::listener(addr, true) {
+    match crate::mark::listener(addr) {
         Ok(l) => Ok(Some(l)),
         Err(e)
             if addr.is_ipv6()

@@ -138,7 +138,7 @@ fn prepare(
                 return Ok(Some(l));
             }
             // A marked listener made inside the pod's netns.
-            match ns.run(move || crate::mark::listener(addr, true))? {
+            match ns.run(move || crate::mark::listener(addr))? {
                 Ok(l) => Ok(Some(l)),
                 Err(e)
                     if addr.is_ipv6()

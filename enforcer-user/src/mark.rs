@@ -91,14 +91,19 @@ fn bind_address_no_port(socket: &TcpSocket) -> std::io::Result<()> {
 }
 
 /// A marked, non-blocking listener on `addr` (IPv6 sockets are v6-only).
-pub fn listener(addr: SocketAddr, reuse_address: bool) -> std::io::Result<std::net::TcpListener> {
+///
+/// `SO_REUSEADDR`, as std sets it for its listeners: the connections an
+/// agent accepted and closed first wait in TIME_WAIT on this address for a
+/// minute, and without it an agent restarted meanwhile (after a crash,
+/// `systemctl restart`) could not bind its port; systemd then gave up
+/// after five tries and captured connects stayed refused. (It does not let
+/// a second listener bind while one listens.)
+pub fn listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
     }
-    if reuse_address {
-        s.set_reuse_address(true)?;
-    }
+    s.set_reuse_address(true)?;
     apply(&s)?;
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;

@@ -537,3 +537,53 @@ fn a_draining_agent_in_another_cgroup_still_connects_as_the_agent() {
         new.closed_connections()
     );
 }
+
+#[test]
+fn sigusr2_with_a_new_agent_that_cannot_start_leaves_the_running_one_serving() {
+    // The new agent is not the old one's child (it is reparented to the
+    // service manager before it is named the main process), so the old
+    // one watches it by pid: when it exits without taking over — here the
+    // config on disk was broken since the running agent read it — the
+    // running agent says so and serves on.
+    let mut m = mesh("upgbroken");
+    let a_cfg = m.tb.dir.join("a.toml");
+    let text = std::fs::read_to_string(&a_cfg).expect("a.toml");
+    std::fs::write(&a_cfg, format!("{text}\n[no_such_table]\nkey = 1\n")).expect("a.toml");
+    m.tb.signal(m.ea.pid, nix::sys::signal::Signal::SIGUSR2)
+        .expect("SIGUSR2");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let started: u64 = loop {
+        let lines = m.ea.log_lines();
+        let started = lines
+            .iter()
+            .find(|v| v["message"] == "new agent started")
+            .and_then(|v| v["successor"].as_u64());
+        if let Some(pid) = started
+            && lines.iter().any(|v| {
+                v["message"] == "the new agent exited before it took over; this agent serves on"
+                    && v["successor"].as_u64() == Some(pid)
+            })
+        {
+            break pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the running agent did not report the new agent's exit within 30 s: {lines:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        !enforcer_tests::pid_alive(started as u32),
+        "the new agent {started} exited"
+    );
+    let (code, _) = m.a.http_status(
+        Some("support-agent.service"),
+        &format!("http://{}:8080/", m.b.ipv4),
+    );
+    assert_eq!(code, "200", "the running agent still serves");
+    assert!(
+        m.tb.wait_exit(m.ea.pid, Duration::from_millis(500))
+            .is_none(),
+        "the running agent did not drain"
+    );
+}
