@@ -986,6 +986,51 @@ fn connects_refused_while_the_agent_is_down_leave_no_kernel_record() {
     );
 }
 
+#[test]
+fn an_agent_restarted_right_after_traffic_binds_its_port() {
+    // The connections an agent closed first wait in TIME_WAIT on its
+    // outbound port for a minute. Found under systemd (deploy.rs): the
+    // outbound listener was bound without SO_REUSEADDR, so an agent
+    // restarted meanwhile — after a crash, `systemctl restart` — stopped at
+    // "cannot listen on 127.0.0.1:15001: Address already in use", and
+    // systemd gave up after five tries.
+    let mut m = mesh("restartbind");
+    let cfg = m.tb.dir.join("a.toml");
+    for _ in 0..5 {
+        m.a.get_ok(
+            Some("support-agent.service"),
+            &format!("http://{}:8080/", m.b.ipv4),
+        );
+    }
+    // The premise: the agent's side of those connections waits there.
+    let (_, out) =
+        m.a.exec(
+            None,
+            &["ss", "-Htan", "state", "time-wait", "sport", "=", ":15001"],
+        )
+        .expect("ss");
+    let waiting = String::from_utf8_lossy(&out.stdout).lines().count();
+    assert!(
+        waiting > 0,
+        "no connection of the agent's in TIME_WAIT on its outbound port; the test proves nothing: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    m.tb.signal(m.ea.pid, nix::sys::signal::Signal::SIGKILL)
+        .expect("kill -9 a's agent");
+    assert!(
+        m.tb.wait_exit(m.ea.pid, Duration::from_secs(10)).is_some(),
+        "a's agent exits at SIGKILL"
+    );
+    let ea =
+        m.tb.start_enforcer(&m.a, &cfg)
+            .expect("a's agent restarted at once, with its connections in TIME_WAIT");
+    m.a.get_ok(
+        Some("support-agent.service"),
+        &format!("http://{}:8080/", m.b.ipv4),
+    );
+    ea.connection_line(|v| v["orig_dst"] == format!("{}:8080", m.b.ipv4));
+}
+
 /// Waits up to `within` for `agent`'s capture maps (both) to hold no record;
 /// fails with the count left, `when`, and the records (bpftool's dump of
 /// the maps pinned under `pins`, the node's instance directory).
