@@ -123,6 +123,8 @@ impl Systemd {
             ("/lib/systemd/systemd", "systemd"),
             ("/usr/bin/unshare", "util-linux"),
             ("/usr/sbin/chroot", "coreutils"),
+            ("/usr/bin/python3", "python3"),
+            ("/usr/sbin/ip", "iproute2"),
         ] {
             assert!(
                 Path::new(tool).exists(),
