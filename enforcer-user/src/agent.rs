@@ -341,6 +341,15 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     let state_dir = config.identity.state_dir.clone();
     ensure_state_dir(&state_dir)?;
     seed_random().await?;
+    let pid_ns = tokio::task::spawn_blocking(|| std::fs::read_link("/proc/self/ns/pid"))
+        .await
+        .ok()
+        .and_then(Result::ok);
+    if let Some(warning) = pid_ns.and_then(|ns| {
+        crate::attest::pid_namespace_warning(&ns.to_string_lossy(), &config.identity.entries)
+    }) {
+        warn!("{warning}");
+    }
     // A hitless upgrade: the agent running with this state_dir hands its
     // listeners over; without one, they are bound here.
     let mut inherited = {

@@ -266,6 +266,23 @@ impl Drop for Systemd {
     }
 }
 
+const CLIENT_ID: &str = "spiffe://ai.example.org/agent/client";
+const HASHED_ID: &str = "spiffe://ai.example.org/agent/hashed";
+
+/// SHA-256 (hex) of the file `path` resolves to.
+fn sha256_of(path: &str) -> String {
+    let real = std::fs::canonicalize(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let out = Command::new("sha256sum")
+        .arg(&real)
+        .output()
+        .expect("sha256sum (coreutils)");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_else(|| panic!("no digest of {}", real.display()))
+        .to_owned()
+}
+
 /// The shipped unit and config, unchanged, under a real systemd: the agent
 /// starts and is ready (`Type=notify`) inside the unit's sandbox, a
 /// workload in `enforced.slice` is captured, and the documented hitless
@@ -303,10 +320,28 @@ fn the_shipped_unit_runs_under_systemd_and_upgrades_hitlessly() {
         ),
     ];
     let etc = [
-        ("enforcer.toml", shipped("enforcer.toml")),
+        // The shipped config with registration entries: the client by its
+        // unit and uid, attested inside the unit's sandbox. (Not by its
+        // executable: this systemd's pid namespace is not the host's, whose
+        // pids the kernel records, so the agent cannot attest unix:sha256
+        // here; it says so at start, naming the entry that needs it.)
         (
-            "policies/allow.rego",
-            "package enforcer.authz\nimport rego.v1\ndefault allow := true\n".into(),
+            "enforcer.toml",
+            format!(
+                "{}\n[[identity.entries]]\nspiffe_id = \"{CLIENT_ID}\"\n\
+                 selectors = [\"systemd:unit:client.service\", \"unix:uid:0\"]\n\
+                 [[identity.entries]]\nspiffe_id = \"{HASHED_ID}\"\n\
+                 selectors = [\"unix:sha256:{}\"]\n",
+                shipped("enforcer.toml"),
+                sha256_of("/usr/bin/python3")
+            ),
+        ),
+        (
+            "policies/client.rego",
+            format!(
+                "package enforcer.authz\nimport rego.v1\ndefault allow := false\n\
+                 allow if input.source.spiffe_id == \"{CLIENT_ID}\"\n"
+            ),
         ),
     ];
     let sd = Systemd::boot("systemd", &units, &etc);
@@ -314,6 +349,15 @@ fn the_shipped_unit_runs_under_systemd_and_upgrades_hitlessly() {
         sd.show("enforcer.service", "ActiveState") == "active"
     });
     let first = sd.show("enforcer.service", "MainPID");
+    sd.wait(
+        "the agent saying at start that it cannot attest executables here",
+        10,
+        || {
+            let started = sd.journal("enforcer.service");
+            started.contains("runs in a pid namespace of its own")
+                && started.contains(&format!("these entries match nothing: {HASHED_ID}"))
+        },
+    );
     let (ok, out) = sd.run(&["systemctl", "start", "server.service"]);
     assert!(ok, "server.service: {out}");
     let (ok, out) = sd.run(&["systemctl", "start", "--no-block", "client.service"]);
@@ -392,6 +436,18 @@ fn the_shipped_unit_runs_under_systemd_and_upgrades_hitlessly() {
     assert!(
         by_first > 0 && by_second > 0,
         "connections closed by the old agent {by_first}, by the new {by_second}:\n{journal}"
+    );
+    // Decided on the identity attested in the unit's sandbox.
+    let audit = sd.read("/var/log/enforcer/audit.jsonl").unwrap_or_default();
+    let decided = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["input"]["source"]["spiffe_id"] == CLIENT_ID && v["result"] == true)
+        .count();
+    assert!(
+        decided > 0,
+        "no decision allowed {CLIENT_ID} in the audit log:\n{}",
+        audit.lines().take(3).collect::<Vec<_>>().join("\n")
     );
     // systemd supervises the new agent as its own child: it sees it exit
     // and restarts it (a main process that is not its child, systemd 252

@@ -72,6 +72,41 @@ pub struct SeenWorkload {
     pub last_attested: std::time::SystemTime,
 }
 
+/// The initial (host's) pid namespace, as `/proc/self/ns/pid` names it: its
+/// inode number is fixed by the kernel (`PROC_PID_INIT_INO`).
+const HOST_PID_NS: &str = "pid:[4026531836]";
+
+/// A warning when this agent does not run in the host's pid namespace (`ns`:
+/// the target of its `/proc/self/ns/pid`): the kernel programs record the
+/// host's pids, which name other processes (or none) here, so `unix:path`
+/// and `unix:sha256` are never attested (the process is not found in the
+/// recorded cgroup) and entries that need them match nothing. Fails
+/// closed; said once, at start.
+pub fn pid_namespace_warning(ns: &str, entries: &[crate::config::EntryConfig]) -> Option<String> {
+    if ns == HOST_PID_NS {
+        return None;
+    }
+    let needing: Vec<&str> = entries
+        .iter()
+        .filter(|e| {
+            e.selectors
+                .iter()
+                .any(|s| s.starts_with("unix:path:") || s.starts_with("unix:sha256:"))
+        })
+        .map(|e| e.spiffe_id.as_str())
+        .collect();
+    Some(format!(
+        "this agent runs in a pid namespace of its own ({ns}), but the kernel records the host's pids: \
+         no workload gets unix:path or unix:sha256 selectors{}; run the agent in the host's pid namespace \
+         (hostPID: true in Kubernetes)",
+        if needing.is_empty() {
+            String::new()
+        } else {
+            format!(", so these entries match nothing: {}", needing.join(", "))
+        }
+    ))
+}
+
 /// Whether `selectors` are those of a workload in a pod that the
 /// Kubernetes API has not shown (no `k8s:ns` beside its `k8s:pod-uid`).
 pub fn unknown_pod(selectors: &[String]) -> bool {
@@ -286,6 +321,31 @@ impl Attestor {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_agent_in_a_pid_namespace_of_its_own_says_which_entries_cannot_match() {
+        use crate::config::EntryConfig;
+        let entries = [
+            EntryConfig {
+                spiffe_id: "spiffe://td/hashed".into(),
+                selectors: vec!["unix:sha256:ab".into(), "unix:uid:0".into()],
+            },
+            EntryConfig {
+                spiffe_id: "spiffe://td/unit".into(),
+                selectors: vec!["systemd:unit:a.service".into()],
+            },
+        ];
+        assert_eq!(
+            super::pid_namespace_warning(super::HOST_PID_NS, &entries),
+            None
+        );
+        let w = super::pid_namespace_warning("pid:[4026532999]", &entries).expect("a warning");
+        assert!(
+            w.contains("pid:[4026532999]") && w.contains("spiffe://td/hashed"),
+            "{w}"
+        );
+        assert!(!w.contains("spiffe://td/unit"), "{w}");
+    }
+
     use super::*;
 
     #[test]
