@@ -99,6 +99,49 @@ async fn seed_random() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The file in systemd's `RuntimeDirectory=` (`RUNTIME_DIRECTORY`) that says
+/// the capture is in place.
+pub const ATTACHED_MARK: &str = "capture-attached";
+
+/// Under systemd (the unit's `RuntimeDirectory=enforcer` sets
+/// `RUNTIME_DIRECTORY`), writes [`ATTACHED_MARK`] there once the kernel
+/// programs are attached; they stay attached (pinned) while the agent is
+/// down. The shipped `enforced.slice` asserts it, so at boot the workloads
+/// in the slice start only once their connections are captured — never
+/// before, uncaptured — and not at all if the agent never attached (fail
+/// closed). Elsewhere, nothing.
+async fn mark_attached(cgroup: &Path) {
+    let Some(dirs) = std::env::var_os("RUNTIME_DIRECTORY") else {
+        return;
+    };
+    let Some(dir) = dirs
+        .to_string_lossy()
+        .split(':')
+        .next()
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+    else {
+        return;
+    };
+    let text = format!("{}\n", cgroup.display());
+    let path = dir.join(ATTACHED_MARK);
+    let written = tokio::task::spawn_blocking(move || {
+        let tmp = dir.join(format!("{ATTACHED_MARK}.{}", std::process::id()));
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, dir.join(ATTACHED_MARK))
+    })
+    .await;
+    match written {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            warn!(path = %path.display(), error = %e, "cannot say the capture is attached; the workloads of enforced.slice will not start")
+        }
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "cannot say the capture is attached; the workloads of enforced.slice will not start")
+        }
+    }
+}
+
 /// `identity.state_dir`, created 0700 when missing (the CA key, the token
 /// counters and the handover socket live there).
 fn ensure_state_dir(dir: &Path) -> anyhow::Result<()> {
@@ -529,6 +572,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
             pods: &found.cookies,
         },
     )?);
+    mark_attached(&cgroup.path).await;
     let mut plaintext_handler = None;
     if let Some((v4, v6)) = plaintext {
         let handler = Arc::new(Plaintext {

@@ -502,3 +502,120 @@ fn the_shipped_unit_runs_under_systemd_and_upgrades_hitlessly() {
         "the agent drained at stop:\n{stopped}"
     );
 }
+
+/// A workload unit in `enforced.slice` that connects once to the test
+/// server as it starts, and says so in `/run/<name>-ran`.
+fn early_workload(name: &str) -> String {
+    format!(
+        "[Unit]\nAfter=server.service\n[Service]\nType=oneshot\nRemainAfterExit=yes\nSlice=enforced.slice\n\
+         ExecStart=/usr/bin/python3 -c \"import socket; s = socket.create_connection(('10.77.0.1', 8080)); \
+         s.sendall(b'GET / HTTP/1.0\\\\r\\\\n\\\\r\\\\n'); s.recv(64); open('/run/{name}-ran', 'w').write('ok')\"\n"
+    )
+}
+
+/// At boot the agent and the workloads of `enforced.slice` are started
+/// together (multi-user.target wants both). The attack: a workload that
+/// starts before the agent has attached its kernel programs connects
+/// uncaptured — no identity, no mTLS, no policy — and with the agent
+/// failing to start, all of them do. The shipped slice now starts after
+/// the agent and asserts the file the agent writes once attached: the
+/// first connection is captured, a broken agent keeps the workloads from
+/// starting, and restarting or stopping the agent leaves running workloads
+/// alone. (Before: with the agent broken the workload ran, uncaptured. Its
+/// first connection with the agent working was captured before too, the
+/// agent being quicker than the server it waits for here: that part checks
+/// the order holds, it does not race it.)
+#[test]
+fn workloads_of_the_slice_start_only_once_the_capture_is_attached() {
+    let shipped = |f: &str| std::fs::read_to_string(unit().with_file_name(f)).expect(f);
+    let units = || {
+        vec![
+            ("enforcer.service", shipped("enforcer.service")),
+            ("enforced.slice", shipped("enforced.slice")),
+            (
+                "server.service",
+                "[Service]\nExecStartPre=/usr/sbin/ip address add 10.77.0.1/32 dev lo\n\
+                 ExecStart=/usr/bin/python3 -u -m http.server --bind 10.77.0.1 8080\n\
+                 ExecStartPost=/usr/bin/python3 -c \"import socket, time; \
+                 [time.sleep(0.05) for _ in range(100) if socket.socket().connect_ex(('10.77.0.1', 8080))]\"\n"
+                    .into(),
+            ),
+            ("early.service", early_workload("early")),
+            (
+                "resident.service",
+                "[Service]\nSlice=enforced.slice\nExecStart=/usr/bin/sleep infinity\n".into(),
+            ),
+            (
+                "enforcer-test.target",
+                "[Unit]\nWants=enforcer.service server.service early.service resident.service\n"
+                    .into(),
+            ),
+        ]
+    };
+    let allow = (
+        "policies/allow.rego",
+        "package enforcer.authz\nimport rego.v1\ndefault allow := true\n".to_owned(),
+    );
+
+    // The agent and the workloads wanted at once.
+    {
+        let sd = Systemd::boot(
+            "slice",
+            &units(),
+            &[("enforcer.toml", shipped("enforcer.toml")), allow.clone()],
+        );
+        sd.wait("the early workload's one connection", 30, || {
+            sd.read("/run/early-ran").is_some()
+                || sd.show("early.service", "ActiveState") == "failed"
+        });
+        sd.wait("the agent's line for that connection", 10, || {
+            sd.journal("enforcer.service").lines().any(|l| {
+                l.contains("connection closed") && l.contains("/enforced.slice/early.service")
+            })
+        });
+        // Restarting and stopping the agent leave running workloads alone.
+        let resident = sd.show("resident.service", "MainPID");
+        assert_ne!(resident, "0", "the resident workload runs");
+        for verb in ["restart", "stop"] {
+            let (ok, out) = sd.run(&["systemctl", verb, "enforcer.service"]);
+            assert!(ok, "systemctl {verb} enforcer.service: {out}");
+            assert_eq!(
+                (
+                    sd.show("resident.service", "ActiveState"),
+                    sd.show("resident.service", "MainPID")
+                ),
+                ("active".to_owned(), resident.clone()),
+                "the workload after `systemctl {verb} enforcer.service`"
+            );
+        }
+    }
+
+    // An agent that never attaches: its config broken.
+    let sd = Systemd::boot(
+        "slicebroken",
+        &units(),
+        &[
+            (
+                "enforcer.toml",
+                format!("{}\n[no_such_table]\n", shipped("enforcer.toml")),
+            ),
+            allow,
+        ],
+    );
+    sd.wait("the early workload's start to be decided", 60, || {
+        let state = sd.show("early.service", "ActiveState");
+        let jobs = sd.run(&["systemctl", "list-jobs", "--no-legend"]).1;
+        (state == "failed" || state == "inactive")
+            && !jobs.contains("early.service")
+            && sd.show("enforcer.service", "ActiveState") == "failed"
+            || sd.read("/run/early-ran").is_some()
+    });
+    assert!(
+        sd.read("/run/early-ran").is_none(),
+        "a workload of enforced.slice ran, uncaptured, with the agent down:\n{}",
+        sd.journal("enforcer.service")
+    );
+    sd.wait("the server (outside the slice) to run", 30, || {
+        sd.show("server.service", "ActiveState") == "active"
+    });
+}
