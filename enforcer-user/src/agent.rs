@@ -101,7 +101,7 @@ async fn seed_random() -> anyhow::Result<()> {
 
 /// The file in systemd's `RuntimeDirectory=` (`RUNTIME_DIRECTORY`) that says
 /// the capture is in place.
-pub const ATTACHED_MARK: &str = "capture-attached";
+const ATTACHED_MARK: &str = "capture-attached";
 
 /// Under systemd (the unit's `RuntimeDirectory=enforcer` sets
 /// `RUNTIME_DIRECTORY`), writes [`ATTACHED_MARK`] there once the kernel
@@ -130,15 +130,11 @@ async fn mark_attached(cgroup: &Path) {
         std::fs::write(&tmp, text)?;
         std::fs::rename(&tmp, dir.join(ATTACHED_MARK))
     })
-    .await;
-    match written {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            warn!(path = %path.display(), error = %e, "cannot say the capture is attached; the workloads of enforced.slice will not start")
-        }
-        Err(e) => {
-            warn!(path = %path.display(), error = %e, "cannot say the capture is attached; the workloads of enforced.slice will not start")
-        }
+    .await
+    .map_err(std::io::Error::other)
+    .and_then(|r| r);
+    if let Err(e) = written {
+        warn!(path = %path.display(), error = %e, "cannot say the capture is attached; the workloads of enforced.slice will not start");
     }
 }
 
@@ -867,13 +863,12 @@ fn start_successor() {
     // fork and exec block: not on a runtime thread.
     tokio::spawn(async move {
         let name = program.to_string_lossy().into_owned();
-        let started = tokio::task::spawn_blocking(move || spawn_detached(&program, &args)).await;
+        let started = tokio::task::spawn_blocking(move || spawn_detached(&program, &args))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r);
         let pid = match started {
-            Ok(Ok(pid)) => pid,
-            Ok(Err(e)) => {
-                warn!(program = %name, error = %e, "starting the new agent failed; this agent serves on");
-                return;
-            }
+            Ok(pid) => pid,
             Err(e) => {
                 warn!(program = %name, error = %e, "starting the new agent failed; this agent serves on");
                 return;
