@@ -986,6 +986,22 @@ fn connects_refused_while_the_agent_is_down_leave_no_kernel_record() {
     );
 }
 
+/// Five requests to `argv[1]:argv[2]`, each read to the server's end of
+/// the connection before it is closed.
+const PY_READ_TO_END_THEN_CLOSE: &str = r#"
+import socket, sys, time
+n = 0
+for _ in range(5):
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+    s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    while s.recv(65536):
+        pass
+    time.sleep(0.05)
+    s.close()
+    n += 1
+print("ok", n)
+"#;
+
 #[test]
 fn an_agent_restarted_right_after_traffic_binds_its_port() {
     // The connections an agent closed first wait in TIME_WAIT on its
@@ -996,25 +1012,44 @@ fn an_agent_restarted_right_after_traffic_binds_its_port() {
     // systemd gave up after five tries.
     let mut m = mesh("restartbind");
     let cfg = m.tb.dir.join("a.toml");
-    for _ in 0..5 {
-        m.a.get_ok(
-            Some("support-agent.service"),
-            &format!("http://{}:8080/", m.b.ipv4),
-        );
-    }
-    // The premise: the agent's side of those connections waits there.
+    // Each read to the server's end before it closes: the agent, relaying
+    // that end, closes its side first, so its side is the one that waits.
     let (_, out) =
         m.a.exec(
-            None,
-            &["ss", "-Htan", "state", "time-wait", "sport", "=", ":15001"],
+            Some("support-agent.service"),
+            &[
+                "python3",
+                "-c",
+                PY_READ_TO_END_THEN_CLOSE,
+                &m.b.ipv4,
+                "8080",
+            ],
         )
-        .expect("ss");
-    let waiting = String::from_utf8_lossy(&out.stdout).lines().count();
-    assert!(
-        waiting > 0,
-        "no connection of the agent's in TIME_WAIT on its outbound port; the test proves nothing: {}",
-        String::from_utf8_lossy(&out.stdout)
+        .expect("connections");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "ok 5",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
+    // The premise: the agent's side of those connections waits there.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, out) =
+            m.a.exec(
+                None,
+                &["ss", "-Htan", "state", "time-wait", "sport", "=", ":15001"],
+            )
+            .expect("ss");
+        if String::from_utf8_lossy(&out.stdout).lines().count() > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no connection of the agent's in TIME_WAIT on its outbound port within 10 s; the test proves nothing"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     m.tb.signal(m.ea.pid, nix::sys::signal::Signal::SIGKILL)
         .expect("kill -9 a's agent");
     assert!(
