@@ -233,9 +233,27 @@ impl Systemd {
             .to_owned()
     }
 
+    /// The journal's messages: of `unit`, or of process `pid` (its pid in
+    /// the namespace) when given, or both.
+    fn journal_of(&self, unit: Option<&str>, pid: Option<&str>) -> String {
+        let mut args = vec!["journalctl", "--no-pager", "-o", "cat"];
+        if let Some(unit) = unit {
+            args.extend(["-u", unit]);
+        }
+        let pid = pid.map(|p| format!("_PID={p}"));
+        args.extend(pid.as_deref());
+        self.run(&args).1
+    }
+
     fn journal(&self, unit: &str) -> String {
-        self.run(&["journalctl", "--no-pager", "-o", "cat", "-u", unit])
-            .1
+        self.journal_of(Some(unit), None)
+    }
+
+    /// `systemctl kill --kill-whom=main -s <signal> <unit>`, as an operator
+    /// signals a service's main process.
+    fn signal_main(&self, unit: &str, signal: &str) {
+        let (ok, out) = self.run(&["systemctl", "kill", "--kill-whom=main", "-s", signal, unit]);
+        assert!(ok, "{signal} to {unit}: {out}");
     }
 
     /// A file under its root (its `/run` is its own tmpfs).
@@ -294,7 +312,10 @@ fn sha256_of(path: &str) -> String {
 /// Found by this test: with `ProtectKernelTunables=yes` systemd 252 mounts
 /// `/sys` read-only over `ReadWritePaths=/sys/fs/bpf`, and the agent
 /// exited at start ("pinning /sys/fs/bpf/enforcer/v2/…: Read-only file
-/// system"), restarting until systemd gave up.
+/// system"), restarting until systemd gave up; the new agent, named
+/// `MAINPID=` while the old one's child, was supervised as "not our
+/// child" and SIGKILLed at stop with no drain; an agent restarted after
+/// traffic could not bind its outbound port (no `SO_REUSEADDR`).
 #[test]
 fn the_shipped_unit_runs_under_systemd_and_upgrades_hitlessly() {
     let shipped = |f: &str| std::fs::read_to_string(unit().with_file_name(f)).expect(f);
@@ -366,15 +387,7 @@ fn the_shipped_unit_runs_under_systemd_and_upgrades_hitlessly() {
         sd.read("/run/client-started").is_some()
     });
     std::thread::sleep(Duration::from_secs(2));
-    let (ok, out) = sd.run(&[
-        "systemctl",
-        "kill",
-        "--kill-whom=main",
-        "-s",
-        "SIGUSR2",
-        "enforcer.service",
-    ]);
-    assert!(ok, "SIGUSR2: {out}");
+    sd.signal_main("enforcer.service", "SIGUSR2");
     sd.wait("systemd following the new agent as MainPID", 30, || {
         let now = sd.show("enforcer.service", "MainPID");
         now != first && now != "0"
@@ -418,19 +431,10 @@ fn the_shipped_unit_runs_under_systemd_and_upgrades_hitlessly() {
     );
     // The connections went through the agents: each agent logged some.
     let closed_by = |pid: &str| {
-        sd.run(&[
-            "journalctl",
-            "--no-pager",
-            "-o",
-            "cat",
-            "-u",
-            "enforcer.service",
-            &format!("_PID={pid}"),
-        ])
-        .1
-        .lines()
-        .filter(|l| l.contains("connection closed") && l.contains("10.77.0.1"))
-        .count()
+        sd.journal_of(Some("enforcer.service"), Some(pid))
+            .lines()
+            .filter(|l| l.contains("connection closed") && l.contains("10.77.0.1"))
+            .count()
     };
     let (by_first, by_second) = (closed_by(&first), closed_by(&second));
     assert!(
@@ -456,18 +460,9 @@ fn the_shipped_unit_runs_under_systemd_and_upgrades_hitlessly() {
     assert!(
         !journal.contains("which is not our child"),
         "systemd follows the new agent as a process that is not its child:\n{}",
-        sd.run(&["journalctl", "--no-pager", "-o", "cat", "_PID=1"])
-            .1
+        sd.journal_of(None, Some("1"))
     );
-    let (ok, out) = sd.run(&[
-        "systemctl",
-        "kill",
-        "--kill-whom=main",
-        "-s",
-        "SIGKILL",
-        "enforcer.service",
-    ]);
-    assert!(ok, "SIGKILL: {out}");
+    sd.signal_main("enforcer.service", "SIGKILL");
     sd.wait("systemd restarting the agent after it died", 30, || {
         sd.show("enforcer.service", "NRestarts") == "1"
             && sd.show("enforcer.service", "ActiveState") == "active"
@@ -486,17 +481,7 @@ fn the_shipped_unit_runs_under_systemd_and_upgrades_hitlessly() {
         "{}",
         sd.journal("enforcer.service")
     );
-    let stopped = sd
-        .run(&[
-            "journalctl",
-            "--no-pager",
-            "-o",
-            "cat",
-            "-u",
-            "enforcer.service",
-            &format!("_PID={third}"),
-        ])
-        .1;
+    let stopped = sd.journal_of(Some("enforcer.service"), Some(&third));
     assert!(
         stopped.contains("SIGTERM received") && stopped.contains("drained"),
         "the agent drained at stop:\n{stopped}"

@@ -1033,23 +1033,16 @@ fn an_agent_restarted_right_after_traffic_binds_its_port() {
         String::from_utf8_lossy(&out.stderr)
     );
     // The premise: the agent's side of those connections waits there.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, out) =
+    enforcer_tests::wait_for(
+        "a connection of the agent's in TIME_WAIT on its outbound port (else the test proves nothing)",
+        || {
             m.a.exec(
                 None,
                 &["ss", "-Htan", "state", "time-wait", "sport", "=", ":15001"],
             )
-            .expect("ss");
-        if String::from_utf8_lossy(&out.stdout).lines().count() > 0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no connection of the agent's in TIME_WAIT on its outbound port within 10 s; the test proves nothing"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+            .is_ok_and(|(_, out)| !out.stdout.is_empty())
+        },
+    );
     m.tb.signal(m.ea.pid, nix::sys::signal::Signal::SIGKILL)
         .expect("kill -9 a's agent");
     assert!(

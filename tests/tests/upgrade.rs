@@ -186,17 +186,23 @@ fn upgrade_that_changes_the_mark_is_refused_and_the_agent_keeps_serving() {
         format!("{err:#}").contains("a hitless upgrade cannot change the mark"),
         "{err:#}"
     );
-    let (code, _) = m.a.http_status(
-        Some("support-agent.service"),
-        &format!("http://{}:8080/", m.b.ipv4),
-    );
-    assert_eq!(code, "200", "the running agent still serves");
+    assert_serves_on(&mut m);
     assert!(
         m.ea.log_lines()
             .iter()
             .any(|v| v["message"] == "handover failed; this agent keeps serving"),
         "the running agent logged the failed handover"
     );
+}
+
+/// The running agent, which has not handed over, still serves a captured
+/// connection and has not started to drain.
+fn assert_serves_on(m: &mut Pair) {
+    let (code, _) = m.a.http_status(
+        Some("support-agent.service"),
+        &format!("http://{}:8080/", m.b.ipv4),
+    );
+    assert_eq!(code, "200", "the running agent still serves");
     assert!(
         m.tb.wait_exit(m.ea.pid, Duration::from_millis(500))
             .is_none(),
@@ -576,14 +582,5 @@ fn sigusr2_with_a_new_agent_that_cannot_start_leaves_the_running_one_serving() {
         !enforcer_tests::pid_alive(started as u32),
         "the new agent {started} exited"
     );
-    let (code, _) = m.a.http_status(
-        Some("support-agent.service"),
-        &format!("http://{}:8080/", m.b.ipv4),
-    );
-    assert_eq!(code, "200", "the running agent still serves");
-    assert!(
-        m.tb.wait_exit(m.ea.pid, Duration::from_millis(500))
-            .is_none(),
-        "the running agent did not drain"
-    );
+    assert_serves_on(&mut m);
 }

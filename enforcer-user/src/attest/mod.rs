@@ -321,32 +321,28 @@ impl Attestor {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn an_agent_in_a_pid_namespace_of_its_own_says_which_entries_cannot_match() {
-        use crate::config::EntryConfig;
         let entries = [
-            EntryConfig {
+            crate::config::EntryConfig {
                 spiffe_id: "spiffe://td/hashed".into(),
                 selectors: vec!["unix:sha256:ab".into(), "unix:uid:0".into()],
             },
-            EntryConfig {
+            crate::config::EntryConfig {
                 spiffe_id: "spiffe://td/unit".into(),
                 selectors: vec!["systemd:unit:a.service".into()],
             },
         ];
-        assert_eq!(
-            super::pid_namespace_warning(super::HOST_PID_NS, &entries),
-            None
-        );
-        let w = super::pid_namespace_warning("pid:[4026532999]", &entries).expect("a warning");
+        assert_eq!(pid_namespace_warning(HOST_PID_NS, &entries), None);
+        let w = pid_namespace_warning("pid:[4026532999]", &entries).expect("a warning");
         assert!(
             w.contains("pid:[4026532999]") && w.contains("spiffe://td/hashed"),
             "{w}"
         );
         assert!(!w.contains("spiffe://td/unit"), "{w}");
     }
-
-    use super::*;
 
     #[test]
     fn under_matches_whole_components() {
