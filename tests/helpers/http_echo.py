@@ -1,6 +1,7 @@
 """An HTTP/1.1 server of the L7 tests (Python's http.server, keep-alive):
-answers every method with JSON naming the method, path and body length it
-received, and prints `REQ <method> <path> <length>` for each. A body that
+answers every method with JSON naming the method, path, body length,
+`Content-Encoding` (null without one) and body (as text, when under 4 KiB)
+it received, and prints `REQ <method> <path> <length>` for each. A body that
 ends early is reported as `RESET <path>` (the connection was reset) or
 `SHORT <path> <length>` (it was closed as if complete).
 
@@ -25,7 +26,13 @@ class Echo(BaseHTTPRequestHandler):
             print("SHORT %s %d" % (self.path, len(body)), flush=True)
             return
         print("REQ %s %s %d" % (self.command, self.path, len(body)), flush=True)
-        out = json.dumps({"method": self.command, "path": self.path, "len": len(body)}).encode()
+        out = json.dumps({
+            "method": self.command,
+            "path": self.path,
+            "len": len(body),
+            "coding": self.headers.get("Content-Encoding"),
+            "body": body.decode("utf-8", "replace") if len(body) < 4096 else None,
+        }).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(out)))

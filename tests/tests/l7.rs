@@ -1089,8 +1089,12 @@ fn request_bodies_policy_cannot_read_are_refused_not_decided_blind() {
     // == "urgent"`) was safe there and let both through here — to a server
     // whose parser reads `NaN` (Python's) or that decompresses
     // (Express's body-parser, tower-http's RequestDecompressionLayer).
-    // Now the first is refused 400, the second 415; neither reaches the
-    // server, and the connection serves the next request.
+    // Now the first is refused 400. A compressed one is decoded, decided
+    // on what it says, and forwarded decoded — the server reads the bytes
+    // policy read —; one in a coding enforcer does not decode is refused
+    // 415, one that decodes past the body bound 413, one that does not
+    // decode 400. None of the refused reaches the server, and after a 403,
+    // 400 (NaN) or 415 the connection serves the next request.
     let (mut m, _policy) = l7_pair("l7-bodies");
     m.tb.start_server_in(
         &m.b,
@@ -1104,55 +1108,101 @@ fn request_bodies_policy_cannot_read_are_refused_not_decided_blind() {
         &m.b,
         Some("mcp.service"),
         "mcp",
-        &["python3", "-u", &helper("mcp_tools.py"), "8001"],
+        &["python3", "-u", &helper("mcp_tools.py"), "8001", "json"],
         8001,
     )
     .expect("MCP server");
     let client = format!(
         r#"
-import gzip, http.client, json
-c = http.client.HTTPConnection("{b}", 8002, timeout=10)
-def post(path, body, **headers):
-    c.request("POST", path, body=body, headers=dict({{"content-type": "application/json"}}, **headers))
-    r = c.getresponse()
-    print(json.dumps({{"status": r.status, "body": r.read().decode(), "sock": id(c.sock)}}), flush=True)
+import gzip, http.client, json, zlib
+def conn():
+    return http.client.HTTPConnection("{b}", 8002, timeout=10)
+c = conn()
+def post(path, body, on=None, **headers):
+    h = on or c
+    h.request("POST", path, body=body, headers=dict({{"content-type": "application/json"}}, **headers))
+    r = h.getresponse()
+    print(json.dumps({{"status": r.status, "body": r.read().decode(), "sock": id(h.sock)}}), flush=True)
 post("/orders", b'{{"priority": "low"}}')
 post("/orders", b'{{"priority": "urgent"}}')
 post("/orders", b'{{"priority": "urgent", "score": NaN}}')
 post("/orders", gzip.compress(b'{{"priority": "urgent"}}'), **{{"content-encoding": "gzip"}})
+post("/orders", gzip.compress(b'{{"priority": "low", "n": 1}}'), **{{"content-encoding": "gzip"}})
+post("/orders", gzip.compress(zlib.compress(b'{{"priority": "low", "n": 2}}')), **{{"content-encoding": "deflate, gzip"}})
+post("/orders", b'{{"priority": "urgent"}}', **{{"content-encoding": "compress"}})
 c.request("GET", "/items/2")
 r = c.getresponse()
 print(json.dumps({{"status": r.status, "body": r.read().decode(), "sock": id(c.sock)}}), flush=True)
+# 1 KiB of gzip that decodes to 64 KiB (the bound is 1 KiB), and gzip
+# that does not decode: each on a connection of its own.
+post("/orders", gzip.compress(b'{{"priority": "low", "pad": "' + b" " * 65536 + b'"}}'), on=conn(), **{{"content-encoding": "gzip"}})
+post("/orders", gzip.compress(b'{{"priority": "low"}}')[:-6], on=conn(), **{{"content-encoding": "gzip"}})
 m = http.client.HTTPConnection("{b}", 8001, timeout=10)
-call = {{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {{"name": "search_docs", "arguments": {{"query": "x"}}}}}}
-m.request("POST", "/mcp", body=gzip.compress(json.dumps(call).encode()),
-          headers={{"content-type": "application/json", "content-encoding": "gzip",
-                   "accept": "application/json, text/event-stream"}})
-r = m.getresponse()
-print(json.dumps({{"status": r.status, "body": r.read().decode(), "sock": 0}}), flush=True)
+def rpc(message, coding="gzip"):
+    m.request("POST", "/mcp", body=gzip.compress(json.dumps(message).encode()),
+              headers={{"content-type": "application/json", "content-encoding": coding,
+                       "accept": "application/json, text/event-stream"}})
+    r = m.getresponse()
+    print(json.dumps({{"status": r.status, "body": r.read().decode(), "sock": 0}}), flush=True)
+rpc({{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {{"name": "delete_doc", "arguments": {{"doc_id": "7"}}}}}})
+rpc({{"jsonrpc": "2.0", "id": 2, "method": "initialize", "params": {{"protocolVersion": "2025-06-18", "capabilities": {{}}, "clientInfo": {{"name": "t", "version": "1"}}}}}})
+rpc({{"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {{"name": "search_docs", "arguments": {{"query": "x"}}}}}}, coding="dcb")
 "#,
         b = m.b.ipv4
     );
-    let r = support_client(&m, &client, 6);
+    let r = support_client(&m, &client, 13);
     let statuses: Vec<&Value> = r.iter().map(|x| &x["status"]).collect();
-    assert_eq!(statuses, [200, 403, 400, 415, 200, 415], "{r:?}");
+    assert_eq!(
+        statuses,
+        [
+            200, 403, 400, 403, 200, 200, 415, 200, 413, 400, 200, 200, 415
+        ],
+        "{r:?}"
+    );
+    let body = |i: usize| r[i]["body"].as_str().unwrap_or_default().to_owned();
+    assert!(body(2).contains("the JSON body does not parse"), "{r:?}");
+    // The server read the decoded bodies, plain: no coding named, the
+    // length of the JSON itself.
+    let served = |i: usize| serde_json::from_str::<Value>(&body(i)).expect("echo answer");
+    for (i, json) in [
+        (4, r#"{"priority": "low", "n": 1}"#),
+        (5, r#"{"priority": "low", "n": 2}"#),
+    ] {
+        assert_eq!(served(i)["coding"], Value::Null, "{r:?}");
+        assert_eq!(served(i)["body"], json, "{r:?}");
+    }
     assert!(
-        r[2]["body"]
-            .as_str()
-            .is_some_and(|b| b.contains("the JSON body does not parse")),
+        body(6).contains("content-encoding compress")
+            && body(6).contains("gzip, deflate, br and zstd"),
         "{r:?}"
     );
     assert!(
-        r[3]["body"]
-            .as_str()
-            .is_some_and(|b| b.contains("content-encoding gzip")),
+        body(8).contains("larger than 1024 bytes") && body(8).contains("request_too_large"),
         "{r:?}"
     );
-    assert!(r[..5].iter().all(|x| x["sock"] == r[0]["sock"]), "{r:?}");
+    assert!(body(9).contains("does not decode"), "{r:?}");
+    assert!(r[..8].iter().all(|x| x["sock"] == r[0]["sock"]), "{r:?}");
+    // The compressed call of a tool the support agent may not use is
+    // denied with the policy's reason; the compressed initialize reaches
+    // the server, which parses it.
+    assert!(
+        body(10).contains("this agent may not use that tool") && body(10).contains("\"id\":1"),
+        "{r:?}"
+    );
+    assert!(body(11).contains("serverInfo"), "{r:?}");
+    // At an MCP destination a refusal is a JSON-RPC error.
+    let refused: Value = serde_json::from_str(&body(12)).expect("JSON-RPC error");
+    assert_eq!(refused["error"]["code"], -32600, "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("content-encoding dcb")),
+        "{refused}"
+    );
     // Only the allowed requests reached the servers.
     enforcer_tests::settle_logs();
     let api = m.tb.server_log(&m.b, "api");
-    assert_eq!(api.matches("REQ POST /orders").count(), 1, "{api}");
+    assert_eq!(api.matches("REQ POST /orders").count(), 3, "{api}");
     let mcp = m.tb.server_log(&m.b, "mcp");
     assert!(!mcp.contains("CALL"), "{mcp}");
 }

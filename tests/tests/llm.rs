@@ -165,6 +165,22 @@ fn usage_line(s: &Setup, what: &str, matches: impl Fn(&Value) -> bool) -> Value 
         .unwrap_or_else(|| panic!("{what}: gone"))
 }
 
+/// Waits until `source` has `n` usage lines counted from the server's
+/// `usage` (`what` names them); all of `source`'s usage lines.
+fn counted_usage(s: &Setup, source: &str, n: usize, what: &str) -> Vec<Value> {
+    wait_for(what, || {
+        usage_lines(s)
+            .iter()
+            .filter(|u| u["source"] == source && u["counted_by"] == "usage")
+            .count()
+            == n
+    });
+    usage_lines(s)
+        .into_iter()
+        .filter(|u| u["source"] == source)
+        .collect()
+}
+
 fn tokens_metric(s: &Setup, source: &str, model: &str, kind: &str) -> f64 {
     sum_metric(
         &s.eb.metrics().expect("metrics"),
@@ -651,6 +667,79 @@ fn fields_policy_cannot_read_are_refused_not_passed_unseen() {
 }
 
 #[test]
+fn compressed_requests_are_decided_and_metered_on_what_they_say() {
+    // Before, a request body in gzip was refused 415 whatever it said: a
+    // client that compresses its uploads could not reach a model at all.
+    // Now it is decoded, decided on the model and max_tokens it names,
+    // and forwarded decoded (the server parses it; the agent's addition
+    // of `stream_options.include_usage` applies to it), so a model the
+    // agent may not use stays denied however the body is encoded.
+    let s = setup();
+    let seen_before = server_log(&s).len();
+    let client = format!(
+        r#"
+import gzip, http.client, json
+c = http.client.HTTPConnection("{b}", {PORT}, timeout=10)
+def chat(body, coding="gzip"):
+    c.request("POST", "/v1/chat/completions", body=gzip.compress(json.dumps(body).encode()),
+              headers={{"content-type": "application/json", "content-encoding": coding}})
+    r = c.getresponse()
+    print(json.dumps({{"status": r.status, "body": r.read().decode()}}), flush=True)
+msgs = [{{"role": "user", "content": "count to 4"}}]
+chat({{"model": "gpt-4o", "messages": msgs}})
+chat({{"model": "gpt-4o-mini", "max_tokens": 4000, "messages": msgs}})
+chat({{"model": "gpt-4o-mini", "max_tokens": 16, "messages": msgs, "stream": True}})
+chat({{"model": "gpt-4o-mini", "max_tokens": 16, "messages": msgs}}, coding="x-gzip")
+# 2 MiB of prompt in a few KiB of gzip: over the 1 MiB bound once decoded.
+chat({{"model": "gpt-4o-mini", "messages": [{{"role": "user", "content": "a" * (2 << 20)}}]}})
+"#,
+        b = s.b.ipv4
+    );
+    let (_, out) =
+        s.a.exec(Some("support-agent.service"), &["python3", "-c", &client])
+            .expect("client");
+    let r = json_lines(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(r.len(), 5, "{}", String::from_utf8_lossy(&out.stderr));
+    let status: Vec<&Value> = r.iter().map(|x| &x["status"]).collect();
+    assert_eq!(status, [403, 403, 200, 200, 413], "{r:?}");
+    let body = |i: usize| r[i]["body"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        body(0).contains("this agent may not use that model"),
+        "{r:?}"
+    );
+    assert!(body(1).contains("max_tokens above 256"), "{r:?}");
+    // The stream came whole, and the JSON answer parses.
+    assert!(body(2).trim_end().ends_with("data: [DONE]"), "{r:?}");
+    // The bomb: refused in OpenAI's error shape.
+    let refused: Value = serde_json::from_str(&body(4)).expect("JSON refusal");
+    assert_eq!(refused["error"]["code"], "request_too_large", "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("as sent or decoded")),
+        "{refused}"
+    );
+    let answer: Value = serde_json::from_str(&body(3)).expect("JSON answer");
+    assert_eq!(answer["usage"]["completion_tokens"], 4, "{answer}");
+    // Only the allowed two reached the server, which read them: the
+    // stream with the usage chunk the agent asked for.
+    enforcer_tests::settle_logs();
+    let seen: Vec<Value> = server_log(&s)
+        .into_iter()
+        .skip(seen_before)
+        .filter(|l| l.get("request").is_some())
+        .collect();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(seen.iter().all(|l| l["model"] == "gpt-4o-mini"), "{seen:?}");
+    assert_eq!(seen[0]["stream"], true, "{seen:?}");
+    assert_eq!(seen[0]["include_usage"], true, "{seen:?}");
+    // Both metered from their usage.
+    for u in counted_usage(&s, SUPPORT, 2, "the two usage lines") {
+        assert_eq!(u["completion_tokens"], 4, "{u}");
+    }
+}
+
+#[test]
 fn compressed_answers_are_metered_not_passed_unread() {
     // The failure: the `openai` client accepts gzip, and a server that
     // compresses (OpenAI's own API does; here the stand-in behind
@@ -680,16 +769,8 @@ fn compressed_answers_are_metered_not_passed_unread() {
             "call {i}: {x}"
         );
     }
-    wait_for("the answers' usage lines", || {
-        usage_lines(&s)
-            .iter()
-            .filter(|u| u["source"] == BATCH && u["counted_by"] == "usage")
-            .count()
-            == 3
-    });
-    let metered: Vec<Value> = usage_lines(&s)
+    let metered: Vec<Value> = counted_usage(&s, BATCH, 3, "the answers' usage lines")
         .iter()
-        .filter(|u| u["source"] == BATCH)
         .map(|u| u["completion_tokens"].clone())
         .collect();
     assert_eq!(metered, [json!(10), json!(40), json!(2)]);
@@ -729,14 +810,7 @@ fn compressed_answers_are_metered_not_passed_unread() {
     assert_eq!(forced_seen, 2, "{:?}", server_log(&s));
     // Metered from the decoded answers: the JSON one's `usage`, the
     // stream's usage chunk the agent asked for.
-    wait_for("the decoded answers' usage lines", || {
-        usage_lines(&s)
-            .iter()
-            .filter(|u| u["source"] == SUPPORT && u["counted_by"] == "usage")
-            .count()
-            == 2
-    });
-    for u in usage_lines(&s).iter().filter(|u| u["source"] == SUPPORT) {
+    for u in &counted_usage(&s, SUPPORT, 2, "the decoded answers' usage lines") {
         assert_eq!(u["completion_tokens"], 3, "{u}");
         assert_ne!(u["outcome"], "refused_encoded", "{u}");
     }

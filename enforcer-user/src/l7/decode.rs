@@ -1,18 +1,25 @@
-//! Answers compressed although `identity` was asked for, decoded where the
-//! agent must read them: an LLM answer it meters, an MCP stream or list it
-//! filters. The agent asks every such server for `Accept-Encoding:
-//! identity`; a server that compresses anyway (a compressing proxy in
-//! front of it, a framework's middleware that ignores the header) has its
-//! answer decoded here and passed on plain, its `Content-Encoding` and
-//! `Content-Length` removed — a client may always receive `identity`.
+//! Bodies in content codings, decoded where the agent must read them.
+//!
+//! Answers: an LLM answer it meters, an MCP stream or list it filters. The
+//! agent asks every such server for `Accept-Encoding: identity`; a server
+//! that compresses anyway (a compressing proxy in front of it, a
+//! framework's middleware that ignores the header) has its answer decoded
+//! here and passed on plain, its `Content-Encoding` and `Content-Length`
+//! removed — a client may always receive `identity`.
+//!
+//! Requests: a compressed request body that policy reads is decoded whole
+//! ([`request_body`]), decided on, and forwarded decoded, so the server
+//! gets the bytes policy read — never a compressed copy that a decoder of
+//! its own might read otherwise. One larger than the body bound, as sent
+//! or decoded, is refused (a small body can decode to gigabytes).
 //!
 //! Decoded: `gzip` (`x-gzip`), `deflate` (zlib, as RFC 9110 defines it),
 //! `br` and `zstd`, at most [`MAX_LAYERS`] of them stacked. Anything else
 //! is refused by the caller, never passed on unread. A zstd frame may ask
 //! for a window of at most 8 MiB (RFC 8878 §3.1.1.1.2's limit for HTTP), so
-//! a server cannot make an answer's decoder hold more. A stream that ends
-//! inside a compressed frame, or that does not decode, fails the answer:
-//! the client's connection is reset, never ended as if complete.
+//! a peer cannot make a decoder hold more. A stream that ends inside a
+//! compressed frame, or that does not decode, fails: an answer's client
+//! connection is reset, never ended as if complete; a request is refused.
 use std::{
     io,
     pin::Pin,
@@ -20,11 +27,11 @@ use std::{
 };
 
 use async_compression::tokio::bufread::{BrotliDecoder, GzipDecoder, ZlibDecoder, ZstdDecoder};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt, TryStreamExt};
 use http::{HeaderMap, header};
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use http_body_util::BodyDataStream;
+use http_body_util::{BodyDataStream, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use tokio::io::{AsyncBufRead, AsyncRead, BufReader};
 use tokio_util::io::{ReaderStream, StreamReader};
@@ -103,6 +110,56 @@ impl Answer {
         headers.remove(header::CONTENT_LENGTH);
         Ok(Self::Decoded(decoded(body, &codings)))
     }
+}
+
+/// Why a compressed request body was not decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestBodyError {
+    #[error("the request body is larger than {0} bytes (l7 max_body_bytes), as sent or decoded")]
+    TooLarge(usize),
+    #[error("the request body does not decode: {0}")]
+    Unreadable(io::Error),
+}
+
+/// A request body in `codings` (in the order applied), read and decoded
+/// whole; refused when more than `limit` bytes come, or would come out.
+pub async fn request_body<B>(
+    body: B,
+    codings: &[Coding],
+    limit: usize,
+) -> Result<Bytes, RequestBodyError>
+where
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut plain = decoded(Limited::new(body, limit), codings);
+    let mut out = BytesMut::new();
+    while let Some(chunk) = plain.next().await {
+        // Decoding is work on the runtime thread: other tasks get their
+        // turn when this one has used its budget, however fast input comes.
+        tokio::task::consume_budget().await;
+        match chunk {
+            Ok(b) if out.len() + b.len() > limit => return Err(RequestBodyError::TooLarge(limit)),
+            Ok(b) => out.extend_from_slice(&b),
+            Err(e) if over_limit(&e) => return Err(RequestBodyError::TooLarge(limit)),
+            Err(e) => return Err(RequestBodyError::Unreadable(e)),
+        }
+    }
+    Ok(out.freeze())
+}
+
+/// Whether `e` is (or was caused by) [`Limited`]'s refusal.
+fn over_limit(e: &io::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = e
+        .get_ref()
+        .map(|inner| inner as &(dyn std::error::Error + 'static));
+    while let Some(c) = cause {
+        if c.is::<LengthLimitError>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// The data of `body` with `codings` (in the order applied) undone.
@@ -376,6 +433,90 @@ mod tests {
         }
         // One byte is a frame begun: cut, so an error.
         assert!(decode(vec![vec![0x1f]], &[Coding::Gzip]).await.is_err());
+    }
+
+    /// A request body of `chunks` through [`request_body`].
+    async fn request(
+        chunks: Vec<Vec<u8>>,
+        codings: &[Coding],
+        limit: usize,
+    ) -> Result<Bytes, RequestBodyError> {
+        let frames = futures_util::stream::iter(
+            chunks
+                .into_iter()
+                .map(|c| Ok::<_, io::Error>(Frame::data(Bytes::from(c)))),
+        );
+        request_body(StreamBody::new(frames), codings, limit).await
+    }
+
+    #[tokio::test]
+    async fn a_request_body_decodes_whole_within_the_bound() {
+        let text = br#"{"model": "gpt-4o", "messages": []}"#.repeat(20);
+        let split = |v: Vec<u8>| v.chunks(5).map(<[u8]>::to_vec).collect::<Vec<_>>();
+        let got = request(split(gzip(&text)), &[Coding::Gzip], text.len())
+            .await
+            .expect("gzip at the bound");
+        assert_eq!(&got[..], &text[..]);
+        let got = request(
+            split(gzip(&zlib(&text))),
+            &[Coding::Deflate, Coding::Gzip],
+            4096,
+        )
+        .await
+        .expect("stack");
+        assert_eq!(&got[..], &text[..]);
+        let br = encode(BrotliEncoder::new(&text[..])).await;
+        assert_eq!(
+            &request(vec![br], &[Coding::Br], 4096).await.expect("br")[..],
+            &text[..]
+        );
+        assert!(
+            request(vec![], &[Coding::Zstd], 4096)
+                .await
+                .expect("empty")
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_body_over_the_bound_as_sent_or_decoded_is_refused() {
+        // A bomb: 1 MiB of zeros is ~1 KiB of gzip, far under the bound as
+        // sent; decoded, it passes it.
+        let zeros = vec![0u8; 1 << 20];
+        let bomb = gzip(&zeros);
+        assert!(bomb.len() < 4096, "{}", bomb.len());
+        assert!(matches!(
+            request(vec![bomb], &[Coding::Gzip], 64 * 1024).await,
+            Err(RequestBodyError::TooLarge(65536))
+        ));
+        // One byte over, decoded.
+        let text = vec![b'x'; 1000];
+        assert!(matches!(
+            request(vec![gzip(&text)], &[Coding::Gzip], 999).await,
+            Err(RequestBodyError::TooLarge(999))
+        ));
+        // More sent than the bound, whatever it decodes to: a stream of
+        // empty gzip members costs the agent reading but yields nothing.
+        let empty_members: Vec<Vec<u8>> = (0..200).map(|_| gzip(b"")).collect();
+        let sent: usize = empty_members.iter().map(Vec::len).sum();
+        assert!(sent > 1024);
+        assert!(matches!(
+            request(empty_members, &[Coding::Gzip], 1024).await,
+            Err(RequestBodyError::TooLarge(1024))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_request_body_that_does_not_decode_is_unreadable() {
+        let mut cut = gzip(b"{\"a\": 1}");
+        cut.truncate(cut.len() - 4);
+        for (what, body) in [("cut", cut), ("not gzip", b"{\"a\": 1}".to_vec())] {
+            let e = request(vec![body], &[Coding::Gzip], 4096)
+                .await
+                .expect_err(what);
+            assert!(matches!(e, RequestBodyError::Unreadable(_)), "{what}: {e}");
+            assert!(e.to_string().contains("does not decode"), "{what}: {e}");
+        }
     }
 
     #[tokio::test]

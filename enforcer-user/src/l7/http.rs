@@ -280,6 +280,16 @@ where
         self.rest.is_some()
     }
 
+    /// A body read whole as `data` (a request body once decoded).
+    fn whole(data: Bytes) -> Self {
+        Self {
+            frames: vec![Frame::data(data.clone())],
+            read: data.len(),
+            seen: data,
+            rest: None,
+        }
+    }
+
     /// The body to forward: what was read, then the rest as it arrives.
     pub(super) fn into_body(self) -> Body {
         match self.rest {
@@ -554,15 +564,6 @@ fn set_path(uri: &mut http::Uri, path: String) -> Result<(), String> {
     Ok(())
 }
 
-/// A body's content coding other than `identity` (`gzip`, `br`, `gzip, br`…),
-/// as its `Content-Encoding` headers name it; `None` for a plain body. A
-/// request body policy reads is read only when plain; an answer the agent
-/// reads is decoded ([`super::decode`]).
-pub(super) fn content_coding(headers: &HeaderMap) -> Option<String> {
-    let codings = content_codings(headers);
-    (!codings.is_empty()).then(|| codings.join(", "))
-}
-
 /// The content codings a body's `Content-Encoding` headers name, in the
 /// order applied, lower-cased, `identity` left out.
 pub(super) fn content_codings(headers: &HeaderMap) -> Vec<String> {
@@ -766,7 +767,10 @@ impl Session {
     }
 
     /// A request whose body policy cannot read, refused without a decision
-    /// (counted `bad_request`); the connection serves the next request.
+    /// (counted `bad_request`) in the destination's error shape: a
+    /// JSON-RPC error (id null: no message was read) at an `mcp` one,
+    /// OpenAI's at an `llm` one, `{"error", "reason", "request_id"}`
+    /// otherwise. The connection serves the next request.
     fn refuse_unread(
         &self,
         status: StatusCode,
@@ -776,12 +780,31 @@ impl Session {
         self.count("bad_request");
         let error = match status {
             StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+            StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
             _ => "bad_request",
         };
-        json_response(
-            status,
-            &json!({"error": error, "reason": reason, "request_id": request_id}),
-        )
+        match self.route.protocol {
+            Protocol::Mcp => json_response(
+                status,
+                &mcp::rpc_error(
+                    Value::Null,
+                    mcp::INVALID_REQUEST,
+                    &reason,
+                    Some(json!({"request_id": request_id})),
+                ),
+            ),
+            Protocol::Llm => llm::openai_error(
+                status,
+                &reason,
+                "invalid_request_error",
+                error,
+                &[("request_id", request_id)],
+            ),
+            Protocol::Http | Protocol::Vectordb => json_response(
+                status,
+                &json!({"error": error, "reason": reason, "request_id": request_id}),
+            ),
+        }
     }
 
     pub(super) fn count(&self, result: &'static str) {
@@ -812,13 +835,53 @@ impl Session {
             || (req.version() <= Version::HTTP_11 && req.headers().contains_key(header::UPGRADE));
         let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        let body = match read_bounded(body, self.route.max_body_bytes).await {
-            Ok(b) => b,
-            Err(e) => {
-                warn!(request_id, error = %e, "malformed request body; refused (400) and closed");
-                self.count("bad_request");
-                return bad_request(&format!("malformed body: {e}"));
+        // The bodies policy reads: every body of an `mcp`, `llm` or
+        // `vectordb` destination, a JSON or form body of an `http` one.
+        let ct = content_type(&parts.headers);
+        let body_read = self.route.protocol != Protocol::Http
+            || is_json(&ct)
+            || ct == "application/x-www-form-urlencoded";
+        let codings = if body_read {
+            super::decode::codings(&parts.headers)
+        } else {
+            Ok(Vec::new())
+        };
+        let body = match &codings {
+            // Compressed: decided on decoded, and forwarded decoded, so
+            // what policy read is what the server reads.
+            Ok(c) if !c.is_empty() => {
+                match super::decode::request_body(body, c, self.route.max_body_bytes).await {
+                    Ok(plain) => {
+                        debug!(request_id, codings = ?c, bytes = plain.len(), "request body decoded");
+                        parts.headers.remove(header::CONTENT_ENCODING);
+                        parts
+                            .headers
+                            .insert(header::CONTENT_LENGTH, HeaderValue::from(plain.len()));
+                        ReadBody::whole(plain)
+                    }
+                    Err(e @ super::decode::RequestBodyError::TooLarge(_)) => {
+                        warn!(request_id, error = %e, "compressed request body over the bound; refused (413) without a decision");
+                        return self.refuse_unread(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            format!("{e}: a compressed body is decided only whole"),
+                            &request_id,
+                        );
+                    }
+                    Err(e) => {
+                        warn!(request_id, error = %e, "compressed request body unreadable; refused (400) and closed");
+                        self.count("bad_request");
+                        return bad_request(&e.to_string());
+                    }
+                }
             }
+            _ => match read_bounded(body, self.route.max_body_bytes).await {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!(request_id, error = %e, "malformed request body; refused (400) and closed");
+                    self.count("bad_request");
+                    return bad_request(&format!("malformed body: {e}"));
+                }
+            },
         };
         // The authority policy reads is the one the server gets.
         let authority = match request_authority(&parts, self.conn.server) {
@@ -855,25 +918,22 @@ impl Session {
                 return self.refuse_unread(StatusCode::BAD_REQUEST, e.to_string(), &request_id);
             }
         }
-        // A compressed body: what policy would read is not what the server
-        // decodes. Refused where the body is read — every body of an `mcp`,
-        // `llm` or `vectordb` destination, a JSON or form body of an `http`
-        // one (OPA-Envoy would fail to parse it too) — never decided unread.
-        let ct = content_type(&parts.headers);
-        let body_read = self.route.protocol != Protocol::Http
-            || is_json(&ct)
-            || ct == "application/x-www-form-urlencoded";
-        if body_read
+        // A body policy reads in a coding not decoded here: what policy
+        // would read is not what the server decodes, so never decided.
+        if let Err(coding) = &codings
             && !body.seen.is_empty()
-            && let Some(coding) = content_coding(&parts.headers)
         {
             warn!(
                 request_id,
-                coding, "compressed request body; refused (415) without a decision"
+                coding, "request body in a coding not decoded; refused (415) without a decision"
             );
             return self.refuse_unread(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                format!("request body with content-encoding {coding}: enforcer decides on the body it reads and does not decode it; send it uncompressed"),
+                format!(
+                    "request body with content-encoding {coding}: enforcer decides on the body it reads and decodes only {} (at most {} stacked); send it in one of those or uncompressed",
+                    super::decode::DECODED,
+                    super::decode::MAX_LAYERS
+                ),
                 &request_id,
             );
         }
@@ -1249,7 +1309,8 @@ mod tests {
                     HeaderValue::from_str(v).expect("value"),
                 );
             }
-            content_coding(&h)
+            let c = content_codings(&h);
+            (!c.is_empty()).then(|| c.join(", "))
         };
         assert_eq!(of(&[]), None);
         assert_eq!(of(&["identity"]), None);
@@ -1331,7 +1392,7 @@ pub mod fuzz {
 
     /// Serves the bytes `raw` as a client's side of one connection, with the
     /// session's HTTP/1.1 and h2c limits: each request hyper accepts has its
-    /// body read to a bound, its policy input built (and read into regorus
+    /// body read to a bound (decoded when compressed), its policy input built (and read into regorus
     /// values, as an evaluation takes it), and is classified as an LLM,
     /// vector-DB and MCP request would be.
     pub async fn request(raw: &[u8]) -> Vec<u8> {
@@ -1347,8 +1408,19 @@ pub mod fuzz {
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let conn = conn.clone();
             async move {
-                let (parts, body) = req.into_parts();
-                if let Ok(body) = read_bounded(body, 4096).await {
+                let (mut parts, body) = req.into_parts();
+                // A compressed body decoded as a session decodes one.
+                let read = match crate::l7::decode::codings(&parts.headers) {
+                    Ok(c) if !c.is_empty() => crate::l7::decode::request_body(body, &c, 4096)
+                        .await
+                        .ok()
+                        .map(|plain| {
+                            parts.headers.remove(header::CONTENT_ENCODING);
+                            ReadBody::whole(plain)
+                        }),
+                    _ => read_bounded(body, 4096).await.ok(),
+                };
+                if let Some(body) = read {
                     let fields = request_fields(&conn, &parts, &body, "1.1", "fuzz:8080");
                     let mut parsed = None;
                     let json = body_json(&fields, &parts.headers, &body, &mut parsed).cloned();

@@ -132,7 +132,7 @@ impl LlmRequest {
 }
 
 /// OpenAI's error object.
-fn openai_error(
+pub(super) fn openai_error(
     status: StatusCode,
     message: &str,
     kind: &str,

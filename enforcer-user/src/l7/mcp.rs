@@ -121,7 +121,7 @@ pub enum Plan {
     Forward(Lists),
 }
 
-fn rpc_error(id: Value, code: i64, message: &str, data: Option<Value>) -> Value {
+pub(super) fn rpc_error(id: Value, code: i64, message: &str, data: Option<Value>) -> Value {
     let mut error = json!({"code": code, "message": message});
     if let Some(d) = data {
         error["data"] = d;
