@@ -1091,10 +1091,11 @@ fn request_bodies_policy_cannot_read_are_refused_not_decided_blind() {
     // (Express's body-parser, tower-http's RequestDecompressionLayer).
     // Now the first is refused 400. A compressed one is decoded, decided
     // on what it says, and forwarded decoded — the server reads the bytes
-    // policy read —; one in a coding enforcer does not decode is refused
-    // 415, one that decodes past the body bound 413, one that does not
-    // decode 400. None of the refused reaches the server, and after a 403,
-    // 400 (NaN) or 415 the connection serves the next request.
+    // policy read —, over HTTP/1.1 and HTTP/2; one in a coding enforcer
+    // does not decode is refused 415, one that decodes past the body
+    // bound 413, one that does not decode 400. None of the refused reaches
+    // the server, and after a 403, 400 (NaN) or 415 the connection serves
+    // the next request.
     let (mut m, _policy) = l7_pair("l7-bodies");
     m.tb.start_server_in(
         &m.b,
@@ -1112,6 +1113,7 @@ fn request_bodies_policy_cannot_read_are_refused_not_decided_blind() {
         8001,
     )
     .expect("MCP server");
+    start_asgi(&mut m);
     let client = format!(
         r#"
 import gzip, http.client, json, zlib
@@ -1147,15 +1149,23 @@ def rpc(message, coding="gzip"):
 rpc({{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {{"name": "delete_doc", "arguments": {{"doc_id": "7"}}}}}})
 rpc({{"jsonrpc": "2.0", "id": 2, "method": "initialize", "params": {{"protocolVersion": "2025-06-18", "capabilities": {{}}, "clientInfo": {{"name": "t", "version": "1"}}}}}})
 rpc({{"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {{"name": "search_docs", "arguments": {{"query": "x"}}}}}}, coding="dcb")
+# The same over h2c (curl, prior knowledge) to hypercorn.
+import subprocess
+for body in [b'{{"priority": "low", "n": 3}}', b'{{"priority": "urgent"}}']:
+    out = subprocess.run(["curl", "-sS", "--http2-prior-knowledge", "-H", "content-type: application/json",
+                          "-H", "content-encoding: gzip", "--data-binary", "@-", "-w", "\n%{{http_code}}",
+                          "http://{b}:8004/orders"], input=gzip.compress(body), capture_output=True)
+    text, _, status = out.stdout.decode().rpartition("\n")
+    print(json.dumps({{"status": int(status or 0), "body": text, "sock": 1, "err": out.stderr.decode()}}), flush=True)
 "#,
         b = m.b.ipv4
     );
-    let r = support_client(&m, &client, 13);
+    let r = support_client(&m, &client, 15);
     let statuses: Vec<&Value> = r.iter().map(|x| &x["status"]).collect();
     assert_eq!(
         statuses,
         [
-            200, 403, 400, 403, 200, 200, 415, 200, 413, 400, 200, 200, 415
+            200, 403, 400, 403, 200, 200, 415, 200, 413, 400, 200, 200, 415, 200, 403
         ],
         "{r:?}"
     );
@@ -1199,10 +1209,19 @@ rpc({{"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {{"name": "se
             .is_some_and(|m| m.contains("content-encoding dcb")),
         "{refused}"
     );
+    // Over HTTP/2 too: decided decoded, served the decoded length.
+    assert_eq!(served(13)["http_version"], "2", "{r:?}");
+    assert_eq!(
+        served(13)["len"],
+        r#"{"priority": "low", "n": 3}"#.len(),
+        "{r:?}"
+    );
     // Only the allowed requests reached the servers.
     enforcer_tests::settle_logs();
     let api = m.tb.server_log(&m.b, "api");
     assert_eq!(api.matches("REQ POST /orders").count(), 3, "{api}");
+    let asgi = m.tb.server_log(&m.b, "asgi");
+    assert_eq!(asgi.matches("POST /orders").count(), 1, "{asgi}");
     let mcp = m.tb.server_log(&m.b, "mcp");
     assert!(!mcp.contains("CALL"), "{mcp}");
 }
