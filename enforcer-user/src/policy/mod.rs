@@ -576,6 +576,9 @@ pub struct Policy {
     /// The evaluator new policy sets are compiled for.
     pub engine: EngineKind,
     cache: Mutex<DecisionCache>,
+    /// The cache's generation, read without its lock (a cached decision
+    /// then takes the lock once): stored under the lock each time it moves.
+    generation: std::sync::atomic::AtomicU64,
     pub audit: audit::AuditLog,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Where evaluations run (never on the async runtime's threads).
@@ -653,9 +656,9 @@ impl DecisionCache {
 }
 
 /// The cache key of a decision of policy `policy` on `input`: the
-/// connection's part of the input whole (small, and what the policy reads
-/// of it cannot change between the connections of one workload anyway),
-/// and of a request's part only the values at the paths the policy can
+/// connection's part of the input whole, as tagged bytes (small, and what
+/// the policy reads of it cannot change between the connections of one
+/// workload anyway), and of a request's part, as JSON, only the values at the paths the policy can
 /// read (`reads`; `None`: all of it), written into `buf` (emptied first).
 /// `None` (not cached) when it would be longer than [`MAX_KEY`] (a large
 /// body the policy reads).
@@ -665,24 +668,24 @@ fn cache_key(
     input: &Input,
     reads: Option<(&[rewrite::Path], &[rewrite::Path])>,
 ) -> Option<()> {
-    #[derive(Serialize)]
-    struct Connection<'a> {
-        direction: &'static str,
-        source: &'a Peer,
-        destination: &'a Peer,
-        protocol: &'static str,
-    }
-    let conn = Connection {
-        direction: input.direction,
-        source: &input.source,
-        destination: &input.destination,
-        protocol: input.protocol,
-    };
-    // Serializing these cannot fail; should it, the decision is not cached.
+    // Every field, named: a field added to `Input` fails to compile here
+    // until the key holds it too.
+    let Input {
+        direction,
+        source,
+        destination,
+        protocol,
+        request,
+    } = input;
     buf.clear();
     buf.extend_from_slice(&policy.to_le_bytes());
-    serde_json::to_writer(&mut *buf, &conn).ok()?;
-    if let Some(request) = &input.request {
+    key_str(buf, KEY_DIRECTION, Some(direction));
+    key_str(buf, KEY_PROTOCOL, Some(protocol));
+    key_peer(buf, source);
+    key_peer(buf, destination);
+    // Serializing the request cannot fail; should it, the decision is not
+    // cached.
+    if let Some(request) = request {
         match reads {
             None => serde_json::to_writer(&mut *buf, request).ok()?,
             Some((reads, truths)) => {
@@ -715,6 +718,61 @@ fn cache_key(
         }
     }
     (buf.len() <= MAX_KEY).then_some(())
+}
+
+// The tags of a cache key's connection fields: each field written is its
+// tag, then its value (a string's length first), so two inputs that differ
+// in any field never write the same bytes; a peer ends with KEY_END.
+const KEY_END: u8 = 0;
+const KEY_DIRECTION: u8 = 1;
+const KEY_PROTOCOL: u8 = 2;
+const KEY_SPIFFE_ID: u8 = 3;
+const KEY_TRUST_DOMAIN: u8 = 4;
+const KEY_AUTHENTICATED: u8 = 5;
+const KEY_SELECTOR: u8 = 6;
+const KEY_ADDRESS: u8 = 7;
+const KEY_PORT: u8 = 8;
+const KEY_NODE: u8 = 9;
+
+/// A string field of a cache key (nothing when absent).
+fn key_str(buf: &mut Vec<u8>, tag: u8, value: Option<&str>) {
+    if let Some(v) = value {
+        buf.push(tag);
+        buf.extend_from_slice(&(v.len() as u64).to_le_bytes());
+        buf.extend_from_slice(v.as_bytes());
+    }
+}
+
+/// A peer's part of a cache key: every field the policy can read of it
+/// (written as bytes, not JSON: a cached decision is mostly this).
+fn key_peer(buf: &mut Vec<u8>, peer: &Peer) {
+    // Every field, named: a field added to `Peer` fails to compile here
+    // until the key holds it too (else two inputs that differ in it would
+    // share a decision).
+    let Peer {
+        spiffe_id,
+        trust_domain,
+        authenticated,
+        selectors,
+        address,
+        port,
+        node,
+    } = peer;
+    key_str(buf, KEY_SPIFFE_ID, spiffe_id.as_deref());
+    key_str(buf, KEY_TRUST_DOMAIN, trust_domain.as_deref());
+    if let Some(a) = authenticated {
+        buf.extend_from_slice(&[KEY_AUTHENTICATED, u8::from(*a)]);
+    }
+    for s in selectors {
+        key_str(buf, KEY_SELECTOR, Some(s));
+    }
+    key_str(buf, KEY_ADDRESS, address.as_deref());
+    if let Some(p) = port {
+        buf.push(KEY_PORT);
+        buf.extend_from_slice(&p.to_le_bytes());
+    }
+    key_str(buf, KEY_NODE, node.as_deref());
+    buf.push(KEY_END);
 }
 
 thread_local! {
@@ -755,6 +813,7 @@ impl Policy {
             mode,
             engine,
             cache: Mutex::default(),
+            generation: Default::default(),
             audit,
             metrics,
             pool: pool::EvalPool::for_host()?,
@@ -833,7 +892,10 @@ impl Policy {
 
     /// Empties the decision cache (policy reload, identity change).
     pub fn invalidate(&self) {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache.clear();
+        self.generation
+            .store(cache.generation, std::sync::atomic::Ordering::Release);
     }
 
     /// The LLM token budgets of the policy in force.
@@ -912,11 +974,7 @@ impl Policy {
         // The cache's generation before the policy is read: an install
         // swaps the policy and then starts a new generation, so a decision
         // of this generation is never one of an older policy.
-        let generation = self
-            .cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .generation;
+        let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
         let loaded = self
             .current
             .read()
@@ -1373,6 +1431,85 @@ mod tests {
         assert!(cache.get(&vec![4; third]).is_some(), "the newest stays");
         cache.insert(vec![4; third], d.clone());
         assert_eq!((cache.decisions.len(), cache.bytes), (2, 2 * third));
+    }
+
+    /// The connection's part of a cache key: inputs that differ in any
+    /// field the policy can read have different keys — also when a value
+    /// moves from one field to the next, or the boundary between two
+    /// selectors moves (the attack: one workload's cached allow answering
+    /// another's connection).
+    #[test]
+    fn connection_inputs_that_differ_anywhere_have_different_keys() {
+        let base = Input {
+            direction: "outbound",
+            source: Peer {
+                spiffe_id: Some("spiffe://td/a".into()),
+                trust_domain: Some("td".into()),
+                authenticated: Some(true),
+                selectors: vec!["unix:uid:1".into(), "unix:uid:2".into()],
+                address: Some("10.0.0.1".into()),
+                port: Some(1),
+                node: Some("n".into()),
+            },
+            destination: Peer {
+                address: Some("10.0.0.2".into()),
+                port: Some(80),
+                ..Default::default()
+            },
+            protocol: "tcp",
+            request: None,
+        };
+        let key = |i: &Input| {
+            let mut buf = Vec::new();
+            cache_key(&mut buf, 7, i, None).expect("a key");
+            buf
+        };
+        type Change = fn(&mut Input);
+        let changes: [(&str, Change); 15] = [
+            ("direction", |i| i.direction = "inbound"),
+            ("protocol", |i| i.protocol = "http"),
+            ("spiffe_id", |i| i.source.spiffe_id = None),
+            ("trust_domain", |i| {
+                i.source.trust_domain = Some("tdx".into())
+            }),
+            ("authenticated", |i| i.source.authenticated = Some(false)),
+            ("no authenticated", |i| i.source.authenticated = None),
+            ("a selector", |i| i.source.selectors.push("x".into())),
+            ("selector boundary", |i| {
+                i.source.selectors = vec!["unix:uid:1unix:uid:2".into()]
+            }),
+            ("selector boundary 2", |i| {
+                i.source.selectors = vec!["unix:uid:".into(), "1".into(), "unix:uid:2".into()]
+            }),
+            ("a tag inside a value", |i| {
+                i.source.selectors = vec![format!("unix:uid:1{}unix:uid:2", KEY_SELECTOR as char)]
+            }),
+            ("address", |i| i.source.address = Some("10.0.0.3".into())),
+            ("port", |i| i.source.port = Some(2)),
+            ("node", |i| i.source.node = None),
+            ("a value moved to the next field", |i| {
+                i.source.address = None;
+                i.source.node = Some("10.0.0.1".into());
+            }),
+            ("a field moved to the other peer", |i| {
+                i.destination.port = None;
+                i.source.port = Some(80);
+                i.destination.node = i.source.node.take();
+            }),
+        ];
+        let mut seen = std::collections::HashMap::from([(key(&base), "base")]);
+        for (what, change) in changes {
+            let mut i = base.clone();
+            change(&mut i);
+            if let Some(other) = seen.insert(key(&i), what) {
+                panic!("{what} has the key of {other}");
+            }
+        }
+        // The same input, the same key; another policy, another.
+        assert_eq!(key(&base), key(&base.clone()));
+        let mut other_policy = Vec::new();
+        cache_key(&mut other_policy, 8, &base, None).expect("a key");
+        assert_ne!(key(&base), other_policy);
     }
 
     /// A request decision is cached under what the policy reads: requests
