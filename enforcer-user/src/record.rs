@@ -105,7 +105,7 @@ pub struct ConnRecord {
     pub hbone_reused: Option<bool>,
     /// Audit-log ids of the policy decisions taken for this connection.
     pub decision_ids: Vec<String>,
-    pub policy_reason: Option<String>,
+    pub policy_reason: Option<std::sync::Arc<str>>,
     /// Bytes sent to and received from the workload this record is about
     /// (the source for outbound, the destination for inbound).
     sent: u64,
@@ -260,7 +260,7 @@ impl ConnRecord {
             a.push(KeyValue::new("enforcer.destination.spiffe_id", id.clone()));
         }
         if let Some(r) = &self.policy_reason {
-            a.push(KeyValue::new("enforcer.policy_reason", r.clone()));
+            a.push(KeyValue::new("enforcer.policy_reason", r.to_string()));
         }
         if let Some(src) = self.src {
             a.push(KeyValue::new(

@@ -142,7 +142,9 @@ pub use crate::config::{DEFAULT_EVAL_TIMEOUT, EngineKind, Mode};
 pub struct Decision {
     /// What the policy said (`false` for errors and no policy).
     pub allow: bool,
-    pub reason: Option<String>,
+    /// Shared: a cached decision is cloned for every connection it
+    /// decides, and its reason with it.
+    pub reason: Option<Arc<str>>,
     /// Set when evaluation failed (then `allow` is false).
     pub error: Option<String>,
     pub cached: bool,
@@ -157,7 +159,7 @@ impl Decision {
     fn deny(reason: &str, error: Option<String>) -> Self {
         Self {
             allow: false,
-            reason: Some(reason.to_owned()),
+            reason: Some(reason.into()),
             error,
             cached: false,
             undefined: false,
@@ -400,7 +402,7 @@ impl Loaded {
         Decision {
             allow,
             reason: match reason {
-                Value::String(s) => Some(s.to_string()),
+                Value::String(s) => Some(s.as_ref().into()),
                 _ => None,
             },
             error: None,
@@ -1754,7 +1756,12 @@ mod tests {
     /// What a decision is, for comparing two: allow, reason, whether it
     /// failed, whether `allow` was undefined.
     fn outcome(d: &Decision) -> (bool, Option<String>, bool, bool) {
-        (d.allow, d.reason.clone(), d.error.is_some(), d.undefined)
+        (
+            d.allow,
+            d.reason.as_deref().map(str::to_owned),
+            d.error.is_some(),
+            d.undefined,
+        )
     }
 
     /// `allow` and `reason` in one evaluation decide as the two rules one
