@@ -1157,15 +1157,22 @@ for body in [b'{{"priority": "low", "n": 3}}', b'{{"priority": "urgent"}}']:
                           "http://{b}:8004/orders"], input=gzip.compress(body), capture_output=True)
     text, _, status = out.stdout.decode().rpartition("\n")
     print(json.dumps({{"status": int(status or 0), "body": text, "sock": 1, "err": out.stderr.decode()}}), flush=True)
+# Chunked: the body is forwarded decoded with its length, not chunked.
+h = conn()
+gz = gzip.compress(b'{{"priority": "low", "n": 4}}')
+h.request("POST", "/orders?chunked", body=iter([gz[:7], gz[7:]]), encode_chunked=True,
+          headers={{"content-type": "application/json", "content-encoding": "gzip"}})
+r = h.getresponse()
+print(json.dumps({{"status": r.status, "body": r.read().decode(), "sock": 2}}), flush=True)
 "#,
         b = m.b.ipv4
     );
-    let r = support_client(&m, &client, 15);
+    let r = support_client(&m, &client, 16);
     let statuses: Vec<&Value> = r.iter().map(|x| &x["status"]).collect();
     assert_eq!(
         statuses,
         [
-            200, 403, 400, 403, 200, 200, 415, 200, 413, 400, 200, 200, 415, 200, 403
+            200, 403, 400, 403, 200, 200, 415, 200, 413, 400, 200, 200, 415, 200, 403, 200
         ],
         "{r:?}"
     );
@@ -1177,6 +1184,7 @@ for body in [b'{{"priority": "low", "n": 3}}', b'{{"priority": "urgent"}}']:
     for (i, json) in [
         (4, r#"{"priority": "low", "n": 1}"#),
         (5, r#"{"priority": "low", "n": 2}"#),
+        (15, r#"{"priority": "low", "n": 4}"#),
     ] {
         assert_eq!(served(i)["coding"], Value::Null, "{r:?}");
         assert_eq!(served(i)["body"], json, "{r:?}");
@@ -1219,9 +1227,32 @@ for body in [b'{{"priority": "low", "n": 3}}', b'{{"priority": "urgent"}}']:
     // Only the allowed requests reached the servers.
     enforcer_tests::settle_logs();
     let api = m.tb.server_log(&m.b, "api");
-    assert_eq!(api.matches("REQ POST /orders").count(), 3, "{api}");
+    assert_eq!(api.matches("REQ POST /orders").count(), 4, "{api}");
     let asgi = m.tb.server_log(&m.b, "asgi");
     assert_eq!(asgi.matches("POST /orders").count(), 1, "{asgi}");
+    // Policy saw the request as the server got it: the decoded length,
+    // neither the coding nor the client's chunked framing.
+    let audit = m.tb.audit(&m.b);
+    let chunked = audit
+        .iter()
+        .find(|l| l["input"]["attributes"]["request"]["http"]["path"] == "/orders?chunked")
+        .unwrap_or_else(|| panic!("no decision line for the chunked request: {audit:?}"));
+    let http = &chunked["input"]["attributes"]["request"]["http"];
+    assert_eq!(
+        http["headers"]["content-length"],
+        r#"{"priority": "low", "n": 4}"#.len().to_string(),
+        "{http}"
+    );
+    assert!(
+        http["headers"].get("content-encoding").is_none()
+            && http["headers"].get("transfer-encoding").is_none(),
+        "{http}"
+    );
+    assert_eq!(
+        http["size"],
+        r#"{"priority": "low", "n": 4}"#.len(),
+        "{http}"
+    );
     let mcp = m.tb.server_log(&m.b, "mcp");
     assert!(!mcp.contains("CALL"), "{mcp}");
 }

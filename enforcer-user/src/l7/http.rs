@@ -770,7 +770,8 @@ impl Session {
     /// (counted `bad_request`) in the destination's error shape: a
     /// JSON-RPC error (id null: no message was read) at an `mcp` one,
     /// OpenAI's at an `llm` one, `{"error", "reason", "request_id"}`
-    /// otherwise. The connection serves the next request.
+    /// otherwise. The connection serves the next request when the body was
+    /// read whole (hyper closes it after a body left unread).
     fn refuse_unread(
         &self,
         status: StatusCode,
@@ -853,7 +854,10 @@ impl Session {
                 match super::decode::request_body(body, c, self.route.max_body_bytes).await {
                     Ok(plain) => {
                         debug!(request_id, codings = ?c, bytes = plain.len(), "request body decoded");
+                        // Sent with its length: neither the coding nor the
+                        // client's framing (chunked) is the server's.
                         parts.headers.remove(header::CONTENT_ENCODING);
+                        parts.headers.remove(header::TRANSFER_ENCODING);
                         parts
                             .headers
                             .insert(header::CONTENT_LENGTH, HeaderValue::from(plain.len()));
@@ -1392,9 +1396,9 @@ pub mod fuzz {
 
     /// Serves the bytes `raw` as a client's side of one connection, with the
     /// session's HTTP/1.1 and h2c limits: each request hyper accepts has its
-    /// body read to a bound (decoded when compressed), its policy input built (and read into regorus
-    /// values, as an evaluation takes it), and is classified as an LLM,
-    /// vector-DB and MCP request would be.
+    /// body read to a bound (decoded when compressed), its policy input
+    /// built (and read into regorus values, as an evaluation takes it), and
+    /// is classified as an LLM, vector-DB and MCP request would be.
     pub async fn request(raw: &[u8]) -> Vec<u8> {
         let conn = Arc::new(Conn {
             id: 1,
