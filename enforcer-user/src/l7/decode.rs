@@ -305,14 +305,20 @@ mod tests {
         e.finish().expect("zlib")
     }
 
-    /// The body's chunks, one frame each, through the decoder.
-    async fn decode(chunks: Vec<Vec<u8>>, codings: &[Coding]) -> io::Result<Vec<u8>> {
-        let frames = futures_util::stream::iter(
+    /// A body of `chunks`, one frame each.
+    fn body(
+        chunks: Vec<Vec<u8>>,
+    ) -> StreamBody<impl Stream<Item = io::Result<Frame<Bytes>>> + Send + 'static> {
+        StreamBody::new(futures_util::stream::iter(
             chunks
                 .into_iter()
                 .map(|c| Ok::<_, io::Error>(Frame::data(Bytes::from(c)))),
-        );
-        let mut s = decoded(StreamBody::new(frames), codings);
+        ))
+    }
+
+    /// The body's chunks, one frame each, through the decoder.
+    async fn decode(chunks: Vec<Vec<u8>>, codings: &[Coding]) -> io::Result<Vec<u8>> {
+        let mut s = decoded(body(chunks), codings);
         let mut out = Vec::new();
         while let Some(b) = futures_util::StreamExt::next(&mut s).await {
             out.extend_from_slice(&b?);
@@ -441,12 +447,7 @@ mod tests {
         codings: &[Coding],
         limit: usize,
     ) -> Result<Bytes, RequestBodyError> {
-        let frames = futures_util::stream::iter(
-            chunks
-                .into_iter()
-                .map(|c| Ok::<_, io::Error>(Frame::data(Bytes::from(c)))),
-        );
-        request_body(StreamBody::new(frames), codings, limit).await
+        request_body(body(chunks), codings, limit).await
     }
 
     #[tokio::test]

@@ -339,6 +339,41 @@ where
     })
 }
 
+/// Why a request's body was not read.
+pub(super) enum BodyRefusal {
+    /// Compressed, and over the bound as sent or decoded (413).
+    TooLarge(super::decode::RequestBodyError),
+    /// Malformed framing, or compressed and not decodable (400, closed).
+    Malformed(String),
+}
+
+/// Reads a request's body for policy: when it comes in `codings`, decoded
+/// whole, and the request then says what the server will get
+/// (`Content-Encoding` and the client's framing removed, `Content-Length`
+/// the decoded length); else as it came, up to `limit` bytes.
+pub(super) async fn read_request_body(
+    headers: &mut HeaderMap,
+    body: Incoming,
+    codings: &[super::decode::Coding],
+    limit: usize,
+) -> Result<ReadBody, BodyRefusal> {
+    if codings.is_empty() {
+        return read_bounded(body, limit)
+            .await
+            .map_err(|e| BodyRefusal::Malformed(format!("malformed body: {e}")));
+    }
+    match super::decode::request_body(body, codings, limit).await {
+        Ok(plain) => {
+            headers.remove(header::CONTENT_ENCODING);
+            headers.remove(header::TRANSFER_ENCODING);
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(plain.len()));
+            Ok(ReadBody::whole(plain))
+        }
+        Err(e @ super::decode::RequestBodyError::TooLarge(_)) => Err(BodyRefusal::TooLarge(e)),
+        Err(e) => Err(BodyRefusal::Malformed(e.to_string())),
+    }
+}
+
 /// A body of `bytes`, whole.
 pub(super) fn full(bytes: Bytes) -> Body {
     Full::new(bytes)
@@ -847,45 +882,34 @@ impl Session {
         } else {
             Ok(Vec::new())
         };
-        let body = match &codings {
-            // Compressed: decided on decoded, and forwarded decoded, so
-            // what policy read is what the server reads.
-            Ok(c) if !c.is_empty() => {
-                match super::decode::request_body(body, c, self.route.max_body_bytes).await {
-                    Ok(plain) => {
-                        debug!(request_id, codings = ?c, bytes = plain.len(), "request body decoded");
-                        // Sent with its length: neither the coding nor the
-                        // client's framing (chunked) is the server's.
-                        parts.headers.remove(header::CONTENT_ENCODING);
-                        parts.headers.remove(header::TRANSFER_ENCODING);
-                        parts
-                            .headers
-                            .insert(header::CONTENT_LENGTH, HeaderValue::from(plain.len()));
-                        ReadBody::whole(plain)
-                    }
-                    Err(e @ super::decode::RequestBodyError::TooLarge(_)) => {
-                        warn!(request_id, error = %e, "compressed request body over the bound; refused (413) without a decision");
-                        return self.refuse_unread(
-                            StatusCode::PAYLOAD_TOO_LARGE,
-                            format!("{e}: a compressed body is decided only whole"),
-                            &request_id,
-                        );
-                    }
-                    Err(e) => {
-                        warn!(request_id, error = %e, "compressed request body unreadable; refused (400) and closed");
-                        self.count("bad_request");
-                        return bad_request(&e.to_string());
-                    }
+        let decode = codings.as_deref().unwrap_or_default();
+        let body = match read_request_body(
+            &mut parts.headers,
+            body,
+            decode,
+            self.route.max_body_bytes,
+        )
+        .await
+        {
+            Ok(b) => {
+                if !decode.is_empty() {
+                    debug!(request_id, codings = ?decode, bytes = b.seen.len(), "request body decoded");
                 }
+                b
             }
-            _ => match read_bounded(body, self.route.max_body_bytes).await {
-                Ok(b) => b,
-                Err(e) => {
-                    warn!(request_id, error = %e, "malformed request body; refused (400) and closed");
-                    self.count("bad_request");
-                    return bad_request(&format!("malformed body: {e}"));
-                }
-            },
+            Err(BodyRefusal::TooLarge(e)) => {
+                warn!(request_id, error = %e, "compressed request body over the bound; refused (413) without a decision");
+                return self.refuse_unread(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("{e}: a compressed body is decided only whole"),
+                    &request_id,
+                );
+            }
+            Err(BodyRefusal::Malformed(why)) => {
+                warn!(request_id, error = %why, "request body unreadable; refused (400) and closed");
+                self.count("bad_request");
+                return bad_request(&why);
+            }
         };
         // The authority policy reads is the one the server gets.
         let authority = match request_authority(&parts, self.conn.server) {
@@ -1414,17 +1438,9 @@ pub mod fuzz {
             async move {
                 let (mut parts, body) = req.into_parts();
                 // A compressed body decoded as a session decodes one.
-                let read = match crate::l7::decode::codings(&parts.headers) {
-                    Ok(c) if !c.is_empty() => crate::l7::decode::request_body(body, &c, 4096)
-                        .await
-                        .ok()
-                        .map(|plain| {
-                            parts.headers.remove(header::CONTENT_ENCODING);
-                            ReadBody::whole(plain)
-                        }),
-                    _ => read_bounded(body, 4096).await.ok(),
-                };
-                if let Some(body) = read {
+                let codings = crate::l7::decode::codings(&parts.headers).unwrap_or_default();
+                if let Ok(body) = read_request_body(&mut parts.headers, body, &codings, 4096).await
+                {
                     let fields = request_fields(&conn, &parts, &body, "1.1", "fuzz:8080");
                     let mut parsed = None;
                     let json = body_json(&fields, &parts.headers, &body, &mut parsed).cloned();

@@ -578,8 +578,10 @@ pub struct Policy {
     /// The evaluator new policy sets are compiled for.
     pub engine: EngineKind,
     cache: Mutex<DecisionCache>,
-    /// The cache's generation, read without its lock (a cached decision
-    /// then takes the lock once): stored under the lock each time it moves.
+    /// The cache's generation: moved only under the cache's lock, when it
+    /// is emptied, and read without it before a decision (a cached decision
+    /// then takes the lock once). A decision evaluated under an older
+    /// generation is not kept (it may be the old policy's).
     generation: std::sync::atomic::AtomicU64,
     pub audit: audit::AuditLog,
     pub metrics: Arc<crate::metrics::Metrics>,
@@ -593,16 +595,14 @@ pub struct Policy {
     history: Mutex<History>,
 }
 
-/// Decisions by input, for the policy (and identities) of one generation:
-/// emptying the cache starts a new generation, and a decision evaluated
-/// under an older one is not kept (it may be the old policy's).
+/// Decisions by input, for the policy (and identities) of one generation
+/// ([`Policy::invalidate`] empties it and starts the next).
 ///
 /// Bounded by count and by the keys' bytes; past either bound the least
 /// recently used decisions leave, so inputs seen once (a policy that reads
 /// each request's id, MCP calls whose arguments never repeat) push out each
 /// other, not the decisions every connection of a workload looks up.
 struct DecisionCache {
-    generation: u64,
     /// foldhash, seeded at random per process: the keys are a few hundred
     /// bytes and SipHash took a tenth of a cached decision; the map is
     /// bounded ([`CACHE_LIMIT`]), so a flood of colliding keys could not
@@ -617,7 +617,6 @@ struct DecisionCache {
 impl Default for DecisionCache {
     fn default() -> Self {
         Self {
-            generation: 0,
             // Grows as decisions come in (nothing allocated up front).
             decisions: lru::LruCache::unbounded_with_hasher(Default::default()),
             bytes: 0,
@@ -651,7 +650,6 @@ impl DecisionCache {
     }
 
     fn clear(&mut self) {
-        self.generation += 1;
         self.decisions.clear();
         self.bytes = 0;
     }
@@ -892,12 +890,19 @@ impl Policy {
         (cache.decisions.len(), cache.bytes)
     }
 
-    /// Empties the decision cache (policy reload, identity change).
+    /// The cache's generation; read under the cache's lock (it moves only
+    /// under it) when a decision is looked up or kept.
+    fn current_generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Empties the decision cache (policy reload, identity change) and
+    /// starts a new generation.
     pub fn invalidate(&self) {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         cache.clear();
         self.generation
-            .store(cache.generation, std::sync::atomic::Ordering::Release);
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
     }
 
     /// The LLM token budgets of the policy in force.
@@ -976,7 +981,7 @@ impl Policy {
         // The cache's generation before the policy is read: an install
         // swaps the policy and then starts a new generation, so a decision
         // of this generation is never one of an older policy.
-        let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
+        let generation = self.current_generation();
         let loaded = self
             .current
             .read()
@@ -996,7 +1001,7 @@ impl Policy {
                         .map(|r| (r.as_slice(), l.input_truths.as_slice())),
                 )?;
                 let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-                let hit = (cache.generation == generation)
+                let hit = (self.current_generation() == generation)
                     .then(|| cache.get(buf.as_slice()))
                     .flatten();
                 drop(cache);
@@ -1028,7 +1033,7 @@ impl Policy {
         if let Some(key) = key.filter(|_| d.error.is_none() || d.timed_out) {
             let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
             // Not when a new policy (or identity) came in meanwhile.
-            if cache.generation == generation {
+            if self.current_generation() == generation {
                 cache.insert(key, d.clone());
             }
         }
