@@ -111,16 +111,7 @@ const ATTACHED_MARK: &str = "capture-attached";
 /// before, uncaptured — and not at all if the agent never attached (fail
 /// closed). Elsewhere, nothing.
 async fn mark_attached(cgroup: &Path) {
-    let Some(dirs) = std::env::var_os("RUNTIME_DIRECTORY") else {
-        return;
-    };
-    let Some(dir) = dirs
-        .to_string_lossy()
-        .split(':')
-        .next()
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-    else {
+    let Some(dir) = runtime_dir() else {
         return;
     };
     let text = format!("{}\n", cgroup.display());
@@ -135,6 +126,41 @@ async fn mark_attached(cgroup: &Path) {
     .and_then(|r| r);
     if let Err(e) = written {
         warn!(path = %path.display(), error = %e, "cannot say the capture is attached; the workloads of enforced.slice will not start");
+    }
+}
+
+/// The first directory of systemd's `RUNTIME_DIRECTORY`, when set.
+fn runtime_dir() -> Option<PathBuf> {
+    std::env::var_os("RUNTIME_DIRECTORY")?
+        .to_string_lossy()
+        .split(':')
+        .next()
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+}
+
+/// Where the shipped unit's `RuntimeDirectory=enforcer` is, for a command
+/// run from a shell (no `RUNTIME_DIRECTORY`).
+const UNIT_RUNTIME_DIR: &str = "/run/enforcer";
+
+/// `enforcer detach`: removes [`ATTACHED_MARK`] (in `RUNTIME_DIRECTORY`, or
+/// the shipped unit's `/run/enforcer`), since the capture it vouches for is
+/// gone. Kept, a slice stopped and started again within the boot would pass
+/// its assertion and start its workloads uncaptured with the agent unable
+/// to attach. The path removed, or `None` when there was none.
+pub fn unmark_attached() -> anyhow::Result<Option<PathBuf>> {
+    let path = runtime_dir()
+        .unwrap_or_else(|| PathBuf::from(UNIT_RUNTIME_DIR))
+        .join(ATTACHED_MARK);
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(Some(path)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| {
+            format!(
+                "removing {}: it still says the capture is attached, so enforced.slice would start its workloads uncaptured; remove it by hand",
+                path.display()
+            )
+        }),
     }
 }
 

@@ -331,6 +331,14 @@ fn main() -> anyhow::Result<()> {
             } else {
                 println!("nothing to detach: {} does not exist", dir.display());
             }
+            // Also when nothing was pinned: a mark left by an earlier
+            // instance vouches for a capture that is not there.
+            if let Some(mark) = enforcer::agent::unmark_attached()? {
+                println!(
+                    "removed {}: enforced.slice starts its workloads only once an agent attaches again",
+                    mark.display()
+                );
+            }
             Ok(())
         }
         Command::Run { config } => {

@@ -506,7 +506,10 @@ fn early_workload(name: &str) -> String {
 /// the agent and asserts the file the agent writes once attached: the
 /// first connection is captured, a broken agent keeps the workloads from
 /// starting, and restarting or stopping the agent leaves running workloads
-/// alone. (Before: with the agent broken the workload ran, uncaptured. Its
+/// alone, and after `enforcer detach` a slice stopped and started again
+/// with the agent broken starts nothing (before: the mark outlived the
+/// capture and the workload ran, uncaptured). (Before: with the agent
+/// broken the workload ran, uncaptured. Its
 /// first connection with the agent working was captured before too, the
 /// agent being quicker than the server it waits for here: that part checks
 /// the order holds, it does not race it.)
@@ -573,6 +576,62 @@ fn workloads_of_the_slice_start_only_once_the_capture_is_attached() {
                 "the workload after `systemctl {verb} enforcer.service`"
             );
         }
+
+        // Uninstalled (`enforcer detach`), the slice stopped and started
+        // again within the boot, the agent unable to attach: the mark must
+        // have gone with the capture, or the slice starts its workloads
+        // uncaptured. (Before: the mark stayed and the workload ran.)
+        let (ok, out) = sd.run(&["systemctl", "stop", "enforced.slice"]);
+        assert!(ok, "systemctl stop enforced.slice: {out}");
+        let (ok, out) = sd.run(&["rm", "-f", "/run/early-ran"]);
+        assert!(ok, "rm /run/early-ran: {out}");
+        let (ok, out) = sd.run(&[
+            "/usr/local/bin/enforcer",
+            "detach",
+            "--config",
+            "/etc/enforcer/enforcer.toml",
+        ]);
+        assert!(ok, "enforcer detach: {out}");
+        let detached = out;
+        let (ok, out) = sd.run(&[
+            "sh",
+            "-c",
+            "echo '[no_such_table]' >> /etc/enforcer/enforcer.toml",
+        ]);
+        assert!(ok, "breaking the agent's config: {out}");
+        // Fails by design when the slice's assertion does.
+        let _ = sd.run(&["systemctl", "start", "--no-block", "early.service"]);
+        sd.wait(
+            "the early workload's second start to be decided",
+            60,
+            || {
+                let state = sd.show("early.service", "ActiveState");
+                let jobs = sd.run(&["systemctl", "list-jobs", "--no-legend"]).1;
+                (state == "failed" || state == "inactive")
+                    && !jobs.contains("early.service")
+                    && sd.show("enforcer.service", "ActiveState") == "failed"
+                    || sd.read("/run/early-ran").is_some()
+            },
+        );
+        assert!(
+            sd.read("/run/early-ran").is_none(),
+            "after `enforcer detach` a workload of enforced.slice ran, uncaptured, with the agent unable to attach:\n{}",
+            sd.run(&[
+                "journalctl",
+                "--no-pager",
+                "-o",
+                "cat",
+                "-u",
+                "enforced.slice",
+                "-u",
+                "early.service"
+            ])
+            .1
+        );
+        assert!(
+            sd.read("/run/enforcer/capture-attached").is_none(),
+            "the capture is detached but /run/enforcer/capture-attached still says it is attached; detach said: {detached}"
+        );
     }
 
     // An agent that never attaches: its config broken.
