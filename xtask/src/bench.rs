@@ -1109,28 +1109,33 @@ fn profiles(bench: &Bench, root: &Path, agent_a: u32, agent_b: u32) -> anyhow::R
         today()
     );
     type Load<'a> = (
-        &'a str,
+        String,
         Path_,
         Box<dyn Fn(&Bench) -> anyhow::Result<String> + 'a>,
     );
+    let http_conns = std::env::var("ENFORCER_BENCH_HTTP_CONNS")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(1);
     let loads: Vec<Load> = vec![
         (
-            "iperf3, 1 stream",
+            "iperf3, 1 stream".into(),
             Path_::Direct,
             Box::new(|b: &Bench| Ok(format!("{:.2} Gbit/s", b.iperf(Path_::Direct, 1)?))),
         ),
         (
-            "iperf3, 1 stream",
+            "iperf3, 1 stream".into(),
             Path_::Enforcer,
             Box::new(|b: &Bench| Ok(format!("{:.2} Gbit/s", b.iperf(Path_::Enforcer, 1)?))),
         ),
         (
-            "iperf3, 1 stream",
+            "iperf3, 1 stream".into(),
             Path_::Stunnel,
             Box::new(|b: &Bench| Ok(format!("{:.2} Gbit/s", b.iperf(Path_::Stunnel, 1)?))),
         ),
         (
-            "sockperf ping-pong",
+            "sockperf ping-pong".into(),
             Path_::Enforcer,
             Box::new(|b: &Bench| {
                 let (p50, p99) = b.sockperf(Path_::Enforcer)?;
@@ -1140,34 +1145,40 @@ fn profiles(bench: &Bench, root: &Path, agent_a: u32, agent_b: u32) -> anyhow::R
         // The connect path (issue 15): new connections as fast as 32
         // workers make them.
         (
-            "new connections, 32 workers",
+            "new connections, 32 workers".into(),
             Path_::Enforcer,
             Box::new(|b: &Bench| {
                 let (rate, errors) = b.connect_rate(Path_::Enforcer, SECS)?;
                 Ok(format!("{rate:.0}/s, {errors} errors"))
             }),
         ),
-        // Per request (issue 11): keep-alive HTTP on one connection, to b's
-        // L4 port and to its `http` destination (each request decided).
+        // Per request (issue 11): keep-alive HTTP on one connection
+        // (ENFORCER_BENCH_HTTP_CONNS=N: on N, as the request-rate figure),
+        // to b's L4 port and to its `http` destination (each request
+        // decided).
         (
-            "HTTP requests, one connection, L4",
+            format!("HTTP requests, {}, L4", conns_name(http_conns)),
             Path_::Enforcer,
-            Box::new(move |b: &Bench| http_with_syscalls(b, HTTP_L4, [agent_a, agent_b])),
+            Box::new(move |b: &Bench| {
+                http_with_syscalls(b, HTTP_L4, [agent_a, agent_b], http_conns)
+            }),
         ),
         (
-            "HTTP requests, one connection, L7",
+            format!("HTTP requests, {}, L7", conns_name(http_conns)),
             Path_::Enforcer,
-            Box::new(move |b: &Bench| http_with_syscalls(b, HTTP_L7, [agent_a, agent_b])),
+            Box::new(move |b: &Bench| {
+                http_with_syscalls(b, HTTP_L7, [agent_a, agent_b], http_conns)
+            }),
         ),
         // Per chunk (issue 12): a streamed chat completion, to the stand-in
         // at L4 and declared `llm` (each event parsed, counted, written).
         (
-            "LLM stream, L4",
+            "LLM stream, L4".into(),
             Path_::Enforcer,
             Box::new(move |b: &Bench| stream_with_syscalls(b, LLM_L4, [agent_a, agent_b])),
         ),
         (
-            "LLM stream, llm",
+            "LLM stream, llm".into(),
             Path_::Enforcer,
             Box::new(move |b: &Bench| stream_with_syscalls(b, LLM_L7, [agent_a, agent_b])),
         ),
@@ -1272,12 +1283,26 @@ const SYSCALLS: [&str; 7] = [
     "futex",
 ];
 
-/// keep-alive HTTP requests on one connection to `port` on b, with each
+/// "one connection", "16 connections".
+fn conns_name(n: u32) -> String {
+    if n == 1 {
+        "one connection".into()
+    } else {
+        format!("{n} connections")
+    }
+}
+
+/// keep-alive HTTP requests on `conns` connections to `port` on b, with each
 /// agent's syscalls and CPU time counted meanwhile: the rate, latency and,
 /// per agent, its CPU and each syscall per request.
-fn http_with_syscalls(b: &Bench, port: u16, agents: [u32; 2]) -> anyhow::Result<String> {
+fn http_with_syscalls(
+    b: &Bench,
+    port: u16,
+    agents: [u32; 2],
+    conns: u32,
+) -> anyhow::Result<String> {
     with_syscalls(b, port, agents, "request", || {
-        let (r, p50, p99) = b.wrk(Some("bench-client.service"), port, 1)?;
+        let (r, p50, p99) = b.wrk(Some("bench-client.service"), port, conns)?;
         Ok((
             format!("{r:.0} req/s, p50 {p50:.1} µs, p99 {p99:.1} µs"),
             r * SECS as f64,

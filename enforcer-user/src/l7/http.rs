@@ -461,14 +461,20 @@ fn headers_input(parts: &Parts, authority: &str) -> Map<String, Value> {
 }
 
 fn address(addr: std::net::SocketAddr, principal: Option<&str>) -> Value {
-    let mut v = json!({"address": {"socketAddress": {
-        "address": addr.ip().to_canonical().to_string(),
-        "portValue": addr.port(),
-    }}});
+    let mut socket = Map::new();
+    socket.insert(
+        "address".into(),
+        addr.ip().to_canonical().to_string().into(),
+    );
+    socket.insert("portValue".into(), addr.port().into());
+    let mut address = Map::new();
+    address.insert("socketAddress".into(), Value::Object(socket));
+    let mut v = Map::new();
+    v.insert("address".into(), Value::Object(address));
     if let Some(p) = principal {
-        v["principal"] = p.into();
+        v.insert("principal".into(), p.into());
     }
-    v
+    Value::Object(v)
 }
 
 /// `parsed_path`: the path's segments, percent-decoded, as OPA-Envoy gives
@@ -666,15 +672,26 @@ fn request_fields(
         Version::HTTP_10 => "HTTP/1.0",
         _ => "HTTP/1.1",
     };
-    let mut http = json!({
-        "id": request_id,
-        "method": parts.method.as_str(),
-        "path": parts.uri.path_and_query().map_or("/", |p| p.as_str()),
-        "host": authority,
-        "scheme": "http",
-        "protocol": protocol,
-        "headers": headers_input(parts, authority),
-    });
+    // Built by moving each part in: `json!` would copy every value it is
+    // given (the headers twice), on each request.
+    let mut http = Map::new();
+    http.insert("id".into(), request_id.into());
+    http.insert("method".into(), parts.method.as_str().into());
+    http.insert(
+        "path".into(),
+        parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .into(),
+    );
+    http.insert("host".into(), authority.into());
+    http.insert("scheme".into(), "http".into());
+    http.insert("protocol".into(), protocol.into());
+    http.insert(
+        "headers".into(),
+        Value::Object(headers_input(parts, authority)),
+    );
     let size = parts
         .headers
         .get(header::CONTENT_LENGTH)
@@ -682,22 +699,27 @@ fn request_fields(
         .and_then(|v| v.parse::<u64>().ok())
         .or((!body.truncated()).then_some(body.read as u64));
     if let Some(size) = size {
-        http["size"] = size.into();
+        http.insert("size".into(), size.into());
     }
     if !body.seen.is_empty()
         && let Ok(text) = std::str::from_utf8(&body.seen)
     {
-        http["body"] = text.into();
+        http.insert("body".into(), text.into());
     }
-    let mut m = Map::new();
-    m.insert(
-        "attributes".into(),
-        json!({
-            "source": address(conn.client, conn.source.spiffe_id.as_deref()),
-            "destination": address(conn.server, conn.destination.spiffe_id.as_deref()),
-            "request": {"http": http},
-        }),
+    let mut request = Map::new();
+    request.insert("http".into(), Value::Object(http));
+    let mut attributes = Map::new();
+    attributes.insert(
+        "source".into(),
+        address(conn.client, conn.source.spiffe_id.as_deref()),
     );
+    attributes.insert(
+        "destination".into(),
+        address(conn.server, conn.destination.spiffe_id.as_deref()),
+    );
+    attributes.insert("request".into(), Value::Object(request));
+    let mut m = Map::new();
+    m.insert("attributes".into(), Value::Object(attributes));
     m.insert("parsed_path".into(), parsed_path(parts.uri.path()));
     m.insert(
         "parsed_query".into(),
@@ -1382,6 +1404,80 @@ mod tests {
         assert_eq!(h[":method"], "POST");
         assert_eq!(h[":path"], "/v1/x?q=1");
         assert_eq!(h[":authority"], "h:1");
+    }
+
+    /// The request's part of the input, whole: OPA-Envoy's shape (DESIGN
+    /// §3), as a policy written for its plugin reads it.
+    #[test]
+    fn a_requests_input_has_opa_envoys_shape() {
+        let conn = Conn {
+            id: 7,
+            direction: "inbound",
+            source: crate::policy::Peer::default(),
+            destination: crate::policy::Peer::default(),
+            client: std::net::SocketAddr::from(([10, 0, 0, 1], 40000)),
+            server: "[::ffff:10.0.0.2]:8080".parse().expect("address"),
+            trace: None,
+        };
+        let (parts, ()) = Request::builder()
+            .method("POST")
+            .uri("/orders/a%20b?x=1&x=2")
+            .header("content-type", "application/json")
+            .header("content-length", "17")
+            .header("authorization", "Bearer s3cret")
+            .body(())
+            .expect("request")
+            .into_parts();
+        let body = ReadBody::<Incoming>::whole(Bytes::from_static(br#"{"priority": "l"}"#));
+        let got = request_fields(&conn, &parts, &body, "7.1", "shop:8080");
+        let want = json!({
+            "attributes": {
+                "source": {"address": {"socketAddress": {"address": "10.0.0.1", "portValue": 40000}}},
+                "destination": {"address": {"socketAddress": {"address": "10.0.0.2", "portValue": 8080}}},
+                "request": {"http": {
+                    "id": "7.1",
+                    "method": "POST",
+                    "path": "/orders/a%20b?x=1&x=2",
+                    "host": "shop:8080",
+                    "scheme": "http",
+                    "protocol": "HTTP/1.1",
+                    "size": 17,
+                    "body": "{\"priority\": \"l\"}",
+                    "headers": {
+                        ":method": "POST",
+                        ":path": "/orders/a%20b?x=1&x=2",
+                        ":authority": "shop:8080",
+                        ":scheme": "http",
+                        "content-type": "application/json",
+                        "content-length": "17",
+                        "authorization": REDACTED_VALUE,
+                    },
+                }},
+            },
+            "parsed_path": ["orders", "a b"],
+            "parsed_query": {"x": ["1", "2"]},
+            "parsed_body": {"priority": "l"},
+            "truncated_body": false,
+        });
+        assert_eq!(Value::Object(got), want);
+        // The principals, when the peers have verified identities.
+        let conn = Conn {
+            source: crate::policy::Peer {
+                spiffe_id: Some("spiffe://td/a".into()),
+                ..Default::default()
+            },
+            destination: crate::policy::Peer {
+                spiffe_id: Some("spiffe://td/b".into()),
+                ..Default::default()
+            },
+            ..conn
+        };
+        let got = request_fields(&conn, &parts, &body, "7.2", "shop:8080");
+        assert_eq!(got["attributes"]["source"]["principal"], "spiffe://td/a");
+        assert_eq!(
+            got["attributes"]["destination"]["principal"],
+            "spiffe://td/b"
+        );
     }
 
     #[test]
