@@ -220,6 +220,30 @@ fn seqpacket(path: &Path) -> Result<OwnedFd, HandoverError> {
 
 // ---------------------------------------------------------------- new agent
 
+/// Whether an agent serves `state_dir`'s handover socket: the pid it runs
+/// as, or `None` when nobody listens there. Connects and closes without a
+/// hello, which the agent logs at info and otherwise ignores.
+pub fn agent_running(state_dir: &Path) -> Result<Option<u32>, HandoverError> {
+    let path = state_dir.join(SOCKET);
+    let addr = unix_addr(&path)?;
+    let conn = seqpacket(&path)?;
+    match connect(conn.as_raw_fd(), &addr) {
+        Ok(()) => {
+            let cred =
+                getsockopt(&conn, sockopt::PeerCredentials).map_err(|e| HandoverError::Socket {
+                    path: path.clone(),
+                    message: format!("SO_PEERCRED: {e}"),
+                })?;
+            Ok(Some(u32::try_from(cred.pid()).unwrap_or(0)))
+        }
+        Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ECONNREFUSED) => Ok(None),
+        Err(e) => Err(HandoverError::Socket {
+            path,
+            message: format!("connect: {e}"),
+        }),
+    }
+}
+
 /// The listeners a running agent handed over, until this agent says it
 /// serves.
 pub struct Inherited {
@@ -698,7 +722,13 @@ pub fn serve(
                         let _ = tx.send(HandedOver { pid, _conn: conn });
                         return;
                     }
-                    Err(e) => warn!(error = %e, "handover failed; this agent keeps serving"),
+                    Err(Declined::Probe(peer)) => info!(
+                        peer,
+                        "a process asked whether this agent runs (the handover socket, closed without a hello: `enforcer detach` checks so)"
+                    ),
+                    Err(Declined::Failed(e)) => {
+                        warn!(error = %e, "handover failed; this agent keeps serving");
+                    }
                 }
             }
         })
@@ -706,8 +736,29 @@ pub fn serve(
     Ok(rx)
 }
 
-fn hand_over(conn: &OwnedFd, offer: &Offer) -> Result<u32, String> {
+/// Why a connection to the handover socket took nothing over.
+enum Declined {
+    /// It closed before its hello: a check that an agent runs (pid).
+    Probe(u32),
+    Failed(String),
+}
+
+impl From<String> for Declined {
+    fn from(e: String) -> Self {
+        Self::Failed(e)
+    }
+}
+
+fn hand_over(conn: &OwnedFd, offer: &Offer) -> Result<u32, Declined> {
     let peer = check_peer(conn)?;
+    let Some((hello, _)) = recv(conn, STEP_TIMEOUT)? else {
+        return Err(Declined::Probe(peer));
+    };
+    exchange(conn, offer, peer, hello).map_err(Declined::Failed)
+}
+
+/// The handover after the new agent's first message.
+fn exchange(conn: &OwnedFd, offer: &Offer, peer: u32, hello: Message) -> Result<u32, String> {
     let refuse = |reason: String| {
         let _ = send(
             conn,
@@ -718,9 +769,6 @@ fn hand_over(conn: &OwnedFd, offer: &Offer) -> Result<u32, String> {
             &[],
         );
         reason
-    };
-    let Some((hello, _)) = recv(conn, STEP_TIMEOUT)? else {
-        return Err(format!("pid {peer} closed the socket before its hello"));
     };
     let Message::Hello {
         protocol,

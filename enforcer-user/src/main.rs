@@ -51,10 +51,15 @@ enum Command {
     #[command(subcommand)]
     Ca(CaCommand),
     /// Detach the kernel programs of the instance a config names and remove its
-    /// bpffs pins. Captured connects then go direct again: use it to uninstall.
+    /// bpffs pins. Captured connects then go direct again: use it to uninstall,
+    /// with the agent stopped.
     Detach {
         #[arg(long, short)]
         config: PathBuf,
+        /// Detach even while an agent of this config runs (it then runs on
+        /// with nothing captured).
+        #[arg(long)]
+        force: bool,
     },
     /// Print what a running agent is doing (its `/status`): workloads and
     /// their identities, SVIDs, open connections, pooled HBONE connections,
@@ -323,9 +328,29 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Detach { config } => {
+        Command::Detach { config, force } => {
             let cfg = enforcer::settings::load(&config)?;
             let dir = enforcer::capture::pin_dir(&cfg.capture.bpffs, &cfg.node_name);
+            // The pins are what holds the programs attached (the agent
+            // keeps no link of its own): detached under a running agent,
+            // its workloads would connect direct, uncaptured, while it
+            // reports itself ready.
+            if !force {
+                let state_dir = &cfg.identity.state_dir;
+                let running = enforcer::handover::agent_running(state_dir).with_context(|| {
+                    format!(
+                        "checking whether an agent of {} runs (--force detaches without checking)",
+                        config.display()
+                    )
+                })?;
+                if let Some(pid) = running {
+                    anyhow::bail!(
+                        "an agent of {} is running (pid {pid}, serving {}): stop it first (systemctl stop enforcer), then detach. Detached under it, the programs would be gone while it runs on and reports ready, its workloads' connections going direct, uncaptured; --force detaches anyway",
+                        config.display(),
+                        state_dir.join(enforcer::handover::SOCKET).display()
+                    );
+                }
+            }
             if enforcer::capture::detach(&cfg.capture.bpffs, &cfg.node_name)? {
                 println!("detached: removed {}", dir.display());
             } else {

@@ -294,6 +294,54 @@ fn enforcer_restart_takes_over_capture() {
     assert_eq!(links, 6, "exactly one set of pinned links after a restart");
 }
 
+/// `enforcer detach` removes the pins, and the pins are what hold the
+/// programs attached (the agent keeps no link of its own). The attack:
+/// detached under a running agent — by mistake, or by a script that
+/// "uninstalls" — the capture was gone while the agent ran on and reported
+/// ready, and the workloads' connections went direct: no identity, no
+/// mTLS, no policy (before: detach succeeded and the next connection was
+/// not captured). Now it refuses while an agent of that config runs, and
+/// detaches once it is stopped.
+#[test]
+fn detach_refuses_while_an_agent_of_its_config_runs() {
+    let (mut tb, a, b, enf) = two_nodes("detachrun");
+    let cfg = tb.dir.join("a.toml");
+    let pins = format!("/sys/fs/bpf/enforcer/v2/{}", tb.node_instance(&a));
+    let detach = |force: bool| {
+        let mut cmd = std::process::Command::new(enforcer_tests::enforcer_bin());
+        cmd.args(["detach", "--config"]).arg(&cfg);
+        if force {
+            cmd.arg("--force");
+        }
+        cmd.output().expect("enforcer detach")
+    };
+    let out = detach(false);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("is running") && err.contains("stop it first"),
+        "detach with the agent running must refuse, naming why: {out:?}"
+    );
+    assert!(std::path::Path::new(&pins).exists(), "the pins are kept");
+    // The capture is still in place: the next connection is the agent's.
+    let url = format!("http://{}:8080/", b.ipv4);
+    let pid = a.get_ok(Some("client.service"), &url);
+    assert_captured(&enf, pid, "client.service", &format!("{}:8080", b.ipv4));
+    // The agent saw a check, not a failed handover.
+    let log = std::fs::read_to_string(&enf.log).unwrap_or_default();
+    assert!(
+        log.contains("a process asked whether this agent runs") && !log.contains("handover failed"),
+        "{log}"
+    );
+    // Stopped, it detaches.
+    tb.stop(enf.pid).expect("stop the agent");
+    let out = detach(false);
+    assert!(
+        out.status.success(),
+        "detach with the agent stopped: {out:?}"
+    );
+    assert!(!std::path::Path::new(&pins).exists(), "the pins are gone");
+}
+
 #[test]
 fn enforcer_inside_captured_subtree_does_not_capture_itself() {
     let (_tb, a, b, enf) = two_nodes_with("self", "", Some("enforcer.service"));
