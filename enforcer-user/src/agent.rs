@@ -618,6 +618,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     let sweep = crate::capture::sweep::Sweep::open(&capture.pin_dir)
         .context("opening the capture record maps for their sweep")?;
     tokio::spawn(crate::capture::sweep::run(sweep, state.metrics.clone()));
+    tokio::spawn(watch_pins(capture.pin_dir.clone(), state.clone()));
 
     let hbone = Arc::new(HboneClient::new(identity.clone(), config.mesh.hbone_port));
     // The pods served in their own netns, for /status (set below).
@@ -1082,6 +1083,49 @@ fn mtime(path: &Path) -> Option<SystemTime> {
 
 /// Reloads the registration entries when the config file changes. An invalid
 /// file is rejected with an error and the entries in force stay.
+/// Checks every second that the kernel programs' link pins are there. They
+/// are what keeps the programs attached, so once they are gone (`enforcer
+/// detach --force` under this agent, a pin removed by hand) nothing is
+/// captured: the agent says so, loudly, and is not ready (`/readyz` 503,
+/// `enforcer_ready` 0) until they are back (a successor agent pins its
+/// own in the same place). Two checks in a row must agree, so a successor
+/// replacing the pins is no alarm; none while draining.
+async fn watch_pins(dir: PathBuf, admin: Arc<AdminState>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut missing_before = false;
+    loop {
+        tick.tick().await;
+        if crate::drain::is_draining() {
+            return;
+        }
+        let d = dir.clone();
+        let Ok(missing) = crate::chores::run(move || crate::capture::missing_link_pins(&d)).await
+        else {
+            continue;
+        };
+        let detached = !missing.is_empty() && missing_before;
+        missing_before = !missing.is_empty();
+        let was = admin
+            .capture_detached
+            .load(std::sync::atomic::Ordering::Acquire);
+        if detached && !was {
+            admin
+                .capture_detached
+                .store(true, std::sync::atomic::Ordering::Release);
+            tracing::error!(
+                pins = %dir.display(),
+                ?missing,
+                "the kernel programs are detached: their pins are gone (enforcer detach --force, or removed by hand), so this agent captures nothing and workloads connect direct; not ready until they are back (restart the agent to attach again)"
+            );
+        } else if missing.is_empty() && was {
+            admin
+                .capture_detached
+                .store(false, std::sync::atomic::Ordering::Release);
+            info!(pins = %dir.display(), "the kernel programs' pins are back");
+        }
+    }
+}
+
 async fn reload_entries(
     path: PathBuf,
     admin: Arc<AdminState>,

@@ -301,7 +301,8 @@ fn enforcer_restart_takes_over_capture() {
 /// ready, and the workloads' connections went direct: no identity, no
 /// mTLS, no policy (before: detach succeeded and the next connection was
 /// not captured). Now it refuses while an agent of that config runs, and
-/// detaches once it is stopped.
+/// detaches once it is stopped; forced under a running agent, the agent
+/// says it captures nothing and is not ready.
 #[test]
 fn detach_refuses_while_an_agent_of_its_config_runs() {
     let (mut tb, a, b, enf) = two_nodes("detachrun");
@@ -340,6 +341,31 @@ fn detach_refuses_while_an_agent_of_its_config_runs() {
         "detach with the agent stopped: {out:?}"
     );
     assert!(!std::path::Path::new(&pins).exists(), "the pins are gone");
+
+    // Forced under a running agent: the agent notices that it captures
+    // nothing and is not ready (before: it stayed ready).
+    let enf = tb.start_enforcer(&a, &cfg).expect("the agent again");
+    assert_eq!(
+        a.http_get(enf.metrics_addr, "/readyz").expect("readyz").0,
+        200
+    );
+    let out = detach(true);
+    assert!(out.status.success(), "detach --force: {out:?}");
+    enforcer_tests::wait_for("the agent to say it is not ready", || {
+        a.http_get(enf.metrics_addr, "/readyz")
+            .is_ok_and(|(status, _)| status == 503)
+    });
+    let log = std::fs::read_to_string(&enf.log).unwrap_or_default();
+    assert!(
+        log.contains("the kernel programs are detached"),
+        "the agent must say why it is not ready: {log}"
+    );
+    let m = enf.metrics().expect("metrics");
+    assert_eq!(
+        enforcer_tests::sum_metric(&m, "enforcer_ready", &[]),
+        0.0,
+        "{m}"
+    );
 }
 
 #[test]

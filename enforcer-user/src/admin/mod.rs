@@ -39,6 +39,9 @@ pub struct AdminState {
     pub status: std::sync::OnceLock<JsonView>,
     /// A further condition of `/readyz` (the Kubernetes pod watch).
     pub readiness: std::sync::OnceLock<Readiness>,
+    /// Set while the kernel programs' pins are gone (`agent::watch_pins`):
+    /// nothing is captured, so the agent is not ready.
+    pub capture_detached: AtomicBool,
     /// The `/config` document: the configuration the agent runs with.
     config: std::sync::RwLock<serde_json::Value>,
 }
@@ -59,6 +62,12 @@ impl AdminState {
         if !self.ready.load(Ordering::Acquire) {
             return Err("not ready".into());
         }
+        if self.capture_detached.load(Ordering::Acquire) {
+            return Err(
+                "not ready: the kernel programs are detached (their pins are gone): nothing is captured"
+                    .into(),
+            );
+        }
         match self.readiness.get() {
             Some(r) => r().map_err(|why| format!("not ready: {why}")),
             None => Ok(()),
@@ -69,6 +78,7 @@ impl AdminState {
         Self {
             metrics: Arc::new(Metrics::new(node)),
             ready: AtomicBool::new(false),
+            capture_detached: AtomicBool::new(false),
             capture: std::sync::OnceLock::new(),
             llm_usage: std::sync::OnceLock::new(),
             svids: std::sync::OnceLock::new(),

@@ -909,6 +909,18 @@ fn record_map_reusable(path: &Path, shape: MapShape) -> bool {
     same
 }
 
+/// The cgroup programs' link pins of an instance that are missing: the pins
+/// are what keeps them attached (the agent holds no link of its own), so a
+/// missing one is a program detached (`enforcer detach --force`, or a pin
+/// removed by hand).
+pub fn missing_link_pins(dir: &Path) -> Vec<&'static str> {
+    ATTACHMENTS
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|name| !dir.join("links").join(name).exists())
+        .collect()
+}
+
 /// Removes every pin of an instance: links (which detaches the programs),
 /// programs and maps. Missing files are fine.
 pub fn remove_pins(dir: &Path) {
