@@ -824,9 +824,12 @@ impl Drop for Testbed {
             terminate_pid(*pid);
         }
         for cfg in &self.enforcer_configs {
+            // Its own runtime directory: `detach` removes the capture mark
+            // there, never the host's /run/enforcer.
             let _ = Command::new(&self.bin)
                 .args(["detach", "--config"])
                 .arg(cfg)
+                .env("RUNTIME_DIRECTORY", self.dir.join("run"))
                 .output();
         }
         for ns in &self.netns {

@@ -308,9 +308,13 @@ fn detach_refuses_while_an_agent_of_its_config_runs() {
     let (mut tb, a, b, enf) = two_nodes("detachrun");
     let cfg = tb.dir.join("a.toml");
     let pins = format!("/sys/fs/bpf/enforcer/v2/{}", tb.node_instance(&a));
+    let run_dir = tb.dir.join("run");
     let detach = |force: bool| {
         let mut cmd = std::process::Command::new(enforcer_tests::enforcer_bin());
-        cmd.args(["detach", "--config"]).arg(&cfg);
+        // The testbed's runtime directory, not the host's /run/enforcer.
+        cmd.args(["detach", "--config"])
+            .arg(&cfg)
+            .env("RUNTIME_DIRECTORY", &run_dir);
         if force {
             cmd.arg("--force");
         }
@@ -327,12 +331,13 @@ fn detach_refuses_while_an_agent_of_its_config_runs() {
     let url = format!("http://{}:8080/", b.ipv4);
     let pid = a.get_ok(Some("client.service"), &url);
     assert_captured(&enf, pid, "client.service", &format!("{}:8080", b.ipv4));
-    // The agent saw a check, not a failed handover.
-    let log = std::fs::read_to_string(&enf.log).unwrap_or_default();
-    assert!(
-        log.contains("a process asked whether this agent runs") && !log.contains("handover failed"),
-        "{log}"
-    );
+    // The agent saw a check, not a failed handover (its log is written by
+    // a thread of its own: waited for).
+    let log = || std::fs::read_to_string(&enf.log).unwrap_or_default();
+    enforcer_tests::wait_for("the agent's line for the check", || {
+        log().contains("a process asked whether this agent runs")
+    });
+    assert!(!log().contains("handover failed"), "{}", log());
     // Stopped, it detaches.
     tb.stop(enf.pid).expect("stop the agent");
     let out = detach(false);
@@ -355,11 +360,11 @@ fn detach_refuses_while_an_agent_of_its_config_runs() {
         a.http_get(enf.metrics_addr, "/readyz")
             .is_ok_and(|(status, _)| status == 503)
     });
-    let log = std::fs::read_to_string(&enf.log).unwrap_or_default();
-    assert!(
-        log.contains("the kernel programs are detached"),
-        "the agent must say why it is not ready: {log}"
-    );
+    enforcer_tests::wait_for("the agent's line saying why it is not ready", || {
+        std::fs::read_to_string(&enf.log)
+            .unwrap_or_default()
+            .contains("the kernel programs are detached")
+    });
     let m = enf.metrics().expect("metrics");
     assert_eq!(
         enforcer_tests::sum_metric(&m, "enforcer_ready", &[]),
