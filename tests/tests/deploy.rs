@@ -498,6 +498,18 @@ fn early_workload(name: &str) -> String {
     )
 }
 
+/// Whether the start of `early.service` (a workload of `enforced.slice`)
+/// is over with the agent failed: it ran, or it failed or was not started
+/// and has no job left.
+fn early_start_decided(sd: &Systemd) -> bool {
+    let state = sd.show("early.service", "ActiveState");
+    let jobs = sd.run(&["systemctl", "list-jobs", "--no-legend"]).1;
+    (state == "failed" || state == "inactive")
+        && !jobs.contains("early.service")
+        && sd.show("enforcer.service", "ActiveState") == "failed"
+        || sd.read("/run/early-ran").is_some()
+}
+
 /// At boot the agent and the workloads of `enforced.slice` are started
 /// together (multi-user.target wants both). The attack: a workload that
 /// starts before the agent has attached its kernel programs connects
@@ -604,14 +616,7 @@ fn workloads_of_the_slice_start_only_once_the_capture_is_attached() {
         sd.wait(
             "the early workload's second start to be decided",
             60,
-            || {
-                let state = sd.show("early.service", "ActiveState");
-                let jobs = sd.run(&["systemctl", "list-jobs", "--no-legend"]).1;
-                (state == "failed" || state == "inactive")
-                    && !jobs.contains("early.service")
-                    && sd.show("enforcer.service", "ActiveState") == "failed"
-                    || sd.read("/run/early-ran").is_some()
-            },
+            || early_start_decided(&sd),
         );
         assert!(
             sd.read("/run/early-ran").is_none(),
@@ -647,12 +652,7 @@ fn workloads_of_the_slice_start_only_once_the_capture_is_attached() {
         ],
     );
     sd.wait("the early workload's start to be decided", 60, || {
-        let state = sd.show("early.service", "ActiveState");
-        let jobs = sd.run(&["systemctl", "list-jobs", "--no-legend"]).1;
-        (state == "failed" || state == "inactive")
-            && !jobs.contains("early.service")
-            && sd.show("enforcer.service", "ActiveState") == "failed"
-            || sd.read("/run/early-ran").is_some()
+        early_start_decided(&sd)
     });
     assert!(
         sd.read("/run/early-ran").is_none(),

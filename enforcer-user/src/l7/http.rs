@@ -428,19 +428,18 @@ fn header_text(v: &HeaderValue) -> String {
     String::from_utf8_lossy(v.as_bytes()).into_owned()
 }
 
+/// The request's path and query, as OPA-Envoy's `path` and `:path` give
+/// them.
+fn target(parts: &Parts) -> &str {
+    parts.uri.path_and_query().map_or("/", |p| p.as_str())
+}
+
 /// OPA-Envoy's `headers`: lower-case names, repeated values joined with
 /// `,`, the pseudo-headers, and secrets redacted.
 fn headers_input(parts: &Parts, authority: &str) -> Map<String, Value> {
     let mut m = Map::new();
     m.insert(":method".into(), parts.method.as_str().into());
-    m.insert(
-        ":path".into(),
-        parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .into(),
-    );
+    m.insert(":path".into(), target(parts).into());
     m.insert(":authority".into(), authority.into());
     m.insert(":scheme".into(), "http".into());
     for name in parts.headers.keys() {
@@ -677,14 +676,7 @@ fn request_fields(
     let mut http = Map::new();
     http.insert("id".into(), request_id.into());
     http.insert("method".into(), parts.method.as_str().into());
-    http.insert(
-        "path".into(),
-        parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .into(),
-    );
+    http.insert("path".into(), target(parts).into());
     http.insert("host".into(), authority.into());
     http.insert("scheme".into(), "http".into());
     http.insert("protocol".into(), protocol.into());
