@@ -1081,8 +1081,6 @@ fn mtime(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
-/// Reloads the registration entries when the config file changes. An invalid
-/// file is rejected with an error and the entries in force stay.
 /// Checks every second that the kernel programs' link pins are there. They
 /// are what keeps the programs attached, so once they are gone (`enforcer
 /// detach --force` under this agent, a pin removed by hand) nothing is
@@ -1126,6 +1124,8 @@ async fn watch_pins(dir: PathBuf, admin: Arc<AdminState>) {
     }
 }
 
+/// Reloads the registration entries when the config file changes. An invalid
+/// file is rejected with an error and the entries in force stay.
 async fn reload_entries(
     path: PathBuf,
     admin: Arc<AdminState>,
