@@ -149,9 +149,13 @@ const UNIT_RUNTIME_DIR: &str = "/run/enforcer";
 /// its assertion and start its workloads uncaptured with the agent unable
 /// to attach. The path removed, or `None` when there was none.
 pub fn unmark_attached() -> anyhow::Result<Option<PathBuf>> {
-    let path = runtime_dir()
-        .unwrap_or_else(|| PathBuf::from(UNIT_RUNTIME_DIR))
-        .join(ATTACHED_MARK);
+    unmark_attached_in(&runtime_dir().unwrap_or_else(|| PathBuf::from(UNIT_RUNTIME_DIR)))
+}
+
+/// Removes [`ATTACHED_MARK`] from `dir`: the path removed, or `None` when
+/// there was none.
+fn unmark_attached_in(dir: &Path) -> anyhow::Result<Option<PathBuf>> {
+    let path = dir.join(ATTACHED_MARK);
     match std::fs::remove_file(&path) {
         Ok(()) => Ok(Some(path)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -1086,8 +1090,9 @@ fn mtime(path: &Path) -> Option<SystemTime> {
 /// detach --force` under this agent, a pin removed by hand) nothing is
 /// captured: the agent says so, loudly, and is not ready (`/readyz` 503,
 /// `enforcer_ready` 0) until they are back (a successor agent pins its
-/// own in the same place). Two checks in a row must agree, so a successor
-/// replacing the pins is no alarm; none while draining.
+/// own in the same place), and removes the mark `enforced.slice` asserts.
+/// Two checks in a row must agree, so a successor replacing the pins is no
+/// alarm; none while draining.
 async fn watch_pins(dir: PathBuf, admin: Arc<AdminState>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut missing_before = false;
@@ -1115,6 +1120,18 @@ async fn watch_pins(dir: PathBuf, admin: Arc<AdminState>) {
                 ?missing,
                 "the kernel programs are detached: their pins are gone (enforcer detach --force, or removed by hand), so this agent captures nothing and workloads connect direct; not ready until they are back (restart the agent to attach again)"
             );
+            // Nor does the mark say otherwise: a slice started again would
+            // pass its assertion (only where this agent wrote it).
+            if let Some(run) = runtime_dir() {
+                match crate::chores::run(move || unmark_attached_in(&run)).await {
+                    Ok(Ok(Some(path))) => {
+                        info!(path = %path.display(), "capture mark removed")
+                    }
+                    Ok(Ok(None)) => {}
+                    Ok(Err(e)) => warn!(error = %format!("{e:#}"), "capture mark kept"),
+                    Err(e) => warn!(error = %e, "capture mark kept"),
+                }
+            }
         } else if missing.is_empty() && was {
             admin
                 .capture_detached

@@ -301,8 +301,8 @@ fn enforcer_restart_takes_over_capture() {
 /// ready, and the workloads' connections went direct: no identity, no
 /// mTLS, no policy (before: detach succeeded and the next connection was
 /// not captured). Now it refuses while an agent of that config runs, and
-/// detaches once it is stopped; forced under a running agent, the agent
-/// says it captures nothing and is not ready.
+/// detaches once it is stopped; with its pins gone under it, the agent
+/// says it captures nothing, is not ready and takes back the slice's mark.
 #[test]
 fn detach_refuses_while_an_agent_of_its_config_runs() {
     let (mut tb, a, b, enf) = two_nodes("detachrun");
@@ -347,15 +347,24 @@ fn detach_refuses_while_an_agent_of_its_config_runs() {
     );
     assert!(!std::path::Path::new(&pins).exists(), "the pins are gone");
 
-    // Forced under a running agent: the agent notices that it captures
-    // nothing and is not ready (before: it stayed ready).
-    let enf = tb.start_enforcer(&a, &cfg).expect("the agent again");
+    // Pins gone under a running agent (removed by hand here; `detach
+    // --force` removes them too): the agent notices that it captures
+    // nothing, is not ready, and takes back the mark `enforced.slice`
+    // asserts (before: it stayed ready, and the mark stayed).
+    std::fs::create_dir_all(&run_dir).expect("the agent's runtime directory");
+    let run = run_dir.to_str().expect("utf-8 path").to_owned();
+    let enf = tb
+        .start_enforcer_env(&a, &cfg, None, &[("RUNTIME_DIRECTORY", &run)])
+        .expect("the agent again");
+    let mark = run_dir.join("capture-attached");
+    assert!(mark.exists(), "the agent writes its mark once attached");
     assert_eq!(
         a.http_get(enf.metrics_addr, "/readyz").expect("readyz").0,
         200
     );
-    let out = detach(true);
-    assert!(out.status.success(), "detach --force: {out:?}");
+    for pin in std::fs::read_dir(format!("{pins}/links")).expect("link pins") {
+        std::fs::remove_file(pin.expect("pin").path()).expect("remove a link pin");
+    }
     enforcer_tests::wait_for("the agent to say it is not ready", || {
         a.http_get(enf.metrics_addr, "/readyz")
             .is_ok_and(|(status, _)| status == 503)
@@ -365,12 +374,17 @@ fn detach_refuses_while_an_agent_of_its_config_runs() {
             .unwrap_or_default()
             .contains("the kernel programs are detached")
     });
+    enforcer_tests::wait_for("the agent to take its mark back", || !mark.exists());
     let m = enf.metrics().expect("metrics");
     assert_eq!(
         enforcer_tests::sum_metric(&m, "enforcer_ready", &[]),
         0.0,
         "{m}"
     );
+    // `--force` detaches under it without asking.
+    let out = detach(true);
+    assert!(out.status.success(), "detach --force: {out:?}");
+    assert!(!std::path::Path::new(&pins).exists(), "the pins are gone");
 }
 
 #[test]
