@@ -1092,7 +1092,8 @@ fn mtime(path: &Path) -> Option<SystemTime> {
 /// `enforcer_ready` 0) until they are back (a successor agent pins its
 /// own in the same place), and removes the mark `enforced.slice` asserts.
 /// Two checks in a row must agree, so a successor replacing the pins is no
-/// alarm; none while draining.
+/// alarm; none while a successor takes over (it may retire this layout's
+/// pins for good) or while draining.
 async fn watch_pins(dir: PathBuf, admin: Arc<AdminState>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut missing_before = false;
@@ -1100,6 +1101,12 @@ async fn watch_pins(dir: PathBuf, admin: Arc<AdminState>) {
         tick.tick().await;
         if crate::drain::is_draining() {
             return;
+        }
+        if crate::handover::handing_over() {
+            // A successor retires these pins (all of them when its release
+            // has another pin layout) once its own programs are attached.
+            missing_before = false;
+            continue;
         }
         let d = dir.clone();
         let Ok(missing) = crate::chores::run(move || crate::capture::missing_link_pins(&d)).await

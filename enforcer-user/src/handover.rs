@@ -114,6 +114,18 @@ fn is_zero(n: &u64) -> bool {
 static HANDED_OVER: LazyLock<tokio::sync::watch::Sender<bool>> =
     LazyLock::new(|| tokio::sync::watch::Sender::new(false));
 
+/// Set while a new agent this one accepted the hello of takes over: it
+/// attaches its programs and retires this one's pins (all of them when its
+/// release has another pin layout) before it says it serves.
+static HANDING_OVER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether a new agent is taking over from this one, or has: this agent's
+/// pins may then be gone for good without the capture being (the pin
+/// watch, `agent::watch_pins`, must not take it for a detach).
+pub fn handing_over() -> bool {
+    HANDING_OVER.load(std::sync::atomic::Ordering::Acquire) || *HANDED_OVER.borrow()
+}
+
 /// Resolves once this agent has handed its listeners over.
 pub async fn handed_over() {
     let mut rx = HANDED_OVER.subscribe();
@@ -754,7 +766,11 @@ fn hand_over(conn: &OwnedFd, offer: &Offer) -> Result<u32, Declined> {
     let Some((hello, _)) = recv(conn, STEP_TIMEOUT)? else {
         return Err(Declined::Probe(peer));
     };
-    exchange(conn, offer, peer, hello).map_err(Declined::Failed)
+    let taken = exchange(conn, offer, peer, hello).map_err(Declined::Failed);
+    if taken.is_err() {
+        HANDING_OVER.store(false, std::sync::atomic::Ordering::Release);
+    }
+    taken
 }
 
 /// The handover after the new agent's first message.
@@ -791,6 +807,8 @@ fn exchange(conn: &OwnedFd, offer: &Offer, peer: u32, hello: Message) -> Result<
             offer.node
         )));
     }
+    // From here the new agent may attach and retire this one's pins.
+    HANDING_OVER.store(true, std::sync::atomic::Ordering::Release);
     let listeners = offer.listeners.iter().map(|(o, _)| o.clone()).collect();
     let fds: Vec<RawFd> = offer
         .listeners
