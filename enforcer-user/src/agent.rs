@@ -1096,7 +1096,7 @@ fn mtime(path: &Path) -> Option<SystemTime> {
 /// pins for good) or while draining.
 async fn watch_pins(dir: PathBuf, admin: Arc<AdminState>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut missing_before = false;
+    let (mut missing_before, mut detached) = (false, false);
     loop {
         tick.tick().await;
         if crate::drain::is_draining() {
@@ -1113,12 +1113,10 @@ async fn watch_pins(dir: PathBuf, admin: Arc<AdminState>) {
         else {
             continue;
         };
-        let detached = !missing.is_empty() && missing_before;
+        let gone = !missing.is_empty() && missing_before;
         missing_before = !missing.is_empty();
-        let was = admin
-            .capture_detached
-            .load(std::sync::atomic::Ordering::Acquire);
-        if detached && !was {
+        if gone && !detached {
+            detached = true;
             admin
                 .capture_detached
                 .store(true, std::sync::atomic::Ordering::Release);
@@ -1130,16 +1128,18 @@ async fn watch_pins(dir: PathBuf, admin: Arc<AdminState>) {
             // Nor does the mark say otherwise: a slice started again would
             // pass its assertion (only where this agent wrote it).
             if let Some(run) = runtime_dir() {
-                match crate::chores::run(move || unmark_attached_in(&run)).await {
-                    Ok(Ok(Some(path))) => {
-                        info!(path = %path.display(), "capture mark removed")
-                    }
-                    Ok(Ok(None)) => {}
-                    Ok(Err(e)) => warn!(error = %format!("{e:#}"), "capture mark kept"),
-                    Err(e) => warn!(error = %e, "capture mark kept"),
+                let removed = crate::chores::run(move || unmark_attached_in(&run))
+                    .await
+                    .map_err(anyhow::Error::from)
+                    .and_then(|r| r);
+                match removed {
+                    Ok(Some(path)) => info!(path = %path.display(), "capture mark removed"),
+                    Ok(None) => {}
+                    Err(e) => warn!(error = %format!("{e:#}"), "capture mark kept"),
                 }
             }
-        } else if missing.is_empty() && was {
+        } else if missing.is_empty() && detached {
+            detached = false;
             admin
                 .capture_detached
                 .store(false, std::sync::atomic::Ordering::Release);

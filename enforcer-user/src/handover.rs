@@ -119,11 +119,12 @@ static HANDED_OVER: LazyLock<tokio::sync::watch::Sender<bool>> =
 /// release has another pin layout) before it says it serves.
 static HANDING_OVER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Whether a new agent is taking over from this one, or has: this agent's
-/// pins may then be gone for good without the capture being (the pin
-/// watch, `agent::watch_pins`, must not take it for a detach).
+/// Whether a new agent is taking over from this one, or has (the flag is
+/// cleared only when a handover fails): this agent's pins may then be gone
+/// for good without the capture being (the pin watch, `agent::watch_pins`,
+/// must not take it for a detach).
 pub fn handing_over() -> bool {
-    HANDING_OVER.load(std::sync::atomic::Ordering::Acquire) || *HANDED_OVER.borrow()
+    HANDING_OVER.load(std::sync::atomic::Ordering::Acquire)
 }
 
 /// Resolves once this agent has handed its listeners over.
@@ -232,28 +233,29 @@ fn seqpacket(path: &Path) -> Result<OwnedFd, HandoverError> {
 
 // ---------------------------------------------------------------- new agent
 
-/// Whether an agent serves `state_dir`'s handover socket: the pid it runs
-/// as, or `None` when nobody listens there. Connects and closes without a
-/// hello, which the agent logs at info and otherwise ignores.
-pub fn agent_running(state_dir: &Path) -> Result<Option<u32>, HandoverError> {
+/// A connection to the handover socket in `state_dir`; `None` when no
+/// agent runs (no socket, or nobody listening on it).
+fn dial(state_dir: &Path) -> Result<Option<OwnedFd>, HandoverError> {
     let path = state_dir.join(SOCKET);
     let addr = unix_addr(&path)?;
     let conn = seqpacket(&path)?;
     match connect(conn.as_raw_fd(), &addr) {
-        Ok(()) => {
-            let cred =
-                getsockopt(&conn, sockopt::PeerCredentials).map_err(|e| HandoverError::Socket {
-                    path: path.clone(),
-                    message: format!("SO_PEERCRED: {e}"),
-                })?;
-            Ok(Some(u32::try_from(cred.pid()).unwrap_or(0)))
-        }
+        Ok(()) => Ok(Some(conn)),
         Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ECONNREFUSED) => Ok(None),
         Err(e) => Err(HandoverError::Socket {
             path,
             message: format!("connect: {e}"),
         }),
     }
+}
+
+/// Whether an agent serves `state_dir`'s handover socket: the pid it runs
+/// as, or `None` when nobody listens there. Connects and closes without a
+/// hello, which the agent logs at info and otherwise ignores.
+pub fn agent_running(state_dir: &Path) -> Result<Option<u32>, HandoverError> {
+    dial(state_dir)?
+        .map(|conn| check_peer(&conn).map_err(exchange_err(None)))
+        .transpose()
 }
 
 /// The listeners a running agent handed over, until this agent says it
@@ -318,19 +320,9 @@ pub fn take_over(
     node: &str,
     cgroup_id: u64,
 ) -> Result<Option<Inherited>, HandoverError> {
-    let path = state_dir.join(SOCKET);
-    let addr = unix_addr(&path)?;
-    let conn = seqpacket(&path)?;
-    match connect(conn.as_raw_fd(), &addr) {
-        Ok(()) => {}
-        Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ECONNREFUSED) => return Ok(None),
-        Err(e) => {
-            return Err(HandoverError::Socket {
-                path,
-                message: format!("connect: {e}"),
-            });
-        }
-    }
+    let Some(conn) = dial(state_dir)? else {
+        return Ok(None);
+    };
     let peer = check_peer(&conn).map_err(exchange_err(None))?;
     let hello = Message::Hello {
         protocol: PROTOCOL.into(),

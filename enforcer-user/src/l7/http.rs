@@ -460,16 +460,15 @@ fn headers_input(parts: &Parts, authority: &str) -> Map<String, Value> {
 }
 
 fn address(addr: std::net::SocketAddr, principal: Option<&str>) -> Value {
-    let mut socket = Map::new();
-    socket.insert(
-        "address".into(),
-        addr.ip().to_canonical().to_string().into(),
-    );
-    socket.insert("portValue".into(), addr.port().into());
-    let mut address = Map::new();
-    address.insert("socketAddress".into(), Value::Object(socket));
-    let mut v = Map::new();
-    v.insert("address".into(), Value::Object(address));
+    let socket = Map::from_iter([
+        (
+            "address".into(),
+            addr.ip().to_canonical().to_string().into(),
+        ),
+        ("portValue".into(), addr.port().into()),
+    ]);
+    let address = Map::from_iter([("socketAddress".into(), Value::Object(socket))]);
+    let mut v = Map::from_iter([("address".into(), Value::Object(address))]);
     if let Some(p) = principal {
         v.insert("principal".into(), p.into());
     }

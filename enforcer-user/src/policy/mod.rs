@@ -890,8 +890,9 @@ impl Policy {
         (cache.decisions.len(), cache.bytes)
     }
 
-    /// The cache's generation; read under the cache's lock (it moves only
-    /// under it) when a decision is looked up or kept.
+    /// The cache's generation. It moves only under the cache's lock; a
+    /// decision reads it without the lock before the policy, and again
+    /// under the lock when its result is looked up or kept.
     fn current_generation(&self) -> u64 {
         self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
