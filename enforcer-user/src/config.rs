@@ -873,6 +873,104 @@ pub enum LogFormat {
     Text,
 }
 
+/// `node_name` names a directory under bpffs (the instance's pins): one
+/// path component, never `.`/`..`.
+fn check_node_name(path: &Path, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        || name.starts_with('.')
+    {
+        return Err(ConfigError::invalid(
+            path,
+            "node_name",
+            format!("{name:?} must be non-empty ASCII letters, digits, '-', '_' or '.'"),
+        ));
+    }
+    Ok(())
+}
+
+/// What `enforcer detach` needs of a config: where its instance's pins are
+/// (`capture.bpffs`, `node_name`) and where a running agent of it answers
+/// (`identity.state_dir`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DetachKeys {
+    pub node_name: String,
+    pub bpffs: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+impl DetachKeys {
+    pub fn of(cfg: &Config) -> Self {
+        Self {
+            node_name: cfg.node_name.clone(),
+            bpffs: cfg.capture.bpffs.clone(),
+            state_dir: cfg.identity.state_dir.clone(),
+        }
+    }
+
+    /// These three keys alone (with their defaults), from a config that no
+    /// longer loads as a whole — a key an upgrade refuses, a typo made
+    /// after the agent started — so that uninstalling never depends on the
+    /// rest of the file. Every other key is ignored, whatever it holds;
+    /// these are checked as a full load checks them.
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// [`DetachKeys::read`] of a config file's text.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        #[derive(Deserialize)]
+        struct Keys {
+            #[serde(default = "default_node_name")]
+            node_name: String,
+            #[serde(default)]
+            capture: Capture,
+            #[serde(default)]
+            identity: Identity,
+        }
+        #[derive(Deserialize)]
+        struct Capture {
+            #[serde(default = "default_bpffs")]
+            bpffs: PathBuf,
+        }
+        impl Default for Capture {
+            fn default() -> Self {
+                Self {
+                    bpffs: default_bpffs(),
+                }
+            }
+        }
+        #[derive(Deserialize)]
+        struct Identity {
+            #[serde(default = "default_state_dir")]
+            state_dir: PathBuf,
+        }
+        impl Default for Identity {
+            fn default() -> Self {
+                Self {
+                    state_dir: default_state_dir(),
+                }
+            }
+        }
+        let keys: Keys = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        check_node_name(path, &keys.node_name)?;
+        Ok(Self {
+            node_name: keys.node_name,
+            bpffs: keys.capture.bpffs,
+            state_dir: keys.identity.state_dir,
+        })
+    }
+}
+
 fn default_node_name() -> String {
     nix::unistd::gethostname()
         .ok()
@@ -984,21 +1082,7 @@ impl Config {
             key: key.into(),
             message,
         };
-        if self.node_name.is_empty()
-            || !self
-                .node_name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-            || self.node_name.starts_with('.')
-        {
-            return Err(invalid(
-                "node_name",
-                format!(
-                    "{:?} must be non-empty ASCII letters, digits, '-', '_' or '.'",
-                    self.node_name
-                ),
-            ));
-        }
+        check_node_name(path, &self.node_name)?;
         if !self.capture.cgroup.is_absolute() {
             return Err(invalid(
                 "capture.cgroup",
@@ -1430,6 +1514,46 @@ mod tests {
     }
 
     const MIN: &str = "[capture]\ncgroup = \"/sys/fs/cgroup/x\"\n";
+
+    #[test]
+    fn detach_reads_its_keys_from_a_config_that_no_longer_loads() {
+        let path = Path::new("test.toml");
+        let text = format!(
+            "node_name = \"n1\"\n{MIN}bpffs = \"/mnt/bpf\"\nno_such_key = 1\n[identity]\nstate_dir = \"/srv/enf\"\nsvid_ttl_secs = \"soon\"\n[no_such_table]\nx = 1\n"
+        );
+        assert!(parse(&text).is_err(), "the whole file does not load");
+        let keys = DetachKeys::parse(path, &text).expect("the three keys");
+        assert_eq!(
+            keys,
+            DetachKeys {
+                node_name: "n1".into(),
+                bpffs: "/mnt/bpf".into(),
+                state_dir: "/srv/enf".into(),
+            }
+        );
+        // Absent, they are what a full load defaults them to.
+        let whole = parse(MIN).expect("valid");
+        assert_eq!(
+            DetachKeys::parse(path, "[other]\nx = 1\n").expect("defaults"),
+            DetachKeys::of(&whole)
+        );
+        // Checked as a full load checks them: the pin directory it names is
+        // one component below bpffs, never a path out of it.
+        for bad in ["\"..\"", "\"../../etc\"", "\"\"", "\"a/b\""] {
+            let err = DetachKeys::parse(path, &format!("node_name = {bad}\n"))
+                .expect_err(bad)
+                .to_string();
+            assert!(err.contains("node_name"), "{bad}: {err}");
+        }
+        let err = DetachKeys::parse(path, "[capture]\nbpffs = 5\n")
+            .expect_err("a number for a path")
+            .to_string();
+        assert!(err.contains("bpffs"), "{err}");
+        let err = DetachKeys::parse(path, "node_name = \"n1\n")
+            .expect_err("not TOML")
+            .to_string();
+        assert!(err.contains("test.toml"), "{err}");
+    }
 
     #[test]
     fn minimal_config_gets_safe_defaults() {

@@ -277,6 +277,31 @@ fn init_logging(cfg: &Config) {
     }
 }
 
+/// The keys `enforcer detach` needs: from the config loaded whole, or,
+/// when it no longer loads, from those three keys alone, saying so —
+/// uninstalling must not depend on the rest of the file (an agent that
+/// cannot start on it keeps its pins, and so its programs, attached).
+fn detach_keys(config: &std::path::Path) -> anyhow::Result<enforcer::config::DetachKeys> {
+    use enforcer::config::DetachKeys;
+    let whole = match enforcer::settings::load(config) {
+        Ok(cfg) => return Ok(DetachKeys::of(&cfg)),
+        Err(e) => e,
+    };
+    let keys = DetachKeys::read(config).map_err(|e| {
+        anyhow::anyhow!(
+            "{whole}; nor could node_name, capture.bpffs and identity.state_dir be read alone ({e}): fix the file, or remove the instance's pins by hand (rm -r <capture.bpffs>/enforcer/v{}/<node_name>)",
+            enforcer_common::LAYOUT_VERSION
+        )
+    })?;
+    eprintln!(
+        "warning: {whole}\n  detaching by node_name {:?}, capture.bpffs {} and identity.state_dir {} as the file gives them; its other keys are not read",
+        keys.node_name,
+        keys.bpffs.display(),
+        keys.state_dir.display()
+    );
+    Ok(keys)
+}
+
 /// `RUST_BACKTRACE=1`, set for panics' backtraces, also has every error
 /// value capture a stack trace, and the policy engine builds error values on
 /// ordinary lookups (regorus, for a rule path such as `grants[dst][src]`):
@@ -329,14 +354,14 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Detach { config, force } => {
-            let cfg = enforcer::settings::load(&config)?;
-            let dir = enforcer::capture::pin_dir(&cfg.capture.bpffs, &cfg.node_name);
+            let keys = detach_keys(&config)?;
+            let dir = enforcer::capture::pin_dir(&keys.bpffs, &keys.node_name);
             // The pins are what holds the programs attached (the agent
             // keeps no link of its own): detached under a running agent,
             // its workloads would connect direct, uncaptured, while it
             // reports itself ready.
             if !force {
-                let state_dir = &cfg.identity.state_dir;
+                let state_dir = &keys.state_dir;
                 let running = enforcer::handover::agent_running(state_dir).with_context(|| {
                     format!(
                         "checking whether an agent of {} runs (--force detaches without checking)",
@@ -351,7 +376,7 @@ fn main() -> anyhow::Result<()> {
                     );
                 }
             }
-            if enforcer::capture::detach(&cfg.capture.bpffs, &cfg.node_name)? {
+            if enforcer::capture::detach(&keys.bpffs, &keys.node_name)? {
                 println!("detached: removed {}", dir.display());
             } else {
                 println!("nothing to detach: {} does not exist", dir.display());

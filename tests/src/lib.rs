@@ -832,6 +832,23 @@ impl Drop for Testbed {
                 .env("RUNTIME_DIRECTORY", self.dir.join("run"))
                 .output();
         }
+        // Pins `detach` left (a config a test broke on purpose, an agent
+        // that pinned under another name): removed by hand, loudly, so no
+        // program stays attached after the test.
+        let prefix = format!("{}-", self.id);
+        let layouts = fs::read_dir("/sys/fs/bpf/enforcer")
+            .into_iter()
+            .flatten()
+            .flatten();
+        for e in layouts.flat_map(|v| fs::read_dir(v.path()).into_iter().flatten().flatten()) {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                eprintln!(
+                    "testbed: `enforcer detach` left {}; removing it by hand",
+                    e.path().display()
+                );
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
         for ns in &self.netns {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }

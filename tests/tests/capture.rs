@@ -388,6 +388,54 @@ fn detach_refuses_while_an_agent_of_its_config_runs() {
 }
 
 #[test]
+fn detach_works_from_a_config_that_no_longer_loads() {
+    // An agent that cannot start on its config (a key an upgrade refuses, a
+    // typo since it started) leaves its pins, and so its programs, attached:
+    // uninstalling must not depend on the rest of the file. Before, detach
+    // refused with the config's error and left them (as this suite's own
+    // cleanup did after a test that broke a config on purpose).
+    let (mut tb, a, _b, enf) = two_nodes("detachbroken");
+    let cfg = tb.dir.join("a.toml");
+    let pins = format!("/sys/fs/bpf/enforcer/v2/{}", tb.node_instance(&a));
+    let run_dir = tb.dir.join("run");
+    let detach = || {
+        std::process::Command::new(enforcer_tests::enforcer_bin())
+            .args(["detach", "--config"])
+            .arg(&cfg)
+            .env("RUNTIME_DIRECTORY", &run_dir)
+            .output()
+            .expect("enforcer detach")
+    };
+    tb.stop(enf.pid).expect("stop the agent");
+    assert!(std::path::Path::new(&pins).exists(), "the agent pinned");
+    let text = std::fs::read_to_string(&cfg).expect("a.toml");
+    // Not TOML at all: nothing can be read, so nothing is removed, and the
+    // error says how to remove the pins by hand.
+    std::fs::write(&cfg, format!("{text}\n[capture\n")).expect("a.toml");
+    let out = detach();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("by hand") && err.contains("rm -r"),
+        "detach of a file that is not TOML must fail, saying what to do: {out:?}"
+    );
+    assert!(std::path::Path::new(&pins).exists(), "nothing was removed");
+    // TOML with a table no release knows: detached by its node_name,
+    // capture.bpffs and identity.state_dir, with a warning naming why.
+    std::fs::write(&cfg, format!("{text}\n[no_such_table]\nkey = 1\n")).expect("a.toml");
+    let out = detach();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "detach of a config that no longer loads: {out:?}"
+    );
+    assert!(
+        err.contains("warning") && err.contains("no_such_table") && err.contains("node_name"),
+        "detach says the file did not load and what it went by: {err}"
+    );
+    assert!(!std::path::Path::new(&pins).exists(), "the pins are gone");
+}
+
+#[test]
 fn enforcer_inside_captured_subtree_does_not_capture_itself() {
     let (_tb, a, b, enf) = two_nodes_with("self", "", Some("enforcer.service"));
     let url = format!("http://{}:8080/", b.ipv4);
