@@ -110,11 +110,11 @@ const ATTACHED_MARK: &str = "capture-attached";
 /// in the slice start only once their connections are captured — never
 /// before, uncaptured — and not at all if the agent never attached (fail
 /// closed). Elsewhere, nothing.
-async fn mark_attached(cgroup: &Path) {
+async fn mark_attached(cgroup: &Path, pins: &Path) {
     let Some(dir) = runtime_dir() else {
         return;
     };
-    let text = format!("{}\n", cgroup.display());
+    let text = mark_text(cgroup, pins);
     let path = dir.join(ATTACHED_MARK);
     let written = tokio::task::spawn_blocking(move || {
         let tmp = dir.join(format!("{ATTACHED_MARK}.{}", std::process::id()));
@@ -143,22 +143,61 @@ fn runtime_dir() -> Option<PathBuf> {
 /// run from a shell (no `RUNTIME_DIRECTORY`).
 const UNIT_RUNTIME_DIR: &str = "/run/enforcer";
 
-/// `enforcer detach`: removes [`ATTACHED_MARK`] (in `RUNTIME_DIRECTORY`, or
-/// the shipped unit's `/run/enforcer`), since the capture it vouches for is
-/// gone. Kept, a slice stopped and started again within the boot would pass
-/// its assertion and start its workloads uncaptured with the agent unable
-/// to attach. The path removed, or `None` when there was none.
-pub fn unmark_attached() -> anyhow::Result<Option<PathBuf>> {
-    unmark_attached_in(&runtime_dir().unwrap_or_else(|| PathBuf::from(UNIT_RUNTIME_DIR)))
+/// The mark's text: the captured cgroup, then `pins <dir>`, the pin
+/// directory of the instance that wrote it (whose mark it is).
+fn mark_text(cgroup: &Path, pins: &Path) -> String {
+    format!("{}\npins {}\n", cgroup.display(), pins.display())
 }
 
-/// Removes [`ATTACHED_MARK`] from `dir`: the path removed, or `None` when
-/// there was none.
-fn unmark_attached_in(dir: &Path) -> anyhow::Result<Option<PathBuf>> {
+/// What became of a capture mark.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Unmarked {
+    Removed(PathBuf),
+    /// There was none.
+    Absent,
+    /// Another instance's (its pins named): that capture is still there.
+    Kept {
+        path: PathBuf,
+        pins: String,
+    },
+}
+
+/// `enforcer detach` of the instance pinned at `pins`: removes
+/// [`ATTACHED_MARK`] (in `RUNTIME_DIRECTORY`, or the shipped unit's
+/// `/run/enforcer`), since the capture it vouches for is gone. Kept, a slice
+/// stopped and started again within the boot would pass its assertion and
+/// start its workloads uncaptured with the agent unable to attach.
+pub fn unmark_attached(pins: &Path) -> anyhow::Result<Unmarked> {
+    unmark_attached_in(
+        &runtime_dir().unwrap_or_else(|| PathBuf::from(UNIT_RUNTIME_DIR)),
+        pins,
+    )
+}
+
+/// Removes [`ATTACHED_MARK`] from `dir` unless it names another instance's
+/// pins than `pins` (a second agent on the host, under another
+/// `node_name`, whose capture is in place). A mark that names none (an
+/// earlier release's) or cannot be read is removed: at worst the slice
+/// waits for an agent to attach again.
+fn unmark_attached_in(dir: &Path, pins: &Path) -> anyhow::Result<Unmarked> {
     let path = dir.join(ATTACHED_MARK);
+    match std::fs::read_to_string(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Unmarked::Absent),
+        Ok(text) => {
+            if let Some(other) = text.lines().find_map(|l| l.strip_prefix("pins "))
+                && Path::new(other) != pins
+            {
+                return Ok(Unmarked::Kept {
+                    path,
+                    pins: other.to_owned(),
+                });
+            }
+        }
+        Err(_) => {}
+    }
     match std::fs::remove_file(&path) {
-        Ok(()) => Ok(Some(path)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Ok(()) => Ok(Unmarked::Removed(path)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Unmarked::Absent),
         Err(e) => Err(e).with_context(|| {
             format!(
                 "removing {}: it still says the capture is attached, so enforced.slice would start its workloads uncaptured; remove it by hand",
@@ -598,7 +637,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
             pods: &found.cookies,
         },
     )?);
-    mark_attached(&cgroup.path).await;
+    mark_attached(&cgroup.path, &capture.pin_dir).await;
     let mut plaintext_handler = None;
     if let Some((v4, v6)) = plaintext {
         let handler = Arc::new(Plaintext {
@@ -1128,13 +1167,19 @@ async fn watch_pins(dir: PathBuf, admin: Arc<AdminState>) {
             // Nor does the mark say otherwise: a slice started again would
             // pass its assertion (only where this agent wrote it).
             if let Some(run) = runtime_dir() {
-                let removed = crate::chores::run(move || unmark_attached_in(&run))
+                let pins = dir.clone();
+                let removed = crate::chores::run(move || unmark_attached_in(&run, &pins))
                     .await
                     .map_err(anyhow::Error::from)
                     .and_then(|r| r);
                 match removed {
-                    Ok(Some(path)) => info!(path = %path.display(), "capture mark removed"),
-                    Ok(None) => {}
+                    Ok(Unmarked::Removed(path)) => {
+                        info!(path = %path.display(), "capture mark removed")
+                    }
+                    Ok(Unmarked::Absent) => {}
+                    Ok(Unmarked::Kept { path, pins }) => {
+                        info!(path = %path.display(), pins, "capture mark kept: another instance's")
+                    }
                     Err(e) => warn!(error = %format!("{e:#}"), "capture mark kept"),
                 }
             }
@@ -1200,5 +1245,44 @@ async fn reload_entries(
                 warn!(path = %path.display(), error = %format!("{e:#}"), "config change rejected; the previous registration entries stay in force")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detach_removes_its_own_mark_and_keeps_another_instances() {
+        let dir = std::env::temp_dir().join(format!("enforcer-mark-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let mark = dir.join(ATTACHED_MARK);
+        let ours = Path::new("/sys/fs/bpf/enforcer/v2/n1");
+        let theirs = Path::new("/sys/fs/bpf/enforcer/v2/n2");
+        let cgroup = Path::new("/sys/fs/cgroup/enforced.slice");
+        assert_eq!(
+            unmark_attached_in(&dir, ours).expect("none"),
+            Unmarked::Absent
+        );
+        // Another instance's mark: its capture is still in place.
+        std::fs::write(&mark, mark_text(cgroup, theirs)).expect("mark");
+        assert_eq!(
+            unmark_attached_in(&dir, ours).expect("kept"),
+            Unmarked::Kept {
+                path: mark.clone(),
+                pins: theirs.display().to_string()
+            }
+        );
+        assert!(mark.exists());
+        // Its own, and one of an earlier release (no pins line): removed.
+        for text in [mark_text(cgroup, ours), format!("{}\n", cgroup.display())] {
+            std::fs::write(&mark, text).expect("mark");
+            assert_eq!(
+                unmark_attached_in(&dir, ours).expect("removed"),
+                Unmarked::Removed(mark.clone())
+            );
+            assert!(!mark.exists());
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -383,11 +383,16 @@ fn main() -> anyhow::Result<()> {
             }
             // Also when nothing was pinned: a mark left by an earlier
             // instance vouches for a capture that is not there.
-            if let Some(mark) = enforcer::agent::unmark_attached()? {
-                println!(
+            match enforcer::agent::unmark_attached(&dir)? {
+                enforcer::agent::Unmarked::Removed(mark) => println!(
                     "removed {}: enforced.slice starts its workloads only once an agent attaches again",
                     mark.display()
-                );
+                ),
+                enforcer::agent::Unmarked::Kept { path, pins } => println!(
+                    "kept {}: it is the mark of the instance pinned at {pins}, not of this one",
+                    path.display()
+                ),
+                enforcer::agent::Unmarked::Absent => {}
             }
             Ok(())
         }

@@ -357,7 +357,10 @@ fn detach_refuses_while_an_agent_of_its_config_runs() {
         .start_enforcer_env(&a, &cfg, None, &[("RUNTIME_DIRECTORY", &run)])
         .expect("the agent again");
     let mark = run_dir.join("capture-attached");
-    assert!(mark.exists(), "the agent writes its mark once attached");
+    assert!(
+        std::fs::read_to_string(&mark).is_ok_and(|t| t.contains(&format!("pins {pins}"))),
+        "the agent writes its mark, naming its pins, once attached"
+    );
     assert_eq!(
         a.http_get(enf.metrics_addr, "/readyz").expect("readyz").0,
         200
@@ -422,6 +425,15 @@ fn detach_works_from_a_config_that_no_longer_loads() {
     // TOML with a table no release knows: detached by its node_name,
     // capture.bpffs and identity.state_dir, with a warning naming why.
     std::fs::write(&cfg, format!("{text}\n[no_such_table]\nkey = 1\n")).expect("a.toml");
+    // The runtime directory holds another instance's mark (an agent of the
+    // host under another node_name, still attached): kept.
+    std::fs::create_dir_all(&run_dir).expect("runtime directory");
+    let mark = run_dir.join("capture-attached");
+    std::fs::write(
+        &mark,
+        "/sys/fs/cgroup/enforced.slice\npins /sys/fs/bpf/enforcer/v2/another-node\n",
+    )
+    .expect("mark");
     let out = detach();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -433,6 +445,15 @@ fn detach_works_from_a_config_that_no_longer_loads() {
         "detach says the file did not load and what it went by: {err}"
     );
     assert!(!std::path::Path::new(&pins).exists(), "the pins are gone");
+    assert!(
+        mark.exists() && String::from_utf8_lossy(&out.stdout).contains("another-node"),
+        "another instance's mark is kept, saying whose it is: {out:?}"
+    );
+    // Its own mark (as the agent wrote it) goes, also with nothing pinned.
+    std::fs::write(&mark, format!("/sys/fs/cgroup/x\npins {pins}\n")).expect("mark");
+    let out = detach();
+    assert!(out.status.success(), "{out:?}");
+    assert!(!mark.exists(), "its own mark is removed: {out:?}");
 }
 
 #[test]
