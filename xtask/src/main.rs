@@ -298,7 +298,9 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     ])?;
     let mut args = vec!["test", "--workspace", "--exclude", "enforcer-ebpf"];
     args.extend(extra.iter().map(String::as_str));
+    let before = Leftovers::read();
     let (passed, failed, status) = tally(&args)?;
+    let leaked = Leftovers::read().since(&before);
     if hp < 3 {
         bail!("the fuzz harness checks did not run ({hp} passed)");
     }
@@ -310,7 +312,116 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     if passed == 0 {
         bail!("no test ran");
     }
+    if !leaked.is_empty() {
+        bail!(
+            "the tests left on this host (now removed): {}. A test must clean up what it makes (the testbed's drop does: netns, cgroups, `enforcer detach`)",
+            leaked.join(", ")
+        );
+    }
     Ok(())
+}
+
+/// What the integration tests make on the host and must remove: agent
+/// instances' bpffs pins (programs attached for as long as they exist),
+/// network namespaces and the testbeds' cgroups. Read before and after
+/// the tests: whatever is new afterwards leaked.
+struct Leftovers {
+    pins: std::collections::BTreeSet<std::path::PathBuf>,
+    netns: std::collections::BTreeSet<String>,
+    cgroups: std::collections::BTreeSet<std::path::PathBuf>,
+}
+
+const PINS: &str = "/sys/fs/bpf/enforcer";
+
+impl Leftovers {
+    fn read() -> Self {
+        let entries = |dir: &std::path::Path| {
+            std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .collect::<Vec<_>>()
+        };
+        let name = |p: &std::path::Path| p.file_name().map(|n| n.to_string_lossy().into_owned());
+        // <bpffs>/enforcer/v<layout>/<instance>, of a testbed's instances
+        // alone (`<test>-<pid>-<seq>-<node>`): an agent of the host's that
+        // started meanwhile is none of the tests' business.
+        let pins = entries(std::path::Path::new(PINS))
+            .iter()
+            .flat_map(|layout| entries(layout))
+            .filter(|p| name(p).is_some_and(|n| is_test_instance(&n)))
+            .collect();
+        let netns = entries(std::path::Path::new("/run/netns"))
+            .iter()
+            .filter_map(|p| name(p))
+            .filter(|n| n.starts_with("enft-"))
+            .collect();
+        let cgroups = cgroup2_mount()
+            .map(|m| entries(&m))
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("enforcer-test-"))
+            })
+            .collect();
+        Self {
+            pins,
+            netns,
+            cgroups,
+        }
+    }
+
+    /// What is here now and was not `before`, each removed (the pins by
+    /// unlinking them, which detaches their programs).
+    fn since(&self, before: &Self) -> Vec<String> {
+        let mut leaked = Vec::new();
+        for p in self.pins.difference(&before.pins) {
+            let _ = std::fs::remove_dir_all(p);
+            leaked.push(format!("pins {}", p.display()));
+        }
+        for n in self.netns.difference(&before.netns) {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+            leaked.push(format!("netns {n}"));
+        }
+        for c in self.cgroups.difference(&before.cgroups) {
+            // Empty by now, or it holds a process a test left running
+            // (named, not killed here: only the test knows it is its own).
+            if std::fs::remove_dir(c).is_err() {
+                leaked.push(format!("cgroup {} (could not be removed)", c.display()));
+            } else {
+                leaked.push(format!("cgroup {}", c.display()));
+            }
+        }
+        // The directories the agents made above their instances, when
+        // the tests made them and left them empty.
+        if before.pins.is_empty() {
+            for layout in std::fs::read_dir(PINS).into_iter().flatten().flatten() {
+                let _ = std::fs::remove_dir(layout.path());
+            }
+            let _ = std::fs::remove_dir(PINS);
+        }
+        leaked
+    }
+}
+
+/// A testbed's agent instance name: `<test>-<pid>-<seq>-<node>`.
+fn is_test_instance(name: &str) -> bool {
+    let parts: Vec<&str> = name.rsplitn(4, '-').collect();
+    let numeric = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    parts.len() == 4 && numeric(parts[1]) && numeric(parts[2])
+}
+
+/// Where the cgroup2 hierarchy is mounted (the unified one on a hybrid
+/// host).
+fn cgroup2_mount() -> Option<std::path::PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        (right.split_whitespace().next()? == "cgroup2")
+            .then(|| left.split_whitespace().nth(4).map(std::path::PathBuf::from))?
+    })
 }
 
 /// Runs cargo with `args`, forwarding its output live and tallying every
@@ -344,6 +455,15 @@ fn count(line: &str, what: &str) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn testbed_instances_are_told_from_the_hosts() {
+        assert!(super::is_test_instance("upgbroken-14577-5-a"));
+        assert!(super::is_test_instance("detachrun-2444-0-b"));
+        assert!(!super::is_test_instance("node1"));
+        assert!(!super::is_test_instance("worker-3"));
+        assert!(!super::is_test_instance("a-b-c-d"));
+    }
+
     #[test]
     fn counts_are_read_from_cargo_test_result_lines() {
         let l = "ok. 10 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 6.97s";
