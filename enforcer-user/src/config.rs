@@ -914,7 +914,10 @@ impl DetachKeys {
     /// longer loads as a whole — a key an upgrade refuses, a typo made
     /// after the agent started — so that uninstalling never depends on the
     /// rest of the file. Every other key is ignored, whatever it holds;
-    /// these are checked as a full load checks them.
+    /// these are checked as a full load checks them. The file must still
+    /// have what every config has, `[capture]` with its `cgroup`: any other
+    /// TOML file given by mistake would otherwise name the host's default
+    /// instance and detach it.
     pub fn read(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
@@ -929,22 +932,17 @@ impl DetachKeys {
         struct Keys {
             #[serde(default = "default_node_name")]
             node_name: String,
-            #[serde(default)]
             capture: Capture,
             #[serde(default)]
             identity: Identity,
         }
         #[derive(Deserialize)]
         struct Capture {
+            /// Required, as in every config; not used.
+            #[serde(rename = "cgroup")]
+            _cgroup: serde::de::IgnoredAny,
             #[serde(default = "default_bpffs")]
             bpffs: PathBuf,
-        }
-        impl Default for Capture {
-            fn default() -> Self {
-                Self {
-                    bpffs: default_bpffs(),
-                }
-            }
         }
         #[derive(Deserialize)]
         struct Identity {
@@ -1534,18 +1532,27 @@ mod tests {
         // Absent, they are what a full load defaults them to.
         let whole = parse(MIN).expect("valid");
         assert_eq!(
-            DetachKeys::parse(path, "[other]\nx = 1\n").expect("defaults"),
+            DetachKeys::parse(path, &format!("{MIN}[other]\nx = 1\n")).expect("defaults"),
             DetachKeys::of(&whole)
         );
+        // Not a config of enforcer's at all (no `[capture]` with its
+        // `cgroup`): refused, not read as the host's default instance.
+        for other in ["[package]\nname = \"x\"\n", "[capture]\nbpffs = \"/b\"\n"] {
+            let err = DetachKeys::parse(path, other).expect_err(other).to_string();
+            assert!(
+                err.contains("capture") || err.contains("cgroup"),
+                "{other}: {err}"
+            );
+        }
         // Checked as a full load checks them: the pin directory it names is
         // one component below bpffs, never a path out of it.
         for bad in ["\"..\"", "\"../../etc\"", "\"\"", "\"a/b\""] {
-            let err = DetachKeys::parse(path, &format!("node_name = {bad}\n"))
+            let err = DetachKeys::parse(path, &format!("node_name = {bad}\n{MIN}"))
                 .expect_err(bad)
                 .to_string();
             assert!(err.contains("node_name"), "{bad}: {err}");
         }
-        let err = DetachKeys::parse(path, "[capture]\nbpffs = 5\n")
+        let err = DetachKeys::parse(path, &format!("{MIN}bpffs = 5\n"))
             .expect_err("a number for a path")
             .to_string();
         assert!(err.contains("bpffs"), "{err}");
