@@ -16,6 +16,10 @@
 //! `enforcer-cni install --bin-dir D --conf-dir D [--socket P]` (the
 //! DaemonSet's init container) copies this binary into the node's CNI
 //! binary directory and appends the plugin to the node's first conflist.
+//! `enforcer-cni uninstall --bin-dir D --conf-dir D` undoes it (the
+//! uninstall DaemonSet, deploy/kubernetes/enforcer-uninstall.yaml): the
+//! plugin taken out of every conflist that chains it, then the binary
+//! removed, so that pods start again once no agent serves the node.
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     os::unix::net::UnixStream,
@@ -56,16 +60,24 @@ const TRY_AGAIN: u32 = 11;
 /// Plugin-specific: the agent refused to serve the pod.
 const REFUSED: u32 = 100;
 
+/// `install` or `uninstall`: the message printed on success.
+type AdminCommand = fn(&[String]) -> Result<String, String>;
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("install") {
-        match install(&args[1..]) {
+    let admin: Option<(&str, AdminCommand)> = match args.first().map(String::as_str) {
+        Some("install") => Some(("install", install)),
+        Some("uninstall") => Some(("uninstall", uninstall)),
+        _ => None,
+    };
+    if let Some((name, run)) = admin {
+        match run(&args[1..]) {
             Ok(msg) => {
                 println!("{msg}");
                 std::process::exit(0)
             }
             Err(e) => {
-                eprintln!("enforcer-cni install: {e}");
+                eprintln!("enforcer-cni {name}: {e}");
                 std::process::exit(1)
             }
         }
@@ -317,6 +329,86 @@ fn install(args: &[String]) -> Result<String, String> {
     ))
 }
 
+/// `uninstall --bin-dir D --conf-dir D`: every `*.conflist` in the conf
+/// directory without `enforcer-cni` (rewritten whole, then renamed over the
+/// old one), then the binary removed — in that order, so a runtime never
+/// calls a plugin that is gone. Idempotent.
+fn uninstall(args: &[String]) -> Result<String, String> {
+    let mut bin_dir = None;
+    let mut conf_dir = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().cloned().ok_or(format!("{a} needs a value"));
+        match a.as_str() {
+            "--bin-dir" => bin_dir = Some(PathBuf::from(value()?)),
+            "--conf-dir" => conf_dir = Some(PathBuf::from(value()?)),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    let bin_dir = bin_dir.ok_or("--bin-dir is required")?;
+    let conf_dir = conf_dir.ok_or("--conf-dir is required")?;
+    let mut lists: Vec<PathBuf> = std::fs::read_dir(&conf_dir)
+        .map_err(|e| format!("reading {}: {e}", conf_dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "conflist"))
+        .collect();
+    lists.sort();
+    let mut unchained = Vec::new();
+    for conflist in lists {
+        let text = std::fs::read_to_string(&conflist)
+            .map_err(|e| format!("reading {}: {e}", conflist.display()))?;
+        let Some(updated) =
+            without_plugin(&text).map_err(|e| format!("{}: {e}", conflist.display()))?
+        else {
+            continue;
+        };
+        let tmp = conflist.with_extension("conflist.enforcer-tmp");
+        std::fs::write(&tmp, updated).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, &conflist)
+            .map_err(|e| format!("updating {}: {e}", conflist.display()))?;
+        unchained.push(conflist.display().to_string());
+    }
+    let target = bin_dir.join("enforcer-cni");
+    let removed = match std::fs::remove_file(&target) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(format!("removing {}: {e}", target.display())),
+    };
+    Ok(format!(
+        "enforcer-cni uninstalled: {}; {}",
+        if unchained.is_empty() {
+            format!("no conflist in {} chained it", conf_dir.display())
+        } else {
+            format!("no longer chained by {}", unchained.join(", "))
+        },
+        if removed {
+            format!("{} removed", target.display())
+        } else {
+            format!("{} was not there", target.display())
+        }
+    ))
+}
+
+/// The conflist without `enforcer-cni` among its plugins, or `None` when
+/// it had none. A conflist that is not one (not JSON, no `plugins` array)
+/// is an error: it is not this plugin's to rewrite.
+fn without_plugin(text: &str) -> Result<Option<String>, String> {
+    let mut list: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    let plugins = list
+        .get_mut("plugins")
+        .and_then(Value::as_array_mut)
+        .ok_or("no \"plugins\" array")?;
+    let before = plugins.len();
+    plugins.retain(|p| p.get("type").and_then(Value::as_str) != Some("enforcer-cni"));
+    if plugins.len() == before {
+        return Ok(None);
+    }
+    serde_json::to_string_pretty(&list)
+        .map(Some)
+        .map_err(|e| e.to_string())
+}
+
 /// The conflist a runtime uses: the first `*.conflist` by name.
 fn first_conflist(dir: &Path) -> Result<PathBuf, String> {
     let mut lists: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -387,5 +479,22 @@ mod tests {
         assert_eq!(twice, once);
         assert!(with_plugin("{\"plugins\": 3}", "/s", false).is_err());
         assert!(with_plugin("not json", "/s", false).is_err());
+    }
+
+    #[test]
+    fn uninstall_takes_out_only_the_plugin() {
+        let list = r#"{"cniVersion":"1.0.0","name":"k8s","plugins":[{"type":"bridge"},{"type":"portmap"}]}"#;
+        let (chained, _) = with_plugin(list, "/run/x.sock", false).expect("valid");
+        let out = without_plugin(&chained)
+            .expect("valid")
+            .expect("it chained enforcer-cni");
+        let (v, orig): (Value, Value) = (
+            serde_json::from_str(&out).expect("json"),
+            serde_json::from_str(list).expect("json"),
+        );
+        assert_eq!(v, orig, "the conflist as it was before install");
+        assert_eq!(without_plugin(&out).expect("valid"), None, "idempotent");
+        assert!(without_plugin("{\"plugins\": 3}").is_err());
+        assert!(without_plugin("not json").is_err());
     }
 }

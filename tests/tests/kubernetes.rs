@@ -938,3 +938,138 @@ fn a_capture_record_of_another_pod_is_never_taken() {
     });
     assert!(!tb.server_log(&p2.node, "echo").contains("/stolen"));
 }
+
+/// The init containers' commands of a manifest, in order (`command: [..]`
+/// in flow style under `initContainers:`).
+fn init_commands(manifest: &str) -> Vec<Vec<String>> {
+    let mut inside = false;
+    let mut commands = Vec::new();
+    for line in manifest.lines() {
+        let t = line.trim();
+        if t.starts_with('#') {
+            continue;
+        }
+        if t == "initContainers:" {
+            inside = true;
+        } else if t == "containers:" {
+            inside = false;
+        } else if inside && let Some(list) = t.strip_prefix("command: [") {
+            let list = list.strip_suffix(']').expect("a flow list on one line");
+            commands.push(list.split(',').map(|s| s.trim().to_owned()).collect());
+        }
+    }
+    commands
+}
+
+/// Uninstalling from a node (deploy/kubernetes/enforcer-uninstall.yaml).
+/// The agent fails closed, so with its DaemonSet deleted its node has no
+/// pod network: a captured connect fails and a new pod's CNI ADD fails.
+/// The uninstall DaemonSet's init containers, run here with the commands
+/// the manifest gives them (their host paths mapped to the testbed's),
+/// give it back: a new pod starts with the node's own plugins, and a
+/// connect goes direct. Before, nothing undid either but removing the pins
+/// and editing the conflist by hand on every node.
+#[test]
+fn the_shipped_uninstall_gives_a_node_its_pod_network_back() {
+    let (mut tb, a, b) = Testbed::linked_pair("uninstall").expect("two linked nodes");
+    tb.start_server(
+        &b,
+        "http",
+        &["python3", "-u", "-m", "http.server", "8080", "--bind", "::"],
+        8080,
+    )
+    .expect("http server on b");
+    let cfg = tb.enforcer_config(&a, "").expect("config");
+    let enf = tb.start_enforcer(&a, &cfg).expect("a's agent");
+    // The agent's CNI socket (nobody serves it once the agent is gone).
+    let socket = tb.dir.join("cni.sock");
+    let network = tb.install_pod_network(&socket).expect("the pod network");
+    let url = format!("http://{}:8080/", b.ipv4);
+    let pid = a.get_ok(Some("client.service"), &url);
+    assert!(
+        enf.wait_for_connection(|v| v["pid"] == pid).is_some(),
+        "captured while the agent runs"
+    );
+
+    // The agent's DaemonSet deleted: the node fails closed.
+    tb.stop(enf.pid).expect("stop the agent");
+    let (code, _) = a.http_status(Some("client.service"), &url);
+    assert_eq!(code, "000", "with no agent, a captured connect fails");
+    let (u1, c1) = ("2a2a2a2a-1111-4a5b-8c9d-000000000001", "b1".repeat(32));
+    let mut p1 = tb.pod(&a, "p1", u1, &c1, "apps").expect("pod");
+    let added = tb.cni(&a, &mut p1, &network, "ADD").expect("CNI ADD");
+    assert!(!added.ok, "with no agent, a new pod's ADD fails: {added:?}");
+    let _ = tb.cni(&a, &mut p1, &network, "DEL");
+
+    // The uninstall DaemonSet's init containers, in the manifest's order.
+    let manifest = fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/enforcer-uninstall.yaml"),
+    )
+    .expect("the uninstall manifest");
+    let commands = init_commands(&manifest);
+    let programs: Vec<&str> = commands.iter().map(|c| c[0].as_str()).collect();
+    assert_eq!(programs, ["enforcer-cni", "enforcer"], "{commands:?}");
+    let (bin_dir, conf_dir) = (tb.dir.join("cni/bin"), tb.dir.join("cni/net.d"));
+    let host = |arg: &str| -> String {
+        match arg {
+            "/host/opt/cni/bin" => bin_dir.display().to_string(),
+            "/host/etc/cni/net.d" => conf_dir.display().to_string(),
+            "/etc/enforcer/enforcer.toml" => cfg.display().to_string(),
+            other => {
+                assert!(
+                    !other.starts_with('/'),
+                    "a path the test does not map: {other}"
+                );
+                other.to_owned()
+            }
+        }
+    };
+    // The testbed's runtime directory, never the host's /run/enforcer.
+    let run_dir = tb.dir.join("run");
+    let uninstall = |round: &str| {
+        for command in &commands {
+            let program = match command[0].as_str() {
+                "enforcer-cni" => enforcer_tests::cni::enforcer_cni_bin(),
+                _ => enforcer_tests::enforcer_bin(),
+            };
+            let out = std::process::Command::new(program)
+                .args(command[1..].iter().map(|a| host(a)))
+                .env("RUNTIME_DIRECTORY", &run_dir)
+                .output()
+                .expect("run the init container's command");
+            assert!(out.status.success(), "{round}: {command:?}: {out:?}");
+        }
+    };
+    uninstall("uninstall");
+    let pins = format!("/sys/fs/bpf/enforcer/v2/{}", tb.node_instance(&a));
+    assert!(!Path::new(&pins).exists(), "the pins are gone");
+    assert!(
+        !bin_dir.join("enforcer-cni").exists(),
+        "the plugin's binary is gone"
+    );
+    let conflist: Value = serde_json::from_str(
+        &fs::read_to_string(conf_dir.join("10-k8s.conflist")).expect("conflist"),
+    )
+    .expect("conflist JSON");
+    let types: Vec<&str> = conflist["plugins"]
+        .as_array()
+        .expect("plugins")
+        .iter()
+        .filter_map(|p| p["type"].as_str())
+        .collect();
+    assert_eq!(
+        types,
+        ["bridge"],
+        "the conflist as before install: {conflist:#}"
+    );
+
+    // A new pod starts on the node's own plugins, and connects go direct.
+    let network = [network[0].clone(), conflist];
+    let (u2, c2) = ("2a2a2a2a-2222-4a5b-8c9d-000000000002", "b2".repeat(32));
+    let mut p2 = tb.pod(&a, "p2", u2, &c2, "apps").expect("pod");
+    let added = tb.cni(&a, &mut p2, &network, "ADD").expect("CNI ADD");
+    assert!(added.ok, "a new pod's ADD after the uninstall: {added:?}");
+    a.get_ok(Some("client.service"), &url);
+    // Again: the uninstall is idempotent (a restarted init container).
+    uninstall("run again");
+}
