@@ -15,7 +15,10 @@
 //!
 //! `enforcer-cni install --bin-dir D --conf-dir D [--socket P]` (the
 //! DaemonSet's init container) copies this binary into the node's CNI
-//! binary directory and appends the plugin to the node's first conflist.
+//! binary directory and appends the plugin to the node's first conflist;
+//! with `--watch SECS` (the DaemonSet's `cni-watch` container) it then
+//! checks that every SECS seconds and chains the plugin again when the
+//! network plugin has written its conflist again.
 //! `enforcer-cni uninstall --bin-dir D --conf-dir D` undoes it (the
 //! uninstall DaemonSet, deploy/kubernetes/enforcer-uninstall.yaml): the
 //! plugin taken out of every conflist that chains it, then the binary
@@ -281,12 +284,13 @@ fn ask(socket: &Path, request: &Value, timeout: Duration) -> Result<(), CniError
     }
 }
 
-/// `install --bin-dir D --conf-dir D [--socket P] [--fail-open]`.
+/// `install --bin-dir D --conf-dir D [--socket P] [--fail-open] [--watch SECS]`.
 fn install(args: &[String]) -> Result<String, String> {
     let mut bin_dir = None;
     let mut conf_dir = None;
     let mut socket = DEFAULT_SOCKET.to_owned();
     let mut fail_open = false;
+    let mut watch = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = || it.next().cloned().ok_or(format!("{a} needs a value"));
@@ -295,38 +299,108 @@ fn install(args: &[String]) -> Result<String, String> {
             "--conf-dir" => conf_dir = Some(PathBuf::from(value()?)),
             "--socket" => socket = value()?,
             "--fail-open" => fail_open = true,
+            "--watch" => {
+                let v = value()?;
+                watch = Some(
+                    v.parse::<u64>()
+                        .ok()
+                        .filter(|s| *s > 0)
+                        .ok_or(format!("--watch {v:?}: seconds, a positive integer"))?,
+                )
+            }
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    let bin_dir = bin_dir.ok_or("--bin-dir is required")?;
-    let conf_dir = conf_dir.ok_or("--conf-dir is required")?;
-    let me = std::env::current_exe().map_err(|e| format!("finding this binary: {e}"))?;
-    let target = bin_dir.join("enforcer-cni");
-    // Copied beside, then renamed: a runtime never runs a half-written binary.
-    let tmp = bin_dir.join(".enforcer-cni.tmp");
-    std::fs::copy(&me, &tmp).map_err(|e| format!("copying to {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, &target).map_err(|e| format!("installing {}: {e}", target.display()))?;
-    let conflist = first_conflist(&conf_dir)?;
-    let text = std::fs::read_to_string(&conflist)
-        .map_err(|e| format!("reading {}: {e}", conflist.display()))?;
-    let (updated, changed) = with_plugin(&text, &socket, fail_open)
-        .map_err(|e| format!("{}: {e}", conflist.display()))?;
-    if changed {
-        let tmp = conflist.with_extension("conflist.enforcer-tmp");
-        std::fs::write(&tmp, updated).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
-        std::fs::rename(&tmp, &conflist)
-            .map_err(|e| format!("updating {}: {e}", conflist.display()))?;
+    let plan = Install {
+        bin_dir: bin_dir.ok_or("--bin-dir is required")?,
+        conf_dir: conf_dir.ok_or("--conf-dir is required")?,
+        socket,
+        fail_open,
+    };
+    let done = plan.run(true)?;
+    let Some(secs) = watch else {
+        return Ok(done.unwrap_or_default());
+    };
+    // A network plugin that writes its conflist again (at its own restart
+    // or upgrade) drops the chained plugin, and the node's new pods would
+    // then start without the agent serving them. Watched, it is chained
+    // again within `secs`; the process runs until it is stopped.
+    if let Some(msg) = done {
+        println!("{msg}; watching {} every {secs} s", plan.conf_dir.display());
     }
-    Ok(format!(
-        "enforcer-cni installed as {}; {} {}",
-        target.display(),
-        conflist.display(),
-        if changed {
-            "now chains it"
-        } else {
-            "chains it already"
+    let mut last_error = None;
+    loop {
+        std::thread::sleep(Duration::from_secs(secs));
+        match plan.run(false) {
+            Ok(Some(msg)) => {
+                println!("{msg}");
+                last_error = None;
+            }
+            Ok(None) => last_error = None,
+            // Said once until it changes (a conflist mid-write, none yet).
+            Err(e) if last_error.as_ref() != Some(&e) => {
+                eprintln!("enforcer-cni install: {e}");
+                last_error = Some(e);
+            }
+            Err(_) => {}
         }
-    ))
+    }
+}
+
+/// Where `install` puts the plugin, and how it chains it.
+struct Install {
+    bin_dir: PathBuf,
+    conf_dir: PathBuf,
+    socket: String,
+    fail_open: bool,
+}
+
+impl Install {
+    /// Copies the binary (`first`: always, so an upgrade replaces it;
+    /// after: only when it is gone) and chains the plugin in the first
+    /// conflist when it is not: what was done, `None` when nothing was.
+    fn run(&self, first: bool) -> Result<Option<String>, String> {
+        let target = self.bin_dir.join("enforcer-cni");
+        let copied = first || !target.is_file();
+        if copied {
+            let me = std::env::current_exe().map_err(|e| format!("finding this binary: {e}"))?;
+            // Copied beside, then renamed: a runtime never runs a
+            // half-written binary.
+            let tmp = self.bin_dir.join(".enforcer-cni.tmp");
+            std::fs::copy(&me, &tmp).map_err(|e| format!("copying to {}: {e}", tmp.display()))?;
+            std::fs::rename(&tmp, &target)
+                .map_err(|e| format!("installing {}: {e}", target.display()))?;
+        }
+        let conflist = first_conflist(&self.conf_dir)?;
+        let text = std::fs::read_to_string(&conflist)
+            .map_err(|e| format!("reading {}: {e}", conflist.display()))?;
+        let (updated, changed) = with_plugin(&text, &self.socket, self.fail_open)
+            .map_err(|e| format!("{}: {e}", conflist.display()))?;
+        if changed {
+            let tmp = conflist.with_extension("conflist.enforcer-tmp");
+            std::fs::write(&tmp, updated).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+            std::fs::rename(&tmp, &conflist)
+                .map_err(|e| format!("updating {}: {e}", conflist.display()))?;
+        }
+        if !first && !copied && !changed {
+            return Ok(None);
+        }
+        Ok(Some(format!(
+            "enforcer-cni {} as {}; {} {}",
+            if first {
+                "installed"
+            } else {
+                "installed again"
+            },
+            target.display(),
+            conflist.display(),
+            if changed {
+                "now chains it"
+            } else {
+                "chains it already"
+            }
+        )))
+    }
 }
 
 /// `uninstall --bin-dir D --conf-dir D`: every `*.conflist` in the conf

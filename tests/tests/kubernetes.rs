@@ -1073,3 +1073,96 @@ fn the_shipped_uninstall_gives_a_node_its_pod_network_back() {
     // Again: the uninstall is idempotent (a restarted init container).
     uninstall("run again");
 }
+
+/// The `command: [..]` (flow style, one line) of the container `name` in a
+/// manifest.
+fn container_command(manifest: &str, name: &str) -> Vec<String> {
+    let mut lines = manifest.lines().map(str::trim);
+    lines
+        .find(|l| *l == format!("- name: {name}"))
+        .unwrap_or_else(|| panic!("no container {name} in the manifest"));
+    let list = lines
+        .find_map(|l| l.strip_prefix("command: ["))
+        .and_then(|l| l.strip_suffix(']'))
+        .unwrap_or_else(|| panic!("no one-line command for {name}"));
+    list.split(',')
+        .map(|s| s.trim().trim_matches('"').to_owned())
+        .collect()
+}
+
+/// A network plugin that writes its conflist again (at its own restart or
+/// upgrade) drops the chained `enforcer-cni`, and the node's new pods would
+/// then start without the agent serving them (their connects failing
+/// closed). The DaemonSet's `cni-watch` container, run here with the
+/// manifest's command (host paths mapped to the testbed's), chains it
+/// again: in the conflist written again, in a new first conflist, and puts
+/// the binary back when it is removed. Before, `install` ran once, in the
+/// init container, and nothing noticed.
+#[test]
+fn a_conflist_written_again_is_chained_again() {
+    let tb = Testbed::new("cniwatch").expect("testbed");
+    let manifest = fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/enforcer.yaml"),
+    )
+    .expect("the DaemonSet manifest");
+    let command = container_command(&manifest, "cni-watch");
+    assert_eq!(command[..2], ["enforcer-cni", "install"], "{command:?}");
+    assert!(command.contains(&"--watch".to_owned()), "{command:?}");
+    let (bin_dir, conf_dir) = (tb.dir.join("cni/bin"), tb.dir.join("cni/net.d"));
+    fs::create_dir_all(&bin_dir).expect("bin dir");
+    fs::create_dir_all(&conf_dir).expect("conf dir");
+    let original = r#"{"cniVersion": "1.0.0", "name": "k8s", "plugins": [{"type": "bridge"}]}"#;
+    let list = conf_dir.join("10-k8s.conflist");
+    fs::write(&list, original).expect("conflist");
+    let args: Vec<String> = command[1..]
+        .iter()
+        .map(|a| match a.as_str() {
+            "/host/opt/cni/bin" => bin_dir.display().to_string(),
+            "/host/etc/cni/net.d" => conf_dir.display().to_string(),
+            other => other.to_owned(),
+        })
+        .collect();
+    let log = tb.dir.join("cni-watch.log");
+    /// Stopped however the test ends (it runs until stopped).
+    struct Watcher(std::process::Child);
+    impl Drop for Watcher {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _watcher = Watcher(
+        std::process::Command::new(enforcer_tests::cni::enforcer_cni_bin())
+            .args(&args)
+            .stdout(fs::File::create(&log).expect("log"))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("cni-watch"),
+    );
+    let chains = |path: &Path| {
+        fs::read_to_string(path)
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .is_some_and(|v| {
+                v["plugins"]
+                    .as_array()
+                    .is_some_and(|p| p.iter().any(|p| p["type"] == "enforcer-cni"))
+            })
+    };
+    wait_for("the first install", || chains(&list));
+    // The network plugin writes its conflist again.
+    fs::write(&list, original).expect("conflist written again");
+    wait_for("the rewritten conflist chained again", || chains(&list));
+    // A conflist that now sorts first is the one the runtime uses.
+    let first = conf_dir.join("05-new.conflist");
+    fs::write(&first, original).expect("a new conflist");
+    wait_for("the new first conflist chained", || chains(&first));
+    let bin = bin_dir.join("enforcer-cni");
+    fs::remove_file(&bin).expect("remove the binary");
+    wait_for("the binary put back", || bin.is_file());
+    let said = fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        said.contains("installed again") && said.contains("now chains it"),
+        "each repair is said: {said}"
+    );
+}
