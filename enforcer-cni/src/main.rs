@@ -284,37 +284,62 @@ fn ask(socket: &Path, request: &Value, timeout: Duration) -> Result<(), CniError
     }
 }
 
+/// The options of `install` and `uninstall`.
+struct Opts {
+    bin_dir: PathBuf,
+    conf_dir: PathBuf,
+    socket: Option<String>,
+    fail_open: bool,
+    watch: Option<u64>,
+}
+
+impl Opts {
+    fn parse(args: &[String]) -> Result<Self, String> {
+        let (mut bin_dir, mut conf_dir, mut socket) = (None, None, None);
+        let (mut fail_open, mut watch) = (false, None);
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let mut value = || it.next().cloned().ok_or(format!("{a} needs a value"));
+            match a.as_str() {
+                "--bin-dir" => bin_dir = Some(PathBuf::from(value()?)),
+                "--conf-dir" => conf_dir = Some(PathBuf::from(value()?)),
+                "--socket" => socket = Some(value()?),
+                "--fail-open" => fail_open = true,
+                "--watch" => {
+                    let v = value()?;
+                    watch = Some(
+                        v.parse::<u64>()
+                            .ok()
+                            .filter(|s| *s > 0)
+                            .ok_or(format!("--watch {v:?}: seconds, a positive integer"))?,
+                    )
+                }
+                other => return Err(format!("unknown argument {other:?}")),
+            }
+        }
+        Ok(Self {
+            bin_dir: bin_dir.ok_or("--bin-dir is required")?,
+            conf_dir: conf_dir.ok_or("--conf-dir is required")?,
+            socket,
+            fail_open,
+            watch,
+        })
+    }
+}
+
 /// `install --bin-dir D --conf-dir D [--socket P] [--fail-open] [--watch SECS]`.
 fn install(args: &[String]) -> Result<String, String> {
-    let mut bin_dir = None;
-    let mut conf_dir = None;
-    let mut socket = DEFAULT_SOCKET.to_owned();
-    let mut fail_open = false;
-    let mut watch = None;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = || it.next().cloned().ok_or(format!("{a} needs a value"));
-        match a.as_str() {
-            "--bin-dir" => bin_dir = Some(PathBuf::from(value()?)),
-            "--conf-dir" => conf_dir = Some(PathBuf::from(value()?)),
-            "--socket" => socket = value()?,
-            "--fail-open" => fail_open = true,
-            "--watch" => {
-                let v = value()?;
-                watch = Some(
-                    v.parse::<u64>()
-                        .ok()
-                        .filter(|s| *s > 0)
-                        .ok_or(format!("--watch {v:?}: seconds, a positive integer"))?,
-                )
-            }
-            other => return Err(format!("unknown argument {other:?}")),
-        }
-    }
-    let plan = Install {
-        bin_dir: bin_dir.ok_or("--bin-dir is required")?,
-        conf_dir: conf_dir.ok_or("--conf-dir is required")?,
+    let Opts {
+        bin_dir,
+        conf_dir,
         socket,
+        fail_open,
+        watch,
+    } = Opts::parse(args)?;
+    let plan = Install {
+        bin_dir,
+        conf_dir,
+        socket: socket.unwrap_or_else(|| DEFAULT_SOCKET.to_owned()),
         fail_open,
     };
     let done = plan.run(true)?;
@@ -377,10 +402,7 @@ impl Install {
         let (updated, changed) = with_plugin(&text, &self.socket, self.fail_open)
             .map_err(|e| format!("{}: {e}", conflist.display()))?;
         if changed {
-            let tmp = conflist.with_extension("conflist.enforcer-tmp");
-            std::fs::write(&tmp, updated).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
-            std::fs::rename(&tmp, &conflist)
-                .map_err(|e| format!("updating {}: {e}", conflist.display()))?;
+            replace(&conflist, &updated)?;
         }
         if !first && !copied && !changed {
             return Ok(None);
@@ -408,28 +430,13 @@ impl Install {
 /// old one), then the binary removed — in that order, so a runtime never
 /// calls a plugin that is gone. Idempotent.
 fn uninstall(args: &[String]) -> Result<String, String> {
-    let mut bin_dir = None;
-    let mut conf_dir = None;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = || it.next().cloned().ok_or(format!("{a} needs a value"));
-        match a.as_str() {
-            "--bin-dir" => bin_dir = Some(PathBuf::from(value()?)),
-            "--conf-dir" => conf_dir = Some(PathBuf::from(value()?)),
-            other => return Err(format!("unknown argument {other:?}")),
-        }
+    let opts = Opts::parse(args)?;
+    if opts.socket.is_some() || opts.fail_open || opts.watch.is_some() {
+        return Err("--socket, --fail-open and --watch are install's".into());
     }
-    let bin_dir = bin_dir.ok_or("--bin-dir is required")?;
-    let conf_dir = conf_dir.ok_or("--conf-dir is required")?;
-    let mut lists: Vec<PathBuf> = std::fs::read_dir(&conf_dir)
-        .map_err(|e| format!("reading {}: {e}", conf_dir.display()))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "conflist"))
-        .collect();
-    lists.sort();
+    let (bin_dir, conf_dir) = (opts.bin_dir, opts.conf_dir);
     let mut unchained = Vec::new();
-    for conflist in lists {
+    for conflist in conflists(&conf_dir)? {
         let text = std::fs::read_to_string(&conflist)
             .map_err(|e| format!("reading {}: {e}", conflist.display()))?;
         let Some(updated) =
@@ -437,10 +444,7 @@ fn uninstall(args: &[String]) -> Result<String, String> {
         else {
             continue;
         };
-        let tmp = conflist.with_extension("conflist.enforcer-tmp");
-        std::fs::write(&tmp, updated).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
-        std::fs::rename(&tmp, &conflist)
-            .map_err(|e| format!("updating {}: {e}", conflist.display()))?;
+        replace(&conflist, &updated)?;
         unchained.push(conflist.display().to_string());
     }
     let target = bin_dir.join("enforcer-cni");
@@ -483,8 +487,8 @@ fn without_plugin(text: &str) -> Result<Option<String>, String> {
         .map_err(|e| e.to_string())
 }
 
-/// The conflist a runtime uses: the first `*.conflist` by name.
-fn first_conflist(dir: &Path) -> Result<PathBuf, String> {
+/// The `*.conflist` files of `dir`, by name.
+fn conflists(dir: &Path) -> Result<Vec<PathBuf>, String> {
     let mut lists: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| format!("reading {}: {e}", dir.display()))?
         .flatten()
@@ -492,7 +496,20 @@ fn first_conflist(dir: &Path) -> Result<PathBuf, String> {
         .filter(|p| p.extension().is_some_and(|x| x == "conflist"))
         .collect();
     lists.sort();
-    lists.into_iter().next().ok_or_else(|| {
+    Ok(lists)
+}
+
+/// A conflist rewritten whole beside, then renamed over the old one: a
+/// runtime never reads half of it.
+fn replace(conflist: &Path, text: &str) -> Result<(), String> {
+    let tmp = conflist.with_extension("conflist.enforcer-tmp");
+    std::fs::write(&tmp, text).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, conflist).map_err(|e| format!("updating {}: {e}", conflist.display()))
+}
+
+/// The conflist a runtime uses: the first `*.conflist` by name.
+fn first_conflist(dir: &Path) -> Result<PathBuf, String> {
+    conflists(dir)?.into_iter().next().ok_or_else(|| {
         format!(
             "no *.conflist in {}: the node's network plugin is not installed yet",
             dir.display()
