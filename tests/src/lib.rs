@@ -1399,6 +1399,10 @@ pub fn json_lines_of(path: &Path) -> Vec<Value> {
     json_lines(&fs::read_to_string(path).unwrap_or_default())
 }
 
+/// Python's `http.server` on port 8080, both address families: the plain
+/// HTTP server the tests reach through enforcer.
+pub const HTTP_SERVER: &[&str] = &["python3", "-u", "-m", "http.server", "8080", "--bind", "::"];
+
 /// Waits (up to 20 s) until `cond` holds; panics naming `what` if it never does.
 pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -17,13 +17,8 @@ fn two_nodes_with(
     enforcer_cgroup: Option<&str>,
 ) -> (Testbed, Node, Node, Enforcer) {
     let (mut tb, a, b) = Testbed::linked_pair(test).expect("two linked nodes");
-    tb.start_server(
-        &b,
-        "http",
-        &["python3", "-u", "-m", "http.server", "8080", "--bind", "::"],
-        8080,
-    )
-    .expect("http server on b");
+    tb.start_server(&b, "http", enforcer_tests::HTTP_SERVER, 8080)
+        .expect("http server on b");
     let cfg = tb.enforcer_config(&a, capture).expect("config");
     let enf = tb
         .start_enforcer_in(&a, &cfg, enforcer_cgroup)

@@ -567,7 +567,7 @@ fn start_http(tb: &mut Testbed, node: &Node) -> String {
         node,
         Some("llm.service"),
         "http",
-        &["python3", "-u", "-m", "http.server", "8080", "--bind", "::"],
+        enforcer_tests::HTTP_SERVER,
         8080,
     )
     .expect("server");

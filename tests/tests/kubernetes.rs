@@ -972,13 +972,8 @@ fn init_commands(manifest: &str) -> Vec<Vec<String>> {
 #[test]
 fn the_shipped_uninstall_gives_a_node_its_pod_network_back() {
     let (mut tb, a, b) = Testbed::linked_pair("uninstall").expect("two linked nodes");
-    tb.start_server(
-        &b,
-        "http",
-        &["python3", "-u", "-m", "http.server", "8080", "--bind", "::"],
-        8080,
-    )
-    .expect("http server on b");
+    tb.start_server(&b, "http", enforcer_tests::HTTP_SERVER, 8080)
+        .expect("http server on b");
     let cfg = tb.enforcer_config(&a, "").expect("config");
     let enf = tb.start_enforcer(&a, &cfg).expect("a's agent");
     // The agent's CNI socket (nobody serves it once the agent is gone).
