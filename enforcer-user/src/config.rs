@@ -876,19 +876,17 @@ pub enum LogFormat {
 /// `node_name` names a directory under bpffs (the instance's pins): one
 /// path component, never `.`/`..`.
 fn check_node_name(path: &Path, name: &str) -> Result<(), ConfigError> {
-    if name.is_empty()
-        || !name
+    node_name_error(name).map_or(Ok(()), |m| Err(ConfigError::invalid(path, "node_name", m)))
+}
+
+/// What is wrong with a `node_name`, if anything.
+fn node_name_error(name: &str) -> Option<String> {
+    let ok = !name.is_empty()
+        && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-        || name.starts_with('.')
-    {
-        return Err(ConfigError::invalid(
-            path,
-            "node_name",
-            format!("{name:?} must be non-empty ASCII letters, digits, '-', '_' or '.'"),
-        ));
-    }
-    Ok(())
+        && !name.starts_with('.');
+    (!ok).then(|| format!("{name:?} must be non-empty ASCII letters, digits, '-', '_' or '.'"))
 }
 
 /// What `enforcer detach` needs of a config: where its instance's pins are
@@ -908,6 +906,19 @@ impl DetachKeys {
             bpffs: cfg.capture.bpffs.clone(),
             state_dir: cfg.identity.state_dir.clone(),
         }
+    }
+
+    /// The keys given on the command line (`enforcer detach --node-name`),
+    /// checked as a config's.
+    pub fn named(node_name: String, bpffs: PathBuf, state_dir: PathBuf) -> Result<Self, String> {
+        if let Some(e) = node_name_error(&node_name) {
+            return Err(format!("--node-name {e}"));
+        }
+        Ok(Self {
+            node_name,
+            bpffs,
+            state_dir,
+        })
     }
 
     /// These three keys alone (with their defaults), from a config that no

@@ -54,8 +54,19 @@ enum Command {
     /// bpffs pins. Captured connects then go direct again: use it to uninstall,
     /// with the agent stopped.
     Detach {
-        #[arg(long, short)]
-        config: PathBuf,
+        /// The agent's config (its node_name, capture.bpffs and
+        /// identity.state_dir are read).
+        #[arg(long, short, required_unless_present = "node_name")]
+        config: Option<PathBuf>,
+        /// Without a config (none left, a package purged): the instance's
+        /// node_name, and where its pins and state are when not at the
+        /// defaults.
+        #[arg(long, conflicts_with = "config")]
+        node_name: Option<String>,
+        #[arg(long, requires = "node_name", default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+        #[arg(long, requires = "node_name", default_value = "/var/lib/enforcer")]
+        state_dir: PathBuf,
         /// Detach even while an agent of this config runs (it then runs on
         /// with nothing captured).
         #[arg(long)]
@@ -289,7 +300,7 @@ fn detach_keys(config: &std::path::Path) -> anyhow::Result<enforcer::config::Det
     };
     let keys = DetachKeys::read(config).map_err(|e| {
         anyhow::anyhow!(
-            "{whole}; nor could node_name, capture.bpffs and identity.state_dir be read alone ({e}): fix the file, or remove the instance's pins by hand (rm -r <capture.bpffs>/enforcer/v{}/<node_name>)",
+            "{whole}; nor could node_name, capture.bpffs and identity.state_dir be read alone ({e}): fix the file, or detach by name (enforcer detach --node-name <node_name>), or remove the instance's pins by hand (rm -r <capture.bpffs>/enforcer/v{}/<node_name>)",
             enforcer_common::LAYOUT_VERSION
         )
     })?;
@@ -353,8 +364,23 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Detach { config, force } => {
-            let keys = detach_keys(&config)?;
+        Command::Detach {
+            config,
+            node_name,
+            bpffs,
+            state_dir,
+            force,
+        } => {
+            let (keys, config) = match (config, node_name) {
+                (Some(config), _) => (detach_keys(&config)?, config.display().to_string()),
+                (None, Some(node_name)) => {
+                    let keys = enforcer::config::DetachKeys::named(node_name, bpffs, state_dir)
+                        .map_err(anyhow::Error::msg)?;
+                    let of = format!("node_name {}", keys.node_name);
+                    (keys, of)
+                }
+                (None, None) => anyhow::bail!("detach needs --config or --node-name"),
+            };
             let dir = enforcer::capture::pin_dir(&keys.bpffs, &keys.node_name);
             // The pins are what holds the programs attached (the agent
             // keeps no link of its own): detached under a running agent,
@@ -364,14 +390,12 @@ fn main() -> anyhow::Result<()> {
                 let state_dir = &keys.state_dir;
                 let running = enforcer::handover::agent_running(state_dir).with_context(|| {
                     format!(
-                        "checking whether an agent of {} runs (--force detaches without checking)",
-                        config.display()
+                        "checking whether an agent of {config} runs (--force detaches without checking)"
                     )
                 })?;
                 if let Some(pid) = running {
                     anyhow::bail!(
-                        "an agent of {} is running (pid {pid}, serving {}): stop it first (systemctl stop enforcer), then detach. Detached under it, the programs would be gone while it runs on and reports ready, its workloads' connections going direct, uncaptured; --force detaches anyway",
-                        config.display(),
+                        "an agent of {config} is running (pid {pid}, serving {}): stop it first (systemctl stop enforcer), then detach. Detached under it, the programs would be gone while it runs on and reports ready, its workloads' connections going direct, uncaptured; --force detaches anyway",
                         state_dir.join(enforcer::handover::SOCKET).display()
                     );
                 }

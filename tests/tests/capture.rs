@@ -452,6 +452,35 @@ fn detach_works_from_a_config_that_no_longer_loads() {
 }
 
 #[test]
+fn detach_by_name_needs_no_config() {
+    // A package purged, the config gone: detach by the instance's name, with
+    // the same refusal under a running agent.
+    let (mut tb, a, _b, enf) = two_nodes("detachname");
+    let pins = format!("/sys/fs/bpf/enforcer/v2/{}", tb.node_instance(&a));
+    let (name, state) = (tb.node_instance(&a), tb.dir.join("a-state"));
+    let (run_dir, cfg) = (tb.dir.join("run"), tb.dir.join("a.toml"));
+    let detach = || {
+        std::process::Command::new(enforcer_tests::enforcer_bin())
+            .args(["detach", "--node-name", &name, "--state-dir"])
+            .arg(&state)
+            .env("RUNTIME_DIRECTORY", &run_dir)
+            .output()
+            .expect("enforcer detach")
+    };
+    let out = detach();
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("is running"),
+        "refused under the running agent: {out:?}"
+    );
+    assert!(std::path::Path::new(&pins).exists(), "the pins are kept");
+    tb.stop(enf.pid).expect("stop the agent");
+    std::fs::remove_file(&cfg).expect("the config gone");
+    let out = detach();
+    assert!(out.status.success(), "detach by name: {out:?}");
+    assert!(!std::path::Path::new(&pins).exists(), "the pins are gone");
+}
+
+#[test]
 fn enforcer_inside_captured_subtree_does_not_capture_itself() {
     let (_tb, a, b, enf) = two_nodes_with("self", "", Some("enforcer.service"));
     let url = format!("http://{}:8080/", b.ipv4);
