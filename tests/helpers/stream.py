@@ -13,6 +13,10 @@ connection ended, one line: `EOF <bytes>` (a clean close), `RESET <bytes>`
                                    bytes spread over SECS seconds, print `SENT <n> <sha256>`
   stream.py download-hash HOST PORT   send "GO", read until it ends; the end line
                                    carries the sha256 of what arrived: `EOF <n> <sha256>`
+  stream.py serve-upload-halfclosed PORT   on each connection: half-close at once
+                                   (nothing to send), then read until it ends
+  stream.py upload-late HOST PORT N FLAG   read until the server's half-close, print
+                                   `READY`, wait for the file FLAG, send N bytes, close
 
 The receiving side prints `STARTED` once it has read 1 MiB, so a test
 knows the transfer is under way end to end before it breaks something
@@ -148,6 +152,14 @@ def main():
         serve(int(sys.argv[2]), serve_random)
     elif mode == "serve-upload":
         serve(int(sys.argv[2]), serve_upload)
+    elif mode == "serve-upload-halfclosed":
+
+        def serve_upload_halfclosed(c):
+            c.shutdown(socket.SHUT_WR)
+            read_to_end(c)
+            c.close()
+
+        serve(int(sys.argv[2]), serve_upload_halfclosed)
     else:
         s = socket.create_connection((sys.argv[2], int(sys.argv[3])), timeout=20)
         started = [False]
@@ -159,6 +171,15 @@ def main():
             read_to_end(s, started, hashlib.sha256())
         elif mode == "upload":
             send_forever(s, started)
+        elif mode == "upload-late":
+            if s.recv(1):
+                sys.exit("the server sent something")
+            print("READY", flush=True)
+            while not os.path.exists(sys.argv[5]):
+                time.sleep(0.01)
+            send_bytes(s, int(sys.argv[4]))
+            s.close()
+            print("SENT", sys.argv[4], flush=True)
         elif mode == "upload-bytes":
             send_bytes(s, int(sys.argv[4]))
             s.shutdown(socket.SHUT_WR)

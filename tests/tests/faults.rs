@@ -797,6 +797,86 @@ fn slow_download(m: &mut Pair, port: u16) {
 }
 
 #[test]
+fn the_last_relays_frames_reach_the_peer_before_a_drained_agent_exits() {
+    // The failure: at the end of a drain the agent exited as soon as its
+    // last relay ended. A relay ends once everything it read is handed to
+    // HTTP/2 (within the stream's window), not once it is written: the
+    // frames still queued went with the process. The peer agent saw its
+    // HBONE connection drop, reset the server, and the server got part of
+    // an upload the client had sent whole (seen in the drain test below as
+    // b's "error" for a download that had completed, under load). Here b's
+    // agent is stopped while a's relay ends, so that a cannot write what it
+    // queued until b reads again.
+    use nix::sys::signal::Signal::{SIGCONT, SIGSTOP, SIGTERM};
+    let mut m = mesh("drainflush");
+    let py = stream_py();
+    // Within what HTTP/2 takes ahead of the socket (400 KiB a stream): a's
+    // relay hands it all over, and ends, without waiting for b.
+    const SIZE: u64 = 384 << 10;
+    let size = SIZE.to_string();
+    m.tb.start_server_in(
+        &m.b,
+        Some("llm.service"),
+        "server-9652",
+        &["python3", "-u", &py, "serve-upload-halfclosed", "9652"],
+        9652,
+    )
+    .expect("upload server");
+    let flag = m.tb.dir.join("send-now");
+    let flag_path = flag.display().to_string();
+    m.tb.spawn(
+        &m.a,
+        Some("support-agent.service"),
+        "client-9652",
+        &[
+            "python3",
+            "-u",
+            &py,
+            "upload-late",
+            &m.b.ipv4,
+            "9652",
+            &size,
+            &flag_path,
+        ],
+    )
+    .expect("client");
+    enforcer_tests::wait_for("the client's connection, half-closed by the server", || {
+        m.tb.server_log(&m.a, "client-9652").contains("READY")
+    });
+    // Draining with this one relay open: a runs on until it ends.
+    m.tb.signal(m.ea.pid, SIGTERM).expect("SIGTERM a");
+    enforcer_tests::wait_for("a to drain", || {
+        m.ea.log_lines()
+            .iter()
+            .any(|v| v["message"] == "draining: no new connections; open ones may finish")
+    });
+    m.tb.signal(m.eb.pid, SIGSTOP).expect("SIGSTOP b");
+    std::fs::write(&flag, b"").expect("flag");
+    // The client has sent it all and closed, and a's relay has ended: all
+    // of it is with a, most of it not yet written to b.
+    enforcer_tests::wait_for("a's relay to end", || {
+        m.ea.log_lines().iter().any(|v| {
+            v["message"] == "connection closed" && v["orig_dst"] == format!("{}:9652", m.b.ipv4)
+        })
+    });
+    m.tb.signal(m.eb.pid, SIGCONT).expect("SIGCONT b");
+    assert_eq!(
+        ending(&m.tb, &m.b, "server-9652"),
+        format!("EOF {size}"),
+        "the server gets the whole upload and a clean close"
+    );
+    let status = m.tb.wait_exit(m.ea.pid, Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "a exits once drained: {status:?}"
+    );
+    let inbound =
+        m.eb.connection_line(|v| v["dst"] == format!("{}:9652", m.b.ipv4));
+    assert_eq!(inbound["outcome"], "ok", "{inbound}");
+    assert_eq!(inbound["bytes_received"], SIZE, "{inbound}");
+}
+
+#[test]
 fn sigterm_drains_open_connections_and_refuses_new_ones() {
     // The failure: SIGTERM ended the agent at once; a transfer in progress
     // was cut. Now the listeners close (new connects are refused, fail

@@ -702,9 +702,18 @@ impl HboneClient {
         );
         // A connection from a pod ends when the pod is no longer served.
         let (net, pool, pool_key) = (net.clone(), self.pool.clone(), key.clone());
+        // Counted by the drain until it has ended: the last frames of a
+        // relay that just finished (its END_STREAM, its last DATA) are only
+        // queued when the relay ends, and an agent that exited at once
+        // would lose them — the peer agent then saw the connection drop and
+        // reset a finished stream's server side.
+        let tracked = crate::drain::track();
         tokio::spawn(futures_util::FutureExt::map(
             net.unless_gone(driven),
-            move |()| forget(&pool, &pool_key, dial_id),
+            move |()| {
+                forget(&pool, &pool_key, dial_id);
+                drop(tracked);
+            },
         ));
         self.pool
             .lock()
@@ -771,6 +780,8 @@ async fn drive<T>(
     let mut tick = tokio::time::interval(KEEPALIVE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.reset();
+    let draining = crate::drain::draining();
+    tokio::pin!(draining);
     let (mut pooled, mut idle) = (true, Duration::ZERO);
     let mut given_before = 0;
     loop {
@@ -783,6 +794,13 @@ async fn drive<T>(
             }
             () = &mut expiry, if pooled => {
                 debug!(peer = %node, "server certificate expired; HBONE connection leaves the pool");
+                forget(&pool, &key, dial_id);
+                pooled = false;
+            }
+            // No new stream while draining: out of the pool, HTTP/2 closes
+            // it (GOAWAY, its frames written) once its last stream ends.
+            () = &mut draining, if pooled => {
+                debug!(peer = %node, "draining: the HBONE connection closes once its streams end");
                 forget(&pool, &key, dial_id);
                 pooled = false;
             }
