@@ -15,6 +15,8 @@ connection ended, one line: `EOF <bytes>` (a clean close), `RESET <bytes>`
                                    carries the sha256 of what arrived: `EOF <n> <sha256>`
   stream.py serve-upload-halfclosed PORT   on each connection: half-close at once
                                    (nothing to send), then read until it ends
+  stream.py serve-bytes-late PORT N FLAG   on each connection: read "GO", print `READY`,
+                                   wait for the file FLAG, send N bytes, close
   stream.py upload-late HOST PORT N FLAG   read until the server's half-close, print
                                    `READY`, wait for the file FLAG, send N bytes, close
 
@@ -152,6 +154,18 @@ def main():
         serve(int(sys.argv[2]), serve_random)
     elif mode == "serve-upload":
         serve(int(sys.argv[2]), serve_upload)
+    elif mode == "serve-bytes-late":
+        n, flag = int(sys.argv[3]), sys.argv[4]
+
+        def serve_bytes_late(c):
+            if c.recv(2):
+                print("READY", flush=True)
+                while not os.path.exists(flag):
+                    time.sleep(0.01)
+                send_bytes(c, n)
+            c.close()
+
+        serve(int(sys.argv[2]), serve_bytes_late)
     elif mode == "serve-upload-halfclosed":
 
         def serve_upload_halfclosed(c):

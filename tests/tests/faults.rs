@@ -877,6 +877,76 @@ fn the_last_relays_frames_reach_the_peer_before_a_drained_agent_exits() {
 }
 
 #[test]
+fn the_last_streams_frames_reach_the_client_before_a_drained_server_agent_exits() {
+    // The same on the server's side: b drains, its last stream's relay ends
+    // with the download's last bytes handed to HTTP/2 while a (stopped here)
+    // cannot read them yet; b must write them, and close its HBONE
+    // connection cleanly, before it exits.
+    use nix::sys::signal::Signal::{SIGCONT, SIGSTOP, SIGTERM};
+    let mut m = mesh("drainflushb");
+    let py = stream_py();
+    const SIZE: u64 = 384 << 10;
+    let size = SIZE.to_string();
+    let flag = m.tb.dir.join("send-now");
+    let flag_path = flag.display().to_string();
+    m.tb.start_server_in(
+        &m.b,
+        Some("llm.service"),
+        "server-9653",
+        &[
+            "python3",
+            "-u",
+            &py,
+            "serve-bytes-late",
+            "9653",
+            &size,
+            &flag_path,
+        ],
+        9653,
+    )
+    .expect("download server");
+    // "GO" and the client's half-close: only the download is left.
+    m.tb.spawn(
+        &m.a,
+        Some("support-agent.service"),
+        "client-9653",
+        &["python3", "-u", &py, "upload-bytes", &m.b.ipv4, "9653", "2"],
+    )
+    .expect("client");
+    enforcer_tests::wait_for("the server to have the client's GO", || {
+        m.tb.server_log(&m.b, "server-9653").contains("READY")
+    });
+    m.tb.signal(m.eb.pid, SIGTERM).expect("SIGTERM b");
+    enforcer_tests::wait_for("b to drain", || {
+        m.eb.log_lines()
+            .iter()
+            .any(|v| v["message"] == "draining: no new connections; open ones may finish")
+    });
+    m.tb.signal(m.ea.pid, SIGSTOP).expect("SIGSTOP a");
+    std::fs::write(&flag, b"").expect("flag");
+    enforcer_tests::wait_for("b's relay to end", || {
+        m.eb.log_lines().iter().any(|v| {
+            v["message"] == "connection closed" && v["dst"] == format!("{}:9653", m.b.ipv4)
+        })
+    });
+    m.tb.signal(m.ea.pid, SIGCONT).expect("SIGCONT a");
+    assert_eq!(
+        ending(&m.tb, &m.a, "client-9653"),
+        format!("EOF {SIZE}"),
+        "the client gets the whole download and a clean close"
+    );
+    let status = m.tb.wait_exit(m.eb.pid, Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "b exits once drained: {status:?}"
+    );
+    let line =
+        m.ea.connection_line(|v| v["orig_dst"] == format!("{}:9653", m.b.ipv4));
+    assert_eq!(line["outcome"], "ok", "{line}");
+    assert_eq!(line["bytes_received"], SIZE, "{line}");
+}
+
+#[test]
 fn sigterm_drains_open_connections_and_refuses_new_ones() {
     // The failure: SIGTERM ended the agent at once; a transfer in progress
     // was cut. Now the listeners close (new connects are refused, fail
