@@ -329,34 +329,24 @@ impl Opts {
 
 /// `install --bin-dir D --conf-dir D [--socket P] [--fail-open] [--watch SECS]`.
 fn install(args: &[String]) -> Result<String, String> {
-    let Opts {
-        bin_dir,
-        conf_dir,
-        socket,
-        fail_open,
-        watch,
-    } = Opts::parse(args)?;
-    let plan = Install {
-        bin_dir,
-        conf_dir,
-        socket: socket.unwrap_or_else(|| DEFAULT_SOCKET.to_owned()),
-        fail_open,
-    };
-    let done = plan.run(true)?;
-    let Some(secs) = watch else {
-        return Ok(done.unwrap_or_default());
+    let opts = Opts::parse(args)?;
+    // The first run always copies, so it always says what it did.
+    let done = opts.run(true)?.unwrap_or_default();
+    let Some(secs) = opts.watch else {
+        return Ok(done);
     };
     // A network plugin that writes its conflist again (at its own restart
     // or upgrade) drops the chained plugin, and the node's new pods would
     // then start without the agent serving them. Watched, it is chained
     // again within `secs`; the process runs until it is stopped.
-    if let Some(msg) = done {
-        println!("{msg}; watching {} every {secs} s", plan.conf_dir.display());
-    }
+    println!(
+        "{done}; watching {} every {secs} s",
+        opts.conf_dir.display()
+    );
     let mut last_error = None;
     loop {
         std::thread::sleep(Duration::from_secs(secs));
-        match plan.run(false) {
+        match opts.run(false) {
             Ok(Some(msg)) => {
                 println!("{msg}");
                 last_error = None;
@@ -372,15 +362,7 @@ fn install(args: &[String]) -> Result<String, String> {
     }
 }
 
-/// Where `install` puts the plugin, and how it chains it.
-struct Install {
-    bin_dir: PathBuf,
-    conf_dir: PathBuf,
-    socket: String,
-    fail_open: bool,
-}
-
-impl Install {
+impl Opts {
     /// Copies the binary (`first`: always, so an upgrade replaces it;
     /// after: only when it is gone) and chains the plugin in the first
     /// conflist when it is not: what was done, `None` when nothing was.
@@ -399,8 +381,12 @@ impl Install {
         let conflist = first_conflist(&self.conf_dir)?;
         let text = std::fs::read_to_string(&conflist)
             .map_err(|e| format!("reading {}: {e}", conflist.display()))?;
-        let (updated, changed) = with_plugin(&text, &self.socket, self.fail_open)
-            .map_err(|e| format!("{}: {e}", conflist.display()))?;
+        let (updated, changed) = with_plugin(
+            &text,
+            self.socket.as_deref().unwrap_or(DEFAULT_SOCKET),
+            self.fail_open,
+        )
+        .map_err(|e| format!("{}: {e}", conflist.display()))?;
         if changed {
             replace(&conflist, &updated)?;
         }

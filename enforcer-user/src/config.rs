@@ -921,7 +921,7 @@ impl DetachKeys {
         })
     }
 
-    /// These three keys alone (with their defaults), from a config that no
+    /// These three keys alone (with their defaults), from the text of a config that no
     /// longer loads as a whole — a key an upgrade refuses, a typo made
     /// after the agent started — so that uninstalling never depends on the
     /// rest of the file. Every other key is ignored, whatever it holds;
@@ -929,15 +929,6 @@ impl DetachKeys {
     /// have what every config has, `[capture]` with its `cgroup`: any other
     /// TOML file given by mistake would otherwise name the host's default
     /// instance and detach it.
-    pub fn read(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(path, &text)
-    }
-
-    /// [`DetachKeys::read`] of a config file's text.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
         #[derive(Deserialize)]
         struct Keys {
@@ -1062,16 +1053,20 @@ impl CaptureRules {
     }
 }
 
+/// A config file's text.
+pub fn read_text(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
 impl Config {
     /// Reads and parses a config file, with the checks `config` owns; the
     /// agent loads through `settings::load`, which adds the checks of the
     /// parts other modules own.
     pub fn read(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::from_toml(path, &text)
+        Self::from_toml(path, &read_text(path)?)
     }
 
     /// Parses a config file's text, with the checks `config` owns

@@ -294,11 +294,18 @@ fn init_logging(cfg: &Config) {
 /// cannot start on it keeps its pins, and so its programs, attached).
 fn detach_keys(config: &std::path::Path) -> anyhow::Result<enforcer::config::DetachKeys> {
     use enforcer::config::DetachKeys;
-    let whole = match enforcer::settings::load(config) {
+    // Read once: loaded whole, or, failing that, its three keys alone.
+    let text = enforcer::config::read_text(config).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}: detach by name (enforcer detach --node-name <node_name>), or remove the instance's pins by hand (rm -r <capture.bpffs>/enforcer/v{}/<node_name>)",
+            enforcer_common::LAYOUT_VERSION
+        )
+    })?;
+    let whole = match enforcer::settings::parse(config, &text) {
         Ok(cfg) => return Ok(DetachKeys::of(&cfg)),
         Err(e) => e,
     };
-    let keys = DetachKeys::read(config).map_err(|e| {
+    let keys = DetachKeys::parse(config, &text).map_err(|e| {
         anyhow::anyhow!(
             "{whole}; nor could node_name, capture.bpffs and identity.state_dir be read alone ({e}): fix the file, or detach by name (enforcer detach --node-name <node_name>), or remove the instance's pins by hand (rm -r <capture.bpffs>/enforcer/v{}/<node_name>)",
             enforcer_common::LAYOUT_VERSION
