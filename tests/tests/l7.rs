@@ -1560,3 +1560,101 @@ for body in [call % "1", call % "1.0", call % "2e0", "[%s]" % (call % "1.0")]:
         "{log}"
     );
 }
+
+/// The client of `a_reused_server_connection_that_closes_unanswered_*`:
+/// one keep-alive connection to b:8005, five requests; a JSON line each.
+const PY_FIVE_REQUESTS: &str = r#"
+import http.client, json, sys
+c = http.client.HTTPConnection(sys.argv[1], 8005, timeout=10)
+for method, path, body in [("GET", "/one", None), ("GET", "/two", None),
+                           ("POST", "/orders", b"{}"), ("GET", "/three", None),
+                           ("GET", "/four", None)]:
+    headers = {"content-type": "application/json"} if body else {}
+    try:
+        c.request(method, path, body=body, headers=headers)
+        r = c.getresponse()
+        print(json.dumps({"path": path, "status": r.status, "body": r.read().decode()}), flush=True)
+    except Exception as e:
+        print(json.dumps({"path": path, "error": repr(e)}), flush=True)
+"#;
+
+#[test]
+fn a_reused_server_connection_that_closes_unanswered_is_retried_only_when_safe() {
+    // The failure: a server's keep-alive timeout fires as the next request
+    // arrives (uvicorn closes idle connections after 5 s), so the reused
+    // connection is reset with the request unread. The client's own
+    // connection, through enforcer, is still open: the request got a 502
+    // where a direct client would have retried it on a new connection.
+    // A request that cannot have been processed twice (GET) is now sent
+    // again on a new connection; a POST is not (RFC 9110 §9.2.2) and still
+    // gets the 502, once.
+    let (mut m, _policy) = l7_pair("l7-kaerace");
+    m.tb.start_server_in(
+        &m.b,
+        Some("api.service"),
+        "race",
+        &["python3", "-u", &helper("keepalive_race.py"), "8005"],
+        8005,
+    )
+    .expect("keep-alive race server");
+    let b = m.b.ipv4.to_string();
+    let (_, out) =
+        m.a.exec(
+            Some("support-agent.service"),
+            &["python3", "-c", PY_FIVE_REQUESTS, &b],
+        )
+        .expect("client");
+    let r = json_lines(&out);
+    let log = m.tb.server_log(&m.b, "race");
+    assert_eq!(
+        r.len(),
+        5,
+        "{r:?} {}\n{log}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(r[0]["status"], 200, "{r:?}");
+    assert_eq!(r[0]["body"], "conn 1 GET /one", "{r:?}");
+    assert_eq!(
+        r[1]["status"], 200,
+        "a GET whose reused connection closed unanswered is sent again: {r:?}\n{log}"
+    );
+    assert_eq!(r[1]["body"], "conn 2 GET /two", "{r:?}");
+    assert_eq!(
+        r[2]["status"], 502,
+        "a POST is never sent twice: {r:?}\n{log}"
+    );
+    assert!(
+        r[2]["body"]
+            .as_str()
+            .is_some_and(|b| b.contains("reset by peer") && b.contains("not sent again")),
+        "the 502 says what happened: {r:?}"
+    );
+    assert_eq!(
+        r[3]["status"], 200,
+        "the client's connection serves on: {r:?}"
+    );
+    assert_eq!(r[3]["body"], "conn 3 GET /three", "{r:?}");
+    // A server that answers, but not in HTTP, is not asked again.
+    assert_eq!(r[4]["status"], 502, "{r:?}");
+    let lines: Vec<&str> = log.lines().filter(|l| !l.starts_with("READY")).collect();
+    assert_eq!(
+        lines,
+        [
+            "ANSWER 1 GET /one",
+            "DROP 1 GET /two",
+            "ANSWER 2 GET /two",
+            "DROP 2 POST /orders",
+            "ANSWER 3 GET /three",
+            "GARBAGE 3 GET /four",
+        ],
+        "what the server saw: the POST once, never answered; the GET answered in garbage once"
+    );
+    // b's agent says why the GET was sent again.
+    wait_for("b's agent to log the retry", || {
+        m.eb.log_lines().iter().any(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|s| s.contains("sent again on a new connection"))
+        })
+    });
+}

@@ -290,6 +290,11 @@ where
         }
     }
 
+    /// The body, when it can be sent again: read whole, data only.
+    pub(super) fn again(&self) -> Option<Bytes> {
+        (self.rest.is_none() && self.frames.iter().all(Frame::is_data)).then(|| self.seen.clone())
+    }
+
     /// The body to forward: what was read, then the rest as it arrives.
     pub(super) fn into_body(self) -> Body {
         match self.rest {
@@ -1071,6 +1076,11 @@ impl Session {
                 HeaderValue::from_static("identity"),
             );
         }
+        // Sent again if the server's connection closes on it unanswered:
+        // an idempotent request (RFC 9110 §9.2.2), its body read whole.
+        let again = (!upgrade && rewritten.is_none() && method.is_idempotent())
+            .then(|| body.again())
+            .flatten();
         let body = match rewritten {
             // The client's request, changed (an LLM stream's usage asked for).
             Some(b) => {
@@ -1082,7 +1092,7 @@ impl Session {
             None => body.into_body(),
         };
         let upstream_req = self.upstream_request(parts, body, upgrade, &authority);
-        let sent = self.send(upstream_req).await;
+        let sent = self.send(upstream_req, again).await;
         if renames {
             // Sent (answered or not): what ids name may have changed.
             self.l7.collections.forget();
@@ -1167,28 +1177,79 @@ impl Session {
 
     /// Sends one request to the server, opening (or reopening, when the
     /// server closed the last one) the session's connection to it.
-    pub(super) async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, String> {
+    ///
+    /// A connection the session did not dial for this request has waited
+    /// idle, and a server's idle timeout may close it as the request goes
+    /// out (uvicorn's is 5 s): the request is then unanswered, and the
+    /// client, whose own connection is still open, would get a 502 where a
+    /// direct client reconnects. Such a request is sent once more on a new
+    /// connection when that cannot repeat anything: hyper gave it back
+    /// unwritten, or `again` holds its body (an idempotent method, RFC 9110
+    /// §9.2.2, with the body read whole; see [`ReadBody::again`]).
+    pub(super) async fn send(
+        &self,
+        mut req: Request<Body>,
+        again: Option<Bytes>,
+    ) -> Result<Response<Incoming>, String> {
         let h2 = req.version() == Version::HTTP_2;
-        let mut slot = self.upstream.lock().await;
-        for _ in 0..2 {
+        for attempt in 1.. {
+            let mut slot = self.upstream.lock().await;
             let usable = match slot.as_mut() {
                 Some(Sender::H1(s)) => s.ready().await.is_ok(),
                 Some(Sender::H2(s)) => s.ready().await.is_ok(),
                 None => false,
             };
-            if !usable {
-                *slot = Some(self.connect(h2).await?);
-                continue;
-            }
-            return match slot.as_mut() {
-                Some(Sender::H1(s)) => s.send_request(req).await.map_err(|e| e.to_string()),
+            let waited = usable || {
+                let (sender, dialed) = self.connect(h2).await?;
+                *slot = Some(sender);
+                !dialed
+            };
+            let copy = again
+                .as_ref()
+                .filter(|_| waited)
+                .map(|body| Again::of(&req, body.clone()));
+            let sent = match slot.as_mut() {
+                Some(Sender::H1(s)) => {
+                    let sent = s.try_send_request(req).await;
+                    if sent.is_err() {
+                        *slot = None;
+                    }
+                    sent
+                }
                 Some(Sender::H2(s)) => {
                     let mut s = s.clone();
                     drop(slot);
-                    s.send_request(req).await.map_err(|e| e.to_string())
+                    s.try_send_request(req).await
                 }
-                None => Err("no connection to the server".into()),
+                None => return Err("no connection to the server".into()),
             };
+            let mut failed = match sent {
+                Ok(resp) => return Ok(resp),
+                Err(e) => e,
+            };
+            if attempt >= 3 || !closed_unanswered(failed.error()) {
+                return Err(with_causes(failed.error()));
+            }
+            if let Some(unsent) = failed.take_message() {
+                debug!(conn_id = self.conn.id, error = %with_causes(failed.error()),
+                    "the server's connection closed before the request was written; sending it on a new connection");
+                req = unsent;
+                continue;
+            }
+            let Some(copy) = copy else {
+                return Err(format!(
+                    "{}; not sent again: {}",
+                    with_causes(failed.error()),
+                    if again.is_some() {
+                        "the connection was new"
+                    } else {
+                        "the request may not be repeated (RFC 9110 §9.2.2)"
+                    }
+                ));
+            };
+            warn!(conn_id = self.conn.id, method = %copy.method, path = copy.uri.path(), error = %with_causes(failed.error()),
+                "the server's connection closed without answering (its idle timeout, as the request went out?); the request, idempotent, is sent again on a new connection");
+            req = copy.request();
         }
         Err("the server closed every connection before answering".into())
     }
@@ -1215,8 +1276,11 @@ impl Session {
             .take()
     }
 
-    async fn connect(&self, h2: bool) -> Result<Sender, String> {
+    /// A connection to the server; `true` when dialed now (not the one the
+    /// connection-level code opened when the client connected).
+    async fn connect(&self, h2: bool) -> Result<(Sender, bool), String> {
         let first = self.first.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let dialed = first.is_none();
         let tcp = match first {
             Some(t) => t,
             None => crate::mark::connect_within((self.dial)()).await?,
@@ -1239,7 +1303,7 @@ impl Session {
                     debug!(conn_id, error = %e, "server connection ended");
                 }
             });
-            Ok(Sender::H2(send))
+            Ok((Sender::H2(send), dialed))
         } else {
             let (send, conn) = hyper::client::conn::http1::Builder::new()
                 .handshake(io)
@@ -1250,9 +1314,84 @@ impl Session {
                     debug!(conn_id, error = %e, "server connection ended");
                 }
             });
-            Ok(Sender::H1(send))
+            Ok((Sender::H1(send), dialed))
         }
     }
+}
+
+/// What sends a request again: its head, and its body read whole.
+struct Again {
+    method: Method,
+    uri: http::Uri,
+    version: Version,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Again {
+    fn of(req: &Request<Body>, body: Bytes) -> Self {
+        Self {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+            body,
+        }
+    }
+
+    fn request(self) -> Request<Body> {
+        let mut req = Request::new(full(self.body));
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers;
+        req
+    }
+}
+
+/// A hyper error with what caused it ("connection error: Connection reset
+/// by peer (os error 104)"), not just its kind.
+fn with_causes(e: &hyper::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// The server's connection ended before an answer began: closed or reset,
+/// or (HTTP/2) the stream refused, which RFC 9113 §8.7 says was not
+/// processed; not an answer that failed to parse (the server did answer).
+fn closed_unanswered(e: &hyper::Error) -> bool {
+    let closed = |io: &std::io::Error| {
+        matches!(
+            io.kind(),
+            std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::ConnectionAborted
+                | std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::UnexpectedEof
+        )
+    };
+    if e.is_incomplete_message() || e.is_canceled() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return match h2.get_io() {
+                Some(io) => closed(io),
+                None => h2.reason() == Some(h2::Reason::REFUSED_STREAM),
+            };
+        }
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return closed(io);
+        }
+        source = s.source();
+    }
+    false
 }
 
 #[cfg(test)]

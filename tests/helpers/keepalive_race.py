@@ -1,0 +1,84 @@
+"""A server of the L7 tests whose keep-alive timeout fires as the next
+request arrives: on each connection it answers the first request
+(keep-alive, a body naming the connection), then closes the connection
+without reading the second one, which the kernel answers with a reset
+(unread data). Every HTTP/1.1 server with an idle timeout (uvicorn: 5 s)
+does this when a request and its timer cross. The third connection answers
+its second request with bytes that are not HTTP instead. Prints `ANSWER
+<conn> <method> <path>`, `DROP <conn> <method> <path>` (the dropped request
+read with MSG_PEEK, so it stays unread) and `GARBAGE <conn> <method> <path>`.
+
+usage: keepalive_race.py PORT
+"""
+import select
+import socket
+import sys
+import threading
+
+count = 0
+lock = threading.Lock()
+
+
+def read_request(conn):
+    data = b""
+    while b"\r\n\r\n" not in data:
+        d = conn.recv(4096)
+        if not d:
+            return None
+        data += d
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value.strip())
+    while len(body) < length:
+        d = conn.recv(4096)
+        if not d:
+            return None
+        body += d
+    method, path = lines[0].split(" ")[:2]
+    return method, path
+
+
+def serve(conn, n):
+    with conn:
+        first = read_request(conn)
+        if first is None:
+            return
+        method, path = first
+        body = ("conn %d %s %s" % (n, method, path)).encode()
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        print("ANSWER %d %s %s" % (n, method, path), flush=True)
+        select.select([conn], [], [])
+        peeked = conn.recv(4096, socket.MSG_PEEK)
+        if not peeked:
+            return
+        line = peeked.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
+        what = "%d %s %s" % (n, line[0], line[1] if len(line) > 1 else "?")
+        if n == 3:
+            read_request(conn)
+            conn.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+            print("GARBAGE " + what, flush=True)
+            return
+        print("DROP " + what, flush=True)
+        # Closed with the request unread: the kernel sends a reset.
+
+
+def main():
+    global count
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", int(sys.argv[1])))
+    s.listen(64)
+    print("READY", flush=True)
+    while True:
+        conn, _ = s.accept()
+        with lock:
+            count += 1
+            n = count
+        threading.Thread(target=serve, args=(conn, n), daemon=True).start()
+
+
+main()
