@@ -1658,3 +1658,63 @@ fn a_reused_server_connection_that_closes_unanswered_is_retried_only_when_safe()
         })
     });
 }
+
+#[test]
+fn an_http2_server_going_away_has_its_unprocessed_get_sent_again() {
+    // The same race over h2c: the server's GOAWAY (its idle timeout, a
+    // graceful restart) says the second request, above its last stream
+    // id, was not processed; enforcer's kept HTTP/2 connection to it
+    // failed that request with a 502.
+    let (mut m, _policy) = l7_pair("l7-h2away");
+    m.tb.start_server_in(
+        &m.b,
+        Some("api.service"),
+        "goaway",
+        &["python3", "-u", &helper("h2_goaway.py"), "8005"],
+        8005,
+    )
+    .expect("h2c server");
+    let b = m.b.ipv4.to_string();
+    // httpx over h2c (prior knowledge), one connection; directly against
+    // this server it gets both answers, itself sending /two again.
+    let script = r#"
+import httpx, json, sys
+with httpx.Client(http1=False, http2=True, timeout=10) as c:
+    for p in ["/one", "/two"]:
+        try:
+            r = c.get("http://%s:8005%s" % (sys.argv[1], p))
+            print(json.dumps({"status": r.status_code, "body": r.text, "version": r.http_version}))
+        except Exception as e:
+            print(json.dumps({"error": repr(e)}))
+"#;
+    let (_, out) =
+        m.a.exec(
+            Some("support-agent.service"),
+            &["python3", "-c", script, &b],
+        )
+        .expect("httpx client");
+    let r = json_lines(&out);
+    let log = m.tb.server_log(&m.b, "goaway");
+    assert_eq!(
+        r.len(),
+        2,
+        "{r:?} {}\n{log}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(r[0]["body"], "conn 1 GET /one", "{r:?}");
+    assert_eq!(r[0]["version"], "HTTP/2", "{r:?}");
+    assert_eq!(
+        (r[1]["status"].as_u64(), r[1]["body"].as_str()),
+        (Some(200), Some("conn 2 GET /two")),
+        "the GET the server went away on is sent again on a new connection: {r:?}\nserver: {log}"
+    );
+    assert_eq!(
+        log.lines().collect::<Vec<_>>(),
+        [
+            "ANSWER 1 GET /one",
+            "GOAWAY 1 GET /two",
+            "ANSWER 2 GET /two"
+        ],
+        "what the server saw"
+    );
+}

@@ -1219,7 +1219,14 @@ impl Session {
                 Some(Sender::H2(s)) => {
                     let mut s = s.clone();
                     drop(slot);
-                    s.try_send_request(req).await
+                    let sent = s.try_send_request(req).await;
+                    if sent.is_err() {
+                        // Not sent on it again (a concurrent request may
+                        // have replaced it already: that one is forgotten
+                        // too, and the next request dials).
+                        *self.upstream.lock().await = None;
+                    }
+                    sent
                 }
                 None => return Err("no connection to the server".into()),
             };
@@ -1363,8 +1370,9 @@ fn with_causes(e: &hyper::Error) -> String {
 }
 
 /// The server's connection ended before an answer began: closed or reset,
-/// or (HTTP/2) the stream refused, which RFC 9113 §8.7 says was not
-/// processed; not an answer that failed to parse (the server did answer).
+/// or (HTTP/2) the stream refused or above a GOAWAY's last stream id, which
+/// RFC 9113 (§8.7, §6.8) says was not processed; not an answer that failed
+/// to parse (the server did answer).
 fn closed_unanswered(e: &hyper::Error) -> bool {
     let closed = |io: &std::io::Error| {
         matches!(
@@ -1381,9 +1389,14 @@ fn closed_unanswered(e: &hyper::Error) -> bool {
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            // A stream above a GOAWAY's last stream id was not processed
+            // either (RFC 9113 §6.8).
             return match h2.get_io() {
                 Some(io) => closed(io),
-                None => h2.reason() == Some(h2::Reason::REFUSED_STREAM),
+                None => {
+                    h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                        || (h2.is_go_away() && h2.is_remote())
+                }
             };
         }
         if let Some(io) = s.downcast_ref::<std::io::Error>() {

@@ -1,0 +1,73 @@
+"""An h2c (prior knowledge) server of the L7 tests that shuts its first
+connection down as the second request arrives: it answers that
+connection's first request, then sends GOAWAY (NO_ERROR, last stream id 1)
+for the second, unprocessed, and closes — as an HTTP/2 server does on its
+idle timeout or a graceful restart. Later connections answer every
+request. Prints `ANSWER <conn> <method> <path>` and `GOAWAY <conn> <method>
+<path>`.
+
+usage: h2_goaway.py PORT
+"""
+import socket
+import sys
+import threading
+import time
+
+import h2.config
+import h2.connection
+import h2.events
+
+count = 0
+lock = threading.Lock()
+
+
+def text(v):
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def serve(sock, n):
+    conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=False))
+    conn.initiate_connection()
+    sock.sendall(conn.data_to_send())
+    answered = 0
+    with sock:
+        while True:
+            data = sock.recv(65535)
+            if not data:
+                return
+            for ev in conn.receive_data(data):
+                if not isinstance(ev, h2.events.RequestReceived):
+                    continue
+                h = {text(k): text(v) for k, v in ev.headers}
+                what = "%d %s %s" % (n, h[":method"], h[":path"])
+                if n == 1 and answered >= 1:
+                    conn.close_connection(error_code=0, last_stream_id=answered * 2 - 1)
+                    sock.sendall(conn.data_to_send())
+                    print("GOAWAY " + what, flush=True)
+                    time.sleep(0.2)
+                    return
+                body = ("conn " + what).encode()
+                conn.send_headers(ev.stream_id, [(":status", "200"), ("content-length", str(len(body)))])
+                conn.send_data(ev.stream_id, body, end_stream=True)
+                answered += 1
+                print("ANSWER " + what, flush=True)
+            out = conn.data_to_send()
+            if out:
+                sock.sendall(out)
+
+
+def main():
+    global count
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", int(sys.argv[1])))
+    s.listen(64)
+    while True:
+        c, _ = s.accept()
+        with lock:
+            count += 1
+            n = count
+        threading.Thread(target=serve, args=(c, n), daemon=True).start()
+
+
+main()
