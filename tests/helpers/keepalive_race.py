@@ -4,9 +4,11 @@ request arrives: on each connection it answers the first request
 without reading the second one, which the kernel answers with a reset
 (unread data). Every HTTP/1.1 server with an idle timeout (uvicorn: 5 s)
 does this when a request and its timer cross. The third connection answers
-its second request with bytes that are not HTTP instead. Prints `ANSWER
-<conn> <method> <path>`, `DROP <conn> <method> <path>` (the dropped request
-read with MSG_PEEK, so it stays unread) and `GARBAGE <conn> <method> <path>`.
+its second request with bytes that are not HTTP instead; the fourth closes
+0.3 s after its first answer (an idle timeout with nothing in flight); the
+later ones answer every request. Prints `ANSWER <conn> <method> <path>`,
+`DROP <conn> <method> <path>` (the dropped request read with MSG_PEEK, so
+it stays unread), `GARBAGE <conn> <method> <path>` and `IDLE-CLOSE <conn>`.
 
 usage: keepalive_race.py PORT
 """
@@ -14,6 +16,7 @@ import select
 import socket
 import sys
 import threading
+import time
 
 count = 0
 lock = threading.Lock()
@@ -42,15 +45,29 @@ def read_request(conn):
     return method, path
 
 
+def answer(conn, n, method, path):
+    body = ("conn %d %s %s" % (n, method, path)).encode()
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    print("ANSWER %d %s %s" % (n, method, path), flush=True)
+
+
 def serve(conn, n):
     with conn:
         first = read_request(conn)
         if first is None:
             return
-        method, path = first
-        body = ("conn %d %s %s" % (n, method, path)).encode()
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        print("ANSWER %d %s %s" % (n, method, path), flush=True)
+        answer(conn, n, *first)
+        if n == 4:
+            # An idle timeout that fires with nothing in flight: a clean close.
+            time.sleep(0.3)
+            print("IDLE-CLOSE %d" % n, flush=True)
+            return
+        if n >= 5:
+            while True:
+                req = read_request(conn)
+                if req is None:
+                    return
+                answer(conn, n, *req)
         select.select([conn], [], [])
         peeked = conn.recv(4096, socket.MSG_PEEK)
         if not peeked:

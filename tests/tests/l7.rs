@@ -1562,13 +1562,16 @@ for body in [call % "1", call % "1.0", call % "2e0", "[%s]" % (call % "1.0")]:
 }
 
 /// The client of `a_reused_server_connection_that_closes_unanswered_*`:
-/// one keep-alive connection to b:8005, five requests; a JSON line each.
-const PY_FIVE_REQUESTS: &str = r#"
-import http.client, json, sys
+/// one keep-alive connection to b:8005, seven requests (a second's pause
+/// before the last); a JSON line each.
+const PY_SEVEN_REQUESTS: &str = r#"
+import http.client, json, sys, time
 c = http.client.HTTPConnection(sys.argv[1], 8005, timeout=10)
-for method, path, body in [("GET", "/one", None), ("GET", "/two", None),
-                           ("POST", "/orders", b"{}"), ("GET", "/three", None),
-                           ("GET", "/four", None)]:
+for method, path, body, pause in [("GET", "/one", None, 0), ("GET", "/two", None, 0),
+                                  ("POST", "/orders", b"{}", 0), ("GET", "/three", None, 0),
+                                  ("GET", "/four", None, 0), ("GET", "/five", None, 0),
+                                  ("POST", "/orders", b"{}", 1)]:
+    time.sleep(pause)
     headers = {"content-type": "application/json"} if body else {}
     try:
         c.request(method, path, body=body, headers=headers)
@@ -1601,14 +1604,14 @@ fn a_reused_server_connection_that_closes_unanswered_is_retried_only_when_safe()
     let (_, out) =
         m.a.exec(
             Some("support-agent.service"),
-            &["python3", "-c", PY_FIVE_REQUESTS, &b],
+            &["python3", "-c", PY_SEVEN_REQUESTS, &b],
         )
         .expect("client");
     let r = json_lines(&out);
     let log = m.tb.server_log(&m.b, "race");
     assert_eq!(
         r.len(),
-        5,
+        7,
         "{r:?} {}\n{log}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -1636,6 +1639,14 @@ fn a_reused_server_connection_that_closes_unanswered_is_retried_only_when_safe()
     assert_eq!(r[3]["body"], "conn 3 GET /three", "{r:?}");
     // A server that answers, but not in HTTP, is not asked again.
     assert_eq!(r[4]["status"], 502, "{r:?}");
+    // A connection the server closed while idle (its timer, nothing in
+    // flight) is replaced before the next request: a POST goes through.
+    assert_eq!(r[5]["body"], "conn 4 GET /five", "{r:?}");
+    assert_eq!(
+        (r[6]["status"].as_u64(), r[6]["body"].as_str()),
+        (Some(200), Some("conn 5 POST /orders")),
+        "{r:?}\n{log}"
+    );
     let lines: Vec<&str> = log.lines().filter(|l| !l.starts_with("READY")).collect();
     assert_eq!(
         lines,
@@ -1646,6 +1657,9 @@ fn a_reused_server_connection_that_closes_unanswered_is_retried_only_when_safe()
             "DROP 2 POST /orders",
             "ANSWER 3 GET /three",
             "GARBAGE 3 GET /four",
+            "ANSWER 4 GET /five",
+            "IDLE-CLOSE 4",
+            "ANSWER 5 POST /orders",
         ],
         "what the server saw: the POST once, never answered; the GET answered in garbage once"
     );
