@@ -1,5 +1,5 @@
 """An h2c (prior knowledge) server of the L7 tests that shuts its first
-connection down as the second request arrives: it answers that
+two connections down as their second request arrives: it answers the
 connection's first request, then sends GOAWAY (NO_ERROR, last stream id 1)
 for the second, unprocessed, and closes — as an HTTP/2 server does on its
 idle timeout or a graceful restart. Later connections answer every
@@ -40,7 +40,7 @@ def serve(sock, n):
                     continue
                 h = {text(k): text(v) for k, v in ev.headers}
                 what = "%d %s %s" % (n, h[":method"], h[":path"])
-                if n == 1 and answered >= 1:
+                if n <= 2 and answered >= 1:
                     conn.close_connection(error_code=0, last_stream_id=answered * 2 - 1)
                     sock.sendall(conn.data_to_send())
                     print("GOAWAY " + what, flush=True)

@@ -1694,9 +1694,10 @@ fn an_http2_server_going_away_has_its_unprocessed_get_sent_again() {
     let script = r#"
 import httpx, json, sys
 with httpx.Client(http1=False, http2=True, timeout=10) as c:
-    for p in ["/one", "/two"]:
+    for method, p in [("GET", "/one"), ("GET", "/two"), ("POST", "/orders")]:
         try:
-            r = c.get("http://%s:8005%s" % (sys.argv[1], p))
+            r = c.request(method, "http://%s:8005%s" % (sys.argv[1], p),
+                          json={} if method == "POST" else None)
             print(json.dumps({"status": r.status_code, "body": r.text, "version": r.http_version}))
         except Exception as e:
             print(json.dumps({"error": repr(e)}))
@@ -1711,7 +1712,7 @@ with httpx.Client(http1=False, http2=True, timeout=10) as c:
     let log = m.tb.server_log(&m.b, "goaway");
     assert_eq!(
         r.len(),
-        2,
+        3,
         "{r:?} {}\n{log}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -1722,12 +1723,20 @@ with httpx.Client(http1=False, http2=True, timeout=10) as c:
         (Some(200), Some("conn 2 GET /two")),
         "the GET the server went away on is sent again on a new connection: {r:?}\nserver: {log}"
     );
+    // A POST too: the GOAWAY says the server did not process it.
+    assert_eq!(
+        (r[2]["status"].as_u64(), r[2]["body"].as_str()),
+        (Some(200), Some("conn 3 POST /orders")),
+        "{r:?}\nserver: {log}"
+    );
     assert_eq!(
         log.lines().collect::<Vec<_>>(),
         [
             "ANSWER 1 GET /one",
             "GOAWAY 1 GET /two",
-            "ANSWER 2 GET /two"
+            "ANSWER 2 GET /two",
+            "GOAWAY 2 POST /orders",
+            "ANSWER 3 POST /orders",
         ],
         "what the server saw"
     );

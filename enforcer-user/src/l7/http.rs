@@ -1076,11 +1076,15 @@ impl Session {
                 HeaderValue::from_static("identity"),
             );
         }
-        // Sent again if the server's connection closes on it unanswered:
-        // an idempotent request (RFC 9110 §9.2.2), its body read whole.
-        let again = (!upgrade && rewritten.is_none() && method.is_idempotent())
+        // Sent again if the server's connection closes on it unanswered
+        // (see `send`): its body read whole; an idempotent one (RFC 9110
+        // §9.2.2), or any on HTTP/2, whose refusals say "not processed".
+        let again = (!upgrade
+            && rewritten.is_none()
+            && (method.is_idempotent() || parts.version == Version::HTTP_2))
             .then(|| body.again())
-            .flatten();
+            .flatten()
+            .map(|body| Resend { body });
         let body = match rewritten {
             // The client's request, changed (an LLM stream's usage asked for).
             Some(b) => {
@@ -1184,14 +1188,17 @@ impl Session {
     /// client, whose own connection is still open, would get a 502 where a
     /// direct client reconnects. Such a request is sent once more on a new
     /// connection when that cannot repeat anything: hyper gave it back
-    /// unwritten, or `again` holds its body (an idempotent method, RFC 9110
-    /// §9.2.2, with the body read whole; see [`ReadBody::again`]).
+    /// unwritten; HTTP/2 says the server did not process it (a refused
+    /// stream, one above its GOAWAY's last stream id); or the method is
+    /// idempotent (RFC 9110 §9.2.2) and the connection had waited. `again`
+    /// holds the body for the last two (read whole: [`ReadBody::again`]).
     pub(super) async fn send(
         &self,
         mut req: Request<Body>,
-        again: Option<Bytes>,
+        again: Option<Resend>,
     ) -> Result<Response<Incoming>, String> {
         let h2 = req.version() == Version::HTTP_2;
+        let idempotent = req.method().is_idempotent();
         for attempt in 1.. {
             let mut slot = self.upstream.lock().await;
             let usable = match slot.as_mut() {
@@ -1204,10 +1211,7 @@ impl Session {
                 *slot = Some(sender);
                 !dialed
             };
-            let copy = again
-                .as_ref()
-                .filter(|_| waited)
-                .map(|body| Again::of(&req, body.clone()));
+            let copy = again.as_ref().map(|r| Again::of(&req, r.body.clone()));
             let sent = match slot.as_mut() {
                 Some(Sender::H1(s)) => {
                     let sent = s.try_send_request(req).await;
@@ -1234,7 +1238,8 @@ impl Session {
                 Ok(resp) => return Ok(resp),
                 Err(e) => e,
             };
-            if attempt >= 3 || !closed_unanswered(failed.error()) {
+            let unanswered = unanswered(failed.error());
+            if attempt >= 3 || unanswered == Unanswered::No {
                 return Err(with_causes(failed.error()));
             }
             if let Some(unsent) = failed.take_message() {
@@ -1243,19 +1248,31 @@ impl Session {
                 req = unsent;
                 continue;
             }
-            let Some(copy) = copy else {
-                return Err(format!(
-                    "{}; not sent again: {}",
-                    with_causes(failed.error()),
-                    if again.is_some() {
-                        "the connection was new"
-                    } else {
-                        "the request may not be repeated (RFC 9110 §9.2.2)"
-                    }
-                ));
+            let refused = |why: &str| {
+                Err(format!(
+                    "{}; not sent again: {why}",
+                    with_causes(failed.error())
+                ))
             };
+            let not_repeatable =
+                "the server may have read it, and its method may not be repeated (RFC 9110 §9.2.2)";
+            let Some(copy) = copy else {
+                return refused(if idempotent {
+                    "its body was not read whole"
+                } else {
+                    not_repeatable
+                });
+            };
+            if unanswered == Unanswered::Maybe {
+                if !idempotent {
+                    return refused(not_repeatable);
+                }
+                if !waited {
+                    return refused("the connection was new");
+                }
+            }
             warn!(conn_id = self.conn.id, method = %copy.method, path = copy.uri.path(), error = %with_causes(failed.error()),
-                "the server's connection closed without answering (its idle timeout, as the request went out?); the request, idempotent, is sent again on a new connection");
+                "the server's connection failed the request unanswered (its idle timeout, as the request went out?) or refused it unprocessed; the request is sent again on a new connection");
             req = copy.request();
         }
         Err("the server closed every connection before answering".into())
@@ -1326,6 +1343,11 @@ impl Session {
     }
 }
 
+/// What `send` needs to send a request again: its body, read whole.
+pub(super) struct Resend {
+    pub(super) body: Bytes,
+}
+
 /// What sends a request again: its head, and its body read whole.
 struct Again {
     method: Method,
@@ -1369,34 +1391,48 @@ fn with_causes(e: &hyper::Error) -> String {
     text
 }
 
-/// The server's connection ended before an answer began: closed or reset,
-/// or (HTTP/2) the stream refused or above a GOAWAY's last stream id, which
-/// RFC 9113 (§8.7, §6.8) says was not processed; not an answer that failed
-/// to parse (the server did answer).
-fn closed_unanswered(e: &hyper::Error) -> bool {
+/// Whether a request the server's connection failed was answered at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unanswered {
+    /// It was (an answer that is not HTTP, say), or nothing says.
+    No,
+    /// The connection closed or reset before an answer began: the server
+    /// may or may not have read it.
+    Maybe,
+    /// HTTP/2 says the server did not process it: its stream refused, or
+    /// above the last stream id of the server's GOAWAY (RFC 9113 §8.7,
+    /// §6.8).
+    Unprocessed,
+}
+
+fn unanswered(e: &hyper::Error) -> Unanswered {
     let closed = |io: &std::io::Error| {
-        matches!(
+        if matches!(
             io.kind(),
             std::io::ErrorKind::ConnectionReset
                 | std::io::ErrorKind::ConnectionAborted
                 | std::io::ErrorKind::BrokenPipe
                 | std::io::ErrorKind::UnexpectedEof
-        )
+        ) {
+            Unanswered::Maybe
+        } else {
+            Unanswered::No
+        }
     };
     if e.is_incomplete_message() || e.is_canceled() {
-        return true;
+        return Unanswered::Maybe;
     }
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         if let Some(h2) = s.downcast_ref::<h2::Error>() {
-            // A stream above a GOAWAY's last stream id was not processed
-            // either (RFC 9113 §6.8).
             return match h2.get_io() {
                 Some(io) => closed(io),
-                None => {
-                    h2.reason() == Some(h2::Reason::REFUSED_STREAM)
-                        || (h2.is_go_away() && h2.is_remote())
+                None if h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                    || (h2.is_go_away() && h2.is_remote()) =>
+                {
+                    Unanswered::Unprocessed
                 }
+                None => Unanswered::No,
             };
         }
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
@@ -1404,7 +1440,7 @@ fn closed_unanswered(e: &hyper::Error) -> bool {
         }
         source = s.source();
     }
-    false
+    Unanswered::No
 }
 
 #[cfg(test)]
