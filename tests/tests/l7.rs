@@ -1674,7 +1674,7 @@ fn a_reused_server_connection_that_closes_unanswered_is_retried_only_when_safe()
 }
 
 #[test]
-fn an_http2_server_going_away_has_its_unprocessed_get_sent_again() {
+fn an_http2_server_going_away_has_its_unprocessed_requests_sent_again() {
     // The same race over h2c: the server's GOAWAY (its idle timeout, a
     // graceful restart) says the second request, above its last stream
     // id, was not processed; enforcer's kept HTTP/2 connection to it
