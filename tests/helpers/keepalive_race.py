@@ -10,7 +10,12 @@ later ones answer every request. Prints `ANSWER <conn> <method> <path>`,
 `DROP <conn> <method> <path>` (the dropped request read with MSG_PEEK, so
 it stays unread), `GARBAGE <conn> <method> <path>` and `IDLE-CLOSE <conn>`.
 
-usage: keepalive_race.py PORT
+With `fresh-close`, the first connection is closed at once instead, before
+any request (a server's header or idle timeout on a connection that never
+sent one; prints `FRESH-CLOSE 1`), and every later one answers every
+request.
+
+usage: keepalive_race.py PORT [fresh-close]
 """
 import select
 import socket
@@ -51,8 +56,20 @@ def answer(conn, n, method, path):
     print("ANSWER %d %s %s" % (n, method, path), flush=True)
 
 
+FRESH_CLOSE = len(sys.argv) > 2 and sys.argv[2] == "fresh-close"
+
+
 def serve(conn, n):
     with conn:
+        if FRESH_CLOSE:
+            if n == 1:
+                print("FRESH-CLOSE 1", flush=True)
+                return
+            while True:
+                req = read_request(conn)
+                if req is None:
+                    return
+                answer(conn, n, *req)
         first = read_request(conn)
         if first is None:
             return

@@ -1741,3 +1741,64 @@ with httpx.Client(http1=False, http2=True, timeout=10) as c:
         "what the server saw"
     );
 }
+
+#[test]
+fn a_server_connection_closed_before_the_first_request_is_not_used() {
+    // The failure: the connection b's agent opens to the server when the
+    // client connects waits, unused, for the client's first request; a
+    // server that closes connections that send nothing (a header or idle
+    // timeout) had closed it. The session found it closed, dialed a new
+    // one, and then gave up before sending on it (two tries, both spent on
+    // connecting): the POST was answered 502 "the server closed every
+    // connection before answering", and never reached the server.
+    let (mut m, _policy) = l7_pair("l7-freshclose");
+    m.tb.start_server_in(
+        &m.b,
+        Some("api.service"),
+        "fresh",
+        &[
+            "python3",
+            "-u",
+            &helper("keepalive_race.py"),
+            "8005",
+            "fresh-close",
+        ],
+        8005,
+    )
+    .expect("server");
+    let b = m.b.ipv4.to_string();
+    // Connects, waits for the server to have closed the connection b's
+    // agent opened, then POSTs.
+    let script = r#"
+import http.client, json, sys, time
+c = http.client.HTTPConnection(sys.argv[1], 8005, timeout=10)
+c.connect()
+deadline = time.time() + 10
+while "FRESH-CLOSE 1" not in open(sys.argv[2]).read() and time.time() < deadline:
+    time.sleep(0.05)
+time.sleep(0.2)
+c.request("POST", "/orders", body=b"{}", headers={"content-type": "application/json"})
+r = c.getresponse()
+print(json.dumps({"status": r.status, "body": r.read().decode()}), flush=True)
+"#;
+    let log_path = m.tb.dir.join("b-fresh.log").display().to_string();
+    let (_, out) =
+        m.a.exec(
+            Some("support-agent.service"),
+            &["python3", "-c", script, &b, &log_path],
+        )
+        .expect("client");
+    let r = json_lines(&out);
+    let log = m.tb.server_log(&m.b, "fresh");
+    assert_eq!(
+        r.len(),
+        1,
+        "{r:?} {}\n{log}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        (r[0]["status"].as_u64(), r[0]["body"].as_str()),
+        (Some(200), Some("conn 2 POST /orders")),
+        "the POST goes to a connection the server has not closed: {r:?}\n{log}"
+    );
+}
