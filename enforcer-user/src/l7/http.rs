@@ -1303,7 +1303,16 @@ impl Session {
     /// A connection to the server; `true` when dialed now (not the one the
     /// connection-level code opened when the client connected).
     async fn connect(&self, h2: bool) -> Result<(Sender, bool), String> {
-        let first = self.first.lock().unwrap_or_else(|p| p.into_inner()).take();
+        // The connection opened when the client connected has waited for
+        // this first request: not used if the server has closed it since
+        // (its header or idle timeout), or, on HTTP/1.1, sent on it unasked
+        // (a 408; an HTTP/2 server sends its SETTINGS first).
+        let first = self
+            .first
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .filter(|t| still_usable(t, h2));
         let dialed = first.is_none();
         let tcp = match first {
             Some(t) => t,
@@ -1340,6 +1349,17 @@ impl Session {
             });
             Ok((Sender::H1(send), dialed))
         }
+    }
+}
+
+/// Whether a connection that waited unused can carry a request: its end
+/// has not arrived (a non-blocking peek), nor, for HTTP/1.1, anything else.
+fn still_usable(tcp: &TcpStream, h2: bool) -> bool {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    match socket2::SockRef::from(tcp).peek(&mut byte) {
+        Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+        Ok(0) => false,
+        Ok(_) => h2,
     }
 }
 
@@ -1446,6 +1466,35 @@ fn unanswered(e: &hyper::Error) -> Unanswered {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connection that waited for the first request is used only while
+    /// nothing came on it: not after the server closed it, nor, on
+    /// HTTP/1.1, after it sent something unasked (an HTTP/2 server's
+    /// SETTINGS come first).
+    #[tokio::test]
+    async fn a_waiting_connection_is_used_only_while_nothing_came() {
+        use tokio::io::AsyncWriteExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let pair = || async {
+            let ours = TcpStream::connect(addr).await.expect("connect");
+            let (theirs, _) = listener.accept().await.expect("accept");
+            (ours, theirs)
+        };
+        let (ours, _theirs) = pair().await;
+        assert!(still_usable(&ours, false) && still_usable(&ours, true));
+        let (ours, mut theirs) = pair().await;
+        theirs.write_all(b"HTTP/1.1 408").await.expect("write");
+        ours.readable().await.expect("the bytes arrive");
+        assert!(!still_usable(&ours, false), "bytes unasked on HTTP/1.1");
+        assert!(still_usable(&ours, true), "an HTTP/2 server speaks first");
+        let (ours, theirs) = pair().await;
+        drop(theirs);
+        ours.readable().await.expect("the end arrives");
+        assert!(!still_usable(&ours, false) && !still_usable(&ours, true));
+    }
 
     #[test]
     fn only_allowed_upgrades_are_kept() {
