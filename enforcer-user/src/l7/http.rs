@@ -1186,12 +1186,13 @@ impl Session {
     /// idle, and a server's idle timeout may close it as the request goes
     /// out (uvicorn's is 5 s): the request is then unanswered, and the
     /// client, whose own connection is still open, would get a 502 where a
-    /// direct client reconnects. Such a request is sent once more on a new
-    /// connection when that cannot repeat anything: hyper gave it back
-    /// unwritten; HTTP/2 says the server did not process it (a refused
-    /// stream, one above its GOAWAY's last stream id); or the method is
-    /// idempotent (RFC 9110 §9.2.2) and the connection had waited. `again`
-    /// holds the body for the last two (read whole: [`ReadBody::again`]).
+    /// direct client reconnects. Such a request is sent again on a new
+    /// connection (three sends at most) when that cannot repeat anything:
+    /// hyper gave it back unwritten; HTTP/2 says the server did not process
+    /// it (a refused stream, one above its GOAWAY's last stream id); or the
+    /// method is idempotent (RFC 9110 §9.2.2) and the connection had
+    /// waited. `again` holds the body for the last two (read whole:
+    /// [`ReadBody::again`]).
     pub(super) async fn send(
         &self,
         mut req: Request<Body>,
