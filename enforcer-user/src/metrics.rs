@@ -23,6 +23,14 @@ pub struct DecisionLabels {
     pub destination: String,
 }
 
+/// A request an L7 session sent again to the server: where, and why it
+/// could be (`unwritten`, `unprocessed`, `closed`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub destination: String,
+    pub why: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
@@ -194,6 +202,7 @@ pub struct Metrics {
     pub policy_reloads: Family<ResultLabels, Counter>,
     policy_info: Family<PolicyInfoLabels, Gauge>,
     decision_logs: Family<ResultLabels, Counter>,
+    l7_upstream_retries: Family<RetryLabels, Counter>,
     decision_log_uploads: Family<ResultLabels, Counter>,
     pub audit_write_failures: Counter,
     trace_spans: Family<ResultLabels, Counter>,
@@ -331,6 +340,12 @@ impl Metrics {
             "Decision-log events for the decision-log service: shipped, or dropped (buffer full)",
             decision_logs.clone(),
         );
+        let l7_upstream_retries = Family::<RetryLabels, Counter>::default();
+        registry.register(
+            "l7_upstream_retries",
+            "Requests at L7 destinations sent again on a new connection to the server, after the last one failed them unanswered: unwritten (never sent), unprocessed (HTTP/2: refused, or above the server's GOAWAY), closed (idempotent; the kept connection closed or reset under it)",
+            l7_upstream_retries.clone(),
+        );
         let decision_log_uploads = Family::<ResultLabels, Counter>::default();
         registry.register(
             "decision_log_uploads",
@@ -384,6 +399,7 @@ impl Metrics {
             policy_reloads,
             policy_info,
             decision_logs,
+            l7_upstream_retries,
             decision_log_uploads,
             audit_write_failures,
             trace_spans,
@@ -579,6 +595,15 @@ impl Metrics {
     pub fn policy_in_force(&self, labels: PolicyInfoLabels) {
         self.policy_info.clear();
         self.policy_info.get_or_create(&labels).set(1);
+    }
+
+    /// A request an L7 session sent again to the server at `dst`.
+    pub fn l7_upstream_retry(&self, dst: Option<&str>, why: &'static str) {
+        let labels = RetryLabels {
+            destination: self.id_label(dst),
+            why,
+        };
+        self.l7_upstream_retries.get_or_create(&labels).inc();
     }
 
     pub fn decision_logs(&self, result: &'static str, n: u64) {

@@ -1663,6 +1663,20 @@ fn a_reused_server_connection_that_closes_unanswered_is_retried_only_when_safe()
         ],
         "what the server saw: the POST once, never answered; the GET answered in garbage once"
     );
+    // Counted: the GET once (the POST was not sent again).
+    let metrics = m.eb.metrics().expect("metrics");
+    let retried = |why| {
+        sum_metric(
+            &metrics,
+            "enforcer_l7_upstream_retries_total",
+            &[("destination", "spiffe://ai.example.org/api"), ("why", why)],
+        )
+    };
+    assert_eq!(
+        (retried("closed"), retried("unprocessed")),
+        (1.0, 0.0),
+        "{metrics}"
+    );
     // b's agent says why the GET was sent again.
     wait_for("b's agent to log the retry", || {
         m.eb.log_lines().iter().any(|l| {
@@ -1739,6 +1753,16 @@ with httpx.Client(http1=False, http2=True, timeout=10) as c:
             "ANSWER 3 POST /orders",
         ],
         "what the server saw"
+    );
+    let metrics = m.eb.metrics().expect("metrics");
+    assert_eq!(
+        sum_metric(
+            &metrics,
+            "enforcer_l7_upstream_retries_total",
+            &[("why", "unprocessed")]
+        ),
+        2.0,
+        "the GET and the POST, counted: {metrics}"
     );
 }
 

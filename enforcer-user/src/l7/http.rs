@@ -1243,9 +1243,15 @@ impl Session {
             if attempt >= 3 || unanswered == Unanswered::No {
                 return Err(with_causes(failed.error()));
             }
+            let retried = |why| {
+                self.l7
+                    .metrics
+                    .l7_upstream_retry(self.conn.destination.spiffe_id.as_deref(), why);
+            };
             if let Some(unsent) = failed.take_message() {
                 debug!(conn_id = self.conn.id, error = %with_causes(failed.error()),
                     "the server's connection closed before the request was written; sending it on a new connection");
+                retried("unwritten");
                 req = unsent;
                 continue;
             }
@@ -1274,6 +1280,11 @@ impl Session {
             }
             warn!(conn_id = self.conn.id, method = %copy.method, path = copy.uri.path(), error = %with_causes(failed.error()),
                 "the server's connection failed the request unanswered (its idle timeout, as the request went out?) or refused it unprocessed; the request is sent again on a new connection");
+            retried(if unanswered == Unanswered::Unprocessed {
+                "unprocessed"
+            } else {
+                "closed"
+            });
             req = copy.request();
         }
         Err("the server closed every connection before answering".into())
