@@ -15,7 +15,10 @@ any request (a server's header or idle timeout on a connection that never
 sent one; prints `FRESH-CLOSE 1`), and every later one answers every
 request.
 
-usage: keepalive_race.py PORT [fresh-close]
+With `hint`, every answer says `Keep-Alive: timeout=2` and every
+connection answers every request (the server itself never closes one).
+
+usage: keepalive_race.py PORT [fresh-close | hint]
 """
 import select
 import socket
@@ -50,9 +53,13 @@ def read_request(conn):
     return method, path
 
 
+HINT = len(sys.argv) > 2 and sys.argv[2] == "hint"
+
+
 def answer(conn, n, method, path):
     body = ("conn %d %s %s" % (n, method, path)).encode()
-    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    hint = b"Keep-Alive: timeout=2\r\n" if HINT else b""
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n%sContent-Length: %d\r\n\r\n%s" % (hint, len(body), body))
     print("ANSWER %d %s %s" % (n, method, path), flush=True)
 
 
@@ -61,8 +68,8 @@ FRESH_CLOSE = len(sys.argv) > 2 and sys.argv[2] == "fresh-close"
 
 def serve(conn, n):
     with conn:
-        if FRESH_CLOSE:
-            if n == 1:
+        if FRESH_CLOSE or HINT:
+            if FRESH_CLOSE and n == 1:
                 print("FRESH-CLOSE 1", flush=True)
                 return
             while True:

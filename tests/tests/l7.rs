@@ -1826,3 +1826,69 @@ print(json.dumps({"status": r.status, "body": r.read().decode()}), flush=True)
         "the POST goes to a connection the server has not closed: {r:?}\n{log}"
     );
 }
+
+#[test]
+fn a_kept_connection_is_not_used_past_the_servers_keep_alive_hint() {
+    // A server that says `Keep-Alive: timeout=2` (Node.js's does, with 5)
+    // closes the connection 2 s after an answer; a POST sent as it does
+    // would get a 502 (see the race test above), so the session stops
+    // using the connection before then (after 1 s) and dials. This server
+    // never closes a connection itself: which one answered shows whether
+    // the session kept it.
+    let (mut m, _policy) = l7_pair("l7-kahint");
+    m.tb.start_server_in(
+        &m.b,
+        Some("api.service"),
+        "hint",
+        &[
+            "python3",
+            "-u",
+            &helper("keepalive_race.py"),
+            "8005",
+            "hint",
+        ],
+        8005,
+    )
+    .expect("server");
+    let b = m.b.ipv4.to_string();
+    // Two requests at once, then one well past the hint's margin and
+    // within its timeout.
+    let script = r#"
+import http.client, json, sys, time
+c = http.client.HTTPConnection(sys.argv[1], 8005, timeout=10)
+for path, pause in [("/a", 0), ("/b", 0), ("/c", 1.6)]:
+    time.sleep(pause)
+    c.request("POST", "/orders", body=b"{}", headers={"content-type": "application/json", "x-step": path})
+    r = c.getresponse()
+    print(json.dumps({"status": r.status, "body": r.read().decode(),
+                      "keep_alive": r.getheader("keep-alive")}), flush=True)
+"#;
+    let (_, out) =
+        m.a.exec(
+            Some("support-agent.service"),
+            &["python3", "-c", script, &b],
+        )
+        .expect("client");
+    let r = json_lines(&out);
+    let log = m.tb.server_log(&m.b, "hint");
+    assert_eq!(
+        r.len(),
+        3,
+        "{r:?} {}\n{log}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bodies: Vec<&str> = r.iter().filter_map(|v| v["body"].as_str()).collect();
+    assert_eq!(
+        bodies,
+        [
+            "conn 1 POST /orders",
+            "conn 1 POST /orders",
+            "conn 2 POST /orders"
+        ],
+        "kept while the hint allows, then a new connection: {r:?}\n{log}"
+    );
+    assert!(
+        r.iter().all(|v| v["keep_alive"].is_null()),
+        "the hint is hop-by-hop, not passed to the client: {r:?}"
+    );
+}

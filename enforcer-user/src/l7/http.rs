@@ -179,6 +179,7 @@ where
         conn,
         seq: AtomicU64::new(0),
         upstream: tokio::sync::Mutex::new(None),
+        kept_until: std::sync::Mutex::new(None),
         first: std::sync::Mutex::new(first),
         server_socket: std::sync::Mutex::new(None),
         tunnels: std::sync::Mutex::new(Vec::new()),
@@ -241,6 +242,9 @@ pub struct Session {
     pub(super) conn: Conn,
     seq: AtomicU64,
     upstream: tokio::sync::Mutex<Option<Sender>>,
+    /// When the server's HTTP/1.1 `Keep-Alive: timeout=N` hint says the
+    /// kept connection may be closed by it: not used from then on.
+    kept_until: std::sync::Mutex<Option<std::time::Instant>>,
     /// The connection the connection-level code opened, used first.
     first: std::sync::Mutex<Option<TcpStream>>,
     /// A second handle on the current connection to the server. The socket
@@ -1202,6 +1206,11 @@ impl Session {
         let idempotent = req.method().is_idempotent();
         for attempt in 1.. {
             let mut slot = self.upstream.lock().await;
+            if self.keep_alive_over() {
+                // Dialing now, before the server's timer can cross the
+                // request (see `keep_alive_hint`).
+                *slot = None;
+            }
             let usable = match slot.as_mut() {
                 Some(Sender::H1(s)) => s.ready().await.is_ok(),
                 Some(Sender::H2(s)) => s.ready().await.is_ok(),
@@ -1236,7 +1245,10 @@ impl Session {
                 None => return Err("no connection to the server".into()),
             };
             let mut failed = match sent {
-                Ok(resp) => return Ok(resp),
+                Ok(resp) => {
+                    self.keep_alive_hint(&resp);
+                    return Ok(resp);
+                }
                 Err(e) => e,
             };
             let unanswered = unanswered(failed.error());
@@ -1288,6 +1300,32 @@ impl Session {
             req = copy.request();
         }
         Err("the server closed every connection before answering".into())
+    }
+
+    /// Reads an HTTP/1.1 answer's `Keep-Alive: timeout=N` (RFC 2068
+    /// §19.7.1, sent by Node.js's server, Apache and others): the server
+    /// closes the connection after N s idle, so it is not used after N s
+    /// less a margin (1 s, or half of N when N is shorter), counted from
+    /// the answer's head — before the server's count, which starts when the
+    /// answer has been sent. A request then goes to a new connection instead
+    /// of crossing the close; without the hint, nothing expires.
+    fn keep_alive_hint(&self, resp: &Response<Incoming>) {
+        if resp.version() != Version::HTTP_11 {
+            return;
+        }
+        *self.kept_until.lock().unwrap_or_else(|p| p.into_inner()) =
+            keep_alive_timeout(resp.headers())
+                .and_then(|n| kept_until(std::time::Instant::now(), n));
+    }
+
+    /// The server's keep-alive hint has run out for the kept connection.
+    fn keep_alive_over(&self) -> bool {
+        let mut until = self.kept_until.lock().unwrap_or_else(|p| p.into_inner());
+        let over = until.is_some_and(|t| std::time::Instant::now() >= t);
+        if over {
+            *until = None;
+        }
+        over
     }
 
     /// Closes the connection to the server now (an answer cut short): the
@@ -1362,6 +1400,32 @@ impl Session {
             Ok((Sender::H1(send), dialed))
         }
     }
+}
+
+/// The `timeout` of a `Keep-Alive` header (`timeout=5, max=1000`), in
+/// seconds; none when absent, unreadable or 0.
+fn keep_alive_timeout(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get_all(HeaderName::from_static("keep-alive"))
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| {
+            let (k, v) = p.split_once('=')?;
+            k.trim()
+                .eq_ignore_ascii_case("timeout")
+                .then(|| v.trim().parse::<u64>().ok())
+                .flatten()
+        })
+        .filter(|&n| n > 0)
+}
+
+/// When a connection whose server promised `timeout` seconds at `now`
+/// stops being used: 1 s before (half of it when shorter). None past what
+/// an `Instant` holds (a server's garbage): no expiry.
+fn kept_until(now: std::time::Instant, timeout: u64) -> Option<std::time::Instant> {
+    let t = std::time::Duration::from_secs(timeout);
+    now.checked_add(t - (t / 2).min(std::time::Duration::from_secs(1)))
 }
 
 /// Whether a connection that waited unused can carry a request: its end
@@ -1478,6 +1542,40 @@ fn unanswered(e: &hyper::Error) -> Unanswered {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keep_alive_timeouts_are_read_as_servers_write_them() {
+        let of = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(
+                    HeaderName::from_static("keep-alive"),
+                    HeaderValue::from_str(v).expect("value"),
+                );
+            }
+            keep_alive_timeout(&h)
+        };
+        assert_eq!(of(&[]), None);
+        assert_eq!(of(&["timeout=5"]), Some(5), "Node.js");
+        assert_eq!(of(&["timeout=5, max=100"]), Some(5), "Apache");
+        assert_eq!(of(&["max=100, Timeout = 15"]), Some(15));
+        assert_eq!(of(&["max=100", "timeout=3"]), Some(3), "two lines");
+        assert_eq!(of(&["timeout=0"]), None, "no promise");
+        assert_eq!(of(&["timeout=soon", "max=1"]), None);
+        assert_eq!(of(&["timeout=-1"]), None);
+        assert_eq!(of(&["timeout=18446744073709551615"]), Some(u64::MAX));
+        // Used until 1 s before the server's timeout, half of it when that
+        // is shorter; a timeout past what an `Instant` holds is none.
+        let now = std::time::Instant::now();
+        let secs = std::time::Duration::from_secs;
+        assert_eq!(kept_until(now, 5), Some(now + secs(4)));
+        assert_eq!(kept_until(now, 2), Some(now + secs(1)));
+        assert_eq!(
+            kept_until(now, 1),
+            Some(now + std::time::Duration::from_millis(500))
+        );
+        assert_eq!(kept_until(now, u64::MAX), None);
+    }
 
     /// A connection that waited for the first request is used only while
     /// nothing came on it: not after the server closed it, nor, on
