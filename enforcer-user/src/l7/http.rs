@@ -179,7 +179,6 @@ where
         conn,
         seq: AtomicU64::new(0),
         upstream: tokio::sync::Mutex::new(None),
-        kept_until: std::sync::Mutex::new(None),
         first: std::sync::Mutex::new(first),
         server_socket: std::sync::Mutex::new(None),
         tunnels: std::sync::Mutex::new(Vec::new()),
@@ -242,9 +241,6 @@ pub struct Session {
     pub(super) conn: Conn,
     seq: AtomicU64,
     upstream: tokio::sync::Mutex<Option<Sender>>,
-    /// When the server's HTTP/1.1 `Keep-Alive: timeout=N` hint says the
-    /// kept connection may be closed by it: not used from then on.
-    kept_until: std::sync::Mutex<Option<std::time::Instant>>,
     /// The connection the connection-level code opened, used first.
     first: std::sync::Mutex<Option<TcpStream>>,
     /// A second handle on the current connection to the server. The socket
@@ -258,9 +254,17 @@ pub struct Session {
 }
 
 enum Sender {
-    H1(hyper::client::conn::http1::SendRequest<Body>),
+    /// With when the server's last `Keep-Alive: timeout=N` hint says it may
+    /// close the connection (see [`keep_alive_until`]): not used from then.
+    H1(
+        hyper::client::conn::http1::SendRequest<Body>,
+        Option<std::time::Instant>,
+    ),
     H2(hyper::client::conn::http2::SendRequest<Body>),
 }
+
+/// Sends of one request at most (see `Session::send`).
+const MAX_SENDS: u32 = 3;
 
 /// A body as far as it was read: a request's as policy sees it, an LLM
 /// answer's as it is metered.
@@ -1087,8 +1091,7 @@ impl Session {
             && rewritten.is_none()
             && (method.is_idempotent() || parts.version == Version::HTTP_2))
             .then(|| body.again())
-            .flatten()
-            .map(|body| Resend { body });
+            .flatten();
         let body = match rewritten {
             // The client's request, changed (an LLM stream's usage asked for).
             Some(b) => {
@@ -1200,19 +1203,19 @@ impl Session {
     pub(super) async fn send(
         &self,
         mut req: Request<Body>,
-        again: Option<Resend>,
+        again: Option<Bytes>,
     ) -> Result<Response<Incoming>, String> {
         let h2 = req.version() == Version::HTTP_2;
         let idempotent = req.method().is_idempotent();
-        for attempt in 1.. {
+        let mut sends = 0;
+        loop {
+            sends += 1;
             let mut slot = self.upstream.lock().await;
-            if self.keep_alive_over() {
-                // Dialing now, before the server's timer can cross the
-                // request (see `keep_alive_hint`).
-                *slot = None;
-            }
             let usable = match slot.as_mut() {
-                Some(Sender::H1(s)) => s.ready().await.is_ok(),
+                // Past the server's keep-alive hint: a new connection now,
+                // before the server's timer can cross the request.
+                Some(Sender::H1(_, Some(until))) if std::time::Instant::now() >= *until => false,
+                Some(Sender::H1(s, _)) => s.ready().await.is_ok(),
                 Some(Sender::H2(s)) => s.ready().await.is_ok(),
                 None => false,
             };
@@ -1221,12 +1224,17 @@ impl Session {
                 *slot = Some(sender);
                 !dialed
             };
-            let copy = again.as_ref().map(|r| Again::of(&req, r.body.clone()));
+            // Kept only where a failure could let it go again (below).
+            let copy = again
+                .as_ref()
+                .filter(|_| waited || h2)
+                .map(|body| Again::of(&req, body.clone()));
             let sent = match slot.as_mut() {
-                Some(Sender::H1(s)) => {
+                Some(Sender::H1(s, until)) => {
                     let sent = s.try_send_request(req).await;
-                    if sent.is_err() {
-                        *slot = None;
+                    match &sent {
+                        Ok(resp) => *until = keep_alive_until(resp.headers()),
+                        Err(_) => *slot = None,
                     }
                     sent
                 }
@@ -1245,15 +1253,13 @@ impl Session {
                 None => return Err("no connection to the server".into()),
             };
             let mut failed = match sent {
-                Ok(resp) => {
-                    self.keep_alive_hint(&resp);
-                    return Ok(resp);
-                }
+                Ok(resp) => return Ok(resp),
                 Err(e) => e,
             };
+            let chain = crate::policy::source::chain;
             let unanswered = unanswered(failed.error());
-            if attempt >= 3 || unanswered == Unanswered::No {
-                return Err(with_causes(failed.error()));
+            if sends >= MAX_SENDS || unanswered == Unanswered::No {
+                return Err(chain(failed.error()));
             }
             let retried = |why| {
                 self.l7
@@ -1261,36 +1267,32 @@ impl Session {
                     .l7_upstream_retry(self.conn.destination.spiffe_id.as_deref(), why);
             };
             if let Some(unsent) = failed.take_message() {
-                debug!(conn_id = self.conn.id, error = %with_causes(failed.error()),
+                debug!(conn_id = self.conn.id, error = %chain(failed.error()),
                     "the server's connection closed before the request was written; sending it on a new connection");
                 retried("unwritten");
                 req = unsent;
                 continue;
             }
-            let refused = |why: &str| {
-                Err(format!(
-                    "{}; not sent again: {why}",
-                    with_causes(failed.error())
-                ))
+            // Written and unanswered: sent again only if that repeats nothing.
+            let why_not = match unanswered {
+                Unanswered::Unprocessed => None,
+                _ if !idempotent => Some(
+                    "the server may have read it, and its method may not be repeated (RFC 9110 §9.2.2)",
+                ),
+                _ if !waited => Some("the connection was new"),
+                _ => None,
             };
-            let not_repeatable =
-                "the server may have read it, and its method may not be repeated (RFC 9110 §9.2.2)";
-            let Some(copy) = copy else {
-                return refused(if idempotent {
-                    "its body was not read whole"
-                } else {
-                    not_repeatable
-                });
+            let copy = match (why_not, copy) {
+                (None, Some(copy)) => copy,
+                (why, _) => {
+                    return Err(format!(
+                        "{}; not sent again: {}",
+                        chain(failed.error()),
+                        why.unwrap_or("its body was not read whole")
+                    ));
+                }
             };
-            if unanswered == Unanswered::Maybe {
-                if !idempotent {
-                    return refused(not_repeatable);
-                }
-                if !waited {
-                    return refused("the connection was new");
-                }
-            }
-            warn!(conn_id = self.conn.id, method = %copy.method, path = copy.uri.path(), error = %with_causes(failed.error()),
+            warn!(conn_id = self.conn.id, method = %copy.method, path = copy.uri.path(), error = %chain(failed.error()),
                 "the server's connection failed the request unanswered (its idle timeout, as the request went out?) or refused it unprocessed; the request is sent again on a new connection");
             retried(if unanswered == Unanswered::Unprocessed {
                 "unprocessed"
@@ -1299,33 +1301,6 @@ impl Session {
             });
             req = copy.request();
         }
-        Err("the server closed every connection before answering".into())
-    }
-
-    /// Reads an HTTP/1.1 answer's `Keep-Alive: timeout=N` (RFC 2068
-    /// §19.7.1, sent by Node.js's server, Apache and others): the server
-    /// closes the connection after N s idle, so it is not used after N s
-    /// less a margin (1 s, or half of N when N is shorter), counted from
-    /// the answer's head — before the server's count, which starts when the
-    /// answer has been sent. A request then goes to a new connection instead
-    /// of crossing the close; without the hint, nothing expires.
-    fn keep_alive_hint(&self, resp: &Response<Incoming>) {
-        if resp.version() != Version::HTTP_11 {
-            return;
-        }
-        *self.kept_until.lock().unwrap_or_else(|p| p.into_inner()) =
-            keep_alive_timeout(resp.headers())
-                .and_then(|n| kept_until(std::time::Instant::now(), n));
-    }
-
-    /// The server's keep-alive hint has run out for the kept connection.
-    fn keep_alive_over(&self) -> bool {
-        let mut until = self.kept_until.lock().unwrap_or_else(|p| p.into_inner());
-        let over = until.is_some_and(|t| std::time::Instant::now() >= t);
-        if over {
-            *until = None;
-        }
-        over
     }
 
     /// Closes the connection to the server now (an answer cut short): the
@@ -1397,9 +1372,20 @@ impl Session {
                     debug!(conn_id, error = %e, "server connection ended");
                 }
             });
-            Ok((Sender::H1(send), dialed))
+            Ok((Sender::H1(send, None), dialed))
         }
     }
+}
+
+/// Until when a kept HTTP/1.1 connection is used after an answer with
+/// these headers: a `Keep-Alive: timeout=N` (RFC 2068 §19.7.1, sent by
+/// Node.js's server, Apache and others) says the server closes it after N s
+/// idle, so it is used for N s less a margin ([`kept_until`]), counted from
+/// the answer's head — before the server's count, which starts when the
+/// answer has been sent. A request then goes to a new connection instead of
+/// crossing the close. Without the hint, no expiry.
+fn keep_alive_until(headers: &HeaderMap) -> Option<std::time::Instant> {
+    keep_alive_timeout(headers).and_then(|n| kept_until(std::time::Instant::now(), n))
 }
 
 /// The `timeout` of a `Keep-Alive` header (`timeout=5, max=1000`), in
@@ -1439,11 +1425,6 @@ fn still_usable(tcp: &TcpStream, h2: bool) -> bool {
     }
 }
 
-/// What `send` needs to send a request again: its body, read whole.
-pub(super) struct Resend {
-    pub(super) body: Bytes,
-}
-
 /// What sends a request again: its head, and its body read whole.
 struct Again {
     method: Method,
@@ -1472,19 +1453,6 @@ impl Again {
         *req.headers_mut() = self.headers;
         req
     }
-}
-
-/// A hyper error with what caused it ("connection error: Connection reset
-/// by peer (os error 104)"), not just its kind.
-fn with_causes(e: &hyper::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// Whether a request the server's connection failed was answered at all.
@@ -1523,11 +1491,7 @@ fn unanswered(e: &hyper::Error) -> Unanswered {
         if let Some(h2) = s.downcast_ref::<h2::Error>() {
             return match h2.get_io() {
                 Some(io) => closed(io),
-                None if h2.reason() == Some(h2::Reason::REFUSED_STREAM)
-                    || (h2.is_go_away() && h2.is_remote()) =>
-                {
-                    Unanswered::Unprocessed
-                }
+                None if crate::tunnel::unprocessed(h2) => Unanswered::Unprocessed,
                 None => Unanswered::No,
             };
         }

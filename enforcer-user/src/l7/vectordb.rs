@@ -486,10 +486,7 @@ async fn resolve(
     let (lparts, lbody) = req.into_parts();
     let req = session.upstream_request(lparts, lbody, false, authority);
     // A GET of enforcer's own, without a body: sent again if need be.
-    let answer = match session
-        .send(req, Some(super::http::Resend { body: Bytes::new() }))
-        .await
-    {
+    let answer = match session.send(req, Some(Bytes::new())).await {
         Ok(a) => a,
         Err(e) => return Err(refuse(format!("asking the server: {e}"))),
     };

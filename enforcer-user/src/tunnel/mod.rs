@@ -122,18 +122,21 @@ impl TunnelError {
         }
     }
 
-    /// The peer never processed the stream (it reset it with
-    /// `REFUSED_STREAM`, or it was above a GOAWAY's last stream id): the
-    /// request may be sent again on another connection (RFC 9113 §8.7).
+    /// The peer never processed the stream ([`unprocessed`]): the request
+    /// may be sent again on another connection.
     fn unprocessed(&self) -> bool {
         match self {
-            TunnelError::H2 { source, .. } => {
-                source.reason() == Some(h2::Reason::REFUSED_STREAM)
-                    || (source.is_go_away() && source.is_remote())
-            }
+            TunnelError::H2 { source, .. } => unprocessed(source),
             _ => false,
         }
     }
+}
+
+/// HTTP/2 says the peer never processed the stream: it reset it with
+/// `REFUSED_STREAM`, or the stream was above its GOAWAY's last stream id
+/// (RFC 9113 §8.7, §6.8).
+pub fn unprocessed(e: &h2::Error) -> bool {
+    e.reason() == Some(h2::Reason::REFUSED_STREAM) || (e.is_go_away() && e.is_remote())
 }
 
 /// Waits at most [`STEP_TIMEOUT`] for one step of opening a tunnel.
