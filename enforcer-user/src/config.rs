@@ -348,6 +348,12 @@ pub struct L7Config {
     /// tunnelled undecided; any other is taken off the request.
     #[serde(default = "default_upgrades")]
     pub upgrades: Vec<String>,
+    /// How long (ms) a kept HTTP/1.1 connection to the server is used
+    /// after its last answer; past it, the next request opens a new one
+    /// (below the servers' own idle timeouts, so a request never crosses
+    /// their close).
+    #[serde(default = "default_server_idle_ms")]
+    pub server_idle_ms: u64,
     /// The destinations served at L7; the first that matches wins.
     #[serde(default)]
     pub destinations: Vec<L7Destination>,
@@ -359,6 +365,7 @@ impl Default for L7Config {
             max_body_bytes: default_max_body_bytes(),
             path_normalization: PathNormalization::default(),
             upgrades: default_upgrades(),
+            server_idle_ms: default_server_idle_ms(),
             destinations: vec![],
         }
     }
@@ -366,6 +373,12 @@ impl Default for L7Config {
 
 fn default_max_body_bytes() -> u64 {
     1024 * 1024
+}
+
+/// Below the 5 s idle timeouts of uvicorn (the Python MCP SDK's servers),
+/// Node.js's server and Apache.
+fn default_server_idle_ms() -> u64 {
+    4000
 }
 
 fn default_upgrades() -> Vec<String> {
@@ -412,6 +425,9 @@ pub struct L7Destination {
     /// Overrides `l7.path_normalization` for these destinations.
     #[serde(default)]
     pub path_normalization: Option<PathNormalization>,
+    /// Overrides `l7.server_idle_ms` for these destinations.
+    #[serde(default)]
+    pub server_idle_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
@@ -1727,7 +1743,7 @@ mod tests {
     #[test]
     fn l7_destinations_are_checked_naming_the_key() {
         let ok = parse(&format!(
-            "{MIN}[l7]\nmax_body_bytes = 4096\npath_normalization = \"base\"\n[[l7.destinations]]\nports = [8001]\nspiffe_id = \"spiffe://td/mcp\"\nprotocol = \"mcp\"\n[[l7.destinations]]\nselectors = [\"systemd:unit:api.service\"]\nprotocol = \"http\"\nmax_body_bytes = 10\npath_normalization = \"none\"\n"
+            "{MIN}[l7]\nmax_body_bytes = 4096\npath_normalization = \"base\"\n[[l7.destinations]]\nports = [8001]\nspiffe_id = \"spiffe://td/mcp\"\nprotocol = \"mcp\"\n[[l7.destinations]]\nselectors = [\"systemd:unit:api.service\"]\nprotocol = \"http\"\nmax_body_bytes = 10\npath_normalization = \"none\"\nserver_idle_ms = 1500\n"
         ))
         .expect("valid");
         let routes = crate::l7::Routes::from_config(&ok, Path::new("t")).expect("routes");
@@ -1746,6 +1762,12 @@ mod tests {
         assert_eq!(http.max_body_bytes, 10);
         assert_eq!(mcp.path_normalization, PathNormalization::Base);
         assert_eq!(http.path_normalization, PathNormalization::None);
+        assert_eq!(
+            mcp.server_idle,
+            std::time::Duration::from_secs(4),
+            "default"
+        );
+        assert_eq!(http.server_idle, std::time::Duration::from_millis(1500));
         let default = parse(&format!(
             "{MIN}[[l7.destinations]]\nports = [8001]\nprotocol = \"http\"\n"
         ))
@@ -1787,6 +1809,16 @@ mod tests {
             (
                 "[[l7.destinations]]\nports = [80]\nprotocol = \"http\"\nmax_body_bytes = 0\n",
                 "l7.destinations[0].max_body_bytes",
+                "outside",
+            ),
+            (
+                "[l7]\nserver_idle_ms = 0\n",
+                "l7.server_idle_ms",
+                "outside 100..=3600000",
+            ),
+            (
+                "[[l7.destinations]]\nports = [80]\nprotocol = \"http\"\nserver_idle_ms = 7200000\n",
+                "l7.destinations[0].server_idle_ms",
                 "outside",
             ),
             (

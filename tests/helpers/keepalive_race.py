@@ -18,7 +18,13 @@ request.
 With `hint`, every answer says `Keep-Alive: timeout=2` and every
 connection answers every request (the server itself never closes one).
 
-usage: keepalive_race.py PORT [fresh-close | hint]
+With `idle`, every connection answers every request, but a request that
+arrives 5 s or more after the connection's last answer is dropped unread
+(`DROP`), as it is when uvicorn's idle timeout (5 s, counted from the last
+answer, no `Keep-Alive` hint) fires as the request arrives: the moment of
+that race, made certain.
+
+usage: keepalive_race.py PORT [fresh-close | hint | idle]
 """
 import select
 import socket
@@ -64,10 +70,32 @@ def answer(conn, n, method, path):
 
 
 FRESH_CLOSE = len(sys.argv) > 2 and sys.argv[2] == "fresh-close"
+IDLE = len(sys.argv) > 2 and sys.argv[2] == "idle"
+
+
+def serve_idle(conn, n):
+    last = None
+    while True:
+        select.select([conn], [], [])
+        peeked = conn.recv(4096, socket.MSG_PEEK)
+        if not peeked:
+            return
+        if last is not None and time.monotonic() - last >= 5.0:
+            line = peeked.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
+            print("DROP %d %s %s" % (n, line[0], line[1] if len(line) > 1 else "?"), flush=True)
+            return
+        req = read_request(conn)
+        if req is None:
+            return
+        answer(conn, n, *req)
+        last = time.monotonic()
 
 
 def serve(conn, n):
     with conn:
+        if IDLE:
+            serve_idle(conn, n)
+            return
         if FRESH_CLOSE or HINT:
             if FRESH_CLOSE and n == 1:
                 print("FRESH-CLOSE 1", flush=True)

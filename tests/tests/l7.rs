@@ -1892,3 +1892,69 @@ for path, pause in [("/a", 0), ("/b", 0), ("/c", 1.6)]:
         "the hint is hop-by-hop, not passed to the client: {r:?}"
     );
 }
+
+#[test]
+fn a_kept_connection_is_not_used_past_server_idle_ms() {
+    // uvicorn (which runs the Python MCP SDK's servers) closes a kept
+    // connection 5 s after its last answer and sends no `Keep-Alive` hint;
+    // a POST that arrives as it does is reset unanswered, and may not be
+    // sent again (RFC 9110 §9.2.2): the client would get a 502. This
+    // server makes that moment certain (it drops a request that comes 5 s
+    // or more after its last answer, unread); the session stops using a
+    // connection `l7.server_idle_ms` (4 s by default) after its last
+    // answer and dials instead.
+    let (mut m, _policy) = l7_pair("l7-idle");
+    m.tb.start_server_in(
+        &m.b,
+        Some("api.service"),
+        "idle",
+        &[
+            "python3",
+            "-u",
+            &helper("keepalive_race.py"),
+            "8005",
+            "idle",
+        ],
+        8005,
+    )
+    .expect("server");
+    let b = m.b.ipv4.to_string();
+    let script = r#"
+import http.client, json, sys, time
+c = http.client.HTTPConnection(sys.argv[1], 8005, timeout=10)
+for pause in [0, 0, 5.5]:
+    time.sleep(pause)
+    c.request("POST", "/orders", body=b"{}", headers={"content-type": "application/json"})
+    r = c.getresponse()
+    print(json.dumps({"status": r.status, "body": r.read().decode()}), flush=True)
+"#;
+    let (_, out) =
+        m.a.exec(
+            Some("support-agent.service"),
+            &["python3", "-c", script, &b],
+        )
+        .expect("client");
+    let r = json_lines(&out);
+    let log = m.tb.server_log(&m.b, "idle");
+    assert_eq!(
+        r.len(),
+        3,
+        "{r:?} {}\n{log}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        r.iter()
+            .map(|v| (v["status"].as_u64(), v["body"].as_str()))
+            .collect::<Vec<_>>(),
+        [
+            (Some(200), Some("conn 1 POST /orders")),
+            (Some(200), Some("conn 1 POST /orders")),
+            (Some(200), Some("conn 2 POST /orders")),
+        ],
+        "kept for two requests in a row, a new connection after 5.5 s idle: {r:?}\n{log}"
+    );
+    assert!(
+        !log.contains("DROP"),
+        "no request crossed the server's idle close: {log}"
+    );
+}

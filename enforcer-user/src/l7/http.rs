@@ -179,7 +179,7 @@ where
         conn,
         seq: AtomicU64::new(0),
         upstream: tokio::sync::Mutex::new(None),
-        first: std::sync::Mutex::new(first),
+        first: std::sync::Mutex::new(first.map(|t| (t, std::time::Instant::now()))),
         server_socket: std::sync::Mutex::new(None),
         tunnels: std::sync::Mutex::new(Vec::new()),
         dial,
@@ -241,8 +241,9 @@ pub struct Session {
     pub(super) conn: Conn,
     seq: AtomicU64,
     upstream: tokio::sync::Mutex<Option<Sender>>,
-    /// The connection the connection-level code opened, used first.
-    first: std::sync::Mutex<Option<TcpStream>>,
+    /// The connection the connection-level code opened, used first, with
+    /// when the session took it.
+    first: std::sync::Mutex<Option<(TcpStream, std::time::Instant)>>,
     /// A second handle on the current connection to the server. The socket
     /// closes with a reset (linger 0) unless the session ended cleanly: a
     /// client that failed half-way through a request is never passed on to
@@ -254,8 +255,9 @@ pub struct Session {
 }
 
 enum Sender {
-    /// With when the server's last `Keep-Alive: timeout=N` hint says it may
-    /// close the connection (see [`keep_alive_until`]): not used from then.
+    /// With when it stops being used: `server_idle_ms` after its last
+    /// answer, or sooner when the server's `Keep-Alive: timeout=N` hint says
+    /// it may close the connection then (see [`kept_until`]).
     H1(
         hyper::client::conn::http1::SendRequest<Body>,
         Option<std::time::Instant>,
@@ -1212,8 +1214,9 @@ impl Session {
             sends += 1;
             let mut slot = self.upstream.lock().await;
             let usable = match slot.as_mut() {
-                // Past the server's keep-alive hint: a new connection now,
-                // before the server's timer can cross the request.
+                // Idle past `server_idle_ms` or the server's keep-alive
+                // hint: a new connection now, before the server's timer can
+                // cross the request.
                 Some(Sender::H1(_, Some(until))) if std::time::Instant::now() >= *until => false,
                 Some(Sender::H1(s, _)) => s.ready().await.is_ok(),
                 Some(Sender::H2(s)) => s.ready().await.is_ok(),
@@ -1233,7 +1236,13 @@ impl Session {
                 Some(Sender::H1(s, until)) => {
                     let sent = s.try_send_request(req).await;
                     match &sent {
-                        Ok(resp) => *until = keep_alive_until(resp.headers()),
+                        Ok(resp) => {
+                            *until = kept_until(
+                                std::time::Instant::now(),
+                                self.route.server_idle,
+                                keep_alive_timeout(resp.headers()),
+                            );
+                        }
                         Err(_) => *slot = None,
                     }
                     sent
@@ -1331,12 +1340,16 @@ impl Session {
         // The connection opened when the client connected has waited for
         // this first request: not used if the server has closed it since
         // (its header or idle timeout), or, on HTTP/1.1, sent on it unasked
-        // (a 408; an HTTP/2 server sends its SETTINGS first).
+        // (a 408; an HTTP/2 server sends its SETTINGS first), or if it
+        // waited past `server_idle_ms` (the server's timer may cross the
+        // request).
         let first = self
             .first
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()
+            .filter(|(_, since)| h2 || since.elapsed() < self.route.server_idle)
+            .map(|(t, _)| t)
             .filter(|t| still_usable(t, h2));
         let dialed = first.is_none();
         let tcp = match first {
@@ -1377,17 +1390,6 @@ impl Session {
     }
 }
 
-/// Until when a kept HTTP/1.1 connection is used after an answer with
-/// these headers: a `Keep-Alive: timeout=N` (RFC 2068 §19.7.1, sent by
-/// Node.js's server, Apache and others) says the server closes it after N s
-/// idle, so it is used for N s less a margin ([`kept_until`]), counted from
-/// the answer's head — before the server's count, which starts when the
-/// answer has been sent. A request then goes to a new connection instead of
-/// crossing the close. Without the hint, no expiry.
-fn keep_alive_until(headers: &HeaderMap) -> Option<std::time::Instant> {
-    keep_alive_timeout(headers).and_then(|n| kept_until(std::time::Instant::now(), n))
-}
-
 /// The `timeout` of a `Keep-Alive` header (`timeout=5, max=1000`), in
 /// seconds; none when absent, unreadable or 0.
 fn keep_alive_timeout(headers: &HeaderMap) -> Option<u64> {
@@ -1406,12 +1408,24 @@ fn keep_alive_timeout(headers: &HeaderMap) -> Option<u64> {
         .filter(|&n| n > 0)
 }
 
-/// When a connection whose server promised `timeout` seconds at `now`
-/// stops being used: 1 s before (half of it when shorter). None past what
-/// an `Instant` holds (a server's garbage): no expiry.
-fn kept_until(now: std::time::Instant, timeout: u64) -> Option<std::time::Instant> {
-    let t = std::time::Duration::from_secs(timeout);
-    now.checked_add(t - (t / 2).min(std::time::Duration::from_secs(1)))
+/// Until when a kept HTTP/1.1 connection is used after an answer read at
+/// `now`: `idle` (`server_idle_ms`), or less when the answer's `Keep-Alive:
+/// timeout=N` hint (RFC 2068 §19.7.1, sent by Node.js's server, Apache and
+/// others) says the server closes it after N s idle: then N s less a margin
+/// (1 s, or half of N when shorter). Counted from the answer's head, so
+/// before the server's count, which starts when the answer has been sent.
+/// A request then goes to a new connection instead of crossing the close.
+/// A hint past what an `Instant` holds (a server's garbage) is ignored.
+fn kept_until(
+    now: std::time::Instant,
+    idle: std::time::Duration,
+    hint_secs: Option<u64>,
+) -> Option<std::time::Instant> {
+    let hinted = hint_secs.map(|n| {
+        let t = std::time::Duration::from_secs(n);
+        t - (t / 2).min(std::time::Duration::from_secs(1))
+    });
+    now.checked_add(hinted.map_or(idle, |h| h.min(idle)))
 }
 
 /// Whether a connection that waited unused can carry a request: its end
@@ -1528,17 +1542,26 @@ mod tests {
         assert_eq!(of(&["timeout=soon", "max=1"]), None);
         assert_eq!(of(&["timeout=-1"]), None);
         assert_eq!(of(&["timeout=18446744073709551615"]), Some(u64::MAX));
-        // Used until 1 s before the server's timeout, half of it when that
-        // is shorter; a timeout past what an `Instant` holds is none.
+        // Used for `server_idle_ms` (4 s here), or until 1 s before the
+        // server's timeout when that comes first (half of it when that is
+        // shorter); a timeout past what an `Instant` holds is no hint.
         let now = std::time::Instant::now();
         let secs = std::time::Duration::from_secs;
-        assert_eq!(kept_until(now, 5), Some(now + secs(4)));
-        assert_eq!(kept_until(now, 2), Some(now + secs(1)));
+        let idle = secs(4);
+        assert_eq!(kept_until(now, idle, None), Some(now + secs(4)));
+        assert_eq!(kept_until(now, idle, Some(60)), Some(now + secs(4)));
+        assert_eq!(kept_until(now, idle, Some(5)), Some(now + secs(4)));
+        assert_eq!(kept_until(now, idle, Some(2)), Some(now + secs(1)));
         assert_eq!(
-            kept_until(now, 1),
+            kept_until(now, idle, Some(1)),
             Some(now + std::time::Duration::from_millis(500))
         );
-        assert_eq!(kept_until(now, u64::MAX), None);
+        assert_eq!(kept_until(now, idle, Some(u64::MAX)), Some(now + secs(4)));
+        assert_eq!(
+            kept_until(now, secs(1), Some(3)),
+            Some(now + secs(1)),
+            "a shorter server_idle_ms wins over the hint"
+        );
     }
 
     /// A connection that waited for the first request is used only while
@@ -2048,6 +2071,7 @@ pub mod fuzz {
             max_body_bytes: 1 << 20,
             path_normalization: Default::default(),
             upgrades: Arc::from(Vec::<String>::new()),
+            server_idle: std::time::Duration::from_secs(4),
         });
         let peer = |id: &str| crate::policy::Peer {
             spiffe_id: Some(id.to_owned()),

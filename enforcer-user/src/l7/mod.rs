@@ -34,6 +34,9 @@ pub struct Route {
     pub path_normalization: crate::config::PathNormalization,
     /// `l7.upgrades` (compared without case).
     pub upgrades: Arc<[String]>,
+    /// How long a kept HTTP/1.1 connection to the server is used after its
+    /// last answer (`server_idle_ms`).
+    pub server_idle: std::time::Duration,
 }
 
 impl Route {
@@ -57,6 +60,7 @@ impl Routes {
     /// own.
     pub fn from_config(cfg: &Config, path: &Path) -> Result<Self, ConfigError> {
         const MAX_BODY: u64 = 64 * 1024 * 1024;
+        const IDLE_MS: std::ops::RangeInclusive<u64> = 100..=3_600_000;
         let invalid = |key: String, message: String| ConfigError::invalid(path, key, message);
         if !(1..=MAX_BODY).contains(&cfg.l7.max_body_bytes) {
             return Err(invalid(
@@ -80,6 +84,12 @@ impl Routes {
                     ),
                 ));
             }
+        }
+        if !IDLE_MS.contains(&cfg.l7.server_idle_ms) {
+            return Err(invalid(
+                "l7.server_idle_ms".into(),
+                format!("{} is outside {IDLE_MS:?}", cfg.l7.server_idle_ms),
+            ));
         }
         let upgrades: Arc<[String]> = cfg.l7.upgrades.iter().cloned().collect();
         let mut routes = Vec::new();
@@ -122,6 +132,13 @@ impl Routes {
                     format!("{max_body_bytes} is outside 1..={MAX_BODY}"),
                 ));
             }
+            let server_idle_ms = d.server_idle_ms.unwrap_or(cfg.l7.server_idle_ms);
+            if !IDLE_MS.contains(&server_idle_ms) {
+                return Err(invalid(
+                    key("server_idle_ms"),
+                    format!("{server_idle_ms} is outside {IDLE_MS:?}"),
+                ));
+            }
             routes.push(Route {
                 ports: d.ports.clone(),
                 spiffe_id,
@@ -130,6 +147,7 @@ impl Routes {
                 max_body_bytes: max_body_bytes as usize,
                 path_normalization: d.path_normalization.unwrap_or(cfg.l7.path_normalization),
                 upgrades: upgrades.clone(),
+                server_idle: std::time::Duration::from_millis(server_idle_ms),
             });
         }
         Ok(Routes::new(routes))
@@ -254,6 +272,7 @@ mod tests {
             max_body_bytes: 1024,
             path_normalization: crate::config::PathNormalization::default(),
             upgrades: Arc::from(vec!["websocket".to_owned()]),
+            server_idle: std::time::Duration::from_secs(4),
         }
     }
 
