@@ -1958,3 +1958,57 @@ for pause in [0, 0, 5.5]:
         "no request crossed the server's idle close: {log}"
     );
 }
+
+#[test]
+fn a_client_that_leaves_before_its_answer_ends_its_request_at_the_server() {
+    // A caller that gives up (closes, or shuts its sending side, as nc -N
+    // does) while the server works on its request: the server sees its
+    // connection end then, as nginx and Envoy pass it on, so a model stops
+    // generating for a caller that left — not after it has answered. A
+    // guard of docs/policy.md's "taken as gone".
+    let (mut m, _policy) = l7_pair("l7-leave");
+    m.tb.start_server_in(
+        &m.b,
+        Some("api.service"),
+        "slow",
+        &["python3", "-u", &helper("slow_answer.py"), "8005"],
+        8005,
+    )
+    .expect("server");
+    let b = m.b.ipv4.to_string();
+    for (n, how) in [(1, "close"), (2, "shutdown")] {
+        let script = r#"
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], 8005))
+s.sendall(b"GET /slow HTTP/1.1\r\nHost: b\r\n\r\n")
+time.sleep(0.5)
+if sys.argv[2] == "close":
+    s.close()
+else:
+    s.shutdown(socket.SHUT_WR)
+    print(repr(s.recv(65536)))
+"#;
+        m.a.exec(
+            Some("support-agent.service"),
+            &["python3", "-c", script, &b, how],
+        )
+        .expect("client");
+        let gone = format!("CLIENT-GONE EOF {n}");
+        let answered = format!("ANSWERED {n}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let log = loop {
+            let log = m.tb.server_log(&m.b, "slow");
+            if log.contains(&gone)
+                || log.contains(&answered)
+                || std::time::Instant::now() > deadline
+            {
+                break log;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        assert!(
+            log.contains(&gone) && !log.contains(&answered),
+            "{how}: the server should see the connection end before its answer: {log}"
+        );
+    }
+}
