@@ -203,6 +203,7 @@ pub struct Metrics {
     policy_info: Family<PolicyInfoLabels, Gauge>,
     decision_logs: Family<ResultLabels, Counter>,
     l7_upstream_retries: Family<RetryLabels, Counter>,
+    l7_server_connections_replaced: Family<RetryLabels, Counter>,
     decision_log_uploads: Family<ResultLabels, Counter>,
     pub audit_write_failures: Counter,
     trace_spans: Family<ResultLabels, Counter>,
@@ -346,6 +347,12 @@ impl Metrics {
             "Requests at L7 destinations sent again on a new connection to the server, after the last one failed them unanswered: unwritten (never sent), unprocessed (HTTP/2: refused, or above the server's GOAWAY), closed (idempotent; the kept connection closed or reset under it)",
             l7_upstream_retries.clone(),
         );
+        let l7_server_connections_replaced = Family::<RetryLabels, Counter>::default();
+        registry.register(
+            "l7_server_connections_replaced",
+            "Kept HTTP/1.1 connections to the server of an L7 destination replaced by a new one for the next request: retired (idle past l7.server_idle_ms or the server's Keep-Alive hint, or its answer said Connection: close), closed (the server closed it, unannounced, while it waited: its idle timeout is below l7.server_idle_ms, and a request can cross that close)",
+            l7_server_connections_replaced.clone(),
+        );
         let decision_log_uploads = Family::<ResultLabels, Counter>::default();
         registry.register(
             "decision_log_uploads",
@@ -400,6 +407,7 @@ impl Metrics {
             policy_info,
             decision_logs,
             l7_upstream_retries,
+            l7_server_connections_replaced,
             decision_log_uploads,
             audit_write_failures,
             trace_spans,
@@ -604,6 +612,16 @@ impl Metrics {
             why,
         };
         self.l7_upstream_retries.get_or_create(&labels).inc();
+    }
+
+    pub fn l7_server_connection_replaced(&self, dst: Option<&str>, why: &'static str) {
+        let labels = RetryLabels {
+            destination: self.id_label(dst),
+            why,
+        };
+        self.l7_server_connections_replaced
+            .get_or_create(&labels)
+            .inc();
     }
 
     pub fn decision_logs(&self, result: &'static str, n: u64) {

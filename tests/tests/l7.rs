@@ -188,6 +188,16 @@ fn json_out(out: &std::process::Output) -> Value {
 }
 
 /// Every JSON line a helper printed.
+/// `enforcer_l7_server_connections_replaced_total` at the test's `http`
+/// server, for `why`.
+fn replaced(metrics: &str, why: &str) -> f64 {
+    sum_metric(
+        metrics,
+        "enforcer_l7_server_connections_replaced_total",
+        &[("destination", "spiffe://ai.example.org/api"), ("why", why)],
+    )
+}
+
 fn json_lines(out: &std::process::Output) -> Vec<Value> {
     enforcer_tests::json_lines(&String::from_utf8_lossy(&out.stdout))
 }
@@ -1677,6 +1687,13 @@ fn a_reused_server_connection_that_closes_unanswered_is_retried_only_when_safe()
         (1.0, 0.0),
         "{metrics}"
     );
+    // The connection closed idle, unannounced, is counted as such (the
+    // sign of a server timeout below l7.server_idle_ms).
+    assert_eq!(
+        (replaced(&metrics, "closed"), replaced(&metrics, "retired")),
+        (1.0, 0.0),
+        "{metrics}"
+    );
     // b's agent says why the GET was sent again.
     wait_for("b's agent to log the retry", || {
         m.eb.log_lines().iter().any(|l| {
@@ -1891,6 +1908,12 @@ for path, pause in [("/a", 0), ("/b", 0), ("/c", 1.6)]:
         r.iter().all(|v| v["keep_alive"].is_null()),
         "the hint is hop-by-hop, not passed to the client: {r:?}"
     );
+    let metrics = m.eb.metrics().expect("metrics");
+    assert_eq!(
+        (replaced(&metrics, "retired"), replaced(&metrics, "closed")),
+        (1.0, 0.0),
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -1956,6 +1979,12 @@ for pause in [0, 0, 5.5]:
     assert!(
         !log.contains("DROP"),
         "no request crossed the server's idle close: {log}"
+    );
+    let metrics = m.eb.metrics().expect("metrics");
+    assert_eq!(
+        (replaced(&metrics, "retired"), replaced(&metrics, "closed")),
+        (1.0, 0.0),
+        "{metrics}"
     );
 }
 

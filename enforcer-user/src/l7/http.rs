@@ -1217,8 +1217,18 @@ impl Session {
                 // Idle past `server_idle_ms` or the server's keep-alive
                 // hint: a new connection now, before the server's timer can
                 // cross the request.
-                Some(Sender::H1(_, Some(until))) if std::time::Instant::now() >= *until => false,
-                Some(Sender::H1(s, _)) => s.ready().await.is_ok(),
+                Some(Sender::H1(_, Some(until))) if std::time::Instant::now() >= *until => {
+                    self.replaced("retired");
+                    false
+                }
+                Some(Sender::H1(s, _)) => {
+                    let ready = s.ready().await.is_ok();
+                    if !ready {
+                        // Closed by the server before its time was up.
+                        self.replaced("closed");
+                    }
+                    ready
+                }
                 Some(Sender::H2(s)) => s.ready().await.is_ok(),
                 None => false,
             };
@@ -1237,11 +1247,21 @@ impl Session {
                     let sent = s.try_send_request(req).await;
                     match &sent {
                         Ok(resp) => {
-                            *until = kept_until(
-                                std::time::Instant::now(),
-                                self.route.server_idle,
-                                keep_alive_timeout(resp.headers()),
-                            );
+                            let now = std::time::Instant::now();
+                            // An answer that says the server closes the
+                            // connection retires it now.
+                            *until = if has_token(resp.headers(), "close")
+                                || (resp.version() == Version::HTTP_10
+                                    && !has_token(resp.headers(), "keep-alive"))
+                            {
+                                Some(now)
+                            } else {
+                                kept_until(
+                                    now,
+                                    self.route.server_idle,
+                                    keep_alive_timeout(resp.headers()),
+                                )
+                            };
                         }
                         Err(_) => *slot = None,
                     }
@@ -1310,6 +1330,14 @@ impl Session {
             });
             req = copy.request();
         }
+    }
+
+    /// Counts a kept HTTP/1.1 connection to the server replaced for the
+    /// next request: `retired` by the session, or `closed` by the server.
+    fn replaced(&self, why: &'static str) {
+        self.l7
+            .metrics
+            .l7_server_connection_replaced(self.conn.destination.spiffe_id.as_deref(), why);
     }
 
     /// Closes the connection to the server now (an answer cut short): the
@@ -1388,6 +1416,17 @@ impl Session {
             Ok((Sender::H1(send, None), dialed))
         }
     }
+}
+
+/// Whether the `Connection` header has `token` (`close`: the server closes
+/// the connection after this answer).
+fn has_token(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 /// The `timeout` of a `Keep-Alive` header (`timeout=5, max=1000`), in
@@ -1562,6 +1601,24 @@ mod tests {
             Some(now + secs(1)),
             "a shorter server_idle_ms wins over the hint"
         );
+    }
+
+    #[test]
+    fn connection_tokens_are_read_as_servers_write_them() {
+        let of = |values: &[&str], token: &str| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::CONNECTION, HeaderValue::from_str(v).expect("value"));
+            }
+            has_token(&h, token)
+        };
+        assert!(of(&["close"], "close"));
+        assert!(of(&["Keep-Alive, Close"], "close"));
+        assert!(of(&["upgrade", " close "], "close"), "two lines");
+        assert!(of(&["keep-alive"], "keep-alive"));
+        assert!(!of(&["keep-alive"], "close"));
+        assert!(!of(&["closed"], "close"));
+        assert!(!of(&[], "close"));
     }
 
     /// A connection that waited for the first request is used only while
