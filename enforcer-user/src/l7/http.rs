@@ -1232,6 +1232,10 @@ impl Session {
                 Some(Sender::H2(s)) => s.ready().await.is_ok(),
                 None => false,
             };
+            if !usable {
+                // Closed now (it is not used again), and counted once.
+                *slot = None;
+            }
             let waited = usable || {
                 let (sender, dialed) = self.connect(h2).await?;
                 *slot = Some(sender);
