@@ -1844,6 +1844,48 @@ print(json.dumps({"status": r.status, "body": r.read().decode()}), flush=True)
     );
 }
 
+/// Starts `keepalive_race.py` in `mode` on b's 8005 (server log `mode`),
+/// then POSTs `/orders` on one client connection from a, waiting each of
+/// `pauses` (seconds) before a request: each answer's status, body and
+/// `Keep-Alive` header as the client got it, and the server's log.
+fn posts_after_pauses(m: &mut Pair, mode: &str, pauses: &[f64]) -> (Vec<Value>, String) {
+    m.tb.start_server_in(
+        &m.b,
+        Some("api.service"),
+        mode,
+        &["python3", "-u", &helper("keepalive_race.py"), "8005", mode],
+        8005,
+    )
+    .expect("server");
+    let script = r#"
+import http.client, json, sys, time
+c = http.client.HTTPConnection(sys.argv[1], 8005, timeout=10)
+for pause in json.loads(sys.argv[2]):
+    time.sleep(pause)
+    c.request("POST", "/orders", body=b"{}", headers={"content-type": "application/json"})
+    r = c.getresponse()
+    print(json.dumps({"status": r.status, "body": r.read().decode(),
+                      "keep_alive": r.getheader("keep-alive")}), flush=True)
+"#;
+    let n = pauses.len();
+    let pauses = serde_json::to_string(pauses).expect("json");
+    let (_, out) =
+        m.a.exec(
+            Some("support-agent.service"),
+            &["python3", "-c", script, &m.b.ipv4.to_string(), &pauses],
+        )
+        .expect("client");
+    let r = json_lines(&out);
+    let log = m.tb.server_log(&m.b, mode);
+    assert_eq!(
+        r.len(),
+        n,
+        "{r:?} {}\n{log}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (r, log)
+}
+
 #[test]
 fn a_kept_connection_is_not_used_past_the_servers_keep_alive_hint() {
     // A server that says `Keep-Alive: timeout=2` (Node.js's does, with 5)
@@ -1851,49 +1893,10 @@ fn a_kept_connection_is_not_used_past_the_servers_keep_alive_hint() {
     // would get a 502 (see the race test above), so the session stops
     // using the connection before then (after 1 s) and dials. This server
     // never closes a connection itself: which one answered shows whether
-    // the session kept it.
+    // the session kept it. Two requests at once, then one well past the
+    // hint's margin and within its timeout.
     let (mut m, _policy) = l7_pair("l7-kahint");
-    m.tb.start_server_in(
-        &m.b,
-        Some("api.service"),
-        "hint",
-        &[
-            "python3",
-            "-u",
-            &helper("keepalive_race.py"),
-            "8005",
-            "hint",
-        ],
-        8005,
-    )
-    .expect("server");
-    let b = m.b.ipv4.to_string();
-    // Two requests at once, then one well past the hint's margin and
-    // within its timeout.
-    let script = r#"
-import http.client, json, sys, time
-c = http.client.HTTPConnection(sys.argv[1], 8005, timeout=10)
-for path, pause in [("/a", 0), ("/b", 0), ("/c", 1.6)]:
-    time.sleep(pause)
-    c.request("POST", "/orders", body=b"{}", headers={"content-type": "application/json", "x-step": path})
-    r = c.getresponse()
-    print(json.dumps({"status": r.status, "body": r.read().decode(),
-                      "keep_alive": r.getheader("keep-alive")}), flush=True)
-"#;
-    let (_, out) =
-        m.a.exec(
-            Some("support-agent.service"),
-            &["python3", "-c", script, &b],
-        )
-        .expect("client");
-    let r = json_lines(&out);
-    let log = m.tb.server_log(&m.b, "hint");
-    assert_eq!(
-        r.len(),
-        3,
-        "{r:?} {}\n{log}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (r, log) = posts_after_pauses(&mut m, "hint", &[0.0, 0.0, 1.6]);
     let bodies: Vec<&str> = r.iter().filter_map(|v| v["body"].as_str()).collect();
     assert_eq!(
         bodies,
@@ -1927,44 +1930,7 @@ fn a_kept_connection_is_not_used_past_server_idle_ms() {
     // connection `l7.server_idle_ms` (4 s by default) after its last
     // answer and dials instead.
     let (mut m, _policy) = l7_pair("l7-idle");
-    m.tb.start_server_in(
-        &m.b,
-        Some("api.service"),
-        "idle",
-        &[
-            "python3",
-            "-u",
-            &helper("keepalive_race.py"),
-            "8005",
-            "idle",
-        ],
-        8005,
-    )
-    .expect("server");
-    let b = m.b.ipv4.to_string();
-    let script = r#"
-import http.client, json, sys, time
-c = http.client.HTTPConnection(sys.argv[1], 8005, timeout=10)
-for pause in [0, 0, 5.5]:
-    time.sleep(pause)
-    c.request("POST", "/orders", body=b"{}", headers={"content-type": "application/json"})
-    r = c.getresponse()
-    print(json.dumps({"status": r.status, "body": r.read().decode()}), flush=True)
-"#;
-    let (_, out) =
-        m.a.exec(
-            Some("support-agent.service"),
-            &["python3", "-c", script, &b],
-        )
-        .expect("client");
-    let r = json_lines(&out);
-    let log = m.tb.server_log(&m.b, "idle");
-    assert_eq!(
-        r.len(),
-        3,
-        "{r:?} {}\n{log}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (r, log) = posts_after_pauses(&mut m, "idle", &[0.0, 0.0, 5.5]);
     assert_eq!(
         r.iter()
             .map(|v| (v["status"].as_u64(), v["body"].as_str()))
