@@ -24,7 +24,11 @@ arrives 5 s or more after the connection's last answer is dropped unread
 answer, no `Keep-Alive` hint) fires as the request arrives: the moment of
 that race, made certain.
 
-usage: keepalive_race.py PORT [fresh-close | hint | idle]
+With `close`, every answer says `Connection: close` and its connection is
+closed after it (a server that ends connections after N requests, or one
+that keeps none).
+
+usage: keepalive_race.py PORT [fresh-close | hint | idle | close]
 """
 import select
 import socket
@@ -60,11 +64,14 @@ def read_request(conn):
 
 
 HINT = len(sys.argv) > 2 and sys.argv[2] == "hint"
+CLOSE = len(sys.argv) > 2 and sys.argv[2] == "close"
 
 
 def answer(conn, n, method, path):
     body = ("conn %d %s %s" % (n, method, path)).encode()
     hint = b"Keep-Alive: timeout=2\r\n" if HINT else b""
+    if CLOSE:
+        hint = b"Connection: close\r\n"
     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n%sContent-Length: %d\r\n\r\n%s" % (hint, len(body), body))
     print("ANSWER %d %s %s" % (n, method, path), flush=True)
 
@@ -95,6 +102,11 @@ def serve(conn, n):
     with conn:
         if IDLE:
             serve_idle(conn, n)
+            return
+        if CLOSE:
+            req = read_request(conn)
+            if req is not None:
+                answer(conn, n, *req)
             return
         if FRESH_CLOSE or HINT:
             if FRESH_CLOSE and n == 1:

@@ -1955,6 +1955,33 @@ fn a_kept_connection_is_not_used_past_server_idle_ms() {
 }
 
 #[test]
+fn a_server_connection_closed_as_announced_is_not_counted_as_an_unannounced_close() {
+    // A server that answers with `Connection: close` and closes: the
+    // client's own connection serves on (the header is hop-by-hop), the
+    // session dials for each request, and counts those connections
+    // retired, not closed, so `closed` stays the sign of a server timeout
+    // below l7.server_idle_ms.
+    let (mut m, _policy) = l7_pair("l7-close");
+    let (r, log) = posts_after_pauses(&mut m, "close", &[0.0, 0.0, 0.0]);
+    let bodies: Vec<&str> = r.iter().filter_map(|v| v["body"].as_str()).collect();
+    assert_eq!(
+        bodies,
+        [
+            "conn 1 POST /orders",
+            "conn 2 POST /orders",
+            "conn 3 POST /orders"
+        ],
+        "{r:?}\n{log}"
+    );
+    let metrics = m.eb.metrics().expect("metrics");
+    assert_eq!(
+        (replaced(&metrics, "retired"), replaced(&metrics, "closed")),
+        (2.0, 0.0),
+        "{metrics}"
+    );
+}
+
+#[test]
 fn a_client_that_leaves_before_its_answer_ends_its_request_at_the_server() {
     // A caller that gives up (closes, or shuts its sending side, as nc -N
     // does) while the server works on its request: the server sees its

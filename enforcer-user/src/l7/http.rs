@@ -1254,10 +1254,7 @@ impl Session {
                             let now = std::time::Instant::now();
                             // An answer that says the server closes the
                             // connection retires it now.
-                            *until = if has_token(resp.headers(), "close")
-                                || (resp.version() == Version::HTTP_10
-                                    && !has_token(resp.headers(), "keep-alive"))
-                            {
+                            *until = if has_token(resp.headers(), "close") {
                                 Some(now)
                             } else {
                                 kept_until(
