@@ -11,6 +11,10 @@
 /// new agent reuses the pinned ones it finds — so their layouts must not
 /// change without a bump; the other maps are each instance's own.
 /// v2: the agent is recognised by socket mark and cgroup, never by pid.
+/// `OrigDst::exec_mark` took the place of a padding word within v2 (the same
+/// layout): older programs' records carry 0 there, read as "no exec
+/// remembered", which `ENF_EXECS`, new with it, agrees with for every
+/// process that has not exec'd since.
 pub const LAYOUT_VERSION: u32 = 2;
 
 /// Address family values as the kernel reports them.
@@ -22,6 +26,29 @@ pub const PORT_WORDS: u32 = 1024;
 
 /// Maximum number of captured sockets tracked at once (LRU maps).
 pub const MAX_TRACKED: u32 = 65536;
+
+/// Thread groups whose last `execve` is remembered at once (`ENF_EXECS`:
+/// entries leave when their process exits).
+pub const MAX_EXEC_TRACKED: u32 = 65536;
+
+/// `ENF_EXECS` key whose value is not 0 once an exec could not be
+/// remembered (the map was full): the exec marks no longer prove anything.
+pub const EXECS_LOST_KEY: u32 = 0;
+
+/// [`OrigDst::exec_mark`] of a connect made while the exec marks proved
+/// nothing ([`EXECS_LOST_KEY`]).
+pub const EXEC_MARK_UNKNOWN: u32 = u32::MAX;
+
+/// The mark of an exec at `ktime_ns` (`bpf_ktime_get_ns`): its time in
+/// units of 1.024 µs, never 0 (0 is "no exec remembered") nor
+/// [`EXEC_MARK_UNKNOWN`].
+#[inline(always)]
+pub fn exec_mark(ktime_ns: u64) -> u32 {
+    match (ktime_ns >> 10) as u32 {
+        0 | EXEC_MARK_UNKNOWN => 1,
+        m => m,
+    }
+}
 
 /// Maximum number of network namespaces the agent serves listeners in.
 pub const MAX_NETNS: u32 = 1024;
@@ -41,7 +68,8 @@ pub mod maps {
     pub const INBOUND: &str = "ENF_INBOUND";
     pub const PLAINTEXT_LISTENERS: &str = "ENF_PLAINTEXT_LISTENERS";
     pub const POD_PLAINTEXT: &str = "ENF_POD_PLAINTEXT";
-    pub const ALL: [&str; 10] = [
+    pub const EXECS: &str = "ENF_EXECS";
+    pub const ALL: [&str; 11] = [
         CONFIG,
         PORTS,
         CIDR4,
@@ -52,6 +80,7 @@ pub mod maps {
         INBOUND,
         PLAINTEXT_LISTENERS,
         POD_PLAINTEXT,
+        EXECS,
     ];
 }
 
@@ -67,6 +96,10 @@ pub mod programs {
     /// The same steering in pods' network namespaces, to the plaintext
     /// listeners the agent opened inside each pod (`ENF_POD_PLAINTEXT`).
     pub const SK_LOOKUP_POD: &str = "enf_sk_lookup_pod";
+    /// Tracepoints `syscalls:sys_enter_execve` and `sys_enter_execveat`.
+    pub const EXEC: &str = "enf_exec";
+    /// Tracepoint `sched:sched_process_exit`.
+    pub const EXIT: &str = "enf_exit";
 }
 
 /// Entries of `ENF_POD_PLAINTEXT`: a pod's addresses (each with the
@@ -141,7 +174,15 @@ pub struct OrigDst {
     pub tgid: u32,
     pub uid: u32,
     pub gid: u32,
-    pub _pad: u32,
+    /// The process's last `execve` before the connect, as the kernel
+    /// remembered it ([`exec_mark`] of its time; 0: none remembered, as for
+    /// a process that exec'd before the agent first ran;
+    /// [`EXEC_MARK_UNKNOWN`]: exec marks were lost). The agent compares it
+    /// with the mark after it has read `/proc/<pid>/exe`: a different one
+    /// says the process exec'd (or its pid was reused) since the connect,
+    /// and the executable it read is not the one that connected. Records of
+    /// older programs have 0 here.
+    pub exec_mark: u32,
     /// Original destination address in network byte order; IPv4 uses the first 4 bytes.
     pub addr: [u8; 16],
     /// cgroup v2 id of the process (the inode number of its cgroup directory).

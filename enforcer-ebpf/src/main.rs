@@ -11,19 +11,20 @@ use aya_ebpf::{
     bindings::{BPF_SOCK_OPS_STATE_CB_FLAG, bpf_sock_addr},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid,
+        bpf_get_current_uid_gid, bpf_ktime_get_ns,
         generated::{
             bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release,
         },
     },
-    macros::{cgroup_sock, cgroup_sock_addr, map, sk_lookup, sock_ops},
+    macros::{cgroup_sock, cgroup_sock_addr, map, sk_lookup, sock_ops, tracepoint},
     maps::{Array, HashMap, LpmTrie, LruHashMap, SockHash, SockMap, lpm_trie::Key},
-    programs::{SkLookupContext, SockAddrContext, SockContext, SockOpsContext},
+    programs::{SkLookupContext, SockAddrContext, SockContext, SockOpsContext, TracePointContext},
 };
 use enforcer_common::{
-    AF_INET, AF_INET6, CIDR_CAPTURE, CaptureConfig, INBOUND_STRICT, LISTENER_V4, LISTENER_V6,
-    MAX_CIDRS, MAX_INBOUND_PORTS, MAX_NETNS, MAX_POD_LISTENERS, MAX_TRACKED, OrigDst, PORT_WORDS,
-    SockTuple, pod_address_key,
+    AF_INET, AF_INET6, CIDR_CAPTURE, CaptureConfig, EXEC_MARK_UNKNOWN, EXECS_LOST_KEY,
+    INBOUND_STRICT, LISTENER_V4, LISTENER_V6, MAX_CIDRS, MAX_EXEC_TRACKED, MAX_INBOUND_PORTS,
+    MAX_NETNS, MAX_POD_LISTENERS, MAX_TRACKED, OrigDst, PORT_WORDS, SockTuple, exec_mark,
+    pod_address_key,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -64,6 +65,58 @@ static ENF_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(MA
 #[map(name = "ENF_BY_TUPLE")]
 static ENF_BY_TUPLE: LruHashMap<SockTuple, OrigDst> = LruHashMap::with_max_entries(MAX_TRACKED, 0);
 
+/// Thread group id -> the time (`bpf_ktime_get_ns`) of its last `execve`
+/// (entries leave when the process exits). Key [`EXECS_LOST_KEY`] (0, no
+/// process): not 0 once an exec could not be remembered. A connect's record
+/// carries its process's mark ([`OrigDst::exec_mark`]), which the agent
+/// compares after reading `/proc/<pid>/exe`: a program that connects, writes
+/// and then execs a trusted executable is not attested as that executable.
+#[map(name = "ENF_EXECS")]
+static ENF_EXECS: HashMap<u32, u64> = HashMap::with_max_entries(MAX_EXEC_TRACKED, 0);
+
+/// `syscalls:sys_enter_execve` and `sys_enter_execveat`: the calling
+/// process's exec time, remembered before the exec replaces its executable
+/// (a failed exec counts too: it can only make the agent stricter).
+#[tracepoint]
+pub fn enf_exec(_ctx: TracePointContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if tgid == EXECS_LOST_KEY {
+        return 0;
+    }
+    // SAFETY: plain helper call without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if ENF_EXECS.insert(tgid, now, 0).is_err() {
+        // Full: the marks prove nothing from now on. The key is there (the
+        // agent puts it in first), and replacing a value never needs room.
+        let _ = ENF_EXECS.insert(EXECS_LOST_KEY, 1, 0);
+    }
+    0
+}
+
+/// `sched:sched_process_exit`: a process (its thread group's leader) is
+/// gone; its entry goes, so its pid, when reused, starts without one.
+#[tracepoint]
+pub fn enf_exit(_ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if tgid == pid_tgid as u32 && tgid != EXECS_LOST_KEY {
+        let _ = ENF_EXECS.remove(tgid);
+    }
+    0
+}
+
+/// The calling process's [`OrigDst::exec_mark`].
+#[inline(always)]
+fn current_exec_mark(tgid: u32) -> u32 {
+    // SAFETY: values are read by copy.
+    unsafe {
+        if ENF_EXECS.get(EXECS_LOST_KEY).is_some_and(|lost| *lost != 0) {
+            return EXEC_MARK_UNKNOWN;
+        }
+        ENF_EXECS.get(tgid).map_or(0, |t| exec_mark(*t))
+    }
+}
+
 #[inline(always)]
 fn config() -> Option<CaptureConfig> {
     let cfg = ENF_CONFIG.get(0)?;
@@ -100,7 +153,7 @@ fn record(ctx: &SockAddrContext, family: u16, port: u16, addr: [u8; 16]) -> Orig
         tgid: (pid_tgid >> 32) as u32,
         uid: uid_gid as u32,
         gid: (uid_gid >> 32) as u32,
-        _pad: 0,
+        exec_mark: current_exec_mark((pid_tgid >> 32) as u32),
         addr,
         // SAFETY: plain helper call without arguments.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },

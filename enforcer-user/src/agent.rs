@@ -638,6 +638,10 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         },
     )?);
     mark_attached(&cgroup.path, &capture.pin_dir).await;
+    {
+        let capture = capture.clone();
+        attestor.set_exec_marks(Box::new(move |tgid| capture.exec_mark(tgid)));
+    }
     let mut plaintext_handler = None;
     if let Some((v4, v6)) = plaintext {
         let handler = Arc::new(Plaintext {

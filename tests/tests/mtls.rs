@@ -1266,3 +1266,146 @@ fn a_resent_stream_never_goes_to_a_peer_that_changed_identity() {
         .expect("the connection's closing line");
     assert_eq!(line["dst_spiffe_id"], LLM_ID, "{line}");
 }
+
+/// The script a workload runs: connects to b:8080, sends a request, and
+/// then (`exec`) replaces itself with `argv[3]` keeping the connection, or
+/// (`ask`) reads the answer and prints its status line.
+const PY_CONNECT_THEN: &str = r#"
+import os, socket, sys, time
+s = socket.create_connection((sys.argv[1], 8080))
+s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
+if sys.argv[2] == "exec":
+    os.set_inheritable(s.fileno(), True)
+    print("EXEC", flush=True)
+    os.execv(sys.argv[3], [sys.argv[3], "-c", "import time; time.sleep(3)"])
+print(s.recv(4096).split(b"\r\n")[0].decode(), flush=True)
+"#;
+
+#[test]
+fn a_workload_that_execs_a_trusted_binary_after_connecting_does_not_get_its_identity() {
+    // The attack: the support agent's identity is given to one executable
+    // (its digest) in tool.service. Another program in that unit connects,
+    // writes its request, then execs the trusted executable, keeping the
+    // socket. The agent attests the connection from /proc/<pid>/exe when
+    // it accepts it: by then the process runs the trusted executable, and
+    // the request written by the other program went out under the trusted
+    // identity. (a's agent is stopped while the workload connects and
+    // execs, so its attestation comes after the exec every time, not just
+    // when the race is won.)
+    let python = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import os, sys; print(os.path.realpath(sys.executable))",
+        ])
+        .output()
+        .expect("python3 (cargo xtask setup installs it)");
+    let python = std::path::PathBuf::from(String::from_utf8_lossy(&python.stdout).trim());
+    let tb_dir = std::env::temp_dir().join(format!("enforcer-exec-trusted-{}", std::process::id()));
+    std::fs::create_dir_all(&tb_dir).expect("dir");
+    // The trusted executable: python3 with 4 KiB more, so its digest is its own.
+    let trusted = tb_dir.join("trusted-python");
+    std::fs::copy(&python, &trusted).expect("copying python3");
+    let len = std::fs::metadata(&trusted).expect("copy").len();
+    std::fs::File::options()
+        .write(true)
+        .open(&trusted)
+        .and_then(|f| f.set_len(len + 4096))
+        .expect("a distinct executable");
+    let digest = std::process::Command::new("sha256sum")
+        .arg(&trusted)
+        .output()
+        .expect("sha256sum (coreutils)");
+    let digest = String::from_utf8_lossy(&digest.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(digest.len(), 64, "sha256sum: {digest:?}");
+    let trusted_s = trusted.display().to_string();
+    let mut m = llm_pair("execrace", TD, |_, n| {
+        if n.name == "a" {
+            (
+                String::new(),
+                format!(
+                    "[[identity.entries]]\nspiffe_id = \"{AGENT_ID}\"\nselectors = [\"systemd:unit:tool.service\", \"unix:sha256:{digest}\"]\n\n{MESH}"
+                ),
+            )
+        } else {
+            (
+                String::new(),
+                format!("{}\n{MESH}", entry(LLM_ID, "systemd:unit:llm.service")),
+            )
+        }
+    })
+    .expect("two nodes");
+    let b_ip = m.b.ipv4.to_string();
+    let from_agent = |v: &Value| v["src_spiffe_id"] == AGENT_ID;
+    // The trusted executable itself has the identity.
+    let (_, out) =
+        m.a.exec(
+            Some("tool.service"),
+            &[&trusted_s, "-c", PY_CONNECT_THEN, &b_ip, "ask"],
+        )
+        .expect("the trusted executable");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("HTTP/"),
+        "the trusted executable's request was answered: {out:?}"
+    );
+    m.eb.wait_for_connection(from_agent)
+        .expect("b saw the trusted executable's connection as the support agent");
+    let before =
+        m.eb.closed_connections()
+            .iter()
+            .filter(|v| from_agent(v))
+            .count();
+    let a_before = m.ea.closed_connections().len();
+    // The attack, with a's agent stopped until the exec is done.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(m.ea.pid as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .expect("SIGSTOP a's agent");
+    let attacker =
+        m.tb.spawn(
+            &m.a,
+            Some("tool.service"),
+            "attacker",
+            &["python3", "-c", PY_CONNECT_THEN, &b_ip, "exec", &trusted_s],
+        )
+        .expect("the attacker");
+    // Connected and written; its exec is done when /proc says so.
+    enforcer_tests::wait_for("the attacker to exec the trusted executable", || {
+        std::fs::read_link(format!("/proc/{attacker}/exe")).is_ok_and(|e| e == trusted)
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(m.ea.pid as i32),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .expect("SIGCONT a's agent");
+    // a's agent has ended the attacker's connection (whatever it decided).
+    enforcer_tests::wait_for("a's agent to end the attacker's connection", || {
+        m.ea.closed_connections().len() > a_before
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let after =
+        m.eb.closed_connections()
+            .iter()
+            .filter(|v| from_agent(v))
+            .count();
+    let _ = std::fs::remove_dir_all(&tb_dir);
+    assert_eq!(
+        after,
+        before,
+        "a connection made by another program reached b as the support agent: {:?}",
+        m.ea.closed_connections().last()
+    );
+    let ended = m.ea.closed_connections();
+    let last = ended.last().expect("the attacker's connection");
+    assert_eq!(last["outcome"], "no_identity", "{last}");
+    assert!(
+        m.ea.log_lines().iter().any(|l| l["message"]
+            .as_str()
+            .is_some_and(|s| s.contains("exec'd (or its pid was reused) after it connected"))),
+        "a's agent says why the executable was not attested"
+    );
+}

@@ -158,6 +158,7 @@ pub fn facts_of_pid(pid: u32) -> Option<WorkloadFacts> {
         cgroup_id: 0,
         cgroup_path: proc_cgroup(pid),
         comm,
+        exec_mark: None,
         netns_cookie: 0,
     })
 }

@@ -24,6 +24,10 @@ pub struct WorkloadFacts {
     pub cgroup_path: Option<String>,
     pub comm: String,
     pub netns_cookie: u64,
+    /// The kernel's mark of the process's last exec at its connect
+    /// (`OrigDst::exec_mark`); `None` for facts read from `/proc` alone (a
+    /// listener's owner), which have no moment to compare with.
+    pub exec_mark: Option<u32>,
 }
 
 impl WorkloadFacts {
@@ -42,6 +46,7 @@ impl WorkloadFacts {
             cgroup_path,
             comm: String::from_utf8_lossy(&rec.comm[..end]).into_owned(),
             netns_cookie: rec.netns_cookie,
+            exec_mark: Some(rec.exec_mark),
         }
     }
 }
@@ -176,6 +181,13 @@ impl Attestor {
             )),
             pods: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Gives the attestations the kernel's exec marks (`ENF_EXECS`): set
+    /// once the kernel programs are attached. Until then, and if never, a
+    /// connection's executable is not attested (fail closed).
+    pub fn set_exec_marks(&self, marks: selectors::ExecMarks) {
+        self.cache.set_exec_marks(marks);
     }
 
     /// Attests workloads in pods with the pods' metadata from the API

@@ -3,7 +3,9 @@
 //! Selectors come from what the kernel recorded at connect time (uid, gid,
 //! cgroup) and from `/proc/<pid>` (executable path and digest), the latter only
 //! after checking that the process still lives in the cgroup the kernel
-//! recorded, so a recycled pid cannot lend its executable to another workload.
+//! recorded, so a recycled pid cannot lend its executable to another workload,
+//! and that it has not exec'd since the connect (its exec mark), so a program
+//! cannot connect and then exec a trusted executable to borrow its identity.
 use std::{
     collections::HashMap,
     os::unix::fs::MetadataExt as _,
@@ -15,6 +17,7 @@ use std::{
 };
 
 use sha2::{Digest as _, Sha256};
+use tracing::warn;
 
 use super::WorkloadFacts;
 
@@ -126,7 +129,13 @@ pub struct SelectorCache {
     digests: DigestCache,
     users: IdNames,
     groups: IdNames,
+    exec_marks: std::sync::OnceLock<ExecMarks>,
 }
+
+/// A process's exec mark now, as the kernel keeps it (thread group id ->
+/// `OrigDst::exec_mark`'s value for its last exec; `None`: it cannot be
+/// read).
+pub type ExecMarks = Box<dyn Fn(u32) -> Option<u32> + Send + Sync>;
 
 impl Default for SelectorCache {
     fn default() -> Self {
@@ -134,7 +143,31 @@ impl Default for SelectorCache {
             digests: DigestCache::default(),
             users: IdNames::new("/etc/passwd"),
             groups: IdNames::new("/etc/group"),
+            exec_marks: std::sync::OnceLock::new(),
         }
+    }
+}
+
+impl SelectorCache {
+    pub fn set_exec_marks(&self, marks: ExecMarks) {
+        let _ = self.exec_marks.set(marks);
+    }
+
+    /// Whether the process of `facts` has not exec'd (nor had its pid
+    /// reused) since its connect: its exec mark now is the one the kernel
+    /// recorded then. Asked after `/proc/<pid>/exe` was read, so a yes says
+    /// that what was read is the executable that connected. Facts without
+    /// a record have nothing to compare and pass.
+    fn same_exec(&self, facts: &WorkloadFacts) -> bool {
+        let Some(recorded) = facts.exec_mark else {
+            return true;
+        };
+        recorded != enforcer_common::EXEC_MARK_UNKNOWN
+            && self
+                .exec_marks
+                .get()
+                .and_then(|now| now(facts.pid))
+                .is_some_and(|now| now == recorded)
     }
 }
 
@@ -222,8 +255,8 @@ impl DigestWait {
 enum Begun<'a> {
     /// Known (or unreadable: `None`).
     Known(Option<String>),
-    /// This caller hashes it.
-    Hash(Finish<'a>),
+    /// This caller hashes it: the file opened, whose own metadata is the key.
+    Hash(Finish<'a>, std::fs::File),
     /// Another caller is hashing it.
     Wait(DigestWait),
 }
@@ -238,10 +271,10 @@ struct Finish<'a> {
 }
 
 impl Finish<'_> {
-    fn hash(mut self, exe: &Path) -> Option<String> {
+    fn hash(mut self, file: std::fs::File) -> Option<String> {
         self.cache.hashed.fetch_add(1, Ordering::Relaxed);
         HASHED.fetch_add(1, Ordering::Relaxed);
-        self.digest = hash_file(exe);
+        self.digest = hash_open(file);
         self.digest.clone()
     }
 }
@@ -305,13 +338,20 @@ impl DigestCache {
     fn sha256_unless_hashing(&self, exe: &Path) -> Result<Option<String>, DigestWait> {
         match self.begin(exe) {
             Begun::Known(d) => Ok(d),
-            Begun::Hash(finish) => Ok(finish.hash(exe)),
+            Begun::Hash(finish, file) => Ok(finish.hash(file)),
             Begun::Wait(wait) => Err(wait),
         }
     }
 
+    /// The key is the metadata of the file opened, and a hash reads that
+    /// open file: through `/proc/<pid>/exe`, a process that execs between
+    /// a `stat` and an `open` of the path would have had one executable's
+    /// digest cached under another's key.
     fn begin(&self, exe: &Path) -> Begun<'_> {
-        let Ok(meta) = std::fs::metadata(exe) else {
+        let Ok(file) = std::fs::File::open(exe) else {
+            return Begun::Known(None);
+        };
+        let Ok(meta) = file.metadata() else {
             return Begun::Known(None);
         };
         let key = (meta.dev(), meta.ino(), meta.mtime(), meta.size());
@@ -328,20 +368,30 @@ impl DigestCache {
         }
         let flight = Arc::new(Flight::default());
         running.insert(key, flight.clone());
-        Begun::Hash(Finish {
-            cache: self,
-            key,
-            flight,
-            digest: None,
-        })
+        Begun::Hash(
+            Finish {
+                cache: self,
+                key,
+                flight,
+                digest: None,
+            },
+            file,
+        )
     }
 }
 
-/// The SHA-256 of a file's contents, hex; `None` when it cannot be read.
-fn hash_file(path: &Path) -> Option<String> {
+/// The SHA-256 of an open file's contents, hex; `None` when it cannot be
+/// read.
+fn hash_open(mut file: std::fs::File) -> Option<String> {
     let mut h = Sha256::new();
-    std::io::copy(&mut std::fs::File::open(path).ok()?, &mut h).ok()?;
+    std::io::copy(&mut file, &mut h).ok()?;
     Some(hex::encode(h.finalize()))
+}
+
+/// The same, of the file at `path`.
+#[cfg(test)]
+fn hash_file(path: &Path) -> Option<String> {
+    hash_open(std::fs::File::open(path).ok()?)
 }
 
 /// The cgroup v2 path of a live process, from `/proc/<pid>/cgroup` (`0::/path`).
@@ -423,11 +473,21 @@ pub fn selectors_unless_hashing(
         if proc_cgroup(facts.pid).as_deref() == Some(cg.as_str())
             && let Ok(exe) = std::fs::read_link(format!("/proc/{}/exe", facts.pid))
         {
-            out.push(format!("unix:path:{}", exe.display()));
             // Hash through /proc/<pid>/exe: the very file the process runs,
             // even when the path was replaced since.
             let live: PathBuf = format!("/proc/{}/exe", facts.pid).into();
-            match cache.digests.sha256_unless_hashing(&live) {
+            let hashed = cache.digests.sha256_unless_hashing(&live);
+            // Read after the executable was: if the process exec'd since it
+            // connected (a program that connects, writes its request and
+            // execs a trusted executable), what was read is not what
+            // connected, and no executable is attested.
+            if !cache.same_exec(facts) {
+                warn!(pid = facts.pid, comm = %facts.comm, exe = %exe.display(),
+                    "the workload exec'd (or its pid was reused) after it connected: its executable is not attested for this connection (no unix:path, unix:sha256)");
+                return Ok(with_digest(out, None));
+            }
+            out.push(format!("unix:path:{}", exe.display()));
+            match hashed {
                 Ok(d) => digest = d,
                 Err(wait) => {
                     return Err(AwaitingDigest {
@@ -524,6 +584,44 @@ mod tests {
     }
 
     #[test]
+    fn a_digest_is_cached_under_the_key_of_the_file_it_was_read_from() {
+        // The attack: through /proc/<pid>/exe, a process that execs a
+        // trusted executable between the cache's look at the path (its
+        // key: device, inode, mtime, size) and the hash's read of it had the
+        // trusted executable's digest cached under its own executable's key;
+        // from then on every connection of its own executable got the
+        // trusted digest without any exec. A symlink moved between the two
+        // stands for the exec: the hash reads the file the key was taken
+        // from, not whatever the path names by then.
+        let dir = std::env::temp_dir().join(format!("enforcer-digest-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let (own, trusted, link) = (dir.join("own"), dir.join("trusted"), dir.join("exe"));
+        std::fs::write(&own, b"the attacker's program").expect("own");
+        std::fs::write(&trusted, b"the trusted executable, longer").expect("trusted");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&own, &link).expect("link");
+        let cache = DigestCache::default();
+        let Begun::Hash(finish, file) = cache.begin(&link) else {
+            panic!("a new executable was not to be hashed");
+        };
+        // The "exec": the path now names the trusted executable.
+        std::fs::remove_file(&link).expect("unlink");
+        std::os::unix::fs::symlink(&trusted, &link).expect("relink");
+        let digest = |b: &[u8]| Some(hex::encode(Sha256::digest(b)));
+        assert_eq!(finish.hash(file), digest(b"the attacker's program"));
+        assert_eq!(
+            cache.sha256_of(&own),
+            digest(b"the attacker's program"),
+            "the attacker's executable keeps its own digest"
+        );
+        assert_eq!(
+            cache.sha256_of(&link),
+            digest(b"the trusted executable, longer")
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn a_caller_that_finds_the_executable_being_hashed_returns_and_waits_as_a_task() {
         // The failure: the attestations that found a hash under way each
         // blocked their blocking-pool thread until it ended; a burst of
@@ -535,6 +633,14 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         let exe = dir.join("slow-exe");
         nix::unistd::mkfifo(&exe, nix::sys::stat::Mode::S_IRWXU).expect("fifo");
+        // The writer, open before any reader (read and write: opening a
+        // FIFO does not wait for the other side then), so that each caller's
+        // open returns at once.
+        let mut writer = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open(&exe)
+            .expect("the FIFO's writer");
         let cache = DigestCache::default();
         std::thread::scope(|s| {
             let hasher = s.spawn(|| cache.sha256_unless_hashing(&exe));
@@ -558,7 +664,8 @@ mod tests {
             // One turn of the runtime: the task is parked on the flight.
             rt.block_on(tokio::task::yield_now());
             assert!(!waiting.is_finished());
-            std::fs::write(&exe, b"the executable").expect("the hash's input");
+            std::io::Write::write_all(&mut writer, b"the executable").expect("the hash's input");
+            drop(writer);
             let want = Some(hex::encode(Sha256::digest(b"the executable")));
             assert_eq!(hasher.join().expect("hasher").ok(), Some(want.clone()));
             assert_eq!(rt.block_on(waiting).expect("task"), want);
@@ -665,6 +772,7 @@ mod tests {
             cgroup_path: cg.clone(),
             comm: String::new(),
             netns_cookie: 0,
+            exec_mark: None,
         };
         let s = selectors(&facts, &SelectorCache::default());
         assert!(s.contains(&format!("unix:uid:{}", facts.uid)), "{s:?}");

@@ -18,13 +18,14 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, SkLookup, SockOps,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, SkLookup, SockOps, TracePoint,
         links::{FdLink, PinnedLink},
     },
 };
 use enforcer_common::{
-    AF_INET, AF_INET6, CIDR_CAPTURE, CIDR_EXCLUDE, CaptureConfig, LAYOUT_VERSION, OrigDst,
-    SockTuple, maps, programs,
+    AF_INET, AF_INET6, CIDR_CAPTURE, CIDR_EXCLUDE, CaptureConfig, EXEC_MARK_UNKNOWN,
+    EXECS_LOST_KEY, LAYOUT_VERSION, MAX_EXEC_TRACKED, MAX_TRACKED, OrigDst, SockTuple, maps,
+    programs,
 };
 use ipnet::IpNet;
 use tracing::{debug, info, warn};
@@ -204,6 +205,9 @@ pub struct Capture {
     config: std::sync::Mutex<Array<MapData, CaptureConfig>>,
     /// The served network namespaces (by cookie): the agent's and the pods'.
     netns: std::sync::Mutex<HashMap<MapData, u64, u8>>,
+    /// Thread group -> time of its last exec (`ENF_EXECS`); `None` when the
+    /// exec tracepoints could not be attached (no executable is attested).
+    execs: Option<std::sync::Mutex<HashMap<MapData, u32, u64>>>,
     /// The cookie of the agent's own netns.
     pub host_netns: u64,
     pub cgroup: CaptureCgroup,
@@ -273,6 +277,13 @@ impl Capture {
             path: cgroup.path.clone(),
             message: format!("open: {e}"),
         })?;
+        // Execs are followed before the new connect programs record any
+        // connect, so every record's exec mark can be compared.
+        let exec_tracking = track_execs(&mut ebpf)
+            .inspect_err(|e| {
+                warn!(error = %e, "the exec tracepoints cannot be attached: no connection's executable is attested (unix:path, unix:sha256 selectors are left out), since an exec after a connect could not be told")
+            })
+            .is_ok();
         let mut links = Vec::new();
         // BPF links (kernel >= 5.7) always coexist with other programs on the
         // cgroup, so `Single` (flags 0) is the mode link_create accepts.
@@ -387,6 +398,11 @@ impl Capture {
         })?;
         let config = Array::try_from(config).map_err(map_err(maps::CONFIG))?;
         let netns = take_hash(&mut ebpf, maps::NETNS)?;
+        let execs = if exec_tracking {
+            Some(std::sync::Mutex::new(take_hash(&mut ebpf, maps::EXECS)?))
+        } else {
+            None
+        };
         let pod_plaintext = if inbound.ports.is_empty() {
             None
         } else {
@@ -407,10 +423,39 @@ impl Capture {
             other_layout_pods: std::sync::atomic::AtomicBool::new(other_layout_pods),
             config: std::sync::Mutex::new(config),
             netns: std::sync::Mutex::new(netns),
+            execs,
             host_netns,
             cgroup,
             pin_dir,
         })
+    }
+
+    /// The exec mark of thread group `tgid` now, as a connect's record
+    /// carries it (`OrigDst::exec_mark`): 0 when no exec of it is
+    /// remembered, `EXEC_MARK_UNKNOWN` once exec marks were lost (the map
+    /// was full). `None` when it cannot be read (no exec tracking).
+    pub fn exec_mark(&self, tgid: u32) -> Option<u32> {
+        let execs = self
+            .execs
+            .as_ref()?
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match execs.get(&EXECS_LOST_KEY, 0) {
+            Ok(0) => {}
+            Ok(_) => return Some(EXEC_MARK_UNKNOWN),
+            Err(e) => {
+                warn!(error = %e, "reading ENF_EXECS");
+                return None;
+            }
+        }
+        match execs.get(&tgid, 0) {
+            Ok(at) => Some(enforcer_common::exec_mark(at)),
+            Err(aya::maps::MapError::KeyNotFound) => Some(0),
+            Err(e) => {
+                warn!(tgid, error = %e, "reading ENF_EXECS");
+                None
+            }
+        }
     }
 
     /// During a hitless upgrade, the cgroup of the agent that handed over
@@ -857,31 +902,90 @@ pub fn original_destination(rec: &OrigDst) -> Option<SocketAddr> {
 
 /// The maps a new instance takes over from the one it replaces, with the
 /// shape (type, key and value size, entries) they must have for that.
-const RECORD_MAPS: [(&str, MapShape); 2] = [
+const RECORD_MAPS: [(&str, MapShape); 3] = [
     (
         maps::BY_TUPLE,
         MapShape {
+            lru: true,
             key: size_of::<SockTuple>(),
             value: size_of::<OrigDst>(),
+            entries: MAX_TRACKED,
         },
     ),
     (
         maps::BY_COOKIE,
         MapShape {
+            lru: true,
             key: size_of::<u64>(),
             value: size_of::<OrigDst>(),
+            entries: MAX_TRACKED,
+        },
+    ),
+    // The exec times the records' marks were taken from.
+    (
+        maps::EXECS,
+        MapShape {
+            lru: false,
+            key: size_of::<u32>(),
+            value: size_of::<u64>(),
+            entries: MAX_EXEC_TRACKED,
         },
     ),
 ];
 
 #[derive(Clone, Copy)]
 struct MapShape {
+    /// An LRU hash map (else a plain hash map).
+    lru: bool,
     key: usize,
     value: usize,
+    entries: u32,
 }
 
-/// Whether the map pinned at `path` is an LRU hash map of `shape` with
-/// [`enforcer_common::MAX_TRACKED`] entries. A missing pin is not; a pin of
+/// Loads and attaches the exec tracepoints (`syscalls:sys_enter_execve`,
+/// `sys_enter_execveat`, `sched:sched_process_exit`), with the key that
+/// says marks were lost put in `ENF_EXECS` first (so the kernel can set it
+/// when the map is full). The links live as long as the eBPF object (the
+/// agent): while no agent runs, no captured connect is accepted either.
+fn track_execs(ebpf: &mut Ebpf) -> Result<(), String> {
+    {
+        let map = ebpf
+            .map_mut(maps::EXECS)
+            .ok_or_else(|| format!("no map {}", maps::EXECS))?;
+        let mut execs: HashMap<&mut MapData, u32, u64> =
+            HashMap::try_from(map).map_err(|e| e.to_string())?;
+        if let Err(aya::maps::MapError::KeyNotFound) = execs.get(&EXECS_LOST_KEY, 0) {
+            execs
+                .insert(EXECS_LOST_KEY, 0, 0)
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    for (name, points) in [
+        (
+            programs::EXEC,
+            &[
+                ("syscalls", "sys_enter_execve"),
+                ("syscalls", "sys_enter_execveat"),
+            ][..],
+        ),
+        (programs::EXIT, &[("sched", "sched_process_exit")][..]),
+    ] {
+        let p: &mut TracePoint = ebpf
+            .program_mut(name)
+            .ok_or_else(|| format!("no program {name}"))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| format!("{name}: {e}"))?;
+        p.load().map_err(|e| format!("{name}: {e}"))?;
+        for (category, point) in points {
+            p.attach(category, point)
+                .map_err(|e| format!("{name} at {category}:{point}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether the map pinned at `path` has `shape` (type, key and value
+/// sizes, entries). A missing pin is not; a pin of
 /// another shape is left to be replaced (with a warning): its records are
 /// lost, never misread.
 fn record_map_reusable(path: &Path, shape: MapShape) -> bool {
@@ -893,10 +997,15 @@ fn record_map_reusable(path: &Path, shape: MapShape) -> bool {
             return false;
         }
     };
-    let same = matches!(info.map_type(), Ok(aya::maps::MapType::LruHash))
+    let kind = if shape.lru {
+        aya::maps::MapType::LruHash
+    } else {
+        aya::maps::MapType::Hash
+    };
+    let same = info.map_type().is_ok_and(|t| t == kind)
         && info.key_size() as usize == shape.key
         && info.value_size() as usize == shape.value
-        && info.max_entries() == enforcer_common::MAX_TRACKED;
+        && info.max_entries() == shape.entries;
     if !same {
         warn!(
             path = %path.display(),
