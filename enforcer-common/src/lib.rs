@@ -27,25 +27,16 @@ pub const PORT_WORDS: u32 = 1024;
 /// Maximum number of captured sockets tracked at once (LRU maps).
 pub const MAX_TRACKED: u32 = 65536;
 
-/// Thread groups whose last `execve` is remembered at once (`ENF_EXECS`:
-/// entries leave when their process exits).
+/// Thread groups whose last `execve` is remembered at once (`ENF_EXECS`,
+/// an LRU).
 pub const MAX_EXEC_TRACKED: u32 = 65536;
 
-/// `ENF_EXECS` key whose value is not 0 once an exec could not be
-/// remembered (the map was full): the exec marks no longer prove anything.
-pub const EXECS_LOST_KEY: u32 = 0;
-
-/// [`OrigDst::exec_mark`] of a connect made while the exec marks proved
-/// nothing ([`EXECS_LOST_KEY`]).
-pub const EXEC_MARK_UNKNOWN: u32 = u32::MAX;
-
 /// The mark of an exec at `ktime_ns` (`bpf_ktime_get_ns`): its time in
-/// units of 1.024 µs, never 0 (0 is "no exec remembered") nor
-/// [`EXEC_MARK_UNKNOWN`].
+/// units of 1.024 µs, never 0 (0 is "no exec remembered").
 #[inline(always)]
 pub fn exec_mark(ktime_ns: u64) -> u32 {
     match (ktime_ns >> 10) as u32 {
-        0 | EXEC_MARK_UNKNOWN => 1,
+        0 => 1,
         m => m,
     }
 }
@@ -176,8 +167,7 @@ pub struct OrigDst {
     pub gid: u32,
     /// The process's last `execve` before the connect, as the kernel
     /// remembered it ([`exec_mark`] of its time; 0: none remembered, as for
-    /// a process that exec'd before the agent first ran;
-    /// [`EXEC_MARK_UNKNOWN`]: exec marks were lost). The agent compares it
+    /// a process that exec'd before the agent first ran). The agent compares it
     /// with the mark after it has read `/proc/<pid>/exe`: a different one
     /// says the process exec'd (or its pid was reused) since the connect,
     /// and the executable it read is not the one that connected. Records of

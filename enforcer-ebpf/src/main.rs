@@ -21,10 +21,9 @@ use aya_ebpf::{
     programs::{SkLookupContext, SockAddrContext, SockContext, SockOpsContext, TracePointContext},
 };
 use enforcer_common::{
-    AF_INET, AF_INET6, CIDR_CAPTURE, CaptureConfig, EXEC_MARK_UNKNOWN, EXECS_LOST_KEY,
-    INBOUND_STRICT, LISTENER_V4, LISTENER_V6, MAX_CIDRS, MAX_EXEC_TRACKED, MAX_INBOUND_PORTS,
-    MAX_NETNS, MAX_POD_LISTENERS, MAX_TRACKED, OrigDst, PORT_WORDS, SockTuple, exec_mark,
-    pod_address_key,
+    AF_INET, AF_INET6, CIDR_CAPTURE, CaptureConfig, INBOUND_STRICT, LISTENER_V4, LISTENER_V6,
+    MAX_CIDRS, MAX_EXEC_TRACKED, MAX_INBOUND_PORTS, MAX_NETNS, MAX_POD_LISTENERS, MAX_TRACKED,
+    OrigDst, PORT_WORDS, SockTuple, exec_mark, pod_address_key,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -66,13 +65,14 @@ static ENF_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(MA
 static ENF_BY_TUPLE: LruHashMap<SockTuple, OrigDst> = LruHashMap::with_max_entries(MAX_TRACKED, 0);
 
 /// Thread group id -> the time (`bpf_ktime_get_ns`) of its last `execve`
-/// (entries leave when the process exits). Key [`EXECS_LOST_KEY`] (0, no
-/// process): not 0 once an exec could not be remembered. A connect's record
-/// carries its process's mark ([`OrigDst::exec_mark`]), which the agent
-/// compares after reading `/proc/<pid>/exe`: a program that connects, writes
-/// and then execs a trusted executable is not attested as that executable.
+/// (an LRU: the least recently used go when it is full; where the kernel
+/// says when a process's last thread exits, its entry goes then). A
+/// connect's record carries its process's mark ([`OrigDst::exec_mark`]),
+/// which the agent compares after reading `/proc/<pid>/exe`: a program that
+/// connects, writes and then execs a trusted executable is not attested as
+/// that executable.
 #[map(name = "ENF_EXECS")]
-static ENF_EXECS: HashMap<u32, u64> = HashMap::with_max_entries(MAX_EXEC_TRACKED, 0);
+static ENF_EXECS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(MAX_EXEC_TRACKED, 0);
 
 /// `syscalls:sys_enter_execve` and `sys_enter_execveat`: the calling
 /// process's exec time, remembered before the exec replaces its executable
@@ -80,26 +80,27 @@ static ENF_EXECS: HashMap<u32, u64> = HashMap::with_max_entries(MAX_EXEC_TRACKED
 #[tracepoint]
 pub fn enf_exec(_ctx: TracePointContext) -> u32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if tgid == EXECS_LOST_KEY {
-        return 0;
-    }
     // SAFETY: plain helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    if ENF_EXECS.insert(tgid, now, 0).is_err() {
-        // Full: the marks prove nothing from now on. The key is there (the
-        // agent puts it in first), and replacing a value never needs room.
-        let _ = ENF_EXECS.insert(EXECS_LOST_KEY, 1, 0);
-    }
+    let _ = ENF_EXECS.insert(tgid, now, 0);
     0
 }
 
-/// `sched:sched_process_exit`: a process (its thread group's leader) is
-/// gone; its entry goes, so its pid, when reused, starts without one.
+/// Offset of `group_dead` in `sched:sched_process_exit`'s record (the agent
+/// attaches [`enf_exit`] only where the tracepoint's format says so).
+const EXIT_GROUP_DEAD: usize = 32;
+
+/// `sched:sched_process_exit`: when a process's last thread exits, its
+/// entry goes, so its pid, when reused, starts without one. (Not on the
+/// exit of a thread group's leader alone: an exec from another thread ends
+/// the leader first, and the exec's time must stay.)
 #[tracepoint]
-pub fn enf_exit(_ctx: TracePointContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    if tgid == pid_tgid as u32 && tgid != EXECS_LOST_KEY {
+pub fn enf_exit(ctx: TracePointContext) -> u32 {
+    // SAFETY: a field of the tracepoint's record, at the offset its format
+    // gives (checked by the agent before attaching).
+    let group_dead: u8 = unsafe { ctx.read_at(EXIT_GROUP_DEAD) }.unwrap_or(0);
+    if group_dead != 0 {
+        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
         let _ = ENF_EXECS.remove(tgid);
     }
     0
@@ -108,13 +109,8 @@ pub fn enf_exit(_ctx: TracePointContext) -> u32 {
 /// The calling process's [`OrigDst::exec_mark`].
 #[inline(always)]
 fn current_exec_mark(tgid: u32) -> u32 {
-    // SAFETY: values are read by copy.
-    unsafe {
-        if ENF_EXECS.get(EXECS_LOST_KEY).is_some_and(|lost| *lost != 0) {
-            return EXEC_MARK_UNKNOWN;
-        }
-        ENF_EXECS.get(tgid).map_or(0, |t| exec_mark(*t))
-    }
+    // SAFETY: the value is read by copy.
+    unsafe { ENF_EXECS.get(tgid) }.map_or(0, |t| exec_mark(*t))
 }
 
 #[inline(always)]

@@ -1268,17 +1268,32 @@ fn a_resent_stream_never_goes_to_a_peer_that_changed_identity() {
 }
 
 /// The script a workload runs: connects to b:8080, sends a request, and
-/// then (`exec`) replaces itself with `argv[3]` keeping the connection, or
-/// (`ask`) reads the answer and prints its status line.
+/// then, `ask`: reads the answer and prints its status line; `exec`:
+/// replaces itself with `argv[3]`, keeping the connection; `fork-thread-exec`:
+/// the same from a forked child (which never exec'd) by a second thread
+/// (whose exec ends the child's first thread). The process that connects
+/// prints `PID <pid>` first.
 const PY_CONNECT_THEN: &str = r#"
-import os, socket, sys, time
+import os, socket, sys, threading
+mode = sys.argv[2]
+if mode == "fork-thread-exec":
+    child = os.fork()
+    if child:
+        os.waitpid(child, 0)
+        sys.exit(0)
+print("PID", os.getpid(), flush=True)
 s = socket.create_connection((sys.argv[1], 8080))
 s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
-if sys.argv[2] == "exec":
-    os.set_inheritable(s.fileno(), True)
-    print("EXEC", flush=True)
-    os.execv(sys.argv[3], [sys.argv[3], "-c", "import time; time.sleep(3)"])
-print(s.recv(4096).split(b"\r\n")[0].decode(), flush=True)
+if mode == "ask":
+    print(s.recv(4096).split(b"\r\n")[0].decode(), flush=True)
+    sys.exit(0)
+os.set_inheritable(s.fileno(), True)
+go = lambda: os.execv(sys.argv[3], [sys.argv[3], "-c", "import time; time.sleep(3)"])
+if mode == "exec":
+    go()
+t = threading.Thread(target=go)
+t.start()
+t.join()
 "#;
 
 #[test]
@@ -1348,7 +1363,9 @@ fn a_workload_that_execs_a_trusted_binary_after_connecting_does_not_get_its_iden
         )
         .expect("the trusted executable");
     assert!(
-        String::from_utf8_lossy(&out.stdout).starts_with("HTTP/"),
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.starts_with("HTTP/")),
         "the trusted executable's request was answered: {out:?}"
     );
     m.eb.wait_for_connection(from_agent)
@@ -1358,50 +1375,59 @@ fn a_workload_that_execs_a_trusted_binary_after_connecting_does_not_get_its_iden
             .iter()
             .filter(|v| from_agent(v))
             .count();
-    let a_before = m.ea.closed_connections().len();
-    // The attack, with a's agent stopped until the exec is done.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(m.ea.pid as i32),
-        nix::sys::signal::Signal::SIGSTOP,
-    )
-    .expect("SIGSTOP a's agent");
-    let attacker =
+    // The attack, with a's agent stopped until the exec is done: from the
+    // process itself, and from a forked child's second thread.
+    for mode in ["exec", "fork-thread-exec"] {
+        let a_before = m.ea.closed_connections().len();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(m.ea.pid as i32),
+            nix::sys::signal::Signal::SIGSTOP,
+        )
+        .expect("SIGSTOP a's agent");
+        let log = format!("attacker-{mode}");
         m.tb.spawn(
             &m.a,
             Some("tool.service"),
-            "attacker",
-            &["python3", "-c", PY_CONNECT_THEN, &b_ip, "exec", &trusted_s],
+            &log,
+            &["python3", "-c", PY_CONNECT_THEN, &b_ip, mode, &trusted_s],
         )
         .expect("the attacker");
-    // Connected and written; its exec is done when /proc says so.
-    enforcer_tests::wait_for("the attacker to exec the trusted executable", || {
-        std::fs::read_link(format!("/proc/{attacker}/exe")).is_ok_and(|e| e == trusted)
-    });
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(m.ea.pid as i32),
-        nix::sys::signal::Signal::SIGCONT,
-    )
-    .expect("SIGCONT a's agent");
-    // a's agent has ended the attacker's connection (whatever it decided).
-    enforcer_tests::wait_for("a's agent to end the attacker's connection", || {
-        m.ea.closed_connections().len() > a_before
-    });
-    std::thread::sleep(Duration::from_millis(500));
-    let after =
-        m.eb.closed_connections()
-            .iter()
-            .filter(|v| from_agent(v))
-            .count();
+        // Connected and written; its exec is done when /proc says so.
+        let mut pid = None;
+        enforcer_tests::wait_for("the attacker to exec the trusted executable", || {
+            pid = pid.or_else(|| {
+                m.tb.server_log(&m.a, &log)
+                    .lines()
+                    .find_map(|l| l.strip_prefix("PID ")?.trim().parse::<u32>().ok())
+            });
+            pid.is_some_and(|p| {
+                std::fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e == trusted)
+            })
+        });
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(m.ea.pid as i32),
+            nix::sys::signal::Signal::SIGCONT,
+        )
+        .expect("SIGCONT a's agent");
+        // a's agent has ended the attacker's connection (whatever it decided).
+        enforcer_tests::wait_for("a's agent to end the attacker's connection", || {
+            m.ea.closed_connections().len() > a_before
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let after =
+            m.eb.closed_connections()
+                .iter()
+                .filter(|v| from_agent(v))
+                .count();
+        let ended = m.ea.closed_connections();
+        let last = ended.last().expect("the attacker's connection");
+        assert_eq!(
+            after, before,
+            "{mode}: a connection made by another program reached b as the support agent: {last}"
+        );
+        assert_eq!(last["outcome"], "no_identity", "{mode}: {last}");
+    }
     let _ = std::fs::remove_dir_all(&tb_dir);
-    assert_eq!(
-        after,
-        before,
-        "a connection made by another program reached b as the support agent: {:?}",
-        m.ea.closed_connections().last()
-    );
-    let ended = m.ea.closed_connections();
-    let last = ended.last().expect("the attacker's connection");
-    assert_eq!(last["outcome"], "no_identity", "{last}");
     assert!(
         m.ea.log_lines().iter().any(|l| l["message"]
             .as_str()

@@ -162,12 +162,10 @@ impl SelectorCache {
         let Some(recorded) = facts.exec_mark else {
             return true;
         };
-        recorded != enforcer_common::EXEC_MARK_UNKNOWN
-            && self
-                .exec_marks
-                .get()
-                .and_then(|now| now(facts.pid))
-                .is_some_and(|now| now == recorded)
+        self.exec_marks
+            .get()
+            .and_then(|now| now(facts.pid))
+            .is_some_and(|now| now == recorded)
     }
 }
 

@@ -23,9 +23,8 @@ use aya::{
     },
 };
 use enforcer_common::{
-    AF_INET, AF_INET6, CIDR_CAPTURE, CIDR_EXCLUDE, CaptureConfig, EXEC_MARK_UNKNOWN,
-    EXECS_LOST_KEY, LAYOUT_VERSION, MAX_EXEC_TRACKED, MAX_TRACKED, OrigDst, SockTuple, maps,
-    programs,
+    AF_INET, AF_INET6, CIDR_CAPTURE, CIDR_EXCLUDE, CaptureConfig, LAYOUT_VERSION, MAX_EXEC_TRACKED,
+    MAX_TRACKED, OrigDst, SockTuple, maps, programs,
 };
 use ipnet::IpNet;
 use tracing::{debug, info, warn};
@@ -432,22 +431,13 @@ impl Capture {
 
     /// The exec mark of thread group `tgid` now, as a connect's record
     /// carries it (`OrigDst::exec_mark`): 0 when no exec of it is
-    /// remembered, `EXEC_MARK_UNKNOWN` once exec marks were lost (the map
-    /// was full). `None` when it cannot be read (no exec tracking).
+    /// remembered. `None` when it cannot be read (no exec tracking).
     pub fn exec_mark(&self, tgid: u32) -> Option<u32> {
         let execs = self
             .execs
             .as_ref()?
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match execs.get(&EXECS_LOST_KEY, 0) {
-            Ok(0) => {}
-            Ok(_) => return Some(EXEC_MARK_UNKNOWN),
-            Err(e) => {
-                warn!(error = %e, "reading ENF_EXECS");
-                return None;
-            }
-        }
         match execs.get(&tgid, 0) {
             Ok(at) => Some(enforcer_common::exec_mark(at)),
             Err(aya::maps::MapError::KeyNotFound) => Some(0),
@@ -925,7 +915,7 @@ const RECORD_MAPS: [(&str, MapShape); 3] = [
     (
         maps::EXECS,
         MapShape {
-            lru: false,
+            lru: true,
             key: size_of::<u32>(),
             value: size_of::<u64>(),
             entries: MAX_EXEC_TRACKED,
@@ -943,33 +933,12 @@ struct MapShape {
 }
 
 /// Loads and attaches the exec tracepoints (`syscalls:sys_enter_execve`,
-/// `sys_enter_execveat`, `sched:sched_process_exit`), with the key that
-/// says marks were lost put in `ENF_EXECS` first (so the kernel can set it
-/// when the map is full). The links live as long as the eBPF object (the
-/// agent): while no agent runs, no captured connect is accepted either.
+/// `sys_enter_execveat`; and `sched:sched_process_exit` where its record
+/// says whether the whole process is gone, `group_dead`). The links live as
+/// long as the eBPF object (the agent): while no agent runs, no captured
+/// connect is accepted either.
 fn track_execs(ebpf: &mut Ebpf) -> Result<(), String> {
-    {
-        let map = ebpf
-            .map_mut(maps::EXECS)
-            .ok_or_else(|| format!("no map {}", maps::EXECS))?;
-        let mut execs: HashMap<&mut MapData, u32, u64> =
-            HashMap::try_from(map).map_err(|e| e.to_string())?;
-        if let Err(aya::maps::MapError::KeyNotFound) = execs.get(&EXECS_LOST_KEY, 0) {
-            execs
-                .insert(EXECS_LOST_KEY, 0, 0)
-                .map_err(|e| e.to_string())?;
-        }
-    }
-    for (name, points) in [
-        (
-            programs::EXEC,
-            &[
-                ("syscalls", "sys_enter_execve"),
-                ("syscalls", "sys_enter_execveat"),
-            ][..],
-        ),
-        (programs::EXIT, &[("sched", "sched_process_exit")][..]),
-    ] {
+    let attach = |ebpf: &mut Ebpf, name: &'static str, points: &[(&str, &str)]| {
         let p: &mut TracePoint = ebpf
             .program_mut(name)
             .ok_or_else(|| format!("no program {name}"))?
@@ -980,6 +949,28 @@ fn track_execs(ebpf: &mut Ebpf) -> Result<(), String> {
             p.attach(category, point)
                 .map_err(|e| format!("{name} at {category}:{point}: {e}"))?;
         }
+        Ok::<_, String>(())
+    };
+    attach(
+        ebpf,
+        programs::EXEC,
+        &[
+            ("syscalls", "sys_enter_execve"),
+            ("syscalls", "sys_enter_execveat"),
+        ],
+    )?;
+    let format = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .iter()
+        .find_map(|d| {
+            std::fs::read_to_string(format!("{d}/events/sched/sched_process_exit/format")).ok()
+        })
+        .unwrap_or_default();
+    if format.contains("field:bool group_dead;\toffset:32;\tsize:1;") {
+        attach(ebpf, programs::EXIT, &[("sched", "sched_process_exit")])?;
+    } else {
+        warn!(
+            "sched:sched_process_exit has no group_dead on this kernel: a process's exec time is kept after it exits, so a pid reused by a process that did not exec is not told from the one that had it (the cgroup check still holds)"
+        );
     }
     Ok(())
 }
