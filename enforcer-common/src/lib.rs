@@ -31,14 +31,10 @@ pub const MAX_TRACKED: u32 = 65536;
 /// an LRU).
 pub const MAX_EXEC_TRACKED: u32 = 65536;
 
-/// The mark of an exec at `ktime_ns` (`bpf_ktime_get_ns`): its time in
-/// units of 1.024 µs, never 0 (0 is "no exec remembered").
+/// An exec's mark from a random word: never 0 (0 is "no exec remembered").
 #[inline(always)]
-pub fn exec_mark(ktime_ns: u64) -> u32 {
-    match (ktime_ns >> 10) as u32 {
-        0 => 1,
-        m => m,
-    }
+pub fn exec_mark(random: u32) -> u32 {
+    random.max(1)
 }
 
 /// Maximum number of network namespaces the agent serves listeners in.
@@ -166,8 +162,9 @@ pub struct OrigDst {
     pub uid: u32,
     pub gid: u32,
     /// The process's last `execve` before the connect, as the kernel
-    /// remembered it ([`exec_mark`] of its time; 0: none remembered, as for
-    /// a process that exec'd before the agent first ran). The agent compares it
+    /// remembered it (a random [`exec_mark`] drawn at that exec; 0: none
+    /// remembered, as for a process that exec'd before the agent first
+    /// ran). The agent compares it
     /// with the mark after it has read `/proc/<pid>/exe`: a different one
     /// says the process exec'd (or its pid was reused) since the connect,
     /// and the executable it read is not the one that connected. Records of

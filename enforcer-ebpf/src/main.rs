@@ -11,7 +11,7 @@ use aya_ebpf::{
     bindings::{BPF_SOCK_OPS_STATE_CB_FLAG, bpf_sock_addr},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, bpf_ktime_get_ns,
+        bpf_get_current_uid_gid, bpf_get_prandom_u32,
         generated::{
             bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release,
         },
@@ -64,25 +64,26 @@ static ENF_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(MA
 #[map(name = "ENF_BY_TUPLE")]
 static ENF_BY_TUPLE: LruHashMap<SockTuple, OrigDst> = LruHashMap::with_max_entries(MAX_TRACKED, 0);
 
-/// Thread group id -> the time (`bpf_ktime_get_ns`) of its last `execve`
-/// (an LRU: the least recently used go when it is full; where the kernel
+/// Thread group id -> a random mark of its last `execve`, never 0 (an
+/// LRU: the least recently used go when it is full; where the kernel
 /// says when a process's last thread exits, its entry goes then). A
 /// connect's record carries its process's mark ([`OrigDst::exec_mark`]),
 /// which the agent compares after reading `/proc/<pid>/exe`: a program that
 /// connects, writes and then execs a trusted executable is not attested as
 /// that executable.
 #[map(name = "ENF_EXECS")]
-static ENF_EXECS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(MAX_EXEC_TRACKED, 0);
+static ENF_EXECS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(MAX_EXEC_TRACKED, 0);
 
-/// `syscalls:sys_enter_execve` and `sys_enter_execveat`: the calling
-/// process's exec time, remembered before the exec replaces its executable
-/// (a failed exec counts too: it can only make the agent stricter).
+/// `syscalls:sys_enter_execve` and `sys_enter_execveat`: a new mark for the
+/// calling process, before the exec replaces its executable (a failed exec
+/// counts too: it can only make the agent stricter). Random, not a time: a
+/// process cannot time an exec so that its mark comes out as before.
 #[tracepoint]
 pub fn enf_exec(_ctx: TracePointContext) -> u32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // SAFETY: plain helper call without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let _ = ENF_EXECS.insert(tgid, now, 0);
+    let mark = exec_mark(unsafe { bpf_get_prandom_u32() });
+    let _ = ENF_EXECS.insert(tgid, mark, 0);
     0
 }
 
@@ -93,7 +94,7 @@ const EXIT_GROUP_DEAD: usize = 32;
 /// `sched:sched_process_exit`: when a process's last thread exits, its
 /// entry goes, so its pid, when reused, starts without one. (Not on the
 /// exit of a thread group's leader alone: an exec from another thread ends
-/// the leader first, and the exec's time must stay.)
+/// the leader first, and the exec's mark must stay.)
 #[tracepoint]
 pub fn enf_exit(ctx: TracePointContext) -> u32 {
     // SAFETY: a field of the tracepoint's record, at the offset its format
@@ -110,7 +111,7 @@ pub fn enf_exit(ctx: TracePointContext) -> u32 {
 #[inline(always)]
 fn current_exec_mark(tgid: u32) -> u32 {
     // SAFETY: the value is read by copy.
-    unsafe { ENF_EXECS.get(tgid) }.map_or(0, |t| exec_mark(*t))
+    unsafe { ENF_EXECS.get(tgid) }.map_or(0, |m| *m)
 }
 
 #[inline(always)]

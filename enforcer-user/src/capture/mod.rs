@@ -204,9 +204,10 @@ pub struct Capture {
     config: std::sync::Mutex<Array<MapData, CaptureConfig>>,
     /// The served network namespaces (by cookie): the agent's and the pods'.
     netns: std::sync::Mutex<HashMap<MapData, u64, u8>>,
-    /// Thread group -> time of its last exec (`ENF_EXECS`); `None` when the
-    /// exec tracepoints could not be attached (no executable is attested).
-    execs: Option<std::sync::Mutex<HashMap<MapData, u32, u64>>>,
+    /// Thread group -> the mark of its last exec (`ENF_EXECS`); `None` when
+    /// the exec tracepoints could not be attached (no executable is
+    /// attested).
+    execs: Option<std::sync::Mutex<HashMap<MapData, u32, u32>>>,
     /// The cookie of the agent's own netns.
     pub host_netns: u64,
     pub cgroup: CaptureCgroup,
@@ -439,7 +440,7 @@ impl Capture {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         match execs.get(&tgid, 0) {
-            Ok(at) => Some(enforcer_common::exec_mark(at)),
+            Ok(mark) => Some(mark),
             Err(aya::maps::MapError::KeyNotFound) => Some(0),
             Err(e) => {
                 warn!(tgid, error = %e, "reading ENF_EXECS");
@@ -911,13 +912,13 @@ const RECORD_MAPS: [(&str, MapShape); 3] = [
             entries: MAX_TRACKED,
         },
     ),
-    // The exec times the records' marks were taken from.
+    // The exec marks the records' were taken from.
     (
         maps::EXECS,
         MapShape {
             lru: true,
             key: size_of::<u32>(),
-            value: size_of::<u64>(),
+            value: size_of::<u32>(),
             entries: MAX_EXEC_TRACKED,
         },
     ),
@@ -969,7 +970,7 @@ fn track_execs(ebpf: &mut Ebpf) -> Result<(), String> {
         attach(ebpf, programs::EXIT, &[("sched", "sched_process_exit")])?;
     } else {
         warn!(
-            "sched:sched_process_exit has no group_dead on this kernel: a process's exec time is kept after it exits, so a pid reused by a process that did not exec is not told from the one that had it (the cgroup check still holds)"
+            "sched:sched_process_exit has no group_dead on this kernel: a process's exec mark is kept after it exits, so a pid reused by a process that did not exec is not told from the one that had it (the cgroup check still holds)"
         );
     }
     Ok(())
