@@ -194,6 +194,7 @@ pub struct Metrics {
     pub memory_releases: Counter,
     pub log_lines_dropped: Counter,
     pub executable_hashes: Counter,
+    pub execs_after_connect: Counter,
     pub capture_records_swept: Counter,
     pub hbone_rejected: Family<RejectLabels, Counter>,
     pub hbone_streams_refused: Family<RejectLabels, Counter>,
@@ -292,6 +293,12 @@ impl Metrics {
             "executable_hashes",
             "Executables hashed for a workload's unix:sha256 selector (its digest not cached); concurrent attestations of one executable share one hash (sampled at scrape)",
             executable_hashes.clone(),
+        );
+        let execs_after_connect = Counter::default();
+        registry.register(
+            "execs_after_connect",
+            "Connections whose process exec'd (or whose pid was reused) between its connect and the agent's reading of its executable: attested without unix:path and unix:sha256 (sampled at scrape)",
+            execs_after_connect.clone(),
         );
         let capture_records_swept = Counter::default();
         registry.register(
@@ -429,6 +436,7 @@ impl Metrics {
             memory_releases,
             log_lines_dropped,
             executable_hashes,
+            execs_after_connect,
             capture_records_swept,
         }
     }

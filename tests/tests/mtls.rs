@@ -1434,4 +1434,9 @@ fn a_workload_that_execs_a_trusted_binary_after_connecting_does_not_get_its_iden
             .is_some_and(|s| s.contains("exec'd (or its pid was reused) after it connected"))),
         "a's agent says why the executable was not attested"
     );
+    assert_eq!(
+        m.ea.metric("enforcer_execs_after_connect_total", &[]).ok(),
+        Some(2.0),
+        "both attacks counted"
+    );
 }

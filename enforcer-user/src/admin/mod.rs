@@ -142,6 +142,10 @@ impl AdminState {
             &self.metrics.executable_hashes,
             crate::attest::selectors::executables_hashed(),
         );
+        catch_up(
+            &self.metrics.execs_after_connect,
+            crate::attest::selectors::execs_after_connect(),
+        );
         let g = &self.metrics.allocator_bytes;
         for (kind, bytes) in allocator_stats() {
             g.get_or_create(&metrics::AllocatorLabels { kind })

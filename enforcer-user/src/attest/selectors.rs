@@ -308,6 +308,16 @@ impl Default for DigestCache {
 /// (`enforcer_executable_hashes_total`).
 static HASHED: AtomicU64 = AtomicU64::new(0);
 
+/// Connections whose process exec'd after its connect
+/// (`enforcer_execs_after_connect_total`).
+static EXECS_AFTER_CONNECT: AtomicU64 = AtomicU64::new(0);
+
+/// Connections attested without their executable since start: their process
+/// exec'd (or its pid was reused) after the connect.
+pub fn execs_after_connect() -> u64 {
+    EXECS_AFTER_CONNECT.load(Ordering::Relaxed)
+}
+
 /// Executables hashed since start, by every [`DigestCache`].
 pub fn executables_hashed() -> u64 {
     HASHED.load(Ordering::Relaxed)
@@ -480,6 +490,7 @@ pub fn selectors_unless_hashing(
             // execs a trusted executable), what was read is not what
             // connected, and no executable is attested.
             if !cache.same_exec(facts) {
+                EXECS_AFTER_CONNECT.fetch_add(1, Ordering::Relaxed);
                 warn!(pid = facts.pid, comm = %facts.comm, exe = %exe.display(),
                     "the workload exec'd (or its pid was reused) after it connected: its executable is not attested for this connection (no unix:path, unix:sha256)");
                 return Ok(with_digest(out, None));
