@@ -157,15 +157,14 @@ impl SelectorCache {
     /// reused) since its connect: its exec mark now is the one the kernel
     /// recorded then. Asked after `/proc/<pid>/exe` was read, so a yes says
     /// that what was read is the executable that connected. Facts without
-    /// a record have nothing to compare and pass.
-    fn same_exec(&self, facts: &WorkloadFacts) -> bool {
+    /// a record have nothing to compare and pass; `None`: the marks cannot
+    /// be read (no exec tracking, said at start), which proves nothing.
+    fn same_exec(&self, facts: &WorkloadFacts) -> Option<bool> {
         let Some(recorded) = facts.exec_mark else {
-            return true;
+            return Some(true);
         };
-        self.exec_marks
-            .get()
-            .and_then(|now| now(facts.pid))
-            .is_some_and(|now| now == recorded)
+        let now = self.exec_marks.get().and_then(|now| now(facts.pid))?;
+        Some(now == recorded)
     }
 }
 
@@ -489,11 +488,15 @@ pub fn selectors_unless_hashing(
             // connected (a program that connects, writes its request and
             // execs a trusted executable), what was read is not what
             // connected, and no executable is attested.
-            if !cache.same_exec(facts) {
-                EXECS_AFTER_CONNECT.fetch_add(1, Ordering::Relaxed);
-                warn!(pid = facts.pid, comm = %facts.comm, exe = %exe.display(),
-                    "the workload exec'd (or its pid was reused) after it connected: its executable is not attested for this connection (no unix:path, unix:sha256)");
-                return Ok(with_digest(out, None));
+            match cache.same_exec(facts) {
+                Some(true) => {}
+                Some(false) => {
+                    EXECS_AFTER_CONNECT.fetch_add(1, Ordering::Relaxed);
+                    warn!(pid = facts.pid, comm = %facts.comm, exe = %exe.display(),
+                        "the workload exec'd (or its pid was reused) after it connected: its executable is not attested for this connection (no unix:path, unix:sha256)");
+                    return Ok(with_digest(out, None));
+                }
+                None => return Ok(with_digest(out, None)),
             }
             out.push(format!("unix:path:{}", exe.display()));
             match hashed {
