@@ -1267,6 +1267,24 @@ fn a_resent_stream_never_goes_to_a_peer_that_changed_identity() {
     assert_eq!(line["dst_spiffe_id"], LLM_ID, "{line}");
 }
 
+/// A process stopped (SIGSTOP) until this is dropped (SIGCONT), also when
+/// the test fails in between, so the testbed can stop it.
+struct Stopped(nix::unistd::Pid);
+
+impl Stopped {
+    fn new(pid: u32) -> Self {
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+        Self(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
 /// The script a workload runs: connects to b:8080, sends a request, and
 /// then, `ask`: reads the answer and prints its status line; `exec`:
 /// replaces itself with `argv[3]`, keeping the connection; `fork-thread-exec`:
@@ -1379,11 +1397,7 @@ fn a_workload_that_execs_a_trusted_binary_after_connecting_does_not_get_its_iden
     // process itself, and from a forked child's second thread.
     for mode in ["exec", "fork-thread-exec"] {
         let a_before = m.ea.closed_connections().len();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(m.ea.pid as i32),
-            nix::sys::signal::Signal::SIGSTOP,
-        )
-        .expect("SIGSTOP a's agent");
+        let stopped = Stopped::new(m.ea.pid);
         let log = format!("attacker-{mode}");
         m.tb.spawn(
             &m.a,
@@ -1404,11 +1418,7 @@ fn a_workload_that_execs_a_trusted_binary_after_connecting_does_not_get_its_iden
                 std::fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e == trusted)
             })
         });
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(m.ea.pid as i32),
-            nix::sys::signal::Signal::SIGCONT,
-        )
-        .expect("SIGCONT a's agent");
+        drop(stopped);
         // a's agent has ended the attacker's connection (whatever it decided).
         enforcer_tests::wait_for("a's agent to end the attacker's connection", || {
             m.ea.closed_connections().len() > a_before
