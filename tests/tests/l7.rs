@@ -198,6 +198,16 @@ fn replaced(metrics: &str, why: &str) -> f64 {
     )
 }
 
+/// b's kept server connections replaced so far: `retired` and `closed`.
+fn assert_replaced(m: &Pair, retired: f64, closed: f64) {
+    let metrics = m.eb.metrics().expect("metrics");
+    assert_eq!(
+        (replaced(&metrics, "retired"), replaced(&metrics, "closed")),
+        (retired, closed),
+        "{metrics}"
+    );
+}
+
 fn json_lines(out: &std::process::Output) -> Vec<Value> {
     enforcer_tests::json_lines(&String::from_utf8_lossy(&out.stdout))
 }
@@ -1689,11 +1699,7 @@ fn a_reused_server_connection_that_closes_unanswered_is_retried_only_when_safe()
     );
     // The connection closed idle, unannounced, is counted as such (the
     // sign of a server timeout below l7.server_idle_ms).
-    assert_eq!(
-        (replaced(&metrics, "closed"), replaced(&metrics, "retired")),
-        (1.0, 0.0),
-        "{metrics}"
-    );
+    assert_replaced(&m, 0.0, 1.0);
     // b's agent says why the GET was sent again.
     wait_for("b's agent to log the retry", || {
         m.eb.log_lines().iter().any(|l| {
@@ -1911,12 +1917,7 @@ fn a_kept_connection_is_not_used_past_the_servers_keep_alive_hint() {
         r.iter().all(|v| v["keep_alive"].is_null()),
         "the hint is hop-by-hop, not passed to the client: {r:?}"
     );
-    let metrics = m.eb.metrics().expect("metrics");
-    assert_eq!(
-        (replaced(&metrics, "retired"), replaced(&metrics, "closed")),
-        (1.0, 0.0),
-        "{metrics}"
-    );
+    assert_replaced(&m, 1.0, 0.0);
 }
 
 #[test]
@@ -1946,12 +1947,7 @@ fn a_kept_connection_is_not_used_past_server_idle_ms() {
         !log.contains("DROP"),
         "no request crossed the server's idle close: {log}"
     );
-    let metrics = m.eb.metrics().expect("metrics");
-    assert_eq!(
-        (replaced(&metrics, "retired"), replaced(&metrics, "closed")),
-        (1.0, 0.0),
-        "{metrics}"
-    );
+    assert_replaced(&m, 1.0, 0.0);
 }
 
 #[test]
@@ -1973,12 +1969,7 @@ fn a_server_connection_closed_as_announced_is_not_counted_as_an_unannounced_clos
         ],
         "{r:?}\n{log}"
     );
-    let metrics = m.eb.metrics().expect("metrics");
-    assert_eq!(
-        (replaced(&metrics, "retired"), replaced(&metrics, "closed")),
-        (2.0, 0.0),
-        "{metrics}"
-    );
+    assert_replaced(&m, 2.0, 0.0);
 }
 
 #[test]
