@@ -1267,6 +1267,15 @@ fn a_resent_stream_never_goes_to_a_peer_that_changed_identity() {
     assert_eq!(line["dst_spiffe_id"], LLM_ID, "{line}");
 }
 
+/// A directory removed when this is dropped, also when the test fails.
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A process stopped (SIGSTOP) until this is dropped (SIGCONT), also when
 /// the test fails in between, so the testbed can stop it.
 struct Stopped(nix::unistd::Pid);
@@ -1333,10 +1342,11 @@ fn a_workload_that_execs_a_trusted_binary_after_connecting_does_not_get_its_iden
         .output()
         .expect("python3 (cargo xtask setup installs it)");
     let python = std::path::PathBuf::from(String::from_utf8_lossy(&python.stdout).trim());
-    let tb_dir = std::env::temp_dir().join(format!("enforcer-exec-trusted-{}", std::process::id()));
-    std::fs::create_dir_all(&tb_dir).expect("dir");
+    let tb_dir =
+        TempDir(std::env::temp_dir().join(format!("enforcer-exec-trusted-{}", std::process::id())));
+    std::fs::create_dir_all(&tb_dir.0).expect("dir");
     // The trusted executable: python3 with 4 KiB more, so its digest is its own.
-    let trusted = tb_dir.join("trusted-python");
+    let trusted = tb_dir.0.join("trusted-python");
     std::fs::copy(&python, &trusted).expect("copying python3");
     let len = std::fs::metadata(&trusted).expect("copy").len();
     std::fs::File::options()
@@ -1437,7 +1447,6 @@ fn a_workload_that_execs_a_trusted_binary_after_connecting_does_not_get_its_iden
         );
         assert_eq!(last["outcome"], "no_identity", "{mode}: {last}");
     }
-    let _ = std::fs::remove_dir_all(&tb_dir);
     assert!(
         m.ea.log_lines().iter().any(|l| l["message"]
             .as_str()
