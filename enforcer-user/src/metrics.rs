@@ -23,8 +23,9 @@ pub struct DecisionLabels {
     pub destination: String,
 }
 
-/// A request an L7 session sent again to the server: where, and why it
-/// could be (`unwritten`, `unprocessed`, `closed`).
+/// An L7 session's dealing with its server connection: the destination,
+/// and why (a request sent again: `unwritten`, `unprocessed`, `closed`; a
+/// kept connection replaced: `retired`, `closed`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RetryLabels {
     pub destination: String,
@@ -615,21 +616,25 @@ impl Metrics {
 
     /// A request an L7 session sent again to the server at `dst`.
     pub fn l7_upstream_retry(&self, dst: Option<&str>, why: &'static str) {
-        let labels = RetryLabels {
-            destination: self.id_label(dst),
-            why,
-        };
-        self.l7_upstream_retries.get_or_create(&labels).inc();
+        self.by_destination(&self.l7_upstream_retries, dst, why);
     }
 
+    /// A kept server connection an L7 session replaced, at `dst`.
     pub fn l7_server_connection_replaced(&self, dst: Option<&str>, why: &'static str) {
+        self.by_destination(&self.l7_server_connections_replaced, dst, why);
+    }
+
+    fn by_destination(
+        &self,
+        family: &Family<RetryLabels, Counter>,
+        dst: Option<&str>,
+        why: &'static str,
+    ) {
         let labels = RetryLabels {
             destination: self.id_label(dst),
             why,
         };
-        self.l7_server_connections_replaced
-            .get_or_create(&labels)
-            .inc();
+        family.get_or_create(&labels).inc();
     }
 
     pub fn decision_logs(&self, result: &'static str, n: u64) {

@@ -8,18 +8,14 @@ request. Prints `ANSWER <conn> <method> <path>` and `GOAWAY <conn> <method>
 
 usage: h2_goaway.py PORT
 """
-import socket
 import sys
-import threading
 import time
 
 import h2.config
 import h2.connection
 import h2.events
 
-count = 0
-lock = threading.Lock()
-
+from serving import serve_each
 
 def text(v):
     return v.decode() if isinstance(v, bytes) else v
@@ -56,18 +52,4 @@ def serve(sock, n):
                 sock.sendall(out)
 
 
-def main():
-    global count
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", int(sys.argv[1])))
-    s.listen(64)
-    while True:
-        c, _ = s.accept()
-        with lock:
-            count += 1
-            n = count
-        threading.Thread(target=serve, args=(c, n), daemon=True).start()
-
-
-main()
+serve_each(sys.argv[1], serve)

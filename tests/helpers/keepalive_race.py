@@ -33,20 +33,15 @@ usage: keepalive_race.py PORT [fresh-close | hint | idle | close]
 import select
 import socket
 import sys
-import threading
 import time
 
-count = 0
-lock = threading.Lock()
+from serving import read_head, serve_each
 
 
 def read_request(conn):
-    data = b""
-    while b"\r\n\r\n" not in data:
-        d = conn.recv(4096)
-        if not d:
-            return None
-        data += d
+    data = read_head(conn)
+    if data is None:
+        return None
     head, _, body = data.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     length = 0
@@ -147,19 +142,4 @@ def serve(conn, n):
         # Closed with the request unread: the kernel sends a reset.
 
 
-def main():
-    global count
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", int(sys.argv[1])))
-    s.listen(64)
-    print("READY", flush=True)
-    while True:
-        conn, _ = s.accept()
-        with lock:
-            count += 1
-            n = count
-        threading.Thread(target=serve, args=(conn, n), daemon=True).start()
-
-
-main()
+serve_each(sys.argv[1], serve, ready=True)

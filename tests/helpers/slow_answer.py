@@ -9,23 +9,17 @@ import select
 import socket
 import sys
 
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-s.listen(16)
+from serving import listener, read_head
+
+s = listener(sys.argv[1], 16)
 print("READY", flush=True)
 n = 0
 while True:
     conn, _ = s.accept()
     n += 1
     with conn:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            d = conn.recv(4096)
-            if not d:
-                break
-            data += d
-        if b"\r\n\r\n" not in data:
+        data = read_head(conn)
+        if data is None:
             continue
         print("GOT %s" % data.split(b"\r\n", 1)[0].decode("latin-1"), flush=True)
         readable, _, _ = select.select([conn], [], [], 3.0)

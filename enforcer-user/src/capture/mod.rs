@@ -897,7 +897,6 @@ const RECORD_MAPS: [(&str, MapShape); 3] = [
     (
         maps::BY_TUPLE,
         MapShape {
-            lru: true,
             key: size_of::<SockTuple>(),
             value: size_of::<OrigDst>(),
             entries: MAX_TRACKED,
@@ -906,7 +905,6 @@ const RECORD_MAPS: [(&str, MapShape); 3] = [
     (
         maps::BY_COOKIE,
         MapShape {
-            lru: true,
             key: size_of::<u64>(),
             value: size_of::<OrigDst>(),
             entries: MAX_TRACKED,
@@ -916,7 +914,6 @@ const RECORD_MAPS: [(&str, MapShape); 3] = [
     (
         maps::EXECS,
         MapShape {
-            lru: true,
             key: size_of::<u32>(),
             value: size_of::<u32>(),
             entries: MAX_EXEC_TRACKED,
@@ -924,10 +921,9 @@ const RECORD_MAPS: [(&str, MapShape); 3] = [
     ),
 ];
 
+/// An LRU hash map's sizes.
 #[derive(Clone, Copy)]
 struct MapShape {
-    /// An LRU hash map (else a plain hash map).
-    lru: bool,
     key: usize,
     value: usize,
     entries: u32,
@@ -976,8 +972,8 @@ fn track_execs(ebpf: &mut Ebpf) -> Result<(), String> {
     Ok(())
 }
 
-/// Whether the map pinned at `path` has `shape` (type, key and value
-/// sizes, entries). A missing pin is not; a pin of
+/// Whether the map pinned at `path` is an LRU hash map of `shape` (key and
+/// value sizes, entries). A missing pin is not; a pin of
 /// another shape is left to be replaced (with a warning): its records are
 /// lost, never misread.
 fn record_map_reusable(path: &Path, shape: MapShape) -> bool {
@@ -989,12 +985,7 @@ fn record_map_reusable(path: &Path, shape: MapShape) -> bool {
             return false;
         }
     };
-    let kind = if shape.lru {
-        aya::maps::MapType::LruHash
-    } else {
-        aya::maps::MapType::Hash
-    };
-    let same = info.map_type().is_ok_and(|t| t == kind)
+    let same = matches!(info.map_type(), Ok(aya::maps::MapType::LruHash))
         && info.key_size() as usize == shape.key
         && info.value_size() as usize == shape.value
         && info.max_entries() == shape.entries;

@@ -1422,22 +1422,16 @@ impl Session {
 /// Whether the `Connection` header has `token` (`close`: the server closes
 /// the connection after this answer).
 fn has_token(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(header::CONNECTION)
+    list_header(headers, header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+        .any(|t| t.eq_ignore_ascii_case(token))
 }
 
 /// The `timeout` of a `Keep-Alive` header (`timeout=5, max=1000`), in
 /// seconds; none when absent, unreadable or 0.
 fn keep_alive_timeout(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get_all(HeaderName::from_static("keep-alive"))
+    list_header(headers, HeaderName::from_static("keep-alive"))
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
         .find_map(|p| {
             let (k, v) = p.split_once('=')?;
             k.trim()
