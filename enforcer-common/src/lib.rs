@@ -31,10 +31,31 @@ pub const MAX_TRACKED: u32 = 65536;
 /// an LRU).
 pub const MAX_EXEC_TRACKED: u32 = 65536;
 
-/// An exec's mark from a random word: never 0 (0 is "no exec remembered").
+/// The bit of an exec mark that says the process was in the middle of an
+/// exec: set from the exec's point of no return until the new program
+/// runs. A connect recorded with it set was made by the old program's
+/// other threads while the exec was replacing it, so neither executable
+/// can be vouched for.
+pub const EXEC_UNDER_WAY: u32 = 1 << 31;
+
+/// The mark of an exec that is done (the new program runs) from a random
+/// word: never 0 (0 is "no exec remembered") and without
+/// [`EXEC_UNDER_WAY`].
 #[inline(always)]
 pub fn exec_mark(random: u32) -> u32 {
-    random.max(1)
+    (random & !EXEC_UNDER_WAY).max(1)
+}
+
+/// The mark of an exec that is under way, from a random word.
+#[inline(always)]
+pub fn exec_mark_under_way(random: u32) -> u32 {
+    random | EXEC_UNDER_WAY
+}
+
+/// Whether `mark` was drawn while an exec was under way.
+#[inline(always)]
+pub fn exec_under_way(mark: u32) -> bool {
+    mark & EXEC_UNDER_WAY != 0
 }
 
 /// Maximum number of network namespaces the agent serves listeners in.
@@ -83,8 +104,12 @@ pub mod programs {
     /// The same steering in pods' network namespaces, to the plaintext
     /// listeners the agent opened inside each pod (`ENF_POD_PLAINTEXT`).
     pub const SK_LOOKUP_POD: &str = "enf_sk_lookup_pod";
-    /// Tracepoints `syscalls:sys_enter_execve` and `sys_enter_execveat`.
-    pub const EXEC: &str = "enf_exec";
+    /// An exec begins: tracepoint `sched:sched_prepare_exec` (kernel 6.10
+    /// and later), else `syscalls:sys_enter_execve` and `sys_enter_execveat`.
+    pub const EXEC_BEGINS: &str = "enf_exec_begins";
+    /// An exec is done: tracepoint `sched:sched_process_exec` (and, with the
+    /// system-call tracepoints above, `sys_exit_execve`, `sys_exit_execveat`).
+    pub const EXEC_DONE: &str = "enf_exec_done";
     /// Tracepoint `sched:sched_process_exit`.
     pub const EXIT: &str = "enf_exit";
 }

@@ -23,7 +23,7 @@ use aya_ebpf::{
 use enforcer_common::{
     AF_INET, AF_INET6, CIDR_CAPTURE, CaptureConfig, INBOUND_STRICT, LISTENER_V4, LISTENER_V6,
     MAX_CIDRS, MAX_EXEC_TRACKED, MAX_INBOUND_PORTS, MAX_NETNS, MAX_POD_LISTENERS, MAX_TRACKED,
-    OrigDst, PORT_WORDS, SockTuple, exec_mark, pod_address_key,
+    OrigDst, PORT_WORDS, SockTuple, exec_mark, exec_mark_under_way, pod_address_key,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -71,20 +71,47 @@ static ENF_BY_TUPLE: LruHashMap<SockTuple, OrigDst> = LruHashMap::with_max_entri
 /// which the agent compares after reading `/proc/<pid>/exe`: a program that
 /// connects, writes and then execs a trusted executable is not attested as
 /// that executable.
+///
+/// Each exec draws two marks: one as it begins, before the old program's
+/// other threads are ended and the executable is replaced, with
+/// [`enforcer_common::EXEC_UNDER_WAY`] set; one when the new program runs
+/// (or the exec failed and the old one goes on), without. So a connect made
+/// before the exec records a mark that differs from any the agent reads
+/// once the executable is replaced, and one made by the old program's
+/// other threads while the exec runs records the bit.
 #[map(name = "ENF_EXECS")]
 static ENF_EXECS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(MAX_EXEC_TRACKED, 0);
 
-/// `syscalls:sys_enter_execve` and `sys_enter_execveat`: a new mark for the
-/// calling process, before the exec replaces its executable (a failed exec
-/// counts too: it can only make the agent stricter). Random, not a time: a
+/// An exec begins: a mark with [`enforcer_common::EXEC_UNDER_WAY`] for the
+/// calling process. Attached to `sched:sched_prepare_exec` (the exec's
+/// point of no return, which every way into it passes: `execve`,
+/// `execveat`, the 32-bit system calls) where the kernel has it (6.10 and
+/// later), else to `syscalls:sys_enter_execve` and `sys_enter_execveat`
+/// (which do not see the 32-bit system calls). Random, not a time: a
 /// process cannot time an exec so that its mark comes out as before.
 #[tracepoint]
-pub fn enf_exec(_ctx: TracePointContext) -> u32 {
+pub fn enf_exec_begins(_ctx: TracePointContext) -> u32 {
+    set_exec_mark(exec_mark_under_way);
+    0
+}
+
+/// An exec is done: a mark without the bit. Attached to
+/// `sched:sched_process_exec` (the new program runs: the other threads are
+/// gone, the executable replaced), and where the exec's beginning is seen
+/// at the system call, to `syscalls:sys_exit_execve` and
+/// `sys_exit_execveat` too (an exec that failed leaves the old program
+/// running, with its executable).
+#[tracepoint]
+pub fn enf_exec_done(_ctx: TracePointContext) -> u32 {
+    set_exec_mark(exec_mark);
+    0
+}
+
+#[inline(always)]
+fn set_exec_mark(mark: fn(u32) -> u32) {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // SAFETY: plain helper call without arguments.
-    let mark = exec_mark(unsafe { bpf_get_prandom_u32() });
-    let _ = ENF_EXECS.insert(tgid, mark, 0);
-    0
+    let _ = ENF_EXECS.insert(tgid, mark(unsafe { bpf_get_prandom_u32() }), 0);
 }
 
 /// Offset of `group_dead` in `sched:sched_process_exit`'s record (the agent

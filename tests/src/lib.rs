@@ -1276,16 +1276,26 @@ pub fn llm_pair(
     td: &str,
     config: impl Fn(&Testbed, &Node) -> (String, String),
 ) -> Result<Pair> {
+    llm_pair_env(test, td, config, &[])
+}
+
+/// [`llm_pair`], a's agent started with the environment variables `env_a`.
+pub fn llm_pair_env(
+    test: &str,
+    td: &str,
+    config: impl Fn(&Testbed, &Node) -> (String, String),
+    env_a: &[(&str, &str)],
+) -> Result<Pair> {
     let (mut tb, a, b) = Testbed::linked_pair(test)?;
     let ca = tb.shared_ca("shared", td)?;
     start_llm_http(&mut tb, &b)?;
-    let start = |tb: &mut Testbed, node: &Node| -> Result<Enforcer> {
+    let start = |tb: &mut Testbed, node: &Node, env: &[(&str, &str)]| -> Result<Enforcer> {
         let (identity, rest) = config(tb, node);
         let cfg = tb.enforcer_config_with(node, "", &format!("{ca}{identity}"), &rest)?;
-        tb.start_enforcer(node, &cfg)
+        tb.start_enforcer_env(node, &cfg, None, env)
     };
-    let eb = start(&mut tb, &b)?;
-    let ea = start(&mut tb, &a)?;
+    let eb = start(&mut tb, &b, &[])?;
+    let ea = start(&mut tb, &a, env_a)?;
     Ok(Pair { tb, a, b, ea, eb })
 }
 

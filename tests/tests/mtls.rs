@@ -2,7 +2,7 @@
 //! two real agents, real workloads in their own cgroups, real TLS on the veth.
 use std::time::{Duration, Instant};
 
-use enforcer_tests::{MESH, Node, Pair, Testbed, entry, llm_pair};
+use enforcer_tests::{MESH, Node, Pair, Testbed, entry, llm_pair, llm_pair_env};
 use serde_json::Value;
 
 const TD: &str = "ai.example.org";
@@ -1298,26 +1298,83 @@ impl Drop for Stopped {
 /// then, `ask`: reads the answer and prints its status line; `exec`:
 /// replaces itself with `argv[3]`, keeping the connection; `fork-thread-exec`:
 /// the same from a forked child (which never exec'd) by a second thread
-/// (whose exec ends the child's first thread). The process that connects
-/// prints `PID <pid>` first.
+/// (whose exec ends the child's first thread); `compat-exec`: the same
+/// through the 32-bit system call (`int 0x80`, `execve` = 11), which the
+/// `syscalls:` tracepoints do not see; `stalled-exec`: a second thread's
+/// `execve` is held inside the kernel (its last argument on a page that a
+/// userfaultfd serves only later) while the first thread connects and
+/// writes, so the connect comes after the exec began and before it
+/// replaced the program. The process that connects prints `PID <pid>`
+/// first.
 const PY_CONNECT_THEN: &str = r#"
-import os, socket, sys, threading
-mode = sys.argv[2]
+import ctypes, mmap, os, socket, struct, sys, threading
+mode, trusted = sys.argv[2], sys.argv[3:4]
+script = "import time; time.sleep(3)"
 if mode == "fork-thread-exec":
     child = os.fork()
     if child:
         os.waitpid(child, 0)
         sys.exit(0)
-print("PID", os.getpid(), flush=True)
-s = socket.create_connection((sys.argv[1], 8080))
-s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
+def connect():
+    print("PID", os.getpid(), flush=True)
+    s = socket.create_connection((sys.argv[1], 8080))
+    s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
+    return s
+if mode == "stalled-exec":
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+    page_size = mmap.PAGESIZE
+    uffd = libc.syscall(323, os.O_CLOEXEC)  # userfaultfd
+    assert uffd >= 0, ("userfaultfd", ctypes.get_errno())
+    api = ctypes.create_string_buffer(struct.pack("QQQ", 0xAA, 0, 0), 24)
+    assert libc.ioctl(uffd, 0xC018AA3F, api) == 0, ("UFFDIO_API", ctypes.get_errno())
+    page = libc.mmap(None, page_size, mmap.PROT_READ | mmap.PROT_WRITE,
+                     mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    reg = ctypes.create_string_buffer(struct.pack("QQQQ", page, page_size, 1, 0), 32)
+    assert libc.ioctl(uffd, 0xC020AA00, reg) == 0, ("UFFDIO_REGISTER", ctypes.get_errno())
+    path = ctypes.create_string_buffer(trusted[0].encode())
+    dash_c = ctypes.create_string_buffer(b"-c")
+    argv = (ctypes.c_void_p * 4)(ctypes.addressof(path), ctypes.addressof(dash_c), page, None)
+    envp = (ctypes.c_void_p * 1)(None)
+    threading.Thread(target=lambda: libc.execve(path, argv, envp), daemon=True).start()
+    event = os.read(uffd, 32)  # the exec thread is held in execve
+    assert event[0] == 0x12, event
+    s = connect()
+    os.set_inheritable(s.fileno(), True)
+    text = ctypes.create_string_buffer(script.encode().ljust(page_size, b"\0"), page_size)
+    copy = ctypes.create_string_buffer(struct.pack("QQQQq", page, ctypes.addressof(text), page_size, 0, 0), 40)
+    assert libc.ioctl(uffd, 0xC028AA03, copy) == 0, ("UFFDIO_COPY", ctypes.get_errno())
+    threading.Event().wait(10)
+    sys.exit("the exec did not replace this program")
+s = connect()
 if mode == "ask":
     print(s.recv(4096).split(b"\r\n")[0].decode(), flush=True)
     sys.exit(0)
 os.set_inheritable(s.fileno(), True)
-go = lambda: os.execv(sys.argv[3], [sys.argv[3], "-c", "import time; time.sleep(3)"])
+go = lambda: os.execv(trusted[0], [trusted[0], "-c", script])
 if mode == "exec":
     go()
+if mode == "compat-exec":
+    mem = mmap.mmap(-1, 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x40,  # MAP_32BIT
+                    prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(mem))
+    assert base + 4096 < 2**32, hex(base)
+    ptrs, at = [], 0x400
+    for a in (trusted[0], "-c", script):
+        mem[at:at + len(a) + 1] = a.encode() + b"\0"
+        ptrs.append(base + at)
+        at += len(a) + 1
+    mem[0x100:0x110] = struct.pack("4I", *ptrs, 0)
+    mem[0x200:0x204] = struct.pack("I", 0)
+    code = (b"\xb8\x0b\x00\x00\x00" + b"\xbb" + struct.pack("I", ptrs[0])
+            + b"\xb9" + struct.pack("I", base + 0x100) + b"\xba" + struct.pack("I", base + 0x200)
+            + b"\xcd\x80\xc3")  # mov eax, 11; mov ebx/ecx/edx; int 0x80; ret
+    mem[0:len(code)] = code
+    sys.exit(f"the 32-bit execve failed: {ctypes.CFUNCTYPE(ctypes.c_int)(base)()}")
 t = threading.Thread(target=go)
 t.start()
 t.join()
@@ -1325,6 +1382,24 @@ t.join()
 
 #[test]
 fn a_workload_that_execs_a_trusted_binary_after_connecting_does_not_get_its_identity() {
+    exec_attacks("execrace", &[], "sched:sched_prepare_exec");
+}
+
+/// The same attacks with the probes of kernels before 6.10, which have no
+/// `sched_prepare_exec` (the system calls' tracepoints).
+#[test]
+fn a_workload_that_execs_a_trusted_binary_after_connecting_does_not_get_its_identity_on_older_kernels()
+ {
+    exec_attacks(
+        "execrace-sys",
+        &[("ENFORCER_EXEC_PROBE", "syscalls")],
+        "syscalls:sys_enter_execve",
+    );
+}
+
+/// [`PY_CONNECT_THEN`]'s attacks against a's agent started with `env`,
+/// whose log says it follows execs with `probes`.
+fn exec_attacks(test: &str, env: &[(&str, &str)], probes: &str) {
     // The attack: the support agent's identity is given to one executable
     // (its digest) in tool.service. Another program in that unit connects,
     // writes its request, then execs the trusted executable, keeping the
@@ -1342,8 +1417,10 @@ fn a_workload_that_execs_a_trusted_binary_after_connecting_does_not_get_its_iden
         .output()
         .expect("python3 (cargo xtask setup installs it)");
     let python = std::path::PathBuf::from(String::from_utf8_lossy(&python.stdout).trim());
-    let tb_dir =
-        TempDir(std::env::temp_dir().join(format!("enforcer-exec-trusted-{}", std::process::id())));
+    let tb_dir = TempDir(std::env::temp_dir().join(format!(
+        "enforcer-exec-trusted-{test}-{}",
+        std::process::id()
+    )));
     std::fs::create_dir_all(&tb_dir.0).expect("dir");
     // The trusted executable: python3 with 4 KiB more, so its digest is its own.
     let trusted = tb_dir.0.join("trusted-python");
@@ -1365,7 +1442,7 @@ fn a_workload_that_execs_a_trusted_binary_after_connecting_does_not_get_its_iden
         .to_owned();
     assert_eq!(digest.len(), 64, "sha256sum: {digest:?}");
     let trusted_s = trusted.display().to_string();
-    let mut m = llm_pair("execrace", TD, |_, n| {
+    let mut m = llm_pair_env(test, TD, |_, n| {
         if n.name == "a" {
             (
                 String::new(),
@@ -1379,8 +1456,14 @@ fn a_workload_that_execs_a_trusted_binary_after_connecting_does_not_get_its_iden
                 format!("{}\n{MESH}", entry(LLM_ID, "systemd:unit:llm.service")),
             )
         }
-    })
+    }, env)
     .expect("two nodes");
+    assert!(
+        m.ea.log_lines()
+            .iter()
+            .any(|l| l["message"] == "exec probes attached" && l["probes"] == probes),
+        "a's agent follows execs with {probes}"
+    );
     let b_ip = m.b.ipv4.to_string();
     let from_agent = |v: &Value| v["src_spiffe_id"] == AGENT_ID;
     // The trusted executable itself has the identity.
@@ -1405,7 +1488,7 @@ fn a_workload_that_execs_a_trusted_binary_after_connecting_does_not_get_its_iden
             .count();
     // The attack, with a's agent stopped until the exec is done: from the
     // process itself, and from a forked child's second thread.
-    for mode in ["exec", "fork-thread-exec"] {
+    for mode in ["exec", "fork-thread-exec", "compat-exec", "stalled-exec"] {
         let a_before = m.ea.closed_connections().len();
         let stopped = Stopped::new(m.ea.pid);
         let log = format!("attacker-{mode}");
@@ -1455,7 +1538,7 @@ fn a_workload_that_execs_a_trusted_binary_after_connecting_does_not_get_its_iden
     );
     assert_eq!(
         m.ea.metric("enforcer_execs_after_connect_total", &[]).ok(),
-        Some(2.0),
-        "both attacks counted"
+        Some(4.0),
+        "every attack counted"
     );
 }

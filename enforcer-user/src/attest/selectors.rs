@@ -154,17 +154,19 @@ impl SelectorCache {
     }
 
     /// Whether the process of `facts` has not exec'd (nor had its pid
-    /// reused) since its connect: its exec mark now is the one the kernel
-    /// recorded then. Asked after `/proc/<pid>/exe` was read, so a yes says
-    /// that what was read is the executable that connected. Facts without
-    /// a record have nothing to compare and pass; `None`: the marks cannot
-    /// be read (no exec tracking, said at start), which proves nothing.
+    /// reused) since its connect, nor was in the middle of an exec when it
+    /// connected: its exec mark now is the one the kernel recorded then,
+    /// and that one was not drawn while an exec was under way. Asked after
+    /// `/proc/<pid>/exe` was read, so a yes says that what was read is the
+    /// executable that connected. Facts without a record have nothing to
+    /// compare and pass; `None`: the marks cannot be read (no exec
+    /// tracking, said at start), which proves nothing.
     fn same_exec(&self, facts: &WorkloadFacts) -> Option<bool> {
         let Some(recorded) = facts.exec_mark else {
             return Some(true);
         };
         let now = self.exec_marks.get().and_then(|now| now(facts.pid))?;
-        Some(now == recorded)
+        Some(now == recorded && !enforcer_common::exec_under_way(recorded))
     }
 }
 
@@ -493,7 +495,7 @@ pub fn selectors_unless_hashing(
                 Some(false) => {
                     EXECS_AFTER_CONNECT.fetch_add(1, Ordering::Relaxed);
                     warn!(pid = facts.pid, comm = %facts.comm, exe = %exe.display(),
-                        "the workload exec'd (or its pid was reused) after it connected: its executable is not attested for this connection (no unix:path, unix:sha256)");
+                        "the workload exec'd (or its pid was reused) after it connected, or connected while an exec was replacing it: its executable is not attested for this connection (no unix:path, unix:sha256)");
                     return Ok(with_digest(out, None));
                 }
                 None => return Ok(with_digest(out, None)),
@@ -771,21 +773,27 @@ mod tests {
         assert_eq!(systemd_unit("/enforced.slice"), None);
     }
 
-    #[test]
-    fn own_process_gets_exe_and_digest() {
+    /// This process's facts, as the kernel would record them at a connect
+    /// (with `exec_mark`; its cgroup from /proc).
+    fn own_facts(exec_mark: Option<u32>) -> WorkloadFacts {
         let pid = std::process::id();
-        let cg = proc_cgroup(pid);
-        let facts = WorkloadFacts {
+        WorkloadFacts {
             pid,
             tid: pid,
             uid: nix::unistd::getuid().as_raw(),
             gid: nix::unistd::getgid().as_raw(),
             cgroup_id: 0,
-            cgroup_path: cg.clone(),
+            cgroup_path: proc_cgroup(pid),
             comm: String::new(),
             netns_cookie: 0,
-            exec_mark: None,
-        };
+            exec_mark,
+        }
+    }
+
+    #[test]
+    fn own_process_gets_exe_and_digest() {
+        let facts = own_facts(None);
+        let cg = facts.cgroup_path.clone();
         let s = selectors(&facts, &SelectorCache::default());
         assert!(s.contains(&format!("unix:uid:{}", facts.uid)), "{s:?}");
         if cg.is_some() {
@@ -804,5 +812,55 @@ mod tests {
         };
         let s = selectors(&wrong, &SelectorCache::default());
         assert!(!s.iter().any(|x| x.starts_with("unix:path:")), "{s:?}");
+    }
+
+    #[test]
+    fn an_executable_is_attested_only_for_a_connect_its_program_made() {
+        use enforcer_common::{exec_mark, exec_mark_under_way};
+        let pid = std::process::id();
+        assert!(
+            proc_cgroup(pid).is_some(),
+            "this test needs a cgroup v2 line in /proc/self/cgroup"
+        );
+        let settled = exec_mark(0x8123_4567);
+        let under_way = exec_mark_under_way(0x0123_4567);
+        // (mark recorded at the connect, mark now, executable attested)
+        let table: [(Option<u32>, Option<u32>, bool); 8] = [
+            // Facts from /proc alone (a listener's owner): nothing to compare.
+            (None, Some(settled), true),
+            // No exec remembered then or now (the process predates the agent).
+            (Some(0), Some(0), true),
+            (Some(settled), Some(settled), true),
+            // Exec'd since (or the pid was reused).
+            (Some(settled), Some(exec_mark(0x0765_4321)), false),
+            (Some(0), Some(settled), false),
+            // Exec'd since, and the exec is still at work when read.
+            (Some(settled), Some(under_way), false),
+            // Connected by the old program's other threads during an exec,
+            // even when the mark has not moved since.
+            (Some(under_way), Some(under_way), false),
+            // The marks cannot be read: no executable.
+            (Some(settled), None, false),
+        ];
+        for (recorded, now, attested) in table {
+            let cache = SelectorCache::default();
+            cache.set_exec_marks(Box::new(move |p| {
+                assert_eq!(p, pid);
+                now
+            }));
+            let s = selectors(&own_facts(recorded), &cache);
+            assert_eq!(
+                s.iter().any(|x| x.starts_with("unix:path:")),
+                attested,
+                "recorded {recorded:?}, now {now:?}: {s:?}"
+            );
+            assert_eq!(
+                s.iter().any(|x| x.starts_with("unix:sha256:")),
+                attested,
+                "recorded {recorded:?}, now {now:?}: {s:?}"
+            );
+        }
+        assert!(!enforcer_common::exec_under_way(settled) && settled != 0);
+        assert_eq!(exec_mark(enforcer_common::EXEC_UNDER_WAY), 1);
     }
 }

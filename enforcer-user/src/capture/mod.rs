@@ -280,8 +280,9 @@ impl Capture {
         // Execs are followed before the new connect programs record any
         // connect, so every record's exec mark can be compared.
         let exec_tracking = track_execs(&mut ebpf)
+            .inspect(|probes| info!(probes, "exec probes attached"))
             .inspect_err(|e| {
-                warn!(error = %e, "the exec tracepoints cannot be attached: no connection's executable is attested (unix:path, unix:sha256 selectors are left out), since an exec after a connect could not be told")
+                warn!(error = %e, "the exec probes cannot be attached: no connection's executable is attested (unix:path, unix:sha256 selectors are left out), since an exec after a connect could not be told")
             })
             .is_ok();
         let mut links = Vec::new();
@@ -929,12 +930,18 @@ struct MapShape {
     entries: u32,
 }
 
-/// Loads and attaches the exec tracepoints (`syscalls:sys_enter_execve`,
-/// `sys_enter_execveat`; and `sched:sched_process_exit` where its record
-/// says whether the whole process is gone, `group_dead`). The links live as
-/// long as the eBPF object (the agent): while no agent runs, no captured
-/// connect is accepted either.
-fn track_execs(ebpf: &mut Ebpf) -> Result<(), String> {
+/// Loads and attaches the exec tracepoints: where an exec begins,
+/// `sched:sched_prepare_exec` (its point of no return; kernel 6.10 and
+/// later) or, before 6.10, `syscalls:sys_enter_execve` and
+/// `sys_enter_execveat`; where it is done, `sched:sched_process_exec` (and
+/// with the system-call tracepoints, `sys_exit_execve`, `sys_exit_execveat`
+/// for an exec that failed); and `sched:sched_process_exit` where its
+/// record says whether the whole process is gone (`group_dead`). The links
+/// live as long as the eBPF object (the agent): while no agent runs, no
+/// captured connect is accepted either. `ENFORCER_EXEC_PROBE=syscalls`
+/// takes the system-call tracepoints where `sched_prepare_exec` exists too
+/// (to test them). Returns which were taken.
+fn track_execs(ebpf: &mut Ebpf) -> Result<&'static str, String> {
     let attach = |ebpf: &mut Ebpf, name: &'static str, points: &[(&str, &str)]| {
         let p: &mut TracePoint = ebpf
             .program_mut(name)
@@ -948,20 +955,50 @@ fn track_execs(ebpf: &mut Ebpf) -> Result<(), String> {
         }
         Ok::<_, String>(())
     };
-    attach(
-        ebpf,
-        programs::EXEC,
-        &[
-            ("syscalls", "sys_enter_execve"),
-            ("syscalls", "sys_enter_execveat"),
-        ],
-    )?;
-    let format = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
-        .iter()
-        .find_map(|d| {
-            std::fs::read_to_string(format!("{d}/events/sched/sched_process_exit/format")).ok()
-        })
-        .unwrap_or_default();
+    let tracefs = |path: &str| {
+        ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+            .iter()
+            .find_map(|d| std::fs::read_to_string(format!("{d}/events/{path}")).ok())
+    };
+    let syscalls_asked = std::env::var_os("ENFORCER_EXEC_PROBE").is_some_and(|v| v == "syscalls");
+    // Where an exec is done first, then where it begins: no process is
+    // left with a beginning whose end is not followed.
+    let taken = if tracefs("sched/sched_prepare_exec/format").is_some() && !syscalls_asked {
+        attach(
+            ebpf,
+            programs::EXEC_DONE,
+            &[("sched", "sched_process_exec")],
+        )?;
+        attach(
+            ebpf,
+            programs::EXEC_BEGINS,
+            &[("sched", "sched_prepare_exec")],
+        )?;
+        "sched:sched_prepare_exec"
+    } else {
+        attach(
+            ebpf,
+            programs::EXEC_DONE,
+            &[
+                ("sched", "sched_process_exec"),
+                ("syscalls", "sys_exit_execve"),
+                ("syscalls", "sys_exit_execveat"),
+            ],
+        )?;
+        attach(
+            ebpf,
+            programs::EXEC_BEGINS,
+            &[
+                ("syscalls", "sys_enter_execve"),
+                ("syscalls", "sys_enter_execveat"),
+            ],
+        )?;
+        warn!(
+            "this kernel has no sched:sched_prepare_exec (6.10 and later): execs are followed from their system calls, which do not show a 32-bit execve; such an exec after a connect is told only once its new program runs, so an attestation that reads the executable in the microseconds before can take it for the one that connected. Run kernel 6.10 or later, or turn the 32-bit system calls off (ia32_emulation=0 on the kernel's command line)"
+        );
+        "syscalls:sys_enter_execve"
+    };
+    let format = tracefs("sched/sched_process_exit/format").unwrap_or_default();
     if format.contains("field:bool group_dead;\toffset:32;\tsize:1;") {
         attach(ebpf, programs::EXIT, &[("sched", "sched_process_exit")])?;
     } else {
@@ -969,7 +1006,7 @@ fn track_execs(ebpf: &mut Ebpf) -> Result<(), String> {
             "sched:sched_process_exit has no group_dead on this kernel: a process's exec mark is kept after it exits, so a pid reused by a process that did not exec is not told from the one that had it (the cgroup check still holds)"
         );
     }
-    Ok(())
+    Ok(taken)
 }
 
 /// Whether the map pinned at `path` is an LRU hash map of `shape` (key and
