@@ -36,17 +36,20 @@ def serve(sock, n):
                     continue
                 h = {text(k): text(v) for k, v in ev.headers}
                 what = "%d %s %s" % (n, h[":method"], h[":path"])
+                # Each line is printed before what it tells is sent: the
+                # request sent again on the next connection is answered
+                # (and printed by that connection's thread) only after.
                 if n <= 2 and answered >= 1:
+                    print("GOAWAY " + what, flush=True)
                     conn.close_connection(error_code=0, last_stream_id=answered * 2 - 1)
                     sock.sendall(conn.data_to_send())
-                    print("GOAWAY " + what, flush=True)
                     time.sleep(0.2)
                     return
+                print("ANSWER " + what, flush=True)
                 body = ("conn " + what).encode()
                 conn.send_headers(ev.stream_id, [(":status", "200"), ("content-length", str(len(body)))])
                 conn.send_data(ev.stream_id, body, end_stream=True)
                 answered += 1
-                print("ANSWER " + what, flush=True)
             out = conn.data_to_send()
             if out:
                 sock.sendall(out)
