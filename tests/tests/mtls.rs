@@ -1542,3 +1542,150 @@ fn exec_attacks(test: &str, env: &[(&str, &str)], probes: &str) {
         "every attack counted"
     );
 }
+
+/// A shell script (the next argument, then its `$0`) run as nobody.
+const AS_NOBODY: &[&str] = &[
+    "setpriv",
+    "--reuid=65534",
+    "--regid=65534",
+    "--clear-groups",
+    "sh",
+    "-c",
+];
+
+/// A cgroup of `node` (`user@65534.service`) delegated to nobody, as systemd
+/// delegates a user's manager: the directory and its `cgroup.procs`,
+/// `cgroup.subtree_control` and `cgroup.threads` are nobody's.
+fn delegated_to_nobody(node: &Node) -> std::path::PathBuf {
+    let dir = node.workload_cgroup("user@65534.service").expect("cgroup");
+    for f in [
+        "",
+        "cgroup.procs",
+        "cgroup.subtree_control",
+        "cgroup.threads",
+    ] {
+        std::os::unix::fs::chown(dir.join(f), Some(65534), Some(65534))
+            .expect("delegating the cgroup");
+    }
+    dir
+}
+
+#[test]
+fn a_workload_that_names_its_own_cgroups_does_not_get_the_identity_of_the_names() {
+    // The attack: systemd hands some units a cgroup subtree of their own
+    // (`Delegate=`: every user's manager, user@<uid>.service, rootless
+    // container runtimes), and its unprivileged owner may make cgroups
+    // below it with any name. A process there made
+    // `user@65534.service/tool.service` (or `docker-<id>.scope`), moved
+    // itself in and connected: the agent read the innermost unit (and every
+    // container id on the path) and gave it the identity registered for the
+    // system unit tool.service (and for that container).
+    const CONTAINER: &str = "4a5b6c7d8e9f00112233445566778899aabbccddeeff00112233445566778899";
+    const CONTAINER_ID: &str = "spiffe://ai.example.org/container/app";
+    let mut m = llm_pair("cgnames", TD, |_, n| {
+        if n.name == "a" {
+            (
+                String::new(),
+                format!(
+                    "{}\n{}\n{MESH}",
+                    entry(AGENT_ID, "systemd:unit:tool.service"),
+                    entry(CONTAINER_ID, &format!("container:id:{CONTAINER}"))
+                ),
+            )
+        } else {
+            (
+                String::new(),
+                format!("{}\n{MESH}", entry(LLM_ID, "systemd:unit:llm.service")),
+            )
+        }
+    })
+    .expect("two nodes");
+    let url = format!("http://{}:8080/v1/models", m.b.ipv4);
+    // The real unit and the real container have their identities.
+    for (unit, id) in [
+        ("tool.service", AGENT_ID),
+        (&*format!("docker-{CONTAINER}.scope"), CONTAINER_ID),
+    ] {
+        let (code, _) = m.a.http_status(Some(unit), &url);
+        assert_ne!(code, "000", "{unit}: answered through b");
+        m.eb.wait_for_connection(|v| v["src_spiffe_id"] == id)
+            .unwrap_or_else(|| panic!("b saw {unit}'s connection as {id}"));
+    }
+    let delegated = delegated_to_nobody(&m.a);
+    let seen_by_b = |m: &Pair| {
+        m.eb.closed_connections()
+            .iter()
+            .filter(|v| v["src_spiffe_id"] == AGENT_ID || v["src_spiffe_id"] == CONTAINER_ID)
+            .count()
+    };
+    let before = seen_by_b(&m);
+    for name in ["tool.service", &*format!("docker-{CONTAINER}.scope")] {
+        let a_before = m.ea.closed_connections().len();
+        let script = format!(
+            "mkdir \"$0/{name}\" && echo $$ > \"$0/{name}/cgroup.procs\" && exec curl -sS -o /dev/null -w '%{{http_code}}' {url}"
+        );
+        let (_, out) =
+            m.a.exec(
+                Some("user@65534.service"),
+                &[AS_NOBODY, &[&*script, &*delegated.display().to_string()]].concat(),
+            )
+            .expect("the attacker");
+        assert!(
+            delegated.join(name).join("cgroup.procs").exists(),
+            "{name}: the unprivileged owner made its cgroup: {out:?}"
+        );
+        enforcer_tests::wait_for("a's agent to end the attacker's connection", || {
+            m.ea.closed_connections().len() > a_before
+        });
+        let ended = m.ea.closed_connections();
+        let last = ended.last().expect("the attacker's connection");
+        assert!(
+            last["cgroup"]
+                .as_str()
+                .is_some_and(|c| c.ends_with(&format!("user@65534.service/{name}"))),
+            "{name}: the connection came from the cgroup it made: {last}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(
+            seen_by_b(&m),
+            before,
+            "{name}: a process in a cgroup it named reached b with that name's identity: {last}"
+        );
+        assert_eq!(last["outcome"], "no_identity", "{name}: {last}");
+    }
+    // The same on the server's side: a listener in a cgroup its owner
+    // named llm.service was presented to clients with the LLM's identity.
+    let b_delegated = delegated_to_nobody(&m.b);
+    m.tb.spawn(
+        &m.b,
+        Some("user@65534.service"),
+        "squatter",
+        &[
+            AS_NOBODY,
+            &[
+            "mkdir \"$0/llm.service\" && echo $$ > \"$0/llm.service/cgroup.procs\" && exec /usr/bin/python3 -u -m http.server --directory /tmp 8081",
+            &b_delegated.display().to_string(),
+            ],
+        ]
+        .concat(),
+    )
+    .expect("the squatter");
+    assert!(
+        m.tb.wait_server_log(&m.b, "squatter", "Serving HTTP"),
+        "the squatter listens: {}",
+        m.tb.server_log(&m.b, "squatter")
+    );
+    let a_before = m.ea.closed_connections().len();
+    let (code, _) =
+        m.a.http_status(Some("tool.service"), &format!("http://{}:8081/", m.b.ipv4));
+    enforcer_tests::wait_for("a's agent to end the connection to the squatter", || {
+        m.ea.closed_connections().len() > a_before
+    });
+    let ended = m.ea.closed_connections();
+    let last = ended.last().expect("the connection to the squatter");
+    assert_ne!(
+        last["dst_spiffe_id"], LLM_ID,
+        "a listener in a cgroup its owner named was presented as the LLM (HTTP {code}): {last}"
+    );
+    assert_eq!(code, "000", "the squatter was not reached: {last}");
+}

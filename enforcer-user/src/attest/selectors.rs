@@ -21,12 +21,33 @@ use tracing::warn;
 
 use super::WorkloadFacts;
 
-/// Parses the container runtime facts out of a cgroup path: Kubernetes pod
-/// UID and container id for containerd, CRI-O and Docker, with the systemd and
-/// the cgroupfs cgroup drivers.
+/// The cgroup path down to the cgroup of the unit or container the
+/// workload belongs to: the first component, from the root, that is a
+/// systemd unit (`.service`, `.scope`) or a container's (a 64-hex id); the
+/// whole path when none is. What lies below that component the unit or
+/// container made itself: systemd hands units with `Delegate=` a subtree of
+/// their own (every user's manager, `user@<uid>.service`; container
+/// runtimes), in which their unprivileged owners name cgroups as they like,
+/// so no unit, pod or container is read from there.
+pub fn owner_cgroup(cgroup_path: &str) -> &str {
+    let mut end = 0;
+    for comp in cgroup_path.split('/') {
+        end += comp.len();
+        if comp.ends_with(".service") || comp.ends_with(".scope") || is_container_id(comp) {
+            return &cgroup_path[..end];
+        }
+        end += 1;
+    }
+    cgroup_path
+}
+
+/// Parses the container runtime facts out of a cgroup path (its
+/// [`owner_cgroup`]): Kubernetes pod UID and container id for containerd,
+/// CRI-O and Docker, with the systemd and the cgroupfs cgroup drivers.
 pub fn container_selectors(cgroup_path: &str) -> Vec<String> {
     let mut out = Vec::new();
-    for comp in cgroup_path.split('/') {
+    let owned = owner_cgroup(cgroup_path);
+    for comp in owned.split('/') {
         // systemd driver: kubepods-burstable-pod<uid with _>.slice
         if let Some(rest) = comp.strip_suffix(".slice")
             && let Some(idx) = rest.rfind("-pod")
@@ -40,7 +61,7 @@ pub fn container_selectors(cgroup_path: &str) -> Vec<String> {
         // cgroupfs driver: /kubepods/burstable/pod<uid>/<container id>
         if let Some(uid) = comp.strip_prefix("pod")
             && is_uid(uid)
-            && cgroup_path.contains("kubepods")
+            && owned.contains("kubepods")
         {
             out.push(format!("k8s:pod-uid:{uid}"));
         }
@@ -78,13 +99,16 @@ fn is_container_id(s: &str) -> bool {
     s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit())
 }
 
-/// The systemd unit a cgroup path belongs to: the innermost `.service` or
-/// `.scope` component (`/system.slice/llm.service` → `llm.service`).
+/// The systemd unit a cgroup path belongs to: the outermost `.service` or
+/// `.scope` component (`/system.slice/llm.service` → `llm.service`), the
+/// one systemd made — not one its processes made below it
+/// (`/user.slice/user-1000.slice/user@1000.service/app.slice/llm.service`
+/// is `user@1000.service`'s: [`owner_cgroup`]).
 pub fn systemd_unit(cgroup_path: &str) -> Option<&str> {
-    cgroup_path
-        .split('/')
-        .rev()
-        .find(|c| c.ends_with(".service") || c.ends_with(".scope"))
+    owner_cgroup(cgroup_path)
+        .rsplit('/')
+        .next()
+        .filter(|c| c.ends_with(".service") || c.ends_with(".scope"))
 }
 
 /// Names from an `/etc/passwd`-style file (files only; no NSS modules),
@@ -739,6 +763,62 @@ mod tests {
     }
 
     #[test]
+    fn cgroups_a_workload_made_below_its_own_name_nothing() {
+        let pod = POD.replace('-', "_");
+        // (path, unit, container selectors)
+        let table: [(String, Option<&str>, Vec<String>); 7] = [
+            // A user's manager, delegated: its units are its own.
+            (
+                "/user.slice/user-1000.slice/user@1000.service/app.slice/llm.service".into(),
+                Some("user@1000.service"),
+                vec![],
+            ),
+            (
+                format!("/user.slice/user-1000.slice/user@1000.service/docker-{CID}.scope"),
+                Some("user@1000.service"),
+                vec![],
+            ),
+            // A unit with Delegate= naming a pod and a container below it.
+            (
+                format!("/system.slice/tool.service/kubepods-pod{pod}.slice/crio-{CID}.scope"),
+                Some("tool.service"),
+                vec![],
+            ),
+            // A container (systemd driver) with systemd inside.
+            (
+                format!(
+                    "/kubepods.slice/kubepods-pod{pod}.slice/cri-containerd-{CID}.scope/init.scope"
+                ),
+                Some(&*format!("cri-containerd-{CID}.scope")),
+                vec![format!("k8s:pod-uid:{POD}"), format!("container:id:{CID}")],
+            ),
+            // A container (cgroupfs driver) naming another pod's container.
+            (
+                format!(
+                    "/kubepods/besteffort/pod{POD}/{CID}/pod{}/{}",
+                    OTHER_POD,
+                    "ab".repeat(32)
+                ),
+                None,
+                vec![format!("k8s:pod-uid:{POD}"), format!("container:id:{CID}")],
+            ),
+            // No unit nor container: the whole path is read.
+            (
+                format!("/kubepods/besteffort/pod{POD}"),
+                None,
+                vec![format!("k8s:pod-uid:{POD}")],
+            ),
+            ("/enforced.slice".into(), None, vec![]),
+        ];
+        for (path, unit, containers) in table {
+            assert_eq!(systemd_unit(&path), unit, "{path}");
+            assert_eq!(container_selectors(&path), containers, "{path}");
+        }
+    }
+
+    const OTHER_POD: &str = "11111111-2222-4333-8444-555555555555";
+
+    #[test]
     fn plain_paths_have_no_container_selectors() {
         assert!(container_selectors("/system.slice/llm.service").is_empty());
         assert!(container_selectors("/kubepods/burstable/podnot-a-uid/x").is_empty());
@@ -761,7 +841,7 @@ mod tests {
     }
 
     #[test]
-    fn systemd_unit_is_the_innermost_unit() {
+    fn systemd_unit_is_the_unit_systemd_made() {
         assert_eq!(
             systemd_unit("/system.slice/llm.service"),
             Some("llm.service")
