@@ -1397,6 +1397,78 @@ fn a_workload_that_execs_a_trusted_binary_after_connecting_does_not_get_its_iden
     );
 }
 
+/// A trusted executable in a directory removed on drop: python3 with 4 KiB
+/// of zeros more, so that its digest is its own; its path and digest.
+fn trusted_python(test: &str) -> (TempDir, std::path::PathBuf, String) {
+    let python = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import os, sys; print(os.path.realpath(sys.executable))",
+        ])
+        .output()
+        .expect("python3 (cargo xtask setup installs it)");
+    let python = std::path::PathBuf::from(String::from_utf8_lossy(&python.stdout).trim());
+    let dir = TempDir(std::env::temp_dir().join(format!(
+        "enforcer-exec-trusted-{test}-{}",
+        std::process::id()
+    )));
+    std::fs::create_dir_all(&dir.0).expect("dir");
+    let trusted = dir.0.join("trusted-python");
+    std::fs::copy(&python, &trusted).expect("copying python3");
+    let len = std::fs::metadata(&trusted).expect("copy").len();
+    std::fs::File::options()
+        .write(true)
+        .open(&trusted)
+        .and_then(|f| f.set_len(len + 4096))
+        .expect("a distinct executable");
+    let digest = sha256sum(&trusted);
+    (dir, trusted, digest)
+}
+
+/// Nodes a and b: a gives the support agent's identity to the executable
+/// of `digest` in tool.service (a's agent started with `env`), b the LLM's
+/// to llm.service.
+fn trusted_exe_pair(test: &str, digest: &str, env: &[(&str, &str)]) -> Pair {
+    llm_pair_env(
+        test,
+        TD,
+        |_, n| {
+            if n.name == "a" {
+                let selectors =
+                    format!("[\"systemd:unit:tool.service\", \"unix:sha256:{digest}\"]");
+                (
+                    String::new(),
+                    format!(
+                        "[[identity.entries]]\nspiffe_id = \"{AGENT_ID}\"\nselectors = {selectors}\n\n{MESH}"
+                    ),
+                )
+            } else {
+                (
+                    String::new(),
+                    format!("{}\n{MESH}", entry(LLM_ID, "systemd:unit:llm.service")),
+                )
+            }
+        },
+        env,
+    )
+    .expect("two nodes")
+}
+
+/// A file's SHA-256, hex, by coreutils' sha256sum.
+fn sha256sum(path: &std::path::Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum (coreutils)");
+    let digest = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(digest.len(), 64, "sha256sum: {digest:?}");
+    digest
+}
+
 /// [`PY_CONNECT_THEN`]'s attacks against a's agent started with `env`,
 /// whose log says it follows execs with `probes`.
 fn exec_attacks(test: &str, env: &[(&str, &str)], probes: &str) {
@@ -1409,55 +1481,10 @@ fn exec_attacks(test: &str, env: &[(&str, &str)], probes: &str) {
     // identity. (a's agent is stopped while the workload connects and
     // execs, so its attestation comes after the exec every time, not just
     // when the race is won.)
-    let python = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import os, sys; print(os.path.realpath(sys.executable))",
-        ])
-        .output()
-        .expect("python3 (cargo xtask setup installs it)");
-    let python = std::path::PathBuf::from(String::from_utf8_lossy(&python.stdout).trim());
-    let tb_dir = TempDir(std::env::temp_dir().join(format!(
-        "enforcer-exec-trusted-{test}-{}",
-        std::process::id()
-    )));
-    std::fs::create_dir_all(&tb_dir.0).expect("dir");
-    // The trusted executable: python3 with 4 KiB more, so its digest is its own.
-    let trusted = tb_dir.0.join("trusted-python");
-    std::fs::copy(&python, &trusted).expect("copying python3");
-    let len = std::fs::metadata(&trusted).expect("copy").len();
-    std::fs::File::options()
-        .write(true)
-        .open(&trusted)
-        .and_then(|f| f.set_len(len + 4096))
-        .expect("a distinct executable");
-    let digest = std::process::Command::new("sha256sum")
-        .arg(&trusted)
-        .output()
-        .expect("sha256sum (coreutils)");
-    let digest = String::from_utf8_lossy(&digest.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_owned();
-    assert_eq!(digest.len(), 64, "sha256sum: {digest:?}");
+    // Removed on drop, also when the test fails.
+    let (_dir, trusted, digest) = trusted_python(test);
     let trusted_s = trusted.display().to_string();
-    let mut m = llm_pair_env(test, TD, |_, n| {
-        if n.name == "a" {
-            (
-                String::new(),
-                format!(
-                    "[[identity.entries]]\nspiffe_id = \"{AGENT_ID}\"\nselectors = [\"systemd:unit:tool.service\", \"unix:sha256:{digest}\"]\n\n{MESH}"
-                ),
-            )
-        } else {
-            (
-                String::new(),
-                format!("{}\n{MESH}", entry(LLM_ID, "systemd:unit:llm.service")),
-            )
-        }
-    }, env)
-    .expect("two nodes");
+    let mut m = trusted_exe_pair(test, &digest, env);
     assert!(
         m.ea.log_lines()
             .iter()
@@ -1688,4 +1715,75 @@ fn a_workload_that_names_its_own_cgroups_does_not_get_the_identity_of_the_names(
         "a listener in a cgroup its owner named was presented as the LLM (HTTP {code}): {last}"
     );
     assert_eq!(code, "000", "the squatter was not reached: {last}");
+}
+
+#[test]
+fn an_executable_patched_in_place_does_not_keep_the_digest_it_had() {
+    // The attack: a copy of the trusted executable (the same bytes, so the
+    // same digest: the identity is given to the content) is run once and
+    // its digest cached. Then it is patched in place — the same size —
+    // and its mtime set back: the cache's key (device, inode, mtime in
+    // seconds, size) did not change, and the patched program was attested
+    // with the trusted digest.
+    let (dir, trusted, digest) = trusted_python("patched");
+    let copy = dir.0.join("copy");
+    std::fs::copy(&trusted, &copy).expect("the copy");
+    let copy_s = copy.display().to_string();
+    let m = trusted_exe_pair("patched", &digest, &[]);
+    let b_ip = m.b.ipv4.to_string();
+    // The agent caches the digest of a file left alone for two seconds.
+    std::thread::sleep(Duration::from_millis(2200));
+    let ask = |m: &Pair| {
+        let a_before = m.ea.closed_connections().len();
+        let (_, out) =
+            m.a.exec(
+                Some("tool.service"),
+                &[&copy_s, "-c", PY_CONNECT_THEN, &b_ip, "ask"],
+            )
+            .expect("the copy");
+        enforcer_tests::wait_for("a's agent to end the copy's connection", || {
+            m.ea.closed_connections().len() > a_before
+        });
+        let ended = m.ea.closed_connections();
+        (out, ended.last().cloned().expect("the copy's connection"))
+    };
+    let (out, first) = ask(&m);
+    assert_eq!(
+        first["src_spiffe_id"], AGENT_ID,
+        "the same bytes have the same identity: {first} {out:?}"
+    );
+    assert_eq!(
+        m.ea.metric("enforcer_executable_hashes_total", &[]).ok(),
+        Some(1.0),
+        "the copy was hashed once"
+    );
+    // Patched in its padding (a different program all the same), the
+    // same size, its mtime set back.
+    let mtime = std::fs::metadata(&copy)
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    let len = std::fs::metadata(&copy).expect("copy").len();
+    {
+        use std::io::{Seek as _, Write as _};
+        let mut f = std::fs::File::options()
+            .write(true)
+            .open(&copy)
+            .expect("the copy");
+        f.seek(std::io::SeekFrom::Start(len - 1)).expect("seek");
+        f.write_all(b"\x01").expect("patch");
+        f.set_times(std::fs::FileTimes::new().set_modified(mtime))
+            .expect("mtime set back");
+    }
+    assert_eq!(std::fs::metadata(&copy).expect("copy").len(), len);
+    assert_ne!(
+        sha256sum(&copy),
+        digest,
+        "the patched copy is another program"
+    );
+    let (out, second) = ask(&m);
+    assert_ne!(
+        second["src_spiffe_id"], AGENT_ID,
+        "the patched program was attested with the digest it had before: {second} {out:?}"
+    );
+    assert_eq!(second["outcome"], "no_identity", "{second}");
 }

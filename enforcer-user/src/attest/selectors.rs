@@ -194,10 +194,23 @@ impl SelectorCache {
     }
 }
 
-/// Digests of executables, keyed by (device, inode, mtime, size) so a
-/// replaced binary is hashed again; the most recently used
-/// [`DigestCache::CAPACITY`] are kept (each container's overlay mount is a
-/// device of its own, so the keys grow with containers started).
+/// Digests of executables, keyed by the file's device, inode, size, mtime
+/// and ctime (to the nanosecond) so a file written again is hashed again;
+/// the most recently used [`DigestCache::CAPACITY`] are kept (each
+/// container's overlay mount is a device of its own, so the keys grow with
+/// containers started).
+///
+/// A file's mtime is whatever its owner sets (`touch -d`), so it tells
+/// nothing alone: an executable patched in place to the same size, its
+/// mtime set back, kept the digest of what it had been — and the identity
+/// given to that digest. Its ctime is set by the kernel, to the time, at
+/// every write and every change of its times; but that time is the clock's
+/// tick (milliseconds on kernels without fine-grained timestamps), so a
+/// write in the same tick as the one before could leave it as it was. A
+/// digest is therefore cached only when the file's ctime was
+/// [`DigestCache::SETTLE`] old when the hash began: any later write has a
+/// later ctime. A file written less than that ago is hashed at each
+/// attestation.
 ///
 /// One hash per executable at a time: the attestations of a new workload's
 /// concurrent first connections wait for the one hashing its executable and
@@ -212,9 +225,44 @@ pub struct DigestCache {
     running: Mutex<HashMap<DigestKey, Arc<Flight>>>,
     /// Executables hashed (not found in the cache) by this cache.
     hashed: AtomicU64,
+    /// How old a file's ctime must be for its digest to be cached.
+    settle: std::time::Duration,
 }
 
-type DigestKey = (u64, u64, i64, u64);
+/// A file as the kernel describes it: device, inode, size, mtime and ctime
+/// (seconds, nanoseconds).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+struct DigestKey {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl DigestKey {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+
+    /// Whether the file's ctime is at least `settle` before `now`.
+    fn settled(&self, settle: std::time::Duration, now: std::time::SystemTime) -> bool {
+        let (secs, nanos) = self.ctime;
+        let (Ok(secs), Ok(nanos)) = (u64::try_from(secs), u32::try_from(nanos)) else {
+            return false;
+        };
+        std::time::UNIX_EPOCH
+            .checked_add(std::time::Duration::new(secs, nanos))
+            .and_then(|c| c.checked_add(settle))
+            .is_some_and(|c| c <= now)
+    }
+}
 
 /// One hash under way; its waiters are woken with its digest (`None`: the
 /// executable could not be read): threads by `finished`, tasks by `notify`.
@@ -289,6 +337,9 @@ enum Begun<'a> {
 struct Finish<'a> {
     cache: &'a DigestCache,
     key: DigestKey,
+    /// The file had not changed for [`DigestCache::settle`] when the hash
+    /// began: its digest may be cached.
+    settled: bool,
     flight: Arc<Flight>,
     digest: Option<String>,
 }
@@ -304,7 +355,7 @@ impl Finish<'_> {
 
 impl Drop for Finish<'_> {
     fn drop(&mut self) {
-        if let Some(d) = &self.digest {
+        if let Some(d) = self.digest.as_ref().filter(|_| self.settled) {
             let mut done = self.cache.done.lock().unwrap_or_else(|p| p.into_inner());
             done.put(self.key, d.clone());
         }
@@ -321,11 +372,7 @@ impl Drop for Finish<'_> {
 
 impl Default for DigestCache {
     fn default() -> Self {
-        Self {
-            done: Mutex::new(lru::LruCache::new(Self::CAPACITY)),
-            running: Mutex::default(),
-            hashed: AtomicU64::new(0),
-        }
+        Self::settled_after(Self::SETTLE)
     }
 }
 
@@ -350,6 +397,19 @@ pub fn executables_hashed() -> u64 {
 
 impl DigestCache {
     pub const CAPACITY: std::num::NonZeroUsize = std::num::NonZeroUsize::new(1024).unwrap();
+    /// How long a file must have gone unchanged (its ctime) for its digest
+    /// to be cached: far above the clock's tick.
+    pub const SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+
+    /// A cache of digests of files unchanged for `settle`.
+    fn settled_after(settle: std::time::Duration) -> Self {
+        Self {
+            done: Mutex::new(lru::LruCache::new(Self::CAPACITY)),
+            running: Mutex::default(),
+            hashed: AtomicU64::new(0),
+            settle,
+        }
+    }
 
     fn cached(&self, key: &DigestKey) -> Option<String> {
         let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
@@ -387,7 +447,8 @@ impl DigestCache {
         let Ok(meta) = file.metadata() else {
             return Begun::Known(None);
         };
-        let key = (meta.dev(), meta.ino(), meta.mtime(), meta.size());
+        let key = DigestKey::of(&meta);
+        let settled = key.settled(self.settle, std::time::SystemTime::now());
         if let Some(d) = self.cached(&key) {
             return Begun::Known(Some(d));
         }
@@ -405,6 +466,7 @@ impl DigestCache {
             Finish {
                 cache: self,
                 key,
+                settled,
                 flight,
                 digest: None,
             },
@@ -575,7 +637,7 @@ mod tests {
     fn digest_cache_keeps_the_most_recent_executables_only() {
         let dir = std::env::temp_dir().join(format!("enforcer-digests-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
-        let cache = DigestCache::default();
+        let cache = DigestCache::settled_after(std::time::Duration::ZERO);
         let cap = DigestCache::CAPACITY.get();
         for i in 0..cap + 10 {
             let f = dir.join(format!("exe-{i}"));
@@ -594,7 +656,7 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         let exe = dir.join("big-exe");
         std::fs::write(&exe, vec![7u8; 16 << 20]).expect("a 16 MiB file");
-        let cache = DigestCache::default();
+        let cache = DigestCache::settled_after(std::time::Duration::ZERO);
         let go = std::sync::Barrier::new(8);
         let digests: Vec<Option<String>> = std::thread::scope(|s| {
             let all: Vec<_> = (0..8)
@@ -622,6 +684,56 @@ mod tests {
     }
 
     #[test]
+    fn a_file_written_again_is_hashed_again_whatever_its_mtime_says() {
+        // The attack: an executable patched in place to the same size,
+        // its mtime set back (as `touch -d` does), kept the digest cached
+        // for what it had been (the key was device, inode, mtime in
+        // seconds, size): the patched program was attested as the original.
+        let dir =
+            std::env::temp_dir().join(format!("enforcer-digest-ctime-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let exe = dir.join("exe");
+        std::fs::write(&exe, b"the trusted program").expect("exe");
+        let mtime = std::fs::metadata(&exe)
+            .and_then(|m| m.modified())
+            .expect("mtime");
+        let digest = |b: &[u8]| Some(hex::encode(Sha256::digest(b)));
+        let cache = DigestCache::settled_after(std::time::Duration::ZERO);
+        assert_eq!(cache.sha256_of(&exe), digest(b"the trusted program"));
+        assert_eq!(cache.sha256_of(&exe), digest(b"the trusted program"));
+        assert_eq!(cache.hashed.load(Ordering::Relaxed), 1, "cached");
+        std::fs::write(&exe, b"a patched program!!").expect("patch");
+        std::fs::File::options()
+            .write(true)
+            .open(&exe)
+            .and_then(|f| f.set_times(std::fs::FileTimes::new().set_modified(mtime)))
+            .expect("mtime set back");
+        let meta = std::fs::metadata(&exe).expect("meta");
+        assert_eq!(meta.modified().ok(), Some(mtime));
+        assert_eq!(meta.len(), b"the trusted program".len() as u64);
+        assert_eq!(cache.sha256_of(&exe), digest(b"a patched program!!"));
+        assert_eq!(cache.hashed.load(Ordering::Relaxed), 2);
+
+        // A file changed less than `settle` ago is hashed each time; once
+        // it has been left alone that long, its digest is cached.
+        let settle = std::time::Duration::from_millis(300);
+        let cache = DigestCache::settled_after(settle);
+        std::fs::write(&exe, b"a new program").expect("exe");
+        assert_eq!(cache.sha256_of(&exe), digest(b"a new program"));
+        assert_eq!(cache.sha256_of(&exe), digest(b"a new program"));
+        assert_eq!(cache.hashed.load(Ordering::Relaxed), 2, "not cached yet");
+        std::thread::sleep(settle + std::time::Duration::from_millis(100));
+        assert_eq!(cache.sha256_of(&exe), digest(b"a new program"));
+        assert_eq!(cache.sha256_of(&exe), digest(b"a new program"));
+        assert_eq!(
+            cache.hashed.load(Ordering::Relaxed),
+            3,
+            "cached once settled"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn a_digest_is_cached_under_the_key_of_the_file_it_was_read_from() {
         // The attack: through /proc/<pid>/exe, a process that execs a
         // trusted executable between the cache's look at the path (its
@@ -638,7 +750,7 @@ mod tests {
         std::fs::write(&trusted, b"the trusted executable, longer").expect("trusted");
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(&own, &link).expect("link");
-        let cache = DigestCache::default();
+        let cache = DigestCache::settled_after(std::time::Duration::ZERO);
         let Begun::Hash(finish, file) = cache.begin(&link) else {
             panic!("a new executable was not to be hashed");
         };
