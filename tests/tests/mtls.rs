@@ -1426,16 +1426,15 @@ fn trusted_python(test: &str) -> (TempDir, std::path::PathBuf, String) {
 }
 
 /// Nodes a and b: a gives the support agent's identity to the executable
-/// of `digest` in tool.service (a's agent started with `env`), b the LLM's
-/// to llm.service.
-fn trusted_exe_pair(test: &str, digest: &str, env: &[(&str, &str)]) -> Pair {
+/// `exe` names (`unix:sha256:…`, `unix:path:…`) in tool.service (a's agent
+/// started with `env`), b the LLM's to llm.service.
+fn trusted_exe_pair(test: &str, exe: &str, env: &[(&str, &str)]) -> Pair {
     llm_pair_env(
         test,
         TD,
         |_, n| {
             if n.name == "a" {
-                let selectors =
-                    format!("[\"systemd:unit:tool.service\", \"unix:sha256:{digest}\"]");
+                let selectors = format!("[\"systemd:unit:tool.service\", \"{exe}\"]");
                 (
                     String::new(),
                     format!(
@@ -1484,7 +1483,7 @@ fn exec_attacks(test: &str, env: &[(&str, &str)], probes: &str) {
     // Removed on drop, also when the test fails.
     let (_dir, trusted, digest) = trusted_python(test);
     let trusted_s = trusted.display().to_string();
-    let mut m = trusted_exe_pair(test, &digest, env);
+    let mut m = trusted_exe_pair(test, &format!("unix:sha256:{digest}"), env);
     assert!(
         m.ea.log_lines()
             .iter()
@@ -1729,7 +1728,7 @@ fn an_executable_patched_in_place_does_not_keep_the_digest_it_had() {
     let copy = dir.0.join("copy");
     std::fs::copy(&trusted, &copy).expect("the copy");
     let copy_s = copy.display().to_string();
-    let m = trusted_exe_pair("patched", &digest, &[]);
+    let m = trusted_exe_pair("patched", &format!("unix:sha256:{digest}"), &[]);
     let b_ip = m.b.ipv4.to_string();
     // The agent caches the digest of a file left alone for two seconds.
     std::thread::sleep(Duration::from_millis(2200));
@@ -1786,4 +1785,61 @@ fn an_executable_patched_in_place_does_not_keep_the_digest_it_had() {
         "the patched program was attested with the digest it had before: {second} {out:?}"
     );
     assert_eq!(second["outcome"], "no_identity", "{second}");
+}
+
+#[test]
+fn a_program_in_a_mount_namespace_of_its_own_does_not_get_the_path_it_shows() {
+    // The attack: the kernel gives a process's executable path as seen in
+    // the process's own mount namespace, and an unprivileged user can make
+    // one (`unshare -rm`) and mount a tmpfs over the trusted executable's
+    // directory there. Its own program at that path was read as the
+    // trusted path (unix:path) and got the identity given to it.
+    let (dir, trusted, _) = trusted_python("pathns");
+    let trusted_s = trusted.display().to_string();
+    let m = trusted_exe_pair("pathns", &format!("unix:path:{trusted_s}"), &[]);
+    let b_ip = m.b.ipv4.to_string();
+    let last_line = |m: &Pair, a_before: usize| {
+        enforcer_tests::wait_for("a's agent to end the connection", || {
+            m.ea.closed_connections().len() > a_before
+        });
+        m.ea.closed_connections()
+            .last()
+            .cloned()
+            .expect("the connection")
+    };
+    // The trusted executable itself has the identity.
+    let a_before = m.ea.closed_connections().len();
+    let (_, out) =
+        m.a.exec(
+            Some("tool.service"),
+            &[&trusted_s, "-c", PY_CONNECT_THEN, &b_ip, "ask"],
+        )
+        .expect("the trusted executable");
+    let line = last_line(&m, a_before);
+    assert_eq!(line["src_spiffe_id"], AGENT_ID, "{line} {out:?}");
+    // nobody's python3, at the trusted path in its own mount namespace.
+    let a_before = m.ea.closed_connections().len();
+    let script = "unshare -rm sh -c 'mount -t tmpfs none \"$0\" && cp /usr/bin/python3 \"$0/trusted-python\" && exec \"$0/trusted-python\" -c \"$1\" \"$2\" ask' \"$0\" \"$1\" \"$2\"";
+    let (_, out) =
+        m.a.exec(
+            Some("tool.service"),
+            &[
+                AS_NOBODY,
+                &[
+                    script,
+                    &*dir.0.display().to_string(),
+                    PY_CONNECT_THEN,
+                    &b_ip,
+                ],
+            ]
+            .concat(),
+        )
+        .expect("the attacker");
+    let line = last_line(&m, a_before);
+    assert_eq!(line["uid"], 65534, "nobody's connection: {line} {out:?}");
+    assert_ne!(
+        line["src_spiffe_id"], AGENT_ID,
+        "another program, shown at the trusted path in its own mount namespace, got the trusted path's identity: {line}"
+    );
+    assert_eq!(line["outcome"], "no_identity", "{line} {out:?}");
 }

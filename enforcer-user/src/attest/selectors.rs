@@ -572,6 +572,7 @@ pub fn selectors_unless_hashing(
             // even when the path was replaced since.
             let live: PathBuf = format!("/proc/{}/exe", facts.pid).into();
             let hashed = cache.digests.sha256_unless_hashing(&live);
+            let path_is_its_own = names_the_file(&exe, &live);
             // Read after the executable was: if the process exec'd since it
             // connected (a program that connects, writes its request and
             // execs a trusted executable), what was read is not what
@@ -586,7 +587,9 @@ pub fn selectors_unless_hashing(
                 }
                 None => return Ok(with_digest(out, None)),
             }
-            out.push(format!("unix:path:{}", exe.display()));
+            if path_is_its_own {
+                out.push(format!("unix:path:{}", exe.display()));
+            }
             match hashed {
                 Ok(d) => digest = d,
                 Err(wait) => {
@@ -599,6 +602,21 @@ pub fn selectors_unless_hashing(
         }
     }
     Ok(with_digest(out, digest))
+}
+
+/// Whether `path`, as the agent sees it, names the very file that `live`
+/// (`/proc/<pid>/exe`) is. The path the kernel gives for a process's
+/// executable is the one in the process's own mount namespace, and an
+/// unprivileged user can make one of those (`unshare -rm`) and mount over
+/// any directory there: its own program at `/usr/bin/trusted` read as
+/// `/usr/bin/trusted`. Only the same device and inode at that path in the
+/// agent's namespace says the path is the executable's. A deleted file
+/// (`… (deleted)`) names nothing.
+fn names_the_file(path: &Path, live: &Path) -> bool {
+    match (std::fs::metadata(path), std::fs::metadata(live)) {
+        (Ok(p), Ok(l)) => p.dev() == l.dev() && p.ino() == l.ino(),
+        _ => false,
+    }
 }
 
 /// `selectors` with the executable's digest (if known), sorted, once each.
