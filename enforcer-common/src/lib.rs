@@ -77,9 +77,11 @@ pub mod maps {
     pub const PLAINTEXT_LISTENERS: &str = "ENF_PLAINTEXT_LISTENERS";
     pub const POD_PLAINTEXT: &str = "ENF_POD_PLAINTEXT";
     pub const EXECS: &str = "ENF_EXECS";
-    pub const ALL: [&str; 11] = [
+    pub const UDP_PASS: &str = "ENF_UDP_PASS";
+    pub const ALL: [&str; 12] = [
         CONFIG,
         PORTS,
+        UDP_PASS,
         CIDR4,
         CIDR6,
         BY_COOKIE,
@@ -100,6 +102,9 @@ pub mod programs {
     pub const GETPEERNAME6: &str = "enf_getpeername6";
     pub const SOCK_OPS: &str = "enf_sock_ops";
     pub const SOCK_RELEASE: &str = "enf_sock_release";
+    /// `cgroup/sendmsg4`, `sendmsg6`: UDP sent to an address (unconnected).
+    pub const SENDMSG4: &str = "enf_sendmsg4";
+    pub const SENDMSG6: &str = "enf_sendmsg6";
     pub const SK_LOOKUP: &str = "enf_sk_lookup";
     /// The same steering in pods' network namespaces, to the plaintext
     /// listeners the agent opened inside each pod (`ENF_POD_PLAINTEXT`).
@@ -163,7 +168,10 @@ pub struct CaptureConfig {
     pub agent_cgroup_id: u64,
     /// Outbound listener port on the loopback address, host byte order.
     pub outbound_port: u16,
-    pub _pad: [u8; 6],
+    /// 1: UDP (any datagram socket) to a captured destination is refused,
+    /// but on the ports of `ENF_UDP_PASS`; 0: it passes.
+    pub udp_refuse: u8,
+    pub _pad: [u8; 5],
     /// During a hitless upgrade: the cgroup v2 id of the agent that handed
     /// its listeners over and is draining, when it runs in another cgroup
     /// (a DaemonSet's surge pod); its marked connects are the agent's too

@@ -27,6 +27,7 @@ use enforcer_common::{
 };
 
 const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
 /// Allow the syscall (cgroup sock_addr programs: 1 = proceed).
 const PROCEED: i32 = 1;
 
@@ -41,6 +42,11 @@ static ENF_CONFIG: Array<CaptureConfig> = Array::with_max_entries(1, 0);
 /// Bitmap of captured destination ports (bit set = capture).
 #[map(name = "ENF_PORTS")]
 static ENF_PORTS: Array<u64> = Array::with_max_entries(PORT_WORDS, 0);
+
+/// Bit per destination port whose UDP passes even to a captured destination
+/// (DNS), when `CaptureConfig::udp_refuse` is set.
+#[map(name = "ENF_UDP_PASS")]
+static ENF_UDP_PASS: Array<u64> = Array::with_max_entries(PORT_WORDS, 0);
 
 #[map(name = "ENF_CIDR4")]
 static ENF_CIDR4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
@@ -152,10 +158,100 @@ fn config() -> Option<CaptureConfig> {
 
 #[inline(always)]
 fn port_captured(port: u16) -> bool {
-    match ENF_PORTS.get(u32::from(port) >> 6) {
+    port_in(&ENF_PORTS, port)
+}
+
+#[inline(always)]
+fn port_in(bitmap: &Array<u64>, port: u16) -> bool {
+    match bitmap.get(u32::from(port) >> 6) {
         Some(word) => (*word >> (port & 63)) & 1 == 1,
         None => false,
     }
+}
+
+/// Whether a datagram (UDP) connect or send to `port` may be refused: a
+/// datagram socket, capture on and set to refuse UDP, not the agent's, a
+/// captured port that is not one of the UDP ports let through, in a served
+/// network namespace. The caller checks the address. The agent relays TCP
+/// only: UDP to a destination the rules capture would go around it —
+/// QUIC (HTTP/3) to a model's API past every per-request decision — so it
+/// is refused (EPERM), and clients that can fall back to TCP do.
+#[inline(always)]
+fn datagram_to_refuse(ctx: &SockAddrContext, sa: &bpf_sock_addr, port: u16) -> bool {
+    if sa.type_ != SOCK_DGRAM {
+        return false;
+    }
+    let Some(cfg) = config() else {
+        return false;
+    };
+    if cfg.udp_refuse == 0 || is_agent(sa, &cfg) || !port_captured(port) {
+        return false;
+    }
+    if port_in(&ENF_UDP_PASS, port) {
+        return false;
+    }
+    // SAFETY: helper allowed for sock_addr programs; ctx is the program's context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: only tests for presence.
+    unsafe { ENF_NETNS.get(netns) }.is_some()
+}
+
+/// The verdict on a datagram to an IPv4 destination (`sa.user_ip4`).
+#[inline(always)]
+fn datagram4(ctx: &SockAddrContext, sa: &bpf_sock_addr) -> i32 {
+    let port = u16::from_be(sa.user_port as u16);
+    if datagram_to_refuse(ctx, sa, port) && v4_captured(sa.user_ip4.to_ne_bytes()) {
+        PROCEED_REFUSED
+    } else {
+        PROCEED
+    }
+}
+
+/// An IPv6 address as the context gives it (four words in network order)
+/// as its 16 bytes.
+#[inline(always)]
+fn ip6_bytes(w: [u32; 4]) -> [u8; 16] {
+    let mut ip = [0u8; 16];
+    ip[0..4].copy_from_slice(&w[0].to_ne_bytes());
+    ip[4..8].copy_from_slice(&w[1].to_ne_bytes());
+    ip[8..12].copy_from_slice(&w[2].to_ne_bytes());
+    ip[12..16].copy_from_slice(&w[3].to_ne_bytes());
+    ip
+}
+
+/// The verdict on a datagram to an IPv6 destination (`sa.user_ip6`; a
+/// v4-mapped one by the IPv4 rules, `::1` never).
+#[inline(always)]
+fn datagram6(ctx: &SockAddrContext, sa: &bpf_sock_addr) -> i32 {
+    let port = u16::from_be(sa.user_port as u16);
+    if !datagram_to_refuse(ctx, sa, port) {
+        return PROCEED;
+    }
+    let w = sa.user_ip6;
+    let ip = ip6_bytes(w);
+    let captured = if w[0] == 0 && w[1] == 0 && w[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]) {
+        v4_captured([ip[12], ip[13], ip[14], ip[15]])
+    } else {
+        ip != [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
+            && matches!(ENF_CIDR6.get(Key::new(128, ip)), Some(v) if *v == CIDR_CAPTURE)
+    };
+    if captured { PROCEED_REFUSED } else { PROCEED }
+}
+
+/// UDP sent to an address on an unconnected socket (`sendto`, `sendmsg`,
+/// `sendmmsg`, io_uring): the same rule as a UDP connect.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn enf_sendmsg4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the context pointer is valid for the duration of the program.
+    let sa = unsafe { &*ctx.sock_addr };
+    datagram4(&ctx, sa)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn enf_sendmsg6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the context pointer is valid for the duration of the program.
+    let sa = unsafe { &*ctx.sock_addr };
+    datagram6(&ctx, sa)
 }
 
 /// Facts about the calling process, common to both families.
@@ -298,6 +394,9 @@ fn v4_captured(addr: [u8; 4]) -> bool {
 pub fn enf_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the duration of the program.
     let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.type_ == SOCK_DGRAM {
+        return datagram4(&ctx, sa);
+    }
     let port = u16::from_be(sa.user_port as u16);
     let Some(cfg) = eligible(&ctx, sa, port) else {
         return PROCEED;
@@ -329,16 +428,15 @@ const PROCEED_REFUSED: i32 = 0;
 pub fn enf_connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the duration of the program.
     let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.type_ == SOCK_DGRAM {
+        return datagram6(&ctx, sa);
+    }
     let port = u16::from_be(sa.user_port as u16);
     let Some(cfg) = eligible(&ctx, sa, port) else {
         return PROCEED;
     };
     let w = sa.user_ip6;
-    let mut ip = [0u8; 16];
-    ip[0..4].copy_from_slice(&w[0].to_ne_bytes());
-    ip[4..8].copy_from_slice(&w[1].to_ne_bytes());
-    ip[8..12].copy_from_slice(&w[2].to_ne_bytes());
-    ip[12..16].copy_from_slice(&w[3].to_ne_bytes());
+    let ip = ip6_bytes(w);
 
     let v4_mapped = w[0] == 0 && w[1] == 0 && w[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]);
     let rec = if v4_mapped {

@@ -114,6 +114,19 @@ pub enum OnFailure {
     Deny,
 }
 
+/// What UDP to a destination the capture rules cover gets
+/// (`capture.udp`): the agent relays TCP only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum UdpMode {
+    /// Refused (EPERM), but on `capture.udp_pass_ports`: nothing a captured
+    /// workload sends to a captured destination goes around the agent.
+    #[default]
+    Refuse,
+    /// Passes, undecided and unaudited (as before enforcer looked at UDP).
+    Pass,
+}
+
 /// `[[identity.entries]]`: a SPIFFE ID and the selectors a workload must
 /// all have to be given it (checked by `attest::Entries::parse`).
 #[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
@@ -232,6 +245,13 @@ pub struct CaptureConfig {
     /// capture a connect that carries it and comes from the agent's cgroup.
     #[serde(default = "default_agent_mark")]
     pub agent_mark: u32,
+    /// UDP to a destination these rules capture: refused or passed.
+    #[serde(default)]
+    pub udp: UdpMode,
+    /// Destination ports whose UDP passes even when `udp` refuses: "N" or
+    /// "LO-HI" (DNS by default).
+    #[serde(default = "default_udp_pass_ports")]
+    pub udp_pass_ports: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
@@ -1023,6 +1043,9 @@ fn default_ports() -> Vec<String> {
 fn default_exclude_ports() -> Vec<u16> {
     vec![22, 15008]
 }
+fn default_udp_pass_ports() -> Vec<String> {
+    vec!["53".into()]
+}
 fn default_outbound_port() -> u16 {
     15001
 }
@@ -1061,6 +1084,10 @@ pub struct CaptureRules {
     pub exclude: Vec<IpNet>,
     /// Bit per port: set = capture.
     pub ports: Box<[u64; 1024]>,
+    /// UDP to a captured destination is refused, but on `udp_pass`.
+    pub udp_refuse: bool,
+    /// Bit per port: set = its UDP passes.
+    pub udp_pass: Box<[u64; 1024]>,
 }
 
 impl CaptureRules {
@@ -1494,10 +1521,20 @@ impl Config {
         for &p in &self.capture.exclude_ports {
             ports[usize::from(p >> 6)] &= !(1 << (p & 63));
         }
+        let mut udp_pass = Box::new([0u64; 1024]);
+        for spec in &self.capture.udp_pass_ports {
+            let (lo, hi) =
+                parse_port_range(spec).map_err(|m| invalid("capture.udp_pass_ports", m))?;
+            for p in lo..=hi {
+                udp_pass[usize::from(p >> 6)] |= 1 << (p & 63);
+            }
+        }
         Ok(CaptureRules {
             capture,
             exclude,
             ports,
+            udp_refuse: self.capture.udp == UdpMode::Refuse,
+            udp_pass,
         })
     }
 }
@@ -2009,5 +2046,29 @@ mod tests {
         let r = cfg.capture_rules(Path::new("t")).expect("rules");
         assert!(r.port_captured(8000) && r.port_captured(8100) && r.port_captured(443));
         assert!(!r.port_captured(8050) && !r.port_captured(7999) && !r.port_captured(80));
+    }
+
+    #[test]
+    fn udp_is_refused_by_default_but_dns_and_bad_pass_ports_name_the_key() {
+        let passes =
+            |r: &CaptureRules, p: u16| (r.udp_pass[usize::from(p >> 6)] >> (p & 63)) & 1 == 1;
+        let r = parse("[capture]\ncgroup = \"/x\"\n")
+            .expect("valid")
+            .capture_rules(Path::new("t"))
+            .expect("rules");
+        assert!(r.udp_refuse);
+        assert!(passes(&r, 53) && !passes(&r, 443) && !passes(&r, 54));
+        let r =
+            parse("[capture]\ncgroup = \"/x\"\nudp = \"pass\"\nudp_pass_ports = [\"5000-5002\"]\n")
+                .expect("valid")
+                .capture_rules(Path::new("t"))
+                .expect("rules");
+        assert!(!r.udp_refuse);
+        assert!(passes(&r, 5000) && passes(&r, 5002) && !passes(&r, 53));
+        let err =
+            parse("[capture]\ncgroup = \"/x\"\nudp_pass_ports = [\"0\"]\n").expect_err("port 0");
+        assert!(err.to_string().contains("capture.udp_pass_ports"), "{err}");
+        let err = parse("[capture]\ncgroup = \"/x\"\nudp = \"drop\"\n").expect_err("bad mode");
+        assert!(err.to_string().contains("udp"), "{err}");
     }
 }

@@ -286,7 +286,7 @@ fn enforcer_restart_takes_over_capture() {
     ))
     .expect("pinned links")
     .count();
-    assert_eq!(links, 6, "exactly one set of pinned links after a restart");
+    assert_eq!(links, 8, "exactly one set of pinned links after a restart");
 }
 
 /// `enforcer detach` removes the pins, and the pins are what hold the
@@ -767,4 +767,132 @@ fn an_agent_retires_the_pins_of_another_layout_version() {
         l["message"] == "retired the kernel programs of another layout version" && l["version"] == 1
     });
     assert!(retired, "the agent says what it retired");
+}
+
+/// Sends one datagram to `argv[1]`:`argv[2]` each way — `sendto` on an
+/// unconnected socket, `connect` then `send` — tagged `argv[3]`; prints
+/// `SENT <how>` or `REFUSED <how> <errno>`.
+const PY_UDP_CLIENT: &str = r#"
+import errno, socket, sys
+host, port, tag = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+fam = socket.AF_INET6 if ':' in host else socket.AF_INET
+for how in ("sendto", "connect"):
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    msg = ("%s %s %d" % (tag, how, port)).encode()
+    try:
+        if how == "sendto":
+            s.sendto(msg, (host, port))
+        else:
+            s.connect((host, port))
+            s.send(msg)
+        print("SENT", how, flush=True)
+    except OSError as e:
+        print("REFUSED", how, errno.errorcode.get(e.errno, e.errno), flush=True)
+"#;
+
+/// UDP receivers on the ports given (IPv6 and IPv4): prints `GOT <datagram>`.
+const PY_UDP_SERVER: &str = r#"
+import socket, sys, threading
+socks = []
+for port in map(int, sys.argv[1:]):
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s.bind(("::", port))
+    socks.append(s)
+def serve(s):
+    while True:
+        print("GOT", s.recv(2048).decode(), flush=True)
+for s in socks:
+    threading.Thread(target=serve, args=(s,)).start()
+print("READY", flush=True)
+"#;
+
+/// Runs [`PY_UDP_CLIENT`] on `node` (in `unit`; outside the captured
+/// subtree with `None`) to `host`:`port`; its output.
+fn udp_send(node: &Node, unit: Option<&str>, host: &str, port: u16, tag: &str) -> String {
+    let (_, out) = node
+        .exec(
+            unit,
+            &["python3", "-c", PY_UDP_CLIENT, host, &port.to_string(), tag],
+        )
+        .expect("python3");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn udp_to_a_captured_destination_is_refused_but_on_its_pass_ports() {
+    // The attack: the agent relays TCP only, and UDP from a captured
+    // workload went wherever it was sent — QUIC (HTTP/3) to a model's API
+    // past every per-request decision, token budget and audit line, or to
+    // any UDP service of the mesh with no identity (before: every send
+    // below reached b). Now UDP to a destination the capture rules cover
+    // is refused (EPERM) on a connect and on a send, but on
+    // `capture.udp_pass_ports` (DNS by default); `capture.udp = "pass"`
+    // lets it through as before.
+    let (mut tb, a, b, _enf) = two_nodes("udp");
+    tb.spawn(
+        &b,
+        None,
+        "udp",
+        &["python3", "-u", "-c", PY_UDP_SERVER, "9999", "53"],
+    )
+    .expect("UDP receivers on b");
+    assert!(
+        tb.wait_server_log(&b, "udp", "READY"),
+        "{}",
+        tb.server_log(&b, "udp")
+    );
+    for host in [b.ipv4.to_string(), b.ipv6.to_string()] {
+        let out = udp_send(&a, Some("client.service"), &host, 9999, "captured");
+        assert_eq!(
+            out, "REFUSED sendto EPERM\nREFUSED connect EPERM\n",
+            "UDP from a captured workload to {host}:9999"
+        );
+        let out = udp_send(&a, Some("client.service"), &host, 53, "dns");
+        assert_eq!(out, "SENT sendto\nSENT connect\n", "{host}:53 passes");
+    }
+    // Outside the captured subtree, UDP goes as ever.
+    let out = udp_send(&a, None, &b.ipv4.to_string(), 9999, "outside");
+    assert_eq!(out, "SENT sendto\nSENT connect\n");
+    assert!(
+        tb.wait_server_log(&b, "udp", "GOT outside connect 9999"),
+        "{}",
+        tb.server_log(&b, "udp")
+    );
+    let log = tb.server_log(&b, "udp");
+    assert!(
+        log.contains("GOT dns sendto 53") && log.contains("GOT dns connect 53"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("captured"),
+        "a refused datagram arrived: {log}"
+    );
+
+    // `udp = "pass"`: as before.
+    let (mut tb, a, b, _enf) = two_nodes_with("udppass", "udp = \"pass\"\n", None);
+    tb.spawn(
+        &b,
+        None,
+        "udp",
+        &["python3", "-u", "-c", PY_UDP_SERVER, "9999"],
+    )
+    .expect("UDP receiver on b");
+    assert!(
+        tb.wait_server_log(&b, "udp", "READY"),
+        "{}",
+        tb.server_log(&b, "udp")
+    );
+    let out = udp_send(
+        &a,
+        Some("client.service"),
+        &b.ipv4.to_string(),
+        9999,
+        "passed",
+    );
+    assert_eq!(out, "SENT sendto\nSENT connect\n");
+    assert!(
+        tb.wait_server_log(&b, "udp", "GOT passed connect 9999"),
+        "{}",
+        tb.server_log(&b, "udp")
+    );
 }

@@ -169,9 +169,11 @@ pub fn pin_dir(bpffs: &Path, node_name: &str) -> PathBuf {
         .join(node_name)
 }
 
-const ATTACHMENTS: [(&str, Attach); 6] = [
+const ATTACHMENTS: [(&str, Attach); 8] = [
     (programs::CONNECT4, Attach::SockAddr),
     (programs::CONNECT6, Attach::SockAddr),
+    (programs::SENDMSG4, Attach::SockAddr),
+    (programs::SENDMSG6, Attach::SockAddr),
     (programs::GETPEERNAME4, Attach::SockAddr),
     (programs::GETPEERNAME6, Attach::SockAddr),
     (programs::SOCK_OPS, Attach::SockOps),
@@ -792,12 +794,14 @@ fn fill_rules(
     handover_cgroup_id: u64,
     served: impl Iterator<Item = u64>,
 ) -> Result<(), CaptureError> {
-    use maps::{CIDR4, CIDR6, CONFIG, NETNS, PORTS};
-    let mut ports: Array<_, u64> =
-        Array::try_from(map_mut(ebpf, PORTS)?).map_err(map_err(PORTS))?;
-    for (i, word) in rules.ports.iter().enumerate() {
-        if *word != 0 {
-            ports.set(i as u32, word, 0).map_err(map_err(PORTS))?;
+    use maps::{CIDR4, CIDR6, CONFIG, NETNS, PORTS, UDP_PASS};
+    for (name, bitmap) in [(PORTS, &rules.ports), (UDP_PASS, &rules.udp_pass)] {
+        let mut ports: Array<_, u64> =
+            Array::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
+        for (i, word) in bitmap.iter().enumerate() {
+            if *word != 0 {
+                ports.set(i as u32, word, 0).map_err(map_err(name))?;
+            }
         }
     }
     let mut trie4: LpmTrie<_, [u8; 4], u8> =
@@ -829,7 +833,8 @@ fn fill_rules(
         agent_mark: mark::get(),
         agent_cgroup_id,
         outbound_port,
-        _pad: [0; 6],
+        udp_refuse: u8::from(rules.udp_refuse),
+        _pad: [0; 5],
         handover_cgroup_id,
     };
     cfg.set(0, value, 0).map_err(map_err(CONFIG))
