@@ -382,6 +382,16 @@ fn agents_listener6(ctx: &SockAddrContext, cfg: &CaptureConfig) -> bool {
     agents_listener(ctx, &mut tuple, size as u32, cfg.agent_mark)
 }
 
+/// A loopback destination on a protected port (`ENF_INBOUND`): a server of
+/// this node, which a captured workload reaches through the agent like at
+/// the node's own address. Loopback is otherwise never captured (the
+/// agent's listeners, local helpers).
+#[inline(always)]
+fn protected_loopback(port: u16) -> bool {
+    // SAFETY: only tests for presence.
+    unsafe { ENF_INBOUND.get(port) }.is_some()
+}
+
 #[inline(always)]
 fn v4_captured(addr: [u8; 4]) -> bool {
     if addr[0] == 127 {
@@ -402,7 +412,7 @@ pub fn enf_connect4(ctx: SockAddrContext) -> i32 {
         return PROCEED;
     };
     let ip = sa.user_ip4.to_ne_bytes(); // user_ip4 is in network byte order
-    if !v4_captured(ip) {
+    if !(v4_captured(ip) || ip[0] == 127 && protected_loopback(port)) {
         return PROCEED;
     }
     if !agents_listener4(&ctx, &cfg) {
@@ -441,7 +451,7 @@ pub fn enf_connect6(ctx: SockAddrContext) -> i32 {
     let v4_mapped = w[0] == 0 && w[1] == 0 && w[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]);
     let rec = if v4_mapped {
         let v4 = [ip[12], ip[13], ip[14], ip[15]];
-        if !v4_captured(v4) {
+        if !(v4_captured(v4) || v4[0] == 127 && protected_loopback(port)) {
             return PROCEED;
         }
         if !agents_listener4(&ctx, &cfg) {
@@ -451,10 +461,12 @@ pub fn enf_connect6(ctx: SockAddrContext) -> i32 {
         addr[..4].copy_from_slice(&v4);
         record(&ctx, AF_INET, port, addr)
     } else {
-        if ip == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1] {
-            return PROCEED; // ::1 is never captured
-        }
-        if !matches!(ENF_CIDR6.get(Key::new(128, ip)), Some(v) if *v == CIDR_CAPTURE) {
+        let captured = if ip == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1] {
+            protected_loopback(port)
+        } else {
+            matches!(ENF_CIDR6.get(Key::new(128, ip)), Some(v) if *v == CIDR_CAPTURE)
+        };
+        if !captured {
             return PROCEED;
         }
         if !agents_listener6(&ctx, &cfg) {

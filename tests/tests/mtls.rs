@@ -468,9 +468,11 @@ fn federated_trust_domain_is_accepted_only_when_configured() {
     );
 }
 
-#[test]
-fn same_node_connection_carries_both_identities_and_stays_local() {
-    let (mut tb, a, _b) = Testbed::linked_pair("samenode").expect("two linked nodes");
+/// Node a (of a linked pair) with its agent and an HTTP server on 8081
+/// (`llm.service`, both families); the support agent and the LLM registered,
+/// `tail` appended to the config.
+fn local_llm(test: &str, tail: &str) -> (Testbed, Node, enforcer_tests::Enforcer) {
+    let (mut tb, a, _b) = Testbed::linked_pair(test).expect("two linked nodes");
     let ca = tb.shared_ca("shared", TD).expect("ca");
     tb.start_server_in(
         &a,
@@ -481,12 +483,18 @@ fn same_node_connection_carries_both_identities_and_stays_local() {
     )
     .expect("server on a");
     let entries = format!(
-        "{}{}{MESH}",
+        "{}{}{MESH}\n{tail}",
         entry(AGENT_ID, "systemd:unit:support-agent.service"),
         entry(LLM_ID, "systemd:unit:llm.service")
     );
     let cfg = tb.enforcer_config_with(&a, "", &ca, &entries).expect("cfg");
     let ea = tb.start_enforcer(&a, &cfg).expect("enforcer a");
+    (tb, a, ea)
+}
+
+#[test]
+fn same_node_connection_carries_both_identities_and_stays_local() {
+    let (_tb, a, ea) = local_llm("samenode", "");
     let url = format!("http://{}:8081/", a.ipv4);
     let pid = a.get_ok(Some("support-agent.service"), &url);
     let line = ea.connection_line(|v| v["pid"] == pid);
@@ -1842,4 +1850,57 @@ fn a_program_in_a_mount_namespace_of_its_own_does_not_get_the_path_it_shows() {
         "another program, shown at the trusted path in its own mount namespace, got the trusted path's identity: {line}"
     );
     assert_eq!(line["outcome"], "no_identity", "{line} {out:?}");
+}
+
+#[test]
+fn a_captured_workload_reaches_a_protected_local_port_over_loopback_only_through_policy() {
+    // The attack: connects to loopback were never captured and loopback
+    // connections never steered, so a captured workload reached a server
+    // of its own node on a protected port at 127.0.0.1 or ::1 directly —
+    // no identity, no policy, no L7 decision, no audit line — where the
+    // node's address was decided (before: stranger.service got 200 from
+    // both loopback addresses). Now a captured connect to loopback on a
+    // protected port (`[[mesh.inbound]]`) is a same-node connection like
+    // any other; other loopback ports stay uncaptured.
+    let (mut tb, a, ea) = local_llm(
+        "loopback",
+        "[[mesh.inbound]]\nports = [8081]\nmode = \"strict\"\n",
+    );
+    tb.start_server_in(
+        &a,
+        Some("helper.service"),
+        "helper",
+        &["python3", "-m", "http.server", "8083", "--bind", "::"],
+        8083,
+    )
+    .expect("an unprotected local server on a");
+    for host in ["127.0.0.1", "[::1]"] {
+        let url = format!("http://{host}:8081/");
+        let (pid, out) = curl(&a, "stranger.service", &url);
+        let line = ea
+            .wait_for_connection(|v| v["pid"] == pid)
+            .unwrap_or_else(|| {
+                panic!("{url}: the stranger's connection went around the agent: {out:?}")
+            });
+        assert_ne!(String::from_utf8_lossy(&out.stdout), "200", "{url}");
+        assert_eq!(line["same_node"], true, "{line}");
+        assert_eq!(line["outcome"], "no_identity", "{line}");
+        let pid = a.get_ok(Some("support-agent.service"), &url);
+        let line = ea.connection_line(|v| v["pid"] == pid);
+        assert_eq!(line["src_spiffe_id"], AGENT_ID, "{line}");
+        assert_eq!(line["dst_spiffe_id"], LLM_ID, "{line}");
+        assert_eq!(line["outcome"], "ok", "{line}");
+    }
+    // A loopback port that is not protected is not captured.
+    let pid = a.get_ok(Some("stranger.service"), "http://127.0.0.1:8083/");
+    let _ = a.get_ok(
+        Some("support-agent.service"),
+        &format!("http://{}:8081/", a.ipv4),
+    );
+    ea.wait_for_connection(|v| v["orig_dst"] == format!("{}:8081", a.ipv4))
+        .expect("a later connection's line");
+    assert!(
+        !ea.closed_connections().iter().any(|v| v["pid"] == pid),
+        "an unprotected loopback port was captured"
+    );
 }

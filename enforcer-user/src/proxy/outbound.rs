@@ -205,7 +205,7 @@ impl Outbound {
         let mut src_peer = super::peer(src_svid.as_deref(), &selectors, None);
         src_peer.node = Some(self.node.clone());
 
-        if self.local_addrs.contains(dst.ip()) {
+        if dst.ip().to_canonical().is_loopback() || self.local_addrs.contains(dst.ip()) {
             // Same node: both ends attested here; the bytes never leave the host.
             rec.same_node = true;
             let (dst_svid, dst_selectors) =
