@@ -382,14 +382,21 @@ fn agents_listener6(ctx: &SockAddrContext, cfg: &CaptureConfig) -> bool {
     agents_listener(ctx, &mut tuple, size as u32, cfg.agent_mark)
 }
 
-/// A loopback destination on a protected port (`ENF_INBOUND`): a server of
-/// this node, which a captured workload reaches through the agent like at
-/// the node's own address. Loopback is otherwise never captured (the
+/// A loopback (or unspecified: `0.0.0.0`, `::`, which the kernel connects
+/// to this host) destination on a protected port (`ENF_INBOUND`): a server
+/// of this node, which a captured workload reaches through the agent like
+/// at the node's own address. Loopback is otherwise never captured (the
 /// agent's listeners, local helpers).
 #[inline(always)]
 fn protected_loopback(port: u16) -> bool {
     // SAFETY: only tests for presence.
     unsafe { ENF_INBOUND.get(port) }.is_some()
+}
+
+/// `127.0.0.0/8` or `0.0.0.0`: this host.
+#[inline(always)]
+fn local4(addr: [u8; 4]) -> bool {
+    addr[0] == 127 || addr == [0; 4]
 }
 
 #[inline(always)]
@@ -412,7 +419,7 @@ pub fn enf_connect4(ctx: SockAddrContext) -> i32 {
         return PROCEED;
     };
     let ip = sa.user_ip4.to_ne_bytes(); // user_ip4 is in network byte order
-    if !(v4_captured(ip) || ip[0] == 127 && protected_loopback(port)) {
+    if !(v4_captured(ip) || local4(ip) && protected_loopback(port)) {
         return PROCEED;
     }
     if !agents_listener4(&ctx, &cfg) {
@@ -451,7 +458,7 @@ pub fn enf_connect6(ctx: SockAddrContext) -> i32 {
     let v4_mapped = w[0] == 0 && w[1] == 0 && w[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]);
     let rec = if v4_mapped {
         let v4 = [ip[12], ip[13], ip[14], ip[15]];
-        if !(v4_captured(v4) || v4[0] == 127 && protected_loopback(port)) {
+        if !(v4_captured(v4) || local4(v4) && protected_loopback(port)) {
             return PROCEED;
         }
         if !agents_listener4(&ctx, &cfg) {
@@ -461,7 +468,8 @@ pub fn enf_connect6(ctx: SockAddrContext) -> i32 {
         addr[..4].copy_from_slice(&v4);
         record(&ctx, AF_INET, port, addr)
     } else {
-        let captured = if ip == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1] {
+        // ::1, and :: (which the kernel connects to this host).
+        let captured = if ip[..15] == [0; 15] && ip[15] <= 1 {
             protected_loopback(port)
         } else {
             matches!(ENF_CIDR6.get(Key::new(128, ip)), Some(v) if *v == CIDR_CAPTURE)

@@ -1859,9 +1859,13 @@ fn a_captured_workload_reaches_a_protected_local_port_over_loopback_only_through
     // of its own node on a protected port at 127.0.0.1 or ::1 directly —
     // no identity, no policy, no L7 decision, no audit line — where the
     // node's address was decided (before: stranger.service got 200 from
-    // both loopback addresses). Now a captured connect to loopback on a
-    // protected port (`[[mesh.inbound]]`) is a same-node connection like
-    // any other; other loopback ports stay uncaptured.
+    // both loopback addresses). And 0.0.0.0 and [::], which the kernel
+    // connects to this host, were captured but taken for a destination
+    // outside the mesh: unattested, decided as egress (before: 200 again,
+    // `same_node: false`). Now a captured connect to loopback or to the
+    // unspecified address on a protected port (`[[mesh.inbound]]`) is a
+    // same-node connection like any other; other loopback ports stay
+    // uncaptured.
     let (mut tb, a, ea) = local_llm(
         "loopback",
         "[[mesh.inbound]]\nports = [8081]\nmode = \"strict\"\n",
@@ -1874,7 +1878,7 @@ fn a_captured_workload_reaches_a_protected_local_port_over_loopback_only_through
         8083,
     )
     .expect("an unprotected local server on a");
-    for host in ["127.0.0.1", "[::1]"] {
+    for host in ["127.0.0.1", "[::1]", "0.0.0.0", "[::]"] {
         let url = format!("http://{host}:8081/");
         let (pid, out) = curl(&a, "stranger.service", &url);
         let line = ea

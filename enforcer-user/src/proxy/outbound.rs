@@ -205,7 +205,13 @@ impl Outbound {
         let mut src_peer = super::peer(src_svid.as_deref(), &selectors, None);
         src_peer.node = Some(self.node.clone());
 
-        if dst.ip().to_canonical().is_loopback() || self.local_addrs.contains(dst.ip()) {
+        // Loopback, and the unspecified address (which the kernel connects
+        // to this host), are this node whatever its interfaces say.
+        let this_host = dst.ip().to_canonical();
+        if this_host.is_loopback()
+            || this_host.is_unspecified()
+            || self.local_addrs.contains(dst.ip())
+        {
             // Same node: both ends attested here; the bytes never leave the host.
             rec.same_node = true;
             let (dst_svid, dst_selectors) =
