@@ -58,6 +58,11 @@ pub fn exec_under_way(mark: u32) -> bool {
     mark & EXEC_UNDER_WAY != 0
 }
 
+/// Slots of `ENF_COUNTERS` (per-CPU counts the kernel programs keep).
+pub const COUNTERS: u32 = 1;
+/// UDP connects and sends the programs refused (`capture.udp`).
+pub const COUNTER_UDP_REFUSED: u32 = 0;
+
 /// Maximum number of network namespaces the agent serves listeners in.
 pub const MAX_NETNS: u32 = 1024;
 
@@ -78,10 +83,12 @@ pub mod maps {
     pub const POD_PLAINTEXT: &str = "ENF_POD_PLAINTEXT";
     pub const EXECS: &str = "ENF_EXECS";
     pub const UDP_PASS: &str = "ENF_UDP_PASS";
-    pub const ALL: [&str; 12] = [
+    pub const COUNTERS: &str = "ENF_COUNTERS";
+    pub const ALL: [&str; 13] = [
         CONFIG,
         PORTS,
         UDP_PASS,
+        COUNTERS,
         CIDR4,
         CIDR6,
         BY_COOKIE,

@@ -17,13 +17,14 @@ use aya_ebpf::{
         },
     },
     macros::{cgroup_sock, cgroup_sock_addr, map, sk_lookup, sock_ops, tracepoint},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, SockHash, SockMap, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, SockMap, lpm_trie::Key},
     programs::{SkLookupContext, SockAddrContext, SockContext, SockOpsContext, TracePointContext},
 };
 use enforcer_common::{
-    AF_INET, AF_INET6, CIDR_CAPTURE, CaptureConfig, INBOUND_STRICT, LISTENER_V4, LISTENER_V6,
-    MAX_CIDRS, MAX_EXEC_TRACKED, MAX_INBOUND_PORTS, MAX_NETNS, MAX_POD_LISTENERS, MAX_TRACKED,
-    OrigDst, PORT_WORDS, SockTuple, exec_mark, exec_mark_under_way, pod_address_key,
+    AF_INET, AF_INET6, CIDR_CAPTURE, COUNTER_UDP_REFUSED, COUNTERS, CaptureConfig, INBOUND_STRICT,
+    LISTENER_V4, LISTENER_V6, MAX_CIDRS, MAX_EXEC_TRACKED, MAX_INBOUND_PORTS, MAX_NETNS,
+    MAX_POD_LISTENERS, MAX_TRACKED, OrigDst, PORT_WORDS, SockTuple, exec_mark, exec_mark_under_way,
+    pod_address_key,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -42,6 +43,19 @@ static ENF_CONFIG: Array<CaptureConfig> = Array::with_max_entries(1, 0);
 /// Bitmap of captured destination ports (bit set = capture).
 #[map(name = "ENF_PORTS")]
 static ENF_PORTS: Array<u64> = Array::with_max_entries(PORT_WORDS, 0);
+
+/// Per-CPU counts of what the programs refused (`COUNTER_*`), summed by
+/// the agent for its metrics.
+#[map(name = "ENF_COUNTERS")]
+static ENF_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS, 0);
+
+#[inline(always)]
+fn count(slot: u32) {
+    if let Some(n) = ENF_COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: this CPU's slot, which only this program run touches now.
+        unsafe { *n += 1 };
+    }
+}
 
 /// Bit per destination port whose UDP passes even to a captured destination
 /// (DNS), when `CaptureConfig::udp_refuse` is set.
@@ -201,6 +215,7 @@ fn datagram_to_refuse(ctx: &SockAddrContext, sa: &bpf_sock_addr, port: u16) -> b
 fn datagram4(ctx: &SockAddrContext, sa: &bpf_sock_addr) -> i32 {
     let port = u16::from_be(sa.user_port as u16);
     if datagram_to_refuse(ctx, sa, port) && v4_captured(sa.user_ip4.to_ne_bytes()) {
+        count(COUNTER_UDP_REFUSED);
         PROCEED_REFUSED
     } else {
         PROCEED
@@ -235,7 +250,12 @@ fn datagram6(ctx: &SockAddrContext, sa: &bpf_sock_addr) -> i32 {
         ip != [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
             && matches!(ENF_CIDR6.get(Key::new(128, ip)), Some(v) if *v == CIDR_CAPTURE)
     };
-    if captured { PROCEED_REFUSED } else { PROCEED }
+    if captured {
+        count(COUNTER_UDP_REFUSED);
+        PROCEED_REFUSED
+    } else {
+        PROCEED
+    }
 }
 
 /// UDP sent to an address on an unconnected socket (`sendto`, `sendmsg`,

@@ -196,6 +196,7 @@ pub struct Metrics {
     pub log_lines_dropped: Counter,
     pub executable_hashes: Counter,
     pub execs_after_connect: Counter,
+    pub udp_refused: Counter,
     pub capture_records_swept: Counter,
     pub hbone_rejected: Family<RejectLabels, Counter>,
     pub hbone_streams_refused: Family<RejectLabels, Counter>,
@@ -300,6 +301,12 @@ impl Metrics {
             "execs_after_connect",
             "Connections whose process exec'd (or whose pid was reused) between its connect and the agent's reading of its executable: attested without unix:path and unix:sha256 (sampled at scrape)",
             execs_after_connect.clone(),
+        );
+        let udp_refused = Counter::default();
+        registry.register(
+            "udp_refused",
+            "UDP connects and sends of captured workloads to captured destinations that the kernel refused (capture.udp; sampled at scrape)",
+            udp_refused.clone(),
         );
         let capture_records_swept = Counter::default();
         registry.register(
@@ -438,6 +445,7 @@ impl Metrics {
             log_lines_dropped,
             executable_hashes,
             execs_after_connect,
+            udp_refused,
             capture_records_swept,
         }
     }

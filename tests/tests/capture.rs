@@ -828,7 +828,7 @@ fn udp_to_a_captured_destination_is_refused_but_on_its_pass_ports() {
     // is refused (EPERM) on a connect and on a send, but on
     // `capture.udp_pass_ports` (DNS by default); `capture.udp = "pass"`
     // lets it through as before.
-    let (mut tb, a, b, _enf) = two_nodes("udp");
+    let (mut tb, a, b, enf) = two_nodes("udp");
     tb.spawn(
         &b,
         None,
@@ -866,6 +866,11 @@ fn udp_to_a_captured_destination_is_refused_but_on_its_pass_ports() {
     assert!(
         !log.contains("captured"),
         "a refused datagram arrived: {log}"
+    );
+    assert_eq!(
+        enf.metric("enforcer_udp_refused_total", &[]).ok(),
+        Some(4.0),
+        "each refusal counted (two addresses, two ways)"
     );
 
     // `udp = "pass"`: as before.

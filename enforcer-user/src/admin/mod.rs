@@ -106,6 +106,7 @@ impl AdminState {
 
     fn render_metrics(&self) -> String {
         if let Some(capture) = self.capture.get() {
+            catch_up(&self.metrics.udp_refused, capture.udp_refused());
             let (by_cookie, by_tuple) = capture.entries();
             let g = &self.metrics.capture_map_entries;
             g.get_or_create(&metrics::MapLabels { map: "by_cookie" })

@@ -206,6 +206,8 @@ pub struct Capture {
     config: std::sync::Mutex<Array<MapData, CaptureConfig>>,
     /// The served network namespaces (by cookie): the agent's and the pods'.
     netns: std::sync::Mutex<HashMap<MapData, u64, u8>>,
+    /// What the programs refused, per CPU (`ENF_COUNTERS`).
+    counters: std::sync::Mutex<aya::maps::PerCpuArray<MapData, u64>>,
     /// Thread group -> the mark of its last exec (`ENF_EXECS`); `None` when
     /// the exec tracepoints could not be attached (no executable is
     /// attested).
@@ -401,6 +403,13 @@ impl Capture {
         })?;
         let config = Array::try_from(config).map_err(map_err(maps::CONFIG))?;
         let netns = take_hash(&mut ebpf, maps::NETNS)?;
+        let counters = ebpf.take_map(maps::COUNTERS).ok_or_else(|| {
+            map_err(maps::COUNTERS)(aya::maps::MapError::InvalidName {
+                name: maps::COUNTERS.into(),
+            })
+        })?;
+        let counters =
+            aya::maps::PerCpuArray::try_from(counters).map_err(map_err(maps::COUNTERS))?;
         let execs = if exec_tracking {
             Some(std::sync::Mutex::new(take_hash(&mut ebpf, maps::EXECS)?))
         } else {
@@ -426,6 +435,7 @@ impl Capture {
             other_layout_pods: std::sync::atomic::AtomicBool::new(other_layout_pods),
             config: std::sync::Mutex::new(config),
             netns: std::sync::Mutex::new(netns),
+            counters: std::sync::Mutex::new(counters),
             execs,
             host_netns,
             cgroup,
@@ -691,6 +701,18 @@ impl Capture {
             }
         }
         None
+    }
+
+    /// UDP connects and sends the kernel programs refused since they were
+    /// attached (`capture.udp`), over all CPUs.
+    pub fn udp_refused(&self) -> u64 {
+        let counters = self
+            .counters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        counters
+            .get(&enforcer_common::COUNTER_UDP_REFUSED, 0)
+            .map_or(0, |per_cpu| per_cpu.iter().sum())
     }
 
     /// Entries currently in the tracking maps: (by socket cookie, by 4-tuple).
