@@ -1041,7 +1041,7 @@ fn default_ports() -> Vec<String> {
     vec!["1-65535".into()]
 }
 fn default_exclude_ports() -> Vec<u16> {
-    vec![22, 15008]
+    Vec::new()
 }
 fn default_udp_pass_ports() -> Vec<String> {
     vec!["53".into()]
@@ -1627,12 +1627,11 @@ mod tests {
         assert_eq!(cfg.capture.outbound_port, 15001);
         assert_eq!(cfg.admin.metrics_addr.to_string(), "127.0.0.1:15020");
         let rules = cfg.capture_rules(Path::new("t")).expect("rules");
-        assert!(rules.port_captured(80));
-        assert!(!rules.port_captured(22), "ssh is excluded by default");
-        assert!(
-            !rules.port_captured(15008),
-            "HBONE port is excluded by default"
-        );
+        // No port is left out by default: a port left out is reached
+        // uncaptured at every destination (an ssh tunnel to any host).
+        for port in [80, 22, 15008, 1, 65535] {
+            assert!(rules.port_captured(port), "port {port}");
+        }
     }
 
     #[test]

@@ -901,3 +901,30 @@ fn udp_to_a_captured_destination_is_refused_but_on_its_pass_ports() {
         tb.server_log(&b, "udp")
     );
 }
+
+#[test]
+fn no_port_is_left_uncaptured_by_default() {
+    // The attack: the default left ports 22 and 15008 uncaptured, at every
+    // destination: a captured workload reached any host's ssh (a tunnel,
+    // `ssh -D`, to anywhere, undecided and unaudited) and anything an
+    // outside host served on 15008 (before: neither connection below was
+    // seen by the agent). Now nothing is excluded by default.
+    let (mut tb, a, b, enf) = two_nodes("noexcl");
+    for port in [22u16, 15008] {
+        tb.start_server(
+            &b,
+            &format!("outside-{port}"),
+            &["python3", "-m", "http.server", &port.to_string()],
+            port,
+        )
+        .expect("a server on b");
+        let pid = a.get_ok(
+            Some("client.service"),
+            &format!("http://{}:{port}/", b.ipv4),
+        );
+        assert!(
+            enf.wait_for_connection(|v| v["pid"] == pid).is_some(),
+            "port {port}: a captured workload's connection went around the agent"
+        );
+    }
+}
