@@ -1536,9 +1536,16 @@ fn exec_attacks(test: &str, env: &[(&str, &str)], probes: &str) {
         // Connected and written; its exec is done when /proc says so.
         let mut pid = None;
         enforcer_tests::wait_for("the attacker to exec the trusted executable", || {
+            let text = m.tb.server_log(&m.a, &log);
+            // The script ends (and says why) where its exec cannot run: a
+            // kernel without the 32-bit system calls (CONFIG_IA32_EMULATION,
+            // `ia32_emulation=1`), or no userfaultfd (CONFIG_USERFAULTFD).
+            assert!(
+                !text.contains("failed") && !text.contains("Error"),
+                "{mode}: the attacker could not run: {text}"
+            );
             pid = pid.or_else(|| {
-                m.tb.server_log(&m.a, &log)
-                    .lines()
+                text.lines()
                     .find_map(|l| l.strip_prefix("PID ")?.trim().parse::<u32>().ok())
             });
             pid.is_some_and(|p| {
