@@ -234,6 +234,27 @@ fn ip6_bytes(w: [u32; 4]) -> [u8; 16] {
     ip
 }
 
+/// `::ffff:a.b.c.d` (the context's four words).
+#[inline(always)]
+fn v4_mapped(w: [u32; 4]) -> bool {
+    w[0] == 0 && w[1] == 0 && w[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
+}
+
+const LOOPBACK6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+/// An IPv6 destination the CIDR rules capture (never `::1`, as
+/// [`v4_captured`] never loopback).
+#[inline(always)]
+fn v6_captured(ip: [u8; 16]) -> bool {
+    ip != LOOPBACK6 && matches!(ENF_CIDR6.get(Key::new(128, ip)), Some(v) if *v == CIDR_CAPTURE)
+}
+
+/// `::1` or `::`: this host.
+#[inline(always)]
+fn local6(ip: [u8; 16]) -> bool {
+    ip[..15] == [0; 15] && ip[15] <= 1
+}
+
 /// The verdict on a datagram to an IPv6 destination (`sa.user_ip6`; a
 /// v4-mapped one by the IPv4 rules, `::1` never).
 #[inline(always)]
@@ -244,11 +265,10 @@ fn datagram6(ctx: &SockAddrContext, sa: &bpf_sock_addr) -> i32 {
     }
     let w = sa.user_ip6;
     let ip = ip6_bytes(w);
-    let captured = if w[0] == 0 && w[1] == 0 && w[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]) {
+    let captured = if v4_mapped(w) {
         v4_captured([ip[12], ip[13], ip[14], ip[15]])
     } else {
-        ip != [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
-            && matches!(ENF_CIDR6.get(Key::new(128, ip)), Some(v) if *v == CIDR_CAPTURE)
+        v6_captured(ip)
     };
     if captured {
         count(COUNTER_UDP_REFUSED);
@@ -475,8 +495,8 @@ pub fn enf_connect6(ctx: SockAddrContext) -> i32 {
     let w = sa.user_ip6;
     let ip = ip6_bytes(w);
 
-    let v4_mapped = w[0] == 0 && w[1] == 0 && w[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]);
-    let rec = if v4_mapped {
+    let mapped = v4_mapped(w);
+    let rec = if mapped {
         let v4 = [ip[12], ip[13], ip[14], ip[15]];
         if !(v4_captured(v4) || local4(v4) && protected_loopback(port)) {
             return PROCEED;
@@ -488,11 +508,10 @@ pub fn enf_connect6(ctx: SockAddrContext) -> i32 {
         addr[..4].copy_from_slice(&v4);
         record(&ctx, AF_INET, port, addr)
     } else {
-        // ::1, and :: (which the kernel connects to this host).
-        let captured = if ip[..15] == [0; 15] && ip[15] <= 1 {
+        let captured = if local6(ip) {
             protected_loopback(port)
         } else {
-            matches!(ENF_CIDR6.get(Key::new(128, ip)), Some(v) if *v == CIDR_CAPTURE)
+            v6_captured(ip)
         };
         if !captured {
             return PROCEED;
@@ -505,7 +524,7 @@ pub fn enf_connect6(ctx: SockAddrContext) -> i32 {
     if ENF_BY_COOKIE.insert(rec.socket_cookie, rec, 0).is_err() {
         return PROCEED_REFUSED;
     }
-    if v4_mapped {
+    if mapped {
         sa.user_ip6 = [0, 0, w[2], u32::from_ne_bytes([127, 0, 0, 1])];
     } else {
         sa.user_ip6 = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];

@@ -1092,8 +1092,17 @@ pub struct CaptureRules {
 
 impl CaptureRules {
     pub fn port_captured(&self, port: u16) -> bool {
-        (self.ports[usize::from(port >> 6)] >> (port & 63)) & 1 == 1
+        port_bit(&self.ports, port)
     }
+
+    /// Whether UDP to `port` passes even when `udp_refuse`.
+    pub fn udp_passes(&self, port: u16) -> bool {
+        port_bit(&self.udp_pass, port)
+    }
+}
+
+fn port_bit(bitmap: &[u64; 1024], port: u16) -> bool {
+    (bitmap[usize::from(port >> 6)] >> (port & 63)) & 1 == 1
 }
 
 /// A config file's text.
@@ -1511,30 +1520,28 @@ impl Config {
                 ));
             }
         }
-        let mut ports = Box::new([0u64; 1024]);
-        for spec in &self.capture.ports {
-            let (lo, hi) = parse_port_range(spec).map_err(|m| invalid("capture.ports", m))?;
-            for p in lo..=hi {
-                ports[usize::from(p >> 6)] |= 1 << (p & 63);
-            }
-        }
+        // A bit per port of `specs` ("N" or "LO-HI"), errors naming `key`.
+        let bitmap =
+            |key: &'static str, specs: &[String]| -> Result<Box<[u64; 1024]>, ConfigError> {
+                let mut bits = Box::new([0u64; 1024]);
+                for spec in specs {
+                    let (lo, hi) = parse_port_range(spec).map_err(|m| invalid(key, m))?;
+                    for p in lo..=hi {
+                        bits[usize::from(p >> 6)] |= 1 << (p & 63);
+                    }
+                }
+                Ok(bits)
+            };
+        let mut ports = bitmap("capture.ports", &self.capture.ports)?;
         for &p in &self.capture.exclude_ports {
             ports[usize::from(p >> 6)] &= !(1 << (p & 63));
-        }
-        let mut udp_pass = Box::new([0u64; 1024]);
-        for spec in &self.capture.udp_pass_ports {
-            let (lo, hi) =
-                parse_port_range(spec).map_err(|m| invalid("capture.udp_pass_ports", m))?;
-            for p in lo..=hi {
-                udp_pass[usize::from(p >> 6)] |= 1 << (p & 63);
-            }
         }
         Ok(CaptureRules {
             capture,
             exclude,
             ports,
             udp_refuse: self.capture.udp == UdpMode::Refuse,
-            udp_pass,
+            udp_pass: bitmap("capture.udp_pass_ports", &self.capture.udp_pass_ports)?,
         })
     }
 }
@@ -2049,21 +2056,19 @@ mod tests {
 
     #[test]
     fn udp_is_refused_by_default_but_dns_and_bad_pass_ports_name_the_key() {
-        let passes =
-            |r: &CaptureRules, p: u16| (r.udp_pass[usize::from(p >> 6)] >> (p & 63)) & 1 == 1;
         let r = parse("[capture]\ncgroup = \"/x\"\n")
             .expect("valid")
             .capture_rules(Path::new("t"))
             .expect("rules");
         assert!(r.udp_refuse);
-        assert!(passes(&r, 53) && !passes(&r, 443) && !passes(&r, 54));
+        assert!(r.udp_passes(53) && !r.udp_passes(443) && !r.udp_passes(54));
         let r =
             parse("[capture]\ncgroup = \"/x\"\nudp = \"pass\"\nudp_pass_ports = [\"5000-5002\"]\n")
                 .expect("valid")
                 .capture_rules(Path::new("t"))
                 .expect("rules");
         assert!(!r.udp_refuse);
-        assert!(passes(&r, 5000) && passes(&r, 5002) && !passes(&r, 53));
+        assert!(r.udp_passes(5000) && r.udp_passes(5002) && !r.udp_passes(53));
         let err =
             parse("[capture]\ncgroup = \"/x\"\nudp_pass_ports = [\"0\"]\n").expect_err("port 0");
         assert!(err.to_string().contains("capture.udp_pass_ports"), "{err}");

@@ -1138,6 +1138,16 @@ impl Enforcer {
         }
     }
 
+    /// The "connection closed" line that follows the first `before` ones
+    /// (waiting for it): the connection a test made once it had counted
+    /// `before` lines.
+    pub fn connection_after(&self, before: usize) -> Value {
+        wait_for("the agent to end the next connection", || {
+            self.closed_connections().len() > before
+        });
+        self.closed_connections().swap_remove(before)
+    }
+
     /// Like [`Enforcer::wait_for_connection`]; panics with the whole log when
     /// no line matches (for tests).
     pub fn connection_line(&self, pred: impl Fn(&Value) -> bool) -> Value {

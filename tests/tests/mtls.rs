@@ -1554,17 +1554,13 @@ fn exec_attacks(test: &str, env: &[(&str, &str)], probes: &str) {
         });
         drop(stopped);
         // a's agent has ended the attacker's connection (whatever it decided).
-        enforcer_tests::wait_for("a's agent to end the attacker's connection", || {
-            m.ea.closed_connections().len() > a_before
-        });
+        let last = m.ea.connection_after(a_before);
         std::thread::sleep(Duration::from_millis(500));
         let after =
             m.eb.closed_connections()
                 .iter()
                 .filter(|v| from_agent(v))
                 .count();
-        let ended = m.ea.closed_connections();
-        let last = ended.last().expect("the attacker's connection");
         assert_eq!(
             after, before,
             "{mode}: a connection made by another program reached b as the support agent: {last}"
@@ -1675,11 +1671,7 @@ fn a_workload_that_names_its_own_cgroups_does_not_get_the_identity_of_the_names(
             delegated.join(name).join("cgroup.procs").exists(),
             "{name}: the unprivileged owner made its cgroup: {out:?}"
         );
-        enforcer_tests::wait_for("a's agent to end the attacker's connection", || {
-            m.ea.closed_connections().len() > a_before
-        });
-        let ended = m.ea.closed_connections();
-        let last = ended.last().expect("the attacker's connection");
+        let last = m.ea.connection_after(a_before);
         assert!(
             last["cgroup"]
                 .as_str()
@@ -1719,11 +1711,7 @@ fn a_workload_that_names_its_own_cgroups_does_not_get_the_identity_of_the_names(
     let a_before = m.ea.closed_connections().len();
     let (code, _) =
         m.a.http_status(Some("tool.service"), &format!("http://{}:8081/", m.b.ipv4));
-    enforcer_tests::wait_for("a's agent to end the connection to the squatter", || {
-        m.ea.closed_connections().len() > a_before
-    });
-    let ended = m.ea.closed_connections();
-    let last = ended.last().expect("the connection to the squatter");
+    let last = m.ea.connection_after(a_before);
     assert_ne!(
         last["dst_spiffe_id"], LLM_ID,
         "a listener in a cgroup its owner named was presented as the LLM (HTTP {code}): {last}"
@@ -1755,11 +1743,7 @@ fn an_executable_patched_in_place_does_not_keep_the_digest_it_had() {
                 &[&copy_s, "-c", PY_CONNECT_THEN, &b_ip, "ask"],
             )
             .expect("the copy");
-        enforcer_tests::wait_for("a's agent to end the copy's connection", || {
-            m.ea.closed_connections().len() > a_before
-        });
-        let ended = m.ea.closed_connections();
-        (out, ended.last().cloned().expect("the copy's connection"))
+        (out, m.ea.connection_after(a_before))
     };
     let (out, first) = ask(&m);
     assert_eq!(
@@ -1813,15 +1797,6 @@ fn a_program_in_a_mount_namespace_of_its_own_does_not_get_the_path_it_shows() {
     let trusted_s = trusted.display().to_string();
     let m = trusted_exe_pair("pathns", &format!("unix:path:{trusted_s}"), &[]);
     let b_ip = m.b.ipv4.to_string();
-    let last_line = |m: &Pair, a_before: usize| {
-        enforcer_tests::wait_for("a's agent to end the connection", || {
-            m.ea.closed_connections().len() > a_before
-        });
-        m.ea.closed_connections()
-            .last()
-            .cloned()
-            .expect("the connection")
-    };
     // The trusted executable itself has the identity.
     let a_before = m.ea.closed_connections().len();
     let (_, out) =
@@ -1830,7 +1805,7 @@ fn a_program_in_a_mount_namespace_of_its_own_does_not_get_the_path_it_shows() {
             &[&trusted_s, "-c", PY_CONNECT_THEN, &b_ip, "ask"],
         )
         .expect("the trusted executable");
-    let line = last_line(&m, a_before);
+    let line = m.ea.connection_after(a_before);
     assert_eq!(line["src_spiffe_id"], AGENT_ID, "{line} {out:?}");
     // nobody's python3, at the trusted path in its own mount namespace.
     let a_before = m.ea.closed_connections().len();
@@ -1850,7 +1825,7 @@ fn a_program_in_a_mount_namespace_of_its_own_does_not_get_the_path_it_shows() {
             .concat(),
         )
         .expect("the attacker");
-    let line = last_line(&m, a_before);
+    let line = m.ea.connection_after(a_before);
     assert_eq!(line["uid"], 65534, "nobody's connection: {line} {out:?}");
     assert_ne!(
         line["src_spiffe_id"], AGENT_ID,

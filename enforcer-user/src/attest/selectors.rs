@@ -229,6 +229,9 @@ pub struct DigestCache {
     settle: std::time::Duration,
 }
 
+/// A file's device and inode.
+type FileId = (u64, u64);
+
 /// A file as the kernel describes it: device, inode, size, mtime and ctime
 /// (seconds, nanoseconds).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -420,34 +423,44 @@ impl DigestCache {
     /// another caller hashes it now (then this thread waits for that one).
     #[cfg(test)]
     fn sha256_of(&self, exe: &Path) -> Option<String> {
-        match self.sha256_unless_hashing(exe) {
+        match self.sha256_unless_hashing(exe).1 {
             Ok(d) => d,
             Err(wait) => wait.blocking(),
         }
     }
 
     /// Like [`DigestCache::sha256_of`], but when another caller is hashing
-    /// `exe`, returns at once with what waits for its digest.
-    fn sha256_unless_hashing(&self, exe: &Path) -> Result<Option<String>, DigestWait> {
-        match self.begin(exe) {
+    /// `exe`, returns at once with what waits for its digest; with the file
+    /// opened (device, inode; `None` when it could not be opened).
+    fn sha256_unless_hashing(
+        &self,
+        exe: &Path,
+    ) -> (Option<FileId>, Result<Option<String>, DigestWait>) {
+        let (file, begun) = self.begin(exe);
+        let digest = match begun {
             Begun::Known(d) => Ok(d),
             Begun::Hash(finish, file) => Ok(finish.hash(file)),
             Begun::Wait(wait) => Err(wait),
-        }
+        };
+        (file, digest)
     }
 
     /// The key is the metadata of the file opened, and a hash reads that
     /// open file: through `/proc/<pid>/exe`, a process that execs between
     /// a `stat` and an `open` of the path would have had one executable's
-    /// digest cached under another's key.
-    fn begin(&self, exe: &Path) -> Begun<'_> {
+    /// digest cached under another's key. Also the file's device and inode.
+    fn begin(&self, exe: &Path) -> (Option<FileId>, Begun<'_>) {
         let Ok(file) = std::fs::File::open(exe) else {
-            return Begun::Known(None);
+            return (None, Begun::Known(None));
         };
         let Ok(meta) = file.metadata() else {
-            return Begun::Known(None);
+            return (None, Begun::Known(None));
         };
         let key = DigestKey::of(&meta);
+        (Some((key.dev, key.ino)), self.begin_with(key, file))
+    }
+
+    fn begin_with(&self, key: DigestKey, file: std::fs::File) -> Begun<'_> {
         let settled = key.settled(self.settle, std::time::SystemTime::now());
         if let Some(d) = self.cached(&key) {
             return Begun::Known(Some(d));
@@ -571,8 +584,8 @@ pub fn selectors_unless_hashing(
             // Hash through /proc/<pid>/exe: the very file the process runs,
             // even when the path was replaced since.
             let live: PathBuf = format!("/proc/{}/exe", facts.pid).into();
-            let hashed = cache.digests.sha256_unless_hashing(&live);
-            let path_is_its_own = names_the_file(&exe, &live);
+            let (file, hashed) = cache.digests.sha256_unless_hashing(&live);
+            let path_is_its_own = file.is_some_and(|f| names_the_file(&exe, f));
             // Read after the executable was: if the process exec'd since it
             // connected (a program that connects, writes its request and
             // execs a trusted executable), what was read is not what
@@ -604,19 +617,17 @@ pub fn selectors_unless_hashing(
     Ok(with_digest(out, digest))
 }
 
-/// Whether `path`, as the agent sees it, names the very file that `live`
-/// (`/proc/<pid>/exe`) is. The path the kernel gives for a process's
+/// Whether `path`, as the agent sees it, names the very file `running`
+/// (the device and inode opened through `/proc/<pid>/exe`). The path the
+/// kernel gives for a process's
 /// executable is the one in the process's own mount namespace, and an
 /// unprivileged user can make one of those (`unshare -rm`) and mount over
 /// any directory there: its own program at `/usr/bin/trusted` read as
 /// `/usr/bin/trusted`. Only the same device and inode at that path in the
 /// agent's namespace says the path is the executable's. A deleted file
 /// (`… (deleted)`) names nothing.
-fn names_the_file(path: &Path, live: &Path) -> bool {
-    match (std::fs::metadata(path), std::fs::metadata(live)) {
-        (Ok(p), Ok(l)) => p.dev() == l.dev() && p.ino() == l.ino(),
-        _ => false,
-    }
+fn names_the_file(path: &Path, running: FileId) -> bool {
+    std::fs::metadata(path).is_ok_and(|p| (p.dev(), p.ino()) == running)
 }
 
 /// `selectors` with the executable's digest (if known), sorted, once each.
@@ -769,7 +780,7 @@ mod tests {
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(&own, &link).expect("link");
         let cache = DigestCache::settled_after(std::time::Duration::ZERO);
-        let Begun::Hash(finish, file) = cache.begin(&link) else {
+        let (_, Begun::Hash(finish, file)) = cache.begin(&link) else {
             panic!("a new executable was not to be hashed");
         };
         // The "exec": the path now names the trusted executable.
@@ -818,10 +829,10 @@ mod tests {
                 std::thread::sleep(std::time::Duration::from_millis(5));
             }
             // Returns at once, while the hash is under way.
-            let Err(wait) = cache.sha256_unless_hashing(&exe) else {
+            let (_, Err(wait)) = cache.sha256_unless_hashing(&exe) else {
                 panic!("found a digest while its executable was being hashed");
             };
-            let Err(blocking) = cache.sha256_unless_hashing(&exe) else {
+            let (_, Err(blocking)) = cache.sha256_unless_hashing(&exe) else {
                 panic!("found a digest while its executable was being hashed");
             };
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -835,7 +846,7 @@ mod tests {
             std::io::Write::write_all(&mut writer, b"the executable").expect("the hash's input");
             drop(writer);
             let want = Some(hex::encode(Sha256::digest(b"the executable")));
-            assert_eq!(hasher.join().expect("hasher").ok(), Some(want.clone()));
+            assert_eq!(hasher.join().expect("hasher").1.ok(), Some(want.clone()));
             assert_eq!(rt.block_on(waiting).expect("task"), want);
             assert_eq!(blocked.join().expect("thread"), want);
         });

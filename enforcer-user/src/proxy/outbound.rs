@@ -55,8 +55,14 @@ impl LocalAddrs {
         Self(Mutex::new(Some((None, addrs))))
     }
 
+    /// Whether `ip` is this node (or pod): one of its interfaces'
+    /// addresses, loopback, or the unspecified address (which the kernel
+    /// connects to this host).
     fn contains(&self, ip: std::net::IpAddr) -> bool {
         let ip = ip.to_canonical();
+        if ip.is_loopback() || ip.is_unspecified() {
+            return true;
+        }
         let mut cached = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if cached
             .as_ref()
@@ -205,13 +211,7 @@ impl Outbound {
         let mut src_peer = super::peer(src_svid.as_deref(), &selectors, None);
         src_peer.node = Some(self.node.clone());
 
-        // Loopback, and the unspecified address (which the kernel connects
-        // to this host), are this node whatever its interfaces say.
-        let this_host = dst.ip().to_canonical();
-        if this_host.is_loopback()
-            || this_host.is_unspecified()
-            || self.local_addrs.contains(dst.ip())
-        {
+        if self.local_addrs.contains(dst.ip()) {
             // Same node: both ends attested here; the bytes never leave the host.
             rec.same_node = true;
             let (dst_svid, dst_selectors) =
