@@ -508,12 +508,7 @@ pub fn enf_connect6(ctx: SockAddrContext) -> i32 {
         addr[..4].copy_from_slice(&v4);
         record(&ctx, AF_INET, port, addr)
     } else {
-        let captured = if local6(ip) {
-            protected_loopback(port)
-        } else {
-            v6_captured(ip)
-        };
-        if !captured {
+        if !(v6_captured(ip) || local6(ip) && protected_loopback(port)) {
             return PROCEED;
         }
         if !agents_listener6(&ctx, &cfg) {

@@ -1889,4 +1889,14 @@ fn a_captured_workload_reaches_a_protected_local_port_over_loopback_only_through
         !ea.closed_connections().iter().any(|v| v["pid"] == pid),
         "an unprotected loopback port was captured"
     );
+    // The unspecified address on any other port is captured as the CIDR
+    // rules say (0.0.0.0/0, ::/0), as any address is: a same-node
+    // connection, decided.
+    for host in ["0.0.0.0", "[::]"] {
+        let pid = a.get_ok(Some("stranger.service"), &format!("http://{host}:8083/"));
+        let line = ea
+            .wait_for_connection(|v| v["pid"] == pid)
+            .unwrap_or_else(|| panic!("{host}:8083 went around the agent"));
+        assert_eq!(line["same_node"], true, "{line}");
+    }
 }
